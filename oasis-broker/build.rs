@@ -1,0 +1,21 @@
+//! Builds the kernel programs (oasis-ebpf) for the BPF target with the nightly
+//! toolchain and bpf-linker, and leaves the object in OUT_DIR for
+//! `include_bytes!`. `cargo xtask setup` installs what this needs.
+use std::path::PathBuf;
+
+fn main() -> anyhow::Result<()> {
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return Ok(());
+    }
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest_dir.join("../oasis-ebpf").canonicalize()?;
+    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let package = aya_build::Package { name: "oasis-ebpf", root_dir: ebpf_dir, ..Default::default() };
+    aya_build::build_ebpf([package], aya_build::Toolchain::default()).map_err(|e| {
+        anyhow::anyhow!(
+            "building the kernel programs failed: {e:#}\n\
+             They need the nightly toolchain with rust-src and bpf-linker; \
+             `cargo xtask setup` installs both."
+        )
+    })
+}
