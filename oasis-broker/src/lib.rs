@@ -1,3 +1,11 @@
-//! Oasis broker library.
+//! The Oasis broker: rule handling, the daemon and its control interface.
+//!
+//! Decisions (rules, their compilation into classifier maps, the flow table,
+//! configuration) are plain types tested without privileges; the Linux shell
+//! around them (eBPF maps, TUN, raw sockets) lives in `platform`.
+pub mod compile;
+pub mod rules;
+
+/// The compiled kernel programs, built by this crate's build script.
 #[cfg(target_os = "linux")]
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oasis"));

@@ -1,0 +1,277 @@
+//! Compiles an ordered rule list into the classifier's map contents.
+//!
+//! The classifier finds a flow's rule with one lookup per header field, each
+//! returning the set of rules (a bit per rule rank) that field admits; the
+//! intersection's lowest bit is the first matching rule. For prefix fields
+//! (destination address, and port ranges written as port prefixes) the
+//! lookup is longest-prefix match, so every stored prefix carries the rules
+//! of all stored prefixes that contain it: whichever entry the kernel finds
+//! is then already the complete answer.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use oasis_common::{FAMILY_V4, FlowKey, RuleAction, RuleSet, Verdict};
+
+use crate::rules::{PortRange, Rule};
+
+/// A longest-prefix-match key: prefix length in bits and the address bytes
+/// with host bits cleared.
+pub type Prefix<const N: usize> = (u32, [u8; N]);
+
+/// Everything the classifier's rule maps must hold for one rule list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapImage {
+    /// Indexed by IP protocol number.
+    pub proto: Vec<RuleSet>,
+    pub dst_v4: BTreeMap<Prefix<4>, RuleSet>,
+    pub dst_v6: BTreeMap<Prefix<16>, RuleSet>,
+    pub dport: BTreeMap<Prefix<2>, RuleSet>,
+    pub sport: BTreeMap<Prefix<2>, RuleSet>,
+    /// Rules a packet without ports can match.
+    pub portless: RuleSet,
+    /// Indexed by rank.
+    pub actions: Vec<RuleAction>,
+}
+
+/// Builds the map contents. Every rule diverts to the broker, which then
+/// carries the flow by the rule's carrier.
+pub fn compile(rules: &[Rule]) -> MapImage {
+    let mut proto = vec![RuleSet::EMPTY; 256];
+    let mut portless = RuleSet::EMPTY;
+    for (rank, rule) in rules.iter().enumerate() {
+        match rule.subset.proto {
+            Some(p) => p.numbers().iter().for_each(|&n| proto[n as usize].insert(rank)),
+            None => proto.iter_mut().for_each(|set| set.insert(rank)),
+        }
+        if rule.subset.dport.is_none() && rule.subset.sport.is_none() {
+            portless.insert(rank);
+        }
+    }
+
+    let dst_v4 = prefix_table(rules, |rule| match rule.subset.dst {
+        None => Some(vec![(0, [0; 4])]),
+        Some(IpNet::V4(net)) => Some(vec![(u32::from(net.prefix_len()), net.network().octets())]),
+        Some(IpNet::V6(_)) => None,
+    });
+    let dst_v6 = prefix_table(rules, |rule| match rule.subset.dst {
+        None => Some(vec![(0, [0; 16])]),
+        Some(IpNet::V6(net)) => Some(vec![(u32::from(net.prefix_len()), net.network().octets())]),
+        Some(IpNet::V4(_)) => None,
+    });
+    let dport = prefix_table(rules, |rule| Some(port_prefixes(rule.subset.dport)));
+    let sport = prefix_table(rules, |rule| Some(port_prefixes(rule.subset.sport)));
+
+    let actions = rules
+        .iter()
+        .map(|rule| RuleAction { rule_id: rule.id, verdict: Verdict::Divert as u8, _pad: [0; 3] })
+        .collect();
+    MapImage { proto, dst_v4, dst_v6, dport, sport, portless, actions }
+}
+
+/// For each rule, `prefixes_of` gives the prefixes it covers (None: the rule
+/// can never match on this field). Each distinct prefix then gets the set of
+/// rules having some prefix that contains it.
+fn prefix_table<const N: usize>(
+    rules: &[Rule],
+    prefixes_of: impl Fn(&Rule) -> Option<Vec<Prefix<N>>>,
+) -> BTreeMap<Prefix<N>, RuleSet> {
+    let per_rule: Vec<Vec<Prefix<N>>> = rules.iter().map(|r| prefixes_of(r).unwrap_or_default()).collect();
+    let mut table = BTreeMap::new();
+    for prefix in per_rule.iter().flatten() {
+        table.entry(*prefix).or_insert(RuleSet::EMPTY);
+    }
+    for (prefix, set) in table.iter_mut() {
+        for (rank, covering) in per_rule.iter().enumerate() {
+            if covering.iter().any(|outer| prefix_contains(outer, prefix)) {
+                set.insert(rank);
+            }
+        }
+    }
+    table
+}
+
+/// Whether `outer` contains `inner` (both with host bits cleared).
+fn prefix_contains<const N: usize>(outer: &Prefix<N>, inner: &Prefix<N>) -> bool {
+    outer.0 <= inner.0 && mask(&inner.1, outer.0) == outer.1
+}
+
+fn mask<const N: usize>(bytes: &[u8; N], bits: u32) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, byte) in bytes.iter().enumerate() {
+        let start = i as u32 * 8;
+        if bits >= start + 8 {
+            out[i] = *byte;
+        } else if bits > start {
+            out[i] = byte & (0xffu8 << (8 - (bits - start)));
+        }
+    }
+    out
+}
+
+/// The fewest port prefixes whose union is the range (the whole port space
+/// for no range). Each is the largest aligned block that fits.
+pub fn port_prefixes(range: Option<PortRange>) -> Vec<Prefix<2>> {
+    let Some(range) = range else {
+        return vec![(0, [0, 0])];
+    };
+    let mut out = Vec::new();
+    let (mut first, last) = (u32::from(range.first), u32::from(range.last));
+    while first <= last {
+        let mut size_bits = first.trailing_zeros().min(16);
+        while first + (1 << size_bits) - 1 > last {
+            size_bits -= 1;
+        }
+        out.push((16 - size_bits, (first as u16).to_be_bytes()));
+        first += 1 << size_bits;
+    }
+    out
+}
+
+impl MapImage {
+    /// What the classifier will answer for a flow, computed the way the
+    /// kernel does it (longest-prefix lookups, intersection, lowest rank).
+    pub fn lookup(&self, key: &FlowKey) -> Option<RuleAction> {
+        let mut set = self.proto[key.proto as usize];
+        let by_dst = if key.family == FAMILY_V4 {
+            longest_match(&self.dst_v4, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]], 32)?
+        } else {
+            longest_match(&self.dst_v6, key.dst, 128)?
+        };
+        intersect(&mut set, &by_dst);
+        if key.sport == 0 && key.dport == 0 {
+            intersect(&mut set, &self.portless);
+        } else {
+            intersect(&mut set, &longest_match(&self.dport, key.dport.to_be_bytes(), 16)?);
+            intersect(&mut set, &longest_match(&self.sport, key.sport.to_be_bytes(), 16)?);
+        }
+        let rank = (0..oasis_common::MAX_RULES).find(|&r| set.contains(r))?;
+        self.actions.get(rank).copied()
+    }
+}
+
+fn longest_match<const N: usize>(table: &BTreeMap<Prefix<N>, RuleSet>, addr: [u8; N], bits: u32) -> Option<RuleSet> {
+    (0..=bits).rev().find_map(|len| table.get(&(len, mask(&addr, len))).copied())
+}
+
+fn intersect(set: &mut RuleSet, other: &RuleSet) {
+    for (word, other) in set.words.iter_mut().zip(other.words) {
+        *word &= other;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Carrier, HeaderSubset, Protocol};
+    use oasis_common::FAMILY_V6;
+
+    #[test]
+    fn port_ranges_become_minimal_prefixes() {
+        assert_eq!(port_prefixes(Some(PortRange { first: 8080, last: 8080 })), vec![(16, 8080u16.to_be_bytes())]);
+        assert_eq!(port_prefixes(Some(PortRange { first: 1, last: 65535 })).len(), 16);
+        assert_eq!(port_prefixes(Some(PortRange { first: 1024, last: 2047 })), vec![(6, 1024u16.to_be_bytes())]);
+        // Every port of a range is covered exactly once, and nothing else.
+        for (first, last) in [(1u16, 1u16), (3, 17), (1000, 2000), (65000, 65535), (80, 443)] {
+            let prefixes = port_prefixes(Some(PortRange { first, last }));
+            for port in 0..=65535u16 {
+                let hits = prefixes
+                    .iter()
+                    .filter(|p| prefix_contains(*p, &(16, port.to_be_bytes())))
+                    .count();
+                assert_eq!(hits, usize::from((first..=last).contains(&port)), "port {port} in {first}-{last}");
+            }
+        }
+    }
+
+    /// A small deterministic generator, so the cross-check is reproducible.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn random_range(rng: &mut XorShift) -> Option<PortRange> {
+        match rng.below(3) {
+            0 => None,
+            1 => {
+                let p = 1 + rng.below(100) as u16;
+                Some(PortRange { first: p, last: p })
+            }
+            _ => {
+                let a = 1 + rng.below(100) as u16;
+                let b = a + rng.below(40) as u16;
+                Some(PortRange { first: a, last: b })
+            }
+        }
+    }
+
+    fn random_rules(rng: &mut XorShift, count: usize) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        for id in 1..=count as u32 {
+            let proto = [None, Some(Protocol::Tcp), Some(Protocol::Udp), Some(Protocol::Icmp)][rng.below(4) as usize];
+            let dst: Option<IpNet> = match rng.below(4) {
+                0 => None,
+                1 => Some(format!("10.{}.0.0/{}", rng.below(4), 8 + rng.below(17)).parse::<IpNet>().unwrap().trunc()),
+                2 => Some(format!("10.{}.{}.{}/32", rng.below(4), rng.below(2), rng.below(4)).parse().unwrap()),
+                _ => Some(format!("fd00:{}::/{}", rng.below(4), 16 + rng.below(100)).parse::<IpNet>().unwrap().trunc()),
+            };
+            let ports = proto.is_none_or(|p| p.has_ports());
+            let dport = if ports { random_range(rng) } else { None };
+            let sport = if ports && rng.below(4) == 0 { random_range(rng) } else { None };
+            let subset = HeaderSubset { proto, dst, dport, sport };
+            rules.push(Rule { id, subset, via: Carrier::Underlay });
+        }
+        rules
+    }
+
+    fn random_key(rng: &mut XorShift) -> FlowKey {
+        let proto = [6u8, 17, 1, 58, 47][rng.below(5) as usize];
+        let mut key = FlowKey { proto, ..Default::default() };
+        if rng.below(3) == 0 {
+            key.family = FAMILY_V6;
+            key.dst[0] = 0xfd;
+            key.dst[3] = rng.below(4) as u8;
+            key.dst[15] = rng.below(255) as u8;
+        } else {
+            key.family = FAMILY_V4;
+            key.dst[..4].copy_from_slice(&[10, rng.below(4) as u8, rng.below(2) as u8, rng.below(4) as u8]);
+        }
+        if matches!(proto, 6 | 17) {
+            key.dport = 1 + rng.below(150) as u16;
+            key.sport = 1 + rng.below(150) as u16;
+        }
+        key
+    }
+
+    /// The compiled maps must answer exactly as "first rule that matches".
+    #[test]
+    fn compiled_maps_agree_with_first_match() {
+        let mut rng = XorShift(0x5eed_0a51_5000_0001);
+        for round in 0..200 {
+            let count = 1 + rng.below(40) as usize;
+            let rules = random_rules(&mut rng, count);
+            let image = compile(&rules);
+            for _ in 0..300 {
+                let key = random_key(&mut rng);
+                let expected = rules.iter().find(|r| r.subset.matches(&key)).map(|r| r.id);
+                let got = image.lookup(&key).map(|a| a.rule_id);
+                assert_eq!(got, expected, "round {round}, key {key:?}, rules {rules:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_rules_means_no_entries() {
+        let image = compile(&[]);
+        assert!(image.dst_v4.is_empty() && image.dport.is_empty() && image.actions.is_empty());
+        assert!(image.proto.iter().all(RuleSet::is_empty));
+    }
+}

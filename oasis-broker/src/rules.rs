@@ -1,0 +1,530 @@
+//! Header rules: `<subset, carrier>` where the subset is chosen by protocol,
+//! destination prefix and port ranges. Parsing, validation and the reference
+//! matcher live here; `compile` turns a rule list into classifier maps.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use oasis_common::{FAMILY_V4, FlowKey, MAX_RULES};
+use serde::{Deserialize, Serialize};
+
+/// An IP protocol a rule can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// ICMP for IPv4 packets and ICMPv6 for IPv6 packets.
+    Icmp,
+    /// Any other protocol, by number.
+    Number(u8),
+}
+
+impl Protocol {
+    /// The protocol numbers this name stands for.
+    pub fn numbers(self) -> &'static [u8] {
+        match self {
+            Protocol::Tcp => &[6],
+            Protocol::Udp => &[17],
+            Protocol::Icmp => &[1, 58],
+            Protocol::Number(n) => std::slice::from_ref(&PROTOCOL_NUMBERS[n as usize]),
+        }
+    }
+
+    /// Whether packets of this protocol carry ports the classifier reads.
+    pub fn has_ports(self) -> bool {
+        self.numbers().iter().all(|n| matches!(n, 6 | 17 | 132 | 136))
+    }
+}
+
+/// Every protocol number, so `Protocol::numbers` can lend a one-element slice.
+static PROTOCOL_NUMBERS: [u8; 256] = {
+    let mut all = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        all[i] = i as u8;
+        i += 1;
+    }
+    all
+};
+
+impl FromStr for Protocol {
+    type Err = RuleError;
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" | "icmpv6" | "icmp6" => Ok(Protocol::Icmp),
+            other => other
+                .parse::<u8>()
+                .map(|n| match n {
+                    6 => Protocol::Tcp,
+                    17 => Protocol::Udp,
+                    1 | 58 => Protocol::Icmp,
+                    n => Protocol::Number(n),
+                })
+                .map_err(|_| RuleError::UnknownProtocol(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
+            Protocol::Icmp => f.write_str("icmp"),
+            Protocol::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// An inclusive port range; a single port is a range of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+
+    pub fn overlaps(self, other: PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = RuleError;
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        let bad = || RuleError::BadPort(s.to_string());
+        let port = |p: &str| -> Result<u16, RuleError> {
+            let n: u32 = p.trim().parse().map_err(|_| bad())?;
+            if n == 0 || n > 65535 {
+                return Err(RuleError::PortOutOfRange(s.to_string()));
+            }
+            Ok(n as u16)
+        };
+        let range = match s.split_once(['-', ':']) {
+            Some((a, b)) => PortRange { first: port(a)?, last: port(b)? },
+            None => {
+                let p = port(s)?;
+                PortRange { first: p, last: p }
+            }
+        };
+        if range.first > range.last {
+            return Err(RuleError::EmptyPortRange(s.to_string()));
+        }
+        Ok(range)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Where a rule's traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Carrier {
+    /// The plain Internet, through the broker's raw socket (OC0).
+    Underlay,
+    /// A joined overlay, by name.
+    Overlay(String),
+}
+
+impl FromStr for Carrier {
+    type Err = RuleError;
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        let name = s.trim();
+        if name.eq_ignore_ascii_case("underlay") {
+            return Ok(Carrier::Underlay);
+        }
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(RuleError::BadCarrier(s.to_string()));
+        }
+        Ok(Carrier::Overlay(name.to_string()))
+    }
+}
+
+impl fmt::Display for Carrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Carrier::Underlay => f.write_str("underlay"),
+            Carrier::Overlay(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Which packets a header rule claims. Every field given must match; a
+/// field left out matches anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HeaderSubset {
+    pub proto: Option<Protocol>,
+    pub dst: Option<IpNet>,
+    pub dport: Option<PortRange>,
+    pub sport: Option<PortRange>,
+}
+
+impl HeaderSubset {
+    /// Checks the subset makes sense on its own; the prefix is normalised
+    /// (host bits cleared) so equal subsets compare equal.
+    pub fn validated(mut self) -> Result<HeaderSubset, RuleError> {
+        if self.proto.is_none() && self.dst.is_none() && self.dport.is_none() && self.sport.is_none() {
+            return Err(RuleError::EmptySubset);
+        }
+        if let Some(proto) = self.proto
+            && !proto.has_ports()
+            && (self.dport.is_some() || self.sport.is_some())
+        {
+            return Err(RuleError::PortsWithoutPortProtocol(proto));
+        }
+        self.dst = self.dst.map(|net| net.trunc());
+        Ok(self)
+    }
+
+    /// The reference semantics the classifier maps must reproduce.
+    pub fn matches(&self, key: &FlowKey) -> bool {
+        if let Some(proto) = self.proto
+            && !proto.numbers().contains(&key.proto)
+        {
+            return false;
+        }
+        if let Some(net) = self.dst
+            && !net.contains(&flow_dst(key))
+        {
+            return false;
+        }
+        let has_ports = key.sport != 0 || key.dport != 0;
+        if let Some(range) = self.dport
+            && !(has_ports && range.contains(key.dport))
+        {
+            return false;
+        }
+        if let Some(range) = self.sport
+            && !(has_ports && range.contains(key.sport))
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The destination address of a flow key.
+pub fn flow_dst(key: &FlowKey) -> IpAddr {
+    if key.family == FAMILY_V4 {
+        IpAddr::from([key.dst[0], key.dst[1], key.dst[2], key.dst[3]])
+    } else {
+        IpAddr::from(key.dst)
+    }
+}
+
+impl fmt::Display for HeaderSubset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(p) = self.proto {
+            parts.push(p.to_string());
+        }
+        if let Some(d) = self.dst {
+            parts.push(format!("dst {d}"));
+        }
+        if let Some(p) = self.dport {
+            parts.push(format!("dport {p}"));
+        }
+        if let Some(p) = self.sport {
+            parts.push(format!("sport {p}"));
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
+/// A rule as the user wrote it, before it has an id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "port_text")]
+    pub dport: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "port_text")]
+    pub sport: Option<String>,
+    pub via: String,
+}
+
+/// Accepts `dport: 8080` as well as `dport: "1000-2000"` in the YAML file.
+fn port_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Number(u64),
+        Text(String),
+    }
+    Ok(Option::<Text>::deserialize(d)?.map(|t| match t {
+        Text::Number(n) => n.to_string(),
+        Text::Text(s) => s,
+    }))
+}
+
+impl RuleSpec {
+    /// Parses every field; the first bad one is reported by name.
+    pub fn parse(&self) -> Result<(HeaderSubset, Carrier), RuleError> {
+        let proto = self.proto.as_deref().map(str::parse).transpose()?;
+        let dst = self
+            .dst
+            .as_deref()
+            .map(parse_prefix)
+            .transpose()?;
+        let dport = self.dport.as_deref().map(str::parse).transpose()?;
+        let sport = self.sport.as_deref().map(str::parse).transpose()?;
+        let subset = HeaderSubset { proto, dst, dport, sport }.validated()?;
+        Ok((subset, self.via.parse()?))
+    }
+}
+
+/// A prefix such as `203.0.113.0/24`, or a bare address for a single host.
+fn parse_prefix(text: &str) -> Result<IpNet, RuleError> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| RuleError::BadPrefix(text.to_string()))
+}
+
+/// A rule with its id, as the daemon keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub id: u32,
+    pub subset: HeaderSubset,
+    pub via: Carrier,
+}
+
+impl Rule {
+    pub fn spec(&self) -> RuleSpec {
+        RuleSpec {
+            proto: self.subset.proto.map(|p| p.to_string()),
+            dst: self.subset.dst.map(|d| d.to_string()),
+            dport: self.subset.dport.map(|p| p.to_string()),
+            sport: self.subset.sport.map(|p| p.to_string()),
+            via: self.via.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("unknown protocol {0:?}: use tcp, udp, icmp or a protocol number 0-255")]
+    UnknownProtocol(String),
+    #[error("bad port {0:?}: give a port such as 8080 or a range such as 8000-8099")]
+    BadPort(String),
+    #[error("port {0:?} out of range: ports are 1-65535")]
+    PortOutOfRange(String),
+    #[error("port range {0:?} is empty: its first port is above its last")]
+    EmptyPortRange(String),
+    #[error("bad destination prefix {0:?}: give an address or a prefix such as 203.0.113.0/24 or 2001:db8::/32")]
+    BadPrefix(String),
+    #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
+    BadCarrier(String),
+    #[error("a rule needs at least one of --proto, --dst, --dport or --sport")]
+    EmptySubset,
+    #[error("{0} packets have no ports: drop --dport/--sport or pick tcp or udp")]
+    PortsWithoutPortProtocol(Protocol),
+    #[error("rule {existing} already claims exactly this traffic ({subset})")]
+    Duplicate { existing: u32, subset: String },
+    #[error("no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first")]
+    UnknownOverlay(String),
+    #[error("the classifier holds at most {MAX_RULES} header rules; delete one first")]
+    TooMany,
+    #[error("no rule with id {0}; `oasis rule list` shows the ids")]
+    NoSuchRule(u32),
+}
+
+/// The ordered rule list. The first rule whose subset matches a flow decides
+/// its carrier; rules are kept in the order they were added.
+#[derive(Clone, Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    next_id: u32,
+}
+
+impl RuleSet {
+    /// Rebuilds a rule list from stored rules, checking them as `add` would.
+    pub fn from_rules(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
+        let mut set = RuleSet { rules: Vec::new(), next_id: 1 };
+        for rule in rules {
+            set.check_new(&rule.subset)?;
+            if set.rules.iter().any(|r| r.id == rule.id) || rule.id == 0 {
+                return Err(RuleError::Duplicate { existing: rule.id, subset: rule.subset.to_string() });
+            }
+            set.next_id = set.next_id.max(rule.id + 1);
+            set.rules.push(rule);
+        }
+        Ok(set)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    fn check_new(&self, subset: &HeaderSubset) -> Result<(), RuleError> {
+        if let Some(existing) = self.rules.iter().find(|r| &r.subset == subset) {
+            return Err(RuleError::Duplicate { existing: existing.id, subset: subset.to_string() });
+        }
+        if self.rules.len() >= MAX_RULES {
+            return Err(RuleError::TooMany);
+        }
+        Ok(())
+    }
+
+    /// Appends a rule and returns it with its new id. Nothing changes on error.
+    pub fn add(&mut self, subset: HeaderSubset, via: Carrier) -> Result<Rule, RuleError> {
+        self.check_new(&subset)?;
+        let rule = Rule { id: self.next_id.max(1), subset, via };
+        self.next_id = rule.id + 1;
+        self.rules.push(rule.clone());
+        Ok(rule)
+    }
+
+    pub fn remove(&mut self, id: u32) -> Result<Rule, RuleError> {
+        let index = self.rules.iter().position(|r| r.id == id).ok_or(RuleError::NoSuchRule(id))?;
+        Ok(self.rules.remove(index))
+    }
+
+    /// The rule that decides this flow, if any.
+    pub fn first_match(&self, key: &FlowKey) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.subset.matches(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oasis_common::FAMILY_V6;
+
+    fn spec(proto: Option<&str>, dst: Option<&str>, dport: Option<&str>) -> RuleSpec {
+        RuleSpec {
+            proto: proto.map(Into::into),
+            dst: dst.map(Into::into),
+            dport: dport.map(Into::into),
+            sport: None,
+            via: "underlay".into(),
+        }
+    }
+
+    pub(crate) fn v4_key(proto: u8, dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
+        let mut key = FlowKey { proto, sport, dport, family: FAMILY_V4, ..Default::default() };
+        key.dst[..4].copy_from_slice(&dst);
+        key.src[..4].copy_from_slice(&[10, 0, 0, 1]);
+        key
+    }
+
+    #[test]
+    fn parses_ports_and_ranges() {
+        assert_eq!("8080".parse::<PortRange>().unwrap(), PortRange { first: 8080, last: 8080 });
+        assert_eq!("1000-2000".parse::<PortRange>().unwrap(), PortRange { first: 1000, last: 2000 });
+        assert_eq!("1000:2000".parse::<PortRange>().unwrap(), PortRange { first: 1000, last: 2000 });
+        assert!(matches!("0".parse::<PortRange>(), Err(RuleError::PortOutOfRange(_))));
+        assert!(matches!("70000".parse::<PortRange>(), Err(RuleError::PortOutOfRange(_))));
+        assert!(matches!("20-10".parse::<PortRange>(), Err(RuleError::EmptyPortRange(_))));
+        assert!(matches!("http".parse::<PortRange>(), Err(RuleError::BadPort(_))));
+    }
+
+    #[test]
+    fn parses_protocols() {
+        assert_eq!("TCP".parse::<Protocol>().unwrap(), Protocol::Tcp);
+        assert_eq!("17".parse::<Protocol>().unwrap(), Protocol::Udp);
+        assert_eq!("icmpv6".parse::<Protocol>().unwrap(), Protocol::Icmp);
+        assert_eq!("47".parse::<Protocol>().unwrap(), Protocol::Number(47));
+        assert_eq!(Protocol::Number(47).numbers(), &[47]);
+        assert!(matches!("tpc".parse::<Protocol>(), Err(RuleError::UnknownProtocol(_))));
+        assert!(matches!("300".parse::<Protocol>(), Err(RuleError::UnknownProtocol(_))));
+    }
+
+    #[test]
+    fn spec_errors_name_the_field() {
+        let err = spec(Some("tcp"), Some("203.0.113.0/33"), None).parse().unwrap_err();
+        assert_eq!(err, RuleError::BadPrefix("203.0.113.0/33".into()));
+        let err = spec(None, None, None).parse().unwrap_err();
+        assert_eq!(err, RuleError::EmptySubset);
+        let err = spec(Some("icmp"), None, Some("80")).parse().unwrap_err();
+        assert_eq!(err, RuleError::PortsWithoutPortProtocol(Protocol::Icmp));
+        let mut bad_via = spec(Some("tcp"), None, None);
+        bad_via.via = "no/such".into();
+        assert!(matches!(bad_via.parse(), Err(RuleError::BadCarrier(_))));
+    }
+
+    #[test]
+    fn prefix_is_normalised_and_bare_address_is_a_host() {
+        let (subset, _) = spec(None, Some("203.0.113.77/24"), None).parse().unwrap();
+        assert_eq!(subset.dst.unwrap().to_string(), "203.0.113.0/24");
+        let (subset, _) = spec(None, Some("2001:db8::1"), None).parse().unwrap();
+        assert_eq!(subset.dst.unwrap().to_string(), "2001:db8::1/128");
+    }
+
+    #[test]
+    fn duplicate_subset_is_refused_and_changes_nothing() {
+        let mut rules = RuleSet::default();
+        let (subset, via) = spec(Some("tcp"), None, Some("8080")).parse().unwrap();
+        let first = rules.add(subset.clone(), via.clone()).unwrap();
+        assert_eq!(first.id, 1);
+        let err = rules.add(subset, Carrier::Overlay("detour".into())).unwrap_err();
+        assert!(matches!(err, RuleError::Duplicate { existing: 1, .. }));
+        assert_eq!(rules.rules().len(), 1);
+    }
+
+    #[test]
+    fn ids_are_not_reused_after_delete() {
+        let mut rules = RuleSet::default();
+        let a = rules.add(spec(Some("tcp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
+        let b = rules.add(spec(Some("udp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
+        rules.remove(b.id).unwrap();
+        let c = rules.add(spec(Some("icmp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
+        assert_eq!((a.id, b.id, c.id), (1, 2, 3));
+        assert_eq!(rules.remove(9).unwrap_err(), RuleError::NoSuchRule(9));
+    }
+
+    #[test]
+    fn first_matching_rule_wins() {
+        let mut rules = RuleSet::default();
+        rules.add(spec(Some("tcp"), Some("203.0.113.0/24"), Some("8080")).parse().unwrap().0, Carrier::Underlay).unwrap();
+        rules.add(spec(None, Some("203.0.0.0/8"), None).parse().unwrap().0, Carrier::Overlay("x".into())).unwrap();
+        assert_eq!(rules.first_match(&v4_key(6, [203, 0, 113, 5], 40000, 8080)).unwrap().id, 1);
+        assert_eq!(rules.first_match(&v4_key(6, [203, 0, 113, 5], 40000, 9090)).unwrap().id, 2);
+        assert_eq!(rules.first_match(&v4_key(1, [203, 1, 1, 1], 0, 0)).unwrap().id, 2);
+        assert!(rules.first_match(&v4_key(6, [198, 51, 100, 1], 40000, 8080)).is_none());
+    }
+
+    #[test]
+    fn port_rules_never_match_portless_packets() {
+        let (subset, _) = spec(None, None, Some("1-65535")).parse().unwrap();
+        assert!(!subset.matches(&v4_key(1, [1, 2, 3, 4], 0, 0)));
+        assert!(subset.matches(&v4_key(17, [1, 2, 3, 4], 5353, 53)));
+    }
+
+    #[test]
+    fn icmp_matches_both_families() {
+        let (subset, _) = spec(Some("icmp"), None, None).parse().unwrap();
+        assert!(subset.matches(&v4_key(1, [1, 2, 3, 4], 0, 0)));
+        let v6 = FlowKey { proto: 58, family: FAMILY_V6, ..Default::default() };
+        assert!(subset.matches(&v6));
+    }
+
+    #[test]
+    fn yaml_accepts_numeric_ports() {
+        let spec: RuleSpec = serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
+        assert_eq!(spec.dport.as_deref(), Some("8080"));
+    }
+}
