@@ -9,8 +9,14 @@ fn main() -> anyhow::Result<()> {
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir.join("../oasis-ebpf").canonicalize()?;
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
-    let package = aya_build::Package { name: "oasis-ebpf", root_dir: ebpf_dir, ..Default::default() };
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let package = aya_build::Package {
+        name: "oasis-ebpf",
+        root_dir: ebpf_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([package], aya_build::Toolchain::default()).map_err(|e| {
         anyhow::anyhow!(
             "building the kernel programs failed: {e:#}\n\

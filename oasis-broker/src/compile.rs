@@ -41,7 +41,10 @@ pub fn compile(rules: &[Rule]) -> MapImage {
     let mut portless = RuleSet::EMPTY;
     for (rank, rule) in rules.iter().enumerate() {
         match rule.subset.proto {
-            Some(p) => p.numbers().iter().for_each(|&n| proto[n as usize].insert(rank)),
+            Some(p) => p
+                .numbers()
+                .iter()
+                .for_each(|&n| proto[n as usize].insert(rank)),
             None => proto.iter_mut().for_each(|set| set.insert(rank)),
         }
         if rule.subset.dport.is_none() && rule.subset.sport.is_none() {
@@ -64,9 +67,21 @@ pub fn compile(rules: &[Rule]) -> MapImage {
 
     let actions = rules
         .iter()
-        .map(|rule| RuleAction { rule_id: rule.id, verdict: Verdict::Divert as u8, _pad: [0; 3] })
+        .map(|rule| RuleAction {
+            rule_id: rule.id,
+            verdict: Verdict::Divert as u8,
+            _pad: [0; 3],
+        })
         .collect();
-    MapImage { proto, dst_v4, dst_v6, dport, sport, portless, actions }
+    MapImage {
+        proto,
+        dst_v4,
+        dst_v6,
+        dport,
+        sport,
+        portless,
+        actions,
+    }
 }
 
 /// For each rule, `prefixes_of` gives the prefixes it covers (None: the rule
@@ -76,7 +91,10 @@ fn prefix_table<const N: usize>(
     rules: &[Rule],
     prefixes_of: impl Fn(&Rule) -> Option<Vec<Prefix<N>>>,
 ) -> BTreeMap<Prefix<N>, RuleSet> {
-    let per_rule: Vec<Vec<Prefix<N>>> = rules.iter().map(|r| prefixes_of(r).unwrap_or_default()).collect();
+    let per_rule: Vec<Vec<Prefix<N>>> = rules
+        .iter()
+        .map(|r| prefixes_of(r).unwrap_or_default())
+        .collect();
     let mut table = BTreeMap::new();
     for prefix in per_rule.iter().flatten() {
         table.entry(*prefix).or_insert(RuleSet::EMPTY);
@@ -128,13 +146,24 @@ pub fn port_prefixes(range: Option<PortRange>) -> Vec<Prefix<2>> {
     out
 }
 
+impl Default for MapImage {
+    /// The maps of an empty rule list.
+    fn default() -> Self {
+        compile(&[])
+    }
+}
+
 impl MapImage {
     /// What the classifier will answer for a flow, computed the way the
     /// kernel does it (longest-prefix lookups, intersection, lowest rank).
     pub fn lookup(&self, key: &FlowKey) -> Option<RuleAction> {
         let mut set = self.proto[key.proto as usize];
         let by_dst = if key.family == FAMILY_V4 {
-            longest_match(&self.dst_v4, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]], 32)?
+            longest_match(
+                &self.dst_v4,
+                [key.dst[0], key.dst[1], key.dst[2], key.dst[3]],
+                32,
+            )?
         } else {
             longest_match(&self.dst_v6, key.dst, 128)?
         };
@@ -142,16 +171,28 @@ impl MapImage {
         if key.sport == 0 && key.dport == 0 {
             intersect(&mut set, &self.portless);
         } else {
-            intersect(&mut set, &longest_match(&self.dport, key.dport.to_be_bytes(), 16)?);
-            intersect(&mut set, &longest_match(&self.sport, key.sport.to_be_bytes(), 16)?);
+            intersect(
+                &mut set,
+                &longest_match(&self.dport, key.dport.to_be_bytes(), 16)?,
+            );
+            intersect(
+                &mut set,
+                &longest_match(&self.sport, key.sport.to_be_bytes(), 16)?,
+            );
         }
         let rank = (0..oasis_common::MAX_RULES).find(|&r| set.contains(r))?;
         self.actions.get(rank).copied()
     }
 }
 
-fn longest_match<const N: usize>(table: &BTreeMap<Prefix<N>, RuleSet>, addr: [u8; N], bits: u32) -> Option<RuleSet> {
-    (0..=bits).rev().find_map(|len| table.get(&(len, mask(&addr, len))).copied())
+fn longest_match<const N: usize>(
+    table: &BTreeMap<Prefix<N>, RuleSet>,
+    addr: [u8; N],
+    bits: u32,
+) -> Option<RuleSet> {
+    (0..=bits)
+        .rev()
+        .find_map(|len| table.get(&(len, mask(&addr, len))).copied())
 }
 
 fn intersect(set: &mut RuleSet, other: &RuleSet) {
@@ -168,18 +209,47 @@ mod tests {
 
     #[test]
     fn port_ranges_become_minimal_prefixes() {
-        assert_eq!(port_prefixes(Some(PortRange { first: 8080, last: 8080 })), vec![(16, 8080u16.to_be_bytes())]);
-        assert_eq!(port_prefixes(Some(PortRange { first: 1, last: 65535 })).len(), 16);
-        assert_eq!(port_prefixes(Some(PortRange { first: 1024, last: 2047 })), vec![(6, 1024u16.to_be_bytes())]);
+        assert_eq!(
+            port_prefixes(Some(PortRange {
+                first: 8080,
+                last: 8080
+            })),
+            vec![(16, 8080u16.to_be_bytes())]
+        );
+        assert_eq!(
+            port_prefixes(Some(PortRange {
+                first: 1,
+                last: 65535
+            }))
+            .len(),
+            16
+        );
+        assert_eq!(
+            port_prefixes(Some(PortRange {
+                first: 1024,
+                last: 2047
+            })),
+            vec![(6, 1024u16.to_be_bytes())]
+        );
         // Every port of a range is covered exactly once, and nothing else.
-        for (first, last) in [(1u16, 1u16), (3, 17), (1000, 2000), (65000, 65535), (80, 443)] {
+        for (first, last) in [
+            (1u16, 1u16),
+            (3, 17),
+            (1000, 2000),
+            (65000, 65535),
+            (80, 443),
+        ] {
             let prefixes = port_prefixes(Some(PortRange { first, last }));
             for port in 0..=65535u16 {
                 let hits = prefixes
                     .iter()
                     .filter(|p| prefix_contains(*p, &(16, port.to_be_bytes())))
                     .count();
-                assert_eq!(hits, usize::from((first..=last).contains(&port)), "port {port} in {first}-{last}");
+                assert_eq!(
+                    hits,
+                    usize::from((first..=last).contains(&port)),
+                    "port {port} in {first}-{last}"
+                );
             }
         }
     }
@@ -216,25 +286,60 @@ mod tests {
     fn random_rules(rng: &mut XorShift, count: usize) -> Vec<Rule> {
         let mut rules = Vec::new();
         for id in 1..=count as u32 {
-            let proto = [None, Some(Protocol::Tcp), Some(Protocol::Udp), Some(Protocol::Icmp)][rng.below(4) as usize];
+            let proto = [
+                None,
+                Some(Protocol::Tcp),
+                Some(Protocol::Udp),
+                Some(Protocol::Icmp),
+            ][rng.below(4) as usize];
             let dst: Option<IpNet> = match rng.below(4) {
                 0 => None,
-                1 => Some(format!("10.{}.0.0/{}", rng.below(4), 8 + rng.below(17)).parse::<IpNet>().unwrap().trunc()),
-                2 => Some(format!("10.{}.{}.{}/32", rng.below(4), rng.below(2), rng.below(4)).parse().unwrap()),
-                _ => Some(format!("fd00:{}::/{}", rng.below(4), 16 + rng.below(100)).parse::<IpNet>().unwrap().trunc()),
+                1 => Some(
+                    format!("10.{}.0.0/{}", rng.below(4), 8 + rng.below(17))
+                        .parse::<IpNet>()
+                        .unwrap()
+                        .trunc(),
+                ),
+                2 => Some(
+                    format!("10.{}.{}.{}/32", rng.below(4), rng.below(2), rng.below(4))
+                        .parse()
+                        .unwrap(),
+                ),
+                _ => Some(
+                    format!("fd00:{}::/{}", rng.below(4), 16 + rng.below(100))
+                        .parse::<IpNet>()
+                        .unwrap()
+                        .trunc(),
+                ),
             };
             let ports = proto.is_none_or(|p| p.has_ports());
             let dport = if ports { random_range(rng) } else { None };
-            let sport = if ports && rng.below(4) == 0 { random_range(rng) } else { None };
-            let subset = HeaderSubset { proto, dst, dport, sport };
-            rules.push(Rule { id, subset, via: Carrier::Underlay });
+            let sport = if ports && rng.below(4) == 0 {
+                random_range(rng)
+            } else {
+                None
+            };
+            let subset = HeaderSubset {
+                proto,
+                dst,
+                dport,
+                sport,
+            };
+            rules.push(Rule {
+                id,
+                subset,
+                via: Carrier::Underlay,
+            });
         }
         rules
     }
 
     fn random_key(rng: &mut XorShift) -> FlowKey {
         let proto = [6u8, 17, 1, 58, 47][rng.below(5) as usize];
-        let mut key = FlowKey { proto, ..Default::default() };
+        let mut key = FlowKey {
+            proto,
+            ..Default::default()
+        };
         if rng.below(3) == 0 {
             key.family = FAMILY_V6;
             key.dst[0] = 0xfd;
@@ -242,7 +347,12 @@ mod tests {
             key.dst[15] = rng.below(255) as u8;
         } else {
             key.family = FAMILY_V4;
-            key.dst[..4].copy_from_slice(&[10, rng.below(4) as u8, rng.below(2) as u8, rng.below(4) as u8]);
+            key.dst[..4].copy_from_slice(&[
+                10,
+                rng.below(4) as u8,
+                rng.below(2) as u8,
+                rng.below(4) as u8,
+            ]);
         }
         if matches!(proto, 6 | 17) {
             key.dport = 1 + rng.below(150) as u16;
@@ -263,7 +373,10 @@ mod tests {
                 let key = random_key(&mut rng);
                 let expected = rules.iter().find(|r| r.subset.matches(&key)).map(|r| r.id);
                 let got = image.lookup(&key).map(|a| a.rule_id);
-                assert_eq!(got, expected, "round {round}, key {key:?}, rules {rules:#?}");
+                assert_eq!(
+                    got, expected,
+                    "round {round}, key {key:?}, rules {rules:#?}"
+                );
             }
         }
     }

@@ -4,6 +4,13 @@
 //! configuration) are plain types tested without privileges; the Linux shell
 //! around them (eBPF maps, TUN, raw sockets) lives in `platform`.
 pub mod compile;
+pub mod config;
+pub mod control;
+#[cfg(target_os = "linux")]
+pub mod daemon;
+pub mod flow;
+pub mod platform;
+pub mod render;
 pub mod rules;
 
 /// The compiled kernel programs, built by this crate's build script.

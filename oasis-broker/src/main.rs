@@ -1,1 +1,215 @@
-fn main() {}
+//! `oasis`: the daemon (`oasis run`) and the command line that controls it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use oasis_broker::config::{Config, DEFAULT_CONFIG_PATH};
+use oasis_broker::control::{self, Request, Response};
+use oasis_broker::render;
+use oasis_broker::rules::RuleSpec;
+
+/// Oasis routes chosen parts of this host's traffic over overlay networks
+/// (or explicitly over the plain Internet, the "underlay"), with no change to
+/// applications. An eBPF classifier on the uplink picks the packets that
+/// rules claim and hands them to the daemon; everything else never leaves
+/// the kernel.
+#[derive(Parser, Debug)]
+#[command(name = "oasis", version, propagate_version = true, after_help = EXAMPLES)]
+struct Cli {
+    /// The configuration file (daemon settings and the rules).
+    #[arg(long, global = true, env = "OASIS_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// The daemon's control socket [default: `control_socket` from the
+    /// config file, else /run/oasis/oasis.sock].
+    #[arg(long, global = true, env = "OASIS_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  oasis run                                              start the daemon (as root)
+  oasis rule add --proto tcp --dport 8080 --via underlay
+  oasis rule add --dst 203.0.113.0/24 --via underlay
+  oasis rule list
+  oasis rule del 2
+  oasis status --json
+
+Logs: set RUST_LOG (e.g. RUST_LOG=oasis_broker=debug) for the daemon.";
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon in the foreground: create the TUN device, attach the
+    /// classifier to the uplinks and serve the control socket. Stop it with
+    /// Ctrl-C or SIGTERM; it detaches everything it attached.
+    Run,
+    /// Add, list and delete rules.
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// Show what the daemon is doing: uplinks, TUN, heartbeat, counters.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RuleCommand {
+    /// Add a rule: traffic matching every given field goes via the carrier.
+    /// Rules are tried in the order they were added; the first match wins.
+    /// The rule takes effect at once and is saved in the config file.
+    #[command(after_help = "\
+Examples:
+  oasis rule add --proto tcp --dport 8080 --via underlay
+  oasis rule add --proto udp --dport 27000-27100 --via underlay
+  oasis rule add --dst 203.0.113.0/24 --via underlay
+  oasis rule add --dst 2001:db8::/32 --proto icmp --via underlay")]
+    Add(RuleAddArgs),
+    /// List the rules with the traffic each has matched.
+    List {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a rule by id. Flows it already carries keep their path until
+    /// they end; new flows no longer match it.
+    Del {
+        /// The rule's id, as `oasis rule list` shows it.
+        id: u32,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RuleAddArgs {
+    /// Protocol: tcp, udp, icmp (ICMP or ICMPv6) or a protocol number.
+    #[arg(long, value_name = "PROTO")]
+    proto: Option<String>,
+    /// Destination address or prefix, IPv4 or IPv6 (203.0.113.0/24).
+    #[arg(long, value_name = "PREFIX")]
+    dst: Option<String>,
+    /// Destination port or inclusive range (443, 8000-8099).
+    #[arg(long, value_name = "PORTS")]
+    dport: Option<String>,
+    /// Source port or inclusive range.
+    #[arg(long, value_name = "PORTS")]
+    sport: Option<String>,
+    /// Where matching traffic goes: `underlay` (the plain Internet, through
+    /// the broker) or the name of a joined overlay.
+    #[arg(long, value_name = "CARRIER")]
+    via: String,
+    /// Print the new rule as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("oasis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = control_socket(&cli);
+    match cli.command {
+        Command::Run => run_daemon(&cli.config),
+        Command::Rule(RuleCommand::Add(args)) => {
+            let spec = RuleSpec {
+                proto: args.proto,
+                dst: args.dst,
+                dport: args.dport,
+                sport: args.sport,
+                via: args.via,
+            };
+            // Check locally first so a typo is reported even with no daemon.
+            spec.parse()?;
+            match call(&socket, &Request::AddRule { spec })? {
+                Response::Rule { rule } if args.json => {
+                    println!("{}", serde_json::to_string_pretty(&rule)?)
+                }
+                Response::Rule { rule } => {
+                    println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via)
+                }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Rule(RuleCommand::List { json }) => {
+            match call(&socket, &Request::ListRules)? {
+                Response::Rules { rules } if json => {
+                    println!("{}", serde_json::to_string_pretty(&rules)?)
+                }
+                Response::Rules { rules } => print!("{}", render::rule_table(&rules)),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Rule(RuleCommand::Del { id }) => {
+            match call(&socket, &Request::DelRule { id })? {
+                Response::Rule { rule } => {
+                    println!("deleted rule {}: {} via {}", rule.id, rule.subset, rule.via)
+                }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            match call(&socket, &Request::Status)? {
+                Response::Status { status } if json => {
+                    println!("{}", serde_json::to_string_pretty(&status)?)
+                }
+                Response::Status { status } => print!("{}", render::status(&status)),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn control_socket(cli: &Cli) -> PathBuf {
+    match &cli.socket {
+        Some(socket) => socket.clone(),
+        None => Config::load_or_default(&cli.config)
+            .map(|c| c.control_socket)
+            .unwrap_or_else(|_| Config::default().control_socket),
+    }
+}
+
+/// Sends a request to the daemon; a refusal becomes this command's error.
+fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<Response> {
+    match control::call(socket, request)? {
+        Response::Error { message } => bail!("{message}"),
+        response => Ok(response),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(oasis_broker::daemon::run(config))?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_daemon(_config: &std::path::Path) -> anyhow::Result<()> {
+    bail!("the Oasis daemon runs on Linux only for now")
+}

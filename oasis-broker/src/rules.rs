@@ -34,7 +34,9 @@ impl Protocol {
 
     /// Whether packets of this protocol carry ports the classifier reads.
     pub fn has_ports(self) -> bool {
-        self.numbers().iter().all(|n| matches!(n, 6 | 17 | 132 | 136))
+        self.numbers()
+            .iter()
+            .all(|n| matches!(n, 6 | 17 | 132 | 136))
     }
 }
 
@@ -109,7 +111,10 @@ impl FromStr for PortRange {
             Ok(n as u16)
         };
         let range = match s.split_once(['-', ':']) {
-            Some((a, b)) => PortRange { first: port(a)?, last: port(b)? },
+            Some((a, b)) => PortRange {
+                first: port(a)?,
+                last: port(b)?,
+            },
             None => {
                 let p = port(s)?;
                 PortRange { first: p, last: p }
@@ -150,7 +155,9 @@ impl FromStr for Carrier {
         }
         let valid = !name.is_empty()
             && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
             return Err(RuleError::BadCarrier(s.to_string()));
         }
@@ -181,7 +188,11 @@ impl HeaderSubset {
     /// Checks the subset makes sense on its own; the prefix is normalised
     /// (host bits cleared) so equal subsets compare equal.
     pub fn validated(mut self) -> Result<HeaderSubset, RuleError> {
-        if self.proto.is_none() && self.dst.is_none() && self.dport.is_none() && self.sport.is_none() {
+        if self.proto.is_none()
+            && self.dst.is_none()
+            && self.dport.is_none()
+            && self.sport.is_none()
+        {
             return Err(RuleError::EmptySubset);
         }
         if let Some(proto) = self.proto
@@ -256,9 +267,17 @@ pub struct RuleSpec {
     pub proto: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "port_text")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "port_text"
+    )]
     pub dport: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "port_text")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "port_text"
+    )]
     pub sport: Option<String>,
     pub via: String,
 }
@@ -281,14 +300,16 @@ impl RuleSpec {
     /// Parses every field; the first bad one is reported by name.
     pub fn parse(&self) -> Result<(HeaderSubset, Carrier), RuleError> {
         let proto = self.proto.as_deref().map(str::parse).transpose()?;
-        let dst = self
-            .dst
-            .as_deref()
-            .map(parse_prefix)
-            .transpose()?;
+        let dst = self.dst.as_deref().map(parse_prefix).transpose()?;
         let dport = self.dport.as_deref().map(str::parse).transpose()?;
         let sport = self.sport.as_deref().map(str::parse).transpose()?;
-        let subset = HeaderSubset { proto, dst, dport, sport }.validated()?;
+        let subset = HeaderSubset {
+            proto,
+            dst,
+            dport,
+            sport,
+        }
+        .validated()?;
         Ok((subset, self.via.parse()?))
     }
 }
@@ -334,9 +355,13 @@ pub enum RuleError {
     PortOutOfRange(String),
     #[error("port range {0:?} is empty: its first port is above its last")]
     EmptyPortRange(String),
-    #[error("bad destination prefix {0:?}: give an address or a prefix such as 203.0.113.0/24 or 2001:db8::/32")]
+    #[error(
+        "bad destination prefix {0:?}: give an address or a prefix such as 203.0.113.0/24 or 2001:db8::/32"
+    )]
     BadPrefix(String),
-    #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
+    #[error(
+        "bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)"
+    )]
     BadCarrier(String),
     #[error("a rule needs at least one of --proto, --dst, --dport or --sport")]
     EmptySubset,
@@ -344,7 +369,9 @@ pub enum RuleError {
     PortsWithoutPortProtocol(Protocol),
     #[error("rule {existing} already claims exactly this traffic ({subset})")]
     Duplicate { existing: u32, subset: String },
-    #[error("no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first")]
+    #[error(
+        "no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first"
+    )]
     UnknownOverlay(String),
     #[error("the classifier holds at most {MAX_RULES} header rules; delete one first")]
     TooMany,
@@ -363,11 +390,17 @@ pub struct RuleSet {
 impl RuleSet {
     /// Rebuilds a rule list from stored rules, checking them as `add` would.
     pub fn from_rules(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
-        let mut set = RuleSet { rules: Vec::new(), next_id: 1 };
+        let mut set = RuleSet {
+            rules: Vec::new(),
+            next_id: 1,
+        };
         for rule in rules {
             set.check_new(&rule.subset)?;
             if set.rules.iter().any(|r| r.id == rule.id) || rule.id == 0 {
-                return Err(RuleError::Duplicate { existing: rule.id, subset: rule.subset.to_string() });
+                return Err(RuleError::Duplicate {
+                    existing: rule.id,
+                    subset: rule.subset.to_string(),
+                });
             }
             set.next_id = set.next_id.max(rule.id + 1);
             set.rules.push(rule);
@@ -381,7 +414,10 @@ impl RuleSet {
 
     fn check_new(&self, subset: &HeaderSubset) -> Result<(), RuleError> {
         if let Some(existing) = self.rules.iter().find(|r| &r.subset == subset) {
-            return Err(RuleError::Duplicate { existing: existing.id, subset: subset.to_string() });
+            return Err(RuleError::Duplicate {
+                existing: existing.id,
+                subset: subset.to_string(),
+            });
         }
         if self.rules.len() >= MAX_RULES {
             return Err(RuleError::TooMany);
@@ -392,14 +428,22 @@ impl RuleSet {
     /// Appends a rule and returns it with its new id. Nothing changes on error.
     pub fn add(&mut self, subset: HeaderSubset, via: Carrier) -> Result<Rule, RuleError> {
         self.check_new(&subset)?;
-        let rule = Rule { id: self.next_id.max(1), subset, via };
+        let rule = Rule {
+            id: self.next_id.max(1),
+            subset,
+            via,
+        };
         self.next_id = rule.id + 1;
         self.rules.push(rule.clone());
         Ok(rule)
     }
 
     pub fn remove(&mut self, id: u32) -> Result<Rule, RuleError> {
-        let index = self.rules.iter().position(|r| r.id == id).ok_or(RuleError::NoSuchRule(id))?;
+        let index = self
+            .rules
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or(RuleError::NoSuchRule(id))?;
         Ok(self.rules.remove(index))
     }
 
@@ -425,7 +469,13 @@ mod tests {
     }
 
     pub(crate) fn v4_key(proto: u8, dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
-        let mut key = FlowKey { proto, sport, dport, family: FAMILY_V4, ..Default::default() };
+        let mut key = FlowKey {
+            proto,
+            sport,
+            dport,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
         key.dst[..4].copy_from_slice(&dst);
         key.src[..4].copy_from_slice(&[10, 0, 0, 1]);
         key
@@ -433,13 +483,43 @@ mod tests {
 
     #[test]
     fn parses_ports_and_ranges() {
-        assert_eq!("8080".parse::<PortRange>().unwrap(), PortRange { first: 8080, last: 8080 });
-        assert_eq!("1000-2000".parse::<PortRange>().unwrap(), PortRange { first: 1000, last: 2000 });
-        assert_eq!("1000:2000".parse::<PortRange>().unwrap(), PortRange { first: 1000, last: 2000 });
-        assert!(matches!("0".parse::<PortRange>(), Err(RuleError::PortOutOfRange(_))));
-        assert!(matches!("70000".parse::<PortRange>(), Err(RuleError::PortOutOfRange(_))));
-        assert!(matches!("20-10".parse::<PortRange>(), Err(RuleError::EmptyPortRange(_))));
-        assert!(matches!("http".parse::<PortRange>(), Err(RuleError::BadPort(_))));
+        assert_eq!(
+            "8080".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 8080,
+                last: 8080
+            }
+        );
+        assert_eq!(
+            "1000-2000".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 1000,
+                last: 2000
+            }
+        );
+        assert_eq!(
+            "1000:2000".parse::<PortRange>().unwrap(),
+            PortRange {
+                first: 1000,
+                last: 2000
+            }
+        );
+        assert!(matches!(
+            "0".parse::<PortRange>(),
+            Err(RuleError::PortOutOfRange(_))
+        ));
+        assert!(matches!(
+            "70000".parse::<PortRange>(),
+            Err(RuleError::PortOutOfRange(_))
+        ));
+        assert!(matches!(
+            "20-10".parse::<PortRange>(),
+            Err(RuleError::EmptyPortRange(_))
+        ));
+        assert!(matches!(
+            "http".parse::<PortRange>(),
+            Err(RuleError::BadPort(_))
+        ));
     }
 
     #[test]
@@ -449,13 +529,21 @@ mod tests {
         assert_eq!("icmpv6".parse::<Protocol>().unwrap(), Protocol::Icmp);
         assert_eq!("47".parse::<Protocol>().unwrap(), Protocol::Number(47));
         assert_eq!(Protocol::Number(47).numbers(), &[47]);
-        assert!(matches!("tpc".parse::<Protocol>(), Err(RuleError::UnknownProtocol(_))));
-        assert!(matches!("300".parse::<Protocol>(), Err(RuleError::UnknownProtocol(_))));
+        assert!(matches!(
+            "tpc".parse::<Protocol>(),
+            Err(RuleError::UnknownProtocol(_))
+        ));
+        assert!(matches!(
+            "300".parse::<Protocol>(),
+            Err(RuleError::UnknownProtocol(_))
+        ));
     }
 
     #[test]
     fn spec_errors_name_the_field() {
-        let err = spec(Some("tcp"), Some("203.0.113.0/33"), None).parse().unwrap_err();
+        let err = spec(Some("tcp"), Some("203.0.113.0/33"), None)
+            .parse()
+            .unwrap_err();
         assert_eq!(err, RuleError::BadPrefix("203.0.113.0/33".into()));
         let err = spec(None, None, None).parse().unwrap_err();
         assert_eq!(err, RuleError::EmptySubset);
@@ -480,7 +568,9 @@ mod tests {
         let (subset, via) = spec(Some("tcp"), None, Some("8080")).parse().unwrap();
         let first = rules.add(subset.clone(), via.clone()).unwrap();
         assert_eq!(first.id, 1);
-        let err = rules.add(subset, Carrier::Overlay("detour".into())).unwrap_err();
+        let err = rules
+            .add(subset, Carrier::Overlay("detour".into()))
+            .unwrap_err();
         assert!(matches!(err, RuleError::Duplicate { existing: 1, .. }));
         assert_eq!(rules.rules().len(), 1);
     }
@@ -488,10 +578,25 @@ mod tests {
     #[test]
     fn ids_are_not_reused_after_delete() {
         let mut rules = RuleSet::default();
-        let a = rules.add(spec(Some("tcp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
-        let b = rules.add(spec(Some("udp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
+        let a = rules
+            .add(
+                spec(Some("tcp"), None, None).parse().unwrap().0,
+                Carrier::Underlay,
+            )
+            .unwrap();
+        let b = rules
+            .add(
+                spec(Some("udp"), None, None).parse().unwrap().0,
+                Carrier::Underlay,
+            )
+            .unwrap();
         rules.remove(b.id).unwrap();
-        let c = rules.add(spec(Some("icmp"), None, None).parse().unwrap().0, Carrier::Underlay).unwrap();
+        let c = rules
+            .add(
+                spec(Some("icmp"), None, None).parse().unwrap().0,
+                Carrier::Underlay,
+            )
+            .unwrap();
         assert_eq!((a.id, b.id, c.id), (1, 2, 3));
         assert_eq!(rules.remove(9).unwrap_err(), RuleError::NoSuchRule(9));
     }
@@ -499,12 +604,47 @@ mod tests {
     #[test]
     fn first_matching_rule_wins() {
         let mut rules = RuleSet::default();
-        rules.add(spec(Some("tcp"), Some("203.0.113.0/24"), Some("8080")).parse().unwrap().0, Carrier::Underlay).unwrap();
-        rules.add(spec(None, Some("203.0.0.0/8"), None).parse().unwrap().0, Carrier::Overlay("x".into())).unwrap();
-        assert_eq!(rules.first_match(&v4_key(6, [203, 0, 113, 5], 40000, 8080)).unwrap().id, 1);
-        assert_eq!(rules.first_match(&v4_key(6, [203, 0, 113, 5], 40000, 9090)).unwrap().id, 2);
-        assert_eq!(rules.first_match(&v4_key(1, [203, 1, 1, 1], 0, 0)).unwrap().id, 2);
-        assert!(rules.first_match(&v4_key(6, [198, 51, 100, 1], 40000, 8080)).is_none());
+        rules
+            .add(
+                spec(Some("tcp"), Some("203.0.113.0/24"), Some("8080"))
+                    .parse()
+                    .unwrap()
+                    .0,
+                Carrier::Underlay,
+            )
+            .unwrap();
+        rules
+            .add(
+                spec(None, Some("203.0.0.0/8"), None).parse().unwrap().0,
+                Carrier::Overlay("x".into()),
+            )
+            .unwrap();
+        assert_eq!(
+            rules
+                .first_match(&v4_key(6, [203, 0, 113, 5], 40000, 8080))
+                .unwrap()
+                .id,
+            1
+        );
+        assert_eq!(
+            rules
+                .first_match(&v4_key(6, [203, 0, 113, 5], 40000, 9090))
+                .unwrap()
+                .id,
+            2
+        );
+        assert_eq!(
+            rules
+                .first_match(&v4_key(1, [203, 1, 1, 1], 0, 0))
+                .unwrap()
+                .id,
+            2
+        );
+        assert!(
+            rules
+                .first_match(&v4_key(6, [198, 51, 100, 1], 40000, 8080))
+                .is_none()
+        );
     }
 
     #[test]
@@ -518,13 +658,18 @@ mod tests {
     fn icmp_matches_both_families() {
         let (subset, _) = spec(Some("icmp"), None, None).parse().unwrap();
         assert!(subset.matches(&v4_key(1, [1, 2, 3, 4], 0, 0)));
-        let v6 = FlowKey { proto: 58, family: FAMILY_V6, ..Default::default() };
+        let v6 = FlowKey {
+            proto: 58,
+            family: FAMILY_V6,
+            ..Default::default()
+        };
         assert!(subset.matches(&v6));
     }
 
     #[test]
     fn yaml_accepts_numeric_ports() {
-        let spec: RuleSpec = serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
+        let spec: RuleSpec =
+            serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
         assert_eq!(spec.dport.as_deref(), Some("8080"));
     }
 }

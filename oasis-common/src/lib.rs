@@ -41,7 +41,9 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    pub const EMPTY: RuleSet = RuleSet { words: [0; RULE_WORDS] };
+    pub const EMPTY: RuleSet = RuleSet {
+        words: [0; RULE_WORDS],
+    };
 
     #[inline(always)]
     pub fn insert(&mut self, rank: usize) {

@@ -2,10 +2,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
     macros::{classifier, map},
-    maps::{
-        Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap,
-        lpm_trie::Key,
-    },
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use oasis_common::{
@@ -62,7 +59,8 @@ static ACTIONS: Array<RuleAction> = Array::with_max_entries(MAX_RULES as u32, 0)
 
 /// Packets and bytes per rule id; the broker creates an entry per rule.
 #[map(name = "OASIS_COUNTERS")]
-static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES as u32, 0);
+static COUNTERS: PerCpuHashMap<u32, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_RULES as u32, 0);
 
 #[map(name = "OASIS_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(FLOW_CACHE_ENTRIES, 0);
@@ -154,7 +152,11 @@ fn classify(ctx: &TcContext) -> i32 {
             // redirect fail and the packet drops, which is why the broker's
             // heartbeat stops diversion within seconds of its death.
             let action = unsafe { bpf_redirect(settings.tun_ifindex, 0) };
-            if action == TC_ACT_SHOT as i64 { TC_ACT_OK as i32 } else { action as i32 }
+            if action == TC_ACT_SHOT as i64 {
+                TC_ACT_OK as i32
+            } else {
+                action as i32
+            }
         }
     }
 }
@@ -212,7 +214,10 @@ fn parse(ctx: &TcContext) -> Option<(FlowKey, bool)> {
 fn match_rules(key: &FlowKey) -> Option<RuleAction> {
     let mut set = *PROTO.get(key.proto as u32)?;
     let by_dst = if key.family == FAMILY_V4 {
-        DST_V4.get(Key::new(32, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]]))?
+        DST_V4.get(Key::new(
+            32,
+            [key.dst[0], key.dst[1], key.dst[2], key.dst[3]],
+        ))?
     } else {
         DST_V6.get(Key::new(128, key.dst))?
     };
@@ -254,11 +259,28 @@ fn lowest_rank(set: &RuleSet) -> Option<u32> {
 #[inline(always)]
 fn lowest_bit(mut word: u64) -> u32 {
     let mut index = 0;
-    if word & 0xffff_ffff == 0 { index += 32; word >>= 32; }
-    if word & 0xffff == 0 { index += 16; word >>= 16; }
-    if word & 0xff == 0 { index += 8; word >>= 8; }
-    if word & 0xf == 0 { index += 4; word >>= 4; }
-    if word & 0x3 == 0 { index += 2; word >>= 2; }
-    if word & 0x1 == 0 { index += 1; }
+    if word & 0xffff_ffff == 0 {
+        index += 32;
+        word >>= 32;
+    }
+    if word & 0xffff == 0 {
+        index += 16;
+        word >>= 16;
+    }
+    if word & 0xff == 0 {
+        index += 8;
+        word >>= 8;
+    }
+    if word & 0xf == 0 {
+        index += 4;
+        word >>= 4;
+    }
+    if word & 0x3 == 0 {
+        index += 2;
+        word >>= 2;
+    }
+    if word & 0x1 == 0 {
+        index += 1;
+    }
     index
 }

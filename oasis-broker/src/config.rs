@@ -1,0 +1,287 @@
+//! The YAML configuration file: daemon settings and the rules, which the
+//! daemon rewrites whenever a rule is added or deleted.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{Rule, RuleError, RuleSet, RuleSpec};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/oasis/oasis.sock";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces whose egress the classifier watches. Empty: every
+    /// interface that carries a default route (IPv4 or IPv6) at start.
+    pub uplinks: Vec<String>,
+    pub tun: TunConfig,
+    /// `SO_MARK` on the broker's own packets; the classifier always passes
+    /// them. Pick another value if your host already uses this mark.
+    pub bypass_mark: u32,
+    /// With no heartbeat from the broker for this long, the classifier
+    /// passes all traffic untouched (fail open).
+    pub heartbeat_timeout_ms: u64,
+    /// A flow idle for this long is matched against the rules afresh on its
+    /// next packet; a new TCP connection always is.
+    pub flow_idle_timeout_secs: u64,
+    /// Where the CLI reaches the daemon; only root may connect.
+    pub control_socket: PathBuf,
+    pub rules: Vec<StoredRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunConfig {
+    pub name: String,
+    /// Threads reading diverted packets, one TUN queue each.
+    pub queues: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRule {
+    pub id: u32,
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            uplinks: Vec::new(),
+            tun: TunConfig::default(),
+            bypass_mark: 0x4f41_5349,
+            heartbeat_timeout_ms: 3_000,
+            flow_idle_timeout_secs: 120,
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Default for TunConfig {
+    fn default() -> Self {
+        TunConfig {
+            name: "oasis0".into(),
+            queues: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("config file {path}, rule {id}: {source}")]
+    Rule {
+        path: PathBuf,
+        id: u32,
+        source: RuleError,
+    },
+    #[error("config file {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+    #[error("cannot write config file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const HEADER: &str = "\
+# Oasis configuration. `oasis rule add|del` rewrites this file; edit it by
+# hand while the daemon is stopped. Keys: see docs/configuration.md.
+";
+
+impl Config {
+    /// Reads the file, or the defaults when it does not exist yet.
+    pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.into(),
+                source,
+            })?
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |problem: &str| ConfigError::Invalid {
+            path: path.into(),
+            problem: problem.into(),
+        };
+        if self.tun.name.is_empty() || self.tun.name.len() > 15 {
+            return Err(invalid(
+                "tun.name must be 1 to 15 characters (a Linux interface name)",
+            ));
+        }
+        if self.tun.queues == 0 || self.tun.queues > 64 {
+            return Err(invalid("tun.queues must be between 1 and 64"));
+        }
+        if self.heartbeat_timeout_ms < 500 {
+            return Err(invalid("heartbeat_timeout_ms must be at least 500"));
+        }
+        if self.flow_idle_timeout_secs == 0 {
+            return Err(invalid("flow_idle_timeout_secs must be at least 1"));
+        }
+        if self.bypass_mark == 0 {
+            return Err(invalid(
+                "bypass_mark must not be 0 (unmarked packets have mark 0)",
+            ));
+        }
+        self.rule_set(path)?;
+        Ok(())
+    }
+
+    /// The stored rules as a checked rule list.
+    pub fn rule_set(&self, path: &Path) -> Result<RuleSet, ConfigError> {
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for stored in &self.rules {
+            let rule_error = |source| ConfigError::Rule {
+                path: path.into(),
+                id: stored.id,
+                source,
+            };
+            let (subset, via) = stored.spec.parse().map_err(rule_error)?;
+            rules.push(Rule {
+                id: stored.id,
+                subset,
+                via,
+            });
+        }
+        RuleSet::from_rules(rules).map_err(|source| {
+            let id = match &source {
+                RuleError::Duplicate { existing, .. } => *existing,
+                _ => 0,
+            };
+            ConfigError::Rule {
+                path: path.into(),
+                id,
+                source,
+            }
+        })
+    }
+
+    pub fn with_rules(&self, rules: &RuleSet) -> Config {
+        let mut config = self.clone();
+        config.rules = rules
+            .rules()
+            .iter()
+            .map(|r| StoredRule {
+                id: r.id,
+                spec: r.spec(),
+            })
+            .collect();
+        config
+    }
+
+    /// Writes the file atomically (a temporary file renamed over it), so a
+    /// crash mid-write never leaves half a config behind.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let write_error = |source| ConfigError::Write {
+            path: path.into(),
+            source,
+        };
+        let yaml =
+            serde_yaml::to_string(self).map_err(|e| write_error(std::io::Error::other(e)))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write_error)?;
+        }
+        let tmp = path.with_extension("yaml.tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(write_error)?;
+        file.write_all(HEADER.as_bytes()).map_err(write_error)?;
+        file.write_all(yaml.as_bytes()).map_err(write_error)?;
+        file.sync_all().map_err(write_error)?;
+        std::fs::rename(&tmp, path).map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Carrier;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            Config::parse(Path::new("c.yaml"), "").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn rules_round_trip_through_the_file() {
+        let dir = std::env::temp_dir().join(format!("oasis-config-test-{}", std::process::id()));
+        let path = dir.join("config.yaml");
+        let mut rules = RuleSet::default();
+        let (subset, _) = RuleSpec {
+            proto: Some("tcp".into()),
+            dst: Some("203.0.113.0/24".into()),
+            dport: Some("8000-8099".into()),
+            sport: None,
+            via: "underlay".into(),
+        }
+        .parse()
+        .unwrap();
+        rules.add(subset, Carrier::Underlay).unwrap();
+        let config = Config::default().with_rules(&rules);
+        config.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# Oasis configuration"));
+        let loaded = Config::load_or_default(&path).unwrap();
+        assert_eq!(loaded, config);
+        assert_eq!(loaded.rule_set(&path).unwrap().rules(), rules.rules());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_rule_names_file_and_rule() {
+        let text = "rules:\n  - id: 7\n    proto: tcp\n    dport: 99999\n    via: underlay\n";
+        let err = Config::parse(Path::new("/etc/oasis/config.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/etc/oasis/config.yaml")
+                && err.contains("rule 7")
+                && err.contains("99999"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse(Path::new("c.yaml"), "uplink: [eth0]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("uplink"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_rules_in_the_file_are_refused() {
+        let text = "rules:\n  - {id: 1, proto: udp, via: underlay}\n  - {id: 2, proto: udp, via: underlay}\n";
+        assert!(Config::parse(Path::new("c.yaml"), text).is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! Linux: eBPF classifier maps and links, the TUN device, the underlay raw
+//! sockets and interface discovery.
+pub mod datapath;
+pub mod forward;
+pub mod tun;
+pub mod underlay;
+pub mod uplink;

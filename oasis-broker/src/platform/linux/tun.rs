@@ -1,0 +1,65 @@
+//! The TUN device diverted packets arrive on. It has no addresses and no
+//! routes: packets reach it only through the classifier's redirect.
+
+use std::io;
+
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+pub struct Tun {
+    pub name: String,
+    pub ifindex: u32,
+    /// One device handle per queue, each read by its own thread.
+    pub queues: Vec<SyncDevice>,
+}
+
+impl Tun {
+    /// Creates the device with `queues` queues and generic offload, so a
+    /// TCP burst arrives as one large read that user space splits.
+    pub fn create(name: &str, queues: usize, mtu: u16) -> io::Result<Tun> {
+        if std::path::Path::new("/sys/class/net").join(name).exists() {
+            tracing::warn!(%name, "a device with the TUN's name exists already (left by a crashed run?); taking it over");
+        }
+        let first = DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .offload(true)
+            .multi_queue(queues > 1)
+            .build_sync()?;
+        // No IPv6 on the TUN: no link-local address, no router solicitations
+        // of its own for the broker to read.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        first.enabled(true)?;
+        let ifindex = first.if_index()?;
+        let mut handles = vec![first];
+        for _ in 1..queues {
+            handles.push(handles[0].try_clone()?);
+        }
+        Ok(Tun {
+            name: name.to_string(),
+            ifindex,
+            queues: handles,
+        })
+    }
+}
+
+/// Packets and bytes the kernel has handed to the TUN's readers.
+pub fn diverted_counts(name: &str) -> (u64, u64) {
+    let read = |what: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (read("tx_packets"), read("tx_bytes"))
+}
+
+/// The largest MTU among the uplinks, so the TUN never refuses a packet
+/// an uplink would have sent.
+pub fn uplink_mtu(uplinks: &[String]) -> u16 {
+    uplinks
+        .iter()
+        .filter_map(|name| std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok())
+        .filter_map(|s| s.trim().parse::<u16>().ok())
+        .max()
+        .unwrap_or(1500)
+}

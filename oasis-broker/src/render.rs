@@ -1,0 +1,172 @@
+//! Plain-text views for people; `--json` prints the same data for scripts.
+
+use std::fmt::Write as _;
+
+use crate::control::{RuleView, StatusView};
+
+/// 1234567 -> "1.2 MB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn rule_table(rules: &[RuleView]) -> String {
+    if rules.is_empty() {
+        return "No rules. Add one with `oasis rule add`, e.g.\n  oasis rule add --proto tcp --dport 8080 --via underlay\n".into();
+    }
+    let width = rules
+        .iter()
+        .map(|r| r.subset.len())
+        .max()
+        .unwrap_or(0)
+        .max("SUBSET".len());
+    let via_width = rules
+        .iter()
+        .map(|r| r.via.len())
+        .max()
+        .unwrap_or(0)
+        .max("VIA".len());
+    let mut out = format!(
+        "{:>4}  {:<width$}  {:<via_width$}  {:>10}  {:>10}\n",
+        "ID", "SUBSET", "VIA", "PACKETS", "BYTES"
+    );
+    for rule in rules {
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<width$}  {:<via_width$}  {:>10}  {:>10}",
+            rule.id,
+            rule.subset,
+            rule.via,
+            rule.packets,
+            bytes(rule.bytes)
+        );
+    }
+    out
+}
+
+pub fn status(s: &StatusView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "daemon      running, pid {}, up {}",
+        s.pid,
+        duration(s.uptime_secs)
+    );
+    let _ = writeln!(out, "config      {}", s.config_path.display());
+    let health = if s.heartbeat.alive {
+        "alive"
+    } else {
+        "STALE: the classifier is passing all traffic"
+    };
+    let _ = writeln!(
+        out,
+        "heartbeat   {} ms ago, fail-open after {} ms: {health}",
+        s.heartbeat.age_ms, s.heartbeat.timeout_ms
+    );
+    let uplinks: Vec<String> = s
+        .uplinks
+        .iter()
+        .map(|u| format!("{} (ifindex {}, {})", u.name, u.ifindex, u.attach))
+        .collect();
+    let _ = writeln!(
+        out,
+        "uplinks     {}",
+        if uplinks.is_empty() {
+            "none".into()
+        } else {
+            uplinks.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "tun         {} (ifindex {}, {} queue{}): {} packets, {} diverted to the broker",
+        s.tun.name,
+        s.tun.ifindex,
+        s.tun.queues,
+        if s.tun.queues == 1 { "" } else { "s" },
+        s.tun.diverted_packets,
+        bytes(s.tun.diverted_bytes)
+    );
+    let _ = writeln!(out, "rules       {} (see `oasis rule list`)", s.rules);
+    let c = &s.classifier;
+    let _ = writeln!(
+        out,
+        "classifier  {}: {} matched against rules, {} from the flow cache ({} flows cached), {} diverted",
+        s.program.name, c.classified, c.cache_hits, c.cached_flows, c.diverted
+    );
+    let _ = writeln!(
+        out,
+        "            {} broker packets bypassed, {} passed while fail-open, {} not parsed",
+        c.bypassed, c.fail_open, c.unparsed
+    );
+    let b = &s.broker;
+    let _ = writeln!(
+        out,
+        "broker      {} packets received, {} sent on the underlay, {} send errors, {} malformed, {} live flows",
+        b.received, b.sent_underlay, b.send_errors, b.malformed, b.flows
+    );
+    let maps: Vec<String> = s
+        .program
+        .maps
+        .iter()
+        .map(|m| format!("{} ({} {})", m.name, m.kind, m.max_entries))
+        .collect();
+    let _ = writeln!(out, "maps        {}", maps.join(", "));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_234_567), "1.2 MB");
+        assert_eq!(duration(3725), "1h 2m");
+    }
+
+    #[test]
+    fn rule_table_aligns_columns() {
+        let rules = vec![
+            RuleView {
+                id: 1,
+                subset: "tcp dport 8080".into(),
+                via: "underlay".into(),
+                packets: 10,
+                bytes: 15_000,
+            },
+            RuleView {
+                id: 12,
+                subset: "dst 203.0.113.0/24".into(),
+                via: "underlay".into(),
+                packets: 0,
+                bytes: 0,
+            },
+        ];
+        let table = rule_table(&rules);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].contains("tcp dport 8080") && lines[1].contains("15.0 kB"));
+        assert_eq!(lines[0].find("VIA"), lines[2].find("underlay"));
+        assert!(rule_table(&[]).contains("oasis rule add"));
+    }
+}

@@ -1,0 +1,398 @@
+//! The classifier run by the kernel on synthetic packets (BPF_PROG_TEST_RUN):
+//! verdicts per rule kind, the flow cache, the bypass mark, the heartbeat and
+//! the counters. Needs root; `cargo xtask test` runs these.
+#![cfg(target_os = "linux")]
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::PacketBuilder;
+use oasis_broker::compile::compile;
+use oasis_broker::platform::linux::datapath::{Datapath, monotonic_ns};
+use oasis_broker::rules::{Rule, RuleSet, RuleSpec};
+use oasis_common::{FAMILY_V4, FlowKey, Settings, Verdict};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const BYPASS_MARK: u32 = 0x4f41_5349;
+const CLIENT: [u8; 4] = [10, 0, 0, 2];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+fn spec(
+    proto: Option<&str>,
+    dst: Option<&str>,
+    dport: Option<&str>,
+    sport: Option<&str>,
+) -> RuleSpec {
+    RuleSpec {
+        proto: proto.map(Into::into),
+        dst: dst.map(Into::into),
+        dport: dport.map(Into::into),
+        sport: sport.map(Into::into),
+        via: "underlay".into(),
+    }
+}
+
+fn rules(specs: &[RuleSpec]) -> RuleSet {
+    let mut set = RuleSet::default();
+    for spec in specs {
+        let (subset, via) = spec.parse().unwrap();
+        set.add(subset, via).unwrap();
+    }
+    set
+}
+
+fn datapath(rule_list: &[Rule]) -> Datapath {
+    let settings = Settings {
+        heartbeat_timeout_ns: 3_000_000_000,
+        flow_idle_ns: 120_000_000_000,
+        tun_ifindex: 1,
+        bypass_mark: BYPASS_MARK,
+    };
+    let mut datapath =
+        Datapath::load(oasis_broker::EBPF_OBJECT, settings).expect("load the classifier (as root)");
+    datapath.apply(&compile(rule_list)).unwrap();
+    datapath
+}
+
+fn tcp4(dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(CLIENT, dst, 64)
+        .tcp(sport, dport, 1, 64000);
+    let builder = if syn { builder.syn() } else { builder.ack(1) };
+    let mut out = Vec::new();
+    builder.write(&mut out, b"payload").unwrap();
+    out
+}
+
+fn udp4(dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(CLIENT, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, b"q")
+        .unwrap();
+    out
+}
+
+fn icmp4(dst: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(CLIENT, dst, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+fn tcp6(dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv6(CLIENT6, dst, 64)
+        .tcp(40000, dport, 1, 64000)
+        .syn()
+        .write(&mut out, b"x")
+        .unwrap();
+    out
+}
+
+fn icmp6(dst: [u8; 16]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv6(CLIENT6, dst, 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+fn run(datapath: &Datapath, packet: &[u8]) -> u32 {
+    run_with_mark(datapath, packet, 0)
+}
+
+/// Runs the program once. `__sk_buff` starts with len, pkt_type, mark; the
+/// kernel lets a test set mark and requires the two before it to be zero.
+fn run_with_mark(datapath: &Datapath, packet: &[u8], mark: u32) -> u32 {
+    let ctx: Vec<u8> = [0u32, 0, mark]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let mut out = vec![0u8; packet.len() + 256];
+    let options = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..TestRunOptions::default()
+    };
+    datapath
+        .program()
+        .unwrap()
+        .test_run(options)
+        .expect("BPF_PROG_TEST_RUN")
+        .return_value
+}
+
+fn v4_key(dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> FlowKey {
+    let mut key = FlowKey {
+        proto,
+        sport,
+        dport,
+        family: FAMILY_V4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&CLIENT);
+    key.dst[..4].copy_from_slice(&dst);
+    key
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn port_rule_diverts_only_its_port() {
+    let set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let dp = datapath(set.rules());
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40001, 9090, true)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&dp, &udp4([192, 0, 2, 1], 40000, 8080)),
+        TC_ACT_OK,
+        "udp is not tcp"
+    );
+    let counters = dp.rule_counters(1);
+    assert_eq!(counters.packets, 1);
+    assert!(counters.bytes >= 60);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn prefix_rules_use_the_longest_match_and_rule_order() {
+    let set = rules(&[
+        spec(Some("tcp"), Some("203.0.113.0/24"), Some("443"), None),
+        spec(None, Some("203.0.0.0/8"), None, None),
+        spec(Some("udp"), None, Some("5000-5999"), Some("1024-65535")),
+    ]);
+    let dp = datapath(set.rules());
+    assert_eq!(
+        run(&dp, &tcp4([203, 0, 113, 7], 40000, 443, true)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        dp.cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 443))
+            .unwrap()
+            .rule_id,
+        1
+    );
+    assert_eq!(
+        run(&dp, &tcp4([203, 0, 113, 7], 40000, 80, true)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        dp.cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 80))
+            .unwrap()
+            .rule_id,
+        2
+    );
+    assert_eq!(
+        run(&dp, &icmp4([203, 9, 9, 9])),
+        TC_ACT_REDIRECT,
+        "the /8 rule has no ports"
+    );
+    assert_eq!(
+        run(&dp, &tcp4([198, 51, 100, 1], 40000, 443, true)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&dp, &udp4([198, 51, 100, 1], 40000, 5500)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        run(&dp, &udp4([198, 51, 100, 1], 53, 5500)),
+        TC_ACT_OK,
+        "source port 53 is out of range"
+    );
+    assert_eq!(run(&dp, &udp4([198, 51, 100, 1], 40000, 6000)), TC_ACT_OK);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn ipv6_rules() {
+    let set = rules(&[
+        spec(Some("tcp"), Some("2001:db8::/32"), Some("8080"), None),
+        spec(Some("icmp"), None, None, None),
+    ]);
+    let dp = datapath(set.rules());
+    let inside: [u8; 16] = "2001:db8::5"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let outside: [u8; 16] = "2001:db9::5"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    assert_eq!(run(&dp, &tcp6(inside, 8080)), TC_ACT_REDIRECT);
+    assert_eq!(run(&dp, &tcp6(outside, 8080)), TC_ACT_OK);
+    assert_eq!(run(&dp, &tcp6(inside, 8081)), TC_ACT_OK);
+    assert_eq!(run(&dp, &icmp6(outside)), TC_ACT_REDIRECT);
+    assert_eq!(
+        run(&dp, &icmp4([192, 0, 2, 1])),
+        TC_ACT_REDIRECT,
+        "icmp means ICMPv4 too"
+    );
+    assert_eq!(dp.rule_counters(2).packets, 2);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn second_packet_hits_the_flow_cache() {
+    let set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let dp = datapath(set.rules());
+    let before = dp.classifier_counters();
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
+        TC_ACT_REDIRECT
+    );
+    let after = dp.classifier_counters();
+    assert_eq!(after.classified - before.classified, 1);
+    assert_eq!(after.cache_hits - before.cache_hits, 2);
+    assert_eq!(after.diverted - before.diverted, 3);
+    let entry = dp
+        .cached_flow(&v4_key([192, 0, 2, 1], 6, 40000, 8080))
+        .expect("cached");
+    assert_eq!((entry.rule_id, entry.verdict), (1, Verdict::Divert as u8));
+    assert_eq!(dp.rule_counters(1).packets, 3);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn live_flows_keep_their_verdict_and_new_connections_see_new_rules() {
+    let mut set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let mut dp = datapath(set.rules());
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_REDIRECT
+    );
+    set.remove(1).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    // The established flow stays on its carrier...
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
+        TC_ACT_REDIRECT
+    );
+    // ...a new connection, even on the same ports, meets the new rules.
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
+        TC_ACT_OK
+    );
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn bypass_mark_always_passes() {
+    let set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let dp = datapath(set.rules());
+    assert_eq!(
+        run_with_mark(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true), BYPASS_MARK),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run_with_mark(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true), 7),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(dp.classifier_counters().bypassed, 1);
+    assert_eq!(
+        dp.rule_counters(1).packets,
+        1,
+        "the broker's own packet is not counted"
+    );
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn stale_heartbeat_fails_open() {
+    let set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let mut dp = datapath(set.rules());
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_REDIRECT
+    );
+    dp.set_heartbeat(monotonic_ns() - 4_000_000_000).unwrap();
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
+        TC_ACT_OK,
+        "cached flows too"
+    );
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40001, 8080, true)),
+        TC_ACT_OK
+    );
+    assert_eq!(dp.classifier_counters().fail_open, 2);
+    dp.beat().unwrap();
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40002, 8080, true)),
+        TC_ACT_REDIRECT
+    );
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn no_rules_pass_everything_and_junk_passes() {
+    let dp = datapath(&[]);
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
+        TC_ACT_OK
+    );
+    assert_eq!(run(&dp, &icmp4([192, 0, 2, 1])), TC_ACT_OK);
+    let mut arp = vec![0u8; 42];
+    arp[12] = 0x08;
+    arp[13] = 0x06;
+    assert_eq!(run(&dp, &arp), TC_ACT_OK);
+    let mut truncated = tcp4([192, 0, 2, 1], 40000, 8080, true);
+    truncated.truncate(14 + 20 + 2);
+    assert_eq!(run(&dp, &truncated), TC_ACT_OK);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn rule_updates_reach_the_maps_in_place() {
+    let mut set = rules(&[spec(Some("udp"), None, Some("53"), None)]);
+    let mut dp = datapath(set.rules());
+    assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 53)), TC_ACT_REDIRECT);
+    let (subset, via) = spec(None, Some("192.0.2.0/24"), None, None)
+        .parse()
+        .unwrap();
+    set.add(subset, via).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    assert_eq!(
+        run(&dp, &tcp4([192, 0, 2, 9], 40000, 22, true)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        dp.cached_flow(&v4_key([192, 0, 2, 9], 6, 40000, 22))
+            .unwrap()
+            .rule_id,
+        2
+    );
+    set.remove(1).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    assert_eq!(run(&dp, &udp4([198, 51, 100, 1], 40000, 53)), TC_ACT_OK);
+    assert_eq!(
+        dp.rule_counters(1).packets,
+        0,
+        "a deleted rule's counters are gone"
+    );
+}
