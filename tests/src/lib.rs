@@ -1,1 +1,522 @@
+//! A test network made of network namespaces: a client (the Oasis daemon
+//! and applications), a router, and a server (web, echo, iperf3, sockperf).
+//! Every address is inside these namespaces; nothing touches the host's own
+//! interfaces. Dropping the [`Topology`] kills the processes it started (by
+//! PID) and deletes its namespaces, also when a test panics.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Prefix of every namespace the harness creates; the rest of the name is
+/// the creating process's PID, so leftovers of dead runs can be found.
+pub const NETNS_PREFIX: &str = "oasis-t";
+
+pub const CLIENT_V4: &str = "10.77.1.2";
+pub const ROUTER_CLIENT_SIDE_V4: &str = "10.77.1.1";
+pub const ROUTER_SERVER_SIDE_V4: &str = "10.77.2.1";
+pub const SERVER_V4: &str = "10.77.2.2";
+pub const CLIENT_V6: &str = "fd77:1::2";
+pub const SERVER_V6: &str = "fd77:2::2";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One network namespace.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// `cmd` run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs a command to completion; panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = self.output(args);
+        assert!(
+            output.status.success(),
+            "in {}: `{}` failed: {}{}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn output(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args[0]);
+        cmd.args(&args[1..]);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", self.name))
+    }
+
+    /// A counter of the namespace's interface from sysfs (as seen inside it).
+    pub fn link_stat(&self, iface: &str, stat: &str) -> u64 {
+        self.output(&["cat", &format!("/sys/class/net/{iface}/statistics/{stat}")])
+            .stdout
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+/// A process the harness started; killed by PID when dropped.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    log: Option<PathBuf>,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `grace` for a clean exit; returns whether it
+    /// exited by itself with success.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: sending a signal to a child we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// What the process wrote to stderr/stdout so far (when logged to a file).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// client ── router ── server, IPv4 and IPv6, each link a veth pair made
+/// inside the namespaces.
+pub struct Topology {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+    pub dir: PathBuf,
+    processes: Vec<Process>,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        assert_root();
+        let id = format!(
+            "{}-{}-{}",
+            NETNS_PREFIX,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns = |role: &str| Netns {
+            name: format!("{id}-{role}"),
+        };
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir).expect("test directory");
+        let topology = Topology {
+            client: ns("c"),
+            router: ns("r"),
+            server: ns("s"),
+            dir,
+            processes: Vec::new(),
+        };
+        topology.build();
+        topology
+    }
+
+    fn build(&self) {
+        for ns in [&self.client, &self.router, &self.server] {
+            host(&["ip", "netns", "add", &ns.name]);
+            ns.run(&["ip", "link", "set", "lo", "up"]);
+        }
+        host(&[
+            "ip",
+            "link",
+            "add",
+            "c0",
+            "netns",
+            &self.client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &self.router.name,
+        ]);
+        host(&[
+            "ip",
+            "link",
+            "add",
+            "s0",
+            "netns",
+            &self.server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r1",
+            "netns",
+            &self.router.name,
+        ]);
+        let c = &self.client;
+        let r = &self.router;
+        let s = &self.server;
+        for (ns, iface, v4, v6) in [
+            (c, "c0", "10.77.1.2/24", "fd77:1::2/64"),
+            (r, "r0", "10.77.1.1/24", "fd77:1::1/64"),
+            (r, "r1", "10.77.2.1/24", "fd77:2::1/64"),
+            (s, "s0", "10.77.2.2/24", "fd77:2::2/64"),
+        ] {
+            ns.run(&["ip", "addr", "add", v4, "dev", iface]);
+            ns.run(&["ip", "-6", "addr", "add", v6, "dev", iface, "nodad"]);
+            ns.run(&["ip", "link", "set", iface, "up"]);
+        }
+        r.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        r.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        c.run(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTER_CLIENT_SIDE_V4,
+        ]);
+        c.run(&["ip", "-6", "route", "add", "default", "via", "fd77:1::1"]);
+        s.run(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTER_SERVER_SIDE_V4,
+        ]);
+        s.run(&["ip", "-6", "route", "add", "default", "via", "fd77:2::1"]);
+    }
+
+    /// Starts a long-running process in a namespace, its output to a log file.
+    pub fn spawn(&mut self, ns: &Netns, name: &str, args: &[&str]) -> &mut Process {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = ns.command(args[0]);
+        cmd.args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {args:?}: {e}"));
+        self.processes.push(Process {
+            name: name.into(),
+            child: Some(child),
+            log: Some(log),
+        });
+        self.processes.last_mut().expect("just pushed")
+    }
+
+    pub fn process(&mut self, name: &str) -> &mut Process {
+        self.processes
+            .iter_mut()
+            .rev()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// A static web server on the server, on all its addresses.
+    pub fn start_web_server(&mut self, port: u16) {
+        let root = self.dir.join("www");
+        std::fs::create_dir_all(&root).expect("web root");
+        std::fs::write(root.join("hello.txt"), "hello from the server\n").expect("web file");
+        let port_text = port.to_string();
+        let root_text = root.to_string_lossy().into_owned();
+        let server = self.server.clone();
+        self.spawn(
+            &server,
+            &format!("web-{port}"),
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                &port_text,
+                "--bind",
+                "::",
+                "--directory",
+                &root_text,
+            ],
+        );
+        wait_for_listener(&self.server, port);
+    }
+
+    /// A TCP echo service on the server.
+    pub fn start_echo_server(&mut self, port: u16) {
+        let script = format!(
+            "import socket,threading\n\
+             s=socket.socket(socket.AF_INET6,socket.SOCK_STREAM)\n\
+             s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n\
+             s.bind(('::',{port}));s.listen(64)\n\
+             def h(c):\n  \
+               with c:\n    \
+                 while (d:=c.recv(65536)): c.sendall(d)\n\
+             while True:\n  \
+               c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()\n"
+        );
+        let server = self.server.clone();
+        self.spawn(
+            &server,
+            &format!("echo-{port}"),
+            &["python3", "-c", &script],
+        );
+        wait_for_listener(&self.server, port);
+    }
+
+    pub fn start_iperf_server(&mut self, port: u16) {
+        let port_text = port.to_string();
+        let server = self.server.clone();
+        self.spawn(
+            &server,
+            &format!("iperf3-{port}"),
+            &["iperf3", "-s", "-p", &port_text],
+        );
+        wait_for_listener(&self.server, port);
+    }
+
+    /// An HTTP GET from the client; the body, or None if it failed.
+    pub fn http_get(&self, host: &str, port: u16) -> Option<String> {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let url = format!("http://{host}:{port}/hello.txt");
+        let output = self
+            .client
+            .output(&["curl", "-sS", "--max-time", "3", &url]);
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Sends `message` to the echo service and returns what came back.
+    pub fn echo(&self, host: &str, port: u16, message: &str) -> Option<String> {
+        let script = format!(
+            "import socket\n\
+             c=socket.create_connection(('{host}',{port}),timeout=3)\n\
+             c.sendall(b'{message}');c.shutdown(socket.SHUT_WR)\n\
+             d=b''\n\
+             while (x:=c.recv(65536)): d+=x\n\
+             print(d.decode(),end='')\n"
+        );
+        let output = self.client.output(&["python3", "-c", &script]);
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for process in self.processes.iter_mut().rev() {
+            process.kill_hard();
+        }
+        for ns in [&self.client, &self.router, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until something listens on `port` in the namespace.
+pub fn wait_for_listener(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!(":{port} ");
+    while Instant::now() < deadline {
+        let out = ns.output(&["ss", "-Hltn"]);
+        if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port} in {} after 10 s", ns.name);
+}
+
+fn host(args: &[&str]) {
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(status.success(), "{args:?} failed");
+}
+
+pub fn assert_root() {
+    // SAFETY: no arguments, no side effects.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespace tests need root; run `cargo xtask test`"
+    );
+}
+
+/// Deletes namespaces left by earlier runs whose process is gone (a run
+/// killed before its cleanup could happen).
+pub fn remove_stale_namespaces() -> Vec<String> {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(&format!("{NETNS_PREFIX}-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            removed.push(name.to_string());
+        }
+    }
+    removed
+}
+
+/// The `oasis` binary under test: `OASIS_BIN`, else the workspace's build.
+pub fn oasis_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("OASIS_BIN") {
+        return PathBuf::from(path);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    for profile in ["debug", "release"] {
+        let candidate = root.join("target").join(profile).join("oasis");
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!("no oasis binary: build it (cargo build -p oasis-broker) or set OASIS_BIN")
+}
+
+/// The daemon running in the client namespace, with its own config and
+/// control socket in the topology's directory.
+pub struct Daemon {
+    pub config: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `oasis run` in the client and waits until it answers.
+    pub fn start(topology: &mut Topology, extra_config: &str) -> Daemon {
+        let config = topology.dir.join("config.yaml");
+        let socket = topology.dir.join("oasis.sock");
+        if !config.exists() {
+            std::fs::write(
+                &config,
+                format!("control_socket: {}\n{extra_config}", socket.display()),
+            )
+            .expect("config");
+        }
+        let daemon = Daemon { config, socket };
+        let bin = oasis_bin();
+        let client = topology.client.clone();
+        let config_text = daemon.config.to_string_lossy().into_owned();
+        topology.spawn(
+            &client,
+            "oasis",
+            &[
+                "env",
+                "RUST_LOG=info",
+                &bin.to_string_lossy(),
+                "--config",
+                &config_text,
+                "run",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if daemon.cli(topology, &["status"]).status.success() {
+                break;
+            }
+            let process = topology.process("oasis");
+            if !process.is_running() || Instant::now() > deadline {
+                panic!("the daemon did not come up:\n{}", process.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    }
+
+    /// Runs the CLI in the client namespace against this daemon.
+    pub fn cli(&self, topology: &Topology, args: &[&str]) -> Output {
+        let mut cmd = topology.client.command(&oasis_bin().to_string_lossy());
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        cmd.output().expect("running the oasis CLI")
+    }
+
+    /// Runs the CLI and parses its `--json` output.
+    pub fn json(&self, topology: &Topology, args: &[&str]) -> serde_json::Value {
+        let output = self.cli(topology, args);
+        assert!(
+            output.status.success(),
+            "oasis {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("oasis {args:?} printed no JSON: {e}"))
+    }
+}

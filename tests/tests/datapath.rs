@@ -1,0 +1,302 @@
+//! The kernel datapath end to end, in network namespaces: the daemon in the
+//! client diverts what rules claim, reinjects it on the underlay, leaves
+//! everything else alone, fails open when killed and restores its rules
+//! after a restart. Needs root; `cargo xtask test` runs these.
+
+use std::time::{Duration, Instant};
+
+use oasis_tests::{Daemon, SERVER_V4, SERVER_V6, Topology};
+use serde_json::Value;
+
+const DIVERTED_PORT: u16 = 8080;
+const OTHER_PORT: u16 = 9090;
+
+fn status(daemon: &Daemon, topology: &Topology) -> Value {
+    daemon.json(topology, &["status", "--json"])
+}
+
+fn diverted(daemon: &Daemon, topology: &Topology) -> u64 {
+    status(daemon, topology)["tun"]["diverted_packets"]
+        .as_u64()
+        .expect("tun.diverted_packets")
+}
+
+fn rule_packets(daemon: &Daemon, topology: &Topology, id: u64) -> u64 {
+    let rules = daemon.json(topology, &["rule", "list", "--json"]);
+    rules
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|r| r["id"] == id)
+        .map(|r| r["packets"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+fn add_rule(daemon: &Daemon, topology: &Topology, args: &[&str]) -> u64 {
+    let mut full = vec!["rule", "add"];
+    full.extend_from_slice(args);
+    full.push("--json");
+    daemon.json(topology, &full)["id"]
+        .as_u64()
+        .expect("rule id")
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn only_claimed_traffic_reaches_the_broker() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    net.start_echo_server(OTHER_PORT);
+    let daemon = Daemon::start(&mut net, "");
+    let id = add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+
+    let before = diverted(&daemon, &net);
+    for _ in 0..5 {
+        assert_eq!(
+            net.http_get(SERVER_V4, DIVERTED_PORT).as_deref(),
+            Some("hello from the server\n")
+        );
+    }
+    assert_eq!(
+        net.http_get(SERVER_V6, DIVERTED_PORT).as_deref(),
+        Some("hello from the server\n"),
+        "IPv6 too"
+    );
+    let after = status(&daemon, &net);
+    let diverted_now = after["tun"]["diverted_packets"].as_u64().unwrap();
+    assert!(
+        diverted_now >= before + 6 * 3,
+        "each request diverts its packets: {before} -> {diverted_now}"
+    );
+    assert!(rule_packets(&daemon, &net, id) >= 18);
+    assert!(after["broker"]["sent_underlay"].as_u64().unwrap() >= 18);
+    assert_eq!(after["broker"]["send_errors"].as_u64(), Some(0));
+    assert_eq!(after["heartbeat"]["alive"].as_bool(), Some(true));
+    assert_eq!(after["uplinks"][0]["name"].as_str(), Some("c0"));
+
+    // Unclaimed traffic works and never reaches user space.
+    let before_other = diverted(&daemon, &net);
+    for i in 0..5 {
+        let message = format!("echo {i}");
+        assert_eq!(
+            net.echo(SERVER_V4, OTHER_PORT, &message).as_deref(),
+            Some(message.as_str())
+        );
+    }
+    assert_eq!(net.echo(SERVER_V6, OTHER_PORT, "v6").as_deref(), Some("v6"));
+    assert_eq!(
+        diverted(&daemon, &net),
+        before_other,
+        "the broker saw packets of an unclaimed flow"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn bulk_upload_through_the_broker() {
+    let mut net = Topology::new();
+    net.start_iperf_server(5201);
+    let daemon = Daemon::start(&mut net, "");
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
+    );
+    let output = net
+        .client
+        .run(&["iperf3", "-c", SERVER_V4, "-p", "5201", "-t", "2", "-J"]);
+    let report: Value = serde_json::from_str(&output).expect("iperf3 JSON");
+    let received = report["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .expect("bytes received");
+    assert!(
+        received > 1_000_000,
+        "the upload moved only {received} bytes"
+    );
+    let status = status(&daemon, &net);
+    assert!(
+        status["tun"]["diverted_bytes"].as_u64().unwrap() >= received,
+        "the upload went through the broker"
+    );
+    assert_eq!(status["broker"]["send_errors"].as_u64(), Some(0));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn deleting_a_rule_stops_diversion_of_new_flows() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    let daemon = Daemon::start(&mut net, "");
+    let id = add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    assert!(diverted(&daemon, &net) > 0);
+
+    let deleted = daemon.cli(&net, &["rule", "del", &id.to_string()]);
+    assert!(deleted.status.success());
+    assert!(String::from_utf8_lossy(&deleted.stdout).contains("deleted rule"));
+    let before = diverted(&daemon, &net);
+    for _ in 0..3 {
+        assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    }
+    assert_eq!(diverted(&daemon, &net), before);
+    assert_eq!(
+        daemon.json(&net, &["rule", "list", "--json"]),
+        Value::Array(vec![])
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn killed_daemon_fails_open_within_five_seconds() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    let daemon = Daemon::start(&mut net, "");
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+
+    net.process("oasis").kill_hard();
+    let killed = Instant::now();
+    let mut recovered = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        if net.http_get(SERVER_V4, DIVERTED_PORT).is_some() {
+            recovered = Some(killed.elapsed());
+            break;
+        }
+    }
+    let recovered =
+        recovered.expect("traffic on the diverted port did not flow again within 5 s of kill -9");
+    println!("traffic flowed again {recovered:?} after kill -9");
+    // Nothing of the dead daemon is left to divert: no TUN.
+    let links = net.client.run(&["ip", "-o", "link"]);
+    assert!(
+        !links.contains("oasis0"),
+        "the TUN outlived the daemon: {links}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn restart_restores_rules_from_the_config() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    let daemon = Daemon::start(&mut net, "");
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    add_rule(
+        &daemon,
+        &net,
+        &["--dst", "203.0.113.0/24", "--via", "underlay"],
+    );
+    let rules_before = daemon.json(&net, &["rule", "list", "--json"]);
+
+    assert!(
+        net.process("oasis").terminate(Duration::from_secs(10)),
+        "SIGTERM did not stop the daemon cleanly"
+    );
+    let links = net.client.run(&["ip", "-o", "link"]);
+    assert!(!links.contains("oasis0"), "the TUN outlived a clean stop");
+    assert!(
+        !daemon.socket.exists(),
+        "the control socket outlived a clean stop"
+    );
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    assert!(
+        config.contains("203.0.113.0/24") && config.contains("8080"),
+        "{config}"
+    );
+
+    let daemon = Daemon::start(&mut net, "");
+    let rules_after = daemon.json(&net, &["rule", "list", "--json"]);
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["id"].clone(), r["subset"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&rules_after), ids(&rules_before));
+    let before = diverted(&daemon, &net);
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    assert!(
+        diverted(&daemon, &net) > before,
+        "the restored rule diverts"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn bad_input_is_refused_and_changes_nothing() {
+    let mut net = Topology::new();
+    let daemon = Daemon::start(&mut net, "");
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    let config_before = std::fs::read_to_string(&daemon.config).unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--proto", "tpc", "--via", "underlay"], "unknown protocol"),
+        (
+            &["--dst", "10.0.0.0/33", "--via", "underlay"],
+            "bad destination prefix",
+        ),
+        (
+            &["--proto", "tcp", "--dport", "70000", "--via", "underlay"],
+            "out of range",
+        ),
+        (
+            &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+            "rule 1 already claims",
+        ),
+        (
+            &["--proto", "tcp", "--dport", "80", "--via", "nosuchoverlay"],
+            "no overlay named",
+        ),
+        (&["--via", "underlay"], "at least one of"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["rule", "add"];
+        full.extend_from_slice(args);
+        let output = daemon.cli(&net, &full);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr:?}"
+        );
+    }
+    let deleted = daemon.cli(&net, &["rule", "del", "42"]);
+    assert!(String::from_utf8_lossy(&deleted.stderr).contains("no rule with id 42"));
+    assert_eq!(
+        daemon
+            .json(&net, &["rule", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        std::fs::read_to_string(&daemon.config).unwrap(),
+        config_before
+    );
+
+    net.process("oasis").terminate(Duration::from_secs(10));
+    let output = daemon.cli(&net, &["status"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("daemon is not running"));
+}
