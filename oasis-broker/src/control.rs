@@ -111,6 +111,8 @@ pub struct BrokerCounters {
     pub sent_underlay: u64,
     pub send_errors: u64,
     pub malformed: u64,
+    /// Packets to link-local or multicast destinations, dropped.
+    pub unroutable: u64,
     pub flows: u64,
 }
 

@@ -46,6 +46,19 @@ pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
     Some(key)
 }
 
+/// Whether the broker can send this packet on the underlay at all. A packet
+/// to a multicast or link-local destination only makes sense on one link,
+/// which a raw socket cannot pick; such packets reach the TUN only from the
+/// host's own link-local chatter, never from a rule worth honouring.
+pub fn routable(key: &FlowKey) -> bool {
+    match crate::rules::flow_dst(key) {
+        std::net::IpAddr::V4(dst) => {
+            !(dst.is_multicast() || dst.is_broadcast() || dst.is_link_local())
+        }
+        std::net::IpAddr::V6(dst) => !(dst.is_multicast() || dst.is_unicast_link_local()),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowState {
     /// The rule that claimed the flow; None when it no longer exists.
@@ -166,6 +179,25 @@ mod tests {
             (FAMILY_V6, 17, 5353, 53, [0xfe; 16])
         );
         assert!(flow_key(b"\x45garbage").is_none());
+    }
+
+    #[test]
+    fn link_local_and_multicast_are_not_routable() {
+        let mut rs = Vec::new();
+        let src = "fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let dst = "ff02::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        PacketBuilder::ipv6(src, dst, 255)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut rs, b"")
+            .unwrap();
+        assert!(!routable(&flow_key(&rs).unwrap()));
+        assert!(routable(&flow_key(&tcp_packet(80)).unwrap()));
+        let mut mdns = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [224, 0, 0, 251], 1)
+            .udp(5353, 5353)
+            .write(&mut mdns, b"")
+            .unwrap();
+        assert!(!routable(&flow_key(&mdns).unwrap()));
     }
 
     #[test]

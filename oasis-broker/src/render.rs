@@ -114,14 +114,14 @@ pub fn status(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "            {} broker packets bypassed, {} passed while fail-open, {} not parsed",
+        "            {} broker packets bypassed, {} passed while fail-open, {} not IP or truncated",
         c.bypassed, c.fail_open, c.unparsed
     );
     let b = &s.broker;
     let _ = writeln!(
         out,
-        "broker      {} packets received, {} sent on the underlay, {} send errors, {} malformed, {} live flows",
-        b.received, b.sent_underlay, b.send_errors, b.malformed, b.flows
+        "broker      {} packets received, {} sent on the underlay, {} send errors, {} malformed, {} unroutable, {} live flows",
+        b.received, b.sent_underlay, b.send_errors, b.malformed, b.unroutable, b.flows
     );
     let maps: Vec<String> = s
         .program

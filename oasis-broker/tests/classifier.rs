@@ -396,3 +396,31 @@ fn rule_updates_reach_the_maps_in_place() {
         "a deleted rule's counters are gone"
     );
 }
+
+/// Not an assertion on time (this machine is shared): prints what one
+/// classification costs, as the kernel measures it over many runs.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn cost_per_packet_is_reported() {
+    let set = rules(&[
+        spec(Some("tcp"), None, Some("8080"), None),
+        spec(None, Some("203.0.113.0/24"), None, None),
+    ]);
+    let dp = datapath(set.rules());
+    let packet = tcp4([192, 0, 2, 1], 40000, 9090, false);
+    assert_eq!(run(&dp, &packet), TC_ACT_OK);
+    let ctx: Vec<u8> = [0u32, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let options = TestRunOptions {
+        data_in: Some(&packet),
+        ctx_in: Some(&ctx),
+        repeat: 1_000_000,
+        ..TestRunOptions::default()
+    };
+    let result = dp.program().unwrap().test_run(options).unwrap();
+    assert_eq!(result.return_value, TC_ACT_OK);
+    println!(
+        "classifier, cached unmatched flow: {:?} per packet",
+        result.duration
+    );
+    assert!(dp.classifier_counters().cache_hits >= 1_000_000);
+}

@@ -16,6 +16,7 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Cached flows refresh their timestamp at most this often, so a busy flow
@@ -161,6 +162,48 @@ fn classify(ctx: &TcContext) -> i32 {
     }
 }
 
+/// Reads a `T` at a constant `offset` from the packet start: straight from
+/// the linear data when it is there (no helper call), else through
+/// bpf_skb_load_bytes. Offsets that vary per packet must use `ctx.load`:
+/// the verifier cannot follow this bounds check for them.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bounds check above is what the verifier needs to see.
+        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    } else {
+        ctx.load::<T>(offset).ok()
+    }
+}
+
+/// The fixed IPv4 header fields the classifier needs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Head {
+    version_ihl: u8,
+    _tos: u8,
+    _total_len: [u8; 2],
+    _id: [u8; 2],
+    frag: [u8; 2],
+    _ttl: u8,
+    proto: u8,
+    _check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Head {
+    _version_class_flow: [u8; 4],
+    _payload_len: [u8; 2],
+    next_header: u8,
+    _hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
 /// Reads the 5-tuple. Returns the key and whether the packet opens a new
 /// connection (a TCP SYN without ACK), which always re-checks the rules.
 #[inline(always)]
@@ -169,42 +212,48 @@ fn parse(ctx: &TcContext) -> Option<(FlowKey, bool)> {
     let mut key = FlowKey::default();
     let (l4_offset, fragment) = match ethertype {
         ETH_P_IP => {
-            let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-            if version_ihl >> 4 != 4 {
+            let ip: Ipv4Head = read(ctx, ETH_HLEN)?;
+            if ip.version_ihl >> 4 != 4 {
                 return None;
             }
-            let ihl = ((version_ihl & 0x0f) as usize) * 4;
+            let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return None;
             }
-            let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
-            key.proto = ctx.load(ETH_HLEN + 9).ok()?;
-            let src: [u8; 4] = ctx.load(ETH_HLEN + 12).ok()?;
-            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
-            key.src[..4].copy_from_slice(&src);
-            key.dst[..4].copy_from_slice(&dst);
+            key.proto = ip.proto;
+            key.src[..4].copy_from_slice(&ip.src);
+            key.dst[..4].copy_from_slice(&ip.dst);
             key.family = FAMILY_V4;
             // Non-first fragments carry no ports.
-            (ETH_HLEN + ihl, frag & 0x1fff != 0)
+            (ETH_HLEN + ihl, u16::from_be_bytes(ip.frag) & 0x1fff != 0)
         }
         ETH_P_IPV6 => {
-            key.proto = ctx.load(ETH_HLEN + 6).ok()?;
-            key.src = ctx.load(ETH_HLEN + 8).ok()?;
-            key.dst = ctx.load(ETH_HLEN + 24).ok()?;
+            let ip: Ipv6Head = read(ctx, ETH_HLEN)?;
+            key.proto = ip.next_header;
+            key.src = ip.src;
+            key.dst = ip.dst;
             key.family = FAMILY_V6;
             (ETH_HLEN + 40, false)
         }
         _ => return None,
     };
     let mut new_connection = false;
-    if !fragment && matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | 136) {
-        let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
+    if !fragment
+        && matches!(
+            key.proto,
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+        )
+    {
+        // One load: ports, and for TCP the flags byte 13 bytes in.
+        let ports = if key.proto == IPPROTO_TCP {
+            let head: [u8; 14] = ctx.load(l4_offset).ok()?;
+            new_connection = head[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+            [head[0], head[1], head[2], head[3]]
+        } else {
+            ctx.load::<[u8; 4]>(l4_offset).ok()?
+        };
         key.sport = u16::from_be_bytes([ports[0], ports[1]]);
         key.dport = u16::from_be_bytes([ports[2], ports[3]]);
-        if key.proto == IPPROTO_TCP {
-            let flags: u8 = ctx.load(l4_offset + 13).ok()?;
-            new_connection = flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-        }
     }
     Some((key, new_connection))
 }

@@ -476,7 +476,7 @@ impl Daemon {
             "oasis",
             &[
                 "env",
-                "RUST_LOG=info",
+                "RUST_LOG=info,oasis_broker=debug",
                 &bin.to_string_lossy(),
                 "--config",
                 &config_text,

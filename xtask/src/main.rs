@@ -1,1 +1,150 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | run | test | demo | bench`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and benchmark Oasis")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: the nightly toolchain with
+    /// rust-src, bpf-linker, and the Debian packages the tests use.
+    Setup,
+    /// Build everything (kernel programs included) in release mode and run
+    /// the daemon on this host with the given arguments (default config
+    /// /etc/oasis/config.yaml). Needs root.
+    Run {
+        /// Arguments for `oasis` after `run`, e.g. `--config my.yaml`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, kernel program tests and the
+    /// network-namespace integration tests. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show Oasis at work in throw-away network namespaces: a daemon, a rule,
+    /// diverted and untouched traffic, status. Touches no real interface.
+    Demo,
+    /// Measure throughput and latency in network namespaces with and without
+    /// Oasis; prints a table and writes target/bench/results.json.
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u32,
+        /// Measurements per scenario (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: u32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo::run(),
+        Task::Bench { seconds, repeat } => bench::run(seconds, repeat),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no arguments, no side effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Builds the `oasis` binary and returns its path.
+pub fn build_oasis(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "oasis-broker", "--bin", "oasis"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!(
+            "building oasis failed; if the kernel programs failed, `cargo xtask setup` installs their toolchain"
+        );
+    }
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("oasis"))
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::ensure()?;
+    let oasis = build_oasis(true)?;
+    let mut cmd = if is_root() {
+        Command::new(&oasis)
+    } else {
+        println!("The daemon needs root; running it with sudo.");
+        let mut sudo = Command::new("sudo");
+        sudo.arg("--preserve-env=RUST_LOG,OASIS_CONFIG").arg(&oasis);
+        sudo
+    };
+    // Global options (e.g. --config) go before the subcommand.
+    cmd.args(args).arg("run");
+    let status = cmd.status().context("starting the daemon")?;
+    if !status.success() {
+        bail!("the daemon exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::ensure()?;
+    if !is_root() {
+        bail!(
+            "the kernel program and network-namespace tests need root: run `sudo -E cargo xtask test` \
+             (or `cargo test --workspace --exclude oasis-ebpf` for the unit tests alone)"
+        );
+    }
+    for stale in oasis_tests::remove_stale_namespaces() {
+        println!("removed namespace {stale} left by an earlier, killed test run");
+    }
+    let oasis = build_oasis(false)?;
+    let status = cargo()
+        .args(["test", "--workspace", "--exclude", "oasis-ebpf"])
+        .args(args)
+        .args(["--", "--include-ignored"])
+        .env("OASIS_BIN", &oasis)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}

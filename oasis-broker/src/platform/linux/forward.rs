@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::control::BrokerCounters;
-use crate::flow::{FlowTable, flow_key};
+use crate::flow::{FlowTable, flow_key, routable};
 use crate::rules::{Carrier, RuleSet};
 
 use super::underlay::Underlay;
@@ -22,6 +22,7 @@ pub struct ForwardStats {
     pub sent_underlay: AtomicU64,
     pub send_errors: AtomicU64,
     pub malformed: AtomicU64,
+    pub unroutable: AtomicU64,
     pub flows: AtomicU64,
 }
 
@@ -32,6 +33,7 @@ impl ForwardStats {
             sent_underlay: self.sent_underlay.load(Relaxed),
             send_errors: self.send_errors.load(Relaxed),
             malformed: self.malformed.load(Relaxed),
+            unroutable: self.unroutable.load(Relaxed),
             flows: self.flows.load(Relaxed),
         }
     }
@@ -93,14 +95,20 @@ impl Forwarder {
                     self.stats.malformed.fetch_add(1, Relaxed);
                     continue;
                 };
+                if !routable(&key) {
+                    self.stats.unroutable.fetch_add(1, Relaxed);
+                    continue;
+                }
                 let state = flows.carrier(key, now, |key| {
                     let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    match rules.first_match(key) {
+                    let decision = match rules.first_match(key) {
                         Some(rule) => (Some(rule.id), rule.via.clone()),
                         // The classifier pinned this flow to a rule since
                         // deleted: keep it on the plain path.
                         None => (None, Carrier::Underlay),
-                    }
+                    };
+                    tracing::debug!(flow = %describe(key), rule = ?decision.0, carrier = %decision.1, "new flow");
+                    decision
                 });
                 match &state.carrier {
                     Carrier::Underlay => underlay_batch.push(packet),
@@ -129,4 +137,21 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// `tcp 10.0.0.2:40000 -> 192.0.2.1:80`, for logs.
+fn describe(key: &oasis_common::FlowKey) -> String {
+    use std::net::IpAddr;
+    let (src, dst): (IpAddr, IpAddr) = if key.family == oasis_common::FAMILY_V4 {
+        (
+            IpAddr::from([key.src[0], key.src[1], key.src[2], key.src[3]]),
+            IpAddr::from([key.dst[0], key.dst[1], key.dst[2], key.dst[3]]),
+        )
+    } else {
+        (IpAddr::from(key.src), IpAddr::from(key.dst))
+    };
+    format!(
+        "proto {} {src}:{} -> {dst}:{}",
+        key.proto, key.sport, key.dport
+    )
 }

@@ -24,9 +24,10 @@ impl Tun {
             .mtu(mtu)
             .offload(true)
             .multi_queue(queues > 1)
+            .enable(false)
             .build_sync()?;
-        // No IPv6 on the TUN: no link-local address, no router solicitations
-        // of its own for the broker to read.
+        // No IPv6 on the TUN before it goes up: no link-local address and no
+        // router solicitation of its own for the broker to read.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         first.enabled(true)?;
         let ifindex = first.if_index()?;
