@@ -243,7 +243,7 @@ mod tests {
             for port in 0..=65535u16 {
                 let hits = prefixes
                     .iter()
-                    .filter(|p| prefix_contains(*p, &(16, port.to_be_bytes())))
+                    .filter(|p| prefix_contains(p, &(16, port.to_be_bytes())))
                     .count();
                 assert_eq!(
                     hits,
