@@ -29,6 +29,10 @@ pub struct Config {
     pub flow_idle_timeout_secs: u64,
     /// Where the CLI reaches the daemon; only root may connect.
     pub control_socket: PathBuf,
+    /// The id the next new rule gets, so ids of deleted rules are never
+    /// reused, across restarts too. Kept by the daemon.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rule_id: Option<u32>,
     pub rules: Vec<StoredRule>,
 }
 
@@ -56,6 +60,7 @@ impl Default for Config {
             heartbeat_timeout_ms: 3_000,
             flow_idle_timeout_secs: 120,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            next_rule_id: None,
             rules: Vec::new(),
         }
     }

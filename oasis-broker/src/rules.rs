@@ -412,6 +412,16 @@ impl RuleSet {
         &self.rules
     }
 
+    /// The id the next added rule gets.
+    pub fn next_id(&self) -> u32 {
+        self.next_id.max(1)
+    }
+
+    /// Never hand out ids below `id` (those of rules deleted before a restart).
+    pub fn reserve_ids_below(&mut self, id: u32) {
+        self.next_id = self.next_id.max(id);
+    }
+
     fn check_new(&self, subset: &HeaderSubset) -> Result<(), RuleError> {
         if let Some(existing) = self.rules.iter().find(|r| &r.subset == subset) {
             return Err(RuleError::Duplicate {
@@ -468,17 +478,8 @@ mod tests {
         }
     }
 
-    pub(crate) fn v4_key(proto: u8, dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
-        let mut key = FlowKey {
-            proto,
-            sport,
-            dport,
-            family: FAMILY_V4,
-            ..Default::default()
-        };
-        key.dst[..4].copy_from_slice(&dst);
-        key.src[..4].copy_from_slice(&[10, 0, 0, 1]);
-        key
+    fn v4_key(proto: u8, dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
+        FlowKey::v4([10, 0, 0, 1], dst, proto, sport, dport)
     }
 
     #[test]

@@ -8,7 +8,7 @@ use etherparse::PacketBuilder;
 use oasis_broker::compile::compile;
 use oasis_broker::platform::linux::datapath::{Datapath, monotonic_ns};
 use oasis_broker::rules::{Rule, RuleSet, RuleSpec};
-use oasis_common::{FAMILY_V4, FlowKey, Settings, Verdict};
+use oasis_common::{FlowKey, Settings, Verdict};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -131,16 +131,7 @@ fn run_with_mark(datapath: &Datapath, packet: &[u8], mark: u32) -> u32 {
 }
 
 fn v4_key(dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> FlowKey {
-    let mut key = FlowKey {
-        proto,
-        sport,
-        dport,
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    key.src[..4].copy_from_slice(&CLIENT);
-    key.dst[..4].copy_from_slice(&dst);
-    key
+    FlowKey::v4(CLIENT, dst, proto, sport, dport)
 }
 
 #[test]

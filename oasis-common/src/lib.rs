@@ -165,6 +165,22 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// An IPv4 flow's key.
+    pub fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> FlowKey {
+        let mut key = FlowKey {
+            proto,
+            sport,
+            dport,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        };
+        key.src[..4].copy_from_slice(&src);
+        key.dst[..4].copy_from_slice(&dst);
+        key
+    }
+}
+
 /// A cached verdict for one flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -56,18 +56,6 @@ impl Netns {
         cmd.output()
             .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", self.name))
     }
-
-    /// A counter of the namespace's interface from sysfs (as seen inside it).
-    pub fn link_stat(&self, iface: &str, stat: &str) -> u64 {
-        self.output(&["cat", &format!("/sys/class/net/{iface}/statistics/{stat}")])
-            .stdout
-            .iter()
-            .map(|&b| b as char)
-            .collect::<String>()
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
 }
 
 /// A process the harness started; killed by PID when dropped.

@@ -32,6 +32,18 @@ fn rule_packets(daemon: &Daemon, topology: &Topology, id: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// A network with a web server on 8080 and a daemon diverting tcp 8080.
+fn diverting_web(net: &mut Topology) -> Daemon {
+    net.start_web_server(DIVERTED_PORT);
+    let daemon = Daemon::start(net, "");
+    add_rule(
+        &daemon,
+        net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    daemon
+}
+
 fn add_rule(daemon: &Daemon, topology: &Topology, args: &[&str]) -> u64 {
     let mut full = vec!["rule", "add"];
     full.extend_from_slice(args);
@@ -129,13 +141,8 @@ fn bulk_upload_through_the_broker() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn deleting_a_rule_stops_diversion_of_new_flows() {
     let mut net = Topology::new();
-    net.start_web_server(DIVERTED_PORT);
-    let daemon = Daemon::start(&mut net, "");
-    let id = add_rule(
-        &daemon,
-        &net,
-        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
-    );
+    let daemon = diverting_web(&mut net);
+    let id = 1;
     assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
     assert!(diverted(&daemon, &net) > 0);
 
@@ -157,13 +164,7 @@ fn deleting_a_rule_stops_diversion_of_new_flows() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn killed_daemon_fails_open_within_five_seconds() {
     let mut net = Topology::new();
-    net.start_web_server(DIVERTED_PORT);
-    let daemon = Daemon::start(&mut net, "");
-    add_rule(
-        &daemon,
-        &net,
-        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
-    );
+    let daemon = diverting_web(&mut net);
     assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
 
     net.process("oasis").kill_hard();
@@ -190,13 +191,7 @@ fn killed_daemon_fails_open_within_five_seconds() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn restart_restores_rules_from_the_config() {
     let mut net = Topology::new();
-    net.start_web_server(DIVERTED_PORT);
-    let daemon = Daemon::start(&mut net, "");
-    add_rule(
-        &daemon,
-        &net,
-        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
-    );
+    let daemon = diverting_web(&mut net);
     add_rule(
         &daemon,
         &net,

@@ -136,15 +136,84 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         println!("removed namespace {stale} left by an earlier, killed test run");
     }
     let oasis = build_oasis(false)?;
-    let status = cargo()
+    let mut child = cargo()
         .args(["test", "--workspace", "--exclude", "oasis-ebpf"])
         .args(args)
         .args(["--", "--include-ignored"])
         .env("OASIS_BIN", &oasis)
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("running cargo test")?;
+    // Pass the output through and add up every test binary's result line,
+    // so the run ends with one total instead of the last binary's.
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add_result_line(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "\ntotal: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     if !status.success() {
         bail!("tests failed");
     }
     Ok(())
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds `test result: ok. 9 passed; 0 failed; 1 ignored; ...`.
+    fn add_result_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_result_lines() {
+        let mut totals = TestTotals::default();
+        totals.add_result_line("test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.84s");
+        totals.add_result_line(
+            "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        totals.add_result_line("running 3 tests");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 14,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
 }
