@@ -135,10 +135,10 @@ impl State {
             uplinks: self
                 .datapath
                 .attached()
-                .map(|(name, ifindex)| UplinkView {
+                .map(|(name, ifindex, mode)| UplinkView {
                     name: name.into(),
                     ifindex,
-                    attach: "tc egress".into(),
+                    attach: mode.into(),
                 })
                 .collect(),
             tun: TunView {

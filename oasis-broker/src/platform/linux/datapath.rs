@@ -49,7 +49,8 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> DatapathError {
 /// The loaded classifier and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    links: Vec<(String, u32, SchedClassifierLinkId)>,
+    /// Uplink name, ifindex, how it is attached, and the link.
+    links: Vec<(String, u32, &'static str, SchedClassifierLinkId)>,
     settings: Array<MapData, Settings>,
     heartbeat: Array<MapData, u64>,
     proto: Array<MapData, RuleSet>,
@@ -149,7 +150,12 @@ impl Datapath {
         let link = program
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
-        self.links.push((iface.to_string(), ifindex, link));
+        let mode = if tcx {
+            "tcx egress"
+        } else {
+            "tc egress (clsact)"
+        };
+        self.links.push((iface.to_string(), ifindex, mode, link));
         Ok(())
     }
 
@@ -161,17 +167,18 @@ impl Datapath {
         let Ok(program): Result<&mut SchedClassifier, _> = program.try_into() else {
             return;
         };
-        for (iface, _, link) in self.links.drain(..) {
+        for (iface, _, _, link) in self.links.drain(..) {
             if let Err(e) = program.detach(link) {
                 tracing::warn!(%iface, "detaching the classifier failed: {e}");
             }
         }
     }
 
-    pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
+    /// Each uplink's name, ifindex and attach mode.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32, &'static str)> {
         self.links
             .iter()
-            .map(|(name, index, _)| (name.as_str(), *index))
+            .map(|(name, index, mode, _)| (name.as_str(), *index, *mode))
     }
 
     /// Tells the classifier the broker is alive.
