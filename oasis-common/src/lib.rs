@@ -28,10 +28,32 @@ pub mod maps {
     pub const COUNTERS: &str = "OASIS_COUNTERS";
     pub const FLOWS: &str = "OASIS_FLOWS";
     pub const STATS: &str = "OASIS_STATS";
+    pub const EXIT_SETTINGS: &str = "OASIS_EXIT_SETTINGS";
 }
 
 /// The classifier program's name in the object file.
 pub const EGRESS_PROGRAM: &str = "oasis_egress";
+
+/// The exit node's ingress program: steers replies to NATed flows to the
+/// exit node's TUN, so the exit host's own stack never sees (or resets) them.
+pub const EXIT_INGRESS_PROGRAM: &str = "oasis_exit_ingress";
+
+/// What the exit node's ingress program steers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitSettings {
+    /// The exit's public addresses (IPv4 in the first 4 bytes of `v4`); a
+    /// family whose `has_*` is 0 is not steered.
+    pub v4: [u8; 4],
+    pub v6: [u8; 16],
+    pub has_v4: u8,
+    pub has_v6: u8,
+    pub _pad: [u8; 2],
+    /// The NAT port range (also ICMP echo identifiers), inclusive.
+    pub port_first: u16,
+    pub port_last: u16,
+    pub tun_ifindex: u32,
+}
 
 /// A set of rules, one bit per rule rank.
 #[repr(C)]
@@ -208,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for ExitSettings {}
 }
 
 #[cfg(test)]
@@ -222,6 +245,7 @@ mod tests {
         assert_eq!(size_of::<RuleAction>(), 8);
         assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
+        assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
     }
 
     #[test]

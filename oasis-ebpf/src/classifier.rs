@@ -167,7 +167,7 @@ fn classify(ctx: &TcContext) -> i32 {
 /// bpf_skb_load_bytes. Offsets that vary per packet must use `ctx.load`:
 /// the verifier cannot follow this bounds check for them.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
         // SAFETY: the bounds check above is what the verifier needs to see.

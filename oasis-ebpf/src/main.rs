@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod classifier;
+#[cfg(target_arch = "bpf")]
+mod exit;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

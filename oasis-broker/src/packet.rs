@@ -1,0 +1,453 @@
+//! Rewriting raw IP packets in place: addresses and ports (NAT), TCP MSS
+//! clamping, with checksums updated incrementally (RFC 1624) rather than
+//! recomputed, so the cost does not grow with the payload.
+//!
+//! etherparse parses and builds packets; it has no in-place rewriting with
+//! incremental checksum updates, which is what a NAT needs per packet.
+
+use std::net::IpAddr;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("not an IPv4 or IPv6 packet")]
+    NotIp,
+    #[error("packet truncated")]
+    Truncated,
+    #[error("protocol {0} cannot be rewritten (only TCP, UDP and ICMP echo)")]
+    Unsupported(u8),
+    #[error("the new address is of another IP family than the packet")]
+    FamilyMismatch,
+    #[error("fragmented packets cannot be rewritten")]
+    Fragment,
+}
+
+/// Where a packet's parts are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub version: u8,
+    pub proto: u8,
+    /// Start of the transport header.
+    pub l4: usize,
+}
+
+pub fn layout(packet: &[u8]) -> Result<Layout, PacketError> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            if packet.len() < 20 {
+                return Err(PacketError::Truncated);
+            }
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 || packet.len() < ihl {
+                return Err(PacketError::Truncated);
+            }
+            if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+                return Err(PacketError::Fragment);
+            }
+            Ok(Layout {
+                version: 4,
+                proto: packet[9],
+                l4: ihl,
+            })
+        }
+        Some(6) => {
+            if packet.len() < 40 {
+                return Err(PacketError::Truncated);
+            }
+            Ok(Layout {
+                version: 6,
+                proto: packet[6],
+                l4: 40,
+            })
+        }
+        _ => Err(PacketError::NotIp),
+    }
+}
+
+/// Offset of the transport checksum, and of the 16-bit field NAT changes
+/// (source port, or the ICMP echo identifier), relative to the L4 start.
+fn l4_fields(
+    proto: u8,
+    packet_len: usize,
+    l4: usize,
+) -> Result<(usize, usize, usize), PacketError> {
+    let (checksum, port_src, port_dst, min) = match proto {
+        TCP => (16, 0, 2, 20),
+        UDP => (6, 0, 2, 8),
+        // Echo request/reply: the identifier stands for both ports.
+        ICMP | ICMPV6 => (2, 4, 4, 8),
+        other => return Err(PacketError::Unsupported(other)),
+    };
+    if packet_len < l4 + min {
+        return Err(PacketError::Truncated);
+    }
+    Ok((checksum, port_src, port_dst))
+}
+
+/// The ICMP echo identifier, when the packet is an echo request or reply.
+pub fn echo_id(packet: &[u8]) -> Option<(bool, u16)> {
+    let layout = layout(packet).ok()?;
+    let l4 = layout.l4;
+    let kind = *packet.get(l4)?;
+    let is_request = match (layout.proto, kind) {
+        (ICMP, 8) | (ICMPV6, 128) => true,
+        (ICMP, 0) | (ICMPV6, 129) => false,
+        _ => return None,
+    };
+    Some((
+        is_request,
+        u16::from_be_bytes([*packet.get(l4 + 4)?, *packet.get(l4 + 5)?]),
+    ))
+}
+
+/// Which end of the packet to rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Replaces one end's address and port (ICMP echo: identifier) and fixes
+/// the IPv4 header and transport checksums.
+pub fn rewrite(packet: &mut [u8], end: End, addr: IpAddr, port: u16) -> Result<(), PacketError> {
+    let layout = layout(packet)?;
+    let (checksum_at, src_port_at, dst_port_at) = l4_fields(layout.proto, packet.len(), layout.l4)?;
+    if matches!(layout.proto, ICMP | ICMPV6) && echo_id(packet).is_none() {
+        return Err(PacketError::Unsupported(layout.proto));
+    }
+    let (addr_at, addr_bytes): (usize, Vec<u8>) = match (layout.version, addr, end) {
+        (4, IpAddr::V4(a), End::Source) => (12, a.octets().to_vec()),
+        (4, IpAddr::V4(a), End::Destination) => (16, a.octets().to_vec()),
+        (6, IpAddr::V6(a), End::Source) => (8, a.octets().to_vec()),
+        (6, IpAddr::V6(a), End::Destination) => (24, a.octets().to_vec()),
+        _ => return Err(PacketError::FamilyMismatch),
+    };
+    let port_at = layout.l4
+        + if end == End::Source {
+            src_port_at
+        } else {
+            dst_port_at
+        };
+    let checksum_at = layout.l4 + checksum_at;
+
+    // The transport checksum covers the addresses through the pseudo-header,
+    // except ICMPv4's; a UDP/IPv4 checksum of zero means "none" and stays so.
+    let covers_addresses = layout.proto != ICMP;
+    let udp4_without_checksum = layout.version == 4
+        && layout.proto == UDP
+        && packet[checksum_at..checksum_at + 2] == [0, 0];
+    let mut l4_sum = u16::from_be_bytes([packet[checksum_at], packet[checksum_at + 1]]);
+
+    let old_addr = packet[addr_at..addr_at + addr_bytes.len()].to_vec();
+    if layout.version == 4 {
+        let ip_sum = u16::from_be_bytes([packet[10], packet[11]]);
+        let ip_sum = adjust(ip_sum, &old_addr, &addr_bytes);
+        packet[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    }
+    if covers_addresses {
+        l4_sum = adjust(l4_sum, &old_addr, &addr_bytes);
+    }
+    packet[addr_at..addr_at + addr_bytes.len()].copy_from_slice(&addr_bytes);
+
+    let old_port = [packet[port_at], packet[port_at + 1]];
+    l4_sum = adjust(l4_sum, &old_port, &port.to_be_bytes());
+    packet[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+
+    if !udp4_without_checksum {
+        // For UDP a computed zero is sent as all ones (RFC 768).
+        if layout.proto == UDP && l4_sum == 0 {
+            l4_sum = 0xffff;
+        }
+        packet[checksum_at..checksum_at + 2].copy_from_slice(&l4_sum.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// RFC 1624: the checksum after `old` bytes became `new` (same length, even).
+fn adjust(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut sum = u32::from(!checksum);
+    for chunk in old.chunks(2) {
+        sum += u32::from(!u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    for chunk in new.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Lowers the MSS option of a TCP SYN to `max_mss`, so that segments plus
+/// the overlay's encapsulation still fit the path. Returns whether it
+/// changed the packet.
+pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
+    let Ok(layout) = layout(packet) else {
+        return false;
+    };
+    if layout.proto != TCP || packet.len() < layout.l4 + 20 {
+        return false;
+    }
+    let l4 = layout.l4;
+    let flags = packet[l4 + 13];
+    if flags & 0x02 == 0 {
+        return false;
+    }
+    let header_len = usize::from(packet[l4 + 12] >> 4) * 4;
+    let end = (l4 + header_len).min(packet.len());
+    let mut at = l4 + 20;
+    while at < end {
+        match packet[at] {
+            0 => break,
+            1 => at += 1,
+            kind => {
+                let Some(&len) = packet.get(at + 1) else {
+                    break;
+                };
+                let len = usize::from(len);
+                if len < 2 || at + len > end {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([packet[at + 2], packet[at + 3]]);
+                    if mss <= max_mss {
+                        return false;
+                    }
+                    let sum = u16::from_be_bytes([packet[l4 + 16], packet[l4 + 17]]);
+                    let sum = adjust(sum, &mss.to_be_bytes(), &max_mss.to_be_bytes());
+                    packet[at + 2..at + 4].copy_from_slice(&max_mss.to_be_bytes());
+                    packet[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
+                    return true;
+                }
+                at += len;
+            }
+        }
+    }
+    false
+}
+
+/// The source and destination addresses of a raw IP packet.
+pub fn addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let src: [u8; 4] = packet[12..16].try_into().ok()?;
+            let dst: [u8; 4] = packet[16..20].try_into().ok()?;
+            Some((src.into(), dst.into()))
+        }
+        6 if packet.len() >= 40 => {
+            let src: [u8; 16] = packet[8..24].try_into().ok()?;
+            let dst: [u8; 16] = packet[24..40].try_into().ok()?;
+            Some((src.into(), dst.into()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
+
+    /// Every checksum of the packet, recomputed from scratch, must equal
+    /// what the packet carries.
+    fn assert_checksums_valid(packet: &[u8]) {
+        let sliced = SlicedPacket::from_ip(packet).expect("parses");
+        if let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.header_checksum,
+                header.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+        }
+        let (ip4, ip6) = match &sliced.net {
+            Some(etherparse::NetSlice::Ipv4(ip)) => (Some(ip.header().to_header()), None),
+            Some(etherparse::NetSlice::Ipv6(ip)) => (None, Some(ip.header().to_header())),
+            _ => panic!("not IP"),
+        };
+        match sliced.transport.expect("transport") {
+            TransportSlice::Tcp(tcp) => {
+                let header = tcp.to_header();
+                let expected = match (&ip4, &ip6) {
+                    (Some(ip), _) => header.calc_checksum_ipv4(ip, tcp.payload()).unwrap(),
+                    (_, Some(ip)) => header.calc_checksum_ipv6(ip, tcp.payload()).unwrap(),
+                    _ => unreachable!(),
+                };
+                assert_eq!(header.checksum, expected, "TCP checksum");
+            }
+            TransportSlice::Udp(udp) => {
+                let header = udp.to_header();
+                let expected = match (&ip4, &ip6) {
+                    (Some(ip), _) => header.calc_checksum_ipv4(ip, udp.payload()).unwrap(),
+                    (_, Some(ip)) => header.calc_checksum_ipv6(ip, udp.payload()).unwrap(),
+                    _ => unreachable!(),
+                };
+                assert_eq!(header.checksum, expected, "UDP checksum");
+            }
+            TransportSlice::Icmpv4(icmp) => {
+                let header = icmp.header();
+                assert_eq!(
+                    header.checksum,
+                    header.icmp_type.calc_checksum(icmp.payload()),
+                    "ICMP checksum"
+                );
+            }
+            TransportSlice::Icmpv6(icmp) => {
+                let header = icmp.header();
+                let ip = ip6.unwrap();
+                let expected = header
+                    .icmp_type
+                    .calc_checksum(ip.source, ip.destination, icmp.payload())
+                    .unwrap();
+                assert_eq!(header.checksum, expected, "ICMPv6 checksum");
+            }
+            other => panic!("unexpected transport {other:?}"),
+        }
+    }
+
+    /// Serialises a packet builder with its payload.
+    macro_rules! build {
+        ($builder:expr, $payload:expr) => {{
+            let mut out = Vec::new();
+            $builder.write(&mut out, $payload).unwrap();
+            out
+        }};
+    }
+
+    #[test]
+    fn nat_rewrites_keep_every_checksum_valid() {
+        let payload = b"some payload of odd length!";
+        let packets = vec![
+            build!(
+                PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).tcp(40000, 80, 7, 1000),
+                payload
+            ),
+            build!(
+                PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).udp(40000, 53),
+                payload
+            ),
+            build!(
+                PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).icmpv4_echo_request(77, 1),
+                payload
+            ),
+            build!(
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64).tcp(40000, 443, 7, 1000),
+                payload
+            ),
+            build!(
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64).udp(40000, 53),
+                payload
+            ),
+            build!(
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64).icmpv6_echo_request(77, 1),
+                payload
+            ),
+        ];
+        for original in packets {
+            assert_checksums_valid(&original);
+            let v4 = original[0] >> 4 == 4;
+            let (new_src, new_dst): (IpAddr, IpAddr) = if v4 {
+                (
+                    "203.0.113.9".parse().unwrap(),
+                    "198.51.100.3".parse().unwrap(),
+                )
+            } else {
+                (
+                    "2001:db8::9".parse().unwrap(),
+                    "2001:db8:1::3".parse().unwrap(),
+                )
+            };
+            let mut packet = original.clone();
+            rewrite(&mut packet, End::Source, new_src, 45001).unwrap();
+            assert_checksums_valid(&packet);
+            assert_eq!(addresses(&packet).unwrap().0, new_src);
+            rewrite(&mut packet, End::Destination, new_dst, 61000).unwrap();
+            assert_checksums_valid(&packet);
+            assert_eq!(addresses(&packet).unwrap().1, new_dst);
+        }
+    }
+
+    #[test]
+    fn echo_identifier_is_the_icmp_port() {
+        let mut packet = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).icmpv4_echo_request(77, 1),
+            b"x"
+        );
+        assert_eq!(echo_id(&packet), Some((true, 77)));
+        rewrite(
+            &mut packet,
+            End::Source,
+            "203.0.113.9".parse().unwrap(),
+            45001,
+        )
+        .unwrap();
+        assert_eq!(echo_id(&packet), Some((true, 45001)));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_rewrite() {
+        let mut v4 = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).udp(1, 2),
+            b"x"
+        );
+        assert_eq!(
+            rewrite(&mut v4, End::Source, "::1".parse().unwrap(), 1),
+            Err(PacketError::FamilyMismatch)
+        );
+        v4[9] = 47;
+        assert_eq!(
+            rewrite(&mut v4, End::Source, "10.0.0.1".parse().unwrap(), 1),
+            Err(PacketError::Unsupported(47))
+        );
+        assert_eq!(
+            rewrite(
+                &mut [0x45, 0, 0],
+                End::Source,
+                "10.0.0.1".parse().unwrap(),
+                1
+            ),
+            Err(PacketError::Truncated)
+        );
+        assert_eq!(
+            rewrite(&mut [], End::Source, "10.0.0.1".parse().unwrap(), 1),
+            Err(PacketError::NotIp)
+        );
+    }
+
+    #[test]
+    fn mss_of_a_syn_is_clamped_once() {
+        let builder = PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64)
+            .tcp(40000, 80, 7, 64000)
+            .syn()
+            .options(&[
+                TcpOptionElement::MaximumSegmentSize(1460),
+                TcpOptionElement::Noop,
+                TcpOptionElement::WindowScale(7),
+            ])
+            .unwrap();
+        let mut packet = build!(builder, b"");
+        assert!(clamp_mss(&mut packet, 1400));
+        assert_checksums_valid(&packet);
+        let mss = {
+            let sliced = SlicedPacket::from_ip(&packet).unwrap();
+            let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
+                panic!()
+            };
+            tcp.options_iterator().find_map(|o| match o.unwrap() {
+                TcpOptionElement::MaximumSegmentSize(m) => Some(m),
+                _ => None,
+            })
+        };
+        assert_eq!(mss, Some(1400));
+        assert!(!clamp_mss(&mut packet, 1400), "already small enough");
+        let mut data = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).tcp(1, 2, 3, 4),
+            b"x"
+        );
+        assert!(!clamp_mss(&mut data, 500), "not a SYN");
+    }
+}
