@@ -41,10 +41,7 @@ pub fn compile(rules: &[Rule]) -> MapImage {
     let mut portless = RuleSet::EMPTY;
     for (rank, rule) in rules.iter().enumerate() {
         match rule.subset.proto {
-            Some(p) => p
-                .numbers()
-                .iter()
-                .for_each(|&n| proto[n as usize].insert(rank)),
+            Some(p) => p.numbers().iter().for_each(|&n| proto[n as usize].insert(rank)),
             None => proto.iter_mut().for_each(|set| set.insert(rank)),
         }
         if rule.subset.dport.is_none() && rule.subset.sport.is_none() {
@@ -91,10 +88,7 @@ fn prefix_table<const N: usize>(
     rules: &[Rule],
     prefixes_of: impl Fn(&Rule) -> Option<Vec<Prefix<N>>>,
 ) -> BTreeMap<Prefix<N>, RuleSet> {
-    let per_rule: Vec<Vec<Prefix<N>>> = rules
-        .iter()
-        .map(|r| prefixes_of(r).unwrap_or_default())
-        .collect();
+    let per_rule: Vec<Vec<Prefix<N>>> = rules.iter().map(|r| prefixes_of(r).unwrap_or_default()).collect();
     let mut table = BTreeMap::new();
     for prefix in per_rule.iter().flatten() {
         table.entry(*prefix).or_insert(RuleSet::EMPTY);
@@ -159,11 +153,7 @@ impl MapImage {
     pub fn lookup(&self, key: &FlowKey) -> Option<RuleAction> {
         let mut set = self.proto[key.proto as usize];
         let by_dst = if key.family == FAMILY_V4 {
-            longest_match(
-                &self.dst_v4,
-                [key.dst[0], key.dst[1], key.dst[2], key.dst[3]],
-                32,
-            )?
+            longest_match(&self.dst_v4, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]], 32)?
         } else {
             longest_match(&self.dst_v6, key.dst, 128)?
         };
@@ -232,13 +222,7 @@ mod tests {
             vec![(6, 1024u16.to_be_bytes())]
         );
         // Every port of a range is covered exactly once, and nothing else.
-        for (first, last) in [
-            (1u16, 1u16),
-            (3, 17),
-            (1000, 2000),
-            (65000, 65535),
-            (80, 443),
-        ] {
+        for (first, last) in [(1u16, 1u16), (3, 17), (1000, 2000), (65000, 65535), (80, 443)] {
             let prefixes = port_prefixes(Some(PortRange { first, last }));
             for port in 0..=65535u16 {
                 let hits = prefixes
@@ -347,12 +331,7 @@ mod tests {
             key.dst[15] = rng.below(255) as u8;
         } else {
             key.family = FAMILY_V4;
-            key.dst[..4].copy_from_slice(&[
-                10,
-                rng.below(4) as u8,
-                rng.below(2) as u8,
-                rng.below(4) as u8,
-            ]);
+            key.dst[..4].copy_from_slice(&[10, rng.below(4) as u8, rng.below(2) as u8, rng.below(4) as u8]);
         }
         if matches!(proto, 6 | 17) {
             key.dport = 1 + rng.below(150) as u16;
@@ -373,10 +352,7 @@ mod tests {
                 let key = random_key(&mut rng);
                 let expected = rules.iter().find(|r| r.subset.matches(&key)).map(|r| r.id);
                 let got = image.lookup(&key).map(|a| a.rule_id);
-                assert_eq!(
-                    got, expected,
-                    "round {round}, key {key:?}, rules {rules:#?}"
-                );
+                assert_eq!(got, expected, "round {round}, key {key:?}, rules {rules:#?}");
             }
         }
     }

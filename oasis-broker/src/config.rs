@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{Rule, RuleError, RuleSet, RuleSpec};
+use crate::overlay::{JoinError, OverlaySpec, check_name, shim_bytes};
+use crate::rules::{Carrier, Rule, RuleError, RuleSet, RuleSpec};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/oasis/oasis.sock";
@@ -33,7 +34,23 @@ pub struct Config {
     /// reused, across restarts too. Kept by the daemon.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_rule_id: Option<u32>,
+    /// UDP port where overlays hand packets back to this host (the paper's
+    /// standard port), on IPv4 and IPv6.
+    pub overlay_port: u16,
+    /// Joined overlays; `oasis overlay add|del` keeps this list.
+    pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredOverlay {
+    pub name: String,
+    pub url: String,
+    /// Hex bytes carried in the shim, for exit nodes that check a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub spec: OverlaySpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +78,8 @@ impl Default for Config {
             flow_idle_timeout_secs: 120,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             next_rule_id: None,
+            overlay_port: 7400,
+            overlays: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -78,10 +97,7 @@ impl Default for TunConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {source}")]
     Parse {
         path: PathBuf,
@@ -95,11 +111,14 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {problem}")]
     Invalid { path: PathBuf, problem: String },
-    #[error("cannot write config file {path}: {source}")]
-    Write {
+    #[error("config file {path}, overlay {name:?}: {source}")]
+    Overlay {
         path: PathBuf,
-        source: std::io::Error,
+        name: String,
+        source: JoinError,
     },
+    #[error("cannot write config file {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 const HEADER: &str = "\
@@ -157,7 +176,32 @@ impl Config {
                 "bypass_mark must not be 0 (unmarked packets have mark 0)",
             ));
         }
-        self.rule_set(path)?;
+        if self.overlay_port == 0 {
+            return Err(invalid("overlay_port must be a port number 1-65535"));
+        }
+        for (i, overlay) in self.overlays.iter().enumerate() {
+            let overlay_error = |source| ConfigError::Overlay {
+                path: path.into(),
+                name: overlay.name.clone(),
+                source,
+            };
+            check_name(&overlay.name).map_err(overlay_error)?;
+            if self.overlays[..i].iter().any(|o| o.name == overlay.name) {
+                return Err(overlay_error(JoinError::Exists(overlay.name.clone())));
+            }
+            shim_bytes(overlay.spec.shim_len, overlay.token.as_deref()).map_err(overlay_error)?;
+        }
+        for rule in self.rule_set(path)?.rules() {
+            if let Carrier::Overlay(name) = &rule.via
+                && !self.overlays.iter().any(|o| &o.name == name)
+            {
+                return Err(ConfigError::Rule {
+                    path: path.into(),
+                    id: rule.id,
+                    source: RuleError::UnknownOverlay(name.clone()),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -210,8 +254,7 @@ impl Config {
             path: path.into(),
             source,
         };
-        let yaml =
-            serde_yaml::to_string(self).map_err(|e| write_error(std::io::Error::other(e)))?;
+        let yaml = serde_yaml::to_string(self).map_err(|e| write_error(std::io::Error::other(e)))?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(write_error)?;
         }
@@ -231,10 +274,7 @@ mod tests {
 
     #[test]
     fn empty_file_gives_defaults() {
-        assert_eq!(
-            Config::parse(Path::new("c.yaml"), "").unwrap(),
-            Config::default()
-        );
+        assert_eq!(Config::parse(Path::new("c.yaml"), "").unwrap(), Config::default());
     }
 
     #[test]
@@ -269,9 +309,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("/etc/oasis/config.yaml")
-                && err.contains("rule 7")
-                && err.contains("99999"),
+            err.contains("/etc/oasis/config.yaml") && err.contains("rule 7") && err.contains("99999"),
             "{err}"
         );
     }
@@ -282,6 +320,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("uplink"), "{err}");
+    }
+
+    #[test]
+    fn rules_must_name_joined_overlays() {
+        let text = "rules:\n  - {id: 1, proto: udp, via: detour}\n";
+        let err = Config::parse(Path::new("c.yaml"), text).unwrap_err().to_string();
+        assert!(err.contains("rule 1") && err.contains("detour"), "{err}");
+        let joined =
+            "overlays:\n  - name: detour\n    url: http://x/d.xml\n    spec: {entries: ['192.0.2.1:7400']}\n";
+        assert!(Config::parse(Path::new("c.yaml"), &format!("{joined}{text}")).is_ok());
     }
 
     #[test]

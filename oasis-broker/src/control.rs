@@ -13,10 +13,28 @@ use crate::rules::RuleSpec;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    AddRule { spec: RuleSpec },
-    DelRule { id: u32 },
+    AddRule {
+        spec: RuleSpec,
+    },
+    DelRule {
+        id: u32,
+    },
     ListRules,
     Status,
+    /// Fetch a specification from `url`, check it and join under `name`.
+    OverlayAdd {
+        name: String,
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    OverlayList,
+    OverlayShow {
+        name: String,
+    },
+    OverlayDel {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,6 +43,8 @@ pub enum Response {
     Rule { rule: RuleView },
     Rules { rules: Vec<RuleView> },
     Status { status: Box<StatusView> },
+    Overlay { overlay: Box<OverlayView> },
+    Overlays { overlays: Vec<OverlayView> },
     Error { message: String },
 }
 
@@ -39,6 +59,29 @@ pub struct RuleView {
     pub bytes: u64,
 }
 
+/// A joined overlay as `oasis overlay list|show` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayView {
+    pub name: String,
+    pub url: String,
+    /// The name the operator's specification gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub entries: Vec<String>,
+    /// The entry nodes' addresses, once resolved.
+    pub resolved: Vec<String>,
+    pub shim_len: usize,
+    pub token: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<crate::overlay::ModuleSpec>,
+    /// Rules carried by this overlay.
+    pub rules: Vec<u32>,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusView {
     pub pid: u32,
@@ -51,6 +94,8 @@ pub struct StatusView {
     pub classifier: ClassifierCounters,
     pub broker: BrokerCounters,
     pub rules: usize,
+    pub overlays: usize,
+    pub overlay_port: u16,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,13 +152,25 @@ pub struct ClassifierCounters {
 /// What the broker did with diverted packets.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerCounters {
+    /// Diverted packets read from the TUN.
     pub received: u64,
     pub sent_underlay: u64,
+    /// Datagrams sent to overlay entry nodes.
+    pub sent_overlay: u64,
     pub send_errors: u64,
     pub malformed: u64,
     /// Packets to link-local or multicast destinations, dropped.
     pub unroutable: u64,
+    /// Packets of flows whose overlay was left, dropped.
+    pub no_carrier: u64,
     pub flows: u64,
+    /// Packets overlays returned and the broker delivered to this host.
+    pub overlay_received: u64,
+    /// Datagrams on the standard port from senders that are no joined
+    /// overlay's entry node, dropped.
+    pub rejected_sender: u64,
+    /// Returned packets not addressed to this host, dropped.
+    pub rejected_destination: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,13 +182,14 @@ pub enum ClientError {
     #[error("permission denied on {0}: only root may control Oasis (try sudo)")]
     PermissionDenied(PathBuf),
     #[error("talking to the daemon at {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("the daemon sent a reply this CLI does not understand: {0}")]
     BadReply(String),
 }
+
+/// How long the CLI waits for an answer: joining an overlay fetches its
+/// specification (up to 10 s) first.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends one request and waits for its response.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
@@ -146,9 +204,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.into()),
         _ => io(e),
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(io)?;

@@ -52,9 +52,7 @@ pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
 /// host's own link-local chatter, never from a rule worth honouring.
 pub fn routable(key: &FlowKey) -> bool {
     match crate::rules::flow_dst(key) {
-        std::net::IpAddr::V4(dst) => {
-            !(dst.is_multicast() || dst.is_broadcast() || dst.is_link_local())
-        }
+        std::net::IpAddr::V4(dst) => !(dst.is_multicast() || dst.is_broadcast() || dst.is_link_local()),
         std::net::IpAddr::V6(dst) => !(dst.is_multicast() || dst.is_unicast_link_local()),
     }
 }
@@ -151,8 +149,7 @@ mod tests {
     use etherparse::PacketBuilder;
 
     fn tcp_packet(dport: u16) -> Vec<u8> {
-        let builder =
-            PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 9], 64).tcp(40000, dport, 1, 1000);
+        let builder = PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 9], 64).tcp(40000, dport, 1, 1000);
         let mut out = Vec::new();
         builder.write(&mut out, b"hello").unwrap();
         out
@@ -210,21 +207,14 @@ mod tests {
             .clone();
         assert_eq!(first.carrier, Carrier::Overlay("a".into()));
         // Rules changed, but the live flow stays where it was.
-        let again = table.carrier(key, t0 + Duration::from_secs(5), |_| {
-            (None, Carrier::Underlay)
-        });
+        let again = table.carrier(key, t0 + Duration::from_secs(5), |_| (None, Carrier::Underlay));
         assert_eq!(
             (again.carrier.clone(), again.packets),
             (Carrier::Overlay("a".into()), 2)
         );
         // After a long silence it is a new flow and meets the current rules.
-        let later = table.carrier(key, t0 + Duration::from_secs(30), |_| {
-            (None, Carrier::Underlay)
-        });
-        assert_eq!(
-            (later.carrier.clone(), later.packets),
-            (Carrier::Underlay, 1)
-        );
+        let later = table.carrier(key, t0 + Duration::from_secs(30), |_| (None, Carrier::Underlay));
+        assert_eq!((later.carrier.clone(), later.packets), (Carrier::Underlay, 1));
     }
 
     #[test]

@@ -36,6 +36,8 @@ Examples:
   oasis rule add --dst 203.0.113.0/24 --via underlay
   oasis rule list
   oasis rule del 2
+  oasis overlay add detour https://osp.example/detour.xml
+  oasis rule add --proto tcp --dport 80 --via detour
   oasis status --json
 
 Logs: set RUST_LOG (e.g. RUST_LOG=oasis_broker=debug) for the daemon.";
@@ -49,6 +51,9 @@ enum Command {
     /// Add, list and delete rules.
     #[command(subcommand)]
     Rule(RuleCommand),
+    /// Join, list, show and leave overlays.
+    #[command(subcommand)]
+    Overlay(OverlayCommand),
     /// Show what the daemon is doing: uplinks, TUN, heartbeat, counters.
     Status {
         /// Print JSON for scripts.
@@ -81,6 +86,46 @@ Examples:
         /// The rule's id, as `oasis rule list` shows it.
         id: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum OverlayCommand {
+    /// Join an overlay: the daemon fetches its XML specification from URL
+    /// (http or https), checks it and stores it in the config file. Rules
+    /// then name the overlay with `--via NAME`.
+    #[command(after_help = "\
+Examples:
+  oasis overlay add detour https://osp.example/detour.xml
+  oasis overlay add campus http://10.1.2.3/campus.xml --token 00112233445566778899aabbccddeeff
+  oasis rule add --proto tcp --dport 80 --via detour")]
+    Add {
+        /// The local name for the overlay (letters, digits, - and _).
+        name: String,
+        /// Where the overlay's specification is published.
+        url: String,
+        /// For overlays whose exit nodes check a token: the shim's bytes,
+        /// as many as the specification's shim length, in hex.
+        #[arg(long, value_name = "HEX")]
+        token: Option<String>,
+        /// Print the joined overlay as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the joined overlays with their traffic.
+    List {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one overlay: entry nodes, shim, module, rules, traffic.
+    Show {
+        name: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave an overlay. Refused while rules use it: delete those first.
+    Del { name: String },
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +206,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Overlay(OverlayCommand::Add {
+            name,
+            url,
+            token,
+            json,
+        }) => {
+            eprintln!("fetching {url} ...");
+            match call(&socket, &Request::OverlayAdd { name, url, token })? {
+                Response::Overlay { overlay } if json => {
+                    println!("{}", serde_json::to_string_pretty(&overlay)?)
+                }
+                Response::Overlay { overlay } => {
+                    println!("joined overlay {}", overlay.name);
+                    print!("{}", render::overlay(&overlay));
+                }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Overlay(OverlayCommand::List { json }) => {
+            match call(&socket, &Request::OverlayList)? {
+                Response::Overlays { overlays } if json => {
+                    println!("{}", serde_json::to_string_pretty(&overlays)?)
+                }
+                Response::Overlays { overlays } => print!("{}", render::overlay_table(&overlays)),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Overlay(OverlayCommand::Show { name, json }) => {
+            match call(&socket, &Request::OverlayShow { name })? {
+                Response::Overlay { overlay } if json => {
+                    println!("{}", serde_json::to_string_pretty(&overlay)?)
+                }
+                Response::Overlay { overlay } => print!("{}", render::overlay(&overlay)),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Overlay(OverlayCommand::Del { name }) => {
+            match call(&socket, &Request::OverlayDel { name })? {
+                Response::Overlay { overlay } => println!("left overlay {}", overlay.name),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
         Command::Status { json } => {
             match call(&socket, &Request::Status)? {
                 Response::Status { status } if json => {
@@ -195,9 +286,7 @@ fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<Response>
 fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

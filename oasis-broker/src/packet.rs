@@ -70,11 +70,7 @@ pub fn layout(packet: &[u8]) -> Result<Layout, PacketError> {
 
 /// Offset of the transport checksum, and of the 16-bit field NAT changes
 /// (source port, or the ICMP echo identifier), relative to the L4 start.
-fn l4_fields(
-    proto: u8,
-    packet_len: usize,
-    l4: usize,
-) -> Result<(usize, usize, usize), PacketError> {
+fn l4_fields(proto: u8, packet_len: usize, l4: usize) -> Result<(usize, usize, usize), PacketError> {
     let (checksum, port_src, port_dst, min) = match proto {
         TCP => (16, 0, 2, 20),
         UDP => (6, 0, 2, 8),
@@ -137,9 +133,8 @@ pub fn rewrite(packet: &mut [u8], end: End, addr: IpAddr, port: u16) -> Result<(
     // The transport checksum covers the addresses through the pseudo-header,
     // except ICMPv4's; a UDP/IPv4 checksum of zero means "none" and stays so.
     let covers_addresses = layout.proto != ICMP;
-    let udp4_without_checksum = layout.version == 4
-        && layout.proto == UDP
-        && packet[checksum_at..checksum_at + 2] == [0, 0];
+    let udp4_without_checksum =
+        layout.version == 4 && layout.proto == UDP && packet[checksum_at..checksum_at + 2] == [0, 0];
     let mut l4_sum = u16::from_be_bytes([packet[checksum_at], packet[checksum_at + 1]]);
 
     let old_addr = packet[addr_at..addr_at + addr_bytes.len()].to_vec();
@@ -351,15 +346,9 @@ mod tests {
             assert_checksums_valid(&original);
             let v4 = original[0] >> 4 == 4;
             let (new_src, new_dst): (IpAddr, IpAddr) = if v4 {
-                (
-                    "203.0.113.9".parse().unwrap(),
-                    "198.51.100.3".parse().unwrap(),
-                )
+                ("203.0.113.9".parse().unwrap(), "198.51.100.3".parse().unwrap())
             } else {
-                (
-                    "2001:db8::9".parse().unwrap(),
-                    "2001:db8:1::3".parse().unwrap(),
-                )
+                ("2001:db8::9".parse().unwrap(), "2001:db8:1::3".parse().unwrap())
             };
             let mut packet = original.clone();
             rewrite(&mut packet, End::Source, new_src, 45001).unwrap();
@@ -378,13 +367,7 @@ mod tests {
             b"x"
         );
         assert_eq!(echo_id(&packet), Some((true, 77)));
-        rewrite(
-            &mut packet,
-            End::Source,
-            "203.0.113.9".parse().unwrap(),
-            45001,
-        )
-        .unwrap();
+        rewrite(&mut packet, End::Source, "203.0.113.9".parse().unwrap(), 45001).unwrap();
         assert_eq!(echo_id(&packet), Some((true, 45001)));
     }
 
@@ -404,12 +387,7 @@ mod tests {
             Err(PacketError::Unsupported(47))
         );
         assert_eq!(
-            rewrite(
-                &mut [0x45, 0, 0],
-                End::Source,
-                "10.0.0.1".parse().unwrap(),
-                1
-            ),
+            rewrite(&mut [0x45, 0, 0], End::Source, "10.0.0.1".parse().unwrap(), 1),
             Err(PacketError::Truncated)
         );
         assert_eq!(

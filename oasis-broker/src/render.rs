@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::control::{RuleView, StatusView};
+use crate::control::{OverlayView, RuleView, StatusView};
 
 /// 1234567 -> "1.2 MB".
 pub fn bytes(n: u64) -> String {
@@ -120,8 +120,19 @@ pub fn status(s: &StatusView) -> String {
     let b = &s.broker;
     let _ = writeln!(
         out,
-        "broker      {} packets received, {} sent on the underlay, {} send errors, {} malformed, {} unroutable, {} live flows",
-        b.received, b.sent_underlay, b.send_errors, b.malformed, b.unroutable, b.flows
+        "broker      {} packets received, {} sent on the underlay, {} into overlays, {} live flows",
+        b.received, b.sent_underlay, b.sent_overlay, b.flows
+    );
+    let _ = writeln!(
+        out,
+        "            dropped: {} send errors, {} malformed, {} unroutable, {} without carrier",
+        b.send_errors, b.malformed, b.unroutable, b.no_carrier
+    );
+    let _ = writeln!(
+        out,
+        "overlays    {} joined, standard port {}: {} packets returned to this host; \
+         dropped {} from unknown senders, {} not for this host",
+        s.overlays, s.overlay_port, b.overlay_received, b.rejected_sender, b.rejected_destination
     );
     let maps: Vec<String> = s
         .program
@@ -130,6 +141,87 @@ pub fn status(s: &StatusView) -> String {
         .map(|m| format!("{} ({} {})", m.name, m.kind, m.max_entries))
         .collect();
     let _ = writeln!(out, "maps        {}", maps.join(", "));
+    out
+}
+
+pub fn overlay_table(overlays: &[OverlayView]) -> String {
+    if overlays.is_empty() {
+        return "No overlays joined. Join one with `oasis overlay add NAME URL`.\n".into();
+    }
+    let width = overlays
+        .iter()
+        .map(|o| o.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("NAME".len());
+    let mut out = format!(
+        "{:<width$}  {:>7}  {:>10}  {:>10}  {:<8}  URL\n",
+        "NAME", "ENTRIES", "SENT", "RECEIVED", "RULES"
+    );
+    for o in overlays {
+        let rules: Vec<String> = o.rules.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>7}  {:>10}  {:>10}  {:<8}  {}",
+            o.name,
+            o.entries.len(),
+            o.packets_sent,
+            o.packets_received,
+            if rules.is_empty() {
+                "-".into()
+            } else {
+                rules.join(",")
+            },
+            o.url
+        );
+    }
+    out
+}
+
+pub fn overlay(o: &OverlayView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "name        {}", o.name);
+    let _ = writeln!(out, "url         {}", o.url);
+    if let Some(name) = &o.spec_name {
+        let _ = writeln!(out, "spec name   {name}");
+    }
+    if let Some(description) = &o.description {
+        let _ = writeln!(out, "about       {description}");
+    }
+    let resolved = if o.resolved.is_empty() {
+        "(not resolved: this overlay carries nothing)".to_string()
+    } else {
+        o.resolved.join(", ")
+    };
+    let _ = writeln!(out, "entries     {} -> {}", o.entries.join(", "), resolved);
+    let _ = writeln!(
+        out,
+        "shim        {} bytes{}",
+        o.shim_len,
+        if o.token { ", carrying your token" } else { "" }
+    );
+    if let Some(module) = &o.module {
+        let _ = writeln!(
+            out,
+            "module      {:?} {} (sha256 {})",
+            module.kind, module.url, module.sha256
+        );
+    }
+    let rules: Vec<String> = o.rules.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        out,
+        "rules       {}",
+        if rules.is_empty() {
+            "none".into()
+        } else {
+            rules.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "traffic     {} packets sent, {} received",
+        o.packets_sent, o.packets_received
+    );
     out
 }
 

@@ -34,9 +34,7 @@ impl Protocol {
 
     /// Whether packets of this protocol carry ports the classifier reads.
     pub fn has_ports(self) -> bool {
-        self.numbers()
-            .iter()
-            .all(|n| matches!(n, 6 | 17 | 132 | 136))
+        self.numbers().iter().all(|n| matches!(n, 6 | 17 | 132 | 136))
     }
 }
 
@@ -188,11 +186,7 @@ impl HeaderSubset {
     /// Checks the subset makes sense on its own; the prefix is normalised
     /// (host bits cleared) so equal subsets compare equal.
     pub fn validated(mut self) -> Result<HeaderSubset, RuleError> {
-        if self.proto.is_none()
-            && self.dst.is_none()
-            && self.dport.is_none()
-            && self.sport.is_none()
-        {
+        if self.proto.is_none() && self.dst.is_none() && self.dport.is_none() && self.sport.is_none() {
             return Err(RuleError::EmptySubset);
         }
         if let Some(proto) = self.proto
@@ -359,9 +353,7 @@ pub enum RuleError {
         "bad destination prefix {0:?}: give an address or a prefix such as 203.0.113.0/24 or 2001:db8::/32"
     )]
     BadPrefix(String),
-    #[error(
-        "bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)"
-    )]
+    #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
     BadCarrier(String),
     #[error("a rule needs at least one of --proto, --dst, --dport or --sport")]
     EmptySubset,
@@ -369,9 +361,7 @@ pub enum RuleError {
     PortsWithoutPortProtocol(Protocol),
     #[error("rule {existing} already claims exactly this traffic ({subset})")]
     Duplicate { existing: u32, subset: String },
-    #[error(
-        "no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first"
-    )]
+    #[error("no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first")]
     UnknownOverlay(String),
     #[error("the classifier holds at most {MAX_RULES} header rules; delete one first")]
     TooMany,
@@ -517,10 +507,7 @@ mod tests {
             "20-10".parse::<PortRange>(),
             Err(RuleError::EmptyPortRange(_))
         ));
-        assert!(matches!(
-            "http".parse::<PortRange>(),
-            Err(RuleError::BadPort(_))
-        ));
+        assert!(matches!("http".parse::<PortRange>(), Err(RuleError::BadPort(_))));
     }
 
     #[test]
@@ -569,9 +556,7 @@ mod tests {
         let (subset, via) = spec(Some("tcp"), None, Some("8080")).parse().unwrap();
         let first = rules.add(subset.clone(), via.clone()).unwrap();
         assert_eq!(first.id, 1);
-        let err = rules
-            .add(subset, Carrier::Overlay("detour".into()))
-            .unwrap_err();
+        let err = rules.add(subset, Carrier::Overlay("detour".into())).unwrap_err();
         assert!(matches!(err, RuleError::Duplicate { existing: 1, .. }));
         assert_eq!(rules.rules().len(), 1);
     }
@@ -634,13 +619,7 @@ mod tests {
                 .id,
             2
         );
-        assert_eq!(
-            rules
-                .first_match(&v4_key(1, [203, 1, 1, 1], 0, 0))
-                .unwrap()
-                .id,
-            2
-        );
+        assert_eq!(rules.first_match(&v4_key(1, [203, 1, 1, 1], 0, 0)).unwrap().id, 2);
         assert!(
             rules
                 .first_match(&v4_key(6, [198, 51, 100, 1], 40000, 8080))
@@ -669,8 +648,7 @@ mod tests {
 
     #[test]
     fn yaml_accepts_numeric_ports() {
-        let spec: RuleSpec =
-            serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
+        let spec: RuleSpec = serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
         assert_eq!(spec.dport.as_deref(), Some("8080"));
     }
 }

@@ -16,12 +16,7 @@ const BYPASS_MARK: u32 = 0x4f41_5349;
 const CLIENT: [u8; 4] = [10, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn spec(
-    proto: Option<&str>,
-    dst: Option<&str>,
-    dport: Option<&str>,
-    sport: Option<&str>,
-) -> RuleSpec {
+fn spec(proto: Option<&str>, dst: Option<&str>, dport: Option<&str>, sport: Option<&str>) -> RuleSpec {
     RuleSpec {
         proto: proto.map(Into::into),
         dst: dst.map(Into::into),
@@ -111,10 +106,7 @@ fn run(datapath: &Datapath, packet: &[u8]) -> u32 {
 /// Runs the program once. `__sk_buff` starts with len, pkt_type, mark; the
 /// kernel lets a test set mark and requires the two before it to be zero.
 fn run_with_mark(datapath: &Datapath, packet: &[u8], mark: u32) -> u32 {
-    let ctx: Vec<u8> = [0u32, 0, mark]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
+    let ctx: Vec<u8> = [0u32, 0, mark].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; packet.len() + 256];
     let options = TestRunOptions {
         data_in: Some(packet),
@@ -143,10 +135,7 @@ fn port_rule_diverts_only_its_port() {
         run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
         TC_ACT_REDIRECT
     );
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 1], 40001, 9090, true)),
-        TC_ACT_OK
-    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40001, 9090, true)), TC_ACT_OK);
     assert_eq!(
         run(&dp, &udp4([192, 0, 2, 1], 40000, 8080)),
         TC_ACT_OK,
@@ -191,14 +180,8 @@ fn prefix_rules_use_the_longest_match_and_rule_order() {
         TC_ACT_REDIRECT,
         "the /8 rule has no ports"
     );
-    assert_eq!(
-        run(&dp, &tcp4([198, 51, 100, 1], 40000, 443, true)),
-        TC_ACT_OK
-    );
-    assert_eq!(
-        run(&dp, &udp4([198, 51, 100, 1], 40000, 5500)),
-        TC_ACT_REDIRECT
-    );
+    assert_eq!(run(&dp, &tcp4([198, 51, 100, 1], 40000, 443, true)), TC_ACT_OK);
+    assert_eq!(run(&dp, &udp4([198, 51, 100, 1], 40000, 5500)), TC_ACT_REDIRECT);
     assert_eq!(
         run(&dp, &udp4([198, 51, 100, 1], 53, 5500)),
         TC_ACT_OK,
@@ -215,14 +198,8 @@ fn ipv6_rules() {
         spec(Some("icmp"), None, None, None),
     ]);
     let dp = datapath(set.rules());
-    let inside: [u8; 16] = "2001:db8::5"
-        .parse::<std::net::Ipv6Addr>()
-        .unwrap()
-        .octets();
-    let outside: [u8; 16] = "2001:db9::5"
-        .parse::<std::net::Ipv6Addr>()
-        .unwrap()
-        .octets();
+    let inside: [u8; 16] = "2001:db8::5".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let outside: [u8; 16] = "2001:db9::5".parse::<std::net::Ipv6Addr>().unwrap().octets();
     assert_eq!(run(&dp, &tcp6(inside, 8080)), TC_ACT_REDIRECT);
     assert_eq!(run(&dp, &tcp6(outside, 8080)), TC_ACT_OK);
     assert_eq!(run(&dp, &tcp6(inside, 8081)), TC_ACT_OK);
@@ -281,14 +258,8 @@ fn live_flows_keep_their_verdict_and_new_connections_see_new_rules() {
         TC_ACT_REDIRECT
     );
     // ...a new connection, even on the same ports, meets the new rules.
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
-        TC_ACT_OK
-    );
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
-        TC_ACT_OK
-    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)), TC_ACT_OK);
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)), TC_ACT_OK);
 }
 
 #[test]
@@ -327,10 +298,7 @@ fn stale_heartbeat_fails_open() {
         TC_ACT_OK,
         "cached flows too"
     );
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 1], 40001, 8080, true)),
-        TC_ACT_OK
-    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40001, 8080, true)), TC_ACT_OK);
     assert_eq!(dp.classifier_counters().fail_open, 2);
     dp.beat().unwrap();
     assert_eq!(
@@ -343,10 +311,7 @@ fn stale_heartbeat_fails_open() {
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn no_rules_pass_everything_and_junk_passes() {
     let dp = datapath(&[]);
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
-        TC_ACT_OK
-    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)), TC_ACT_OK);
     assert_eq!(run(&dp, &icmp4([192, 0, 2, 1])), TC_ACT_OK);
     let mut arp = vec![0u8; 42];
     arp[12] = 0x08;
@@ -363,15 +328,10 @@ fn rule_updates_reach_the_maps_in_place() {
     let mut set = rules(&[spec(Some("udp"), None, Some("53"), None)]);
     let mut dp = datapath(set.rules());
     assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 53)), TC_ACT_REDIRECT);
-    let (subset, via) = spec(None, Some("192.0.2.0/24"), None, None)
-        .parse()
-        .unwrap();
+    let (subset, via) = spec(None, Some("192.0.2.0/24"), None, None).parse().unwrap();
     set.add(subset, via).unwrap();
     dp.apply(&compile(set.rules())).unwrap();
-    assert_eq!(
-        run(&dp, &tcp4([192, 0, 2, 9], 40000, 22, true)),
-        TC_ACT_REDIRECT
-    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 9], 40000, 22, true)), TC_ACT_REDIRECT);
     assert_eq!(
         dp.cached_flow(&v4_key([192, 0, 2, 9], 6, 40000, 22))
             .unwrap()

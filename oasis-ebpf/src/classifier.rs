@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    Counters, FAMILY_V4, FAMILY_V6, FLOW_CACHE_ENTRIES, FlowEntry, FlowKey, MAX_RULES, PortBytes,
-    RULE_WORDS, RuleAction, RuleSet, Settings, Verdict, stat,
+    Counters, FAMILY_V4, FAMILY_V6, FLOW_CACHE_ENTRIES, FlowEntry, FlowKey, MAX_RULES, PortBytes, RULE_WORDS,
+    RuleAction, RuleSet, Settings, Verdict, stat,
 };
 
 const ETH_HLEN: usize = 14;
@@ -60,8 +60,7 @@ static ACTIONS: Array<RuleAction> = Array::with_max_entries(MAX_RULES as u32, 0)
 
 /// Packets and bytes per rule id; the broker creates an entry per rule.
 #[map(name = "OASIS_COUNTERS")]
-static COUNTERS: PerCpuHashMap<u32, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_RULES as u32, 0);
+static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES as u32, 0);
 
 #[map(name = "OASIS_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(FLOW_CACHE_ENTRIES, 0);
@@ -263,10 +262,7 @@ fn parse(ctx: &TcContext) -> Option<(FlowKey, bool)> {
 fn match_rules(key: &FlowKey) -> Option<RuleAction> {
     let mut set = *PROTO.get(key.proto as u32)?;
     let by_dst = if key.family == FAMILY_V4 {
-        DST_V4.get(Key::new(
-            32,
-            [key.dst[0], key.dst[1], key.dst[2], key.dst[3]],
-        ))?
+        DST_V4.get(Key::new(32, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]]))?
     } else {
         DST_V6.get(Key::new(128, key.dst))?
     };

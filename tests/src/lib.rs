@@ -204,23 +204,9 @@ impl Topology {
         }
         r.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         r.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-        c.run(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            ROUTER_CLIENT_SIDE_V4,
-        ]);
+        c.run(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE_V4]);
         c.run(&["ip", "-6", "route", "add", "default", "via", "fd77:1::1"]);
-        s.run(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            ROUTER_SERVER_SIDE_V4,
-        ]);
+        s.run(&["ip", "route", "add", "default", "via", ROUTER_SERVER_SIDE_V4]);
         s.run(&["ip", "-6", "route", "add", "default", "via", "fd77:2::1"]);
     }
 
@@ -233,9 +219,7 @@ impl Topology {
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {args:?}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {args:?}: {e}"));
         self.processes.push(Process {
             name: name.into(),
             child: Some(child),
@@ -292,11 +276,7 @@ impl Topology {
                c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()\n"
         );
         let server = self.server.clone();
-        self.spawn(
-            &server,
-            &format!("echo-{port}"),
-            &["python3", "-c", &script],
-        );
+        self.spawn(&server, &format!("echo-{port}"), &["python3", "-c", &script]);
         wait_for_listener(&self.server, port);
     }
 
@@ -319,9 +299,7 @@ impl Topology {
             host.to_string()
         };
         let url = format!("http://{host}:{port}/hello.txt");
-        let output = self
-            .client
-            .output(&["curl", "-sS", "--max-time", "3", &url]);
+        let output = self.client.output(&["curl", "-sS", "--max-time", "3", &url]);
         output
             .status
             .success()

@@ -48,9 +48,7 @@ fn add_rule(daemon: &Daemon, topology: &Topology, args: &[&str]) -> u64 {
     let mut full = vec!["rule", "add"];
     full.extend_from_slice(args);
     full.push("--json");
-    daemon.json(topology, &full)["id"]
-        .as_u64()
-        .expect("rule id")
+    daemon.json(topology, &full)["id"].as_u64().expect("rule id")
 }
 
 #[test]
@@ -125,10 +123,7 @@ fn bulk_upload_through_the_broker() {
     let received = report["end"]["sum_received"]["bytes"]
         .as_u64()
         .expect("bytes received");
-    assert!(
-        received > 1_000_000,
-        "the upload moved only {received} bytes"
-    );
+    assert!(received > 1_000_000, "the upload moved only {received} bytes");
     let status = status(&daemon, &net);
     assert!(
         status["tun"]["diverted_bytes"].as_u64().unwrap() >= received,
@@ -176,15 +171,11 @@ fn killed_daemon_fails_open_within_five_seconds() {
             break;
         }
     }
-    let recovered =
-        recovered.expect("traffic on the diverted port did not flow again within 5 s of kill -9");
+    let recovered = recovered.expect("traffic on the diverted port did not flow again within 5 s of kill -9");
     println!("traffic flowed again {recovered:?} after kill -9");
     // Nothing of the dead daemon is left to divert: no TUN.
     let links = net.client.run(&["ip", "-o", "link"]);
-    assert!(
-        !links.contains("oasis0"),
-        "the TUN outlived the daemon: {links}"
-    );
+    assert!(!links.contains("oasis0"), "the TUN outlived the daemon: {links}");
 }
 
 #[test]
@@ -192,11 +183,7 @@ fn killed_daemon_fails_open_within_five_seconds() {
 fn restart_restores_rules_from_the_config() {
     let mut net = Topology::new();
     let daemon = diverting_web(&mut net);
-    add_rule(
-        &daemon,
-        &net,
-        &["--dst", "203.0.113.0/24", "--via", "underlay"],
-    );
+    add_rule(&daemon, &net, &["--dst", "203.0.113.0/24", "--via", "underlay"]);
     let rules_before = daemon.json(&net, &["rule", "list", "--json"]);
 
     assert!(
@@ -227,10 +214,7 @@ fn restart_restores_rules_from_the_config() {
     assert_eq!(ids(&rules_after), ids(&rules_before));
     let before = diverted(&daemon, &net);
     assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
-    assert!(
-        diverted(&daemon, &net) > before,
-        "the restored rule diverts"
-    );
+    assert!(diverted(&daemon, &net) > before, "the restored rule diverts");
 }
 
 #[test]
@@ -285,10 +269,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             .len(),
         1
     );
-    assert_eq!(
-        std::fs::read_to_string(&daemon.config).unwrap(),
-        config_before
-    );
+    assert_eq!(std::fs::read_to_string(&daemon.config).unwrap(), config_before);
 
     net.process("oasis").terminate(Duration::from_secs(10));
     let output = daemon.cli(&net, &["status"]);

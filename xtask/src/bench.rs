@@ -76,9 +76,7 @@ struct Measured {
 pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
     crate::setup::ensure()?;
     if !crate::is_root() {
-        bail!(
-            "the benchmark creates network namespaces and needs root: `sudo -E cargo xtask bench`"
-        );
+        bail!("the benchmark creates network namespaces and needs root: `sudo -E cargo xtask bench`");
     }
     let oasis = crate::build_oasis(true)?;
     // SAFETY: xtask is single-threaded at this point.
@@ -242,8 +240,8 @@ fn sockperf_rtt(net: &Topology, seconds: u32) -> anyhow::Result<(f64, f64)> {
         &seconds.to_string(),
         "--full-rtt",
     ]);
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     let percentile = |p: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.contains(&format!("percentile {p} =")))
@@ -292,20 +290,10 @@ fn figures(measured: &[Measured]) -> Vec<Figure> {
         if let Some(cpu) = m.broker_cpu {
             out.push(figure("broker_cpu", cpu, "% of one core", None));
         }
-        out.push(figure(
-            "udp_rtt_p50",
-            m.rtt_p50_us,
-            "us",
-            Some(base.rtt_p50_us),
-        ));
+        out.push(figure("udp_rtt_p50", m.rtt_p50_us, "us", Some(base.rtt_p50_us)));
         out.push(figure("udp_rtt_p50_min", m.rtt_p50_spread.0, "us", None));
         out.push(figure("udp_rtt_p50_max", m.rtt_p50_spread.1, "us", None));
-        out.push(figure(
-            "udp_rtt_p99",
-            m.rtt_p99_us,
-            "us",
-            Some(base.rtt_p99_us),
-        ));
+        out.push(figure("udp_rtt_p99", m.rtt_p99_us, "us", Some(base.rtt_p99_us)));
         if compared {
             out.push(Figure {
                 scenario: scenario.name.into(),
@@ -353,12 +341,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     field(11) + field(12)
 }
 

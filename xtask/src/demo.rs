@@ -32,19 +32,10 @@ pub fn run() -> anyhow::Result<()> {
     show(
         &daemon,
         &net,
-        &[
-            "rule",
-            "add",
-            "--dst",
-            "203.0.113.0/24",
-            "--via",
-            "underlay",
-        ],
+        &["rule", "add", "--dst", "203.0.113.0/24", "--via", "underlay"],
     );
 
-    println!(
-        "\n== curl http://{SERVER_V4}:8080/hello.txt  (claimed by rule 1: through the broker)"
-    );
+    println!("\n== curl http://{SERVER_V4}:8080/hello.txt  (claimed by rule 1: through the broker)");
     for _ in 0..3 {
         match net.http_get(SERVER_V4, 8080) {
             Some(body) => print!("   {body}"),
@@ -60,9 +51,7 @@ pub fn run() -> anyhow::Result<()> {
     show(&daemon, &net, &["rule", "list"]);
     show(&daemon, &net, &["status"]);
 
-    println!(
-        "\n== kill -9 the daemon: the kernel detaches the classifier, traffic flows as before"
-    );
+    println!("\n== kill -9 the daemon: the kernel detaches the classifier, traffic flows as before");
     net.process("oasis").kill_hard();
     std::thread::sleep(Duration::from_millis(200));
     match net.http_get(SERVER_V4, 8080) {

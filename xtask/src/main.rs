@@ -202,7 +202,9 @@ mod tests {
     #[test]
     fn totals_add_up_result_lines() {
         let mut totals = TestTotals::default();
-        totals.add_result_line("test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.84s");
+        totals.add_result_line(
+            "test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.84s",
+        );
         totals.add_result_line(
             "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
         );

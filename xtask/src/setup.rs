@@ -41,10 +41,7 @@ fn steps() -> Vec<Step> {
         },
         Step {
             what: "rust-src for the nightly (core for the BPF target)",
-            done: || {
-                nightly_sysroot()
-                    .is_some_and(|s| s.join("lib/rustlib/src/rust/library/core").exists())
-            },
+            done: || nightly_sysroot().is_some_and(|s| s.join("lib/rustlib/src/rust/library/core").exists()),
             install: || {
                 run_loud(
                     "rustup",

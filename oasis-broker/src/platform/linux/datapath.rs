@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
-use aya::maps::{
-    Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::ProgramError;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::tc::{SchedClassifier, TcAttachType};
 use oasis_common::{
-    Counters, EGRESS_PROGRAM, FlowEntry, FlowKey, MAX_RULES, PortBytes, RuleAction, RuleSet,
-    Settings, maps, stat,
+    Counters, EGRESS_PROGRAM, FlowEntry, FlowKey, MAX_RULES, PortBytes, RuleAction, RuleSet, Settings, maps,
+    stat,
 };
 
 use crate::compile::{MapImage, Prefix};
@@ -141,8 +139,8 @@ impl Datapath {
             .ok_or(DatapathError::Missing(EGRESS_PROGRAM))?
             .try_into()
             .map_err(DatapathError::Program)?;
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        let tcx =
+            aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         if !tcx {
             // Older kernels attach through a clsact qdisc; it may exist already.
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
@@ -150,11 +148,7 @@ impl Datapath {
         let link = program
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
-        let mode = if tcx {
-            "tcx egress"
-        } else {
-            "tc egress (clsact)"
-        };
+        let mode = if tcx { "tcx egress" } else { "tc egress (clsact)" };
         self.links.push((iface.to_string(), ifindex, mode, link));
         Ok(())
     }
@@ -190,9 +184,7 @@ impl Datapath {
 
     /// Writes a heartbeat time directly (tests use it to age the broker).
     pub fn set_heartbeat(&mut self, ns: u64) -> Result<(), DatapathError> {
-        self.heartbeat
-            .set(0, ns, 0)
-            .map_err(map_error(maps::HEARTBEAT))
+        self.heartbeat.set(0, ns, 0).map_err(map_error(maps::HEARTBEAT))
     }
 
     pub fn heartbeat_age(&self) -> Duration {
@@ -212,13 +204,12 @@ impl Datapath {
             .collect();
         let new_ids: Vec<u32> = image.actions.iter().map(|a| a.rule_id).collect();
         for id in new_ids.iter().filter(|id| !old_ids.contains(id)) {
-            let zero =
-                PerCpuValues::try_from(vec![Counters::default(); self.cpus]).map_err(|e| {
-                    DatapathError::Map {
-                        map: maps::COUNTERS,
-                        source: MapError::IoError(e),
-                    }
-                })?;
+            let zero = PerCpuValues::try_from(vec![Counters::default(); self.cpus]).map_err(|e| {
+                DatapathError::Map {
+                    map: maps::COUNTERS,
+                    source: MapError::IoError(e),
+                }
+            })?;
             self.counters
                 .insert(id, zero, 0)
                 .map_err(map_error(maps::COUNTERS))?;
@@ -247,10 +238,8 @@ impl Datapath {
             .map_err(map_error(maps::PORTLESS))?;
         let empty = MapImage::default();
         let old_ref = old.as_ref().unwrap_or(&empty);
-        sync_trie(&mut self.dst_v4, &old_ref.dst_v4, &image.dst_v4)
-            .map_err(map_error(maps::DST_V4))?;
-        sync_trie(&mut self.dst_v6, &old_ref.dst_v6, &image.dst_v6)
-            .map_err(map_error(maps::DST_V6))?;
+        sync_trie(&mut self.dst_v4, &old_ref.dst_v4, &image.dst_v4).map_err(map_error(maps::DST_V4))?;
+        sync_trie(&mut self.dst_v6, &old_ref.dst_v6, &image.dst_v6).map_err(map_error(maps::DST_V6))?;
         sync_trie(&mut self.dport, &old_ref.dport, &image.dport).map_err(map_error(maps::DPORT))?;
         sync_trie(&mut self.sport, &old_ref.sport, &image.sport).map_err(map_error(maps::SPORT))?;
         for id in old_ids.iter().filter(|id| !new_ids.contains(id)) {
@@ -274,12 +263,7 @@ impl Datapath {
     }
 
     pub fn classifier_counters(&self) -> ClassifierCounters {
-        let sum = |index: u32| -> u64 {
-            self.stats
-                .get(&index, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0)
-        };
+        let sum = |index: u32| -> u64 { self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         ClassifierCounters {
             bypassed: sum(stat::BYPASSED),
             fail_open: sum(stat::FAIL_OPEN),

@@ -3,16 +3,22 @@
 //! is a tight read-decide-send loop where a wake-up per batch is all the
 //! scheduling needed.
 
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use socket2::Socket;
 use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::control::BrokerCounters;
 use crate::flow::{FlowTable, flow_key, routable};
+use crate::overlay::{JoinedOverlay, OverlayTable};
+use crate::packet::clamp_mss;
 use crate::rules::{Carrier, RuleSet};
 
+use super::mmsg::SendBatch;
 use super::underlay::Underlay;
 
 /// Counters shared by all packet threads.
@@ -20,10 +26,15 @@ use super::underlay::Underlay;
 pub struct ForwardStats {
     pub received: AtomicU64,
     pub sent_underlay: AtomicU64,
+    pub sent_overlay: AtomicU64,
     pub send_errors: AtomicU64,
     pub malformed: AtomicU64,
     pub unroutable: AtomicU64,
+    pub no_carrier: AtomicU64,
     pub flows: AtomicU64,
+    pub overlay_received: AtomicU64,
+    pub rejected_sender: AtomicU64,
+    pub rejected_destination: AtomicU64,
 }
 
 impl ForwardStats {
@@ -31,27 +42,52 @@ impl ForwardStats {
         BrokerCounters {
             received: self.received.load(Relaxed),
             sent_underlay: self.sent_underlay.load(Relaxed),
+            sent_overlay: self.sent_overlay.load(Relaxed),
             send_errors: self.send_errors.load(Relaxed),
             malformed: self.malformed.load(Relaxed),
             unroutable: self.unroutable.load(Relaxed),
+            no_carrier: self.no_carrier.load(Relaxed),
             flows: self.flows.load(Relaxed),
+            overlay_received: self.overlay_received.load(Relaxed),
+            rejected_sender: self.rejected_sender.load(Relaxed),
+            rejected_destination: self.rejected_destination.load(Relaxed),
         }
     }
 }
 
-/// The rule list as the packet threads see it; swapped whole on change.
-pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
+/// Something the packet threads read often and the daemon swaps whole.
+pub type Shared<T> = Arc<RwLock<Arc<T>>>;
+
+pub fn snapshot<T>(shared: &Shared<T>) -> Arc<T> {
+    shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The UDP sockets on the overlay standard port, one per family.
+pub struct OverlaySockets {
+    pub v4: Socket,
+    pub v6: Socket,
+}
 
 const FLOW_CAPACITY: usize = 262_144;
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
 const SEGMENT_BUFFER: usize = 65_536;
 
 pub struct Forwarder {
-    pub device: SyncDevice,
+    pub device: Arc<SyncDevice>,
     pub underlay: Arc<Underlay>,
-    pub rules: SharedRules,
+    pub overlay_sockets: Arc<OverlaySockets>,
+    pub rules: Shared<RuleSet>,
+    pub overlays: Shared<OverlayTable>,
     pub stats: Arc<ForwardStats>,
     pub flow_idle: Duration,
+    pub uplink_mtu: u16,
+}
+
+/// Where one packet of a batch goes.
+enum Route {
+    Underlay,
+    Overlay(Arc<JoinedOverlay>, SocketAddr),
+    Drop,
 }
 
 impl Forwarder {
@@ -61,13 +97,11 @@ impl Forwarder {
         let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + SEGMENT_BUFFER];
         let mut segments = vec![vec![0u8; SEGMENT_BUFFER]; IDEAL_BATCH_SIZE];
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut routes: Vec<Route> = Vec::with_capacity(IDEAL_BATCH_SIZE);
         let mut last_expiry = Instant::now();
         let mut consecutive_errors = 0u32;
         loop {
-            let count = match self
-                .device
-                .recv_multiple(&mut raw, &mut segments, &mut sizes, 0)
-            {
+            let count = match self.device.recv_multiple(&mut raw, &mut segments, &mut sizes, 0) {
                 Ok(count) => {
                     consecutive_errors = 0;
                     count
@@ -88,38 +122,53 @@ impl Forwarder {
             let now = Instant::now();
             let flows_before = flows.len();
             self.stats.received.fetch_add(count as u64, Relaxed);
-            let mut underlay_batch: Vec<&[u8]> = Vec::with_capacity(count);
-            for (segment, &size) in segments.iter().zip(&sizes).take(count) {
-                let packet = &segment[..size];
-                let Some(key) = flow_key(packet) else {
-                    self.stats.malformed.fetch_add(1, Relaxed);
-                    continue;
-                };
-                if !routable(&key) {
-                    self.stats.unroutable.fetch_add(1, Relaxed);
-                    continue;
+            let overlays = snapshot(&self.overlays);
+
+            // First pass: decide, and clamp the MSS of SYNs that go into an
+            // overlay (it needs the packet mutable).
+            routes.clear();
+            for (segment, &size) in segments.iter_mut().zip(&sizes).take(count) {
+                let packet = &mut segment[..size];
+                let route = self.route(packet, &mut flows, &overlays, now);
+                if let Route::Overlay(overlay, entry) = &route {
+                    let max_mss = overlay.max_mss(self.uplink_mtu, packet[0] >> 4 == 6, entry.is_ipv6());
+                    clamp_mss(packet, max_mss);
                 }
-                let state = flows.carrier(key, now, |key| {
-                    let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    let decision = match rules.first_match(key) {
-                        Some(rule) => (Some(rule.id), rule.via.clone()),
-                        // The classifier pinned this flow to a rule since
-                        // deleted: keep it on the plain path.
-                        None => (None, Carrier::Underlay),
-                    };
-                    tracing::debug!(flow = %describe(key), rule = ?decision.0, carrier = %decision.1, "new flow");
-                    decision
-                });
-                match &state.carrier {
-                    Carrier::Underlay => underlay_batch.push(packet),
-                    // Overlay carriers arrive with overlay support; until a
-                    // rule can name one, do no harm and use the underlay.
-                    Carrier::Overlay(_) => underlay_batch.push(packet),
+                routes.push(route);
+            }
+
+            // Second pass: batch by carrier and send.
+            let mut underlay_batch: Vec<&[u8]> = Vec::with_capacity(count);
+            let mut overlay_v4 = SendBatch::default();
+            let mut overlay_v6 = SendBatch::default();
+            for ((segment, &size), route) in segments.iter().zip(&sizes).zip(&routes) {
+                let packet = &segment[..size];
+                match route {
+                    Route::Underlay => underlay_batch.push(packet),
+                    Route::Overlay(overlay, entry) => {
+                        overlay.sent.fetch_add(1, Relaxed);
+                        let batch = if entry.is_ipv4() {
+                            &mut overlay_v4
+                        } else {
+                            &mut overlay_v6
+                        };
+                        batch.push(&overlay.shim, packet, *entry);
+                    }
+                    Route::Drop => {}
                 }
             }
             let (sent, failed) = self.underlay.send_batch(&underlay_batch);
             self.stats.sent_underlay.fetch_add(sent as u64, Relaxed);
             self.stats.send_errors.fetch_add(failed as u64, Relaxed);
+            for (batch, socket) in [
+                (&overlay_v4, &self.overlay_sockets.v4),
+                (&overlay_v6, &self.overlay_sockets.v6),
+            ] {
+                let (sent, failed) = batch.send(socket.as_raw_fd());
+                self.stats.sent_overlay.fetch_add(sent as u64, Relaxed);
+                self.stats.send_errors.fetch_add(failed as u64, Relaxed);
+            }
+
             if now.duration_since(last_expiry) > EXPIRY_INTERVAL {
                 flows.expire(now);
                 last_expiry = now;
@@ -137,9 +186,43 @@ impl Forwarder {
             }
         }
     }
+
+    fn route(&self, packet: &[u8], flows: &mut FlowTable, overlays: &OverlayTable, now: Instant) -> Route {
+        let Some(key) = flow_key(packet) else {
+            self.stats.malformed.fetch_add(1, Relaxed);
+            return Route::Drop;
+        };
+        if !routable(&key) {
+            self.stats.unroutable.fetch_add(1, Relaxed);
+            return Route::Drop;
+        }
+        let state = flows.carrier(key, now, |key| {
+            let rules = snapshot(&self.rules);
+            let decision = match rules.first_match(key) {
+                Some(rule) => (Some(rule.id), rule.via.clone()),
+                // The classifier pinned this flow to a rule since deleted:
+                // keep it on the plain path.
+                None => (None, Carrier::Underlay),
+            };
+            tracing::debug!(flow = %describe(key), rule = ?decision.0, carrier = %decision.1, "new flow");
+            decision
+        });
+        match &state.carrier {
+            Carrier::Underlay => Route::Underlay,
+            Carrier::Overlay(name) => match overlays.get(name) {
+                Some(overlay) => Route::Overlay(overlay.clone(), overlay.entry_for(&key)),
+                // Its overlay is gone: the flow cannot continue where it
+                // started, and moving it would change its source address.
+                None => {
+                    self.stats.no_carrier.fetch_add(1, Relaxed);
+                    Route::Drop
+                }
+            },
+        }
+    }
 }
 
-/// `tcp 10.0.0.2:40000 -> 192.0.2.1:80`, for logs.
+/// `proto 6 10.0.0.2:40000 -> 192.0.2.1:80`, for logs.
 fn describe(key: &oasis_common::FlowKey) -> String {
     use std::net::IpAddr;
     let (src, dst): (IpAddr, IpAddr) = if key.family == oasis_common::FAMILY_V4 {
@@ -150,8 +233,5 @@ fn describe(key: &oasis_common::FlowKey) -> String {
     } else {
         (IpAddr::from(key.src), IpAddr::from(key.dst))
     };
-    format!(
-        "proto {} {src}:{} -> {dst}:{}",
-        key.proto, key.sport, key.dport
-    )
+    format!("proto {} {src}:{} -> {dst}:{}", key.proto, key.sport, key.dport)
 }

@@ -2,6 +2,9 @@
 //! sockets and interface discovery.
 pub mod datapath;
 pub mod forward;
+pub mod local_addrs;
+pub mod mmsg;
+pub mod overlay_rx;
 pub mod tun;
 pub mod underlay;
 pub mod uplink;

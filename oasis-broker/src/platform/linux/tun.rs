@@ -26,9 +26,21 @@ impl Tun {
             .multi_queue(queues > 1)
             .enable(false)
             .build_sync()?;
-        // No IPv6 on the TUN before it goes up: no link-local address and no
-        // router solicitation of its own for the broker to read.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // Before it goes up: IPv6 stays on, so packets returned by overlays
+        // can be delivered through the TUN, but without any address, so the
+        // host sends nothing of its own into it (no link-local address means
+        // no DAD, no router solicitation, no MLD report).
+        let sysctl = |family: &str, key: &str, value: &str| {
+            let path = format!("/proc/sys/net/{family}/conf/{name}/{key}");
+            if let Err(e) = std::fs::write(&path, value) {
+                tracing::warn!(%path, "cannot set: {e}");
+            }
+        };
+        sysctl("ipv6", "addr_gen_mode", "1");
+        sysctl("ipv6", "accept_ra", "0");
+        // Returned packets come from remote sources that route via the
+        // uplink, not the TUN: loose reverse-path checking lets them in.
+        sysctl("ipv4", "rp_filter", "2");
         first.enabled(true)?;
         let ifindex = first.if_index()?;
         let mut handles = vec![first];

@@ -3,20 +3,18 @@
 //! sockets carry the bypass mark so the classifier lets them through.
 
 use std::io;
-use std::mem::zeroed;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::mmsg::SendBatch;
 
 /// One raw socket per address family.
 pub struct Underlay {
     v4: Socket,
     v6: Socket,
 }
-
-/// Most packets handed to `sendmmsg` at once.
-pub const MAX_BATCH: usize = 128;
 
 impl Underlay {
     pub fn open(bypass_mark: u32) -> io::Result<Underlay> {
@@ -38,25 +36,19 @@ impl Underlay {
     /// how many were sent and how many failed; a failure is one packet lost,
     /// as on any router, never a reason to stop.
     pub fn send_batch(&self, packets: &[&[u8]]) -> (usize, usize) {
-        let mut sent = 0;
+        let mut v4 = SendBatch::default();
+        let mut v6 = SendBatch::default();
         let mut failed = 0;
-        for chunk in packets.chunks(MAX_BATCH) {
-            let mut v4 = Batch::default();
-            let mut v6 = Batch::default();
-            for packet in chunk {
-                match destination(packet) {
-                    Some(SocketAddr::V4(addr)) => v4.push(packet, SockAddr::from(addr)),
-                    Some(SocketAddr::V6(addr)) => v6.push(packet, SockAddr::from(addr)),
-                    None => failed += 1,
-                }
-            }
-            for (batch, socket) in [(&mut v4, &self.v4), (&mut v6, &self.v6)] {
-                let (ok, err) = batch.send(socket.as_raw_fd());
-                sent += ok;
-                failed += err;
+        for packet in packets {
+            match destination(packet) {
+                Some(addr @ SocketAddr::V4(_)) => v4.push(&[], packet, addr),
+                Some(addr @ SocketAddr::V6(_)) => v6.push(&[], packet, addr),
+                None => failed += 1,
             }
         }
-        (sent, failed)
+        let (sent4, failed4) = v4.send(self.v4.as_raw_fd());
+        let (sent6, failed6) = v6.send(self.v6.as_raw_fd());
+        (sent4 + sent6, failed + failed4 + failed6)
     }
 }
 
@@ -75,60 +67,6 @@ fn destination(packet: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-#[derive(Default)]
-struct Batch<'a> {
-    packets: Vec<&'a [u8]>,
-    addrs: Vec<SockAddr>,
-}
-
-impl<'a> Batch<'a> {
-    fn push(&mut self, packet: &'a [u8], addr: SockAddr) {
-        self.packets.push(packet);
-        self.addrs.push(addr);
-    }
-
-    /// One `sendmmsg` for the whole batch, retried past a failing packet.
-    fn send(&mut self, fd: RawFd) -> (usize, usize) {
-        let mut iovecs: Vec<libc::iovec> = self
-            .packets
-            .iter()
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut _,
-                iov_len: p.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
-        let mut headers: Vec<libc::mmsghdr> = (0..self.packets.len())
-            .map(|_| unsafe { zeroed() })
-            .collect();
-        for (i, header) in headers.iter_mut().enumerate() {
-            header.msg_hdr.msg_name = self.addrs[i].as_ptr() as *mut _;
-            header.msg_hdr.msg_namelen = self.addrs[i].len();
-            header.msg_hdr.msg_iov = &mut iovecs[i];
-            header.msg_hdr.msg_iovlen = 1;
-        }
-        let (mut sent, mut failed, mut start) = (0, 0, 0);
-        while start < headers.len() {
-            let remaining = &mut headers[start..];
-            // SAFETY: `remaining` points at initialised headers whose buffers live in self.
-            let n =
-                unsafe { libc::sendmmsg(fd, remaining.as_mut_ptr(), remaining.len() as u32, 0) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // The first packet of the rest failed: count it, go on.
-                failed += 1;
-                start += 1;
-            } else {
-                sent += n as usize;
-                start += n as usize;
-            }
-        }
-        (sent, failed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,12 +77,7 @@ mod tests {
         v4[16..20].copy_from_slice(&[198, 51, 100, 7]);
         assert_eq!(destination(&v4), Some("198.51.100.7:0".parse().unwrap()));
         let mut v6 = vec![0x60u8; 40];
-        v6[24..40].copy_from_slice(
-            &"2001:db8::9"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets(),
-        );
+        v6[24..40].copy_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
         assert_eq!(destination(&v6), Some("[2001:db8::9]:0".parse().unwrap()));
         assert_eq!(destination(&[0x45, 0, 0]), None);
         assert_eq!(destination(&[]), None);

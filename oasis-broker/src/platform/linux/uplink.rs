@@ -20,8 +20,7 @@ fn v4_defaults(table: &str) -> Vec<String> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let (iface, dest, mask) = (fields.first()?, fields.get(1)?, fields.get(7)?);
-            (*dest == "00000000" && *mask == "00000000" && *iface != "lo")
-                .then(|| iface.to_string())
+            (*dest == "00000000" && *mask == "00000000" && *iface != "lo").then(|| iface.to_string())
         })
         .collect()
 }
