@@ -225,6 +225,29 @@ pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
     false
 }
 
+/// Source and destination port of a TCP or UDP packet; for ICMP echo the
+/// identifier stands in for both.
+pub fn ports(packet: &[u8]) -> Option<(u16, u16)> {
+    let layout = layout(packet).ok()?;
+    match layout.proto {
+        TCP | UDP => {
+            let l4 = packet.get(layout.l4..layout.l4 + 4)?;
+            Some((
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            ))
+        }
+        ICMP | ICMPV6 => echo_id(packet).map(|(_, id)| (id, id)),
+        _ => None,
+    }
+}
+
+/// Whether a TCP packet carries FIN or RST (its connection is ending).
+pub fn tcp_closing(packet: &[u8]) -> bool {
+    let Ok(layout) = layout(packet) else { return false };
+    layout.proto == TCP && packet.get(layout.l4 + 13).is_some_and(|flags| flags & 0x05 != 0)
+}
+
 /// The source and destination addresses of a raw IP packet.
 pub fn addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     match packet.first()? >> 4 {

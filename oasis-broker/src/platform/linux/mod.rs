@@ -1,6 +1,7 @@
 //! Linux: eBPF classifier maps and links, the TUN device, the underlay raw
 //! sockets and interface discovery.
 pub mod datapath;
+pub mod exit_steer;
 pub mod forward;
 pub mod local_addrs;
 pub mod mmsg;

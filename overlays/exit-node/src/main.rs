@@ -1,0 +1,425 @@
+//! `oasis-exit`: an overlay exit node. Authorised Oasis clients send it
+//! packets as UDP datagrams `[shim][IP packet]`; it sends them on toward
+//! their legacy destinations from its own address (NAT for TCP, UDP and
+//! ICMP echo) and returns the replies the same way. It is not an open
+//! relay: only the listed client prefixes (and tokens) are served.
+
+mod clients;
+mod nat;
+mod sched;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Serialize;
+
+use clients::{Client, authorised, lookup};
+use nat::{Nat, NatConfig, NatError};
+use sched::PriorityQueues;
+
+/// An Oasis overlay exit node.
+///
+/// Example: oasis-exit --uplink eth0 --public 198.51.100.2 --client 10.1.0.0/16 --client 192.0.2.7,class=1
+#[derive(Parser, Debug)]
+#[command(name = "oasis-exit", version)]
+struct Args {
+    /// UDP address clients send to (repeat for IPv4 and IPv6).
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: Vec<SocketAddr>,
+    /// The interface toward the Internet; replies to NATed flows are taken
+    /// off it before the host's own stack sees them.
+    #[arg(long)]
+    uplink: String,
+    /// The exit's public address(es), at most one IPv4 and one IPv6:
+    /// packets leave from it.
+    #[arg(long, required = true)]
+    public: Vec<IpAddr>,
+    /// Who may use the exit: PREFIX[,class=N][,token=HEX]. Class 0 is
+    /// served first; a token must match the start of the client's shim.
+    #[arg(long = "client", required = true, value_parser = clap::value_parser!(Client))]
+    clients: Vec<Client>,
+    /// Ports (and ICMP echo identifiers) the NAT gives out.
+    #[arg(long, default_value = "40000-59999", value_parser = parse_range)]
+    nat_ports: RangeInclusive<u16>,
+    /// Most flows at once; new flows are refused beyond it.
+    #[arg(long, default_value_t = 65_536)]
+    max_flows: usize,
+    /// The overlay's shim length: bytes before each packet, both ways.
+    #[arg(long, default_value_t = 0)]
+    shim_len: usize,
+    /// Priority classes; a client's class beyond the last counts as the last.
+    #[arg(long, default_value_t = 4)]
+    classes: usize,
+    /// Packets each class may have waiting.
+    #[arg(long, default_value_t = 4096)]
+    queue: usize,
+    /// The TUN device replies arrive on.
+    #[arg(long, default_value = "oasisx0")]
+    tun: String,
+    /// Write counters (per client and class) here as JSON, every second.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+}
+
+fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = text.split_once('-').ok_or("give a range such as 40000-59999")?;
+    let (a, b): (u16, u16) = (
+        a.parse().map_err(|_| "bad first port")?,
+        b.parse().map_err(|_| "bad last port")?,
+    );
+    if a == 0 || a > b {
+        return Err("the range must be non-empty and start at 1 or above".into());
+    }
+    Ok(a..=b)
+}
+
+#[derive(Serialize, Default, Debug, Clone)]
+struct Traffic {
+    packets: u64,
+    bytes: u64,
+}
+
+impl Traffic {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+#[derive(Serialize, Default, Debug, Clone)]
+struct ClientStats {
+    class: u8,
+    to_internet: Traffic,
+    to_client: Traffic,
+    /// Dropped because the client's class queue was full.
+    dropped: u64,
+}
+
+#[derive(Serialize, Default, Debug, Clone)]
+struct ExitStats {
+    clients: BTreeMap<String, ClientStats>,
+    classes: BTreeMap<u8, ClientStats>,
+    /// Datagrams from senders not on the client list.
+    refused_unknown_sender: u64,
+    /// Datagrams whose shim did not carry the client's token.
+    refused_token: u64,
+    /// Packets the NAT refused, by reason.
+    nat_refused: BTreeMap<String, u64>,
+    /// Replies that matched no mapping (dropped; the host's own stack never
+    /// sees them, so it sends no resets).
+    unknown_replies: u64,
+    nat_flows: usize,
+}
+
+struct Core {
+    nat: Nat,
+    stats: ExitStats,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    run(args)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    use oasis_broker::platform::linux::exit_steer::ExitSteering;
+    use oasis_broker::platform::linux::tun::{Tun, uplink_mtu};
+    use oasis_broker::platform::linux::underlay::Underlay;
+
+    let public_v4 = args.public.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        _ => None,
+    });
+    let public_v6 = args.public.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(*v6),
+        _ => None,
+    });
+    if args.shim_len > oasis_broker::overlay::MAX_SHIM_LEN {
+        bail!(
+            "--shim-len must be at most {}",
+            oasis_broker::overlay::MAX_SHIM_LEN
+        );
+    }
+
+    let mtu = uplink_mtu(std::slice::from_ref(&args.uplink));
+    let tun =
+        Tun::create(&args.tun, 1, mtu).with_context(|| format!("creating TUN {} (run as root)", args.tun))?;
+    let settings = oasis_common::ExitSettings {
+        v4: public_v4.map(|a| a.octets()).unwrap_or_default(),
+        v6: public_v6.map(|a| a.octets()).unwrap_or_default(),
+        has_v4: u8::from(public_v4.is_some()),
+        has_v6: u8::from(public_v6.is_some()),
+        _pad: [0; 2],
+        port_first: *args.nat_ports.start(),
+        port_last: *args.nat_ports.end(),
+        tun_ifindex: tun.ifindex,
+    };
+    let _steering = ExitSteering::attach(oasis_broker::EBPF_OBJECT, &args.uplink, settings)
+        .with_context(|| format!("steering replies on {}", args.uplink))?;
+    let raw = Arc::new(Underlay::open(0).context("opening raw sockets (run as root)")?);
+
+    let mut nat_config = NatConfig::new(public_v4, public_v6, args.nat_ports.clone());
+    nat_config.max_flows = args.max_flows;
+    let core = Arc::new(Mutex::new(Core {
+        nat: Nat::new(nat_config),
+        stats: ExitStats::default(),
+    }));
+    let clients = Arc::new(args.clients.clone());
+
+    let mut sockets = Vec::new();
+    for listen in &args.listen {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(*listen), socket2::Type::DGRAM, None)?;
+        if listen.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_recv_buffer_size(8 << 20)?;
+        socket.set_send_buffer_size(8 << 20)?;
+        socket
+            .bind(&(*listen).into())
+            .with_context(|| format!("binding {listen}"))?;
+        sockets.push(Arc::new(socket));
+    }
+
+    let mut threads = Vec::new();
+    for socket in &sockets {
+        let (socket, core, clients, raw) = (socket.clone(), core.clone(), clients.clone(), raw.clone());
+        let (shim_len, classes, queue) = (args.shim_len, args.classes, args.queue);
+        threads.push(std::thread::spawn(move || {
+            to_internet(&socket, &core, &clients, &raw, shim_len, classes, queue)
+        }));
+    }
+    {
+        let (core, device) = (core.clone(), tun.queues.into_iter().next().context("TUN queue")?);
+        let sockets = sockets.clone();
+        let shim = vec![0u8; args.shim_len];
+        threads.push(std::thread::spawn(move || {
+            to_clients(&device, &core, &sockets, &shim)
+        }));
+    }
+    tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
+
+    let mut last_log = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let stats = {
+            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+            core.nat.expire(Instant::now());
+            core.stats.nat_flows = core.nat.len();
+            core.stats.clone()
+        };
+        if let Some(path) = &args.stats_file {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, serde_json::to_vec_pretty(&stats)?).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+        if last_log.elapsed() > Duration::from_secs(30) {
+            tracing::info!(
+                flows = stats.nat_flows,
+                clients = stats.clients.len(),
+                "exit counters: {:?}",
+                stats.classes
+            );
+            last_log = Instant::now();
+        }
+        if threads.iter().any(|t| t.is_finished()) {
+            bail!("a packet thread stopped; see the log above");
+        }
+    }
+}
+
+const BATCH: usize = 64;
+const DATAGRAM: usize = 65_536;
+/// Packets sent per round before the socket is read again, so new arrivals
+/// of a higher class overtake waiting ones of a lower class.
+const BUDGET: usize = 128;
+
+/// Clients -> Internet: authorise, queue by class, NAT, send.
+fn to_internet(
+    socket: &socket2::Socket,
+    core: &Mutex<Core>,
+    clients: &[Client],
+    raw: &oasis_broker::platform::linux::underlay::Underlay,
+    shim_len: usize,
+    classes: usize,
+    queue: usize,
+) {
+    use oasis_broker::platform::linux::mmsg::recv_batch;
+    let mut bufs = vec![vec![0u8; DATAGRAM]; BATCH];
+    let mut lens = vec![0usize; BATCH];
+    let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+    let mut queues: PriorityQueues<(SocketAddr, Vec<u8>)> = PriorityQueues::new(classes, queue);
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut nonblocking = false;
+    loop {
+        // Block only when nothing waits to be sent.
+        if nonblocking == queues.is_empty() {
+            nonblocking = !queues.is_empty();
+            let _ = socket.set_nonblocking(nonblocking);
+        }
+        let count = match recv_batch(socket.as_raw_fd(), &mut bufs, 0, &mut lens, &mut from) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(e) => {
+                tracing::error!("receiving from clients: {e}");
+                return;
+            }
+        };
+        let mut core_guard = core.lock().unwrap_or_else(|e| e.into_inner());
+        let core = &mut *core_guard;
+        for i in 0..count {
+            let Some(sender) = from[i] else { continue };
+            let Some(client) = lookup(clients, sender.ip()) else {
+                core.stats.refused_unknown_sender += 1;
+                continue;
+            };
+            let datagram = &bufs[i][..lens[i]];
+            if datagram.len() <= shim_len || !authorised(client, &datagram[..shim_len]) {
+                core.stats.refused_token += 1;
+                continue;
+            }
+            let mut packet = pool.pop().unwrap_or_default();
+            packet.clear();
+            packet.extend_from_slice(&datagram[shim_len..]);
+            if let Err((sender, packet)) = queues.push(client.class, (sender, packet)) {
+                core.stats.clients.entry(sender.to_string()).or_default().dropped += 1;
+                core.stats.classes.entry(client.class).or_default().dropped += 1;
+                pool.push(packet);
+            }
+        }
+        let now = Instant::now();
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(BUDGET);
+        while out.len() < BUDGET {
+            let Some((class, (sender, mut packet))) = queues.pop() else {
+                break;
+            };
+            match core.nat.outbound(sender, class, &mut packet, now) {
+                Ok(()) => {
+                    let entry = core.stats.clients.entry(sender.to_string()).or_default();
+                    entry.class = class;
+                    entry.to_internet.add(packet.len());
+                    core.stats
+                        .classes
+                        .entry(class)
+                        .or_default()
+                        .to_internet
+                        .add(packet.len());
+                    out.push(packet);
+                }
+                Err(e) => {
+                    *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
+                    pool.push(packet);
+                }
+            }
+        }
+        drop(core_guard);
+        let slices: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
+        raw.send_batch(&slices);
+        pool.extend(out);
+    }
+}
+
+fn nat_reason(e: NatError) -> String {
+    match e {
+        NatError::Packet(_) => "malformed",
+        NatError::Unsupported => "unsupported protocol",
+        NatError::NoPublicAddress => "no public address of that family",
+        NatError::ForbiddenDestination => "forbidden destination",
+        NatError::Full => "table full",
+        NatError::NoPort => "no free port",
+        NatError::UnknownMapping => "unknown mapping",
+    }
+    .into()
+}
+
+/// Internet -> clients: replies steered to the TUN, mapped back, returned.
+fn to_clients(
+    device: &tun_rs::SyncDevice,
+    core: &Mutex<Core>,
+    sockets: &[Arc<socket2::Socket>],
+    shim: &[u8],
+) {
+    use oasis_broker::platform::linux::mmsg::SendBatch;
+    use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM];
+    let mut segments = vec![vec![0u8; DATAGRAM]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let socket_is_v4: Vec<bool> = sockets
+        .iter()
+        .map(|s| {
+            s.local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a.is_ipv4())
+        })
+        .collect();
+    loop {
+        let count = match device.recv_multiple(&mut raw, &mut segments, &mut sizes, 0) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!("reading replies: {e}");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let mut targets: Vec<Option<SocketAddr>> = Vec::with_capacity(count);
+        {
+            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+            for (segment, &size) in segments.iter_mut().zip(&sizes).take(count) {
+                match core.nat.inbound(&mut segment[..size], now) {
+                    Ok(back) => {
+                        core.stats
+                            .clients
+                            .entry(back.client.to_string())
+                            .or_default()
+                            .to_client
+                            .add(size);
+                        core.stats
+                            .classes
+                            .entry(back.class)
+                            .or_default()
+                            .to_client
+                            .add(size);
+                        targets.push(Some(back.client));
+                    }
+                    Err(_) => {
+                        core.stats.unknown_replies += 1;
+                        targets.push(None);
+                    }
+                }
+            }
+        }
+        let mut batches: Vec<SendBatch> = sockets.iter().map(|_| SendBatch::default()).collect();
+        for ((segment, &size), target) in segments.iter().zip(&sizes).zip(&targets) {
+            let Some(client) = target else { continue };
+            if let Some(index) = socket_is_v4.iter().position(|v4| *v4 == client.is_ipv4()) {
+                batches[index].push(shim, &segment[..size], *client);
+            }
+        }
+        for (batch, socket) in batches.iter().zip(sockets) {
+            batch.send(socket.as_raw_fd());
+        }
+    }
+}

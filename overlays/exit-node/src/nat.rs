@@ -1,0 +1,467 @@
+//! The exit node's NAT: a client's packet leaves with the exit's public
+//! address and a port (or ICMP echo identifier) from the NAT range; a reply
+//! to that port is mapped back and returned to the client.
+//!
+//! Mappings are endpoint-dependent (keyed by the remote end too), expire
+//! when idle, and the table is bounded: when full, new flows are refused
+//! rather than evicting live ones.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use oasis_broker::packet::{End, PacketError, addresses, echo_id, layout, ports, rewrite, tcp_closing};
+
+#[derive(Clone, Debug)]
+pub struct NatConfig {
+    pub public_v4: Option<Ipv4Addr>,
+    pub public_v6: Option<Ipv6Addr>,
+    pub ports: RangeInclusive<u16>,
+    pub max_flows: usize,
+    pub tcp_idle: Duration,
+    /// A TCP flow that has seen FIN or RST lingers this long.
+    pub tcp_closing: Duration,
+    pub udp_idle: Duration,
+    pub icmp_idle: Duration,
+}
+
+impl NatConfig {
+    pub fn new(
+        public_v4: Option<Ipv4Addr>,
+        public_v6: Option<Ipv6Addr>,
+        ports: RangeInclusive<u16>,
+    ) -> NatConfig {
+        NatConfig {
+            public_v4,
+            public_v6,
+            ports,
+            max_flows: 65_536,
+            tcp_idle: Duration::from_secs(300),
+            tcp_closing: Duration::from_secs(10),
+            udp_idle: Duration::from_secs(60),
+            icmp_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NatError {
+    #[error(transparent)]
+    Packet(#[from] PacketError),
+    #[error("only TCP, UDP and ICMP echo are carried")]
+    Unsupported,
+    #[error("the exit has no public address of this IP family")]
+    NoPublicAddress,
+    #[error("destination not allowed (loopback, link-local, multicast or the exit itself)")]
+    ForbiddenDestination,
+    #[error("the NAT table is full")]
+    Full,
+    #[error("no free NAT port toward this destination")]
+    NoPort,
+    #[error("no mapping for this reply")]
+    UnknownMapping,
+}
+
+/// A flow as the client sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Inside {
+    client: SocketAddr,
+    proto: u8,
+    src: IpAddr,
+    src_port: u16,
+    dst: IpAddr,
+    dst_port: u16,
+}
+
+/// The same flow as the remote end sees it, from the reply's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Outside {
+    proto: u8,
+    remote: IpAddr,
+    remote_port: u16,
+    nat_port: u16,
+}
+
+#[derive(Debug)]
+struct Mapping {
+    outside: Outside,
+    class: u8,
+    last_seen: Instant,
+    closing: bool,
+}
+
+/// Where a reply goes back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Return {
+    pub client: SocketAddr,
+    pub class: u8,
+}
+
+pub struct Nat {
+    config: NatConfig,
+    by_inside: HashMap<Inside, Mapping>,
+    by_outside: HashMap<Outside, Inside>,
+    cursor: u16,
+}
+
+impl Nat {
+    pub fn new(config: NatConfig) -> Nat {
+        let cursor = *config.ports.start();
+        Nat {
+            config,
+            by_inside: HashMap::new(),
+            by_outside: HashMap::new(),
+            cursor,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_inside.len()
+    }
+
+    /// Rewrites a client's packet to leave from the exit.
+    pub fn outbound(
+        &mut self,
+        client: SocketAddr,
+        class: u8,
+        packet: &mut [u8],
+        now: Instant,
+    ) -> Result<(), NatError> {
+        let layout = layout(packet)?;
+        let (src, dst) = addresses(packet).ok_or(PacketError::Truncated)?;
+        let (src_port, dst_port) = match layout.proto {
+            6 | 17 => ports(packet).ok_or(NatError::Unsupported)?,
+            1 | 58 => match echo_id(packet) {
+                Some((true, id)) => (id, 0),
+                _ => return Err(NatError::Unsupported),
+            },
+            _ => return Err(NatError::Unsupported),
+        };
+        let public: IpAddr = match dst {
+            IpAddr::V4(_) => self.config.public_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.config.public_v6.map(IpAddr::V6),
+        }
+        .ok_or(NatError::NoPublicAddress)?;
+        if forbidden(dst, public) {
+            return Err(NatError::ForbiddenDestination);
+        }
+        let inside = Inside {
+            client,
+            proto: layout.proto,
+            src,
+            src_port,
+            dst,
+            dst_port,
+        };
+        let closing = tcp_closing(packet);
+        let nat_port = match self.by_inside.get_mut(&inside) {
+            Some(mapping) => {
+                mapping.last_seen = now;
+                mapping.closing |= closing;
+                mapping.class = class;
+                mapping.outside.nat_port
+            }
+            None => {
+                if self.by_inside.len() >= self.config.max_flows {
+                    self.expire(now);
+                    if self.by_inside.len() >= self.config.max_flows {
+                        return Err(NatError::Full);
+                    }
+                }
+                let outside = self.allocate(inside.proto, dst, dst_port)?;
+                self.by_outside.insert(outside, inside);
+                self.by_inside.insert(
+                    inside,
+                    Mapping {
+                        outside,
+                        class,
+                        last_seen: now,
+                        closing,
+                    },
+                );
+                outside.nat_port
+            }
+        };
+        rewrite(packet, End::Source, public, nat_port)?;
+        Ok(())
+    }
+
+    /// Rewrites a reply back to the client's addresses; says where it goes.
+    pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<Return, NatError> {
+        let layout = layout(packet)?;
+        let (src, _) = addresses(packet).ok_or(PacketError::Truncated)?;
+        let (remote_port, nat_port) = match layout.proto {
+            6 | 17 => ports(packet).ok_or(NatError::Unsupported)?,
+            1 | 58 => match echo_id(packet) {
+                Some((false, id)) => (0, id),
+                _ => return Err(NatError::Unsupported),
+            },
+            _ => return Err(NatError::Unsupported),
+        };
+        let outside = Outside {
+            proto: layout.proto,
+            remote: src,
+            remote_port,
+            nat_port,
+        };
+        let inside = *self.by_outside.get(&outside).ok_or(NatError::UnknownMapping)?;
+        let mapping = self.by_inside.get_mut(&inside).ok_or(NatError::UnknownMapping)?;
+        mapping.last_seen = now;
+        mapping.closing |= tcp_closing(packet);
+        let class = mapping.class;
+        rewrite(packet, End::Destination, inside.src, inside.src_port)?;
+        Ok(Return {
+            client: inside.client,
+            class,
+        })
+    }
+
+    /// Drops idle mappings; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let config = &self.config;
+        let before = self.by_inside.len();
+        let by_outside = &mut self.by_outside;
+        self.by_inside.retain(|inside, mapping| {
+            let idle = match inside.proto {
+                6 if mapping.closing => config.tcp_closing,
+                6 => config.tcp_idle,
+                17 => config.udp_idle,
+                _ => config.icmp_idle,
+            };
+            let keep = now.duration_since(mapping.last_seen) <= idle;
+            if !keep {
+                by_outside.remove(&mapping.outside);
+            }
+            keep
+        });
+        before - self.by_inside.len()
+    }
+
+    /// A NAT port not in use toward this remote end.
+    fn allocate(&mut self, proto: u8, remote: IpAddr, remote_port: u16) -> Result<Outside, NatError> {
+        let (first, last) = (*self.config.ports.start(), *self.config.ports.end());
+        let span = u32::from(last - first) + 1;
+        let remote_port = if matches!(proto, 1 | 58) { 0 } else { remote_port };
+        for _ in 0..span {
+            let candidate = Outside {
+                proto,
+                remote,
+                remote_port,
+                nat_port: self.cursor,
+            };
+            self.cursor = if self.cursor >= last {
+                first
+            } else {
+                self.cursor + 1
+            };
+            if !self.by_outside.contains_key(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        Err(NatError::NoPort)
+    }
+}
+
+/// Destinations an exit must never reach for a client: itself, loopback,
+/// unspecified, link-local and multicast addresses.
+fn forbidden(dst: IpAddr, public: IpAddr) -> bool {
+    dst == public
+        || dst.is_loopback()
+        || dst.is_unspecified()
+        || dst.is_multicast()
+        || match dst {
+            IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local() || v6.to_ipv4_mapped().is_some(),
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    const EXIT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+    const SERVER: [u8; 4] = [203, 0, 113, 80];
+
+    fn client(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 7400))
+    }
+
+    fn nat() -> Nat {
+        Nat::new(NatConfig::new(
+            Some(EXIT),
+            Some("2001:db8::2".parse().unwrap()),
+            40000..=40009,
+        ))
+    }
+
+    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64)
+            .tcp(sport, dport, 1, 1000)
+            .write(&mut out, b"data")
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn outbound_and_reply_round_trip() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut packet = tcp([10, 0, 0, 1], 50000, SERVER, 80);
+        nat.outbound(client(1), 0, &mut packet, now).unwrap();
+        assert_eq!(
+            addresses(&packet).unwrap(),
+            (IpAddr::V4(EXIT), IpAddr::from(SERVER))
+        );
+        let (nat_port, _) = ports(&packet).unwrap();
+        assert!((40000..=40009).contains(&nat_port));
+
+        let mut reply = tcp(SERVER, 80, EXIT.octets(), nat_port);
+        let back = nat.inbound(&mut reply, now).unwrap();
+        assert_eq!(
+            back,
+            Return {
+                client: client(1),
+                class: 0
+            }
+        );
+        assert_eq!(addresses(&reply).unwrap().1, IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(ports(&reply).unwrap(), (80, 50000));
+    }
+
+    #[test]
+    fn same_flow_keeps_its_port_and_clients_do_not_collide() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut a = tcp([10, 0, 0, 1], 50000, SERVER, 80);
+        let mut a2 = a.clone();
+        let mut b = tcp([10, 0, 0, 1], 50000, SERVER, 80);
+        nat.outbound(client(1), 0, &mut a, now).unwrap();
+        nat.outbound(client(1), 0, &mut a2, now).unwrap();
+        // Another client using the very same inner addresses and ports.
+        nat.outbound(client(2), 1, &mut b, now).unwrap();
+        assert_eq!(ports(&a), ports(&a2));
+        assert_ne!(ports(&a), ports(&b));
+        let mut reply = tcp(SERVER, 80, EXIT.octets(), ports(&b).unwrap().0);
+        assert_eq!(
+            nat.inbound(&mut reply, now).unwrap(),
+            Return {
+                client: client(2),
+                class: 1
+            }
+        );
+    }
+
+    #[test]
+    fn replies_from_elsewhere_are_unknown() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut packet = tcp([10, 0, 0, 1], 50000, SERVER, 80);
+        nat.outbound(client(1), 0, &mut packet, now).unwrap();
+        let port = ports(&packet).unwrap().0;
+        let mut wrong_host = tcp([203, 0, 113, 81], 80, EXIT.octets(), port);
+        assert_eq!(nat.inbound(&mut wrong_host, now), Err(NatError::UnknownMapping));
+        let mut wrong_port = tcp(SERVER, 81, EXIT.octets(), port);
+        assert_eq!(nat.inbound(&mut wrong_port, now), Err(NatError::UnknownMapping));
+    }
+
+    #[test]
+    fn icmp_echo_uses_the_identifier() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut ping = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
+            .icmpv4_echo_request(4242, 1)
+            .write(&mut ping, b"p")
+            .unwrap();
+        nat.outbound(client(1), 0, &mut ping, now).unwrap();
+        let (_, id) = echo_id(&ping).unwrap();
+        let mut pong = Vec::new();
+        PacketBuilder::ipv4(SERVER, EXIT.octets(), 64)
+            .icmpv4_echo_reply(id, 1)
+            .write(&mut pong, b"p")
+            .unwrap();
+        nat.inbound(&mut pong, now).unwrap();
+        assert_eq!(echo_id(&pong), Some((false, 4242)));
+        assert_eq!(addresses(&pong).unwrap().1, IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn refuses_the_exit_itself_and_local_destinations() {
+        let mut nat = nat();
+        let now = Instant::now();
+        for dst in [
+            EXIT.octets(),
+            [127, 0, 0, 1],
+            [169, 254, 1, 1],
+            [224, 0, 0, 1],
+            [0, 0, 0, 0],
+        ] {
+            let mut packet = tcp([10, 0, 0, 1], 50000, dst, 22);
+            assert_eq!(
+                nat.outbound(client(1), 0, &mut packet, now),
+                Err(NatError::ForbiddenDestination),
+                "{dst:?}"
+            );
+        }
+        assert_eq!(nat.len(), 0);
+    }
+
+    #[test]
+    fn bounded_table_expires_idle_flows_before_refusing() {
+        let mut config = NatConfig::new(Some(EXIT), None, 40000..=40009);
+        config.max_flows = 2;
+        let mut nat = Nat::new(config);
+        let t0 = Instant::now();
+        for sport in [1, 2] {
+            nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], sport, SERVER, 80), t0)
+                .unwrap();
+        }
+        assert_eq!(
+            nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 3, SERVER, 80), t0),
+            Err(NatError::Full)
+        );
+        let later = t0 + Duration::from_secs(301);
+        nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 3, SERVER, 80), later)
+            .unwrap();
+        assert_eq!(nat.len(), 1);
+    }
+
+    #[test]
+    fn ports_run_out_per_destination_only() {
+        let mut nat = nat();
+        let now = Instant::now();
+        for sport in 0..10 {
+            nat.outbound(
+                client(1),
+                0,
+                &mut tcp([10, 0, 0, 1], 1000 + sport, SERVER, 80),
+                now,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 2000, SERVER, 80), now),
+            Err(NatError::NoPort)
+        );
+        // Another destination port reuses the same NAT ports.
+        nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 2000, SERVER, 443), now)
+            .unwrap();
+    }
+
+    #[test]
+    fn closed_tcp_flows_expire_fast() {
+        let mut nat = nat();
+        let t0 = Instant::now();
+        let mut fin = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
+            .tcp(5, 80, 1, 1000)
+            .fin()
+            .write(&mut fin, b"")
+            .unwrap();
+        nat.outbound(client(1), 0, &mut fin, t0).unwrap();
+        assert_eq!(nat.expire(t0 + Duration::from_secs(11)), 1);
+    }
+}
