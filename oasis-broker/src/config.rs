@@ -57,6 +57,10 @@ pub struct StoredOverlay {
 #[serde(default, deny_unknown_fields)]
 pub struct TunConfig {
     pub name: String,
+    /// The TUN's own IPv4 address. Linux needs the TUN to have one to
+    /// accept packets returned by overlays when reverse-path filtering is
+    /// on; the default is the IPv4 dummy address of RFC 7600.
+    pub address: std::net::Ipv4Addr,
     /// Threads reading diverted packets, one TUN queue each.
     pub queues: usize,
 }
@@ -89,6 +93,7 @@ impl Default for TunConfig {
     fn default() -> Self {
         TunConfig {
             name: "oasis0".into(),
+            address: std::net::Ipv4Addr::new(192, 0, 0, 8),
             queues: 1,
         }
     }

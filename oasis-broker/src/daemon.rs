@@ -338,11 +338,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         return Err(DaemonError::NoUplinks);
     }
 
-    let tun = Tun::create(&config.tun.name, config.tun.queues, uplink_mtu(&uplinks)).map_err(|source| {
-        DaemonError::Tun {
-            name: config.tun.name.clone(),
-            source,
-        }
+    let tun = Tun::create(
+        &config.tun.name,
+        config.tun.queues,
+        uplink_mtu(&uplinks),
+        config.tun.address,
+    )
+    .map_err(|source| DaemonError::Tun {
+        name: config.tun.name.clone(),
+        source,
     })?;
     let underlay = Arc::new(Underlay::open(config.bypass_mark).map_err(DaemonError::Underlay)?);
     let settings = Settings {

@@ -19,6 +19,9 @@ pub const ROUTER_SERVER_SIDE_V4: &str = "10.77.2.1";
 pub const SERVER_V4: &str = "10.77.2.2";
 pub const CLIENT_V6: &str = "fd77:1::2";
 pub const SERVER_V6: &str = "fd77:2::2";
+/// The overlay host: exit node, relay, and the web server for specifications.
+pub const OVERLAY_V4: &str = "10.77.3.2";
+pub const OVERLAY_V6: &str = "fd77:3::2";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -119,12 +122,13 @@ impl Drop for Process {
     }
 }
 
-/// client ── router ── server, IPv4 and IPv6, each link a veth pair made
-/// inside the namespaces.
+/// client ── router ── server, and an overlay host on the router too; IPv4
+/// and IPv6, each link a veth pair made inside the namespaces.
 pub struct Topology {
     pub client: Netns,
     pub router: Netns,
     pub server: Netns,
+    pub overlay: Netns,
     pub dir: PathBuf,
     processes: Vec<Process>,
 }
@@ -147,6 +151,7 @@ impl Topology {
             client: ns("c"),
             router: ns("r"),
             server: ns("s"),
+            overlay: ns("o"),
             dir,
             processes: Vec::new(),
         };
@@ -155,7 +160,7 @@ impl Topology {
     }
 
     fn build(&self) {
-        for ns in [&self.client, &self.router, &self.server] {
+        for ns in self.namespaces() {
             host(&["ip", "netns", "add", &ns.name]);
             ns.run(&["ip", "link", "set", "lo", "up"]);
         }
@@ -189,10 +194,28 @@ impl Topology {
             "netns",
             &self.router.name,
         ]);
+        host(&[
+            "ip",
+            "link",
+            "add",
+            "o0",
+            "netns",
+            &self.overlay.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r2",
+            "netns",
+            &self.router.name,
+        ]);
         let c = &self.client;
         let r = &self.router;
         let s = &self.server;
+        let o = &self.overlay;
         for (ns, iface, v4, v6) in [
+            (r, "r2", "10.77.3.1/24", "fd77:3::1/64"),
+            (o, "o0", "10.77.3.2/24", "fd77:3::2/64"),
             (c, "c0", "10.77.1.2/24", "fd77:1::2/64"),
             (r, "r0", "10.77.1.1/24", "fd77:1::1/64"),
             (r, "r1", "10.77.2.1/24", "fd77:2::1/64"),
@@ -208,6 +231,12 @@ impl Topology {
         c.run(&["ip", "-6", "route", "add", "default", "via", "fd77:1::1"]);
         s.run(&["ip", "route", "add", "default", "via", ROUTER_SERVER_SIDE_V4]);
         s.run(&["ip", "-6", "route", "add", "default", "via", "fd77:2::1"]);
+        o.run(&["ip", "route", "add", "default", "via", "10.77.3.1"]);
+        o.run(&["ip", "-6", "route", "add", "default", "via", "fd77:3::1"]);
+    }
+
+    fn namespaces(&self) -> [&Netns; 4] {
+        [&self.client, &self.router, &self.server, &self.overlay]
     }
 
     /// Starts a long-running process in a namespace, its output to a log file.
@@ -234,6 +263,88 @@ impl Topology {
             .rev()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Publishes a file on the overlay host's specification server.
+    pub fn publish(&self, name: &str, content: &str) {
+        let root = self.dir.join("specs");
+        std::fs::create_dir_all(&root).expect("spec root");
+        std::fs::write(root.join(name), content).expect("spec file");
+    }
+
+    /// The overlay host's web server for specifications (port 8000); files
+    /// come from [`Topology::publish`].
+    pub fn start_spec_server(&mut self) -> String {
+        let root = self.dir.join("specs");
+        std::fs::create_dir_all(&root).expect("spec root");
+        let root_text = root.to_string_lossy().into_owned();
+        let overlay = self.overlay.clone();
+        self.spawn(
+            &overlay,
+            "spec-server",
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                OVERLAY_V4,
+                "--directory",
+                &root_text,
+            ],
+        );
+        wait_for_listener(&self.overlay, 8000);
+        format!("http://{OVERLAY_V4}:8000")
+    }
+
+    /// Starts `oasis-exit` on the overlay host, listening on 7400, with
+    /// these extra arguments (clients, ...); its counters go to
+    /// `exit-stats.json` in the test directory.
+    pub fn start_exit(&mut self, extra: &[&str]) -> PathBuf {
+        let stats = self.dir.join("exit-stats.json");
+        let _ = std::fs::remove_file(&stats);
+        let bin = workspace_bin("oasis-exit");
+        let stats_text = stats.to_string_lossy().into_owned();
+        let mut args = vec![
+            bin.to_str().expect("utf-8 path"),
+            "--uplink",
+            "o0",
+            "--public",
+            OVERLAY_V4,
+            "--public",
+            OVERLAY_V6,
+            "--listen",
+            "0.0.0.0:7400",
+            "--stats-file",
+            &stats_text,
+        ];
+        args.extend_from_slice(extra);
+        let overlay = self.overlay.clone();
+        self.spawn(&overlay, "oasis-exit", &args);
+        wait_for_udp_listener(&self.overlay, 7400);
+        stats
+    }
+
+    /// Starts `oasis-relay` on the overlay host.
+    pub fn start_relay(&mut self, listen_port: u16, next_hop: &str, delay_ms: u32) {
+        let bin = workspace_bin("oasis-relay");
+        let listen = format!("0.0.0.0:{listen_port}");
+        let delay = delay_ms.to_string();
+        let overlay = self.overlay.clone();
+        self.spawn(
+            &overlay,
+            "oasis-relay",
+            &[
+                bin.to_str().expect("utf-8 path"),
+                "--listen",
+                &listen,
+                "--next-hop",
+                next_hop,
+                "--delay-ms",
+                &delay,
+            ],
+        );
+        wait_for_udp_listener(&self.overlay, listen_port);
     }
 
     /// A static web server on the server, on all its addresses.
@@ -335,19 +446,27 @@ impl Drop for Topology {
         for process in self.processes.iter_mut().rev() {
             process.kill_hard();
         }
-        for ns in [&self.client, &self.router, &self.server] {
+        for ns in self.namespaces() {
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Waits until something listens on `port` in the namespace.
+/// Waits until something listens on TCP `port` in the namespace.
 pub fn wait_for_listener(ns: &Netns, port: u16) {
+    wait_for_socket(ns, port, "-Hltn");
+}
+
+pub fn wait_for_udp_listener(ns: &Netns, port: u16) {
+    wait_for_socket(ns, port, "-Hlun");
+}
+
+fn wait_for_socket(ns: &Netns, port: u16, ss_flags: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let needle = format!(":{port} ");
     while Instant::now() < deadline {
-        let out = ns.output(&["ss", "-Hltn"]);
+        let out = ns.output(&["ss", ss_flags]);
         if String::from_utf8_lossy(&out.stdout).contains(&needle) {
             return;
         }
@@ -398,20 +517,31 @@ pub fn remove_stale_namespaces() -> Vec<String> {
 
 /// The `oasis` binary under test: `OASIS_BIN`, else the workspace's build.
 pub fn oasis_bin() -> PathBuf {
+    workspace_bin("oasis")
+}
+
+/// A binary of the workspace: from the directory of `OASIS_BIN` when set
+/// (xtask builds them all together), else the newest build in target/.
+pub fn workspace_bin(name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os("OASIS_BIN") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        return if name == "oasis" {
+            path
+        } else {
+            path.with_file_name(name)
+        };
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_path_buf();
     for profile in ["debug", "release"] {
-        let candidate = root.join("target").join(profile).join("oasis");
+        let candidate = root.join("target").join(profile).join(name);
         if candidate.exists() {
             return candidate;
         }
     }
-    panic!("no oasis binary: build it (cargo build -p oasis-broker) or set OASIS_BIN")
+    panic!("no {name} binary: build the workspace (cargo build) or set OASIS_BIN")
 }
 
 /// The daemon running in the client namespace, with its own config and

@@ -85,10 +85,20 @@ fn cargo() -> Command {
     cmd
 }
 
-/// Builds the `oasis` binary and returns its path.
+/// Builds the `oasis` binary and the overlay toolkit (`oasis-exit`,
+/// `oasis-relay`), and returns the path of `oasis`; the others sit beside it.
 pub fn build_oasis(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "oasis-broker", "--bin", "oasis"]);
+    cmd.args([
+        "build",
+        "--package",
+        "oasis-broker",
+        "--package",
+        "oasis-exit",
+        "--package",
+        "oasis-relay",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -13,6 +13,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("curl", "curl"),
+    ("ping", "iputils-ping"),
     ("python3", "python3"),
     ("iperf3", "iperf3"),
     ("sockperf", "sockperf"),
@@ -74,10 +75,10 @@ fn steps() -> Vec<Step> {
             hint: "install it with `cargo install bpf-linker --version 0.10.4 --locked` (it needs about 3 minutes)",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, python3, iperf3, sockperf)",
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
-            hint: "install the Debian packages iproute2 curl python3 iperf3 sockperf",
+            hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf",
         },
     ]
 }

@@ -156,8 +156,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mtu = uplink_mtu(std::slice::from_ref(&args.uplink));
-    let tun =
-        Tun::create(&args.tun, 1, mtu).with_context(|| format!("creating TUN {} (run as root)", args.tun))?;
+    let tun = Tun::create(&args.tun, 1, mtu, std::net::Ipv4Addr::new(192, 0, 0, 8))
+        .with_context(|| format!("creating TUN {} (run as root)", args.tun))?;
     let settings = oasis_common::ExitSettings {
         v4: public_v4.map(|a| a.octets()).unwrap_or_default(),
         v6: public_v6.map(|a| a.octets()).unwrap_or_default(),

@@ -42,7 +42,6 @@ impl<T> PriorityQueues<T> {
     pub fn is_empty(&self) -> bool {
         self.queues.iter().all(VecDeque::is_empty)
     }
-
 }
 
 #[cfg(test)]

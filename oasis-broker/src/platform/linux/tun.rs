@@ -15,7 +15,7 @@ pub struct Tun {
 impl Tun {
     /// Creates the device with `queues` queues and generic offload, so a
     /// TCP burst arrives as one large read that user space splits.
-    pub fn create(name: &str, queues: usize, mtu: u16) -> io::Result<Tun> {
+    pub fn create(name: &str, queues: usize, mtu: u16, address: std::net::Ipv4Addr) -> io::Result<Tun> {
         if std::path::Path::new("/sys/class/net").join(name).exists() {
             tracing::warn!(%name, "a device with the TUN's name exists already (left by a crashed run?); taking it over");
         }
@@ -24,6 +24,10 @@ impl Tun {
             .mtu(mtu)
             .offload(true)
             .multi_queue(queues > 1)
+            // Linux drops packets arriving on an interface without any IPv4
+            // address whenever reverse-path filtering is on, loose mode
+            // included; returned packets need the TUN to have one.
+            .ipv4(address, 32, None)
             .enable(false)
             .build_sync()?;
         // Before it goes up: IPv6 stays on, so packets returned by overlays

@@ -1,0 +1,409 @@
+//! Overlays end to end, in network namespaces: client (daemon) ── router ──
+//! server, with the overlay host (exit node, relay, specification server)
+//! on the router. Needs root; `cargo xtask test` runs these.
+
+use std::time::Duration;
+
+use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, SERVER_V6, Topology};
+use serde_json::Value;
+
+const EXIT_SPEC: &str = r#"<?xml version="1.0"?>
+<overlay name="test-exit">
+  <description>Straight to the exit node</description>
+  <entry host="10.77.3.2" port="7400"/>
+</overlay>"#;
+
+fn json(daemon: &Daemon, net: &Topology, args: &[&str]) -> Value {
+    daemon.json(net, args)
+}
+
+fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
+    let output = daemon.cli(net, args);
+    assert!(
+        output.status.success(),
+        "oasis {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network with the exit node serving the client, its spec published,
+/// and a daemon that joined it as `exit`.
+fn joined(net: &mut Topology, exit_clients: &[&str]) -> Daemon {
+    let mut args = Vec::new();
+    for client in exit_clients {
+        args.extend(["--client", client]);
+    }
+    net.start_exit(&args);
+    net.publish("exit.xml", EXIT_SPEC);
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(net, "");
+    cli_ok(
+        &daemon,
+        net,
+        &["overlay", "add", "exit", &format!("{base}/exit.xml")],
+    );
+    daemon
+}
+
+fn exit_stats(net: &Topology) -> Value {
+    // The exit writes its counters every second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = std::fs::read_to_string(net.dir.join("exit-stats.json")).expect("exit stats file");
+    serde_json::from_str(&text).expect("exit stats JSON")
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn web_traffic_leaves_from_the_exit_node() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+
+    for _ in 0..3 {
+        assert_eq!(
+            net.http_get(SERVER_V4, 80).as_deref(),
+            Some("hello from the server\n")
+        );
+    }
+    // IPv6 inside, carried over the IPv4 overlay, leaves from the exit's IPv6 address.
+    assert_eq!(
+        net.http_get(SERVER_V6, 80).as_deref(),
+        Some("hello from the server\n")
+    );
+
+    let web_log = net.process("web-80").log();
+    assert!(
+        web_log.contains(OVERLAY_V4),
+        "the server did not see the exit's address:\n{web_log}"
+    );
+    assert!(
+        web_log.contains("fd77:3::2"),
+        "the server did not see the exit's IPv6 address:\n{web_log}"
+    );
+    assert!(
+        !web_log.contains(CLIENT_V4) && !web_log.contains("fd77:1::2"),
+        "traffic crossed the underlay directly:\n{web_log}"
+    );
+
+    let status = json(&daemon, &net, &["status", "--json"]);
+    assert!(status["broker"]["sent_overlay"].as_u64().unwrap() >= 12);
+    assert!(status["broker"]["overlay_received"].as_u64().unwrap() >= 12);
+    assert_eq!(status["broker"]["sent_underlay"].as_u64(), Some(0));
+    let overlay = json(&daemon, &net, &["overlay", "show", "exit", "--json"]);
+    assert!(overlay["packets_sent"].as_u64().unwrap() >= 12);
+    assert_eq!(overlay["rules"], serde_json::json!([1]));
+    let stats = exit_stats(&net);
+    assert!(
+        stats["classes"]["0"]["to_internet"]["packets"].as_u64().unwrap() >= 12,
+        "{stats}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn ping_and_udp_through_the_exit() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "exit",
+        ],
+    );
+    let ping = net
+        .client
+        .output(&["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_V4]);
+    assert!(
+        ping.status.success(),
+        "ping through the exit: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    // A UDP exchange: the server echoes one datagram back.
+    let server = net.server.clone();
+    net.spawn(
+        &server,
+        "udp-echo",
+        &["python3", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5300))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(d,a)\n"],
+    );
+    oasis_tests::wait_for_udp_listener(&net.server, 5300);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "5300", "--via", "exit",
+        ],
+    );
+    let reply = net.client.output(&[
+        "python3",
+        "-c",
+        &format!("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b'via exit',('{SERVER_V4}',5300))\nprint(s.recvfrom(2048)[0].decode())"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&reply.stdout).trim(),
+        "via exit",
+        "{}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    let stats = exit_stats(&net);
+    assert!(stats["nat_flows"].as_u64().unwrap() >= 2, "{stats}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_client_not_on_the_allow_list_gets_nothing_through() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let daemon = joined(&mut net, &["10.99.0.0/24"]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    assert_eq!(net.http_get(SERVER_V4, 80), None);
+    let stats = exit_stats(&net);
+    assert!(stats["refused_unknown_sender"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(stats["nat_flows"].as_u64(), Some(0));
+    assert!(
+        !net.process("web-80").log().contains("GET"),
+        "the server saw a request"
+    );
+}
+
+/// A raw IPv4/UDP packet, checksummed (UDP checksum left out, which IPv4 allows).
+fn udp_packet_script(src: &str, dst: &str, dport: u16, payload: &str) -> String {
+    format!(
+        "import socket,struct\n\
+         def csum(b):\n s=sum(struct.unpack('!%dH'%(len(b)//2),b))\n s=(s>>16)+(s&0xffff);s+=s>>16\n return ~s&0xffff\n\
+         payload=b'{payload}'\n\
+         udp=struct.pack('!HHHH',5000,{dport},8+len(payload),0)+payload\n\
+         ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),1,0,64,17,0,socket.inet_aton('{src}'),socket.inet_aton('{dst}'))\n\
+         ip=ip[:10]+struct.pack('!H',csum(ip))+ip[12:]\n\
+         packet=ip+udp\n"
+    )
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn only_entry_nodes_may_hand_packets_to_this_host() {
+    let mut net = Topology::new();
+    net.publish("exit.xml", EXIT_SPEC);
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "exit", &format!("{base}/exit.xml")],
+    );
+    // An application on the client waiting for UDP on 5555.
+    let client = net.client.clone();
+    net.spawn(
+        &client,
+        "listener",
+        &["python3", "-u", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5555))\nwhile True:\n print('got',s.recv(2048).decode())\n"],
+    );
+    oasis_tests::wait_for_udp_listener(&net.client, 5555);
+
+    // Forged: from the server, a stranger to the overlay.
+    let forge = udp_packet_script(SERVER_V4, CLIENT_V4, 5555, "forged")
+        + &format!(
+            "o=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\no.sendto(packet,('{CLIENT_V4}',7400))\n"
+        );
+    net.server.run(&["python3", "-c", &forge]);
+    // From the real entry node, but addressed to another host.
+    let elsewhere = udp_packet_script(SERVER_V4, "10.77.9.9", 5555, "elsewhere")
+        + &format!(
+            "o=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\no.bind(('{OVERLAY_V4}',7400))\no.sendto(packet,('{CLIENT_V4}',7400))\n"
+        );
+    net.overlay.run(&["python3", "-c", &elsewhere]);
+    // From the real entry node, to this host: delivered.
+    let genuine = udp_packet_script(SERVER_V4, CLIENT_V4, 5555, "genuine")
+        + &format!(
+            "o=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\no.bind(('{OVERLAY_V4}',7400))\no.sendto(packet,('{CLIENT_V4}',7400))\n"
+        );
+    net.overlay.run(&["python3", "-c", &genuine]);
+
+    std::thread::sleep(Duration::from_millis(500));
+    let received = net.process("listener").log();
+    assert!(
+        received.contains("got genuine"),
+        "the genuine packet was not delivered: {received:?}"
+    );
+    assert!(
+        !received.contains("forged") && !received.contains("elsewhere"),
+        "{received:?}"
+    );
+    let status = json(&daemon, &net, &["status", "--json"]);
+    assert_eq!(status["broker"]["rejected_sender"].as_u64(), Some(1), "{status}");
+    assert_eq!(
+        status["broker"]["rejected_destination"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(status["broker"]["overlay_received"].as_u64(), Some(1), "{status}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn bad_specifications_are_refused_with_the_field_named() {
+    let mut net = Topology::new();
+    net.publish(
+        "bad-port.xml",
+        r#"<overlay><entry host="10.77.3.2" port="99999"/></overlay>"#,
+    );
+    net.publish("no-entry.xml", r#"<overlay name="x"></overlay>"#);
+    net.publish("not-xml.xml", "this is not XML");
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(&mut net, "");
+    let config_before = std::fs::read_to_string(&daemon.config).unwrap();
+    let cases = [
+        (format!("{base}/bad-port.xml"), "<entry> 1: port"),
+        (format!("{base}/no-entry.xml"), "no <entry>"),
+        (format!("{base}/not-xml.xml"), "not well-formed"),
+        (format!("{base}/missing.xml"), "answered 404"),
+        (
+            "ftp://10.77.3.2/x.xml".to_string(),
+            "not an http:// or https:// URL",
+        ),
+        ("http://10.77.3.2:1/x.xml".to_string(), "fetching"),
+    ];
+    for (url, expected) in &cases {
+        let output = daemon.cli(&net, &["overlay", "add", "bad", url]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{url}: expected {expected:?} in {stderr:?}"
+        );
+    }
+    assert_eq!(
+        json(&daemon, &net, &["overlay", "list", "--json"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(std::fs::read_to_string(&daemon.config).unwrap(), config_before);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn an_overlay_in_use_cannot_be_left_and_survives_a_restart() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    let refused = daemon.cli(&net, &["overlay", "del", "exit"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("carries rules [1]"));
+
+    assert!(net.process("oasis").terminate(Duration::from_secs(10)));
+    let daemon = Daemon::start(&mut net, "");
+    let overlays = json(&daemon, &net, &["overlay", "list", "--json"]);
+    assert_eq!(overlays[0]["name"], "exit");
+    assert_eq!(overlays[0]["resolved"][0], "10.77.3.2:7400");
+    assert_eq!(
+        net.http_get(SERVER_V4, 80).as_deref(),
+        Some("hello from the server\n")
+    );
+
+    cli_ok(&daemon, &net, &["rule", "del", "1"]);
+    cli_ok(&daemon, &net, &["overlay", "del", "exit"]);
+    assert_eq!(
+        json(&daemon, &net, &["overlay", "list", "--json"]),
+        Value::Array(vec![])
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn restarting_the_exit_node_lets_new_flows_through() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    assert!(net.http_get(SERVER_V4, 80).is_some());
+    net.process("oasis-exit").kill_hard();
+    assert_eq!(net.http_get(SERVER_V4, 80), None, "no exit, no path");
+    net.start_exit(&["--client", CLIENT_V4]);
+    assert_eq!(
+        net.http_get(SERVER_V4, 80).as_deref(),
+        Some("hello from the server\n")
+    );
+}
+
+/// Round trip of one message on an established TCP connection, in ms.
+fn echo_round_trip_ms(net: &Topology, port: u16) -> f64 {
+    let script = format!(
+        "import socket,time\n\
+         c=socket.create_connection(('{SERVER_V4}',{port}),timeout=5)\n\
+         best=1e9\n\
+         for i in range(5):\n c.sendall(b'x');t=time.monotonic();c.recv(16);best=min(best,time.monotonic()-t)\n\
+         print(best*1000)\n"
+    );
+    let output = net.client.output(&["python3", "-c", &script]);
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("echo timing failed: {}", String::from_utf8_lossy(&output.stderr)))
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_relay_detour_adds_its_delay() {
+    let mut net = Topology::new();
+    net.start_echo_server(9090);
+    net.start_echo_server(9091);
+    // The exit serves the client directly and the relay (for the detour).
+    net.start_exit(&["--client", CLIENT_V4, "--client", OVERLAY_V4]);
+    net.start_relay(7500, "10.77.3.2:7400", 40);
+    net.publish("exit.xml", EXIT_SPEC);
+    net.publish(
+        "detour.xml",
+        r#"<overlay name="detour"><entry host="10.77.3.2" port="7500"/></overlay>"#,
+    );
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "exit", &format!("{base}/exit.xml")],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "detour", &format!("{base}/detour.xml")],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "9090", "--via", "detour",
+        ],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "9091", "--via", "exit",
+        ],
+    );
+
+    let direct = echo_round_trip_ms(&net, 9091);
+    let detour = echo_round_trip_ms(&net, 9090);
+    println!("round trip via the exit: {direct:.2} ms, via the 40 ms relay detour: {detour:.2} ms");
+    assert!(detour >= 78.0, "the relay's 2 x 40 ms did not show: {detour} ms");
+    assert!(direct < 40.0, "the direct overlay path is slow: {direct} ms");
+}
