@@ -1,21 +1,30 @@
 //! `cargo xtask bench`: throughput and latency in network namespaces, each
-//! figure a ratio to a baseline measured in the same run.
+//! figure compared with a baseline measured in the same run.
 //!
-//! Scenarios, all client -> router -> server:
-//!   no-oasis           no daemon, no programs (the baseline)
+//! Scenarios, all client -> router -> server unless said otherwise:
+//!   no-oasis           no daemon, no programs: the baseline
 //!   attached-no-match  the classifier attached, no rule matching the traffic
 //!   diverted-underlay  a rule diverts the traffic to the broker, which sends
-//!                      it on the underlay through its raw socket
+//!                      it on the underlay through its raw sockets
+//!   overlay-exit       a rule carries the traffic over an overlay: client ->
+//!                      exit node (overlay host) -> server, and back
+//!   wireguard-go       the same detour through a wireguard-go tunnel from
+//!                      the client to the overlay host: a peer that also does
+//!                      TUN and UDP in user space
+//!
+//! The scenarios run interleaved in rounds, each round starting with a
+//! different one, so that drift on a shared machine hits all of them alike.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use oasis_tests::{Daemon, SERVER_V4, Topology};
+use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 use serde::Serialize;
 use serde_json::Value;
 
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
+const WG_PORT: u16 = 7600;
 
 #[derive(Serialize, Clone, Debug)]
 pub struct Figure {
@@ -29,48 +38,60 @@ pub struct Figure {
     pub ratio: Option<f64>,
 }
 
-struct Scenario {
-    name: &'static str,
-    /// Rules the daemon holds; None: no daemon at all.
-    rules: Option<&'static [&'static [&'static str]]>,
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    NoOasis,
+    AttachedNoMatch,
+    DivertedUnderlay,
+    OverlayExit,
+    WireguardGo,
 }
 
-const SCENARIOS: &[Scenario] = &[
-    Scenario {
-        name: "no-oasis",
-        rules: None,
-    },
-    Scenario {
-        name: "attached-no-match",
-        rules: Some(&[&["--proto", "tcp", "--dport", "1", "--via", "underlay"]]),
-    },
-    Scenario {
-        name: "diverted-underlay",
-        rules: Some(&[
-            &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
-            &["--proto", "udp", "--dport", "11111", "--via", "underlay"],
-        ]),
-    },
+const SCENARIOS: [Scenario; 5] = [
+    Scenario::NoOasis,
+    Scenario::AttachedNoMatch,
+    Scenario::DivertedUnderlay,
+    Scenario::OverlayExit,
+    Scenario::WireguardGo,
 ];
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::NoOasis => "no-oasis",
+            Scenario::AttachedNoMatch => "attached-no-match",
+            Scenario::DivertedUnderlay => "diverted-underlay",
+            Scenario::OverlayExit => "overlay-exit",
+            Scenario::WireguardGo => "wireguard-go",
+        }
+    }
+
+    /// Rules the daemon holds in this scenario; None: no daemon.
+    fn rules(self) -> Option<&'static [&'static [&'static str]]> {
+        match self {
+            Scenario::NoOasis | Scenario::WireguardGo => None,
+            Scenario::AttachedNoMatch => Some(&[&["--proto", "tcp", "--dport", "1", "--via", "underlay"]]),
+            Scenario::DivertedUnderlay => Some(&[
+                &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
+                &["--proto", "udp", "--dport", "11111", "--via", "underlay"],
+            ]),
+            Scenario::OverlayExit => Some(&[
+                &["--proto", "tcp", "--dport", "5201", "--via", "exit"],
+                &["--proto", "udp", "--dport", "11111", "--via", "exit"],
+            ]),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Samples {
     upload_bps: Vec<f64>,
-    sender_cpu: Vec<f64>,
-    broker_cpu: Vec<f64>,
+    download_bps: Vec<f64>,
+    /// CPU of the carrier's own processes (broker and exit node, or the two
+    /// wireguard-go), percent of one core, during the upload.
+    carrier_cpu: Vec<f64>,
     rtt_p50_us: Vec<f64>,
     rtt_p99_us: Vec<f64>,
-}
-
-struct Measured {
-    /// Lowest and highest sample, to show the run's noise.
-    upload_spread: (f64, f64),
-    rtt_p50_spread: (f64, f64),
-    upload_bps: f64,
-    sender_cpu: f64,
-    broker_cpu: Option<f64>,
-    rtt_p50_us: f64,
-    rtt_p99_us: f64,
 }
 
 pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
@@ -82,8 +103,6 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
     // SAFETY: xtask is single-threaded at this point.
     unsafe { std::env::set_var("OASIS_BIN", &oasis) };
 
-    // One network for every scenario, and the scenarios interleaved in each
-    // round, so that drift on a shared machine hits all of them alike.
     let mut net = Topology::new();
     net.start_iperf_server(IPERF_PORT);
     let server = net.server.clone();
@@ -99,35 +118,30 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
             &SOCKPERF_PORT.to_string(),
         ],
     );
+    net.start_exit(&["--client", CLIENT_V4]);
+    net.publish(
+        "exit.xml",
+        r#"<overlay name="bench"><entry host="10.77.3.2" port="7400"/></overlay>"#,
+    );
+    let spec_url = format!("{}/exit.xml", net.start_spec_server());
+    start_wireguard(&mut net)?;
     std::thread::sleep(Duration::from_millis(300));
+
     let mut samples: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
     for round in 0..repeat as usize {
-        // Each round starts with a different scenario, so none always
-        // follows another's start-up or tear-down.
         for offset in 0..SCENARIOS.len() {
             let index = (round + offset) % SCENARIOS.len();
-            let scenario = &SCENARIOS[index];
+            let scenario = SCENARIOS[index];
             eprintln!(
-                "bench: round {}/{repeat}: {} ({seconds} s per tool)",
+                "bench: round {}/{repeat}: {} ({seconds} s per measurement)",
                 round + 1,
-                scenario.name
+                scenario.name()
             );
-            measure(&mut net, scenario, seconds, &mut samples[index])?;
+            measure(&mut net, scenario, &spec_url, seconds, &mut samples[index])
+                .with_context(|| format!("scenario {}", scenario.name()))?;
         }
     }
-    let measured: Vec<Measured> = samples
-        .iter_mut()
-        .map(|s| Measured {
-            upload_spread: spread(&s.upload_bps),
-            rtt_p50_spread: spread(&s.rtt_p50_us),
-            upload_bps: median(&mut s.upload_bps),
-            sender_cpu: median(&mut s.sender_cpu),
-            broker_cpu: (!s.broker_cpu.is_empty()).then(|| median(&mut s.broker_cpu)),
-            rtt_p50_us: median(&mut s.rtt_p50_us),
-            rtt_p99_us: median(&mut s.rtt_p99_us),
-        })
-        .collect();
-    let figures = figures(&measured);
+    let figures = figures(&mut samples);
     print_table(&figures);
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -137,63 +151,196 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One sample of each metric for one scenario. A scenario with rules gets a
-/// fresh daemon (and config), stopped again afterwards.
+/// A wireguard-go tunnel client (10.88.0.1) <-> overlay host (10.88.0.2);
+/// the router sends replies for 10.88.0.0/24 back through the overlay host.
+/// Traffic takes the tunnel only while the wireguard-go scenario routes the
+/// server's address into it.
+fn start_wireguard(net: &mut Topology) -> anyhow::Result<()> {
+    let key = |ns: &oasis_tests::Netns| -> (String, String) {
+        let private = ns.run(&["wg", "genkey"]).trim().to_string();
+        let public = ns.output(&["sh", "-c", &format!("echo {private} | wg pubkey")]);
+        (
+            private,
+            String::from_utf8_lossy(&public.stdout).trim().to_string(),
+        )
+    };
+    let (client_key, client_pub) = key(&net.client);
+    let (overlay_key, overlay_pub) = key(&net.overlay);
+    // wireguard-go's control socket is named after the interface in
+    // /var/run/wireguard, which all namespaces share: unique names.
+    let (client_if, overlay_if) = wireguard_interfaces();
+    for (ns, process, iface) in [
+        (net.client.clone(), "wg-client", &client_if),
+        (net.overlay.clone(), "wg-overlay", &overlay_if),
+    ] {
+        net.spawn(
+            &ns,
+            process,
+            &["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", iface],
+        );
+    }
+    let wait = std::time::Instant::now();
+    while !(net
+        .client
+        .output(&["ip", "link", "show", &client_if])
+        .status
+        .success()
+        && net
+            .overlay
+            .output(&["ip", "link", "show", &overlay_if])
+            .status
+            .success())
+    {
+        if wait.elapsed() > Duration::from_secs(10) {
+            bail!("wireguard-go did not create its interfaces");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let configure = |ns: &oasis_tests::Netns,
+                     iface: &str,
+                     private: &str,
+                     address: &str,
+                     peer: &str,
+                     allowed: &str,
+                     endpoint: Option<String>| {
+        let key_file = net.dir.join(format!("{}.key", ns.name));
+        std::fs::write(&key_file, private).expect("key file");
+        let mut args = vec![
+            "wg".to_string(),
+            "set".into(),
+            iface.into(),
+            "private-key".into(),
+            key_file.to_string_lossy().into_owned(),
+            "listen-port".into(),
+            WG_PORT.to_string(),
+            "peer".into(),
+            peer.into(),
+            "allowed-ips".into(),
+            allowed.into(),
+        ];
+        if let Some(endpoint) = endpoint {
+            args.extend(["endpoint".into(), endpoint]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ns.run(&args);
+        ns.run(&["ip", "addr", "add", address, "dev", iface]);
+        ns.run(&["ip", "link", "set", iface, "up"]);
+    };
+    configure(
+        &net.client,
+        &client_if,
+        &client_key,
+        "10.88.0.1/24",
+        &overlay_pub,
+        "0.0.0.0/0",
+        Some(format!("{OVERLAY_V4}:{WG_PORT}")),
+    );
+    configure(
+        &net.overlay,
+        &overlay_if,
+        &overlay_key,
+        "10.88.0.2/24",
+        &client_pub,
+        "10.88.0.1/32",
+        None,
+    );
+    net.overlay.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    net.router
+        .run(&["ip", "route", "add", "10.88.0.0/24", "via", OVERLAY_V4]);
+    Ok(())
+}
+
+/// Interface names for the client's and the overlay host's wireguard-go.
+fn wireguard_interfaces() -> (String, String) {
+    let id = std::process::id() % 100_000;
+    (format!("wgc{id}"), format!("wgo{id}"))
+}
+
+/// One sample of each metric for one scenario.
 fn measure(
     net: &mut Topology,
-    scenario: &Scenario,
+    scenario: Scenario,
+    spec_url: &str,
     seconds: u32,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
-    let daemon = match scenario.rules {
+    let daemon = match scenario.rules() {
         None => None,
         Some(rules) => {
             let _ = std::fs::remove_file(net.dir.join("config.yaml"));
             let daemon = Daemon::start(net, "");
+            if scenario == Scenario::OverlayExit {
+                cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
+            }
             for rule in rules {
                 let mut args = vec!["rule", "add"];
                 args.extend_from_slice(rule);
-                let output = daemon.cli(net, &args);
-                if !output.status.success() {
-                    bail!(
-                        "adding rule {rule:?}: {}",
-                        String::from_utf8_lossy(&output.stderr)
-                    );
-                }
+                cli(&daemon, net, &args)?;
             }
             // Let the program load's after-effects (JIT, RCU work) pass.
             std::thread::sleep(Duration::from_secs(1));
             Some(daemon)
         }
     };
-    let daemon_pid = daemon.as_ref().map(|_| net.process("oasis").pid());
-
-    let before = daemon_pid.map(cpu_ticks);
-    let (bps, cpu) = iperf_upload(net, seconds)?;
-    if let (Some(pid), Some(before)) = (daemon_pid, before) {
-        let ticks = cpu_ticks(pid) - before;
-        samples
-            .broker_cpu
-            .push(100.0 * ticks as f64 / (ticks_per_second() * f64::from(seconds)));
+    if scenario == Scenario::WireguardGo {
+        net.client.run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{SERVER_V4}/32"),
+            "dev",
+            &wireguard_interfaces().0,
+        ]);
     }
-    samples.upload_bps.push(bps);
-    samples.sender_cpu.push(cpu);
+    let carrier_pids: Vec<u32> = match scenario {
+        Scenario::NoOasis => vec![],
+        Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
+        Scenario::OverlayExit => vec![net.process("oasis").pid(), net.process("oasis-exit").pid()],
+        _ => vec![net.process("oasis").pid()],
+    };
+
+    let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    let upload = iperf(net, seconds, false)?;
+    let ticks: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
+    samples
+        .carrier_cpu
+        .push(100.0 * ticks as f64 / (ticks_per_second() * f64::from(seconds)));
+    let download = iperf(net, seconds, true)?;
     let (p50, p99) = sockperf_rtt(net, seconds)?;
     eprintln!(
-        "bench:   upload {:.2} Gbit/s, rtt p50 {p50:.2} us, p99 {p99:.2} us",
-        bps / 1e9
+        "bench:   upload {:.2} Gbit/s, download {:.2} Gbit/s, rtt p50 {p50:.2} us, p99 {p99:.2} us",
+        upload / 1e9,
+        download / 1e9
     );
+    samples.upload_bps.push(upload);
+    samples.download_bps.push(download);
     samples.rtt_p50_us.push(p50);
     samples.rtt_p99_us.push(p99);
 
+    if scenario == Scenario::WireguardGo {
+        net.client.run(&[
+            "ip",
+            "route",
+            "del",
+            &format!("{SERVER_V4}/32"),
+            "dev",
+            &wireguard_interfaces().0,
+        ]);
+    }
     if let Some(daemon) = &daemon {
         let status = daemon.json(net, &["status", "--json"]);
         let diverted = status["tun"]["diverted_packets"].as_u64().unwrap_or(0);
-        if scenario.name == "diverted-underlay" && diverted == 0 {
-            bail!("the diverted scenario diverted nothing; the measurement would be meaningless");
-        }
-        if scenario.name == "attached-no-match" && diverted != 0 {
-            bail!("the no-match scenario diverted {diverted} packets");
+        match scenario {
+            Scenario::AttachedNoMatch if diverted != 0 => {
+                bail!("the no-match scenario diverted {diverted} packets")
+            }
+            Scenario::DivertedUnderlay | Scenario::OverlayExit if diverted == 0 => {
+                bail!("nothing was diverted; the measurement would be meaningless")
+            }
+            Scenario::OverlayExit if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 => {
+                bail!("nothing came back through the overlay")
+            }
+            _ => {}
         }
         if !net.process("oasis").terminate(Duration::from_secs(10)) {
             bail!("the daemon did not stop cleanly");
@@ -202,29 +349,35 @@ fn measure(
     Ok(())
 }
 
-/// One iperf3 TCP upload; bits per second received and the sender's CPU.
-fn iperf_upload(net: &Topology, seconds: u32) -> anyhow::Result<(f64, f64)> {
-    let output = net.client.output(&[
-        "iperf3",
-        "-c",
-        SERVER_V4,
-        "-p",
-        &IPERF_PORT.to_string(),
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]);
+fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<()> {
+    let output = daemon.cli(net, args);
+    if !output.status.success() {
+        bail!(
+            "oasis {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// One iperf3 TCP transfer (client to server, or back with `reverse`);
+/// bits per second received.
+fn iperf(net: &Topology, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+    let port = IPERF_PORT.to_string();
+    let time = seconds.to_string();
+    let mut args = vec!["iperf3", "-c", SERVER_V4, "-p", &port, "-t", &time, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let output = net.client.output(&args);
     let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON")?;
     if let Some(error) = report["error"].as_str() {
         bail!("iperf3: {error}");
     }
-    let bps = report["end"]["sum_received"]["bits_per_second"]
+    report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3: no bits_per_second")?;
-    let cpu = report["end"]["cpu_utilization_percent"]["host_total"]
-        .as_f64()
-        .unwrap_or(0.0);
-    Ok((bps, cpu))
+        .context("iperf3: no bits_per_second")
 }
 
 /// sockperf UDP ping-pong; full round-trip p50 and p99 in microseconds.
@@ -254,55 +407,67 @@ fn sockperf_rtt(net: &Topology, seconds: u32) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn figures(measured: &[Measured]) -> Vec<Figure> {
-    let base = &measured[0];
-    let base_name = SCENARIOS[0].name.to_string();
+fn figures(samples: &mut [Samples]) -> Vec<Figure> {
+    let medians: Vec<[f64; 5]> = samples
+        .iter_mut()
+        .map(|s| {
+            [
+                median(&mut s.upload_bps) / 1e9,
+                median(&mut s.download_bps) / 1e9,
+                median(&mut s.carrier_cpu),
+                median(&mut s.rtt_p50_us),
+                median(&mut s.rtt_p99_us),
+            ]
+        })
+        .collect();
+    let index = |s: Scenario| SCENARIOS.iter().position(|x| *x == s).expect("listed");
+    let base = medians[index(Scenario::NoOasis)];
+    let wireguard = medians[index(Scenario::WireguardGo)];
     let mut out = Vec::new();
-    for (scenario, m) in SCENARIOS.iter().zip(measured) {
-        let compared = scenario.name != base_name;
-        let figure = |metric: &str, value: f64, unit: &str, base_value: Option<f64>| Figure {
-            scenario: scenario.name.into(),
-            metric: metric.into(),
-            value,
-            unit: unit.into(),
-            baseline: base_value.filter(|_| compared).map(|_| base_name.clone()),
-            ratio: base_value.filter(|_| compared).map(|b| value / b),
-        };
-        out.push(figure(
-            "tcp_upload_throughput",
-            m.upload_bps / 1e9,
-            "Gbit/s",
-            Some(base.upload_bps / 1e9),
-        ));
-        out.push(figure(
-            "tcp_upload_throughput_min",
-            m.upload_spread.0 / 1e9,
-            "Gbit/s",
-            None,
-        ));
-        out.push(figure(
-            "tcp_upload_throughput_max",
-            m.upload_spread.1 / 1e9,
-            "Gbit/s",
-            None,
-        ));
-        out.push(figure("iperf3_sender_cpu", m.sender_cpu, "%", None));
-        if let Some(cpu) = m.broker_cpu {
-            out.push(figure("broker_cpu", cpu, "% of one core", None));
-        }
-        out.push(figure("udp_rtt_p50", m.rtt_p50_us, "us", Some(base.rtt_p50_us)));
-        out.push(figure("udp_rtt_p50_min", m.rtt_p50_spread.0, "us", None));
-        out.push(figure("udp_rtt_p50_max", m.rtt_p50_spread.1, "us", None));
-        out.push(figure("udp_rtt_p99", m.rtt_p99_us, "us", Some(base.rtt_p99_us)));
-        if compared {
+    for (i, scenario) in SCENARIOS.iter().enumerate() {
+        let [upload, download, cpu, p50, p99] = medians[i];
+        let (lo, hi) = spread(&samples[i].upload_bps);
+        let mut push = |metric: &str, value: f64, unit: &str, against: Option<(Scenario, f64)>| {
             out.push(Figure {
-                scenario: scenario.name.into(),
-                metric: "udp_rtt_p50_added".into(),
-                value: m.rtt_p50_us - base.rtt_p50_us,
-                unit: "us".into(),
-                baseline: Some(base_name.clone()),
-                ratio: None,
+                scenario: scenario.name().into(),
+                metric: metric.into(),
+                value,
+                unit: unit.into(),
+                baseline: against.map(|(s, _)| s.name().into()),
+                ratio: against.map(|(_, b)| value / b),
             });
+        };
+        let compared = *scenario != Scenario::NoOasis;
+        let vs_base = |b: f64| compared.then_some((Scenario::NoOasis, b));
+        push("tcp_upload_throughput", upload, "Gbit/s", vs_base(base[0]));
+        push("tcp_upload_throughput_min", lo / 1e9, "Gbit/s", None);
+        push("tcp_upload_throughput_max", hi / 1e9, "Gbit/s", None);
+        push("tcp_download_throughput", download, "Gbit/s", vs_base(base[1]));
+        push("upload_download_ratio", upload / download, "", None);
+        if *scenario != Scenario::NoOasis {
+            push("carrier_cpu_upload", cpu, "% of one core", None);
+            push(
+                "carrier_cpu_per_gbit",
+                cpu / upload,
+                "% of one core per Gbit/s",
+                None,
+            );
+        }
+        push("udp_rtt_p50", p50, "us", vs_base(base[3]));
+        push("udp_rtt_p99", p99, "us", vs_base(base[4]));
+        if compared {
+            push("udp_rtt_p50_added", p50 - base[3], "us", None);
+        }
+        if *scenario == Scenario::OverlayExit {
+            let vs_wg = |v: f64| Some((Scenario::WireguardGo, v));
+            push("tcp_upload_throughput", upload, "Gbit/s", vs_wg(wireguard[0]));
+            push("tcp_download_throughput", download, "Gbit/s", vs_wg(wireguard[1]));
+            push(
+                "udp_rtt_p50_added",
+                p50 - base[3],
+                "us",
+                vs_wg(wireguard[3] - base[3]),
+            );
         }
     }
     out
@@ -310,13 +475,14 @@ fn figures(measured: &[Measured]) -> Vec<Figure> {
 
 fn print_table(figures: &[Figure]) {
     println!(
-        "\n{:<20} {:<24} {:>12} {:<14} {:>10}",
-        "scenario", "metric", "value", "unit", "ratio"
+        "\n{:<20} {:<28} {:>10} {:<26} {:>8}  {}",
+        "scenario", "metric", "value", "unit", "ratio", "to"
     );
     for f in figures {
         let ratio = f.ratio.map(|r| format!("{r:.3}")).unwrap_or_default();
+        let to = f.baseline.as_deref().unwrap_or("");
         println!(
-            "{:<20} {:<24} {:>12.3} {:<14} {:>10}",
+            "{:<20} {:<28} {:>10.3} {:<26} {:>8}  {to}",
             f.scenario, f.metric, f.value, f.unit, ratio
         );
     }
@@ -331,6 +497,9 @@ fn spread(values: &[f64]) -> (f64, f64) {
 }
 
 fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }

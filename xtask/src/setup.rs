@@ -17,6 +17,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("iperf3", "iperf3"),
     ("sockperf", "sockperf"),
+    // The benchmark's peer: TUN and UDP in user space too.
+    ("wireguard-go", "wireguard-go"),
+    ("wg", "wireguard-tools"),
 ];
 
 struct Step {
@@ -75,10 +78,10 @@ fn steps() -> Vec<Step> {
             hint: "install it with `cargo install bpf-linker --version 0.10.4 --locked` (it needs about 3 minutes)",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf)",
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
-            hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf",
+            hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools",
         },
     ]
 }

@@ -45,8 +45,11 @@ struct Args {
     /// served first; a token must match the start of the client's shim.
     #[arg(long = "client", required = true, value_parser = clap::value_parser!(Client))]
     clients: Vec<Client>,
-    /// Ports (and ICMP echo identifiers) the NAT gives out.
-    #[arg(long, default_value = "40000-59999", value_parser = parse_range)]
+    /// Ports (and ICMP echo identifiers) the NAT gives out. Packets to
+    /// these ports of the public address belong to the NAT: the range must
+    /// not hold the host's own services nor overlap its ephemeral ports
+    /// (net.ipv4.ip_local_port_range, 32768-60999 by default).
+    #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     nat_ports: RangeInclusive<u16>,
     /// Most flows at once; new flows are refused beyond it.
     #[arg(long, default_value_t = 65_536)]
@@ -58,7 +61,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     classes: usize,
     /// Packets each class may have waiting.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1024)]
     queue: usize,
     /// The TUN device replies arrive on.
     #[arg(long, default_value = "oasisx0")]
@@ -69,7 +72,7 @@ struct Args {
 }
 
 fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
-    let (a, b) = text.split_once('-').ok_or("give a range such as 40000-59999")?;
+    let (a, b) = text.split_once('-').ok_or("give a range such as 61000-65535")?;
     let (a, b): (u16, u16) = (
         a.parse().map_err(|_| "bad first port")?,
         b.parse().map_err(|_| "bad last port")?,
@@ -78,6 +81,13 @@ fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
         return Err("the range must be non-empty and start at 1 or above".into());
     }
     Ok(a..=b)
+}
+
+/// The kernel's range of ephemeral source ports.
+fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
 #[derive(Serialize, Default, Debug, Clone)]
@@ -104,7 +114,7 @@ struct ClientStats {
 
 #[derive(Serialize, Default, Debug, Clone)]
 struct ExitStats {
-    clients: BTreeMap<String, ClientStats>,
+    clients: BTreeMap<SocketAddr, ClientStats>,
     classes: BTreeMap<u8, ClientStats>,
     /// Datagrams from senders not on the client list.
     refused_unknown_sender: u64,
@@ -148,6 +158,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         IpAddr::V6(v6) => Some(*v6),
         _ => None,
     });
+    if let Some((first, last)) = ephemeral_ports()
+        && first <= *args.nat_ports.end()
+        && *args.nat_ports.start() <= last
+    {
+        bail!(
+            "--nat-ports {}-{} overlaps this host's ephemeral ports {first}-{last} \
+             (net.ipv4.ip_local_port_range): replies to the host's own connections \
+             would be taken for NAT replies. Pick a range outside it, or narrow the sysctl.",
+            args.nat_ports.start(),
+            args.nat_ports.end()
+        );
+    }
     if args.shim_len > oasis_broker::overlay::MAX_SHIM_LEN {
         bail!(
             "--shim-len must be at most {}",
@@ -243,10 +265,22 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 const BATCH: usize = 64;
+/// Largest datagram from a client: a packet of up to a jumbo-frame MTU
+/// plus its shim. Larger ones arrive truncated and are dropped as malformed.
+const CLIENT_DATAGRAM: usize = 9216 + oasis_broker::overlay::MAX_SHIM_LEN;
 const DATAGRAM: usize = 65_536;
 /// Packets sent per round before the socket is read again, so new arrivals
 /// of a higher class overtake waiting ones of a lower class.
 const BUDGET: usize = 128;
+
+/// A client's packet waiting for its turn: the buffer it was received in
+/// (never copied) and where the packet sits in it.
+struct Queued {
+    sender: SocketAddr,
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+}
 
 /// Clients -> Internet: authorise, queue by class, NAT, send.
 fn to_internet(
@@ -259,10 +293,11 @@ fn to_internet(
     queue: usize,
 ) {
     use oasis_broker::platform::linux::mmsg::recv_batch;
-    let mut bufs = vec![vec![0u8; DATAGRAM]; BATCH];
+    let mut bufs = vec![vec![0u8; CLIENT_DATAGRAM]; BATCH];
     let mut lens = vec![0usize; BATCH];
     let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
-    let mut queues: PriorityQueues<(SocketAddr, Vec<u8>)> = PriorityQueues::new(classes, queue);
+    let mut queues: PriorityQueues<Queued> = PriorityQueues::new(classes, queue);
+    // Spare receive buffers, all CLIENT_DATAGRAM long.
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let mut nonblocking = false;
     loop {
@@ -294,49 +329,51 @@ fn to_internet(
                 core.stats.refused_unknown_sender += 1;
                 continue;
             };
-            let datagram = &bufs[i][..lens[i]];
-            if datagram.len() <= shim_len || !authorised(client, &datagram[..shim_len]) {
+            if lens[i] <= shim_len || !authorised(client, &bufs[i][..shim_len]) {
                 core.stats.refused_token += 1;
                 continue;
             }
-            let mut packet = pool.pop().unwrap_or_default();
-            packet.clear();
-            packet.extend_from_slice(&datagram[shim_len..]);
-            if let Err((sender, packet)) = queues.push(client.class, (sender, packet)) {
-                core.stats.clients.entry(sender.to_string()).or_default().dropped += 1;
+            // The packet keeps its receive buffer; a spare takes its place.
+            let spare = pool.pop().unwrap_or_else(|| vec![0u8; CLIENT_DATAGRAM]);
+            let buffer = std::mem::replace(&mut bufs[i], spare);
+            let queued = Queued {
+                sender,
+                buffer,
+                start: shim_len,
+                end: lens[i],
+            };
+            if let Err(queued) = queues.push(client.class, queued) {
+                core.stats.clients.entry(sender).or_default().dropped += 1;
                 core.stats.classes.entry(client.class).or_default().dropped += 1;
-                pool.push(packet);
+                pool.push(queued.buffer);
             }
         }
         let now = Instant::now();
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(BUDGET);
+        let mut out: Vec<Queued> = Vec::with_capacity(BUDGET);
         while out.len() < BUDGET {
-            let Some((class, (sender, mut packet))) = queues.pop() else {
+            let Some((class, mut queued)) = queues.pop() else {
                 break;
             };
-            match core.nat.outbound(sender, class, &mut packet, now) {
+            let packet = &mut queued.buffer[queued.start..queued.end];
+            match core.nat.outbound(queued.sender, class, packet, now) {
                 Ok(()) => {
-                    let entry = core.stats.clients.entry(sender.to_string()).or_default();
+                    let size = packet.len();
+                    let entry = core.stats.clients.entry(queued.sender).or_default();
                     entry.class = class;
-                    entry.to_internet.add(packet.len());
-                    core.stats
-                        .classes
-                        .entry(class)
-                        .or_default()
-                        .to_internet
-                        .add(packet.len());
-                    out.push(packet);
+                    entry.to_internet.add(size);
+                    core.stats.classes.entry(class).or_default().to_internet.add(size);
+                    out.push(queued);
                 }
                 Err(e) => {
                     *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
-                    pool.push(packet);
+                    pool.push(queued.buffer);
                 }
             }
         }
         drop(core_guard);
-        let slices: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
+        let slices: Vec<&[u8]> = out.iter().map(|q| &q.buffer[q.start..q.end]).collect();
         raw.send_batch(&slices);
-        pool.extend(out);
+        pool.extend(out.into_iter().map(|q| q.buffer));
     }
 }
 
@@ -392,7 +429,7 @@ fn to_clients(
                     Ok(back) => {
                         core.stats
                             .clients
-                            .entry(back.client.to_string())
+                            .entry(back.client)
                             .or_default()
                             .to_client
                             .add(size);
