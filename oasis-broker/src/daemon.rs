@@ -287,7 +287,9 @@ impl State {
                 overlay: Box::new(overlay),
             }),
             // `serve` answers these itself: the fetch must not hold the lock.
-            Request::OverlayAdd { name, .. } => Err(JoinError::Unknown(name).into()),
+            Request::OverlayAdd { .. } => Ok(Response::Error {
+                message: "overlay add is answered by the connection handler".into(),
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),

@@ -159,7 +159,7 @@ fn deleting_a_rule_stops_diversion_of_new_flows() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn killed_daemon_fails_open_within_five_seconds() {
     let mut net = Topology::new();
-    let daemon = diverting_web(&mut net);
+    let _daemon = diverting_web(&mut net);
     assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
 
     net.process("oasis").kill_hard();
