@@ -37,6 +37,10 @@ pub struct Config {
     /// UDP port where overlays hand packets back to this host (the paper's
     /// standard port), on IPv4 and IPv6.
     pub overlay_port: u16,
+    /// UDP port on loopback where the overlays' local code modules hand
+    /// packets to be sent on the underlay. Only the broker's own module
+    /// sockets are admitted.
+    pub underlay_port: u16,
     /// Joined overlays; `oasis overlay add|del` keeps this list.
     pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
@@ -83,6 +87,7 @@ impl Default for Config {
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             next_rule_id: None,
             overlay_port: 7400,
+            underlay_port: 7401,
             overlays: Vec::new(),
             rules: Vec::new(),
         }
@@ -181,8 +186,13 @@ impl Config {
                 "bypass_mark must not be 0 (unmarked packets have mark 0)",
             ));
         }
-        if self.overlay_port == 0 {
-            return Err(invalid("overlay_port must be a port number 1-65535"));
+        if self.overlay_port == 0 || self.underlay_port == 0 {
+            return Err(invalid(
+                "overlay_port and underlay_port must be port numbers 1-65535",
+            ));
+        }
+        if self.overlay_port == self.underlay_port {
+            return Err(invalid("overlay_port and underlay_port must differ"));
         }
         for (i, overlay) in self.overlays.iter().enumerate() {
             let overlay_error = |source| ConfigError::Overlay {

@@ -96,6 +96,7 @@ pub struct StatusView {
     pub rules: usize,
     pub overlays: usize,
     pub overlay_port: u16,
+    pub underlay_port: u16,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +172,8 @@ pub struct BrokerCounters {
     pub rejected_sender: u64,
     /// Returned packets not addressed to this host, dropped.
     pub rejected_destination: u64,
+    /// Datagrams on the underlay port from no module of this broker, dropped.
+    pub rejected_module_sender: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

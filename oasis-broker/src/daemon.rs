@@ -23,6 +23,7 @@ use crate::platform::linux::forward::{ForwardStats, Forwarder, OverlaySockets, S
 use crate::platform::linux::overlay_rx::OverlayReceiver;
 use crate::platform::linux::tun::{Tun, diverted_counts, uplink_mtu};
 use crate::platform::linux::underlay::Underlay;
+use crate::platform::linux::underlay_port::UnderlayPort;
 use crate::platform::linux::uplink::default_route_interfaces;
 use crate::rules::{Carrier, RuleError, RuleSet, RuleSpec};
 
@@ -253,6 +254,7 @@ impl State {
             rules: self.rules.rules().len(),
             overlays: self.config.overlays.len(),
             overlay_port: self.config.overlay_port,
+            underlay_port: self.config.underlay_port,
         }
     }
 
@@ -391,6 +393,28 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         threads.push(spawn_thread(format!("oasis-queue-{index}"), move || {
             forwarder.run()
         })?);
+    }
+    // No module runs yet (they come with the sandbox): the set stays empty.
+    let module_sockets: crate::platform::linux::underlay_port::ModuleSockets = Arc::default();
+    for (family, loopback) in [
+        ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
+        ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
+    ] {
+        let port = UnderlayPort {
+            socket: open_udp((loopback, config.underlay_port).into(), config.bypass_mark).map_err(
+                |source| DaemonError::Socket {
+                    path: format!("UDP port {} (underlay_port)", config.underlay_port).into(),
+                    source,
+                },
+            )?,
+            underlay: underlay.clone(),
+            modules: module_sockets.clone(),
+            stats: stats.clone(),
+        };
+        threads.push(spawn_thread(
+            format!("oasis-underlay-port-{family}"),
+            move || port.run(),
+        )?);
     }
     for (family, socket) in [("v4", &overlay_sockets.v4), ("v6", &overlay_sockets.v6)] {
         let receiver = OverlayReceiver {
@@ -584,29 +608,32 @@ fn initial_overlays(config: &Config) -> OverlayTable {
     OverlayTable::new(joined.collect::<Vec<_>>())
 }
 
-/// UDP sockets on the standard port for both families. They carry the
-/// bypass mark, so encapsulated packets are never diverted themselves.
+/// UDP sockets on the standard port for both families.
 fn open_overlay_sockets(port: u16, bypass_mark: u32) -> Result<OverlaySockets, DaemonError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let open = |domain: Domain, addr: std::net::SocketAddr| -> std::io::Result<Socket> {
-        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-        if domain == Domain::IPV6 {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_mark(bypass_mark)?;
-        socket.set_recv_buffer_size(8 << 20)?;
-        socket.set_send_buffer_size(8 << 20)?;
-        socket.bind(&addr.into())?;
-        Ok(socket)
-    };
     let error = |source| DaemonError::Socket {
         path: format!("UDP port {port} (overlay_port)").into(),
         source,
     };
     Ok(OverlaySockets {
-        v4: open(Domain::IPV4, ([0, 0, 0, 0], port).into()).map_err(error)?,
-        v6: open(Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into()).map_err(error)?,
+        v4: open_udp(([0, 0, 0, 0], port).into(), bypass_mark).map_err(error)?,
+        v6: open_udp((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark).map_err(error)?,
     })
+}
+
+/// A UDP socket of the broker's. It carries the bypass mark, so what it
+/// sends is never diverted by a rule itself.
+fn open_udp(addr: std::net::SocketAddr, bypass_mark: u32) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if domain == Domain::IPV6 {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_mark(bypass_mark)?;
+    socket.set_recv_buffer_size(8 << 20)?;
+    socket.set_send_buffer_size(8 << 20)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 fn spawn_thread(

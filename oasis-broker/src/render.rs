@@ -134,6 +134,11 @@ pub fn status(s: &StatusView) -> String {
          dropped {} from unknown senders, {} not for this host",
         s.overlays, s.overlay_port, b.overlay_received, b.rejected_sender, b.rejected_destination
     );
+    let _ = writeln!(
+        out,
+        "            underlay port {} (modules only): dropped {} from other senders",
+        s.underlay_port, b.rejected_module_sender
+    );
     let maps: Vec<String> = s
         .program
         .maps

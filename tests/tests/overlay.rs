@@ -407,3 +407,23 @@ fn a_relay_detour_adds_its_delay() {
     assert!(detour >= 78.0, "the relay's 2 x 40 ms did not show: {detour} ms");
     assert!(direct < 40.0, "the direct overlay path is slow: {direct} ms");
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_underlay_port_admits_no_stranger() {
+    let mut net = Topology::new();
+    let daemon = Daemon::start(&mut net, "");
+    // Any local process could try to have the broker send a packet for it.
+    let attempt = udp_packet_script(CLIENT_V4, SERVER_V4, 5556, "spoofed")
+        + "o=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\no.sendto(packet,('127.0.0.1',7401))\n";
+    net.client.run(&["python3", "-c", &attempt]);
+    std::thread::sleep(Duration::from_millis(300));
+    let status = json(&daemon, &net, &["status", "--json"]);
+    assert_eq!(status["underlay_port"].as_u64(), Some(7401));
+    assert_eq!(
+        status["broker"]["rejected_module_sender"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(status["broker"]["sent_underlay"].as_u64(), Some(0), "{status}");
+}

@@ -474,7 +474,10 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
 }
 
 fn print_table(figures: &[Figure]) {
-    println!("\n{:<20} {:<28} {:>10} {:<26} {:>8}  to", "scenario", "metric", "value", "unit", "ratio");
+    println!(
+        "\n{:<20} {:<28} {:>10} {:<26} {:>8}  to",
+        "scenario", "metric", "value", "unit", "ratio"
+    );
     for f in figures {
         let ratio = f.ratio.map(|r| format!("{r:.3}")).unwrap_or_default();
         let to = f.baseline.as_deref().unwrap_or("");

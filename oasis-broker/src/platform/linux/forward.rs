@@ -35,6 +35,7 @@ pub struct ForwardStats {
     pub overlay_received: AtomicU64,
     pub rejected_sender: AtomicU64,
     pub rejected_destination: AtomicU64,
+    pub rejected_module_sender: AtomicU64,
 }
 
 impl ForwardStats {
@@ -51,6 +52,7 @@ impl ForwardStats {
             overlay_received: self.overlay_received.load(Relaxed),
             rejected_sender: self.rejected_sender.load(Relaxed),
             rejected_destination: self.rejected_destination.load(Relaxed),
+            rejected_module_sender: self.rejected_module_sender.load(Relaxed),
         }
     }
 }

@@ -8,4 +8,5 @@ pub mod mmsg;
 pub mod overlay_rx;
 pub mod tun;
 pub mod underlay;
+pub mod underlay_port;
 pub mod uplink;
