@@ -342,16 +342,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         return Err(DaemonError::NoUplinks);
     }
 
-    let tun = Tun::create(
-        &config.tun.name,
-        config.tun.queues,
-        uplink_mtu(&uplinks),
-        config.tun.address,
-    )
-    .map_err(|source| DaemonError::Tun {
-        name: config.tun.name.clone(),
-        source,
-    })?;
+    let mtu = uplink_mtu(&uplinks);
+    let tun =
+        Tun::create(&config.tun.name, config.tun.queues, mtu, config.tun.address).map_err(|source| {
+            DaemonError::Tun {
+                name: config.tun.name.clone(),
+                source,
+            }
+        })?;
     let underlay = Arc::new(Underlay::open(config.bypass_mark).map_err(DaemonError::Underlay)?);
     let settings = Settings {
         heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
@@ -370,7 +368,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let shared_rules: Shared<RuleSet> = Arc::new(RwLock::new(Arc::new(rules.clone())));
     let shared_overlays: Shared<OverlayTable> = Arc::new(RwLock::new(Arc::new(initial_overlays(&config))));
     let overlay_sockets = Arc::new(open_overlay_sockets(config.overlay_port, config.bypass_mark)?);
-    let mtu = uplink_mtu(&uplinks);
     let tun_view = TunView {
         name: tun.name.clone(),
         ifindex: tun.ifindex,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use oasis_tests::{Daemon, SERVER_V4, Topology};
+use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 
 pub fn run() -> anyhow::Result<()> {
     crate::setup::ensure()?;
@@ -48,7 +48,33 @@ pub fn run() -> anyhow::Result<()> {
         None => bail!("the unclaimed request failed"),
     }
 
+    println!(
+        "\n== An overlay: an exit node on the overlay host {OVERLAY_V4}, its spec on a web server there"
+    );
+    net.start_exit(&["--client", CLIENT_V4]);
+    net.publish(
+        "exit.xml",
+        r#"<overlay name="demo-exit"><description>Leave from the overlay host</description><entry host="10.77.3.2" port="7400"/></overlay>"#,
+    );
+    let spec_url = format!("{}/exit.xml", net.start_spec_server());
+    show(&daemon, &net, &["overlay", "add", "exit", &spec_url]);
+    net.start_web_server(80);
+    show(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    println!("\n== curl http://{SERVER_V4}/hello.txt  (rule 3: through the overlay's exit node)");
+    match net.http_get(SERVER_V4, 80) {
+        Some(body) => print!("   {body}"),
+        None => bail!("the request through the overlay failed"),
+    }
+    let log = net.process("web-80").log();
+    let seen = log.lines().rev().find(|l| l.contains("GET")).unwrap_or("");
+    println!("   the server logged it as coming from the exit node, not the client:\n   {seen}");
+
     show(&daemon, &net, &["rule", "list"]);
+    show(&daemon, &net, &["overlay", "list"]);
     show(&daemon, &net, &["status"]);
 
     println!("\n== kill -9 the daemon: the kernel detaches the classifier, traffic flows as before");
@@ -65,6 +91,6 @@ pub fn run() -> anyhow::Result<()> {
 fn show(daemon: &Daemon, net: &Topology, args: &[&str]) {
     println!("\n$ oasis {}", args.join(" "));
     let output = daemon.cli(net, args);
-    print!("{}", String::from_utf8_lossy(&output.stdout));
     eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    print!("{}", String::from_utf8_lossy(&output.stdout));
 }
