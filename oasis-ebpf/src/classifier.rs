@@ -1,3 +1,4 @@
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
@@ -10,9 +11,6 @@ use oasis_common::{
     RuleAction, RuleSet, Settings, Verdict, stat,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
@@ -158,21 +156,6 @@ fn classify(ctx: &TcContext) -> i32 {
                 action as i32
             }
         }
-    }
-}
-
-/// Reads a `T` at a constant `offset` from the packet start: straight from
-/// the linear data when it is there (no helper call), else through
-/// bpf_skb_load_bytes. Offsets that vary per packet must use `ctx.load`:
-/// the verifier cannot follow this bounds check for them.
-#[inline(always)]
-pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the bounds check above is what the verifier needs to see.
-        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
-    } else {
-        ctx.load::<T>(offset).ok()
     }
 }
 

@@ -12,11 +12,7 @@ use aya_ebpf::{
 };
 use oasis_common::ExitSettings;
 
-use crate::classifier::read;
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 

@@ -12,6 +12,8 @@
 mod classifier;
 #[cfg(target_arch = "bpf")]
 mod exit;
+#[cfg(target_arch = "bpf")]
+mod headers;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

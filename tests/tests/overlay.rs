@@ -46,6 +46,18 @@ fn joined(net: &mut Topology, exit_clients: &[&str]) -> Daemon {
     daemon
 }
 
+/// A web server on port 80 and a daemon carrying tcp 80 over the exit.
+fn web_via_exit(net: &mut Topology) -> Daemon {
+    net.start_web_server(80);
+    let daemon = joined(net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    daemon
+}
+
 fn exit_stats(net: &Topology) -> Value {
     // The exit writes its counters every second.
     std::thread::sleep(Duration::from_millis(1200));
@@ -57,13 +69,7 @@ fn exit_stats(net: &Topology) -> Value {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn web_traffic_leaves_from_the_exit_node() {
     let mut net = Topology::new();
-    net.start_web_server(80);
-    let daemon = joined(&mut net, &[CLIENT_V4]);
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
-    );
+    let daemon = web_via_exit(&mut net);
 
     for _ in 0..3 {
         assert_eq!(
@@ -295,13 +301,7 @@ fn bad_specifications_are_refused_with_the_field_named() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn an_overlay_in_use_cannot_be_left_and_survives_a_restart() {
     let mut net = Topology::new();
-    net.start_web_server(80);
-    let daemon = joined(&mut net, &[CLIENT_V4]);
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
-    );
+    let daemon = web_via_exit(&mut net);
     let refused = daemon.cli(&net, &["overlay", "del", "exit"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("carries rules [1]"));
 
@@ -327,13 +327,7 @@ fn an_overlay_in_use_cannot_be_left_and_survives_a_restart() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn restarting_the_exit_node_lets_new_flows_through() {
     let mut net = Topology::new();
-    net.start_web_server(80);
-    let daemon = joined(&mut net, &[CLIENT_V4]);
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
-    );
+    let daemon = web_via_exit(&mut net);
     assert!(net.http_get(SERVER_V4, 80).is_some());
     net.process("oasis-exit").kill_hard();
     assert_eq!(net.http_get(SERVER_V4, 80), None, "no exit, no path");
