@@ -327,7 +327,7 @@ fn an_overlay_in_use_cannot_be_left_and_survives_a_restart() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn restarting_the_exit_node_lets_new_flows_through() {
     let mut net = Topology::new();
-    let daemon = web_via_exit(&mut net);
+    let _daemon = web_via_exit(&mut net);
     assert!(net.http_get(SERVER_V4, 80).is_some());
     net.process("oasis-exit").kill_hard();
     assert_eq!(net.http_get(SERVER_V4, 80), None, "no exit, no path");
