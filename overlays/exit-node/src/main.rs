@@ -264,22 +264,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-const BATCH: usize = 64;
-/// Largest datagram from a client: a packet of up to a jumbo-frame MTU
-/// plus its shim. Larger ones arrive truncated and are dropped as malformed.
-const CLIENT_DATAGRAM: usize = 9216 + oasis_broker::overlay::MAX_SHIM_LEN;
+const BATCH: usize = 16;
+/// A receive buffer holds one datagram, or a coalesced run of them.
+const CLIENT_BUFFER: usize = 65_536;
 const DATAGRAM: usize = 65_536;
 /// Packets sent per round before the socket is read again, so new arrivals
 /// of a higher class overtake waiting ones of a lower class.
 const BUDGET: usize = 128;
 
-/// A client's packet waiting for its turn: the buffer it was received in
-/// (never copied) and where the packet sits in it.
+/// A client's packet waiting for its turn.
 struct Queued {
     sender: SocketAddr,
-    buffer: Vec<u8>,
-    start: usize,
-    end: usize,
+    packet: Vec<u8>,
 }
 
 /// Clients -> Internet: authorise, queue by class, NAT, send.
@@ -292,21 +288,32 @@ fn to_internet(
     classes: usize,
     queue: usize,
 ) {
-    use oasis_broker::platform::linux::mmsg::recv_batch;
-    let mut bufs = vec![vec![0u8; CLIENT_DATAGRAM]; BATCH];
+    use oasis_broker::platform::linux::mmsg::{datagrams, enable_udp_gro, recv_batch};
+    let mut bufs = vec![vec![0u8; CLIENT_BUFFER]; BATCH];
     let mut lens = vec![0usize; BATCH];
     let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+    let mut segments = vec![0usize; BATCH];
     let mut queues: PriorityQueues<Queued> = PriorityQueues::new(classes, queue);
-    // Spare receive buffers, all CLIENT_DATAGRAM long.
+    // Spare packet buffers, reused so the steady state allocates nothing.
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let mut nonblocking = false;
+    if let Err(e) = enable_udp_gro(socket) {
+        tracing::warn!("no UDP GRO on the client socket ({e}); datagrams arrive one by one");
+    }
     loop {
         // Block only when nothing waits to be sent.
         if nonblocking == queues.is_empty() {
             nonblocking = !queues.is_empty();
             let _ = socket.set_nonblocking(nonblocking);
         }
-        let count = match recv_batch(socket.as_raw_fd(), &mut bufs, 0, &mut lens, &mut from) {
+        let count = match recv_batch(
+            socket.as_raw_fd(),
+            &mut bufs,
+            0,
+            &mut lens,
+            &mut from,
+            &mut segments,
+        ) {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -329,51 +336,47 @@ fn to_internet(
                 core.stats.refused_unknown_sender += 1;
                 continue;
             };
-            if lens[i] <= shim_len || !authorised(client, &bufs[i][..shim_len]) {
-                core.stats.refused_token += 1;
-                continue;
-            }
-            // The packet keeps its receive buffer; a spare takes its place.
-            let spare = pool.pop().unwrap_or_else(|| vec![0u8; CLIENT_DATAGRAM]);
-            let buffer = std::mem::replace(&mut bufs[i], spare);
-            let queued = Queued {
-                sender,
-                buffer,
-                start: shim_len,
-                end: lens[i],
-            };
-            if let Err(queued) = queues.push(client.class, queued) {
-                core.stats.clients.entry(sender).or_default().dropped += 1;
-                core.stats.classes.entry(client.class).or_default().dropped += 1;
-                pool.push(queued.buffer);
+            for range in datagrams(lens[i], segments[i]) {
+                let datagram = &bufs[i][range];
+                if datagram.len() <= shim_len || !authorised(client, &datagram[..shim_len]) {
+                    core.stats.refused_token += 1;
+                    continue;
+                }
+                let mut packet = pool.pop().unwrap_or_default();
+                packet.clear();
+                packet.extend_from_slice(&datagram[shim_len..]);
+                if let Err(queued) = queues.push(client.class, Queued { sender, packet }) {
+                    core.stats.clients.entry(sender).or_default().dropped += 1;
+                    core.stats.classes.entry(client.class).or_default().dropped += 1;
+                    pool.push(queued.packet);
+                }
             }
         }
         let now = Instant::now();
-        let mut out: Vec<Queued> = Vec::with_capacity(BUDGET);
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(BUDGET);
         while out.len() < BUDGET {
             let Some((class, mut queued)) = queues.pop() else {
                 break;
             };
-            let packet = &mut queued.buffer[queued.start..queued.end];
-            match core.nat.outbound(queued.sender, class, packet, now) {
+            match core.nat.outbound(queued.sender, class, &mut queued.packet, now) {
                 Ok(()) => {
-                    let size = packet.len();
+                    let size = queued.packet.len();
                     let entry = core.stats.clients.entry(queued.sender).or_default();
                     entry.class = class;
                     entry.to_internet.add(size);
                     core.stats.classes.entry(class).or_default().to_internet.add(size);
-                    out.push(queued);
+                    out.push(queued.packet);
                 }
                 Err(e) => {
                     *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
-                    pool.push(queued.buffer);
+                    pool.push(queued.packet);
                 }
             }
         }
         drop(core_guard);
-        let slices: Vec<&[u8]> = out.iter().map(|q| &q.buffer[q.start..q.end]).collect();
+        let slices: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
         raw.send_batch(&slices);
-        pool.extend(out.into_iter().map(|q| q.buffer));
+        pool.extend(out);
     }
 }
 
@@ -397,7 +400,7 @@ fn to_clients(
     sockets: &[Arc<socket2::Socket>],
     shim: &[u8],
 ) {
-    use oasis_broker::platform::linux::mmsg::SendBatch;
+    use oasis_broker::platform::linux::mmsg::GsoSendBatch;
     use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM];
     let mut segments = vec![vec![0u8; DATAGRAM]; IDEAL_BATCH_SIZE];
@@ -448,7 +451,7 @@ fn to_clients(
                 }
             }
         }
-        let mut batches: Vec<SendBatch> = sockets.iter().map(|_| SendBatch::default()).collect();
+        let mut batches: Vec<GsoSendBatch> = sockets.iter().map(|_| GsoSendBatch::default()).collect();
         for ((segment, &size), target) in segments.iter().zip(&sizes).zip(&targets) {
             let Some(client) = target else { continue };
             if let Some(index) = socket_is_v4.iter().position(|v4| *v4 == client.is_ipv4()) {

@@ -18,7 +18,7 @@ use crate::overlay::{JoinedOverlay, OverlayTable};
 use crate::packet::clamp_mss;
 use crate::rules::{Carrier, RuleSet};
 
-use super::mmsg::SendBatch;
+use super::mmsg::GsoSendBatch;
 use super::underlay::Underlay;
 
 /// Counters shared by all packet threads.
@@ -141,8 +141,10 @@ impl Forwarder {
 
             // Second pass: batch by carrier and send.
             let mut underlay_batch: Vec<&[u8]> = Vec::with_capacity(count);
-            let mut overlay_v4 = SendBatch::default();
-            let mut overlay_v6 = SendBatch::default();
+            // A GSO burst read from the TUN goes to one entry node as one
+            // segmented send.
+            let mut overlay_v4 = GsoSendBatch::default();
+            let mut overlay_v6 = GsoSendBatch::default();
             for ((segment, &size), route) in segments.iter().zip(&sizes).zip(&routes) {
                 let packet = &segment[..size];
                 match route {

@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use crate::overlay::OverlayTable;
+use crate::overlay::{JoinedOverlay, OverlayTable};
 use crate::packet::{addresses, clamp_mss};
 
 use super::forward::{ForwardStats, Shared, snapshot};
 use super::local_addrs::local_addresses;
-use super::mmsg::recv_batch;
+use super::mmsg::{datagrams, enable_udp_gro, recv_batch};
 
-const BATCH: usize = 64;
-const DATAGRAM: usize = 65_536;
+const BATCH: usize = 16;
+/// A receive buffer holds one datagram, or a coalesced run of them.
+const BUFFER: usize = 65_536;
 /// How often the host's own addresses are read again.
 const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
 
@@ -35,27 +36,24 @@ pub struct OverlayReceiver {
 
 impl OverlayReceiver {
     pub fn run(self) -> std::io::Error {
-        // Room in front of each datagram for the TUN's virtio-net header.
-        let mut bufs = vec![vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM]; BATCH];
+        let mut bufs = vec![vec![0u8; BUFFER]; BATCH];
         let mut lens = vec![0usize; BATCH];
         let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+        let mut segments = vec![0usize; BATCH];
+        // Packets accepted for the TUN, each after room for the virtio-net header.
+        let mut out: Vec<Vec<u8>> = Vec::new();
         let mut gro = GROTable::default();
         let mut local: HashSet<IpAddr> = local_addresses();
         let mut local_read = Instant::now();
         if let Err(e) = self.socket.set_read_timeout(Some(ADDRESS_REFRESH)) {
             return e;
         }
+        if let Err(e) = enable_udp_gro(&self.socket) {
+            tracing::warn!("no UDP GRO on the standard port ({e}); datagrams arrive one by one");
+        }
         loop {
-            for buf in bufs.iter_mut() {
-                buf.resize(VIRTIO_NET_HDR_LEN + DATAGRAM, 0);
-            }
-            let count = match recv_batch(
-                self.socket.as_raw_fd(),
-                &mut bufs,
-                VIRTIO_NET_HDR_LEN,
-                &mut lens,
-                &mut from,
-            ) {
+            let fd = self.socket.as_raw_fd();
+            let count = match recv_batch(fd, &mut bufs, 0, &mut lens, &mut from, &mut segments) {
                 Ok(count) => count,
                 Err(e)
                     if matches!(
@@ -79,12 +77,21 @@ impl OverlayReceiver {
             let overlays = snapshot(&self.overlays);
             let mut accepted = 0;
             for i in 0..count {
-                let Some(packet_len) = self.accept(&overlays, &local, from[i], &mut bufs[i], lens[i]) else {
+                let Some(overlay) = from[i].and_then(|addr| overlays.by_sender(addr)) else {
+                    self.stats.rejected_sender.fetch_add(1, Relaxed);
+                    tracing::debug!(from = ?from[i], "datagram from a sender that is no joined overlay's entry node");
                     continue;
                 };
-                bufs[i].truncate(VIRTIO_NET_HDR_LEN + packet_len);
-                bufs.swap(i, accepted);
-                accepted += 1;
+                let outer_v6 = from[i].is_some_and(|a| a.ip().to_canonical().is_ipv6());
+                for range in datagrams(lens[i], segments[i]) {
+                    if out.len() == accepted {
+                        out.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 1500));
+                    }
+                    let buf = &mut out[accepted];
+                    if self.accept(overlay, &local, outer_v6, &bufs[i][range], buf) {
+                        accepted += 1;
+                    }
+                }
             }
             if accepted == 0 {
                 continue;
@@ -92,7 +99,7 @@ impl OverlayReceiver {
             self.stats.overlay_received.fetch_add(accepted as u64, Relaxed);
             if let Err(e) = self
                 .device
-                .send_multiple(&mut gro, &mut bufs[..accepted], VIRTIO_NET_HDR_LEN)
+                .send_multiple(&mut gro, &mut out[..accepted], VIRTIO_NET_HDR_LEN)
             {
                 self.stats.send_errors.fetch_add(1, Relaxed);
                 tracing::debug!("writing returned packets to the TUN: {e}");
@@ -100,49 +107,41 @@ impl OverlayReceiver {
         }
     }
 
-    /// Checks one datagram and moves its IP packet to just after the
-    /// virtio-net header room. Returns the packet's length if it may go on.
+    /// Checks one datagram from `overlay`'s entry node and, if its packet
+    /// may go on, leaves it in `out` after the virtio-net header room.
     fn accept(
         &self,
-        overlays: &OverlayTable,
+        overlay: &JoinedOverlay,
         local: &HashSet<IpAddr>,
-        from: Option<SocketAddr>,
-        buf: &mut [u8],
-        len: usize,
-    ) -> Option<usize> {
-        let Some(overlay) = from.and_then(|addr| overlays.by_sender(addr)) else {
-            self.stats.rejected_sender.fetch_add(1, Relaxed);
-            tracing::debug!(
-                ?from,
-                "datagram from a sender that is no joined overlay's entry node"
-            );
-            return None;
-        };
+        outer_v6: bool,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> bool {
         let shim = overlay.shim.len();
-        if len <= shim {
+        if datagram.len() <= shim {
             self.stats.malformed.fetch_add(1, Relaxed);
-            return None;
+            return false;
         }
-        let start = VIRTIO_NET_HDR_LEN + shim;
-        let packet_len = len - shim;
-        buf.copy_within(start..start + packet_len, VIRTIO_NET_HDR_LEN);
-        let packet = &mut buf[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + packet_len];
+        let packet = &datagram[shim..];
         let Some((_, dst)) = addresses(packet) else {
             self.stats.malformed.fetch_add(1, Relaxed);
-            return None;
+            return false;
         };
         if !local.contains(&dst) {
             self.stats.rejected_destination.fetch_add(1, Relaxed);
             tracing::debug!(overlay = %overlay.name, %dst, "returned packet not addressed to this host");
-            return None;
+            return false;
         }
+        out.clear();
+        out.resize(VIRTIO_NET_HDR_LEN, 0);
+        out.extend_from_slice(packet);
         // The SYN-ACK's MSS bounds what this host sends into the overlay.
-        let outer_v6 = from.is_some_and(|a| a.ip().to_canonical().is_ipv6());
+        let inner = &mut out[VIRTIO_NET_HDR_LEN..];
         clamp_mss(
-            packet,
-            overlay.max_mss(self.uplink_mtu, packet[0] >> 4 == 6, outer_v6),
+            inner,
+            overlay.max_mss(self.uplink_mtu, inner[0] >> 4 == 6, outer_v6),
         );
         overlay.received.fetch_add(1, Relaxed);
-        Some(packet_len)
+        true
     }
 }

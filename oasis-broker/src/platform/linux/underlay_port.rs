@@ -41,8 +41,17 @@ impl UnderlayPort {
         let mut bufs = vec![vec![0u8; DATAGRAM]; BATCH];
         let mut lens = vec![0usize; BATCH];
         let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+        // This socket does not ask for coalescing: one datagram per buffer.
+        let mut segments = vec![0usize; BATCH];
         loop {
-            let count = match recv_batch(self.socket.as_raw_fd(), &mut bufs, 0, &mut lens, &mut from) {
+            let count = match recv_batch(
+                self.socket.as_raw_fd(),
+                &mut bufs,
+                0,
+                &mut lens,
+                &mut from,
+                &mut segments,
+            ) {
                 Ok(count) => count,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return e,
