@@ -9,6 +9,7 @@ pub mod control;
 #[cfg(target_os = "linux")]
 pub mod daemon;
 pub mod flow;
+pub mod names;
 pub mod overlay;
 pub mod packet;
 pub mod platform;
