@@ -283,9 +283,10 @@ mod tests {
         }
         let matcher = NameMatcher::new(&patterns).unwrap();
         // The reference, one pattern at a time, with each regex compiled once.
-        let reference: Vec<Box<dyn Fn(&str) -> bool>> = patterns
+        type Check = Box<dyn Fn(&str) -> bool>;
+        let reference: Vec<Check> = patterns
             .iter()
-            .map(|pattern| -> Box<dyn Fn(&str) -> bool> {
+            .map(|pattern| -> Check {
                 match pattern {
                     NamePattern::Regex(text) => {
                         let re = regex::RegexBuilder::new(text)
