@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 #[cfg(target_os = "linux")]
 pub mod daemon;
+pub mod fake;
 pub mod flow;
 pub mod names;
 pub mod overlay;

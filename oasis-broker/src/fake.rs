@@ -1,0 +1,311 @@
+//! The fake-address table (for DNS-name rules): a name a rule claims is
+//! answered with an address from a fake pool, and the broker maps it back
+//! to the real address per flow. The table is bounded; when the pool is
+//! used up, the least recently used address is given to the new name,
+//! unless a live flow still uses it. It serialises, so answers that
+//! applications cached survive a daemon restart.
+//!
+//! Time is a number of seconds the caller passes in, so the table is a
+//! plain value with no clock of its own.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+/// One fake address and what it stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeEntry {
+    pub fake: IpAddr,
+    pub name: String,
+    /// The real addresses the upstream resolver gave (same family).
+    pub real: Vec<IpAddr>,
+    /// The carrier chosen for the name (a rule's `via`).
+    pub carrier: String,
+    /// When the entry was last handed out or used.
+    pub last_used: u64,
+    /// Flows using the address now: while any, it is never reused.
+    #[serde(default)]
+    pub live_flows: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FakeError {
+    #[error("the fake pool is exhausted: all {0} addresses are in use by live flows")]
+    Exhausted(usize),
+    #[error("no fake pool of this address family is configured")]
+    NoPool,
+}
+
+/// The pool and its table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FakeTable {
+    v4: Ipv4Net,
+    v6: Ipv6Net,
+    /// Most entries per family (the v6 pool is far larger than useful).
+    capacity: usize,
+    entries: HashMap<IpAddr, FakeEntry>,
+    #[serde(skip)]
+    by_name: HashMap<(String, bool), IpAddr>,
+    /// (last_used, address) of entries without live flows: eviction order.
+    #[serde(skip)]
+    idle: BTreeSet<(u64, IpAddr)>,
+    /// Entries per family, IPv4 then IPv6.
+    #[serde(skip)]
+    counts: [usize; 2],
+    next_v4: u32,
+    next_v6: u128,
+}
+
+impl FakeTable {
+    pub fn new(v4: Ipv4Net, v6: Ipv6Net, capacity: usize) -> FakeTable {
+        FakeTable {
+            v4: v4.trunc(),
+            v6: v6.trunc(),
+            capacity,
+            entries: HashMap::new(),
+            by_name: HashMap::new(),
+            idle: BTreeSet::new(),
+            counts: [0, 0],
+            next_v4: 1,
+            next_v6: 1,
+        }
+    }
+
+    /// Rebuilds the indexes after deserialising.
+    pub fn reindex(&mut self) {
+        self.by_name.clear();
+        self.idle.clear();
+        self.counts = [0, 0];
+        for entry in self.entries.values() {
+            self.counts[usize::from(entry.fake.is_ipv6())] += 1;
+            self.by_name
+                .insert((entry.name.clone(), entry.fake.is_ipv6()), entry.fake);
+            if entry.live_flows == 0 {
+                self.idle.insert((entry.last_used, entry.fake));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, fake: IpAddr) -> Option<&FakeEntry> {
+        self.entries.get(&fake)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &FakeEntry> {
+        self.entries.values()
+    }
+
+    /// The fake address to answer for `name` (IPv6 when `v6`): the same as
+    /// before for a name seen before, else a free one, else the least
+    /// recently used one no live flow holds.
+    pub fn assign(
+        &mut self,
+        name: &str,
+        v6: bool,
+        real: Vec<IpAddr>,
+        carrier: &str,
+        now: u64,
+    ) -> Result<IpAddr, FakeError> {
+        if let Some(&fake) = self.by_name.get(&(name.to_string(), v6)) {
+            self.touch(fake, now);
+            let entry = self.entries.get_mut(&fake).expect("indexed");
+            entry.real = real;
+            entry.carrier = carrier.to_string();
+            return Ok(fake);
+        }
+        let fake = match self.fresh_address(v6) {
+            Some(fake) => fake,
+            None => self.evict(v6)?,
+        };
+        let entry = FakeEntry {
+            fake,
+            name: name.to_string(),
+            real,
+            carrier: carrier.to_string(),
+            last_used: now,
+            live_flows: 0,
+        };
+        self.by_name.insert((entry.name.clone(), v6), fake);
+        self.idle.insert((now, fake));
+        self.entries.insert(fake, entry);
+        self.counts[usize::from(v6)] += 1;
+        Ok(fake)
+    }
+
+    /// A flow to `fake` started: its address is pinned until it ends.
+    pub fn flow_started(&mut self, fake: IpAddr, now: u64) -> Option<&FakeEntry> {
+        let entry = self.entries.get_mut(&fake)?;
+        if entry.live_flows == 0 {
+            self.idle.remove(&(entry.last_used, fake));
+        }
+        entry.live_flows += 1;
+        entry.last_used = now;
+        Some(entry)
+    }
+
+    pub fn flow_ended(&mut self, fake: IpAddr, now: u64) {
+        if let Some(entry) = self.entries.get_mut(&fake) {
+            entry.live_flows = entry.live_flows.saturating_sub(1);
+            entry.last_used = now;
+            if entry.live_flows == 0 {
+                self.idle.insert((now, fake));
+            }
+        }
+    }
+
+    fn touch(&mut self, fake: IpAddr, now: u64) {
+        if let Some(entry) = self.entries.get_mut(&fake) {
+            if entry.live_flows == 0 {
+                self.idle.remove(&(entry.last_used, fake));
+                self.idle.insert((now, fake));
+            }
+            entry.last_used = now;
+        }
+    }
+
+    fn family_len(&self, v6: bool) -> usize {
+        self.counts[usize::from(v6)]
+    }
+
+    /// The next never-used address of the pool, while under capacity.
+    fn fresh_address(&mut self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            let size = 1u128
+                .checked_shl(128 - u32::from(self.v6.prefix_len()))
+                .unwrap_or(u128::MAX);
+            if self.next_v6 >= size || self.family_len(true) >= self.capacity {
+                return None;
+            }
+            let fake = Ipv6Addr::from(u128::from(self.v6.network()) + self.next_v6);
+            self.next_v6 += 1;
+            Some(IpAddr::V6(fake))
+        } else {
+            let size = 1u64 << (32 - u32::from(self.v4.prefix_len()));
+            if u64::from(self.next_v4) >= size || self.family_len(false) >= self.capacity {
+                return None;
+            }
+            let fake = Ipv4Addr::from(u32::from(self.v4.network()) + self.next_v4);
+            self.next_v4 += 1;
+            Some(IpAddr::V4(fake))
+        }
+    }
+
+    /// Frees the least recently used address of the family no flow holds.
+    fn evict(&mut self, v6: bool) -> Result<IpAddr, FakeError> {
+        let victim = self.idle.iter().find(|(_, addr)| addr.is_ipv6() == v6).copied();
+        let Some((last_used, fake)) = victim else {
+            return Err(FakeError::Exhausted(self.family_len(v6)));
+        };
+        self.idle.remove(&(last_used, fake));
+        if let Some(old) = self.entries.remove(&fake) {
+            self.by_name.remove(&(old.name, v6));
+            self.counts[usize::from(v6)] -= 1;
+        }
+        Ok(fake)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(capacity: usize) -> FakeTable {
+        FakeTable::new(
+            "198.18.0.0/15".parse().unwrap(),
+            "fd00:0a51:5::/64".parse().unwrap(),
+            capacity,
+        )
+    }
+
+    fn real(addr: &str) -> Vec<IpAddr> {
+        vec![addr.parse().unwrap()]
+    }
+
+    #[test]
+    fn a_name_keeps_its_fake_address() {
+        let mut t = table(10);
+        let a = t
+            .assign("a.example", false, real("192.0.2.1"), "detour", 1)
+            .unwrap();
+        let b = t
+            .assign("b.example", false, real("192.0.2.2"), "detour", 2)
+            .unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            t.assign("a.example", false, real("192.0.2.9"), "detour", 3)
+                .unwrap(),
+            a
+        );
+        assert_eq!(
+            t.get(a).unwrap().real,
+            real("192.0.2.9"),
+            "the real address follows the resolver"
+        );
+        assert_eq!(a, "198.18.0.1".parse::<IpAddr>().unwrap());
+        let v6 = t
+            .assign("a.example", true, real("2001:db8::1"), "detour", 4)
+            .unwrap();
+        assert!(v6.is_ipv6() && v6.to_string().starts_with("fd00:a51:5::"));
+    }
+
+    #[test]
+    fn a_full_pool_reuses_the_least_recently_used_idle_address() {
+        let mut t = table(3);
+        let a = t.assign("a", false, vec![], "x", 1).unwrap();
+        let b = t.assign("b", false, vec![], "x", 2).unwrap();
+        let c = t.assign("c", false, vec![], "x", 3).unwrap();
+        t.assign("a", false, vec![], "x", 4).unwrap(); // a is fresh again: b is now the oldest
+        let d = t.assign("d", false, vec![], "x", 5).unwrap();
+        assert_eq!(d, b);
+        assert!(t.get(b).is_some_and(|e| e.name == "d"));
+        assert_eq!(
+            (t.get(a).unwrap().name.as_str(), t.get(c).unwrap().name.as_str()),
+            ("a", "c")
+        );
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn live_flows_pin_their_address() {
+        let mut t = table(2);
+        let a = t.assign("a", false, vec![], "x", 1).unwrap();
+        let b = t.assign("b", false, vec![], "x", 2).unwrap();
+        t.flow_started(a, 3);
+        t.flow_started(b, 3);
+        assert_eq!(t.assign("c", false, vec![], "x", 4), Err(FakeError::Exhausted(2)));
+        t.flow_ended(b, 5);
+        assert_eq!(t.assign("c", false, vec![], "x", 6).unwrap(), b);
+        assert_eq!(t.get(a).unwrap().name, "a", "the pinned entry survived");
+    }
+
+    #[test]
+    fn the_table_survives_a_restart() {
+        let mut t = table(10);
+        let a = t
+            .assign("a.example", false, real("192.0.2.1"), "detour", 1)
+            .unwrap();
+        let text = serde_json::to_string(&t).unwrap();
+        let mut restored: FakeTable = serde_json::from_str(&text).unwrap();
+        restored.reindex();
+        assert_eq!(
+            restored
+                .assign("a.example", false, real("192.0.2.1"), "detour", 2)
+                .unwrap(),
+            a
+        );
+        let b = restored.assign("b.example", false, vec![], "detour", 3).unwrap();
+        assert_ne!(
+            b, a,
+            "new names do not take an address handed out before the restart"
+        );
+    }
+}
