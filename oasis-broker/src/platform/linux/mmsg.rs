@@ -17,77 +17,63 @@ const MAX_SEGMENTS: usize = 64;
 /// Most payload one UDP_SEGMENT send may carry.
 const MAX_GSO_PAYLOAD: usize = 65_000;
 
-/// Datagrams to send, each an optional prefix (an overlay's shim) and a
-/// body, sent as two iovecs so the body is never copied.
+/// Packets to send, each to its own address, in one `sendmmsg`.
 #[derive(Default)]
 pub struct SendBatch<'a> {
-    parts: Vec<(&'a [u8], &'a [u8])>,
+    packets: Vec<&'a [u8]>,
     addrs: Vec<SockAddr>,
 }
 
 impl<'a> SendBatch<'a> {
-    pub fn push(&mut self, prefix: &'a [u8], body: &'a [u8], to: SocketAddr) {
-        self.parts.push((prefix, body));
+    pub fn push(&mut self, packet: &'a [u8], to: SocketAddr) {
+        self.packets.push(packet);
         self.addrs.push(SockAddr::from(to));
     }
 
-    pub fn len(&self) -> usize {
-        self.parts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    /// Sends everything; a datagram the kernel refuses is counted and
-    /// skipped. Returns (sent, failed).
+    /// Sends everything; a packet the kernel refuses is counted and skipped.
+    /// Returns (sent, failed).
     pub fn send(&self, fd: RawFd) -> (usize, usize) {
-        if self.parts.is_empty() {
-            return (0, 0);
-        }
-        let mut iovecs: Vec<[libc::iovec; 2]> = self
-            .parts
+        let mut iovecs: Vec<libc::iovec> = self
+            .packets
             .iter()
-            .map(|(prefix, body)| {
-                [
-                    libc::iovec {
-                        iov_base: prefix.as_ptr() as *mut _,
-                        iov_len: prefix.len(),
-                    },
-                    libc::iovec {
-                        iov_base: body.as_ptr() as *mut _,
-                        iov_len: body.len(),
-                    },
-                ]
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
             })
             .collect();
         // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
-        let mut headers: Vec<libc::mmsghdr> = (0..self.parts.len()).map(|_| unsafe { zeroed() }).collect();
+        let mut headers: Vec<libc::mmsghdr> = (0..self.packets.len()).map(|_| unsafe { zeroed() }).collect();
         for (i, header) in headers.iter_mut().enumerate() {
             header.msg_hdr.msg_name = self.addrs[i].as_ptr() as *mut _;
             header.msg_hdr.msg_namelen = self.addrs[i].len();
-            let skip_prefix = usize::from(self.parts[i].0.is_empty());
-            header.msg_hdr.msg_iov = iovecs[i][skip_prefix..].as_mut_ptr();
-            header.msg_hdr.msg_iovlen = 2 - skip_prefix;
+            header.msg_hdr.msg_iov = &mut iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
         }
-        let (mut sent, mut failed, mut start) = (0, 0, 0);
-        while start < headers.len() {
-            let rest = &mut headers[start..];
-            // SAFETY: `rest` holds initialised headers whose buffers live in self.
-            let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as u32, 0) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                failed += 1;
-                start += 1;
-            } else {
-                sent += n as usize;
-                start += n as usize;
-            }
-        }
-        (sent, failed)
+        send_all(fd, &mut headers, |_| 1)
     }
+}
+
+/// `sendmmsg` until every message is sent or refused; a refused message is
+/// skipped. `datagrams(i)` says how many datagrams message `i` carries.
+/// Returns (datagrams sent, datagrams failed).
+fn send_all(fd: RawFd, headers: &mut [libc::mmsghdr], datagrams: impl Fn(usize) -> usize) -> (usize, usize) {
+    let (mut sent, mut failed, mut start) = (0, 0, 0);
+    while start < headers.len() {
+        let rest = &mut headers[start..];
+        // SAFETY: the caller's headers point at buffers that outlive this call.
+        let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as u32, 0) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            failed += datagrams(start);
+            start += 1;
+        } else {
+            sent += (start..start + n as usize).map(&datagrams).sum::<usize>();
+            start += n as usize;
+        }
+    }
+    (sent, failed)
 }
 
 /// Datagrams sent with UDP segmentation offload: consecutive datagrams to
@@ -186,26 +172,7 @@ impl<'a> GsoSendBatch<'a> {
                 }
             }
         }
-        let (mut sent, mut failed, mut start) = (0, 0, 0);
-        while start < headers.len() {
-            let rest = &mut headers[start..];
-            // SAFETY: `rest` holds initialised headers whose buffers live here.
-            let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as u32, 0) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                failed += self.messages[start].bodies.len();
-                start += 1;
-            } else {
-                sent += self.messages[start..start + n as usize]
-                    .iter()
-                    .map(|m| m.bodies.len())
-                    .sum::<usize>();
-                start += n as usize;
-            }
-        }
-        (sent, failed)
+        send_all(fd, &mut headers, |i| self.messages[i].bodies.len())
     }
 }
 

@@ -41,8 +41,8 @@ impl Underlay {
         let mut failed = 0;
         for packet in packets {
             match destination(packet) {
-                Some(addr @ SocketAddr::V4(_)) => v4.push(&[], packet, addr),
-                Some(addr @ SocketAddr::V6(_)) => v6.push(&[], packet, addr),
+                Some(addr @ SocketAddr::V4(_)) => v4.push(packet, addr),
+                Some(addr @ SocketAddr::V6(_)) => v6.push(packet, addr),
                 None => failed += 1,
             }
         }
