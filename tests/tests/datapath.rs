@@ -276,3 +276,24 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("daemon is not running"));
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn works_on_a_host_without_ipv6() {
+    let mut net = Topology::new();
+    for scope in ["all", "default", "lo", "c0"] {
+        net.client
+            .run(&["sysctl", "-qw", &format!("net.ipv6.conf.{scope}.disable_ipv6=1")]);
+    }
+    let daemon = diverting_web(&mut net);
+    let before = diverted(&daemon, &net);
+    assert_eq!(
+        net.http_get(SERVER_V4, DIVERTED_PORT).as_deref(),
+        Some("hello from the server\n")
+    );
+    assert!(diverted(&daemon, &net) > before, "the IPv4 rule still diverts");
+    assert!(
+        net.process("oasis").log().contains("no IPv6"),
+        "the daemon says what it left out"
+    );
+}

@@ -46,6 +46,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error("control socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Udp { what: String, source: std::io::Error },
     #[error("packet thread {0} stopped: {1}")]
     PacketThread(String, String),
 }
@@ -126,13 +128,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
         ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
     ] {
+        let what = format!("UDP port {} (underlay_port) on {loopback}", config.underlay_port);
+        let socket = match open_udp((loopback, config.underlay_port).into(), config.bypass_mark) {
+            Ok(socket) => socket,
+            Err(e) if loopback.is_ipv6() => {
+                tracing::warn!("no IPv6 for the {what} ({e}); IPv4 only");
+                continue;
+            }
+            Err(source) => return Err(DaemonError::Udp { what, source }),
+        };
         let port = UnderlayPort {
-            socket: open_udp((loopback, config.underlay_port).into(), config.bypass_mark).map_err(
-                |source| DaemonError::Socket {
-                    path: format!("UDP port {} (underlay_port)", config.underlay_port).into(),
-                    source,
-                },
-            )?,
+            socket,
             underlay: underlay.clone(),
             modules: module_sockets.clone(),
             stats: stats.clone(),
@@ -142,10 +148,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             move || port.run(),
         )?);
     }
-    for (family, socket) in [("v4", &overlay_sockets.v4), ("v6", &overlay_sockets.v6)] {
+    let overlay_receivers = [
+        ("v4", Some(&overlay_sockets.v4)),
+        ("v6", overlay_sockets.v6.as_ref()),
+    ];
+    for (family, socket) in overlay_receivers {
+        let Some(socket) = socket else { continue };
         let receiver = OverlayReceiver {
-            socket: socket.try_clone().map_err(|source| DaemonError::Socket {
-                path: "overlay port".into(),
+            socket: socket.try_clone().map_err(|source| DaemonError::Udp {
+                what: "the overlay port".into(),
                 source,
             })?,
             device: devices[0].clone(),
@@ -176,8 +187,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|source| {
-            DaemonError::Socket {
-                path: socket_path.clone(),
+            DaemonError::Udp {
+                what: "installing the SIGTERM handler".into(),
                 source,
             }
         })?;
@@ -297,16 +308,21 @@ fn initial_overlays(config: &Config) -> OverlayTable {
     OverlayTable::new(joined.collect::<Vec<_>>())
 }
 
-/// UDP sockets on the standard port for both families.
+/// UDP sockets on the standard port; IPv6 only where the host has it.
 fn open_overlay_sockets(port: u16, bypass_mark: u32) -> Result<OverlaySockets, DaemonError> {
-    let error = |source| DaemonError::Socket {
-        path: format!("UDP port {port} (overlay_port)").into(),
+    let what = format!("UDP port {port} (overlay_port)");
+    let v4 = open_udp(([0, 0, 0, 0], port).into(), bypass_mark).map_err(|source| DaemonError::Udp {
+        what: what.clone(),
         source,
+    })?;
+    let v6 = match open_udp((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark) {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::warn!("no IPv6 for the {what} ({e}); overlays reachable over IPv4 only");
+            None
+        }
     };
-    Ok(OverlaySockets {
-        v4: open_udp(([0, 0, 0, 0], port).into(), bypass_mark).map_err(error)?,
-        v6: open_udp((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark).map_err(error)?,
-    })
+    Ok(OverlaySockets { v4, v6 })
 }
 
 /// A UDP socket of the broker's. It carries the bypass mark, so what it

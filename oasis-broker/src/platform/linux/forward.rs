@@ -67,7 +67,8 @@ pub fn snapshot<T>(shared: &Shared<T>) -> Arc<T> {
 /// The UDP sockets on the overlay standard port, one per family.
 pub struct OverlaySockets {
     pub v4: Socket,
-    pub v6: Socket,
+    /// None on hosts without IPv6.
+    pub v6: Option<Socket>,
 }
 
 const FLOW_CAPACITY: usize = 262_144;
@@ -165,10 +166,14 @@ impl Forwarder {
             self.stats.sent_underlay.fetch_add(sent as u64, Relaxed);
             self.stats.send_errors.fetch_add(failed as u64, Relaxed);
             for (batch, socket) in [
-                (&overlay_v4, &self.overlay_sockets.v4),
-                (&overlay_v6, &self.overlay_sockets.v6),
+                (&overlay_v4, Some(&self.overlay_sockets.v4)),
+                (&overlay_v6, self.overlay_sockets.v6.as_ref()),
             ] {
-                let (sent, failed) = batch.send(socket.as_raw_fd());
+                // No IPv6 on this host: an IPv6 entry node is unreachable.
+                let (sent, failed) = match socket {
+                    Some(socket) => batch.send(socket.as_raw_fd()),
+                    None => (0, batch.datagrams()),
+                };
                 self.stats.sent_overlay.fetch_add(sent as u64, Relaxed);
                 self.stats.send_errors.fetch_add(failed as u64, Relaxed);
             }

@@ -30,6 +30,14 @@ impl<'a> SendBatch<'a> {
         self.addrs.push(SockAddr::from(to));
     }
 
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
     /// Sends everything; a packet the kernel refuses is counted and skipped.
     /// Returns (sent, failed).
     pub fn send(&self, fd: RawFd) -> (usize, usize) {
@@ -119,6 +127,11 @@ impl<'a> GsoSendBatch<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()
+    }
+
+    /// Datagrams in the batch.
+    pub fn datagrams(&self) -> usize {
+        self.messages.iter().map(|m| m.bodies.len()).sum()
     }
 
     /// Sends everything; returns (datagrams sent, datagrams failed).

@@ -13,7 +13,8 @@ use super::mmsg::SendBatch;
 /// One raw socket per address family.
 pub struct Underlay {
     v4: Socket,
-    v6: Socket,
+    /// None on hosts without IPv6.
+    v6: Option<Socket>,
 }
 
 impl Underlay {
@@ -26,9 +27,16 @@ impl Underlay {
             socket.set_send_buffer_size(4 << 20)?;
             Ok(socket)
         };
+        let v6 = match open(Domain::IPV6) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                tracing::warn!("no IPv6 raw socket ({e}); the underlay carries IPv4 only");
+                None
+            }
+        };
         Ok(Underlay {
             v4: open(Domain::IPV4)?,
-            v6: open(Domain::IPV6)?,
+            v6,
         })
     }
 
@@ -47,7 +55,10 @@ impl Underlay {
             }
         }
         let (sent4, failed4) = v4.send(self.v4.as_raw_fd());
-        let (sent6, failed6) = v6.send(self.v6.as_raw_fd());
+        let (sent6, failed6) = match &self.v6 {
+            Some(socket) => v6.send(socket.as_raw_fd()),
+            None => (0, v6.len()),
+        };
         (sent4 + sent6, failed + failed4 + failed6)
     }
 }
