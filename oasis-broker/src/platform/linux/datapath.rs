@@ -142,8 +142,13 @@ impl Datapath {
         let tcx =
             aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         if !tcx {
-            // Older kernels attach through a clsact qdisc; it may exist already.
+            // Older kernels attach through a clsact qdisc (it may exist
+            // already). Unlike a TCX link, such a filter outlives a crashed
+            // daemon: remove any left by an earlier run before adding ours.
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            if aya::programs::tc::qdisc_detach_program(iface, TcAttachType::Egress, EGRESS_PROGRAM).is_ok() {
+                tracing::info!(%iface, "removed a classifier filter left by an earlier run");
+            }
         }
         let link = program
             .attach(iface, TcAttachType::Egress)

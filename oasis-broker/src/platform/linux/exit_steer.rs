@@ -43,7 +43,9 @@ impl ExitSteering {
         let tcx =
             aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
         if !tcx {
+            // A clsact filter outlives a crashed exit node: remove any left.
             let _ = aya::programs::tc::qdisc_add_clsact(uplink);
+            let _ = aya::programs::tc::qdisc_detach_program(uplink, TcAttachType::Ingress, EXIT_INGRESS_PROGRAM);
         }
         program
             .attach(uplink, TcAttachType::Ingress)
