@@ -297,3 +297,35 @@ fn works_on_a_host_without_ipv6() {
         "the daemon says what it left out"
     );
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn several_tun_queues_carry_traffic() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    net.start_iperf_server(5201);
+    let daemon = Daemon::start(&mut net, "tun:\n  queues: 2\n");
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "8080", "--via", "underlay"],
+    );
+    add_rule(
+        &daemon,
+        &net,
+        &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
+    );
+    assert_eq!(status(&daemon, &net)["tun"]["queues"].as_u64(), Some(2));
+    for _ in 0..4 {
+        assert_eq!(
+            net.http_get(SERVER_V4, DIVERTED_PORT).as_deref(),
+            Some("hello from the server\n")
+        );
+    }
+    let output = net.client.run(&[
+        "iperf3", "-c", SERVER_V4, "-p", "5201", "-t", "1", "-P", "4", "-J",
+    ]);
+    let report: Value = serde_json::from_str(&output).expect("iperf3 JSON");
+    assert!(report["end"]["sum_received"]["bytes"].as_u64().unwrap() > 1_000_000);
+    assert_eq!(status(&daemon, &net)["broker"]["send_errors"].as_u64(), Some(0));
+}

@@ -45,7 +45,8 @@ impl ExitSteering {
         if !tcx {
             // A clsact filter outlives a crashed exit node: remove any left.
             let _ = aya::programs::tc::qdisc_add_clsact(uplink);
-            let _ = aya::programs::tc::qdisc_detach_program(uplink, TcAttachType::Ingress, EXIT_INGRESS_PROGRAM);
+            let _ =
+                aya::programs::tc::qdisc_detach_program(uplink, TcAttachType::Ingress, EXIT_INGRESS_PROGRAM);
         }
         program
             .attach(uplink, TcAttachType::Ingress)
