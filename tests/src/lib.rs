@@ -164,51 +164,9 @@ impl Topology {
             host(&["ip", "netns", "add", &ns.name]);
             ns.run(&["ip", "link", "set", "lo", "up"]);
         }
-        host(&[
-            "ip",
-            "link",
-            "add",
-            "c0",
-            "netns",
-            &self.client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &self.router.name,
-        ]);
-        host(&[
-            "ip",
-            "link",
-            "add",
-            "s0",
-            "netns",
-            &self.server.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r1",
-            "netns",
-            &self.router.name,
-        ]);
-        host(&[
-            "ip",
-            "link",
-            "add",
-            "o0",
-            "netns",
-            &self.overlay.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r2",
-            "netns",
-            &self.router.name,
-        ]);
+        veth_pair(&self.client, "c0", &self.router, "r0");
+        veth_pair(&self.server, "s0", &self.router, "r1");
+        veth_pair(&self.overlay, "o0", &self.router, "r2");
         let c = &self.client;
         let r = &self.router;
         let s = &self.server;
@@ -473,6 +431,14 @@ fn wait_for_socket(ns: &Netns, port: u16, ss_flags: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("nothing listens on port {port} in {} after 10 s", ns.name);
+}
+
+/// A veth pair made with each end directly inside its namespace.
+fn veth_pair(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    host(&[
+        "ip", "link", "add", a_name, "netns", &a.name, "type", "veth", "peer", "name", b_name, "netns",
+        &b.name,
+    ]);
 }
 
 fn host(args: &[&str]) {
