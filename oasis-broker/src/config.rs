@@ -4,10 +4,13 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use crate::dns::policy::UnderlayAnswers;
+
 use crate::overlay::{JoinError, OverlaySpec, check_name, shim_bytes};
-use crate::rules::{Carrier, Rule, RuleError, RuleSet, RuleSpec};
+use crate::rules::{AnyRule, Carrier, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/oasis/oasis.sock";
@@ -41,6 +44,8 @@ pub struct Config {
     /// packets to be sent on the underlay. Only the broker's own module
     /// sockets are admitted.
     pub underlay_port: u16,
+    /// DNS interception and fake addresses, for name rules.
+    pub dns: DnsConfig,
     /// Joined overlays; `oasis overlay add|del` keeps this list.
     pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
@@ -70,6 +75,62 @@ pub struct TunConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Redirect the host's DNS queries (port 53, UDP and TCP) to the broker.
+    /// Off: name rules have no effect, and DNS is left alone.
+    pub enabled: bool,
+    /// The broker's DNS port on 127.0.0.1 and ::1.
+    pub port: u16,
+    /// The cgroup (v2 directory) whose processes' queries are redirected.
+    /// Unset: the root of the cgroup v2 hierarchy, i.e. every process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Where fake addresses come from. Packets to these prefixes belong to
+    /// the broker; they must not be in use on your networks.
+    pub fake_v4: Ipv4Net,
+    pub fake_v6: Ipv6Net,
+    /// At most this many fake addresses per family; beyond it the least
+    /// recently used one no live flow holds is given to the new name.
+    pub fake_capacity: usize,
+    /// TTL of fake answers, in seconds: short, so rule changes reach
+    /// applications soon.
+    pub fake_ttl_secs: u32,
+    /// Names claimed by rules whose carrier is the underlay: answer `real`
+    /// (the flow never touches Oasis) or `fake` (the first packets come to
+    /// the broker, the rest is rewritten in the kernel).
+    pub underlay_answers: UnderlayAnswers,
+    /// Upstream servers for names no rule claims, and for the real
+    /// addresses of those that are: `192.0.2.53`, `tcp://192.0.2.53`,
+    /// `tls://1.1.1.1#cloudflare-dns.com`, `https://1.1.1.1#cloudflare-dns.com`.
+    /// Empty: the servers in /etc/resolv.conf.
+    pub upstreams: Vec<String>,
+    /// An upstream that has not answered in this time gets SERVFAIL.
+    pub upstream_timeout_ms: u64,
+    /// Where the fake-address table is kept across restarts, so answers
+    /// that applications cached keep working.
+    pub state_file: PathBuf,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            port: 7453,
+            cgroup: None,
+            fake_v4: "198.18.0.0/15".parse().expect("valid"),
+            fake_v6: "fd4f:4153:4953::/48".parse().expect("valid"),
+            fake_capacity: 65_536,
+            fake_ttl_secs: 10,
+            underlay_answers: UnderlayAnswers::Real,
+            upstreams: Vec::new(),
+            upstream_timeout_ms: 2_000,
+            state_file: PathBuf::from("/var/lib/oasis/fake-addresses.json"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRule {
     pub id: u32,
     #[serde(flatten)]
@@ -88,6 +149,7 @@ impl Default for Config {
             next_rule_id: None,
             overlay_port: 7400,
             underlay_port: 7401,
+            dns: DnsConfig::default(),
             overlays: Vec::new(),
             rules: Vec::new(),
         }
@@ -194,6 +256,25 @@ impl Config {
         if self.overlay_port == self.underlay_port {
             return Err(invalid("overlay_port and underlay_port must differ"));
         }
+        if self.dns.port == 0 || self.dns.port == 53 {
+            return Err(invalid(
+                "dns.port must be a free port other than 53 (queries to port 53 are sent to it)",
+            ));
+        }
+        if self.dns.fake_capacity == 0 {
+            return Err(invalid("dns.fake_capacity must be at least 1"));
+        }
+        if self.dns.fake_v4.prefix_len() > 30 || self.dns.fake_v6.prefix_len() > 126 {
+            return Err(invalid(
+                "dns.fake_v4 and dns.fake_v6 must hold a few addresses: at most /30 and /126",
+            ));
+        }
+        if self.dns.upstream_timeout_ms < 100 {
+            return Err(invalid("dns.upstream_timeout_ms must be at least 100"));
+        }
+        for upstream in &self.dns.upstreams {
+            crate::dns::upstream::parse_upstream(upstream).map_err(|e| invalid(&e.to_string()))?;
+        }
         for (i, overlay) in self.overlays.iter().enumerate() {
             let overlay_error = |source| ConfigError::Overlay {
                 path: path.into(),
@@ -206,13 +287,13 @@ impl Config {
             }
             shim_bytes(overlay.spec.shim_len, overlay.token.as_deref()).map_err(overlay_error)?;
         }
-        for rule in self.rule_set(path)?.rules() {
-            if let Carrier::Overlay(name) = &rule.via
+        for rule in self.rule_set(path)?.all() {
+            if let Carrier::Overlay(name) = rule.via()
                 && !self.overlays.iter().any(|o| &o.name == name)
             {
                 return Err(ConfigError::Rule {
                     path: path.into(),
-                    id: rule.id,
+                    id: rule.id(),
                     source: RuleError::UnknownOverlay(name.clone()),
                 });
             }
@@ -230,10 +311,17 @@ impl Config {
                 source,
             };
             let (subset, via) = stored.spec.parse().map_err(rule_error)?;
-            rules.push(Rule {
-                id: stored.id,
-                subset,
-                via,
+            rules.push(match subset {
+                Subset::Header(subset) => AnyRule::Header(Rule {
+                    id: stored.id,
+                    subset,
+                    via,
+                }),
+                Subset::Name(pattern) => AnyRule::Name(NameRule {
+                    id: stored.id,
+                    pattern,
+                    via,
+                }),
             });
         }
         RuleSet::from_rules(rules).map_err(|source| {
@@ -252,10 +340,10 @@ impl Config {
     pub fn with_rules(&self, rules: &RuleSet) -> Config {
         let mut config = self.clone();
         config.rules = rules
-            .rules()
+            .all()
             .iter()
             .map(|r| StoredRule {
-                id: r.id,
+                id: r.id(),
                 spec: r.spec(),
             })
             .collect();
@@ -303,10 +391,19 @@ mod tests {
             dport: Some("8000-8099".into()),
             sport: None,
             via: "underlay".into(),
+            ..RuleSpec::default()
+        }
+        .parse_header()
+        .unwrap();
+        rules.add(subset, Carrier::Underlay).unwrap();
+        let (name, _) = RuleSpec {
+            name_suffix: Some("example.org".into()),
+            via: "underlay".into(),
+            ..RuleSpec::default()
         }
         .parse()
         .unwrap();
-        rules.add(subset, Carrier::Underlay).unwrap();
+        rules.add_any(name, Carrier::Underlay).unwrap();
         let config = Config::default().with_rules(&rules);
         config.save(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -314,6 +411,8 @@ mod tests {
         let loaded = Config::load_or_default(&path).unwrap();
         assert_eq!(loaded, config);
         assert_eq!(loaded.rule_set(&path).unwrap().rules(), rules.rules());
+        assert_eq!(loaded.rule_set(&path).unwrap().names(), rules.names());
+        assert!(text.contains("name_suffix: example.org"), "{text}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

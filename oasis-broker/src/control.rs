@@ -19,8 +19,14 @@ pub enum Request {
     DelRule {
         id: u32,
     },
+    /// Adds all these rules in one step, or none.
+    ImportRules {
+        specs: Vec<RuleSpec>,
+    },
     ListRules,
     Status,
+    /// The fake-address table.
+    Dns,
     /// Fetch a specification from `url`, check it and join under `name`.
     OverlayAdd {
         name: String,
@@ -45,6 +51,7 @@ pub enum Response {
     Status { status: Box<StatusView> },
     Overlay { overlay: Box<OverlayView> },
     Overlays { overlays: Vec<OverlayView> },
+    Dns { dns: Box<DnsTableView> },
     Error { message: String },
 }
 
@@ -57,6 +64,9 @@ pub struct RuleView {
     pub via: String,
     pub packets: u64,
     pub bytes: u64,
+    /// Name rules: DNS answers given with a fake address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<u64>,
 }
 
 /// A joined overlay as `oasis overlay list|show` shows it.
@@ -97,6 +107,49 @@ pub struct StatusView {
     pub overlays: usize,
     pub overlay_port: u16,
     pub underlay_port: u16,
+    /// None when DNS interception is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatusView>,
+}
+
+/// The DNS service in `oasis status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatusView {
+    /// Where redirected queries arrive, e.g. `127.0.0.1:7453`.
+    pub listen: Vec<String>,
+    /// The cgroup whose processes' queries are redirected.
+    pub cgroup: PathBuf,
+    pub upstreams: Vec<String>,
+    pub fake_v4: String,
+    pub fake_v6: String,
+    pub fake_entries: usize,
+    pub fake_capacity: usize,
+    /// Flows to fake addresses the broker knows, and of them rewritten in the kernel.
+    pub fake_flows: usize,
+    pub kernel_nat_flows: usize,
+    /// Packets to fake addresses nobody was given: answered with ICMP unreachable.
+    pub unknown_fake_packets: u64,
+    pub counters: crate::dns::DnsCountersView,
+}
+
+/// One fake address, as `oasis dns` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeView {
+    pub name: String,
+    pub fake: String,
+    pub real: Vec<String>,
+    /// The carrier new flows to it take now (rules may have changed since
+    /// the answer was given).
+    pub carrier: String,
+    /// Seconds since it was last handed out or used.
+    pub idle_secs: u64,
+    pub live_flows: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsTableView {
+    pub enabled: bool,
+    pub entries: Vec<FakeView>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +201,14 @@ pub struct ClassifierCounters {
     pub diverted: u64,
     pub unparsed: u64,
     pub cached_flows: u64,
+    /// Packets to fake addresses sent to the broker (first packets of flows).
+    #[serde(default)]
+    pub fake_diverted: u64,
+    /// Packets of fake-address flows rewritten in the kernel, out and in.
+    #[serde(default)]
+    pub nat_egress: u64,
+    #[serde(default)]
+    pub nat_ingress: u64,
 }
 
 /// What the broker did with diverted packets.

@@ -56,6 +56,10 @@ pub struct FakeTable {
     counts: [usize; 2],
     next_v4: u32,
     next_v6: u128,
+    /// Bumped whenever a name gets an address or new real addresses, so
+    /// the daemon knows when the table needs saving.
+    #[serde(skip)]
+    changes: u64,
 }
 
 impl FakeTable {
@@ -70,7 +74,37 @@ impl FakeTable {
             counts: [0, 0],
             next_v4: 1,
             next_v6: 1,
+            changes: 0,
         }
+    }
+
+    /// The pools (IPv4, IPv6) the addresses come from.
+    pub fn pools(&self) -> (Ipv4Net, Ipv6Net) {
+        (self.v4, self.v6)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// A counter that moves whenever an answer changes.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Makes a table read from disk fit the configuration: a table from
+    /// other pools is useless (its addresses are no longer diverted).
+    pub fn adopt(mut self, v4: Ipv4Net, v6: Ipv6Net, capacity: usize) -> Option<FakeTable> {
+        if self.v4 != v4.trunc() || self.v6 != v6.trunc() {
+            return None;
+        }
+        self.capacity = capacity;
+        for entry in self.entries.values_mut() {
+            // No flow survives a restart of the broker.
+            entry.live_flows = 0;
+        }
+        self.reindex();
+        Some(self)
     }
 
     /// Rebuilds the indexes after deserialising.
@@ -118,8 +152,11 @@ impl FakeTable {
         if let Some(&fake) = self.by_name.get(&(name.to_string(), v6)) {
             self.touch(fake, now);
             let entry = self.entries.get_mut(&fake).expect("indexed");
-            entry.real = real;
-            entry.carrier = carrier.to_string();
+            if entry.real != real || entry.carrier != carrier {
+                entry.real = real;
+                entry.carrier = carrier.to_string();
+                self.changes += 1;
+            }
             return Ok(fake);
         }
         let fake = match self.fresh_address(v6) {
@@ -138,6 +175,7 @@ impl FakeTable {
         self.idle.insert((now, fake));
         self.entries.insert(fake, entry);
         self.counts[usize::from(v6)] += 1;
+        self.changes += 1;
         Ok(fake)
     }
 

@@ -8,7 +8,9 @@ pub mod config;
 pub mod control;
 #[cfg(target_os = "linux")]
 pub mod daemon;
+pub mod dns;
 pub mod fake;
+pub mod fake_flows;
 pub mod flow;
 pub mod names;
 pub mod overlay;

@@ -38,6 +38,9 @@ Examples:
   oasis rule del 2
   oasis overlay add detour https://osp.example/detour.xml
   oasis rule add --proto tcp --dport 80 --via detour
+  oasis rule add --name '.*\\.edu$' --via detour         names, matched at DNS time
+  oasis rule add --name-suffix example.org --via underlay
+  oasis dns                                              the fake-address table
   oasis status --json
 
 Logs: set RUST_LOG (e.g. RUST_LOG=oasis_broker=debug) for the daemon.";
@@ -54,6 +57,14 @@ enum Command {
     /// Join, list, show and leave overlays.
     #[command(subcommand)]
     Overlay(OverlayCommand),
+    /// Show the fake-address table: each name a name rule claimed, the
+    /// fake address applications were given, the real addresses behind
+    /// it, and the carrier new flows to it take.
+    Dns {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the daemon is doing: uplinks, TUN, heartbeat, counters.
     Status {
         /// Print JSON for scripts.
@@ -67,13 +78,40 @@ enum RuleCommand {
     /// Add a rule: traffic matching every given field goes via the carrier.
     /// Rules are tried in the order they were added; the first match wins.
     /// The rule takes effect at once and is saved in the config file.
+    ///
+    /// A name rule (--name, --name-exact, --name-suffix, --name-keyword)
+    /// claims DNS names instead of packets: applications asking for a
+    /// claimed name get a fake address, and their flows to it take the
+    /// rule's carrier. Among name rules too the first added wins. Header
+    /// rules never see fake addresses, so the two kinds do not compete.
     #[command(after_help = "\
 Examples:
   oasis rule add --proto tcp --dport 8080 --via underlay
   oasis rule add --proto udp --dport 27000-27100 --via underlay
   oasis rule add --dst 203.0.113.0/24 --via underlay
-  oasis rule add --dst 2001:db8::/32 --proto icmp --via underlay")]
+  oasis rule add --dst 2001:db8::/32 --proto icmp --via underlay
+  oasis rule add --name '.*\\.edu$' --via detour      (regex, the paper's syntax)
+  oasis rule add --name-suffix example.org --via detour   (example.org and below)
+  oasis rule add --name-exact www.example.com --via underlay
+  oasis rule add --name-keyword video --via detour")]
     Add(RuleAddArgs),
+    /// Add many name rules from a file in one step: one pattern per line,
+    /// blank lines and lines starting with '#' skipped. All are added, or
+    /// none when any line is bad.
+    #[command(after_help = "\
+Examples:
+  oasis rule import --kind suffix --via detour domains.txt
+  oasis rule import --kind regex --via underlay patterns.txt")]
+    Import {
+        /// What each line is: suffix, exact, keyword or regex.
+        #[arg(long, value_enum)]
+        kind: NameKind,
+        /// Where flows to matching names go.
+        #[arg(long, value_name = "CARRIER")]
+        via: String,
+        /// The file ('-' for standard input).
+        file: PathBuf,
+    },
     /// List the rules with the traffic each has matched.
     List {
         /// Print JSON for scripts.
@@ -128,8 +166,46 @@ Examples:
     Del { name: String },
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum NameKind {
+    Suffix,
+    Exact,
+    Keyword,
+    Regex,
+}
+
+impl NameKind {
+    fn spec(self, pattern: String, via: &str) -> RuleSpec {
+        let mut spec = RuleSpec {
+            via: via.to_string(),
+            ..RuleSpec::default()
+        };
+        match self {
+            NameKind::Suffix => spec.name_suffix = Some(pattern),
+            NameKind::Exact => spec.name_exact = Some(pattern),
+            NameKind::Keyword => spec.name_keyword = Some(pattern),
+            NameKind::Regex => spec.name = Some(pattern),
+        }
+        spec
+    }
+}
+
 #[derive(Args, Debug)]
 struct RuleAddArgs {
+    /// DNS names matching this regular expression (case-insensitive;
+    /// anchor with ^ and $).
+    #[arg(long, value_name = "REGEX", help_heading = "Name rules")]
+    name: Option<String>,
+    /// Exactly this DNS name.
+    #[arg(long, value_name = "NAME", help_heading = "Name rules")]
+    name_exact: Option<String>,
+    /// This name and every name below it (`example.org` claims
+    /// `www.example.org`, not `badexample.org`).
+    #[arg(long, value_name = "NAME", help_heading = "Name rules")]
+    name_suffix: Option<String>,
+    /// Names containing this text.
+    #[arg(long, value_name = "TEXT", help_heading = "Name rules")]
+    name_keyword: Option<String>,
     /// Protocol: tcp, udp, icmp (ICMP or ICMPv6) or a protocol number.
     #[arg(long, value_name = "PROTO")]
     proto: Option<String>,
@@ -188,6 +264,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dst: args.dst,
                 dport: args.dport,
                 sport: args.sport,
+                name: args.name,
+                name_exact: args.name_exact,
+                name_suffix: args.name_suffix,
+                name_keyword: args.name_keyword,
                 via: args.via,
             };
             // Check locally first so a typo is reported even with no daemon.
@@ -199,6 +279,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Response::Rule { rule } => {
                     println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via)
                 }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Rule(RuleCommand::Import { kind, via, file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let mut specs = Vec::new();
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let spec = kind.spec(line.to_string(), &via);
+                spec.parse()
+                    .with_context(|| format!("{} line {}", file.display(), number + 1))?;
+                specs.push(spec);
+            }
+            if specs.is_empty() {
+                bail!("{} holds no patterns", file.display());
+            }
+            eprintln!("importing {} rules ...", specs.len());
+            match call(&socket, &Request::ImportRules { specs })? {
+                Response::Rules { rules } => match (rules.first(), rules.last()) {
+                    (Some(first), Some(last)) => {
+                        println!("imported {} rules, ids {} to {}", rules.len(), first.id, last.id)
+                    }
+                    _ => println!("imported no rules"),
+                },
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Dns { json } => {
+            match call(&socket, &Request::Dns)? {
+                Response::Dns { dns } if json => println!("{}", serde_json::to_string_pretty(&dns)?),
+                Response::Dns { dns } => print!("{}", render::dns_table(&dns)),
                 other => bail!("unexpected reply: {other:?}"),
             }
             Ok(())
@@ -306,7 +426,7 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

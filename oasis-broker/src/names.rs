@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use aho_corasick::AhoCorasick;
 use regex::RegexSet;
 
+use crate::rules::{Carrier, NameRule};
+
 /// One name pattern, as written on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NamePattern {
@@ -91,6 +93,16 @@ impl NamePattern {
         })
     }
 
+    /// The pattern as written (normalised).
+    pub fn text(&self) -> &str {
+        match self {
+            NamePattern::Exact(t)
+            | NamePattern::Suffix(t)
+            | NamePattern::Keyword(t)
+            | NamePattern::Regex(t) => t,
+        }
+    }
+
     /// The reference semantics the compiled matcher must reproduce. It
     /// compiles a regex pattern on every call: for checks, not lookups.
     pub fn matches(&self, name: &str) -> bool {
@@ -109,6 +121,54 @@ impl NamePattern {
                 .build()
                 .is_ok_and(|re| re.is_match(&name)),
         }
+    }
+}
+
+impl std::fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NamePattern::Exact(name) => write!(f, "name-exact {name}"),
+            NamePattern::Suffix(name) => write!(f, "name-suffix {name}"),
+            NamePattern::Keyword(text) => write!(f, "name-keyword {text}"),
+            NamePattern::Regex(pattern) => write!(f, "name ~ {pattern}"),
+        }
+    }
+}
+
+/// The name rules compiled for lookup: which rule claims a name, and the
+/// carrier it asks for.
+#[derive(Debug)]
+pub struct NameRules {
+    matcher: NameMatcher,
+    rules: Vec<(u32, Carrier)>,
+}
+
+impl Default for NameRules {
+    fn default() -> Self {
+        NameRules::compile(&[]).expect("no patterns compile")
+    }
+}
+
+impl NameRules {
+    pub fn compile(rules: &[NameRule]) -> Result<NameRules, NameError> {
+        let patterns: Vec<NamePattern> = rules.iter().map(|r| r.pattern.clone()).collect();
+        Ok(NameRules {
+            matcher: NameMatcher::new(&patterns)?,
+            rules: rules.iter().map(|r| (r.id, r.via.clone())).collect(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The id and carrier of the first rule that claims `name`.
+    pub fn first_match(&self, name: &str) -> Option<(u32, &Carrier)> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        let rank = self.matcher.first_match(name)?;
+        self.rules.get(rank).map(|(id, via)| (*id, via))
     }
 }
 

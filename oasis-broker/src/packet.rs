@@ -265,6 +265,46 @@ pub fn addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// Replaces one end's address only (its port or echo identifier stays).
+pub fn rewrite_address(packet: &mut [u8], end: End, addr: IpAddr) -> Result<(), PacketError> {
+    let (sport, dport) = ports(packet).ok_or(PacketError::Unsupported(layout(packet)?.proto))?;
+    rewrite(packet, end, addr, if end == End::Source { sport } else { dport })
+}
+
+/// An ICMP "destination unreachable" (host unreachable, or ICMPv6 address
+/// unreachable) that `dead`, a packet to an address nobody answers for,
+/// draws: from its destination back to its source, quoting its start, so
+/// the sender's stack fails the connection at once instead of retrying.
+pub fn unreachable_reply(dead: &[u8]) -> Option<Vec<u8>> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
+    let (src, dst) = addresses(dead)?;
+    let mut out = Vec::with_capacity(128);
+    match (dst, src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let ihl = usize::from(dead[0] & 0x0f) * 4;
+            let quoted = &dead[..dead.len().min(ihl + 8)];
+            PacketBuilder::ipv4(from.octets(), to.octets(), 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::Host,
+                ))
+                .write(&mut out, quoted)
+                .ok()?;
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            // The whole error must fit the IPv6 minimum MTU.
+            let quoted = &dead[..dead.len().min(1280 - 48)];
+            PacketBuilder::ipv6(from.octets(), to.octets(), 64)
+                .icmpv6(Icmpv6Type::DestinationUnreachable(
+                    icmpv6::DestUnreachableCode::Address,
+                ))
+                .write(&mut out, quoted)
+                .ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

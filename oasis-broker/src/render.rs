@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::control::{OverlayView, RuleView, StatusView};
+use crate::control::{DnsTableView, OverlayView, RuleView, StatusView};
 
 /// 1234567 -> "1.2 MB".
 pub fn bytes(n: u64) -> String {
@@ -57,6 +57,42 @@ pub fn rule_table(rules: &[RuleView]) -> String {
             rule.via,
             rule.packets,
             bytes(rule.bytes)
+        );
+    }
+    out
+}
+
+pub fn dns_table(table: &DnsTableView) -> String {
+    let mut out = String::new();
+    if !table.enabled {
+        out.push_str("DNS interception is off (dns.enabled: false in the config file).\n");
+    }
+    if table.entries.is_empty() {
+        out.push_str("No fake addresses given out. Add a name rule, e.g.\n  oasis rule add --name-suffix example.org --via detour\n");
+        return out;
+    }
+    let width = |f: &dyn Fn(&crate::control::FakeView) -> usize, title: &str| {
+        table.entries.iter().map(f).max().unwrap_or(0).max(title.len())
+    };
+    let name_w = width(&|e| e.name.len(), "NAME");
+    let fake_w = width(&|e| e.fake.len(), "FAKE");
+    let real_w = width(&|e| e.real.join(",").len(), "REAL");
+    let via_w = width(&|e| e.carrier.len(), "CARRIER");
+    let _ = writeln!(
+        out,
+        "{:<name_w$}  {:<fake_w$}  {:<real_w$}  {:<via_w$}  {:>6}  {:>8}",
+        "NAME", "FAKE", "REAL", "CARRIER", "FLOWS", "IDLE"
+    );
+    for e in &table.entries {
+        let _ = writeln!(
+            out,
+            "{:<name_w$}  {:<fake_w$}  {:<real_w$}  {:<via_w$}  {:>6}  {:>8}",
+            e.name,
+            e.fake,
+            e.real.join(","),
+            e.carrier,
+            e.live_flows,
+            duration(e.idle_secs)
         );
     }
     out
@@ -139,6 +175,43 @@ pub fn status(s: &StatusView) -> String {
         "            underlay port {} (modules only): dropped {} from other senders",
         s.underlay_port, b.rejected_module_sender
     );
+    match &s.dns {
+        None => {
+            let _ = writeln!(out, "dns         off: name rules have no effect");
+        }
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "dns         queries to port 53 from cgroup {} answered on {}, upstream {}",
+                d.cgroup.display(),
+                d.listen.join(" and "),
+                d.upstreams.join(", ")
+            );
+            let q = &d.counters;
+            let _ = writeln!(
+                out,
+                "            {} queries: {} fake, {} passed, {} withheld, {} negative, {} servfail, {} truncated, {} refused",
+                q.queries, q.faked, q.passed, q.empty, q.negative, q.servfail, q.truncated, q.refused
+            );
+            let _ = writeln!(
+                out,
+                "fake pool   {} and {}: {} of {} addresses given out, {} exhausted; {} flows, {} of them in the kernel",
+                d.fake_v4,
+                d.fake_v6,
+                d.fake_entries,
+                d.fake_capacity,
+                q.exhausted,
+                d.fake_flows,
+                d.kernel_nat_flows
+            );
+            let c = &s.classifier;
+            let _ = writeln!(
+                out,
+                "            kernel NAT: {} packets out, {} in; {} first packets to the broker, {} to unknown fakes",
+                c.nat_egress, c.nat_ingress, c.fake_diverted, d.unknown_fake_packets
+            );
+        }
+    }
     let maps: Vec<String> = s
         .program
         .maps
@@ -250,6 +323,7 @@ mod tests {
                 via: "underlay".into(),
                 packets: 10,
                 bytes: 15_000,
+                answers: None,
             },
             RuleView {
                 id: 12,
@@ -257,6 +331,7 @@ mod tests {
                 via: "underlay".into(),
                 packets: 0,
                 bytes: 0,
+                answers: None,
             },
         ];
         let table = rule_table(&rules);

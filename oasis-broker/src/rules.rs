@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use crate::names::{NameError, NamePattern};
 use ipnet::IpNet;
 use oasis_common::{FAMILY_V4, FlowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
@@ -255,7 +256,7 @@ impl fmt::Display for HeaderSubset {
 }
 
 /// A rule as the user wrote it, before it has an id.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
@@ -273,7 +274,34 @@ pub struct RuleSpec {
         deserialize_with = "port_text"
     )]
     pub sport: Option<String>,
+    /// Name rules: a regular expression over DNS names (the paper's form),
+    /// or an exact name, a suffix, a keyword. One of them, and no header field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_suffix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_keyword: Option<String>,
     pub via: String,
+}
+
+/// What a rule claims: packets by header fields, or flows to names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subset {
+    Header(HeaderSubset),
+    Name(NamePattern),
+}
+
+impl Subset {
+    /// The header fields, for a header rule.
+    pub fn header(self) -> Option<HeaderSubset> {
+        match self {
+            Subset::Header(subset) => Some(subset),
+            Subset::Name(_) => None,
+        }
+    }
 }
 
 /// Accepts `dport: 8080` as well as `dport: "1000-2000"` in the YAML file.
@@ -292,7 +320,27 @@ fn port_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
 
 impl RuleSpec {
     /// Parses every field; the first bad one is reported by name.
-    pub fn parse(&self) -> Result<(HeaderSubset, Carrier), RuleError> {
+    pub fn parse(&self) -> Result<(Subset, Carrier), RuleError> {
+        let names: Vec<NamePattern> = [
+            self.name.clone().map(NamePattern::Regex),
+            self.name_exact.clone().map(NamePattern::Exact),
+            self.name_suffix.clone().map(NamePattern::Suffix),
+            self.name_keyword.clone().map(NamePattern::Keyword),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let header_given =
+            self.proto.is_some() || self.dst.is_some() || self.dport.is_some() || self.sport.is_some();
+        match names.len() {
+            0 => {}
+            1 if header_given => return Err(RuleError::NameWithHeader),
+            1 => {
+                let pattern = names.into_iter().next().expect("one").validated()?;
+                return Ok((Subset::Name(pattern), self.via.parse()?));
+            }
+            _ => return Err(RuleError::TwoNames),
+        }
         let proto = self.proto.as_deref().map(str::parse).transpose()?;
         let dst = self.dst.as_deref().map(parse_prefix).transpose()?;
         let dport = self.dport.as_deref().map(str::parse).transpose()?;
@@ -304,7 +352,26 @@ impl RuleSpec {
             sport,
         }
         .validated()?;
-        Ok((subset, self.via.parse()?))
+        Ok((Subset::Header(subset), self.via.parse()?))
+    }
+
+    /// Parses a header rule (a name rule is refused).
+    pub fn parse_header(&self) -> Result<(HeaderSubset, Carrier), RuleError> {
+        match self.parse()? {
+            (Subset::Header(subset), via) => Ok((subset, via)),
+            (Subset::Name(_), _) => Err(RuleError::NameWithHeader),
+        }
+    }
+
+    fn header(subset: &HeaderSubset, via: &Carrier) -> RuleSpec {
+        RuleSpec {
+            proto: subset.proto.map(|p| p.to_string()),
+            dst: subset.dst.map(|d| d.to_string()),
+            dport: subset.dport.map(|p| p.to_string()),
+            sport: subset.sport.map(|p| p.to_string()),
+            via: via.to_string(),
+            ..RuleSpec::default()
+        }
     }
 }
 
@@ -329,12 +396,70 @@ pub struct Rule {
 
 impl Rule {
     pub fn spec(&self) -> RuleSpec {
-        RuleSpec {
-            proto: self.subset.proto.map(|p| p.to_string()),
-            dst: self.subset.dst.map(|d| d.to_string()),
-            dport: self.subset.dport.map(|p| p.to_string()),
-            sport: self.subset.sport.map(|p| p.to_string()),
+        RuleSpec::header(&self.subset, &self.via)
+    }
+}
+
+/// A name rule with its id. Name rules decide the carrier of flows to the
+/// fake addresses their names were given; they never see header fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameRule {
+    pub id: u32,
+    pub pattern: NamePattern,
+    pub via: Carrier,
+}
+
+impl NameRule {
+    pub fn spec(&self) -> RuleSpec {
+        let text = Some(self.pattern.text().to_string());
+        let mut spec = RuleSpec {
             via: self.via.to_string(),
+            ..RuleSpec::default()
+        };
+        match self.pattern {
+            NamePattern::Regex(_) => spec.name = text,
+            NamePattern::Exact(_) => spec.name_exact = text,
+            NamePattern::Suffix(_) => spec.name_suffix = text,
+            NamePattern::Keyword(_) => spec.name_keyword = text,
+        }
+        spec
+    }
+}
+
+/// Either kind of rule, as one list shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnyRule {
+    Header(Rule),
+    Name(NameRule),
+}
+
+impl AnyRule {
+    pub fn id(&self) -> u32 {
+        match self {
+            AnyRule::Header(rule) => rule.id,
+            AnyRule::Name(rule) => rule.id,
+        }
+    }
+
+    pub fn via(&self) -> &Carrier {
+        match self {
+            AnyRule::Header(rule) => &rule.via,
+            AnyRule::Name(rule) => &rule.via,
+        }
+    }
+
+    /// The subset in words, e.g. `tcp dport 8080` or `name-suffix example.org`.
+    pub fn subset_text(&self) -> String {
+        match self {
+            AnyRule::Header(rule) => rule.subset.to_string(),
+            AnyRule::Name(rule) => rule.pattern.to_string(),
+        }
+    }
+
+    pub fn spec(&self) -> RuleSpec {
+        match self {
+            AnyRule::Header(rule) => rule.spec(),
+            AnyRule::Name(rule) => rule.spec(),
         }
     }
 }
@@ -355,8 +480,20 @@ pub enum RuleError {
     BadPrefix(String),
     #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
     BadCarrier(String),
-    #[error("a rule needs at least one of --proto, --dst, --dport or --sport")]
+    #[error(
+        "a rule needs a name pattern (--name, --name-exact, --name-suffix, --name-keyword) or at least one of --proto, --dst, --dport or --sport"
+    )]
     EmptySubset,
+    #[error("a name rule takes no header fields: drop --proto/--dst/--dport/--sport, or make two rules")]
+    NameWithHeader,
+    #[error(
+        "a rule takes one name pattern: give only one of --name, --name-exact, --name-suffix, --name-keyword"
+    )]
+    TwoNames,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("at most {MAX_NAME_RULES} name rules; delete some first")]
+    TooManyNames,
     #[error("{0} packets have no ports: drop --dport/--sport or pick tcp or udp")]
     PortsWithoutPortProtocol(Protocol),
     #[error("rule {existing} already claims exactly this traffic ({subset})")]
@@ -374,32 +511,100 @@ pub enum RuleError {
 #[derive(Clone, Debug, Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    names: Vec<NameRule>,
     next_id: u32,
 }
 
+/// Name rules compile into set matchers, so their number is bounded by
+/// memory rather than by the kernel maps.
+pub const MAX_NAME_RULES: usize = 1_000_000;
+
 impl RuleSet {
     /// Rebuilds a rule list from stored rules, checking them as `add` would.
-    pub fn from_rules(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
+    pub fn from_rules(rules: Vec<AnyRule>) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet {
             rules: Vec::new(),
+            names: Vec::new(),
             next_id: 1,
         };
+        let mut ids = std::collections::HashSet::new();
         for rule in rules {
-            set.check_new(&rule.subset)?;
-            if set.rules.iter().any(|r| r.id == rule.id) || rule.id == 0 {
+            if rule.id() == 0 || !ids.insert(rule.id()) {
                 return Err(RuleError::Duplicate {
-                    existing: rule.id,
-                    subset: rule.subset.to_string(),
+                    existing: rule.id(),
+                    subset: rule.subset_text(),
                 });
             }
-            set.next_id = set.next_id.max(rule.id + 1);
-            set.rules.push(rule);
+            set.next_id = set.next_id.max(rule.id() + 1);
+            match rule {
+                AnyRule::Header(rule) => {
+                    set.check_new(&rule.subset)?;
+                    set.rules.push(rule);
+                }
+                AnyRule::Name(rule) => {
+                    set.check_new_name(&rule.pattern)?;
+                    set.names.push(rule);
+                }
+            }
         }
         Ok(set)
     }
 
+    /// The header rules, in precedence order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The name rules, in precedence order.
+    pub fn names(&self) -> &[NameRule] {
+        &self.names
+    }
+
+    /// Every rule, by id.
+    pub fn all(&self) -> Vec<AnyRule> {
+        let mut all: Vec<AnyRule> = self
+            .rules
+            .iter()
+            .cloned()
+            .map(AnyRule::Header)
+            .chain(self.names.iter().cloned().map(AnyRule::Name))
+            .collect();
+        all.sort_by_key(AnyRule::id);
+        all
+    }
+
+    fn check_new_name(&self, pattern: &NamePattern) -> Result<(), RuleError> {
+        if let Some(existing) = self.names.iter().find(|r| &r.pattern == pattern) {
+            return Err(RuleError::Duplicate {
+                existing: existing.id,
+                subset: pattern.to_string(),
+            });
+        }
+        if self.names.len() >= MAX_NAME_RULES {
+            return Err(RuleError::TooManyNames);
+        }
+        Ok(())
+    }
+
+    /// Appends a name rule and returns it with its new id.
+    pub fn add_name(&mut self, pattern: NamePattern, via: Carrier) -> Result<NameRule, RuleError> {
+        self.check_new_name(&pattern)?;
+        let rule = NameRule {
+            id: self.next_id.max(1),
+            pattern,
+            via,
+        };
+        self.next_id = rule.id + 1;
+        self.names.push(rule.clone());
+        Ok(rule)
+    }
+
+    /// Appends a rule of either kind.
+    pub fn add_any(&mut self, subset: Subset, via: Carrier) -> Result<AnyRule, RuleError> {
+        Ok(match subset {
+            Subset::Header(subset) => AnyRule::Header(self.add(subset, via)?),
+            Subset::Name(pattern) => AnyRule::Name(self.add_name(pattern, via)?),
+        })
     }
 
     /// The id the next added rule gets.
@@ -438,13 +643,16 @@ impl RuleSet {
         Ok(rule)
     }
 
-    pub fn remove(&mut self, id: u32) -> Result<Rule, RuleError> {
+    pub fn remove(&mut self, id: u32) -> Result<AnyRule, RuleError> {
+        if let Some(index) = self.rules.iter().position(|r| r.id == id) {
+            return Ok(AnyRule::Header(self.rules.remove(index)));
+        }
         let index = self
-            .rules
+            .names
             .iter()
             .position(|r| r.id == id)
             .ok_or(RuleError::NoSuchRule(id))?;
-        Ok(self.rules.remove(index))
+        Ok(AnyRule::Name(self.names.remove(index)))
     }
 
     /// The rule that decides this flow, if any.
@@ -465,6 +673,7 @@ mod tests {
             dport: dport.map(Into::into),
             sport: None,
             via: "underlay".into(),
+            ..RuleSpec::default()
         }
     }
 
@@ -530,7 +739,7 @@ mod tests {
     #[test]
     fn spec_errors_name_the_field() {
         let err = spec(Some("tcp"), Some("203.0.113.0/33"), None)
-            .parse()
+            .parse_header()
             .unwrap_err();
         assert_eq!(err, RuleError::BadPrefix("203.0.113.0/33".into()));
         let err = spec(None, None, None).parse().unwrap_err();
@@ -544,16 +753,16 @@ mod tests {
 
     #[test]
     fn prefix_is_normalised_and_bare_address_is_a_host() {
-        let (subset, _) = spec(None, Some("203.0.113.77/24"), None).parse().unwrap();
+        let (subset, _) = spec(None, Some("203.0.113.77/24"), None).parse_header().unwrap();
         assert_eq!(subset.dst.unwrap().to_string(), "203.0.113.0/24");
-        let (subset, _) = spec(None, Some("2001:db8::1"), None).parse().unwrap();
+        let (subset, _) = spec(None, Some("2001:db8::1"), None).parse_header().unwrap();
         assert_eq!(subset.dst.unwrap().to_string(), "2001:db8::1/128");
     }
 
     #[test]
     fn duplicate_subset_is_refused_and_changes_nothing() {
         let mut rules = RuleSet::default();
-        let (subset, via) = spec(Some("tcp"), None, Some("8080")).parse().unwrap();
+        let (subset, via) = spec(Some("tcp"), None, Some("8080")).parse_header().unwrap();
         let first = rules.add(subset.clone(), via.clone()).unwrap();
         assert_eq!(first.id, 1);
         let err = rules.add(subset, Carrier::Overlay("detour".into())).unwrap_err();
@@ -566,20 +775,20 @@ mod tests {
         let mut rules = RuleSet::default();
         let a = rules
             .add(
-                spec(Some("tcp"), None, None).parse().unwrap().0,
+                spec(Some("tcp"), None, None).parse_header().unwrap().0,
                 Carrier::Underlay,
             )
             .unwrap();
         let b = rules
             .add(
-                spec(Some("udp"), None, None).parse().unwrap().0,
+                spec(Some("udp"), None, None).parse_header().unwrap().0,
                 Carrier::Underlay,
             )
             .unwrap();
         rules.remove(b.id).unwrap();
         let c = rules
             .add(
-                spec(Some("icmp"), None, None).parse().unwrap().0,
+                spec(Some("icmp"), None, None).parse_header().unwrap().0,
                 Carrier::Underlay,
             )
             .unwrap();
@@ -593,7 +802,7 @@ mod tests {
         rules
             .add(
                 spec(Some("tcp"), Some("203.0.113.0/24"), Some("8080"))
-                    .parse()
+                    .parse_header()
                     .unwrap()
                     .0,
                 Carrier::Underlay,
@@ -601,7 +810,7 @@ mod tests {
             .unwrap();
         rules
             .add(
-                spec(None, Some("203.0.0.0/8"), None).parse().unwrap().0,
+                spec(None, Some("203.0.0.0/8"), None).parse_header().unwrap().0,
                 Carrier::Overlay("x".into()),
             )
             .unwrap();
@@ -629,14 +838,14 @@ mod tests {
 
     #[test]
     fn port_rules_never_match_portless_packets() {
-        let (subset, _) = spec(None, None, Some("1-65535")).parse().unwrap();
+        let (subset, _) = spec(None, None, Some("1-65535")).parse_header().unwrap();
         assert!(!subset.matches(&v4_key(1, [1, 2, 3, 4], 0, 0)));
         assert!(subset.matches(&v4_key(17, [1, 2, 3, 4], 5353, 53)));
     }
 
     #[test]
     fn icmp_matches_both_families() {
-        let (subset, _) = spec(Some("icmp"), None, None).parse().unwrap();
+        let (subset, _) = spec(Some("icmp"), None, None).parse_header().unwrap();
         assert!(subset.matches(&v4_key(1, [1, 2, 3, 4], 0, 0)));
         let v6 = FlowKey {
             proto: 58,

@@ -23,13 +23,14 @@ fn spec(proto: Option<&str>, dst: Option<&str>, dport: Option<&str>, sport: Opti
         dport: dport.map(Into::into),
         sport: sport.map(Into::into),
         via: "underlay".into(),
+        ..RuleSpec::default()
     }
 }
 
 fn rules(specs: &[RuleSpec]) -> RuleSet {
     let mut set = RuleSet::default();
     for spec in specs {
-        let (subset, via) = spec.parse().unwrap();
+        let (subset, via) = spec.parse_header().unwrap();
         set.add(subset, via).unwrap();
     }
     set
@@ -328,7 +329,9 @@ fn rule_updates_reach_the_maps_in_place() {
     let mut set = rules(&[spec(Some("udp"), None, Some("53"), None)]);
     let mut dp = datapath(set.rules());
     assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 53)), TC_ACT_REDIRECT);
-    let (subset, via) = spec(None, Some("192.0.2.0/24"), None, None).parse().unwrap();
+    let (subset, via) = spec(None, Some("192.0.2.0/24"), None, None)
+        .parse_header()
+        .unwrap();
     set.add(subset, via).unwrap();
     dp.apply(&compile(set.rules())).unwrap();
     assert_eq!(run(&dp, &tcp4([192, 0, 2, 9], 40000, 22, true)), TC_ACT_REDIRECT);

@@ -29,7 +29,36 @@ pub mod maps {
     pub const FLOWS: &str = "OASIS_FLOWS";
     pub const STATS: &str = "OASIS_STATS";
     pub const EXIT_SETTINGS: &str = "OASIS_EXIT_SETTINGS";
+    pub const FAKE_V4: &str = "OASIS_FAKE_V4";
+    pub const FAKE_V6: &str = "OASIS_FAKE_V6";
+    pub const NAT_OUT: &str = "OASIS_NAT_OUT";
+    pub const NAT_IN: &str = "OASIS_NAT_IN";
+    pub const DNS_SETTINGS: &str = "OASIS_DNS_SETTINGS";
+    pub const DNS_ORIGINAL: &str = "OASIS_DNS_ORIGINAL";
 }
+
+/// Entries in each in-kernel NAT map (one per fake-address underlay flow).
+pub const NAT_ENTRIES: u32 = 65_536;
+
+/// Sockets whose original DNS server the redirect remembers.
+pub const DNS_SOCKETS: u32 = 65_536;
+
+/// The uplinks' TC ingress program: turns replies of fake-address flows
+/// carried by the underlay back into replies from the fake address.
+pub const INGRESS_PROGRAM: &str = "oasis_ingress";
+
+/// The cgroup socket-address programs that send DNS queries (port 53) to
+/// the broker, and what the kernel calls each hook.
+pub const DNS_PROGRAMS: [(&str, &str); 8] = [
+    ("oasis_dns_connect4", "connect4"),
+    ("oasis_dns_connect6", "connect6"),
+    ("oasis_dns_sendmsg4", "sendmsg4"),
+    ("oasis_dns_sendmsg6", "sendmsg6"),
+    ("oasis_dns_recvmsg4", "recvmsg4"),
+    ("oasis_dns_recvmsg6", "recvmsg6"),
+    ("oasis_dns_peer4", "getpeername4"),
+    ("oasis_dns_peer6", "getpeername6"),
+];
 
 /// The classifier program's name in the object file.
 pub const EGRESS_PROGRAM: &str = "oasis_egress";
@@ -150,7 +179,12 @@ pub mod stat {
     pub const DIVERTED: u32 = 4;
     /// Packets the classifier could not parse (passed untouched).
     pub const UNPARSED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Packets to a fake address without a NAT entry, sent to the broker.
+    pub const FAKE_DIVERTED: u32 = 6;
+    /// Packets of fake-address flows rewritten in the kernel, each way.
+    pub const NAT_EGRESS: u32 = 7;
+    pub const NAT_INGRESS: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Run-time settings the broker writes once at start.
@@ -219,6 +253,48 @@ pub struct FlowEntry {
 /// ranges become a handful of prefixes.
 pub type PortBytes = [u8; 2];
 
+/// One direction of an in-kernel NAT entry. In `NAT_OUT` the key is the
+/// flow as the application sends it (to the fake address) and `addr` the
+/// real destination; in `NAT_IN` the key is the reply as it arrives (from
+/// the real address) and `addr` the fake source to put in its place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub addr: [u8; 16],
+    /// CLOCK_MONOTONIC ns of the last packet, refreshed about once a second.
+    pub last_seen_ns: u64,
+}
+
+/// What the DNS redirect needs to know. `port` 0 turns it off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Only sockets in the broker's network namespace are redirected: in
+    /// any other the broker's loopback listener does not exist.
+    pub netns_cookie: u64,
+    /// The broker's own queries (to its upstreams) are never redirected.
+    pub broker_tgid: u32,
+    /// The broker's DNS port on 127.0.0.1 and ::1 (host byte order).
+    pub port: u16,
+    /// Whether the broker listens on ::1 too; if not, IPv6 queries go out
+    /// untouched.
+    pub has_v6: u8,
+    pub _pad: u8,
+}
+
+/// The DNS server a redirected socket asked for, so replies and
+/// `getpeername` show it instead of the broker.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOriginal {
+    /// IPv4 in the first four bytes, or IPv6 (v4-mapped for dual-stack sockets).
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -231,6 +307,9 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ExitSettings {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for DnsSettings {}
+    unsafe impl aya::Pod for DnsOriginal {}
 }
 
 #[cfg(test)]
@@ -246,6 +325,9 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
+        assert_eq!(size_of::<NatEntry>(), 16 + 8);
+        assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
+use crate::nat;
+use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
@@ -7,26 +8,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    Counters, FAMILY_V4, FAMILY_V6, FLOW_CACHE_ENTRIES, FlowEntry, FlowKey, MAX_RULES, PortBytes, RULE_WORDS,
+    Counters, FAMILY_V4, FLOW_CACHE_ENTRIES, FlowEntry, FlowKey, MAX_RULES, PortBytes, RULE_WORDS,
     RuleAction, RuleSet, Settings, Verdict, stat,
 };
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_UDPLITE: u8 = 136;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
 /// Cached flows refresh their timestamp at most this often, so a busy flow
 /// does not write to the shared cache on every packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 #[map(name = "OASIS_SETTINGS")]
-static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub(crate) static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// CLOCK_MONOTONIC nanoseconds of the broker's last sign of life.
 #[map(name = "OASIS_HEARTBEAT")]
-static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Rules by IP protocol number.
 #[map(name = "OASIS_PROTO")]
@@ -72,7 +67,7 @@ pub fn oasis_egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe { *counter += 1 };
@@ -97,12 +92,23 @@ fn classify(ctx: &TcContext) -> i32 {
         bump(stat::FAIL_OPEN);
         return TC_ACT_OK as i32;
     }
-    let Some((key, new_connection)) = parse(ctx) else {
+    let mut parsed = Parsed::default();
+    if !parse_into(ctx, &mut parsed) {
         bump(stat::UNPARSED);
         return TC_ACT_OK as i32;
-    };
+    }
+    // Fake addresses come before every rule: they exist only because a
+    // name rule claimed the name, and mean nothing on the wire.
+    if nat::is_fake(&parsed.key) {
+        if nat::egress(ctx, &parsed) {
+            return TC_ACT_OK as i32;
+        }
+        bump(stat::FAKE_DIVERTED);
+        return divert(settings);
+    }
+    let (key, new_connection) = (&parsed.key, parsed.new_connection);
 
-    let entry = match FLOWS.get_ptr_mut(&key) {
+    let entry = match FLOWS.get_ptr_mut(key) {
         Some(cached)
             // SAFETY: pointer from a successful lookup; fields are plain integers.
             if !new_connection && now.saturating_sub(unsafe { (*cached).last_seen_ns }) < settings.flow_idle_ns =>
@@ -117,7 +123,7 @@ fn classify(ctx: &TcContext) -> i32 {
         }
         _ => {
             bump(stat::CLASSIFIED);
-            let entry = match match_rules(&key) {
+            let entry = match match_rules(key) {
                 Some(action) => FlowEntry {
                     last_seen_ns: now,
                     rule_id: action.rule_id,
@@ -127,7 +133,7 @@ fn classify(ctx: &TcContext) -> i32 {
                 None => FlowEntry { last_seen_ns: now, rule_id: 0, verdict: Verdict::Pass as u8, _pad: [0; 3] },
             };
             // A full cache only costs a re-match next time; never drop for it.
-            let _ = FLOWS.insert(&key, &entry, 0);
+            let _ = FLOWS.insert(key, &entry, 0);
             entry
         }
     };
@@ -146,102 +152,28 @@ fn classify(ctx: &TcContext) -> i32 {
         Verdict::Pass => TC_ACT_OK as i32,
         Verdict::Divert => {
             bump(stat::DIVERTED);
-            // SAFETY: plain helper call; an ifindex that vanished makes the
-            // redirect fail and the packet drops, which is why the broker's
-            // heartbeat stops diversion within seconds of its death.
-            let action = unsafe { bpf_redirect(settings.tun_ifindex, 0) };
-            if action == TC_ACT_SHOT as i64 {
-                TC_ACT_OK as i32
-            } else {
-                action as i32
-            }
+            divert(settings)
         }
     }
 }
 
-/// The fixed IPv4 header fields the classifier needs.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Head {
-    version_ihl: u8,
-    _tos: u8,
-    _total_len: [u8; 2],
-    _id: [u8; 2],
-    frag: [u8; 2],
-    _ttl: u8,
-    proto: u8,
-    _check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Head {
-    _version_class_flow: [u8; 4],
-    _payload_len: [u8; 2],
-    next_header: u8,
-    _hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-/// Reads the 5-tuple. Returns the key and whether the packet opens a new
-/// connection (a TCP SYN without ACK), which always re-checks the rules.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<(FlowKey, bool)> {
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let mut key = FlowKey::default();
-    let (l4_offset, fragment) = match ethertype {
-        ETH_P_IP => {
-            let ip: Ipv4Head = read(ctx, ETH_HLEN)?;
-            if ip.version_ihl >> 4 != 4 {
-                return None;
-            }
-            let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return None;
-            }
-            key.proto = ip.proto;
-            key.src[..4].copy_from_slice(&ip.src);
-            key.dst[..4].copy_from_slice(&ip.dst);
-            key.family = FAMILY_V4;
-            // Non-first fragments carry no ports.
-            (ETH_HLEN + ihl, u16::from_be_bytes(ip.frag) & 0x1fff != 0)
-        }
-        ETH_P_IPV6 => {
-            let ip: Ipv6Head = read(ctx, ETH_HLEN)?;
-            key.proto = ip.next_header;
-            key.src = ip.src;
-            key.dst = ip.dst;
-            key.family = FAMILY_V6;
-            (ETH_HLEN + 40, false)
-        }
-        _ => return None,
-    };
-    let mut new_connection = false;
-    if !fragment
-        && matches!(
-            key.proto,
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
-        )
-    {
-        // One load: ports, and for TCP the flags byte 13 bytes in.
-        let ports = if key.proto == IPPROTO_TCP {
-            let head: [u8; 14] = ctx.load(l4_offset).ok()?;
-            new_connection = head[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-            [head[0], head[1], head[2], head[3]]
-        } else {
-            ctx.load::<[u8; 4]>(l4_offset).ok()?
-        };
-        key.sport = u16::from_be_bytes([ports[0], ports[1]]);
-        key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+fn divert(settings: &Settings) -> i32 {
+    // SAFETY: plain helper call; an ifindex that vanished makes the
+    // redirect fail and the packet drops, which is why the broker's
+    // heartbeat stops diversion within seconds of its death.
+    let action = unsafe { bpf_redirect(settings.tun_ifindex, 0) };
+    if action == TC_ACT_SHOT as i64 {
+        TC_ACT_OK as i32
+    } else {
+        action as i32
     }
-    Some((key, new_connection))
 }
 
-/// The first rule (lowest rank) whose every field matches.
-#[inline(always)]
+/// The first rule (lowest rank) whose every field matches. A separate BPF
+/// function: its rule sets and the NAT path's buffers then never share one
+/// stack frame, which must stay within 512 bytes for the whole call chain.
+#[inline(never)]
 fn match_rules(key: &FlowKey) -> Option<RuleAction> {
     let mut set = *PROTO.get(key.proto as u32)?;
     let by_dst = if key.family == FAMILY_V4 {

@@ -11,9 +11,15 @@
 #[cfg(target_arch = "bpf")]
 mod classifier;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
 mod exit;
 #[cfg(target_arch = "bpf")]
 mod headers;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

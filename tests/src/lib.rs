@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+mod dns;
+pub use dns::{CGROUP_PREFIX, CGROUP2_MOUNT, DnsAnswer};
+
 /// Prefix of every namespace the harness creates; the rest of the name is
 /// the creating process's PID, so leftovers of dead runs can be found.
 pub const NETNS_PREFIX: &str = "oasis-t";
@@ -130,6 +133,9 @@ pub struct Topology {
     pub server: Netns,
     pub overlay: Netns,
     pub dir: PathBuf,
+    /// A cgroup of this test's own: the daemon redirects the DNS queries of
+    /// processes in it (and of no other).
+    pub cgroup: PathBuf,
     processes: Vec<Process>,
 }
 
@@ -147,12 +153,14 @@ impl Topology {
         };
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir).expect("test directory");
+        let cgroup = dns::create_cgroup(&id);
         let topology = Topology {
             client: ns("c"),
             router: ns("r"),
             server: ns("s"),
             overlay: ns("o"),
             dir,
+            cgroup,
             processes: Vec::new(),
         };
         topology.build();
@@ -164,6 +172,9 @@ impl Topology {
             host(&["ip", "netns", "add", &ns.name]);
             ns.run(&["ip", "link", "set", "lo", "up"]);
         }
+        // `ip netns exec` shows the client this resolv.conf: its resolver
+        // asks the test's DNS server, never the host's.
+        dns::write_resolv_conf(&self.client, SERVER_V4);
         veth_pair(&self.client, "c0", &self.router, "r0");
         veth_pair(&self.server, "s0", &self.router, "r1");
         veth_pair(&self.overlay, "o0", &self.router, "r2");
@@ -407,6 +418,8 @@ impl Drop for Topology {
         for ns in self.namespaces() {
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
         }
+        dns::remove_resolv_conf(&self.client);
+        dns::remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -523,9 +536,16 @@ impl Daemon {
         let config = topology.dir.join("config.yaml");
         let socket = topology.dir.join("oasis.sock");
         if !config.exists() {
+            // Every daemon of the tests keeps its DNS redirect to the test's
+            // cgroup and its fake table in the test's directory.
+            let dns = if extra_config.contains("dns:") {
+                String::new()
+            } else {
+                topology.dns_config("")
+            };
             std::fs::write(
                 &config,
-                format!("control_socket: {}\n{extra_config}", socket.display()),
+                format!("control_socket: {}\n{dns}{extra_config}", socket.display()),
             )
             .expect("config");
         }

@@ -20,6 +20,12 @@ const TOOLS: &[(&str, &str)] = &[
     // The benchmark's peer: TUN and UDP in user space too.
     ("wireguard-go", "wireguard-go"),
     ("wg", "wireguard-tools"),
+    // DNS: the tests' authoritative server and the benchmark's peer
+    // (dnsmasq-base: the binary without a system service), the client
+    // tools, and the load generator.
+    ("dnsmasq", "dnsmasq-base"),
+    ("dig", "bind9-dnsutils"),
+    ("dnsperf", "dnsperf"),
 ];
 
 struct Step {
@@ -78,10 +84,11 @@ fn steps() -> Vec<Step> {
             hint: "install it with `cargo install bpf-linker --version 0.10.4 --locked` (it needs about 3 minutes)",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go)",
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
-            hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools",
+            hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools \
+                   dnsmasq-base bind9-dnsutils dnsperf",
         },
     ]
 }

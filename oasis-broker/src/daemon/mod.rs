@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::compile::compile;
 use crate::config::{Config, ConfigError};
 use crate::control::{Request, Response, TunView};
+use crate::names::NameRules;
 use crate::overlay::{JoinedOverlay, OverlayTable, shim_bytes};
 use crate::platform::linux::datapath::{Datapath, DatapathError};
 use crate::platform::linux::forward::{ForwardStats, Forwarder, OverlaySockets, Shared};
@@ -24,6 +25,7 @@ use crate::platform::linux::underlay_port::UnderlayPort;
 use crate::platform::linux::uplink::default_route_interfaces;
 use crate::rules::RuleSet;
 
+mod dns;
 mod state;
 
 use state::{State, join_overlay};
@@ -50,9 +52,13 @@ pub enum DaemonError {
     Udp { what: String, source: std::io::Error },
     #[error("packet thread {0} stopped: {1}")]
     PacketThread(String, String),
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
-/// Why a control request was refused.
+/// How often idle fake-address flows are ended and the table saved.
+const UPKEEP_EVERY: Duration = Duration::from_secs(2);
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let config = Config::load_or_default(config_path)?;
@@ -95,6 +101,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         tracing::info!(%uplink, "classifier attached at egress");
     }
 
+    let names =
+        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?;
+    let shared_names: Shared<NameRules> = Arc::new(RwLock::new(Arc::new(names)));
+    let dns = dns::start(&config, &mut datapath, shared_names.clone()).await?;
+
     let stats = Arc::new(ForwardStats::default());
     let shared_rules: Shared<RuleSet> = Arc::new(RwLock::new(Arc::new(rules.clone())));
     let shared_overlays: Shared<OverlayTable> = Arc::new(RwLock::new(Arc::new(initial_overlays(&config))));
@@ -117,6 +128,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             stats: stats.clone(),
             flow_idle: Duration::from_secs(config.flow_idle_timeout_secs),
             uplink_mtu: mtu,
+            fake: dns.fake_path.clone(),
         };
         threads.push(spawn_thread(format!("oasis-queue-{index}"), move || {
             forwarder.run()
@@ -163,6 +175,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             overlays: shared_overlays.clone(),
             stats: stats.clone(),
             uplink_mtu: mtu,
+            fake: dns.fake_path.clone(),
         };
         threads.push(spawn_thread(format!("oasis-overlay-rx-{family}"), move || {
             receiver.run()
@@ -170,11 +183,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
 
     let heartbeat_every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
+    let flow_idle = Duration::from_secs(config.flow_idle_timeout_secs);
     let state = Arc::new(Mutex::new(State {
         config,
         config_path: config_path.to_path_buf(),
         rules,
         shared_rules,
+        shared_names,
+        dns_counters: dns.counters.clone(),
+        dns,
         shared_overlays,
         datapath,
         tun: tun_view,
@@ -193,6 +210,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             }
         })?;
     let mut heartbeat = tokio::time::interval(heartbeat_every);
+    let mut last_upkeep = Instant::now();
     let outcome = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -215,16 +233,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 if let Err(e) = state.datapath.beat() {
                     tracing::warn!("heartbeat: {e}");
                 }
+                if last_upkeep.elapsed() >= UPKEEP_EVERY {
+                    state.dns.maintain(flow_idle);
+                    last_upkeep = Instant::now();
+                }
             }
         }
     };
 
     tracing::info!("shutting down: detaching the classifier");
-    state
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .datapath
-        .detach_all();
+    {
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        state.dns.shutdown();
+        state.datapath.detach_all();
+    }
     let _ = std::fs::remove_file(&socket_path);
     outcome
 }

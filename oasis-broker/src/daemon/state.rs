@@ -12,16 +12,20 @@ use crate::control::{
     HeartbeatView, MapView, OverlayView, ProgramView, Request, Response, RuleView, StatusView, TunView,
     UplinkView,
 };
+use crate::dns::DnsCounters;
+use crate::names::NameRules;
 use crate::overlay::{FetchError, JoinError, JoinedOverlay, OverlayTable, SpecError, check_name, shim_bytes};
 use crate::platform::linux::datapath::{Datapath, DatapathError};
 use crate::platform::linux::forward::{ForwardStats, Shared, snapshot};
 use crate::platform::linux::tun::diverted_counts;
-use crate::rules::{Carrier, RuleError, RuleSet, RuleSpec};
+use crate::rules::{AnyRule, Carrier, RuleError, RuleSet, RuleSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
     #[error(transparent)]
     Rule(#[from] RuleError),
+    #[error("rule {line} of the import: {source} (no rule was added)")]
+    Import { line: usize, source: RuleError },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{0} (the rule was not added; nothing changed)")]
@@ -39,6 +43,10 @@ pub(super) struct State {
     pub(super) config_path: PathBuf,
     pub(super) rules: RuleSet,
     pub(super) shared_rules: Shared<RuleSet>,
+    /// The name rules compiled; the DNS server and packet threads read it.
+    pub(super) shared_names: Shared<NameRules>,
+    pub(super) dns_counters: Arc<DnsCounters>,
+    pub(super) dns: super::dns::DnsRuntime,
     /// Joined overlays whose entry nodes resolved; the packet threads read it.
     pub(super) shared_overlays: Shared<OverlayTable>,
     pub(super) datapath: Datapath,
@@ -48,14 +56,18 @@ pub(super) struct State {
 }
 
 impl State {
-    fn rule_view(&self, rule: &crate::rules::Rule) -> RuleView {
-        let counters = self.datapath.rule_counters(rule.id);
+    fn rule_view(&self, rule: &AnyRule) -> RuleView {
+        let (counters, answers) = match rule {
+            AnyRule::Header(rule) => (self.datapath.rule_counters(rule.id), None),
+            AnyRule::Name(rule) => (Default::default(), Some(self.dns_counters.answers_for(rule.id))),
+        };
         RuleView {
-            id: rule.id,
-            subset: rule.subset.to_string(),
-            via: rule.via.to_string(),
+            id: rule.id(),
+            subset: rule.subset_text(),
+            via: rule.via().to_string(),
             packets: counters.packets,
             bytes: counters.bytes,
+            answers,
         }
     }
 
@@ -67,10 +79,33 @@ impl State {
             return Err(RuleError::UnknownOverlay(name.clone()).into());
         }
         let mut next = self.rules.clone();
-        let rule = next.add(subset, via)?;
+        let rule = next.add_any(subset, via)?;
         self.commit(next)?;
-        tracing::info!(id = rule.id, subset = %rule.subset, via = %rule.via, "rule added");
+        tracing::info!(id = rule.id(), subset = %rule.subset_text(), via = %rule.via(), "rule added");
         Ok(self.rule_view(&rule))
+    }
+
+    /// Adds many rules in one step (one file write, one compile): all of
+    /// them, or none when any is bad.
+    fn import_rules(&mut self, specs: Vec<RuleSpec>) -> Result<Vec<RuleView>, RequestError> {
+        let mut next = self.rules.clone();
+        let mut added = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.into_iter().enumerate() {
+            let at = |source| RequestError::Import {
+                line: index + 1,
+                source,
+            };
+            let (subset, via) = spec.parse().map_err(at)?;
+            if let Carrier::Overlay(name) = &via
+                && !self.config.overlays.iter().any(|o| &o.name == name)
+            {
+                return Err(at(RuleError::UnknownOverlay(name.clone())));
+            }
+            added.push(next.add_any(subset, via).map_err(at)?);
+        }
+        self.commit(next)?;
+        tracing::info!(count = added.len(), "rules imported");
+        Ok(added.iter().map(|r| self.rule_view(r)).collect())
     }
 
     fn del_rule(&mut self, id: u32) -> Result<RuleView, RequestError> {
@@ -78,13 +113,14 @@ impl State {
         let rule = next.remove(id)?;
         let view = self.rule_view(&rule);
         self.commit(next)?;
-        tracing::info!(id, subset = %rule.subset, "rule deleted");
+        tracing::info!(id, subset = %rule.subset_text(), "rule deleted");
         Ok(view)
     }
 
     /// Makes `next` the rule list: the file first, then the maps. When
     /// either fails, both are put back as they were.
     fn commit(&mut self, next: RuleSet) -> Result<(), RequestError> {
+        let names = NameRules::compile(next.names()).map_err(RuleError::from)?;
         let config = self.config.with_rules(&next);
         config.save(&self.config_path)?;
         if let Err(e) = self.datapath.apply(&compile(next.rules())) {
@@ -95,6 +131,7 @@ impl State {
         self.config = config;
         self.rules = next;
         *self.shared_rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.rules.clone());
+        *self.shared_names.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
         Ok(())
     }
 
@@ -125,10 +162,10 @@ impl State {
 
     fn rules_using(&self, overlay: &str) -> Vec<u32> {
         self.rules
-            .rules()
+            .all()
             .iter()
-            .filter(|r| matches!(&r.via, Carrier::Overlay(name) if name == overlay))
-            .map(|r| r.id)
+            .filter(|r| matches!(r.via(), Carrier::Overlay(name) if name == overlay))
+            .map(AnyRule::id)
             .collect()
     }
 
@@ -223,6 +260,7 @@ impl State {
             overlays: self.config.overlays.len(),
             overlay_port: self.config.overlay_port,
             underlay_port: self.config.underlay_port,
+            dns: self.dns.status(),
         }
     }
 
@@ -230,8 +268,12 @@ impl State {
         let result = match request {
             Request::AddRule { spec } => self.add_rule(spec).map(|rule| Response::Rule { rule }),
             Request::DelRule { id } => self.del_rule(id).map(|rule| Response::Rule { rule }),
+            Request::ImportRules { specs } => self.import_rules(specs).map(|rules| Response::Rules { rules }),
+            Request::Dns => Ok(Response::Dns {
+                dns: Box::new(self.dns.table(&self.shared_names, &self.shared_overlays)),
+            }),
             Request::ListRules => Ok(Response::Rules {
-                rules: self.rules.rules().iter().map(|r| self.rule_view(r)).collect(),
+                rules: self.rules.all().iter().map(|r| self.rule_view(r)).collect(),
             }),
             Request::Status => Ok(Response::Status {
                 status: Box::new(self.status()),

@@ -15,10 +15,16 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuH
 use aya::programs::ProgramError;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::tc::{SchedClassifier, TcAttachType};
+use std::path::Path;
+
+use ipnet::{Ipv4Net, Ipv6Net};
 use oasis_common::{
-    Counters, EGRESS_PROGRAM, FlowEntry, FlowKey, MAX_RULES, PortBytes, RuleAction, RuleSet, Settings, maps,
-    stat,
+    Counters, DnsSettings, EGRESS_PROGRAM, FlowEntry, FlowKey, INGRESS_PROGRAM, MAX_RULES, NatEntry,
+    PortBytes, RuleAction, RuleSet, Settings, maps, stat,
 };
+
+use super::dns_redirect::DnsRedirect;
+use super::fake_path::NatMaps;
 
 use crate::compile::{MapImage, Prefix};
 use crate::control::ClassifierCounters;
@@ -38,6 +44,11 @@ pub enum DatapathError {
     Attach { iface: String, source: ProgramError },
     #[error("writing classifier map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("kernel program {program}: {source}")]
+    Named {
+        program: &'static str,
+        source: ProgramError,
+    },
 }
 
 fn map_error(map: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -47,8 +58,17 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> DatapathError {
 /// The loaded classifier and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Uplink name, ifindex, how it is attached, and the link.
-    links: Vec<(String, u32, &'static str, SchedClassifierLinkId)>,
+    /// Uplink name, ifindex, how it is attached, and the links (egress, ingress).
+    links: Vec<(
+        String,
+        u32,
+        &'static str,
+        SchedClassifierLinkId,
+        SchedClassifierLinkId,
+    )>,
+    fake_v4: LpmTrie<MapData, [u8; 4], u8>,
+    fake_v6: LpmTrie<MapData, [u8; 16], u8>,
+    nat: Option<NatMaps>,
     settings: Array<MapData, Settings>,
     heartbeat: Array<MapData, u64>,
     proto: Array<MapData, RuleSet>,
@@ -83,7 +103,26 @@ impl Datapath {
             .try_into()
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
+        let ingress: &mut SchedClassifier = ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .ok_or(DatapathError::Missing(INGRESS_PROGRAM))?
+            .try_into()
+            .map_err(|source| DatapathError::Named {
+                program: INGRESS_PROGRAM,
+                source,
+            })?;
+        ingress.load().map_err(|source| DatapathError::Named {
+            program: INGRESS_PROGRAM,
+            source,
+        })?;
+        let nat = NatMaps {
+            out: take!(ebpf, maps::NAT_OUT, HashMap<MapData, FlowKey, NatEntry>),
+            inbound: take!(ebpf, maps::NAT_IN, HashMap<MapData, FlowKey, NatEntry>),
+        };
         let mut datapath = Datapath {
+            fake_v4: take!(ebpf, maps::FAKE_V4, LpmTrie<MapData, [u8; 4], u8>),
+            fake_v6: take!(ebpf, maps::FAKE_V6, LpmTrie<MapData, [u8; 16], u8>),
+            nat: Some(nat),
             settings: take!(ebpf, maps::SETTINGS, Array<MapData, Settings>),
             heartbeat: take!(ebpf, maps::HEARTBEAT, Array<MapData, u64>),
             proto: take!(ebpf, maps::PROTO, Array<MapData, RuleSet>),
@@ -153,9 +192,58 @@ impl Datapath {
         let link = program
             .attach(iface, TcAttachType::Egress)
             .map_err(attach_error)?;
-        let mode = if tcx { "tcx egress" } else { "tc egress (clsact)" };
-        self.links.push((iface.to_string(), ifindex, mode, link));
+        let ingress: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .ok_or(DatapathError::Missing(INGRESS_PROGRAM))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        if !tcx {
+            let _ = aya::programs::tc::qdisc_detach_program(iface, TcAttachType::Ingress, INGRESS_PROGRAM);
+        }
+        let ingress_link = match ingress.attach(iface, TcAttachType::Ingress) {
+            Ok(link) => link,
+            Err(source) => {
+                if let Some(program) = self.ebpf.program_mut(EGRESS_PROGRAM)
+                    && let Ok(program) = <&mut SchedClassifier>::try_from(program)
+                {
+                    let _ = program.detach(link);
+                }
+                return Err(attach_error(source));
+            }
+        };
+        let mode = if tcx {
+            "tcx egress+ingress"
+        } else {
+            "tc egress+ingress (clsact)"
+        };
+        self.links
+            .push((iface.to_string(), ifindex, mode, link, ingress_link));
         Ok(())
+    }
+
+    /// Makes packets to these prefixes the broker's (the fake pools).
+    pub fn set_fake_pools(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), DatapathError> {
+        self.fake_v4
+            .insert(&Key::new(u32::from(v4.prefix_len()), v4.network().octets()), 1, 0)
+            .map_err(map_error(maps::FAKE_V4))?;
+        self.fake_v6
+            .insert(&Key::new(u32::from(v6.prefix_len()), v6.network().octets()), 1, 0)
+            .map_err(map_error(maps::FAKE_V6))
+    }
+
+    /// The NAT maps, for the packet threads (once).
+    pub fn take_nat_maps(&mut self) -> Option<NatMaps> {
+        self.nat.take()
+    }
+
+    /// Loads the DNS redirect and attaches it to `cgroup`.
+    pub fn redirect_dns(
+        &mut self,
+        cgroup: &Path,
+        settings: DnsSettings,
+    ) -> Result<DnsRedirect, DatapathError> {
+        DnsRedirect::attach(&mut self.ebpf, cgroup, settings)
     }
 
     /// Detaches from every uplink; dropping the datapath does the same.
@@ -166,9 +254,20 @@ impl Datapath {
         let Ok(program): Result<&mut SchedClassifier, _> = program.try_into() else {
             return;
         };
-        for (iface, _, _, link) in self.links.drain(..) {
+        let mut ingress_links = Vec::new();
+        for (iface, _, _, link, ingress) in self.links.drain(..) {
             if let Err(e) = program.detach(link) {
                 tracing::warn!(%iface, "detaching the classifier failed: {e}");
+            }
+            ingress_links.push((iface, ingress));
+        }
+        if let Some(program) = self.ebpf.program_mut(INGRESS_PROGRAM)
+            && let Ok(program) = <&mut SchedClassifier>::try_from(program)
+        {
+            for (iface, link) in ingress_links {
+                if let Err(e) = program.detach(link) {
+                    tracing::warn!(%iface, "detaching the ingress program failed: {e}");
+                }
             }
         }
     }
@@ -177,7 +276,7 @@ impl Datapath {
     pub fn attached(&self) -> impl Iterator<Item = (&str, u32, &'static str)> {
         self.links
             .iter()
-            .map(|(name, index, mode, _)| (name.as_str(), *index, *mode))
+            .map(|(name, index, mode, _, _)| (name.as_str(), *index, *mode))
     }
 
     /// Tells the classifier the broker is alive.
@@ -276,6 +375,9 @@ impl Datapath {
             classified: sum(stat::CLASSIFIED),
             diverted: sum(stat::DIVERTED),
             unparsed: sum(stat::UNPARSED),
+            fake_diverted: sum(stat::FAKE_DIVERTED),
+            nat_egress: sum(stat::NAT_EGRESS),
+            nat_ingress: sum(stat::NAT_INGRESS),
             cached_flows: self.flows.keys().filter(Result::is_ok).count() as u64,
         }
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
-use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::control::BrokerCounters;
 use crate::flow::{FlowTable, flow_key, routable};
@@ -18,6 +18,7 @@ use crate::overlay::{JoinedOverlay, OverlayTable};
 use crate::packet::clamp_mss;
 use crate::rules::{Carrier, RuleSet};
 
+use super::fake_path::{FakePath, FakeRoute};
 use super::mmsg::GsoSendBatch;
 use super::underlay::Underlay;
 
@@ -84,12 +85,16 @@ pub struct Forwarder {
     pub stats: Arc<ForwardStats>,
     pub flow_idle: Duration,
     pub uplink_mtu: u16,
+    /// Flows to fake addresses (name rules).
+    pub fake: Arc<FakePath>,
 }
 
 /// Where one packet of a batch goes.
 enum Route {
     Underlay,
     Overlay(Arc<JoinedOverlay>, SocketAddr),
+    /// Written back into the TUN (an ICMP error for the application).
+    Reply(Vec<u8>),
     Drop,
 }
 
@@ -103,6 +108,8 @@ impl Forwarder {
         let mut routes: Vec<Route> = Vec::with_capacity(IDEAL_BATCH_SIZE);
         let mut last_expiry = Instant::now();
         let mut consecutive_errors = 0u32;
+        let mut gro = GROTable::default();
+        let mut replies: Vec<Vec<u8>> = Vec::new();
         loop {
             let count = match self.device.recv_multiple(&mut raw, &mut segments, &mut sizes, 0) {
                 Ok(count) => {
@@ -141,6 +148,7 @@ impl Forwarder {
             }
 
             // Second pass: batch by carrier and send.
+            replies.clear();
             let mut underlay_batch: Vec<&[u8]> = Vec::with_capacity(count);
             // A GSO burst read from the TUN goes to one entry node as one
             // segmented send.
@@ -159,8 +167,20 @@ impl Forwarder {
                         };
                         batch.push(&overlay.shim, packet, *entry);
                     }
+                    Route::Reply(reply) => {
+                        let mut framed = vec![0u8; VIRTIO_NET_HDR_LEN];
+                        framed.extend_from_slice(reply);
+                        replies.push(framed);
+                    }
                     Route::Drop => {}
                 }
+            }
+            if !replies.is_empty()
+                && let Err(e) = self
+                    .device
+                    .send_multiple(&mut gro, &mut replies, VIRTIO_NET_HDR_LEN)
+            {
+                tracing::debug!("writing ICMP errors to the TUN: {e}");
             }
             let (sent, failed) = self.underlay.send_batch(&underlay_batch);
             self.stats.sent_underlay.fetch_add(sent as u64, Relaxed);
@@ -196,11 +216,24 @@ impl Forwarder {
         }
     }
 
-    fn route(&self, packet: &[u8], flows: &mut FlowTable, overlays: &OverlayTable, now: Instant) -> Route {
+    fn route(
+        &self,
+        packet: &mut [u8],
+        flows: &mut FlowTable,
+        overlays: &OverlayTable,
+        now: Instant,
+    ) -> Route {
         let Some(key) = flow_key(packet) else {
             self.stats.malformed.fetch_add(1, Relaxed);
             return Route::Drop;
         };
+        if self.fake.contains(crate::rules::flow_dst(&key)) {
+            return match self.fake.route(packet, &key, overlays, now) {
+                FakeRoute::Send(carrier) => self.carrier_route(&carrier, &key, overlays),
+                FakeRoute::Reply(reply) => Route::Reply(reply),
+                FakeRoute::Drop => Route::Drop,
+            };
+        }
         if !routable(&key) {
             self.stats.unroutable.fetch_add(1, Relaxed);
             return Route::Drop;
@@ -216,10 +249,20 @@ impl Forwarder {
             tracing::debug!(flow = %describe(key), rule = ?decision.0, carrier = %decision.1, "new flow");
             decision
         });
-        match &state.carrier {
+        let carrier = state.carrier.clone();
+        self.carrier_route(&carrier, &key, overlays)
+    }
+
+    fn carrier_route(
+        &self,
+        carrier: &Carrier,
+        key: &oasis_common::FlowKey,
+        overlays: &OverlayTable,
+    ) -> Route {
+        match carrier {
             Carrier::Underlay => Route::Underlay,
             Carrier::Overlay(name) => match overlays.get(name) {
-                Some(overlay) => Route::Overlay(overlay.clone(), overlay.entry_for(&key)),
+                Some(overlay) => Route::Overlay(overlay.clone(), overlay.entry_for(key)),
                 // Its overlay is gone: the flow cannot continue where it
                 // started, and moving it would change its source address.
                 None => {

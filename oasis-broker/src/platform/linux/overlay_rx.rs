@@ -16,6 +16,7 @@ use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 use crate::overlay::{JoinedOverlay, OverlayTable};
 use crate::packet::{addresses, clamp_mss};
 
+use super::fake_path::FakePath;
 use super::forward::{ForwardStats, Shared, snapshot};
 use super::local_addrs::local_addresses;
 use super::mmsg::{datagrams, enable_udp_gro, recv_batch};
@@ -32,6 +33,8 @@ pub struct OverlayReceiver {
     pub overlays: Shared<OverlayTable>,
     pub stats: Arc<ForwardStats>,
     pub uplink_mtu: u16,
+    /// Replies of fake-address flows get their fake source back.
+    pub fake: Arc<FakePath>,
 }
 
 impl OverlayReceiver {
@@ -137,6 +140,7 @@ impl OverlayReceiver {
         out.extend_from_slice(packet);
         // The SYN-ACK's MSS bounds what this host sends into the overlay.
         let inner = &mut out[VIRTIO_NET_HDR_LEN..];
+        self.fake.translate_reply(inner);
         clamp_mss(
             inner,
             overlay.max_mss(self.uplink_mtu, inner[0] >> 4 == 6, outer_v6),

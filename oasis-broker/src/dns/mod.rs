@@ -1,0 +1,84 @@
+//! The broker's DNS service: answers every query the host's applications
+//! send (the kernel's socket hooks bring them here), with fake addresses
+//! for names a rule claims and the upstream's true answer for the rest.
+
+pub mod policy;
+pub mod server;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+/// Query counters, for `oasis status` and `oasis rule list`.
+#[derive(Default)]
+pub struct DnsCounters {
+    pub queries: AtomicU64,
+    pub faked: AtomicU64,
+    pub passed: AtomicU64,
+    pub empty: AtomicU64,
+    pub negative: AtomicU64,
+    pub servfail: AtomicU64,
+    pub truncated: AtomicU64,
+    pub refused: AtomicU64,
+    pub exhausted: AtomicU64,
+    /// Fake answers per name rule id.
+    by_rule: Mutex<HashMap<u32, u64>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsCountersView {
+    pub queries: u64,
+    /// Answered with a fake address.
+    pub faked: u64,
+    /// Answered with the upstream's records.
+    pub passed: u64,
+    /// Claimed names asked for types that would leak the real address.
+    pub empty: u64,
+    /// NXDOMAIN or no data, as the upstream said.
+    pub negative: u64,
+    /// Upstream failed or timed out.
+    pub servfail: u64,
+    /// Too big for the client's UDP size: sent with TC so it retries on TCP.
+    pub truncated: u64,
+    /// Not a standard query (opcode, several questions).
+    pub refused: u64,
+    /// No fake address free: every one is held by a live flow.
+    pub exhausted: u64,
+}
+
+impl DnsCounters {
+    pub fn answered_for(&self, rule: u32) {
+        *self
+            .by_rule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(rule)
+            .or_default() += 1;
+    }
+
+    pub fn answers_for(&self, rule: u32) -> u64 {
+        self.by_rule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rule)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn view(&self) -> DnsCountersView {
+        DnsCountersView {
+            queries: self.queries.load(Relaxed),
+            faked: self.faked.load(Relaxed),
+            passed: self.passed.load(Relaxed),
+            empty: self.empty.load(Relaxed),
+            negative: self.negative.load(Relaxed),
+            servfail: self.servfail.load(Relaxed),
+            truncated: self.truncated.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            exhausted: self.exhausted.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Attaching the DNS redirect (oasis-ebpf/src/dns.rs) to a cgroup. The
+//! links belong to this process: when the broker dies, the kernel drops
+//! them and queries go to the host's servers again.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::maps::{Array, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use oasis_common::{DNS_PROGRAMS, DnsSettings, maps};
+
+use super::datapath::DatapathError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); set dns.cgroup")]
+    NoHierarchy,
+    #[error("opening cgroup {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+}
+
+/// The DNS redirect, attached. Dropping it does not detach (the programs
+/// own their links); `disable` stops redirecting at once.
+pub struct DnsRedirect {
+    settings: Array<MapData, DnsSettings>,
+    pub cgroup: PathBuf,
+}
+
+impl DnsRedirect {
+    pub(super) fn attach(
+        ebpf: &mut Ebpf,
+        cgroup: &Path,
+        settings: DnsSettings,
+    ) -> Result<DnsRedirect, DatapathError> {
+        let map = ebpf
+            .take_map(maps::DNS_SETTINGS)
+            .ok_or(DatapathError::Missing(maps::DNS_SETTINGS))?;
+        let mut settings_map =
+            Array::<MapData, DnsSettings>::try_from(map).map_err(|source| DatapathError::Map {
+                map: maps::DNS_SETTINGS,
+                source,
+            })?;
+        settings_map
+            .set(0, settings, 0)
+            .map_err(|source| DatapathError::Map {
+                map: maps::DNS_SETTINGS,
+                source,
+            })?;
+        let file = File::open(cgroup).map_err(|e| DatapathError::Named {
+            program: DNS_PROGRAMS[0].0,
+            source: aya::programs::ProgramError::IOError(std::io::Error::new(
+                e.kind(),
+                format!("opening cgroup {}: {e}", cgroup.display()),
+            )),
+        })?;
+        for (name, _hook) in DNS_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Named {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| DatapathError::Named {
+                program: name,
+                source,
+            })?;
+            // On kernels with BPF links (5.7+) aya attaches through one, which
+            // always runs beside other programs on the cgroup (systemd's, a
+            // container runtime's) and takes no mode flags.
+            program
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Named {
+                    program: name,
+                    source,
+                })?;
+        }
+        Ok(DnsRedirect {
+            settings: settings_map,
+            cgroup: cgroup.to_path_buf(),
+        })
+    }
+
+    /// Stops redirecting (shutdown: answers to queries in flight still
+    /// get their source put back).
+    pub fn disable(&mut self) {
+        let _ = self.settings.set(
+            0,
+            DnsSettings {
+                port: 0,
+                ..DnsSettings::default()
+            },
+            0,
+        );
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo text.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: id parent major:minor root mountpoint options... - fstype source superoptions
+        let (before, after) = line.split_once(" - ")?;
+        let fstype = after.split_whitespace().next()?;
+        let mount_point = before.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+pub fn default_cgroup() -> Result<PathBuf, CgroupError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoHierarchy)?;
+    cgroup2_mount(&text).ok_or(CgroupError::NoHierarchy)
+}
+
+/// The kernel's cookie for this process's network namespace.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket, buffer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_unified_hierarchy_in_a_hybrid_layout() {
+        let text = "\
+25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw
+27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+";
+        assert_eq!(cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount("27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! DNS interception at the socket layer (cgroup sock_addr hooks).
+//!
+//! Every query to port 53, over UDP or TCP, IPv4 or IPv6, whatever server
+//! the host's resolver names, is sent to the broker's listener on loopback
+//! instead: `connect` and `sendmsg` swap the destination, and `recvmsg` and
+//! `getpeername` swap the broker's address back to the server the
+//! application asked for, so resolvers that check where answers come from
+//! (glibc does) accept them. Working on sockets rather than packets gives
+//! TCP queries a real TCP peer and costs nothing per packet.
+//!
+//! Nothing is redirected when the broker is stuck (stale heartbeat), for
+//! the broker's own upstream queries, or for sockets of another network
+//! namespace, where the broker's loopback listener does not exist.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, LruHashMap},
+    programs::SockAddrContext,
+};
+use oasis_common::{DNS_SOCKETS, DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6};
+
+use crate::classifier::{HEARTBEAT, SETTINGS};
+
+const DNS_PORT: u16 = 53;
+const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const MAPPED_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+/// A hook that returns 1 lets the call go on (with the rewritten address).
+const ALLOW: i32 = 1;
+
+#[map(name = "OASIS_DNS_SETTINGS")]
+static DNS_SETTINGS: Array<DnsSettings> = Array::with_max_entries(1, 0);
+
+/// Socket cookie → the DNS server the application asked for.
+#[map(name = "OASIS_DNS_ORIGINAL")]
+static DNS_ORIGINAL: LruHashMap<u64, DnsOriginal> = LruHashMap::with_max_entries(DNS_SOCKETS, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn oasis_dns_connect4(ctx: SockAddrContext) -> i32 {
+    redirect_v4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn oasis_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect_v4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn oasis_dns_connect6(ctx: SockAddrContext) -> i32 {
+    redirect_v6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn oasis_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect_v6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn oasis_dns_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_v4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn oasis_dns_peer4(ctx: SockAddrContext) -> i32 {
+    restore_v4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn oasis_dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_v6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn oasis_dns_peer6(ctx: SockAddrContext) -> i32 {
+    restore_v6(&ctx);
+    ALLOW
+}
+
+/// The settings, when this socket's DNS traffic is the broker's to take.
+#[inline(always)]
+fn active(ctx: &SockAddrContext) -> Option<&'static DnsSettings> {
+    let settings = DNS_SETTINGS.get(0)?;
+    if settings.port == 0 {
+        return None;
+    }
+    // SAFETY: helpers on the program's own context.
+    let (netns, tgid, now) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_ktime_get_ns(),
+        )
+    };
+    if netns != settings.netns_cookie || tgid == settings.broker_tgid {
+        return None;
+    }
+    let timeout = SETTINGS.get(0)?.heartbeat_timeout_ns;
+    let heartbeat = *HEARTBEAT.get(0)?;
+    if now.saturating_sub(heartbeat) > timeout {
+        return None;
+    }
+    Some(settings)
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, original: &DnsOriginal) {
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DNS_ORIGINAL.insert(&cookie, original, 0);
+}
+
+#[inline(always)]
+fn original(ctx: &SockAddrContext) -> Option<&'static DnsOriginal> {
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain bytes; a concurrent update at worst
+    // shows the other server's address.
+    unsafe { DNS_ORIGINAL.get(&cookie) }
+}
+
+#[inline(always)]
+fn redirect_v4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for the run; the verifier checks field access.
+    let port = unsafe { u16::from_be((*sa).user_port as u16) };
+    if port != DNS_PORT {
+        return;
+    }
+    let Some(settings) = active(ctx) else {
+        return;
+    };
+    // SAFETY: as above.
+    let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
+    let mut saved = DnsOriginal {
+        port,
+        family: FAMILY_V4,
+        ..DnsOriginal::default()
+    };
+    saved.addr[..4].copy_from_slice(&ip);
+    remember(ctx, &saved);
+    // SAFETY: connect4/sendmsg4 may write the destination.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
+        (*sa).user_port = settings.port.to_be() as u32;
+    }
+}
+
+#[inline(always)]
+fn redirect_v6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in redirect_v4.
+    let port = unsafe { u16::from_be((*sa).user_port as u16) };
+    if port != DNS_PORT {
+        return;
+    }
+    let Some(settings) = active(ctx) else {
+        return;
+    };
+    let addr = read_v6(ctx);
+    // A dual-stack socket reaching an IPv4 server uses a v4-mapped
+    // address; the broker's IPv4 listener is v4-mapped loopback.
+    let mapped = addr[..12] == MAPPED_LOOPBACK[..12];
+    if !mapped && settings.has_v6 == 0 {
+        return;
+    }
+    remember(
+        ctx,
+        &DnsOriginal {
+            addr,
+            port,
+            family: FAMILY_V6,
+            _pad: [0; 5],
+        },
+    );
+    write_v6(ctx, if mapped { &MAPPED_LOOPBACK } else { &LOOPBACK_V6 });
+    // SAFETY: connect6/sendmsg6 may write the port.
+    unsafe { (*ctx.sock_addr).user_port = settings.port.to_be() as u32 };
+}
+
+#[inline(always)]
+fn restore_v4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in redirect_v4.
+    let (ip, port) = unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16)) };
+    if ip != LOOPBACK_V4 {
+        return;
+    }
+    let Some(settings) = DNS_SETTINGS.get(0) else {
+        return;
+    };
+    if settings.port == 0 || port != settings.port {
+        return;
+    }
+    if let Some(original) = original(ctx)
+        && original.family == FAMILY_V4
+    {
+        // SAFETY: recvmsg4/getpeername4 may write the peer address.
+        unsafe {
+            (*sa).user_ip4 = u32::from_ne_bytes([
+                original.addr[0],
+                original.addr[1],
+                original.addr[2],
+                original.addr[3],
+            ]);
+            (*sa).user_port = original.port.to_be() as u32;
+        }
+    }
+}
+
+#[inline(always)]
+fn restore_v6(ctx: &SockAddrContext) {
+    // SAFETY: as in redirect_v4.
+    let port = unsafe { u16::from_be((*ctx.sock_addr).user_port as u16) };
+    let Some(settings) = DNS_SETTINGS.get(0) else {
+        return;
+    };
+    if settings.port == 0 || port != settings.port {
+        return;
+    }
+    let addr = read_v6(ctx);
+    if addr != LOOPBACK_V6 && addr != MAPPED_LOOPBACK {
+        return;
+    }
+    if let Some(original) = original(ctx)
+        && original.family == FAMILY_V6
+    {
+        let saved = original.addr;
+        write_v6(ctx, &saved);
+        // SAFETY: recvmsg6/getpeername6 may write the port.
+        unsafe { (*ctx.sock_addr).user_port = original.port.to_be() as u32 };
+    }
+}
+
+/// The verifier allows only 4-byte access to `user_ip6`.
+#[inline(always)]
+fn read_v6(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: word access within the context.
+        let word = unsafe { (*ctx.sock_addr).user_ip6[i] }.to_ne_bytes();
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word);
+        i += 1;
+    }
+    addr
+}
+
+#[inline(always)]
+fn write_v6(ctx: &SockAddrContext, addr: &[u8; 16]) {
+    let mut i = 0;
+    while i < 4 {
+        let word = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+        // SAFETY: word access within the context.
+        unsafe { (*ctx.sock_addr).user_ip6[i] = word };
+        i += 1;
+    }
+}

@@ -1,0 +1,165 @@
+//! Fake-address flows carried by the underlay, rewritten in the kernel.
+//!
+//! An application that resolved a name claimed by a name rule talks to a
+//! fake address. The broker sees the flow's first packet, picks the real
+//! address, and installs a NAT entry for each direction; from then on the
+//! egress classifier rewrites fake→real here and the uplinks' ingress
+//! program rewrites real→fake on replies, so the flow costs no user space.
+//! Checksums are updated incrementally with the kernel's csum helpers, which
+//! also keep offloaded (partial) checksums right.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
+    programs::TcContext,
+};
+use oasis_common::{FAMILY_V4, FlowKey, NAT_ENTRIES, NatEntry, stat};
+
+use crate::classifier::bump;
+use crate::headers::ETH_HLEN;
+use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse_into};
+
+/// Refresh an entry's timestamp at most this often.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// The fake pools: a packet to any of these prefixes belongs to the broker.
+#[map(name = "OASIS_FAKE_V4")]
+static FAKE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(16, 0);
+
+#[map(name = "OASIS_FAKE_V6")]
+static FAKE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(16, 0);
+
+#[map(name = "OASIS_NAT_OUT")]
+static NAT_OUT: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(NAT_ENTRIES, 0);
+
+#[map(name = "OASIS_NAT_IN")]
+static NAT_IN: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(NAT_ENTRIES, 0);
+
+#[inline(always)]
+pub fn is_fake(key: &FlowKey) -> bool {
+    if key.family == FAMILY_V4 {
+        FAKE_V4
+            .get(Key::new(32, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]]))
+            .is_some()
+    } else {
+        FAKE_V6.get(Key::new(128, key.dst)).is_some()
+    }
+}
+
+/// Rewrites an outgoing packet of a fake-address flow that has a NAT entry.
+/// Returns false when there is none (the broker must see the packet).
+/// A separate BPF function: inlined, its buffers would push the
+/// classifier past the 512-byte stack.
+#[inline(never)]
+pub fn egress(ctx: &TcContext, parsed: &Parsed) -> bool {
+    let key = &parsed.key;
+    let Some(entry) = NAT_OUT.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup; plain integers and bytes.
+    let real = unsafe {
+        refresh(entry);
+        (*entry).addr
+    };
+    if rewrite(ctx, parsed, Field::Destination, &key.dst, &real).is_some() {
+        bump(stat::NAT_EGRESS);
+    }
+    true
+}
+
+/// Replies of in-kernel NAT flows: the real source becomes the fake one.
+#[classifier]
+pub fn oasis_ingress(ctx: TcContext) -> i32 {
+    let mut parsed = Parsed::default();
+    if parse_into(&ctx, &mut parsed)
+        && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key)
+    {
+        // SAFETY: pointer from a successful lookup.
+        let fake = unsafe {
+            refresh(entry);
+            (*entry).addr
+        };
+        if rewrite(&ctx, &parsed, Field::Source, &parsed.key.src, &fake).is_some() {
+            bump(stat::NAT_INGRESS);
+        }
+    }
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+unsafe fn refresh(entry: *mut NatEntry) {
+    // SAFETY: helper without arguments; the caller's pointer is valid.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.saturating_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Source,
+    Destination,
+}
+
+/// Replaces one address and fixes the IPv4 header checksum and the
+/// transport checksum (whose pseudo-header holds the address).
+#[inline(never)]
+fn rewrite(ctx: &TcContext, parsed: &Parsed, field: Field, old: &[u8; 16], new: &[u8; 16]) -> Option<()> {
+    // Where the transport checksum sits, if the protocol has one over a
+    // pseudo-header. ICMPv4's does not cover addresses, and a non-first
+    // fragment has no transport header.
+    let (key, l4_offset) = (&parsed.key, parsed.l4_offset);
+    let csum_offset = match key.proto {
+        _ if parsed.fragment => None,
+        IPPROTO_TCP => Some(16),
+        IPPROTO_UDP => Some(6),
+        IPPROTO_ICMPV6 => Some(2),
+        _ => None,
+    };
+    // A UDP checksum of 0 means "none" (IPv4) and must stay 0.
+    let mangled_zero = if key.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    if key.family == FAMILY_V4 {
+        let from = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]) as u64;
+        let to = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]) as u64;
+        if let Some(offset) = csum_offset {
+            ctx.l4_csum_replace(
+                l4_offset + offset,
+                from,
+                to,
+                BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
+            )
+            .ok()?;
+        }
+        ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 4).ok()?;
+        let at = if field == Field::Source { 12 } else { 16 };
+        let bytes = [new[0], new[1], new[2], new[3]];
+        ctx.store(ETH_HLEN + at, &bytes, 0).ok()?;
+    } else {
+        if let Some(offset) = csum_offset {
+            let mut i = 0;
+            while i < 16 {
+                let from = u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]) as u64;
+                let to = u32::from_ne_bytes([new[i], new[i + 1], new[i + 2], new[i + 3]]) as u64;
+                ctx.l4_csum_replace(
+                    l4_offset + offset,
+                    from,
+                    to,
+                    BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
+                )
+                .ok()?;
+                i += 4;
+            }
+        }
+        let at = if field == Field::Source { 8 } else { 24 };
+        ctx.store(ETH_HLEN + at, new, 0).ok()?;
+    }
+    Some(())
+}

@@ -1,0 +1,95 @@
+//! Reading a packet's 5-tuple, shared by the egress classifier and the
+//! ingress NAT.
+
+use aya_ebpf::programs::TcContext;
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
+
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+#[derive(Default)]
+pub struct Parsed {
+    pub key: FlowKey,
+    /// Where the transport header starts, from the start of the frame.
+    pub l4_offset: usize,
+    /// A TCP SYN without ACK: a new connection, which always re-checks the rules.
+    pub new_connection: bool,
+    /// A non-first IPv4 fragment: no transport header at all.
+    pub fragment: bool,
+}
+
+/// Reads the 5-tuple into `out`; ports are 0 for packets without them.
+/// False for what is not IPv4 or IPv6. A separate BPF function writing
+/// straight into the caller's value: the BPF backend hardly reuses stack
+/// slots, and every copy of a key costs the whole call chain's 512 bytes.
+#[inline(never)]
+pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let key = &mut out.key;
+    match ethertype {
+        ETH_P_IP => {
+            // version/ihl, tos, length, id, fragment, ttl, protocol, checksum, source, destination
+            let Some(head) = read::<[u8; 20]>(ctx, ETH_HLEN) else {
+                return false;
+            };
+            let ihl = ((head[0] & 0x0f) as usize) * 4;
+            if head[0] >> 4 != 4 || ihl < 20 {
+                return false;
+            }
+            key.proto = head[9];
+            key.src[..4].copy_from_slice(&head[12..16]);
+            key.dst[..4].copy_from_slice(&head[16..20]);
+            key.family = FAMILY_V4;
+            out.l4_offset = ETH_HLEN + ihl;
+            // Non-first fragments carry no ports.
+            out.fragment = u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0;
+        }
+        ETH_P_IPV6 => {
+            let Some(head) = read::<[u8; 8]>(ctx, ETH_HLEN) else {
+                return false;
+            };
+            key.proto = head[6];
+            let Some(src) = read::<[u8; 16]>(ctx, ETH_HLEN + 8) else {
+                return false;
+            };
+            key.src = src;
+            let Some(dst) = read::<[u8; 16]>(ctx, ETH_HLEN + 24) else {
+                return false;
+            };
+            key.dst = dst;
+            key.family = FAMILY_V6;
+            out.l4_offset = ETH_HLEN + 40;
+        }
+        _ => return false,
+    }
+    if !out.fragment
+        && matches!(
+            key.proto,
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+        )
+    {
+        // One load: ports, and for TCP the flags byte 13 bytes in.
+        let Ok(head) = ctx.load::<[u8; 14]>(out.l4_offset) else {
+            // A UDP header is only 8 bytes: a short datagram may end early.
+            let Ok(ports) = ctx.load::<[u8; 4]>(out.l4_offset) else {
+                return false;
+            };
+            key.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            return true;
+        };
+        if key.proto == IPPROTO_TCP {
+            out.new_connection = head[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+        }
+        key.sport = u16::from_be_bytes([head[0], head[1]]);
+        key.dport = u16::from_be_bytes([head[2], head[3]]);
+    }
+    true
+}

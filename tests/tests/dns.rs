@@ -1,0 +1,341 @@
+//! Name rules end to end, in network namespaces: the client's queries go to
+//! the daemon (only those of processes in the test's cgroup), an
+//! authoritative server for `test.` runs on the server, flows to fake
+//! addresses take overlays or the underlay (rewritten in the kernel).
+//! Needs root; `cargo xtask test` runs these.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, SERVER_V6, Topology};
+use serde_json::Value;
+
+const EXIT_SPEC: &str = r#"<?xml version="1.0"?>
+<overlay name="test-exit">
+  <entry host="10.77.3.2" port="7400"/>
+</overlay>"#;
+
+/// The test zone: names on the server, an alias, one name with 40
+/// addresses (too big for a classic UDP answer), an HTTPS record.
+fn zone() -> Vec<String> {
+    let mut records = vec![
+        format!("--host-record=web.test,{SERVER_V4},{SERVER_V6}"),
+        format!("--host-record=www.detour.test,{SERVER_V4},{SERVER_V6}"),
+        format!("--host-record=other.detour.test,{SERVER_V4}"),
+        format!("--host-record=plain.test,{SERVER_V4},{SERVER_V6}"),
+        "--cname=alias.test,www.detour.test".to_string(),
+        // HTTPS (type 65) for www.detour.test: priority 1, target ".", with
+        // an ipv4hint of the real address: what a fake answer must withhold.
+        "--dns-rr=www.detour.test,65,000100000400040a4d0202".to_string(),
+    ];
+    for i in 1..=40 {
+        records.push(format!("--host-record=big.test,10.77.2.{}", 100 + i));
+    }
+    for name in ["a", "b", "c", "d"] {
+        records.push(format!("--host-record={name}.pool.test,{SERVER_V4}"));
+    }
+    records
+}
+
+fn start_zone(net: &mut Topology) {
+    let zone = zone();
+    let refs: Vec<&str> = zone.iter().map(String::as_str).collect();
+    net.start_authoritative_dns(&refs);
+}
+
+fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
+    let output = daemon.cli(net, args);
+    assert!(
+        output.status.success(),
+        "oasis {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The exit node serving the client, joined as `exit`, with `dns_extra`
+/// added to the daemon's dns section.
+fn with_exit(net: &mut Topology, dns_extra: &str) -> Daemon {
+    net.start_exit(&["--client", CLIENT_V4, "--client", "fd77:1::2"]);
+    net.publish("exit.xml", EXIT_SPEC);
+    let base = net.start_spec_server();
+    let config = net.dns_config(dns_extra);
+    let daemon = Daemon::start(net, &config);
+    cli_ok(
+        &daemon,
+        net,
+        &["overlay", "add", "exit", &format!("{base}/exit.xml")],
+    );
+    daemon
+}
+
+fn in_pool(addr: &str) -> bool {
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.octets()[0] == 198 && (v4.octets()[1] & 0xfe) == 18,
+        Ok(IpAddr::V6(v6)) => v6.segments()[..3] == [0xfd4f, 0x4153, 0x4953],
+        Err(_) => false,
+    }
+}
+
+fn dns_table(daemon: &Daemon, net: &Topology) -> Vec<Value> {
+    daemon.json(net, &["dns", "--json"])["entries"]
+        .as_array()
+        .expect("entries")
+        .clone()
+}
+
+fn status(daemon: &Daemon, net: &Topology) -> Value {
+    daemon.json(net, &["status", "--json"])
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn claimed_names_get_fake_addresses_and_the_rest_the_truth() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    let daemon = with_exit(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+
+    // Claimed: a fake address per family, the same over UDP, TCP and an
+    // IPv6 transport, and again on a second query.
+    let a = net.dig(true, &[&format!("@{SERVER_V4}"), "www.detour.test", "A"]);
+    assert_eq!(a.status, "NOERROR", "{}", a.text);
+    assert_eq!(a.answers.len(), 1, "{}", a.text);
+    let fake = a.answers[0].clone();
+    assert!(in_pool(&fake), "not a fake address: {}", a.text);
+    let tcp = net.dig(true, &["+tcp", &format!("@{SERVER_V4}"), "www.detour.test", "A"]);
+    assert_eq!(tcp.answers, vec![fake.clone()], "{}", tcp.text);
+    let over_v6 = net.dig(true, &[&format!("@{SERVER_V6}"), "www.detour.test", "A"]);
+    assert_eq!(over_v6.answers, vec![fake.clone()], "{}", over_v6.text);
+    let aaaa = net.dig(true, &[&format!("@{SERVER_V4}"), "www.detour.test", "AAAA"]);
+    assert_eq!(aaaa.answers.len(), 1, "{}", aaaa.text);
+    assert!(in_pool(&aaaa.answers[0]), "{}", aaaa.text);
+    // The server the application asked still appears to answer.
+    assert!(a.text.contains(&format!("SERVER: {SERVER_V4}#53")), "{}", a.text);
+
+    // HTTPS would carry the real address as a hint: withheld.
+    let https = net.dig(true, &[&format!("@{SERVER_V4}"), "www.detour.test", "TYPE65"]);
+    assert_eq!(https.status, "NOERROR", "{}", https.text);
+    assert!(https.answers.is_empty(), "{}", https.text);
+    let https_direct = net.dig(false, &[&format!("@{SERVER_V4}"), "www.detour.test", "TYPE65"]);
+    assert_eq!(https_direct.answers.len(), 1, "{}", https_direct.text);
+
+    // An alias of a claimed name is claimed too (a fake of its own, for
+    // the same real address), and the alias chain stays hidden.
+    let alias = net.dig(true, &[&format!("@{SERVER_V4}"), "alias.test", "A"]);
+    assert_eq!(alias.answers.len(), 1, "{}", alias.text);
+    assert!(in_pool(&alias.answers[0]), "{}", alias.text);
+
+    // Unclaimed: the truth, NXDOMAIN included.
+    let plain = net.dig(true, &[&format!("@{SERVER_V4}"), "plain.test", "A"]);
+    assert_eq!(plain.answers, vec![SERVER_V4.to_string()], "{}", plain.text);
+    let plain6 = net.dig(true, &[&format!("@{SERVER_V4}"), "plain.test", "AAAA"]);
+    assert_eq!(plain6.answers, vec![SERVER_V6.to_string()], "{}", plain6.text);
+    let missing = net.dig(true, &[&format!("@{SERVER_V4}"), "missing.test", "A"]);
+    assert_eq!(missing.status, "NXDOMAIN", "{}", missing.text);
+
+    // Truncation: 40 addresses do not fit 512 bytes; TCP gets them all.
+    let big = net.dig(
+        true,
+        &["+noedns", "+ignore", &format!("@{SERVER_V4}"), "big.test", "A"],
+    );
+    assert!(big.flags.contains("tc"), "no TC flag: {}", big.text);
+    let big_tcp = net.dig(true, &["+tcp", &format!("@{SERVER_V4}"), "big.test", "A"]);
+    assert_eq!(big_tcp.answers.len(), 40, "{}", big_tcp.text);
+
+    // A process outside the cgroup is not intercepted: it sees the truth.
+    let outside = net.dig(false, &[&format!("@{SERVER_V4}"), "www.detour.test", "A"]);
+    assert_eq!(outside.answers, vec![SERVER_V4.to_string()], "{}", outside.text);
+
+    let table = dns_table(&daemon, &net);
+    let entry = table
+        .iter()
+        .find(|e| e["name"] == "www.detour.test" && e["fake"] == fake.as_str())
+        .unwrap_or_else(|| panic!("no table entry for www.detour.test: {table:?}"));
+    assert_eq!(entry["real"], serde_json::json!([SERVER_V4]));
+    assert_eq!(entry["carrier"], "exit");
+    assert!(
+        table
+            .iter()
+            .any(|e| e["name"] == "alias.test" && e["real"] == serde_json::json!([SERVER_V4])),
+        "{table:?}"
+    );
+    let counters = &status(&daemon, &net)["dns"]["counters"];
+    assert!(counters["faked"].as_u64().unwrap() >= 5, "{counters}");
+    assert!(counters["truncated"].as_u64().unwrap() >= 1, "{counters}");
+    let text = cli_ok(&daemon, &net, &["dns"]);
+    assert!(text.contains("www.detour.test") && text.contains(&fake), "{text}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_web_request_to_a_claimed_name_goes_through_the_overlay() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    net.start_web_server(80);
+    let daemon = with_exit(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+
+    // curl resolves through the C library, which asks the server in the
+    // client's resolv.conf: the daemon answers instead.
+    for family in ["-4", "-6"] {
+        let output = net.client_in_cgroup(&[
+            "curl",
+            "-sS",
+            family,
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{remote_ip}",
+            "http://www.detour.test/hello.txt",
+        ]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.starts_with("hello from the server"),
+            "curl {family}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let peer = text.lines().last().unwrap_or("");
+        assert!(
+            in_pool(peer),
+            "curl {family} talked to {peer}, not a fake address"
+        );
+    }
+    // The server saw the exit node, not the client.
+    let log = net.process("web-80").log();
+    assert!(log.contains("10.77.3.2"), "server log: {log}");
+    assert!(
+        !log.contains(CLIENT_V4),
+        "the client reached the server directly: {log}"
+    );
+    let s = status(&daemon, &net);
+    assert!(s["broker"]["sent_overlay"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["dns"]["fake_flows"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    net.start_web_server(80);
+    // A 4 MB file: thousands of packets, of which the broker must see only the first.
+    let body = vec![b'x'; 4 << 20];
+    std::fs::write(net.dir.join("www").join("big.bin"), &body).expect("big file");
+    let config = net.dns_config("underlay_answers: fake");
+    let daemon = Daemon::start(&mut net, &config);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-exact", "web.test", "--via", "underlay"],
+    );
+
+    let before = status(&daemon, &net);
+    let output = net.client_in_cgroup(&[
+        "curl",
+        "-sS",
+        "-4",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{remote_ip}",
+        "http://web.test/big.bin",
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "curl: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (size, peer) = text.split_once(' ').expect("size and peer");
+    assert_eq!(size, (4 << 20).to_string());
+    assert!(in_pool(peer), "curl talked to {peer}, not a fake address");
+    let after = status(&daemon, &net);
+
+    let delta = |path: &[&str]| {
+        let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0);
+        get(&after) - get(&before)
+    };
+    let to_broker = delta(&["tun", "diverted_packets"]);
+    let rewritten_out = delta(&["classifier", "nat_egress"]);
+    let rewritten_in = delta(&["classifier", "nat_ingress"]);
+    assert!(to_broker <= 3, "the broker saw {to_broker} packets of the flow");
+    assert!(
+        rewritten_in > 100,
+        "the kernel rewrote only {rewritten_in} replies"
+    );
+    assert!(
+        rewritten_out > 10,
+        "the kernel rewrote only {rewritten_out} packets out"
+    );
+    // The server saw the client itself: the underlay.
+    let log = net.process("web-80").log();
+    assert!(log.contains(CLIENT_V4), "server log: {log}");
+    assert_eq!(after["dns"]["kernel_nat_flows"].as_u64(), Some(1), "{after}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_table_survives_a_restart_and_unknown_fakes_are_unreachable() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    net.start_web_server(80);
+    let daemon = with_exit(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+    let fake = net.dig(true, &["www.detour.test", "A"]).answers[0].clone();
+    assert!(in_pool(&fake));
+
+    // Give the daemon its save interval, then restart it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        net.process("oasis").terminate(Duration::from_secs(5)),
+        "the daemon did not stop"
+    );
+    let daemon = Daemon::start(&mut net, "");
+    let table = dns_table(&daemon, &net);
+    assert!(
+        table
+            .iter()
+            .any(|e| e["fake"] == fake.as_str() && e["name"] == "www.detour.test"),
+        "the fake address was forgotten: {table:?}"
+    );
+    // An application that cached the answer still gets through.
+    let body = net.http_get(&fake, 80);
+    assert_eq!(body.as_deref(), Some("hello from the server\n"));
+    // The same name keeps its address.
+    let again = net.dig(true, &["www.detour.test", "A"]);
+    assert_eq!(again.answers, vec![fake.clone()], "{}", again.text);
+
+    // An address of the pool nobody was given: refused at once, not a hang.
+    let started = Instant::now();
+    let output = net
+        .client
+        .output(&["curl", "-sS", "--max-time", "5", "http://198.19.255.254/"]);
+    assert!(!output.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "curl took {:?}: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        status(&daemon, &net)["dns"]["unknown_fake_packets"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
