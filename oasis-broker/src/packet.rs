@@ -377,6 +377,58 @@ mod tests {
     }
 
     #[test]
+    fn address_rewrites_keep_ports_and_checksums() {
+        let mut tcp = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [198, 18, 0, 7], 64).tcp(40000, 443, 1, 1000),
+            b"hello"
+        );
+        rewrite_address(&mut tcp, End::Destination, "192.0.2.10".parse().unwrap()).unwrap();
+        assert_eq!(ports(&tcp), Some((40000, 443)));
+        assert_eq!(
+            addresses(&tcp).unwrap().1,
+            "192.0.2.10".parse::<IpAddr>().unwrap()
+        );
+        assert_checksums_valid(&tcp);
+        let mut udp6 = build!(
+            PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(5353, 53),
+            b"query"
+        );
+        rewrite_address(&mut udp6, End::Source, "2001:db8::5".parse().unwrap()).unwrap();
+        assert_eq!(ports(&udp6), Some((5353, 53)));
+        assert_checksums_valid(&udp6);
+    }
+
+    #[test]
+    fn a_dead_destination_draws_an_unreachable_error_quoting_the_packet() {
+        let syn = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [198, 19, 255, 254], 64).tcp(40000, 80, 1, 1000),
+            &[0u8; 100]
+        );
+        let reply = unreachable_reply(&syn).unwrap();
+        let (src, dst) = addresses(&reply).unwrap();
+        assert_eq!(src, "198.19.255.254".parse::<IpAddr>().unwrap());
+        assert_eq!(dst, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_checksums_valid(&reply);
+        let sliced = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 1));
+        // The IP header and the first 8 bytes of TCP: what the stack needs
+        // to find the connection.
+        assert_eq!(icmp.payload(), &syn[..28]);
+
+        let syn6 = build!(
+            PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(40000, 80, 1, 1000),
+            &[0u8; 2000]
+        );
+        let reply6 = unreachable_reply(&syn6).unwrap();
+        assert!(reply6.len() <= 1280);
+        assert_checksums_valid(&reply6);
+        assert!(unreachable_reply(&[0x45, 0]).is_none());
+    }
+
+    #[test]
     fn nat_rewrites_keep_every_checksum_valid() {
         let payload = b"some payload of odd length!";
         let packets = vec![

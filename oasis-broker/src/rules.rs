@@ -860,4 +860,70 @@ mod tests {
         let spec: RuleSpec = serde_yaml::from_str("proto: tcp\ndport: 8080\nvia: underlay\n").unwrap();
         assert_eq!(spec.dport.as_deref(), Some("8080"));
     }
+
+    fn name_spec(edit: impl FnOnce(&mut RuleSpec)) -> RuleSpec {
+        let mut spec = RuleSpec {
+            via: "detour".into(),
+            ..RuleSpec::default()
+        };
+        edit(&mut spec);
+        spec
+    }
+
+    #[test]
+    fn name_rules_take_one_pattern_and_no_header_field() {
+        let (subset, via) = name_spec(|s| s.name_suffix = Some("*.Example.ORG.".into()))
+            .parse()
+            .unwrap();
+        assert_eq!(subset, Subset::Name(NamePattern::Suffix("example.org".into())));
+        assert_eq!(via, Carrier::Overlay("detour".into()));
+        let (regex, _) = name_spec(|s| s.name = Some(r".*\.edu$".into())).parse().unwrap();
+        assert_eq!(regex, Subset::Name(NamePattern::Regex(r".*\.edu$".into())));
+        let with_port = name_spec(|s| {
+            s.name_exact = Some("a.example".into());
+            s.dport = Some("443".into());
+        });
+        assert_eq!(with_port.parse().unwrap_err(), RuleError::NameWithHeader);
+        let two = name_spec(|s| {
+            s.name_exact = Some("a.example".into());
+            s.name_keyword = Some("video".into());
+        });
+        assert_eq!(two.parse().unwrap_err(), RuleError::TwoNames);
+        let bad = name_spec(|s| s.name = Some("(unclosed".into()))
+            .parse()
+            .unwrap_err();
+        assert!(bad.to_string().contains("(unclosed"), "{bad}");
+        let not_a_name = name_spec(|s| s.name_suffix = Some("exa mple.org".into()));
+        assert!(matches!(not_a_name.parse(), Err(RuleError::Name(_))));
+    }
+
+    #[test]
+    fn name_and_header_rules_share_ids_and_round_trip_as_specs() {
+        let mut rules = RuleSet::default();
+        let (header, via) = spec(Some("tcp"), None, Some("80")).parse().unwrap();
+        let first = rules.add_any(header, via).unwrap();
+        let named = name_spec(|s| s.name_keyword = Some("video".into()));
+        let (subset, via) = named.parse().unwrap();
+        let second = rules.add_any(subset.clone(), via.clone()).unwrap();
+        assert_eq!((first.id(), second.id()), (1, 2));
+        assert_eq!(second.spec(), named);
+        assert_eq!(second.subset_text(), "name-keyword video");
+        assert!(matches!(
+            rules.add_any(subset, via),
+            Err(RuleError::Duplicate { existing: 2, .. })
+        ));
+        assert_eq!(rules.names().len(), 1);
+        assert_eq!(rules.rules().len(), 1);
+        assert_eq!(
+            rules.all().iter().map(AnyRule::id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(matches!(rules.remove(2).unwrap(), AnyRule::Name(_)));
+        assert!(rules.names().is_empty());
+        // Ids are never reused, whatever kind the next rule is.
+        let (subset, via) = name_spec(|s| s.name_exact = Some("a.example".into()))
+            .parse()
+            .unwrap();
+        assert_eq!(rules.add_any(subset, via).unwrap().id(), 3);
+    }
 }

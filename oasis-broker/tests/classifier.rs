@@ -378,3 +378,101 @@ fn cost_per_packet_is_reported() {
     );
     assert!(dp.classifier_counters().cache_hits >= 1_000_000);
 }
+
+/// Runs `program` once and returns its verdict and the packet as it left.
+fn run_out(program: &aya::programs::SchedClassifier, packet: &[u8]) -> (u32, Vec<u8>) {
+    let ctx: Vec<u8> = [0u32, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// The frame's addresses and ports, with every checksum checked.
+fn checked(frame: &[u8]) -> (std::net::IpAddr, std::net::IpAddr, u16, u16) {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("not IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+        panic!("not TCP")
+    };
+    let expected = tcp
+        .to_header()
+        .calc_checksum_ipv4(&header, tcp.payload())
+        .unwrap();
+    assert_eq!(tcp.checksum(), expected, "TCP checksum");
+    (
+        header.source.into(),
+        header.destination.into(),
+        tcp.source_port(),
+        tcp.destination_port(),
+    )
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
+    const FAKE: [u8; 4] = [198, 18, 0, 7];
+    const REAL: [u8; 4] = [192, 0, 2, 10];
+    // A header rule that claims everything must not see fake addresses.
+    let set = rules(&[spec(Some("tcp"), None, None, None)]);
+    let mut dp = datapath(set.rules());
+    dp.set_fake_pools(
+        "198.18.0.0/15".parse().unwrap(),
+        "fd4f:4153:4953::/48".parse().unwrap(),
+    )
+    .unwrap();
+    let mut nat = dp.take_nat_maps().expect("NAT maps");
+    let syn = tcp4(FAKE, 40000, 80, true);
+    assert_eq!(
+        run(&dp, &syn),
+        TC_ACT_REDIRECT,
+        "a first packet goes to the broker"
+    );
+
+    nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into())
+        .unwrap();
+    let (verdict, out) = run_out(dp.program().unwrap(), &tcp4(FAKE, 40000, 80, false));
+    assert_eq!(verdict, TC_ACT_OK, "rewritten in place and sent on");
+    assert_eq!(checked(&out), (CLIENT.into(), REAL.into(), 40000, 80));
+    // Another flow to the same fake address has no entry: the broker's.
+    assert_eq!(run(&dp, &tcp4(FAKE, 40001, 80, false)), TC_ACT_REDIRECT);
+
+    // The reply comes back from the real address and leaves from the fake.
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2([4; 6], [2; 6])
+        .ipv4(REAL, CLIENT, 64)
+        .tcp(80, 40000, 7, 64000)
+        .ack(2)
+        .write(&mut reply, b"response body")
+        .unwrap();
+    let (verdict, out) = run_out(dp.ingress_program().unwrap(), &reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(checked(&out), (FAKE.into(), CLIENT.into(), 80, 40000));
+    // Replies of other flows pass untouched.
+    let mut stranger = Vec::new();
+    PacketBuilder::ethernet2([4; 6], [2; 6])
+        .ipv4(REAL, CLIENT, 64)
+        .tcp(80, 40001, 7, 64000)
+        .write(&mut stranger, b"x")
+        .unwrap();
+    let (_, out) = run_out(dp.ingress_program().unwrap(), &stranger);
+    assert_eq!(out, stranger);
+    let counters = dp.classifier_counters();
+    assert_eq!((counters.nat_egress, counters.nat_ingress), (1, 1));
+    assert_eq!(counters.fake_diverted, 2);
+}

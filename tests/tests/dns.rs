@@ -339,3 +339,236 @@ fn the_table_survives_a_restart_and_unknown_fakes_are_unreachable() {
             >= 1
     );
 }
+
+/// A daemon whose name rules send `pool.test` names to the underlay with
+/// fake answers, from a pool of three addresses.
+fn small_pool(net: &mut Topology) -> Daemon {
+    start_zone(net);
+    let config = net.dns_config("underlay_answers: fake\nfake_v4: 198.18.0.0/30");
+    let daemon = Daemon::start(net, &config);
+    cli_ok(
+        &daemon,
+        net,
+        &["rule", "add", "--name-suffix", "pool.test", "--via", "underlay"],
+    );
+    daemon
+}
+
+fn fake_of(net: &Topology, name: &str) -> String {
+    let answer = net.dig(true, &[name, "A"]);
+    assert_eq!(answer.answers.len(), 1, "{}", answer.text);
+    assert!(in_pool(&answer.answers[0]), "{}", answer.text);
+    answer.answers[0].clone()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn an_exhausted_pool_reuses_idle_addresses_and_never_those_in_use() {
+    let mut net = Topology::new();
+    let daemon = small_pool(&mut net);
+    let a = fake_of(&net, "a.pool.test");
+    let b = fake_of(&net, "b.pool.test");
+    let c = fake_of(&net, "c.pool.test");
+    assert!(a != b && b != c && a != c);
+    // A fourth name takes the least recently used address, a's.
+    let d = fake_of(&net, "d.pool.test");
+    assert_eq!(d, a);
+    let table = dns_table(&daemon, &net);
+    assert!(!table.iter().any(|e| e["name"] == "a.pool.test"), "{table:?}");
+
+    // Live connections to all three addresses: none may be taken now.
+    net.start_echo_server(7000);
+    let script = format!(
+        "import socket,time\n\
+         held=[socket.create_connection((a,7000),timeout=3) for a in ('{b}','{c}','{d}')]\n\
+         print('connected',flush=True)\n\
+         time.sleep(30)\n"
+    );
+    let client = net.client.clone();
+    net.spawn(&client, "holder", &["python3", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !net.process("holder").log().contains("connected") {
+        assert!(
+            Instant::now() < deadline,
+            "holder: {}",
+            net.process("holder").log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = net.dig(true, &["a.pool.test", "A"]);
+    assert_eq!(refused.status, "SERVFAIL", "{}", refused.text);
+    let s = status(&daemon, &net);
+    assert!(s["dns"]["counters"]["exhausted"].as_u64().unwrap() >= 1, "{s}");
+    // The held names still answer as before.
+    assert_eq!(fake_of(&net, "b.pool.test"), b);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn ten_thousand_name_rules_load_in_one_step_and_answer() {
+    let mut net = Topology::new();
+    let mut zone = zone();
+    zone.push(format!("--host-record=www.site9999.test,{SERVER_V4}"));
+    zone.push(format!("--host-record=cdn.regex42.test,{SERVER_V4}"));
+    let refs: Vec<&str> = zone.iter().map(String::as_str).collect();
+    net.start_authoritative_dns(&refs);
+    let config = net.dns_config("underlay_answers: fake");
+    let daemon = Daemon::start(&mut net, &config);
+
+    let suffixes: String = (0..10_000).map(|i| format!("site{i}.test\n")).collect();
+    let file = net.dir.join("suffixes.txt");
+    std::fs::write(&file, format!("# ten thousand names\n{suffixes}")).expect("rules file");
+    let out = cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            "suffix",
+            "--via",
+            "underlay",
+            &file.to_string_lossy(),
+        ],
+    );
+    assert!(out.contains("imported 10000 rules"), "{out}");
+    let regexes: String = (0..100).map(|i| format!("^cdn\\.regex{i}\\.test$\n")).collect();
+    let file = net.dir.join("regexes.txt");
+    std::fs::write(&file, regexes).expect("rules file");
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            "regex",
+            "--via",
+            "underlay",
+            &file.to_string_lossy(),
+        ],
+    );
+    let rules = daemon.json(&net, &["rule", "list", "--json"]);
+    assert_eq!(rules.as_array().unwrap().len(), 10_100);
+
+    assert!(in_pool(&fake_of(&net, "www.site9999.test")));
+    assert!(in_pool(&fake_of(&net, "cdn.regex42.test")));
+    let plain = net.dig(true, &["plain.test", "A"]);
+    assert_eq!(plain.answers, vec![SERVER_V4.to_string()], "{}", plain.text);
+
+    // A bad line refuses the whole import and changes nothing.
+    let file = net.dir.join("bad.txt");
+    std::fs::write(&file, "good.test\nnot a name!\n").expect("rules file");
+    let output = daemon.cli(
+        &net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            "suffix",
+            "--via",
+            "underlay",
+            &file.to_string_lossy(),
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("line 2"));
+    let rules = daemon.json(&net, &["rule", "list", "--json"]);
+    assert_eq!(rules.as_array().unwrap().len(), 10_100);
+}
+
+/// Sends raw datagrams to the DNS server the client's resolver names (the
+/// daemon takes them) and prints, per datagram, the reply's response code
+/// or "none".
+const HOSTILE: &str = r#"
+import socket, struct, random, sys
+random.seed(7)
+def header(id, flags, qd, an=0, ns=0, ar=0):
+    return struct.pack('>HHHHHH', id, flags, qd, an, ns, ar)
+q = b'\x03www\x06detour\x04test\x00\x00\x01\x00\x01'
+cases = [
+    b'',
+    b'\x01\x02\x03',
+    header(1, 0x0100, 1),                       # a question promised, none there
+    header(2, 0x0100, 1) + b'\xc0\x0c\x00\x01\x00\x01',   # a name pointing at itself
+    header(3, 0x0100, 2) + q + q,               # two questions
+    header(4, 0x2100, 1) + q,                   # opcode NOTIFY
+    header(5, 0x2900, 1) + q,                   # opcode UPDATE
+    header(6, 0x8100, 1) + q,                   # a response, not a query
+    header(7, 0x0100, 1) + b'\x40' + b'a' * 64 + b'\x00\x00\x01\x00\x01',   # label too long
+    header(8, 0x0100, 1) + q[:-3],              # cut short
+] + [bytes(random.getrandbits(8) for _ in range(random.randint(1, 600))) for _ in range(200)]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.3)
+for case in cases:
+    s.sendto(case, (sys.argv[1], 53))
+    try:
+        data, _ = s.recvfrom(4096)
+        print(data[3] & 0x0f if len(data) >= 4 else 'short')
+    except socket.timeout:
+        print('none')
+# TCP: a length prefix promising more than comes, then a close.
+t = socket.create_connection((sys.argv[1], 53), timeout=2)
+t.sendall(b'\xff\xff' + b'\x00' * 10)
+t.close()
+print('done')
+"#;
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn malformed_and_hostile_queries_get_errors_or_nothing() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    let daemon = with_exit(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+    let output = net.client_in_cgroup(&["python3", "-c", HOSTILE, SERVER_V4]);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && text.ends_with("done\n"),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let codes: Vec<&str> = text.lines().collect();
+    // FORMERR (1), SERVFAIL (2), NOTIMP (4), REFUSED (5) or silence: never an answer.
+    for (i, code) in codes.iter().take(10).enumerate() {
+        assert!(
+            matches!(*code, "1" | "2" | "4" | "5" | "none"),
+            "hostile case {i} got response code {code}: {text}"
+        );
+    }
+    assert!(net.process("oasis").is_running(), "the daemon died");
+    let fine = net.dig(true, &["www.detour.test", "A"]);
+    assert!(in_pool(&fine.answers[0]), "{}", fine.text);
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_dead_upstream_gives_servfail_in_bounded_time_and_a_dead_daemon_gives_dns_back() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    // Nobody answers at .99: every query times out upstream.
+    let config = format!(
+        "dns:\n  cgroup: {}\n  state_file: {}\n  upstreams: [\"10.77.2.99\"]\n  upstream_timeout_ms: 1000\n",
+        net.cgroup.display(),
+        net.dir.join("fake.json").display()
+    );
+    let _daemon = Daemon::start(&mut net, &config);
+    let started = Instant::now();
+    let answer = net.dig(true, &["+time=5", "plain.test", "A"]);
+    assert_eq!(answer.status, "SERVFAIL", "{}", answer.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // kill -9: the kernel drops the redirect with the daemon's links, and
+    // the client's queries reach its own server again.
+    net.process("oasis").kill_hard();
+    let answer = net.dig(true, &["plain.test", "A"]);
+    assert_eq!(answer.answers, vec![SERVER_V4.to_string()], "{}", answer.text);
+}

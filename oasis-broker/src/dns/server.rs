@@ -43,7 +43,7 @@ pub struct DnsService {
 /// What the upstream said.
 enum Upstream {
     Records(Vec<Record>),
-    Negative { code: ResponseCode, soa: Option<Record> },
+    Negative { code: ResponseCode, soa: Option<Box<Record>> },
     Failed,
 }
 
@@ -80,7 +80,7 @@ impl DnsService {
                 {
                     return Upstream::Negative {
                         code: *response_code,
-                        soa: soa.as_ref().map(|soa| (**soa).clone().into_record_of_rdata()),
+                        soa: soa.as_ref().map(|soa| Box::new((**soa).clone().into_record_of_rdata())),
                     };
                 }
                 tracing::debug!(%name, ?qtype, "upstream failed: {e}");
@@ -151,7 +151,7 @@ impl DnsService {
                 Answer {
                     code,
                     answers: Vec::new(),
-                    authority: soa.into_iter().collect(),
+                    authority: soa.into_iter().map(|soa| *soa).collect(),
                 }
             }
             Upstream::Failed => {

@@ -69,7 +69,7 @@ pub fn parse_upstream(text: &str) -> Result<Vec<NameServerConfig>, UpstreamError
     Ok(protocols
         .iter()
         .map(|protocol| {
-            let mut server = NameServerConfig::new(socket_addr, protocol.clone());
+            let mut server = NameServerConfig::new(socket_addr, *protocol);
             server.tls_dns_name = tls_name.clone();
             if *protocol == Protocol::Https {
                 server.http_endpoint = Some("/dns-query".into());

@@ -160,6 +160,15 @@ impl Datapath {
             .map_err(DatapathError::Program)
     }
 
+    /// The uplinks' ingress program, for tests that run it on synthetic packets.
+    pub fn ingress_program(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(INGRESS_PROGRAM)
+            .ok_or(DatapathError::Missing(INGRESS_PROGRAM))?
+            .try_into()
+            .map_err(DatapathError::Program)
+    }
+
     /// Attaches at TC egress (TCX on kernels >= 6.6, else a clsact filter).
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
         let attach_error = |source| DatapathError::Attach {

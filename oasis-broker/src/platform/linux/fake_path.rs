@@ -42,7 +42,7 @@ fn addr_bytes(addr: IpAddr) -> [u8; 16] {
 impl NatMaps {
     /// Both directions; the reply direction first, so no reply can arrive
     /// before its translation exists.
-    fn install(&mut self, key: &FlowKey, fake: IpAddr, real: IpAddr) -> Result<(), MapError> {
+    pub fn install(&mut self, key: &FlowKey, fake: IpAddr, real: IpAddr) -> Result<(), MapError> {
         let now = monotonic_ns();
         let reply = reply_key(key, real);
         self.inbound.insert(
