@@ -30,7 +30,7 @@ pub fn duration(secs: u64) -> String {
 
 pub fn rule_table(rules: &[RuleView]) -> String {
     if rules.is_empty() {
-        return "No rules. Add one with `oasis rule add`, e.g.\n  oasis rule add --proto tcp --dport 8080 --via underlay\n".into();
+        return "No rules. Add one with `oasis rule add`, e.g.\n  oasis rule add --proto tcp --dport 8080 --via underlay\n  oasis rule add --name-suffix example.org --via underlay\n".into();
     }
     let width = rules
         .iter()
@@ -44,20 +44,30 @@ pub fn rule_table(rules: &[RuleView]) -> String {
         .max()
         .unwrap_or(0)
         .max("VIA".len());
+    // Name rules count DNS answers, header rules packets.
+    let names = rules.iter().any(|r| r.answers.is_some());
     let mut out = format!(
-        "{:>4}  {:<width$}  {:<via_width$}  {:>10}  {:>10}\n",
+        "{:>4}  {:<width$}  {:<via_width$}  {:>10}  {:>10}",
         "ID", "SUBSET", "VIA", "PACKETS", "BYTES"
     );
+    if names {
+        out.push_str(&format!("  {:>8}", "ANSWERS"));
+    }
+    out.push('\n');
     for rule in rules {
-        let _ = writeln!(
+        let (packets, bytes, answers) = match rule.answers {
+            Some(answers) => ("-".to_string(), "-".to_string(), answers.to_string()),
+            None => (rule.packets.to_string(), bytes(rule.bytes), "-".to_string()),
+        };
+        let _ = write!(
             out,
             "{:>4}  {:<width$}  {:<via_width$}  {:>10}  {:>10}",
-            rule.id,
-            rule.subset,
-            rule.via,
-            rule.packets,
-            bytes(rule.bytes)
+            rule.id, rule.subset, rule.via, packets, bytes
         );
+        if names {
+            let _ = write!(out, "  {answers:>8}");
+        }
+        out.push('\n');
     }
     out
 }

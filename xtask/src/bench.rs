@@ -11,6 +11,13 @@
 //!   wireguard-go       the same detour through a wireguard-go tunnel from
 //!                      the client to the overlay host: a peer that also does
 //!                      TUN and UDP in user space
+//!   fake-underlay      a name rule claims the server's name with the
+//!                      underlay as carrier and fake answers: the tools talk
+//!                      to a fake address, the broker sees each flow's first
+//!                      packets, the kernel rewrites the rest
+//!
+//! Then the DNS benchmark (bench_dns.rs): the broker with 10,000 name rules
+//! against dnsmasq serving the same zone from its cache.
 //!
 //! The scenarios run interleaved in rounds, each round starting with a
 //! different one, so that drift on a shared machine hits all of them alike.
@@ -45,15 +52,20 @@ enum Scenario {
     DivertedUnderlay,
     OverlayExit,
     WireguardGo,
+    FakeUnderlay,
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
     Scenario::OverlayExit,
     Scenario::WireguardGo,
+    Scenario::FakeUnderlay,
 ];
+
+/// The server's name in the benchmark's zone.
+const SERVER_NAME: &str = "server.test";
 
 impl Scenario {
     fn name(self) -> &'static str {
@@ -63,6 +75,7 @@ impl Scenario {
             Scenario::DivertedUnderlay => "diverted-underlay",
             Scenario::OverlayExit => "overlay-exit",
             Scenario::WireguardGo => "wireguard-go",
+            Scenario::FakeUnderlay => "fake-underlay",
         }
     }
 
@@ -79,6 +92,7 @@ impl Scenario {
                 &["--proto", "tcp", "--dport", "5201", "--via", "exit"],
                 &["--proto", "udp", "--dport", "11111", "--via", "exit"],
             ]),
+            Scenario::FakeUnderlay => Some(&[&["--name-exact", SERVER_NAME, "--via", "underlay"]]),
         }
     }
 }
@@ -104,6 +118,7 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
     unsafe { std::env::set_var("OASIS_BIN", &oasis) };
 
     let mut net = Topology::new();
+    crate::bench_dns::start_zone(&mut net)?;
     net.start_iperf_server(IPERF_PORT);
     let server = net.server.clone();
     net.spawn(
@@ -141,7 +156,8 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
                 .with_context(|| format!("scenario {}", scenario.name()))?;
         }
     }
-    let figures = figures(&mut samples);
+    let mut figures = figures(&mut samples);
+    figures.extend(crate::bench_dns::run(&mut net, seconds, repeat)?);
     print_table(&figures);
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -268,7 +284,12 @@ fn measure(
         None => None,
         Some(rules) => {
             let _ = std::fs::remove_file(net.dir.join("config.yaml"));
-            let daemon = Daemon::start(net, "");
+            let extra = if scenario == Scenario::FakeUnderlay {
+                net.dns_config("underlay_answers: fake")
+            } else {
+                String::new()
+            };
+            let daemon = Daemon::start(net, &extra);
             if scenario == Scenario::OverlayExit {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
@@ -292,6 +313,17 @@ fn measure(
             &wireguard_interfaces().0,
         ]);
     }
+    // The tools talk to the server's address, or in fake-underlay to the
+    // fake address its name resolves to through the broker.
+    let target = if scenario == Scenario::FakeUnderlay {
+        let answer = net.dig(true, &[SERVER_NAME, "A"]);
+        match answer.answers.first() {
+            Some(fake) if fake.starts_with("198.1") => fake.clone(),
+            _ => bail!("{SERVER_NAME} got no fake address:\n{}", answer.text),
+        }
+    } else {
+        SERVER_V4.to_string()
+    };
     let carrier_pids: Vec<u32> = match scenario {
         Scenario::NoOasis => vec![],
         Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
@@ -300,13 +332,13 @@ fn measure(
     };
 
     let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
-    let upload = iperf(net, seconds, false)?;
+    let upload = iperf(net, &target, seconds, false)?;
     let ticks: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
     samples
         .carrier_cpu
         .push(100.0 * ticks as f64 / (ticks_per_second() * f64::from(seconds)));
-    let download = iperf(net, seconds, true)?;
-    let (p50, p99) = sockperf_rtt(net, seconds)?;
+    let download = iperf(net, &target, seconds, true)?;
+    let (p50, p99) = sockperf_rtt(net, &target, seconds)?;
     eprintln!(
         "bench:   upload {:.2} Gbit/s, download {:.2} Gbit/s, rtt p50 {p50:.2} us, p99 {p99:.2} us",
         upload / 1e9,
@@ -340,6 +372,13 @@ fn measure(
             Scenario::OverlayExit if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 => {
                 bail!("nothing came back through the overlay")
             }
+            Scenario::FakeUnderlay => {
+                let rewritten = status["classifier"]["nat_egress"].as_u64().unwrap_or(0);
+                if rewritten == 0 {
+                    bail!("the kernel rewrote nothing: the flows did not take the in-kernel NAT");
+                }
+                eprintln!("bench:   {diverted} packets reached the broker, {rewritten} were rewritten in the kernel");
+            }
             _ => {}
         }
         if !net.process("oasis").terminate(Duration::from_secs(10)) {
@@ -363,10 +402,10 @@ fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<()> {
 
 /// One iperf3 TCP transfer (client to server, or back with `reverse`);
 /// bits per second received.
-fn iperf(net: &Topology, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+fn iperf(net: &Topology, target: &str, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
     let port = IPERF_PORT.to_string();
     let time = seconds.to_string();
-    let mut args = vec!["iperf3", "-c", SERVER_V4, "-p", &port, "-t", &time, "-J"];
+    let mut args = vec!["iperf3", "-c", target, "-p", &port, "-t", &time, "-J"];
     if reverse {
         args.push("-R");
     }
@@ -381,12 +420,12 @@ fn iperf(net: &Topology, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
 }
 
 /// sockperf UDP ping-pong; full round-trip p50 and p99 in microseconds.
-fn sockperf_rtt(net: &Topology, seconds: u32) -> anyhow::Result<(f64, f64)> {
+fn sockperf_rtt(net: &Topology, target: &str, seconds: u32) -> anyhow::Result<(f64, f64)> {
     let output = net.client.output(&[
         "sockperf",
         "ping-pong",
         "-i",
-        SERVER_V4,
+        target,
         "-p",
         &SOCKPERF_PORT.to_string(),
         "-t",
@@ -473,7 +512,7 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
     out
 }
 
-fn print_table(figures: &[Figure]) {
+pub(crate) fn print_table(figures: &[Figure]) {
     println!(
         "\n{:<20} {:<28} {:>10} {:<26} {:>8}  to",
         "scenario", "metric", "value", "unit", "ratio"
@@ -496,7 +535,7 @@ fn spread(values: &[f64]) -> (f64, f64) {
         })
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }

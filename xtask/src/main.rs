@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | run | test | demo | bench`.
 
 mod bench;
+mod bench_dns;
 mod demo;
 mod setup;
 

@@ -155,7 +155,15 @@ pub(super) async fn start(
 
     let cgroup = match &dns.cgroup {
         Some(path) => path.clone(),
-        None => default_cgroup().map_err(|e| DaemonError::Dns(e.to_string()))?,
+        None => match default_cgroup() {
+            Ok(path) => path,
+            // A host without cgroup v2 can still use header rules: run
+            // without interception rather than not at all.
+            Err(e) => {
+                tracing::error!("DNS interception is off: {e}; name rules have no effect");
+                return Ok(runtime);
+            }
+        },
     };
     let settings = DnsSettings {
         netns_cookie: netns_cookie()
