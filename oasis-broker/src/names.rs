@@ -162,12 +162,13 @@ impl NameRules {
         self.rules.is_empty()
     }
 
-    /// The id and carrier of the first rule that claims `name`.
+    /// The id and carrier of the first rule that claims `name` (normalised:
+    /// lower case, no final dot; see [`normalise`]).
     pub fn first_match(&self, name: &str) -> Option<(u32, &Carrier)> {
         if self.rules.is_empty() {
             return None;
         }
-        let rank = self.matcher.first_match(name)?;
+        let rank = self.matcher.first_match_normalised(name)?;
         self.rules.get(rank).map(|(id, via)| (*id, via))
     }
 }
@@ -235,7 +236,12 @@ impl NameMatcher {
 
     /// The rank of the first pattern that matches `name`.
     pub fn first_match(&self, name: &str) -> Option<usize> {
-        let name = normalise(name);
+        self.first_match_normalised(&normalise(name))
+    }
+
+    /// As `first_match`, for a name already normalised.
+    pub fn first_match_normalised(&self, name: &str) -> Option<usize> {
+        let name = name.to_string();
         let mut best = self.exact.get(&name).copied();
         let mut consider = |rank: usize| best = Some(best.map_or(rank, |b| b.min(rank)));
         // Every label boundary starts a suffix that may be a rule.

@@ -179,6 +179,10 @@ impl Topology {
             SERVER_V6,
             // Names under test. that are not listed do not exist.
             "--local=/test/",
+            // Records with a lifetime, as on the Internet (dnsmasq's own
+            // default of 0 would keep every cache empty).
+            "--local-ttl=300",
+            "--neg-ttl=60",
         ];
         args.extend_from_slice(records);
         self.spawn(&server, "dnsmasq", &args);

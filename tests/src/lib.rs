@@ -553,12 +553,18 @@ impl Daemon {
         let bin = oasis_bin();
         let client = topology.client.clone();
         let config_text = daemon.config.to_string_lossy().into_owned();
+        // Tests want every decision in the log; the benchmark sets
+        // OASIS_DAEMON_LOG=info, since a line per query is work too.
+        let log = format!(
+            "RUST_LOG={}",
+            std::env::var("OASIS_DAEMON_LOG").unwrap_or_else(|_| "info,oasis_broker=debug".into())
+        );
         topology.spawn(
             &client,
             "oasis",
             &[
                 "env",
-                "RUST_LOG=info,oasis_broker=debug",
+                &log,
                 &bin.to_string_lossy(),
                 "--config",
                 &config_text,

@@ -108,14 +108,24 @@ struct Samples {
     rtt_p99_us: Vec<f64>,
 }
 
-pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
+/// The benchmark's two halves.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Traffic,
+    Dns,
+}
+
+pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> {
     crate::setup::ensure()?;
     if !crate::is_root() {
         bail!("the benchmark creates network namespaces and needs root: `sudo -E cargo xtask bench`");
     }
     let oasis = crate::build_oasis(true)?;
     // SAFETY: xtask is single-threaded at this point.
-    unsafe { std::env::set_var("OASIS_BIN", &oasis) };
+    unsafe {
+        std::env::set_var("OASIS_BIN", &oasis);
+        std::env::set_var("OASIS_DAEMON_LOG", "info");
+    }
 
     let mut net = Topology::new();
     crate::bench_dns::start_zone(&mut net)?;
@@ -143,7 +153,12 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     let mut samples: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
-    for round in 0..repeat as usize {
+    let traffic_rounds = if only == Some(Part::Dns) {
+        0
+    } else {
+        repeat as usize
+    };
+    for round in 0..traffic_rounds {
         for offset in 0..SCENARIOS.len() {
             let index = (round + offset) % SCENARIOS.len();
             let scenario = SCENARIOS[index];
@@ -156,8 +171,14 @@ pub fn run(seconds: u32, repeat: u32) -> anyhow::Result<()> {
                 .with_context(|| format!("scenario {}", scenario.name()))?;
         }
     }
-    let mut figures = figures(&mut samples);
-    figures.extend(crate::bench_dns::run(&mut net, seconds, repeat)?);
+    let mut figures = if traffic_rounds > 0 {
+        figures(&mut samples)
+    } else {
+        Vec::new()
+    };
+    if only != Some(Part::Traffic) {
+        figures.extend(crate::bench_dns::run(&mut net, seconds, repeat)?);
+    }
     print_table(&figures);
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
@@ -377,7 +398,9 @@ fn measure(
                 if rewritten == 0 {
                     bail!("the kernel rewrote nothing: the flows did not take the in-kernel NAT");
                 }
-                eprintln!("bench:   {diverted} packets reached the broker, {rewritten} were rewritten in the kernel");
+                eprintln!(
+                    "bench:   {diverted} packets reached the broker, {rewritten} were rewritten in the kernel"
+                );
             }
             _ => {}
         }

@@ -137,14 +137,44 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
             ratio: against.map(|(_, base)| value / base),
         });
     };
-    push("dns-dnsmasq-cache", "dns_queries_per_second", peer[0], "queries/s", None);
+    push(
+        "dns-dnsmasq-cache",
+        "dns_queries_per_second",
+        peer[0],
+        "queries/s",
+        None,
+    );
     push("dns-dnsmasq-cache", "dns_latency_p50", peer[1], "us", None);
     push("dns-dnsmasq-cache", "dns_latency_p99", peer[2], "us", None);
     let vs = |v: f64| Some(("dns-dnsmasq-cache", v));
-    push("dns-broker-10k-rules", "dns_queries_per_second", ours[0], "queries/s", vs(peer[0]));
-    push("dns-broker-10k-rules", "dns_latency_p50", ours[1], "us", vs(peer[1]));
-    push("dns-broker-10k-rules", "dns_latency_p99", ours[2], "us", vs(peer[2]));
-    push("dns-lookup-direct", "dns_lookup_uncached_p50", direct_p50, "us", None);
+    push(
+        "dns-broker-10k-rules",
+        "dns_queries_per_second",
+        ours[0],
+        "queries/s",
+        vs(peer[0]),
+    );
+    push(
+        "dns-broker-10k-rules",
+        "dns_latency_p50",
+        ours[1],
+        "us",
+        vs(peer[1]),
+    );
+    push(
+        "dns-broker-10k-rules",
+        "dns_latency_p99",
+        ours[2],
+        "us",
+        vs(peer[2]),
+    );
+    push(
+        "dns-lookup-direct",
+        "dns_lookup_uncached_p50",
+        direct_p50,
+        "us",
+        None,
+    );
     push(
         "dns-lookup-via-oasis",
         "dns_lookup_uncached_p50",
@@ -275,7 +305,15 @@ fn load_rules(net: &Topology, daemon: &Daemon) -> anyhow::Result<()> {
         std::fs::write(&path, lines)?;
         let output = daemon.cli(
             net,
-            &["rule", "import", "--kind", kind, "--via", "underlay", &path.to_string_lossy()],
+            &[
+                "rule",
+                "import",
+                "--kind",
+                kind,
+                "--via",
+                "underlay",
+                &path.to_string_lossy(),
+            ],
         );
         if !output.status.success() {
             bail!("rule import: {}", String::from_utf8_lossy(&output.stderr));
@@ -295,7 +333,9 @@ fn load_rules(net: &Topology, daemon: &Daemon) -> anyhow::Result<()> {
     import(
         "regex",
         "regex-rules.txt",
-        (0..REGEX_RULES).map(|i| format!("^cdn[0-9]+\\.edge{i}\\.net$\n")).collect(),
+        (0..REGEX_RULES)
+            .map(|i| format!("^cdn[0-9]+\\.edge{i}\\.net$\n"))
+            .collect(),
     )?;
     import("suffix", "claimed.txt", "claimed.test\n".into())
 }

@@ -50,6 +50,9 @@ enum Task {
         /// Measurements per scenario (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeat: u32,
+        /// Run one part only: `traffic` (throughput and latency) or `dns`.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -60,7 +63,11 @@ fn main() {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
-        Task::Bench { seconds, repeat } => bench::run(seconds, repeat),
+        Task::Bench {
+            seconds,
+            repeat,
+            only,
+        } => bench::run(seconds, repeat, only),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -12,6 +12,7 @@ use super::DaemonError;
 use crate::config::{Config, DnsConfig};
 use crate::control::{DnsStatusView, DnsTableView, FakeView};
 use crate::dns::DnsCounters;
+use crate::dns::cache::AnswerCache;
 use crate::dns::server::{DnsService, listen, unix_now};
 use crate::dns::upstream::{parse_upstream, resolver, system_upstreams};
 use crate::fake::FakeTable;
@@ -139,6 +140,7 @@ pub(super) async fn start(
         fake_ttl: dns.fake_ttl_secs,
         underlay: dns.underlay_answers,
         timeout: Duration::from_millis(dns.upstream_timeout_ms),
+        cache: std::sync::Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
     };
     let (mut server, v6) = listen(service, dns.port, true)
         .await

@@ -2,8 +2,10 @@
 //! send (the kernel's socket hooks bring them here), with fake addresses
 //! for names a rule claims and the upstream's true answer for the rest.
 
+pub mod cache;
 pub mod policy;
 pub mod server;
+pub mod udp;
 pub mod upstream;
 
 use std::collections::HashMap;

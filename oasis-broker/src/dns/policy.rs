@@ -64,7 +64,7 @@ pub fn claim_in_chain<'a>(answers: &[Record], names: &'a NameRules) -> Option<(u
         return None;
     }
     answers.iter().find_map(|record| match record.data() {
-        RData::CNAME(target) => names.first_match(&target.0.to_utf8()),
+        RData::CNAME(target) => names.first_match(&crate::names::normalise(&target.0.to_utf8())),
         _ => None,
     })
 }

@@ -7,26 +7,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::ProtoErrorKind;
-use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
 use hickory_server::ServerFuture;
 use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 
 use super::DnsCounters;
+use super::cache::{AnswerCache, Upstream};
 use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl};
+use super::udp::{EDNS_UDP_LIMIT, refusal};
 use crate::fake::{FakeError, FakeTable};
 use crate::names::NameRules;
 use crate::platform::linux::forward::{Shared, snapshot};
 
-/// Without EDNS a UDP answer may be at most 512 bytes (RFC 1035).
-const CLASSIC_UDP_LIMIT: usize = 512;
-/// The largest UDP answer we send to EDNS clients, whatever they offer:
-/// the size that avoids IP fragmentation on nearly every path.
-const EDNS_UDP_LIMIT: u16 = 1232;
 /// How long a TCP client may stay idle.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,24 +34,18 @@ pub struct DnsService {
     pub fake_ttl: u32,
     pub underlay: UnderlayAnswers,
     pub timeout: Duration,
-}
-
-/// What the upstream said.
-enum Upstream {
-    Records(Vec<Record>),
-    Negative { code: ResponseCode, soa: Option<Box<Record>> },
-    Failed,
+    pub cache: Mutex<AnswerCache>,
 }
 
 /// The parts of a response.
-struct Answer {
-    code: ResponseCode,
-    answers: Vec<Record>,
-    authority: Vec<Record>,
+pub(super) struct Answer {
+    pub code: ResponseCode,
+    pub answers: Vec<Record>,
+    pub authority: Vec<Record>,
 }
 
 impl Answer {
-    fn code(code: ResponseCode) -> Answer {
+    pub(super) fn code(code: ResponseCode) -> Answer {
         Answer {
             code,
             answers: Vec::new(),
@@ -80,7 +70,9 @@ impl DnsService {
                 {
                     return Upstream::Negative {
                         code: *response_code,
-                        soa: soa.as_ref().map(|soa| Box::new((**soa).clone().into_record_of_rdata())),
+                        soa: soa
+                            .as_ref()
+                            .map(|soa| Box::new((**soa).clone().into_record_of_rdata())),
                     };
                 }
                 tracing::debug!(%name, ?qtype, "upstream failed: {e}");
@@ -104,34 +96,84 @@ impl DnsService {
         )
     }
 
-    async fn answer(&self, qname: &Name, qtype: RecordType) -> Answer {
+    fn cached(&self, name: &str, qtype: RecordType) -> Option<Upstream> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name, qtype, Instant::now())
+    }
+
+    /// The upstream's answer: from the cache, else asked (and cached).
+    async fn fetch(&self, qname: &Name, key: &str, qtype: RecordType) -> Upstream {
+        if let Some(hit) = self.cached(key, qtype) {
+            return hit;
+        }
+        let upstream = self.ask(qname, qtype).await;
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(key, qtype, &upstream, Instant::now());
+        upstream
+    }
+
+    /// The answer if it needs nothing that is not cached (no await).
+    pub(super) fn answer_now(&self, qname: &Name, qtype: RecordType) -> Option<Answer> {
+        let key = crate::names::normalise(&qname.to_utf8());
         let names = snapshot(&self.names);
-        let text = qname.to_utf8();
-        let claim = names.first_match(&text);
-        match plan(qtype, claim, self.underlay) {
-            Plan::NoData { rule } => {
-                tracing::debug!(name = %text, ?qtype, rule, "claimed name, type withheld");
-                self.counters
-                    .empty
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Answer::code(ResponseCode::NoError)
+        let plan = plan(qtype, names.first_match(&key), self.underlay);
+        if let Plan::NoData { rule } = plan {
+            return Some(self.withheld(&key, qtype, rule));
+        }
+        let upstream = self.cached(&key, qtype)?;
+        Some(self.finish(qname, &key, qtype, &names, plan, upstream))
+    }
+
+    pub(super) async fn answer(&self, qname: &Name, qtype: RecordType) -> Answer {
+        let key = crate::names::normalise(&qname.to_utf8());
+        let names = snapshot(&self.names);
+        let plan = plan(qtype, names.first_match(&key), self.underlay);
+        if let Plan::NoData { rule } = plan {
+            return self.withheld(&key, qtype, rule);
+        }
+        let upstream = self.fetch(qname, &key, qtype).await;
+        self.finish(qname, &key, qtype, &names, plan, upstream)
+    }
+
+    fn withheld(&self, name: &str, qtype: RecordType, rule: u32) -> Answer {
+        tracing::debug!(%name, ?qtype, rule, "claimed name, type withheld");
+        self.counters
+            .empty
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Answer::code(ResponseCode::NoError)
+    }
+
+    fn finish(
+        &self,
+        qname: &Name,
+        key: &str,
+        qtype: RecordType,
+        names: &NameRules,
+        plan: Plan,
+        upstream: Upstream,
+    ) -> Answer {
+        match (plan, upstream) {
+            (Plan::Fake { rule, carrier }, Upstream::Records(records)) => {
+                self.fake(qname, key, qtype, &records, rule, &carrier.to_string())
             }
-            Plan::Fake { rule, carrier } => match self.ask(qname, qtype).await {
-                Upstream::Records(records) => self.fake(qname, qtype, &records, rule, &carrier.to_string()),
-                other => self.relay(other),
-            },
-            Plan::PassThrough => {
-                let upstream = self.ask(qname, qtype).await;
-                // The name may be an alias of one a rule claims.
-                if let Upstream::Records(records) = &upstream
-                    && matches!(qtype, RecordType::A | RecordType::AAAA)
-                    && let Some((rule, carrier)) = claim_in_chain(records, &names)
-                    && let Plan::Fake { .. } = plan(qtype, Some((rule, carrier)), self.underlay)
-                {
-                    return self.fake(qname, qtype, records, rule, &carrier.to_string());
+            // The name may be an alias of one a rule claims.
+            (Plan::PassThrough, Upstream::Records(records))
+                if matches!(qtype, RecordType::A | RecordType::AAAA) =>
+            {
+                match claim_in_chain(&records, names) {
+                    Some((rule, carrier))
+                        if matches!(plan_for(qtype, rule, carrier, self.underlay), Plan::Fake { .. }) =>
+                    {
+                        self.fake(qname, key, qtype, &records, rule, &carrier.to_string())
+                    }
+                    _ => self.relay(Upstream::Records(records)),
                 }
-                self.relay(upstream)
             }
+            (_, upstream) => self.relay(upstream),
         }
     }
 
@@ -162,7 +204,15 @@ impl DnsService {
     }
 
     /// Answers `qname` with its fake address, remembering the real ones.
-    fn fake(&self, qname: &Name, qtype: RecordType, records: &[Record], rule: u32, carrier: &str) -> Answer {
+    fn fake(
+        &self,
+        qname: &Name,
+        name: &str,
+        qtype: RecordType,
+        records: &[Record],
+        rule: u32,
+        carrier: &str,
+    ) -> Answer {
         use std::sync::atomic::Ordering::Relaxed;
         let real = addresses(records, qtype);
         if real.is_empty() {
@@ -170,9 +220,8 @@ impl DnsService {
             // family: say what the upstream said.
             return self.relay(Upstream::Records(records.to_vec()));
         }
-        let name = crate::names::normalise(&qname.to_utf8());
         let assigned = self.fakes.lock().unwrap_or_else(|e| e.into_inner()).assign(
-            &name,
+            name,
             qtype == RecordType::AAAA,
             real,
             carrier,
@@ -202,6 +251,15 @@ impl DnsService {
     }
 }
 
+fn plan_for(
+    qtype: RecordType,
+    rule: u32,
+    carrier: &crate::rules::Carrier,
+    underlay: UnderlayAnswers,
+) -> Plan {
+    plan(qtype, Some((rule, carrier)), underlay)
+}
+
 /// Seconds since the epoch: the fake table's clock, which must survive restarts.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -210,71 +268,43 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Does a response with these records fit a classic (non-EDNS) UDP answer?
-fn fits_classic_udp(request_query: &Query, header: &Header, answer: &Answer) -> bool {
-    if answer.answers.len() + answer.authority.len() <= 2 {
-        return true;
-    }
-    let mut message = Message::new();
-    message.set_header(*header);
-    message.add_query(request_query.clone());
-    message.add_answers(answer.answers.iter().cloned());
-    message.add_name_servers(answer.authority.iter().cloned());
-    message
-        .to_vec()
-        .is_ok_and(|bytes| bytes.len() <= CLASSIC_UDP_LIMIT)
-}
+/// The service as hickory-server's handler, for TCP.
+pub struct TcpHandler(pub Arc<DnsService>);
 
 #[async_trait::async_trait]
-impl RequestHandler for DnsService {
+impl RequestHandler for TcpHandler {
     async fn handle_request<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
         use std::sync::atomic::Ordering::Relaxed;
-        self.counters.queries.fetch_add(1, Relaxed);
+        let service = &self.0;
+        service.counters.queries.fetch_add(1, Relaxed);
         let mut builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
         header.set_recursion_available(true);
-        if let Some(edns) = request.edns() {
+        if request.edns().is_some() {
             let mut ours = Edns::new();
-            ours.set_max_payload(edns.max_payload().clamp(512, EDNS_UDP_LIMIT));
+            ours.set_max_payload(EDNS_UDP_LIMIT);
             ours.set_version(0);
             builder.edns(ours);
         }
         let queries = request.queries();
-        let answer = if request.message_type() != MessageType::Query
-            || request.op_code() != OpCode::Query
-            || queries.len() != 1
-        {
-            self.counters.refused.fetch_add(1, Relaxed);
-            Answer::code(if request.op_code() == OpCode::Query {
-                ResponseCode::FormErr
-            } else {
-                ResponseCode::NotImp
-            })
-        } else {
-            let query = &queries[0];
-            let name: Name = query.name().into();
-            self.answer(&name, query.query_type()).await
+        let answer = match refusal(request.message_type(), request.op_code(), queries.len()) {
+            Some(code) => {
+                service.counters.refused.fetch_add(1, Relaxed);
+                Answer::code(code)
+            }
+            None => {
+                let name: Name = queries[0].name().into();
+                service.answer(&name, queries[0].query_type()).await
+            }
         };
         header.set_response_code(answer.code);
-        let truncate = request.protocol() == Protocol::Udp
-            && request.edns().is_none()
-            && queries.len() == 1
-            && !fits_classic_udp(queries[0].original(), &header, &answer);
-        let sent = if truncate {
-            self.counters.truncated.fetch_add(1, Relaxed);
-            header.set_truncated(true);
-            response
-                .send_response(builder.build(header, &[], &[], &[], &[]))
-                .await
-        } else {
-            response
-                .send_response(builder.build(header, &answer.answers, &answer.authority, &[], &[]))
-                .await
-        };
+        let sent = response
+            .send_response(builder.build(header, &answer.answers, &answer.authority, &[], &[]))
+            .await;
         match sent {
             Ok(info) => info,
             Err(e) => {
-                tracing::debug!("sending a DNS answer: {e}");
+                tracing::debug!("sending a DNS answer over TCP: {e}");
                 let mut failed = Header::new();
                 failed.set_response_code(ResponseCode::ServFail);
                 failed.into()
@@ -283,31 +313,56 @@ impl RequestHandler for DnsService {
     }
 }
 
-/// Binds the listener on 127.0.0.1 and, when `v6`, on ::1, UDP and TCP.
-/// Returns the server (it runs on the current tokio runtime) and whether
-/// IPv6 is served.
+/// UDP sockets per address: tasks that can run on different cores.
+const UDP_SOCKETS: usize = 2;
+
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.set_recv_buffer_size(4 << 20)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// Binds the listener on 127.0.0.1 and, when `v6`, on ::1: UDP served by
+/// our own tasks (udp.rs), TCP by hickory-server. Returns the TCP server
+/// (it runs on the current tokio runtime) and whether IPv6 is served.
 pub async fn listen(
     service: DnsService,
     port: u16,
     v6: bool,
-) -> std::io::Result<(ServerFuture<DnsService>, bool)> {
-    let mut server = ServerFuture::new(service);
+) -> std::io::Result<(ServerFuture<TcpHandler>, bool)> {
+    let service = Arc::new(service);
+    let mut server = ServerFuture::new(TcpHandler(service.clone()));
     let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
     if v6 {
         addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
     }
     let mut served_v6 = false;
     for addr in addrs {
-        let udp = match tokio::net::UdpSocket::bind(addr).await {
-            Ok(udp) => udp,
-            Err(e) if addr.is_ipv6() => {
-                tracing::warn!("DNS on [::1]:{port} unavailable ({e}); IPv6 queries go out untouched");
-                continue;
+        let mut sockets = Vec::new();
+        for _ in 0..UDP_SOCKETS {
+            match reuseport_udp(addr) {
+                Ok(socket) => sockets.push(socket),
+                Err(e) if addr.is_ipv6() => {
+                    tracing::warn!("DNS on [::1]:{port} unavailable ({e}); IPv6 queries go out untouched");
+                    break;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        };
+        }
+        if sockets.len() < UDP_SOCKETS {
+            continue;
+        }
         let tcp = tokio::net::TcpListener::bind(addr).await?;
-        server.register_socket(udp);
+        for socket in sockets {
+            tokio::spawn(super::udp::serve(Arc::new(socket), service.clone()));
+        }
         server.register_listener(tcp, TCP_TIMEOUT);
         served_v6 |= addr.is_ipv6();
     }

@@ -1,0 +1,185 @@
+//! What the upstream said, kept for as long as its TTLs allow. The broker
+//! answers most queries from here without an await, so a cached query costs
+//! one hash lookup beside parsing and encoding (hickory-resolver has a cache
+//! too, but reaching it takes a future per query).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{Record, RecordType};
+
+/// Negative answers without an SOA to say otherwise are kept this long.
+const NEGATIVE_DEFAULT: Duration = Duration::from_secs(30);
+/// No answer is kept longer, whatever its TTL says.
+const LONGEST: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Records(Vec<Record>),
+    Negative {
+        code: ResponseCode,
+        soa: Option<Box<Record>>,
+    },
+    Failed,
+}
+
+impl Upstream {
+    /// How long the answer may be reused; None for what must not be.
+    fn lifetime(&self) -> Option<Duration> {
+        let secs = match self {
+            Upstream::Records(records) => records.iter().map(Record::ttl).min()?,
+            Upstream::Negative { soa: Some(soa), .. } => soa.ttl(),
+            Upstream::Negative { soa: None, .. } => return Some(NEGATIVE_DEFAULT),
+            Upstream::Failed => return None,
+        };
+        (secs > 0).then(|| Duration::from_secs(u64::from(secs)).min(LONGEST))
+    }
+
+    /// The answer as it stands `age` after it was received: TTLs count down.
+    fn aged(&self, age: Duration) -> Upstream {
+        let age = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
+        let mut aged = self.clone();
+        match &mut aged {
+            Upstream::Records(records) => {
+                for record in records {
+                    record.set_ttl(record.ttl().saturating_sub(age));
+                }
+            }
+            Upstream::Negative { soa: Some(soa), .. } => {
+                soa.set_ttl(soa.ttl().saturating_sub(age));
+            }
+            _ => {}
+        }
+        aged
+    }
+}
+
+struct Entry {
+    upstream: Upstream,
+    stored: Instant,
+    expires: Instant,
+}
+
+/// Answers by (lower-case name, type), bounded.
+pub struct AnswerCache {
+    entries: HashMap<(String, RecordType), Entry>,
+    capacity: usize,
+}
+
+impl AnswerCache {
+    pub fn new(capacity: usize) -> AnswerCache {
+        AnswerCache {
+            entries: HashMap::with_capacity(capacity.min(65_536)),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cached answer, TTLs aged, if still valid at `now`.
+    pub fn get(&self, name: &str, qtype: RecordType, now: Instant) -> Option<Upstream> {
+        let entry = self.entries.get(&(name.to_string(), qtype))?;
+        (now < entry.expires).then(|| entry.upstream.aged(now - entry.stored))
+    }
+
+    pub fn put(&mut self, name: &str, qtype: RecordType, upstream: &Upstream, now: Instant) {
+        let Some(lifetime) = upstream.lifetime() else {
+            return;
+        };
+        if self.entries.len() >= self.capacity {
+            self.entries.retain(|_, e| e.expires > now);
+        }
+        if self.entries.len() >= self.capacity {
+            // Still full of live answers: drop about half, whichever they are;
+            // the next queries for them go upstream again.
+            let mut keep = false;
+            self.entries.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+        }
+        self.entries.insert(
+            (name.to_string(), qtype),
+            Entry {
+                upstream: upstream.clone(),
+                stored: now,
+                expires: now + lifetime,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData};
+    use std::str::FromStr;
+
+    fn a(ttl: u32) -> Record {
+        Record::from_rdata(
+            Name::from_str("www.example.").unwrap(),
+            ttl,
+            RData::A(A::new(192, 0, 2, 1)),
+        )
+    }
+
+    #[test]
+    fn answers_live_as_long_as_their_shortest_ttl_and_age() {
+        let start = Instant::now();
+        let mut cache = AnswerCache::new(10);
+        let answer = Upstream::Records(vec![a(300), a(60)]);
+        cache.put("www.example", RecordType::A, &answer, start);
+        let later = cache
+            .get("www.example", RecordType::A, start + Duration::from_secs(20))
+            .unwrap();
+        let Upstream::Records(records) = later else {
+            panic!("records")
+        };
+        assert_eq!(records.iter().map(Record::ttl).collect::<Vec<_>>(), vec![280, 40]);
+        assert!(
+            cache
+                .get("www.example", RecordType::A, start + Duration::from_secs(61))
+                .is_none()
+        );
+        assert!(cache.get("www.example", RecordType::AAAA, start).is_none());
+    }
+
+    #[test]
+    fn failures_and_zero_ttls_are_not_kept() {
+        let now = Instant::now();
+        let mut cache = AnswerCache::new(10);
+        cache.put("a", RecordType::A, &Upstream::Failed, now);
+        cache.put("b", RecordType::A, &Upstream::Records(vec![a(0)]), now);
+        assert!(cache.is_empty());
+        let nx = Upstream::Negative {
+            code: ResponseCode::NXDomain,
+            soa: None,
+        };
+        cache.put("c", RecordType::A, &nx, now);
+        assert_eq!(cache.get("c", RecordType::A, now), Some(nx));
+    }
+
+    #[test]
+    fn a_full_cache_makes_room() {
+        let now = Instant::now();
+        let mut cache = AnswerCache::new(8);
+        for i in 0..100 {
+            cache.put(
+                &format!("n{i}"),
+                RecordType::A,
+                &Upstream::Records(vec![a(60)]),
+                now,
+            );
+            assert!(cache.len() <= 8);
+        }
+        assert!(cache.get("n99", RecordType::A, now).is_some());
+    }
+}
