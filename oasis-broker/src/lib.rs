@@ -18,6 +18,7 @@ pub mod packet;
 pub mod platform;
 pub mod render;
 pub mod rules;
+pub mod shared;
 
 /// The compiled kernel programs, built by this crate's build script.
 #[cfg(target_os = "linux")]

@@ -256,7 +256,7 @@ impl State {
             },
             classifier: self.datapath.classifier_counters(),
             broker: self.stats.snapshot(),
-            rules: self.rules.rules().len(),
+            rules: self.rules.rules().len() + self.rules.names().len(),
             overlays: self.config.overlays.len(),
             overlay_port: self.config.overlay_port,
             underlay_port: self.config.underlay_port,

@@ -21,7 +21,7 @@ use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, rema
 use super::udp::{EDNS_UDP_LIMIT, refusal};
 use crate::fake::{FakeError, FakeTable};
 use crate::names::NameRules;
-use crate::platform::linux::forward::{Shared, snapshot};
+use crate::shared::{Shared, snapshot};
 
 /// How long a TCP client may stay idle.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);

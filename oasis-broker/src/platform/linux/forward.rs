@@ -5,8 +5,8 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -58,12 +58,7 @@ impl ForwardStats {
     }
 }
 
-/// Something the packet threads read often and the daemon swaps whole.
-pub type Shared<T> = Arc<RwLock<Arc<T>>>;
-
-pub fn snapshot<T>(shared: &Shared<T>) -> Arc<T> {
-    shared.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
+pub use crate::shared::{Shared, snapshot};
 
 /// The UDP sockets on the overlay standard port, one per family.
 pub struct OverlaySockets {
