@@ -596,6 +596,17 @@ impl Daemon {
         cmd.output().expect("running the oasis CLI")
     }
 
+    /// Runs the CLI, which must succeed; its standard output.
+    pub fn ok(&self, topology: &Topology, args: &[&str]) -> String {
+        let output = self.cli(topology, args);
+        assert!(
+            output.status.success(),
+            "oasis {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Runs the CLI and parses its `--json` output.
     pub fn json(&self, topology: &Topology, args: &[&str]) -> serde_json::Value {
         let output = self.cli(topology, args);

@@ -44,13 +44,7 @@ fn start_zone(net: &mut Topology) {
 }
 
 fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
-    let output = daemon.cli(net, args);
-    assert!(
-        output.status.success(),
-        "oasis {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    daemon.ok(net, args)
 }
 
 /// The exit node serving the client, joined as `exit`, with `dns_extra`
@@ -66,6 +60,14 @@ fn with_exit(net: &mut Topology, dns_extra: &str) -> Daemon {
         net,
         &["overlay", "add", "exit", &format!("{base}/exit.xml")],
     );
+    daemon
+}
+
+/// The zone, the exit joined, and `detour.test` and below claimed for it.
+fn claiming_detour(net: &mut Topology) -> Daemon {
+    start_zone(net);
+    let daemon = with_exit(net, "");
+    cli_ok(&daemon, net, &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"]);
     daemon
 }
 
@@ -92,13 +94,7 @@ fn status(daemon: &Daemon, net: &Topology) -> Value {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn claimed_names_get_fake_addresses_and_the_rest_the_truth() {
     let mut net = Topology::new();
-    start_zone(&mut net);
-    let daemon = with_exit(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
-    );
+    let daemon = claiming_detour(&mut net);
 
     // Claimed: a fake address per family, the same over UDP, TCP and an
     // IPv6 transport, and again on a second query.
@@ -175,14 +171,8 @@ fn claimed_names_get_fake_addresses_and_the_rest_the_truth() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_web_request_to_a_claimed_name_goes_through_the_overlay() {
     let mut net = Topology::new();
-    start_zone(&mut net);
     net.start_web_server(80);
-    let daemon = with_exit(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
-    );
+    let daemon = claiming_detour(&mut net);
 
     // curl resolves through the C library, which asks the server in the
     // client's resolv.conf: the daemon answers instead.
@@ -288,14 +278,8 @@ fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn the_table_survives_a_restart_and_unknown_fakes_are_unreachable() {
     let mut net = Topology::new();
-    start_zone(&mut net);
     net.start_web_server(80);
-    let daemon = with_exit(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
-    );
+    let daemon = claiming_detour(&mut net);
     let fake = net.dig(true, &["www.detour.test", "A"]).answers[0].clone();
     assert!(in_pool(&fake));
 
@@ -499,7 +483,7 @@ cases = [
     header(8, 0x0100, 1) + q[:-3],              # cut short
 ] + [bytes(random.getrandbits(8) for _ in range(random.randint(1, 600))) for _ in range(200)]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.3)
+s.settimeout(0.1)
 for case in cases:
     s.sendto(case, (sys.argv[1], 53))
     try:
@@ -518,13 +502,7 @@ print('done')
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn malformed_and_hostile_queries_get_errors_or_nothing() {
     let mut net = Topology::new();
-    start_zone(&mut net);
-    let daemon = with_exit(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
-    );
+    let daemon = claiming_detour(&mut net);
     let output = net.client_in_cgroup(&["python3", "-c", HOSTILE, SERVER_V4]);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(

@@ -18,13 +18,7 @@ fn json(daemon: &Daemon, net: &Topology, args: &[&str]) -> Value {
 }
 
 fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
-    let output = daemon.cli(net, args);
-    assert!(
-        output.status.success(),
-        "oasis {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    daemon.ok(net, args)
 }
 
 /// A network with the exit node serving the client, its spec published,
