@@ -67,7 +67,11 @@ fn with_exit(net: &mut Topology, dns_extra: &str) -> Daemon {
 fn claiming_detour(net: &mut Topology) -> Daemon {
     start_zone(net);
     let daemon = with_exit(net, "");
-    cli_ok(&daemon, net, &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"]);
+    cli_ok(
+        &daemon,
+        net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
     daemon
 }
 

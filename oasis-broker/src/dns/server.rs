@@ -316,7 +316,7 @@ impl RequestHandler for TcpHandler {
 /// UDP sockets per address: tasks that can run on different cores.
 const UDP_SOCKETS: usize = 2;
 
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -326,7 +326,7 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     socket.set_recv_buffer_size(4 << 20)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    tokio::net::UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Binds the listener on 127.0.0.1 and, when `v6`, on ::1: UDP served by
@@ -360,8 +360,14 @@ pub async fn listen(
             continue;
         }
         let tcp = tokio::net::TcpListener::bind(addr).await?;
-        for socket in sockets {
-            tokio::spawn(super::udp::serve(Arc::new(socket), service.clone()));
+        let family = if addr.is_ipv6() { "v6" } else { "v4" };
+        for (index, socket) in sockets.into_iter().enumerate() {
+            super::udp::spawn_thread(
+                format!("oasis-dns-{family}-{index}"),
+                socket,
+                service.clone(),
+                tokio::runtime::Handle::current(),
+            )?;
         }
         server.register_listener(tcp, TCP_TIMEOUT);
         served_v6 |= addr.is_ipv6();

@@ -1,8 +1,11 @@
-//! DNS over UDP, the way nearly every query comes: one task per socket
-//! (several sockets share the port through SO_REUSEPORT), and a query whose
-//! answer needs nothing uncached is answered inline, without a task or a
-//! channel. Queries that must go upstream get a task of their own. TCP is
-//! left to hickory-server (server.rs): it is rare and needs framing.
+//! DNS over UDP, the way nearly every query comes: a thread per socket
+//! (several sockets share the port through SO_REUSEPORT), each with a
+//! single-threaded runtime of its own, so a query wakes the thread that
+//! answers it and no other. A query whose answer needs nothing uncached is
+//! answered inline, without a task or a channel; one that must go upstream
+//! becomes a task on the daemon's main runtime, which answers through a
+//! plain clone of the socket. TCP is left to hickory-server (server.rs): it
+//! is rare and needs framing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,7 +35,34 @@ pub(super) fn refusal(message_type: MessageType, op_code: OpCode, questions: usi
     }
 }
 
-pub async fn serve(socket: Arc<UdpSocket>, service: Arc<DnsService>) {
+/// Runs one socket's loop on a thread of its own until the process ends.
+pub fn spawn_thread(
+    name: String,
+    socket: std::net::UdpSocket,
+    service: Arc<DnsService>,
+    main: tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    let for_misses = Arc::new(socket.try_clone()?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        runtime.block_on(async move {
+            match UdpSocket::from_std(socket) {
+                Ok(socket) => serve(socket, for_misses, service, main).await,
+                Err(e) => tracing::error!("DNS socket: {e}"),
+            }
+        })
+    })?;
+    Ok(())
+}
+
+async fn serve(
+    socket: UdpSocket,
+    for_misses: Arc<std::net::UdpSocket>,
+    service: Arc<DnsService>,
+    main: tokio::runtime::Handle,
+) {
     let mut buf = vec![0u8; RECEIVE_BUFFER];
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
@@ -67,11 +97,21 @@ pub async fn serve(socket: Arc<UdpSocket>, service: Arc<DnsService>) {
         match service.answer_now(&name, qtype) {
             Some(answer) => send(&socket, &service, &request, answer, from).await,
             None => {
-                let socket = socket.clone();
+                let socket = for_misses.clone();
                 let service = service.clone();
-                tokio::spawn(async move {
+                main.spawn(async move {
                     let answer = service.answer(&name, qtype).await;
-                    send(&socket, &service, &request, answer, from).await;
+                    let (bytes, truncated) = encode(&request, answer);
+                    if truncated {
+                        service.counters.truncated.fetch_add(1, Relaxed);
+                    }
+                    // A non-blocking send: a full socket buffer drops the
+                    // answer, as a busy network would; the client retries.
+                    if let Some(bytes) = bytes
+                        && let Err(e) = socket.send_to(&bytes, from)
+                    {
+                        tracing::debug!(%from, "sending a DNS answer: {e}");
+                    }
                 });
             }
         }
