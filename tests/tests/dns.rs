@@ -283,7 +283,7 @@ fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
 fn the_table_survives_a_restart_and_unknown_fakes_are_unreachable() {
     let mut net = Topology::new();
     net.start_web_server(80);
-    let daemon = claiming_detour(&mut net);
+    let _daemon = claiming_detour(&mut net);
     let fake = net.dig(true, &["www.detour.test", "A"]).answers[0].clone();
     assert!(in_pool(&fake));
 
@@ -506,7 +506,7 @@ print('done')
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn malformed_and_hostile_queries_get_errors_or_nothing() {
     let mut net = Topology::new();
-    let daemon = claiming_detour(&mut net);
+    let _daemon = claiming_detour(&mut net);
     let output = net.client_in_cgroup(&["python3", "-c", HOSTILE, SERVER_V4]);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
