@@ -241,11 +241,10 @@ impl NameMatcher {
 
     /// As `first_match`, for a name already normalised.
     pub fn first_match_normalised(&self, name: &str) -> Option<usize> {
-        let name = name.to_string();
-        let mut best = self.exact.get(&name).copied();
+        let mut best = self.exact.get(name).copied();
         let mut consider = |rank: usize| best = Some(best.map_or(rank, |b| b.min(rank)));
         // Every label boundary starts a suffix that may be a rule.
-        let mut rest = name.as_str();
+        let mut rest = name;
         loop {
             if let Some(&rank) = self.suffix.get(rest) {
                 consider(rank);
@@ -256,12 +255,12 @@ impl NameMatcher {
             }
         }
         if let Some((automaton, ranks)) = &self.keywords {
-            for found in automaton.find_overlapping_iter(&name) {
+            for found in automaton.find_overlapping_iter(name) {
                 consider(ranks[found.pattern().as_usize()]);
             }
         }
         if let Some((set, ranks)) = &self.regexes {
-            for index in set.matches(&name).iter() {
+            for index in set.matches(name).iter() {
                 consider(ranks[index]);
             }
         }

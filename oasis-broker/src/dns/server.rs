@@ -117,10 +117,16 @@ impl DnsService {
     }
 
     /// The answer if it needs nothing that is not cached (no await).
-    pub(super) fn answer_now(&self, qname: &Name, qtype: RecordType) -> Option<Answer> {
+    /// The name as rules see it, the rules, and what to do.
+    fn prepare(&self, qname: &Name, qtype: RecordType) -> (String, Arc<NameRules>, Plan) {
         let key = crate::names::normalise(&qname.to_utf8());
         let names = snapshot(&self.names);
         let plan = plan(qtype, names.first_match(&key), self.underlay);
+        (key, names, plan)
+    }
+
+    pub(super) fn answer_now(&self, qname: &Name, qtype: RecordType) -> Option<Answer> {
+        let (key, names, plan) = self.prepare(qname, qtype);
         if let Plan::NoData { rule } = plan {
             return Some(self.withheld(&key, qtype, rule));
         }
@@ -129,9 +135,7 @@ impl DnsService {
     }
 
     pub(super) async fn answer(&self, qname: &Name, qtype: RecordType) -> Answer {
-        let key = crate::names::normalise(&qname.to_utf8());
-        let names = snapshot(&self.names);
-        let plan = plan(qtype, names.first_match(&key), self.underlay);
+        let (key, names, plan) = self.prepare(qname, qtype);
         if let Plan::NoData { rule } = plan {
             return self.withheld(&key, qtype, rule);
         }
