@@ -114,6 +114,17 @@ fn active(ctx: &SockAddrContext) -> Option<&'static DnsSettings> {
     Some(settings)
 }
 
+/// The settings, when this call sends a DNS query the broker is to take.
+#[inline(always)]
+fn dns_query(ctx: &SockAddrContext) -> Option<&'static DnsSettings> {
+    // SAFETY: the context is valid for the run; the verifier checks field access.
+    let port = unsafe { u16::from_be((*ctx.sock_addr).user_port as u16) };
+    if port != DNS_PORT {
+        return None;
+    }
+    active(ctx)
+}
+
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, original: &DnsOriginal) {
     // SAFETY: helper on the program's own context.
@@ -132,19 +143,14 @@ fn original(ctx: &SockAddrContext) -> Option<&'static DnsOriginal> {
 
 #[inline(always)]
 fn redirect_v4(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context is valid for the run; the verifier checks field access.
-    let port = unsafe { u16::from_be((*sa).user_port as u16) };
-    if port != DNS_PORT {
-        return;
-    }
-    let Some(settings) = active(ctx) else {
+    let Some(settings) = dns_query(ctx) else {
         return;
     };
-    // SAFETY: as above.
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for the run; the verifier checks field access.
     let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
     let mut saved = DnsOriginal {
-        port,
+        port: DNS_PORT,
         family: FAMILY_V4,
         ..DnsOriginal::default()
     };
@@ -159,13 +165,7 @@ fn redirect_v4(ctx: &SockAddrContext) {
 
 #[inline(always)]
 fn redirect_v6(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: as in redirect_v4.
-    let port = unsafe { u16::from_be((*sa).user_port as u16) };
-    if port != DNS_PORT {
-        return;
-    }
-    let Some(settings) = active(ctx) else {
+    let Some(settings) = dns_query(ctx) else {
         return;
     };
     let addr = read_v6(ctx);
@@ -179,7 +179,7 @@ fn redirect_v6(ctx: &SockAddrContext) {
         ctx,
         &DnsOriginal {
             addr,
-            port,
+            port: DNS_PORT,
             family: FAMILY_V6,
             _pad: [0; 5],
         },

@@ -126,38 +126,32 @@ fn rewrite(ctx: &TcContext, parsed: &Parsed, field: Field, old: &[u8; 16], new: 
     } else {
         0
     };
-    if key.family == FAMILY_V4 {
-        let from = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]) as u64;
-        let to = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]) as u64;
-        if let Some(offset) = csum_offset {
+    let v4 = key.family == FAMILY_V4;
+    let word = |bytes: &[u8; 16], i: usize| {
+        u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as u64
+    };
+    // The pseudo-header sum changes by each 32-bit word of the address.
+    if let Some(offset) = csum_offset {
+        let len = if v4 { 4 } else { 16 };
+        let mut i = 0;
+        while i < len {
             ctx.l4_csum_replace(
                 l4_offset + offset,
-                from,
-                to,
+                word(old, i),
+                word(new, i),
                 BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
             )
             .ok()?;
+            i += 4;
         }
-        ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 4).ok()?;
+    }
+    if v4 {
+        ctx.l3_csum_replace(ETH_HLEN + 10, word(old, 0), word(new, 0), 4)
+            .ok()?;
         let at = if field == Field::Source { 12 } else { 16 };
         let bytes = [new[0], new[1], new[2], new[3]];
         ctx.store(ETH_HLEN + at, &bytes, 0).ok()?;
     } else {
-        if let Some(offset) = csum_offset {
-            let mut i = 0;
-            while i < 16 {
-                let from = u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]) as u64;
-                let to = u32::from_ne_bytes([new[i], new[i + 1], new[i + 2], new[i + 3]]) as u64;
-                ctx.l4_csum_replace(
-                    l4_offset + offset,
-                    from,
-                    to,
-                    BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
-                )
-                .ok()?;
-                i += 4;
-            }
-        }
         let at = if field == Field::Source { 8 } else { 24 };
         ctx.store(ETH_HLEN + at, new, 0).ok()?;
     }

@@ -391,6 +391,24 @@ fn an_exhausted_pool_reuses_idle_addresses_and_never_those_in_use() {
     assert_eq!(fake_of(&net, "b.pool.test"), b);
 }
 
+/// `oasis rule import --kind KIND --via underlay` of `lines`, from a file.
+fn import(net: &Topology, daemon: &Daemon, kind: &str, lines: &str) -> std::process::Output {
+    let file = net.dir.join(format!("{kind}-rules.txt"));
+    std::fs::write(&file, lines).expect("rules file");
+    daemon.cli(
+        net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            kind,
+            "--via",
+            "underlay",
+            &file.to_string_lossy(),
+        ],
+    )
+}
+
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn ten_thousand_name_rules_load_in_one_step_and_answer() {
@@ -404,37 +422,25 @@ fn ten_thousand_name_rules_load_in_one_step_and_answer() {
     let daemon = Daemon::start(&mut net, &config);
 
     let suffixes: String = (0..10_000).map(|i| format!("site{i}.test\n")).collect();
-    let file = net.dir.join("suffixes.txt");
-    std::fs::write(&file, format!("# ten thousand names\n{suffixes}")).expect("rules file");
-    let out = cli_ok(
-        &daemon,
+    let output = import(
         &net,
-        &[
-            "rule",
-            "import",
-            "--kind",
-            "suffix",
-            "--via",
-            "underlay",
-            &file.to_string_lossy(),
-        ],
+        &daemon,
+        "suffix",
+        &format!("# ten thousand names\n{suffixes}"),
+    );
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     assert!(out.contains("imported 10000 rules"), "{out}");
     let regexes: String = (0..100).map(|i| format!("^cdn\\.regex{i}\\.test$\n")).collect();
-    let file = net.dir.join("regexes.txt");
-    std::fs::write(&file, regexes).expect("rules file");
-    cli_ok(
-        &daemon,
-        &net,
-        &[
-            "rule",
-            "import",
-            "--kind",
-            "regex",
-            "--via",
-            "underlay",
-            &file.to_string_lossy(),
-        ],
+    let output = import(&net, &daemon, "regex", &regexes);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     let rules = daemon.json(&net, &["rule", "list", "--json"]);
     assert_eq!(rules.as_array().unwrap().len(), 10_100);
@@ -445,20 +451,7 @@ fn ten_thousand_name_rules_load_in_one_step_and_answer() {
     assert_eq!(plain.answers, vec![SERVER_V4.to_string()], "{}", plain.text);
 
     // A bad line refuses the whole import and changes nothing.
-    let file = net.dir.join("bad.txt");
-    std::fs::write(&file, "good.test\nnot a name!\n").expect("rules file");
-    let output = daemon.cli(
-        &net,
-        &[
-            "rule",
-            "import",
-            "--kind",
-            "suffix",
-            "--via",
-            "underlay",
-            &file.to_string_lossy(),
-        ],
-    );
+    let output = import(&net, &daemon, "suffix", "good.test\nnot a name!\n");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("line 2"));
     let rules = daemon.json(&net, &["rule", "list", "--json"]);
