@@ -157,21 +157,14 @@ impl MapImage {
         } else {
             longest_match(&self.dst_v6, key.dst, 128)?
         };
-        intersect(&mut set, &by_dst);
+        set.intersect_with(&by_dst);
         if key.sport == 0 && key.dport == 0 {
-            intersect(&mut set, &self.portless);
+            set.intersect_with(&self.portless);
         } else {
-            intersect(
-                &mut set,
-                &longest_match(&self.dport, key.dport.to_be_bytes(), 16)?,
-            );
-            intersect(
-                &mut set,
-                &longest_match(&self.sport, key.sport.to_be_bytes(), 16)?,
-            );
+            set.intersect_with(&longest_match(&self.dport, key.dport.to_be_bytes(), 16)?);
+            set.intersect_with(&longest_match(&self.sport, key.sport.to_be_bytes(), 16)?);
         }
-        let rank = (0..oasis_common::MAX_RULES).find(|&r| set.contains(r))?;
-        self.actions.get(rank).copied()
+        self.actions.get(set.lowest_rank()? as usize).copied()
     }
 }
 
@@ -183,12 +176,6 @@ fn longest_match<const N: usize>(
     (0..=bits)
         .rev()
         .find_map(|len| table.get(&(len, mask(&addr, len))).copied())
-}
-
-fn intersect(set: &mut RuleSet, other: &RuleSet) {
-    for (word, other) in set.words.iter_mut().zip(other.words) {
-        *word &= other;
-    }
 }
 
 #[cfg(test)]

@@ -14,28 +14,7 @@ pub const RULE_WORDS: usize = MAX_RULES / 64;
 /// Entries of the per-flow verdict cache.
 pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 
-/// Map names, as the classifier declares them and the broker opens them.
-pub mod maps {
-    pub const SETTINGS: &str = "OASIS_SETTINGS";
-    pub const HEARTBEAT: &str = "OASIS_HEARTBEAT";
-    pub const PROTO: &str = "OASIS_PROTO";
-    pub const DST_V4: &str = "OASIS_DST_V4";
-    pub const DST_V6: &str = "OASIS_DST_V6";
-    pub const DPORT: &str = "OASIS_DPORT";
-    pub const SPORT: &str = "OASIS_SPORT";
-    pub const PORTLESS: &str = "OASIS_PORTLESS";
-    pub const ACTIONS: &str = "OASIS_ACTIONS";
-    pub const COUNTERS: &str = "OASIS_COUNTERS";
-    pub const FLOWS: &str = "OASIS_FLOWS";
-    pub const STATS: &str = "OASIS_STATS";
-    pub const EXIT_SETTINGS: &str = "OASIS_EXIT_SETTINGS";
-    pub const FAKE_V4: &str = "OASIS_FAKE_V4";
-    pub const FAKE_V6: &str = "OASIS_FAKE_V6";
-    pub const NAT_OUT: &str = "OASIS_NAT_OUT";
-    pub const NAT_IN: &str = "OASIS_NAT_IN";
-    pub const DNS_SETTINGS: &str = "OASIS_DNS_SETTINGS";
-    pub const DNS_ORIGINAL: &str = "OASIS_DNS_ORIGINAL";
-}
+pub mod maps;
 
 /// Entries in each in-kernel NAT map (one per fake-address underlay flow).
 pub const NAT_ENTRIES: u32 = 65_536;
@@ -115,6 +94,30 @@ impl RuleSet {
         }
     }
 
+    /// Keeps only the rules that are in both sets.
+    #[inline(always)]
+    pub fn intersect_with(&mut self, other: &RuleSet) {
+        let mut i = 0;
+        while i < RULE_WORDS {
+            self.words[i] &= other.words[i];
+            i += 1;
+        }
+    }
+
+    /// The lowest rank in the set: the first rule, in the user's order.
+    #[inline(always)]
+    pub fn lowest_rank(&self) -> Option<u32> {
+        let mut i = 0;
+        while i < RULE_WORDS {
+            let word = self.words[i];
+            if word != 0 {
+                return Some(i as u32 * 64 + lowest_bit(word));
+            }
+            i += 1;
+        }
+        None
+    }
+
     #[inline(always)]
     pub fn is_empty(&self) -> bool {
         let mut i = 0;
@@ -126,6 +129,38 @@ impl RuleSet {
         }
         true
     }
+}
+
+/// Index of the lowest set bit of a non-zero word, by halving: the BPF
+/// instruction set has no count-trailing-zeros, and this compiles the same
+/// for the kernel and for user space.
+#[inline(always)]
+fn lowest_bit(mut word: u64) -> u32 {
+    let mut index = 0;
+    if word & 0xffff_ffff == 0 {
+        index += 32;
+        word >>= 32;
+    }
+    if word & 0xffff == 0 {
+        index += 16;
+        word >>= 16;
+    }
+    if word & 0xff == 0 {
+        index += 8;
+        word >>= 8;
+    }
+    if word & 0xf == 0 {
+        index += 4;
+        word >>= 4;
+    }
+    if word & 0x3 == 0 {
+        index += 2;
+        word >>= 2;
+    }
+    if word & 0x1 == 0 {
+        index += 1;
+    }
+    index
 }
 
 /// What the classifier does with a flow.
@@ -343,5 +378,26 @@ mod tests {
         other.insert(64);
         set.union_with(&other);
         assert!(set.contains(64));
+        assert_eq!(set.lowest_rank(), Some(0));
+        let mut high = RuleSet::EMPTY;
+        high.insert(64);
+        high.insert(200);
+        set.intersect_with(&high);
+        assert_eq!(set.lowest_rank(), Some(64));
+        set.intersect_with(&RuleSet::EMPTY);
+        assert_eq!(set.lowest_rank(), None);
+    }
+
+    #[test]
+    fn lowest_bit_agrees_with_trailing_zeros() {
+        let mut word = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1000 {
+            word = word.rotate_left(7) ^ (word >> 3);
+            for candidate in [word, word & word.wrapping_neg(), 1u64 << (word % 64)] {
+                if candidate != 0 {
+                    assert_eq!(lowest_bit(candidate), candidate.trailing_zeros());
+                }
+            }
+        }
     }
 }

@@ -1,65 +1,20 @@
 use crate::nat;
 use crate::parse::{Parsed, parse_into};
+use crate::maps::{
+    ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, SETTINGS, SPORT, STATS,
+};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
-    macros::{classifier, map},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    macros::classifier,
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use oasis_common::{
-    Counters, FAMILY_V4, FLOW_CACHE_ENTRIES, FlowEntry, FlowKey, MAX_RULES, PortBytes, RULE_WORDS,
-    RuleAction, RuleSet, Settings, Verdict, stat,
-};
+use oasis_common::{FAMILY_V4, FlowEntry, FlowKey, RuleAction, Settings, Verdict, stat};
 
 /// Cached flows refresh their timestamp at most this often, so a busy flow
 /// does not write to the shared cache on every packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
-
-#[map(name = "OASIS_SETTINGS")]
-pub(crate) static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
-
-/// CLOCK_MONOTONIC nanoseconds of the broker's last sign of life.
-#[map(name = "OASIS_HEARTBEAT")]
-pub(crate) static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Rules by IP protocol number.
-#[map(name = "OASIS_PROTO")]
-static PROTO: Array<RuleSet> = Array::with_max_entries(256, 0);
-
-/// Rules by destination prefix. Each entry already holds every rule whose
-/// prefix covers it, so the longest match alone is the answer.
-#[map(name = "OASIS_DST_V4")]
-static DST_V4: LpmTrie<[u8; 4], RuleSet> = LpmTrie::with_max_entries(MAX_RULES as u32 + 1, 0);
-
-#[map(name = "OASIS_DST_V6")]
-static DST_V6: LpmTrie<[u8; 16], RuleSet> = LpmTrie::with_max_entries(MAX_RULES as u32 + 1, 0);
-
-/// Rules by destination / source port; ranges are stored as port prefixes.
-#[map(name = "OASIS_DPORT")]
-static DPORT: LpmTrie<PortBytes, RuleSet> = LpmTrie::with_max_entries(MAX_RULES as u32 * 32 + 1, 0);
-
-#[map(name = "OASIS_SPORT")]
-static SPORT: LpmTrie<PortBytes, RuleSet> = LpmTrie::with_max_entries(MAX_RULES as u32 * 32 + 1, 0);
-
-/// Index 0: the rules that ask for no port at all, the only ones a packet
-/// without ports (ICMP, fragments) can match.
-#[map(name = "OASIS_PORTLESS")]
-static PORTLESS: Array<RuleSet> = Array::with_max_entries(1, 0);
-
-/// What each rule rank does.
-#[map(name = "OASIS_ACTIONS")]
-static ACTIONS: Array<RuleAction> = Array::with_max_entries(MAX_RULES as u32, 0);
-
-/// Packets and bytes per rule id; the broker creates an entry per rule.
-#[map(name = "OASIS_COUNTERS")]
-static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES as u32, 0);
-
-#[map(name = "OASIS_FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(FLOW_CACHE_ENTRIES, 0);
-
-#[map(name = "OASIS_STATS")]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 #[classifier]
 pub fn oasis_egress(ctx: TcContext) -> i32 {
@@ -181,66 +136,13 @@ fn match_rules(key: &FlowKey) -> Option<RuleAction> {
     } else {
         DST_V6.get(Key::new(128, key.dst))?
     };
-    intersect(&mut set, by_dst);
+    set.intersect_with(by_dst);
     if key.sport == 0 && key.dport == 0 {
-        intersect(&mut set, PORTLESS.get(0)?);
+        set.intersect_with(PORTLESS.get(0)?);
     } else {
-        intersect(&mut set, DPORT.get(Key::new(16, key.dport.to_be_bytes()))?);
-        intersect(&mut set, SPORT.get(Key::new(16, key.sport.to_be_bytes()))?);
+        set.intersect_with(DPORT.get(Key::new(16, key.dport.to_be_bytes()))?);
+        set.intersect_with(SPORT.get(Key::new(16, key.sport.to_be_bytes()))?);
     }
-    let rank = lowest_rank(&set)?;
-    ACTIONS.get(rank).copied()
+    ACTIONS.get(set.lowest_rank()?).copied()
 }
 
-#[inline(always)]
-fn intersect(set: &mut RuleSet, other: &RuleSet) {
-    let mut i = 0;
-    while i < RULE_WORDS {
-        set.words[i] &= other.words[i];
-        i += 1;
-    }
-}
-
-#[inline(always)]
-fn lowest_rank(set: &RuleSet) -> Option<u32> {
-    let mut i = 0;
-    while i < RULE_WORDS {
-        let word = set.words[i];
-        if word != 0 {
-            return Some(i as u32 * 64 + lowest_bit(word));
-        }
-        i += 1;
-    }
-    None
-}
-
-/// Index of the lowest set bit of a non-zero word, by halving; the BPF
-/// instruction set has no count-trailing-zeros.
-#[inline(always)]
-fn lowest_bit(mut word: u64) -> u32 {
-    let mut index = 0;
-    if word & 0xffff_ffff == 0 {
-        index += 32;
-        word >>= 32;
-    }
-    if word & 0xffff == 0 {
-        index += 16;
-        word >>= 16;
-    }
-    if word & 0xff == 0 {
-        index += 8;
-        word >>= 8;
-    }
-    if word & 0xf == 0 {
-        index += 4;
-        word >>= 4;
-    }
-    if word & 0x3 == 0 {
-        index += 2;
-        word >>= 2;
-    }
-    if word & 0x1 == 0 {
-        index += 1;
-    }
-    index
-}

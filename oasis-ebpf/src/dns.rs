@@ -18,13 +18,12 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, LruHashMap},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use oasis_common::{DNS_SOCKETS, DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6};
+use oasis_common::{DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6};
 
-use crate::classifier::{HEARTBEAT, SETTINGS};
+use crate::maps::{DNS_ORIGINAL, DNS_SETTINGS, HEARTBEAT, SETTINGS};
 
 const DNS_PORT: u16 = 53;
 const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
@@ -32,13 +31,6 @@ const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const MAPPED_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
 /// A hook that returns 1 lets the call go on (with the rewritten address).
 const ALLOW: i32 = 1;
-
-#[map(name = "OASIS_DNS_SETTINGS")]
-static DNS_SETTINGS: Array<DnsSettings> = Array::with_max_entries(1, 0);
-
-/// Socket cookie → the DNS server the application asked for.
-#[map(name = "OASIS_DNS_ORIGINAL")]
-static DNS_ORIGINAL: LruHashMap<u64, DnsOriginal> = LruHashMap::with_max_entries(DNS_SOCKETS, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn oasis_dns_connect4(ctx: SockAddrContext) -> i32 {

@@ -6,18 +6,15 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::generated::bpf_redirect,
-    macros::{classifier, map},
-    maps::Array,
+    macros::classifier,
     programs::TcContext,
 };
-use oasis_common::ExitSettings;
+
+use crate::maps::EXIT_SETTINGS;
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-
-#[map(name = "OASIS_EXIT_SETTINGS")]
-static EXIT_SETTINGS: Array<ExitSettings> = Array::with_max_entries(1, 0);
 
 #[classifier]
 pub fn oasis_exit_ingress(ctx: TcContext) -> i32 {

@@ -11,31 +11,19 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{HashMap, LpmTrie, lpm_trie::Key},
+    macros::classifier,
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use oasis_common::{FAMILY_V4, FlowKey, NAT_ENTRIES, NatEntry, stat};
+use oasis_common::{FAMILY_V4, FlowKey, NatEntry, stat};
 
 use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
+use crate::maps::{FAKE_V4, FAKE_V6, NAT_IN, NAT_OUT};
 use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse_into};
 
 /// Refresh an entry's timestamp at most this often.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
-
-/// The fake pools: a packet to any of these prefixes belongs to the broker.
-#[map(name = "OASIS_FAKE_V4")]
-static FAKE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(16, 0);
-
-#[map(name = "OASIS_FAKE_V6")]
-static FAKE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(16, 0);
-
-#[map(name = "OASIS_NAT_OUT")]
-static NAT_OUT: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(NAT_ENTRIES, 0);
-
-#[map(name = "OASIS_NAT_IN")]
-static NAT_IN: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(NAT_ENTRIES, 0);
 
 #[inline(always)]
 pub fn is_fake(key: &FlowKey) -> bool {

@@ -310,26 +310,14 @@ impl State {
 }
 
 fn map_views() -> Vec<MapView> {
-    use oasis_common::{FLOW_CACHE_ENTRIES, MAX_RULES, maps};
-    let rules = MAX_RULES as u32;
-    [
-        (maps::PROTO, "array", 256),
-        (maps::DST_V4, "lpm_trie", rules + 1),
-        (maps::DST_V6, "lpm_trie", rules + 1),
-        (maps::DPORT, "lpm_trie", rules * 32 + 1),
-        (maps::SPORT, "lpm_trie", rules * 32 + 1),
-        (maps::ACTIONS, "array", rules),
-        (maps::COUNTERS, "percpu_hash", rules),
-        (maps::FLOWS, "lru_hash", FLOW_CACHE_ENTRIES),
-        (maps::HEARTBEAT, "array", 1),
-    ]
-    .into_iter()
-    .map(|(name, kind, max_entries)| MapView {
-        name: name.into(),
-        kind: kind.into(),
-        max_entries,
-    })
-    .collect()
+    oasis_common::maps::ALL
+        .iter()
+        .map(|map| MapView {
+            name: map.name.into(),
+            kind: map.kind.as_str().into(),
+            max_entries: map.max_entries,
+        })
+        .collect()
 }
 
 /// `oasis overlay add`: fetch, check, resolve, then store and publish.

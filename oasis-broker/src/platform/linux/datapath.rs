@@ -116,37 +116,37 @@ impl Datapath {
             source,
         })?;
         let nat = NatMaps {
-            out: take!(ebpf, maps::NAT_OUT, HashMap<MapData, FlowKey, NatEntry>),
-            inbound: take!(ebpf, maps::NAT_IN, HashMap<MapData, FlowKey, NatEntry>),
+            out: take!(ebpf, maps::NAT_OUT.name, HashMap<MapData, FlowKey, NatEntry>),
+            inbound: take!(ebpf, maps::NAT_IN.name, HashMap<MapData, FlowKey, NatEntry>),
         };
         let mut datapath = Datapath {
-            fake_v4: take!(ebpf, maps::FAKE_V4, LpmTrie<MapData, [u8; 4], u8>),
-            fake_v6: take!(ebpf, maps::FAKE_V6, LpmTrie<MapData, [u8; 16], u8>),
+            fake_v4: take!(ebpf, maps::FAKE_V4.name, LpmTrie<MapData, [u8; 4], u8>),
+            fake_v6: take!(ebpf, maps::FAKE_V6.name, LpmTrie<MapData, [u8; 16], u8>),
             nat: Some(nat),
-            settings: take!(ebpf, maps::SETTINGS, Array<MapData, Settings>),
-            heartbeat: take!(ebpf, maps::HEARTBEAT, Array<MapData, u64>),
-            proto: take!(ebpf, maps::PROTO, Array<MapData, RuleSet>),
-            dst_v4: take!(ebpf, maps::DST_V4, LpmTrie<MapData, [u8; 4], RuleSet>),
-            dst_v6: take!(ebpf, maps::DST_V6, LpmTrie<MapData, [u8; 16], RuleSet>),
-            dport: take!(ebpf, maps::DPORT, LpmTrie<MapData, PortBytes, RuleSet>),
-            sport: take!(ebpf, maps::SPORT, LpmTrie<MapData, PortBytes, RuleSet>),
-            portless: take!(ebpf, maps::PORTLESS, Array<MapData, RuleSet>),
-            actions: take!(ebpf, maps::ACTIONS, Array<MapData, RuleAction>),
-            counters: take!(ebpf, maps::COUNTERS, PerCpuHashMap<MapData, u32, Counters>),
-            flows: take!(ebpf, maps::FLOWS, HashMap<MapData, FlowKey, FlowEntry>),
-            stats: take!(ebpf, maps::STATS, PerCpuArray<MapData, u64>),
+            settings: take!(ebpf, maps::SETTINGS.name, Array<MapData, Settings>),
+            heartbeat: take!(ebpf, maps::HEARTBEAT.name, Array<MapData, u64>),
+            proto: take!(ebpf, maps::PROTO.name, Array<MapData, RuleSet>),
+            dst_v4: take!(ebpf, maps::DST_V4.name, LpmTrie<MapData, [u8; 4], RuleSet>),
+            dst_v6: take!(ebpf, maps::DST_V6.name, LpmTrie<MapData, [u8; 16], RuleSet>),
+            dport: take!(ebpf, maps::DPORT.name, LpmTrie<MapData, PortBytes, RuleSet>),
+            sport: take!(ebpf, maps::SPORT.name, LpmTrie<MapData, PortBytes, RuleSet>),
+            portless: take!(ebpf, maps::PORTLESS.name, Array<MapData, RuleSet>),
+            actions: take!(ebpf, maps::ACTIONS.name, Array<MapData, RuleAction>),
+            counters: take!(ebpf, maps::COUNTERS.name, PerCpuHashMap<MapData, u32, Counters>),
+            flows: take!(ebpf, maps::FLOWS.name, HashMap<MapData, FlowKey, FlowEntry>),
+            stats: take!(ebpf, maps::STATS.name, PerCpuArray<MapData, u64>),
             ebpf,
             links: Vec::new(),
             image: None,
             cpus: aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
-                map: maps::COUNTERS,
+                map: maps::COUNTERS.name,
                 source: MapError::IoError(e),
             })?,
         };
         datapath
             .settings
             .set(0, settings, 0)
-            .map_err(map_error(maps::SETTINGS))?;
+            .map_err(map_error(maps::SETTINGS.name))?;
         datapath.beat()?;
         Ok(datapath)
     }
@@ -235,10 +235,10 @@ impl Datapath {
     pub fn set_fake_pools(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), DatapathError> {
         self.fake_v4
             .insert(&Key::new(u32::from(v4.prefix_len()), v4.network().octets()), 1, 0)
-            .map_err(map_error(maps::FAKE_V4))?;
+            .map_err(map_error(maps::FAKE_V4.name))?;
         self.fake_v6
             .insert(&Key::new(u32::from(v6.prefix_len()), v6.network().octets()), 1, 0)
-            .map_err(map_error(maps::FAKE_V6))
+            .map_err(map_error(maps::FAKE_V6.name))
     }
 
     /// The NAT maps, for the packet threads (once).
@@ -292,12 +292,12 @@ impl Datapath {
     pub fn beat(&mut self) -> Result<(), DatapathError> {
         self.heartbeat
             .set(0, monotonic_ns(), 0)
-            .map_err(map_error(maps::HEARTBEAT))
+            .map_err(map_error(maps::HEARTBEAT.name))
     }
 
     /// Writes a heartbeat time directly (tests use it to age the broker).
     pub fn set_heartbeat(&mut self, ns: u64) -> Result<(), DatapathError> {
-        self.heartbeat.set(0, ns, 0).map_err(map_error(maps::HEARTBEAT))
+        self.heartbeat.set(0, ns, 0).map_err(map_error(maps::HEARTBEAT.name))
     }
 
     pub fn heartbeat_age(&self) -> Duration {
@@ -319,13 +319,13 @@ impl Datapath {
         for id in new_ids.iter().filter(|id| !old_ids.contains(id)) {
             let zero = PerCpuValues::try_from(vec![Counters::default(); self.cpus]).map_err(|e| {
                 DatapathError::Map {
-                    map: maps::COUNTERS,
+                    map: maps::COUNTERS.name,
                     source: MapError::IoError(e),
                 }
             })?;
             self.counters
                 .insert(id, zero, 0)
-                .map_err(map_error(maps::COUNTERS))?;
+                .map_err(map_error(maps::COUNTERS.name))?;
         }
         for rank in 0..MAX_RULES {
             let action = image.actions.get(rank).copied().unwrap_or_default();
@@ -336,25 +336,25 @@ impl Datapath {
             if old.is_none() || action != before {
                 self.actions
                     .set(rank as u32, action, 0)
-                    .map_err(map_error(maps::ACTIONS))?;
+                    .map_err(map_error(maps::ACTIONS.name))?;
             }
         }
         for (number, set) in image.proto.iter().enumerate() {
             if old.as_ref().is_none_or(|i| i.proto[number] != *set) {
                 self.proto
                     .set(number as u32, *set, 0)
-                    .map_err(map_error(maps::PROTO))?;
+                    .map_err(map_error(maps::PROTO.name))?;
             }
         }
         self.portless
             .set(0, image.portless, 0)
-            .map_err(map_error(maps::PORTLESS))?;
+            .map_err(map_error(maps::PORTLESS.name))?;
         let empty = MapImage::default();
         let old_ref = old.as_ref().unwrap_or(&empty);
-        sync_trie(&mut self.dst_v4, &old_ref.dst_v4, &image.dst_v4).map_err(map_error(maps::DST_V4))?;
-        sync_trie(&mut self.dst_v6, &old_ref.dst_v6, &image.dst_v6).map_err(map_error(maps::DST_V6))?;
-        sync_trie(&mut self.dport, &old_ref.dport, &image.dport).map_err(map_error(maps::DPORT))?;
-        sync_trie(&mut self.sport, &old_ref.sport, &image.sport).map_err(map_error(maps::SPORT))?;
+        sync_trie(&mut self.dst_v4, &old_ref.dst_v4, &image.dst_v4).map_err(map_error(maps::DST_V4.name))?;
+        sync_trie(&mut self.dst_v6, &old_ref.dst_v6, &image.dst_v6).map_err(map_error(maps::DST_V6.name))?;
+        sync_trie(&mut self.dport, &old_ref.dport, &image.dport).map_err(map_error(maps::DPORT.name))?;
+        sync_trie(&mut self.sport, &old_ref.sport, &image.sport).map_err(map_error(maps::SPORT.name))?;
         for id in old_ids.iter().filter(|id| !new_ids.contains(id)) {
             let _ = self.counters.remove(id);
         }

@@ -34,17 +34,17 @@ impl DnsRedirect {
         settings: DnsSettings,
     ) -> Result<DnsRedirect, DatapathError> {
         let map = ebpf
-            .take_map(maps::DNS_SETTINGS)
-            .ok_or(DatapathError::Missing(maps::DNS_SETTINGS))?;
+            .take_map(maps::DNS_SETTINGS.name)
+            .ok_or(DatapathError::Missing(maps::DNS_SETTINGS.name))?;
         let mut settings_map =
             Array::<MapData, DnsSettings>::try_from(map).map_err(|source| DatapathError::Map {
-                map: maps::DNS_SETTINGS,
+                map: maps::DNS_SETTINGS.name,
                 source,
             })?;
         settings_map
             .set(0, settings, 0)
             .map_err(|source| DatapathError::Map {
-                map: maps::DNS_SETTINGS,
+                map: maps::DNS_SETTINGS.name,
                 source,
             })?;
         let file = File::open(cgroup).map_err(|e| DatapathError::Named {

@@ -21,17 +21,17 @@ impl ExitSteering {
     ) -> Result<ExitSteering, DatapathError> {
         let mut ebpf = Ebpf::load(object).map_err(DatapathError::Load)?;
         let map = ebpf
-            .take_map(maps::EXIT_SETTINGS)
-            .ok_or(DatapathError::Missing(maps::EXIT_SETTINGS))?;
+            .take_map(maps::EXIT_SETTINGS.name)
+            .ok_or(DatapathError::Missing(maps::EXIT_SETTINGS.name))?;
         let mut settings_map: Array<MapData, ExitSettings> =
             Array::try_from(map).map_err(|source| DatapathError::Map {
-                map: maps::EXIT_SETTINGS,
+                map: maps::EXIT_SETTINGS.name,
                 source,
             })?;
         settings_map
             .set(0, settings, 0)
             .map_err(|source| DatapathError::Map {
-                map: maps::EXIT_SETTINGS,
+                map: maps::EXIT_SETTINGS.name,
                 source,
             })?;
         let program: &mut SchedClassifier = ebpf

@@ -1,0 +1,122 @@
+//! Every map the kernel programs hold, in one table: name, kind, key and
+//! value types, size. Both sides read the table: `oasis-ebpf` declares its
+//! maps from it (`kernel_maps!` with a callback that emits statics), and the
+//! broker opens and describes the maps through the [`MapDef`] constants the
+//! same table generates here. A test in the broker loads the built object
+//! and checks every map in it against [`ALL`], so the two cannot drift.
+
+/// The BPF map types the programs use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Array,
+    HashMap,
+    LruHashMap,
+    LpmTrie,
+    PerCpuArray,
+    PerCpuHashMap,
+}
+
+impl MapKind {
+    /// The kernel's word for the type, as `bpftool` prints it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MapKind::Array => "array",
+            MapKind::HashMap => "hash",
+            MapKind::LruHashMap => "lru_hash",
+            MapKind::LpmTrie => "lpm_trie",
+            MapKind::PerCpuArray => "percpu_array",
+            MapKind::PerCpuHashMap => "percpu_hash",
+        }
+    }
+}
+
+/// One map of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub max_entries: u32,
+}
+
+/// The table. `$callback` is a macro taking entries of the form
+/// `#[doc] IDENT, "NAME", Kind<Key, Value>, max_entries;` (arrays have a
+/// value type only).
+#[macro_export]
+macro_rules! kernel_maps {
+    ($callback:ident) => {
+        $callback! {
+            /// Run-time settings the broker writes once at start.
+            SETTINGS, "OASIS_SETTINGS", Array<$crate::Settings>, 1;
+            /// CLOCK_MONOTONIC nanoseconds of the broker's last sign of life.
+            HEARTBEAT, "OASIS_HEARTBEAT", Array<u64>, 1;
+            /// Header rules by IP protocol number.
+            PROTO, "OASIS_PROTO", Array<$crate::RuleSet>, 256;
+            /// Header rules by destination prefix. Each entry already holds
+            /// every rule whose prefix covers it, so the longest match alone
+            /// is the answer.
+            DST_V4, "OASIS_DST_V4", LpmTrie<[u8; 4], $crate::RuleSet>, $crate::MAX_RULES as u32 + 1;
+            DST_V6, "OASIS_DST_V6", LpmTrie<[u8; 16], $crate::RuleSet>, $crate::MAX_RULES as u32 + 1;
+            /// Header rules by destination and source port; ranges are
+            /// stored as port prefixes (at most 32 per rule and field).
+            DPORT, "OASIS_DPORT", LpmTrie<$crate::PortBytes, $crate::RuleSet>, $crate::MAX_RULES as u32 * 32 + 1;
+            SPORT, "OASIS_SPORT", LpmTrie<$crate::PortBytes, $crate::RuleSet>, $crate::MAX_RULES as u32 * 32 + 1;
+            /// Index 0: the rules that ask for no port at all, the only ones
+            /// a packet without ports (ICMP, fragments) can match.
+            PORTLESS, "OASIS_PORTLESS", Array<$crate::RuleSet>, 1;
+            /// What each rule rank does.
+            ACTIONS, "OASIS_ACTIONS", Array<$crate::RuleAction>, $crate::MAX_RULES as u32;
+            /// Packets and bytes per rule id; the broker creates an entry per rule.
+            COUNTERS, "OASIS_COUNTERS", PerCpuHashMap<u32, $crate::Counters>, $crate::MAX_RULES as u32;
+            /// The verdict cache: a flow's verdict, decided on its first packet.
+            FLOWS, "OASIS_FLOWS", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::FLOW_CACHE_ENTRIES;
+            /// The classifier's own counters (see `stat`).
+            STATS, "OASIS_STATS", PerCpuArray<u64>, $crate::stat::COUNT;
+            /// The fake pools: a packet to any of these prefixes belongs to the broker.
+            FAKE_V4, "OASIS_FAKE_V4", LpmTrie<[u8; 4], u8>, 16;
+            FAKE_V6, "OASIS_FAKE_V6", LpmTrie<[u8; 16], u8>, 16;
+            /// In-kernel NAT of fake-address flows carried by the underlay:
+            /// the flow as the application sends it → the real destination.
+            NAT_OUT, "OASIS_NAT_OUT", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            /// The reply as it arrives → the fake source to put in its place.
+            NAT_IN, "OASIS_NAT_IN", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            /// What the DNS redirect needs to know.
+            DNS_SETTINGS, "OASIS_DNS_SETTINGS", Array<$crate::DnsSettings>, 1;
+            /// Socket cookie → the DNS server the application asked for.
+            DNS_ORIGINAL, "OASIS_DNS_ORIGINAL", LruHashMap<u64, $crate::DnsOriginal>, $crate::DNS_SOCKETS;
+            /// What the exit node's ingress program steers.
+            EXIT_SETTINGS, "OASIS_EXIT_SETTINGS", Array<$crate::ExitSettings>, 1;
+        }
+    };
+}
+
+macro_rules! map_defs {
+    ($($(#[$doc:meta])* $id:ident, $name:tt, $kind:ident<$($arg:ty),+>, $size:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $id: MapDef = MapDef { name: $name, kind: MapKind::$kind, max_entries: $size };
+        )*
+        /// Every map, in table order.
+        pub const ALL: &[MapDef] = &[$($id),*];
+    };
+}
+
+kernel_maps!(map_defs);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_sizes_set() {
+        for (i, map) in ALL.iter().enumerate() {
+            assert!(map.name.starts_with("OASIS_"), "{}", map.name);
+            assert!(map.max_entries > 0, "{}", map.name);
+            assert!(
+                ALL[..i].iter().all(|other| other.name != map.name),
+                "{} twice",
+                map.name
+            );
+        }
+        assert_eq!(FLOWS.kind.as_str(), "lru_hash");
+    }
+}
