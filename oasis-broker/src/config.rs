@@ -137,6 +137,20 @@ pub struct StoredRule {
     pub spec: RuleSpec,
 }
 
+impl StoredRule {
+    /// The rule as an item of the file's `rules:` list.
+    pub fn yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(std::slice::from_ref(self))
+    }
+}
+
+fn write_error(path: &Path) -> impl Fn(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Write {
+        path: path.into(),
+        source,
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -324,7 +338,7 @@ impl Config {
                 }),
             });
         }
-        RuleSet::from_rules(rules).map_err(|source| {
+        let mut set = RuleSet::from_rules(rules).map_err(|source| {
             let id = match &source {
                 RuleError::Duplicate { existing, .. } => *existing,
                 _ => 0,
@@ -334,11 +348,17 @@ impl Config {
                 id,
                 source,
             }
-        })
+        })?;
+        // Ids of rules deleted before the last save are never handed out again.
+        if let Some(next) = self.next_rule_id {
+            set.reserve_ids_below(next);
+        }
+        Ok(set)
     }
 
     pub fn with_rules(&self, rules: &RuleSet) -> Config {
         let mut config = self.clone();
+        config.next_rule_id = Some(rules.next_id());
         config.rules = rules
             .all()
             .iter()
@@ -353,19 +373,50 @@ impl Config {
     /// Writes the file atomically (a temporary file renamed over it), so a
     /// crash mid-write never leaves half a config behind.
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
-        let write_error = |source| ConfigError::Write {
-            path: path.into(),
-            source,
+        let blocks: Vec<String> = self
+            .rules
+            .iter()
+            .map(StoredRule::yaml)
+            .collect::<Result<_, _>>()
+            .map_err(|e| write_error(path)(std::io::Error::other(e)))?;
+        self.save_with_rules(path, blocks.iter().map(String::as_str))
+    }
+
+    /// Writes the file with these rules, each already rendered by
+    /// [`StoredRule::yaml`] (the daemon keeps them rendered, so a file with
+    /// a million rules is written without serialising them again); this
+    /// config's own `rules` are ignored.
+    pub fn save_with_rules<'a>(
+        &self,
+        path: &Path,
+        rules: impl ExactSizeIterator<Item = &'a str>,
+    ) -> Result<(), ConfigError> {
+        let write_error = write_error(path);
+        let settings = Config {
+            rules: Vec::new(),
+            ..self.clone()
         };
-        let yaml = serde_yaml::to_string(self).map_err(|e| write_error(std::io::Error::other(e)))?;
+        let mut yaml = serde_yaml::to_string(&settings).map_err(|e| write_error(std::io::Error::other(e)))?;
+        // `rules` is the last field: its empty list ends the text.
+        if rules.len() > 0 {
+            let head = yaml.strip_suffix("rules: []\n").ok_or_else(|| {
+                write_error(std::io::Error::other("the rules are not the config's last key"))
+            })?;
+            yaml = format!("{head}rules:\n");
+        }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(write_error)?;
+            std::fs::create_dir_all(dir).map_err(&write_error)?;
         }
         let tmp = path.with_extension("yaml.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(write_error)?;
-        file.write_all(HEADER.as_bytes()).map_err(write_error)?;
-        file.write_all(yaml.as_bytes()).map_err(write_error)?;
-        file.sync_all().map_err(write_error)?;
+        let file = std::fs::File::create(&tmp).map_err(&write_error)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(HEADER.as_bytes()).map_err(&write_error)?;
+        out.write_all(yaml.as_bytes()).map_err(&write_error)?;
+        for rule in rules {
+            out.write_all(rule.as_bytes()).map_err(&write_error)?;
+        }
+        let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
+        file.sync_all().map_err(&write_error)?;
         std::fs::rename(&tmp, path).map_err(write_error)
     }
 }

@@ -1,8 +1,8 @@
 //! The control protocol between the CLI and the daemon: one JSON request
-//! per line over a Unix socket, one JSON response line back.
+//! per line over a local socket; back come progress lines while a long
+//! request runs (at least every few seconds), then one response line.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,13 +46,50 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Rule { rule: RuleView },
-    Rules { rules: Vec<RuleView> },
-    Status { status: Box<StatusView> },
-    Overlay { overlay: Box<OverlayView> },
-    Overlays { overlays: Vec<OverlayView> },
-    Dns { dns: Box<DnsTableView> },
-    Error { message: String },
+    Rule {
+        rule: RuleView,
+    },
+    Rules {
+        rules: Vec<RuleView>,
+    },
+    Status {
+        status: Box<StatusView>,
+    },
+    Overlay {
+        overlay: Box<OverlayView>,
+    },
+    Overlays {
+        overlays: Vec<OverlayView>,
+    },
+    Dns {
+        dns: Box<DnsTableView>,
+    },
+    Error {
+        message: String,
+    },
+    /// Not the answer yet: the request is still being worked on.
+    Progress {
+        progress: Progress,
+    },
+}
+
+/// How far a long request has come.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// What the daemon is doing, e.g. `checking rules`.
+    pub stage: String,
+    pub done: u64,
+    /// 0 when not known.
+    pub total: u64,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.total {
+            0 => f.write_str(&self.stage),
+            total => write!(f, "{}: {} of {}", self.stage, self.done, total),
+        }
+    }
 }
 
 /// A rule as `oasis rule list` shows it.
@@ -107,6 +144,15 @@ pub struct StatusView {
     pub overlays: usize,
     pub overlay_port: u16,
     pub underlay_port: u16,
+    /// Each kernel program's own cost (kernel.bpf_stats_enabled on).
+    #[serde(default)]
+    pub programs: Vec<ProgramStatsView>,
+    /// Whether the config file holds the daemon's current rules and overlays.
+    #[serde(default)]
+    pub config_saved: bool,
+    /// Why the last write of the config file failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
     /// None when DNS interception is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatusView>,
@@ -189,6 +235,21 @@ pub struct HeartbeatView {
     pub timeout_ms: u64,
     /// False when the classifier is passing everything (fail open).
     pub alive: bool,
+    /// The heartbeat map's kernel id, for reading it from outside
+    /// (`bpftool map lookup id ID key 0 0 0 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_id: Option<u32>,
+}
+
+/// One kernel program and what it costs, as the kernel counts it. The
+/// counts grow only while `kernel.bpf_stats_enabled` is 1.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatsView {
+    pub name: String,
+    /// Where it runs, e.g. `tc egress`, `connect4`.
+    pub hook: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// The classifier's own counters, summed over CPUs.
@@ -225,7 +286,18 @@ pub struct BrokerCounters {
     pub unroutable: u64,
     /// Packets of flows whose overlay was left, dropped.
     pub no_carrier: u64,
+    /// Packets to fake addresses that cannot be rewritten (no ports, a
+    /// fragment), dropped.
+    #[serde(default)]
+    pub untranslatable: u64,
+    /// Flows the broker tracks now.
     pub flows: u64,
+    /// Flows started since the daemon started.
+    #[serde(default)]
+    pub flows_started: u64,
+    /// Flows forgotten early because a packet thread's table was full.
+    #[serde(default)]
+    pub flows_evicted: u64,
     /// Packets overlays returned and the broker delivered to this host.
     pub overlay_received: u64,
     /// Datagrams on the standard port from senders that are no joined
@@ -245,18 +317,33 @@ pub enum ClientError {
     NotRunning(PathBuf),
     #[error("permission denied on {0}: only root may control Oasis (try sudo)")]
     PermissionDenied(PathBuf),
+    #[error(
+        "no answer from the daemon at {path} in {} s: it may be busy or hung (its log says which; \
+         `oasis status` tells whether it still answers)", timeout.as_secs()
+    )]
+    NoAnswer { path: PathBuf, timeout: Duration },
+    #[error("the daemon at {0} closed the connection without answering (did it stop?)")]
+    Closed(PathBuf),
     #[error("talking to the daemon at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("the daemon sent a reply this CLI does not understand: {0}")]
     BadReply(String),
 }
 
-/// How long the CLI waits for an answer: joining an overlay fetches its
-/// specification (up to 10 s) first.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the CLI waits for the daemon's next line. A long request sends
+/// progress lines (at least every few seconds), so this bounds a silence,
+/// not the request.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sends one request and waits for its response.
-pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+/// Sends one request and waits for its response, handing each progress
+/// line to `progress` on the way.
+#[cfg(unix)]
+pub fn call(
+    socket: &Path,
+    request: &Request,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Response, ClientError> {
+    use std::os::unix::net::UnixStream;
     let io = |source| ClientError::Io {
         path: socket.into(),
         source,
@@ -272,9 +359,31 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
-    serde_json::from_str(&reply).map_err(|_| ClientError::BadReply(reply.trim().to_string()))
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut reply = String::new();
+        match reader.read_line(&mut reply) {
+            Ok(0) => return Err(ClientError::Closed(socket.into())),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::NoAnswer {
+                    path: socket.into(),
+                    timeout: REPLY_TIMEOUT,
+                });
+            }
+            Err(e) => return Err(io(e)),
+        }
+        match serde_json::from_str(&reply) {
+            Ok(Response::Progress { progress: p }) => progress(&p),
+            Ok(response) => return Ok(response),
+            Err(_) => return Err(ClientError::BadReply(reply.trim().to_string())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -289,10 +398,49 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
     }
 
+    #[cfg(unix)]
     #[test]
     fn missing_socket_says_daemon_not_running() {
-        let err = call(Path::new("/nonexistent/oasis.sock"), &Request::Status).unwrap_err();
+        let err = call(Path::new("/nonexistent/oasis.sock"), &Request::Status, |_| {}).unwrap_err();
         assert!(matches!(err, ClientError::NotRunning(_)));
         assert!(err.to_string().contains("oasis run"));
+    }
+
+    /// A daemon that sends progress, then its answer; and one that says
+    /// nothing at all.
+    #[cfg(unix)]
+    #[test]
+    fn progress_lines_come_before_the_answer() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("oasis-control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            assert!(request.contains("list_rules"));
+            let progress = Response::Progress {
+                progress: Progress {
+                    stage: "checking".into(),
+                    done: 1,
+                    total: 2,
+                },
+            };
+            for line in [
+                serde_json::to_string(&progress).unwrap(),
+                serde_json::to_string(&Response::Rules { rules: vec![] }).unwrap(),
+            ] {
+                (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+            }
+        });
+        let mut seen = Vec::new();
+        let response = call(&path, &Request::ListRules, |p| seen.push(p.to_string())).unwrap();
+        assert_eq!(response, Response::Rules { rules: vec![] });
+        assert_eq!(seen, vec!["checking: 1 of 2"]);
+        server.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

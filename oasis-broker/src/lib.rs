@@ -1,25 +1,24 @@
-//! The Oasis broker: rule handling, the daemon and its control interface.
+//! The Oasis broker: rules, the routing engine, the daemon and its control
+//! interface.
 //!
-//! Decisions (rules, their compilation into classifier maps, the flow table,
-//! configuration) are plain types tested without privileges; the Linux shell
-//! around them (eBPF maps, TUN, raw sockets) lives in `platform`.
+//! Decisions are plain types tested without privileges: rules and their
+//! compilation into classifier maps (`rules`, `compile`, `names`), the
+//! routing engine (`engine`: flows, carriers, fake-address flows, returned
+//! packets), the overlay manager (`overlay`), DNS policy (`dns`). The
+//! operating system sits behind the traits of `platform`; `forward` runs
+//! the packet loops over them, and `daemon` wires everything together.
 pub mod compile;
 pub mod config;
 pub mod control;
-#[cfg(target_os = "linux")]
 pub mod daemon;
 pub mod dns;
+pub mod engine;
 pub mod fake;
-pub mod fake_flows;
-pub mod flow;
+pub mod forward;
+pub mod liveness;
 pub mod names;
 pub mod overlay;
-pub mod packet;
 pub mod platform;
 pub mod render;
 pub mod rules;
 pub mod shared;
-
-/// The compiled kernel programs, built by this crate's build script.
-#[cfg(target_os = "linux")]
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oasis"));

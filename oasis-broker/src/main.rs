@@ -410,9 +410,32 @@ fn control_socket(cli: &Cli) -> PathBuf {
     }
 }
 
-/// Sends a request to the daemon; a refusal becomes this command's error.
+/// Sends a request to the daemon and waits for its answer, showing on
+/// standard error what a long request is doing; a refusal becomes this
+/// command's error.
 fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<Response> {
-    match control::call(socket, request)? {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = false;
+    let mut last = String::new();
+    let result = control::call(socket, request, |progress| {
+        let text = progress.to_string();
+        if text == last {
+            return;
+        }
+        if tty {
+            eprint!("\r\x1b[K{text} ...");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{text} ...");
+        }
+        shown = true;
+        last = text;
+    });
+    if shown && tty {
+        eprint!("\r\x1b[K");
+    }
+    match result? {
         Response::Error { message } => bail!("{message}"),
         response => Ok(response),
     }
@@ -430,7 +453,10 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(oasis_broker::daemon::run(config))?;
+    runtime.block_on(oasis_broker::daemon::run(
+        config,
+        oasis_broker::platform::linux::LinuxPlatform,
+    ))?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use regex::RegexSet;
 use crate::rules::{Carrier, NameRule};
 
 /// One name pattern, as written on the command line.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum NamePattern {
     /// Exactly this name.
     Exact(String),

@@ -2,13 +2,16 @@
 //! destination prefix and port ranges. Parsing, validation and the reference
 //! matcher live here; `compile` turns a rule list into classifier maps.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
+use crate::engine::packet::flow_dst;
 use crate::names::{NameError, NamePattern};
 use ipnet::IpNet;
-use oasis_common::{FAMILY_V4, FlowKey, MAX_RULES};
+use oasis_common::{FlowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
 
 /// An IP protocol a rule can name.
@@ -224,15 +227,6 @@ impl HeaderSubset {
             return false;
         }
         true
-    }
-}
-
-/// The destination address of a flow key.
-pub fn flow_dst(key: &FlowKey) -> IpAddr {
-    if key.family == FAMILY_V4 {
-        IpAddr::from([key.dst[0], key.dst[1], key.dst[2], key.dst[3]])
-    } else {
-        IpAddr::from(key.dst)
     }
 }
 
@@ -508,10 +502,15 @@ pub enum RuleError {
 
 /// The ordered rule list. The first rule whose subset matches a flow decides
 /// its carrier; rules are kept in the order they were added.
+///
+/// Name rules may number a million: they are shared between copies until
+/// one of them changes them (a header rule change copies no name rule), and
+/// indexed by pattern, so a duplicate is found without a scan.
 #[derive(Clone, Debug, Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    names: Vec<NameRule>,
+    names: Arc<Vec<NameRule>>,
+    name_ids: Arc<HashMap<NamePattern, u32>>,
     next_id: u32,
 }
 
@@ -523,9 +522,8 @@ impl RuleSet {
     /// Rebuilds a rule list from stored rules, checking them as `add` would.
     pub fn from_rules(rules: Vec<AnyRule>) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet {
-            rules: Vec::new(),
-            names: Vec::new(),
             next_id: 1,
+            ..RuleSet::default()
         };
         let mut ids = std::collections::HashSet::new();
         for rule in rules {
@@ -543,7 +541,7 @@ impl RuleSet {
                 }
                 AnyRule::Name(rule) => {
                     set.check_new_name(&rule.pattern)?;
-                    set.names.push(rule);
+                    set.push_name(rule);
                 }
             }
         }
@@ -560,6 +558,23 @@ impl RuleSet {
         &self.names
     }
 
+    /// Every rule's id and carrier, header rules first.
+    pub fn carriers(&self) -> impl Iterator<Item = (u32, &Carrier)> {
+        self.rules
+            .iter()
+            .map(|r| (r.id, &r.via))
+            .chain(self.names.iter().map(|r| (r.id, &r.via)))
+    }
+
+    /// How many rules of both kinds there are.
+    pub fn len(&self) -> usize {
+        self.rules.len() + self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every rule, by id.
     pub fn all(&self) -> Vec<AnyRule> {
         let mut all: Vec<AnyRule> = self
@@ -574,9 +589,9 @@ impl RuleSet {
     }
 
     fn check_new_name(&self, pattern: &NamePattern) -> Result<(), RuleError> {
-        if let Some(existing) = self.names.iter().find(|r| &r.pattern == pattern) {
+        if let Some(&existing) = self.name_ids.get(pattern) {
             return Err(RuleError::Duplicate {
-                existing: existing.id,
+                existing,
                 subset: pattern.to_string(),
             });
         }
@@ -595,8 +610,13 @@ impl RuleSet {
             via,
         };
         self.next_id = rule.id + 1;
-        self.names.push(rule.clone());
+        self.push_name(rule.clone());
         Ok(rule)
+    }
+
+    fn push_name(&mut self, rule: NameRule) {
+        Arc::make_mut(&mut self.name_ids).insert(rule.pattern.clone(), rule.id);
+        Arc::make_mut(&mut self.names).push(rule);
     }
 
     /// Appends a rule of either kind.
@@ -652,7 +672,9 @@ impl RuleSet {
             .iter()
             .position(|r| r.id == id)
             .ok_or(RuleError::NoSuchRule(id))?;
-        Ok(AnyRule::Name(self.names.remove(index)))
+        let rule = Arc::make_mut(&mut self.names).remove(index);
+        Arc::make_mut(&mut self.name_ids).remove(&rule.pattern);
+        Ok(AnyRule::Name(rule))
     }
 
     /// The rule that decides this flow, if any.

@@ -6,9 +6,11 @@
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use oasis_broker::compile::compile;
-use oasis_broker::platform::linux::datapath::{Datapath, monotonic_ns};
+use oasis_broker::platform::Kernel;
+use oasis_broker::platform::linux::LinuxKernel;
+use oasis_broker::platform::linux::kernel::monotonic_ns;
 use oasis_broker::rules::{Rule, RuleSet, RuleSpec};
-use oasis_common::{FlowKey, Settings, Verdict};
+use oasis_common::{EGRESS_PROGRAM, FlowKey, INGRESS_PROGRAM, Settings, Verdict};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -36,7 +38,7 @@ fn rules(specs: &[RuleSpec]) -> RuleSet {
     set
 }
 
-fn datapath(rule_list: &[Rule]) -> Datapath {
+fn datapath(rule_list: &[Rule]) -> LinuxKernel {
     let settings = Settings {
         heartbeat_timeout_ns: 3_000_000_000,
         flow_idle_ns: 120_000_000_000,
@@ -44,7 +46,7 @@ fn datapath(rule_list: &[Rule]) -> Datapath {
         bypass_mark: BYPASS_MARK,
     };
     let mut datapath =
-        Datapath::load(oasis_broker::EBPF_OBJECT, settings).expect("load the classifier (as root)");
+        LinuxKernel::load(oasis_ebpf_object::OBJECT, settings).expect("load the classifier (as root)");
     datapath.apply(&compile(rule_list)).unwrap();
     datapath
 }
@@ -100,13 +102,13 @@ fn icmp6(dst: [u8; 16]) -> Vec<u8> {
     out
 }
 
-fn run(datapath: &Datapath, packet: &[u8]) -> u32 {
+fn run(datapath: &LinuxKernel, packet: &[u8]) -> u32 {
     run_with_mark(datapath, packet, 0)
 }
 
 /// Runs the program once. `__sk_buff` starts with len, pkt_type, mark; the
 /// kernel lets a test set mark and requires the two before it to be zero.
-fn run_with_mark(datapath: &Datapath, packet: &[u8], mark: u32) -> u32 {
+fn run_with_mark(datapath: &LinuxKernel, packet: &[u8], mark: u32) -> u32 {
     let ctx: Vec<u8> = [0u32, 0, mark].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; packet.len() + 256];
     let options = TestRunOptions {
@@ -116,7 +118,7 @@ fn run_with_mark(datapath: &Datapath, packet: &[u8], mark: u32) -> u32 {
         ..TestRunOptions::default()
     };
     datapath
-        .program()
+        .program(EGRESS_PROGRAM)
         .unwrap()
         .test_run(options)
         .expect("BPF_PROG_TEST_RUN")
@@ -161,7 +163,8 @@ fn prefix_rules_use_the_longest_match_and_rule_order() {
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        dp.cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 443))
+        dp.classifier()
+            .cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 443))
             .unwrap()
             .rule_id,
         1
@@ -171,7 +174,8 @@ fn prefix_rules_use_the_longest_match_and_rule_order() {
         TC_ACT_REDIRECT
     );
     assert_eq!(
-        dp.cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 80))
+        dp.classifier()
+            .cached_flow(&v4_key([203, 0, 113, 7], 6, 40000, 80))
             .unwrap()
             .rule_id,
         2
@@ -218,7 +222,7 @@ fn ipv6_rules() {
 fn second_packet_hits_the_flow_cache() {
     let set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
     let dp = datapath(set.rules());
-    let before = dp.classifier_counters();
+    let before = dp.counters();
     assert_eq!(
         run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
         TC_ACT_REDIRECT
@@ -231,11 +235,12 @@ fn second_packet_hits_the_flow_cache() {
         run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
         TC_ACT_REDIRECT
     );
-    let after = dp.classifier_counters();
+    let after = dp.counters();
     assert_eq!(after.classified - before.classified, 1);
     assert_eq!(after.cache_hits - before.cache_hits, 2);
     assert_eq!(after.diverted - before.diverted, 3);
     let entry = dp
+        .classifier()
         .cached_flow(&v4_key([192, 0, 2, 1], 6, 40000, 8080))
         .expect("cached");
     assert_eq!((entry.rule_id, entry.verdict), (1, Verdict::Divert as u8));
@@ -276,7 +281,7 @@ fn bypass_mark_always_passes() {
         run_with_mark(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true), 7),
         TC_ACT_REDIRECT
     );
-    assert_eq!(dp.classifier_counters().bypassed, 1);
+    assert_eq!(dp.counters().bypassed, 1);
     assert_eq!(
         dp.rule_counters(1).packets,
         1,
@@ -293,15 +298,15 @@ fn stale_heartbeat_fails_open() {
         run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)),
         TC_ACT_REDIRECT
     );
-    dp.set_heartbeat(monotonic_ns() - 4_000_000_000).unwrap();
+    dp.heartbeat_map().set(monotonic_ns() - 4_000_000_000).unwrap();
     assert_eq!(
         run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)),
         TC_ACT_OK,
         "cached flows too"
     );
     assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40001, 8080, true)), TC_ACT_OK);
-    assert_eq!(dp.classifier_counters().fail_open, 2);
-    dp.beat().unwrap();
+    assert_eq!(dp.counters().fail_open, 2);
+    dp.heartbeat_map().set(monotonic_ns()).unwrap();
     assert_eq!(
         run(&dp, &tcp4([192, 0, 2, 1], 40002, 8080, true)),
         TC_ACT_REDIRECT
@@ -336,7 +341,8 @@ fn rule_updates_reach_the_maps_in_place() {
     dp.apply(&compile(set.rules())).unwrap();
     assert_eq!(run(&dp, &tcp4([192, 0, 2, 9], 40000, 22, true)), TC_ACT_REDIRECT);
     assert_eq!(
-        dp.cached_flow(&v4_key([192, 0, 2, 9], 6, 40000, 22))
+        dp.classifier()
+            .cached_flow(&v4_key([192, 0, 2, 9], 6, 40000, 22))
             .unwrap()
             .rule_id,
         2
@@ -370,13 +376,13 @@ fn cost_per_packet_is_reported() {
         repeat: 1_000_000,
         ..TestRunOptions::default()
     };
-    let result = dp.program().unwrap().test_run(options).unwrap();
+    let result = dp.program(EGRESS_PROGRAM).unwrap().test_run(options).unwrap();
     assert_eq!(result.return_value, TC_ACT_OK);
     println!(
         "classifier, cached unmatched flow: {:?} per packet",
         result.duration
     );
-    assert!(dp.classifier_counters().cache_hits >= 1_000_000);
+    assert!(dp.counters().cache_hits >= 1_000_000);
 }
 
 /// Runs `program` once and returns its verdict and the packet as it left.
@@ -436,7 +442,7 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
         "fd4f:4153:4953::/48".parse().unwrap(),
     )
     .unwrap();
-    let mut nat = dp.take_nat_maps().expect("NAT maps");
+    let mut nat = dp.take_nat().expect("NAT maps");
     let syn = tcp4(FAKE, 40000, 80, true);
     assert_eq!(
         run(&dp, &syn),
@@ -446,7 +452,7 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
 
     nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into())
         .unwrap();
-    let (verdict, out) = run_out(dp.program().unwrap(), &tcp4(FAKE, 40000, 80, false));
+    let (verdict, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &tcp4(FAKE, 40000, 80, false));
     assert_eq!(verdict, TC_ACT_OK, "rewritten in place and sent on");
     assert_eq!(checked(&out), (CLIENT.into(), REAL.into(), 40000, 80));
     // Another flow to the same fake address has no entry: the broker's.
@@ -460,7 +466,7 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
         .ack(2)
         .write(&mut reply, b"response body")
         .unwrap();
-    let (verdict, out) = run_out(dp.ingress_program().unwrap(), &reply);
+    let (verdict, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &reply);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(checked(&out), (FAKE.into(), CLIENT.into(), 80, 40000));
     // Replies of other flows pass untouched.
@@ -470,9 +476,52 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
         .tcp(80, 40001, 7, 64000)
         .write(&mut stranger, b"x")
         .unwrap();
-    let (_, out) = run_out(dp.ingress_program().unwrap(), &stranger);
+    let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &stranger);
     assert_eq!(out, stranger);
-    let counters = dp.classifier_counters();
+    let counters = dp.counters();
     assert_eq!((counters.nat_egress, counters.nat_ingress), (1, 1));
     assert_eq!(counters.fake_diverted, 2);
+}
+
+/// The object's maps are the table in oasis-common, name, kind and size,
+/// and its programs are the ones the broker loads by name.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn the_object_matches_the_shared_table() {
+    use aya::maps::Map;
+    use oasis_common::maps::{ALL, MapKind};
+    let ebpf = aya::Ebpf::load(oasis_ebpf_object::OBJECT).expect("load the object (as root)");
+    let mut found = 0;
+    // Sections such as .rodata become maps of their own: not ours to list.
+    for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
+        let def = ALL
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("map {name} is not in oasis_common::maps"));
+        let (kind, data) = match map {
+            Map::Array(d) => (MapKind::Array, d),
+            Map::HashMap(d) => (MapKind::HashMap, d),
+            Map::LruHashMap(d) => (MapKind::LruHashMap, d),
+            Map::LpmTrie(d) => (MapKind::LpmTrie, d),
+            Map::PerCpuArray(d) => (MapKind::PerCpuArray, d),
+            Map::PerCpuHashMap(d) => (MapKind::PerCpuHashMap, d),
+            other => panic!("map {name} has an unexpected type: {other:?}"),
+        };
+        assert_eq!(kind, def.kind, "{name}");
+        assert_eq!(data.info().unwrap().max_entries(), def.max_entries, "{name}");
+        found += 1;
+    }
+    assert_eq!(found, ALL.len(), "every map of the table is in the object");
+    let mut programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    programs.sort_unstable();
+    let mut expected: Vec<&str> = [
+        EGRESS_PROGRAM,
+        INGRESS_PROGRAM,
+        oasis_common::EXIT_INGRESS_PROGRAM,
+    ]
+    .into_iter()
+    .chain(oasis_common::DNS_PROGRAMS.iter().map(|(name, _)| *name))
+    .collect();
+    expected.sort_unstable();
+    assert_eq!(programs, expected);
 }

@@ -16,6 +16,11 @@ pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 
 pub mod maps;
 
+/// The overlay wire format: every datagram between a host and an overlay is
+/// `[shim][IP packet]`, with a shim of the length the overlay's
+/// specification gives, at most this many bytes.
+pub const MAX_SHIM_LEN: usize = 64;
+
 /// Entries in each in-kernel NAT map (one per fake-address underlay flow).
 pub const NAT_ENTRIES: u32 = 65_536;
 

@@ -1,8 +1,8 @@
-use crate::nat;
-use crate::parse::{Parsed, parse_into};
 use crate::maps::{
     ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, SETTINGS, SPORT, STATS,
 };
+use crate::nat;
+use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
@@ -145,4 +145,3 @@ fn match_rules(key: &FlowKey) -> Option<RuleAction> {
     }
     ACTIONS.get(set.lowest_rank()?).copied()
 }
-

@@ -4,10 +4,7 @@
 //! the exit node's TUN instead, and passes everything else untouched.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::generated::bpf_redirect,
-    macros::classifier,
-    programs::TcContext,
+    bindings::TC_ACT_OK, helpers::generated::bpf_redirect, macros::classifier, programs::TcContext,
 };
 
 use crate::maps::EXIT_SETTINGS;

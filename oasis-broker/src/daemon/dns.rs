@@ -1,44 +1,37 @@
 //! The daemon's DNS side: the fake-address table (loaded, saved), the DNS
-//! listener, the kernel redirect, and the fake-address packet path.
+//! listener and the interception of the host's queries.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use oasis_common::DnsSettings;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use super::DaemonError;
 use crate::config::{Config, DnsConfig};
 use crate::control::{DnsStatusView, DnsTableView, FakeView};
 use crate::dns::DnsCounters;
 use crate::dns::cache::AnswerCache;
-use crate::dns::server::{DnsService, listen, unix_now};
+use crate::dns::server::{DnsService, listen};
 use crate::dns::upstream::{parse_upstream, resolver, system_upstreams};
-use crate::fake::FakeTable;
-use crate::fake_flows::choose_carrier;
+use crate::engine::{Engine, Routes, Via};
+use crate::fake::{FakeTable, unix_now};
 use crate::names::NameRules;
-use crate::overlay::OverlayTable;
-use crate::platform::linux::datapath::Datapath;
-use crate::platform::linux::dns_redirect::{DnsRedirect, default_cgroup, netns_cookie};
-use crate::platform::linux::fake_path::FakePath;
-use crate::platform::linux::forward::{Shared, snapshot};
+use crate::platform::{DnsInterception, InterceptSettings, Kernel};
+use crate::shared::Shared;
 
 /// Resolver cache entries (queries, not names).
 const CACHE_ENTRIES: usize = 16_384;
-/// Save the table at most this often while answers change.
-const SAVE_EVERY: Duration = Duration::from_secs(2);
 
 pub(super) struct DnsRuntime {
     pub fakes: Arc<Mutex<FakeTable>>,
-    pub fake_path: Arc<FakePath>,
+    /// The name rules the DNS service answers by.
+    pub names: Shared<NameRules>,
     pub counters: Arc<DnsCounters>,
-    redirect: Option<DnsRedirect>,
+    interception: Mutex<Option<Box<dyn DnsInterception>>>,
     listen: Vec<String>,
     upstreams: Vec<String>,
     state_file: PathBuf,
-    saved_changes: u64,
-    last_save: Instant,
+    saved_changes: AtomicU64,
 }
 
 /// The table saved by the last run, when it fits the configured pools.
@@ -84,34 +77,26 @@ fn save_table(table: &FakeTable, path: &Path) -> std::io::Result<()> {
 /// Sets up everything DNS; the listener runs on the current runtime.
 pub(super) async fn start(
     config: &Config,
-    datapath: &mut Datapath,
-    names: Shared<NameRules>,
+    kernel: &mut dyn Kernel,
+    names: Arc<NameRules>,
 ) -> Result<DnsRuntime, DaemonError> {
     let dns = &config.dns;
     let fakes = Arc::new(Mutex::new(load_table(dns)));
-    datapath.set_fake_pools(dns.fake_v4, dns.fake_v6)?;
-    let nat = datapath
-        .take_nat_maps()
-        .ok_or_else(|| DaemonError::Dns("the NAT maps were taken twice".into()))?;
-    let fake_path = Arc::new(FakePath::new(
-        dns.fake_v4,
-        dns.fake_v6,
-        fakes.clone(),
-        names.clone(),
-        nat,
-    ));
+    kernel
+        .set_fake_pools(dns.fake_v4, dns.fake_v6)
+        .map_err(DaemonError::Platform)?;
     let counters = Arc::new(DnsCounters::default());
     let saved_changes = fakes.lock().unwrap_or_else(|e| e.into_inner()).changes();
+    let names: Shared<NameRules> = Arc::new(RwLock::new(names));
     let mut runtime = DnsRuntime {
         fakes: fakes.clone(),
-        fake_path,
+        names: names.clone(),
         counters: counters.clone(),
-        redirect: None,
+        interception: Mutex::new(None),
         listen: Vec::new(),
         upstreams: Vec::new(),
         state_file: dns.state_file.clone(),
-        saved_changes,
-        last_save: Instant::now(),
+        saved_changes: AtomicU64::new(saved_changes),
     };
     if !dns.enabled {
         tracing::info!("DNS interception is off (dns.enabled: false); name rules have no effect");
@@ -140,7 +125,7 @@ pub(super) async fn start(
         fake_ttl: dns.fake_ttl_secs,
         underlay: dns.underlay_answers,
         timeout: Duration::from_millis(dns.upstream_timeout_ms),
-        cache: std::sync::Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
+        cache: Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
     };
     let (mut server, v6) = listen(service, dns.port, true)
         .await
@@ -155,82 +140,91 @@ pub(super) async fn start(
         }
     });
 
-    let cgroup = match &dns.cgroup {
-        Some(path) => path.clone(),
-        None => match default_cgroup() {
-            Ok(path) => path,
-            // A host without cgroup v2 can still use header rules: run
-            // without interception rather than not at all.
-            Err(e) => {
-                tracing::error!("DNS interception is off: {e}; name rules have no effect");
-                return Ok(runtime);
-            }
-        },
-    };
-    let settings = DnsSettings {
-        netns_cookie: netns_cookie()
-            .map_err(|e| DaemonError::Dns(format!("reading the network namespace cookie: {e}")))?,
-        broker_tgid: std::process::id(),
+    let settings = InterceptSettings {
+        scope: dns.cgroup.clone(),
         port: dns.port,
-        has_v6: u8::from(v6),
-        _pad: 0,
+        v6,
     };
-    runtime.redirect = Some(datapath.redirect_dns(&cgroup, settings)?);
-    tracing::info!(cgroup = %cgroup.display(), listen = ?runtime.listen, upstreams = ?runtime.upstreams, "DNS interception on");
+    match kernel.intercept_dns(&settings) {
+        Ok(interception) => {
+            tracing::info!(scope = %interception.scope().display(), listen = ?runtime.listen, upstreams = ?runtime.upstreams, "DNS interception on");
+            runtime.interception = Mutex::new(Some(interception));
+        }
+        // A host without cgroup v2 can still use header rules: run without
+        // interception rather than not at all.
+        Err(e) if settings.scope.is_none() => {
+            tracing::error!("DNS interception is off: {e}; name rules have no effect");
+        }
+        Err(e) => return Err(DaemonError::Platform(e)),
+    }
     Ok(runtime)
 }
 
 impl DnsRuntime {
-    /// Periodic upkeep: ends idle fake-address flows, saves the table.
-    pub fn maintain(&mut self, flow_idle: Duration) {
-        self.fake_path.expire(flow_idle);
-        if self.last_save.elapsed() >= SAVE_EVERY {
-            self.save_if_changed();
-        }
+    /// The name rules new queries are answered by.
+    pub fn publish_names(&self, names: Arc<NameRules>) {
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
-    fn save_if_changed(&mut self) {
-        let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
-        if table.changes() == self.saved_changes {
-            return;
-        }
-        match save_table(&table, &self.state_file) {
-            Ok(()) => self.saved_changes = table.changes(),
+    /// Saves the table when answers changed since the last save. The table
+    /// is copied under its lock and written outside it.
+    pub fn save_if_changed(&self) {
+        let copy = {
+            let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
+            if table.changes() == self.saved_changes.load(Relaxed) {
+                return;
+            }
+            table.clone()
+        };
+        match save_table(&copy, &self.state_file) {
+            Ok(()) => self.saved_changes.store(copy.changes(), Relaxed),
             Err(e) => tracing::warn!(path = %self.state_file.display(), "saving the fake-address table: {e}"),
         }
-        self.last_save = Instant::now();
     }
 
-    pub fn shutdown(&mut self) {
-        if let Some(redirect) = &mut self.redirect {
-            redirect.disable();
+    pub fn shutdown(&self) {
+        if let Some(interception) = self
+            .interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            interception.disable();
         }
         self.save_if_changed();
     }
 
-    pub fn status(&self) -> Option<DnsStatusView> {
-        let redirect = self.redirect.as_ref()?;
-        let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
-        let (v4, v6) = table.pools();
-        let (fake_flows, kernel_nat_flows) = self.fake_path.flow_counts();
+    fn enabled(&self) -> Option<PathBuf> {
+        self.interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|i| i.scope())
+    }
+
+    pub fn status(&self, engine: &Engine) -> Option<DnsStatusView> {
+        let cgroup = self.enabled()?;
+        let (v4, v6, entries, capacity) = {
+            let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
+            let (v4, v6) = table.pools();
+            (v4, v6, table.len(), table.capacity())
+        };
         Some(DnsStatusView {
             listen: self.listen.clone(),
-            cgroup: redirect.cgroup.clone(),
+            cgroup,
             upstreams: self.upstreams.clone(),
             fake_v4: v4.to_string(),
             fake_v6: v6.to_string(),
-            fake_entries: table.len(),
-            fake_capacity: table.capacity(),
-            fake_flows,
-            kernel_nat_flows,
-            unknown_fake_packets: self.fake_path.stats.unknown.load(Relaxed),
+            fake_entries: entries,
+            fake_capacity: capacity,
+            fake_flows: engine.fake_flows.load(Relaxed) as usize,
+            kernel_nat_flows: engine.nat_flows(),
+            unknown_fake_packets: engine.counters.fake_unknown.load(Relaxed),
             counters: self.counters.view(),
         })
     }
 
-    pub fn table(&self, names: &Shared<NameRules>, overlays: &Shared<OverlayTable>) -> DnsTableView {
-        let names = snapshot(names);
-        let overlays = snapshot(overlays);
+    pub fn table(&self, routes: &Routes) -> DnsTableView {
         let now = unix_now();
         let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
         let mut entries: Vec<FakeView> = table
@@ -239,15 +233,32 @@ impl DnsRuntime {
                 name: entry.name.clone(),
                 fake: entry.fake.to_string(),
                 real: entry.real.iter().map(ToString::to_string).collect(),
-                carrier: choose_carrier(&entry.name, &names, |o| overlays.get(o).is_some()).to_string(),
+                carrier: name_carrier(routes, &entry.name),
                 idle_secs: now.saturating_sub(entry.last_used),
                 live_flows: entry.live_flows,
             })
             .collect();
+        drop(table);
         entries.sort_by(|a, b| a.idle_secs.cmp(&b.idle_secs).then_with(|| a.name.cmp(&b.name)));
         DnsTableView {
-            enabled: self.redirect.is_some(),
+            enabled: self.enabled().is_some(),
             entries,
         }
+    }
+}
+
+/// The carrier new flows to a name take now: its rule's overlay, else the
+/// underlay (no rule, or an overlay that cannot carry it).
+fn name_carrier(routes: &Routes, name: &str) -> String {
+    match routes
+        .names
+        .first_match(name)
+        .map(|(_, carrier)| routes.resolve(carrier))
+    {
+        Some(Via::Overlay(id)) => routes
+            .overlays
+            .get(id)
+            .map_or_else(|| "underlay".into(), |o| o.name.clone()),
+        _ => "underlay".into(),
     }
 }

@@ -1,34 +1,33 @@
-//! `oasis run`: the daemon. It owns the TUN, the classifier and its maps,
-//! the packet threads and the control socket; on SIGINT/SIGTERM it detaches
+//! `oasis run`: the daemon. It gets the divert device, the kernel side and
+//! the sockets from the [`Platform`], runs the packet loops (`forward`)
+//! around the routing engine, a heartbeat thread, a config writer, the DNS
+//! service and the control socket; on SIGINT/SIGTERM it detaches
 //! everything it attached and removes what it created.
 
-use std::os::unix::fs::PermissionsExt;
+mod dns;
+mod heartbeat;
+mod persist;
+mod serve;
+mod state;
+#[cfg(unix)]
+mod transport;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use oasis_common::Settings;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 
-use crate::compile::compile;
 use crate::config::{Config, ConfigError};
-use crate::control::{Request, Response, TunView};
+use crate::control::TunView;
+use crate::engine::{Engine, EngineSettings, ReturnPath, Routes, RuleCarrier};
+use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
+use crate::liveness::{Liveness, TICK_EVERY};
 use crate::names::NameRules;
-use crate::overlay::{JoinedOverlay, OverlayTable, shim_bytes};
-use crate::platform::linux::datapath::{Datapath, DatapathError};
-use crate::platform::linux::forward::{ForwardStats, Forwarder, OverlaySockets, Shared};
-use crate::platform::linux::overlay_rx::OverlayReceiver;
-use crate::platform::linux::tun::{Tun, uplink_mtu};
-use crate::platform::linux::underlay::Underlay;
-use crate::platform::linux::underlay_port::UnderlayPort;
-use crate::platform::linux::uplink::default_route_interfaces;
-use crate::rules::RuleSet;
-
-mod dns;
-mod state;
-
-use state::{State, join_overlay};
+use crate::overlay::OverlayManager;
+use crate::platform::{Platform, PlatformError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -36,308 +35,257 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("another Oasis daemon is already running (its control socket {0} answers)")]
     AlreadyRunning(PathBuf),
-    #[error(
-        "no uplink: no interface carries a default route; name the uplinks in the config file (uplinks: [eth0])"
-    )]
-    NoUplinks,
-    #[error("creating TUN device {name}: {source} (the daemon must run as root)")]
-    Tun { name: String, source: std::io::Error },
-    #[error("opening the underlay raw sockets: {0} (the daemon must run as root)")]
-    Underlay(std::io::Error),
     #[error(transparent)]
-    Datapath(#[from] DatapathError),
+    Platform(PlatformError),
     #[error("control socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
     #[error("{what}: {source}")]
-    Udp { what: String, source: std::io::Error },
+    Io { what: String, source: std::io::Error },
     #[error("packet thread {0} stopped: {1}")]
     PacketThread(String, String),
     #[error("DNS: {0}")]
     Dns(String),
 }
 
-/// How often idle fake-address flows are ended and the table saved.
+/// Most flows one packet thread tracks.
+const FLOW_CAPACITY: usize = 262_144;
+/// How often the fake-address table is saved when it changed.
 const UPKEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+#[cfg(unix)]
+pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Result<(), DaemonError> {
+    use transport::{ControlListener, shutdown_signal};
+
     let config = Config::load_or_default(config_path)?;
     let rules = config.rule_set(config_path)?;
-    if !config_path.exists() {
-        config.save(config_path)?;
-        tracing::info!(path = %config_path.display(), "wrote a default config file");
-    }
-    let socket_path = config.control_socket.clone();
-    claim_socket_path(&socket_path).await?;
+    ControlListener::claim(&config.control_socket).await?;
 
-    let uplinks = if config.uplinks.is_empty() {
-        default_route_interfaces().unwrap_or_default()
-    } else {
-        config.uplinks.clone()
-    };
-    if uplinks.is_empty() {
-        return Err(DaemonError::NoUplinks);
-    }
-
-    let mtu = uplink_mtu(&uplinks);
-    let tun =
-        Tun::create(&config.tun.name, config.tun.queues, mtu, config.tun.address).map_err(|source| {
-            DaemonError::Tun {
-                name: config.tun.name.clone(),
-                source,
-            }
-        })?;
-    let underlay = Arc::new(Underlay::open(config.bypass_mark).map_err(DaemonError::Underlay)?);
-    let settings = Settings {
-        heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
-        flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
-        tun_ifindex: tun.ifindex,
-        bypass_mark: config.bypass_mark,
-    };
-    let mut datapath = Datapath::load(crate::EBPF_OBJECT, settings)?;
-    datapath.apply(&compile(rules.rules()))?;
+    let uplinks = platform.uplinks(&config.uplinks).map_err(DaemonError::Platform)?;
+    let mtu = platform.uplink_mtu(&uplinks);
+    let divert = platform.divert(&config.tun, mtu).map_err(DaemonError::Platform)?;
+    let underlay = Arc::new(
+        platform
+            .underlay(config.bypass_mark)
+            .map_err(DaemonError::Platform)?,
+    );
+    let mut kernel = platform
+        .kernel(Settings {
+            heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
+            flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
+            tun_ifindex: divert.index,
+            bypass_mark: config.bypass_mark,
+        })
+        .map_err(DaemonError::Platform)?;
+    kernel
+        .apply(&crate::compile::compile(rules.rules()))
+        .map_err(DaemonError::Platform)?;
     for uplink in &uplinks {
-        datapath.attach(uplink)?;
-        tracing::info!(%uplink, "classifier attached at egress");
+        kernel.attach(uplink).map_err(DaemonError::Platform)?;
+        tracing::info!(%uplink, "classifier attached");
     }
 
-    let names =
-        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?;
-    let shared_names: Shared<NameRules> = Arc::new(RwLock::new(Arc::new(names)));
-    let dns = dns::start(&config, &mut datapath, shared_names.clone()).await?;
+    let names = Arc::new(
+        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?,
+    );
+    let dns = dns::start(&config, kernel.as_mut(), names.clone()).await?;
+    let nat = kernel
+        .take_nat()
+        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
+    let overlays = {
+        let stored = config.overlays.clone();
+        tokio::task::spawn_blocking(move || OverlayManager::load(stored))
+            .await
+            .map_err(|e| DaemonError::Io {
+                what: "resolving the overlays' entry nodes".into(),
+                source: std::io::Error::other(e),
+            })?
+    };
+    let engine = Engine::new(
+        EngineSettings {
+            flow_idle: Duration::from_secs(config.flow_idle_timeout_secs),
+            flow_capacity: FLOW_CAPACITY,
+            uplink_mtu: mtu,
+            fake_v4: config.dns.fake_v4,
+            fake_v6: config.dns.fake_v6,
+        },
+        Routes::new(rules.rules(), names.clone(), overlays.table().clone()),
+        dns.fakes.clone(),
+        nat,
+        Box::new(RuleCarrier),
+    );
 
-    let stats = Arc::new(ForwardStats::default());
-    let shared_rules: Shared<RuleSet> = Arc::new(RwLock::new(Arc::new(rules.clone())));
-    let shared_overlays: Shared<OverlayTable> = Arc::new(RwLock::new(Arc::new(initial_overlays(&config))));
-    let overlay_sockets = Arc::new(open_overlay_sockets(config.overlay_port, config.bypass_mark)?);
+    // The packet loops.
+    let stop = Arc::new(AtomicBool::new(false));
+    let liveness = Arc::new(Liveness::new());
+    let platform = Arc::new(platform);
+    let overlay_sockets = Arc::new(open_overlay_sockets(
+        platform.as_ref(),
+        config.overlay_port,
+        config.bypass_mark,
+    )?);
     let tun_view = TunView {
-        name: tun.name.clone(),
-        ifindex: tun.ifindex,
-        queues: tun.queues.len(),
+        name: divert.name.clone(),
+        ifindex: divert.index,
+        queues: divert.queues.len(),
         ..Default::default()
     };
-    let devices: Vec<Arc<tun_rs::SyncDevice>> = tun.queues.into_iter().map(Arc::new).collect();
-    let mut threads = Vec::new();
-    for (index, device) in devices.iter().enumerate() {
-        let forwarder = Forwarder {
-            device: device.clone(),
-            underlay: underlay.clone(),
-            overlay_sockets: overlay_sockets.clone(),
-            rules: shared_rules.clone(),
-            overlays: shared_overlays.clone(),
-            stats: stats.clone(),
-            flow_idle: Duration::from_secs(config.flow_idle_timeout_secs),
-            uplink_mtu: mtu,
-            fake: dns.fake_path.clone(),
-        };
-        threads.push(spawn_thread(format!("oasis-queue-{index}"), move || {
-            forwarder.run()
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (index, queue) in divert.queues.into_iter().enumerate() {
+        let name = format!("oasis-queue-{index}");
+        let (router, delivery, underlay, sockets) = (
+            engine.router(),
+            divert.delivery.clone(),
+            underlay.clone(),
+            overlay_sockets.clone(),
+        );
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            run_queue(router, queue, delivery, underlay.as_ref(), &sockets, tick, &stop)
+        })?);
+    }
+    for (family, socket) in [("v4", true), ("v6", false)] {
+        if !socket && overlay_sockets.v6.is_none() {
+            continue;
+        }
+        let name = format!("oasis-overlay-rx-{family}");
+        let (path, delivery, sockets, platform) = (
+            ReturnPath::new(&engine),
+            divert.delivery.clone(),
+            overlay_sockets.clone(),
+            platform.clone(),
+        );
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            let socket = if socket {
+                &sockets.v4
+            } else {
+                sockets.v6.as_ref().expect("checked")
+            };
+            run_returns(path, socket, delivery, || platform.local_addresses(), tick, &stop)
         })?);
     }
     // No module runs yet (they come with the sandbox): the set stays empty.
-    let module_sockets: crate::platform::linux::underlay_port::ModuleSockets = Arc::default();
+    let modules: ModuleSockets = Arc::default();
     for (family, loopback) in [
         ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
         ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
     ] {
         let what = format!("UDP port {} (underlay_port) on {loopback}", config.underlay_port);
-        let socket = match open_udp((loopback, config.underlay_port).into(), config.bypass_mark) {
+        let socket = match platform.socket((loopback, config.underlay_port).into(), config.bypass_mark, false)
+        {
             Ok(socket) => socket,
             Err(e) if loopback.is_ipv6() => {
                 tracing::warn!("no IPv6 for the {what} ({e}); IPv4 only");
                 continue;
             }
-            Err(source) => return Err(DaemonError::Udp { what, source }),
+            Err(source) => return Err(DaemonError::Io { what, source }),
         };
-        let port = UnderlayPort {
-            socket,
-            underlay: underlay.clone(),
-            modules: module_sockets.clone(),
-            stats: stats.clone(),
-        };
-        threads.push(spawn_thread(
-            format!("oasis-underlay-port-{family}"),
-            move || port.run(),
-        )?);
-    }
-    let overlay_receivers = [
-        ("v4", Some(&overlay_sockets.v4)),
-        ("v6", overlay_sockets.v6.as_ref()),
-    ];
-    for (family, socket) in overlay_receivers {
-        let Some(socket) = socket else { continue };
-        let receiver = OverlayReceiver {
-            socket: socket.try_clone().map_err(|source| DaemonError::Udp {
-                what: "the overlay port".into(),
-                source,
-            })?,
-            device: devices[0].clone(),
-            overlays: shared_overlays.clone(),
-            stats: stats.clone(),
-            uplink_mtu: mtu,
-            fake: dns.fake_path.clone(),
-        };
-        threads.push(spawn_thread(format!("oasis-overlay-rx-{family}"), move || {
-            receiver.run()
+        let name = format!("oasis-underlay-port-{family}");
+        let (engine, underlay, modules) = (engine.clone(), underlay.clone(), modules.clone());
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            run_underlay_port(engine, &socket, underlay.as_ref(), modules, tick, &stop)
         })?);
     }
 
+    // The heartbeat, on a thread and map handle of its own. A thread that
+    // has not ticked for half the timeout is stuck: no more beats.
     let heartbeat_every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
-    let flow_idle = Duration::from_secs(config.flow_idle_timeout_secs);
-    let state = Arc::new(Mutex::new(State {
-        config,
+    let stall_limit = Duration::from_millis(config.heartbeat_timeout_ms / 2).max(TICK_EVERY * 4);
+    let beat = kernel.heartbeat().map_err(DaemonError::Platform)?;
+    threads.push(
+        heartbeat::spawn(beat, liveness.clone(), heartbeat_every, stall_limit, stop.clone()).map_err(
+            |source| DaemonError::Io {
+                what: "starting the heartbeat thread".into(),
+                source,
+            },
+        )?,
+    );
+    let status_heartbeat = kernel.heartbeat().map_err(DaemonError::Platform)?;
+    let persister =
+        persist::Persister::start(config_path.to_path_buf()).map_err(|source| DaemonError::Io {
+            what: "starting the config writer".into(),
+            source,
+        })?;
+
+    let control_socket = config.control_socket.clone();
+    let platform_for_status = platform.clone();
+    let daemon = Arc::new(state::Daemon::new(state::Parts {
         config_path: config_path.to_path_buf(),
+        settings: Arc::new(config),
         rules,
-        shared_rules,
-        shared_names,
-        dns_counters: dns.counters.clone(),
+        names,
+        overlays,
+        kernel,
+        heartbeat: status_heartbeat,
+        engine,
         dns,
-        shared_overlays,
-        datapath,
+        persister,
         tun: tun_view,
-        stats,
-        started: Instant::now(),
+        diverted: Box::new(move |device| platform_for_status.diverted(device)),
     }));
 
-    let listener = bind_control_socket(&socket_path)?;
-    tracing::info!(socket = %socket_path.display(), "oasis daemon ready");
-
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|source| {
-            DaemonError::Udp {
-                what: "installing the SIGTERM handler".into(),
-                source,
-            }
-        })?;
-    let mut heartbeat = tokio::time::interval(heartbeat_every);
-    let mut last_upkeep = Instant::now();
+    let listener = ControlListener::bind(&control_socket)?;
+    // Only a daemon that started writes a default config file.
+    if !config_path.exists() {
+        daemon.settings.save(config_path)?;
+        tracing::info!(path = %config_path.display(), "wrote a default config file");
+    }
+    tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut watch = tokio::time::interval(TICK_EVERY);
+    let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
     let outcome = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
-            _ = sigterm.recv() => break Ok(()),
+            signal = &mut shutdown => break signal,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let state = state.clone();
-                    tokio::spawn(async move { serve(stream, state).await });
+                Ok(stream) => {
+                    let daemon = daemon.clone();
+                    tokio::spawn(async move {
+                        let (read, write) = stream.into_split();
+                        serve::serve(read, write, daemon).await
+                    });
                 }
                 Err(e) => tracing::warn!("control socket accept: {e}"),
             },
-            _ = heartbeat.tick() => {
+            _ = watch.tick() => {
                 // A dead packet thread means diverted traffic has nowhere to
                 // go: stop and let the kernel pass everything again.
                 if let Some(thread) = threads.iter().find(|t| t.is_finished()) {
                     let name = thread.thread().name().unwrap_or("?").to_string();
-                    break Err(DaemonError::PacketThread(name, "it exited".into()));
+                    break Err(DaemonError::PacketThread(name, "it exited; see the log above".into()));
                 }
-                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = state.datapath.beat() {
-                    tracing::warn!("heartbeat: {e}");
-                }
-                if last_upkeep.elapsed() >= UPKEEP_EVERY {
-                    state.dns.maintain(flow_idle);
-                    last_upkeep = Instant::now();
-                }
+            }
+            _ = upkeep.tick() => {
+                let daemon = daemon.clone();
+                tokio::task::spawn_blocking(move || daemon.upkeep());
             }
         }
     };
 
     tracing::info!("shutting down: detaching the classifier");
-    {
-        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-        state.dns.shutdown();
-        state.datapath.detach_all();
-    }
-    let _ = std::fs::remove_file(&socket_path);
+    stop.store(true, Relaxed);
+    daemon.shutdown();
+    listener.remove();
     outcome
 }
 
-/// Refuses to start beside a live daemon and clears a stale socket file.
-async fn claim_socket_path(path: &Path) -> Result<(), DaemonError> {
-    if UnixStream::connect(path).await.is_ok() {
-        return Err(DaemonError::AlreadyRunning(path.into()));
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(path = %path.display(), "removed a stale control socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(DaemonError::Socket {
-                path: path.into(),
-                source,
-            });
-        }
-    }
-    Ok(())
-}
-
-fn bind_control_socket(path: &Path) -> Result<UnixListener, DaemonError> {
-    let socket_error = |source| DaemonError::Socket {
-        path: path.into(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(socket_error)?;
-    }
-    let listener = UnixListener::bind(path).map_err(socket_error)?;
-    // Only root may connect: rules decide where the host's traffic goes.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
-    Ok(listener)
-}
-
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let response = match serde_json::from_str::<Request>(&line) {
-            // Fetching a specification takes time: not under the lock.
-            Ok(Request::OverlayAdd { name, url, token }) => {
-                match join_overlay(&state, name, url, token).await {
-                    Ok(overlay) => Response::Overlay {
-                        overlay: Box::new(overlay),
-                    },
-                    Err(e) => Response::Error {
-                        message: e.to_string(),
-                    },
-                }
-            }
-            Ok(request) => state.lock().unwrap_or_else(|e| e.into_inner()).handle(request),
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-        };
-        let mut text = serde_json::to_string(&response)
-            .unwrap_or_else(|e| format!(r#"{{"result":"error","message":"cannot encode the reply: {e}"}}"#));
-        text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() {
-            break;
-        }
-    }
-}
-
-/// The stored overlays whose entry nodes resolve now. One that does not is
-/// left out (its flows are dropped, counted as `no_carrier`) rather than
-/// keeping the daemon from starting.
-fn initial_overlays(config: &Config) -> OverlayTable {
-    let joined = config.overlays.iter().filter_map(|stored| {
-        let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref()).ok()?;
-        match stored.spec.resolve_entries() {
-            Ok(entries) => Some(Arc::new(JoinedOverlay::new(stored.name.clone(), entries, shim))),
-            Err(e) => {
-                tracing::error!(overlay = %stored.name, "cannot use overlay: {e}");
-                None
-            }
-        }
-    });
-    OverlayTable::new(joined.collect::<Vec<_>>())
-}
-
 /// UDP sockets on the standard port; IPv6 only where the host has it.
-fn open_overlay_sockets(port: u16, bypass_mark: u32) -> Result<OverlaySockets, DaemonError> {
+fn open_overlay_sockets<P: Platform>(
+    platform: &P,
+    port: u16,
+    bypass_mark: u32,
+) -> Result<OverlaySockets<P::Socket>, DaemonError> {
     let what = format!("UDP port {port} (overlay_port)");
-    let v4 = open_udp(([0, 0, 0, 0], port).into(), bypass_mark).map_err(|source| DaemonError::Udp {
-        what: what.clone(),
-        source,
-    })?;
-    let v6 = match open_udp((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark) {
+    let v4 = platform
+        .socket(([0, 0, 0, 0], port).into(), bypass_mark, true)
+        .map_err(|source| DaemonError::Io {
+            what: what.clone(),
+            source,
+        })?;
+    let v6 = match platform.socket((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark, true) {
         Ok(socket) => Some(socket),
         Err(e) => {
             tracing::warn!("no IPv6 for the {what} ({e}); overlays reachable over IPv4 only");
@@ -347,32 +295,16 @@ fn open_overlay_sockets(port: u16, bypass_mark: u32) -> Result<OverlaySockets, D
     Ok(OverlaySockets { v4, v6 })
 }
 
-/// A UDP socket of the broker's. It carries the bypass mark, so what it
-/// sends is never diverted by a rule itself.
-fn open_udp(addr: std::net::SocketAddr, bypass_mark: u32) -> std::io::Result<socket2::Socket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = Domain::for_address(addr);
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if domain == Domain::IPV6 {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_mark(bypass_mark)?;
-    socket.set_recv_buffer_size(8 << 20)?;
-    socket.set_send_buffer_size(8 << 20)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
-}
-
 fn spawn_thread(
     name: String,
-    body: impl FnOnce() -> std::io::Error + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>, DaemonError> {
+    body: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>, DaemonError> {
     let thread_name = name.clone();
     std::thread::Builder::new()
         .name(name.clone())
-        .spawn(move || {
-            let error = body();
-            tracing::error!(thread = %thread_name, "packet thread stopped: {error}");
+        .spawn(move || match body() {
+            Ok(()) => tracing::debug!(thread = %thread_name, "stopped"),
+            Err(error) => tracing::error!(thread = %thread_name, "packet thread stopped: {error}"),
         })
         .map_err(|e| DaemonError::PacketThread(name, e.to_string()))
 }

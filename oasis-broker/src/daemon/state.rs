@@ -1,24 +1,33 @@
-//! The daemon's state and what control requests do to it: rules, overlays,
-//! status. The packet threads see rule and overlay changes through the
-//! shared tables this module swaps.
+//! The control plane: what requests do to the daemon's rules and overlays,
+//! and what they read of it.
+//!
+//! Changes run one at a time (the `change` lock, which nothing else takes),
+//! and do their slow work (checking a large import, compiling name rules,
+//! fetching a specification, writing the config file) holding no lock that
+//! the heartbeat, the packet threads or other requests need. The result is
+//! swapped in whole: the packet threads and the DNS service pick it up on
+//! their next batch or query.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
+use super::dns::DnsRuntime;
+use super::persist::{Persister, Snapshot};
 use crate::compile::compile;
-use crate::config::{Config, ConfigError, StoredOverlay};
+use crate::config::{Config, StoredOverlay};
 use crate::control::{
-    HeartbeatView, MapView, OverlayView, ProgramView, Request, Response, RuleView, StatusView, TunView,
-    UplinkView,
+    HeartbeatView, MapView, OverlayView, ProgramView, Progress, Request, Response, RuleView, StatusView,
+    TunView,
 };
-use crate::dns::DnsCounters;
+use crate::engine::{Engine, Routes};
 use crate::names::NameRules;
-use crate::overlay::{FetchError, JoinError, JoinedOverlay, OverlayTable, SpecError, check_name, shim_bytes};
-use crate::platform::linux::datapath::{Datapath, DatapathError};
-use crate::platform::linux::forward::{ForwardStats, Shared, snapshot};
-use crate::platform::linux::tun::diverted_counts;
-use crate::rules::{AnyRule, Carrier, RuleError, RuleSet, RuleSpec};
+use crate::overlay::{JoinError, OverlayError, OverlayManager};
+use crate::platform::{Heartbeat, Kernel, PlatformError};
+use crate::rules::{AnyRule, Carrier, RuleError, RuleSet, RuleSpec, Subset};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
@@ -26,40 +35,177 @@ pub(super) enum RequestError {
     Rule(#[from] RuleError),
     #[error("rule {line} of the import: {source} (no rule was added)")]
     Import { line: usize, source: RuleError },
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0} (the rule was not added; nothing changed)")]
-    Datapath(#[from] DatapathError),
+    #[error("{0} (the change was not made; nothing changed)")]
+    Kernel(PlatformError),
     #[error(transparent)]
     Join(#[from] JoinError),
     #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error(transparent)]
-    Spec(#[from] SpecError),
+    Overlay(#[from] OverlayError),
+    #[error("the change is in effect, but the config file could not be written: {0}")]
+    NotSaved(String),
+    #[error("the daemon failed while doing this: {0}")]
+    Internal(String),
 }
 
-pub(super) struct State {
-    pub(super) config: Config,
-    pub(super) config_path: PathBuf,
-    pub(super) rules: RuleSet,
-    pub(super) shared_rules: Shared<RuleSet>,
-    /// The name rules compiled; the DNS server and packet threads read it.
-    pub(super) shared_names: Shared<NameRules>,
-    pub(super) dns_counters: Arc<DnsCounters>,
-    pub(super) dns: super::dns::DnsRuntime,
-    /// Joined overlays whose entry nodes resolved; the packet threads read it.
-    pub(super) shared_overlays: Shared<OverlayTable>,
-    pub(super) datapath: Datapath,
-    pub(super) tun: TunView,
-    pub(super) stats: Arc<ForwardStats>,
-    pub(super) started: Instant,
+/// Reports how far a request has come; the connection handler sends it on.
+#[derive(Clone)]
+pub(super) struct Reporter(pub watch::Sender<Option<Progress>>);
+
+impl Reporter {
+    pub fn report(&self, stage: &str, done: u64, total: u64) {
+        self.0.send_replace(Some(Progress {
+            stage: stage.into(),
+            done,
+            total,
+        }));
+    }
 }
 
-impl State {
-    fn rule_view(&self, rule: &AnyRule) -> RuleView {
+/// Rules and overlays as they are now.
+struct Control {
+    rules: Arc<RuleSet>,
+    names: Arc<NameRules>,
+    overlays: OverlayManager,
+}
+
+pub(super) struct Daemon {
+    pub config_path: PathBuf,
+    /// The settings read at start (rules and overlays live in `control`).
+    pub settings: Arc<Config>,
+    control: Mutex<Control>,
+    change: tokio::sync::Mutex<()>,
+    kernel: Mutex<Box<dyn Kernel>>,
+    heartbeat: Mutex<Box<dyn Heartbeat>>,
+    pub engine: Arc<Engine>,
+    pub dns: DnsRuntime,
+    persister: Persister,
+    pub tun: TunView,
+    diverted: DivertedCounts,
+    started: Instant,
+}
+
+/// Everything a daemon starts with.
+pub(super) struct Parts {
+    pub config_path: PathBuf,
+    pub settings: Arc<Config>,
+    pub rules: RuleSet,
+    pub names: Arc<NameRules>,
+    pub overlays: OverlayManager,
+    pub kernel: Box<dyn Kernel>,
+    pub heartbeat: Box<dyn Heartbeat>,
+    pub engine: Arc<Engine>,
+    pub dns: DnsRuntime,
+    pub persister: Persister,
+    pub tun: TunView,
+    pub diverted: DivertedCounts,
+}
+
+/// Packets and bytes the OS handed to the divert device (by name).
+pub(super) type DivertedCounts = Box<dyn Fn(&str) -> (u64, u64) + Send + Sync>;
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs slow work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, RequestError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RequestError::Internal(e.to_string()))
+}
+
+impl Daemon {
+    pub fn new(parts: Parts) -> Daemon {
+        Daemon {
+            config_path: parts.config_path,
+            settings: parts.settings,
+            control: Mutex::new(Control {
+                rules: Arc::new(parts.rules),
+                names: parts.names,
+                overlays: parts.overlays,
+            }),
+            change: tokio::sync::Mutex::new(()),
+            kernel: Mutex::new(parts.kernel),
+            heartbeat: Mutex::new(parts.heartbeat),
+            engine: parts.engine,
+            dns: parts.dns,
+            persister: parts.persister,
+            tun: parts.tun,
+            diverted: parts.diverted,
+            started: Instant::now(),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
+        let result = match request {
+            Request::AddRule { spec } => {
+                self.add_rules(vec![spec], false, &reporter)
+                    .await
+                    .map(|mut rules| Response::Rule {
+                        rule: rules.remove(0),
+                    })
+            }
+            Request::ImportRules { specs } => self
+                .add_rules(specs, true, &reporter)
+                .await
+                .map(|rules| Response::Rules { rules }),
+            Request::DelRule { id } => self
+                .del_rule(id, &reporter)
+                .await
+                .map(|rule| Response::Rule { rule }),
+            Request::ListRules => Ok(Response::Rules {
+                rules: self.rule_views(),
+            }),
+            Request::Status => Ok(Response::Status {
+                status: Box::new(self.status()),
+            }),
+            Request::Dns => Ok(Response::Dns {
+                dns: Box::new(self.dns.table(&self.engine.routes())),
+            }),
+            Request::OverlayAdd { name, url, token } => self
+                .join_overlay(name, url, token, &reporter)
+                .await
+                .map(|overlay| Response::Overlay {
+                    overlay: Box::new(overlay),
+                }),
+            Request::OverlayList => Ok(Response::Overlays {
+                overlays: self.overlay_views(None),
+            }),
+            Request::OverlayShow { name } => self
+                .overlay_views(Some(&name))
+                .pop()
+                .map(|overlay| Response::Overlay {
+                    overlay: Box::new(overlay),
+                })
+                .ok_or_else(|| JoinError::Unknown(name).into()),
+            Request::OverlayDel { name } => {
+                self.leave_overlay(&name, &reporter)
+                    .await
+                    .map(|overlay| Response::Overlay {
+                        overlay: Box::new(overlay),
+                    })
+            }
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
+    }
+
+    /// Waits for the change lock, saying so when another change holds it.
+    async fn change(&self, reporter: &Reporter) -> tokio::sync::MutexGuard<'_, ()> {
+        match self.change.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                reporter.report("waiting for another change to finish", 0, 0);
+                self.change.lock().await
+            }
+        }
+    }
+
+    fn rule_view(&self, kernel: &dyn Kernel, rule: &AnyRule) -> RuleView {
         let (counters, answers) = match rule {
-            AnyRule::Header(rule) => (self.datapath.rule_counters(rule.id), None),
-            AnyRule::Name(rule) => (Default::default(), Some(self.dns_counters.answers_for(rule.id))),
+            AnyRule::Header(rule) => (kernel.rule_counters(rule.id), None),
+            AnyRule::Name(rule) => (Default::default(), Some(self.dns.counters.answers_for(rule.id))),
         };
         RuleView {
             id: rule.id(),
@@ -71,175 +217,253 @@ impl State {
         }
     }
 
-    fn add_rule(&mut self, spec: RuleSpec) -> Result<RuleView, RequestError> {
-        let (subset, via) = spec.parse()?;
-        if let Carrier::Overlay(name) = &via
-            && !self.config.overlays.iter().any(|o| &o.name == name)
-        {
-            return Err(RuleError::UnknownOverlay(name.clone()).into());
-        }
-        let mut next = self.rules.clone();
-        let rule = next.add_any(subset, via)?;
-        self.commit(next)?;
-        tracing::info!(id = rule.id(), subset = %rule.subset_text(), via = %rule.via(), "rule added");
-        Ok(self.rule_view(&rule))
+    fn rule_views(&self) -> Vec<RuleView> {
+        let rules = lock(&self.control).rules.clone();
+        let kernel = lock(&self.kernel);
+        rules
+            .all()
+            .iter()
+            .map(|r| self.rule_view(kernel.as_ref(), r))
+            .collect()
     }
 
-    /// Adds many rules in one step (one file write, one compile): all of
-    /// them, or none when any is bad.
-    fn import_rules(&mut self, specs: Vec<RuleSpec>) -> Result<Vec<RuleView>, RequestError> {
-        let mut next = self.rules.clone();
-        let mut added = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.into_iter().enumerate() {
-            let at = |source| RequestError::Import {
-                line: index + 1,
-                source,
-            };
-            let (subset, via) = spec.parse().map_err(at)?;
-            if let Carrier::Overlay(name) = &via
-                && !self.config.overlays.iter().any(|o| &o.name == name)
-            {
-                return Err(at(RuleError::UnknownOverlay(name.clone())));
+    /// Adds rules in one step (one compile, one file write): all of them,
+    /// or none when any is bad.
+    async fn add_rules(
+        self: &Arc<Self>,
+        specs: Vec<RuleSpec>,
+        import: bool,
+        reporter: &Reporter,
+    ) -> Result<Vec<RuleView>, RequestError> {
+        let _change = self.change(reporter).await;
+        let (rules, joined): (Arc<RuleSet>, Vec<String>) = {
+            let control = lock(&self.control);
+            let joined = control.overlays.stored().iter().map(|o| o.name.clone()).collect();
+            (control.rules.clone(), joined)
+        };
+        let total = specs.len() as u64;
+        let progress = reporter.clone();
+        let (next, added, names_changed) = blocking(move || -> Result<_, RequestError> {
+            let mut next = (*rules).clone();
+            let mut added = Vec::with_capacity(specs.len());
+            let mut names_changed = false;
+            for (index, spec) in specs.into_iter().enumerate() {
+                let at = |source| {
+                    if import {
+                        RequestError::Import {
+                            line: index + 1,
+                            source,
+                        }
+                    } else {
+                        RequestError::Rule(source)
+                    }
+                };
+                let (subset, via) = spec.parse().map_err(at)?;
+                if let Carrier::Overlay(name) = &via
+                    && !joined.iter().any(|j| j == name)
+                {
+                    return Err(at(RuleError::UnknownOverlay(name.clone())));
+                }
+                names_changed |= matches!(subset, Subset::Name(_));
+                added.push(next.add_any(subset, via).map_err(at)?);
+                if index % 50_000 == 49_999 {
+                    progress.report("checking rules", index as u64 + 1, total);
+                }
             }
-            added.push(next.add_any(subset, via).map_err(at)?);
+            Ok((next, added, names_changed))
+        })
+        .await??;
+        self.commit(next, names_changed, reporter).await?;
+        match added.as_slice() {
+            [one] => {
+                tracing::info!(id = one.id(), subset = %one.subset_text(), via = %one.via(), "rule added")
+            }
+            many => tracing::info!(count = many.len(), "rules imported"),
         }
-        self.commit(next)?;
-        tracing::info!(count = added.len(), "rules imported");
-        Ok(added.iter().map(|r| self.rule_view(r)).collect())
+        let kernel = lock(&self.kernel);
+        Ok(added.iter().map(|r| self.rule_view(kernel.as_ref(), r)).collect())
     }
 
-    fn del_rule(&mut self, id: u32) -> Result<RuleView, RequestError> {
-        let mut next = self.rules.clone();
-        let rule = next.remove(id)?;
-        let view = self.rule_view(&rule);
-        self.commit(next)?;
+    async fn del_rule(self: &Arc<Self>, id: u32, reporter: &Reporter) -> Result<RuleView, RequestError> {
+        let _change = self.change(reporter).await;
+        let rules = lock(&self.control).rules.clone();
+        let (next, rule) = blocking(move || {
+            let mut next = (*rules).clone();
+            next.remove(id).map(|rule| (next, rule))
+        })
+        .await??;
+        let view = self.rule_view(lock(&self.kernel).as_ref(), &rule);
+        self.commit(next, matches!(rule, AnyRule::Name(_)), reporter)
+            .await?;
         tracing::info!(id, subset = %rule.subset_text(), "rule deleted");
         Ok(view)
     }
 
-    /// Makes `next` the rule list: the file first, then the maps. When
-    /// either fails, both are put back as they were.
-    fn commit(&mut self, next: RuleSet) -> Result<(), RequestError> {
-        let names = NameRules::compile(next.names()).map_err(RuleError::from)?;
-        let config = self.config.with_rules(&next);
-        config.save(&self.config_path)?;
-        if let Err(e) = self.datapath.apply(&compile(next.rules())) {
-            let _ = self.config.save(&self.config_path);
-            let _ = self.datapath.apply(&compile(self.rules.rules()));
-            return Err(e.into());
-        }
-        self.config = config;
-        self.rules = next;
-        *self.shared_rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.rules.clone());
-        *self.shared_names.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
-        Ok(())
-    }
-
-    fn overlay_view(&self, stored: &StoredOverlay) -> OverlayView {
-        let table = snapshot(&self.shared_overlays);
-        let joined = table.get(&stored.name);
-        OverlayView {
-            name: stored.name.clone(),
-            url: stored.url.clone(),
-            spec_name: stored.spec.name.clone(),
-            description: stored.spec.description.clone(),
-            entries: stored.spec.entries.clone(),
-            resolved: joined
-                .map(|j| j.entries.iter().map(ToString::to_string).collect())
-                .unwrap_or_default(),
-            shim_len: stored.spec.shim_len,
-            token: stored.token.is_some(),
-            module: stored.spec.module.clone(),
-            rules: self.rules_using(&stored.name),
-            packets_sent: joined
-                .map(|j| j.sent.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(0),
-            packets_received: joined
-                .map(|j| j.received.load(std::sync::atomic::Ordering::Relaxed))
-                .unwrap_or(0),
-        }
-    }
-
-    fn rules_using(&self, overlay: &str) -> Vec<u32> {
-        self.rules
-            .all()
-            .iter()
-            .filter(|r| matches!(r.via(), Carrier::Overlay(name) if name == overlay))
-            .map(AnyRule::id)
-            .collect()
-    }
-
-    /// Joins an overlay whose specification was fetched and resolved.
-    fn add_overlay(
-        &mut self,
-        stored: StoredOverlay,
-        joined: JoinedOverlay,
-    ) -> Result<OverlayView, RequestError> {
-        if self.config.overlays.iter().any(|o| o.name == stored.name) {
-            return Err(JoinError::Exists(stored.name).into());
-        }
-        let mut config = self.config.clone();
-        config.overlays.push(stored.clone());
-        config.save(&self.config_path)?;
-        self.config = config;
-        self.publish_overlay(Some(joined), None);
-        tracing::info!(name = %stored.name, url = %stored.url, entries = ?stored.spec.entries, "overlay joined");
-        Ok(self.overlay_view(&stored))
-    }
-
-    /// Leaves an overlay; refused while rules still use it.
-    fn del_overlay(&mut self, name: &str) -> Result<OverlayView, RequestError> {
-        let Some(stored) = self.config.overlays.iter().find(|o| o.name == name).cloned() else {
-            return Err(JoinError::Unknown(name.into()).into());
+    /// Makes `next` the rule list: the kernel's maps first (when that
+    /// fails, nothing changes), then the routes every packet thread and
+    /// the DNS service read; then the file, waited for but not under any
+    /// lock.
+    async fn commit(
+        self: &Arc<Self>,
+        next: RuleSet,
+        names_changed: bool,
+        reporter: &Reporter,
+    ) -> Result<(), RequestError> {
+        let next = Arc::new(next);
+        let names = if names_changed {
+            let rules = next.clone();
+            let count = rules.names().len() as u64;
+            reporter.report("compiling name rules", 0, count);
+            Arc::new(
+                blocking(move || NameRules::compile(rules.names()))
+                    .await?
+                    .map_err(RuleError::from)?,
+            )
+        } else {
+            lock(&self.control).names.clone()
         };
-        let rules = self.rules_using(name);
-        if !rules.is_empty() {
-            return Err(JoinError::InUse {
-                name: name.into(),
-                rules,
+        let image = compile(next.rules());
+        {
+            let mut kernel = lock(&self.kernel);
+            if let Err(e) = kernel.apply(&image) {
+                let before = compile(lock(&self.control).rules.rules());
+                let _ = kernel.apply(&before);
+                return Err(RequestError::Kernel(e));
             }
-            .into());
         }
-        let view = self.overlay_view(&stored);
-        let mut config = self.config.clone();
-        config.overlays.retain(|o| o.name != name);
-        config.save(&self.config_path)?;
-        self.config = config;
-        self.publish_overlay(None, Some(name));
+        let overlays = {
+            let mut control = lock(&self.control);
+            control.rules = next.clone();
+            control.names = names.clone();
+            control.overlays.table().clone()
+        };
+        self.engine
+            .publish(Routes::new(next.rules(), names.clone(), overlays));
+        if names_changed {
+            self.dns.publish_names(names);
+        }
+        self.save(reporter).await
+    }
+
+    /// Hands the current rules and overlays to the config writer and waits
+    /// for the write.
+    async fn save(self: &Arc<Self>, reporter: &Reporter) -> Result<(), RequestError> {
+        let snapshot = {
+            let control = lock(&self.control);
+            Snapshot {
+                settings: self.settings.clone(),
+                rules: control.rules.clone(),
+                overlays: control.overlays.stored().to_vec(),
+            }
+        };
+        reporter.report("writing the config file", 0, 0);
+        let generation = self.persister.save(snapshot);
+        let persister = self.persister.clone();
+        blocking(move || persister.wait(generation))
+            .await?
+            .map_err(RequestError::NotSaved)
+    }
+
+    /// Publishes routes for the current rules over the manager's overlays.
+    fn publish_overlays(&self) {
+        let (rules, names, overlays) = {
+            let control = lock(&self.control);
+            (
+                control.rules.clone(),
+                control.names.clone(),
+                control.overlays.table().clone(),
+            )
+        };
+        self.engine.publish(Routes::new(rules.rules(), names, overlays));
+    }
+
+    async fn join_overlay(
+        self: &Arc<Self>,
+        name: String,
+        url: String,
+        token: Option<String>,
+        reporter: &Reporter,
+    ) -> Result<OverlayView, RequestError> {
+        crate::overlay::check_name(&name)?;
+        if lock(&self.control).overlays.is_joined(&name) {
+            return Err(JoinError::Exists(name).into());
+        }
+        reporter.report("fetching the specification", 0, 0);
+        // The fetch takes time: no lock, not even the change lock.
+        let prepared = OverlayManager::prepare(name.clone(), url, token).await?;
+        let _change = self.change(reporter).await;
+        {
+            let mut control = lock(&self.control);
+            let stored = control.overlays.join(prepared)?;
+            tracing::info!(name = %stored.name, url = %stored.url, entries = ?stored.spec.entries, "overlay joined");
+        }
+        self.publish_overlays();
+        self.save(reporter).await?;
+        self.overlay_views(Some(&name))
+            .pop()
+            .ok_or_else(|| RequestError::Internal("the overlay vanished".into()))
+    }
+
+    async fn leave_overlay(
+        self: &Arc<Self>,
+        name: &str,
+        reporter: &Reporter,
+    ) -> Result<OverlayView, RequestError> {
+        let _change = self.change(reporter).await;
+        let view = self
+            .overlay_views(Some(name))
+            .pop()
+            .ok_or_else(|| JoinError::Unknown(name.into()))?;
+        {
+            let mut control = lock(&self.control);
+            let rules = rules_using(&control.rules, name);
+            control.overlays.leave(name, rules)?;
+        }
+        self.publish_overlays();
+        self.save(reporter).await?;
         tracing::info!(%name, "overlay left");
         Ok(view)
     }
 
-    /// Gives the packet threads a new overlay table with `add` in it and
-    /// `remove` gone; counters of the others carry over.
-    fn publish_overlay(&mut self, add: Option<JoinedOverlay>, remove: Option<&str>) {
-        let current = snapshot(&self.shared_overlays);
-        let mut list: Vec<Arc<JoinedOverlay>> = current
+    fn overlay_views(&self, only: Option<&str>) -> Vec<OverlayView> {
+        let control = lock(&self.control);
+        let table = control.overlays.table();
+        control
+            .overlays
+            .stored()
             .iter()
-            .filter(|o| Some(o.name.as_str()) != remove)
-            .cloned()
-            .collect();
-        list.extend(add.map(Arc::new));
-        *self.shared_overlays.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(OverlayTable::new(list));
+            .filter(|o| only.is_none_or(|name| o.name == name))
+            .map(|stored| {
+                overlay_view(
+                    stored,
+                    table.by_name(&stored.name).map(Arc::as_ref),
+                    &control.rules,
+                )
+            })
+            .collect()
     }
 
-    fn status(&self) -> StatusView {
-        let (diverted_packets, diverted_bytes) = diverted_counts(&self.tun.name);
-        let age = self.datapath.heartbeat_age();
-        let timeout = Duration::from_millis(self.config.heartbeat_timeout_ms);
+    pub fn status(&self) -> StatusView {
+        let (diverted_packets, diverted_bytes) = (self.diverted)(&self.tun.name);
+        let (age, map_id) = {
+            let heartbeat = lock(&self.heartbeat);
+            (heartbeat.age(), heartbeat.kernel_id())
+        };
+        let timeout = Duration::from_millis(self.settings.heartbeat_timeout_ms);
+        let (rules, overlays) = {
+            let control = lock(&self.control);
+            (control.rules.len(), control.overlays.stored().len())
+        };
+        let (uplinks, classifier, programs) = {
+            let kernel = lock(&self.kernel);
+            (kernel.attached(), kernel.counters(), kernel.programs())
+        };
+        let (config_saved, config_error) = self.persister.state();
         StatusView {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             config_path: self.config_path.clone(),
-            uplinks: self
-                .datapath
-                .attached()
-                .map(|(name, ifindex, mode)| UplinkView {
-                    name: name.into(),
-                    ifindex,
-                    attach: mode.into(),
-                })
-                .collect(),
+            uplinks,
             tun: TunView {
                 diverted_packets,
                 diverted_bytes,
@@ -253,59 +477,67 @@ impl State {
                 age_ms: age.as_millis() as u64,
                 timeout_ms: timeout.as_millis() as u64,
                 alive: age < timeout,
+                map_id,
             },
-            classifier: self.datapath.classifier_counters(),
-            broker: self.stats.snapshot(),
-            rules: self.rules.rules().len() + self.rules.names().len(),
-            overlays: self.config.overlays.len(),
-            overlay_port: self.config.overlay_port,
-            underlay_port: self.config.underlay_port,
-            dns: self.dns.status(),
+            classifier,
+            broker: self.engine.counters.snapshot(),
+            rules,
+            overlays,
+            overlay_port: self.settings.overlay_port,
+            underlay_port: self.settings.underlay_port,
+            programs,
+            config_saved,
+            config_error,
+            dns: self.dns.status(&self.engine),
         }
     }
 
-    pub(super) fn handle(&mut self, request: Request) -> Response {
-        let result = match request {
-            Request::AddRule { spec } => self.add_rule(spec).map(|rule| Response::Rule { rule }),
-            Request::DelRule { id } => self.del_rule(id).map(|rule| Response::Rule { rule }),
-            Request::ImportRules { specs } => self.import_rules(specs).map(|rules| Response::Rules { rules }),
-            Request::Dns => Ok(Response::Dns {
-                dns: Box::new(self.dns.table(&self.shared_names, &self.shared_overlays)),
-            }),
-            Request::ListRules => Ok(Response::Rules {
-                rules: self.rules.all().iter().map(|r| self.rule_view(r)).collect(),
-            }),
-            Request::Status => Ok(Response::Status {
-                status: Box::new(self.status()),
-            }),
-            Request::OverlayList => Ok(Response::Overlays {
-                overlays: self
-                    .config
-                    .overlays
-                    .iter()
-                    .map(|o| self.overlay_view(o))
-                    .collect(),
-            }),
-            Request::OverlayShow { name } => self
-                .config
-                .overlays
-                .iter()
-                .find(|o| o.name == name)
-                .map(|o| Response::Overlay {
-                    overlay: Box::new(self.overlay_view(o)),
-                })
-                .ok_or_else(|| JoinError::Unknown(name).into()),
-            Request::OverlayDel { name } => self.del_overlay(&name).map(|overlay| Response::Overlay {
-                overlay: Box::new(overlay),
-            }),
-            // `serve` answers these itself: the fetch must not hold the lock.
-            Request::OverlayAdd { .. } => Ok(Response::Error {
-                message: "overlay add is answered by the connection handler".into(),
-            }),
-        };
-        result.unwrap_or_else(|e| Response::Error {
-            message: e.to_string(),
-        })
+    /// At shutdown: stop redirecting DNS, detach the classifier, let the
+    /// last config write land.
+    pub fn shutdown(&self) {
+        self.dns.shutdown();
+        lock(&self.kernel).detach_all();
+        if !self.persister.flush(Duration::from_secs(10)) {
+            tracing::error!("the config file was still being written at shutdown");
+        }
+    }
+
+    /// Periodic work of the control plane: saving the fake-address table.
+    pub fn upkeep(&self) {
+        self.dns.save_if_changed();
+    }
+}
+
+fn rules_using(rules: &RuleSet, overlay: &str) -> Vec<u32> {
+    let mut ids: Vec<u32> = rules
+        .carriers()
+        .filter(|(_, via)| matches!(via, Carrier::Overlay(name) if name == overlay))
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn overlay_view(
+    stored: &StoredOverlay,
+    joined: Option<&crate::overlay::JoinedOverlay>,
+    rules: &RuleSet,
+) -> OverlayView {
+    OverlayView {
+        name: stored.name.clone(),
+        url: stored.url.clone(),
+        spec_name: stored.spec.name.clone(),
+        description: stored.spec.description.clone(),
+        entries: stored.spec.entries.clone(),
+        resolved: joined
+            .map(|j| j.path.peers().iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+        shim_len: stored.spec.shim_len,
+        token: stored.token.is_some(),
+        module: stored.spec.module.clone(),
+        rules: rules_using(rules, &stored.name),
+        packets_sent: joined.map(|j| j.sent.load(Relaxed)).unwrap_or(0),
+        packets_received: joined.map(|j| j.received.load(Relaxed)).unwrap_or(0),
     }
 }
 
@@ -318,41 +550,4 @@ fn map_views() -> Vec<MapView> {
             max_entries: map.max_entries,
         })
         .collect()
-}
-
-/// `oasis overlay add`: fetch, check, resolve, then store and publish.
-pub(super) async fn join_overlay(
-    state: &Mutex<State>,
-    name: String,
-    url: String,
-    token: Option<String>,
-) -> Result<OverlayView, RequestError> {
-    check_name(&name)?;
-    if state
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .config
-        .overlays
-        .iter()
-        .any(|o| o.name == name)
-    {
-        return Err(JoinError::Exists(name).into());
-    }
-    let spec = crate::overlay::fetch(&url).await?;
-    let shim = shim_bytes(spec.shim_len, token.as_deref())?;
-    let to_resolve = spec.clone();
-    let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries())
-        .await
-        .unwrap_or_else(|e| Err(SpecError::Xml(format!("resolver task failed: {e}"))))?;
-    let joined = JoinedOverlay::new(name.clone(), entries, shim);
-    let stored = StoredOverlay {
-        name,
-        url,
-        token,
-        spec,
-    };
-    state
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .add_overlay(stored, joined)
 }

@@ -19,7 +19,7 @@ use super::DnsCounters;
 use super::cache::{AnswerCache, Upstream};
 use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl};
 use super::udp::{EDNS_UDP_LIMIT, refusal};
-use crate::fake::{FakeError, FakeTable};
+use crate::fake::{FakeError, FakeTable, unix_now};
 use crate::names::NameRules;
 use crate::shared::{Shared, snapshot};
 
@@ -262,14 +262,6 @@ fn plan_for(
     underlay: UnderlayAnswers,
 ) -> Plan {
     plan(qtype, Some((rule, carrier)), underlay)
-}
-
-/// Seconds since the epoch: the fake table's clock, which must survive restarts.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The service as hickory-server's handler, for TCP.

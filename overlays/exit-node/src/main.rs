@@ -7,6 +7,8 @@
 mod clients;
 mod nat;
 mod sched;
+#[cfg(target_os = "linux")]
+mod steer;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -146,9 +148,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    use oasis_broker::platform::linux::exit_steer::ExitSteering;
-    use oasis_broker::platform::linux::tun::{Tun, uplink_mtu};
-    use oasis_broker::platform::linux::underlay::Underlay;
+    use oasis_io::linux::raw::RawSockets;
+    use oasis_io::linux::tun::{Tun, uplink_mtu};
+    use steer::ExitSteering;
 
     let public_v4 = args.public.iter().find_map(|a| match a {
         IpAddr::V4(v4) => Some(*v4),
@@ -170,11 +172,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             args.nat_ports.end()
         );
     }
-    if args.shim_len > oasis_broker::overlay::MAX_SHIM_LEN {
-        bail!(
-            "--shim-len must be at most {}",
-            oasis_broker::overlay::MAX_SHIM_LEN
-        );
+    if args.shim_len > oasis_common::MAX_SHIM_LEN {
+        bail!("--shim-len must be at most {}", oasis_common::MAX_SHIM_LEN);
     }
 
     let mtu = uplink_mtu(std::slice::from_ref(&args.uplink));
@@ -190,9 +189,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         port_last: *args.nat_ports.end(),
         tun_ifindex: tun.ifindex,
     };
-    let _steering = ExitSteering::attach(oasis_broker::EBPF_OBJECT, &args.uplink, settings)
+    let _steering = ExitSteering::attach(&args.uplink, settings)
         .with_context(|| format!("steering replies on {}", args.uplink))?;
-    let raw = Arc::new(Underlay::open(0).context("opening raw sockets (run as root)")?);
+    let raw = Arc::new(RawSockets::open(0).context("opening raw sockets (run as root)")?);
 
     let mut nat_config = NatConfig::new(public_v4, public_v6, args.nat_ports.clone());
     nat_config.max_flows = args.max_flows;
@@ -283,16 +282,18 @@ fn to_internet(
     socket: &socket2::Socket,
     core: &Mutex<Core>,
     clients: &[Client],
-    raw: &oasis_broker::platform::linux::underlay::Underlay,
+    raw: &oasis_io::linux::raw::RawSockets,
     shim_len: usize,
     classes: usize,
     queue: usize,
 ) {
-    use oasis_broker::platform::linux::mmsg::{datagrams, enable_udp_gro, recv_batch};
+    use oasis_io::linux::mmsg::{Received, Receiver, datagrams, enable_udp_gro};
+    use oasis_io::linux::raw::RawBatches;
     let mut bufs = vec![vec![0u8; CLIENT_BUFFER]; BATCH];
-    let mut lens = vec![0usize; BATCH];
-    let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
-    let mut segments = vec![0usize; BATCH];
+    let mut received = [Received::default(); BATCH];
+    let mut receiver = Receiver::default();
+    let mut raw_batches = RawBatches::default();
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(BUDGET);
     let mut queues: PriorityQueues<Queued> = PriorityQueues::new(classes, queue);
     // Spare packet buffers, reused so the steady state allocates nothing.
     let mut pool: Vec<Vec<u8>> = Vec::new();
@@ -306,14 +307,7 @@ fn to_internet(
             nonblocking = !queues.is_empty();
             let _ = socket.set_nonblocking(nonblocking);
         }
-        let count = match recv_batch(
-            socket.as_raw_fd(),
-            &mut bufs,
-            0,
-            &mut lens,
-            &mut from,
-            &mut segments,
-        ) {
+        let count = match receiver.recv(socket.as_raw_fd(), &mut bufs, 0, &mut received) {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -330,14 +324,14 @@ fn to_internet(
         };
         let mut core_guard = core.lock().unwrap_or_else(|e| e.into_inner());
         let core = &mut *core_guard;
-        for i in 0..count {
-            let Some(sender) = from[i] else { continue };
+        for (buf, got) in bufs.iter().zip(&received).take(count) {
+            let Some(sender) = got.from else { continue };
             let Some(client) = lookup(clients, sender.ip()) else {
                 core.stats.refused_unknown_sender += 1;
                 continue;
             };
-            for range in datagrams(lens[i], segments[i]) {
-                let datagram = &bufs[i][range];
+            for range in datagrams(got.len, got.segment) {
+                let datagram = &buf[range];
                 if datagram.len() <= shim_len || !authorised(client, &datagram[..shim_len]) {
                     core.stats.refused_token += 1;
                     continue;
@@ -353,7 +347,6 @@ fn to_internet(
             }
         }
         let now = Instant::now();
-        let mut out: Vec<Vec<u8>> = Vec::with_capacity(BUDGET);
         while out.len() < BUDGET {
             let Some((class, mut queued)) = queues.pop() else {
                 break;
@@ -374,9 +367,8 @@ fn to_internet(
             }
         }
         drop(core_guard);
-        let slices: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
-        raw.send_batch(&slices);
-        pool.extend(out);
+        raw.send(&mut raw_batches, out.iter().map(Vec::as_slice));
+        pool.append(&mut out);
     }
 }
 
@@ -400,11 +392,13 @@ fn to_clients(
     sockets: &[Arc<socket2::Socket>],
     shim: &[u8],
 ) {
-    use oasis_broker::platform::linux::mmsg::GsoSendBatch;
+    use oasis_io::linux::mmsg::GsoDatagrams;
     use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM];
     let mut segments = vec![vec![0u8; DATAGRAM]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut targets: Vec<Option<SocketAddr>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let mut stores: Vec<GsoDatagrams> = sockets.iter().map(|_| GsoDatagrams::default()).collect();
     let socket_is_v4: Vec<bool> = sockets
         .iter()
         .map(|s| {
@@ -424,7 +418,7 @@ fn to_clients(
             }
         };
         let now = Instant::now();
-        let mut targets: Vec<Option<SocketAddr>> = Vec::with_capacity(count);
+        targets.clear();
         {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             for (segment, &size) in segments.iter_mut().zip(&sizes).take(count) {
@@ -451,14 +445,15 @@ fn to_clients(
                 }
             }
         }
-        let mut batches: Vec<GsoSendBatch> = sockets.iter().map(|_| GsoSendBatch::default()).collect();
-        for ((segment, &size), target) in segments.iter().zip(&sizes).zip(&targets) {
-            let Some(client) = target else { continue };
-            if let Some(index) = socket_is_v4.iter().position(|v4| *v4 == client.is_ipv4()) {
-                batches[index].push(shim, &segment[..size], *client);
+        for ((store, socket), socket_v4) in stores.iter_mut().zip(sockets).zip(&socket_is_v4) {
+            let mut batch = store.batch();
+            for ((segment, &size), target) in segments.iter().zip(&sizes).zip(&targets) {
+                if let Some(client) = target
+                    && client.is_ipv4() == *socket_v4
+                {
+                    batch.push(shim, &segment[..size], *client);
+                }
             }
-        }
-        for (batch, socket) in batches.iter().zip(sockets) {
             batch.send(socket.as_raw_fd());
         }
     }

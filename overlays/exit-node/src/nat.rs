@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use oasis_broker::packet::{End, PacketError, addresses, echo_id, layout, ports, rewrite, tcp_closing};
+use oasis_io::packet::{End, PacketError, addresses, echo_id, layout, ports, rewrite, tcp_closing};
 
 #[derive(Clone, Debug)]
 pub struct NatConfig {

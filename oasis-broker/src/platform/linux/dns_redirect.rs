@@ -3,14 +3,15 @@
 //! them and queries go to the host's servers again.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use aya::Ebpf;
 use aya::maps::{Array, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use oasis_common::{DNS_PROGRAMS, DnsSettings, maps};
 
-use super::datapath::DatapathError;
+use super::kernel::{KernelError, take_map};
+use crate::platform::{DnsInterception, InterceptSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -18,6 +19,15 @@ pub enum CgroupError {
     NoHierarchy,
     #[error("opening cgroup {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
+    #[error("reading the network namespace cookie: {0}")]
+    Netns(std::io::Error),
+    #[error("attaching kernel program {program} to cgroup {path} ({hook}): {source}")]
+    Attach {
+        program: &'static str,
+        hook: &'static str,
+        path: PathBuf,
+        source: Box<aya::programs::ProgramError>,
+    },
 }
 
 /// The DNS redirect, attached. Dropping it does not detach (the programs
@@ -28,64 +38,58 @@ pub struct DnsRedirect {
 }
 
 impl DnsRedirect {
-    pub(super) fn attach(
-        ebpf: &mut Ebpf,
-        cgroup: &Path,
-        settings: DnsSettings,
-    ) -> Result<DnsRedirect, DatapathError> {
-        let map = ebpf
-            .take_map(maps::DNS_SETTINGS.name)
-            .ok_or(DatapathError::Missing(maps::DNS_SETTINGS.name))?;
-        let mut settings_map =
-            Array::<MapData, DnsSettings>::try_from(map).map_err(|source| DatapathError::Map {
-                map: maps::DNS_SETTINGS.name,
-                source,
-            })?;
+    /// Loads the eight programs and attaches them to the cgroup the
+    /// settings name (default: the root of the cgroup v2 hierarchy).
+    pub(super) fn attach(ebpf: &mut Ebpf, intercept: &InterceptSettings) -> Result<DnsRedirect, KernelError> {
+        let cgroup = match &intercept.scope {
+            Some(path) => path.clone(),
+            None => default_cgroup()?,
+        };
+        let settings = DnsSettings {
+            netns_cookie: netns_cookie().map_err(CgroupError::Netns)?,
+            broker_tgid: std::process::id(),
+            port: intercept.port,
+            has_v6: u8::from(intercept.v6),
+            _pad: 0,
+        };
+        let mut settings_map = take_map!(ebpf, maps::DNS_SETTINGS, Array<MapData, DnsSettings>);
         settings_map
             .set(0, settings, 0)
-            .map_err(|source| DatapathError::Map {
-                map: maps::DNS_SETTINGS.name,
-                source,
-            })?;
-        let file = File::open(cgroup).map_err(|e| DatapathError::Named {
-            program: DNS_PROGRAMS[0].0,
-            source: aya::programs::ProgramError::IOError(std::io::Error::new(
-                e.kind(),
-                format!("opening cgroup {}: {e}", cgroup.display()),
-            )),
+            .map_err(KernelError::map(maps::DNS_SETTINGS.name))?;
+        let file = File::open(&cgroup).map_err(|source| CgroupError::Open {
+            path: cgroup.clone(),
+            source,
         })?;
-        for (name, _hook) in DNS_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
+        for (program, hook) in DNS_PROGRAMS {
+            let loaded: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .ok_or(KernelError::Missing(program))?
                 .try_into()
-                .map_err(|source| DatapathError::Named {
-                    program: name,
-                    source,
-                })?;
-            program.load().map_err(|source| DatapathError::Named {
-                program: name,
-                source,
-            })?;
+                .map_err(KernelError::program(program))?;
+            loaded.load().map_err(KernelError::program(program))?;
             // On kernels with BPF links (5.7+) aya attaches through one, which
             // always runs beside other programs on the cgroup (systemd's, a
             // container runtime's) and takes no mode flags.
-            program
+            loaded
                 .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Named {
-                    program: name,
-                    source,
+                .map_err(|source| CgroupError::Attach {
+                    program,
+                    hook,
+                    path: cgroup.clone(),
+                    source: Box::new(source),
                 })?;
         }
         Ok(DnsRedirect {
             settings: settings_map,
-            cgroup: cgroup.to_path_buf(),
+            cgroup,
         })
     }
+}
 
+impl DnsInterception for DnsRedirect {
     /// Stops redirecting (shutdown: answers to queries in flight still
     /// get their source put back).
-    pub fn disable(&mut self) {
+    fn disable(&mut self) {
         let _ = self.settings.set(
             0,
             DnsSettings {
@@ -94,6 +98,10 @@ impl DnsRedirect {
             },
             0,
         );
+    }
+
+    fn scope(&self) -> PathBuf {
+        self.cgroup.clone()
     }
 }
 

@@ -1,14 +1,118 @@
-//! Linux: eBPF classifier maps and links, the TUN device, the underlay raw
-//! sockets and interface discovery.
-pub mod datapath;
+//! Linux: the eBPF classifier and its maps (one file per program or map
+//! family, as aya arranges them), the TUN device, raw sockets, the broker's
+//! UDP sockets, and interface discovery.
+
+pub mod classifier;
 pub mod dns_redirect;
-pub mod exit_steer;
-pub mod fake_path;
-pub mod forward;
+pub mod heartbeat;
+pub mod kernel;
 pub mod local_addrs;
-pub mod mmsg;
-pub mod overlay_rx;
+pub mod nat;
+pub mod socket;
 pub mod tun;
 pub mod underlay;
-pub mod underlay_port;
 pub mod uplink;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use oasis_common::Settings;
+use oasis_io::linux::raw::RawSockets;
+use oasis_io::linux::tun::{Tun, diverted_counts, uplink_mtu};
+
+use crate::config::TunConfig;
+use crate::engine::LocalAddresses;
+use crate::platform::{Divert, Kernel, Platform, PlatformError};
+
+pub use kernel::{KernelError, LinuxKernel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    #[error(
+        "no uplink: no interface carries a default route; name the uplinks in the config file (uplinks: [eth0])"
+    )]
+    NoUplinks,
+    #[error("creating TUN device {name}: {source} (the daemon must run as root)")]
+    Tun { name: String, source: io::Error },
+    #[error("opening the underlay raw sockets: {0} (the daemon must run as root)")]
+    Underlay(io::Error),
+}
+
+/// The Linux implementation of the platform.
+#[derive(Default)]
+pub struct LinuxPlatform;
+
+impl Platform for LinuxPlatform {
+    type Queue = tun::TunQueue;
+    type Delivery = tun::TunDelivery;
+    type Underlay = underlay::RawUnderlay;
+    type Socket = socket::UdpSocket;
+
+    fn uplinks(&self, configured: &[String]) -> Result<Vec<String>, PlatformError> {
+        let uplinks = if configured.is_empty() {
+            uplink::default_route_interfaces()
+        } else {
+            configured.to_vec()
+        };
+        if uplinks.is_empty() {
+            return Err(LinuxError::NoUplinks.into());
+        }
+        Ok(uplinks)
+    }
+
+    fn uplink_mtu(&self, uplinks: &[String]) -> u16 {
+        uplink_mtu(uplinks)
+    }
+
+    fn divert(
+        &mut self,
+        config: &TunConfig,
+        mtu: u16,
+    ) -> Result<Divert<Self::Queue, Self::Delivery>, PlatformError> {
+        let tun = Tun::create(&config.name, config.queues, mtu, config.address).map_err(|source| {
+            LinuxError::Tun {
+                name: config.name.clone(),
+                source,
+            }
+        })?;
+        let devices: Vec<Arc<tun_rs::SyncDevice>> = tun.queues.into_iter().map(Arc::new).collect();
+        let delivery = tun::TunDelivery::new(devices[0].clone());
+        let queues = devices
+            .into_iter()
+            .map(|device| tun::TunQueue::new(device, mtu))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| LinuxError::Tun {
+                name: config.name.clone(),
+                source,
+            })?;
+        Ok(Divert {
+            name: tun.name,
+            index: tun.ifindex,
+            queues,
+            delivery,
+        })
+    }
+
+    fn underlay(&self, bypass_mark: u32) -> Result<Self::Underlay, PlatformError> {
+        Ok(underlay::RawUnderlay(
+            RawSockets::open(bypass_mark).map_err(LinuxError::Underlay)?,
+        ))
+    }
+
+    fn socket(&self, addr: SocketAddr, bypass_mark: u32, coalesce: bool) -> io::Result<Self::Socket> {
+        socket::UdpSocket::open(addr, bypass_mark, coalesce)
+    }
+
+    fn kernel(&mut self, settings: Settings) -> Result<Box<dyn Kernel>, PlatformError> {
+        Ok(Box::new(LinuxKernel::load(oasis_ebpf_object::OBJECT, settings)?))
+    }
+
+    fn local_addresses(&self) -> LocalAddresses {
+        local_addrs::local_addresses()
+    }
+
+    fn diverted(&self, device: &str) -> (u64, u64) {
+        diverted_counts(device)
+    }
+}

@@ -1,82 +1,130 @@
-//! The TUN device diverted packets arrive on. It has no addresses and no
-//! routes: packets reach it only through the classifier's redirect.
+//! The TUN device diverted packets arrive on (oasis-io creates it), as the
+//! platform's [`DivertedQueue`] and [`Delivery`]. The device has offload
+//! on, so one read can return a whole GSO burst, split into MTU-sized
+//! packets here; small packets arrive one per read, so a batch keeps
+//! reading until the queue is empty.
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
 
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-pub struct Tun {
-    pub name: String,
-    pub ifindex: u32,
-    /// One device handle per queue, each read by its own thread.
-    pub queues: Vec<SyncDevice>,
+use crate::platform::{Delivery, DivertedQueue, PacketBatch};
+
+/// Slots of a batch: room for several reads of small packets, and always
+/// for one whole GSO burst (the split fails without enough slots).
+const SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
+
+/// One queue of the device, read by one thread.
+pub struct TunQueue {
+    device: Arc<SyncDevice>,
+    /// One raw read: the virtio-net header and up to a whole GSO burst.
+    raw: Vec<u8>,
+    mtu: u16,
 }
 
-impl Tun {
-    /// Creates the device with `queues` queues and generic offload, so a
-    /// TCP burst arrives as one large read that user space splits.
-    pub fn create(name: &str, queues: usize, mtu: u16, address: std::net::Ipv4Addr) -> io::Result<Tun> {
-        if std::path::Path::new("/sys/class/net").join(name).exists() {
-            tracing::warn!(%name, "a device with the TUN's name exists already (left by a crashed run?); taking it over");
-        }
-        let first = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .offload(true)
-            .multi_queue(queues > 1)
-            // Linux drops packets arriving on an interface without any IPv4
-            // address whenever reverse-path filtering is on, loose mode
-            // included; returned packets need the TUN to have one.
-            .ipv4(address, 32, None)
-            .enable(false)
-            .build_sync()?;
-        // Before it goes up: IPv6 stays on, so packets returned by overlays
-        // can be delivered through the TUN, but without any address, so the
-        // host sends nothing of its own into it (no link-local address means
-        // no DAD, no router solicitation, no MLD report).
-        let sysctl = |family: &str, key: &str, value: &str| {
-            let path = format!("/proc/sys/net/{family}/conf/{name}/{key}");
-            if let Err(e) = std::fs::write(&path, value) {
-                tracing::warn!(%path, "cannot set: {e}");
-            }
-        };
-        sysctl("ipv6", "addr_gen_mode", "1");
-        sysctl("ipv6", "accept_ra", "0");
-        // Returned packets come from remote sources that route via the
-        // uplink, not the TUN: loose reverse-path checking lets them in.
-        sysctl("ipv4", "rp_filter", "2");
-        first.enabled(true)?;
-        let ifindex = first.if_index()?;
-        let mut handles = vec![first];
-        for _ in 1..queues {
-            handles.push(handles[0].try_clone()?);
-        }
-        Ok(Tun {
-            name: name.to_string(),
-            ifindex,
-            queues: handles,
+impl TunQueue {
+    pub fn new(device: Arc<SyncDevice>, mtu: u16) -> io::Result<TunQueue> {
+        // Reads never block: the queue waits in poll(2), with a timeout,
+        // and a batch reads until the device is empty.
+        device.set_nonblocking(true)?;
+        Ok(TunQueue {
+            device,
+            raw: vec![0; VIRTIO_NET_HDR_LEN + 65_536],
+            mtu,
         })
+    }
+
+    /// A batch sized for this queue's packets.
+    pub fn new_batch(&self) -> PacketBatch {
+        PacketBatch::new(SLOTS, usize::from(self.mtu).max(1280) + 256)
+    }
+
+    fn read_once(&mut self, batch: &mut PacketBatch) -> io::Result<usize> {
+        let (bufs, sizes) = batch.free();
+        let count = self.device.recv_multiple(&mut self.raw, bufs, sizes, 0)?;
+        batch.filled(count);
+        Ok(count)
     }
 }
 
-/// Packets and bytes the kernel has handed to the TUN's readers.
-pub fn diverted_counts(name: &str) -> (u64, u64) {
-    let read = |what: &str| {
-        std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+/// Waits until `fd` is readable or `timeout` passes; false on timeout.
+fn wait_readable(fd: i32, timeout: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
     };
-    (read("tx_packets"), read("tx_bytes"))
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n > 0)
 }
 
-/// The largest MTU among the uplinks, so the TUN never refuses a packet
-/// an uplink would have sent.
-pub fn uplink_mtu(uplinks: &[String]) -> u16 {
-    uplinks
-        .iter()
-        .filter_map(|name| std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok())
-        .filter_map(|s| s.trim().parse::<u16>().ok())
-        .max()
-        .unwrap_or(1500)
+impl DivertedQueue for TunQueue {
+    fn recv(&mut self, batch: &mut PacketBatch, timeout: Duration) -> io::Result<()> {
+        let mut waited = false;
+        loop {
+            if batch.len() + IDEAL_BATCH_SIZE > SLOTS && !batch.is_empty() {
+                return Ok(());
+            }
+            match self.read_once(batch) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if waited || !batch.is_empty() {
+                        return Ok(());
+                    }
+                    waited = true;
+                    if !wait_readable(self.device.as_raw_fd(), timeout)? {
+                        return Ok(());
+                    }
+                }
+                Err(e) if !batch.is_empty() => {
+                    // Keep what was read; the error shows on the next call.
+                    tracing::debug!("reading the TUN: {e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Writes packets into the device, to the host's applications, with GRO:
+/// runs of segments of one flow go up the stack as one.
+pub struct TunDelivery {
+    device: Arc<SyncDevice>,
+    gro: GROTable,
+}
+
+impl TunDelivery {
+    pub fn new(device: Arc<SyncDevice>) -> TunDelivery {
+        TunDelivery {
+            device,
+            gro: GROTable::default(),
+        }
+    }
+}
+
+impl Clone for TunDelivery {
+    fn clone(&self) -> Self {
+        TunDelivery::new(self.device.clone())
+    }
+}
+
+impl Delivery for TunDelivery {
+    fn headroom(&self) -> usize {
+        VIRTIO_NET_HDR_LEN
+    }
+
+    fn deliver(&mut self, packets: &mut [Vec<u8>]) -> io::Result<()> {
+        self.device
+            .send_multiple(&mut self.gro, packets, VIRTIO_NET_HDR_LEN)
+            .map(|_| ())
+    }
 }

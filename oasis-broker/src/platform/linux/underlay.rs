@@ -1,96 +1,16 @@
-//! The underlay carrier (OC0): diverted packets go back out as they are,
-//! through raw sockets that write the whole IP header themselves. The
-//! sockets carry the bypass mark so the classifier lets them through.
+//! The underlay carrier (OC0): diverted packets go back out through raw
+//! sockets that carry the bypass mark, so the classifier lets them pass.
 
-use std::io;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use oasis_io::linux::raw::{RawBatches, RawSockets};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use crate::platform::UnderlaySender;
 
-use super::mmsg::SendBatch;
+pub struct RawUnderlay(pub RawSockets);
 
-/// One raw socket per address family.
-pub struct Underlay {
-    v4: Socket,
-    /// None on hosts without IPv6.
-    v6: Option<Socket>,
-}
+impl UnderlaySender for RawUnderlay {
+    type Scratch = RawBatches;
 
-impl Underlay {
-    pub fn open(bypass_mark: u32) -> io::Result<Underlay> {
-        // IPPROTO_RAW implies IP_HDRINCL (IPv4) and IPV6_HDRINCL (IPv6): the
-        // kernel sends our header unchanged but for the IPv4 checksum.
-        let open = |domain| -> io::Result<Socket> {
-            let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
-            socket.set_mark(bypass_mark)?;
-            socket.set_send_buffer_size(4 << 20)?;
-            Ok(socket)
-        };
-        let v6 = match open(Domain::IPV6) {
-            Ok(socket) => Some(socket),
-            Err(e) => {
-                tracing::warn!("no IPv6 raw socket ({e}); the underlay carries IPv4 only");
-                None
-            }
-        };
-        Ok(Underlay {
-            v4: open(Domain::IPV4)?,
-            v6,
-        })
-    }
-
-    /// Sends a batch of raw IP packets to their own destinations. Returns
-    /// how many were sent and how many failed; a failure is one packet lost,
-    /// as on any router, never a reason to stop.
-    pub fn send_batch(&self, packets: &[&[u8]]) -> (usize, usize) {
-        let mut v4 = SendBatch::default();
-        let mut v6 = SendBatch::default();
-        let mut failed = 0;
-        for packet in packets {
-            match destination(packet) {
-                Some(addr @ SocketAddr::V4(_)) => v4.push(packet, addr),
-                Some(addr @ SocketAddr::V6(_)) => v6.push(packet, addr),
-                None => failed += 1,
-            }
-        }
-        let (sent4, failed4) = v4.send(self.v4.as_raw_fd());
-        let (sent6, failed6) = match &self.v6 {
-            Some(socket) => v6.send(socket.as_raw_fd()),
-            None => (0, v6.len()),
-        };
-        (sent4 + sent6, failed + failed4 + failed6)
-    }
-}
-
-/// The destination of a raw IP packet, as a raw-socket address.
-fn destination(packet: &[u8]) -> Option<SocketAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let dst: [u8; 4] = packet[16..20].try_into().ok()?;
-            Some(SocketAddr::V4(SocketAddrV4::new(dst.into(), 0)))
-        }
-        6 if packet.len() >= 40 => {
-            let dst: [u8; 16] = packet[24..40].try_into().ok()?;
-            Some(SocketAddr::V6(SocketAddrV6::new(dst.into(), 0, 0, 0)))
-        }
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destinations_of_raw_packets() {
-        let mut v4 = vec![0x45u8; 20];
-        v4[16..20].copy_from_slice(&[198, 51, 100, 7]);
-        assert_eq!(destination(&v4), Some("198.51.100.7:0".parse().unwrap()));
-        let mut v6 = vec![0x60u8; 40];
-        v6[24..40].copy_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
-        assert_eq!(destination(&v6), Some("[2001:db8::9]:0".parse().unwrap()));
-        assert_eq!(destination(&[0x45, 0, 0]), None);
-        assert_eq!(destination(&[]), None);
+    fn send<'p>(&self, scratch: &mut RawBatches, packets: impl Iterator<Item = &'p [u8]>) -> (usize, usize) {
+        self.0.send(scratch, packets)
     }
 }

@@ -4,12 +4,12 @@ use std::collections::BTreeSet;
 
 /// Interfaces named by default routes in `/proc/net/route` (IPv4) and
 /// `/proc/net/ipv6_route` (IPv6).
-pub fn default_route_interfaces() -> std::io::Result<Vec<String>> {
+pub fn default_route_interfaces() -> Vec<String> {
     let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
     let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
     let mut names: BTreeSet<String> = v4_defaults(&v4).into_iter().collect();
     names.extend(v6_defaults(&v6));
-    Ok(names.into_iter().collect())
+    names.into_iter().collect()
 }
 
 /// `Iface Destination Gateway Flags ... Mask ...` with hex fields.

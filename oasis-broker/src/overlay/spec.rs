@@ -1,14 +1,14 @@
 //! Overlay specifications: the XML document an overlay operator publishes at
-//! a URL, and what joining one stores. The schema is in docs/overlays.md.
+//! a URL, checked into what joining one stores. The schema is in
+//! docs/overlays.md.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
+use oasis_common::MAX_SHIM_LEN;
 use serde::{Deserialize, Serialize};
 
 /// Largest specification `overlay add` accepts.
 pub const MAX_SPEC_BYTES: usize = 64 * 1024;
-/// Longest shim an overlay may ask for.
-pub const MAX_SHIM_LEN: usize = 64;
 pub const MAX_ENTRIES: usize = 16;
 
 /// A checked overlay specification.
@@ -231,67 +231,6 @@ fn valid_host(host: &str) -> bool {
         && !host.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
 
-/// Why fetching a specification failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("{0:?} is not an http:// or https:// URL")]
-    BadUrl(String),
-    #[error("fetching {url}: {reason}")]
-    Http { url: String, reason: String },
-    #[error("fetching {url}: the server answered {status}")]
-    Status { url: String, status: u16 },
-    #[error("fetching {url}: the specification is larger than {MAX_SPEC_BYTES} bytes")]
-    TooLarge { url: String },
-    #[error("{url}: {source}")]
-    Spec { url: String, source: SpecError },
-}
-
-/// Fetches and checks a specification: 10 s in all, at most
-/// [`MAX_SPEC_BYTES`], following at most 3 redirects.
-pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(FetchError::BadUrl(url.into()));
-    }
-    let http = |e: reqwest::Error| FetchError::Http {
-        url: url.into(),
-        reason: e.to_string(),
-    };
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::limited(3))
-        .build()
-        .map_err(http)?;
-    let mut response = client.get(url).send().await.map_err(http)?;
-    if !response.status().is_success() {
-        return Err(FetchError::Status {
-            url: url.into(),
-            status: response.status().as_u16(),
-        });
-    }
-    if response
-        .content_length()
-        .is_some_and(|n| n as usize > MAX_SPEC_BYTES)
-    {
-        return Err(FetchError::TooLarge { url: url.into() });
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(http)? {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_SPEC_BYTES {
-            return Err(FetchError::TooLarge { url: url.into() });
-        }
-    }
-    let text = String::from_utf8(body).map_err(|_| FetchError::Spec {
-        url: url.into(),
-        source: SpecError::Xml("the document is not UTF-8".into()),
-    })?;
-    OverlaySpec::parse(&text).map_err(|source| FetchError::Spec {
-        url: url.into(),
-        source,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,176 +316,5 @@ mod tests {
         let spec = OverlaySpec::parse(GOOD).unwrap();
         let yaml = serde_yaml::to_string(&spec).unwrap();
         assert_eq!(serde_yaml::from_str::<OverlaySpec>(&yaml).unwrap(), spec);
-    }
-}
-
-/// Why joining an overlay was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum JoinError {
-    #[error("bad overlay name {0:?}: use letters, digits, - and _ (and not `underlay`)")]
-    BadName(String),
-    #[error("an overlay named {0:?} is joined already; `oasis overlay del {0}` first")]
-    Exists(String),
-    #[error("no overlay named {0:?} is joined; `oasis overlay list` shows them")]
-    Unknown(String),
-    #[error("overlay {name:?} carries rules {rules:?}; delete them first (`oasis rule del ID`)")]
-    InUse { name: String, rules: Vec<u32> },
-    #[error("--token: the overlay's shim is {shim_len} bytes, so give {shim_len} bytes as {} hex digits", shim_len * 2)]
-    BadToken { shim_len: usize },
-    #[error("--token: this overlay has no shim to carry a token")]
-    TokenWithoutShim,
-}
-
-/// Checks a local overlay name as `--via` and `overlay add` take it.
-pub fn check_name(name: &str) -> Result<(), JoinError> {
-    match name.parse::<crate::rules::Carrier>() {
-        Ok(crate::rules::Carrier::Overlay(_)) => Ok(()),
-        _ => Err(JoinError::BadName(name.into())),
-    }
-}
-
-/// The shim bytes sent in front of every packet: the token, or zeros.
-pub fn shim_bytes(shim_len: usize, token: Option<&str>) -> Result<Vec<u8>, JoinError> {
-    let Some(token) = token else {
-        return Ok(vec![0; shim_len]);
-    };
-    if shim_len == 0 {
-        return Err(JoinError::TokenWithoutShim);
-    }
-    let token = token.trim();
-    let bytes: Option<Vec<u8>> = (token.len() == shim_len * 2)
-        .then(|| {
-            (0..shim_len)
-                .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16).ok())
-                .collect()
-        })
-        .flatten();
-    bytes.ok_or(JoinError::BadToken { shim_len })
-}
-
-/// A joined overlay as the packet path uses it.
-#[derive(Debug)]
-pub struct JoinedOverlay {
-    pub name: String,
-    pub entries: Vec<SocketAddr>,
-    pub shim: Vec<u8>,
-    pub sent: std::sync::atomic::AtomicU64,
-    pub received: std::sync::atomic::AtomicU64,
-}
-
-impl JoinedOverlay {
-    pub fn new(name: String, entries: Vec<SocketAddr>, shim: Vec<u8>) -> JoinedOverlay {
-        JoinedOverlay {
-            name,
-            entries,
-            shim,
-            sent: Default::default(),
-            received: Default::default(),
-        }
-    }
-
-    /// The entry node of a flow: a flow always uses the same one.
-    pub fn entry_for(&self, key: &oasis_common::FlowKey) -> SocketAddr {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        self.entries[(hasher.finish() % self.entries.len() as u64) as usize]
-    }
-
-    /// The largest TCP MSS whose segments, encapsulated for this overlay,
-    /// still fit an uplink MTU of `mtu`.
-    pub fn max_mss(&self, mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
-        let ip = |v6: bool| if v6 { 40 } else { 20 };
-        let overhead = ip(inner_v6) + 20 + ip(outer_v6) + 8 + self.shim.len();
-        (usize::from(mtu).saturating_sub(overhead)).clamp(536, 65_495) as u16
-    }
-}
-
-/// The joined overlays by name and by entry node address.
-#[derive(Debug, Default)]
-pub struct OverlayTable {
-    by_name: std::collections::HashMap<String, std::sync::Arc<JoinedOverlay>>,
-    by_entry: std::collections::HashMap<SocketAddr, std::sync::Arc<JoinedOverlay>>,
-}
-
-impl OverlayTable {
-    pub fn new(overlays: impl IntoIterator<Item = std::sync::Arc<JoinedOverlay>>) -> OverlayTable {
-        let mut table = OverlayTable::default();
-        for overlay in overlays {
-            for entry in &overlay.entries {
-                table.by_entry.insert(canonical(*entry), overlay.clone());
-            }
-            table.by_name.insert(overlay.name.clone(), overlay);
-        }
-        table
-    }
-
-    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<JoinedOverlay>> {
-        self.by_name.get(name)
-    }
-
-    /// The overlay whose entry node sent a datagram from `from`, if any:
-    /// only those may hand packets to this host.
-    pub fn by_sender(&self, from: SocketAddr) -> Option<&std::sync::Arc<JoinedOverlay>> {
-        self.by_entry.get(&canonical(from))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<JoinedOverlay>> {
-        self.by_name.values()
-    }
-}
-
-/// IPv4-mapped IPv6 addresses compare as the IPv4 address they carry.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-#[cfg(test)]
-mod join_tests {
-    use super::*;
-
-    #[test]
-    fn tokens_fill_the_shim_exactly() {
-        assert_eq!(shim_bytes(4, None).unwrap(), vec![0; 4]);
-        assert_eq!(shim_bytes(2, Some("a1ff")).unwrap(), vec![0xa1, 0xff]);
-        assert_eq!(
-            shim_bytes(2, Some("a1")),
-            Err(JoinError::BadToken { shim_len: 2 })
-        );
-        assert_eq!(
-            shim_bytes(2, Some("zzzz")),
-            Err(JoinError::BadToken { shim_len: 2 })
-        );
-        assert_eq!(shim_bytes(0, Some("")), Err(JoinError::TokenWithoutShim));
-        assert!(
-            check_name("underlay").is_err() && check_name("a b").is_err() && check_name("detour").is_ok()
-        );
-    }
-
-    #[test]
-    fn senders_are_matched_by_address_and_port() {
-        let entry: SocketAddr = "192.0.2.1:7400".parse().unwrap();
-        let table = OverlayTable::new([std::sync::Arc::new(JoinedOverlay::new(
-            "a".into(),
-            vec![entry],
-            vec![],
-        ))]);
-        assert_eq!(table.by_sender(entry).unwrap().name, "a");
-        assert_eq!(
-            table
-                .by_sender("[::ffff:192.0.2.1]:7400".parse().unwrap())
-                .unwrap()
-                .name,
-            "a"
-        );
-        assert!(table.by_sender("192.0.2.1:7401".parse().unwrap()).is_none());
-        assert!(table.by_sender("192.0.2.2:7400".parse().unwrap()).is_none());
-    }
-
-    #[test]
-    fn mss_leaves_room_for_the_encapsulation() {
-        let overlay = JoinedOverlay::new("a".into(), vec!["192.0.2.1:1".parse().unwrap()], vec![0; 8]);
-        assert_eq!(overlay.max_mss(1500, false, false), 1500 - 20 - 20 - 20 - 8 - 8);
-        assert_eq!(overlay.max_mss(1500, true, true), 1500 - 40 - 20 - 40 - 8 - 8);
     }
 }

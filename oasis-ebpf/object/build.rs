@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir.join("../oasis-ebpf").canonicalize()?;
+    let ebpf_dir = manifest_dir.join("..").canonicalize()?;
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;

@@ -115,13 +115,19 @@ pub fn rewrite(packet: &mut [u8], end: End, addr: IpAddr, port: u16) -> Result<(
     if matches!(layout.proto, ICMP | ICMPV6) && echo_id(packet).is_none() {
         return Err(PacketError::Unsupported(layout.proto));
     }
-    let (addr_at, addr_bytes): (usize, Vec<u8>) = match (layout.version, addr, end) {
-        (4, IpAddr::V4(a), End::Source) => (12, a.octets().to_vec()),
-        (4, IpAddr::V4(a), End::Destination) => (16, a.octets().to_vec()),
-        (6, IpAddr::V6(a), End::Source) => (8, a.octets().to_vec()),
-        (6, IpAddr::V6(a), End::Destination) => (24, a.octets().to_vec()),
+    let mut new_addr = [0u8; 16];
+    let (addr_at, addr_len) = match (layout.version, addr, end) {
+        (4, IpAddr::V4(a), end) => {
+            new_addr[..4].copy_from_slice(&a.octets());
+            (if end == End::Source { 12 } else { 16 }, 4)
+        }
+        (6, IpAddr::V6(a), end) => {
+            new_addr = a.octets();
+            (if end == End::Source { 8 } else { 24 }, 16)
+        }
         _ => return Err(PacketError::FamilyMismatch),
     };
+    let new_addr = &new_addr[..addr_len];
     let port_at = layout.l4
         + if end == End::Source {
             src_port_at
@@ -137,16 +143,18 @@ pub fn rewrite(packet: &mut [u8], end: End, addr: IpAddr, port: u16) -> Result<(
         layout.version == 4 && layout.proto == UDP && packet[checksum_at..checksum_at + 2] == [0, 0];
     let mut l4_sum = u16::from_be_bytes([packet[checksum_at], packet[checksum_at + 1]]);
 
-    let old_addr = packet[addr_at..addr_at + addr_bytes.len()].to_vec();
+    let mut old_addr = [0u8; 16];
+    old_addr[..addr_len].copy_from_slice(&packet[addr_at..addr_at + addr_len]);
+    let old_addr = &old_addr[..addr_len];
     if layout.version == 4 {
         let ip_sum = u16::from_be_bytes([packet[10], packet[11]]);
-        let ip_sum = adjust(ip_sum, &old_addr, &addr_bytes);
+        let ip_sum = adjust(ip_sum, old_addr, new_addr);
         packet[10..12].copy_from_slice(&ip_sum.to_be_bytes());
     }
     if covers_addresses {
-        l4_sum = adjust(l4_sum, &old_addr, &addr_bytes);
+        l4_sum = adjust(l4_sum, old_addr, new_addr);
     }
-    packet[addr_at..addr_at + addr_bytes.len()].copy_from_slice(&addr_bytes);
+    packet[addr_at..addr_at + addr_len].copy_from_slice(new_addr);
 
     let old_port = [packet[port_at], packet[port_at + 1]];
     l4_sum = adjust(l4_sum, &old_port, &port.to_be_bytes());
@@ -275,10 +283,16 @@ pub fn rewrite_address(packet: &mut [u8], end: End, addr: IpAddr) -> Result<(), 
 /// unreachable) that `dead`, a packet to an address nobody answers for,
 /// draws: from its destination back to its source, quoting its start, so
 /// the sender's stack fails the connection at once instead of retrying.
-pub fn unreachable_reply(dead: &[u8]) -> Option<Vec<u8>> {
+/// Written into `out` (cleared first, its capacity reused); false when
+/// `dead` is not an IP packet.
+pub fn unreachable_reply(dead: &[u8], out: &mut Vec<u8>) -> bool {
+    build_unreachable(dead, out).is_some()
+}
+
+fn build_unreachable(dead: &[u8], out: &mut Vec<u8>) -> Option<()> {
     use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
     let (src, dst) = addresses(dead)?;
-    let mut out = Vec::with_capacity(128);
+    out.clear();
     match (dst, src) {
         (IpAddr::V4(from), IpAddr::V4(to)) => {
             let ihl = usize::from(dead[0] & 0x0f) * 4;
@@ -287,7 +301,7 @@ pub fn unreachable_reply(dead: &[u8]) -> Option<Vec<u8>> {
                 .icmpv4(Icmpv4Type::DestinationUnreachable(
                     icmpv4::DestUnreachableHeader::Host,
                 ))
-                .write(&mut out, quoted)
+                .write(out, quoted)
                 .ok()?;
         }
         (IpAddr::V6(from), IpAddr::V6(to)) => {
@@ -297,12 +311,12 @@ pub fn unreachable_reply(dead: &[u8]) -> Option<Vec<u8>> {
                 .icmpv6(Icmpv6Type::DestinationUnreachable(
                     icmpv6::DestUnreachableCode::Address,
                 ))
-                .write(&mut out, quoted)
+                .write(out, quoted)
                 .ok()?;
         }
         _ => return None,
     }
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]
@@ -404,7 +418,8 @@ mod tests {
             PacketBuilder::ipv4([10, 0, 0, 2], [198, 19, 255, 254], 64).tcp(40000, 80, 1, 1000),
             &[0u8; 100]
         );
-        let reply = unreachable_reply(&syn).unwrap();
+        let mut reply = Vec::new();
+        assert!(unreachable_reply(&syn, &mut reply));
         let (src, dst) = addresses(&reply).unwrap();
         assert_eq!(src, "198.19.255.254".parse::<IpAddr>().unwrap());
         assert_eq!(dst, "10.0.0.2".parse::<IpAddr>().unwrap());
@@ -422,10 +437,11 @@ mod tests {
             PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(40000, 80, 1, 1000),
             &[0u8; 2000]
         );
-        let reply6 = unreachable_reply(&syn6).unwrap();
+        let mut reply6 = vec![0xaa; 3000];
+        assert!(unreachable_reply(&syn6, &mut reply6));
         assert!(reply6.len() <= 1280);
         assert_checksums_valid(&reply6);
-        assert!(unreachable_reply(&[0x45, 0]).is_none());
+        assert!(!unreachable_reply(&[0x45, 0], &mut reply6));
     }
 
     #[test]

@@ -1,0 +1,237 @@
+//! Writing the config file, on a thread of its own. A change hands the
+//! writer a snapshot and waits for its write to land (so a rule the CLI
+//! reported added survives a crash), but nothing else waits: not the
+//! heartbeat, not packets, not other requests. Changes that arrive while a
+//! write runs are coalesced into the next one.
+//!
+//! Rules are rendered to YAML once each and kept (ids are never reused and
+//! a rule never changes), so writing a file of a million rules costs a copy
+//! of the text, not a serialisation.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::config::{Config, StoredOverlay, StoredRule};
+use crate::rules::RuleSet;
+
+/// What the file should hold.
+pub struct Snapshot {
+    /// The settings (its `rules` and `overlays` are ignored).
+    pub settings: Arc<Config>,
+    pub rules: Arc<RuleSet>,
+    pub overlays: Vec<StoredOverlay>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Option<Snapshot>,
+    /// Snapshots handed over, and of them written (or failed) so far.
+    requested: u64,
+    done: u64,
+    error: Option<String>,
+    stop: bool,
+}
+
+#[derive(Clone)]
+pub struct Persister {
+    shared: Arc<(Mutex<State>, Condvar)>,
+}
+
+impl Persister {
+    /// Starts the writer for `path`.
+    pub fn start(path: PathBuf) -> std::io::Result<Persister> {
+        let persister = Persister {
+            shared: Arc::default(),
+        };
+        let writer = persister.clone();
+        std::thread::Builder::new()
+            .name("oasis-config-writer".into())
+            .spawn(move || writer.run(path))?;
+        Ok(persister)
+    }
+
+    /// Hands over what the file should hold; returns the generation to
+    /// wait for.
+    pub fn save(&self, snapshot: Snapshot) -> u64 {
+        let (lock, wake) = &*self.shared;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        state.pending = Some(snapshot);
+        state.requested += 1;
+        wake.notify_all();
+        state.requested
+    }
+
+    /// Waits until generation `wanted` is written; its outcome.
+    pub fn wait(&self, wanted: u64) -> Result<(), String> {
+        let (lock, wake) = &*self.shared;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while state.done < wanted && !state.stop {
+            state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        match &state.error {
+            Some(error) if state.done >= wanted => Err(error.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits up to `limit` for every handed-over snapshot to be written
+    /// (at shutdown).
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (lock, wake) = &*self.shared;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = wake
+            .wait_timeout_while(state, limit, |s| s.done < s.requested)
+            .unwrap_or_else(|e| e.into_inner());
+        state.done >= state.requested
+    }
+
+    /// (whether the file holds the latest state, why the last write failed)
+    pub fn state(&self) -> (bool, Option<String>) {
+        let state = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            state.done >= state.requested && state.error.is_none(),
+            state.error.clone(),
+        )
+    }
+
+    fn run(self, path: PathBuf) {
+        let mut rendered: HashMap<u32, Arc<str>> = HashMap::new();
+        let (lock, wake) = &*self.shared;
+        loop {
+            let (snapshot, generation) = {
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while state.pending.is_none() && !state.stop {
+                    state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                let Some(snapshot) = state.pending.take() else {
+                    return;
+                };
+                (snapshot, state.requested)
+            };
+            let result = write(&path, &snapshot, &mut rendered);
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            state.done = state.done.max(generation);
+            state.error = match result {
+                Ok(()) => None,
+                Err(e) => {
+                    tracing::error!(
+                        "{e}; the running rules are not saved (status shows this until a write succeeds)"
+                    );
+                    Some(e)
+                }
+            };
+            wake.notify_all();
+        }
+    }
+}
+
+fn write(
+    path: &std::path::Path,
+    snapshot: &Snapshot,
+    rendered: &mut HashMap<u32, Arc<str>>,
+) -> Result<(), String> {
+    let rules = &snapshot.rules;
+    let mut ids: Vec<u32> = rules.carriers().map(|(id, _)| id).collect();
+    ids.sort_unstable();
+    if rendered.len() > ids.len() {
+        let live: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        rendered.retain(|id, _| live.contains(id));
+    }
+    let mut render = |id: u32, spec: &dyn Fn() -> crate::rules::RuleSpec| -> Result<(), String> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = rendered.entry(id) {
+            let text = StoredRule { id, spec: spec() }
+                .yaml()
+                .map_err(|e| format!("rendering rule {id}: {e}"))?;
+            slot.insert(text.into());
+        }
+        Ok(())
+    };
+    for rule in rules.rules() {
+        render(rule.id, &|| rule.spec())?;
+    }
+    for rule in rules.names().iter() {
+        render(rule.id, &|| rule.spec())?;
+    }
+    let mut settings = (*snapshot.settings).clone();
+    settings.rules.clear();
+    settings.next_rule_id = Some(rules.next_id());
+    settings.overlays = snapshot.overlays.clone();
+    let blocks = ids.iter().map(|id| rendered[id].as_ref());
+    settings.save_with_rules(path, blocks).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::RuleSpec;
+
+    fn rules(count: u32) -> RuleSet {
+        let mut set = RuleSet::default();
+        for i in 0..count {
+            let spec = RuleSpec {
+                name_suffix: Some(format!("site{i}.example")),
+                via: "underlay".into(),
+                ..RuleSpec::default()
+            };
+            let (subset, via) = spec.parse().unwrap();
+            set.add_any(subset, via).unwrap();
+        }
+        let header = RuleSpec {
+            proto: Some("tcp".into()),
+            dport: Some("8080".into()),
+            via: "underlay".into(),
+            ..RuleSpec::default()
+        };
+        let (subset, via) = header.parse().unwrap();
+        set.add_any(subset, via).unwrap();
+        set
+    }
+
+    #[test]
+    fn the_file_reads_back_as_the_rules_written() {
+        let dir = std::env::temp_dir().join(format!("oasis-persist-test-{}", std::process::id()));
+        let path = dir.join("config.yaml");
+        let persister = Persister::start(path.clone()).unwrap();
+        let mut set = rules(50);
+        let settings = Arc::new(Config::default());
+        let generation = persister.save(Snapshot {
+            settings: settings.clone(),
+            rules: Arc::new(set.clone()),
+            overlays: Vec::new(),
+        });
+        persister.wait(generation).unwrap();
+        let loaded = Config::load_or_default(&path).unwrap();
+        assert_eq!(loaded.rule_set(&path).unwrap().all(), set.all());
+        // Delete the last rule: its id is never handed out again, after a
+        // restart too.
+        let last = set.next_id() - 1;
+        set.remove(last).unwrap();
+        let generation = persister.save(Snapshot {
+            settings,
+            rules: Arc::new(set.clone()),
+            overlays: Vec::new(),
+        });
+        persister.wait(generation).unwrap();
+        assert!(persister.flush(Duration::from_secs(1)));
+        assert_eq!(persister.state(), (true, None));
+        let loaded = Config::load_or_default(&path).unwrap().rule_set(&path).unwrap();
+        assert_eq!(loaded.all(), set.all());
+        assert_eq!(loaded.next_id(), last + 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_fails_is_reported() {
+        let persister = Persister::start(PathBuf::from("/proc/oasis-cannot-write/config.yaml")).unwrap();
+        let generation = persister.save(Snapshot {
+            settings: Arc::new(Config::default()),
+            rules: Arc::new(rules(1)),
+            overlays: Vec::new(),
+        });
+        let error = persister.wait(generation).unwrap_err();
+        assert!(error.contains("cannot write config file"), "{error}");
+        assert!(!persister.state().0);
+    }
+}

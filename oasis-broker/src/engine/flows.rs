@@ -1,0 +1,268 @@
+//! The flow table: the carrier of each flow the broker has seen, chosen on
+//! its first packet and kept for the flow's life, so a legacy destination
+//! always sees one source address. One table per packet thread: a flow's
+//! packets always arrive on the same queue, so no lock is needed.
+//!
+//! The table is bounded. When it is full, flows idle the longest are
+//! forgotten first (idle for half the timeout, then a quarter, ...), so a
+//! burst of new flows can never grow it without limit.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use oasis_common::FlowKey;
+
+use super::routes::Via;
+
+/// A flow to a fake address: which real address stands behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FakeBinding {
+    pub fake: IpAddr,
+    pub real: IpAddr,
+    /// Rewritten by the NAT table after the first packet (underlay flows);
+    /// its packets no longer reach the engine.
+    pub in_kernel: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The rule that claimed the flow; None when it no longer existed.
+    pub rule: Option<u32>,
+    pub via: Via,
+    pub fake: Option<FakeBinding>,
+    pub started: Instant,
+    pub last_seen: Instant,
+    pub packets: u64,
+}
+
+impl Flow {
+    pub fn new(rule: Option<u32>, via: Via, fake: Option<FakeBinding>, now: Instant) -> Flow {
+        Flow {
+            rule,
+            via,
+            fake,
+            started: now,
+            last_seen: now,
+            packets: 0,
+        }
+    }
+
+    fn in_kernel(&self) -> bool {
+        self.fake.is_some_and(|f| f.in_kernel)
+    }
+}
+
+/// What the table holds for a packet's flow.
+pub enum Lookup<'a> {
+    Live(&'a mut Flow),
+    /// It held one that had gone idle: the packet starts a new flow, and
+    /// the old one must be ended.
+    Stale(Flow),
+    Absent,
+}
+
+/// Tables start this small and grow as flows arrive.
+const INITIAL_CAPACITY: usize = 1024;
+
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: HashMap<FlowKey, Flow>,
+    idle: Duration,
+    capacity: usize,
+}
+
+impl FlowTable {
+    pub fn new(idle: Duration, capacity: usize) -> FlowTable {
+        FlowTable {
+            flows: HashMap::with_capacity(INITIAL_CAPACITY.min(capacity)),
+            idle,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The flow of a packet, marked as seen now.
+    pub fn lookup(&mut self, key: &FlowKey, now: Instant) -> Lookup<'_> {
+        let idle = self.idle;
+        let stale = match self.flows.get(key) {
+            None => return Lookup::Absent,
+            // An in-kernel flow's packets reach the engine only by accident
+            // (a race with the NAT entry); the sweep knows its real idle time.
+            Some(flow) => !flow.in_kernel() && now.saturating_duration_since(flow.last_seen) > idle,
+        };
+        if stale {
+            return Lookup::Stale(self.flows.remove(key).expect("present"));
+        }
+        let flow = self.flows.get_mut(key).expect("present");
+        flow.last_seen = now;
+        flow.packets += 1;
+        Lookup::Live(flow)
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.flows.get(key)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.flows.len() >= self.capacity
+    }
+
+    /// Adds a flow (its first packet counted). The caller makes room first.
+    pub fn insert(&mut self, key: FlowKey, mut flow: Flow) {
+        flow.packets = 1;
+        self.flows.insert(key, flow);
+    }
+
+    /// Moves flows idle for longer than `idle` to `ended`. `kernel_seen`
+    /// says when the NAT table last saw an in-kernel flow.
+    pub fn sweep(
+        &mut self,
+        now: Instant,
+        idle: Duration,
+        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        ended: &mut Vec<(FlowKey, Flow)>,
+    ) {
+        self.flows.retain(|key, flow| {
+            let seen = if flow.in_kernel() {
+                kernel_seen(key, flow).map_or(flow.last_seen, |k| k.max(flow.last_seen))
+            } else {
+                flow.last_seen
+            };
+            let alive = now.saturating_duration_since(seen) <= idle;
+            if !alive {
+                ended.push((*key, flow.clone()));
+            }
+            alive
+        });
+    }
+
+    /// Ends idle flows, as `sweep` with the table's own timeout.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        ended: &mut Vec<(FlowKey, Flow)>,
+    ) {
+        self.sweep(now, self.idle, kernel_seen, ended);
+    }
+
+    /// Frees an eighth of the table or more, taking the flows idle the
+    /// longest: those idle for half the timeout, then a quarter, and so on.
+    /// Returns how many went.
+    pub fn make_room(
+        &mut self,
+        now: Instant,
+        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        ended: &mut Vec<(FlowKey, Flow)>,
+    ) -> usize {
+        let before = self.flows.len();
+        let target = self.capacity - self.capacity / 8;
+        let mut idle = self.idle;
+        while self.flows.len() > target && !self.flows.is_empty() {
+            idle /= 2;
+            self.sweep(now, idle, &mut kernel_seen, ended);
+            if idle.is_zero() {
+                break;
+            }
+        }
+        before - self.flows.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
+        self.flows.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::OverlayId;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey::v4([10, 0, 0, 1], [203, 0, 113, 9], 6, 40000, port)
+    }
+
+    fn live(table: &mut FlowTable, key: &FlowKey, now: Instant) -> Option<Via> {
+        match table.lookup(key, now) {
+            Lookup::Live(flow) => Some(flow.via),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_flow_keeps_its_carrier_until_idle() {
+        let mut table = FlowTable::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        let overlay = Via::Overlay(OverlayId(1));
+        assert!(matches!(table.lookup(&key(80), t0), Lookup::Absent));
+        table.insert(key(80), Flow::new(Some(1), overlay, None, t0));
+        assert_eq!(
+            live(&mut table, &key(80), t0 + Duration::from_secs(5)),
+            Some(overlay)
+        );
+        assert_eq!(table.get(&key(80)).unwrap().packets, 2);
+        // Idle from 5 s to 16 s: longer than the timeout.
+        match table.lookup(&key(80), t0 + Duration::from_secs(16)) {
+            Lookup::Stale(old) => assert_eq!(old.via, overlay),
+            _ => panic!("expected the idle flow back"),
+        }
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn in_kernel_flows_are_aged_by_the_kernels_clock() {
+        let mut table = FlowTable::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        let fake = FakeBinding {
+            fake: "198.18.0.1".parse().unwrap(),
+            real: "192.0.2.1".parse().unwrap(),
+            in_kernel: true,
+        };
+        table.insert(key(1), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        table.insert(key(2), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        table.insert(key(3), Flow::new(Some(1), Via::Underlay, None, t0));
+        // Long after its first packet the kernel still sees flow 1.
+        let later = t0 + Duration::from_secs(60);
+        assert!(matches!(table.lookup(&key(1), later), Lookup::Live(_)));
+        let mut ended = Vec::new();
+        table.expire(later, |k, _| (k.dport == 1).then_some(later), &mut ended);
+        let mut gone: Vec<u16> = ended.iter().map(|(k, _)| k.dport).collect();
+        gone.sort();
+        assert_eq!(gone, vec![2, 3]);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_longest_idle_flows_first() {
+        let mut table = FlowTable::new(Duration::from_secs(100), 8);
+        let t0 = Instant::now();
+        for port in 0..8u16 {
+            // Port p was last seen p * 10 s after t0.
+            let seen = t0 + Duration::from_secs(u64::from(port) * 10);
+            table.insert(key(port), Flow::new(None, Via::Underlay, None, seen));
+        }
+        assert!(table.is_full());
+        let mut ended = Vec::new();
+        let now = t0 + Duration::from_secs(75);
+        let freed = table.make_room(now, |_, _| None, &mut ended);
+        // Idle more than 50 s: ports 0, 1 and 2 (idle 75, 65, 55 s).
+        assert_eq!(freed, 3);
+        assert!(!table.is_full());
+        assert!(ended.iter().all(|(k, _)| k.dport <= 2));
+        // Every flow seen this instant: nothing is idle, yet room is made.
+        let mut table = FlowTable::new(Duration::from_secs(100), 8);
+        for port in 0..8u16 {
+            table.insert(key(port), Flow::new(None, Via::Underlay, None, now));
+        }
+        table.make_room(now + Duration::from_millis(1), |_, _| None, &mut ended);
+        assert!(!table.is_full());
+    }
+}

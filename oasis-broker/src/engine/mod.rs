@@ -1,0 +1,628 @@
+//! The routing engine: every decision about diverted and returned packets,
+//! with no operating system in it (the quinn-proto / boringtun way). Given
+//! the time and a packet, it says what to do: send on the underlay, send to
+//! an overlay's next hop (with the shim, MSS clamped), write a reply to the
+//! application, or drop for a named reason. The platform's packet loops
+//! (`crate::forward`) do the I/O around it.
+//!
+//! - [`Engine`]: what all packet threads share: the published [`Routes`],
+//!   the fake-address table, the [`NatTable`], the counters, and the
+//!   [`CarrierChooser`] a new flow's carrier comes from.
+//! - [`Router`]: one per packet thread: its flow table (header-rule and
+//!   fake-address flows alike) and the outbound decisions.
+//! - [`ReturnPath`]: the checks on packets coming back from overlays.
+
+pub mod carrier;
+pub mod counters;
+pub mod fake;
+pub mod flows;
+pub mod nat;
+pub mod packet;
+pub mod returns;
+pub mod router;
+pub mod routes;
+
+pub use carrier::{CarrierChooser, Claim, RuleCarrier};
+pub use counters::{DropReason, EngineCounters};
+pub use flows::{FakeBinding, Flow, FlowTable};
+pub use nat::{MemoryNat, NatError, NatTable};
+pub use returns::{LocalAddresses, ReturnPath, module_admitted};
+pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router};
+pub use routes::{HeaderRoute, Routes, Via};
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use etherparse::{PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
+    use oasis_io::packet::addresses;
+
+    use super::*;
+    use crate::fake::FakeTable;
+    use crate::names::NameRules;
+    use crate::overlay::{OverlayId, OverlayTable, test_overlay};
+    use crate::rules::{Carrier, RuleSet, RuleSpec};
+
+    const CLIENT: [u8; 4] = [10, 0, 0, 2];
+    const SERVER: [u8; 4] = [203, 0, 113, 9];
+    const ENTRY: &str = "192.0.2.1:7400";
+    const MTU: u16 = 1500;
+
+    /// A shared NAT table the test can look into after handing it over.
+    #[derive(Clone, Default)]
+    struct SharedNat(Arc<Mutex<MemoryNat>>);
+
+    impl NatTable for SharedNat {
+        fn install(
+            &mut self,
+            flow: &oasis_common::FlowKey,
+            fake: IpAddr,
+            real: IpAddr,
+        ) -> Result<(), NatError> {
+            self.0.lock().unwrap().install(flow, fake, real)
+        }
+        fn remove(&mut self, flow: &oasis_common::FlowKey, real: IpAddr) {
+            self.0.lock().unwrap().remove(flow, real)
+        }
+        fn last_seen(&self, flow: &oasis_common::FlowKey, real: IpAddr) -> Option<Instant> {
+            self.0.lock().unwrap().last_seen(flow, real)
+        }
+        fn len(&self) -> usize {
+            self.0.lock().unwrap().len()
+        }
+    }
+
+    /// A NAT table that refuses everything, as a full kernel map would.
+    struct FullNat;
+
+    impl NatTable for FullNat {
+        fn install(&mut self, _: &oasis_common::FlowKey, _: IpAddr, _: IpAddr) -> Result<(), NatError> {
+            Err(NatError {
+                table: "test",
+                reason: "full".into(),
+            })
+        }
+        fn remove(&mut self, _: &oasis_common::FlowKey, _: IpAddr) {}
+        fn last_seen(&self, _: &oasis_common::FlowKey, _: IpAddr) -> Option<Instant> {
+            None
+        }
+        fn len(&self) -> usize {
+            0
+        }
+    }
+
+    struct World {
+        engine: Arc<Engine>,
+        nat: SharedNat,
+        rules: RuleSet,
+        overlays: Arc<OverlayTable>,
+    }
+
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            flow_idle: Duration::from_secs(120),
+            flow_capacity: 1000,
+            uplink_mtu: MTU,
+            fake_v4: "198.18.0.0/15".parse().unwrap(),
+            fake_v6: "fd4f:4153:4953::/48".parse().unwrap(),
+        }
+    }
+
+    fn header(via: &str, proto: &str, dport: &str) -> RuleSpec {
+        RuleSpec {
+            proto: Some(proto.into()),
+            dport: Some(dport.into()),
+            via: via.into(),
+            ..RuleSpec::default()
+        }
+    }
+
+    fn name(via: &str, suffix: &str) -> RuleSpec {
+        RuleSpec {
+            name_suffix: Some(suffix.into()),
+            via: via.into(),
+            ..RuleSpec::default()
+        }
+    }
+
+    fn routes(rules: &RuleSet, overlays: &Arc<OverlayTable>) -> Routes {
+        let names = NameRules::compile(rules.names()).unwrap();
+        Routes::new(rules.rules(), Arc::new(names), overlays.clone())
+    }
+
+    /// Rules over one joined overlay, `detour` (id 1, entry ENTRY, shim 4).
+    fn world(specs: &[RuleSpec]) -> World {
+        world_with(specs, None, settings())
+    }
+
+    /// As `world`, with another NAT table than the shared in-memory one.
+    fn world_with(specs: &[RuleSpec], nat: Option<Box<dyn NatTable>>, settings: EngineSettings) -> World {
+        let mut rules = RuleSet::default();
+        for spec in specs {
+            let (subset, via) = spec.parse().unwrap();
+            rules.add_any(subset, via).unwrap();
+        }
+        let overlays = Arc::new(OverlayTable::new([test_overlay(1, "detour", &[ENTRY], 4)]));
+        let fakes = FakeTable::new(settings.fake_v4, settings.fake_v6, 100);
+        let shared = SharedNat::default();
+        let nat = nat.unwrap_or_else(|| Box::new(shared.clone()));
+        let engine = Engine::new(
+            settings,
+            routes(&rules, &overlays),
+            Arc::new(Mutex::new(fakes)),
+            nat,
+            Box::new(RuleCarrier),
+        );
+        World {
+            engine,
+            nat: shared,
+            rules,
+            overlays,
+        }
+    }
+
+    fn tcp(dst: [u8; 4], sport: u16, dport: u16, syn_mss: Option<u16>) -> Vec<u8> {
+        let builder = PacketBuilder::ipv4(CLIENT, dst, 64).tcp(sport, dport, 1, 64000);
+        let builder = match syn_mss {
+            Some(mss) => builder
+                .syn()
+                .options(&[TcpOptionElement::MaximumSegmentSize(mss)])
+                .unwrap(),
+            None => builder.ack(1),
+        };
+        let mut out = Vec::new();
+        builder.write(&mut out, b"payload").unwrap();
+        out
+    }
+
+    fn mss(packet: &[u8]) -> Option<u16> {
+        let sliced = SlicedPacket::from_ip(packet).unwrap();
+        let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
+            return None;
+        };
+        tcp.options_iterator().find_map(|o| match o.unwrap() {
+            TcpOptionElement::MaximumSegmentSize(m) => Some(m),
+            _ => None,
+        })
+    }
+
+    fn decide(router: &mut Router, packet: &mut [u8]) -> Outbound {
+        router.begin_batch();
+        router.outbound(Instant::now(), packet, &mut Vec::new())
+    }
+
+    fn entry() -> SocketAddr {
+        ENTRY.parse().unwrap()
+    }
+
+    #[test]
+    fn header_rules_send_by_their_carrier() {
+        let world = world(&[header("underlay", "tcp", "8080"), header("detour", "tcp", "80")]);
+        let mut router = world.engine.router();
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40000, 8080, None)),
+            Outbound::Underlay
+        );
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40001, 80, None)),
+            Outbound::Overlay {
+                overlay: OverlayId(1),
+                to: entry()
+            }
+        );
+        // The classifier diverted it for a rule deleted since: plain path.
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40002, 9999, None)),
+            Outbound::Underlay
+        );
+        let counters = world.engine.counters.snapshot();
+        assert_eq!((counters.flows, counters.flows_started), (3, 3));
+    }
+
+    #[test]
+    fn overlay_syns_are_clamped_to_fit_the_encapsulation() {
+        let world = world(&[header("detour", "tcp", "80"), header("underlay", "tcp", "8080")]);
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40000, 80, Some(1460));
+        decide(&mut router, &mut syn);
+        // 1500 - inner IPv4 20 - TCP 20 - outer IPv4 20 - UDP 8 - shim 4.
+        assert_eq!(mss(&syn), Some(1428));
+        let mut plain = tcp(SERVER, 40001, 8080, Some(1460));
+        decide(&mut router, &mut plain);
+        assert_eq!(mss(&plain), Some(1460), "the underlay needs no room");
+    }
+
+    #[test]
+    fn a_flow_keeps_its_carrier_when_rules_change() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        let mut router = world.engine.router();
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        assert_eq!(decide(&mut router, &mut tcp(SERVER, 40000, 80, None)), overlay);
+        let mut rules = world.rules.clone();
+        rules.remove(1).unwrap();
+        let (subset, via) = header("underlay", "tcp", "80").parse().unwrap();
+        rules.add_any(subset, via).unwrap();
+        world.engine.publish(routes(&rules, &world.overlays));
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40000, 80, None)),
+            overlay,
+            "live flow"
+        );
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40001, 80, None)),
+            Outbound::Underlay,
+            "new flow"
+        );
+    }
+
+    #[test]
+    fn every_drop_reason_is_named_and_counted() {
+        let world = world(&[
+            header("detour", "tcp", "80"),
+            header("underlay", "udp", "1-65535"),
+        ]);
+        let mut router = world.engine.router();
+        assert!(matches!(
+            decide(&mut router, &mut tcp(SERVER, 40000, 80, None)),
+            Outbound::Overlay { .. }
+        ));
+        // Malformed.
+        assert_eq!(
+            decide(&mut router, &mut b"\x45not a packet".to_vec()),
+            Outbound::Drop(DropReason::Malformed)
+        );
+        // Unroutable: multicast.
+        let mut mdns = Vec::new();
+        PacketBuilder::ipv4(CLIENT, [224, 0, 0, 251], 1)
+            .udp(5353, 5353)
+            .write(&mut mdns, b"")
+            .unwrap();
+        assert_eq!(
+            decide(&mut router, &mut mdns),
+            Outbound::Drop(DropReason::Unroutable)
+        );
+        // No carrier: the overlay of a live flow was left.
+        world
+            .engine
+            .publish(routes(&world.rules, &Arc::new(OverlayTable::default())));
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40000, 80, None)),
+            Outbound::Drop(DropReason::NoCarrier)
+        );
+        // ... and a new flow of a rule whose overlay is not usable.
+        assert_eq!(
+            decide(&mut router, &mut tcp(SERVER, 40001, 80, None)),
+            Outbound::Drop(DropReason::NoCarrier)
+        );
+        // Untranslatable: a fake address with a protocol without ports.
+        let mut gre = Vec::new();
+        PacketBuilder::ipv4(CLIENT, [198, 18, 0, 1], 64)
+            .write(&mut gre, etherparse::IpNumber(47), b"gre")
+            .unwrap();
+        assert_eq!(
+            decide(&mut router, &mut gre),
+            Outbound::Drop(DropReason::Untranslatable)
+        );
+        let counters = &world.engine.counters;
+        for (reason, count) in [
+            (DropReason::Malformed, 1),
+            (DropReason::Unroutable, 1),
+            (DropReason::NoCarrier, 2),
+            (DropReason::Untranslatable, 1),
+        ] {
+            assert_eq!(counters.drops_of(reason), count, "{reason:?}");
+        }
+    }
+
+    /// The DNS side's part: a name gets a fake address with these reals.
+    fn answer(world: &World, name: &str, real: &str) -> IpAddr {
+        world
+            .engine
+            .fakes()
+            .lock()
+            .unwrap()
+            .assign(name, false, vec![real.parse().unwrap()], "x", 1)
+            .unwrap()
+    }
+
+    fn v4(addr: IpAddr) -> [u8; 4] {
+        match addr {
+            IpAddr::V4(a) => a.octets(),
+            _ => panic!("not IPv4"),
+        }
+    }
+
+    #[test]
+    fn fake_flows_through_an_overlay_are_rewritten_both_ways() {
+        let world = world(&[name("detour", "example.org")]);
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let mut router = world.engine.router();
+        let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
+        assert_eq!(
+            decide(&mut router, &mut syn),
+            Outbound::Overlay {
+                overlay: OverlayId(1),
+                to: entry()
+            }
+        );
+        assert_eq!(
+            addresses(&syn).unwrap().1,
+            "192.0.2.10".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(mss(&syn), Some(1428));
+        assert_eq!(world.nat.len(), 0, "overlay flows are the broker's own");
+        assert_eq!(
+            world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
+            1
+        );
+
+        // The reply comes back through the overlay from the real address.
+        let returns = ReturnPath::new(&world.engine);
+        let mut datagram = vec![0u8; 4];
+        datagram.extend(tcp4_from([192, 0, 2, 10], CLIENT, 443, 40000, Some(1460)));
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        let replies = world.engine.replies().expect("a reply mapping");
+        let mut out = Vec::new();
+        let accepted = returns.accept(Some(entry()), &datagram, &local, Some(&replies), 10, &mut out);
+        assert_eq!(accepted, Ok(OverlayId(1)));
+        let (src, dst) = addresses(&out[10..]).unwrap();
+        assert_eq!((src, dst), (fake, IpAddr::from(CLIENT)));
+        assert_eq!(mss(&out[10..]), Some(1428), "the SYN-ACK is clamped too");
+        drop(replies);
+
+        // Idle past the timeout: the flow ends and frees its address.
+        router.handle_timeout(Instant::now() + Duration::from_secs(200));
+        assert!(world.engine.replies().is_none());
+        assert_eq!(
+            world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
+            0
+        );
+        assert_eq!(world.engine.counters.snapshot().flows, 0);
+    }
+
+    fn tcp4_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn_ack_mss: Option<u16>) -> Vec<u8> {
+        let builder = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 64000);
+        let builder = match syn_ack_mss {
+            Some(mss) => builder
+                .syn()
+                .ack(1)
+                .options(&[TcpOptionElement::MaximumSegmentSize(mss)])
+                .unwrap(),
+            None => builder.ack(1),
+        };
+        let mut out = Vec::new();
+        builder.write(&mut out, b"").unwrap();
+        out
+    }
+
+    #[test]
+    fn fake_flows_on_the_underlay_go_to_the_nat_table() {
+        let world = world(&[name("underlay", "example.org")]);
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let mut router = world.engine.router();
+        let mut first = tcp(v4(fake), 40000, 443, None);
+        assert_eq!(decide(&mut router, &mut first), Outbound::Underlay);
+        assert_eq!(
+            addresses(&first).unwrap().1,
+            "192.0.2.10".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(world.nat.len(), 1);
+        // Later packets are the NAT table's: it rewrites them both ways.
+        let mut later = tcp(v4(fake), 40000, 443, None);
+        assert!(world.nat.0.lock().unwrap().outbound(&mut later, Instant::now()));
+        assert_eq!(
+            addresses(&later).unwrap().1,
+            "192.0.2.10".parse::<IpAddr>().unwrap()
+        );
+        let mut reply = tcp4_from([192, 0, 2, 10], CLIENT, 443, 40000, None);
+        assert!(world.nat.0.lock().unwrap().inbound(&mut reply, Instant::now()));
+        assert_eq!(addresses(&reply).unwrap().0, fake);
+
+        // The NAT table saw the flow just now: a sweep keeps it ...
+        router.handle_timeout(Instant::now() + Duration::from_secs(3));
+        assert_eq!(world.nat.len(), 1);
+        // ... until it has been idle past the timeout.
+        router.handle_timeout(Instant::now() + Duration::from_secs(300));
+        assert_eq!(world.nat.len(), 0);
+        assert_eq!(
+            world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
+            0
+        );
+    }
+
+    #[test]
+    fn an_unknown_fake_address_draws_host_unreachable() {
+        let world = world(&[name("detour", "example.org")]);
+        let mut router = world.engine.router();
+        let mut packet = tcp([198, 19, 255, 254], 40000, 80, Some(1460));
+        let mut reply = Vec::new();
+        router.begin_batch();
+        assert_eq!(
+            router.outbound(Instant::now(), &mut packet, &mut reply),
+            Outbound::Reply
+        );
+        {
+            let sliced = SlicedPacket::from_ip(&reply).unwrap();
+            let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+                panic!("not ICMP")
+            };
+            assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 1));
+        }
+        assert_eq!(
+            addresses(&reply).unwrap(),
+            ("198.19.255.254".parse().unwrap(), IpAddr::from(CLIENT))
+        );
+        // A name with only IPv6 addresses is unknown to an IPv4 flow too.
+        let fake = world
+            .engine
+            .fakes()
+            .lock()
+            .unwrap()
+            .assign(
+                "v6only.example.org",
+                false,
+                vec!["2001:db8::1".parse().unwrap()],
+                "x",
+                1,
+            )
+            .unwrap();
+        let mut packet = tcp(v4(fake), 40001, 80, None);
+        assert_eq!(
+            router.outbound(Instant::now(), &mut packet, &mut reply),
+            Outbound::Reply
+        );
+        assert_eq!(
+            world
+                .engine
+                .counters
+                .fake_unknown
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
+            0
+        );
+    }
+
+    #[test]
+    fn a_fake_address_follows_the_rule_of_now() {
+        let dropped = world(&[name("detour", "example.org")]);
+        let fake = answer(&dropped, "www.example.org", "192.0.2.10");
+        // The rule went away after the answer: the flow takes the underlay.
+        dropped
+            .engine
+            .publish(routes(&RuleSet::default(), &dropped.overlays));
+        let mut router = dropped.engine.router();
+        assert_eq!(
+            decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
+            Outbound::Underlay
+        );
+        // So does a name whose overlay is not usable.
+        let unusable = world(&[name("detour", "example.org")]);
+        let fake = answer(&unusable, "www.example.org", "192.0.2.10");
+        unusable
+            .engine
+            .publish(routes(&unusable.rules, &Arc::new(OverlayTable::default())));
+        let mut router = unusable.engine.router();
+        assert_eq!(
+            decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
+            Outbound::Underlay
+        );
+    }
+
+    #[test]
+    fn a_nat_table_that_refuses_leaves_no_trace() {
+        let world = world_with(
+            &[name("underlay", "example.org")],
+            Some(Box::new(FullNat)),
+            settings(),
+        );
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let mut router = world.engine.router();
+        assert_eq!(
+            decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
+            Outbound::Reply
+        );
+        assert_eq!(
+            world
+                .engine
+                .counters
+                .nat_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
+            0
+        );
+        assert!(router.flows().is_empty());
+    }
+
+    #[test]
+    fn returned_packets_must_come_from_a_peer_and_be_for_this_host() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        let returns = ReturnPath::new(&world.engine);
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        let mut datagram = vec![0u8; 4];
+        datagram.extend(tcp4_from(SERVER, CLIENT, 80, 40000, None));
+        let mut out = Vec::new();
+        let stranger: SocketAddr = "192.0.2.99:7400".parse().unwrap();
+        assert_eq!(
+            returns.accept(Some(stranger), &datagram, &local, None, 0, &mut out),
+            Err(DropReason::NotFromOverlay)
+        );
+        assert_eq!(
+            returns.accept(None, &datagram, &local, None, 0, &mut out),
+            Err(DropReason::NotFromOverlay)
+        );
+        let elsewhere: LocalAddresses = [IpAddr::from([10, 9, 9, 9])].into();
+        assert_eq!(
+            returns.accept(Some(entry()), &datagram, &elsewhere, None, 0, &mut out),
+            Err(DropReason::NotForThisHost)
+        );
+        assert_eq!(
+            returns.accept(Some(entry()), &datagram[..4], &local, None, 0, &mut out),
+            Err(DropReason::Malformed),
+            "a shim and nothing else"
+        );
+        assert_eq!(
+            returns.accept(Some(entry()), &datagram, &local, None, 0, &mut out),
+            Ok(OverlayId(1))
+        );
+        assert_eq!(out, datagram[4..]);
+        let counters = world.engine.counters.snapshot();
+        assert_eq!(
+            (
+                counters.rejected_sender,
+                counters.rejected_destination,
+                counters.malformed,
+                counters.overlay_received
+            ),
+            (2, 1, 1, 1)
+        );
+        let overlay = world.overlays.get(OverlayId(1)).unwrap();
+        assert_eq!(overlay.received.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_flow_table_makes_room() {
+        let mut small = settings();
+        small.flow_capacity = 16;
+        let world = world_with(&[header("underlay", "udp", "1-65535")], None, small);
+        let mut router = world.engine.router();
+        let start = Instant::now();
+        for port in 1..=100u16 {
+            let mut packet = Vec::new();
+            PacketBuilder::ipv4(CLIENT, SERVER, 64)
+                .udp(port, 53)
+                .write(&mut packet, b"q")
+                .unwrap();
+            router.begin_batch();
+            let now = start + Duration::from_millis(u64::from(port));
+            assert_eq!(
+                router.outbound(now, &mut packet, &mut Vec::new()),
+                Outbound::Underlay
+            );
+            assert!(router.flows().len() <= 16);
+        }
+        let counters = world.engine.counters.snapshot();
+        assert_eq!(counters.flows_started, 100);
+        assert_eq!(counters.flows, router.flows().len() as u64);
+        assert_eq!(counters.flows_evicted, 100 - counters.flows);
+    }
+
+    #[test]
+    fn carriers_are_resolved_to_ids_when_routes_are_published() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        let routes = world.engine.routes();
+        assert_eq!(routes.header()[0].via, Via::Overlay(OverlayId(1)));
+        assert_eq!(routes.resolve(&Carrier::Overlay("nope".into())), Via::Unavailable);
+        assert_eq!(routes.resolve(&Carrier::Underlay), Via::Underlay);
+    }
+}

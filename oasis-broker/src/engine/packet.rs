@@ -1,0 +1,142 @@
+//! What the engine reads from a diverted packet: its 5-tuple, the same key
+//! the classifier builds in the kernel.
+
+use std::net::IpAddr;
+
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
+
+/// The 5-tuple of a raw IP packet, as the classifier builds it.
+pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let mut key = FlowKey::default();
+    match sliced.net? {
+        NetSlice::Ipv4(ip) => {
+            let header = ip.header();
+            key.family = FAMILY_V4;
+            key.proto = header.protocol().0;
+            key.src[..4].copy_from_slice(&header.source());
+            key.dst[..4].copy_from_slice(&header.destination());
+        }
+        NetSlice::Ipv6(ip) => {
+            let header = ip.header();
+            key.family = FAMILY_V6;
+            // The classifier reads the fixed header's next-header field.
+            key.proto = header.next_header().0;
+            key.src = header.source();
+            key.dst = header.destination();
+        }
+        NetSlice::Arp(_) => return None,
+    }
+    match sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            key.sport = tcp.source_port();
+            key.dport = tcp.destination_port();
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            key.sport = udp.source_port();
+            key.dport = udp.destination_port();
+        }
+        _ => {}
+    }
+    Some(key)
+}
+
+/// The destination address of a flow key.
+pub fn flow_dst(key: &FlowKey) -> IpAddr {
+    if key.family == FAMILY_V4 {
+        IpAddr::from([key.dst[0], key.dst[1], key.dst[2], key.dst[3]])
+    } else {
+        IpAddr::from(key.dst)
+    }
+}
+
+/// The source address of a flow key.
+pub fn flow_src(key: &FlowKey) -> IpAddr {
+    if key.family == FAMILY_V4 {
+        IpAddr::from([key.src[0], key.src[1], key.src[2], key.src[3]])
+    } else {
+        IpAddr::from(key.src)
+    }
+}
+
+/// Whether the broker can send this packet on the underlay at all. A packet
+/// to a multicast or link-local destination only makes sense on one link,
+/// which a raw socket cannot pick.
+pub fn routable(key: &FlowKey) -> bool {
+    match flow_dst(key) {
+        IpAddr::V4(dst) => !(dst.is_multicast() || dst.is_broadcast() || dst.is_link_local()),
+        IpAddr::V6(dst) => !(dst.is_multicast() || dst.is_unicast_link_local()),
+    }
+}
+
+/// `proto 6 10.0.0.2:40000 -> 192.0.2.1:80`, for logs.
+pub fn describe(key: &FlowKey) -> String {
+    format!(
+        "proto {} {}:{} -> {}:{}",
+        key.proto,
+        flow_src(key),
+        key.sport,
+        flow_dst(key),
+        key.dport
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    pub(crate) fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+        let builder = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 64000);
+        let builder = if syn { builder.syn() } else { builder.ack(1) };
+        let mut out = Vec::new();
+        builder.write(&mut out, b"hello").unwrap();
+        out
+    }
+
+    #[test]
+    fn keys_from_v4_and_v6_packets() {
+        let key = flow_key(&tcp4([10, 0, 0, 1], [203, 0, 113, 9], 40000, 8080, false)).unwrap();
+        assert_eq!(
+            (key.family, key.proto, key.sport, key.dport),
+            (FAMILY_V4, 6, 40000, 8080)
+        );
+        assert_eq!(&key.dst[..4], &[203, 0, 113, 9]);
+        assert!(key.dst[4..].iter().all(|b| *b == 0));
+        assert_eq!(describe(&key), "proto 6 10.0.0.1:40000 -> 203.0.113.9:8080");
+
+        let mut v6 = Vec::new();
+        PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+            .udp(5353, 53)
+            .write(&mut v6, b"q")
+            .unwrap();
+        let key = flow_key(&v6).unwrap();
+        assert_eq!(
+            (key.family, key.proto, key.sport, key.dport, key.dst),
+            (FAMILY_V6, 17, 5353, 53, [0xfe; 16])
+        );
+        assert!(flow_key(b"\x45garbage").is_none());
+    }
+
+    #[test]
+    fn link_local_and_multicast_are_not_routable() {
+        let mut rs = Vec::new();
+        let src = "fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let dst = "ff02::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        PacketBuilder::ipv6(src, dst, 255)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut rs, b"")
+            .unwrap();
+        assert!(!routable(&flow_key(&rs).unwrap()));
+        assert!(routable(
+            &flow_key(&tcp4([10, 0, 0, 1], [203, 0, 113, 9], 1, 80, true)).unwrap()
+        ));
+        let mut mdns = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [224, 0, 0, 251], 1)
+            .udp(5353, 5353)
+            .write(&mut mdns, b"")
+            .unwrap();
+        assert!(!routable(&flow_key(&mdns).unwrap()));
+    }
+}

@@ -1,0 +1,149 @@
+//! Packets coming back: datagrams `[shim][IP packet]` on the standard port
+//! and packets local modules hand to the underlay port. Only a joined
+//! overlay's peers may return packets, and only packets addressed to this
+//! host go on to the applications; only the broker's own module sockets
+//! may use the underlay port. Everything else is dropped and counted.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use oasis_io::packet::{End, addresses, clamp_mss, rewrite_address};
+
+use super::counters::DropReason;
+use super::packet::flow_key;
+use super::router::{Engine, ReplyMap};
+use super::routes::Routes;
+use crate::overlay::OverlayId;
+
+/// This host's own addresses, as the platform last read them.
+pub type LocalAddresses = HashSet<IpAddr>;
+
+/// The checks of the return path, for one receiving thread.
+pub struct ReturnPath {
+    engine: Arc<Engine>,
+    routes: Arc<Routes>,
+}
+
+impl ReturnPath {
+    pub fn new(engine: &Arc<Engine>) -> ReturnPath {
+        ReturnPath {
+            engine: engine.clone(),
+            routes: engine.routes(),
+        }
+    }
+
+    /// Picks up the latest routes; called once per batch.
+    pub fn begin_batch(&mut self) {
+        let latest = self.engine.routes();
+        if !Arc::ptr_eq(&latest, &self.routes) {
+            self.routes = latest;
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Checks one datagram from `from`. When its packet may go on, it is
+    /// left in `out` after `headroom` bytes, its source turned back into
+    /// the fake address the application knows (`replies`, for
+    /// fake-address flows carried by overlays) and the MSS of a SYN-ACK
+    /// clamped to what the overlay carries.
+    pub fn accept(
+        &self,
+        from: Option<SocketAddr>,
+        datagram: &[u8],
+        local: &LocalAddresses,
+        replies: Option<&ReplyMap>,
+        headroom: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<OverlayId, DropReason> {
+        let result = self.check(from, datagram, local, replies, headroom, out);
+        match result {
+            Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
+            Err(reason) => {
+                self.engine.counters.dropped(reason);
+                0
+            }
+        };
+        result
+    }
+
+    fn check(
+        &self,
+        from: Option<SocketAddr>,
+        datagram: &[u8],
+        local: &LocalAddresses,
+        replies: Option<&ReplyMap>,
+        headroom: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<OverlayId, DropReason> {
+        let Some(overlay) = from.and_then(|addr| self.routes.overlays.by_sender(addr)) else {
+            tracing::debug!(?from, "datagram from a sender that is no joined overlay's peer");
+            return Err(DropReason::NotFromOverlay);
+        };
+        let packet = datagram
+            .get(overlay.shim.len()..)
+            .filter(|p| !p.is_empty())
+            .ok_or(DropReason::Malformed)?;
+        let (_, dst) = addresses(packet).ok_or(DropReason::Malformed)?;
+        if !local.contains(&dst) {
+            tracing::debug!(overlay = %overlay.name, %dst, "returned packet not addressed to this host");
+            return Err(DropReason::NotForThisHost);
+        }
+        out.clear();
+        out.resize(headroom, 0);
+        out.extend_from_slice(packet);
+        let inner = &mut out[headroom..];
+        if let Some(replies) = replies
+            && let Some(fake) = flow_key(inner).and_then(|key| replies.get(&key).copied())
+            && let Err(e) = rewrite_address(inner, End::Source, fake)
+        {
+            tracing::debug!(%fake, "cannot rewrite a reply: {e}");
+        }
+        // The SYN-ACK's MSS bounds what this host sends into the overlay.
+        let outer_v6 = from.is_some_and(|a| a.ip().to_canonical().is_ipv6());
+        let inner_v6 = inner[0] >> 4 == 6;
+        clamp_mss(
+            inner,
+            overlay.max_mss(self.engine.settings.uplink_mtu, inner_v6, outer_v6),
+        );
+        overlay.received.fetch_add(1, Relaxed);
+        Ok(overlay.id)
+    }
+}
+
+/// Whether a datagram on the underlay port may be sent on the underlay: it
+/// must come from a socket the broker opened for one of its modules.
+/// Anything else could use the port to send arbitrary, spoofed packets with
+/// the broker's privileges.
+pub fn module_admitted(modules: &HashSet<SocketAddr>, from: Option<SocketAddr>) -> bool {
+    from.is_some_and(|addr| addr.ip().is_loopback() && modules.contains(&addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_brokers_own_module_sockets_are_admitted() {
+        let module: SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        let modules: HashSet<SocketAddr> = [module].into();
+        assert!(module_admitted(&modules, Some(module)));
+        assert!(
+            !module_admitted(&modules, Some("127.0.0.1:40124".parse().unwrap())),
+            "another local process"
+        );
+        assert!(
+            !module_admitted(&modules, Some("10.0.0.1:40123".parse().unwrap())),
+            "not loopback"
+        );
+        assert!(!module_admitted(&modules, None));
+        assert!(
+            !module_admitted(&HashSet::new(), Some(module)),
+            "no modules, nothing admitted"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The packet loops, over the platform's traits: a thread per diverted
+//! queue (decide with the engine, send in batches), a thread per overlay
+//! socket for returned packets, and a thread per underlay-port socket.
+//! Blocking threads rather than async tasks: these are tight read, decide,
+//! send loops where a wake-up per batch is all the scheduling needed.
+//!
+//! Every buffer a loop uses is made before its first packet and reused, so
+//! in steady state no packet allocates (a test counts it).
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crate::engine::{DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Router, module_admitted};
+use crate::liveness::{TICK_EVERY, Tick};
+use crate::platform::{
+    DatagramSocket, Delivery, DivertedQueue, PacketBatch, Received, UnderlaySender, datagrams,
+};
+use crate::shared::{Shared, snapshot};
+
+/// Packets one batch of diverted packets holds.
+pub const BATCH: usize = 128;
+/// The largest packet a batch slot holds (a GSO burst is split into
+/// MTU-sized packets before it lands in one).
+pub const PACKET: usize = 65_536;
+/// Receive buffers of the overlay and underlay ports.
+const DATAGRAM_BATCH: usize = 16;
+/// How often the return path reads the host's addresses again.
+const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
+/// A queue that fails this many times in a row is gone for good.
+const MAX_CONSECUTIVE_ERRORS: u32 = 1000;
+
+/// The overlay standard port's sockets, one per family.
+pub struct OverlaySockets<S> {
+    pub v4: S,
+    /// None on hosts without IPv6.
+    pub v6: Option<S>,
+}
+
+/// Reads diverted packets from one queue, decides each, sends them in
+/// batches. Returns when `stop` is set or the queue fails for good.
+pub fn run_queue<Q, D, U, S>(
+    mut router: Router,
+    mut queue: Q,
+    mut delivery: D,
+    underlay: &U,
+    overlay: &OverlaySockets<S>,
+    tick: Tick,
+    stop: &AtomicBool,
+) -> io::Result<()>
+where
+    Q: DivertedQueue,
+    D: Delivery,
+    U: UnderlaySender,
+    S: DatagramSocket,
+{
+    let mut batch = PacketBatch::new(BATCH, PACKET);
+    let mut decisions: Vec<Outbound> = Vec::with_capacity(BATCH);
+    let mut reply = Vec::with_capacity(1500);
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut underlay_scratch = U::Scratch::default();
+    let mut v4_scratch = S::Scratch::default();
+    let mut v6_scratch = S::Scratch::default();
+    let headroom = delivery.headroom();
+    let mut errors = 0;
+    loop {
+        tick.tick();
+        if stop.load(Relaxed) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        router.handle_timeout(now);
+        let wait = router
+            .next_timeout()
+            .saturating_duration_since(now)
+            .min(TICK_EVERY);
+        batch.clear();
+        match queue.recv(&mut batch, wait) {
+            Ok(()) => errors = 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // A packet the platform cannot read is one loss; a queue
+                // that keeps failing is gone.
+                errors += 1;
+                router.engine().counters.dropped(DropReason::Malformed);
+                tracing::debug!("reading diverted packets: {e}");
+                if errors > MAX_CONSECUTIVE_ERRORS {
+                    return Err(e);
+                }
+                continue;
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let counters = &router.engine().counters;
+        counters.received.fetch_add(batch.len() as u64, Relaxed);
+
+        // Decide every packet (the engine may rewrite them in place) ...
+        router.begin_batch();
+        decisions.clear();
+        let mut reply_count = 0;
+        for index in 0..batch.len() {
+            let decision = router.outbound(now, batch.packet_mut(index), &mut reply);
+            if decision == Outbound::Reply {
+                if replies.len() == reply_count {
+                    replies.push(Vec::with_capacity(headroom + 1500));
+                }
+                let out = &mut replies[reply_count];
+                out.clear();
+                out.resize(headroom, 0);
+                out.extend_from_slice(&reply);
+                reply_count += 1;
+            }
+            decisions.push(decision);
+        }
+
+        // ... then send them, one system call per carrier and family.
+        let counters = &router.engine().counters;
+        let underlay_packets = decisions
+            .iter()
+            .zip(batch.packets())
+            .filter(|(d, _)| **d == Outbound::Underlay)
+            .map(|(_, p)| p);
+        let (sent, failed) = underlay.send(&mut underlay_scratch, underlay_packets);
+        counters.sent_underlay.fetch_add(sent as u64, Relaxed);
+        counters.send_errors.fetch_add(failed as u64, Relaxed);
+        for (v4, socket, scratch) in [
+            (true, Some(&overlay.v4), &mut v4_scratch),
+            (false, overlay.v6.as_ref(), &mut v6_scratch),
+        ] {
+            let datagrams = decisions
+                .iter()
+                .zip(batch.packets())
+                .filter_map(|(d, packet)| match *d {
+                    Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
+                        let overlay = router.overlay(overlay)?;
+                        overlay.sent.fetch_add(1, Relaxed);
+                        Some((overlay.shim.as_slice(), packet, to))
+                    }
+                    _ => None,
+                });
+            let (sent, failed) = match socket {
+                Some(socket) => socket.send(scratch, datagrams),
+                // No IPv6 on this host: an IPv6 next hop is unreachable.
+                None => (0, datagrams.count()),
+            };
+            counters.sent_overlay.fetch_add(sent as u64, Relaxed);
+            counters.send_errors.fetch_add(failed as u64, Relaxed);
+        }
+        if reply_count > 0
+            && let Err(e) = delivery.deliver(&mut replies[..reply_count])
+        {
+            tracing::debug!("writing replies to the applications: {e}");
+        }
+    }
+}
+
+/// Receives datagrams on one overlay socket and hands the packets the
+/// return path accepts to the applications.
+pub fn run_returns<S, D>(
+    mut path: ReturnPath,
+    socket: &S,
+    mut delivery: D,
+    local_addresses: impl Fn() -> LocalAddresses,
+    tick: Tick,
+    stop: &AtomicBool,
+) -> io::Result<()>
+where
+    S: DatagramSocket,
+    D: Delivery,
+{
+    let mut bufs = vec![vec![0u8; PACKET]; DATAGRAM_BATCH];
+    let mut received = [Received::default(); DATAGRAM_BATCH];
+    let mut scratch = S::Scratch::default();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let headroom = delivery.headroom();
+    let mut local = local_addresses();
+    let mut local_read = Instant::now();
+    loop {
+        tick.tick();
+        if stop.load(Relaxed) {
+            return Ok(());
+        }
+        let count = match socket.recv(&mut scratch, &mut bufs, &mut received, TICK_EVERY) {
+            Ok(count) => count,
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted) => 0,
+            Err(e) => return Err(e),
+        };
+        if local_read.elapsed() > ADDRESS_REFRESH {
+            local = local_addresses();
+            local_read = Instant::now();
+        }
+        if count == 0 {
+            continue;
+        }
+        path.begin_batch();
+        let engine: Arc<Engine> = path.engine().clone();
+        let replies = engine.replies();
+        let mut accepted = 0;
+        for (buf, got) in bufs.iter().zip(&received).take(count) {
+            for range in datagrams(got.len, got.segment) {
+                if out.len() == accepted {
+                    out.push(Vec::with_capacity(headroom + 1500));
+                }
+                let accept = path.accept(
+                    got.from,
+                    &buf[range],
+                    &local,
+                    replies.as_deref(),
+                    headroom,
+                    &mut out[accepted],
+                );
+                if accept.is_ok() {
+                    accepted += 1;
+                }
+            }
+        }
+        drop(replies);
+        if accepted > 0
+            && let Err(e) = delivery.deliver(&mut out[..accepted])
+        {
+            engine.counters.send_errors.fetch_add(1, Relaxed);
+            tracing::debug!("writing returned packets to the applications: {e}");
+        }
+    }
+}
+
+/// The sockets the broker opened for its modules: the only senders the
+/// underlay port admits. Empty until the sandbox runs modules.
+pub type ModuleSockets = Shared<HashSet<SocketAddr>>;
+
+/// The underlay port: where local overlay modules hand raw IP packets to be
+/// sent on the underlay (paper §2.2.3).
+pub fn run_underlay_port<S, U>(
+    engine: Arc<Engine>,
+    socket: &S,
+    underlay: &U,
+    modules: ModuleSockets,
+    tick: Tick,
+    stop: &AtomicBool,
+) -> io::Result<()>
+where
+    S: DatagramSocket,
+    U: UnderlaySender,
+{
+    let mut bufs = vec![vec![0u8; PACKET]; DATAGRAM_BATCH];
+    let mut received = [Received::default(); DATAGRAM_BATCH];
+    let mut scratch = S::Scratch::default();
+    let mut underlay_scratch = U::Scratch::default();
+    let counters = &engine.counters;
+    loop {
+        tick.tick();
+        if stop.load(Relaxed) {
+            return Ok(());
+        }
+        let count = match socket.recv(&mut scratch, &mut bufs, &mut received, TICK_EVERY) {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        if count == 0 {
+            continue;
+        }
+        let modules = snapshot(&modules);
+        let admitted = bufs.iter().zip(&received).take(count).filter_map(|(buf, got)| {
+            if module_admitted(&modules, got.from) {
+                Some(&buf[..got.len])
+            } else {
+                counters.dropped(DropReason::NotFromModule);
+                tracing::debug!(from = ?got.from, "datagram on the underlay port from no module of this broker");
+                None
+            }
+        });
+        let (sent, failed) = underlay.send(&mut underlay_scratch, admitted);
+        counters.sent_underlay.fetch_add(sent as u64, Relaxed);
+        counters.send_errors.fetch_add(failed as u64, Relaxed);
+    }
+}

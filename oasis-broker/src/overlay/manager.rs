@@ -1,0 +1,206 @@
+//! The overlay manager: the joined overlays' stored specifications (kept in
+//! the config file) and the table the packet path reads. Joining fetches
+//! and checks a specification without touching any state; only the final
+//! step, which cannot fail for reasons of the network, changes the set.
+
+use std::sync::Arc;
+
+use super::table::{EntryNodes, JoinedOverlay, OverlayId, OverlayTable};
+use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
+use crate::config::StoredOverlay;
+
+pub struct OverlayManager {
+    stored: Vec<StoredOverlay>,
+    table: Arc<OverlayTable>,
+    next_id: u32,
+}
+
+/// A specification fetched, checked and resolved, ready to join.
+pub struct Prepared {
+    stored: StoredOverlay,
+    nodes: EntryNodes,
+    shim: Vec<u8>,
+}
+
+impl OverlayManager {
+    /// The overlays of the config file. Each whose entry nodes resolve now
+    /// goes into the table; one that does not stays joined but is left out
+    /// of the table (the flows of rules using it are dropped, counted as
+    /// `no_carrier`) rather than keeping the daemon from starting.
+    /// Blocking: it may ask the resolver.
+    pub fn load(stored: Vec<StoredOverlay>) -> OverlayManager {
+        let mut manager = OverlayManager {
+            stored: Vec::new(),
+            table: Arc::new(OverlayTable::default()),
+            next_id: 1,
+        };
+        let mut joined = Vec::new();
+        for overlay in stored {
+            match Self::runtime(&overlay) {
+                Ok((nodes, shim)) => joined.push(manager.joined(&overlay, nodes, shim)),
+                Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
+            }
+            manager.stored.push(overlay);
+        }
+        manager.table = Arc::new(OverlayTable::new(joined));
+        manager
+    }
+
+    fn runtime(stored: &StoredOverlay) -> Result<(EntryNodes, Vec<u8>), OverlayError> {
+        let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
+        let entries = stored.spec.resolve_entries()?;
+        let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
+        Ok((nodes, shim))
+    }
+
+    fn joined(&mut self, stored: &StoredOverlay, nodes: EntryNodes, shim: Vec<u8>) -> Arc<JoinedOverlay> {
+        let id = OverlayId(self.next_id);
+        self.next_id += 1;
+        Arc::new(JoinedOverlay::new(id, stored.name.clone(), Box::new(nodes), shim))
+    }
+
+    /// Every joined overlay, in the order joined.
+    pub fn stored(&self) -> &[StoredOverlay] {
+        &self.stored
+    }
+
+    pub fn find(&self, name: &str) -> Option<&StoredOverlay> {
+        self.stored.iter().find(|o| o.name == name)
+    }
+
+    /// The table the packet path reads.
+    pub fn table(&self) -> &Arc<OverlayTable> {
+        &self.table
+    }
+
+    /// Fetches, checks and resolves a specification: the slow part of
+    /// `overlay add`, with no state touched.
+    pub async fn prepare(name: String, url: String, token: Option<String>) -> Result<Prepared, OverlayError> {
+        check_name(&name)?;
+        let spec = fetch(&url).await?;
+        let shim = shim_bytes(spec.shim_len, token.as_deref())?;
+        let to_resolve = spec.clone();
+        let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries())
+            .await
+            .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
+        let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
+        Ok(Prepared {
+            stored: StoredOverlay {
+                name,
+                url,
+                token,
+                spec,
+            },
+            nodes,
+            shim,
+        })
+    }
+
+    /// Joins a prepared overlay; refused when the name is taken (it may
+    /// have been while the specification was fetched).
+    pub fn join(&mut self, prepared: Prepared) -> Result<&StoredOverlay, JoinError> {
+        if self.find(&prepared.stored.name).is_some() {
+            return Err(JoinError::Exists(prepared.stored.name));
+        }
+        let overlay = self.joined(&prepared.stored, prepared.nodes, prepared.shim);
+        let list: Vec<Arc<JoinedOverlay>> = self.table.iter().cloned().chain([overlay]).collect();
+        self.table = Arc::new(OverlayTable::new(list));
+        self.stored.push(prepared.stored);
+        Ok(self.stored.last().expect("just pushed"))
+    }
+
+    /// Leaves an overlay; refused while `rules` (the rules using it) exist.
+    pub fn leave(&mut self, name: &str, rules: Vec<u32>) -> Result<StoredOverlay, JoinError> {
+        let index = self
+            .stored
+            .iter()
+            .position(|o| o.name == name)
+            .ok_or_else(|| JoinError::Unknown(name.into()))?;
+        if !rules.is_empty() {
+            return Err(JoinError::InUse {
+                name: name.into(),
+                rules,
+            });
+        }
+        let list: Vec<Arc<JoinedOverlay>> = self.table.iter().filter(|o| o.name != name).cloned().collect();
+        self.table = Arc::new(OverlayTable::new(list));
+        Ok(self.stored.remove(index))
+    }
+
+    /// Whether `name` is joined (stored), whether or not it resolved.
+    pub fn is_joined(&self, name: &str) -> bool {
+        self.find(name).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::OverlaySpec;
+
+    fn stored(name: &str, entry: &str) -> StoredOverlay {
+        StoredOverlay {
+            name: name.into(),
+            url: format!("http://192.0.2.9/{name}.xml"),
+            token: None,
+            spec: OverlaySpec::parse(&format!(
+                r#"<overlay><entry host="{}" port="7400"/><shim length="2"/></overlay>"#,
+                entry
+            ))
+            .unwrap(),
+        }
+    }
+
+    fn prepared(name: &str) -> Prepared {
+        Prepared {
+            stored: stored(name, "192.0.2.20"),
+            nodes: EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap(),
+            shim: vec![0; 2],
+        }
+    }
+
+    #[test]
+    fn joins_get_fresh_ids_and_leaving_takes_them_out() {
+        let mut manager = OverlayManager::load(vec![stored("a", "192.0.2.10")]);
+        let a = manager.table().id_of("a").unwrap();
+        manager.join(prepared("b")).unwrap();
+        let b = manager.table().id_of("b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(manager.table().by_name("b").unwrap().shim, vec![0, 0]);
+        assert!(matches!(manager.join(prepared("b")), Err(JoinError::Exists(_))));
+        assert_eq!(
+            manager.leave("b", vec![3]).unwrap_err(),
+            JoinError::InUse {
+                name: "b".into(),
+                rules: vec![3]
+            }
+        );
+        manager.leave("b", vec![]).unwrap();
+        assert!(manager.table().id_of("b").is_none());
+        manager.join(prepared("b")).unwrap();
+        assert!(
+            manager.table().id_of("b").unwrap() > b,
+            "a name joined again is a new overlay: old flows do not follow it"
+        );
+        assert!(matches!(manager.leave("zz", vec![]), Err(JoinError::Unknown(_))));
+        assert_eq!(
+            manager
+                .stored()
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn an_overlay_that_cannot_be_used_stays_joined_but_carries_nothing() {
+        // A token that no longer fits the shim (the file was edited by hand).
+        let mut unusable = stored("gone", "192.0.2.11");
+        unusable.token = Some("abc".into());
+        let manager = OverlayManager::load(vec![unusable, stored("a", "192.0.2.10")]);
+        assert!(manager.is_joined("gone"));
+        assert!(manager.table().id_of("gone").is_none());
+        assert!(manager.table().id_of("a").is_some());
+    }
+}

@@ -1,0 +1,220 @@
+//! The joined overlays as the packet path sees them: by id (what rules and
+//! flows hold, so a packet never looks up a name), by name (what users
+//! write), and by the address returned packets come from. The table is
+//! immutable; the overlay manager publishes a new one on every change.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use oasis_common::FlowKey;
+
+/// A joined overlay's number for this run of the daemon. Ids are never
+/// reused: a flow of an overlay that was left and joined again under the
+/// same name does not silently move to the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OverlayId(pub u32);
+
+impl fmt::Display for OverlayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// How an overlay's traffic leaves this host and comes back: the place its
+/// datagrams `[shim][IP packet]` go, and the senders whose datagrams may
+/// hand packets back. An overlay with a code module puts the module's
+/// local socket here; every other overlay talks to its entry nodes.
+pub trait OverlayPath: Send + Sync + fmt::Debug {
+    /// Where a flow's datagrams go: the same place for the flow's whole life.
+    fn next_hop(&self, flow: &FlowKey) -> SocketAddr;
+    /// Every address the path exchanges datagrams with.
+    fn peers(&self) -> &[SocketAddr];
+}
+
+/// Straight to the overlay's entry nodes over UDP, each flow pinned to one
+/// of them by a hash of its 5-tuple.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryNodes {
+    entries: Vec<SocketAddr>,
+}
+
+impl EntryNodes {
+    /// None for an empty list: an overlay needs at least one entry node.
+    pub fn new(entries: Vec<SocketAddr>) -> Option<EntryNodes> {
+        (!entries.is_empty()).then_some(EntryNodes { entries })
+    }
+}
+
+impl OverlayPath for EntryNodes {
+    fn next_hop(&self, flow: &FlowKey) -> SocketAddr {
+        // A fixed-key hash: the same flow meets the same entry node after
+        // a restart of the daemon too.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        flow.hash(&mut hasher);
+        self.entries[(hasher.finish() % self.entries.len() as u64) as usize]
+    }
+
+    fn peers(&self) -> &[SocketAddr] {
+        &self.entries
+    }
+}
+
+/// A joined overlay as the packet path uses it.
+#[derive(Debug)]
+pub struct JoinedOverlay {
+    pub id: OverlayId,
+    pub name: String,
+    /// Sent in front of every packet.
+    pub shim: Vec<u8>,
+    pub path: Box<dyn OverlayPath>,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+impl JoinedOverlay {
+    pub fn new(id: OverlayId, name: String, path: Box<dyn OverlayPath>, shim: Vec<u8>) -> JoinedOverlay {
+        JoinedOverlay {
+            id,
+            name,
+            shim,
+            path,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
+    }
+
+    /// The largest TCP MSS whose segments, encapsulated for this overlay,
+    /// still fit an uplink MTU of `mtu`.
+    pub fn max_mss(&self, mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
+        let ip = |v6: bool| if v6 { 40 } else { 20 };
+        let overhead = ip(inner_v6) + 20 + ip(outer_v6) + 8 + self.shim.len();
+        (usize::from(mtu).saturating_sub(overhead)).clamp(536, 65_495) as u16
+    }
+}
+
+/// The joined overlays by id, by name and by peer address.
+#[derive(Debug, Default)]
+pub struct OverlayTable {
+    by_id: HashMap<OverlayId, Arc<JoinedOverlay>>,
+    by_name: HashMap<String, OverlayId>,
+    by_peer: HashMap<SocketAddr, OverlayId>,
+}
+
+impl OverlayTable {
+    pub fn new(overlays: impl IntoIterator<Item = Arc<JoinedOverlay>>) -> OverlayTable {
+        let mut table = OverlayTable::default();
+        for overlay in overlays {
+            for peer in overlay.path.peers() {
+                table.by_peer.insert(canonical(*peer), overlay.id);
+            }
+            table.by_name.insert(overlay.name.clone(), overlay.id);
+            table.by_id.insert(overlay.id, overlay);
+        }
+        table
+    }
+
+    pub fn get(&self, id: OverlayId) -> Option<&Arc<JoinedOverlay>> {
+        self.by_id.get(&id)
+    }
+
+    pub fn id_of(&self, name: &str) -> Option<OverlayId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<JoinedOverlay>> {
+        self.get(self.id_of(name)?)
+    }
+
+    /// The overlay whose peer sent a datagram from `from`, if any: only
+    /// those may hand packets to this host.
+    pub fn by_sender(&self, from: SocketAddr) -> Option<&Arc<JoinedOverlay>> {
+        self.get(*self.by_peer.get(&canonical(from))?)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<JoinedOverlay>> {
+        self.by_id.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare as the IPv4 address they carry.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// A joined overlay straight to `entries`, for tests.
+#[cfg(test)]
+pub(crate) fn test_overlay(id: u32, name: &str, entries: &[&str], shim: usize) -> Arc<JoinedOverlay> {
+    let entries = entries.iter().map(|e| e.parse().unwrap()).collect();
+    Arc::new(JoinedOverlay::new(
+        OverlayId(id),
+        name.into(),
+        Box::new(EntryNodes::new(entries).unwrap()),
+        vec![0; shim],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlay(id: u32, name: &str, entries: &[&str], shim: usize) -> Arc<JoinedOverlay> {
+        test_overlay(id, name, entries, shim)
+    }
+
+    #[test]
+    fn senders_are_matched_by_address_and_port() {
+        let table = OverlayTable::new([overlay(1, "a", &["192.0.2.1:7400"], 0)]);
+        let entry: SocketAddr = "192.0.2.1:7400".parse().unwrap();
+        assert_eq!(table.by_sender(entry).unwrap().name, "a");
+        assert_eq!(
+            table
+                .by_sender("[::ffff:192.0.2.1]:7400".parse().unwrap())
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert!(table.by_sender("192.0.2.1:7401".parse().unwrap()).is_none());
+        assert!(table.by_sender("192.0.2.2:7400".parse().unwrap()).is_none());
+        assert_eq!(table.id_of("a"), Some(OverlayId(1)));
+        assert!(table.by_name("b").is_none());
+    }
+
+    #[test]
+    fn a_flow_keeps_its_entry_node_and_flows_spread() {
+        let nodes = EntryNodes::new(vec![
+            "192.0.2.1:1".parse().unwrap(),
+            "192.0.2.2:1".parse().unwrap(),
+        ])
+        .unwrap();
+        let key = |sport| FlowKey::v4([10, 0, 0, 1], [203, 0, 113, 1], 6, sport, 443);
+        assert_eq!(nodes.next_hop(&key(1000)), nodes.next_hop(&key(1000)));
+        let used: std::collections::HashSet<SocketAddr> =
+            (1000..1100).map(|p| nodes.next_hop(&key(p))).collect();
+        assert_eq!(used.len(), 2);
+        assert!(EntryNodes::new(vec![]).is_none());
+    }
+
+    #[test]
+    fn mss_leaves_room_for_the_encapsulation() {
+        let overlay = overlay(1, "a", &["192.0.2.1:1"], 8);
+        assert_eq!(overlay.max_mss(1500, false, false), 1500 - 20 - 20 - 20 - 8 - 8);
+        assert_eq!(overlay.max_mss(1500, true, true), 1500 - 40 - 20 - 40 - 8 - 8);
+        assert_eq!(
+            overlay.max_mss(300, true, true),
+            536,
+            "never below the TCP minimum"
+        );
+    }
+}

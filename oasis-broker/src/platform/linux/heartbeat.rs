@@ -1,0 +1,78 @@
+//! The heartbeat map: CLOCK_MONOTONIC nanoseconds of the broker's last sign
+//! of life. The classifier and the DNS hooks pass everything once it is
+//! older than the configured timeout. The heartbeat thread holds its own
+//! handle (a second file descriptor of the same map), so writing it never
+//! waits for anything else the daemon does.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use aya::Ebpf;
+use aya::maps::{Array, IterableMap, MapData};
+use oasis_common::maps;
+
+use super::kernel::{KernelError, age_of, monotonic_ns, take_map};
+use crate::platform::{Heartbeat, PlatformError};
+
+pub struct KernelHeartbeat {
+    map: Array<MapData, u64>,
+}
+
+impl KernelHeartbeat {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<KernelHeartbeat, KernelError> {
+        Ok(KernelHeartbeat {
+            map: take_map!(ebpf, maps::HEARTBEAT, Array<MapData, u64>),
+        })
+    }
+
+    /// Another handle on the same map.
+    pub fn try_clone(&self) -> Result<KernelHeartbeat, KernelError> {
+        let name = maps::HEARTBEAT.name;
+        let fd = IterableMap::<u32, u64>::map(&self.map)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| KernelError::Map {
+                map: name,
+                source: Box::new(aya::maps::MapError::IoError(e)),
+            })?;
+        let data = MapData::from_fd(fd).map_err(KernelError::map(name))?;
+        Ok(KernelHeartbeat {
+            map: Array::try_from(aya::maps::Map::Array(data)).map_err(KernelError::map(name))?,
+        })
+    }
+
+    /// Writes a heartbeat time directly (tests use it to age the broker).
+    pub fn set(&mut self, ns: u64) -> Result<(), KernelError> {
+        self.map
+            .set(0, ns, 0)
+            .map_err(KernelError::map(maps::HEARTBEAT.name))
+    }
+
+    /// The map's kernel id, to read it from outside (`bpftool map lookup id`).
+    pub fn map_id(&self) -> Option<u32> {
+        IterableMap::<u32, u64>::map(&self.map)
+            .info()
+            .ok()
+            .map(|info| info.id())
+    }
+
+    /// The heartbeat as the map holds it.
+    pub fn read(&self) -> u64 {
+        self.map.get(&0, 0).unwrap_or(0)
+    }
+}
+
+impl Heartbeat for KernelHeartbeat {
+    fn beat(&mut self) -> Result<(), PlatformError> {
+        Ok(self.set(monotonic_ns())?)
+    }
+
+    fn age(&self) -> Duration {
+        age_of(self.read())
+    }
+
+    fn kernel_id(&self) -> Option<u32> {
+        self.map_id()
+    }
+}
