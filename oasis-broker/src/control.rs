@@ -2,8 +2,7 @@
 //! per line over a local socket; back come progress lines while a long
 //! request runs (at least every few seconds), then one response line.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -339,10 +338,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// line to `progress` on the way.
 #[cfg(unix)]
 pub fn call(
-    socket: &Path,
+    socket: &std::path::Path,
     request: &Request,
     mut progress: impl FnMut(&Progress),
 ) -> Result<Response, ClientError> {
+    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
     let io = |source| ClientError::Io {
         path: socket.into(),
@@ -389,6 +389,8 @@ pub fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::path::Path;
 
     #[test]
     fn requests_are_one_json_line() {

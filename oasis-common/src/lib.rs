@@ -335,7 +335,7 @@ pub struct DnsOriginal {
     pub _pad: [u8; 5],
 }
 
-#[cfg(feature = "user")]
+#[cfg(all(feature = "user", target_os = "linux"))]
 mod pod {
     use super::*;
     // SAFETY: all of these are repr(C), contain only integers and byte arrays,

@@ -172,6 +172,23 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         totals.add_result_line(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
+    // The decision core and the platform seam must build for Windows too
+    // (the WinDivert backend will plug in there).
+    println!(
+        "\nType-checking the broker library for {}:",
+        setup::WINDOWS_TARGET
+    );
+    let windows = cargo()
+        .args([
+            "check",
+            "--package",
+            "oasis-broker",
+            "--lib",
+            "--target",
+            setup::WINDOWS_TARGET,
+        ])
+        .status()
+        .context("running cargo check for Windows")?;
     // The DNS tests mount the cgroup hierarchy where `ip netns exec` can see
     // it; with every test done, take that mount away again.
     let cgroup_mount = oasis_tests::CGROUP2_MOUNT;
@@ -182,11 +199,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         let _ = std::process::Command::new("umount").arg(cgroup_mount).status();
     }
     println!(
-        "\ntotal: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
+        "\ntotal: {} passed, {} failed, {} skipped; Windows type-check {}",
+        totals.passed,
+        totals.failed,
+        totals.ignored,
+        if windows.success() { "passed" } else { "FAILED" }
     );
     if !status.success() {
         bail!("tests failed");
+    }
+    if !windows.success() {
+        bail!("the broker library does not build for {}", setup::WINDOWS_TARGET);
     }
     Ok(())
 }

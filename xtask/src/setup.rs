@@ -8,6 +8,11 @@ use anyhow::{Context, bail};
 
 pub const BPF_LINKER_VERSION: &str = "0.10.4";
 
+/// The Windows target the broker library is type-checked for (the
+/// WinDivert backend's target); its C dependencies (ring) need the mingw
+/// cross compiler even for `cargo check`.
+pub const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
+
 /// Commands the tests and benchmarks run, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -26,6 +31,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
     ("dnsperf", "dnsperf"),
+    // The C cross compiler the Windows type-check needs.
+    ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
 ];
 
 struct Step {
@@ -84,11 +91,26 @@ fn steps() -> Vec<Step> {
             hint: "install it with `cargo install bpf-linker --version 0.10.4 --locked` (it needs about 3 minutes)",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf)",
+            what: "the Windows target (the broker library is type-checked for it)",
+            done: || {
+                Command::new("rustup")
+                    .args(["target", "list", "--installed"])
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .any(|l| l.trim() == WINDOWS_TARGET)
+                    })
+            },
+            install: || run_loud("rustup", &["target", "add", WINDOWS_TARGET]),
+            hint: "install it with `rustup target add x86_64-pc-windows-gnu`",
+        },
+        Step {
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, mingw-w64)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
             hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools \
-                   dnsmasq-base bind9-dnsutils dnsperf",
+                   dnsmasq-base bind9-dnsutils dnsperf gcc-mingw-w64-x86-64",
         },
     ]
 }

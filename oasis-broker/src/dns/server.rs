@@ -309,8 +309,9 @@ impl RequestHandler for TcpHandler {
     }
 }
 
-/// UDP sockets per address: tasks that can run on different cores.
-const UDP_SOCKETS: usize = 2;
+/// UDP sockets per address: threads that can run on different cores. They
+/// share the port through SO_REUSEPORT, which Unix has.
+const UDP_SOCKETS: usize = if cfg!(unix) { 2 } else { 1 };
 
 fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -318,6 +319,7 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    #[cfg(unix)]
     socket.set_reuse_port(true)?;
     socket.set_recv_buffer_size(4 << 20)?;
     socket.set_nonblocking(true)?;

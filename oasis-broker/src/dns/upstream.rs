@@ -2,7 +2,6 @@
 //! `dns.upstreams`, or by default the host's own (resolv.conf).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::Duration;
 
 use hickory_proto::xfer::Protocol;
@@ -10,8 +9,10 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, R
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 
+#[cfg(unix)]
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Where systemd-resolved lists the servers behind its 127.0.0.53 stub.
+#[cfg(unix)]
 const RESOLVED_UPSTREAMS: &str = "/run/systemd/resolve/resolv.conf";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -79,13 +80,25 @@ pub fn parse_upstream(text: &str) -> Result<Vec<NameServerConfig>, UpstreamError
         .collect())
 }
 
+/// The host's own servers, as the OS names them.
+#[cfg(not(unix))]
+pub fn system_upstreams(_listen_port: u16) -> Result<Vec<NameServerConfig>, UpstreamError> {
+    let none = |reason: String| UpstreamError::NoneFound {
+        path: "the system's DNS configuration".into(),
+        reason,
+    };
+    let (config, _) = hickory_resolver::system_conf::read_system_conf().map_err(|e| none(e.to_string()))?;
+    Ok(config.name_servers().to_vec())
+}
+
 /// The host's own servers. A host whose resolv.conf names only a local
 /// stub (systemd-resolved) has its queries to that stub redirected here
 /// like all others, so the servers behind the stub are used instead.
+#[cfg(unix)]
 pub fn system_upstreams(listen_port: u16) -> Result<Vec<NameServerConfig>, UpstreamError> {
-    let servers = read_servers(Path::new(RESOLV_CONF))?;
+    let servers = read_servers(std::path::Path::new(RESOLV_CONF))?;
     let all_local = servers.iter().all(|s| s.socket_addr.ip().is_loopback());
-    if all_local && let Ok(behind_stub) = read_servers(Path::new(RESOLVED_UPSTREAMS)) {
+    if all_local && let Ok(behind_stub) = read_servers(std::path::Path::new(RESOLVED_UPSTREAMS)) {
         return Ok(behind_stub);
     }
     // Never ask ourselves.
@@ -95,7 +108,8 @@ pub fn system_upstreams(listen_port: u16) -> Result<Vec<NameServerConfig>, Upstr
         .collect())
 }
 
-fn read_servers(path: &Path) -> Result<Vec<NameServerConfig>, UpstreamError> {
+#[cfg(unix)]
+fn read_servers(path: &std::path::Path) -> Result<Vec<NameServerConfig>, UpstreamError> {
     let none = |reason: String| UpstreamError::NoneFound {
         path: path.display().to_string(),
         reason,

@@ -1,0 +1,280 @@
+//! Starting the daemon: every part from the platform, the threads around
+//! the engine, then serving the control socket until a signal to stop.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use oasis_common::Settings;
+
+use super::transport::{ControlListener, shutdown_signal};
+use super::{DaemonError, dns, heartbeat, persist, serve, state};
+use crate::config::Config;
+use crate::control::TunView;
+use crate::engine::{Engine, EngineSettings, ReturnPath, Routes, RuleCarrier};
+use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
+use crate::liveness::{Liveness, TICK_EVERY};
+use crate::names::NameRules;
+use crate::overlay::OverlayManager;
+use crate::platform::Platform;
+
+/// Most flows one packet thread tracks.
+const FLOW_CAPACITY: usize = 262_144;
+/// How often the fake-address table is saved when it changed.
+const UPKEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Result<(), DaemonError> {
+    let config = Config::load_or_default(config_path)?;
+    let rules = config.rule_set(config_path)?;
+    ControlListener::claim(&config.control_socket).await?;
+
+    let uplinks = platform.uplinks(&config.uplinks).map_err(DaemonError::Platform)?;
+    let mtu = platform.uplink_mtu(&uplinks);
+    let divert = platform.divert(&config.tun, mtu).map_err(DaemonError::Platform)?;
+    let underlay = Arc::new(
+        platform
+            .underlay(config.bypass_mark)
+            .map_err(DaemonError::Platform)?,
+    );
+    let mut kernel = platform
+        .kernel(Settings {
+            heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
+            flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
+            tun_ifindex: divert.index,
+            bypass_mark: config.bypass_mark,
+        })
+        .map_err(DaemonError::Platform)?;
+    kernel
+        .apply(&crate::compile::compile(rules.rules()))
+        .map_err(DaemonError::Platform)?;
+    for uplink in &uplinks {
+        kernel.attach(uplink).map_err(DaemonError::Platform)?;
+        tracing::info!(%uplink, "classifier attached");
+    }
+
+    let names = Arc::new(
+        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?,
+    );
+    let dns = dns::start(&config, kernel.as_mut(), names.clone()).await?;
+    let nat = kernel
+        .take_nat()
+        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
+    let overlays = {
+        let stored = config.overlays.clone();
+        tokio::task::spawn_blocking(move || OverlayManager::load(stored))
+            .await
+            .map_err(|e| DaemonError::Io {
+                what: "resolving the overlays' entry nodes".into(),
+                source: std::io::Error::other(e),
+            })?
+    };
+    let engine = Engine::new(
+        EngineSettings {
+            flow_idle: Duration::from_secs(config.flow_idle_timeout_secs),
+            flow_capacity: FLOW_CAPACITY,
+            uplink_mtu: mtu,
+            fake_v4: config.dns.fake_v4,
+            fake_v6: config.dns.fake_v6,
+        },
+        Routes::new(rules.rules(), names.clone(), overlays.table().clone()),
+        dns.fakes.clone(),
+        nat,
+        Box::new(RuleCarrier),
+    );
+
+    // The packet loops.
+    let stop = Arc::new(AtomicBool::new(false));
+    let liveness = Arc::new(Liveness::new());
+    let platform = Arc::new(platform);
+    let overlay_sockets = Arc::new(open_overlay_sockets(
+        platform.as_ref(),
+        config.overlay_port,
+        config.bypass_mark,
+    )?);
+    let tun_view = TunView {
+        name: divert.name.clone(),
+        ifindex: divert.index,
+        queues: divert.queues.len(),
+        ..Default::default()
+    };
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (index, queue) in divert.queues.into_iter().enumerate() {
+        let name = format!("oasis-queue-{index}");
+        let (router, delivery, underlay, sockets) = (
+            engine.router(),
+            divert.delivery.clone(),
+            underlay.clone(),
+            overlay_sockets.clone(),
+        );
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            run_queue(router, queue, delivery, underlay.as_ref(), &sockets, tick, &stop)
+        })?);
+    }
+    for (family, socket) in [("v4", true), ("v6", false)] {
+        if !socket && overlay_sockets.v6.is_none() {
+            continue;
+        }
+        let name = format!("oasis-overlay-rx-{family}");
+        let (path, delivery, sockets, platform) = (
+            ReturnPath::new(&engine),
+            divert.delivery.clone(),
+            overlay_sockets.clone(),
+            platform.clone(),
+        );
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            let socket = if socket {
+                &sockets.v4
+            } else {
+                sockets.v6.as_ref().expect("checked")
+            };
+            run_returns(path, socket, delivery, || platform.local_addresses(), tick, &stop)
+        })?);
+    }
+    // No module runs yet (they come with the sandbox): the set stays empty.
+    let modules: ModuleSockets = Arc::default();
+    for (family, loopback) in [
+        ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
+        ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
+    ] {
+        let what = format!("UDP port {} (underlay_port) on {loopback}", config.underlay_port);
+        let socket = match platform.socket((loopback, config.underlay_port).into(), config.bypass_mark, false)
+        {
+            Ok(socket) => socket,
+            Err(e) if loopback.is_ipv6() => {
+                tracing::warn!("no IPv6 for the {what} ({e}); IPv4 only");
+                continue;
+            }
+            Err(source) => return Err(DaemonError::Io { what, source }),
+        };
+        let name = format!("oasis-underlay-port-{family}");
+        let (engine, underlay, modules) = (engine.clone(), underlay.clone(), modules.clone());
+        let (tick, stop) = (liveness.register(&name), stop.clone());
+        threads.push(spawn_thread(name, move || {
+            run_underlay_port(engine, &socket, underlay.as_ref(), modules, tick, &stop)
+        })?);
+    }
+
+    // The heartbeat, on a thread and map handle of its own. A thread that
+    // has not ticked for half the timeout is stuck: no more beats.
+    let heartbeat_every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
+    let stall_limit = Duration::from_millis(config.heartbeat_timeout_ms / 2).max(TICK_EVERY * 4);
+    let beat = kernel.heartbeat().map_err(DaemonError::Platform)?;
+    threads.push(
+        heartbeat::spawn(beat, liveness.clone(), heartbeat_every, stall_limit, stop.clone()).map_err(
+            |source| DaemonError::Io {
+                what: "starting the heartbeat thread".into(),
+                source,
+            },
+        )?,
+    );
+    let status_heartbeat = kernel.heartbeat().map_err(DaemonError::Platform)?;
+    let persister =
+        persist::Persister::start(config_path.to_path_buf()).map_err(|source| DaemonError::Io {
+            what: "starting the config writer".into(),
+            source,
+        })?;
+
+    let control_socket = config.control_socket.clone();
+    let platform_for_status = platform.clone();
+    let daemon = Arc::new(state::Daemon::new(state::Parts {
+        config_path: config_path.to_path_buf(),
+        settings: Arc::new(config),
+        rules,
+        names,
+        overlays,
+        kernel,
+        heartbeat: status_heartbeat,
+        engine,
+        dns,
+        persister,
+        tun: tun_view,
+        diverted: Box::new(move |device| platform_for_status.diverted(device)),
+    }));
+
+    let listener = ControlListener::bind(&control_socket)?;
+    // Only a daemon that started writes a default config file.
+    if !config_path.exists() {
+        daemon.settings.save(config_path)?;
+        tracing::info!(path = %config_path.display(), "wrote a default config file");
+    }
+    tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut watch = tokio::time::interval(TICK_EVERY);
+    let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+    let outcome = loop {
+        tokio::select! {
+            signal = &mut shutdown => break signal,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    let daemon = daemon.clone();
+                    tokio::spawn(async move {
+                        let (read, write) = stream.into_split();
+                        serve::serve(read, write, daemon).await
+                    });
+                }
+                Err(e) => tracing::warn!("control socket accept: {e}"),
+            },
+            _ = watch.tick() => {
+                // A dead packet thread means diverted traffic has nowhere to
+                // go: stop and let the kernel pass everything again.
+                if let Some(thread) = threads.iter().find(|t| t.is_finished()) {
+                    let name = thread.thread().name().unwrap_or("?").to_string();
+                    break Err(DaemonError::PacketThread(name, "it exited; see the log above".into()));
+                }
+            }
+            _ = upkeep.tick() => {
+                let daemon = daemon.clone();
+                tokio::task::spawn_blocking(move || daemon.upkeep());
+            }
+        }
+    };
+
+    tracing::info!("shutting down: detaching the classifier");
+    stop.store(true, Relaxed);
+    daemon.shutdown();
+    listener.remove();
+    outcome
+}
+
+/// UDP sockets on the standard port; IPv6 only where the host has it.
+fn open_overlay_sockets<P: Platform>(
+    platform: &P,
+    port: u16,
+    bypass_mark: u32,
+) -> Result<OverlaySockets<P::Socket>, DaemonError> {
+    let what = format!("UDP port {port} (overlay_port)");
+    let v4 = platform
+        .socket(([0, 0, 0, 0], port).into(), bypass_mark, true)
+        .map_err(|source| DaemonError::Io {
+            what: what.clone(),
+            source,
+        })?;
+    let v6 = match platform.socket((std::net::Ipv6Addr::UNSPECIFIED, port).into(), bypass_mark, true) {
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::warn!("no IPv6 for the {what} ({e}); overlays reachable over IPv4 only");
+            None
+        }
+    };
+    Ok(OverlaySockets { v4, v6 })
+}
+
+fn spawn_thread(
+    name: String,
+    body: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let thread_name = name.clone();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || match body() {
+            Ok(()) => tracing::debug!(thread = %thread_name, "stopped"),
+            Err(error) => tracing::error!(thread = %thread_name, "packet thread stopped: {error}"),
+        })
+        .map_err(|e| DaemonError::PacketThread(name, e.to_string()))
+}
