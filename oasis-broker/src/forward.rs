@@ -16,16 +16,12 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Router, module_admitted};
 use crate::liveness::{TICK_EVERY, Tick};
-use crate::platform::{
-    DatagramSocket, Delivery, DivertedQueue, PacketBatch, Received, UnderlaySender, datagrams,
-};
+use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
 use crate::shared::{Shared, snapshot};
 
-/// Packets one batch of diverted packets holds.
-pub const BATCH: usize = 128;
-/// The largest packet a batch slot holds (a GSO burst is split into
-/// MTU-sized packets before it lands in one).
-pub const PACKET: usize = 65_536;
+/// The largest datagram a receive buffer of the overlay and underlay ports
+/// holds (a coalesced run of datagrams, or one of any size).
+const PACKET: usize = 65_536;
 /// Receive buffers of the overlay and underlay ports.
 const DATAGRAM_BATCH: usize = 16;
 /// How often the return path reads the host's addresses again.
@@ -57,8 +53,8 @@ where
     U: UnderlaySender,
     S: DatagramSocket,
 {
-    let mut batch = PacketBatch::new(BATCH, PACKET);
-    let mut decisions: Vec<Outbound> = Vec::with_capacity(BATCH);
+    let mut batch = queue.new_batch();
+    let mut decisions: Vec<Outbound> = Vec::with_capacity(batch.capacity());
     let mut reply = Vec::with_capacity(1500);
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut underlay_scratch = U::Scratch::default();
@@ -166,7 +162,7 @@ pub fn run_returns<S, D>(
     mut path: ReturnPath,
     socket: &S,
     mut delivery: D,
-    local_addresses: impl Fn() -> LocalAddresses,
+    local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
     stop: &AtomicBool,
 ) -> io::Result<()>
@@ -179,7 +175,8 @@ where
     let mut scratch = S::Scratch::default();
     let mut out: Vec<Vec<u8>> = Vec::new();
     let headroom = delivery.headroom();
-    let mut local = local_addresses();
+    let mut local = LocalAddresses::with_capacity(64);
+    local_addresses(&mut local);
     let mut local_read = Instant::now();
     loop {
         tick.tick();
@@ -192,7 +189,7 @@ where
             Err(e) => return Err(e),
         };
         if local_read.elapsed() > ADDRESS_REFRESH {
-            local = local_addresses();
+            local_addresses(&mut local);
             local_read = Instant::now();
         }
         if count == 0 {

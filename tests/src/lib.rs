@@ -64,6 +64,44 @@ impl Netns {
     }
 }
 
+/// A network namespace of its own, outside any topology: for tests that
+/// move a thread of the test process itself into it. Deleted when dropped.
+pub struct LoneNetns {
+    pub ns: Netns,
+}
+
+impl LoneNetns {
+    pub fn new(tag: &str) -> LoneNetns {
+        assert_root();
+        let name = format!(
+            "{}-{}-{}-{tag}",
+            NETNS_PREFIX,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        host(&["ip", "netns", "add", &name]);
+        let lone = LoneNetns { ns: Netns { name } };
+        lone.ns.run(&["ip", "link", "set", "lo", "up"]);
+        lone
+    }
+
+    /// Moves the calling thread into the namespace: sockets and devices it
+    /// creates from now on, and threads it spawns, live there.
+    pub fn enter(&self) {
+        let path = format!("/run/netns/{}", self.ns.name);
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace file descriptor; affects this thread only.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for LoneNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns.name]).status();
+    }
+}
+
 /// A process the harness started; killed by PID when dropped.
 pub struct Process {
     pub name: String,

@@ -132,7 +132,14 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             } else {
                 sockets.v6.as_ref().expect("checked")
             };
-            run_returns(path, socket, delivery, || platform.local_addresses(), tick, &stop)
+            run_returns(
+                path,
+                socket,
+                delivery,
+                |into| platform.local_addresses(into),
+                tick,
+                &stop,
+            )
         })?);
     }
     // No module runs yet (they come with the sandbox): the set stays empty.

@@ -66,6 +66,11 @@ impl PacketBatch {
         self.count == self.bufs.len()
     }
 
+    /// How many packets the batch holds at most.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
     /// The free buffers and their length slots, for a platform to fill;
     /// then [`PacketBatch::filled`] says how many it filled.
     pub fn free(&mut self) -> (&mut [Vec<u8>], &mut [usize]) {
@@ -91,6 +96,8 @@ impl PacketBatch {
 
 /// Where diverted packets arrive (Linux: one TUN queue).
 pub trait DivertedQueue: Send {
+    /// A batch with the room this queue's reads need.
+    fn new_batch(&self) -> PacketBatch;
     /// Waits up to `timeout` for diverted packets, then adds as many as are
     /// ready to `batch`, without waiting again. On timeout the batch stays
     /// as it was.
@@ -228,8 +235,8 @@ pub trait Platform: Send + 'static {
     fn socket(&self, addr: SocketAddr, bypass_mark: u32, coalesce: bool) -> io::Result<Self::Socket>;
     /// Loads the kernel side with these settings; nothing is attached yet.
     fn kernel(&mut self, settings: Settings) -> Result<Box<dyn Kernel>, PlatformError>;
-    /// This host's own addresses now.
-    fn local_addresses(&self) -> LocalAddresses;
+    /// This host's own addresses now, into `into` (its capacity reused).
+    fn local_addresses(&self, into: &mut LocalAddresses);
     /// Packets and bytes the OS handed to the divert device's readers.
     fn diverted(&self, device: &str) -> (u64, u64);
 }

@@ -4,14 +4,15 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-/// Every address on every interface (getifaddrs).
-pub fn local_addresses() -> HashSet<IpAddr> {
-    let mut out = HashSet::new();
+/// Every address on every interface (getifaddrs), into `out` (cleared
+/// first, its capacity reused). On failure `out` keeps what it held.
+pub fn read_local_addresses(out: &mut HashSet<IpAddr>) {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
+        return;
     }
+    out.clear();
     let mut cursor = head;
     while !cursor.is_null() {
         // SAFETY: a node of the list getifaddrs returned.
@@ -36,14 +37,16 @@ pub fn local_addresses() -> HashSet<IpAddr> {
     }
     // SAFETY: the list came from getifaddrs.
     unsafe { libc::freeifaddrs(head) };
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn loopback_is_local() {
-        let addrs = super::local_addresses();
+        let mut addrs = HashSet::new();
+        super::read_local_addresses(&mut addrs);
         assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
     }
 }

@@ -108,8 +108,8 @@ impl Platform for LinuxPlatform {
         Ok(Box::new(LinuxKernel::load(oasis_ebpf_object::OBJECT, settings)?))
     }
 
-    fn local_addresses(&self) -> LocalAddresses {
-        local_addrs::local_addresses()
+    fn local_addresses(&self, into: &mut LocalAddresses) {
+        local_addrs::read_local_addresses(into)
     }
 
     fn diverted(&self, device: &str) -> (u64, u64) {

@@ -9,7 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use oasis_io::linux::gro::{Coalescer, Write};
+use tun_rs::{IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::platform::{Delivery, DivertedQueue, PacketBatch};
 
@@ -37,11 +38,6 @@ impl TunQueue {
         })
     }
 
-    /// A batch sized for this queue's packets.
-    pub fn new_batch(&self) -> PacketBatch {
-        PacketBatch::new(SLOTS, usize::from(self.mtu).max(1280) + 256)
-    }
-
     fn read_once(&mut self, batch: &mut PacketBatch) -> io::Result<usize> {
         let (bufs, sizes) = batch.free();
         let count = self.device.recv_multiple(&mut self.raw, bufs, sizes, 0)?;
@@ -67,10 +63,15 @@ fn wait_readable(fd: i32, timeout: Duration) -> io::Result<bool> {
 }
 
 impl DivertedQueue for TunQueue {
+    fn new_batch(&self) -> PacketBatch {
+        PacketBatch::new(SLOTS, usize::from(self.mtu).max(1280) + 256)
+    }
+
     fn recv(&mut self, batch: &mut PacketBatch, timeout: Duration) -> io::Result<()> {
         let mut waited = false;
         loop {
-            if batch.len() + IDEAL_BATCH_SIZE > SLOTS && !batch.is_empty() {
+            // Another read needs room for a whole GSO burst.
+            if !batch.is_empty() && batch.capacity() - batch.len() < IDEAL_BATCH_SIZE {
                 return Ok(());
             }
             match self.read_once(batch) {
@@ -95,18 +96,19 @@ impl DivertedQueue for TunQueue {
     }
 }
 
-/// Writes packets into the device, to the host's applications, with GRO:
-/// runs of segments of one flow go up the stack as one.
+/// Writes packets into the device, to the host's applications, TCP
+/// segments of one flow coalesced (oasis-io's GRO), so a run of them goes
+/// up the stack as one.
 pub struct TunDelivery {
     device: Arc<SyncDevice>,
-    gro: GROTable,
+    gro: Coalescer,
 }
 
 impl TunDelivery {
     pub fn new(device: Arc<SyncDevice>) -> TunDelivery {
         TunDelivery {
             device,
-            gro: GROTable::default(),
+            gro: Coalescer::default(),
         }
     }
 }
@@ -123,8 +125,18 @@ impl Delivery for TunDelivery {
     }
 
     fn deliver(&mut self, packets: &mut [Vec<u8>]) -> io::Result<()> {
-        self.device
-            .send_multiple(&mut self.gro, packets, VIRTIO_NET_HDR_LEN)
-            .map(|_| ())
+        let mut result = Ok(());
+        let writes = self.gro.coalesce(packets).len();
+        for i in 0..writes {
+            let buffer = match self.gro.write(i) {
+                Write::Packet(index) => &packets[index],
+                Write::Merged(index) => self.gro.merged(index),
+            };
+            // One packet refused is one loss; the others still go.
+            if let Err(e) = self.device.send(buffer) {
+                result = Err(e);
+            }
+        }
+        result
     }
 }

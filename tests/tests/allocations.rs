@@ -1,0 +1,300 @@
+//! No packet allocates: the broker's packet loops, with the real Linux I/O
+//! (TUN, raw sockets, UDP with segmentation offload) around the routing
+//! engine, counted by a global allocator that counts only the packet
+//! threads. In a network namespace of the test's own, which the test's
+//! thread enters so the devices and sockets it makes live there.
+//!
+//! - a sender in the namespace sends UDP to 10.99.0.5, routed into the TUN;
+//! - port 9000 is claimed for the underlay: the broker sends it on through
+//!   its raw socket, whose bypass mark routes it out of a veth whose peer
+//!   drops it;
+//! - port 9001 is claimed for an overlay whose entry node is a socket of
+//!   this test on 127.0.0.1:7999, which answers every datagram with a
+//!   returned packet for the sender, which the broker delivers into the TUN.
+//!
+//! After a warm-up, every path runs thousands of packets: the count of
+//! allocations on the packet threads must not move.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oasis_broker::config::TunConfig;
+use oasis_broker::engine::{Engine, EngineSettings, MemoryNat, ReturnPath, Routes, RuleCarrier};
+use oasis_broker::fake::FakeTable;
+use oasis_broker::forward::{OverlaySockets, run_queue, run_returns};
+use oasis_broker::liveness::Liveness;
+use oasis_broker::names::NameRules;
+use oasis_broker::overlay::{EntryNodes, JoinedOverlay, OverlayId, OverlayTable};
+use oasis_broker::platform::Platform;
+use oasis_broker::platform::linux::LinuxPlatform;
+use oasis_broker::rules::{RuleSet, RuleSpec};
+use oasis_tests::LoneNetns;
+
+struct Counting;
+
+thread_local! {
+    /// Whether this thread's allocations count (the packet threads').
+    static TRACKED: Cell<bool> = const { Cell::new(false) };
+}
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRACKED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Relaxed);
+        }
+        // SAFETY: as the caller promised.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as the caller promised.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if TRACKED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Relaxed);
+        }
+        // SAFETY: as the caller promised.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const MARK: u32 = 0x4f41_5349;
+const SENDER: &str = "192.0.0.8:40000";
+const TARGET: [u8; 4] = [10, 99, 0, 5];
+const ENTRY: &str = "127.0.0.1:7999";
+const OVERLAY_PORT: u16 = 7400;
+const SHIM: usize = 4;
+
+fn rule(dport: &str, via: &str) -> RuleSpec {
+    RuleSpec {
+        proto: Some("udp".into()),
+        dport: Some(dport.into()),
+        via: via.into(),
+        ..RuleSpec::default()
+    }
+}
+
+/// The entry node: answers each datagram `[shim][packet to 10.99.0.5:9001]`
+/// with `[shim][the same payload back, from 10.99.0.5:9001 to the sender]`.
+fn entry_node(socket: UdpSocket, stop: Arc<AtomicBool>) {
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let sender: SocketAddr = SENDER.parse().unwrap();
+    let std::net::IpAddr::V4(sender_ip) = sender.ip() else {
+        unreachable!()
+    };
+    while !stop.load(Relaxed) {
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let payload = &buf[SHIM + 28..len];
+        let mut reply = vec![0u8; SHIM];
+        etherparse::PacketBuilder::ipv4(TARGET, sender_ip.octets(), 64)
+            .udp(9001, sender.port())
+            .write(&mut reply, payload)
+            .unwrap();
+        let _ = socket.send_to(&reply, from);
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn no_packet_allocates_in_steady_state() {
+    let lone = LoneNetns::new("alloc");
+    let ns = &lone.ns;
+    // Packets the broker marks and sends toward 10.99.0.0/24 leave by a
+    // veth whose peer drops them; unmarked ones go into the TUN.
+    ns.run(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.run(&["ip", "link", "set", "v0", "up"]);
+    ns.run(&["ip", "link", "set", "v1", "up"]);
+    ns.run(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.99.0.5",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "v0",
+    ]);
+    ns.run(&[
+        "ip",
+        "rule",
+        "add",
+        "fwmark",
+        &MARK.to_string(),
+        "to",
+        "10.99.0.0/24",
+        "lookup",
+        "100",
+    ]);
+    ns.run(&["ip", "route", "add", "default", "dev", "v0", "table", "100"]);
+    lone.enter();
+
+    let mut platform = LinuxPlatform;
+    let divert = platform
+        .divert(
+            &TunConfig {
+                name: "oasisa0".into(),
+                address: "192.0.0.8".parse().unwrap(),
+                queues: 1,
+            },
+            1500,
+        )
+        .expect("TUN");
+    ns.run(&["ip", "route", "add", "10.99.0.0/24", "dev", "oasisa0"]);
+    let underlay = platform.underlay(MARK).expect("raw sockets");
+    let overlay = OverlaySockets {
+        v4: platform
+            .socket(([0, 0, 0, 0], OVERLAY_PORT).into(), MARK, true)
+            .expect("standard port"),
+        v6: None,
+    };
+
+    let mut rules = RuleSet::default();
+    for spec in [rule("9000", "underlay"), rule("9001", "detour")] {
+        let (subset, via) = spec.parse().unwrap();
+        rules.add_any(subset, via).unwrap();
+    }
+    let overlays = Arc::new(OverlayTable::new([Arc::new(JoinedOverlay::new(
+        OverlayId(1),
+        "detour".into(),
+        Box::new(EntryNodes::new(vec![ENTRY.parse().unwrap()]).unwrap()),
+        vec![0; SHIM],
+    ))]));
+    let settings = EngineSettings {
+        flow_idle: Duration::from_secs(120),
+        flow_capacity: 1024,
+        uplink_mtu: 1500,
+        fake_v4: "198.18.0.0/15".parse().unwrap(),
+        fake_v6: "fd4f:4153:4953::/48".parse().unwrap(),
+    };
+    let fakes = FakeTable::new(settings.fake_v4, settings.fake_v6, 16);
+    let engine = Engine::new(
+        settings,
+        Routes::new(rules.rules(), Arc::new(NameRules::default()), overlays.clone()),
+        Arc::new(Mutex::new(fakes)),
+        Box::new(MemoryNat::default()),
+        Box::new(RuleCarrier),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let liveness = Liveness::new();
+    let overlay = Arc::new(overlay);
+    let queue = divert.queues.into_iter().next().unwrap();
+    let mut threads = Vec::new();
+    {
+        let (router, delivery, overlay, stop) = (
+            engine.router(),
+            divert.delivery.clone(),
+            overlay.clone(),
+            stop.clone(),
+        );
+        let tick = liveness.register("queue");
+        threads.push(std::thread::spawn(move || {
+            TRACKED.with(|t| t.set(true));
+            run_queue(router, queue, delivery, &underlay, &overlay, tick, &stop).unwrap();
+        }));
+    }
+    {
+        let (path, delivery, overlay, stop) = (
+            ReturnPath::new(&engine),
+            divert.delivery.clone(),
+            overlay.clone(),
+            stop.clone(),
+        );
+        let tick = liveness.register("returns");
+        threads.push(std::thread::spawn(move || {
+            TRACKED.with(|t| t.set(true));
+            let platform = LinuxPlatform;
+            run_returns(
+                path,
+                &overlay.v4,
+                delivery,
+                |into| platform.local_addresses(into),
+                tick,
+                &stop,
+            )
+            .unwrap();
+        }));
+    }
+    {
+        let socket = UdpSocket::bind(ENTRY).unwrap();
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || entry_node(socket, stop)));
+    }
+
+    let sender = UdpSocket::bind(SENDER).unwrap();
+    sender.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let underlay_target: SocketAddr = (TARGET, 9000).into();
+    let overlay_target: SocketAddr = (TARGET, 9001).into();
+    // Sends `count` datagrams each way; how many came back.
+    let round = |count: usize| -> u64 {
+        let mut returned = 0;
+        let mut buf = [0u8; 2048];
+        for i in 0..count {
+            let payload = (i as u32).to_be_bytes();
+            sender.send_to(&payload, underlay_target).unwrap();
+            sender.send_to(&payload, overlay_target).unwrap();
+            if i % 64 == 63 {
+                // Let the threads keep up, and take in what came back.
+                std::thread::sleep(Duration::from_millis(1));
+                sender.set_nonblocking(true).unwrap();
+                while sender.recv(&mut buf).is_ok() {
+                    returned += 1;
+                }
+                sender.set_nonblocking(false).unwrap();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && sender.recv(&mut buf).is_ok() {
+            returned += 1;
+        }
+        returned
+    };
+
+    let returned = round(3_000);
+    let counters = engine.counters.snapshot();
+    assert!(
+        counters.sent_underlay > 2_000,
+        "the underlay path works: {counters:?}"
+    );
+    assert!(
+        counters.sent_overlay > 2_000,
+        "the overlay path works: {counters:?}"
+    );
+    assert!(returned > 2_000, "the return path works: {returned} came back");
+
+    let (allocations, received) = (ALLOCATIONS.load(Relaxed), counters.received);
+    let returned_now = round(20_000);
+    let after = engine.counters.snapshot();
+    let allocated = ALLOCATIONS.load(Relaxed) - allocations;
+    let packets = after.received - received;
+    stop.store(true, Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    println!(
+        "steady state: {packets} diverted packets ({} underlay, {} overlay), {returned_now} returned \
+         through the overlay: {allocated} allocations on the packet threads",
+        after.sent_underlay - counters.sent_underlay,
+        after.sent_overlay - counters.sent_overlay,
+    );
+    assert!(
+        packets > 30_000 && returned_now > 15_000,
+        "too little traffic to tell"
+    );
+    assert_eq!(allocated, 0, "the packet path allocated in steady state");
+}
