@@ -382,15 +382,16 @@ impl Config {
         self.save_with_rules(path, blocks.iter().map(String::as_str))
     }
 
-    /// Writes the file with these rules, each already rendered by
-    /// [`StoredRule::yaml`] (the daemon keeps them rendered, so a file with
-    /// a million rules is written without serialising them again); this
-    /// config's own `rules` are ignored.
+    /// Writes the file with these rules, rendered by [`StoredRule::yaml`]
+    /// (one rule or several in each piece; the daemon keeps them rendered,
+    /// so a file with a million rules is written without serialising them
+    /// again); this config's own `rules` are ignored.
     pub fn save_with_rules<'a>(
         &self,
         path: &Path,
-        rules: impl ExactSizeIterator<Item = &'a str>,
+        rules: impl Iterator<Item = &'a str>,
     ) -> Result<(), ConfigError> {
+        let mut rules = rules.peekable();
         let write_error = write_error(path);
         let settings = Config {
             rules: Vec::new(),
@@ -398,7 +399,7 @@ impl Config {
         };
         let mut yaml = serde_yaml::to_string(&settings).map_err(|e| write_error(std::io::Error::other(e)))?;
         // `rules` is the last field: its empty list ends the text.
-        if rules.len() > 0 {
+        if rules.peek().is_some() {
             let head = yaml.strip_suffix("rules: []\n").ok_or_else(|| {
                 write_error(std::io::Error::other("the rules are not the config's last key"))
             })?;

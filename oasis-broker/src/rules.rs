@@ -558,6 +558,12 @@ impl RuleSet {
         &self.names
     }
 
+    /// Whether `other` holds the very same name rules (shared, unchanged
+    /// since one was copied from the other).
+    pub fn same_names(&self, other: &RuleSet) -> bool {
+        Arc::ptr_eq(&self.names, &other.names)
+    }
+
     /// Every rule's id and carrier, header rules first.
     pub fn carriers(&self) -> impl Iterator<Item = (u32, &Carrier)> {
         self.rules

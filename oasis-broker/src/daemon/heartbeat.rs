@@ -48,3 +48,58 @@ pub fn spawn(
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Counts beats.
+    struct Counted(Arc<AtomicU64>);
+
+    impl Heartbeat for Counted {
+        fn beat(&mut self) -> Result<(), crate::platform::PlatformError> {
+            self.0.fetch_add(1, Relaxed);
+            Ok(())
+        }
+        fn age(&self) -> Duration {
+            Duration::ZERO
+        }
+        fn kernel_id(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn beats_stop_while_a_packet_thread_is_stuck_and_resume_after() {
+        let beats = Arc::new(AtomicU64::new(0));
+        let liveness = Arc::new(Liveness::new());
+        let worker = liveness.register("oasis-queue-0");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(
+            Box::new(Counted(beats.clone())),
+            liveness,
+            Duration::from_millis(5),
+            Duration::from_millis(60),
+            stop.clone(),
+        )
+        .unwrap();
+        // Working: the thread ticks, the heartbeat beats.
+        for _ in 0..10 {
+            worker.tick();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(beats.load(Relaxed) > 5);
+        // Stuck: no tick for longer than the limit, no beat after it.
+        std::thread::sleep(Duration::from_millis(120));
+        let stalled = beats.load(Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(beats.load(Relaxed), stalled, "a beat while the thread was stuck");
+        // Working again.
+        worker.tick();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(beats.load(Relaxed) > stalled);
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+    }
+}

@@ -97,7 +97,7 @@ impl Persister {
     }
 
     fn run(self, path: PathBuf) {
-        let mut rendered: HashMap<u32, Arc<str>> = HashMap::new();
+        let mut rendered = Rendered::default();
         let (lock, wake) = &*self.shared;
         loop {
             let (snapshot, generation) = {
@@ -127,39 +127,71 @@ impl Persister {
     }
 }
 
-fn write(
-    path: &std::path::Path,
-    snapshot: &Snapshot,
-    rendered: &mut HashMap<u32, Arc<str>>,
-) -> Result<(), String> {
-    let rules = &snapshot.rules;
-    let mut ids: Vec<u32> = rules.carriers().map(|(id, _)| id).collect();
-    ids.sort_unstable();
-    if rendered.len() > ids.len() {
-        let live: std::collections::HashSet<u32> = ids.iter().copied().collect();
-        rendered.retain(|id, _| live.contains(id));
-    }
-    let mut render = |id: u32, spec: &dyn Fn() -> crate::rules::RuleSpec| -> Result<(), String> {
-        if let std::collections::hash_map::Entry::Vacant(slot) = rendered.entry(id) {
-            let text = StoredRule { id, spec: spec() }
-                .yaml()
-                .map_err(|e| format!("rendering rule {id}: {e}"))?;
-            slot.insert(text.into());
+/// The rules as the file lists them, kept between writes: each rule's
+/// text, and all name rules' text in one block, reused while the name rules
+/// are the same (a header rule change writes the name rules' bytes, but
+/// renders none of them).
+#[derive(Default)]
+struct Rendered {
+    rules: HashMap<u32, Arc<str>>,
+    /// The rule set the name block was made for.
+    names_of: Option<Arc<RuleSet>>,
+    names: String,
+}
+
+impl Rendered {
+    fn rule(&mut self, id: u32, spec: impl FnOnce() -> crate::rules::RuleSpec) -> Result<Arc<str>, String> {
+        if let Some(text) = self.rules.get(&id) {
+            return Ok(text.clone());
         }
-        Ok(())
-    };
-    for rule in rules.rules() {
-        render(rule.id, &|| rule.spec())?;
+        let text: Arc<str> = StoredRule { id, spec: spec() }
+            .yaml()
+            .map_err(|e| format!("rendering rule {id}: {e}"))?
+            .into();
+        self.rules.insert(id, text.clone());
+        Ok(text)
     }
-    for rule in rules.names().iter() {
-        render(rule.id, &|| rule.spec())?;
+
+    fn update(&mut self, rules: &Arc<RuleSet>) -> Result<(), String> {
+        if self.names_of.as_ref().is_some_and(|last| last.same_names(rules)) {
+            return Ok(());
+        }
+        let mut names = String::with_capacity(self.names.len());
+        for rule in rules.names().iter() {
+            names.push_str(&self.rule(rule.id, || rule.spec())?);
+        }
+        self.names = names;
+        self.names_of = Some(rules.clone());
+        Ok(())
+    }
+
+    /// Forgets the text of rules deleted since, once there is much of it.
+    fn prune(&mut self, rules: &RuleSet) {
+        if self.rules.len() > 2 * rules.len() + 1024 {
+            let live: std::collections::HashSet<u32> = rules.carriers().map(|(id, _)| id).collect();
+            self.rules.retain(|id, _| live.contains(id));
+        }
+    }
+}
+
+/// Header rules first, then name rules, each kind in its order of
+/// precedence (the two kinds never compete).
+fn write(path: &std::path::Path, snapshot: &Snapshot, rendered: &mut Rendered) -> Result<(), String> {
+    let rules = &snapshot.rules;
+    rendered.update(rules)?;
+    rendered.prune(rules);
+    let mut blocks: Vec<Arc<str>> = Vec::with_capacity(rules.rules().len() + 1);
+    for rule in rules.rules() {
+        blocks.push(rendered.rule(rule.id, || rule.spec())?);
     }
     let mut settings = (*snapshot.settings).clone();
     settings.rules.clear();
     settings.next_rule_id = Some(rules.next_id());
     settings.overlays = snapshot.overlays.clone();
-    let blocks = ids.iter().map(|id| rendered[id].as_ref());
-    settings.save_with_rules(path, blocks).map_err(|e| e.to_string())
+    let names = (!rendered.names.is_empty()).then_some(rendered.names.as_str());
+    settings
+        .save_with_rules(path, blocks.iter().map(|b| b.as_ref()).chain(names))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

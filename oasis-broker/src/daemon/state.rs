@@ -235,7 +235,7 @@ impl Daemon {
         import: bool,
         reporter: &Reporter,
     ) -> Result<Vec<RuleView>, RequestError> {
-        let _change = self.change(reporter).await;
+        let change = self.change(reporter).await;
         let (rules, joined): (Arc<RuleSet>, Vec<String>) = {
             let control = lock(&self.control);
             let joined = control.overlays.stored().iter().map(|o| o.name.clone()).collect();
@@ -273,7 +273,9 @@ impl Daemon {
             Ok((next, added, names_changed))
         })
         .await??;
-        self.commit(next, names_changed, reporter).await?;
+        let saved = self.commit(next, names_changed, reporter).await?;
+        drop(change);
+        self.wait_saved(saved, reporter).await?;
         match added.as_slice() {
             [one] => {
                 tracing::info!(id = one.id(), subset = %one.subset_text(), via = %one.via(), "rule added")
@@ -285,7 +287,7 @@ impl Daemon {
     }
 
     async fn del_rule(self: &Arc<Self>, id: u32, reporter: &Reporter) -> Result<RuleView, RequestError> {
-        let _change = self.change(reporter).await;
+        let change = self.change(reporter).await;
         let rules = lock(&self.control).rules.clone();
         let (next, rule) = blocking(move || {
             let mut next = (*rules).clone();
@@ -293,22 +295,25 @@ impl Daemon {
         })
         .await??;
         let view = self.rule_view(lock(&self.kernel).as_ref(), &rule);
-        self.commit(next, matches!(rule, AnyRule::Name(_)), reporter)
+        let saved = self
+            .commit(next, matches!(rule, AnyRule::Name(_)), reporter)
             .await?;
+        drop(change);
+        self.wait_saved(saved, reporter).await?;
         tracing::info!(id, subset = %rule.subset_text(), "rule deleted");
         Ok(view)
     }
 
     /// Makes `next` the rule list: the kernel's maps first (when that
     /// fails, nothing changes), then the routes every packet thread and
-    /// the DNS service read; then the file, waited for but not under any
-    /// lock.
+    /// the DNS service read; then hands it to the config writer and returns
+    /// the generation to wait for once the change lock is let go.
     async fn commit(
         self: &Arc<Self>,
         next: RuleSet,
         names_changed: bool,
         reporter: &Reporter,
-    ) -> Result<(), RequestError> {
+    ) -> Result<u64, RequestError> {
         let next = Arc::new(next);
         let names = if names_changed {
             let rules = next.clone();
@@ -342,12 +347,12 @@ impl Daemon {
         if names_changed {
             self.dns.publish_names(names);
         }
-        self.save(reporter).await
+        Ok(self.save())
     }
 
-    /// Hands the current rules and overlays to the config writer and waits
-    /// for the write.
-    async fn save(self: &Arc<Self>, reporter: &Reporter) -> Result<(), RequestError> {
+    /// Hands the current rules and overlays to the config writer; the
+    /// generation to wait for.
+    fn save(&self) -> u64 {
         let snapshot = {
             let control = lock(&self.control);
             Snapshot {
@@ -356,8 +361,13 @@ impl Daemon {
                 overlays: control.overlays.stored().to_vec(),
             }
         };
+        self.persister.save(snapshot)
+    }
+
+    /// Waits for a write of the config file, holding no lock: changes that
+    /// come meanwhile share the next write.
+    async fn wait_saved(&self, generation: u64, reporter: &Reporter) -> Result<(), RequestError> {
         reporter.report("writing the config file", 0, 0);
-        let generation = self.persister.save(snapshot);
         let persister = self.persister.clone();
         blocking(move || persister.wait(generation))
             .await?
@@ -391,14 +401,16 @@ impl Daemon {
         reporter.report("fetching the specification", 0, 0);
         // The fetch takes time: no lock, not even the change lock.
         let prepared = OverlayManager::prepare(name.clone(), url, token).await?;
-        let _change = self.change(reporter).await;
+        let change = self.change(reporter).await;
         {
             let mut control = lock(&self.control);
             let stored = control.overlays.join(prepared)?;
             tracing::info!(name = %stored.name, url = %stored.url, entries = ?stored.spec.entries, "overlay joined");
         }
         self.publish_overlays();
-        self.save(reporter).await?;
+        let saved = self.save();
+        drop(change);
+        self.wait_saved(saved, reporter).await?;
         self.overlay_views(Some(&name))
             .pop()
             .ok_or_else(|| RequestError::Internal("the overlay vanished".into()))
@@ -409,7 +421,7 @@ impl Daemon {
         name: &str,
         reporter: &Reporter,
     ) -> Result<OverlayView, RequestError> {
-        let _change = self.change(reporter).await;
+        let change = self.change(reporter).await;
         let view = self
             .overlay_views(Some(name))
             .pop()
@@ -420,7 +432,9 @@ impl Daemon {
             control.overlays.leave(name, rules)?;
         }
         self.publish_overlays();
-        self.save(reporter).await?;
+        let saved = self.save();
+        drop(change);
+        self.wait_saved(saved, reporter).await?;
         tracing::info!(%name, "overlay left");
         Ok(view)
     }
