@@ -51,6 +51,12 @@ pub enum Response {
     Rules {
         rules: Vec<RuleView>,
     },
+    /// An import's outcome: how many rules, the first and last new id.
+    Imported {
+        count: usize,
+        first: Option<u32>,
+        last: Option<u32>,
+    },
     Status {
         status: Box<StatusView>,
     },

@@ -305,10 +305,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!("importing {} rules ...", specs.len());
             match call(&socket, &Request::ImportRules { specs })? {
-                Response::Rules { rules } => match (rules.first(), rules.last()) {
-                    (Some(first), Some(last)) => {
-                        println!("imported {} rules, ids {} to {}", rules.len(), first.id, last.id)
-                    }
+                Response::Imported { count, first, last } => match (first, last) {
+                    (Some(first), Some(last)) => println!("imported {count} rules, ids {first} to {last}"),
                     _ => println!("imported no rules"),
                 },
                 other => bail!("unexpected reply: {other:?}"),

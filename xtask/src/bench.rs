@@ -16,8 +16,13 @@
 //!                      to a fake address, the broker sees each flow's first
 //!                      packets, the kernel rewrites the rest
 //!
+//! For each scenario with a daemon, the kernel's own cost per run of each
+//! program (kernel.bpf_stats_enabled on for the benchmark's length).
+//!
 //! Then the DNS benchmark (bench_dns.rs): the broker with 10,000 name rules
-//! against dnsmasq serving the same zone from its cache.
+//! against dnsmasq serving the same zone from its cache; and the scale
+//! benchmarks (bench_scale.rs): new flows per second through the broker,
+//! and an import of a million name rules.
 //!
 //! The scenarios run interleaved in rounds, each round starting with a
 //! different one, so that drift on a shared machine hits all of them alike.
@@ -106,13 +111,81 @@ struct Samples {
     carrier_cpu: Vec<f64>,
     rtt_p50_us: Vec<f64>,
     rtt_p99_us: Vec<f64>,
+    /// Nanoseconds per run of each kernel program, as the kernel counts.
+    kernel_ns: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
-/// The benchmark's two halves.
+/// The benchmark's parts.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
+    /// Throughput, latency and the kernel programs' cost per scenario.
     Traffic,
+    /// DNS against dnsmasq.
     Dns,
+    /// New flows per second through the broker.
+    Flows,
+    /// An import of a million name rules.
+    Import,
+}
+
+/// Turns the kernel's per-program run statistics on for the benchmark and
+/// back to what they were after.
+struct BpfStats {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        if let Err(e) = std::fs::write(BPF_STATS, "1") {
+            eprintln!("bench: cannot enable {BPF_STATS} ({e}); no kernel cost figures");
+        }
+        BpfStats { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = std::fs::write(BPF_STATS, before.trim());
+        }
+    }
+}
+
+/// (program, run count, run time ns) of the daemon's programs and, for the
+/// overlay, the exit node's.
+fn program_stats(daemon: &Daemon, net: &Topology, exit: bool) -> Vec<(String, u64, u64)> {
+    let status = daemon.json(net, &["status", "--json"]);
+    let mut out: Vec<(String, u64, u64)> = status["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                format!(
+                    "{} ({})",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["hook"].as_str().unwrap_or("?")
+                ),
+                p["run_count"].as_u64().unwrap_or(0),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    if exit
+        && let Ok(text) = std::fs::read_to_string(net.dir.join("exit-stats.json"))
+        && let Ok(stats) = serde_json::from_str::<Value>(&text)
+    {
+        let p = &stats["program"];
+        out.push((
+            format!("{} (exit node)", p["name"].as_str().unwrap_or("?")),
+            p["run_count"].as_u64().unwrap_or(0),
+            p["run_time_ns"].as_u64().unwrap_or(0),
+        ));
+    }
+    out
 }
 
 pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> {
@@ -127,6 +200,7 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
         std::env::set_var("OASIS_DAEMON_LOG", "info");
     }
 
+    let _stats = BpfStats::enable();
     let mut net = Topology::new();
     crate::bench_dns::start_zone(&mut net)?;
     net.start_iperf_server(IPERF_PORT);
@@ -153,11 +227,8 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     std::thread::sleep(Duration::from_millis(300));
 
     let mut samples: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
-    let traffic_rounds = if only == Some(Part::Dns) {
-        0
-    } else {
-        repeat as usize
-    };
+    let wanted = |part: Part| only.is_none_or(|only| only == part);
+    let traffic_rounds = if wanted(Part::Traffic) { repeat as usize } else { 0 };
     for round in 0..traffic_rounds {
         for offset in 0..SCENARIOS.len() {
             let index = (round + offset) % SCENARIOS.len();
@@ -176,8 +247,19 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     } else {
         Vec::new()
     };
-    if only != Some(Part::Traffic) {
+    if wanted(Part::Dns) {
         figures.extend(crate::bench_dns::run(&mut net, seconds, repeat)?);
+    }
+    if wanted(Part::Flows) {
+        figures.extend(crate::bench_scale::new_flows(
+            &mut net,
+            &spec_url,
+            seconds.min(2),
+            repeat,
+        )?);
+    }
+    if wanted(Part::Import) {
+        figures.extend(crate::bench_scale::import(&mut net)?);
     }
     print_table(&figures);
     let dir = crate::workspace_root().join("target/bench");
@@ -352,6 +434,11 @@ fn measure(
         _ => vec![net.process("oasis").pid()],
     };
 
+    let overlay = scenario == Scenario::OverlayExit;
+    let programs_before = daemon
+        .as_ref()
+        .map(|d| program_stats(d, net, overlay))
+        .unwrap_or_default();
     let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
     let upload = iperf(net, &target, seconds, false)?;
     let ticks: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
@@ -381,6 +468,18 @@ fn measure(
         ]);
     }
     if let Some(daemon) = &daemon {
+        for (name, count, ns) in program_stats(daemon, net, overlay) {
+            let Some((_, count_before, ns_before)) = programs_before.iter().find(|(n, _, _)| *n == name)
+            else {
+                continue;
+            };
+            let runs = count.saturating_sub(*count_before);
+            if runs > 0 {
+                let per_run = ns.saturating_sub(*ns_before) as f64 / runs as f64;
+                eprintln!("bench:   kernel: {name}: {per_run:.0} ns per run over {runs} runs");
+                samples.kernel_ns.entry(name).or_default().push(per_run);
+            }
+        }
         let status = daemon.json(net, &["status", "--json"]);
         let diverted = status["tun"]["diverted_packets"].as_u64().unwrap_or(0);
         match scenario {
@@ -520,6 +619,14 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         if compared {
             push("udp_rtt_p50_added", p50 - base[3], "us", None);
         }
+        for (program, values) in samples[i].kernel_ns.iter_mut() {
+            push(
+                &format!("kernel_ns_per_run {program}"),
+                median(values),
+                "ns",
+                None,
+            );
+        }
         if *scenario == Scenario::OverlayExit {
             let vs_wg = |v: f64| Some((Scenario::WireguardGo, v));
             push("tcp_upload_throughput", upload, "Gbit/s", vs_wg(wireguard[0]));
@@ -537,14 +644,14 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
 
 pub(crate) fn print_table(figures: &[Figure]) {
     println!(
-        "\n{:<20} {:<28} {:>10} {:<26} {:>8}  to",
+        "\n{:<20} {:<44} {:>10} {:<26} {:>8}  to",
         "scenario", "metric", "value", "unit", "ratio"
     );
     for f in figures {
         let ratio = f.ratio.map(|r| format!("{r:.3}")).unwrap_or_default();
         let to = f.baseline.as_deref().unwrap_or("");
         println!(
-            "{:<20} {:<28} {:>10.3} {:<26} {:>8}  {to}",
+            "{:<20} {:<44} {:>10.3} {:<26} {:>8}  {to}",
             f.scenario, f.metric, f.value, f.unit, ratio
         );
     }

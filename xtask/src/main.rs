@@ -2,7 +2,9 @@
 
 mod bench;
 mod bench_dns;
+mod bench_scale;
 mod demo;
+mod flowgen;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -50,10 +52,13 @@ enum Task {
         /// Measurements per scenario (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeat: u32,
-        /// Run one part only: `traffic` (throughput and latency) or `dns`.
+        /// Run one part only.
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
     },
+    /// The benchmark's flow generator (run inside a test namespace).
+    #[command(hide = true)]
+    Flowgen(flowgen::Args),
 }
 
 fn main() {
@@ -68,6 +73,7 @@ fn main() {
             repeat,
             only,
         } => bench::run(seconds, repeat, only),
+        Task::Flowgen(args) => flowgen::run(args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

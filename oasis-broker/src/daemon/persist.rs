@@ -110,7 +110,13 @@ impl Persister {
                 };
                 (snapshot, state.requested)
             };
+            let started = std::time::Instant::now();
             let result = write(&path, &snapshot, &mut rendered);
+            tracing::debug!(
+                rules = snapshot.rules.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "config file written"
+            );
             let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
             state.done = state.done.max(generation);
             state.error = match result {

@@ -138,17 +138,23 @@ impl Daemon {
 
     pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
         let result = match request {
-            Request::AddRule { spec } => {
-                self.add_rules(vec![spec], false, &reporter)
+            Request::AddRule { spec } => self.add_rules(vec![spec], false, &reporter).await.map(|added| {
+                let kernel = lock(&self.kernel);
+                Response::Rule {
+                    rule: self.rule_view(kernel.as_ref(), &added[0]),
+                }
+            }),
+            // An import answers with its count and ids only: a view of each
+            // of a million rules would be a reply of a hundred megabytes.
+            Request::ImportRules { specs } => {
+                self.add_rules(specs, true, &reporter)
                     .await
-                    .map(|mut rules| Response::Rule {
-                        rule: rules.remove(0),
+                    .map(|added| Response::Imported {
+                        count: added.len(),
+                        first: added.first().map(AnyRule::id),
+                        last: added.last().map(AnyRule::id),
                     })
             }
-            Request::ImportRules { specs } => self
-                .add_rules(specs, true, &reporter)
-                .await
-                .map(|rules| Response::Rules { rules }),
             Request::DelRule { id } => self
                 .del_rule(id, &reporter)
                 .await
@@ -234,8 +240,9 @@ impl Daemon {
         specs: Vec<RuleSpec>,
         import: bool,
         reporter: &Reporter,
-    ) -> Result<Vec<RuleView>, RequestError> {
+    ) -> Result<Vec<AnyRule>, RequestError> {
         let change = self.change(reporter).await;
+        let started = Instant::now();
         let (rules, joined): (Arc<RuleSet>, Vec<String>) = {
             let control = lock(&self.control);
             let joined = control.overlays.stored().iter().map(|o| o.name.clone()).collect();
@@ -273,17 +280,24 @@ impl Daemon {
             Ok((next, added, names_changed))
         })
         .await??;
+        let checked = started.elapsed();
         let saved = self.commit(next, names_changed, reporter).await?;
+        let committed = started.elapsed();
         drop(change);
         self.wait_saved(saved, reporter).await?;
         match added.as_slice() {
             [one] => {
                 tracing::info!(id = one.id(), subset = %one.subset_text(), via = %one.via(), "rule added")
             }
-            many => tracing::info!(count = many.len(), "rules imported"),
+            many => tracing::info!(
+                count = many.len(),
+                checked_ms = checked.as_millis() as u64,
+                in_effect_ms = committed.as_millis() as u64,
+                saved_ms = started.elapsed().as_millis() as u64,
+                "rules imported"
+            ),
         }
-        let kernel = lock(&self.kernel);
-        Ok(added.iter().map(|r| self.rule_view(kernel.as_ref(), r)).collect())
+        Ok(added)
     }
 
     async fn del_rule(self: &Arc<Self>, id: u32, reporter: &Reporter) -> Result<RuleView, RequestError> {

@@ -128,6 +128,8 @@ struct ExitStats {
     /// sees them, so it sends no resets).
     unknown_replies: u64,
     nat_flows: usize,
+    /// The steering program's own cost.
+    program: Option<steer::ProgramStats>,
 }
 
 struct Core {
@@ -189,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         port_last: *args.nat_ports.end(),
         tun_ifindex: tun.ifindex,
     };
-    let _steering = ExitSteering::attach(&args.uplink, settings)
+    let steering = ExitSteering::attach(&args.uplink, settings)
         .with_context(|| format!("steering replies on {}", args.uplink))?;
     let raw = Arc::new(RawSockets::open(0).context("opening raw sockets (run as root)")?);
 
@@ -240,6 +242,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             core.nat.expire(Instant::now());
             core.stats.nat_flows = core.nat.len();
+            core.stats.program = steering.stats();
             core.stats.clone()
         };
         if let Some(path) = &args.stats_file {

@@ -28,7 +28,16 @@ pub enum SteerError {
 }
 
 pub struct ExitSteering {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+/// What the steering program has cost, as the kernel counts it (while
+/// `kernel.bpf_stats_enabled` is 1).
+#[derive(serde::Serialize, Debug, Clone, Default)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 impl ExitSteering {
@@ -60,6 +69,15 @@ impl ExitSteering {
                 iface: uplink.to_string(),
                 source,
             })?;
-        Ok(ExitSteering { _ebpf: ebpf })
+        Ok(ExitSteering { ebpf })
+    }
+
+    pub fn stats(&self) -> Option<ProgramStats> {
+        let info = self.ebpf.program(EXIT_INGRESS_PROGRAM)?.info().ok()?;
+        Some(ProgramStats {
+            name: EXIT_INGRESS_PROGRAM,
+            run_count: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+        })
     }
 }

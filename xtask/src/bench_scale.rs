@@ -1,0 +1,231 @@
+//! The scale half of `cargo xtask bench`:
+//!
+//! - new flows per second through the first-packet path: a generator in
+//!   the client sends one datagram per new 5-tuple as fast as it can to
+//!   ports a rule claims; every one is a cache miss in the classifier, is
+//!   diverted, and starts a flow in the broker, which sends it on by the
+//!   rule's carrier (the underlay, or an overlay through the exit node).
+//!   The figure is the broker's rate of started flows while the generator
+//!   offers more than it takes;
+//! - a name import of 1,000,000 suffix rules through the CLI, timed, with
+//!   the heartbeat read from its kernel map every 10 ms throughout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, Topology};
+use serde_json::Value;
+
+use crate::bench::{Figure, median};
+
+/// The ports the generator spreads flows over, claimed by the rule.
+const FLOW_PORTS: &str = "30000-30015";
+const IMPORT_RULES: usize = 1_000_000;
+
+fn status(daemon: &Daemon, net: &Topology) -> Value {
+    daemon.json(net, &["status", "--json"])
+}
+
+fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<String> {
+    let output = daemon.cli(net, args);
+    if !output.status.success() {
+        bail!(
+            "oasis {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Runs the generator in the client for `seconds`; datagrams it sent.
+fn generate(net: &Topology, seconds: u32) -> anyhow::Result<u64> {
+    let xtask = std::env::current_exe().context("the xtask binary")?;
+    let output = net.client.output(&[
+        &xtask.to_string_lossy(),
+        "flowgen",
+        "--src",
+        CLIENT_V4,
+        "--dst",
+        SERVER_V4,
+        "--ports",
+        FLOW_PORTS,
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    if !output.status.success() {
+        bail!("flowgen: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .context("flowgen printed no count")
+}
+
+/// New flows per second for one carrier, median of `repeat` runs.
+pub fn new_flows(
+    net: &mut Topology,
+    spec_url: &str,
+    seconds: u32,
+    repeat: u32,
+) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for carrier in ["underlay", "exit"] {
+        let mut rates = Vec::new();
+        let mut offered = Vec::new();
+        for round in 0..repeat {
+            let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+            let daemon = Daemon::start(net, "");
+            if carrier == "exit" {
+                cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
+            }
+            cli(
+                &daemon,
+                net,
+                &[
+                    "rule", "add", "--proto", "udp", "--dport", FLOW_PORTS, "--via", carrier,
+                ],
+            )?;
+            std::thread::sleep(Duration::from_millis(500));
+            let before = status(&daemon, net);
+            let started = Instant::now();
+            let sent = generate(net, seconds)?;
+            let took = started.elapsed().as_secs_f64();
+            // Let the queue drain.
+            std::thread::sleep(Duration::from_millis(300));
+            let after = status(&daemon, net);
+            let flows = after["broker"]["flows_started"].as_u64().unwrap_or(0)
+                - before["broker"]["flows_started"].as_u64().unwrap_or(0);
+            let sent_on = match carrier {
+                "underlay" => "sent_underlay",
+                _ => "sent_overlay",
+            };
+            let carried = after["broker"][sent_on].as_u64().unwrap_or(0)
+                - before["broker"][sent_on].as_u64().unwrap_or(0);
+            eprintln!(
+                "bench: new flows via {carrier}, round {}: {sent} offered, {flows} flows started \
+                 ({:.0}/s), {carried} sent on",
+                round + 1,
+                flows as f64 / took
+            );
+            if flows == 0 {
+                bail!("no flow reached the broker");
+            }
+            rates.push(flows as f64 / took);
+            offered.push(sent as f64 / took);
+            if !net.process("oasis").terminate(Duration::from_secs(10)) {
+                bail!("the daemon did not stop cleanly");
+            }
+        }
+        let scenario = format!(
+            "new-flows-{}",
+            if carrier == "exit" { "overlay" } else { "underlay" }
+        );
+        for (metric, values) in [
+            ("new_flows_per_second", &mut rates),
+            ("offered_flows_per_second", &mut offered),
+        ] {
+            figures.push(Figure {
+                scenario: scenario.clone(),
+                metric: metric.into(),
+                value: median(values),
+                unit: "flows/s".into(),
+                baseline: None,
+                ratio: None,
+            });
+        }
+    }
+    Ok(figures)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A million suffix rules through `oasis rule import`, timed, with the
+/// heartbeat read from its map all the while.
+pub fn import(net: &mut Topology) -> anyhow::Result<Vec<Figure>> {
+    let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+    let daemon = Daemon::start(net, "");
+    let map_id = status(&daemon, net)["heartbeat"]["map_id"]
+        .as_u64()
+        .context("the heartbeat map's id")? as u32;
+    let timeout_ms = status(&daemon, net)["heartbeat"]["timeout_ms"]
+        .as_u64()
+        .unwrap_or(3000);
+    let file = net.dir.join("million.txt");
+    let names: String = (0..IMPORT_RULES)
+        .map(|i| format!("site{i}.example.com\n"))
+        .collect();
+    std::fs::write(&file, names)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let oldest = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (stop, oldest) = (stop.clone(), oldest.clone());
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let data = aya::maps::MapData::from_id(map_id).context("opening the heartbeat map")?;
+            let map: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+            let mut reads = 0;
+            while !stop.load(Relaxed) {
+                let beat = map.get(&0, 0)?;
+                oldest.fetch_max(monotonic_ns().saturating_sub(beat) / 1_000_000, Relaxed);
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(reads)
+        })
+    };
+    eprintln!("bench: importing {IMPORT_RULES} suffix rules");
+    let started = Instant::now();
+    let out = cli(
+        &daemon,
+        net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            "suffix",
+            "--via",
+            "underlay",
+            &file.to_string_lossy(),
+        ],
+    )?;
+    let took = started.elapsed().as_secs_f64();
+    stop.store(true, Relaxed);
+    let reads = watcher.join().expect("the watcher")?;
+    if !out.contains(&format!("imported {IMPORT_RULES} rules")) {
+        bail!("the import said: {out}");
+    }
+    let after = status(&daemon, net);
+    let oldest = oldest.load(Relaxed);
+    eprintln!(
+        "bench: import took {took:.2} s; heartbeat read {reads} times, at most {oldest} ms old; \
+         fail-open packets {}",
+        after["classifier"]["fail_open"]
+    );
+    if !net.process("oasis").terminate(Duration::from_secs(60)) {
+        bail!("the daemon did not stop cleanly after the import");
+    }
+    let figure = |metric: &str, value: f64, unit: &str| Figure {
+        scenario: "import-1m-suffix".into(),
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: None,
+        ratio: None,
+    };
+    Ok(vec![
+        figure("import_seconds", took, "s"),
+        figure("heartbeat_oldest", oldest as f64, "ms"),
+        figure("heartbeat_timeout", timeout_ms as f64, "ms"),
+    ])
+}
