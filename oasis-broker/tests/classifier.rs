@@ -44,6 +44,7 @@ fn datapath(rule_list: &[Rule]) -> LinuxKernel {
         flow_idle_ns: 120_000_000_000,
         tun_ifindex: 1,
         bypass_mark: BYPASS_MARK,
+        ..Settings::default()
     };
     let mut datapath =
         LinuxKernel::load(oasis_ebpf_object::OBJECT, settings).expect("load the classifier (as root)");
@@ -524,4 +525,37 @@ fn the_object_matches_the_shared_table() {
     .collect();
     expected.sort_unstable();
     assert_eq!(programs, expected);
+}
+
+/// A protocol no rule has named passes without touching the flow cache
+/// (strangers cannot push live flows out of it); one that a rule named
+/// keeps its cached flows after the rule is gone.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn protocols_no_rule_named_stay_out_of_the_flow_cache() {
+    let mut set = rules(&[spec(Some("tcp"), None, Some("8080"), None)]);
+    let mut dp = datapath(set.rules());
+    assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 53)), TC_ACT_OK);
+    assert!(
+        dp.classifier()
+            .cached_flow(&v4_key([192, 0, 2, 1], 17, 40000, 53))
+            .is_none()
+    );
+    assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 9090, true)), TC_ACT_OK);
+    assert!(
+        dp.classifier()
+            .cached_flow(&v4_key([192, 0, 2, 1], 6, 40000, 9090))
+            .is_some(),
+        "TCP is named by a rule: its flows are cached, diverted or not"
+    );
+    // UDP claimed later: its flows are cached from then on.
+    let (subset, via) = spec(Some("udp"), None, Some("53"), None).parse_header().unwrap();
+    set.add(subset, via).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 53)), TC_ACT_REDIRECT);
+    assert!(
+        dp.classifier()
+            .cached_flow(&v4_key([192, 0, 2, 1], 17, 40000, 53))
+            .is_some()
+    );
 }

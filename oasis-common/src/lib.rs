@@ -227,7 +227,7 @@ pub mod stat {
     pub const COUNT: u32 = 9;
 }
 
-/// Run-time settings the broker writes once at start.
+/// Run-time settings the broker writes at start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -240,6 +240,68 @@ pub struct Settings {
     pub tun_ifindex: u32,
     /// Packets with this `skb->mark` were sent by the broker: always pass.
     pub bypass_mark: u32,
+    /// The fake pools of name rules, as address and mask (IPv4 in the
+    /// first 4 bytes): a packet to one belongs to the broker, whatever the
+    /// rules say. Compared in place rather than looked up in a trie, as
+    /// every packet on the uplinks asks. `fake_pools` 0: no pools.
+    pub fake_pools: u32,
+    pub fake_v4: [u8; 4],
+    pub fake_v4_mask: [u8; 4],
+    pub _pad: [u8; 4],
+    pub fake_v6: [u8; 16],
+    pub fake_v6_mask: [u8; 16],
+}
+
+impl Settings {
+    /// Sets the fake pools from prefixes (address bytes and prefix length).
+    pub fn set_fake_pools(&mut self, v4: ([u8; 4], u8), v6: ([u8; 16], u8)) {
+        fn mask<const N: usize>(len: u8) -> [u8; N] {
+            let mut out = [0u8; N];
+            let mut bits = len as usize;
+            let mut i = 0;
+            while i < N {
+                out[i] = if bits >= 8 { 0xff } else { !(0xffu8 >> bits) };
+                bits = bits.saturating_sub(8);
+                i += 1;
+            }
+            out
+        }
+        self.fake_v4_mask = mask(v4.1);
+        self.fake_v6_mask = mask(v6.1);
+        for i in 0..4 {
+            self.fake_v4[i] = v4.0[i] & self.fake_v4_mask[i];
+        }
+        for i in 0..16 {
+            self.fake_v6[i] = v6.0[i] & self.fake_v6_mask[i];
+        }
+        self.fake_pools = 1;
+    }
+
+    /// Whether a flow goes to a fake address.
+    #[inline(always)]
+    pub fn is_fake(&self, key: &FlowKey) -> bool {
+        if self.fake_pools == 0 {
+            return false;
+        }
+        if key.family == FAMILY_V4 {
+            let mut i = 0;
+            while i < 4 {
+                if key.dst[i] & self.fake_v4_mask[i] != self.fake_v4[i] {
+                    return false;
+                }
+                i += 1;
+            }
+        } else {
+            let mut i = 0;
+            while i < 16 {
+                if key.dst[i] & self.fake_v6_mask[i] != self.fake_v6[i] {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        true
+    }
 }
 
 /// Address family byte of a [`FlowKey`].
@@ -248,8 +310,9 @@ pub const FAMILY_V6: u8 = 6;
 
 /// A flow's 5-tuple as the classifier sees it on egress. IPv4 addresses sit
 /// in the first 4 bytes of `src`/`dst`, the rest zero. Ports are in host
-/// order; zero where the protocol has none.
-#[repr(C)]
+/// order; zero where the protocol has none. Aligned to 8 bytes, so the
+/// kernel programs compare and copy it a word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -287,6 +350,32 @@ pub struct FlowEntry {
     pub rule_id: u32,
     pub verdict: u8,
     pub _pad: [u8; 3],
+}
+
+/// A CPU's most recent flow and its verdict: consecutive packets on a CPU
+/// mostly belong to one flow (a bulk transfer's GSO bursts), which then
+/// costs a comparison instead of a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecentFlow {
+    pub key: FlowKey,
+    pub entry: FlowEntry,
+}
+
+impl FlowKey {
+    /// Equality word by word: the kernel target has no memcmp to call.
+    #[inline(always)]
+    pub fn same_as(&self, other: &FlowKey) -> bool {
+        // SAFETY: a FlowKey is 40 bytes of plain integers without padding,
+        // aligned to 8.
+        let (a, b) = unsafe {
+            (
+                &*(self as *const FlowKey as *const [u64; 5]),
+                &*(other as *const FlowKey as *const [u64; 5]),
+            )
+        };
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+    }
 }
 
 /// Key of the port tries: a big-endian port, matched by prefix so that port
@@ -346,6 +435,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for RecentFlow {}
     unsafe impl aya::Pod for ExitSettings {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for DnsSettings {}
@@ -361,13 +451,51 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowEntry>(), 8 + 4 + 1 + 3);
+        assert_eq!(size_of::<RecentFlow>(), 40 + 16);
         assert_eq!(size_of::<RuleAction>(), 8);
-        assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
         assert_eq!(size_of::<NatEntry>(), 16 + 8);
         assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
+    }
+
+    #[test]
+    fn flow_keys_compare_word_by_word() {
+        let a = FlowKey::v4([10, 0, 0, 1], [192, 0, 2, 1], 6, 40000, 443);
+        let mut b = a;
+        assert!(a.same_as(&b));
+        b.dport = 444;
+        assert!(!a.same_as(&b));
+        b = a;
+        b.dst[15] = 1;
+        assert!(!a.same_as(&b));
+    }
+
+    #[test]
+    fn fake_pools_are_masked_prefixes() {
+        let mut settings = Settings::default();
+        let key = |dst: [u8; 4]| FlowKey::v4([10, 0, 0, 1], dst, 6, 1, 2);
+        assert!(
+            !settings.is_fake(&key([198, 18, 0, 1])),
+            "no pools: nothing is fake"
+        );
+        let v6: [u8; 16] = [0xfd, 0x4f, 0x41, 0x53, 0x49, 0x53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        settings.set_fake_pools(([198, 18, 0, 0], 15), (v6, 48));
+        assert!(settings.is_fake(&key([198, 18, 0, 1])));
+        assert!(settings.is_fake(&key([198, 19, 255, 254])));
+        assert!(!settings.is_fake(&key([198, 20, 0, 1])));
+        assert!(!settings.is_fake(&key([10, 18, 0, 1])));
+        let mut six = FlowKey {
+            family: FAMILY_V6,
+            ..FlowKey::default()
+        };
+        six.dst = v6;
+        six.dst[15] = 7;
+        assert!(settings.is_fake(&six));
+        six.dst[5] ^= 1;
+        assert!(!settings.is_fake(&six));
     }
 
     #[test]

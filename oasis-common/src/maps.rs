@@ -51,6 +51,10 @@ macro_rules! kernel_maps {
             HEARTBEAT, "OASIS_HEARTBEAT", Array<u64>, 1;
             /// Header rules by IP protocol number.
             PROTO, "OASIS_PROTO", Array<$crate::RuleSet>, 256;
+            /// 1 for each protocol any rule has named since the daemon
+            /// started: packets of any other protocol cannot belong to a
+            /// diverted flow, and pass without a look at the flow cache.
+            PROTO_SEEN, "OASIS_PROTO_SEEN", Array<u8>, 256;
             /// Header rules by destination prefix. Each entry already holds
             /// every rule whose prefix covers it, so the longest match alone
             /// is the answer.
@@ -69,16 +73,18 @@ macro_rules! kernel_maps {
             COUNTERS, "OASIS_COUNTERS", PerCpuHashMap<u32, $crate::Counters>, $crate::MAX_RULES as u32;
             /// The verdict cache: a flow's verdict, decided on its first packet.
             FLOWS, "OASIS_FLOWS", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::FLOW_CACHE_ENTRIES;
+            /// Each CPU's most recent flow, in front of the verdict cache.
+            RECENT, "OASIS_RECENT", PerCpuArray<$crate::RecentFlow>, 1;
             /// The classifier's own counters (see `stat`).
             STATS, "OASIS_STATS", PerCpuArray<u64>, $crate::stat::COUNT;
-            /// The fake pools: a packet to any of these prefixes belongs to the broker.
-            FAKE_V4, "OASIS_FAKE_V4", LpmTrie<[u8; 4], u8>, 16;
-            FAKE_V6, "OASIS_FAKE_V6", LpmTrie<[u8; 16], u8>, 16;
             /// In-kernel NAT of fake-address flows carried by the underlay:
             /// the flow as the application sends it → the real destination.
             NAT_OUT, "OASIS_NAT_OUT", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
             /// The reply as it arrives → the fake source to put in its place.
             NAT_IN, "OASIS_NAT_IN", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            /// Index 0: how many flows the NAT maps hold. While none, the
+            /// uplinks' ingress program looks at nothing.
+            NAT_ACTIVE, "OASIS_NAT_ACTIVE", Array<u32>, 1;
             /// What the DNS redirect needs to know.
             DNS_SETTINGS, "OASIS_DNS_SETTINGS", Array<$crate::DnsSettings>, 1;
             /// Socket cookie → the DNS server the application asked for.

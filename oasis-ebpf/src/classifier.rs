@@ -1,11 +1,13 @@
 use crate::maps::{
-    ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, SETTINGS, SPORT, STATS,
+    ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
+    SETTINGS, SPORT, STATS,
 };
 use crate::nat;
+use crate::parse::coarse_ns;
 use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, generated::bpf_redirect},
+    helpers::generated::bpf_redirect,
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -40,33 +42,83 @@ fn classify(ctx: &TcContext) -> i32 {
         bump(stat::BYPASSED);
         return TC_ACT_OK as i32;
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = coarse_ns();
     let heartbeat = HEARTBEAT.get(0).copied().unwrap_or(0);
     if now.saturating_sub(heartbeat) > settings.heartbeat_timeout_ns {
         bump(stat::FAIL_OPEN);
         return TC_ACT_OK as i32;
     }
-    let mut parsed = Parsed::default();
-    if !parse_into(ctx, &mut parsed) {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let parsed = Parsed::zero_in(&mut slot);
+    if !parse_into(ctx, parsed) {
         bump(stat::UNPARSED);
         return TC_ACT_OK as i32;
     }
     // Fake addresses come before every rule: they exist only because a
     // name rule claimed the name, and mean nothing on the wire.
-    if nat::is_fake(&parsed.key) {
-        if nat::egress(ctx, &parsed) {
+    if settings.is_fake(&parsed.key) {
+        if nat::egress(ctx, parsed) {
             return TC_ACT_OK as i32;
         }
         bump(stat::FAKE_DIVERTED);
         return divert(settings);
     }
-    let (key, new_connection) = (&parsed.key, parsed.new_connection);
+    let key = &parsed.key;
+    // A protocol no rule has named cannot be a diverted flow's.
+    if PROTO_SEEN.get(key.proto as u32).is_none_or(|seen| *seen == 0) {
+        return TC_ACT_OK as i32;
+    }
+    let entry = verdict(key, parsed.new_connection, now, settings.flow_idle_ns);
 
+    if entry.rule_id != 0
+        && let Some(counters) = COUNTERS.get_ptr_mut(&entry.rule_id)
+    {
+        // SAFETY: per-CPU value, only this CPU writes it now.
+        unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += ctx.len() as u64;
+        }
+    }
+
+    match Verdict::from_u8(entry.verdict) {
+        Verdict::Pass => TC_ACT_OK as i32,
+        Verdict::Divert => {
+            bump(stat::DIVERTED);
+            divert(settings)
+        }
+    }
+}
+
+/// The flow's verdict: from this CPU's most recent flow, else the flow
+/// cache, else the rules (a new TCP connection always meets the rules).
+/// Cached verdicts last until the flow is idle for `flow_idle_ns`.
+#[inline(never)]
+fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> FlowEntry {
+    let recent = RECENT.get_ptr_mut(0);
+    if !new_connection && let Some(recent) = recent {
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        let recent = unsafe { &mut *recent };
+        let age = now.saturating_sub(recent.entry.last_seen_ns);
+        if recent.key.same_as(key) && age < flow_idle_ns {
+            bump(stat::CACHE_HIT);
+            if age > LAST_SEEN_GRANULARITY_NS {
+                // The flow cache must see the flow alive too.
+                recent.entry.last_seen_ns = now;
+                match FLOWS.get_ptr_mut(key) {
+                    // SAFETY: pointer from a successful lookup.
+                    Some(cached) => unsafe { (*cached).last_seen_ns = now },
+                    None => {
+                        let _ = FLOWS.insert(key, &recent.entry, 0);
+                    }
+                }
+            }
+            return recent.entry;
+        }
+    }
     let entry = match FLOWS.get_ptr_mut(key) {
         Some(cached)
             // SAFETY: pointer from a successful lookup; fields are plain integers.
-            if !new_connection && now.saturating_sub(unsafe { (*cached).last_seen_ns }) < settings.flow_idle_ns =>
+            if !new_connection && now.saturating_sub(unsafe { (*cached).last_seen_ns }) < flow_idle_ns =>
         {
             bump(stat::CACHE_HIT);
             unsafe {
@@ -92,24 +144,14 @@ fn classify(ctx: &TcContext) -> i32 {
             entry
         }
     };
-
-    if entry.rule_id != 0
-        && let Some(counters) = COUNTERS.get_ptr_mut(&entry.rule_id)
-    {
-        // SAFETY: per-CPU value, only this CPU writes it now.
+    if let Some(recent) = recent {
+        // SAFETY: this CPU's slot, as above.
         unsafe {
-            (*counters).packets += 1;
-            (*counters).bytes += ctx.len() as u64;
+            (*recent).key = *key;
+            (*recent).entry = entry;
         }
     }
-
-    match Verdict::from_u8(entry.verdict) {
-        Verdict::Pass => TC_ACT_OK as i32,
-        Verdict::Divert => {
-            bump(stat::DIVERTED);
-            divert(settings)
-        }
-    }
+    entry
 }
 
 #[inline(always)]

@@ -10,31 +10,19 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_ktime_get_ns,
     macros::classifier,
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use oasis_common::{FAMILY_V4, FlowKey, NatEntry, stat};
+use oasis_common::{FAMILY_V4, NatEntry, stat};
 
 use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
-use crate::maps::{FAKE_V4, FAKE_V6, NAT_IN, NAT_OUT};
+use crate::maps::{NAT_ACTIVE, NAT_IN, NAT_OUT};
+use crate::parse::coarse_ns;
 use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse_into};
 
 /// Refresh an entry's timestamp at most this often.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-pub fn is_fake(key: &FlowKey) -> bool {
-    if key.family == FAMILY_V4 {
-        FAKE_V4
-            .get(Key::new(32, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]]))
-            .is_some()
-    } else {
-        FAKE_V6.get(Key::new(128, key.dst)).is_some()
-    }
-}
 
 /// Rewrites an outgoing packet of a fake-address flow that has a NAT entry.
 /// Returns false when there is none (the broker must see the packet).
@@ -58,10 +46,16 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed) -> bool {
 }
 
 /// Replies of in-kernel NAT flows: the real source becomes the fake one.
+/// Every packet the uplinks receive passes here: while the NAT holds no
+/// flow, it costs one array read.
 #[classifier]
 pub fn oasis_ingress(ctx: TcContext) -> i32 {
-    let mut parsed = Parsed::default();
-    if parse_into(&ctx, &mut parsed)
+    if NAT_ACTIVE.get(0).is_none_or(|flows| *flows == 0) {
+        return TC_ACT_OK as i32;
+    }
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let parsed = Parsed::zero_in(&mut slot);
+    if parse_into(&ctx, parsed)
         && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key)
     {
         // SAFETY: pointer from a successful lookup.
@@ -69,7 +63,7 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
             refresh(entry);
             (*entry).addr
         };
-        if rewrite(&ctx, &parsed, Field::Source, &parsed.key.src, &fake).is_some() {
+        if rewrite(&ctx, parsed, Field::Source, &parsed.key.src, &fake).is_some() {
             bump(stat::NAT_INGRESS);
         }
     }
@@ -78,9 +72,9 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 unsafe fn refresh(entry: *mut NatEntry) {
-    // SAFETY: helper without arguments; the caller's pointer is valid.
+    let now = coarse_ns();
+    // SAFETY: the caller's pointer is valid.
     unsafe {
-        let now = bpf_ktime_get_ns();
         if now.saturating_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             (*entry).last_seen_ns = now;
         }

@@ -39,14 +39,19 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             .underlay(config.bypass_mark)
             .map_err(DaemonError::Platform)?,
     );
-    let mut kernel = platform
-        .kernel(Settings {
-            heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
-            flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
-            tun_ifindex: divert.index,
-            bypass_mark: config.bypass_mark,
-        })
-        .map_err(DaemonError::Platform)?;
+    let mut settings = Settings {
+        heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
+        flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
+        tun_ifindex: divert.index,
+        bypass_mark: config.bypass_mark,
+        ..Settings::default()
+    };
+    let (v4, v6) = (config.dns.fake_v4, config.dns.fake_v6);
+    settings.set_fake_pools(
+        (v4.network().octets(), v4.prefix_len()),
+        (v6.network().octets(), v6.prefix_len()),
+    );
+    let mut kernel = platform.kernel(settings).map_err(DaemonError::Platform)?;
     kernel
         .apply(&crate::compile::compile(rules.rules()))
         .map_err(DaemonError::Platform)?;

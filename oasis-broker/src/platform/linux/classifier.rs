@@ -15,6 +15,10 @@ use crate::control::ClassifierCounters;
 
 pub struct ClassifierMaps {
     proto: Array<MapData, RuleSet>,
+    proto_seen: Array<MapData, u8>,
+    /// Protocols some rule has named since the start (never forgotten: a
+    /// flow cached under a deleted rule keeps its verdict until idle).
+    seen: [bool; 256],
     dst_v4: LpmTrie<MapData, [u8; 4], RuleSet>,
     dst_v6: LpmTrie<MapData, [u8; 16], RuleSet>,
     dport: LpmTrie<MapData, PortBytes, RuleSet>,
@@ -33,6 +37,8 @@ impl ClassifierMaps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<ClassifierMaps, KernelError> {
         Ok(ClassifierMaps {
             proto: take_map!(ebpf, maps::PROTO, Array<MapData, RuleSet>),
+            proto_seen: take_map!(ebpf, maps::PROTO_SEEN, Array<MapData, u8>),
+            seen: [false; 256],
             dst_v4: take_map!(ebpf, maps::DST_V4, LpmTrie<MapData, [u8; 4], RuleSet>),
             dst_v6: take_map!(ebpf, maps::DST_V6, LpmTrie<MapData, [u8; 16], RuleSet>),
             dport: take_map!(ebpf, maps::DPORT, LpmTrie<MapData, PortBytes, RuleSet>),
@@ -85,6 +91,14 @@ impl ClassifierMaps {
             }
         }
         for (number, set) in image.proto.iter().enumerate() {
+            // Seen before the rules can match, so no packet of a new flow
+            // is passed by the early test while its rule is being added.
+            if !set.is_empty() && !self.seen[number] {
+                self.proto_seen
+                    .set(number as u32, 1, 0)
+                    .map_err(KernelError::map(maps::PROTO_SEEN.name))?;
+                self.seen[number] = true;
+            }
             if old.as_ref().is_none_or(|i| i.proto[number] != *set) {
                 self.proto
                     .set(number as u32, *set, 0)

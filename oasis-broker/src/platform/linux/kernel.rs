@@ -19,7 +19,7 @@ use oasis_common::{Counters, DNS_PROGRAMS, EGRESS_PROGRAM, INGRESS_PROGRAM, Sett
 use super::classifier::ClassifierMaps;
 use super::dns_redirect::{CgroupError, DnsRedirect};
 use super::heartbeat::KernelHeartbeat;
-use super::nat::{FakePools, KernelNat};
+use super::nat::KernelNat;
 use crate::compile::MapImage;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
 use crate::engine::NatTable;
@@ -97,7 +97,6 @@ pub struct LinuxKernel {
     settings: Array<MapData, Settings>,
     heartbeat: KernelHeartbeat,
     classifier: ClassifierMaps,
-    pools: FakePools,
     nat: Option<KernelNat>,
     uplinks: Vec<Uplink>,
     dns_attached: bool,
@@ -121,7 +120,6 @@ impl LinuxKernel {
         heartbeat.set(monotonic_ns())?;
         Ok(LinuxKernel {
             classifier: ClassifierMaps::take(&mut ebpf)?,
-            pools: FakePools::take(&mut ebpf)?,
             nat: Some(KernelNat::take(&mut ebpf)?),
             settings: settings_map,
             heartbeat,
@@ -301,7 +299,15 @@ impl Kernel for LinuxKernel {
     }
 
     fn set_fake_pools(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), PlatformError> {
-        Ok(self.pools.set(v4, v6)?)
+        let mut settings = self.settings()?;
+        settings.set_fake_pools(
+            (v4.network().octets(), v4.prefix_len()),
+            (v6.network().octets(), v6.prefix_len()),
+        );
+        self.settings
+            .set(0, settings, 0)
+            .map_err(KernelError::map(maps::SETTINGS.name))?;
+        Ok(())
     }
 
     fn take_nat(&mut self) -> Option<Box<dyn NatTable>> {

@@ -1,15 +1,13 @@
-//! Fake-address flows in the kernel (oasis-ebpf/src/nat.rs): the fake
-//! pools, whose packets the classifier hands to the broker, and the NAT
-//! maps the uplinks' programs rewrite flows carried by the underlay with,
-//! both ways, so after its first packet such a flow costs no user space.
+//! Fake-address flows in the kernel (oasis-ebpf/src/nat.rs): the NAT maps
+//! the uplinks' programs rewrite flows carried by the underlay with, both
+//! ways, so after its first packet such a flow costs no user space. (The
+//! fake pools themselves are in the classifier's settings.)
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
-use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData};
-use ipnet::{Ipv4Net, Ipv6Net};
+use aya::maps::{Array, HashMap, MapData};
 use oasis_common::{FlowKey, NatEntry, maps};
 
 use super::kernel::{KernelError, monotonic_ns, take_map};
@@ -25,42 +23,31 @@ fn addr_bytes(addr: IpAddr) -> [u8; 16] {
     bytes
 }
 
-/// The pools whose addresses belong to the broker.
-pub struct FakePools {
-    v4: LpmTrie<MapData, [u8; 4], u8>,
-    v6: LpmTrie<MapData, [u8; 16], u8>,
-}
-
-impl FakePools {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<FakePools, KernelError> {
-        Ok(FakePools {
-            v4: take_map!(ebpf, maps::FAKE_V4, LpmTrie<MapData, [u8; 4], u8>),
-            v6: take_map!(ebpf, maps::FAKE_V6, LpmTrie<MapData, [u8; 16], u8>),
-        })
-    }
-
-    pub fn set(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), KernelError> {
-        self.v4
-            .insert(&Key::new(u32::from(v4.prefix_len()), v4.network().octets()), 1, 0)
-            .map_err(KernelError::map(maps::FAKE_V4.name))?;
-        self.v6
-            .insert(&Key::new(u32::from(v6.prefix_len()), v6.network().octets()), 1, 0)
-            .map_err(KernelError::map(maps::FAKE_V6.name))
-    }
-}
-
 /// The kernel's NAT maps.
 pub struct KernelNat {
     out: HashMap<MapData, FlowKey, NatEntry>,
     inbound: HashMap<MapData, FlowKey, NatEntry>,
+    /// How many flows the maps hold, for the ingress program to skip all
+    /// work while there are none.
+    active: Array<MapData, u32>,
+    flows: u32,
 }
 
 impl KernelNat {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<KernelNat, KernelError> {
-        Ok(KernelNat {
+        let mut nat = KernelNat {
             out: take_map!(ebpf, maps::NAT_OUT, HashMap<MapData, FlowKey, NatEntry>),
             inbound: take_map!(ebpf, maps::NAT_IN, HashMap<MapData, FlowKey, NatEntry>),
-        })
+            active: take_map!(ebpf, maps::NAT_ACTIVE, Array<MapData, u32>),
+            flows: 0,
+        };
+        nat.publish_count()
+            .map_err(KernelError::map(maps::NAT_ACTIVE.name))?;
+        Ok(nat)
+    }
+
+    fn publish_count(&mut self) -> Result<(), aya::maps::MapError> {
+        self.active.set(0, self.flows, 0)
     }
 
     fn refused(map: &'static str) -> impl Fn(aya::maps::MapError) -> NatError {
@@ -97,11 +84,17 @@ impl NatTable for KernelNat {
             let _ = self.inbound.remove(&reply);
             return Err(Self::refused(maps::NAT_OUT.name)(e));
         }
-        Ok(())
+        self.flows += 1;
+        // Counted up after the entries exist, so the ingress program never
+        // skips a reply whose entry is there.
+        self.publish_count().map_err(Self::refused(maps::NAT_ACTIVE.name))
     }
 
     fn remove(&mut self, flow: &FlowKey, real: IpAddr) {
-        let _ = self.out.remove(flow);
+        if self.out.remove(flow).is_ok() {
+            self.flows = self.flows.saturating_sub(1);
+            let _ = self.publish_count();
+        }
         let _ = self.inbound.remove(&reply_key(flow, real));
     }
 
@@ -117,6 +110,6 @@ impl NatTable for KernelNat {
     }
 
     fn len(&self) -> usize {
-        self.out.keys().filter(Result::is_ok).count()
+        self.flows as usize
     }
 }
