@@ -24,6 +24,9 @@ use crate::shared::{Shared, snapshot};
 const PACKET: usize = 65_536;
 /// Receive buffers of the overlay and underlay ports.
 const DATAGRAM_BATCH: usize = 16;
+/// Datagrams one receive buffer may carry when the kernel coalesced them
+/// (UDP_MAX_SEGMENTS).
+const COALESCED: usize = 64;
 /// How often the return path reads the host's addresses again.
 const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
 /// A queue that fails this many times in a row is gone for good.
@@ -173,8 +176,12 @@ where
     let mut bufs = vec![vec![0u8; PACKET]; DATAGRAM_BATCH];
     let mut received = [Received::default(); DATAGRAM_BATCH];
     let mut scratch = S::Scratch::default();
-    let mut out: Vec<Vec<u8>> = Vec::new();
     let headroom = delivery.headroom();
+    // Room for the largest batch from the start: a busy moment must not
+    // be the first to need it.
+    let mut out: Vec<Vec<u8>> = (0..DATAGRAM_BATCH * COALESCED)
+        .map(|_| Vec::with_capacity(headroom + 1500))
+        .collect();
     let mut local = LocalAddresses::with_capacity(64);
     local_addresses(&mut local);
     let mut local_read = Instant::now();

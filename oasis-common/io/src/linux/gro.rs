@@ -135,6 +135,17 @@ struct Open {
     psh: bool,
 }
 
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer {
+            bursts: Vec::with_capacity(BATCH_ROOM),
+            open: Vec::with_capacity(OPEN_FLOWS),
+            merged: Vec::new(),
+            writes: Vec::with_capacity(BATCH_ROOM),
+        }
+    }
+}
+
 /// What to write, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -144,8 +155,11 @@ pub enum Write {
     Merged(usize),
 }
 
+/// Packets a batch holds at most: 16 receive buffers of up to 64 coalesced
+/// datagrams each.
+const BATCH_ROOM: usize = 1024;
+
 /// The coalescer: its merge buffers and bookkeeping last from batch to batch.
-#[derive(Default)]
 pub struct Coalescer {
     /// Every burst of the batch, in order of their first segment.
     bursts: Vec<Open>,

@@ -34,12 +34,26 @@ fn iovec(bytes: &[u8]) -> libc::iovec {
     }
 }
 
+/// Datagrams a store has room for from the start: a batch as large as a
+/// packet loop makes (a TUN queue's 256 slots), so growing is rare even
+/// before the first busy moment.
+pub const BATCH_ROOM: usize = 256;
+
 /// Reusable vectors for sending datagrams, each to its own address.
-#[derive(Default)]
 pub struct Datagrams {
     iovecs: Vec<libc::iovec>,
     addrs: Vec<SockAddr>,
     headers: Vec<libc::mmsghdr>,
+}
+
+impl Default for Datagrams {
+    fn default() -> Self {
+        Datagrams {
+            iovecs: Vec::with_capacity(BATCH_ROOM),
+            addrs: Vec::with_capacity(BATCH_ROOM),
+            headers: Vec::with_capacity(BATCH_ROOM),
+        }
+    }
 }
 
 // SAFETY: the raw pointers in the vectors are set by a batch and cleared when
@@ -153,12 +167,23 @@ struct GsoMessage {
 /// go out as one buffer, cut into datagrams by the kernel (or not at all,
 /// until the receiver's socket when it asked for UDP_GRO), instead of one
 /// trip through the stack each.
-#[derive(Default)]
 pub struct GsoDatagrams {
     messages: Vec<GsoMessage>,
     iovecs: Vec<libc::iovec>,
     controls: Vec<u8>,
     headers: Vec<libc::mmsghdr>,
+}
+
+impl Default for GsoDatagrams {
+    fn default() -> Self {
+        GsoDatagrams {
+            messages: Vec::with_capacity(BATCH_ROOM),
+            // A prefix and a body each.
+            iovecs: Vec::with_capacity(2 * BATCH_ROOM),
+            controls: Vec::with_capacity(BATCH_ROOM * 32),
+            headers: Vec::with_capacity(BATCH_ROOM),
+        }
+    }
 }
 
 // SAFETY: as for `Datagrams`: pointers live only while a batch does.
