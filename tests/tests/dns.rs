@@ -221,8 +221,10 @@ fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
     let mut net = Topology::new();
     start_zone(&mut net);
     net.start_web_server(80);
-    // A 4 MB file: thousands of packets, of which the broker must see only the first.
-    let body = vec![b'x'; 4 << 20];
+    // A 16 MB file: thousands of packets, of which the broker must see only
+    // the first. (The server's TCP sends bursts of up to 64 KB that cross
+    // the veths whole: 4 MB could be fewer than a hundred of them.)
+    let body = vec![b'x'; 16 << 20];
     std::fs::write(net.dir.join("www").join("big.bin"), &body).expect("big file");
     let config = net.dns_config("underlay_answers: fake");
     let daemon = Daemon::start(&mut net, &config);
@@ -252,7 +254,7 @@ fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
         String::from_utf8_lossy(&output.stderr)
     );
     let (size, peer) = text.split_once(' ').expect("size and peer");
-    assert_eq!(size, (4 << 20).to_string());
+    assert_eq!(size, (16 << 20).to_string());
     assert!(in_pool(peer), "curl talked to {peer}, not a fake address");
     let after = status(&daemon, &net);
 
