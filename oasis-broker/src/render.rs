@@ -116,7 +116,12 @@ pub fn status(s: &StatusView) -> String {
         s.pid,
         duration(s.uptime_secs)
     );
-    let _ = writeln!(out, "config      {}", s.config_path.display());
+    let saved = match (&s.config_error, s.config_saved) {
+        (Some(error), _) => format!("NOT SAVED: {error}"),
+        (None, true) => "saved".into(),
+        (None, false) => "being written".into(),
+    };
+    let _ = writeln!(out, "config      {} ({saved})", s.config_path.display());
     let health = if s.heartbeat.alive {
         "alive"
     } else {
@@ -221,6 +226,15 @@ pub fn status(s: &StatusView) -> String {
                 c.nat_egress, c.nat_ingress, c.fake_diverted, d.unknown_fake_packets
             );
         }
+    }
+    let costs: Vec<String> = s
+        .programs
+        .iter()
+        .filter(|p| p.run_count > 0)
+        .map(|p| format!("{} ({}) {} ns", p.name, p.hook, p.run_time_ns / p.run_count))
+        .collect();
+    if !costs.is_empty() {
+        let _ = writeln!(out, "programs    per run: {}", costs.join(", "));
     }
     let maps: Vec<String> = s
         .program
@@ -350,5 +364,25 @@ mod tests {
         assert!(lines[1].contains("tcp dport 8080") && lines[1].contains("15.0 kB"));
         assert_eq!(lines[0].find("VIA"), lines[2].find("underlay"));
         assert!(rule_table(&[]).contains("oasis rule add"));
+    }
+
+    #[test]
+    fn status_shows_program_costs_and_whether_the_config_is_saved() {
+        let mut status = StatusView {
+            config_path: "/etc/oasis/config.yaml".into(),
+            config_saved: true,
+            programs: vec![crate::control::ProgramStatsView {
+                name: "oasis_egress".into(),
+                hook: "tc egress".into(),
+                run_count: 4,
+                run_time_ns: 600,
+            }],
+            ..StatusView::default()
+        };
+        let text = self::status(&status);
+        assert!(text.contains("/etc/oasis/config.yaml (saved)"), "{text}");
+        assert!(text.contains("oasis_egress (tc egress) 150 ns"), "{text}");
+        status.config_error = Some("cannot write config file: disk full".into());
+        assert!(self::status(&status).contains("NOT SAVED: cannot write config file: disk full"));
     }
 }
