@@ -114,11 +114,7 @@ pub(super) async fn start(
     };
     runtime.upstreams = servers.iter().map(ToString::to_string).collect();
     let service = DnsService {
-        resolver: resolver(
-            servers,
-            Duration::from_millis(dns.upstream_timeout_ms),
-            CACHE_ENTRIES,
-        ),
+        resolver: resolver(servers, Duration::from_millis(dns.upstream_timeout_ms)),
         names,
         fakes,
         counters,

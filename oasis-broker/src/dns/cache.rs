@@ -61,9 +61,12 @@ struct Entry {
     expires: Instant,
 }
 
-/// Answers by (lower-case name, type), bounded.
+/// Answers by lower-case name, then type, bounded. Keyed by the name alone
+/// so that a lookup borrows the query's name instead of building a key; a
+/// name rarely has more than two types cached (A and AAAA).
 pub struct AnswerCache {
-    entries: HashMap<(String, RecordType), Entry>,
+    entries: HashMap<Box<str>, Vec<(RecordType, Entry)>>,
+    len: usize,
     capacity: usize,
 }
 
@@ -71,21 +74,22 @@ impl AnswerCache {
     pub fn new(capacity: usize) -> AnswerCache {
         AnswerCache {
             entries: HashMap::with_capacity(capacity.min(65_536)),
+            len: 0,
             capacity: capacity.max(1),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// The cached answer, TTLs aged, if still valid at `now`.
     pub fn get(&self, name: &str, qtype: RecordType, now: Instant) -> Option<Upstream> {
-        let entry = self.entries.get(&(name.to_string(), qtype))?;
+        let (_, entry) = self.entries.get(name)?.iter().find(|(t, _)| *t == qtype)?;
         (now < entry.expires).then(|| entry.upstream.aged(now - entry.stored))
     }
 
@@ -93,26 +97,48 @@ impl AnswerCache {
         let Some(lifetime) = upstream.lifetime() else {
             return;
         };
-        if self.entries.len() >= self.capacity {
-            self.entries.retain(|_, e| e.expires > now);
+        if self.len >= self.capacity {
+            self.retain_names(|types| types.retain(|(_, e)| e.expires > now));
         }
-        if self.entries.len() >= self.capacity {
-            // Still full of live answers: drop about half, whichever they are;
-            // the next queries for them go upstream again.
+        if self.len >= self.capacity {
+            // Still full of live answers: drop about half of the names,
+            // whichever they are; the next queries for them go upstream again.
             let mut keep = false;
-            self.entries.retain(|_, _| {
+            self.retain_names(|types| {
                 keep = !keep;
-                keep
+                if !keep {
+                    types.clear();
+                }
             });
         }
-        self.entries.insert(
-            (name.to_string(), qtype),
-            Entry {
-                upstream: upstream.clone(),
-                stored: now,
-                expires: now + lifetime,
-            },
-        );
+        let entry = Entry {
+            upstream: upstream.clone(),
+            stored: now,
+            expires: now + lifetime,
+        };
+        let types = match self.entries.get_mut(name) {
+            Some(types) => types,
+            None => self.entries.entry(name.into()).or_default(),
+        };
+        match types.iter_mut().find(|(t, _)| *t == qtype) {
+            Some((_, old)) => *old = entry,
+            None => {
+                types.push((qtype, entry));
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Lets `edit` trim each name's entries, forgets names left with none,
+    /// and recounts.
+    fn retain_names(&mut self, mut edit: impl FnMut(&mut Vec<(RecordType, Entry)>)) {
+        let mut len = 0;
+        self.entries.retain(|_, types| {
+            edit(types);
+            len += types.len();
+            !types.is_empty()
+        });
+        self.len = len;
     }
 }
 
@@ -181,5 +207,39 @@ mod tests {
             assert!(cache.len() <= 8);
         }
         assert!(cache.get("n99", RecordType::A, now).is_some());
+    }
+
+    #[test]
+    fn each_type_of_a_name_is_its_own_answer() {
+        let now = Instant::now();
+        let mut cache = AnswerCache::new(8);
+        let nx = Upstream::Negative {
+            code: ResponseCode::NXDomain,
+            soa: None,
+        };
+        cache.put("www.example", RecordType::A, &Upstream::Records(vec![a(60)]), now);
+        cache.put("www.example", RecordType::AAAA, &nx, now);
+        assert_eq!(cache.len(), 2);
+        // A newer answer replaces the old one of its type only.
+        cache.put("www.example", RecordType::A, &Upstream::Records(vec![a(30)]), now);
+        assert_eq!(cache.len(), 2);
+        let Some(Upstream::Records(records)) = cache.get("www.example", RecordType::A, now) else {
+            panic!("records")
+        };
+        assert_eq!(records[0].ttl(), 30);
+        assert_eq!(cache.get("www.example", RecordType::AAAA, now), Some(nx));
+        // Expired answers are what a full cache drops first.
+        let later = now + Duration::from_secs(31);
+        for i in 0..7 {
+            cache.put(
+                &format!("n{i}"),
+                RecordType::A,
+                &Upstream::Records(vec![a(600)]),
+                later,
+            );
+        }
+        assert!(cache.len() <= 8);
+        assert!(cache.get("www.example", RecordType::A, later).is_none());
+        assert!(cache.get("n6", RecordType::A, later).is_some());
     }
 }

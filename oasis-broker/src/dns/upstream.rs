@@ -124,9 +124,11 @@ fn read_servers(path: &std::path::Path) -> Result<Vec<NameServerConfig>, Upstrea
     Ok(servers)
 }
 
-/// The resolver the broker forwards to: caching, no hosts file (the
-/// application's own resolver already read it), answers as given.
-pub fn resolver(servers: Vec<NameServerConfig>, timeout: Duration, cache_entries: usize) -> TokioResolver {
+/// The resolver the broker forwards to: no cache of its own (the broker's
+/// answer cache keeps what it returns, and keeping it twice only doubled the
+/// memory), no hosts file (the application's own resolver already read it),
+/// answers as given.
+pub fn resolver(servers: Vec<NameServerConfig>, timeout: Duration) -> TokioResolver {
     let mut config = ResolverConfig::new();
     for server in servers {
         config.add_name_server(server);
@@ -134,7 +136,7 @@ pub fn resolver(servers: Vec<NameServerConfig>, timeout: Duration, cache_entries
     let mut options = ResolverOpts::default();
     options.timeout = timeout;
     options.attempts = 1;
-    options.cache_size = cache_entries;
+    options.cache_size = 0;
     options.use_hosts_file = ResolveHosts::Never;
     options.preserve_intermediates = true;
     options.ndots = 0;
