@@ -500,6 +500,18 @@ fn host(args: &[&str]) {
     assert!(status.success(), "{args:?} failed");
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the heartbeat map, so a
+/// test can tell how old the daemon's last beat is.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn assert_root() {
     // SAFETY: no arguments, no side effects.
     assert_eq!(

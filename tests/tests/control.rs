@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use oasis_broker::control::{Request, Response, call};
 use oasis_broker::rules::RuleSpec;
-use oasis_tests::{Daemon, SERVER_V4, Topology};
+use oasis_tests::{Daemon, SERVER_V4, Topology, monotonic_ns};
 
 const HEARTBEAT_MS: u64 = 1000;
 const NAME_RULES: usize = 200_000;
@@ -18,16 +18,6 @@ const CHURN_THREADS: usize = 8;
 /// Add and delete pairs per churn thread at least (2,000 header rule
 /// changes in all); they go on until the import is done.
 const CHURN_PAIRS: usize = 125;
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// The heartbeat map, opened by its id as any outside tool would.
 fn heartbeat_map(id: u32) -> aya::maps::Array<aya::maps::MapData, u64> {

@@ -510,7 +510,8 @@ fn measure(
     Ok(())
 }
 
-fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<()> {
+/// `oasis ARGS` in the client; its standard output, or its error.
+pub(crate) fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<String> {
     let output = daemon.cli(net, args);
     if !output.status.success() {
         bail!(
@@ -519,7 +520,7 @@ fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// One iperf3 TCP transfer (client to server, or back with `reverse`);

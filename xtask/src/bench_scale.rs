@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, Topology};
+use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, Topology, monotonic_ns};
 use serde_json::Value;
 
-use crate::bench::{Figure, median};
+use crate::bench::{Figure, cli, median};
 
 /// The ports the generator spreads flows over, claimed by the rule.
 const FLOW_PORTS: &str = "30000-30015";
@@ -26,18 +26,6 @@ const IMPORT_RULES: usize = 1_000_000;
 
 fn status(daemon: &Daemon, net: &Topology) -> Value {
     daemon.json(net, &["status", "--json"])
-}
-
-fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<String> {
-    let output = daemon.cli(net, args);
-    if !output.status.success() {
-        bail!(
-            "oasis {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Runs the generator in the client for `seconds`; datagrams it sent.
@@ -138,16 +126,6 @@ pub fn new_flows(
         }
     }
     Ok(figures)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A million suffix rules through `oasis rule import`, timed, with the
