@@ -346,7 +346,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             token,
             json,
         }) => {
-            eprintln!("fetching {url} ...");
             match call(&socket, &Request::OverlayAdd { name, url, token })? {
                 Response::Overlay { overlay } if json => {
                     println!("{}", serde_json::to_string_pretty(&overlay)?)

@@ -173,6 +173,19 @@ fn the_heartbeat_stays_fresh_while_rules_change_at_scale() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(changes >= 2 * CHURN_THREADS * CHURN_PAIRS);
+    // A long import tells the user what it is doing (short requests stay
+    // silent for their first 300 ms, so only a long one must show it).
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if import_took > Duration::from_millis(600) {
+        assert!(
+            // The CLI's own "importing N rules ..." aside: the daemon's
+            // stages (checking, compiling, writing the config file).
+            stderr
+                .lines()
+                .any(|l| !l.starts_with("importing ") && l.ends_with(" ...")),
+            "an import of {import_took:?} showed no progress: {stderr}"
+        );
+    }
     let status = daemon.json(&net, &["status", "--json"]);
     let oldest = oldest.load(Relaxed);
     println!(

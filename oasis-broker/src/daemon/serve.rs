@@ -13,6 +13,9 @@ use crate::control::{Progress, Request, Response};
 
 /// Longest silence on a connection while a request runs.
 const KEEPALIVE: Duration = Duration::from_secs(3);
+/// A request done within this long shows no progress at all: a rule added
+/// in a few milliseconds needs no "writing the config file ..." line.
+const QUIET: Duration = Duration::from_millis(300);
 /// Request lines longer than this (large imports) are parsed off the
 /// async runtime's threads.
 const LARGE_REQUEST: usize = 64 * 1024;
@@ -59,6 +62,9 @@ async fn run(
         stage: "working".into(),
         ..Progress::default()
     };
+    let quiet_until = tokio::time::Instant::now() + QUIET;
+    // Progress reported while still quiet, to send once the quiet ends.
+    let mut held = false;
     loop {
         tokio::select! {
             result = &mut task => {
@@ -77,6 +83,16 @@ async fn run(
                 if let Some(progress) = updates.borrow_and_update().clone() {
                     last = progress;
                 }
+                if tokio::time::Instant::now() < quiet_until {
+                    held = true;
+                    continue;
+                }
+                if send(write, &Response::Progress { progress: last.clone() }).await.is_err() {
+                    return None;
+                }
+            }
+            _ = tokio::time::sleep_until(quiet_until), if held => {
+                held = false;
                 if send(write, &Response::Progress { progress: last.clone() }).await.is_err() {
                     return None;
                 }
