@@ -2,7 +2,9 @@
 //! writer a snapshot and waits for its write to land (so a rule the CLI
 //! reported added survives a crash), but nothing else waits: not the
 //! heartbeat, not packets, not other requests. Changes that arrive while a
-//! write runs are coalesced into the next one.
+//! write runs are coalesced into the next one. A write that fails (a full
+//! disk, a read-only file) is tried again every [`RETRY_EVERY`] until one
+//! succeeds, so the file catches up without the user changing anything.
 //!
 //! Rules are rendered to YAML once each and kept (ids are never reused and
 //! a rule never changes), so writing a file of a million rules costs a copy
@@ -15,6 +17,9 @@ use std::time::Duration;
 
 use crate::config::{Config, StoredOverlay, StoredRule};
 use crate::rules::RuleSet;
+
+/// How long after a failed write the writer tries again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(5);
 
 /// What the file should hold.
 pub struct Snapshot {
@@ -42,13 +47,17 @@ pub struct Persister {
 impl Persister {
     /// Starts the writer for `path`.
     pub fn start(path: PathBuf) -> std::io::Result<Persister> {
+        Persister::with_retry(path, RETRY_EVERY)
+    }
+
+    fn with_retry(path: PathBuf, retry_every: Duration) -> std::io::Result<Persister> {
         let persister = Persister {
             shared: Arc::default(),
         };
         let writer = persister.clone();
         std::thread::Builder::new()
             .name("oasis-config-writer".into())
-            .spawn(move || writer.run(path))?;
+            .spawn(move || writer.run(path, retry_every))?;
         Ok(persister)
     }
 
@@ -96,19 +105,40 @@ impl Persister {
         )
     }
 
-    fn run(self, path: PathBuf) {
+    fn run(self, path: PathBuf, retry_every: Duration) {
         let mut rendered = Rendered::default();
         let (lock, wake) = &*self.shared;
+        // The snapshot whose write failed, to write again unless a newer
+        // one comes first.
+        let mut failed: Option<(Snapshot, u64)> = None;
         loop {
             let (snapshot, generation) = {
                 let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let retry_at = std::time::Instant::now() + retry_every;
                 while state.pending.is_none() && !state.stop {
-                    state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                    if failed.is_none() {
+                        state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    let left = retry_at.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = wake
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
-                let Some(snapshot) = state.pending.take() else {
+                if state.stop && state.pending.is_none() {
                     return;
-                };
-                (snapshot, state.requested)
+                }
+                match state.pending.take() {
+                    Some(snapshot) => (snapshot, state.requested),
+                    None => match failed.take() {
+                        Some(retry) => retry,
+                        None => return,
+                    },
+                }
             };
             let started = std::time::Instant::now();
             let result = write(&path, &snapshot, &mut rendered);
@@ -119,12 +149,25 @@ impl Persister {
             );
             let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
             state.done = state.done.max(generation);
+            let was_failing = state.error.is_some();
             state.error = match result {
-                Ok(()) => None,
+                Ok(()) => {
+                    if was_failing {
+                        tracing::info!("config file written; the running rules are saved again");
+                    }
+                    failed = None;
+                    None
+                }
                 Err(e) => {
-                    tracing::error!(
-                        "{e}; the running rules are not saved (status shows this until a write succeeds)"
-                    );
+                    // Said once per cause, not at every retry.
+                    if state.error.as_ref() != Some(&e) {
+                        tracing::error!(
+                            "{e}; the running rules are not saved (status shows this; the daemon \
+                             tries again every {} s)",
+                            retry_every.as_secs()
+                        );
+                    }
+                    failed = Some((snapshot, generation));
                     Some(e)
                 }
             };
@@ -271,5 +314,35 @@ mod tests {
         let error = persister.wait(generation).unwrap_err();
         assert!(error.contains("cannot write config file"), "{error}");
         assert!(!persister.state().0);
+    }
+    #[test]
+    fn a_failed_write_is_tried_again_until_it_lands() {
+        let dir = std::env::temp_dir().join(format!("oasis-persist-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file where the config's directory should be: no write can land.
+        let blocker = dir.join("etc");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let path = blocker.join("config.yaml");
+        let persister = Persister::with_retry(path.clone(), Duration::from_millis(20)).unwrap();
+        let set = rules(3);
+        let generation = persister.save(Snapshot {
+            settings: Arc::new(Config::default()),
+            rules: Arc::new(set.clone()),
+            overlays: Vec::new(),
+        });
+        assert!(persister.wait(generation).is_err());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!persister.state().0, "nothing can be written yet");
+        // The cause goes away; no change follows, and still the file comes.
+        std::fs::remove_file(&blocker).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while persister.state() != (true, None) {
+            assert!(std::time::Instant::now() < deadline, "never written: {:?}", persister.state());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let loaded = Config::load_or_default(&path).unwrap().rule_set(&path).unwrap();
+        assert_eq!(loaded.all(), set.all());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
