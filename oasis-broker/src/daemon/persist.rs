@@ -36,7 +36,6 @@ struct State {
     requested: u64,
     done: u64,
     error: Option<String>,
-    stop: bool,
 }
 
 #[derive(Clone)]
@@ -76,7 +75,7 @@ impl Persister {
     pub fn wait(&self, wanted: u64) -> Result<(), String> {
         let (lock, wake) = &*self.shared;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while state.done < wanted && !state.stop {
+        while state.done < wanted {
             state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         match &state.error {
@@ -115,7 +114,7 @@ impl Persister {
             let (snapshot, generation) = {
                 let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
                 let retry_at = std::time::Instant::now() + retry_every;
-                while state.pending.is_none() && !state.stop {
+                while state.pending.is_none() {
                     if failed.is_none() {
                         state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
                         continue;
@@ -129,14 +128,11 @@ impl Persister {
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
-                if state.stop && state.pending.is_none() {
-                    return;
-                }
                 match state.pending.take() {
                     Some(snapshot) => (snapshot, state.requested),
                     None => match failed.take() {
                         Some(retry) => retry,
-                        None => return,
+                        None => continue,
                     },
                 }
             };
