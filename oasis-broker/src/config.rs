@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::dns::policy::UnderlayAnswers;
 
 use crate::overlay::{JoinError, OverlaySpec, check_name, shim_bytes};
-use crate::rules::{AnyRule, Carrier, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
+use crate::rules::{AnyRule, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/oasis/oasis.sock";
@@ -302,15 +302,13 @@ impl Config {
             shim_bytes(overlay.spec.shim_len, overlay.token.as_deref()).map_err(overlay_error)?;
         }
         for rule in self.rule_set(path)?.all() {
-            if let Carrier::Overlay(name) = rule.via()
-                && !self.overlays.iter().any(|o| &o.name == name)
-            {
-                return Err(ConfigError::Rule {
+            crate::overlay::check_carrier(rule.via(), &self.overlays).map_err(|source| {
+                ConfigError::Rule {
                     path: path.into(),
                     id: rule.id(),
-                    source: RuleError::UnknownOverlay(name.clone()),
-                });
-            }
+                    source,
+                }
+            })?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use crate::rules::RuleSpec;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     AddRule {
-        spec: RuleSpec,
+        spec: Box<RuleSpec>,
     },
     DelRule {
         id: u32,

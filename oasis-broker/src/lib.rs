@@ -4,7 +4,8 @@
 //! Decisions are plain types tested without privileges: rules and their
 //! compilation into classifier maps (`rules`, `compile`, `names`), the
 //! routing engine (`engine`: flows, carriers, fake-address flows, returned
-//! packets), the overlay manager (`overlay`), DNS policy (`dns`). The
+//! packets), the Monitor (`monitor`: measurements and carrier choice for
+//! metric rules), the overlay manager (`overlay`), DNS policy (`dns`). The
 //! operating system sits behind the traits of `platform`; `forward` runs
 //! the packet loops over them, and `daemon` wires everything together.
 pub mod compile;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod fake;
 pub mod forward;
 pub mod liveness;
+pub mod monitor;
 pub mod names;
 pub mod overlay;
 pub mod platform;

@@ -45,6 +45,8 @@ Examples:
 
 Logs: set RUST_LOG (e.g. RUST_LOG=oasis_broker=debug) for the daemon.";
 
+// Made once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon in the foreground: create the TUN device, attach the
@@ -84,6 +86,11 @@ enum RuleCommand {
     /// claimed name get a fake address, and their flows to it take the
     /// rule's carrier. Among name rules too the first added wins. Header
     /// rules never see fake addresses, so the two kinds do not compete.
+    ///
+    /// A metric rule (--metric instead of --via) lets the Monitor pick
+    /// each new flow's carrier by measurement. The underlay is the
+    /// incumbent: an overlay takes flows only when it is clearly better,
+    /// and a flow keeps its carrier for life.
     #[command(after_help = "\
 Examples:
   oasis rule add --proto tcp --dport 8080 --via underlay
@@ -93,7 +100,11 @@ Examples:
   oasis rule add --name '.*\\.edu$' --via detour      (regex, the paper's syntax)
   oasis rule add --name-suffix example.org --via detour   (example.org and below)
   oasis rule add --name-exact www.example.com --via underlay
-  oasis rule add --name-keyword video --via detour")]
+  oasis rule add --name-keyword video --via detour
+  oasis rule add --name-suffix example.edu --metric latency   (the Monitor chooses)
+  oasis rule add --proto udp --dport 3478 --metric 'loss<1%'
+  oasis rule add --dst 203.0.113.0/24 --dport 443 --metric throughput
+  oasis rule add --proto tcp --dport 22 --metric latency --among detour,campus")]
     Add(RuleAddArgs),
     /// Add many name rules from a file in one step: one pattern per line,
     /// blank lines and lines starting with '#' skipped. All are added, or
@@ -107,8 +118,14 @@ Examples:
         #[arg(long, value_enum)]
         kind: NameKind,
         /// Where flows to matching names go.
-        #[arg(long, value_name = "CARRIER")]
-        via: String,
+        #[arg(long, value_name = "CARRIER", required_unless_present = "metric")]
+        via: Option<String>,
+        /// Let the Monitor choose, for this metric (see `rule add --help`).
+        #[arg(long, value_name = "METRIC", conflicts_with = "via")]
+        metric: Option<String>,
+        /// With --metric: the overlays to choose from besides the underlay.
+        #[arg(long, value_name = "OVERLAYS", requires = "metric")]
+        among: Option<String>,
         /// The file ('-' for standard input).
         file: PathBuf,
     },
@@ -175,11 +192,9 @@ enum NameKind {
 }
 
 impl NameKind {
-    fn spec(self, pattern: String, via: &str) -> RuleSpec {
-        let mut spec = RuleSpec {
-            via: via.to_string(),
-            ..RuleSpec::default()
-        };
+    /// A rule for `pattern` with the carrier of `template`.
+    fn spec(self, pattern: String, template: &RuleSpec) -> RuleSpec {
+        let mut spec = template.clone();
         match self {
             NameKind::Suffix => spec.name_suffix = Some(pattern),
             NameKind::Exact => spec.name_exact = Some(pattern),
@@ -220,8 +235,40 @@ struct RuleAddArgs {
     sport: Option<String>,
     /// Where matching traffic goes: `underlay` (the plain Internet, through
     /// the broker) or the name of a joined overlay.
-    #[arg(long, value_name = "CARRIER")]
-    via: String,
+    #[arg(long, value_name = "CARRIER", required_unless_present = "metric")]
+    via: Option<String>,
+    /// Let the Monitor choose each new flow's carrier, among the underlay
+    /// and the joined overlays, for this metric: `latency` (lowest round
+    /// trip), `loss<X%` (stay on the underlay until its loss reaches X%),
+    /// or `throughput` (highest goodput). The underlay stays unless an
+    /// overlay is clearly better; see `oasis monitor`.
+    #[arg(
+        long,
+        value_name = "METRIC",
+        conflicts_with = "via",
+        help_heading = "Metric rules"
+    )]
+    metric: Option<String>,
+    /// The overlays the Monitor may choose from (comma-separated), besides
+    /// the underlay, which is always a candidate [default: every joined
+    /// overlay].
+    #[arg(
+        long,
+        value_name = "OVERLAYS",
+        requires = "metric",
+        help_heading = "Metric rules"
+    )]
+    among: Option<String>,
+    /// An external monitor decides instead of the built-in Monitor: a
+    /// joined overlay whose specification declares a monitor module. It
+    /// receives the metric text with each packet.
+    #[arg(
+        long,
+        value_name = "OVERLAY",
+        requires = "metric",
+        help_heading = "Metric rules"
+    )]
+    monitor: Option<String>,
     /// Print the new rule as JSON.
     #[arg(long)]
     json: bool,
@@ -268,11 +315,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name_exact: args.name_exact,
                 name_suffix: args.name_suffix,
                 name_keyword: args.name_keyword,
-                via: args.via,
+                via: args.via.unwrap_or_default(),
+                metric: args.metric,
+                among: args.among,
+                monitor: args.monitor,
             };
             // Check locally first so a typo is reported even with no daemon.
             spec.parse()?;
-            match call(&socket, &Request::AddRule { spec })? {
+            match call(&socket, &Request::AddRule { spec: Box::new(spec) })? {
                 Response::Rule { rule } if args.json => {
                     println!("{}", serde_json::to_string_pretty(&rule)?)
                 }
@@ -283,7 +333,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rule(RuleCommand::Import { kind, via, file }) => {
+        Command::Rule(RuleCommand::Import {
+            kind,
+            via,
+            metric,
+            among,
+            file,
+        }) => {
+            let template = RuleSpec {
+                via: via.unwrap_or_default(),
+                metric,
+                among,
+                ..RuleSpec::default()
+            };
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading standard input")?
             } else {
@@ -295,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                let spec = kind.spec(line.to_string(), &via);
+                let spec = kind.spec(line.to_string(), &template);
                 spec.parse()
                     .with_context(|| format!("{} line {}", file.display(), number + 1))?;
                 specs.push(spec);

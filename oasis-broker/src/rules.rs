@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::engine::packet::flow_dst;
+use crate::monitor::{Goal, Metric, MetricError};
 use crate::names::{NameError, NamePattern};
 use ipnet::IpNet;
 use oasis_common::{FlowKey, MAX_RULES};
@@ -146,6 +147,20 @@ pub enum Carrier {
     Underlay,
     /// A joined overlay, by name.
     Overlay(String),
+    /// The Monitor chooses per flow, for a metric (a metric rule).
+    Monitor(Goal),
+}
+
+impl Carrier {
+    /// Every overlay the carrier names: the overlay, or the overlays and
+    /// the monitor module of a metric rule.
+    pub fn overlays(&self) -> Vec<&str> {
+        match self {
+            Carrier::Underlay => Vec::new(),
+            Carrier::Overlay(name) => vec![name.as_str()],
+            Carrier::Monitor(goal) => goal.overlays().collect(),
+        }
+    }
 }
 
 impl FromStr for Carrier {
@@ -172,6 +187,7 @@ impl fmt::Display for Carrier {
         match self {
             Carrier::Underlay => f.write_str("underlay"),
             Carrier::Overlay(name) => f.write_str(name),
+            Carrier::Monitor(goal) => goal.fmt(f),
         }
     }
 }
@@ -278,7 +294,20 @@ pub struct RuleSpec {
     pub name_suffix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_keyword: Option<String>,
+    /// The carrier, for a rule with a fixed one; empty for a metric rule.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub via: String,
+    /// Metric rules: what the Monitor optimises (latency, loss<X%,
+    /// throughput; any text for an external monitor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    /// Metric rules: the overlays to choose from besides the underlay,
+    /// comma-separated; left out, every joined overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub among: Option<String>,
+    /// Metric rules: the joined overlay whose monitor module decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<String>,
 }
 
 /// What a rule claims: packets by header fields, or flows to names.
@@ -331,7 +360,7 @@ impl RuleSpec {
             1 if header_given => return Err(RuleError::NameWithHeader),
             1 => {
                 let pattern = names.into_iter().next().expect("one").validated()?;
-                return Ok((Subset::Name(pattern), self.via.parse()?));
+                return Ok((Subset::Name(pattern), self.carrier()?));
             }
             _ => return Err(RuleError::TwoNames),
         }
@@ -346,7 +375,46 @@ impl RuleSpec {
             sport,
         }
         .validated()?;
-        Ok((Subset::Header(subset), self.via.parse()?))
+        Ok((Subset::Header(subset), self.carrier()?))
+    }
+
+    /// The carrier: `via`, or the Monitor for a metric rule.
+    fn carrier(&self) -> Result<Carrier, RuleError> {
+        let Some(metric) = &self.metric else {
+            if self.among.is_some() || self.monitor.is_some() {
+                return Err(RuleError::MonitorWithoutMetric);
+            }
+            if self.via.trim().is_empty() {
+                return Err(RuleError::NoCarrier);
+            }
+            return self.via.parse();
+        };
+        if !self.via.trim().is_empty() {
+            return Err(RuleError::MetricWithVia);
+        }
+        let module = self.monitor.as_deref().map(overlay_name).transpose()?;
+        let metric = Metric::parse(metric, module.is_some())?;
+        let among = match self.among.as_deref() {
+            None => None,
+            Some(list) => {
+                let mut names: Vec<String> = Vec::new();
+                for name in list.split(',').map(str::trim) {
+                    if name.eq_ignore_ascii_case("underlay") {
+                        return Err(RuleError::UnderlayInAmong);
+                    }
+                    let name = overlay_name(name)?;
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                Some(names)
+            }
+        };
+        Ok(Carrier::Monitor(Goal {
+            metric,
+            among,
+            module,
+        }))
     }
 
     /// Parses a header rule (a name rule is refused).
@@ -358,14 +426,36 @@ impl RuleSpec {
     }
 
     fn header(subset: &HeaderSubset, via: &Carrier) -> RuleSpec {
-        RuleSpec {
+        let mut spec = RuleSpec {
             proto: subset.proto.map(|p| p.to_string()),
             dst: subset.dst.map(|d| d.to_string()),
             dport: subset.dport.map(|p| p.to_string()),
             sport: subset.sport.map(|p| p.to_string()),
-            via: via.to_string(),
             ..RuleSpec::default()
+        };
+        spec.set_carrier(via);
+        spec
+    }
+
+    /// Writes `via` into the spec's carrier fields.
+    fn set_carrier(&mut self, via: &Carrier) {
+        match via {
+            Carrier::Monitor(goal) => {
+                self.via.clear();
+                self.metric = Some(goal.metric.to_string());
+                self.among = goal.among.as_ref().map(|a| a.join(","));
+                self.monitor = goal.module.clone();
+            }
+            other => self.via = other.to_string(),
         }
+    }
+}
+
+/// An overlay's name where a rule lists one.
+fn overlay_name(name: &str) -> Result<String, RuleError> {
+    match name.parse()? {
+        Carrier::Overlay(name) => Ok(name),
+        _ => Err(RuleError::BadCarrier(name.into())),
     }
 }
 
@@ -406,10 +496,8 @@ pub struct NameRule {
 impl NameRule {
     pub fn spec(&self) -> RuleSpec {
         let text = Some(self.pattern.text().to_string());
-        let mut spec = RuleSpec {
-            via: self.via.to_string(),
-            ..RuleSpec::default()
-        };
+        let mut spec = RuleSpec::default();
+        spec.set_carrier(&self.via);
         match self.pattern {
             NamePattern::Regex(_) => spec.name = text,
             NamePattern::Exact(_) => spec.name_exact = text,
@@ -498,6 +586,28 @@ pub enum RuleError {
     TooMany,
     #[error("no rule with id {0}; `oasis rule list` shows the ids")]
     NoSuchRule(u32),
+    #[error("a rule needs a carrier: --via CARRIER, or --metric METRIC to let the Monitor choose")]
+    NoCarrier,
+    #[error("--metric lets the Monitor choose the carrier: drop --via (or drop --metric to fix the carrier)")]
+    MetricWithVia,
+    #[error("--among and --monitor go with --metric")]
+    MonitorWithoutMetric,
+    #[error("--among lists overlays only: the underlay is always a candidate")]
+    UnderlayInAmong,
+    #[error("--metric: {0}")]
+    Metric(#[from] MetricError),
+    #[error(
+        "overlay {0:?} has no monitor module: its specification declares no <module kind=\"monitor\" port=...>"
+    )]
+    NotAMonitor(String),
+    #[error("overlay {0:?} is a monitor module, not a carrier: use it with --metric METRIC --monitor {0}")]
+    MonitorIsNoCarrier(String),
+    #[error("the metric is {metric} bytes, and monitor {monitor:?} takes at most {shim} (its shim length)")]
+    MetricLongerThanShim {
+        monitor: String,
+        metric: usize,
+        shim: usize,
+    },
 }
 
 /// The ordered rule list. The first rule whose subset matches a flow decides
@@ -881,6 +991,85 @@ mod tests {
             ..Default::default()
         };
         assert!(subset.matches(&v6));
+    }
+
+    #[test]
+    fn metric_rules_let_the_monitor_choose() {
+        let metric = |edit: &dyn Fn(&mut RuleSpec)| {
+            let mut spec = RuleSpec {
+                proto: Some("tcp".into()),
+                dport: Some("22".into()),
+                metric: Some("latency".into()),
+                ..RuleSpec::default()
+            };
+            edit(&mut spec);
+            spec.parse()
+        };
+        let (_, via) = metric(&|s| s.among = Some("detour, campus,detour".into())).unwrap();
+        let Carrier::Monitor(goal) = &via else {
+            panic!("{via:?}")
+        };
+        assert_eq!(goal.metric, Metric::Latency);
+        assert_eq!(
+            goal.among.as_deref(),
+            Some(&["detour".to_string(), "campus".to_string()][..])
+        );
+        assert_eq!(via.to_string(), "monitor: latency among detour,campus");
+        assert_eq!(via.overlays(), ["detour", "campus"]);
+        assert_eq!(
+            metric(&|s| s.via = "underlay".into()),
+            Err(RuleError::MetricWithVia)
+        );
+        assert_eq!(
+            metric(&|s| s.among = Some("underlay".into())),
+            Err(RuleError::UnderlayInAmong)
+        );
+        assert!(matches!(
+            metric(&|s| s.metric = Some("jitter".into())),
+            Err(RuleError::Metric(_))
+        ));
+        assert!(matches!(
+            metric(&|s| s.among = Some("a b".into())),
+            Err(RuleError::BadCarrier(_))
+        ));
+        // An external monitor takes metrics the built-in one does not know.
+        let (_, via) = metric(&|s| {
+            s.metric = Some("jitter<5ms".into());
+            s.monitor = Some("mon".into());
+        })
+        .unwrap();
+        assert_eq!(via.to_string(), "monitor mon: jitter<5ms");
+        let no_metric = RuleSpec {
+            proto: Some("tcp".into()),
+            among: Some("detour".into()),
+            ..RuleSpec::default()
+        };
+        assert_eq!(no_metric.parse(), Err(RuleError::MonitorWithoutMetric));
+        let no_carrier = RuleSpec {
+            proto: Some("tcp".into()),
+            ..RuleSpec::default()
+        };
+        assert_eq!(no_carrier.parse(), Err(RuleError::NoCarrier));
+    }
+
+    #[test]
+    fn metric_rules_are_stored_as_they_were_given() {
+        let mut rules = RuleSet::default();
+        for yaml in [
+            "proto: udp\ndport: 3478\nmetric: loss<1%\n",
+            "name_suffix: example.edu\nmetric: throughput\namong: detour\n",
+        ] {
+            let spec: RuleSpec = serde_yaml::from_str(yaml).unwrap();
+            let (subset, via) = spec.parse().unwrap();
+            let rule = rules.add_any(subset, via).unwrap();
+            // What the file would hold reads back as the same rule.
+            let again = serde_yaml::from_str::<RuleSpec>(&serde_yaml::to_string(&rule.spec()).unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(&again.1, rule.via(), "{yaml}");
+            assert_eq!(rule.spec().via, "", "no via for a metric rule");
+        }
     }
 
     #[test]

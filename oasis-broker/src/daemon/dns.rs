@@ -13,7 +13,7 @@ use crate::dns::DnsCounters;
 use crate::dns::cache::AnswerCache;
 use crate::dns::server::{DnsService, listen};
 use crate::dns::upstream::{parse_upstream, resolver, system_upstreams};
-use crate::engine::{Engine, Routes, Via};
+use crate::engine::{Engine, Routes, RuleVia, Via};
 use crate::fake::{FakeTable, unix_now};
 use crate::names::NameRules;
 use crate::platform::{DnsInterception, InterceptSettings, Kernel};
@@ -251,10 +251,11 @@ fn name_carrier(routes: &Routes, name: &str) -> String {
         .first_match(name)
         .map(|(_, carrier)| routes.resolve(carrier))
     {
-        Some(Via::Overlay(id)) => routes
+        Some(RuleVia::Fixed(Via::Overlay(id))) => routes
             .overlays
             .get(id)
             .map_or_else(|| "underlay".into(), |o| o.name.clone()),
+        Some(RuleVia::Monitor) => "monitor".into(),
         _ => "underlay".into(),
     }
 }

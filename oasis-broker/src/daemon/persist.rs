@@ -334,7 +334,11 @@ mod tests {
         std::fs::remove_file(&blocker).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while persister.state() != (true, None) {
-            assert!(std::time::Instant::now() < deadline, "never written: {:?}", persister.state());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never written: {:?}",
+                persister.state()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let loaded = Config::load_or_default(&path).unwrap().rule_set(&path).unwrap();

@@ -84,7 +84,12 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             fake_v4: config.dns.fake_v4,
             fake_v6: config.dns.fake_v6,
         },
-        Routes::new(rules.rules(), names.clone(), overlays.table().clone()),
+        Routes::with_names(
+            rules.rules(),
+            rules.names(),
+            names.clone(),
+            overlays.table().clone(),
+        ),
         dns.fakes.clone(),
         nat,
         Box::new(RuleCarrier),

@@ -25,9 +25,9 @@ use crate::control::{
 };
 use crate::engine::{Engine, Routes};
 use crate::names::NameRules;
-use crate::overlay::{JoinError, OverlayError, OverlayManager};
+use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
-use crate::rules::{AnyRule, Carrier, RuleError, RuleSet, RuleSpec, Subset};
+use crate::rules::{AnyRule, RuleError, RuleSet, RuleSpec, Subset};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
@@ -138,7 +138,7 @@ impl Daemon {
 
     pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
         let result = match request {
-            Request::AddRule { spec } => self.add_rules(vec![spec], false, &reporter).await.map(|added| {
+            Request::AddRule { spec } => self.add_rules(vec![*spec], false, &reporter).await.map(|added| {
                 let kernel = lock(&self.kernel);
                 Response::Rule {
                     rule: self.rule_view(kernel.as_ref(), &added[0]),
@@ -243,9 +243,9 @@ impl Daemon {
     ) -> Result<Vec<AnyRule>, RequestError> {
         let change = self.change(reporter).await;
         let started = Instant::now();
-        let (rules, joined): (Arc<RuleSet>, Vec<String>) = {
+        let (rules, joined): (Arc<RuleSet>, Vec<StoredOverlay>) = {
             let control = lock(&self.control);
-            let joined = control.overlays.stored().iter().map(|o| o.name.clone()).collect();
+            let joined = control.overlays.stored().to_vec();
             (control.rules.clone(), joined)
         };
         let total = specs.len() as u64;
@@ -266,11 +266,7 @@ impl Daemon {
                     }
                 };
                 let (subset, via) = spec.parse().map_err(at)?;
-                if let Carrier::Overlay(name) = &via
-                    && !joined.iter().any(|j| j == name)
-                {
-                    return Err(at(RuleError::UnknownOverlay(name.clone())));
-                }
+                check_carrier(&via, &joined).map_err(at)?;
                 names_changed |= matches!(subset, Subset::Name(_));
                 added.push(next.add_any(subset, via).map_err(at)?);
                 if index % 50_000 == 49_999 {
@@ -356,8 +352,12 @@ impl Daemon {
             control.names = names.clone();
             control.overlays.table().clone()
         };
-        self.engine
-            .publish(Routes::new(next.rules(), names.clone(), overlays));
+        self.engine.publish(Routes::with_names(
+            next.rules(),
+            next.names(),
+            names.clone(),
+            overlays,
+        ));
         if names_changed {
             self.dns.publish_names(names);
         }
@@ -398,7 +398,8 @@ impl Daemon {
                 control.overlays.table().clone(),
             )
         };
-        self.engine.publish(Routes::new(rules.rules(), names, overlays));
+        self.engine
+            .publish(Routes::with_names(rules.rules(), rules.names(), names, overlays));
     }
 
     async fn join_overlay(
@@ -539,7 +540,7 @@ impl Daemon {
 fn rules_using(rules: &RuleSet, overlay: &str) -> Vec<u32> {
     let mut ids: Vec<u32> = rules
         .carriers()
-        .filter(|(_, via)| matches!(via, Carrier::Overlay(name) if name == overlay))
+        .filter(|(_, via)| via.overlays().contains(&overlay))
         .map(|(id, _)| id)
         .collect();
     ids.sort_unstable();

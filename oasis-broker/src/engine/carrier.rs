@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use oasis_common::FlowKey;
 
-use super::routes::{HeaderRoute, Routes, Via};
+use super::routes::{HeaderRoute, Routes, RuleVia, Via};
 use crate::rules::Carrier;
 
 /// The rule that claimed a new flow.
@@ -31,13 +31,18 @@ pub struct RuleCarrier;
 impl CarrierChooser for RuleCarrier {
     fn choose(&self, _flow: &FlowKey, claim: Claim<'_>, routes: &Routes, _now: Instant) -> Via {
         match claim {
-            Claim::Header(route) => route.via,
+            Claim::Header(route) => match route.via {
+                RuleVia::Fixed(via) => via,
+                // No measurements here: the underlay, as if Oasis were not
+                // installed.
+                RuleVia::Monitor => Via::Underlay,
+            },
             // A fake address means something only to Oasis: when the
             // name's overlay cannot carry it, the plain path, as if Oasis
             // were not installed, is the one safe fallback.
             Claim::Name { carrier, .. } => match routes.resolve(carrier) {
-                Via::Unavailable => Via::Underlay,
-                via => via,
+                RuleVia::Fixed(Via::Unavailable) | RuleVia::Monitor => Via::Underlay,
+                RuleVia::Fixed(via) => via,
             },
         }
     }

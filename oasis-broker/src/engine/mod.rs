@@ -28,7 +28,7 @@ pub use flows::{FakeBinding, Flow, FlowTable};
 pub use nat::{MemoryNat, NatError, NatTable};
 pub use returns::{LocalAddresses, ReturnPath, module_admitted};
 pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router};
-pub use routes::{HeaderRoute, Routes, Via};
+pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 
 #[cfg(test)]
 mod tests {
@@ -129,7 +129,7 @@ mod tests {
 
     fn routes(rules: &RuleSet, overlays: &Arc<OverlayTable>) -> Routes {
         let names = NameRules::compile(rules.names()).unwrap();
-        Routes::new(rules.rules(), Arc::new(names), overlays.clone())
+        Routes::with_names(rules.rules(), rules.names(), Arc::new(names), overlays.clone())
     }
 
     /// Rules over one joined overlay, `detour` (id 1, entry ENTRY, shim 4).
@@ -621,8 +621,30 @@ mod tests {
     fn carriers_are_resolved_to_ids_when_routes_are_published() {
         let world = world(&[header("detour", "tcp", "80")]);
         let routes = world.engine.routes();
-        assert_eq!(routes.header()[0].via, Via::Overlay(OverlayId(1)));
-        assert_eq!(routes.resolve(&Carrier::Overlay("nope".into())), Via::Unavailable);
-        assert_eq!(routes.resolve(&Carrier::Underlay), Via::Underlay);
+        assert_eq!(routes.header()[0].via, RuleVia::Fixed(Via::Overlay(OverlayId(1))));
+        assert_eq!(
+            routes.resolve(&Carrier::Overlay("nope".into())),
+            RuleVia::Fixed(Via::Unavailable)
+        );
+        assert_eq!(routes.resolve(&Carrier::Underlay), RuleVia::Fixed(Via::Underlay));
+    }
+
+    #[test]
+    fn metric_rules_know_their_candidates() {
+        let mut latency = header("", "tcp", "22");
+        latency.metric = Some("latency".into());
+        let mut among = name("", "example.edu");
+        among.metric = Some("throughput".into());
+        among.among = Some("detour,gone".into());
+        let world = world(&[latency, among]);
+        let routes = world.engine.routes();
+        assert_eq!(routes.header()[0].via, RuleVia::Monitor);
+        let all = routes.monitored(1).unwrap();
+        assert_eq!((all.rule, &all.candidates[..]), (1, &[OverlayId(1)][..]));
+        // An overlay that is not usable now is no candidate.
+        let listed = routes.monitored(2).unwrap();
+        assert_eq!(listed.candidates, [OverlayId(1)]);
+        assert_eq!(listed.goal.metric, crate::monitor::Metric::Throughput);
+        assert_eq!(routes.monitored_rules().count(), 2);
     }
 }

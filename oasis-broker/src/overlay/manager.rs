@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::table::{EntryNodes, JoinedOverlay, OverlayId, OverlayTable};
+use super::table::{EntryNodes, JoinedOverlay, LocalModule, OverlayId, OverlayPath, OverlayTable};
 use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use crate::config::StoredOverlay;
 
@@ -18,7 +18,7 @@ pub struct OverlayManager {
 /// A specification fetched, checked and resolved, ready to join.
 pub struct Prepared {
     stored: StoredOverlay,
-    nodes: EntryNodes,
+    path: Box<dyn OverlayPath>,
     shim: Vec<u8>,
 }
 
@@ -37,7 +37,7 @@ impl OverlayManager {
         let mut joined = Vec::new();
         for overlay in stored {
             match Self::runtime(&overlay) {
-                Ok((nodes, shim)) => joined.push(manager.joined(&overlay, nodes, shim)),
+                Ok((path, shim)) => joined.push(manager.joined(&overlay, path, shim)),
                 Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
             }
             manager.stored.push(overlay);
@@ -46,17 +46,27 @@ impl OverlayManager {
         manager
     }
 
-    fn runtime(stored: &StoredOverlay) -> Result<(EntryNodes, Vec<u8>), OverlayError> {
+    fn runtime(stored: &StoredOverlay) -> Result<(Box<dyn OverlayPath>, Vec<u8>), OverlayError> {
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
+        if let Some(port) = stored.spec.monitor_port() {
+            return Ok((Box::new(LocalModule::new(port)), shim));
+        }
         let entries = stored.spec.resolve_entries()?;
         let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
-        Ok((nodes, shim))
+        Ok((Box::new(nodes), shim))
     }
 
-    fn joined(&mut self, stored: &StoredOverlay, nodes: EntryNodes, shim: Vec<u8>) -> Arc<JoinedOverlay> {
+    fn joined(
+        &mut self,
+        stored: &StoredOverlay,
+        path: Box<dyn OverlayPath>,
+        shim: Vec<u8>,
+    ) -> Arc<JoinedOverlay> {
         let id = OverlayId(self.next_id);
         self.next_id += 1;
-        Arc::new(JoinedOverlay::new(id, stored.name.clone(), Box::new(nodes), shim))
+        let mut overlay = JoinedOverlay::new(id, stored.name.clone(), path, shim);
+        overlay.monitor = stored.spec.monitor_port().is_some();
+        Arc::new(overlay)
     }
 
     /// Every joined overlay, in the order joined.
@@ -79,11 +89,16 @@ impl OverlayManager {
         check_name(&name)?;
         let spec = fetch(&url).await?;
         let shim = shim_bytes(spec.shim_len, token.as_deref())?;
-        let to_resolve = spec.clone();
-        let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries())
-            .await
-            .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
-        let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
+        let path: Box<dyn OverlayPath> = match spec.monitor_port() {
+            Some(port) => Box::new(LocalModule::new(port)),
+            None => {
+                let to_resolve = spec.clone();
+                let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries())
+                    .await
+                    .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
+                Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?)
+            }
+        };
         Ok(Prepared {
             stored: StoredOverlay {
                 name,
@@ -91,7 +106,7 @@ impl OverlayManager {
                 token,
                 spec,
             },
-            nodes,
+            path,
             shim,
         })
     }
@@ -102,7 +117,7 @@ impl OverlayManager {
         if self.find(&prepared.stored.name).is_some() {
             return Err(JoinError::Exists(prepared.stored.name));
         }
-        let overlay = self.joined(&prepared.stored, prepared.nodes, prepared.shim);
+        let overlay = self.joined(&prepared.stored, prepared.path, prepared.shim);
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().cloned().chain([overlay]).collect();
         self.table = Arc::new(OverlayTable::new(list));
         self.stored.push(prepared.stored);
@@ -154,7 +169,7 @@ mod tests {
     fn prepared(name: &str) -> Prepared {
         Prepared {
             stored: stored(name, "192.0.2.20"),
-            nodes: EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap(),
+            path: Box::new(EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap()),
             shim: vec![0; 2],
         }
     }

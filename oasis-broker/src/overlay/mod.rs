@@ -12,7 +12,10 @@ pub use manager::{OverlayManager, Prepared};
 pub use spec::{MAX_ENTRIES, MAX_SPEC_BYTES, ModuleKind, ModuleSpec, OverlaySpec, SpecError};
 #[cfg(test)]
 pub(crate) use table::test_overlay;
-pub use table::{EntryNodes, JoinedOverlay, OverlayId, OverlayPath, OverlayTable};
+pub use table::{EntryNodes, JoinedOverlay, LocalModule, OverlayId, OverlayPath, OverlayTable};
+
+use crate::config::StoredOverlay;
+use crate::rules::{Carrier, RuleError};
 
 /// Why joining or leaving an overlay was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +53,50 @@ pub fn check_name(name: &str) -> Result<(), JoinError> {
     }
 }
 
+/// Checks that the overlays a rule's carrier names are joined and fit
+/// their role: a carrier carries, a monitor module decides.
+pub fn check_carrier(via: &Carrier, joined: &[StoredOverlay]) -> Result<(), RuleError> {
+    let find = |name: &str| {
+        joined
+            .iter()
+            .find(|o| o.name == name)
+            .ok_or_else(|| RuleError::UnknownOverlay(name.into()))
+    };
+    for name in via.overlays() {
+        find(name)?;
+    }
+    let carrier = |name: &str| -> Result<(), RuleError> {
+        match find(name)?.spec.monitor_port() {
+            Some(_) => Err(RuleError::MonitorIsNoCarrier(name.into())),
+            None => Ok(()),
+        }
+    };
+    match via {
+        Carrier::Underlay => Ok(()),
+        Carrier::Overlay(name) => carrier(name),
+        Carrier::Monitor(goal) => {
+            for name in goal.among.iter().flatten() {
+                carrier(name)?;
+            }
+            if let Some(module) = &goal.module {
+                let overlay = find(module)?;
+                if overlay.spec.monitor_port().is_none() {
+                    return Err(RuleError::NotAMonitor(module.clone()));
+                }
+                let text = goal.metric.to_string();
+                if text.len() > overlay.spec.shim_len {
+                    return Err(RuleError::MetricLongerThanShim {
+                        monitor: module.clone(),
+                        metric: text.len(),
+                        shim: overlay.spec.shim_len,
+                    });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The shim bytes sent in front of every packet: the token, or zeros.
 pub fn shim_bytes(shim_len: usize, token: Option<&str>) -> Result<Vec<u8>, JoinError> {
     let Some(token) = token else {
@@ -72,6 +119,77 @@ pub fn shim_bytes(shim_len: usize, token: Option<&str>) -> Result<Vec<u8>, JoinE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::monitor::{Goal, Metric};
+
+    fn joined(name: &str, monitor_port: Option<u16>) -> StoredOverlay {
+        let module = monitor_port.map(|port| {
+            format!(
+                r#"<module url="http://x/m.wasm" kind="monitor" port="{port}" sha256="{}"/>"#,
+                "ab".repeat(32)
+            )
+        });
+        let text = match module {
+            Some(module) => format!(r#"<overlay><shim length="8"/>{module}</overlay>"#),
+            None => r#"<overlay><entry host="192.0.2.1" port="7400"/></overlay>"#.into(),
+        };
+        StoredOverlay {
+            name: name.into(),
+            url: "http://x/spec.xml".into(),
+            token: None,
+            spec: OverlaySpec::parse(&text).unwrap(),
+        }
+    }
+
+    #[test]
+    fn carriers_carry_and_monitors_decide() {
+        let overlays = [joined("detour", None), joined("mon", Some(760))];
+        let goal = |metric: Metric, among: Option<&[&str]>, module: Option<&str>| {
+            Carrier::Monitor(Goal {
+                metric,
+                among: among.map(|a| a.iter().map(|s| s.to_string()).collect()),
+                module: module.map(Into::into),
+            })
+        };
+        assert_eq!(
+            check_carrier(&Carrier::Overlay("detour".into()), &overlays),
+            Ok(())
+        );
+        assert_eq!(
+            check_carrier(&Carrier::Overlay("mon".into()), &overlays),
+            Err(RuleError::MonitorIsNoCarrier("mon".into()))
+        );
+        assert_eq!(
+            check_carrier(&Carrier::Overlay("gone".into()), &overlays),
+            Err(RuleError::UnknownOverlay("gone".into()))
+        );
+        assert_eq!(
+            check_carrier(&goal(Metric::Latency, Some(&["detour"]), None), &overlays),
+            Ok(())
+        );
+        assert_eq!(
+            check_carrier(&goal(Metric::Latency, Some(&["mon"]), None), &overlays),
+            Err(RuleError::MonitorIsNoCarrier("mon".into()))
+        );
+        assert_eq!(
+            check_carrier(&goal(Metric::Latency, None, Some("mon")), &overlays),
+            Ok(())
+        );
+        assert_eq!(
+            check_carrier(&goal(Metric::Latency, None, Some("detour")), &overlays),
+            Err(RuleError::NotAMonitor("detour".into()))
+        );
+        assert_eq!(
+            check_carrier(
+                &goal(Metric::Other("far-too-long".into()), None, Some("mon")),
+                &overlays
+            ),
+            Err(RuleError::MetricLongerThanShim {
+                monitor: "mon".into(),
+                metric: 12,
+                shim: 8
+            })
+        );
+    }
 
     #[test]
     fn tokens_fill_the_shim_exactly() {

@@ -21,7 +21,8 @@ pub struct OverlaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Entry nodes as `host:port`; hosts may be names, resolved on join
-    /// and at every daemon start.
+    /// and at every daemon start. Empty only for a monitor module's
+    /// overlay, which carries nothing itself.
     pub entries: Vec<String>,
     /// Bytes in front of every packet the overlay carries.
     #[serde(default)]
@@ -36,6 +37,20 @@ pub struct ModuleSpec {
     /// Hex SHA-256 of the module's bytes; a module that differs is refused.
     pub sha256: String,
     pub kind: ModuleKind,
+    /// The UDP port the module listens on, on loopback: the broker sends
+    /// it `[shim][IP packet]` there and admits what it sends from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl OverlaySpec {
+    /// The loopback port of the overlay's monitor module, if it has one.
+    pub fn monitor_port(&self) -> Option<u16> {
+        self.module
+            .as_ref()
+            .filter(|m| m.kind == ModuleKind::Monitor)
+            .and_then(|m| m.port)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +90,13 @@ pub enum SpecError {
     BadModuleHash(String),
     #[error("<module kind={0:?}>: the kind is `overlay` or `monitor`")]
     BadModuleKind(String),
+    #[error(
+        "<module port={0:?}>: the module's loopback port must be a number from 1 to 1023 (a privileged \
+         port, so no unprivileged process can take the module's place)"
+    )]
+    BadModulePort(String),
+    #[error("<module kind=\"monitor\">: a monitor module needs port=\"N\", the loopback port it listens on")]
+    MonitorWithoutPort,
 }
 
 /// The document as written; checked into an [`OverlaySpec`].
@@ -115,6 +137,8 @@ struct ModuleXml {
     sha256: String,
     #[serde(rename = "@kind", default)]
     kind: Option<String>,
+    #[serde(rename = "@port", default)]
+    port: Option<String>,
 }
 
 impl OverlaySpec {
@@ -124,7 +148,9 @@ impl OverlaySpec {
             return Err(SpecError::TooLarge(text.len()));
         }
         let xml: SpecXml = quick_xml::de::from_str(text).map_err(|e| SpecError::Xml(e.to_string()))?;
-        if xml.entries.is_empty() {
+        let module = xml.module.map(check_module).transpose()?;
+        let monitor_only = module.as_ref().is_some_and(|m| m.kind == ModuleKind::Monitor);
+        if xml.entries.is_empty() && !monitor_only {
             return Err(SpecError::NoEntries);
         }
         if xml.entries.len() > MAX_ENTRIES {
@@ -165,7 +191,6 @@ impl OverlaySpec {
                 .filter(|n| *n <= MAX_SHIM_LEN)
                 .ok_or_else(|| SpecError::BadShim(shim.length.clone()))?,
         };
-        let module = xml.module.map(check_module).transpose()?;
         Ok(OverlaySpec {
             name: xml.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
             description: xml
@@ -212,7 +237,26 @@ fn check_module(module: ModuleXml) -> Result<ModuleSpec, SpecError> {
         Some("monitor") => ModuleKind::Monitor,
         Some(other) => return Err(SpecError::BadModuleKind(other.into())),
     };
-    Ok(ModuleSpec { url, sha256, kind })
+    let port = module
+        .port
+        .as_deref()
+        .map(|text| {
+            text.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| (1..1024).contains(p))
+                .ok_or_else(|| SpecError::BadModulePort(text.into()))
+        })
+        .transpose()?;
+    if kind == ModuleKind::Monitor && port.is_none() {
+        return Err(SpecError::MonitorWithoutPort);
+    }
+    Ok(ModuleSpec {
+        url,
+        sha256,
+        kind,
+        port,
+    })
 }
 
 /// An IP address, or a DNS name made of letters, digits, '-' and '.'.
@@ -309,6 +353,31 @@ mod tests {
         }
         let huge = format!("<overlay>{}</overlay>", " ".repeat(MAX_SPEC_BYTES));
         assert!(matches!(OverlaySpec::parse(&huge), Err(SpecError::TooLarge(_))));
+    }
+
+    #[test]
+    fn a_monitor_module_needs_a_privileged_port_and_no_entries() {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let spec = OverlaySpec::parse(&format!(
+            r#"<overlay><shim length="16"/><module url="http://x/m.wasm" sha256="{hash}" kind="monitor" port="760"/></overlay>"#
+        ))
+        .unwrap();
+        assert_eq!(spec.monitor_port(), Some(760));
+        assert!(spec.entries.is_empty());
+        for (attrs, expected) in [
+            (r#"kind="monitor""#, "needs port"),
+            (r#"kind="monitor" port="7600""#, "1 to 1023"),
+            (r#"kind="monitor" port="x""#, "1 to 1023"),
+        ] {
+            let text =
+                format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}" {attrs}/></overlay>"#);
+            let err = OverlaySpec::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{attrs}: {err}");
+        }
+        // A module that carries traffic does not replace the entry nodes.
+        let text =
+            format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}" port="760"/></overlay>"#);
+        assert_eq!(OverlaySpec::parse(&text), Err(SpecError::NoEntries));
     }
 
     #[test]

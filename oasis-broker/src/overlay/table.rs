@@ -63,6 +63,31 @@ impl OverlayPath for EntryNodes {
     }
 }
 
+/// A module listening on loopback (an external monitor, until the sandbox
+/// runs modules): every flow goes to it, and only it hands packets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalModule {
+    addr: [SocketAddr; 1],
+}
+
+impl LocalModule {
+    pub fn new(port: u16) -> LocalModule {
+        LocalModule {
+            addr: [SocketAddr::from(([127, 0, 0, 1], port))],
+        }
+    }
+}
+
+impl OverlayPath for LocalModule {
+    fn next_hop(&self, _flow: &FlowKey) -> SocketAddr {
+        self.addr[0]
+    }
+
+    fn peers(&self) -> &[SocketAddr] {
+        &self.addr
+    }
+}
+
 /// A joined overlay as the packet path uses it.
 #[derive(Debug)]
 pub struct JoinedOverlay {
@@ -71,6 +96,9 @@ pub struct JoinedOverlay {
     /// Sent in front of every packet.
     pub shim: Vec<u8>,
     pub path: Box<dyn OverlayPath>,
+    /// A monitor module's overlay: it decides for metric rules that name
+    /// it, and is no carrier the built-in Monitor would choose.
+    pub monitor: bool,
     pub sent: AtomicU64,
     pub received: AtomicU64,
 }
@@ -82,6 +110,7 @@ impl JoinedOverlay {
             name,
             shim,
             path,
+            monitor: false,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
         }
