@@ -303,6 +303,10 @@ pub struct BrokerCounters {
     /// Flows forgotten early because a packet thread's table was full.
     #[serde(default)]
     pub flows_evicted: u64,
+    /// Metric rules' flows moved to another carrier because their
+    /// handshake went unanswered.
+    #[serde(default)]
+    pub rescued: u64,
     /// Packets overlays returned and the broker delivered to this host.
     pub overlay_received: u64,
     /// Datagrams on the standard port from senders that are no joined

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crate::engine::{DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Router, module_admitted};
+use crate::engine::{
+    DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Returned, Router, module_admitted,
+};
 use crate::liveness::{TICK_EVERY, Tick};
 use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
 use crate::shared::{Shared, snapshot};
@@ -205,6 +207,7 @@ where
         path.begin_batch();
         let engine: Arc<Engine> = path.engine().clone();
         let replies = engine.replies();
+        let now = Instant::now();
         let mut accepted = 0;
         for (buf, got) in bufs.iter().zip(&received).take(count) {
             for range in datagrams(got.len, got.segment) {
@@ -218,9 +221,19 @@ where
                     replies.as_deref(),
                     headroom,
                     &mut out[accepted],
+                    now,
                 );
-                if accept.is_ok() {
-                    accepted += 1;
+                match accept {
+                    Ok(Returned::Deliver(_)) => accepted += 1,
+                    // A probe's SYN-ACK: the reset goes back the way it came,
+                    // so the server does not keep a half-open connection.
+                    Ok(Returned::ProbeAnswer { overlay, reset: true }) => {
+                        if let (Some(to), Some(overlay)) = (got.from, path.routes().overlays.get(overlay)) {
+                            let rst = out[accepted].as_slice();
+                            socket.send(&mut scratch, std::iter::once((overlay.shim.as_slice(), rst, to)));
+                        }
+                    }
+                    Ok(Returned::ProbeAnswer { .. }) | Err(_) => {}
                 }
             }
         }

@@ -451,7 +451,7 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
         "a first packet goes to the broker"
     );
 
-    nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into())
+    nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into(), false)
         .unwrap();
     let (verdict, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &tcp4(FAKE, 40000, 80, false));
     assert_eq!(verdict, TC_ACT_OK, "rewritten in place and sent on");

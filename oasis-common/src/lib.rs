@@ -27,6 +27,12 @@ pub const NAT_ENTRIES: u32 = 65_536;
 /// Sockets whose original DNS server the redirect remembers.
 pub const DNS_SOCKETS: u32 = 65_536;
 
+/// Flows (and probes) the kernel measures for the Monitor at once.
+pub const MONITORED_ENTRIES: u32 = 16_384;
+
+/// Bytes of the ring buffer that carries measurements to the broker.
+pub const MONITOR_EVENTS_BYTES: u32 = 256 * 1024;
+
 /// The uplinks' TC ingress program: turns replies of fake-address flows
 /// carried by the underlay back into replies from the fake address.
 pub const INGRESS_PROGRAM: &str = "oasis_ingress";
@@ -176,12 +182,17 @@ pub enum Verdict {
     Pass = 0,
     /// Redirect to the broker's TUN device.
     Divert = 1,
+    /// Leave the packet alone, and measure the flow for the Monitor (a
+    /// flow of a metric rule the Monitor gave the underlay; only the broker
+    /// writes this verdict).
+    Measure = 2,
 }
 
 impl Verdict {
     pub const fn from_u8(v: u8) -> Verdict {
         match v {
             1 => Verdict::Divert,
+            2 => Verdict::Measure,
             _ => Verdict::Pass,
         }
     }
@@ -224,7 +235,88 @@ pub mod stat {
     /// Packets of fake-address flows rewritten in the kernel, each way.
     pub const NAT_EGRESS: u32 = 7;
     pub const NAT_INGRESS: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Packets of flows measured for the Monitor, each way.
+    pub const MEASURED_EGRESS: u32 = 9;
+    pub const MEASURED_INGRESS: u32 = 10;
+    /// Measurements lost because the ring buffer to the broker was full.
+    pub const EVENTS_LOST: u32 = 11;
+    pub const COUNT: u32 = 12;
+}
+
+/// What the kernel keeps of a flow (or probe) it measures for the Monitor,
+/// keyed by the flow as it leaves the host. The broker creates the entry
+/// when it pins the flow to the underlay, or sends a probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Measure {
+    /// CLOCK_MONOTONIC ns the flow's first SYN (or the probe) left; 0 once
+    /// answered, or when the SYN was sent again (no sample then: which
+    /// copy was answered is unknown).
+    pub syn_ns: u64,
+    /// When `ts_val` left; 0 while no timestamp sample is on its way.
+    pub ts_sent_ns: u64,
+    /// When the last round-trip sample was taken (one per 100 ms at most).
+    pub sampled_ns: u64,
+    /// When counts were last reported.
+    pub reported_ns: u64,
+    /// Bytes the peer acknowledged since the last report.
+    pub acked_bytes: u64,
+    /// The timestamp value on its way.
+    pub ts_val: u32,
+    /// The sequence number after the highest byte sent.
+    pub seq_next: u32,
+    /// The highest acknowledgement received.
+    pub last_ack: u32,
+    /// Segments with data sent since the last report, and how many of
+    /// them were sent again.
+    pub segments: u32,
+    pub retransmits: u32,
+    /// `measure_flag`s.
+    pub flags: u32,
+}
+
+/// Bits of [`Measure::flags`].
+pub mod measure_flag {
+    /// A probe of the Monitor's, not an application's flow.
+    pub const PROBE: u32 = 1;
+    /// The handshake was answered.
+    pub const ANSWERED: u32 = 2;
+    /// `seq_next` holds a sequence number.
+    pub const SEQ_KNOWN: u32 = 4;
+}
+
+/// One measurement, from the kernel to the broker through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// The flow as it leaves the host.
+    pub key: FlowKey,
+    /// `monitor_event`'s kinds.
+    pub kind: u32,
+    pub _pad: u32,
+    /// Per kind: a round trip in ns; segments sent; ...
+    pub a: u64,
+    /// ... segments sent again; ...
+    pub b: u64,
+    /// ... bytes acknowledged, over `d` ns.
+    pub c: u64,
+    pub d: u64,
+}
+
+/// Kinds of [`MonitorEvent`].
+pub mod monitor_event {
+    /// The handshake (or a probe) was answered by SYN-ACK: `a` = round trip ns.
+    pub const SYN_ACK: u32 = 1;
+    /// A timestamp echo: `a` = round trip ns.
+    pub const TS_RTT: u32 = 2;
+    /// The peer reset the flow (a probe's answer, for a closed port):
+    /// `a` = round trip ns when the flow's SYN was on its way, else 0.
+    pub const RESET: u32 = 3;
+    /// An ICMP error said the destination is unreachable.
+    pub const UNREACHABLE: u32 = 4;
+    /// `a` data segments sent, `b` of them again, `c` bytes acknowledged,
+    /// over the last `d` ns.
+    pub const COUNTS: u32 = 5;
 }
 
 /// Run-time settings the broker writes at start.
@@ -392,7 +484,14 @@ pub struct NatEntry {
     pub addr: [u8; 16],
     /// CLOCK_MONOTONIC ns of the last packet, refreshed about once a second.
     pub last_seen_ns: u64,
+    /// `NAT_MEASURE`: the flow is measured for the Monitor too.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// [`NatEntry::flags`]: after the rewrite, the flow (by its real address)
+/// is measured for the Monitor.
+pub const NAT_MEASURE: u32 = 1;
 
 /// What the DNS redirect needs to know. `port` 0 turns it off.
 #[repr(C)]
@@ -440,6 +539,8 @@ mod pod {
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for DnsSettings {}
     unsafe impl aya::Pod for DnsOriginal {}
+    unsafe impl aya::Pod for Measure {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 #[cfg(test)]
@@ -456,9 +557,11 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
-        assert_eq!(size_of::<NatEntry>(), 16 + 8);
+        assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);
         assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<Measure>(), 5 * 8 + 6 * 4);
+        assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);
     }
 
     #[test]

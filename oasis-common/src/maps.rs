@@ -14,6 +14,8 @@ pub enum MapKind {
     LpmTrie,
     PerCpuArray,
     PerCpuHashMap,
+    /// Its size is in bytes, not entries.
+    RingBuf,
 }
 
 impl MapKind {
@@ -26,6 +28,7 @@ impl MapKind {
             MapKind::LpmTrie => "lpm_trie",
             MapKind::PerCpuArray => "percpu_array",
             MapKind::PerCpuHashMap => "percpu_hash",
+            MapKind::RingBuf => "ringbuf",
         }
     }
 }
@@ -91,6 +94,13 @@ macro_rules! kernel_maps {
             DNS_ORIGINAL, "OASIS_DNS_ORIGINAL", LruHashMap<u64, $crate::DnsOriginal>, $crate::DNS_SOCKETS;
             /// What the exit node's ingress program steers.
             EXIT_SETTINGS, "OASIS_EXIT_SETTINGS", Array<$crate::ExitSettings>, 1;
+            /// Flows and probes measured for the Monitor.
+            MONITORED, "OASIS_MONITORED", LruHashMap<$crate::FlowKey, $crate::Measure>, $crate::MONITORED_ENTRIES;
+            /// Measurements on their way to the broker (`MonitorEvent`s).
+            MONITOR_EVENTS, "OASIS_MONITOR_EVENTS", RingBuf<$crate::MonitorEvent>, $crate::MONITOR_EVENTS_BYTES;
+            /// Index 0: how many entries `MONITORED` holds. While none, the
+            /// uplinks' ingress program measures nothing.
+            MONITOR_ACTIVE, "OASIS_MONITOR_ACTIVE", Array<u32>, 1;
         }
     };
 }

@@ -2,6 +2,7 @@ use crate::maps::{
     ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
     SETTINGS, SPORT, STATS,
 };
+use crate::measure;
 use crate::nat;
 use crate::parse::coarse_ns;
 use crate::parse::{Parsed, parse_into};
@@ -57,7 +58,7 @@ fn classify(ctx: &TcContext) -> i32 {
     // Fake addresses come before every rule: they exist only because a
     // name rule claimed the name, and mean nothing on the wire.
     if settings.is_fake(&parsed.key) {
-        if nat::egress(ctx, parsed) {
+        if nat::egress(ctx, &mut *parsed) {
             return TC_ACT_OK as i32;
         }
         bump(stat::FAKE_DIVERTED);
@@ -85,6 +86,10 @@ fn classify(ctx: &TcContext) -> i32 {
         Verdict::Divert => {
             bump(stat::DIVERTED);
             divert(settings)
+        }
+        Verdict::Measure => {
+            measure::egress(ctx, parsed);
+            TC_ACT_OK as i32
         }
     }
 }

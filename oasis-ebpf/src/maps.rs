@@ -2,15 +2,26 @@
 //! `oasis_common::maps`, which the broker opens them by.
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 
 macro_rules! declare {
     ($($(#[$doc:meta])* $id:ident, $name:tt, $kind:ident<$($arg:ty),+>, $size:expr;)*) => {
-        $(
-            $(#[$doc])*
-            #[map(name = $name)]
-            pub(crate) static $id: $kind<$($arg),+> = $kind::with_max_entries($size, 0);
-        )*
+        $( declare_one!($(#[$doc])* $id, $name, $kind<$($arg),+>, $size); )*
+    };
+}
+
+macro_rules! declare_one {
+    // A ring buffer is sized in bytes and has no key or value type; the
+    // table names what it carries for the reader.
+    ($(#[$doc:meta])* $id:ident, $name:tt, RingBuf<$item:ty>, $size:expr) => {
+        $(#[$doc])*
+        #[map(name = $name)]
+        pub(crate) static $id: RingBuf = RingBuf::with_byte_size($size, 0);
+    };
+    ($(#[$doc:meta])* $id:ident, $name:tt, $kind:ident<$($arg:ty),+>, $size:expr) => {
+        $(#[$doc])*
+        #[map(name = $name)]
+        pub(crate) static $id: $kind<$($arg),+> = $kind::with_max_entries($size, 0);
     };
 }
 

@@ -13,11 +13,12 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use oasis_common::{FAMILY_V4, NatEntry, stat};
+use oasis_common::{FAMILY_V4, NAT_MEASURE, NatEntry, stat};
 
 use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
-use crate::maps::{NAT_ACTIVE, NAT_IN, NAT_OUT};
+use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_IN, NAT_OUT};
+use crate::measure;
 use crate::parse::coarse_ns;
 use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse_into};
 
@@ -29,35 +30,54 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 /// A separate BPF function: inlined, its buffers would push the
 /// classifier past the 512-byte stack.
 #[inline(never)]
-pub fn egress(ctx: &TcContext, parsed: &Parsed) -> bool {
+pub fn egress(ctx: &TcContext, parsed: &mut Parsed) -> bool {
     let key = &parsed.key;
     let Some(entry) = NAT_OUT.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup; plain integers and bytes.
-    let real = unsafe {
+    let (real, flags) = unsafe {
         refresh(entry);
-        (*entry).addr
+        ((*entry).addr, (*entry).flags)
     };
+    // A measured flow's SYN sent again goes to the broker: unanswered, the
+    // Monitor moves the new connection to another carrier.
+    if flags & NAT_MEASURE != 0 && parsed.new_connection {
+        return false;
+    }
     if rewrite(ctx, parsed, Field::Destination, &key.dst, &real).is_some() {
         bump(stat::NAT_EGRESS);
+        if flags & NAT_MEASURE != 0 {
+            // Measured flows are keyed by the real destination.
+            parsed.key.dst = real;
+            measure::egress(ctx, parsed);
+        }
     }
     true
 }
 
-/// Replies of in-kernel NAT flows: the real source becomes the fake one.
-/// Every packet the uplinks receive passes here: while the NAT holds no
-/// flow, it costs one array read.
+/// Replies of in-kernel NAT flows: the real source becomes the fake one;
+/// and answers to flows measured for the Monitor. Every packet the uplinks
+/// receive passes here: while the NAT holds no flow and nothing is
+/// measured, it costs two array reads.
 #[classifier]
 pub fn oasis_ingress(ctx: TcContext) -> i32 {
-    if NAT_ACTIVE.get(0).is_none_or(|flows| *flows == 0) {
+    let nat = NAT_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
+    let monitor = MONITOR_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
+    if !nat && !monitor {
         return TC_ACT_OK as i32;
     }
     let mut slot = core::mem::MaybeUninit::uninit();
     let parsed = Parsed::zero_in(&mut slot);
-    if parse_into(&ctx, parsed)
-        && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key)
-    {
+    if !parse_into(&ctx, parsed) {
+        return TC_ACT_OK as i32;
+    }
+    // Measured before the NAT rewrites the source: measured flows are
+    // keyed by real addresses.
+    if monitor {
+        measure::ingress(&ctx, parsed);
+    }
+    if nat && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key) {
         // SAFETY: pointer from a successful lookup.
         let fake = unsafe {
             refresh(entry);

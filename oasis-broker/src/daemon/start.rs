@@ -13,9 +13,11 @@ use super::transport::{ControlListener, shutdown_signal};
 use super::{DaemonError, dns, heartbeat, persist, serve, state};
 use crate::config::Config;
 use crate::control::TunView;
-use crate::engine::{Engine, EngineSettings, ReturnPath, Routes, RuleCarrier};
+use crate::engine::{Engine, EngineSettings, KernelTables, MonitorChooser, ReturnPath, Routes};
 use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
+use crate::monitor::MonitorLink;
+use crate::monitor::link::EVENT_QUEUE;
 use crate::names::NameRules;
 use crate::overlay::OverlayManager;
 use crate::platform::Platform;
@@ -67,6 +69,10 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let nat = kernel
         .take_nat()
         .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
+    let pins = kernel
+        .take_pins()
+        .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
+    let (link, monitor_events) = MonitorLink::new(EVENT_QUEUE);
     let overlays = {
         let stored = config.overlays.clone();
         tokio::task::spawn_blocking(move || OverlayManager::load(stored))
@@ -91,8 +97,9 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             overlays.table().clone(),
         ),
         dns.fakes.clone(),
-        nat,
-        Box::new(RuleCarrier),
+        KernelTables { nat, pins },
+        Box::new(MonitorChooser::new(link.clone())),
+        link,
     );
 
     // The packet loops.

@@ -56,6 +56,9 @@ pub struct EngineCounters {
     pub fake_flows_underlay: AtomicU64,
     pub fake_flows_overlay: AtomicU64,
     pub nat_errors: AtomicU64,
+    /// Metric rules' flows moved to another carrier because their
+    /// handshake went unanswered.
+    pub rescued: AtomicU64,
     malformed: AtomicU64,
     unroutable: AtomicU64,
     no_carrier: AtomicU64,
@@ -100,6 +103,7 @@ impl EngineCounters {
             flows: load(&self.flows),
             flows_started: load(&self.flows_started),
             flows_evicted: load(&self.flows_evicted),
+            rescued: load(&self.rescued),
             overlay_received: load(&self.overlay_received),
             rejected_sender: load(&self.not_from_overlay),
             rejected_destination: load(&self.not_for_this_host),

@@ -24,6 +24,20 @@ pub fn choose_real(entry: &FakeEntry, key: &FlowKey) -> Option<IpAddr> {
         .copied()
 }
 
+/// `key`'s flow as it leaves the host once its fake destination is
+/// replaced by `real`.
+pub fn real_key(key: &FlowKey, real: IpAddr) -> FlowKey {
+    let mut out = *key;
+    match real {
+        IpAddr::V4(v4) => {
+            out.dst = [0; 16];
+            out.dst[..4].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => out.dst = v6.octets(),
+    }
+    out
+}
+
 /// The key a reply of `key`'s flow arrives with once its fake destination
 /// is replaced by `real`.
 pub fn reply_key(key: &FlowKey, real: IpAddr) -> FlowKey {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use oasis_common::FlowKey;
 
+use super::measure::OutboundMeasure;
 use super::routes::Via;
+use crate::monitor::Why;
 
 /// A flow to a fake address: which real address stands behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +27,7 @@ pub struct FakeBinding {
     pub in_kernel: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Flow {
     /// The rule that claimed the flow; None when it no longer existed.
     pub rule: Option<u32>,
@@ -34,6 +36,17 @@ pub struct Flow {
     pub started: Instant,
     pub last_seen: Instant,
     pub packets: u64,
+    /// A metric rule's flow: why the Monitor chose its carrier.
+    pub why: Option<Why>,
+    /// The flow passes in the kernel after its first packet (a metric
+    /// rule's flow on the underlay); its packets reach the engine only when
+    /// the kernel lost its cached verdict, or its SYN went again.
+    pub pinned: bool,
+    /// The kernel measures it for the Monitor (pinned, or a fake-address
+    /// flow translated in the kernel): keyed by its real destination.
+    pub measured_in_kernel: bool,
+    /// Measured here for the Monitor (a metric rule's flow on an overlay).
+    pub measure: Option<Box<OutboundMeasure>>,
 }
 
 impl Flow {
@@ -45,11 +58,21 @@ impl Flow {
             started: now,
             last_seen: now,
             packets: 0,
+            why: None,
+            pinned: false,
+            measured_in_kernel: false,
+            measure: None,
         }
     }
 
-    fn in_kernel(&self) -> bool {
-        self.fake.is_some_and(|f| f.in_kernel)
+    /// Whether the kernel carries the flow's packets after its first.
+    pub fn in_kernel(&self) -> bool {
+        self.pinned || self.fake.is_some_and(|f| f.in_kernel)
+    }
+
+    /// Whether it is a metric rule's flow.
+    pub fn monitored(&self) -> bool {
+        self.why.is_some()
     }
 }
 
@@ -122,18 +145,15 @@ impl FlowTable {
         mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
         ended: &mut Vec<(FlowKey, Flow)>,
     ) {
-        self.flows.retain(|key, flow| {
+        let gone = self.flows.extract_if(|key, flow| {
             let seen = if flow.in_kernel() {
                 kernel_seen(key, flow).map_or(flow.last_seen, |k| k.max(flow.last_seen))
             } else {
                 flow.last_seen
             };
-            let alive = now.saturating_duration_since(seen) <= idle;
-            if !alive {
-                ended.push((*key, flow.clone()));
-            }
-            alive
+            now.saturating_duration_since(seen) > idle
         });
+        ended.extend(gone);
     }
 
     /// Ends idle flows, as `sweep` with the table's own timeout.
@@ -178,6 +198,15 @@ impl FlowTable {
 
     pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
         self.flows.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&FlowKey, &mut Flow)> {
+        self.flows.iter_mut()
+    }
+
+    /// Takes a flow out of the table.
+    pub fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        self.flows.remove(key)
     }
 }
 

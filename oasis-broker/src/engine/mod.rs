@@ -16,18 +16,22 @@ pub mod carrier;
 pub mod counters;
 pub mod fake;
 pub mod flows;
+pub mod measure;
 pub mod nat;
 pub mod packet;
+pub mod pins;
+pub mod probes;
 pub mod returns;
 pub mod router;
 pub mod routes;
 
-pub use carrier::{CarrierChooser, Claim, RuleCarrier};
+pub use carrier::{CarrierChooser, Claim, Decision, MonitorChooser, NewFlow, RuleCarrier};
 pub use counters::{DropReason, EngineCounters};
 pub use flows::{FakeBinding, Flow, FlowTable};
-pub use nat::{MemoryNat, NatError, NatTable};
-pub use returns::{LocalAddresses, ReturnPath, module_admitted};
-pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router};
+pub use nat::{MemoryNat, NatTable, TableError};
+pub use pins::{FlowPins, MemoryPins};
+pub use returns::{LocalAddresses, ReturnPath, Returned, module_admitted};
+pub use router::{Engine, EngineSettings, KernelTables, Outbound, ReplyMap, Router};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 
 #[cfg(test)]
@@ -60,8 +64,9 @@ mod tests {
             flow: &oasis_common::FlowKey,
             fake: IpAddr,
             real: IpAddr,
-        ) -> Result<(), NatError> {
-            self.0.lock().unwrap().install(flow, fake, real)
+            measure: bool,
+        ) -> Result<(), TableError> {
+            self.0.lock().unwrap().install(flow, fake, real, measure)
         }
         fn remove(&mut self, flow: &oasis_common::FlowKey, real: IpAddr) {
             self.0.lock().unwrap().remove(flow, real)
@@ -74,12 +79,48 @@ mod tests {
         }
     }
 
+    /// Shared pins the test can look into after handing them over.
+    #[derive(Clone, Default)]
+    struct SharedPins(Arc<Mutex<MemoryPins>>);
+
+    impl FlowPins for SharedPins {
+        fn pin(&mut self, flow: &oasis_common::FlowKey, rule: u32) -> Result<(), TableError> {
+            self.0.lock().unwrap().pin(flow, rule)
+        }
+        fn measure(
+            &mut self,
+            flow: &oasis_common::FlowKey,
+            syn_sent: Option<Instant>,
+            probe: bool,
+        ) -> Result<(), TableError> {
+            self.0.lock().unwrap().measure(flow, syn_sent, probe)
+        }
+        fn forget(&mut self, flow: &oasis_common::FlowKey) {
+            self.0.lock().unwrap().forget(flow)
+        }
+        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<Instant> {
+            self.0.lock().unwrap().last_seen(flow)
+        }
+        fn answered(&self, flow: &oasis_common::FlowKey) -> bool {
+            self.0.lock().unwrap().answered(flow)
+        }
+        fn measured(&self) -> usize {
+            self.0.lock().unwrap().measured()
+        }
+    }
+
     /// A NAT table that refuses everything, as a full kernel map would.
     struct FullNat;
 
     impl NatTable for FullNat {
-        fn install(&mut self, _: &oasis_common::FlowKey, _: IpAddr, _: IpAddr) -> Result<(), NatError> {
-            Err(NatError {
+        fn install(
+            &mut self,
+            _: &oasis_common::FlowKey,
+            _: IpAddr,
+            _: IpAddr,
+            _: bool,
+        ) -> Result<(), TableError> {
+            Err(TableError {
                 table: "test",
                 reason: "full".into(),
             })
@@ -96,6 +137,9 @@ mod tests {
     struct World {
         engine: Arc<Engine>,
         nat: SharedNat,
+        pins: SharedPins,
+        link: Arc<crate::monitor::MonitorLink>,
+        events: std::sync::mpsc::Receiver<(Instant, crate::monitor::Event)>,
         rules: RuleSet,
         overlays: Arc<OverlayTable>,
     }
@@ -148,16 +192,25 @@ mod tests {
         let fakes = FakeTable::new(settings.fake_v4, settings.fake_v6, 100);
         let shared = SharedNat::default();
         let nat = nat.unwrap_or_else(|| Box::new(shared.clone()));
+        let pins = SharedPins::default();
+        let (link, events) = crate::monitor::MonitorLink::new(1024);
         let engine = Engine::new(
             settings,
             routes(&rules, &overlays),
             Arc::new(Mutex::new(fakes)),
-            nat,
-            Box::new(RuleCarrier),
+            KernelTables {
+                nat,
+                pins: Box::new(pins.clone()),
+            },
+            Box::new(MonitorChooser::new(link.clone())),
+            link.clone(),
         );
         World {
             engine,
             nat: shared,
+            pins,
+            link,
+            events,
             rules,
             overlays,
         }
@@ -362,14 +415,22 @@ mod tests {
         );
 
         // The reply comes back through the overlay from the real address.
-        let returns = ReturnPath::new(&world.engine);
+        let mut returns = ReturnPath::new(&world.engine);
         let mut datagram = vec![0u8; 4];
         datagram.extend(tcp4_from([192, 0, 2, 10], CLIENT, 443, 40000, Some(1460)));
         let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
         let replies = world.engine.replies().expect("a reply mapping");
         let mut out = Vec::new();
-        let accepted = returns.accept(Some(entry()), &datagram, &local, Some(&replies), 10, &mut out);
-        assert_eq!(accepted, Ok(OverlayId(1)));
+        let accepted = returns.accept(
+            Some(entry()),
+            &datagram,
+            &local,
+            Some(&replies),
+            10,
+            &mut out,
+            Instant::now(),
+        );
+        assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
         let (src, dst) = addresses(&out[10..]).unwrap();
         assert_eq!((src, dst), (fake, IpAddr::from(CLIENT)));
         assert_eq!(mss(&out[10..]), Some(1428), "the SYN-ACK is clamped too");
@@ -547,33 +608,65 @@ mod tests {
     #[test]
     fn returned_packets_must_come_from_a_peer_and_be_for_this_host() {
         let world = world(&[header("detour", "tcp", "80")]);
-        let returns = ReturnPath::new(&world.engine);
+        let mut returns = ReturnPath::new(&world.engine);
         let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
         let mut datagram = vec![0u8; 4];
         datagram.extend(tcp4_from(SERVER, CLIENT, 80, 40000, None));
         let mut out = Vec::new();
         let stranger: SocketAddr = "192.0.2.99:7400".parse().unwrap();
         assert_eq!(
-            returns.accept(Some(stranger), &datagram, &local, None, 0, &mut out),
+            returns.accept(
+                Some(stranger),
+                &datagram,
+                &local,
+                None,
+                0,
+                &mut out,
+                Instant::now()
+            ),
             Err(DropReason::NotFromOverlay)
         );
         assert_eq!(
-            returns.accept(None, &datagram, &local, None, 0, &mut out),
+            returns.accept(None, &datagram, &local, None, 0, &mut out, Instant::now()),
             Err(DropReason::NotFromOverlay)
         );
         let elsewhere: LocalAddresses = [IpAddr::from([10, 9, 9, 9])].into();
         assert_eq!(
-            returns.accept(Some(entry()), &datagram, &elsewhere, None, 0, &mut out),
+            returns.accept(
+                Some(entry()),
+                &datagram,
+                &elsewhere,
+                None,
+                0,
+                &mut out,
+                Instant::now()
+            ),
             Err(DropReason::NotForThisHost)
         );
         assert_eq!(
-            returns.accept(Some(entry()), &datagram[..4], &local, None, 0, &mut out),
+            returns.accept(
+                Some(entry()),
+                &datagram[..4],
+                &local,
+                None,
+                0,
+                &mut out,
+                Instant::now()
+            ),
             Err(DropReason::Malformed),
             "a shim and nothing else"
         );
         assert_eq!(
-            returns.accept(Some(entry()), &datagram, &local, None, 0, &mut out),
-            Ok(OverlayId(1))
+            returns.accept(
+                Some(entry()),
+                &datagram,
+                &local,
+                None,
+                0,
+                &mut out,
+                Instant::now()
+            ),
+            Ok(Returned::Deliver(OverlayId(1)))
         );
         assert_eq!(out, datagram[4..]);
         let counters = world.engine.counters.snapshot();
@@ -627,6 +720,203 @@ mod tests {
             RuleVia::Fixed(Via::Unavailable)
         );
         assert_eq!(routes.resolve(&Carrier::Underlay), RuleVia::Fixed(Via::Underlay));
+    }
+
+    /// A metric rule for TCP port 443, over `detour`.
+    fn metric(kind: &str) -> RuleSpec {
+        let mut spec = header("", "tcp", "443");
+        spec.metric = Some(kind.into());
+        spec
+    }
+
+    /// Publishes the Monitor's choice of `via` for rule 1 towards SERVER.
+    fn choose(world: &World, via: Via, down: Vec<Via>) {
+        let prefix = crate::monitor::Prefix::of(IpAddr::from(SERVER));
+        let chosen = crate::monitor::Chosen {
+            via,
+            why: crate::monitor::Why::Faster {
+                chosen_ms: 10.0,
+                underlay_ms: 60.0,
+            },
+            ranked: vec![via, Via::Underlay],
+        };
+        world.link.publish(Arc::new(crate::monitor::Choices::new(
+            [((1, prefix), chosen)].into(),
+            down,
+        )));
+    }
+
+    fn events(world: &World) -> Vec<crate::monitor::Event> {
+        world.events.try_iter().map(|(_, e)| e).collect()
+    }
+
+    fn key_of(packet: &[u8]) -> oasis_common::FlowKey {
+        packet::flow_key(packet).unwrap()
+    }
+
+    #[test]
+    fn a_metric_flow_on_the_underlay_is_left_to_the_kernel() {
+        let world = world(&[metric("latency")]);
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40000, 443, Some(1460));
+        // Nothing decided yet: the incumbent, the underlay.
+        assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
+        let key = key_of(&syn);
+        let pin = world.pins.0.lock().unwrap().flows[&key];
+        assert_eq!(pin.rule, Some(1));
+        assert!(pin.measured && !pin.probe && pin.syn_sent.is_some());
+        assert!(matches!(
+            events(&world)[..],
+            [crate::monitor::Event::FlowStarted {
+                rule: 1,
+                via: Via::Underlay,
+                dport: 443,
+                ..
+            }]
+        ));
+        // A packet that still reaches the broker: the kernel lost the
+        // verdict; the flow is pinned again and carried on.
+        world.pins.0.lock().unwrap().flows.get_mut(&key).unwrap().rule = None;
+        let mut data = tcp(SERVER, 40000, 443, None);
+        assert_eq!(decide(&mut router, &mut data), Outbound::Underlay);
+        assert_eq!(world.pins.0.lock().unwrap().flows[&key].rule, Some(1));
+        // Idle: the pin and the measurement go with the flow.
+        router.handle_timeout(Instant::now() + Duration::from_secs(300));
+        assert!(world.pins.0.lock().unwrap().flows.is_empty());
+    }
+
+    #[test]
+    fn a_metric_flow_takes_the_monitors_choice_and_is_measured_here() {
+        let world = world(&[metric("latency")]);
+        choose(&world, Via::Overlay(OverlayId(1)), vec![]);
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40000, 443, Some(1460));
+        let start = Instant::now();
+        router.begin_batch();
+        assert!(matches!(
+            router.outbound(start, &mut syn, &mut Vec::new()),
+            Outbound::Overlay { .. }
+        ));
+        assert!(
+            world.pins.0.lock().unwrap().flows.is_empty(),
+            "nothing for the kernel"
+        );
+        let _ = events(&world);
+        // The SYN-ACK comes back through the overlay: the handshake's round trip.
+        let mut returns = ReturnPath::new(&world.engine);
+        let synack = tcp4_from(SERVER, CLIENT, 443, 40000, Some(1400));
+        let datagram = [&[0u8; 4][..], &synack].concat();
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        let mut out = Vec::new();
+        let answered = returns.accept(
+            Some(entry()),
+            &datagram,
+            &local,
+            None,
+            0,
+            &mut out,
+            start + Duration::from_millis(25),
+        );
+        assert_eq!(answered, Ok(Returned::Deliver(OverlayId(1))));
+        let got = events(&world);
+        assert!(
+            matches!(got[..], [crate::monitor::Event::Rtt { via: Via::Overlay(_), rtt, .. }] if rtt == Duration::from_millis(25)),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_handshake_unanswered_moves_the_flow_to_the_next_carrier() {
+        let world = world(&[metric("latency")]);
+        choose(&world, Via::Overlay(OverlayId(1)), vec![]);
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40000, 443, Some(1460));
+        assert!(matches!(decide(&mut router, &mut syn), Outbound::Overlay { .. }));
+        // The SYN again, no SYN-ACK: the overlay failed it.
+        let mut again = tcp(SERVER, 40000, 443, Some(1460));
+        assert_eq!(decide(&mut router, &mut again), Outbound::Underlay);
+        let got = events(&world);
+        assert!(got.iter().any(|e| matches!(
+            e,
+            crate::monitor::Event::SynFailed {
+                via: Via::Overlay(_),
+                ..
+            }
+        )));
+        let key = key_of(&again);
+        assert_eq!(
+            router.flows().get(&key).unwrap().why,
+            Some(crate::monitor::Why::Rescued)
+        );
+        assert_eq!(world.engine.counters.snapshot().rescued, 1);
+        assert!(
+            world.pins.0.lock().unwrap().flows.contains_key(&key),
+            "now the kernel's"
+        );
+        // Unanswered on the underlay too: back to the overlay.
+        let mut third = tcp(SERVER, 40000, 443, Some(1460));
+        assert!(matches!(
+            decide(&mut router, &mut third),
+            Outbound::Overlay { .. }
+        ));
+        assert!(!world.pins.0.lock().unwrap().flows.contains_key(&key));
+    }
+
+    #[test]
+    fn a_syn_sent_again_after_the_kernel_saw_an_answer_is_no_failure() {
+        let world = world(&[metric("latency")]);
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40001, 443, Some(1460));
+        assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
+        let key = key_of(&syn);
+        world.pins.0.lock().unwrap().flows.get_mut(&key).unwrap().answered = true;
+        let mut again = tcp(SERVER, 40001, 443, Some(1460));
+        assert_eq!(decide(&mut router, &mut again), Outbound::Underlay);
+        assert_eq!(world.engine.counters.snapshot().rescued, 0);
+        assert!(
+            world.pins.0.lock().unwrap().flows[&key].rule.is_some(),
+            "pinned again"
+        );
+    }
+
+    #[test]
+    fn new_flows_leave_a_carrier_that_is_down() {
+        let world = world(&[metric("latency")]);
+        choose(
+            &world,
+            Via::Overlay(OverlayId(1)),
+            vec![Via::Overlay(OverlayId(1))],
+        );
+        let mut router = world.engine.router();
+        let mut syn = tcp(SERVER, 40000, 443, Some(1460));
+        assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
+        let key = key_of(&syn);
+        assert_eq!(
+            router.flows().get(&key).unwrap().why,
+            Some(crate::monitor::Why::Failover)
+        );
+    }
+
+    #[test]
+    fn a_metric_name_rule_on_the_underlay_is_translated_and_measured_in_the_kernel() {
+        let mut spec = name("", "example.org");
+        spec.metric = Some("latency".into());
+        let world = world(&[spec]);
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let mut router = world.engine.router();
+        let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
+        assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
+        assert_eq!(world.nat.len(), 1);
+        // Measured by its real destination; nothing pinned (the NAT has it).
+        let pins = world.pins.0.lock().unwrap();
+        let (key, pin) = pins.flows.iter().next().unwrap();
+        assert_eq!(packet::flow_dst(key), "192.0.2.10".parse::<IpAddr>().unwrap());
+        assert!(pin.measured && pin.rule.is_none());
+        drop(pins);
+        assert!(matches!(
+            events(&world)[..],
+            [crate::monitor::Event::FlowStarted { dst, .. }] if dst == "192.0.2.10".parse::<IpAddr>().unwrap()
+        ));
     }
 
     #[test]

@@ -14,9 +14,10 @@ use oasis_io::packet::{End, rewrite_address};
 use super::fake::reply_key;
 use super::packet::{flow_dst, flow_key};
 
+/// A kernel table (NAT, flow pins) refused an entry.
 #[derive(Debug, thiserror::Error)]
 #[error("{table}: {reason}")]
-pub struct NatError {
+pub struct TableError {
     /// Which table refused (e.g. the kernel map's name).
     pub table: &'static str,
     pub reason: String,
@@ -26,7 +27,15 @@ pub trait NatTable: Send {
     /// Translates the flow `flow` (as the application sends it, to the
     /// fake address `fake`) to `real`, both ways. The reply direction is
     /// installed first, so no reply can arrive before its translation.
-    fn install(&mut self, flow: &FlowKey, fake: IpAddr, real: IpAddr) -> Result<(), NatError>;
+    /// `measure`: the translated flow is measured for the Monitor too (see
+    /// [`FlowPins::measure`](super::FlowPins::measure)).
+    fn install(
+        &mut self,
+        flow: &FlowKey,
+        fake: IpAddr,
+        real: IpAddr,
+        measure: bool,
+    ) -> Result<(), TableError>;
     fn remove(&mut self, flow: &FlowKey, real: IpAddr);
     /// When the table last translated a packet of the flow, either way;
     /// None when it does not hold the flow.
@@ -74,7 +83,13 @@ impl MemoryNat {
 }
 
 impl NatTable for MemoryNat {
-    fn install(&mut self, flow: &FlowKey, fake: IpAddr, real: IpAddr) -> Result<(), NatError> {
+    fn install(
+        &mut self,
+        flow: &FlowKey,
+        fake: IpAddr,
+        real: IpAddr,
+        _measure: bool,
+    ) -> Result<(), TableError> {
         debug_assert_eq!(flow_dst(flow), fake);
         let now = Instant::now();
         self.inbound.insert(
@@ -125,7 +140,7 @@ mod tests {
         let key = flow_key(&out).unwrap();
         let now = Instant::now();
         assert!(!nat.outbound(&mut out, now), "no entry yet");
-        nat.install(&key, fake, real).unwrap();
+        nat.install(&key, fake, real, false).unwrap();
         assert!(nat.outbound(&mut out, now));
         assert_eq!(addresses(&out).unwrap().1, real);
         let mut reply = tcp4([192, 0, 2, 10], [10, 0, 0, 2], 443, 40000, false);

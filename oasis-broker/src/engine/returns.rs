@@ -4,18 +4,34 @@
 //! host go on to the applications; only the broker's own module sockets
 //! may use the underlay port. Everything else is dropped and counted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
+use oasis_common::FlowKey;
 use oasis_io::packet::{End, addresses, clamp_mss, rewrite_address};
 
 use super::counters::DropReason;
+use super::measure::{FlowProbe, Segment};
 use super::packet::flow_key;
 use super::router::{Engine, ReplyMap};
 use super::routes::Routes;
 use crate::overlay::OverlayId;
+
+/// How often a return path forgets the measurements of flows that ended.
+const PRUNE_EVERY: Duration = Duration::from_secs(2);
+
+/// What became of a returned packet that passed the checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Returned {
+    /// It goes on to the applications.
+    Deliver(OverlayId),
+    /// It answered a probe of the Monitor's; `reset`: a reset to send back
+    /// through the overlay is in the caller's buffer.
+    ProbeAnswer { overlay: OverlayId, reset: bool },
+}
 
 /// This host's own addresses, as the platform last read them.
 pub type LocalAddresses = HashSet<IpAddr>;
@@ -24,6 +40,10 @@ pub type LocalAddresses = HashSet<IpAddr>;
 pub struct ReturnPath {
     engine: Arc<Engine>,
     routes: Arc<Routes>,
+    /// The measured flows this thread has seen answers of: a packet of one
+    /// costs a lookup here, not a lock.
+    measured: HashMap<FlowKey, Arc<FlowProbe>>,
+    pruned: Instant,
 }
 
 impl ReturnPath {
@@ -31,6 +51,8 @@ impl ReturnPath {
         ReturnPath {
             engine: engine.clone(),
             routes: engine.routes(),
+            measured: HashMap::new(),
+            pruned: Instant::now(),
         }
     }
 
@@ -40,27 +62,67 @@ impl ReturnPath {
         if !Arc::ptr_eq(&latest, &self.routes) {
             self.routes = latest;
         }
+        if self.pruned.elapsed() >= PRUNE_EVERY {
+            // A measurement only this thread still holds is of a flow that
+            // ended.
+            self.measured.retain(|_, probe| Arc::strong_count(probe) > 1);
+            self.pruned = Instant::now();
+        }
+    }
+
+    /// Feeds a returned packet (as it came back, before any rewriting) to
+    /// its flow's measurement, if the flow is measured.
+    pub fn measure(&mut self, packet: &[u8], now: Instant) {
+        if !self.engine.measuring() {
+            return;
+        }
+        let Some(key) = flow_key(packet) else {
+            return;
+        };
+        let probe = match self.measured.get(&key) {
+            Some(probe) => probe,
+            None => {
+                let Some(probe) = self.engine.measured(&key) else {
+                    return;
+                };
+                self.measured.entry(key).or_insert(probe)
+            }
+        };
+        if let Some(segment) = Segment::of(packet)
+            && let Some(event) = probe.inbound(&segment, now)
+        {
+            self.engine.monitor.report(now, event);
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
+    /// The routes of the batch at hand.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
     /// Checks one datagram from `from`. When its packet may go on, it is
     /// left in `out` after `headroom` bytes, its source turned back into
     /// the fake address the application knows (`replies`, for
     /// fake-address flows carried by overlays) and the MSS of a SYN-ACK
-    /// clamped to what the overlay carries.
+    /// clamped to what the overlay carries. The answer to a probe of the
+    /// Monitor's goes no further; when it must be reset, the reset is left
+    /// in `out`, to go back to `from`.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept(
-        &self,
+        &mut self,
         from: Option<SocketAddr>,
         datagram: &[u8],
         local: &LocalAddresses,
         replies: Option<&ReplyMap>,
         headroom: usize,
         out: &mut Vec<u8>,
-    ) -> Result<OverlayId, DropReason> {
-        let result = self.check(from, datagram, local, replies, headroom, out);
+        now: Instant,
+    ) -> Result<Returned, DropReason> {
+        let result = self.check(from, datagram, local, replies, headroom, out, now);
         match result {
             Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
             Err(reason) => {
@@ -71,16 +133,20 @@ impl ReturnPath {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn check(
-        &self,
+        &mut self,
         from: Option<SocketAddr>,
         datagram: &[u8],
         local: &LocalAddresses,
         replies: Option<&ReplyMap>,
         headroom: usize,
         out: &mut Vec<u8>,
-    ) -> Result<OverlayId, DropReason> {
-        let Some(overlay) = from.and_then(|addr| self.routes.overlays.by_sender(addr)) else {
+        now: Instant,
+    ) -> Result<Returned, DropReason> {
+        // Held by its own reference: measuring needs the path mutably.
+        let routes = self.routes.clone();
+        let Some(overlay) = from.and_then(|addr| routes.overlays.by_sender(addr)) else {
             tracing::debug!(?from, "datagram from a sender that is no joined overlay's peer");
             return Err(DropReason::NotFromOverlay);
         };
@@ -93,6 +159,25 @@ impl ReturnPath {
             tracing::debug!(overlay = %overlay.name, %dst, "returned packet not addressed to this host");
             return Err(DropReason::NotForThisHost);
         }
+        overlay.received.fetch_add(1, Relaxed);
+        let monitor = &self.engine.monitor;
+        if let Some(answer) = monitor.probes.answer(packet) {
+            monitor.report(
+                now,
+                crate::monitor::Event::ProbeAnswered {
+                    id: answer.sent.id,
+                    at: now,
+                    rtt: None,
+                },
+            );
+            out.clear();
+            let reset = answer.reset && super::probes::reset_for(packet, out).is_some();
+            return Ok(Returned::ProbeAnswer {
+                overlay: overlay.id,
+                reset,
+            });
+        }
+        self.measure(packet, now);
         out.clear();
         out.resize(headroom, 0);
         out.extend_from_slice(packet);
@@ -110,8 +195,7 @@ impl ReturnPath {
             inner,
             overlay.max_mss(self.engine.settings.uplink_mtu, inner_v6, outer_v6),
         );
-        overlay.received.fetch_add(1, Relaxed);
-        Ok(overlay.id)
+        Ok(Returned::Deliver(overlay.id))
     }
 }
 

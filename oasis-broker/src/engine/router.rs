@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -13,18 +13,21 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use oasis_common::FlowKey;
 use oasis_io::packet::{End, clamp_mss, rewrite_address, unreachable_reply};
 
-use super::carrier::{CarrierChooser, Claim};
+use super::carrier::{CarrierChooser, Claim, Decision, NewFlow};
 use super::counters::{DropReason, EngineCounters};
-use super::fake::{choose_real, reply_key};
+use super::fake::{choose_real, real_key, reply_key};
 use super::flows::{FakeBinding, Flow, FlowTable, Lookup};
+use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::nat::NatTable;
 use super::packet::{describe, flow_dst, flow_key, routable};
+use super::pins::FlowPins;
 use super::routes::{Routes, Via};
 use crate::fake::{FakeTable, unix_now};
+use crate::monitor::{Event, MonitorLink};
 use crate::overlay::{JoinedOverlay, OverlayId};
 use crate::shared::{Shared, snapshot};
 
-/// How often a router ends idle flows.
+/// How often a router ends idle flows and reports what it measured.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
@@ -54,21 +57,41 @@ impl EngineSettings {
 /// the NAT table's business).
 pub type ReplyMap = HashMap<FlowKey, IpAddr>;
 
+/// Reply key → the measurement of a metric rule's flow carried by an
+/// overlay, which the return path feeds with the answers.
+pub type MeasuredMap = HashMap<FlowKey, Arc<FlowProbe>>;
+
+/// The kernel's parts of the engine: the NAT of fake-address flows and
+/// the pins of flows left to it.
+pub struct KernelTables {
+    pub nat: Box<dyn NatTable>,
+    pub pins: Box<dyn FlowPins>,
+}
+
 /// What every packet thread shares. Locks here are taken when a flow
 /// starts or ends, never per packet of a known flow.
 pub struct Engine {
     pub settings: EngineSettings,
     routes: Shared<Routes>,
     fakes: Arc<Mutex<FakeTable>>,
-    nat: Mutex<Box<dyn NatTable>>,
+    kernel: Mutex<KernelTables>,
     replies: RwLock<ReplyMap>,
     /// Whether `replies` holds anything, so the return path takes no lock
     /// at all while no overlay carries a fake-address flow.
     has_replies: AtomicBool,
+    measured: RwLock<MeasuredMap>,
+    /// How many flows `measured` holds: while none, the return path looks
+    /// nothing up.
+    measured_count: AtomicUsize,
     pub counters: EngineCounters,
     chooser: Box<dyn CarrierChooser>,
-    /// Flows the packet threads' tables hold, summed.
+    pub monitor: Arc<MonitorLink>,
+    /// The origin of the measurements' clocks.
+    epoch: Instant,
+    /// Fake-address flows the packet threads' tables hold, summed.
     pub fake_flows: AtomicU64,
+    /// Flows the kernel carries or measures for the engine, summed.
+    kernel_flows: AtomicU64,
 }
 
 impl Engine {
@@ -76,19 +99,25 @@ impl Engine {
         settings: EngineSettings,
         routes: Routes,
         fakes: Arc<Mutex<FakeTable>>,
-        nat: Box<dyn NatTable>,
+        kernel: KernelTables,
         chooser: Box<dyn CarrierChooser>,
+        monitor: Arc<MonitorLink>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             settings,
             routes: Arc::new(RwLock::new(Arc::new(routes))),
             fakes,
-            nat: Mutex::new(nat),
+            kernel: Mutex::new(kernel),
             replies: RwLock::new(HashMap::new()),
             has_replies: AtomicBool::new(false),
+            measured: RwLock::new(HashMap::new()),
+            measured_count: AtomicUsize::new(0),
             counters: EngineCounters::default(),
             chooser,
+            monitor,
+            epoch: Instant::now(),
             fake_flows: AtomicU64::new(0),
+            kernel_flows: AtomicU64::new(0),
         })
     }
 
@@ -100,6 +129,7 @@ impl Engine {
             flows: FlowTable::new(self.settings.flow_idle, self.settings.flow_capacity),
             next_sweep: Instant::now() + SWEEP_EVERY,
             ended: Vec::new(),
+            measuring: 0,
         }
     }
 
@@ -116,9 +146,23 @@ impl Engine {
         &self.fakes
     }
 
+    fn kernel(&self) -> std::sync::MutexGuard<'_, KernelTables> {
+        self.kernel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Flows the NAT table translates now.
     pub fn nat_flows(&self) -> usize {
-        self.nat.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.kernel().nat.len()
+    }
+
+    /// Flows the kernel measures for the Monitor now.
+    pub fn measured_in_kernel(&self) -> usize {
+        self.kernel().pins.measured()
+    }
+
+    /// Runs `f` on the kernel's pins (the Monitor's probes use them).
+    pub fn with_pins<T>(&self, f: impl FnOnce(&mut dyn FlowPins) -> T) -> T {
+        f(self.kernel().pins.as_mut())
     }
 
     /// The reply map, when any overlay carries a fake-address flow; held
@@ -143,6 +187,43 @@ impl Engine {
         }
         self.has_replies.store(!replies.is_empty(), Relaxed);
     }
+
+    /// The measurement of the flow a returned packet (by its key) answers,
+    /// if it is measured.
+    pub fn measured(&self, reply: &FlowKey) -> Option<Arc<FlowProbe>> {
+        if self.measured_count.load(Relaxed) == 0 {
+            return None;
+        }
+        self.measured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reply)
+            .cloned()
+    }
+
+    /// Whether any flow is measured here (the return path skips all work
+    /// while none is).
+    pub fn measuring(&self) -> bool {
+        self.measured_count.load(Relaxed) > 0
+    }
+
+    fn add_measured(&self, reply: FlowKey, probe: Arc<FlowProbe>) {
+        let mut measured = self.measured.write().unwrap_or_else(|e| e.into_inner());
+        measured.insert(reply, probe);
+        self.measured_count.store(measured.len(), Relaxed);
+    }
+
+    fn remove_measured(&self, replies: impl Iterator<Item = FlowKey>) {
+        let mut measured = self.measured.write().unwrap_or_else(|e| e.into_inner());
+        for reply in replies {
+            measured.remove(&reply);
+        }
+        self.measured_count.store(measured.len(), Relaxed);
+    }
+
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
 }
 
 /// What to do with one diverted packet.
@@ -161,6 +242,19 @@ pub enum Outbound {
     Drop(DropReason),
 }
 
+/// What a packet of a known flow asks of the router.
+enum Known {
+    /// Carry it as the flow goes.
+    Carry(Via),
+    /// The kernel carries the flow but lost its verdict: pin it again.
+    Repin(Via),
+    /// A metric rule's flow the kernel carries sent its SYN again: the
+    /// kernel knows whether the handshake was answered.
+    SynAgain(Via),
+    /// Its SYN went again unanswered: move the flow elsewhere.
+    Rescue,
+}
+
 /// One packet thread's decisions: its flow table and the routes of the
 /// batch at hand.
 pub struct Router {
@@ -170,6 +264,8 @@ pub struct Router {
     next_sweep: Instant,
     /// Flows ended by a sweep, kept to reuse its allocation.
     ended: Vec<(FlowKey, Flow)>,
+    /// Flows of this table measured here: while none, sweeps report nothing.
+    measuring: usize,
 }
 
 impl Router {
@@ -208,32 +304,145 @@ impl Router {
             return self.drop(DropReason::Unroutable);
         }
         let via = match self.flows.lookup(&key, now) {
-            Lookup::Live(flow) => flow.via,
+            Lookup::Live(flow) => match known(flow, packet, now) {
+                Known::Carry(via) => via,
+                Known::Repin(via) => {
+                    self.repin(&key);
+                    via
+                }
+                Known::SynAgain(via) if self.answered(&key) => {
+                    self.repin(&key);
+                    via
+                }
+                Known::SynAgain(_) | Known::Rescue => self
+                    .rescue(&key, packet, now)
+                    .map_or(Via::Underlay, |(via, _)| via),
+            },
             Lookup::Stale(old) => {
                 self.end_one(key, old);
-                self.start(&key, now)
+                self.start(&key, packet, now, None)
             }
-            Lookup::Absent => self.start(&key, now),
+            Lookup::Absent => self.start(&key, packet, now, None),
         };
         self.carry(via, &key, packet)
     }
 
+    /// Whether the kernel saw a flow's handshake answered.
+    fn answered(&self, key: &FlowKey) -> bool {
+        let real = self
+            .flows
+            .get(key)
+            .and_then(|f| f.fake)
+            .map_or(*key, |f| real_key(key, f.real));
+        self.engine.kernel().pins.answered(&real)
+    }
+
     /// A new flow claimed by a header rule.
-    fn start(&mut self, key: &FlowKey, now: Instant) -> Via {
-        let (rule, via) = match self.routes.first_header(key) {
+    fn start(&mut self, key: &FlowKey, packet: &[u8], now: Instant, exclude: Option<Via>) -> Via {
+        let flow = NewFlow {
+            key,
+            dst: flow_dst(key),
+            exclude,
+        };
+        let (rule, decision) = match self.routes.first_header(key) {
             Some(route) => (
                 Some(route.id),
                 self.engine
                     .chooser
-                    .choose(key, Claim::Header(route), &self.routes, now),
+                    .choose(flow, Claim::Header(route), &self.routes, now),
             ),
             // The classifier pinned this flow to a rule since deleted: keep
             // it on the plain path.
-            None => (None, Via::Underlay),
+            None => (
+                None,
+                Decision {
+                    via: Via::Underlay,
+                    why: None,
+                    monitored: false,
+                },
+            ),
         };
-        tracing::debug!(flow = %describe(key), ?rule, ?via, "new flow");
-        self.insert(*key, Flow::new(rule, via, None, now));
+        let via = decision.via;
+        tracing::debug!(flow = %describe(key), ?rule, ?via, why = ?decision.why, "new flow");
+        let mut new = Flow::new(rule, via, None, now);
+        if decision.monitored {
+            new.why = decision.why;
+            self.measure(key, key, &mut new, packet, now);
+        }
+        self.insert(*key, new);
         via
+    }
+
+    /// Sets up the measurement of a metric rule's new flow (`real`: the
+    /// flow as it leaves the host, by its real destination). An underlay
+    /// flow is left to the kernel, which measures it; an overlay flow is
+    /// measured here.
+    fn measure(&mut self, key: &FlowKey, real: &FlowKey, flow: &mut Flow, packet: &[u8], now: Instant) {
+        let segment = Segment::of(packet);
+        let syn = segment.filter(|s| s.syn && !s.ack_flag).map(|_| now);
+        match flow.via {
+            Via::Underlay => {
+                let mut kernel = self.engine.kernel();
+                let in_nat = flow.fake.is_some_and(|f| f.in_kernel);
+                let pinned = in_nat || kernel.pins.pin(key, flow.rule.unwrap_or(0)).is_ok();
+                let measured = kernel.pins.measure(real, syn, false);
+                drop(kernel);
+                if let Err(e) = &measured {
+                    tracing::debug!(flow = %describe(key), "the kernel cannot measure the flow: {e}");
+                }
+                flow.pinned = pinned && !in_nat;
+                flow.measured_in_kernel = measured.is_ok();
+                if flow.pinned || flow.measured_in_kernel {
+                    self.engine.kernel_flows.fetch_add(1, Relaxed);
+                }
+            }
+            Via::Overlay(_) => {
+                let probe = Arc::new(FlowProbe::new(flow.via, flow_dst(real), self.engine.epoch));
+                let mut measure = OutboundMeasure::new(probe.clone(), now);
+                if let Some(segment) = &segment {
+                    measure.outbound(segment, now);
+                }
+                self.engine.add_measured(reply_key(real, flow_dst(real)), probe);
+                flow.measure = Some(Box::new(measure));
+                self.measuring += 1;
+            }
+            Via::Unavailable => {}
+        }
+    }
+
+    /// A pinned flow's packet came back: the kernel lost its verdict (its
+    /// cache is bounded); pin it again.
+    fn repin(&mut self, key: &FlowKey) {
+        let Some(flow) = self.flows.get(key).filter(|f| f.pinned) else {
+            return;
+        };
+        let rule = flow.rule.unwrap_or(0);
+        if let Err(e) = self.engine.kernel().pins.pin(key, rule) {
+            tracing::debug!(flow = %describe(key), "pinning the flow again: {e}");
+        }
+    }
+
+    /// A metric rule's flow whose SYN went again unanswered: the carrier
+    /// failed it before any connection state existed, so it starts over on
+    /// another. Its new carrier, and its fake binding if it has one; None
+    /// when a fake address no longer stands for anything.
+    fn rescue(&mut self, key: &FlowKey, packet: &[u8], now: Instant) -> Option<(Via, Option<FakeBinding>)> {
+        let old = self.flows.remove(key)?;
+        let from = old.via;
+        let dst = old.fake.map_or_else(|| flow_dst(key), |f| f.real);
+        self.engine
+            .monitor
+            .report(now, Event::SynFailed { via: from, dst });
+        self.engine.counters.rescued.fetch_add(1, Relaxed);
+        tracing::info!(flow = %describe(key), ?from, "handshake unanswered: the flow moves to another carrier");
+        let fake = old.fake.is_some();
+        self.end_one(*key, old);
+        if fake {
+            self.start_fake(key, packet, now, Some(from))
+                .map(|(via, binding)| (via, Some(binding)))
+        } else {
+            Some((self.start(key, packet, now, Some(from)), None))
+        }
     }
 
     fn insert(&mut self, key: FlowKey, flow: Flow) {
@@ -298,27 +507,29 @@ impl Router {
             return self.drop(DropReason::Untranslatable);
         }
         let found = match self.flows.lookup(key, now) {
-            Lookup::Live(flow) => flow.fake.map(|fake| (flow.via, fake)),
+            Lookup::Live(flow) => flow.fake.map(|binding| (known(flow, packet, now), binding)),
             Lookup::Stale(old) => {
                 self.end_one(*key, old);
                 None
             }
             Lookup::Absent => None,
         };
-        let (via, binding) = match found {
-            Some(found) => found,
-            None => match self.start_fake(key, now) {
-                Some(started) => started,
-                None => {
-                    self.engine.counters.fake_unknown.fetch_add(1, Relaxed);
-                    return if unreachable_reply(packet, reply) {
-                        self.engine.counters.replies.fetch_add(1, Relaxed);
-                        Outbound::Reply
-                    } else {
-                        self.drop(DropReason::Malformed)
-                    };
-                }
-            },
+        let started = match found {
+            Some((Known::Carry(via) | Known::Repin(via), binding)) => Some((via, binding)),
+            Some((Known::SynAgain(via), binding)) if self.answered(key) => Some((via, binding)),
+            Some((Known::SynAgain(_) | Known::Rescue, _)) => self
+                .rescue(key, packet, now)
+                .and_then(|(via, binding)| Some((via, binding?))),
+            None => self.start_fake(key, packet, now, None),
+        };
+        let Some((via, binding)) = started else {
+            self.engine.counters.fake_unknown.fetch_add(1, Relaxed);
+            return if unreachable_reply(packet, reply) {
+                self.engine.counters.replies.fetch_add(1, Relaxed);
+                Outbound::Reply
+            } else {
+                self.drop(DropReason::Malformed)
+            };
         };
         if let Err(e) = rewrite_address(packet, End::Destination, binding.real) {
             tracing::debug!(fake = %binding.fake, "cannot rewrite a packet to a fake address: {e}");
@@ -329,7 +540,13 @@ impl Router {
 
     /// A new flow to a fake address; None when the address stands for
     /// nothing (any more), or the NAT table refused it.
-    fn start_fake(&mut self, key: &FlowKey, now: Instant) -> Option<(Via, FakeBinding)> {
+    fn start_fake(
+        &mut self,
+        key: &FlowKey,
+        packet: &[u8],
+        now: Instant,
+        exclude: Option<Via>,
+    ) -> Option<(Via, FakeBinding)> {
         let fake = flow_dst(key);
         let (name, real) = {
             let mut table = self.engine.fakes.lock().unwrap_or_else(|e| e.into_inner());
@@ -343,15 +560,28 @@ impl Router {
         };
         // The rule that claims the name now decides: rules may have
         // changed since the answer was given.
-        let (rule, via) = match self.routes.names.first_match(&name) {
+        let flow = NewFlow {
+            key,
+            dst: real,
+            exclude,
+        };
+        let (rule, decision) = match self.routes.names.first_match(&name) {
             Some((rule, carrier)) => (
                 Some(rule),
                 self.engine
                     .chooser
-                    .choose(key, Claim::Name { rule, carrier }, &self.routes, now),
+                    .choose(flow, Claim::Name { rule, carrier }, &self.routes, now),
             ),
-            None => (None, Via::Underlay),
+            None => (
+                None,
+                Decision {
+                    via: Via::Underlay,
+                    why: None,
+                    monitored: false,
+                },
+            ),
         };
+        let via = decision.via;
         let in_kernel = via == Via::Underlay;
         let counters = &self.engine.counters;
         if in_kernel {
@@ -360,10 +590,9 @@ impl Router {
             // from an address it never talked to.
             let installed = self
                 .engine
+                .kernel()
                 .nat
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .install(key, fake, real);
+                .install(key, fake, real, decision.monitored);
             if let Err(e) = installed {
                 counters.nat_errors.fetch_add(1, Relaxed);
                 tracing::warn!(%fake, %real, "installing a NAT entry: {e}");
@@ -379,13 +608,18 @@ impl Router {
             self.engine.add_reply(reply_key(key, real), fake);
             counters.fake_flows_overlay.fetch_add(1, Relaxed);
         }
-        tracing::debug!(%name, %fake, %real, ?via, in_kernel, "new fake-address flow");
+        tracing::debug!(%name, %fake, %real, ?via, in_kernel, why = ?decision.why, "new fake-address flow");
         let binding = FakeBinding {
             fake,
             real,
             in_kernel,
         };
-        self.insert(*key, Flow::new(rule, via, Some(binding), now));
+        let mut new = Flow::new(rule, via, Some(binding), now);
+        if decision.monitored {
+            new.why = decision.why;
+            self.measure(key, &real_key(key, real), &mut new, packet, now);
+        }
+        self.insert(*key, new);
         self.engine.fake_flows.fetch_add(1, Relaxed);
         Some((via, binding))
     }
@@ -395,13 +629,21 @@ impl Router {
         self.next_sweep
     }
 
-    /// Ends flows idle for longer than the timeout; call when
-    /// [`Router::next_timeout`] has passed.
+    /// Ends flows idle for longer than the timeout and reports what was
+    /// measured; call when [`Router::next_timeout`] has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         if now < self.next_sweep {
             return;
         }
         self.next_sweep = now + SWEEP_EVERY;
+        if self.measuring > 0 {
+            let monitor = &self.engine.monitor;
+            for (_, flow) in self.flows.iter_mut() {
+                if let Some(measure) = flow.measure.as_mut() {
+                    measure.report(now, &mut |event| monitor.report(now, event));
+                }
+            }
+        }
         let ended = std::mem::take(&mut self.ended);
         let mut ended = self.collect_idle(now, ended, false);
         if !ended.is_empty() {
@@ -419,11 +661,18 @@ impl Router {
         make_room: bool,
     ) -> Vec<(FlowKey, Flow)> {
         ended.clear();
-        let kernel_flows = self.engine.fake_flows.load(Relaxed) > 0;
-        // The NAT table is asked only about in-kernel flows, under one
-        // lock for the whole sweep.
-        let nat = kernel_flows.then(|| self.engine.nat.lock().unwrap_or_else(|e| e.into_inner()));
-        let kernel_seen = |key: &FlowKey, flow: &Flow| nat.as_ref()?.last_seen(key, flow.fake?.real);
+        let kernel_flows =
+            self.engine.fake_flows.load(Relaxed) > 0 || self.engine.kernel_flows.load(Relaxed) > 0;
+        // The kernel is asked only about in-kernel flows, under one lock
+        // for the whole sweep.
+        let kernel = kernel_flows.then(|| self.engine.kernel());
+        let kernel_seen = |key: &FlowKey, flow: &Flow| {
+            let kernel = kernel.as_ref()?;
+            if flow.pinned {
+                return kernel.pins.last_seen(key);
+            }
+            kernel.nat.last_seen(key, flow.fake?.real)
+        };
         if make_room {
             self.flows.make_room(now, kernel_seen, &mut ended);
         } else {
@@ -440,23 +689,53 @@ impl Router {
         self.ended = ended;
     }
 
-    /// Undoes what starting the flows did: NAT entries, reply mappings,
-    /// the fake table's count of live flows.
+    /// Undoes what starting the flows did: NAT entries, pins, reply
+    /// mappings, measurements, the fake table's count of live flows.
     fn end_all(&mut self, ended: &mut Vec<(FlowKey, Flow)>) {
         if ended.is_empty() {
             return;
         }
         self.engine.counters.flows.fetch_sub(ended.len() as u64, Relaxed);
-        let fake = |(_, flow): &&(FlowKey, Flow)| flow.fake.is_some();
-        if ended.iter().filter(fake).count() == 0 {
+        let now = Instant::now();
+        let monitor = &self.engine.monitor;
+        let mut measured_here = 0;
+        for (_, flow) in ended.iter_mut() {
+            if let Some(measure) = flow.measure.as_mut() {
+                measure.report(now, &mut |event| monitor.report(now, event));
+                measured_here += 1;
+            }
+        }
+        if measured_here > 0 {
+            self.measuring = self.measuring.saturating_sub(measured_here);
+            self.engine
+                .remove_measured(
+                    ended
+                        .iter()
+                        .filter(|(_, f)| f.measure.is_some())
+                        .map(|(key, flow)| {
+                            let real = flow.fake.map_or_else(|| flow_dst(key), |f| f.real);
+                            reply_key(key, real)
+                        }),
+                );
+        }
+        let special = |flow: &Flow| flow.fake.is_some() || flow.pinned || flow.measured_in_kernel;
+        if !ended.iter().any(|(_, f)| special(f)) {
             ended.clear();
             return;
         }
         {
-            let mut nat = self.engine.nat.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kernel = self.engine.kernel();
             for (key, flow) in ended.iter() {
                 if let Some(binding) = flow.fake.filter(|b| b.in_kernel) {
-                    nat.remove(key, binding.real);
+                    kernel.nat.remove(key, binding.real);
+                }
+                if flow.pinned || flow.measured_in_kernel {
+                    let real = flow.fake.map_or(*key, |f| real_key(key, f.real));
+                    kernel.pins.forget(key);
+                    if real != *key {
+                        kernel.pins.forget(&real);
+                    }
+                    self.engine.kernel_flows.fetch_sub(1, Relaxed);
                 }
             }
         }
@@ -478,5 +757,36 @@ impl Router {
             }
         }
         ended.clear();
+    }
+}
+
+/// What a packet of a known flow asks for. Metric rules' flows are
+/// measured here (overlay flows), and watched for a SYN sent again.
+fn known(flow: &mut Flow, packet: &[u8], now: Instant) -> Known {
+    if !flow.monitored() {
+        return if flow.pinned {
+            Known::Repin(flow.via)
+        } else {
+            Known::Carry(flow.via)
+        };
+    }
+    let segment = Segment::of(packet);
+    if let Some(measure) = flow.measure.as_mut() {
+        return match segment.map(|s| measure.outbound(&s, now)) {
+            Some(Seen::SynUnanswered) => Known::Rescue,
+            _ => Known::Carry(flow.via),
+        };
+    }
+    // The kernel carries the flow: a packet here is its SYN again (the
+    // classifier matches every SYN afresh, and the kernel NAT hands a
+    // measured flow's SYNs to the broker) or a lost verdict.
+    let syn = segment.is_some_and(|s| s.syn && !s.ack_flag);
+    if syn && flow.packets > 1 && flow.in_kernel() {
+        return Known::SynAgain(flow.via);
+    }
+    if flow.pinned {
+        Known::Repin(flow.via)
+    } else {
+        Known::Carry(flow.via)
     }
 }

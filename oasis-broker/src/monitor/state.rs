@@ -89,8 +89,12 @@ pub enum Event {
     /// A connection was reset, or an ICMP error reported a destination
     /// unreachable through the carrier.
     Failed { via: Via, dst: IpAddr },
-    /// A probe's answer arrived at `at`.
-    ProbeAnswered { id: u64, at: Instant },
+    /// A probe's answer arrived at `at`; `rtt` when the kernel timed it.
+    ProbeAnswered {
+        id: u64,
+        at: Instant,
+        rtt: Option<Duration>,
+    },
     /// A probe could not be sent at all.
     ProbeUnsent { id: u64 },
 }
@@ -222,12 +226,13 @@ impl Monitor {
                 self.path(via, dst).loss.outcomes(1, 1, now);
                 false
             }
-            Event::ProbeAnswered { id, at } => {
+            Event::ProbeAnswered { id, at, rtt } => {
                 let Some(probe) = self.outstanding.remove(&id) else {
                     return false;
                 };
                 let path = self.paths.entry((probe.via, probe.prefix)).or_default();
-                path.rtt.sample(at.saturating_duration_since(probe.sent), at);
+                let rtt = rtt.unwrap_or_else(|| at.saturating_duration_since(probe.sent));
+                path.rtt.sample(rtt, at);
                 path.loss.outcomes(1, 0, at);
                 self.answered(probe.via, at)
             }
@@ -705,7 +710,8 @@ mod tests {
                     }
                 });
                 for (at, id) in due {
-                    self.monitor.handle(Event::ProbeAnswered { id, at }, now);
+                    self.monitor
+                        .handle(Event::ProbeAnswered { id, at, rtt: None }, now);
                 }
                 let mut probes = Vec::new();
                 self.monitor.poll_probes(now, &mut probes);

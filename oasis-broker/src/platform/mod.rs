@@ -27,7 +27,7 @@ pub use oasis_io::datagram::{Received, datagrams};
 use crate::compile::MapImage;
 use crate::config::TunConfig;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
-use crate::engine::{LocalAddresses, NatTable};
+use crate::engine::{FlowPins, LocalAddresses, NatTable};
 
 /// An operating system's error, with the context its implementation gave
 /// it (which program, map, hook or interface).
@@ -159,6 +159,12 @@ pub trait Heartbeat: Send {
     fn kernel_id(&self) -> Option<u32>;
 }
 
+/// The kernel's measurements for the Monitor, as they come.
+pub trait MonitorEvents: Send {
+    /// Waits up to `timeout` for measurements, then adds those there are.
+    fn read(&mut self, timeout: Duration, out: &mut Vec<oasis_common::MonitorEvent>) -> io::Result<()>;
+}
+
 /// The redirect of the host's DNS queries to the broker.
 pub trait DnsInterception: Send {
     /// Stops redirecting at once (at shutdown).
@@ -196,6 +202,10 @@ pub trait Kernel: Send {
     fn set_fake_pools(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), PlatformError>;
     /// The NAT table of fake-address flows (once).
     fn take_nat(&mut self) -> Option<Box<dyn NatTable>>;
+    /// The pins of flows left to the kernel, measured there (once).
+    fn take_pins(&mut self) -> Option<Box<dyn FlowPins>>;
+    /// What the kernel measured for the Monitor (once).
+    fn take_monitor_events(&mut self) -> Option<Box<dyn MonitorEvents>>;
     /// A heartbeat handle for the heartbeat thread.
     fn heartbeat(&self) -> Result<Box<dyn Heartbeat>, PlatformError>;
     fn intercept_dns(

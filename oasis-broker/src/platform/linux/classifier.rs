@@ -34,6 +34,11 @@ pub struct ClassifierMaps {
 }
 
 impl ClassifierMaps {
+    /// The verdict cache (the flow pins take a handle of their own).
+    pub(super) fn flows_map(&self) -> &HashMap<MapData, FlowKey, FlowEntry> {
+        &self.flows
+    }
+
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<ClassifierMaps, KernelError> {
         Ok(ClassifierMaps {
             proto: take_map!(ebpf, maps::PROTO, Array<MapData, RuleSet>),

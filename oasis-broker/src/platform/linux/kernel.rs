@@ -19,11 +19,13 @@ use oasis_common::{Counters, DNS_PROGRAMS, EGRESS_PROGRAM, INGRESS_PROGRAM, Sett
 use super::classifier::ClassifierMaps;
 use super::dns_redirect::{CgroupError, DnsRedirect};
 use super::heartbeat::KernelHeartbeat;
+use super::monitor_events::KernelEvents;
 use super::nat::KernelNat;
+use super::pins::KernelPins;
 use crate::compile::MapImage;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
-use crate::engine::NatTable;
-use crate::platform::{DnsInterception, Heartbeat, InterceptSettings, Kernel, PlatformError};
+use crate::engine::{FlowPins, NatTable};
+use crate::platform::{DnsInterception, Heartbeat, InterceptSettings, Kernel, MonitorEvents, PlatformError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -98,6 +100,8 @@ pub struct LinuxKernel {
     heartbeat: KernelHeartbeat,
     classifier: ClassifierMaps,
     nat: Option<KernelNat>,
+    pins: Option<KernelPins>,
+    events: Option<KernelEvents>,
     uplinks: Vec<Uplink>,
     dns_attached: bool,
 }
@@ -118,9 +122,13 @@ impl LinuxKernel {
         let mut heartbeat = KernelHeartbeat::take(&mut ebpf)?;
         // Alive from the start: the heartbeat thread takes over from here.
         heartbeat.set(monotonic_ns())?;
+        let classifier = ClassifierMaps::take(&mut ebpf)?;
+        let pins = KernelPins::take(&mut ebpf, classifier.flows_map())?;
         Ok(LinuxKernel {
-            classifier: ClassifierMaps::take(&mut ebpf)?,
+            classifier,
             nat: Some(KernelNat::take(&mut ebpf)?),
+            pins: Some(pins),
+            events: Some(KernelEvents::take(&mut ebpf)?),
             settings: settings_map,
             heartbeat,
             ebpf,
@@ -312,6 +320,16 @@ impl Kernel for LinuxKernel {
 
     fn take_nat(&mut self) -> Option<Box<dyn NatTable>> {
         self.nat.take().map(|nat| Box::new(nat) as Box<dyn NatTable>)
+    }
+
+    fn take_pins(&mut self) -> Option<Box<dyn FlowPins>> {
+        self.pins.take().map(|pins| Box::new(pins) as Box<dyn FlowPins>)
+    }
+
+    fn take_monitor_events(&mut self) -> Option<Box<dyn MonitorEvents>> {
+        self.events
+            .take()
+            .map(|events| Box::new(events) as Box<dyn MonitorEvents>)
     }
 
     fn heartbeat(&self) -> Result<Box<dyn Heartbeat>, PlatformError> {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
-use oasis_common::{FlowKey, NatEntry, maps};
+use oasis_common::{FlowKey, NAT_MEASURE, NatEntry, maps};
 
 use super::kernel::{KernelError, monotonic_ns, take_map};
 use crate::engine::fake::reply_key;
-use crate::engine::{NatError, NatTable};
+use crate::engine::{NatTable, TableError};
 
 fn addr_bytes(addr: IpAddr) -> [u8; 16] {
     let mut bytes = [0u8; 16];
@@ -50,8 +50,8 @@ impl KernelNat {
         self.active.set(0, self.flows, 0)
     }
 
-    fn refused(map: &'static str) -> impl Fn(aya::maps::MapError) -> NatError {
-        move |e| NatError {
+    fn refused(map: &'static str) -> impl Fn(aya::maps::MapError) -> TableError {
+        move |e| TableError {
             table: map,
             reason: e.to_string(),
         }
@@ -59,7 +59,13 @@ impl KernelNat {
 }
 
 impl NatTable for KernelNat {
-    fn install(&mut self, flow: &FlowKey, fake: IpAddr, real: IpAddr) -> Result<(), NatError> {
+    fn install(
+        &mut self,
+        flow: &FlowKey,
+        fake: IpAddr,
+        real: IpAddr,
+        measure: bool,
+    ) -> Result<(), TableError> {
         let now = monotonic_ns();
         let reply = reply_key(flow, real);
         self.inbound
@@ -68,6 +74,7 @@ impl NatTable for KernelNat {
                 NatEntry {
                     addr: addr_bytes(fake),
                     last_seen_ns: now,
+                    ..NatEntry::default()
                 },
                 0,
             )
@@ -77,6 +84,8 @@ impl NatTable for KernelNat {
             NatEntry {
                 addr: addr_bytes(real),
                 last_seen_ns: now,
+                flags: if measure { NAT_MEASURE } else { 0 },
+                _pad: 0,
             },
             0,
         );

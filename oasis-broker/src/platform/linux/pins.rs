@@ -1,0 +1,141 @@
+//! Flows left to the kernel for the Monitor (oasis-ebpf/src/measure.rs):
+//! a metric rule's flow on the underlay gets the cached verdict `Measure`
+//! (it passes, and is measured) in the classifier's verdict cache, and an
+//! entry in `MONITORED` that the programs fill; the Monitor's TCP probes get
+//! the entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
+//! whether there is anything to look for.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, IterableMap, MapData};
+use oasis_common::{FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
+
+use super::kernel::{KernelError, monotonic_ns, take_map};
+use crate::engine::{FlowPins, TableError};
+
+pub struct KernelPins {
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    monitored: HashMap<MapData, FlowKey, Measure>,
+    active: Array<MapData, u32>,
+    count: u32,
+}
+
+/// A second handle on a map another part holds.
+pub(super) fn second_handle(data: &MapData, name: &'static str) -> Result<MapData, KernelError> {
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| KernelError::Map {
+            map: name,
+            source: Box::new(aya::maps::MapError::IoError(e)),
+        })?;
+    MapData::from_fd(fd).map_err(KernelError::map(name))
+}
+
+/// A CLOCK_MONOTONIC time from an `Instant`.
+fn monotonic_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    let ns = monotonic_ns();
+    if at <= now {
+        ns.saturating_sub(now.duration_since(at).as_nanos() as u64)
+    } else {
+        ns + at.duration_since(now).as_nanos() as u64
+    }
+}
+
+impl KernelPins {
+    /// `flows`: the classifier's verdict cache (a second handle is taken).
+    pub(super) fn take(
+        ebpf: &mut Ebpf,
+        flows: &HashMap<MapData, FlowKey, FlowEntry>,
+    ) -> Result<KernelPins, KernelError> {
+        let data = second_handle(IterableMap::<FlowKey, FlowEntry>::map(flows), maps::FLOWS.name)?;
+        let mut pins = KernelPins {
+            flows: HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(KernelError::map(maps::FLOWS.name))?,
+            monitored: take_map!(ebpf, maps::MONITORED, HashMap<MapData, FlowKey, Measure>),
+            active: take_map!(ebpf, maps::MONITOR_ACTIVE, Array<MapData, u32>),
+            count: 0,
+        };
+        pins.active
+            .set(0, 0, 0)
+            .map_err(KernelError::map(maps::MONITOR_ACTIVE.name))?;
+        Ok(pins)
+    }
+
+    fn refused(map: &'static str) -> impl Fn(aya::maps::MapError) -> TableError {
+        move |e| TableError {
+            table: map,
+            reason: e.to_string(),
+        }
+    }
+
+    fn publish_count(&mut self) {
+        let _ = self.active.set(0, self.count, 0);
+    }
+}
+
+impl FlowPins for KernelPins {
+    fn pin(&mut self, flow: &FlowKey, rule: u32) -> Result<(), TableError> {
+        let entry = FlowEntry {
+            last_seen_ns: monotonic_ns(),
+            rule_id: rule,
+            verdict: Verdict::Measure as u8,
+            _pad: [0; 3],
+        };
+        self.flows
+            .insert(flow, entry, 0)
+            .map_err(Self::refused(maps::FLOWS.name))
+    }
+
+    fn measure(&mut self, flow: &FlowKey, syn_sent: Option<Instant>, probe: bool) -> Result<(), TableError> {
+        let fresh = self.monitored.get(flow, 0).is_err();
+        let entry = Measure {
+            syn_ns: syn_sent.map_or(0, monotonic_of),
+            flags: if probe { measure_flag::PROBE } else { 0 },
+            ..Measure::default()
+        };
+        self.monitored
+            .insert(flow, entry, 0)
+            .map_err(Self::refused(maps::MONITORED.name))?;
+        if fresh {
+            // Counted after the entry exists: the ingress program never
+            // skips an answer whose entry is there.
+            self.count += 1;
+            self.publish_count();
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, flow: &FlowKey) {
+        if self
+            .flows
+            .get(flow, 0)
+            .is_ok_and(|e| e.verdict == Verdict::Measure as u8)
+        {
+            let _ = self.flows.remove(flow);
+        }
+        if self.monitored.remove(flow).is_ok() {
+            self.count = self.count.saturating_sub(1);
+            self.publish_count();
+        }
+    }
+
+    fn last_seen(&self, flow: &FlowKey) -> Option<Instant> {
+        let seen = self.flows.get(flow, 0).ok()?.last_seen_ns;
+        Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))
+    }
+
+    fn answered(&self, flow: &FlowKey) -> bool {
+        self.monitored
+            .get(flow, 0)
+            .is_ok_and(|m| m.flags & measure_flag::ANSWERED != 0)
+    }
+
+    fn measured(&self) -> usize {
+        self.count as usize
+    }
+}
