@@ -275,6 +275,14 @@ pub struct ClassifierCounters {
     pub nat_egress: u64,
     #[serde(default)]
     pub nat_ingress: u64,
+    /// Packets of flows measured in the kernel for the Monitor, each way.
+    #[serde(default)]
+    pub measured_egress: u64,
+    #[serde(default)]
+    pub measured_ingress: u64,
+    /// Measurements lost because the ring buffer to the broker was full.
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// What the broker did with diverted packets.

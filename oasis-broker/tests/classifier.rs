@@ -506,6 +506,7 @@ fn the_object_matches_the_shared_table() {
             Map::LpmTrie(d) => (MapKind::LpmTrie, d),
             Map::PerCpuArray(d) => (MapKind::PerCpuArray, d),
             Map::PerCpuHashMap(d) => (MapKind::PerCpuHashMap, d),
+            Map::RingBuf(d) => (MapKind::RingBuf, d),
             other => panic!("map {name} has an unexpected type: {other:?}"),
         };
         assert_eq!(kind, def.kind, "{name}");
@@ -558,4 +559,183 @@ fn protocols_no_rule_named_stay_out_of_the_flow_cache() {
             .cached_flow(&v4_key([192, 0, 2, 1], 17, 40000, 53))
             .is_some()
     );
+}
+
+/// Every measurement waiting in the ring buffer.
+fn drain(events: &mut Box<dyn oasis_broker::platform::MonitorEvents>) -> Vec<oasis_common::MonitorEvent> {
+    let mut out = Vec::new();
+    events
+        .read(std::time::Duration::from_millis(10), &mut out)
+        .unwrap();
+    out
+}
+
+/// A TCP segment of SERVER's flow 40000 → 443, either way, with timestamps.
+fn segment(
+    outgoing: bool,
+    edit: impl FnOnce(etherparse::TcpHeader) -> etherparse::TcpHeader,
+    payload: &[u8],
+) -> Vec<u8> {
+    const SERVER: [u8; 4] = [203, 0, 113, 9];
+    let (src, dst, sport, dport) = if outgoing {
+        (CLIENT, SERVER, 40000, 443)
+    } else {
+        (SERVER, CLIENT, 443, 40000)
+    };
+    let mut ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, src, dst).unwrap();
+    let tcp = edit(etherparse::TcpHeader::new(sport, dport, 0, 64000));
+    ip.set_payload_len(tcp.header_len() + payload.len()).unwrap();
+    let mut tcp = tcp;
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: [2; 6],
+        destination: [4; 6],
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    ip.write(&mut out).unwrap();
+    tcp.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+fn seq_ack(mut tcp: etherparse::TcpHeader, seq: u32, ack: u32, syn: bool) -> etherparse::TcpHeader {
+    tcp.sequence_number = seq;
+    tcp.acknowledgment_number = ack;
+    tcp.ack = true;
+    tcp.syn = syn;
+    tcp
+}
+
+fn with_ts(mut tcp: etherparse::TcpHeader, value: u32, echo: u32) -> etherparse::TcpHeader {
+    tcp.set_options(&[
+        etherparse::TcpOptionElement::Noop,
+        etherparse::TcpOptionElement::Noop,
+        etherparse::TcpOptionElement::Timestamp(value, echo),
+    ])
+    .unwrap();
+    tcp
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn flows_left_to_the_kernel_pass_and_are_measured() {
+    use oasis_common::monitor_event as kind;
+    use std::time::{Duration, Instant};
+    // A rule that would divert the flow: a pinned flow passes anyway.
+    let set = rules(&[spec(Some("tcp"), None, Some("443"), None)]);
+    let mut dp = datapath(set.rules());
+    let mut pins = dp.take_pins().expect("pins");
+    let mut events = dp.take_monitor_events().expect("ring buffer");
+    let key = v4_key([203, 0, 113, 9], 6, 40000, 443);
+    pins.pin(&key, 1).unwrap();
+    pins.measure(&key, Some(Instant::now() - Duration::from_millis(30)), false)
+        .unwrap();
+    assert_eq!(pins.measured(), 1);
+
+    // The handshake's answer: a round trip of the SYN's age.
+    let synack = segment(false, |t| seq_ack(with_ts(t, 900, 0), 5000, 1, true), b"");
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &synack);
+    let got = drain(&mut events);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].kind, got[0].key), (kind::SYN_ACK, key));
+    assert!((30_000_000..1_000_000_000).contains(&got[0].a), "{} ns", got[0].a);
+    assert!(pins.answered(&key));
+
+    // Data with a timestamp passes; its echo is a round trip (one sample
+    // per 100 ms: the handshake was the last).
+    std::thread::sleep(Duration::from_millis(110));
+    let data = |seq: u32| {
+        segment(
+            true,
+            move |t| seq_ack(with_ts(t, 1000 + seq, 900), seq, 5001, false),
+            &[7u8; 1000],
+        )
+    };
+    let (verdict, _) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &data(1));
+    assert_eq!(verdict, TC_ACT_OK, "passes, though a rule claims it");
+    let echo = segment(false, |t| seq_ack(with_ts(t, 901, 1001), 5001, 1001, false), b"");
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &echo);
+    let got = drain(&mut events);
+    assert_eq!(got.iter().map(|e| e.kind).collect::<Vec<_>>(), [kind::TS_RTT]);
+
+    // The same segment again counts as sent again; counts come once a second.
+    run_out(dp.program(EGRESS_PROGRAM).unwrap(), &data(1001));
+    run_out(dp.program(EGRESS_PROGRAM).unwrap(), &data(1001));
+    std::thread::sleep(Duration::from_millis(1100));
+    let ack = segment(false, |t| seq_ack(with_ts(t, 902, 2001), 5001, 2001, false), b"");
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &ack);
+    let got = drain(&mut events);
+    let counts = got.iter().find(|e| e.kind == kind::COUNTS).expect("counts");
+    assert_eq!((counts.a, counts.b, counts.c), (3, 1, 2000), "{counts:?}");
+
+    // A reset and an ICMP error about the flow are reported.
+    let reset = segment(
+        false,
+        |mut t| {
+            t.rst = true;
+            t
+        },
+        b"",
+    );
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &reset);
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(CLIENT, [203, 0, 113, 9], 64)
+        .tcp(40000, 443, 1, 1000)
+        .write(&mut quoted, b"")
+        .unwrap();
+    let mut unreachable = Vec::new();
+    PacketBuilder::ethernet2([4; 6], [2; 6])
+        .ipv4([192, 0, 2, 1], CLIENT, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Host,
+        ))
+        .write(&mut unreachable, &quoted[..28])
+        .unwrap();
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &unreachable);
+    let kinds: Vec<u32> = drain(&mut events).iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [kind::RESET, kind::UNREACHABLE]);
+
+    // Forgotten: nothing is measured any more.
+    pins.forget(&key);
+    assert_eq!(pins.measured(), 0);
+    assert!(!pins.answered(&key));
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &echo);
+    assert!(drain(&mut events).is_empty());
+    let counters = dp.counters();
+    assert!(
+        counters.measured_egress >= 3 && counters.measured_ingress >= 5,
+        "{counters:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn a_measured_fake_address_flow_sends_its_syn_again_to_the_broker() {
+    const FAKE: [u8; 4] = [198, 18, 0, 7];
+    const REAL: [u8; 4] = [192, 0, 2, 10];
+    let mut dp = datapath(&[]);
+    dp.set_fake_pools(
+        "198.18.0.0/15".parse().unwrap(),
+        "fd4f:4153:4953::/48".parse().unwrap(),
+    )
+    .unwrap();
+    let mut nat = dp.take_nat().expect("NAT maps");
+    let mut pins = dp.take_pins().expect("pins");
+    nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into(), true)
+        .unwrap();
+    pins.measure(&v4_key(REAL, 6, 40000, 80), None, false).unwrap();
+    assert_eq!(
+        run(&dp, &tcp4(FAKE, 40000, 80, false)),
+        TC_ACT_OK,
+        "rewritten in the kernel"
+    );
+    assert_eq!(
+        run(&dp, &tcp4(FAKE, 40000, 80, true)),
+        TC_ACT_REDIRECT,
+        "a SYN again: the broker's"
+    );
+    assert_eq!(dp.counters().measured_egress, 1);
 }

@@ -155,6 +155,9 @@ impl ClassifierMaps {
             fake_diverted: sum(stat::FAKE_DIVERTED),
             nat_egress: sum(stat::NAT_EGRESS),
             nat_ingress: sum(stat::NAT_INGRESS),
+            measured_egress: sum(stat::MEASURED_EGRESS),
+            measured_ingress: sum(stat::MEASURED_INGRESS),
+            events_lost: sum(stat::EVENTS_LOST),
             cached_flows: self.flows.keys().filter(Result::is_ok).count() as u64,
         }
     }
