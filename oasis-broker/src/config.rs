@@ -46,6 +46,8 @@ pub struct Config {
     pub underlay_port: u16,
     /// DNS interception and fake addresses, for name rules.
     pub dns: DnsConfig,
+    /// The Monitor: probe budget and decision margins, for metric rules.
+    pub monitor: MonitorConfig,
     /// Joined overlays; `oasis overlay add|del` keeps this list.
     pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
@@ -130,6 +132,81 @@ impl Default for DnsConfig {
     }
 }
 
+/// The Monitor's settings (docs/monitor.md explains each).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// All probes together, at most this many a second ...
+    pub probes_per_second: u32,
+    /// ... and this many bytes a second, encapsulation included.
+    pub probe_bytes_per_second: u32,
+    /// `latency`: an overlay takes new flows only when faster than the
+    /// underlay by this many milliseconds ...
+    pub latency_margin_ms: u64,
+    /// ... and by this percentage of the underlay's round trip.
+    pub latency_margin_percent: u32,
+    /// `throughput`: an overlay must promise this percentage of the
+    /// underlay's goodput (125: a quarter more).
+    pub throughput_percent: u32,
+    /// `loss<X%`: the underlay's loss counts from this many outcomes on.
+    pub loss_min_samples: u64,
+    /// `loss<X%`: flows return to the underlay once its loss has stayed
+    /// under half the limit this long.
+    pub loss_recovery_secs: u64,
+    /// A better carrier must still be better this long later.
+    pub confirm_secs: u64,
+    /// A choice is kept at least this long after a flip, doubling with
+    /// each further flip up to `hold_max_secs`.
+    pub hold_secs: u64,
+    pub hold_max_secs: u64,
+    /// Figures older than this count as none.
+    pub stale_secs: u64,
+    /// TCP ports held for the Monitor's probes.
+    pub probe_ports: usize,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            probes_per_second: 20,
+            probe_bytes_per_second: 8000,
+            latency_margin_ms: 10,
+            latency_margin_percent: 15,
+            throughput_percent: 125,
+            loss_min_samples: 100,
+            loss_recovery_secs: 60,
+            confirm_secs: 5,
+            hold_secs: 30,
+            hold_max_secs: 480,
+            stale_secs: 600,
+            probe_ports: 8,
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// The settings the Monitor runs with.
+    pub fn settings(&self) -> crate::monitor::MonitorSettings {
+        use std::time::Duration;
+        crate::monitor::MonitorSettings {
+            decisions: crate::monitor::DecisionSettings {
+                latency_margin: Duration::from_millis(self.latency_margin_ms),
+                latency_margin_fraction: f64::from(self.latency_margin_percent) / 100.0,
+                throughput_factor: f64::from(self.throughput_percent) / 100.0,
+                loss_min_samples: self.loss_min_samples,
+                loss_recovery: Duration::from_secs(self.loss_recovery_secs),
+                confirm_after: Duration::from_secs(self.confirm_secs),
+                hold_min: Duration::from_secs(self.hold_secs),
+                hold_max: Duration::from_secs(self.hold_max_secs.max(self.hold_secs)),
+            },
+            probes_per_second: self.probes_per_second,
+            probe_bytes_per_second: self.probe_bytes_per_second,
+            stale_after: Duration::from_secs(self.stale_secs),
+            ..crate::monitor::MonitorSettings::default()
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRule {
     pub id: u32,
@@ -164,6 +241,7 @@ impl Default for Config {
             overlay_port: 7400,
             underlay_port: 7401,
             dns: DnsConfig::default(),
+            monitor: MonitorConfig::default(),
             overlays: Vec::new(),
             rules: Vec::new(),
         }

@@ -40,6 +40,10 @@ pub enum Request {
     OverlayDel {
         name: String,
     },
+    /// What the Monitor measured and decided.
+    Monitor,
+    /// The live flows of the packet threads.
+    Flows,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +73,12 @@ pub enum Response {
     Dns {
         dns: Box<DnsTableView>,
     },
+    Monitor {
+        monitor: Box<MonitorView>,
+    },
+    Flows {
+        flows: Vec<FlowView>,
+    },
     Error {
         message: String,
     },
@@ -76,6 +86,110 @@ pub enum Response {
     Progress {
         progress: Progress,
     },
+}
+
+/// What `oasis monitor` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MonitorView {
+    /// Metric rules the built-in Monitor decides for.
+    pub rules: usize,
+    pub probes_per_second_limit: u32,
+    pub probe_bytes_per_second_limit: u32,
+    /// Probes sent since the start, and their bytes.
+    pub probes_sent: u64,
+    pub probe_bytes_sent: u64,
+    /// Probe bytes per second, all carriers, over the last 10 s.
+    pub probe_bytes_per_second: f64,
+    /// Measurements the packet threads could not queue.
+    pub events_dropped: u64,
+    pub carriers: Vec<CarrierView>,
+    pub paths: Vec<PathView>,
+    pub decisions: Vec<DecisionView>,
+    pub switches: Vec<SwitchView>,
+}
+
+/// A carrier's health.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CarrierView {
+    pub name: String,
+    pub up: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
+    pub downs: u64,
+    /// Since anything last came back through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_answer_secs: Option<f64>,
+    pub probe_bytes_per_second: f64,
+}
+
+/// One carrier's figures towards one destination prefix.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PathView {
+    pub carrier: String,
+    pub prefix: String,
+    pub srtt_ms: Option<f64>,
+    pub rttvar_ms: Option<f64>,
+    pub min_rtt_ms: Option<f64>,
+    pub rtt_samples: u64,
+    pub loss_percent: Option<f64>,
+    pub loss_samples: u64,
+    pub goodput_mbps: Option<f64>,
+    /// Since the path last learnt anything.
+    pub age_secs: Option<f64>,
+    pub probe_bytes: u64,
+}
+
+/// A metric rule's decision for one prefix.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionView {
+    pub rule: u32,
+    pub prefix: String,
+    pub metric: String,
+    pub carrier: String,
+    pub why: String,
+    /// How the candidates compare now, in the metric's figures.
+    pub comparison: String,
+    pub since_secs: f64,
+    pub hold_secs: f64,
+    pub flips: u32,
+    /// A carrier found better, waiting for confirmation or the hold time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenger: Option<String>,
+}
+
+/// A recent switch of a decision.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SwitchView {
+    pub ago_secs: f64,
+    pub rule: u32,
+    pub prefix: String,
+    pub from: String,
+    pub to: String,
+    pub why: String,
+}
+
+/// A live flow, as `oasis flows` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// `tcp 10.0.0.2:40000 -> 203.0.113.9:443`
+    pub flow: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
+    pub carrier: String,
+    /// For a metric rule's flow: why the Monitor chose the carrier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// The fake address the application talks to, for a name rule's flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake: Option<String>,
+    /// Carried by the kernel after its first packets.
+    pub in_kernel: bool,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    /// Packets the broker saw of it.
+    pub packets: u64,
 }
 
 /// How far a long request has come.
@@ -134,7 +248,7 @@ pub struct OverlayView {
     pub packets_received: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
     pub pid: u32,
     pub uptime_secs: u64,
@@ -161,6 +275,51 @@ pub struct StatusView {
     /// None when DNS interception is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatusView>,
+    /// None while no metric rule exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorStatusView>,
+}
+
+/// The Monitor in `oasis status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MonitorStatusView {
+    pub rules: usize,
+    pub decisions: usize,
+    pub probes_per_second_limit: u32,
+    pub probe_bytes_per_second_limit: u32,
+    pub probe_bytes_per_second: f64,
+    pub probes_sent: u64,
+    pub carriers_up: Vec<String>,
+    pub carriers_down: Vec<String>,
+    /// Flows the kernel measures now.
+    pub measured_in_kernel: usize,
+    /// The latest switches, newest first.
+    pub switches: Vec<SwitchView>,
+}
+
+impl MonitorView {
+    /// The summary `oasis status` shows.
+    pub fn summary(&self, measured_in_kernel: usize) -> MonitorStatusView {
+        let names = |up: bool| {
+            self.carriers
+                .iter()
+                .filter(|c| c.up == up)
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        MonitorStatusView {
+            rules: self.rules,
+            decisions: self.decisions.len(),
+            probes_per_second_limit: self.probes_per_second_limit,
+            probe_bytes_per_second_limit: self.probe_bytes_per_second_limit,
+            probe_bytes_per_second: self.probe_bytes_per_second,
+            probes_sent: self.probes_sent,
+            carriers_up: names(true),
+            carriers_down: names(false),
+            measured_in_kernel,
+            switches: self.switches.iter().take(3).cloned().collect(),
+        }
+    }
 }
 
 /// The DNS service in `oasis status`.

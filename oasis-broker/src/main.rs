@@ -40,6 +40,9 @@ Examples:
   oasis rule add --proto tcp --dport 80 --via detour
   oasis rule add --name '.*\\.edu$' --via detour         names, matched at DNS time
   oasis rule add --name-suffix example.org --via underlay
+  oasis rule add --dst 203.0.113.0/24 --metric latency  the Monitor picks the carrier
+  oasis monitor                                          what it measured and decided
+  oasis flows                                            live flows, carriers and why
   oasis dns                                              the fake-address table
   oasis status --json
 
@@ -63,6 +66,22 @@ enum Command {
     /// fake address applications were given, the real addresses behind
     /// it, and the carrier new flows to it take.
     Dns {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the Monitor measured and decided for metric rules: each
+    /// carrier's health and probe traffic; round trip, loss and goodput
+    /// per carrier and destination prefix; which carrier new flows of each
+    /// metric rule take, why, and how the candidates compare.
+    Monitor {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the live flows the broker knows: each flow's rule, carrier,
+    /// and for metric rules why the Monitor chose it.
+    Flows {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -371,6 +390,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (Some(first), Some(last)) => println!("imported {count} rules, ids {first} to {last}"),
                     _ => println!("imported no rules"),
                 },
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Monitor { json } => {
+            match call(&socket, &Request::Monitor)? {
+                Response::Monitor { monitor } if json => {
+                    println!("{}", serde_json::to_string_pretty(&monitor)?)
+                }
+                Response::Monitor { monitor } => print!("{}", render::monitor(&monitor)),
+                other => bail!("unexpected reply: {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Flows { json } => {
+            match call(&socket, &Request::Flows)? {
+                Response::Flows { flows } if json => println!("{}", serde_json::to_string_pretty(&flows)?),
+                Response::Flows { flows } => print!("{}", render::flows(&flows)),
                 other => bail!("unexpected reply: {other:?}"),
             }
             Ok(())

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::control::{DnsTableView, OverlayView, RuleView, StatusView};
+use crate::control::{DnsTableView, FlowView, MonitorView, OverlayView, RuleView, StatusView};
 
 /// 1234567 -> "1.2 MB".
 pub fn bytes(n: u64) -> String {
@@ -227,6 +227,47 @@ pub fn status(s: &StatusView) -> String {
             );
         }
     }
+    if let Some(m) = &s.monitor {
+        let _ = writeln!(
+            out,
+            "monitor     {} metric rules, {} decisions; probes {} B/s of {} B/s allowed ({} sent, at most {}/s); {} flows measured in the kernel",
+            m.rules,
+            m.decisions,
+            m.probe_bytes_per_second.round(),
+            m.probe_bytes_per_second_limit,
+            m.probes_sent,
+            m.probes_per_second_limit,
+            m.measured_in_kernel
+        );
+        let down = if m.carriers_down.is_empty() {
+            "none".to_string()
+        } else {
+            m.carriers_down.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "            carriers up: {}; down: {down}",
+            m.carriers_up.join(", ")
+        );
+        for switch in &m.switches {
+            let _ = writeln!(
+                out,
+                "            {} ago: rule {} {} {} -> {} ({})",
+                duration(switch.ago_secs as u64),
+                switch.rule,
+                switch.prefix,
+                switch.from,
+                switch.to,
+                switch.why
+            );
+        }
+        let c = &s.classifier;
+        let _ = writeln!(
+            out,
+            "            kernel measurement: {} packets out, {} in, {} measurements lost; {} connections rescued",
+            c.measured_egress, c.measured_ingress, c.events_lost, b.rescued
+        );
+    }
     let costs: Vec<String> = s
         .programs
         .iter()
@@ -324,6 +365,148 @@ pub fn overlay(o: &OverlayView) -> String {
         "traffic     {} packets sent, {} received",
         o.packets_sent, o.packets_received
     );
+    out
+}
+
+fn figure(value: Option<f64>, unit: &str, decimals: usize) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}{unit}"))
+}
+
+pub fn monitor(m: &MonitorView) -> String {
+    let mut out = String::new();
+    if m.rules == 0 {
+        out.push_str(
+            "No metric rules: the Monitor measures nothing. Add one, e.g.\n  \
+             oasis rule add --proto tcp --dport 443 --metric latency\n",
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "Probes: {:.0} B/s now, at most {} B/s and {} probes/s; {} sent ({}) since the start; {} measurements lost to a full queue",
+        m.probe_bytes_per_second,
+        m.probe_bytes_per_second_limit,
+        m.probes_per_second_limit,
+        m.probes_sent,
+        bytes(m.probe_bytes_sent),
+        m.events_dropped
+    );
+    out.push_str("\nCARRIER      STATE  LAST ANSWER  PROBE B/s  DOWNS\n");
+    for c in &m.carriers {
+        let state = if c.up { "up" } else { "DOWN" };
+        let _ = write!(
+            out,
+            "{:<12} {:<5}  {:>11}  {:>9.0}  {:>5}",
+            c.name,
+            state,
+            c.last_answer_secs
+                .map_or_else(|| "-".into(), |s| format!("{s:.1}s ago")),
+            c.probe_bytes_per_second,
+            c.downs
+        );
+        if let (Some(reason), Some(secs)) = (&c.down_reason, c.down_secs) {
+            let _ = write!(out, "  ({reason}, for {})", duration(secs as u64));
+        }
+        out.push('\n');
+    }
+    if !m.paths.is_empty() {
+        out.push_str("\nPREFIX               CARRIER       SRTT ms  MIN ms  RTTVAR  SAMPLES  LOSS       GOODPUT      AGE\n");
+        for p in &m.paths {
+            let loss = p
+                .loss_percent
+                .map_or_else(|| "-".into(), |l| format!("{l:.2}%/{}", p.loss_samples));
+            let _ = writeln!(
+                out,
+                "{:<20} {:<12} {:>8} {:>7} {:>7} {:>8}  {:<10} {:>11}  {:>5}",
+                p.prefix,
+                p.carrier,
+                figure(p.srtt_ms, "", 1),
+                figure(p.min_rtt_ms, "", 1),
+                figure(p.rttvar_ms, "", 1),
+                p.rtt_samples,
+                loss,
+                figure(p.goodput_mbps, " Mb/s", 1),
+                p.age_secs.map_or_else(|| "-".into(), |a| duration(a as u64)),
+            );
+        }
+    }
+    if m.decisions.is_empty() {
+        out.push_str("\nNo decisions yet: no flow of a metric rule has started.\n");
+    } else {
+        out.push_str("\nDecisions (new flows of each rule, per destination prefix):\n");
+        for d in &m.decisions {
+            let _ = writeln!(
+                out,
+                "  rule {} {} ({}): {} since {}, {}",
+                d.rule,
+                d.prefix,
+                d.metric,
+                d.carrier,
+                duration(d.since_secs as u64),
+                d.why
+            );
+            let _ = writeln!(out, "      now: {}", d.comparison);
+            if let Some(challenger) = &d.challenger {
+                let _ = writeln!(
+                    out,
+                    "      {challenger}; held at least {}",
+                    duration(d.hold_secs as u64)
+                );
+            }
+        }
+    }
+    if !m.switches.is_empty() {
+        out.push_str("\nRecent switches:\n");
+        for s in &m.switches {
+            let _ = writeln!(
+                out,
+                "  {} ago  rule {} {}: {} -> {} ({})",
+                duration(s.ago_secs as u64),
+                s.rule,
+                s.prefix,
+                s.from,
+                s.to,
+                s.why
+            );
+        }
+    }
+    out
+}
+
+pub fn flows(flows: &[FlowView]) -> String {
+    if flows.is_empty() {
+        return "No live flows: no diverted flow has been active lately.\n".into();
+    }
+    let width = flows.iter().map(|f| f.flow.len()).max().unwrap_or(0).max(4);
+    let carrier_width = flows.iter().map(|f| f.carrier.len()).max().unwrap_or(0).max(7);
+    let mut out = format!(
+        "{:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  WHY\n",
+        "FLOW", "RULE", "CARRIER", "AGE", "IDLE", "PACKETS"
+    );
+    for f in flows {
+        let mut why = f.why.clone().unwrap_or_default();
+        if f.in_kernel {
+            why = if why.is_empty() {
+                "in the kernel".into()
+            } else {
+                format!("{why}; in the kernel")
+            };
+        }
+        if let Some(fake) = &f.fake {
+            why = format!("{why} (fake {fake})").trim_start().to_string();
+        }
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  {}",
+            f.flow,
+            f.rule.map_or_else(|| "-".into(), |r| r.to_string()),
+            f.carrier,
+            duration(f.age_secs as u64),
+            duration(f.idle_secs as u64),
+            f.packets,
+            why
+        );
+    }
     out
 }
 

@@ -334,13 +334,25 @@ impl Topology {
 
     /// Starts `oasis-relay` on the overlay host.
     pub fn start_relay(&mut self, listen_port: u16, next_hop: &str, delay_ms: u32) {
+        self.start_lossy_relay(listen_port, next_hop, delay_ms, 0.0);
+    }
+
+    /// Starts `oasis-relay` on the overlay host, losing a share of the
+    /// datagrams each way; its process is named `relay-PORT`.
+    pub fn start_lossy_relay(&mut self, listen_port: u16, next_hop: &str, delay_ms: u32, loss_percent: f64) {
         let bin = workspace_bin("oasis-relay");
         let listen = format!("0.0.0.0:{listen_port}");
         let delay = delay_ms.to_string();
+        let loss = loss_percent.to_string();
         let overlay = self.overlay.clone();
+        let name = if listen_port == 7500 {
+            "oasis-relay".to_string()
+        } else {
+            format!("relay-{listen_port}")
+        };
         self.spawn(
             &overlay,
-            "oasis-relay",
+            &name,
             &[
                 bin.to_str().expect("utf-8 path"),
                 "--listen",
@@ -349,9 +361,66 @@ impl Topology {
                 next_hop,
                 "--delay-ms",
                 &delay,
+                "--loss-percent",
+                &loss,
             ],
         );
         wait_for_udp_listener(&self.overlay, listen_port);
+    }
+
+    /// Puts the underlay (client ↔ server through the router, not the
+    /// overlay host's paths) through a delay line in the router:
+    /// `oasis-relay --tun` holds each packet `delay_ms` each way. Returns
+    /// the control file: write `delay_ms=N loss_percent=P rate_mbit=R` to
+    /// reshape the path while it runs.
+    pub fn underlay_line(&mut self, delay_ms: u32) -> PathBuf {
+        let control = self.dir.join("underlay-shape");
+        std::fs::write(&control, format!("delay_ms={delay_ms}\n")).expect("control file");
+        let bin = workspace_bin("oasis-relay");
+        let control_text = control.to_string_lossy().into_owned();
+        let delay = delay_ms.to_string();
+        let router = self.router.clone();
+        self.spawn(
+            &router,
+            "underlay-line",
+            &[
+                bin.to_str().expect("utf-8 path"),
+                "--tun",
+                "dly0",
+                "--delay-ms",
+                &delay,
+                "--control",
+                &control_text,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !router.output(&["ip", "link", "show", "dly0"]).status.success() {
+            assert!(Instant::now() < deadline, "the delay line's TUN did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = &self.router;
+        r.run(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        r.run(&["ip", "link", "set", "dly0", "up"]);
+        // Client ↔ server traffic arriving from either side goes into the
+        // line; what the line writes back (arriving on dly0) is routed on.
+        for (family, client, server) in [
+            ("-4", "10.77.1.0/24", "10.77.2.0/24"),
+            ("-6", "fd77:1::/64", "fd77:2::/64"),
+        ] {
+            r.run(&[
+                "ip", family, "route", "add", server, "dev", "dly0", "table", "100",
+            ]);
+            r.run(&[
+                "ip", family, "route", "add", client, "dev", "dly0", "table", "100",
+            ]);
+            r.run(&[
+                "ip", family, "rule", "add", "iif", "r0", "to", server, "table", "100",
+            ]);
+            r.run(&[
+                "ip", family, "rule", "add", "iif", "r1", "to", client, "table", "100",
+            ]);
+        }
+        control
     }
 
     /// A static web server on the server, on all its addresses.

@@ -10,7 +10,10 @@
 //!   drops it;
 //! - port 9001 is claimed for an overlay whose entry node is a socket of
 //!   this test on 127.0.0.1:7999, which answers every datagram with a
-//!   returned packet for the sender, which the broker delivers into the TUN.
+//!   returned packet for the sender, which the broker delivers into the TUN;
+//! - port 9002 is claimed by a metric rule whose flows the Monitor (its
+//!   choices published by the test) gives the same overlay: they are
+//!   measured on the way out and back.
 //!
 //! After a warm-up, every path runs thousands of packets: the count of
 //! allocations on the packet threads must not move.
@@ -23,10 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oasis_broker::config::TunConfig;
-use oasis_broker::engine::{Engine, EngineSettings, MemoryNat, ReturnPath, Routes, RuleCarrier};
+use oasis_broker::engine::{
+    Engine, EngineSettings, KernelTables, MemoryNat, MemoryPins, MonitorChooser, ReturnPath, Routes, Via,
+};
 use oasis_broker::fake::FakeTable;
 use oasis_broker::forward::{OverlaySockets, run_queue, run_returns};
 use oasis_broker::liveness::Liveness;
+use oasis_broker::monitor::{Choices, Chosen, MonitorLink, Prefix, Why};
 use oasis_broker::names::NameRules;
 use oasis_broker::overlay::{EntryNodes, JoinedOverlay, OverlayId, OverlayTable};
 use oasis_broker::platform::Platform;
@@ -86,8 +92,8 @@ fn rule(dport: &str, via: &str) -> RuleSpec {
     }
 }
 
-/// The entry node: answers each datagram `[shim][packet to 10.99.0.5:9001]`
-/// with `[shim][the same payload back, from 10.99.0.5:9001 to the sender]`.
+/// The entry node: answers each datagram `[shim][packet to 10.99.0.5:PORT]`
+/// with `[shim][the same payload back, from 10.99.0.5:PORT to the sender]`.
 fn entry_node(socket: UdpSocket, stop: Arc<AtomicBool>) {
     socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut buf = vec![0u8; 65_536];
@@ -100,9 +106,10 @@ fn entry_node(socket: UdpSocket, stop: Arc<AtomicBool>) {
             continue;
         };
         let payload = &buf[SHIM + 28..len];
+        let port = u16::from_be_bytes([buf[SHIM + 22], buf[SHIM + 23]]);
         let mut reply = vec![0u8; SHIM];
         etherparse::PacketBuilder::ipv4(TARGET, sender_ip.octets(), 64)
-            .udp(9001, sender.port())
+            .udp(port, sender.port())
             .write(&mut reply, payload)
             .unwrap();
         let _ = socket.send_to(&reply, from);
@@ -164,7 +171,9 @@ fn no_packet_allocates_in_steady_state() {
     };
 
     let mut rules = RuleSet::default();
-    for spec in [rule("9000", "underlay"), rule("9001", "detour")] {
+    let mut metric = rule("9002", "");
+    metric.metric = Some("latency".into());
+    for spec in [rule("9000", "underlay"), rule("9001", "detour"), metric] {
         let (subset, via) = spec.parse().unwrap();
         rules.add_any(subset, via).unwrap();
     }
@@ -182,13 +191,28 @@ fn no_packet_allocates_in_steady_state() {
         fake_v6: "fd4f:4153:4953::/48".parse().unwrap(),
     };
     let fakes = FakeTable::new(settings.fake_v4, settings.fake_v6, 16);
+    let (link, _events) = MonitorLink::new(1024);
     let engine = Engine::new(
         settings,
         Routes::new(rules.rules(), Arc::new(NameRules::default()), overlays.clone()),
         Arc::new(Mutex::new(fakes)),
-        Box::new(MemoryNat::default()),
-        Box::new(RuleCarrier),
+        KernelTables {
+            nat: Box::new(MemoryNat::default()),
+            pins: Box::new(MemoryPins::default()),
+        },
+        Box::new(MonitorChooser::new(link.clone())),
+        link.clone(),
     );
+    // The Monitor chose the overlay for the metric rule's flows.
+    let chosen = Chosen {
+        via: Via::Overlay(OverlayId(1)),
+        why: Why::Incumbent,
+        ranked: vec![Via::Overlay(OverlayId(1))],
+    };
+    link.publish(Arc::new(Choices::new(
+        [((3, Prefix::of(TARGET.into())), chosen)].into(),
+        Vec::new(),
+    )));
 
     let stop = Arc::new(AtomicBool::new(false));
     let liveness = Liveness::new();
@@ -240,6 +264,7 @@ fn no_packet_allocates_in_steady_state() {
     sender.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let underlay_target: SocketAddr = (TARGET, 9000).into();
     let overlay_target: SocketAddr = (TARGET, 9001).into();
+    let metric_target: SocketAddr = (TARGET, 9002).into();
     // Sends `count` datagrams each way; how many came back.
     let round = |count: usize| -> u64 {
         let mut returned = 0;
@@ -248,6 +273,7 @@ fn no_packet_allocates_in_steady_state() {
             let payload = (i as u32).to_be_bytes();
             sender.send_to(&payload, underlay_target).unwrap();
             sender.send_to(&payload, overlay_target).unwrap();
+            sender.send_to(&payload, metric_target).unwrap();
             if i % 64 == 63 {
                 // Let the threads keep up, and take in what came back.
                 std::thread::sleep(Duration::from_millis(1));
@@ -275,7 +301,8 @@ fn no_packet_allocates_in_steady_state() {
         counters.sent_overlay > 2_000,
         "the overlay path works: {counters:?}"
     );
-    assert!(returned > 2_000, "the return path works: {returned} came back");
+    assert!(returned > 4_000, "the return path works: {returned} came back");
+    assert!(engine.measuring(), "the metric rule's flow is measured");
 
     let (allocations, received) = (ALLOCATIONS.load(Relaxed), counters.received);
     let returned_now = round(20_000);
@@ -293,7 +320,7 @@ fn no_packet_allocates_in_steady_state() {
         after.sent_overlay - counters.sent_overlay,
     );
     assert!(
-        packets > 30_000 && returned_now > 15_000,
+        packets > 45_000 && returned_now > 30_000,
         "too little traffic to tell"
     );
     assert_eq!(allocated, 0, "the packet path allocated in steady state");

@@ -11,6 +11,7 @@
 
 mod dns;
 mod heartbeat;
+mod monitor;
 mod persist;
 mod serve;
 #[cfg(unix)]

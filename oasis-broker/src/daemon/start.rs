@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use oasis_common::Settings;
 
+use super::monitor::{self, MonitorParts, NoProbes};
 use super::transport::{ControlListener, shutdown_signal};
 use super::{DaemonError, dns, heartbeat, persist, serve, state};
 use crate::config::Config;
+use crate::control::MonitorView;
 use crate::control::TunView;
+use crate::engine::probes::ProbeTable;
 use crate::engine::{Engine, EngineSettings, KernelTables, MonitorChooser, ReturnPath, Routes};
 use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
@@ -21,6 +24,8 @@ use crate::monitor::link::EVENT_QUEUE;
 use crate::names::NameRules;
 use crate::overlay::OverlayManager;
 use crate::platform::Platform;
+use crate::platform::ProbeSockets;
+use crate::shared::Shared;
 
 /// Most flows one packet thread tracks.
 const FLOW_CAPACITY: usize = 262_144;
@@ -72,7 +77,18 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let pins = kernel
         .take_pins()
         .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
-    let (link, monitor_events) = MonitorLink::new(EVENT_QUEUE);
+    // The Monitor's probes: ports held for TCP probes, sockets for echo
+    // replies. Without them the Monitor decides on what flows measure.
+    let probe_sockets: Arc<dyn ProbeSockets> = match platform.probe_sockets(config.monitor.probe_ports) {
+        Ok(sockets) => Arc::from(sockets),
+        Err(e) => {
+            tracing::warn!("the Monitor sends no probes: {e}");
+            Arc::new(NoProbes)
+        }
+    };
+    let echo_id = (std::process::id() as u16) ^ 0x4f53;
+    let (link, monitor_events) =
+        MonitorLink::with_probes(EVENT_QUEUE, ProbeTable::new(probe_sockets.ports(), echo_id));
     let overlays = {
         let stored = config.overlays.clone();
         tokio::task::spawn_blocking(move || OverlayManager::load(stored))
@@ -183,6 +199,28 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         })?);
     }
 
+    // The Monitor: not a packet thread; the heartbeat does not wait for it.
+    let monitor_view: Shared<MonitorView> = Arc::default();
+    threads.extend(
+        monitor::spawn(
+            MonitorParts {
+                settings: config.monitor.settings(),
+                engine: engine.clone(),
+                events: monitor_events,
+                underlay: underlay.clone(),
+                overlay: overlay_sockets.clone(),
+                sockets: probe_sockets,
+                kernel_events: kernel.take_monitor_events(),
+                view: monitor_view.clone(),
+            },
+            stop.clone(),
+        )
+        .map_err(|source| DaemonError::Io {
+            what: "starting the Monitor's threads".into(),
+            source,
+        })?,
+    );
+
     // The heartbeat, on a thread and map handle of its own. A thread that
     // has not ticked for half the timeout is stuck: no more beats.
     let heartbeat_every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
@@ -215,6 +253,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         heartbeat: status_heartbeat,
         engine,
         dns,
+        monitor: monitor_view,
         persister,
         tun: tun_view,
         diverted: Box::new(move |device| platform_for_status.diverted(device)),

@@ -20,14 +20,15 @@ use super::persist::{Persister, Snapshot};
 use crate::compile::compile;
 use crate::config::{Config, StoredOverlay};
 use crate::control::{
-    HeartbeatView, MapView, OverlayView, ProgramView, Progress, Request, Response, RuleView, StatusView,
-    TunView,
+    FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
+    RuleView, StatusView, TunView,
 };
 use crate::engine::{Engine, Routes};
 use crate::names::NameRules;
 use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
 use crate::rules::{AnyRule, RuleError, RuleSet, RuleSpec, Subset};
+use crate::shared::{Shared, snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RequestError {
@@ -78,6 +79,8 @@ pub(super) struct Daemon {
     heartbeat: Mutex<Box<dyn Heartbeat>>,
     pub engine: Arc<Engine>,
     pub dns: DnsRuntime,
+    /// What the Monitor thread last rendered of its state.
+    monitor: Shared<MonitorView>,
     persister: Persister,
     pub tun: TunView,
     diverted: DivertedCounts,
@@ -95,6 +98,7 @@ pub(super) struct Parts {
     pub heartbeat: Box<dyn Heartbeat>,
     pub engine: Arc<Engine>,
     pub dns: DnsRuntime,
+    pub monitor: Shared<MonitorView>,
     pub persister: Persister,
     pub tun: TunView,
     pub diverted: DivertedCounts,
@@ -129,6 +133,7 @@ impl Daemon {
             heartbeat: Mutex::new(parts.heartbeat),
             engine: parts.engine,
             dns: parts.dns,
+            monitor: parts.monitor,
             persister: parts.persister,
             tun: parts.tun,
             diverted: parts.diverted,
@@ -184,6 +189,10 @@ impl Daemon {
                     overlay: Box::new(overlay),
                 })
                 .ok_or_else(|| JoinError::Unknown(name).into()),
+            Request::Monitor => Ok(Response::Monitor {
+                monitor: Box::new((*snapshot(&self.monitor)).clone()),
+            }),
+            Request::Flows => self.flows().await.map(|flows| Response::Flows { flows }),
             Request::OverlayDel { name } => {
                 self.leave_overlay(&name, &reporter)
                     .await
@@ -195,6 +204,25 @@ impl Daemon {
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
         })
+    }
+
+    /// Every live flow, as the packet threads hold them: each answers at
+    /// its next tick.
+    async fn flows(&self) -> Result<Vec<FlowView>, RequestError> {
+        let generation = self.engine.ask_flows();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(mut flows) = self.engine.flow_dump(generation) {
+                flows.sort_by(|a, b| a.flow.cmp(&b.flow));
+                return Ok(flows);
+            }
+            if Instant::now() > deadline {
+                return Err(RequestError::Internal(
+                    "a packet thread did not answer within 2 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits for the change lock, saying so when another change holds it.
@@ -518,6 +546,10 @@ impl Daemon {
             config_saved,
             config_error,
             dns: self.dns.status(&self.engine),
+            monitor: {
+                let view = snapshot(&self.monitor);
+                (view.rules > 0).then(|| view.summary(self.engine.measured_in_kernel()))
+            },
         }
     }
 

@@ -70,15 +70,24 @@ pub fn routable(key: &FlowKey) -> bool {
     }
 }
 
-/// `proto 6 10.0.0.2:40000 -> 192.0.2.1:80`, for logs.
+/// `tcp 10.0.0.2:40000 -> 192.0.2.1:80`, for logs and `oasis flows`.
 pub fn describe(key: &FlowKey) -> String {
+    let proto = match key.proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        1 => "icmp".to_string(),
+        58 => "icmpv6".to_string(),
+        n => format!("proto {n}"),
+    };
+    let end = |addr: IpAddr, port: u16| match (addr, port) {
+        (addr, 0) => addr.to_string(),
+        (IpAddr::V6(v6), port) => format!("[{v6}]:{port}"),
+        (addr, port) => format!("{addr}:{port}"),
+    };
     format!(
-        "proto {} {}:{} -> {}:{}",
-        key.proto,
-        flow_src(key),
-        key.sport,
-        flow_dst(key),
-        key.dport
+        "{proto} {} -> {}",
+        end(flow_src(key), key.sport),
+        end(flow_dst(key), key.dport)
     )
 }
 
@@ -104,7 +113,7 @@ pub(crate) mod tests {
         );
         assert_eq!(&key.dst[..4], &[203, 0, 113, 9]);
         assert!(key.dst[4..].iter().all(|b| *b == 0));
-        assert_eq!(describe(&key), "proto 6 10.0.0.1:40000 -> 203.0.113.9:8080");
+        assert_eq!(describe(&key), "tcp 10.0.0.1:40000 -> 203.0.113.9:8080");
 
         let mut v6 = Vec::new();
         PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)

@@ -253,13 +253,21 @@ impl ProbeTable {
         sent
     }
 
-    /// The echo probe `seq` to `from`, answered on the underlay.
-    pub fn echo_answered(&self, local: IpAddr, from: IpAddr, id: u16, seq: u16) -> Option<Sent> {
-        if id != self.echo_id {
+    /// The echo probe `seq` to `from`, answered on the underlay (where the
+    /// socket that read it does not say to which local address).
+    pub fn echo_answered(&self, from: IpAddr, id: u16, seq: u16) -> Option<Sent> {
+        if id != self.echo_id || !self.any() {
             return None;
         }
         let proto = if from.is_ipv4() { ICMP } else { ICMPV6 };
-        self.answered(&key_of(local, from, proto, id, seq))
+        let probe = key_of(from, from, proto, id, seq);
+        let mut table = self.table();
+        let key = *table
+            .keys()
+            .find(|k| k.proto == proto && k.dst == probe.dst && k.sport == id && k.dport == seq)?;
+        let sent = table.remove(&key);
+        self.count.store(table.len(), Relaxed);
+        sent
     }
 
     pub fn echo_id(&self) -> u16 {
@@ -433,7 +441,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             table
-                .echo_answered(LOCAL.parse().unwrap(), SERVER.parse().unwrap(), 0x4f53, 6)
+                .echo_answered(SERVER.parse().unwrap(), 0x4f53, 6)
                 .map(|s| s.id),
             Some(6)
         );

@@ -22,6 +22,7 @@ use super::nat::NatTable;
 use super::packet::{describe, flow_dst, flow_key, routable};
 use super::pins::FlowPins;
 use super::routes::{Routes, Via};
+use crate::control::FlowView;
 use crate::fake::{FakeTable, unix_now};
 use crate::monitor::{Event, MonitorLink};
 use crate::overlay::{JoinedOverlay, OverlayId};
@@ -92,6 +93,11 @@ pub struct Engine {
     pub fake_flows: AtomicU64,
     /// Flows the kernel carries or measures for the engine, summed.
     kernel_flows: AtomicU64,
+    /// Routers made, and the dumps of their flow tables `oasis flows` asked
+    /// for: the generation asked, and each router's answer.
+    routers: AtomicUsize,
+    dump_wanted: AtomicU64,
+    dumps: Mutex<HashMap<usize, (u64, Vec<FlowView>)>>,
 }
 
 impl Engine {
@@ -118,12 +124,17 @@ impl Engine {
             epoch: Instant::now(),
             fake_flows: AtomicU64::new(0),
             kernel_flows: AtomicU64::new(0),
+            routers: AtomicUsize::new(0),
+            dump_wanted: AtomicU64::new(0),
+            dumps: Mutex::new(HashMap::new()),
         })
     }
 
     /// A router for one packet thread.
     pub fn router(self: &Arc<Self>) -> Router {
         Router {
+            index: self.routers.fetch_add(1, Relaxed),
+            dumped: 0,
             engine: self.clone(),
             routes: self.routes(),
             flows: FlowTable::new(self.settings.flow_idle, self.settings.flow_capacity),
@@ -224,6 +235,25 @@ impl Engine {
     pub fn epoch(&self) -> Instant {
         self.epoch
     }
+
+    /// Asks every router for its flows; they answer at their next tick.
+    /// The generation to wait for with [`Engine::flow_dump`].
+    pub fn ask_flows(&self) -> u64 {
+        self.dump_wanted.fetch_add(1, Relaxed) + 1
+    }
+
+    /// The flows of every router, once all have answered `generation`.
+    pub fn flow_dump(&self, generation: u64) -> Option<Vec<FlowView>> {
+        let dumps = self.dumps.lock().unwrap_or_else(|e| e.into_inner());
+        let routers = self.routers.load(Relaxed);
+        let answered = dumps.values().filter(|(g, _)| *g >= generation).count();
+        (answered >= routers).then(|| {
+            dumps
+                .values()
+                .flat_map(|(_, flows)| flows.iter().cloned())
+                .collect()
+        })
+    }
 }
 
 /// What to do with one diverted packet.
@@ -258,6 +288,9 @@ enum Known {
 /// One packet thread's decisions: its flow table and the routes of the
 /// batch at hand.
 pub struct Router {
+    /// Which router of the engine's it is, and the last dump it answered.
+    index: usize,
+    dumped: u64,
     engine: Arc<Engine>,
     routes: Arc<Routes>,
     flows: FlowTable,
@@ -632,6 +665,10 @@ impl Router {
     /// Ends flows idle for longer than the timeout and reports what was
     /// measured; call when [`Router::next_timeout`] has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let wanted = self.engine.dump_wanted.load(Relaxed);
+        if wanted > self.dumped {
+            self.dump(wanted, now);
+        }
         if now < self.next_sweep {
             return;
         }
@@ -651,6 +688,46 @@ impl Router {
         }
         self.end_all(&mut ended);
         self.ended = ended;
+    }
+
+    /// Hands the engine this table's flows, for `oasis flows`.
+    fn dump(&mut self, generation: u64, now: Instant) {
+        let name = |via: Via| match via {
+            Via::Underlay => "underlay".to_string(),
+            Via::Overlay(id) => self
+                .routes
+                .overlays
+                .get(id)
+                .map_or_else(|| format!("overlay {id} (left)"), |o| o.name.clone()),
+            Via::Unavailable => "unavailable".to_string(),
+        };
+        let flows = self
+            .flows
+            .iter()
+            .map(|(key, flow)| {
+                let (shown, fake) = match flow.fake {
+                    Some(binding) => (real_key(key, binding.real), Some(binding.fake.to_string())),
+                    None => (*key, None),
+                };
+                FlowView {
+                    flow: describe(&shown),
+                    rule: flow.rule,
+                    carrier: name(flow.via),
+                    why: flow.why.map(|why| why.to_string()),
+                    fake,
+                    in_kernel: flow.in_kernel(),
+                    age_secs: now.saturating_duration_since(flow.started).as_secs_f64(),
+                    idle_secs: now.saturating_duration_since(flow.last_seen).as_secs_f64(),
+                    packets: flow.packets,
+                }
+            })
+            .collect();
+        self.engine
+            .dumps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.index, (generation, flows));
+        self.dumped = generation;
     }
 
     /// Flows idle past the timeout (or, to make room, the longest idle).

@@ -18,6 +18,7 @@ pub mod health;
 pub mod link;
 pub mod path;
 pub mod probe;
+pub mod report;
 pub mod state;
 
 pub use choices::{Choices, Chosen};

@@ -583,7 +583,7 @@ impl Monitor {
         &self.budget
     }
 
-    pub fn switches(&self) -> impl Iterator<Item = &Switch> {
+    pub fn switches(&self) -> impl DoubleEndedIterator<Item = &Switch> {
         self.switches.iter()
     }
 
@@ -606,6 +606,15 @@ impl Monitor {
     /// Whether any prefix has flows of a metric rule lately.
     pub fn is_idle(&self) -> bool {
         self.interest.is_empty()
+    }
+
+    /// A carrier's figures towards a prefix now, stale ones left out.
+    pub fn figures(&self, via: Via, prefix: Prefix, now: Instant) -> super::path::Figures {
+        self.candidate(via, prefix, now).figures
+    }
+
+    pub fn is_up(&self, via: Via) -> bool {
+        self.health.get(&via).is_none_or(Health::is_up)
     }
 
     /// The probe kind a prefix's probes use (for reports).

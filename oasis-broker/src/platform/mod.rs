@@ -165,6 +165,26 @@ pub trait MonitorEvents: Send {
     fn read(&mut self, timeout: Duration, out: &mut Vec<oasis_common::MonitorEvent>) -> io::Result<()>;
 }
 
+/// An ICMP echo reply, as a probe's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoReply {
+    pub from: std::net::IpAddr,
+    pub id: u16,
+    pub seq: u16,
+    pub at: std::time::Instant,
+}
+
+/// What the Monitor's probes need from the OS besides sending packets on
+/// the underlay.
+pub trait ProbeSockets: Send + Sync {
+    /// Local TCP ports held for probes, so no application gets one.
+    fn ports(&self) -> Vec<u16>;
+    /// The address this host sends from towards `dst`, if it has a route.
+    fn source_for(&self, dst: std::net::IpAddr) -> Option<std::net::IpAddr>;
+    /// Waits up to `timeout` for ICMP echo replies, then adds those there are.
+    fn echo_replies(&self, timeout: Duration, out: &mut Vec<EchoReply>) -> io::Result<()>;
+}
+
 /// The redirect of the host's DNS queries to the broker.
 pub trait DnsInterception: Send {
     /// Stops redirecting at once (at shutdown).
@@ -249,4 +269,6 @@ pub trait Platform: Send + 'static {
     fn local_addresses(&self, into: &mut LocalAddresses);
     /// Packets and bytes the OS handed to the divert device's readers.
     fn diverted(&self, device: &str) -> (u64, u64);
+    /// Ports and sockets for the Monitor's probes (`ports` TCP ports held).
+    fn probe_sockets(&self, ports: usize) -> Result<Box<dyn ProbeSockets>, PlatformError>;
 }

@@ -1,11 +1,15 @@
 //! `oasis-relay`: forwards an overlay's datagrams to a next hop (another
 //! relay or an exit node) and the answers back, for detour overlays. It can
 //! add a fixed delay and random loss in each direction, which also makes it
-//! the path emulator of the tests (this kernel has no netem).
+//! the path emulator of the tests (this kernel has no netem); with `--tun`
+//! it is a delay line for plain IP packets instead (see `line`).
 //!
 //! Each client gets its own upstream socket, so the next hop sees the relay
 //! as one sender per client and answers arrive on that client's socket.
 //! Datagrams pass through unchanged: the shim stays as the client wrote it.
+
+#[cfg(target_os = "linux")]
+mod line;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +26,9 @@ use tokio::time::Instant;
 /// An Oasis overlay relay.
 ///
 /// Example: oasis-relay --listen 0.0.0.0:7500 --next-hop 198.51.100.2:7400 --delay-ms 20 --loss-percent 1
+///
+/// As a delay line for IP packets routed into a TUN (a path emulator for
+/// tests): oasis-relay --tun dly0 --delay-ms 20 --rate-mbit 50 --control /tmp/shape
 #[derive(Parser, Debug, Clone)]
 #[command(name = "oasis-relay", version)]
 struct Args {
@@ -29,8 +36,20 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:7500")]
     listen: SocketAddr,
     /// Where datagrams go on: an exit node or another relay.
-    #[arg(long)]
-    next_hop: SocketAddr,
+    #[arg(long, required_unless_present = "tun")]
+    next_hop: Option<SocketAddr>,
+    /// Be a delay line for IP packets instead: create this TUN device and
+    /// write back, delayed, what is routed into it (route it with policy
+    /// rules by incoming interface, so what comes back out goes on).
+    #[arg(long, value_name = "NAME", conflicts_with = "next_hop")]
+    tun: Option<String>,
+    /// With --tun: pace packets to this rate, with a 100 ms queue (0: no limit).
+    #[arg(long, default_value_t = 0.0, requires = "tun")]
+    rate_mbit: f64,
+    /// With --tun: a file of `delay_ms=N loss_percent=P rate_mbit=R`,
+    /// applied whenever it changes.
+    #[arg(long, value_name = "FILE", requires = "tun")]
+    control: Option<std::path::PathBuf>,
     /// Delay added in each direction, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
@@ -60,8 +79,7 @@ struct Session {
     last_seen: Instant,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -73,6 +91,23 @@ async fn main() -> anyhow::Result<()> {
     if !(0.0..=100.0).contains(&args.loss_percent) {
         anyhow::bail!("--loss-percent must be between 0 and 100");
     }
+    if let Some(tun) = &args.tun {
+        #[cfg(target_os = "linux")]
+        return line::run(
+            tun,
+            line::Shape::new(args.delay_ms as f64, args.loss_percent, args.rate_mbit),
+            args.control.clone(),
+        );
+        #[cfg(not(target_os = "linux"))]
+        anyhow::bail!("--tun {tun}: the delay line runs on Linux only");
+    }
+    let next_hop = args.next_hop.context("--next-hop is needed without --tun")?;
+    tokio::runtime::Runtime::new()
+        .context("starting the runtime")?
+        .block_on(relay(args, next_hop))
+}
+
+async fn relay(args: Args, next_hop: SocketAddr) -> anyhow::Result<()> {
     let listen = Arc::new(
         UdpSocket::bind(args.listen)
             .await
@@ -82,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     let delay = Duration::from_millis(args.delay_ms);
     let line = delay_line(listen.clone());
     let sessions: Arc<Mutex<HashMap<SocketAddr, Session>>> = Arc::default();
-    tracing::info!(listen = %args.listen, next_hop = %args.next_hop, delay_ms = args.delay_ms, loss = args.loss_percent, "oasis-relay ready");
+    tracing::info!(listen = %args.listen, %next_hop, delay_ms = args.delay_ms, loss = args.loss_percent, "oasis-relay ready");
 
     {
         let (sessions, counters) = (sessions.clone(), counters.clone());
@@ -116,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
                     session.upstream.clone()
                 }
                 None => {
-                    let upstream = Arc::new(open_upstream(args.next_hop).await?);
+                    let upstream = Arc::new(open_upstream(next_hop).await?);
                     spawn_return_path(
                         upstream.clone(),
                         client,

@@ -10,6 +10,7 @@ pub mod local_addrs;
 pub mod monitor_events;
 pub mod nat;
 pub mod pins;
+pub mod probe;
 pub mod socket;
 pub mod tun;
 pub mod underlay;
@@ -39,6 +40,8 @@ pub enum LinuxError {
     Tun { name: String, source: io::Error },
     #[error("opening the underlay raw sockets: {0} (the daemon must run as root)")]
     Underlay(io::Error),
+    #[error("opening the Monitor's probe sockets (TCP ports held, raw ICMP sockets): {0}")]
+    Probes(io::Error),
 }
 
 /// The Linux implementation of the platform.
@@ -116,5 +119,10 @@ impl Platform for LinuxPlatform {
 
     fn diverted(&self, device: &str) -> (u64, u64) {
         diverted_counts(device)
+    }
+
+    fn probe_sockets(&self, ports: usize) -> Result<Box<dyn crate::platform::ProbeSockets>, PlatformError> {
+        let sockets = probe::LinuxProbeSockets::open(ports).map_err(LinuxError::Probes)?;
+        Ok(Box::new(sockets))
     }
 }
