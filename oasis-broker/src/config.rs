@@ -179,7 +179,7 @@ impl Default for MonitorConfig {
             hold_secs: 30,
             hold_max_secs: 480,
             stale_secs: 600,
-            probe_ports: 8,
+            probe_ports: 16,
         }
     }
 }

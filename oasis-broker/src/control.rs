@@ -445,7 +445,7 @@ pub struct ClassifierCounters {
 }
 
 /// What the broker did with diverted packets.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BrokerCounters {
     /// Diverted packets read from the TUN.
     pub received: u64,
@@ -474,6 +474,13 @@ pub struct BrokerCounters {
     /// handshake went unanswered.
     #[serde(default)]
     pub rescued: u64,
+    /// Decisions on metric rules' new flows, and how long they took.
+    #[serde(default)]
+    pub monitor_decisions: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_p50_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_p99_us: Option<f64>,
     /// Packets overlays returned and the broker delivered to this host.
     pub overlay_received: u64,
     /// Datagrams on the standard port from senders that are no joined

@@ -143,6 +143,10 @@ where
                         overlay.sent.fetch_add(1, Relaxed);
                         Some((overlay.shim.as_slice(), packet, to))
                     }
+                    Outbound::Module { overlay, to, rule } if to.is_ipv4() == v4 => {
+                        router.overlay(overlay)?.sent.fetch_add(1, Relaxed);
+                        Some((router.module_shim(rule)?, packet, to))
+                    }
                     _ => None,
                 });
             let (sent, failed) = match socket {
@@ -247,8 +251,9 @@ where
     }
 }
 
-/// The sockets the broker opened for its modules: the only senders the
-/// underlay port admits. Empty until the sandbox runs modules.
+/// The sockets the broker opened for its modules: with the joined monitor
+/// modules' ports, the only senders the underlay port admits. Empty until
+/// the sandbox runs modules.
 pub type ModuleSockets = Shared<HashSet<SocketAddr>>;
 
 /// The underlay port: where local overlay modules hand raw IP packets to be
@@ -284,8 +289,9 @@ where
             continue;
         }
         let modules = snapshot(&modules);
+        let routes = engine.routes();
         let admitted = bufs.iter().zip(&received).take(count).filter_map(|(buf, got)| {
-            if module_admitted(&modules, got.from) {
+            if module_admitted(&modules, &routes, got.from) {
                 Some(&buf[..got.len])
             } else {
                 counters.dropped(DropReason::NotFromModule);

@@ -208,6 +208,13 @@ pub fn status(s: &StatusView) -> String {
                 "            {} queries: {} fake, {} passed, {} withheld, {} negative, {} servfail, {} truncated, {} refused",
                 q.queries, q.faked, q.passed, q.empty, q.negative, q.servfail, q.truncated, q.refused
             );
+            if q.monitor_real > 0 {
+                let _ = writeln!(
+                    out,
+                    "            {} names of metric rules answered truly: the Monitor leaves their flows on the underlay",
+                    q.monitor_real
+                );
+            }
             let _ = writeln!(
                 out,
                 "fake pool   {} and {}: {} of {} addresses given out, {} exhausted; {} flows, {} of them in the kernel",
@@ -267,6 +274,13 @@ pub fn status(s: &StatusView) -> String {
             "            kernel measurement: {} packets out, {} in, {} measurements lost; {} connections rescued",
             c.measured_egress, c.measured_ingress, c.events_lost, b.rescued
         );
+        if let (Some(p50), Some(p99)) = (b.decision_p50_us, b.decision_p99_us) {
+            let _ = writeln!(
+                out,
+                "            {} new flows decided: {p50:.1} µs at the median, {p99:.1} µs at the 99th percentile",
+                b.monitor_decisions
+            );
+        }
     }
     let costs: Vec<String> = s
         .programs

@@ -739,3 +739,22 @@ fn a_measured_fake_address_flow_sends_its_syn_again_to_the_broker() {
     );
     assert_eq!(dp.counters().measured_egress, 1);
 }
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn a_diverted_flow_the_broker_pins_passes_from_its_next_packet() {
+    let set = rules(&[spec(Some("tcp"), None, Some("443"), None)]);
+    let mut dp = datapath(set.rules());
+    let mut pins = dp.take_pins().expect("pins");
+    let syn = tcp4([203, 0, 113, 9], 40000, 443, true);
+    let data = tcp4([203, 0, 113, 9], 40000, 443, false);
+    // The first packet goes to the broker, which leaves the flow to the
+    // kernel; nothing this CPU remembers of the first verdict may shadow it.
+    assert_eq!(run(&dp, &syn), TC_ACT_REDIRECT);
+    pins.pin(&v4_key([203, 0, 113, 9], 6, 40000, 443), 1).unwrap();
+    for _ in 0..3 {
+        assert_eq!(run(&dp, &data), TC_ACT_OK);
+    }
+    // A SYN again is always matched afresh: the broker sees it.
+    assert_eq!(run(&dp, &syn), TC_ACT_REDIRECT);
+}

@@ -259,8 +259,9 @@ pub struct Measure {
     pub sampled_ns: u64,
     /// When counts were last reported.
     pub reported_ns: u64,
-    /// Bytes the peer acknowledged since the last report.
-    pub acked_bytes: u64,
+    /// Bytes the flow moved since the last report: what the peer
+    /// acknowledged, and what it sent (payload received).
+    pub moved_bytes: u64,
     /// The timestamp value on its way.
     pub ts_val: u32,
     /// The sequence number after the highest byte sent.
@@ -298,7 +299,7 @@ pub struct MonitorEvent {
     pub a: u64,
     /// ... segments sent again; ...
     pub b: u64,
-    /// ... bytes acknowledged, over `d` ns.
+    /// ... bytes moved, over `d` ns.
     pub c: u64,
     pub d: u64,
 }
@@ -314,8 +315,8 @@ pub mod monitor_event {
     pub const RESET: u32 = 3;
     /// An ICMP error said the destination is unreachable.
     pub const UNREACHABLE: u32 = 4;
-    /// `a` data segments sent, `b` of them again, `c` bytes acknowledged,
-    /// over the last `d` ns.
+    /// `a` data segments sent, `b` of them again, `c` bytes moved (acknowledged
+    /// by the peer, or received from it), over the last `d` ns.
     pub const COUNTS: u32 = 5;
 }
 

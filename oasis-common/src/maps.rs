@@ -76,7 +76,9 @@ macro_rules! kernel_maps {
             COUNTERS, "OASIS_COUNTERS", PerCpuHashMap<u32, $crate::Counters>, $crate::MAX_RULES as u32;
             /// The verdict cache: a flow's verdict, decided on its first packet.
             FLOWS, "OASIS_FLOWS", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::FLOW_CACHE_ENTRIES;
-            /// Each CPU's most recent flow, in front of the verdict cache.
+            /// Each CPU's most recent flow that passes (never a diverted
+            /// one, whose verdict the broker may change), in front of the
+            /// verdict cache.
             RECENT, "OASIS_RECENT", PerCpuArray<$crate::RecentFlow>, 1;
             /// The classifier's own counters (see `stat`).
             STATS, "OASIS_STATS", PerCpuArray<u64>, $crate::stat::COUNT;

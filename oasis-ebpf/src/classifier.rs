@@ -104,7 +104,7 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> 
         // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
         let recent = unsafe { &mut *recent };
         let age = now.saturating_sub(recent.entry.last_seen_ns);
-        if recent.key.same_as(key) && age < flow_idle_ns {
+        if recent.key.same_as(key) && recent.entry.last_seen_ns != 0 && age < flow_idle_ns {
             bump(stat::CACHE_HIT);
             if age > LAST_SEEN_GRANULARITY_NS {
                 // The flow cache must see the flow alive too.
@@ -152,8 +152,17 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> 
     if let Some(recent) = recent {
         // SAFETY: this CPU's slot, as above.
         unsafe {
-            (*recent).key = *key;
-            (*recent).entry = entry;
+            if entry.verdict == Verdict::Divert as u8 {
+                // Diverted flows always ask the flow cache: the broker may
+                // change their verdict there (a metric rule's flow it
+                // leaves to the kernel), and this slot must not shadow it.
+                if (*recent).key.same_as(key) {
+                    (*recent).entry.last_seen_ns = 0;
+                }
+            } else {
+                (*recent).key = *key;
+                (*recent).entry = entry;
+            }
         }
     }
     entry

@@ -8,8 +8,8 @@
 //! - the handshake's round trip (the broker notes when the SYN left),
 //! - timestamp round trips: a TSval going out, its echo coming back, at
 //!   most one sample per flow every 100 ms,
-//! - data segments and how many were sent again, and bytes acknowledged
-//!   (goodput), reported once a second,
+//! - data segments and how many were sent again, and bytes moved (payload
+//!   received, bytes acknowledged: goodput), reported once a second,
 //! - resets, and ICMP errors about the flow.
 //!
 //! Only the common TCP option layout (NOP, NOP, timestamps first, as
@@ -35,6 +35,9 @@ const SAMPLE_EVERY_NS: u64 = 100_000_000;
 const SAMPLE_GIVE_UP_NS: u64 = 1_000_000_000;
 /// Counts are reported this often.
 const REPORT_EVERY_NS: u64 = 1_000_000_000;
+/// A handshake answered later than the first retransmission timeout gives
+/// no sample.
+const MAX_HANDSHAKE_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn now_ns() -> u64 {
@@ -132,7 +135,7 @@ fn report(key: &FlowKey, m: &mut Measure, now: u64) {
         return;
     }
     let over = now.saturating_sub(m.reported_ns);
-    if over < REPORT_EVERY_NS || (m.segments == 0 && m.acked_bytes == 0) {
+    if over < REPORT_EVERY_NS || (m.segments == 0 && m.moved_bytes == 0) {
         return;
     }
     emit(
@@ -140,12 +143,12 @@ fn report(key: &FlowKey, m: &mut Measure, now: u64) {
         monitor_event::COUNTS,
         m.segments as u64,
         m.retransmits as u64,
-        m.acked_bytes,
+        m.moved_bytes,
         over,
     );
     m.segments = 0;
     m.retransmits = 0;
-    m.acked_bytes = 0;
+    m.moved_bytes = 0;
     m.reported_ns = now;
 }
 
@@ -180,7 +183,9 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed) {
     if data > 0 || tcp.flags & TCP_FIN != 0 {
         // SAFETY: the context pointer is valid for the whole run.
         let segments = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
-        let end = tcp.seq.wrapping_add(data as u32);
+        // A FIN takes a sequence number of its own.
+        let fin = u32::from(tcp.flags & TCP_FIN != 0);
+        let end = tcp.seq.wrapping_add(data as u32 + fin);
         let known = m.flags & measure_flag::SEQ_KNOWN != 0;
         if known && !after(end, m.seq_next) {
             m.retransmits += segments;
@@ -249,25 +254,27 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
         return;
     }
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-        if m.syn_ns != 0 {
-            emit(
-                &flow,
-                monitor_event::SYN_ACK,
-                now.saturating_sub(m.syn_ns),
-                0,
-                0,
-                0,
-            );
-            m.syn_ns = 0;
+        let rtt = now.saturating_sub(m.syn_ns);
+        // An answer after a second may be the peer's SYN-ACK sent again
+        // (its first was lost): which SYN it answers is unknown.
+        if m.syn_ns != 0 && rtt < MAX_HANDSHAKE_NS {
+            emit(&flow, monitor_event::SYN_ACK, rtt, 0, 0, 0);
             m.sampled_ns = now;
         }
+        m.syn_ns = 0;
         m.flags |= measure_flag::ANSWERED;
         m.last_ack = tcp.ack;
         return;
     }
+    // Goodput either way: payload received (downloads) and bytes the peer
+    // acknowledged (uploads).
+    let data = ip_payload_len(ctx, key, parsed.l4_offset)
+        .and_then(|l4| l4.checked_sub(tcp.header_len))
+        .unwrap_or(0);
+    m.moved_bytes += data as u64;
     if tcp.flags & TCP_ACK != 0 {
         if m.last_ack != 0 && after(tcp.ack, m.last_ack) {
-            m.acked_bytes += tcp.ack.wrapping_sub(m.last_ack) as u64;
+            m.moved_bytes += tcp.ack.wrapping_sub(m.last_ack) as u64;
         }
         if m.last_ack == 0 || after(tcp.ack, m.last_ack) {
             m.last_ack = tcp.ack;

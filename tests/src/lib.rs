@@ -448,6 +448,36 @@ impl Topology {
         wait_for_listener(&self.server, port);
     }
 
+    /// Puts a file of `size` bytes on the server's web servers.
+    pub fn web_file(&self, name: &str, size: usize) {
+        let root = self.dir.join("www");
+        std::fs::create_dir_all(&root).expect("web root");
+        std::fs::write(root.join(name), vec![b'x'; size]).expect("web file");
+    }
+
+    /// Downloads `path` from the server; (bytes, seconds), or None if it
+    /// failed.
+    pub fn download(&self, host: &str, port: u16, path: &str) -> Option<(u64, f64)> {
+        let url = format!("http://{host}:{port}/{path}");
+        let output = self.client.output(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+            &url,
+        ]);
+        if !output.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        let mut parts = text.split_whitespace();
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
     /// A TCP echo service on the server.
     pub fn start_echo_server(&mut self, port: u16) {
         let script = format!(

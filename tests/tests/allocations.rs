@@ -208,6 +208,7 @@ fn no_packet_allocates_in_steady_state() {
         via: Via::Overlay(OverlayId(1)),
         why: Why::Incumbent,
         ranked: vec![Via::Overlay(OverlayId(1))],
+        settled: true,
     };
     link.publish(Arc::new(Choices::new(
         [((3, Prefix::of(TARGET.into())), chosen)].into(),

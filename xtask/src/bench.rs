@@ -58,15 +58,17 @@ enum Scenario {
     OverlayExit,
     WireguardGo,
     FakeUnderlay,
+    MetricUnderlay,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
     Scenario::OverlayExit,
     Scenario::WireguardGo,
     Scenario::FakeUnderlay,
+    Scenario::MetricUnderlay,
 ];
 
 /// The server's name in the benchmark's zone.
@@ -81,6 +83,7 @@ impl Scenario {
             Scenario::OverlayExit => "overlay-exit",
             Scenario::WireguardGo => "wireguard-go",
             Scenario::FakeUnderlay => "fake-underlay",
+            Scenario::MetricUnderlay => "metric-underlay",
         }
     }
 
@@ -98,6 +101,11 @@ impl Scenario {
                 &["--proto", "udp", "--dport", "11111", "--via", "exit"],
             ]),
             Scenario::FakeUnderlay => Some(&[&["--name-exact", SERVER_NAME, "--via", "underlay"]]),
+            // The Monitor may choose the exit; the underlay, as fast, stays.
+            Scenario::MetricUnderlay => Some(&[
+                &["--proto", "tcp", "--dport", "5201", "--metric", "latency"],
+                &["--proto", "udp", "--dport", "11111", "--metric", "latency"],
+            ]),
         }
     }
 }
@@ -113,6 +121,8 @@ struct Samples {
     rtt_p99_us: Vec<f64>,
     /// Nanoseconds per run of each kernel program, as the kernel counts.
     kernel_ns: std::collections::BTreeMap<String, Vec<f64>>,
+    /// The Monitor's probe bytes per second, per carrier, in steady state.
+    probe_bytes: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
 /// The benchmark's parts.
@@ -393,7 +403,7 @@ fn measure(
                 String::new()
             };
             let daemon = Daemon::start(net, &extra);
-            if scenario == Scenario::OverlayExit {
+            if matches!(scenario, Scenario::OverlayExit | Scenario::MetricUnderlay) {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
             for rule in rules {
@@ -491,6 +501,26 @@ fn measure(
             }
             Scenario::OverlayExit if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 => {
                 bail!("nothing came back through the overlay")
+            }
+            Scenario::MetricUnderlay => {
+                let measured = status["classifier"]["measured_egress"].as_u64().unwrap_or(0);
+                if measured == 0 || diverted > 100 {
+                    bail!(
+                        "the Monitor's flows did not stay in the kernel: {diverted} packets reached the broker, \
+                         {measured} were measured in the kernel"
+                    );
+                }
+                let view = daemon.json(net, &["monitor", "--json"]);
+                for carrier in view["carriers"].as_array().into_iter().flatten() {
+                    let name = carrier["name"].as_str().unwrap_or("?").to_string();
+                    let rate = carrier["probe_bytes_per_second"].as_f64().unwrap_or(0.0);
+                    samples.probe_bytes.entry(name).or_default().push(rate);
+                }
+                eprintln!(
+                    "bench:   {diverted} packets reached the broker, {measured} were measured in the kernel; \
+                     probes {:.0} B/s",
+                    view["probe_bytes_per_second"].as_f64().unwrap_or(0.0)
+                );
             }
             Scenario::FakeUnderlay => {
                 let rewritten = status["classifier"]["nat_egress"].as_u64().unwrap_or(0);
@@ -625,6 +655,14 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 &format!("kernel_ns_per_run {program}"),
                 median(values),
                 "ns",
+                None,
+            );
+        }
+        for (carrier, values) in samples[i].probe_bytes.iter_mut() {
+            push(
+                &format!("probe_bytes_per_second {carrier}"),
+                median(values),
+                "B/s",
                 None,
             );
         }

@@ -6,7 +6,8 @@
 //!   diverted, and starts a flow in the broker, which sends it on by the
 //!   rule's carrier (the underlay, or an overlay through the exit node).
 //!   The figure is the broker's rate of started flows while the generator
-//!   offers more than it takes;
+//!   offers more than it takes. With a metric rule, the Monitor decides
+//!   each flow (and the time each decision took is reported);
 //! - a name import of 1,000,000 suffix rules through the CLI, timed, with
 //!   the heartbeat read from its kernel map every 10 ms throughout.
 
@@ -60,22 +61,27 @@ pub fn new_flows(
     repeat: u32,
 ) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
-    for carrier in ["underlay", "exit"] {
+    for carrier in ["underlay", "exit", "metric"] {
+        let mut decision_p50 = Vec::new();
+        let mut decision_p99 = Vec::new();
         let mut rates = Vec::new();
         let mut offered = Vec::new();
         for round in 0..repeat {
             let _ = std::fs::remove_file(net.dir.join("config.yaml"));
             let daemon = Daemon::start(net, "");
-            if carrier == "exit" {
+            if carrier != "underlay" {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
-            cli(
-                &daemon,
-                net,
-                &[
-                    "rule", "add", "--proto", "udp", "--dport", FLOW_PORTS, "--via", carrier,
-                ],
-            )?;
+            // `metric`: the Monitor decides each flow (and, the underlay
+            // being as fast as the exit, leaves it to the kernel).
+            let carrier_args: &[&str] = match carrier {
+                "metric" => &["--metric", "latency"],
+                "exit" => &["--via", "exit"],
+                _ => &["--via", "underlay"],
+            };
+            let mut args = vec!["rule", "add", "--proto", "udp", "--dport", FLOW_PORTS];
+            args.extend_from_slice(carrier_args);
+            cli(&daemon, net, &args)?;
             std::thread::sleep(Duration::from_millis(500));
             let before = status(&daemon, net);
             let started = Instant::now();
@@ -87,9 +93,18 @@ pub fn new_flows(
             let flows = after["broker"]["flows_started"].as_u64().unwrap_or(0)
                 - before["broker"]["flows_started"].as_u64().unwrap_or(0);
             let sent_on = match carrier {
-                "underlay" => "sent_underlay",
-                _ => "sent_overlay",
+                "exit" => "sent_overlay",
+                _ => "sent_underlay",
             };
+            if carrier == "metric" {
+                let broker = &after["broker"];
+                decision_p50.push(broker["decision_p50_us"].as_f64().unwrap_or(0.0));
+                decision_p99.push(broker["decision_p99_us"].as_f64().unwrap_or(0.0));
+                eprintln!(
+                    "bench: decisions on metric flows: {} µs at the median, {} µs at the 99th percentile",
+                    broker["decision_p50_us"], broker["decision_p99_us"]
+                );
+            }
             let carried = after["broker"][sent_on].as_u64().unwrap_or(0)
                 - before["broker"][sent_on].as_u64().unwrap_or(0);
             eprintln!(
@@ -109,8 +124,27 @@ pub fn new_flows(
         }
         let scenario = format!(
             "new-flows-{}",
-            if carrier == "exit" { "overlay" } else { "underlay" }
+            match carrier {
+                "exit" => "overlay",
+                "metric" => "metric-rule",
+                _ => "underlay",
+            }
         );
+        for (metric, values) in [
+            ("decision_time_p50", &mut decision_p50),
+            ("decision_time_p99", &mut decision_p99),
+        ] {
+            if !values.is_empty() {
+                figures.push(Figure {
+                    scenario: scenario.clone(),
+                    metric: metric.into(),
+                    value: median(values),
+                    unit: "us".into(),
+                    baseline: None,
+                    ratio: None,
+                });
+            }
+        }
         for (metric, values) in [
             ("new_flows_per_second", &mut rates),
             ("offered_flows_per_second", &mut offered),

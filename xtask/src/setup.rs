@@ -31,6 +31,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "bind9-dnsutils"),
     ("dnsperf", "dnsperf"),
+    // Packet counters and drops in the Monitor's tests.
+    ("nft", "nftables"),
     // The C cross compiler the Windows type-check needs.
     ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
 ];
@@ -106,11 +108,11 @@ fn steps() -> Vec<Step> {
             hint: "install it with `rustup target add x86_64-pc-windows-gnu`",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, mingw-w64)",
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, nftables, mingw-w64)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
             hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools \
-                   dnsmasq-base bind9-dnsutils dnsperf gcc-mingw-w64-x86-64",
+                   dnsmasq-base bind9-dnsutils dnsperf nftables gcc-mingw-w64-x86-64",
         },
     ]
 }

@@ -79,6 +79,7 @@ pub(super) async fn start(
     config: &Config,
     kernel: &mut dyn Kernel,
     names: Arc<NameRules>,
+    monitor: Arc<crate::monitor::MonitorLink>,
 ) -> Result<DnsRuntime, DaemonError> {
     let dns = &config.dns;
     let fakes = Arc::new(Mutex::new(load_table(dns)));
@@ -122,6 +123,7 @@ pub(super) async fn start(
         underlay: dns.underlay_answers,
         timeout: Duration::from_millis(dns.upstream_timeout_ms),
         cache: Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
+        monitor: Some(monitor),
     };
     let (mut server, v6) = listen(service, dns.port, true)
         .await

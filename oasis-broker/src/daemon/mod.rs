@@ -12,6 +12,8 @@
 mod dns;
 mod heartbeat;
 mod monitor;
+#[cfg(unix)]
+mod overlays_file;
 mod persist;
 mod serve;
 #[cfg(unix)]

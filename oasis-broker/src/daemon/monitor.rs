@@ -192,6 +192,7 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
         probes.clear();
         monitor.poll_probes(now, &mut probes);
         for probe in &probes {
+            tracing::trace!(id = probe.id, via = ?probe.via, dst = %probe.target.dst, "probe");
             if !prober.send(probe, &link, now) {
                 monitor.handle(Event::ProbeUnsent { id: probe.id }, now);
             }

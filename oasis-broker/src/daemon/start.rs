@@ -70,13 +70,6 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let names = Arc::new(
         NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?,
     );
-    let dns = dns::start(&config, kernel.as_mut(), names.clone()).await?;
-    let nat = kernel
-        .take_nat()
-        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
-    let pins = kernel
-        .take_pins()
-        .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
     // The Monitor's probes: ports held for TCP probes, sockets for echo
     // replies. Without them the Monitor decides on what flows measure.
     let probe_sockets: Arc<dyn ProbeSockets> = match platform.probe_sockets(config.monitor.probe_ports) {
@@ -89,6 +82,14 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let echo_id = (std::process::id() as u16) ^ 0x4f53;
     let (link, monitor_events) =
         MonitorLink::with_probes(EVENT_QUEUE, ProbeTable::new(probe_sockets.ports(), echo_id));
+    let dns = dns::start(&config, kernel.as_mut(), names.clone(), link.clone()).await?;
+    let nat = kernel
+        .take_nat()
+        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
+    let pins = kernel
+        .take_pins()
+        .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
+
     let overlays = {
         let stored = config.overlays.clone();
         tokio::task::spawn_blocking(move || OverlayManager::load(stored))
@@ -260,6 +261,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     }));
 
     let listener = ControlListener::bind(&control_socket)?;
+    daemon.publish_overlays();
     // Only a daemon that started writes a default config file.
     if !config_path.exists() {
         daemon.settings.save(config_path)?;

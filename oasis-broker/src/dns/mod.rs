@@ -26,6 +26,7 @@ pub struct DnsCounters {
     pub truncated: AtomicU64,
     pub refused: AtomicU64,
     pub exhausted: AtomicU64,
+    pub monitor_real: AtomicU64,
     /// Fake answers per name rule id.
     by_rule: Mutex<HashMap<u32, u64>>,
 }
@@ -49,6 +50,10 @@ pub struct DnsCountersView {
     pub refused: u64,
     /// No fake address free: every one is held by a live flow.
     pub exhausted: u64,
+    /// Names of metric rules answered truly: the Monitor gives their
+    /// flows the underlay (of those counted as passed).
+    #[serde(default)]
+    pub monitor_real: u64,
 }
 
 impl DnsCounters {
@@ -81,6 +86,7 @@ impl DnsCounters {
             truncated: self.truncated.load(Relaxed),
             refused: self.refused.load(Relaxed),
             exhausted: self.exhausted.load(Relaxed),
+            monitor_real: self.monitor_real.load(Relaxed),
         }
     }
 }

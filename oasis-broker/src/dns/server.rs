@@ -21,6 +21,7 @@ use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, rema
 use super::udp::{EDNS_UDP_LIMIT, refusal};
 use crate::fake::{FakeError, FakeTable, unix_now};
 use crate::names::NameRules;
+use crate::rules::Carrier;
 use crate::shared::{Shared, snapshot};
 
 /// How long a TCP client may stay idle.
@@ -35,6 +36,10 @@ pub struct DnsService {
     pub underlay: UnderlayAnswers,
     pub timeout: Duration,
     pub cache: Mutex<AnswerCache>,
+    /// The Monitor's choices: a name of a metric rule whose flows it gives
+    /// the underlay is answered truly (when `underlay` asks for real
+    /// answers), and its flows never touch Oasis.
+    pub monitor: Option<Arc<crate::monitor::MonitorLink>>,
 }
 
 /// The parts of a response.
@@ -161,6 +166,14 @@ impl DnsService {
         upstream: Upstream,
     ) -> Answer {
         match (plan, upstream) {
+            (Plan::Fake { rule, carrier }, Upstream::Records(records))
+                if self.underlay_chosen(rule, &carrier, &records, qtype) =>
+            {
+                self.counters
+                    .monitor_real
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.relay(Upstream::Records(records))
+            }
             (Plan::Fake { rule, carrier }, Upstream::Records(records)) => {
                 self.fake(qname, key, qtype, &records, rule, &carrier.to_string())
             }
@@ -179,6 +192,21 @@ impl DnsService {
             }
             (_, upstream) => self.relay(upstream),
         }
+    }
+
+    /// A metric rule's name whose every real address the Monitor, on
+    /// measurements, gives the underlay (paper §2.2.4): the fake address
+    /// would only send the flow's first packet through the broker.
+    fn underlay_chosen(&self, rule: u32, carrier: &Carrier, records: &[Record], qtype: RecordType) -> bool {
+        let Carrier::Monitor(goal) = carrier else {
+            return false;
+        };
+        self.underlay == UnderlayAnswers::Real
+            && goal.module.is_none()
+            && self
+                .monitor
+                .as_ref()
+                .is_some_and(|m| m.choices().underlay_settled(rule, &addresses(records, qtype)))
     }
 
     fn relay(&self, upstream: Upstream) -> Answer {

@@ -36,8 +36,11 @@ pub struct Flow {
     pub started: Instant,
     pub last_seen: Instant,
     pub packets: u64,
-    /// A metric rule's flow: why the Monitor chose its carrier.
+    /// A metric rule's flow: why its carrier was chosen.
     pub why: Option<Why>,
+    /// Its carrier was the Monitor's choice: the flow may be rescued when
+    /// its handshake goes unanswered.
+    pub monitored: bool,
     /// The flow passes in the kernel after its first packet (a metric
     /// rule's flow on the underlay); its packets reach the engine only when
     /// the kernel lost its cached verdict, or its SYN went again.
@@ -59,6 +62,7 @@ impl Flow {
             last_seen: now,
             packets: 0,
             why: None,
+            monitored: false,
             pinned: false,
             measured_in_kernel: false,
             measure: None,
@@ -70,9 +74,9 @@ impl Flow {
         self.pinned || self.fake.is_some_and(|f| f.in_kernel)
     }
 
-    /// Whether it is a metric rule's flow.
+    /// Whether the Monitor chose its carrier.
     pub fn monitored(&self) -> bool {
-        self.why.is_some()
+        self.monitored
     }
 }
 

@@ -135,7 +135,8 @@ impl FlowProbe {
             self.answered.store(true, Relaxed);
             self.last_ack.store(segment.ack, Relaxed);
             let sent = self.syn_sent.swap(0, Relaxed);
-            if sent != 0 {
+            // An answer after a second may be the peer's SYN-ACK sent again.
+            if sent != 0 && self.since(sent, now) < Duration::from_secs(1) {
                 self.sampled.store(self.stamp(now), Relaxed);
                 return Some(Event::Rtt {
                     via: self.via,
@@ -222,7 +223,8 @@ impl OutboundMeasure {
             };
         }
         if segment.data > 0 || segment.fin {
-            let end = segment.seq.wrapping_add(segment.data);
+            // A FIN takes a sequence number of its own.
+            let end = segment.seq.wrapping_add(segment.data + u32::from(segment.fin));
             match self.seq_next {
                 Some(next) if !after(end, next) => self.retransmits += 1,
                 _ => self.seq_next = Some(end),
@@ -393,6 +395,23 @@ mod tests {
             panic!("{events:?}")
         };
         assert!((bps - 3.2e6).abs() < 1.0, "{bps}");
+        // Data, then its FIN: neither is sent again.
+        let (_, _, mut fresh) = setup();
+        for (seq, fin) in [(1000u32, false), (2000, true)] {
+            let mut packet = if fin {
+                tcp(|b| b.ack(1).fin(), None, b"", true)
+            } else {
+                tcp(|b| b.ack(1), None, &[0u8; 1000], true)
+            };
+            packet[24..28].copy_from_slice(&seq.to_be_bytes());
+            fresh.outbound(&seg(&packet), t);
+        }
+        let mut counted = Vec::new();
+        fresh.report(t, &mut |e| counted.push(e));
+        assert!(
+            matches!(counted[0], Event::Outcomes { sent: 2, lost: 0, .. }),
+            "{counted:?}"
+        );
         let reset = tcp(|b| b.rst(), None, b"", false);
         assert!(matches!(
             probe.inbound(&seg(&reset), t),

@@ -739,6 +739,7 @@ mod tests {
                 underlay_ms: 60.0,
             },
             ranked: vec![via, Via::Underlay],
+            settled: true,
         };
         world.link.publish(Arc::new(crate::monitor::Choices::new(
             [((1, prefix), chosen)].into(),

@@ -123,8 +123,14 @@ impl ProbeTable {
         let ttl = 64;
         let key = match request.target.kind {
             ProbeKind::TcpSyn { dport } => {
+                // A port no probe to the same destination is waiting on, so
+                // an answer names its probe (and its carrier) alone.
                 let n = self.next.fetch_add(1, Relaxed);
-                let port = *self.ports.get(n % self.ports.len().max(1))?;
+                let table = self.table();
+                let port = (0..self.ports.len())
+                    .map(|i| self.ports[(n + i) % self.ports.len()])
+                    .find(|port| !table.contains_key(&key_of(src, dst, TCP, *port, dport)))?;
+                drop(table);
                 let builder = match (src, dst) {
                     (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), ttl),
                     (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), ttl),
@@ -365,6 +371,41 @@ mod tests {
         assert_eq!(
             (tcp.source_port(), tcp.destination_port(), tcp.sequence_number()),
             (40001, 443, 10)
+        );
+    }
+
+    #[test]
+    fn a_port_is_not_reused_while_a_probe_waits_on_it() {
+        let table = ProbeTable::new(vec![40001, 40002], 0x4f53);
+        let now = Instant::now();
+        let mut packet = Vec::new();
+        let local = LOCAL.parse().unwrap();
+        let syn = ProbeKind::TcpSyn { dport: 443 };
+        let a = table.build(&request(1, syn), local, now, &mut packet).unwrap();
+        let b = table.build(&request(2, syn), local, now, &mut packet).unwrap();
+        assert_ne!(a.sport, b.sport);
+        assert!(
+            table.build(&request(3, syn), local, now, &mut packet).is_none(),
+            "every port waits"
+        );
+        // Another destination port may use them.
+        assert!(
+            table
+                .build(
+                    &request(4, ProbeKind::TcpSyn { dport: 80 }),
+                    local,
+                    now,
+                    &mut packet
+                )
+                .is_some()
+        );
+        table.answered(&a);
+        assert_eq!(
+            table
+                .build(&request(5, syn), local, now, &mut packet)
+                .unwrap()
+                .sport,
+            a.sport
         );
     }
 

@@ -200,11 +200,23 @@ impl ReturnPath {
 }
 
 /// Whether a datagram on the underlay port may be sent on the underlay: it
-/// must come from a socket the broker opened for one of its modules.
-/// Anything else could use the port to send arbitrary, spoofed packets with
-/// the broker's privileges.
-pub fn module_admitted(modules: &HashSet<SocketAddr>, from: Option<SocketAddr>) -> bool {
-    from.is_some_and(|addr| addr.ip().is_loopback() && modules.contains(&addr))
+/// must come from a socket the broker opened for one of its modules, or
+/// from the loopback port a joined overlay's monitor module listens on (a
+/// privileged port, which no unprivileged process can hold). Anything else
+/// could use the port to send arbitrary, spoofed packets with the broker's
+/// privileges.
+pub fn module_admitted(modules: &HashSet<SocketAddr>, routes: &Routes, from: Option<SocketAddr>) -> bool {
+    let Some(addr) = from
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .filter(|a| a.ip().is_loopback())
+    else {
+        return false;
+    };
+    modules.contains(&addr)
+        || routes
+            .overlays
+            .iter()
+            .any(|o| o.monitor && o.path.peers().contains(&addr))
 }
 
 #[cfg(test)]
@@ -213,21 +225,55 @@ mod tests {
 
     #[test]
     fn only_the_brokers_own_module_sockets_are_admitted() {
+        let routes = Routes::default();
         let module: SocketAddr = "127.0.0.1:40123".parse().unwrap();
         let modules: HashSet<SocketAddr> = [module].into();
-        assert!(module_admitted(&modules, Some(module)));
+        assert!(module_admitted(&modules, &routes, Some(module)));
         assert!(
-            !module_admitted(&modules, Some("127.0.0.1:40124".parse().unwrap())),
+            !module_admitted(&modules, &routes, Some("127.0.0.1:40124".parse().unwrap())),
             "another local process"
         );
         assert!(
-            !module_admitted(&modules, Some("10.0.0.1:40123".parse().unwrap())),
+            !module_admitted(&modules, &routes, Some("10.0.0.1:40123".parse().unwrap())),
             "not loopback"
         );
-        assert!(!module_admitted(&modules, None));
+        assert!(!module_admitted(&modules, &routes, None));
         assert!(
-            !module_admitted(&HashSet::new(), Some(module)),
+            !module_admitted(&HashSet::new(), &routes, Some(module)),
             "no modules, nothing admitted"
         );
+    }
+
+    #[test]
+    fn a_joined_monitor_module_is_admitted_from_its_port() {
+        use crate::overlay::{JoinedOverlay, LocalModule, OverlayId, OverlayTable};
+        let mut monitor = JoinedOverlay::new(
+            OverlayId(1),
+            "mon".into(),
+            Box::new(LocalModule::new(760)),
+            vec![0; 16],
+        );
+        monitor.monitor = true;
+        let routes = Routes::new(
+            &[],
+            Arc::default(),
+            Arc::new(OverlayTable::new([Arc::new(monitor)])),
+        );
+        let none = HashSet::new();
+        assert!(module_admitted(
+            &none,
+            &routes,
+            Some("127.0.0.1:760".parse().unwrap())
+        ));
+        assert!(module_admitted(
+            &none,
+            &routes,
+            Some("[::ffff:127.0.0.1]:760".parse().unwrap())
+        ));
+        assert!(!module_admitted(
+            &none,
+            &routes,
+            Some("127.0.0.1:761".parse().unwrap())
+        ));
     }
 }

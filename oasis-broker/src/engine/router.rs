@@ -266,6 +266,13 @@ pub enum Outbound {
         overlay: OverlayId,
         to: std::net::SocketAddr,
     },
+    /// Send `[rule's metric][packet]` to the external monitor module `to`
+    /// (the overlay `overlay`), which picks the carrier.
+    Module {
+        overlay: OverlayId,
+        to: std::net::SocketAddr,
+        rule: u32,
+    },
     /// Write the reply the router left in the caller's buffer back to the
     /// application (an ICMP error).
     Reply,
@@ -313,6 +320,12 @@ impl Router {
     /// The overlay an [`Outbound::Overlay`] of this batch names.
     pub fn overlay(&self, id: OverlayId) -> Option<&JoinedOverlay> {
         self.routes.overlays.get(id).map(Arc::as_ref)
+    }
+
+    /// What goes in front of an [`Outbound::Module`]'s packet: the rule's
+    /// metric, as long as the module's shim.
+    pub fn module_shim(&self, rule: u32) -> Option<&[u8]> {
+        self.routes.monitored(rule).map(|r| r.module_shim.as_slice())
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -372,6 +385,7 @@ impl Router {
 
     /// A new flow claimed by a header rule.
     fn start(&mut self, key: &FlowKey, packet: &[u8], now: Instant, exclude: Option<Via>) -> Via {
+        let decided = Instant::now();
         let flow = NewFlow {
             key,
             dst: flow_dst(key),
@@ -398,9 +412,12 @@ impl Router {
         let via = decision.via;
         tracing::debug!(flow = %describe(key), ?rule, ?via, why = ?decision.why, "new flow");
         let mut new = Flow::new(rule, via, None, now);
+        new.why = decision.why;
         if decision.monitored {
-            new.why = decision.why;
+            new.monitored = true;
             self.measure(key, key, &mut new, packet, now);
+            let took = decided.elapsed();
+            self.engine.counters.decisions.record(took.as_nanos() as u64);
         }
         self.insert(*key, new);
         via
@@ -503,6 +520,19 @@ impl Router {
         match via {
             Via::Underlay => Outbound::Underlay,
             Via::Overlay(id) => match self.routes.overlays.get(id) {
+                Some(overlay) if overlay.monitor => {
+                    // The module forwards the packet on over a carrier of its
+                    // choosing; its MSS is the module's business.
+                    let rule = self.flows.get(key).and_then(|f| f.rule);
+                    match rule.filter(|r| self.routes.monitored(*r).is_some()) {
+                        Some(rule) => Outbound::Module {
+                            overlay: id,
+                            to: overlay.path.next_hop(key),
+                            rule,
+                        },
+                        None => self.drop(DropReason::NoCarrier),
+                    }
+                }
                 Some(overlay) => {
                     let to = overlay.path.next_hop(key);
                     let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
@@ -648,8 +678,9 @@ impl Router {
             in_kernel,
         };
         let mut new = Flow::new(rule, via, Some(binding), now);
+        new.why = decision.why;
         if decision.monitored {
-            new.why = decision.why;
+            new.monitored = true;
             self.measure(key, &real_key(key, real), &mut new, packet, now);
         }
         self.insert(*key, new);

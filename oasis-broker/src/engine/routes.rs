@@ -44,6 +44,9 @@ pub struct MonitorRoute {
     pub candidates: Vec<OverlayId>,
     /// The external monitor module's overlay, when one decides.
     pub module: Option<Via>,
+    /// What goes in front of each packet sent to the module: the metric's
+    /// text, padded with zeros to the module's shim length.
+    pub module_shim: Vec<u8>,
 }
 
 /// A header rule, ready for the packet path.
@@ -123,6 +126,16 @@ impl Routes {
             }
         };
         let module = goal.module.as_ref().map(|name| self.fixed(name));
+        let module_shim = goal
+            .module
+            .as_ref()
+            .and_then(|name| self.overlays.by_name(name))
+            .map(|overlay| {
+                let mut shim = goal.metric.to_string().into_bytes();
+                shim.resize(overlay.shim.len(), 0);
+                shim
+            })
+            .unwrap_or_default();
         self.monitored.insert(
             rule,
             Arc::new(MonitorRoute {
@@ -130,6 +143,7 @@ impl Routes {
                 goal: goal.clone(),
                 candidates,
                 module,
+                module_shim,
             }),
         );
     }

@@ -17,6 +17,9 @@ pub struct Chosen {
     /// Every candidate that is up, best first: where a flow goes when its
     /// first choice fails it.
     pub ranked: Vec<Via>,
+    /// Every candidate that is up has figures for the metric: the choice
+    /// rests on measurements, not on the lack of them.
+    pub settled: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -37,6 +40,17 @@ impl Choices {
 
     pub fn get(&self, rule: u32, prefix: Prefix) -> Option<&Chosen> {
         self.chosen.get(&(rule, prefix))
+    }
+
+    /// Whether the Monitor, on measurements, gives new flows of `rule` to
+    /// every one of `addresses` the underlay: then a name can be answered
+    /// with its real addresses, and its flows never touch Oasis.
+    pub fn underlay_settled(&self, rule: u32, addresses: &[IpAddr]) -> bool {
+        !addresses.is_empty()
+            && addresses.iter().all(|addr| {
+                self.get(rule, Prefix::of(*addr))
+                    .is_some_and(|c| c.via == Via::Underlay && c.settled && !self.is_down(Via::Underlay))
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -106,6 +120,7 @@ mod tests {
             },
             candidates: vec![OverlayId(1), OverlayId(2)],
             module: None,
+            module_shim: Vec::new(),
         }
     }
 
@@ -121,6 +136,7 @@ mod tests {
             via: O1,
             why: faster,
             ranked: vec![O1, O2, Via::Underlay],
+            settled: true,
         };
         let choices = Choices::new([((7, prefix), chosen)].into(), vec![]);
         assert_eq!(choices.choose(&route(), dst, None), (O1, faster));
@@ -148,5 +164,34 @@ mod tests {
             everything_down.choose(&route(), dst, None),
             (Via::Underlay, Why::Incumbent)
         );
+    }
+
+    #[test]
+    fn names_get_real_answers_only_where_the_underlay_won_on_figures() {
+        let here: IpAddr = "203.0.113.9".parse().unwrap();
+        let there: IpAddr = "198.51.100.1".parse().unwrap();
+        let chosen = |via, settled| Chosen {
+            via,
+            why: Why::Incumbent,
+            ranked: vec![via],
+            settled,
+        };
+        let choices = Choices::new(
+            [
+                ((7, Prefix::of(here)), chosen(Via::Underlay, true)),
+                ((7, Prefix::of(there)), chosen(Via::Underlay, false)),
+                ((8, Prefix::of(here)), chosen(O1, true)),
+            ]
+            .into(),
+            vec![],
+        );
+        assert!(choices.underlay_settled(7, &[here]));
+        assert!(
+            !choices.underlay_settled(7, &[here, there]),
+            "not measured there yet"
+        );
+        assert!(!choices.underlay_settled(8, &[here]), "an overlay is better");
+        assert!(!choices.underlay_settled(9, &[here]), "no decision");
+        assert!(!choices.underlay_settled(7, &[]));
     }
 }

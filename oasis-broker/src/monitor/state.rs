@@ -55,7 +55,8 @@ pub const PROBE_UNKNOWN: Duration = Duration::from_secs(1);
 /// meanwhile ...
 pub const PROBE_REFRESH: Duration = Duration::from_secs(5);
 /// ... and for `loss` rules, whose decision needs many outcomes: the
-/// underlay this often, the overlays every second.
+/// underlay this often (twice as often until it has enough to decide),
+/// the overlays every second.
 pub const PROBE_LOSS_UNDERLAY: Duration = Duration::from_millis(200);
 /// Switches kept for `oasis monitor` and `oasis status`.
 const RECENT_SWITCHES: usize = 32;
@@ -108,6 +109,15 @@ struct Interest {
     rules: HashSet<u32>,
 }
 
+/// Whether `figures` hold what the metric compares.
+fn measured_for(metric: &Metric, figures: &super::path::Figures) -> bool {
+    match metric {
+        Metric::Latency | Metric::Other(_) => figures.srtt.is_some(),
+        Metric::Loss { .. } => figures.loss.is_some(),
+        Metric::Throughput => figures.throughput(false).is_some() || figures.goodput_bps.is_some(),
+    }
+}
+
 /// A switch of a decision, for `oasis monitor`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Switch {
@@ -125,8 +135,10 @@ pub struct Monitor {
     health: HashMap<Via, Health>,
     interest: HashMap<Prefix, Interest>,
     choices: HashMap<(u32, Prefix), Choice>,
-    /// When each path is next due a quality probe.
-    next_quality: HashMap<(Via, Prefix), Instant>,
+    /// When each path was last probed or measured by its flows: it is due
+    /// a quality probe an interval later (the interval depends on the
+    /// rules, which may change meanwhile).
+    last_quality: HashMap<(Via, Prefix), Instant>,
     /// When each carrier is next due a liveness probe, and the round.
     next_liveness: HashMap<Via, (Instant, u64)>,
     /// When a flow last started on each carrier.
@@ -152,7 +164,7 @@ impl Monitor {
             health: HashMap::new(),
             interest: HashMap::new(),
             choices: HashMap::new(),
-            next_quality: HashMap::new(),
+            last_quality: HashMap::new(),
             next_liveness: HashMap::new(),
             busy: HashMap::new(),
             outstanding: HashMap::new(),
@@ -264,10 +276,13 @@ impl Monitor {
 
     /// Flows measured the path: its next quality probe can wait.
     fn postpone_quality(&mut self, via: Via, dst: IpAddr, now: Instant) {
-        let key = (via, Prefix::of(dst));
-        let interval = self.quality_interval(key.0, key.1, true);
-        let next = self.next_quality.entry(key).or_insert(now);
-        *next = (*next).max(now + interval);
+        self.last_quality.insert((via, Prefix::of(dst)), now);
+    }
+
+    /// When a path is next due a quality probe.
+    fn quality_due(&self, via: Via, prefix: Prefix, known: bool) -> Option<Instant> {
+        let last = self.last_quality.get(&(via, prefix))?;
+        Some(*last + self.quality_interval(via, prefix, known))
     }
 
     /// How often a path with (or without) figures is probed.
@@ -280,11 +295,26 @@ impl Monitor {
             })
         });
         match (loss_rule, via) {
+            // Until the underlay's loss rests on enough outcomes to decide,
+            // twice as often.
+            (true, Via::Underlay)
+                if self.loss_outcomes(via, prefix) < self.settings.decisions.loss_min_samples =>
+            {
+                PROBE_LOSS_UNDERLAY / 2
+            }
             (true, Via::Underlay) => PROBE_LOSS_UNDERLAY,
             (true, _) => PROBE_UNKNOWN,
             (false, _) if !known => PROBE_UNKNOWN,
             (false, _) => PROBE_REFRESH,
         }
+    }
+
+    /// Outcomes the path's loss rate rests on now.
+    fn loss_outcomes(&self, via: Via, prefix: Prefix) -> u64 {
+        self.paths
+            .get(&(via, prefix))
+            .and_then(|p| p.loss.rate(p.loss.updated()?))
+            .map_or(0, |(_, n)| n)
     }
 }
 
@@ -390,12 +420,17 @@ impl Monitor {
                     why: choice.why,
                 });
             }
+            let settled = candidates
+                .iter()
+                .filter(|c| c.up)
+                .all(|c| measured_for(&route.goal.metric, &c.figures));
             chosen.insert(
                 (rule, prefix),
                 Chosen {
                     via: choice.via,
                     why: choice.why,
                     ranked: ranked(&route.goal.metric, &candidates, &settings),
+                    settled,
                 },
             );
         }
@@ -434,9 +469,15 @@ impl Monitor {
     pub fn poll_probes(&mut self, now: Instant, out: &mut Vec<ProbeRequest>) {
         // (priority, via, prefix, liveness), lowest priority value first.
         let mut due: Vec<(u8, Via, Prefix, bool)> = Vec::new();
+        // Paths with a probe on its way, and carriers with a liveness probe
+        // on its way.
         let mut pending: HashSet<(Via, Prefix)> = HashSet::new();
+        let mut alive_pending: HashSet<Via> = HashSet::new();
         for probe in self.outstanding.values() {
             pending.insert((probe.via, probe.prefix));
+            if probe.liveness {
+                alive_pending.insert(probe.via);
+            }
         }
         // Liveness: per carrier, towards its most recently used prefix.
         let mut latest: HashMap<Via, (Instant, Prefix)> = HashMap::new();
@@ -454,7 +495,7 @@ impl Monitor {
                 .get(via)
                 .is_some_and(|at| now.saturating_duration_since(*at) <= BUSY_FOR);
             let (next, round) = *self.next_liveness.entry(*via).or_insert((now, 0));
-            if next > now || pending.contains(&(*via, *prefix)) {
+            if next > now || alive_pending.contains(via) {
                 continue;
             }
             let interval = if busy {
@@ -475,16 +516,21 @@ impl Monitor {
             due.push((if busy { 0 } else { 2 }, *via, *prefix, true));
         }
         // Quality: every candidate path of every prefix with flows lately.
+        // The schedule paces them; a path without figures yet has one probe
+        // on its way at a time (its interval is shorter than a probe's
+        // timeout, and more would tell nothing new).
         for prefix in self.interest.keys() {
             for via in self.candidates_of(*prefix) {
-                if pending.contains(&(via, *prefix)) || due.iter().any(|d| d.1 == via && d.2 == *prefix) {
-                    continue;
-                }
                 let known = self
                     .paths
                     .get(&(via, *prefix))
                     .is_some_and(|p| p.figures(now, self.settings.stale_after).srtt.is_some());
-                let next = self.next_quality.get(&(via, *prefix)).copied().unwrap_or(now);
+                if (!known && pending.contains(&(via, *prefix)))
+                    || due.iter().any(|d| d.1 == via && d.2 == *prefix)
+                {
+                    continue;
+                }
+                let next = self.quality_due(via, *prefix, known).unwrap_or(now);
                 if next <= now {
                     due.push((if known { 3 } else { 1 }, via, *prefix, false));
                 }
@@ -515,9 +561,7 @@ impl Monitor {
                     liveness,
                 },
             );
-            let known = srtt.is_some();
-            let interval = self.quality_interval(via, prefix, known);
-            self.next_quality.insert((via, prefix), now + interval);
+            self.last_quality.insert((via, prefix), now);
             if liveness {
                 let busy = self
                     .busy
@@ -565,7 +609,16 @@ impl Monitor {
     /// [`Monitor::poll_probes`] and [`Monitor::evaluate`] next at the latest.
     pub fn next_deadline(&self, now: Instant) -> Instant {
         let probe = self.outstanding.values().map(|p| p.deadline).min();
-        let quality = self.next_quality.values().copied().min();
+        let quality = self
+            .interest
+            .keys()
+            .flat_map(|prefix| {
+                self.candidates_of(*prefix)
+                    .into_iter()
+                    .map(move |via| (via, *prefix))
+            })
+            .map(|(via, prefix)| self.quality_due(via, prefix, true).unwrap_or(now))
+            .min();
         let liveness = self.next_liveness.values().map(|(at, _)| *at).min();
         [probe, quality, liveness]
             .into_iter()
@@ -878,6 +931,17 @@ mod tests {
         }
         let probes = sim.sent.len() - before;
         assert!(probes <= 10, "{probes} probes though flows measured both paths");
+    }
+
+    #[test]
+    fn loss_rules_probe_the_underlay_five_times_a_second() {
+        let mut sim = Sim::new(Metric::Loss {
+            max: crate::monitor::LossLimit(100),
+        });
+        sim.flow(Duration::ZERO);
+        sim.run(Duration::ZERO, Duration::from_secs(10), |_, _| Some(ms(10)));
+        let underlay = sim.sent.iter().filter(|(_, p)| p.via == Via::Underlay).count();
+        assert!(underlay >= 45, "{underlay} underlay probes in 10 s");
     }
 
     #[test]
