@@ -504,6 +504,22 @@ mod tests {
     use crate::rules::Carrier;
 
     #[test]
+    fn the_monitor_section_defaults_to_the_monitors_defaults() {
+        let mut settings = MonitorConfig::default().settings();
+        assert_eq!(settings, crate::monitor::MonitorSettings::default());
+        // And what a user writes reaches it.
+        let config: Config =
+            serde_yaml::from_str("monitor:\n  latency_margin_ms: 25\n  hold_secs: 60\n").unwrap();
+        settings = config.monitor.settings();
+        assert_eq!(
+            settings.decisions.latency_margin,
+            std::time::Duration::from_millis(25)
+        );
+        assert_eq!(settings.decisions.hold_min, std::time::Duration::from_secs(60));
+        assert!(serde_yaml::from_str::<Config>("monitor:\n  latncy_margin_ms: 25\n").is_err());
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::parse(Path::new("c.yaml"), "").unwrap(), Config::default());
     }

@@ -144,9 +144,7 @@ impl ReturnPath {
         out: &mut Vec<u8>,
         now: Instant,
     ) -> Result<Returned, DropReason> {
-        // Held by its own reference: measuring needs the path mutably.
-        let routes = self.routes.clone();
-        let Some(overlay) = from.and_then(|addr| routes.overlays.by_sender(addr)) else {
+        let Some(overlay) = from.and_then(|addr| self.routes.overlays.by_sender(addr)) else {
             tracing::debug!(?from, "datagram from a sender that is no joined overlay's peer");
             return Err(DropReason::NotFromOverlay);
         };
@@ -160,6 +158,13 @@ impl ReturnPath {
             return Err(DropReason::NotForThisHost);
         }
         overlay.received.fetch_add(1, Relaxed);
+        // The SYN-ACK's MSS bounds what this host sends into the overlay.
+        let outer_v6 = from.is_some_and(|a| a.ip().to_canonical().is_ipv6());
+        let inner_v6 = packet[0] >> 4 == 6;
+        let (id, max_mss) = (
+            overlay.id,
+            overlay.max_mss(self.engine.settings.uplink_mtu, inner_v6, outer_v6),
+        );
         let monitor = &self.engine.monitor;
         if let Some(answer) = monitor.probes.answer(packet) {
             monitor.report(
@@ -172,10 +177,7 @@ impl ReturnPath {
             );
             out.clear();
             let reset = answer.reset && super::probes::reset_for(packet, out).is_some();
-            return Ok(Returned::ProbeAnswer {
-                overlay: overlay.id,
-                reset,
-            });
+            return Ok(Returned::ProbeAnswer { overlay: id, reset });
         }
         self.measure(packet, now);
         out.clear();
@@ -188,14 +190,8 @@ impl ReturnPath {
         {
             tracing::debug!(%fake, "cannot rewrite a reply: {e}");
         }
-        // The SYN-ACK's MSS bounds what this host sends into the overlay.
-        let outer_v6 = from.is_some_and(|a| a.ip().to_canonical().is_ipv6());
-        let inner_v6 = inner[0] >> 4 == 6;
-        clamp_mss(
-            inner,
-            overlay.max_mss(self.engine.settings.uplink_mtu, inner_v6, outer_v6),
-        );
-        Ok(Returned::Deliver(overlay.id))
+        clamp_mss(inner, max_mss);
+        Ok(Returned::Deliver(id))
     }
 }
 
