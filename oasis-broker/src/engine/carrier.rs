@@ -63,7 +63,8 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn fixed(via: Via) -> Decision {
+    /// A carrier that is no metric rule's choice.
+    pub fn fixed(via: Via) -> Decision {
         Decision {
             via,
             why: None,

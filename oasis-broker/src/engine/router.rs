@@ -400,14 +400,7 @@ impl Router {
             ),
             // The classifier pinned this flow to a rule since deleted: keep
             // it on the plain path.
-            None => (
-                None,
-                Decision {
-                    via: Via::Underlay,
-                    why: None,
-                    monitored: false,
-                },
-            ),
+            None => (None, Decision::fixed(Via::Underlay)),
         };
         let via = decision.via;
         tracing::debug!(flow = %describe(key), ?rule, ?via, why = ?decision.why, "new flow");
@@ -635,14 +628,7 @@ impl Router {
                     .chooser
                     .choose(flow, Claim::Name { rule, carrier }, &self.routes, now),
             ),
-            None => (
-                None,
-                Decision {
-                    via: Via::Underlay,
-                    why: None,
-                    monitored: false,
-                },
-            ),
+            None => (None, Decision::fixed(Via::Underlay)),
         };
         let via = decision.via;
         let in_kernel = via == Via::Underlay;

@@ -331,6 +331,17 @@ impl Monitor {
         for interest in self.interest.values_mut() {
             interest.rules.retain(|rule| self.rules.contains_key(rule));
         }
+        // Carriers of overlays that were left are forgotten.
+        let joined = |via: &Via| match via {
+            Via::Overlay(id) => routes.overlays.get(*id).is_some(),
+            _ => true,
+        };
+        self.health.retain(|via, _| joined(via));
+        self.busy.retain(|via, _| joined(via));
+        self.next_liveness.retain(|via, _| joined(via));
+        self.probe_bytes.retain(|via, _| joined(via));
+        self.paths.retain(|(via, _), _| joined(via));
+        self.last_quality.retain(|(via, _), _| joined(via));
         self.overhead = routes
             .overlays
             .iter()
@@ -381,6 +392,14 @@ impl Monitor {
             .retain(|_, i| now.saturating_duration_since(i.last_flow) <= interest_for && !i.rules.is_empty());
         let interest = &self.interest;
         self.choices
+            .retain(|(_, prefix), _| interest.contains_key(prefix));
+        // Figures of prefixes no flow went to lately are kept while they
+        // count, so a flow coming back finds them; then forgotten.
+        let stale = self.settings.stale_after;
+        self.paths.retain(|(_, prefix), path| {
+            interest.contains_key(prefix) || path.figures(now, stale).age.is_some_and(|age| age <= stale)
+        });
+        self.last_quality
             .retain(|(_, prefix), _| interest.contains_key(prefix));
 
         let mut chosen = HashMap::with_capacity(self.choices.len());
@@ -952,8 +971,25 @@ mod tests {
         let now = sim.start + Duration::from_secs(1801);
         sim.monitor.evaluate(now);
         assert!(sim.monitor.is_idle());
+        assert_eq!(sim.monitor.paths().count(), 0, "and their figures, long stale");
         let mut probes = Vec::new();
         sim.monitor.poll_probes(now, &mut probes);
         assert!(probes.is_empty());
+    }
+
+    #[test]
+    fn an_overlay_left_is_forgotten() {
+        let mut sim = Sim::new(Metric::Latency);
+        sim.flow(Duration::ZERO);
+        sim.run(Duration::ZERO, Duration::from_secs(5), |_, _| Some(ms(10)));
+        assert!(sim.monitor.paths().any(|((via, _), _)| *via == O1));
+        let no_overlays = Routes::new(
+            &[],
+            Arc::new(NameRules::default()),
+            Arc::new(OverlayTable::default()),
+        );
+        sim.monitor.update_routes(&no_overlays);
+        assert!(sim.monitor.paths().all(|((via, _), _)| *via == Via::Underlay));
+        assert!(sim.monitor.decisions().next().is_none(), "its rule went too");
     }
 }

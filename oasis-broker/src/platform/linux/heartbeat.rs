@@ -4,14 +4,13 @@
 //! handle (a second file descriptor of the same map), so writing it never
 //! waits for anything else the daemon does.
 
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{Array, IterableMap, MapData};
 use oasis_common::maps;
 
-use super::kernel::{KernelError, age_of, monotonic_ns, take_map};
+use super::kernel::{KernelError, age_of, monotonic_ns, second_handle, take_map};
 use crate::platform::{Heartbeat, PlatformError};
 
 pub struct KernelHeartbeat {
@@ -28,15 +27,7 @@ impl KernelHeartbeat {
     /// Another handle on the same map.
     pub fn try_clone(&self) -> Result<KernelHeartbeat, KernelError> {
         let name = maps::HEARTBEAT.name;
-        let fd = IterableMap::<u32, u64>::map(&self.map)
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| KernelError::Map {
-                map: name,
-                source: Box::new(aya::maps::MapError::IoError(e)),
-            })?;
-        let data = MapData::from_fd(fd).map_err(KernelError::map(name))?;
+        let data = second_handle(IterableMap::<u32, u64>::map(&self.map), name)?;
         Ok(KernelHeartbeat {
             map: Array::try_from(aya::maps::Map::Array(data)).map_err(KernelError::map(name))?,
         })

@@ -352,6 +352,20 @@ impl Drop for LinuxKernel {
     }
 }
 
+/// A second handle (file descriptor) on a map another part holds.
+pub(super) fn second_handle(data: &MapData, name: &'static str) -> Result<MapData, KernelError> {
+    use std::os::fd::AsFd;
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| KernelError::Map {
+            map: name,
+            source: Box::new(aya::maps::MapError::IoError(e)),
+        })?;
+    MapData::from_fd(fd).map_err(KernelError::map(name))
+}
+
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

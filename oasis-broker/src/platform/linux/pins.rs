@@ -5,14 +5,13 @@
 //! the entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
 //! whether there is anything to look for.
 
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, IterableMap, MapData};
 use oasis_common::{FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
-use super::kernel::{KernelError, monotonic_ns, take_map};
+use super::kernel::{KernelError, monotonic_ns, second_handle, take_map};
 use crate::engine::{FlowPins, TableError};
 
 pub struct KernelPins {
@@ -20,19 +19,6 @@ pub struct KernelPins {
     monitored: HashMap<MapData, FlowKey, Measure>,
     active: Array<MapData, u32>,
     count: u32,
-}
-
-/// A second handle on a map another part holds.
-pub(super) fn second_handle(data: &MapData, name: &'static str) -> Result<MapData, KernelError> {
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| KernelError::Map {
-            map: name,
-            source: Box::new(aya::maps::MapError::IoError(e)),
-        })?;
-    MapData::from_fd(fd).map_err(KernelError::map(name))
 }
 
 /// A CLOCK_MONOTONIC time from an `Instant`.
