@@ -207,11 +207,110 @@ impl MonitorConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StoredRule {
     pub id: u32,
     #[serde(flatten)]
     pub spec: RuleSpec,
+}
+
+/// Read by hand: serde's `flatten` would pass any unknown key by, so a
+/// misspelt field (`dprot: 8080`) would silently widen the rule. The `id`
+/// is taken out of the mapping and the rest handed to `RuleSpec`, which
+/// refuses keys it does not know, with the file's line and column.
+impl<'de> Deserialize<'de> for StoredRule {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(StoredRuleVisitor)
+    }
+}
+
+struct StoredRuleVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StoredRuleVisitor {
+    type Value = StoredRule;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a rule: a mapping with an `id` and the rule's fields")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<StoredRule, A::Error> {
+        let mut without_id = WithoutId { inner: map, id: None };
+        let spec = RuleSpec::deserialize(serde::de::value::MapAccessDeserializer::new(&mut without_id))?;
+        let id = without_id
+            .id
+            .ok_or_else(|| serde::de::Error::missing_field("id"))?;
+        Ok(StoredRule { id, spec })
+    }
+}
+
+/// A rule's mapping with its `id` entry kept aside.
+struct WithoutId<A> {
+    inner: A,
+    id: Option<u32>,
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for &mut WithoutId<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = seed;
+        loop {
+            // The key is read by the file's own deserializer, so an unknown
+            // one is reported at its line and column.
+            match self.inner.next_key_seed(KeySeed(seed))? {
+                None => return Ok(None),
+                Some(RuleKey::Field(value)) => return Ok(Some(value)),
+                Some(RuleKey::Id(unused)) => {
+                    if self.id.is_some() {
+                        return Err(serde::de::Error::duplicate_field("id"));
+                    }
+                    self.id = Some(self.inner.next_value()?);
+                    seed = unused;
+                }
+            }
+        }
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.inner.next_value_seed(seed)
+    }
+}
+
+/// A key of a rule's mapping: `id` (handing the field seed back for the
+/// next key), or one of `RuleSpec`'s fields.
+enum RuleKey<K, V> {
+    Id(K),
+    Field(V),
+}
+
+struct KeySeed<K>(K);
+
+impl<'de, K: serde::de::DeserializeSeed<'de>> serde::de::DeserializeSeed<'de> for KeySeed<K> {
+    type Value = RuleKey<K, K::Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de, K: serde::de::DeserializeSeed<'de>> serde::de::Visitor<'de> for KeySeed<K> {
+    type Value = RuleKey<K, K::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a rule field's name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        if key == "id" {
+            return Ok(RuleKey::Id(self.0));
+        }
+        self.0
+            .deserialize(serde::de::IntoDeserializer::<E>::into_deserializer(key))
+            .map(RuleKey::Field)
+    }
 }
 
 impl StoredRule {
@@ -570,6 +669,26 @@ mod tests {
             err.contains("/etc/oasis/config.yaml") && err.contains("rule 7") && err.contains("99999"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn misspelt_keys_in_rules_and_overlays_are_refused_with_their_line() {
+        let text = "overlays: []\nrules:\n  - id: 1\n    proto: tcp\n    dprot: 8080\n    via: underlay\n";
+        let err = Config::parse(Path::new("c.yaml"), text).unwrap_err().to_string();
+        assert!(err.contains("dprot") && err.contains("line 5"), "{err}");
+        let overlay = "overlays:\n  - name: detour\n    url: http://x/d.xml\n    spec: {entries: ['192.0.2.1:7400'], shim_lne: 4}\n";
+        let err = Config::parse(Path::new("c.yaml"), overlay)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shim_lne") && err.contains("line 4"), "{err}");
+        // Every other key still reads, and the rule round-trips.
+        let good = "rules:\n  - id: 3\n    proto: tcp\n    dport: 8080\n    via: underlay\n";
+        let config = Config::parse(Path::new("c.yaml"), good).unwrap();
+        assert_eq!(config.rules[0].id, 3);
+        assert_eq!(config.rules[0].spec.dport.as_deref(), Some("8080"));
+        let again: Vec<StoredRule> = serde_yaml::from_str(&config.rules[0].yaml().unwrap()).unwrap();
+        assert_eq!(again[0], config.rules[0]);
+        assert!(Config::parse(Path::new("c.yaml"), "rules:\n  - {proto: tcp, via: underlay}\n").is_err());
     }
 
     #[test]

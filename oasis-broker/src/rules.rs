@@ -267,6 +267,7 @@ impl fmt::Display for HeaderSubset {
 
 /// A rule as the user wrote it, before it has an id.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,

@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::control::MonitorView;
 use crate::control::TunView;
 use crate::engine::probes::ProbeTable;
-use crate::engine::{Engine, EngineSettings, KernelTables, MonitorChooser, ReturnPath, Routes};
+use crate::engine::{
+    Engine, EngineSettings, KernelTables, LocalAddresses, MonitorChooser, ReturnPath, Routes,
+};
 use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
 use crate::monitor::MonitorLink;
@@ -92,7 +94,9 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
 
     let overlays = {
         let stored = config.overlays.clone();
-        tokio::task::spawn_blocking(move || OverlayManager::load(stored))
+        let mut own = LocalAddresses::default();
+        platform.local_addresses(&mut own);
+        tokio::task::spawn_blocking(move || OverlayManager::load(stored, &own))
             .await
             .map_err(|e| DaemonError::Io {
                 what: "resolving the overlays' entry nodes".into(),
@@ -244,6 +248,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
 
     let control_socket = config.control_socket.clone();
     let platform_for_status = platform.clone();
+    let platform_for_overlays = platform.clone();
     let daemon = Arc::new(state::Daemon::new(state::Parts {
         config_path: config_path.to_path_buf(),
         settings: Arc::new(config),
@@ -258,6 +263,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         persister,
         tun: tun_view,
         diverted: Box::new(move |device| platform_for_status.diverted(device)),
+        own_addresses: Box::new(move |into| platform_for_overlays.local_addresses(into)),
     }));
 
     let listener = ControlListener::bind(&control_socket)?;

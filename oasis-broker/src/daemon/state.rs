@@ -23,7 +23,7 @@ use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
     RuleView, StatusView, TunView,
 };
-use crate::engine::{Engine, Routes};
+use crate::engine::{Engine, LocalAddresses, Routes};
 use crate::names::NameRules;
 use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
@@ -84,6 +84,7 @@ pub(super) struct Daemon {
     persister: Persister,
     pub tun: TunView,
     diverted: DivertedCounts,
+    own_addresses: OwnAddresses,
     started: Instant,
 }
 
@@ -102,10 +103,14 @@ pub(super) struct Parts {
     pub persister: Persister,
     pub tun: TunView,
     pub diverted: DivertedCounts,
+    pub own_addresses: OwnAddresses,
 }
 
 /// Packets and bytes the OS handed to the divert device (by name).
 pub(super) type DivertedCounts = Box<dyn Fn(&str) -> (u64, u64) + Send + Sync>;
+
+/// This host's addresses now (no overlay's entry node may be one).
+pub(super) type OwnAddresses = Box<dyn Fn(&mut LocalAddresses) + Send + Sync>;
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,6 +142,7 @@ impl Daemon {
             persister: parts.persister,
             tun: parts.tun,
             diverted: parts.diverted,
+            own_addresses: parts.own_addresses,
             started: Instant::now(),
         }
     }
@@ -456,7 +462,9 @@ impl Daemon {
         }
         reporter.report("fetching the specification", 0, 0);
         // The fetch takes time: no lock, not even the change lock.
-        let prepared = OverlayManager::prepare(name.clone(), url, token).await?;
+        let mut own = LocalAddresses::default();
+        (self.own_addresses)(&mut own);
+        let prepared = OverlayManager::prepare(name.clone(), url, token, own).await?;
         let change = self.change(reporter).await;
         {
             let mut control = lock(&self.control);

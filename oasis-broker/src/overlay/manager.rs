@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::table::{EntryNodes, JoinedOverlay, LocalModule, OverlayId, OverlayPath, OverlayTable};
 use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use crate::config::StoredOverlay;
+use crate::engine::LocalAddresses;
 
 pub struct OverlayManager {
     stored: Vec<StoredOverlay>,
@@ -28,7 +29,8 @@ impl OverlayManager {
     /// of the table (the flows of rules using it are dropped, counted as
     /// `no_carrier`) rather than keeping the daemon from starting.
     /// Blocking: it may ask the resolver.
-    pub fn load(stored: Vec<StoredOverlay>) -> OverlayManager {
+    /// `own` are this host's addresses, which no entry node may have.
+    pub fn load(stored: Vec<StoredOverlay>, own: &LocalAddresses) -> OverlayManager {
         let mut manager = OverlayManager {
             stored: Vec::new(),
             table: Arc::new(OverlayTable::default()),
@@ -36,7 +38,7 @@ impl OverlayManager {
         };
         let mut joined = Vec::new();
         for overlay in stored {
-            match Self::runtime(&overlay) {
+            match Self::runtime(&overlay, own) {
                 Ok((path, shim)) => joined.push(manager.joined(&overlay, path, shim)),
                 Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
             }
@@ -46,12 +48,15 @@ impl OverlayManager {
         manager
     }
 
-    fn runtime(stored: &StoredOverlay) -> Result<(Box<dyn OverlayPath>, Vec<u8>), OverlayError> {
+    fn runtime(
+        stored: &StoredOverlay,
+        own: &LocalAddresses,
+    ) -> Result<(Box<dyn OverlayPath>, Vec<u8>), OverlayError> {
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
         if let Some(port) = stored.spec.monitor_port() {
             return Ok((Box::new(LocalModule::new(port)), shim));
         }
-        let entries = stored.spec.resolve_entries()?;
+        let entries = stored.spec.resolve_entries(own)?;
         let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
         Ok((Box::new(nodes), shim))
     }
@@ -85,7 +90,12 @@ impl OverlayManager {
 
     /// Fetches, checks and resolves a specification: the slow part of
     /// `overlay add`, with no state touched.
-    pub async fn prepare(name: String, url: String, token: Option<String>) -> Result<Prepared, OverlayError> {
+    pub async fn prepare(
+        name: String,
+        url: String,
+        token: Option<String>,
+        own: LocalAddresses,
+    ) -> Result<Prepared, OverlayError> {
         check_name(&name)?;
         let spec = fetch(&url).await?;
         let shim = shim_bytes(spec.shim_len, token.as_deref())?;
@@ -93,7 +103,7 @@ impl OverlayManager {
             Some(port) => Box::new(LocalModule::new(port)),
             None => {
                 let to_resolve = spec.clone();
-                let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries())
+                let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries(&own))
                     .await
                     .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
                 Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?)
@@ -176,7 +186,7 @@ mod tests {
 
     #[test]
     fn joins_get_fresh_ids_and_leaving_takes_them_out() {
-        let mut manager = OverlayManager::load(vec![stored("a", "192.0.2.10")]);
+        let mut manager = OverlayManager::load(vec![stored("a", "192.0.2.10")], &LocalAddresses::default());
         let a = manager.table().id_of("a").unwrap();
         manager.join(prepared("b")).unwrap();
         let b = manager.table().id_of("b").unwrap();
@@ -213,7 +223,10 @@ mod tests {
         // A token that no longer fits the shim (the file was edited by hand).
         let mut unusable = stored("gone", "192.0.2.11");
         unusable.token = Some("abc".into());
-        let manager = OverlayManager::load(vec![unusable, stored("a", "192.0.2.10")]);
+        let manager = OverlayManager::load(
+            vec![unusable, stored("a", "192.0.2.10")],
+            &LocalAddresses::default(),
+        );
         assert!(manager.is_joined("gone"));
         assert!(manager.table().id_of("gone").is_none());
         assert!(manager.table().id_of("a").is_some());

@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
+use crate::engine::LocalAddresses;
+
 use oasis_common::MAX_SHIM_LEN;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +15,7 @@ pub const MAX_ENTRIES: usize = 16;
 
 /// A checked overlay specification.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OverlaySpec {
     /// The name the operator gave the overlay (informational; users join
     /// under a name of their own).
@@ -32,6 +35,7 @@ pub struct OverlaySpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModuleSpec {
     pub url: String,
     /// Hex SHA-256 of the module's bytes; a module that differs is refused.
@@ -76,6 +80,15 @@ pub enum SpecError {
     BadHost { index: usize, host: String },
     #[error("<entry> {index}: port {port:?} is not a port number 1-65535")]
     BadPort { index: usize, port: String },
+    #[error(
+        "<entry> {index}: {host:?} is {why}; an entry node must be a unicast address of another host, \
+         or claimed traffic would go where nobody meant it to"
+    )]
+    UnfitEntry {
+        index: usize,
+        host: String,
+        why: &'static str,
+    },
     #[error("<entry> {index}: cannot resolve host {host:?}: {reason}")]
     Unresolved {
         index: usize,
@@ -176,8 +189,16 @@ impl OverlaySpec {
                     index,
                     port: entry.port.clone(),
                 })?;
-            entries.push(match host.parse::<IpAddr>() {
-                Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            let literal = host.parse::<IpAddr>().ok();
+            if let Some(why) = literal.and_then(|ip| unfit_entry(ip, &LocalAddresses::default())) {
+                return Err(SpecError::UnfitEntry {
+                    index,
+                    host: host.into(),
+                    why,
+                });
+            }
+            entries.push(match literal {
+                Some(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
                 _ => format!("{host}:{port}"),
             });
         }
@@ -204,7 +225,9 @@ impl OverlaySpec {
     }
 
     /// The entry nodes' socket addresses (blocking: may ask the resolver).
-    pub fn resolve_entries(&self) -> Result<Vec<SocketAddr>, SpecError> {
+    /// A name that resolves to an address no entry node may have (see
+    /// [`unfit_entry`]; `own` are this host's addresses) is refused.
+    pub fn resolve_entries(&self, own: &LocalAddresses) -> Result<Vec<SocketAddr>, SpecError> {
         let mut out = Vec::new();
         for (i, entry) in self.entries.iter().enumerate() {
             let unresolved = |reason: String| SpecError::Unresolved {
@@ -217,9 +240,41 @@ impl OverlaySpec {
                 .map_err(|e| unresolved(e.to_string()))?
                 .next()
                 .ok_or_else(|| unresolved("no address".into()))?;
+            if let Some(why) = unfit_entry(addr.ip(), own) {
+                return Err(SpecError::UnfitEntry {
+                    index: i + 1,
+                    host: format!("{entry} ({})", addr.ip()),
+                    why,
+                });
+            }
             out.push(addr);
         }
         Ok(out)
+    }
+}
+
+/// Why `ip` cannot be an entry node, if it cannot: encapsulated traffic
+/// sent there would reach every host on a link (multicast, broadcast), stay
+/// on this host (loopback, its own addresses), or go nowhere defined.
+pub fn unfit_entry(ip: IpAddr, own: &LocalAddresses) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if own.contains(&ip) {
+        return Some("one of this host's own addresses");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.octets()[0] == 0 => {
+            Some("an unspecified address (0.0.0.0/8)")
+        }
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V4(v4) if v4.octets()[0] >= 240 => Some("a reserved address (240.0.0.0/4)"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("the loopback address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
     }
 }
 
@@ -307,7 +362,7 @@ mod tests {
         let spec = OverlaySpec::parse(r#"<overlay><entry host="10.0.0.1" port="1"/></overlay>"#).unwrap();
         assert_eq!((spec.shim_len, &spec.module, &spec.name), (0, &None, &None));
         assert_eq!(
-            spec.resolve_entries().unwrap(),
+            spec.resolve_entries(&LocalAddresses::default()).unwrap(),
             vec!["10.0.0.1:1".parse::<SocketAddr>().unwrap()]
         );
     }
@@ -353,6 +408,40 @@ mod tests {
         }
         let huge = format!("<overlay>{}</overlay>", " ".repeat(MAX_SPEC_BYTES));
         assert!(matches!(OverlaySpec::parse(&huge), Err(SpecError::TooLarge(_))));
+    }
+
+    #[test]
+    fn entry_nodes_must_be_unicast_addresses_of_other_hosts() {
+        for (host, why) in [
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("169.254.1.1", "link-local"),
+            ("::1", "loopback"),
+            ("::", "unspecified"),
+            ("ff02::1", "multicast"),
+            ("fe80::1", "link-local"),
+            ("::ffff:127.0.0.1", "loopback"),
+        ] {
+            let text = format!(
+                r#"<overlay><entry host="10.0.0.1" port="1"/><entry host="{host}" port="7400"/></overlay>"#
+            );
+            let err = OverlaySpec::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("<entry> 2") && err.contains(why), "{host}: {err}");
+        }
+        // Names are checked once resolved, against this host's addresses too.
+        let spec = OverlaySpec::parse(r#"<overlay><entry host="localhost" port="7400"/></overlay>"#).unwrap();
+        let err = spec
+            .resolve_entries(&LocalAddresses::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loopback") && err.contains("localhost"), "{err}");
+        let spec = OverlaySpec::parse(r#"<overlay><entry host="192.0.2.7" port="7400"/></overlay>"#).unwrap();
+        let own: LocalAddresses = ["192.0.2.7".parse().unwrap()].into();
+        let err = spec.resolve_entries(&own).unwrap_err().to_string();
+        assert!(err.contains("own addresses"), "{err}");
+        assert!(spec.resolve_entries(&LocalAddresses::default()).is_ok());
     }
 
     #[test]
