@@ -218,6 +218,85 @@ fn ipv6_rules() {
     assert_eq!(dp.rule_counters(2).packets, 2);
 }
 
+/// ICMPv6 of any type from `src` to `dst`, in a frame to `mac`.
+fn icmp6_message(src: &str, dst: &str, icmp_type: u8, mac: [u8; 6]) -> Vec<u8> {
+    let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], mac)
+        .ipv6(src.octets(), dst.octets(), 255)
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: icmp_type,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut out, &[0; 16])
+        .unwrap();
+    out
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn what_belongs_to_the_link_is_never_diverted_whatever_the_rules_say() {
+    // Rules that claim every ICMP and UDP packet, and all of 10.0.0.0/8.
+    let set = rules(&[
+        spec(Some("icmp"), None, None, None),
+        spec(Some("udp"), None, None, None),
+        spec(None, Some("10.0.0.0/8"), None, None),
+    ]);
+    let dp = datapath(set.rules());
+    let unicast_mac = [4; 6];
+    let solicited_node_mac = [0x33, 0x33, 0xff, 0, 0, 2];
+    // Neighbour discovery: multicast solicitation, unicast (NUD) between
+    // global addresses, advertisement, router solicitation from ::, MLD.
+    for (src, dst, icmp_type, mac) in [
+        ("2001:db8::1", "ff02::1:ff00:2", 135, solicited_node_mac),
+        ("2001:db8::1", "2001:db8::2", 135, unicast_mac),
+        ("2001:db8::2", "2001:db8::1", 136, unicast_mac),
+        ("fe80::1", "fe80::2", 136, unicast_mac),
+        ("::", "ff02::2", 133, [0x33, 0x33, 0, 0, 0, 2]),
+        ("fe80::1", "ff02::16", 143, [0x33, 0x33, 0, 0, 0, 0x16]),
+        // An echo to a link-local neighbour.
+        ("fe80::1", "fe80::2", 128, unicast_mac),
+    ] {
+        assert_eq!(
+            run(&dp, &icmp6_message(src, dst, icmp_type, mac)),
+            TC_ACT_OK,
+            "ICMPv6 type {icmp_type} {src} -> {dst} must pass"
+        );
+    }
+    // The rule still claims what it is meant for.
+    assert_eq!(
+        run(
+            &dp,
+            &icmp6_message("2001:db8::1", "2001:db9::9", 128, unicast_mac)
+        ),
+        TC_ACT_REDIRECT
+    );
+    // DHCP, mDNS, a subnet's broadcast (only the frame says so), loopback.
+    let mut dhcp = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [0xff; 6])
+        .ipv4([0, 0, 0, 0], [255, 255, 255, 255], 64)
+        .udp(68, 67)
+        .write(&mut dhcp, b"discover")
+        .unwrap();
+    assert_eq!(run(&dp, &dhcp), TC_ACT_OK);
+    assert_eq!(run(&dp, &udp4([224, 0, 0, 251], 5353, 5353)), TC_ACT_OK);
+    let mut broadcast = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [0xff; 6])
+        .ipv4(CLIENT, [10, 0, 0, 255], 64)
+        .udp(40000, 9)
+        .write(&mut broadcast, b"wake")
+        .unwrap();
+    assert_eq!(run(&dp, &broadcast), TC_ACT_OK);
+    assert_eq!(run(&dp, &udp4([169, 254, 1, 1], 40000, 9)), TC_ACT_OK);
+    assert_eq!(
+        run(&dp, &udp4([10, 0, 0, 255], 40000, 9)),
+        TC_ACT_REDIRECT,
+        "unicast frame: claimed"
+    );
+    assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 9)), TC_ACT_REDIRECT);
+}
+
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn second_packet_hits_the_flow_cache() {

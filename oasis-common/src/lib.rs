@@ -431,6 +431,37 @@ impl FlowKey {
         key.dst[..4].copy_from_slice(&dst);
         key
     }
+
+    /// Traffic that belongs to one link or to this host and that no carrier
+    /// can take anywhere else: to or from loopback, unspecified, link-local,
+    /// multicast and broadcast addresses (and IPv4's reserved 240/4). The
+    /// classifier passes it whatever the rules say, and the broker never
+    /// routes it: diverted, neighbour discovery or DHCP would break.
+    #[inline(always)]
+    pub fn link_scoped(&self) -> bool {
+        if self.family == FAMILY_V4 {
+            let scoped =
+                |a: &[u8; 16]| a[0] == 0 || a[0] == 127 || a[0] >= 224 || (a[0] == 169 && a[1] == 254);
+            scoped(&self.dst) || scoped(&self.src)
+        } else {
+            // fe80::/10, and the ::/127 pair (unspecified, loopback).
+            let scoped = |a: &[u8; 16]| {
+                (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+                    || (u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
+                        && u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15] & 0xfe])
+                            == 0)
+            };
+            self.dst[0] == 0xff || scoped(&self.dst) || scoped(&self.src)
+        }
+    }
+}
+
+/// ICMPv6 messages of the link itself, whatever their addresses: MLD
+/// (130-132, 143) and router and neighbour discovery (133-137). Never
+/// diverted (see [`FlowKey::link_scoped`]).
+#[inline(always)]
+pub const fn icmpv6_link_message(icmp_type: u8) -> bool {
+    matches!(icmp_type, 130..=137 | 143)
 }
 
 /// A cached verdict for one flow.
@@ -563,6 +594,57 @@ mod tests {
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<Measure>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);
+    }
+
+    #[test]
+    fn link_scoped_traffic_is_recognised_and_nothing_else() {
+        let v6 = |src: &str, dst: &str| {
+            let (src, dst): (core::net::Ipv6Addr, core::net::Ipv6Addr) =
+                (src.parse().unwrap(), dst.parse().unwrap());
+            FlowKey {
+                src: src.octets(),
+                dst: dst.octets(),
+                proto: 58,
+                family: FAMILY_V6,
+                ..FlowKey::default()
+            }
+        };
+        let v4 = |src: [u8; 4], dst: [u8; 4]| FlowKey::v4(src, dst, 17, 68, 67);
+        for scoped in [
+            v6("2001:db8::1", "ff02::1:ff00:2"),
+            v6("fe80::1", "2001:db8::2"),
+            v6("2001:db8::1", "fe80::2"),
+            v6("::", "ff02::16"),
+            v6("::1", "::1"),
+            v6("2001:db8::1", "febf::1"),
+        ] {
+            assert!(scoped.link_scoped(), "{scoped:?}");
+        }
+        for scoped in [
+            v4([0, 0, 0, 0], [255, 255, 255, 255]),
+            v4([10, 0, 0, 1], [224, 0, 0, 251]),
+            v4([169, 254, 3, 3], [10, 0, 0, 2]),
+            v4([10, 0, 0, 1], [127, 0, 0, 53]),
+            v4([10, 0, 0, 1], [240, 0, 0, 1]),
+        ] {
+            assert!(scoped.link_scoped(), "{scoped:?}");
+        }
+        for global in [
+            v6("2001:db8::1", "2001:db8::2"),
+            v6("2001:db8::1", "::2"),
+            v6("2001:db8::1", "fec0::1"),
+            v6("fd00::1", "64:ff9b::1"),
+        ] {
+            assert!(!global.link_scoped(), "{global:?}");
+        }
+        for global in [
+            v4([10, 0, 0, 1], [192, 0, 2, 1]),
+            v4([10, 0, 0, 1], [223, 255, 255, 255]),
+            v4([10, 0, 0, 1], [169, 253, 0, 1]),
+        ] {
+            assert!(!global.link_scoped(), "{global:?}");
+        }
+        assert!(icmpv6_link_message(135) && icmpv6_link_message(143) && !icmpv6_link_message(128));
     }
 
     #[test]

@@ -1,9 +1,11 @@
+use crate::headers::{ETH_HLEN, read};
 use crate::maps::{
     ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
     SETTINGS, SPORT, STATS,
 };
 use crate::measure;
 use crate::nat;
+use crate::parse::IPPROTO_ICMPV6;
 use crate::parse::coarse_ns;
 use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
@@ -13,7 +15,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use oasis_common::{FAMILY_V4, FlowEntry, FlowKey, RuleAction, Settings, Verdict, stat};
+use oasis_common::{
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message, stat,
+};
 
 /// Cached flows refresh their timestamp at most this often, so a busy flow
 /// does not write to the shared cache on every packet.
@@ -67,6 +71,10 @@ fn classify(ctx: &TcContext) -> i32 {
     let key = &parsed.key;
     // A protocol no rule has named cannot be a diverted flow's.
     if PROTO_SEEN.get(key.proto as u32).is_none_or(|seen| *seen == 0) {
+        return TC_ACT_OK as i32;
+    }
+    // Whatever the rules say: nothing carries what belongs to the link.
+    if key.link_scoped() || link_frame(ctx, key) {
         return TC_ACT_OK as i32;
     }
     let entry = verdict(key, parsed.new_connection, now, settings.flow_idle_ns);
@@ -166,6 +174,21 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> 
         }
     }
     entry
+}
+
+/// A frame for every station on the link (an Ethernet group address: a
+/// subnet's broadcast, say, whose IP address alone does not tell), or
+/// neighbour discovery and MLD, which may use global addresses.
+#[inline(always)]
+fn link_frame(ctx: &TcContext, key: &FlowKey) -> bool {
+    // Whole words read: a one-byte bounds check is compiled to a form the
+    // verifier cannot follow.
+    if read::<[u8; 6]>(ctx, 0).is_some_and(|mac| mac[0] & 1 != 0) {
+        return true;
+    }
+    key.proto == IPPROTO_ICMPV6
+        && key.family == FAMILY_V6
+        && read::<[u8; 4]>(ctx, ETH_HLEN + 40).is_some_and(|icmp| icmpv6_link_message(icmp[0]))
 }
 
 #[inline(always)]

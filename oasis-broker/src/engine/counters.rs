@@ -11,8 +11,9 @@ pub enum DropReason {
     /// Not an IP packet the engine can read, or a datagram too short to
     /// hold its shim.
     Malformed,
-    /// To a link-local or multicast destination: a raw socket cannot pick
-    /// the one link such a packet is for.
+    /// Belongs to one link or to this host (link-local, multicast,
+    /// broadcast, loopback, neighbour discovery): no carrier can take it
+    /// there. The classifier never diverts such packets.
     Unroutable,
     /// The flow's overlay was left, or the rule's overlay is not usable.
     NoCarrier,

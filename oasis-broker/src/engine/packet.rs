@@ -60,14 +60,16 @@ pub fn flow_src(key: &FlowKey) -> IpAddr {
     }
 }
 
-/// Whether the broker can send this packet on the underlay at all. A packet
-/// to a multicast or link-local destination only makes sense on one link,
-/// which a raw socket cannot pick.
-pub fn routable(key: &FlowKey) -> bool {
-    match flow_dst(key) {
-        IpAddr::V4(dst) => !(dst.is_multicast() || dst.is_broadcast() || dst.is_link_local()),
-        IpAddr::V6(dst) => !(dst.is_multicast() || dst.is_unicast_link_local()),
-    }
+/// Whether the broker can carry this packet at all: what belongs to one
+/// link or to this host (see `FlowKey::link_scoped`, the classifier's own
+/// test) only makes sense on that link, which no carrier can reach.
+pub fn routable(key: &FlowKey, packet: &[u8]) -> bool {
+    let ndp = key.family == FAMILY_V6
+        && key.proto == 58
+        && packet
+            .get(40)
+            .is_some_and(|t| oasis_common::icmpv6_link_message(*t));
+    !(key.link_scoped() || ndp)
 }
 
 /// `tcp 10.0.0.2:40000 -> 192.0.2.1:80`, for logs and `oasis flows`.
@@ -137,15 +139,27 @@ pub(crate) mod tests {
             .icmpv6_echo_request(1, 1)
             .write(&mut rs, b"")
             .unwrap();
-        assert!(!routable(&flow_key(&rs).unwrap()));
-        assert!(routable(
-            &flow_key(&tcp4([10, 0, 0, 1], [203, 0, 113, 9], 1, 80, true)).unwrap()
-        ));
+        assert!(!routable(&flow_key(&rs).unwrap(), &rs));
+        let tcp = tcp4([10, 0, 0, 1], [203, 0, 113, 9], 1, 80, true);
+        assert!(routable(&flow_key(&tcp).unwrap(), &tcp));
+        // Neighbour solicitation between global addresses (unicast NUD).
+        let mut ns = Vec::new();
+        let a = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let b = "2001:db8::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        PacketBuilder::ipv6(a, b, 255)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            })
+            .write(&mut ns, &[0; 16])
+            .unwrap();
+        assert!(!routable(&flow_key(&ns).unwrap(), &ns));
         let mut mdns = Vec::new();
         PacketBuilder::ipv4([10, 0, 0, 1], [224, 0, 0, 251], 1)
             .udp(5353, 5353)
             .write(&mut mdns, b"")
             .unwrap();
-        assert!(!routable(&flow_key(&mdns).unwrap()));
+        assert!(!routable(&flow_key(&mdns).unwrap(), &mdns));
     }
 }

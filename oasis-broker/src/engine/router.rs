@@ -346,7 +346,7 @@ impl Router {
         if self.engine.settings.is_fake(flow_dst(&key)) {
             return self.fake_outbound(now, &key, packet, reply);
         }
-        if !routable(&key) {
+        if !routable(&key, packet) {
             return self.drop(DropReason::Unroutable);
         }
         let via = match self.flows.lookup(&key, now) {
