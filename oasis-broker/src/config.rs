@@ -28,9 +28,14 @@ pub struct Config {
     /// With no heartbeat from the broker for this long, the classifier
     /// passes all traffic untouched (fail open).
     pub heartbeat_timeout_ms: u64,
-    /// A flow idle for this long is matched against the rules afresh on its
-    /// next packet; a new TCP connection always is.
+    /// A flow (UDP, ICMP, ...) idle for this long is forgotten: matched
+    /// against the rules afresh on its next packet, its fake address's
+    /// mapping gone. A new TCP connection is always matched afresh.
     pub flow_idle_timeout_secs: u64,
+    /// How long an established TCP connection may stay silent and keep its
+    /// carrier and mappings (2 h 4 min, the least RFC 5382 lets a NAT
+    /// keep one). After a FIN or RST it goes 10 s after its last packet.
+    pub tcp_idle_timeout_secs: u64,
     /// Where the CLI reaches the daemon; only root may connect.
     pub control_socket: PathBuf,
     /// The id the next new rule gets, so ids of deleted rules are never
@@ -335,6 +340,7 @@ impl Default for Config {
             bypass_mark: 0x4f41_5349,
             heartbeat_timeout_ms: 3_000,
             flow_idle_timeout_secs: 120,
+            tcp_idle_timeout_secs: crate::engine::Lifetimes::DEFAULT_TCP.as_secs(),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             next_rule_id: None,
             overlay_port: 7400,
@@ -390,6 +396,14 @@ const HEADER: &str = "\
 ";
 
 impl Config {
+    /// How long the engine keeps flows without packets.
+    pub fn lifetimes(&self) -> crate::engine::Lifetimes {
+        crate::engine::Lifetimes {
+            tcp: std::time::Duration::from_secs(self.tcp_idle_timeout_secs),
+            ..crate::engine::Lifetimes::new(std::time::Duration::from_secs(self.flow_idle_timeout_secs))
+        }
+    }
+
     /// Reads the file, or the defaults when it does not exist yet.
     pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
@@ -433,6 +447,12 @@ impl Config {
         }
         if self.flow_idle_timeout_secs == 0 {
             return Err(invalid("flow_idle_timeout_secs must be at least 1"));
+        }
+        if self.tcp_idle_timeout_secs < self.flow_idle_timeout_secs {
+            return Err(invalid(
+                "tcp_idle_timeout_secs must be at least flow_idle_timeout_secs (an established TCP connection \
+                 outlives any other flow)",
+            ));
         }
         if self.bypass_mark == 0 {
             return Err(invalid(

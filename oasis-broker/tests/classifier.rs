@@ -39,9 +39,15 @@ fn rules(specs: &[RuleSpec]) -> RuleSet {
 }
 
 fn datapath(rule_list: &[Rule]) -> LinuxKernel {
+    datapath_idle(rule_list, 120_000_000_000)
+}
+
+/// A datapath whose cached verdicts of flows other than TCP last `flow_idle_ns`.
+fn datapath_idle(rule_list: &[Rule], flow_idle_ns: u64) -> LinuxKernel {
     let settings = Settings {
         heartbeat_timeout_ns: 3_000_000_000,
-        flow_idle_ns: 120_000_000_000,
+        flow_idle_ns,
+        tcp_idle_ns: 7_440_000_000_000,
         tun_ifindex: 1,
         bypass_mark: BYPASS_MARK,
         ..Settings::default()
@@ -346,6 +352,60 @@ fn live_flows_keep_their_verdict_and_new_connections_see_new_rules() {
     // ...a new connection, even on the same ports, meets the new rules.
     assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, true)), TC_ACT_OK);
     assert_eq!(run(&dp, &tcp4([192, 0, 2, 1], 40000, 8080, false)), TC_ACT_OK);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn a_flood_of_unclaimed_flows_never_takes_a_claimed_flows_carrier() {
+    // TCP 8080 is claimed; UDP is a protocol some rule names, so every UDP
+    // flow nobody claims is cached too.
+    let mut set = rules(&[
+        spec(Some("tcp"), None, Some("8080"), None),
+        spec(Some("udp"), None, Some("1"), None),
+    ]);
+    let mut dp = datapath(set.rules());
+    let server = [192, 0, 2, 1];
+    assert_eq!(run(&dp, &tcp4(server, 40000, 8080, true)), TC_ACT_REDIRECT);
+    // More short flows than the verdict cache holds.
+    let strangers = oasis_common::FLOW_CACHE_ENTRIES + 4096;
+    for n in 0..strangers {
+        let dst = [10, 64 + (n >> 16) as u8, (n >> 8) as u8, n as u8];
+        assert_eq!(run(&dp, &udp4(dst, 40000, 9)), TC_ACT_OK);
+    }
+    // Its rule deleted meanwhile: the live connection still goes to the
+    // broker, which knows its carrier, rather than out on the underlay.
+    set.remove(1).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    assert_eq!(run(&dp, &tcp4(server, 40000, 8080, false)), TC_ACT_REDIRECT);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn an_established_tcp_flow_keeps_its_verdict_longer_than_other_flows() {
+    // Verdicts of flows other than TCP last 1 ms here; TCP's 2 h 4 min.
+    let mut set = rules(&[
+        spec(Some("tcp"), None, Some("22"), None),
+        spec(Some("udp"), None, Some("5000"), None),
+    ]);
+    let mut dp = datapath_idle(set.rules(), 1_000_000);
+    let server = [192, 0, 2, 1];
+    assert_eq!(run(&dp, &tcp4(server, 40000, 22, true)), TC_ACT_REDIRECT);
+    assert_eq!(run(&dp, &udp4(server, 40000, 5000)), TC_ACT_REDIRECT);
+    set.remove(1).unwrap();
+    set.remove(2).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    // Past the coarse clock's tick and the 1 ms.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        run(&dp, &tcp4(server, 40000, 22, false)),
+        TC_ACT_REDIRECT,
+        "a quiet SSH session keeps its carrier"
+    );
+    assert_eq!(
+        run(&dp, &udp4(server, 40000, 5000)),
+        TC_ACT_OK,
+        "an idle UDP flow is decided afresh"
+    );
 }
 
 #[test]

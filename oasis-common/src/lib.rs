@@ -14,6 +14,10 @@ pub const RULE_WORDS: usize = MAX_RULES / 64;
 /// Entries of the per-flow verdict cache.
 pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 
+/// Entries of the verdicts of claimed flows (diverted or measured), kept
+/// apart from the flows that pass.
+pub const CLAIMED_ENTRIES: u32 = 65_536;
+
 pub mod maps;
 
 /// The overlay wire format: every datagram between a host and an overlay is
@@ -284,6 +288,8 @@ pub mod measure_flag {
     pub const ANSWERED: u32 = 2;
     /// `seq_next` holds a sequence number.
     pub const SEQ_KNOWN: u32 = 4;
+    /// A FIN or RST went by, either way: the connection is ending.
+    pub const CLOSING: u32 = 8;
 }
 
 /// One measurement, from the kernel to the broker through the ring buffer.
@@ -327,8 +333,11 @@ pub struct Settings {
     /// How old the heartbeat may get before the classifier passes everything.
     pub heartbeat_timeout_ns: u64,
     /// A cached verdict older than this (since the flow's last packet) is
-    /// decided again, so a reused 5-tuple meets the current rules.
+    /// decided again, so a reused 5-tuple meets the current rules. TCP
+    /// flows use `tcp_idle_ns` instead: a new TCP connection always meets
+    /// the rules anyway, and an established one may be quiet for hours.
     pub flow_idle_ns: u64,
+    pub tcp_idle_ns: u64,
     /// Where diverted packets go.
     pub tun_ifindex: u32,
     /// Packets with this `skb->mark` were sent by the broker: always pass.
@@ -516,7 +525,7 @@ pub struct NatEntry {
     pub addr: [u8; 16],
     /// CLOCK_MONOTONIC ns of the last packet, refreshed about once a second.
     pub last_seen_ns: u64,
-    /// `NAT_MEASURE`: the flow is measured for the Monitor too.
+    /// `NAT_MEASURE`, `NAT_CLOSING`.
     pub flags: u32,
     pub _pad: u32,
 }
@@ -524,6 +533,10 @@ pub struct NatEntry {
 /// [`NatEntry::flags`]: after the rewrite, the flow (by its real address)
 /// is measured for the Monitor.
 pub const NAT_MEASURE: u32 = 1;
+/// [`NatEntry::flags`]: the kernel saw a FIN or RST of this TCP flow (set
+/// in both directions' entries' own copy), so the broker may end it soon
+/// after it goes quiet instead of after the established idle time.
+pub const NAT_CLOSING: u32 = 2;
 
 /// What the DNS redirect needs to know. `port` 0 turns it off.
 #[repr(C)]
@@ -586,7 +599,7 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 8 + 4 + 1 + 3);
         assert_eq!(size_of::<RecentFlow>(), 40 + 16);
         assert_eq!(size_of::<RuleAction>(), 8);
-        assert_eq!(size_of::<Settings>(), 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
+        assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);

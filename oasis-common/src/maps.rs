@@ -74,8 +74,14 @@ macro_rules! kernel_maps {
             ACTIONS, "OASIS_ACTIONS", Array<$crate::RuleAction>, $crate::MAX_RULES as u32;
             /// Packets and bytes per rule id; the broker creates an entry per rule.
             COUNTERS, "OASIS_COUNTERS", PerCpuHashMap<u32, $crate::Counters>, $crate::MAX_RULES as u32;
-            /// The verdict cache: a flow's verdict, decided on its first packet.
+            /// The verdict cache of flows that pass: a flow's verdict,
+            /// decided on its first packet.
             FLOWS, "OASIS_FLOWS", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::FLOW_CACHE_ENTRIES;
+            /// The verdicts of flows a rule claimed (`Divert`, `Measure`),
+            /// apart from `FLOWS`: a flood of short flows nobody claimed can
+            /// never push a live claimed flow's verdict out, after which its
+            /// packets would meet the rules afresh (and pass, its rule gone).
+            CLAIMED, "OASIS_CLAIMED", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::CLAIMED_ENTRIES;
             /// Each CPU's most recent flow that passes (never a diverted
             /// one, whose verdict the broker may change), in front of the
             /// verdict cache.

@@ -1,18 +1,18 @@
 use crate::headers::{ETH_HLEN, read};
 use crate::maps::{
-    ACTIONS, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
+    ACTIONS, CLAIMED, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
     SETTINGS, SPORT, STATS,
 };
 use crate::measure;
 use crate::nat;
-use crate::parse::IPPROTO_ICMPV6;
 use crate::parse::coarse_ns;
+use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP};
 use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_redirect,
     macros::classifier,
-    maps::lpm_trie::Key,
+    maps::{LruHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use oasis_common::{
@@ -77,7 +77,7 @@ fn classify(ctx: &TcContext) -> i32 {
     if key.link_scoped() || link_frame(ctx, key) {
         return TC_ACT_OK as i32;
     }
-    let entry = verdict(key, parsed.new_connection, now, settings.flow_idle_ns);
+    let entry = verdict(key, parsed.new_connection, now, settings);
 
     if entry.rule_id != 0
         && let Some(counters) = COUNTERS.get_ptr_mut(&entry.rule_id)
@@ -102,66 +102,80 @@ fn classify(ctx: &TcContext) -> i32 {
     }
 }
 
-/// The flow's verdict: from this CPU's most recent flow, else the flow
-/// cache, else the rules (a new TCP connection always meets the rules).
-/// Cached verdicts last until the flow is idle for `flow_idle_ns`.
+/// The flow's verdict: from this CPU's most recent flow, else the verdict
+/// caches (flows that pass, then claimed flows), else the rules (a new TCP
+/// connection always meets the rules). Cached verdicts last until the flow
+/// is idle for `flow_idle_ns` (`tcp_idle_ns` for TCP).
 #[inline(never)]
-fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> FlowEntry {
+fn verdict(key: &FlowKey, new_connection: bool, now: u64, settings: &Settings) -> FlowEntry {
+    let idle_ns = if key.proto == IPPROTO_TCP {
+        settings.tcp_idle_ns
+    } else {
+        settings.flow_idle_ns
+    };
     let recent = RECENT.get_ptr_mut(0);
     if !new_connection && let Some(recent) = recent {
         // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
         let recent = unsafe { &mut *recent };
         let age = now.saturating_sub(recent.entry.last_seen_ns);
-        if recent.key.same_as(key) && recent.entry.last_seen_ns != 0 && age < flow_idle_ns {
+        if recent.key.same_as(key) && recent.entry.last_seen_ns != 0 && age < idle_ns {
             bump(stat::CACHE_HIT);
             if age > LAST_SEEN_GRANULARITY_NS {
-                // The flow cache must see the flow alive too.
+                // The verdict cache must see the flow alive too.
                 recent.entry.last_seen_ns = now;
-                match FLOWS.get_ptr_mut(key) {
+                let cache = cache_of(recent.entry.verdict);
+                match cache.get_ptr_mut(key) {
                     // SAFETY: pointer from a successful lookup.
                     Some(cached) => unsafe { (*cached).last_seen_ns = now },
                     None => {
-                        let _ = FLOWS.insert(key, &recent.entry, 0);
+                        let _ = cache.insert(key, &recent.entry, 0);
                     }
                 }
             }
             return recent.entry;
         }
     }
-    let entry = match FLOWS.get_ptr_mut(key) {
-        Some(cached)
-            // SAFETY: pointer from a successful lookup; fields are plain integers.
-            if !new_connection && now.saturating_sub(unsafe { (*cached).last_seen_ns }) < flow_idle_ns =>
-        {
-            bump(stat::CACHE_HIT);
-            unsafe {
-                if now.saturating_sub((*cached).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-                    (*cached).last_seen_ns = now;
+    let entry = match cached(&FLOWS, key, new_connection, now, idle_ns) {
+        Cached::Live(entry) => entry,
+        passed => match cached(&CLAIMED, key, new_connection, now, idle_ns) {
+            Cached::Live(entry) => entry,
+            claimed => {
+                bump(stat::CLASSIFIED);
+                let entry = match match_rules(key) {
+                    Some(action) => FlowEntry {
+                        last_seen_ns: now,
+                        rule_id: action.rule_id,
+                        verdict: action.verdict,
+                        _pad: [0; 3],
+                    },
+                    None => FlowEntry {
+                        last_seen_ns: now,
+                        rule_id: 0,
+                        verdict: Verdict::Pass as u8,
+                        _pad: [0; 3],
+                    },
+                };
+                // The verdict lives in one cache only: the other's stale
+                // entry would shadow it or outlive it.
+                let (cache, other_held) = if entry.verdict == Verdict::Pass as u8 {
+                    (&FLOWS, claimed == Cached::Expired)
+                } else {
+                    (&CLAIMED, passed == Cached::Expired)
+                };
+                if other_held {
+                    let _ = cache_other(cache).remove(key);
                 }
-                *cached
+                // A full cache only costs a re-match next time; never drop for it.
+                let _ = cache.insert(key, &entry, 0);
+                entry
             }
-        }
-        _ => {
-            bump(stat::CLASSIFIED);
-            let entry = match match_rules(key) {
-                Some(action) => FlowEntry {
-                    last_seen_ns: now,
-                    rule_id: action.rule_id,
-                    verdict: action.verdict,
-                    _pad: [0; 3],
-                },
-                None => FlowEntry { last_seen_ns: now, rule_id: 0, verdict: Verdict::Pass as u8, _pad: [0; 3] },
-            };
-            // A full cache only costs a re-match next time; never drop for it.
-            let _ = FLOWS.insert(key, &entry, 0);
-            entry
-        }
+        },
     };
     if let Some(recent) = recent {
         // SAFETY: this CPU's slot, as above.
         unsafe {
             if entry.verdict == Verdict::Divert as u8 {
-                // Diverted flows always ask the flow cache: the broker may
+                // Diverted flows always ask the verdict cache: the broker may
                 // change their verdict there (a metric rule's flow it
                 // leaves to the kernel), and this slot must not shadow it.
                 if (*recent).key.same_as(key) {
@@ -174,6 +188,60 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, flow_idle_ns: u64) -> 
         }
     }
     entry
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cached {
+    Live(FlowEntry),
+    /// An entry is there, idle too long (or the packet opens a new
+    /// connection): decided afresh.
+    Expired,
+    Absent,
+}
+
+#[inline(always)]
+fn cached(
+    cache: &LruHashMap<FlowKey, FlowEntry>,
+    key: &FlowKey,
+    new_connection: bool,
+    now: u64,
+    idle_ns: u64,
+) -> Cached {
+    let Some(entry) = cache.get_ptr_mut(key) else {
+        return Cached::Absent;
+    };
+    // SAFETY: pointer from a successful lookup; fields are plain integers.
+    unsafe {
+        let age = now.saturating_sub((*entry).last_seen_ns);
+        if new_connection || age >= idle_ns {
+            return Cached::Expired;
+        }
+        bump(stat::CACHE_HIT);
+        if age > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+        Cached::Live(*entry)
+    }
+}
+
+/// Where a verdict is cached: flows that pass in one map, claimed flows
+/// in the other.
+#[inline(always)]
+fn cache_of(verdict: u8) -> &'static LruHashMap<FlowKey, FlowEntry> {
+    if verdict == Verdict::Pass as u8 {
+        &FLOWS
+    } else {
+        &CLAIMED
+    }
+}
+
+#[inline(always)]
+fn cache_other(cache: &LruHashMap<FlowKey, FlowEntry>) -> &'static LruHashMap<FlowKey, FlowEntry> {
+    if core::ptr::eq(cache, &FLOWS) {
+        &CLAIMED
+    } else {
+        &FLOWS
+    }
 }
 
 /// A frame for every station on the link (an Ethernet group address: a

@@ -172,6 +172,9 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed) {
         return;
     };
     let now = now_ns();
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        m.flags |= measure_flag::CLOSING;
+    }
     if tcp.flags & TCP_SYN != 0 {
         // The SYN again: its answer can no longer be timed.
         m.syn_ns = 0;
@@ -243,6 +246,9 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
         return;
     };
     let now = now_ns();
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        m.flags |= measure_flag::CLOSING;
+    }
     if tcp.flags & TCP_RST != 0 {
         let rtt = if m.syn_ns != 0 {
             now.saturating_sub(m.syn_ns)

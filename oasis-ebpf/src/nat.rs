@@ -13,14 +13,16 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use oasis_common::{FAMILY_V4, NAT_MEASURE, NatEntry, stat};
+use oasis_common::{FAMILY_V4, NAT_CLOSING, NAT_MEASURE, NatEntry, stat};
 
 use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
 use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_IN, NAT_OUT};
 use crate::measure;
 use crate::parse::coarse_ns;
-use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse_into};
+use crate::parse::{
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, TCP_FLAG_FIN, TCP_FLAG_RST, parse_into,
+};
 
 /// Refresh an entry's timestamp at most this often.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -37,7 +39,7 @@ pub fn egress(ctx: &TcContext, parsed: &mut Parsed) -> bool {
     };
     // SAFETY: pointer from a successful lookup; plain integers and bytes.
     let (real, flags) = unsafe {
-        refresh(entry);
+        refresh(entry, parsed.tcp_flags);
         ((*entry).addr, (*entry).flags)
     };
     // A measured flow's SYN sent again goes to the broker: unanswered, the
@@ -80,7 +82,7 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
     if nat && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key) {
         // SAFETY: pointer from a successful lookup.
         let fake = unsafe {
-            refresh(entry);
+            refresh(entry, parsed.tcp_flags);
             (*entry).addr
         };
         if rewrite(&ctx, parsed, Field::Source, &parsed.key.src, &fake).is_some() {
@@ -90,13 +92,18 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
+/// Marks the entry alive, and ending when a TCP FIN or RST goes by (the
+/// broker then ends the flow soon after it goes quiet, not hours later).
 #[inline(always)]
-unsafe fn refresh(entry: *mut NatEntry) {
+unsafe fn refresh(entry: *mut NatEntry, tcp_flags: u8) {
     let now = coarse_ns();
     // SAFETY: the caller's pointer is valid.
     unsafe {
         if now.saturating_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             (*entry).last_seen_ns = now;
+        }
+        if tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 && (*entry).flags & NAT_CLOSING == 0 {
+            (*entry).flags |= NAT_CLOSING;
         }
     }
 }

@@ -11,7 +11,9 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+pub const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// CLOCK_MONOTONIC at the kernel's tick (a few ms): all the heartbeat and
@@ -31,6 +33,8 @@ pub struct Parsed {
     pub new_connection: bool,
     /// A non-first IPv4 fragment: no transport header at all.
     pub fragment: bool,
+    /// A TCP segment's flags byte (0 for other protocols).
+    pub tcp_flags: u8,
 }
 
 impl Parsed {
@@ -121,6 +125,7 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
             return true;
         };
         if key.proto == IPPROTO_TCP {
+            out.tcp_flags = head[13];
             out.new_connection = head[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
         }
         key.sport = u16::from_be_bytes([head[0], head[1]]);

@@ -184,7 +184,7 @@ fn no_packet_allocates_in_steady_state() {
         vec![0; SHIM],
     ))]));
     let settings = EngineSettings {
-        flow_idle: Duration::from_secs(120),
+        lifetimes: oasis_broker::engine::Lifetimes::new(Duration::from_secs(120)),
         flow_capacity: 1024,
         uplink_mtu: 1500,
         fake_v4: "198.18.0.0/15".parse().unwrap(),

@@ -51,6 +51,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let mut settings = Settings {
         heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
         flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
+        tcp_idle_ns: config.tcp_idle_timeout_secs * 1_000_000_000,
         tun_ifindex: divert.index,
         bypass_mark: config.bypass_mark,
         ..Settings::default()
@@ -105,7 +106,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     };
     let engine = Engine::new(
         EngineSettings {
-            flow_idle: Duration::from_secs(config.flow_idle_timeout_secs),
+            lifetimes: config.lifetimes(),
             flow_capacity: FLOW_CAPACITY,
             uplink_mtu: mtu,
             fake_v4: config.dns.fake_v4,

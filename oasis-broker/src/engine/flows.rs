@@ -3,9 +3,15 @@
 //! always sees one source address. One table per packet thread: a flow's
 //! packets always arrive on the same queue, so no lock is needed.
 //!
-//! The table is bounded. When it is full, flows idle the longest are
-//! forgotten first (idle for half the timeout, then a quarter, ...), so a
-//! burst of new flows can never grow it without limit.
+//! A flow lives as long as its transport does ([`Lifetimes`]): an
+//! established TCP connection may be quiet for hours and must still find
+//! its carrier (and its fake address's mapping) when the server speaks
+//! first; one that has shown FIN or RST goes soon after it falls quiet;
+//! other flows live by their activity.
+//!
+//! The table is bounded. When it is full, flows idle the longest (for
+//! their kind) are forgotten first (idle for half their lifetime, then a
+//! quarter, ...), so a burst of new flows can never grow it without limit.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +22,52 @@ use oasis_common::FlowKey;
 use super::measure::OutboundMeasure;
 use super::routes::Via;
 use crate::monitor::Why;
+
+/// How long a flow lives without a packet, by transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// An established TCP connection: 2 h 4 min by default, the least a
+    /// NAT may keep one (RFC 5382, REQ-5), as applications' keepalives
+    /// (2 h by default on Linux) assume.
+    pub tcp: Duration,
+    /// A TCP connection after a FIN or RST went by.
+    pub tcp_closing: Duration,
+    /// UDP and everything else, by activity (RFC 4787 asks at least 2 min).
+    pub other: Duration,
+}
+
+impl Lifetimes {
+    pub const DEFAULT_TCP: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
+    pub const DEFAULT_TCP_CLOSING: Duration = Duration::from_secs(10);
+
+    /// Lifetimes with the defaults for TCP and `other` for the rest.
+    pub fn new(other: Duration) -> Lifetimes {
+        Lifetimes {
+            tcp: Self::DEFAULT_TCP,
+            tcp_closing: Self::DEFAULT_TCP_CLOSING,
+            other,
+        }
+    }
+
+    /// A flow's lifetime without packets.
+    pub fn of(&self, key: &FlowKey, closing: bool) -> Duration {
+        match key.proto {
+            TCP if closing => self.tcp_closing.min(self.tcp),
+            TCP => self.tcp,
+            _ => self.other,
+        }
+    }
+}
+
+const TCP: u8 = 6;
+
+/// What the kernel knows of a flow it carries: when it last saw a packet,
+/// and whether a FIN or RST went by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSeen {
+    pub at: Instant,
+    pub closing: bool,
+}
 
 /// A flow to a fake address: which real address stands behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +88,8 @@ pub struct Flow {
     pub started: Instant,
     pub last_seen: Instant,
     pub packets: u64,
+    /// A TCP flow whose FIN or RST went by (from this host).
+    pub closing: bool,
     /// A metric rule's flow: why its carrier was chosen.
     pub why: Option<Why>,
     /// Its carrier was the Monitor's choice: the flow may be rescued when
@@ -61,6 +115,7 @@ impl Flow {
             started: now,
             last_seen: now,
             packets: 0,
+            closing: false,
             why: None,
             monitored: false,
             pinned: false,
@@ -95,27 +150,29 @@ const INITIAL_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct FlowTable {
     flows: HashMap<FlowKey, Flow>,
-    idle: Duration,
+    lifetimes: Lifetimes,
     capacity: usize,
 }
 
 impl FlowTable {
-    pub fn new(idle: Duration, capacity: usize) -> FlowTable {
+    pub fn new(lifetimes: Lifetimes, capacity: usize) -> FlowTable {
         FlowTable {
             flows: HashMap::with_capacity(INITIAL_CAPACITY.min(capacity)),
-            idle,
+            lifetimes,
             capacity: capacity.max(1),
         }
     }
 
     /// The flow of a packet, marked as seen now.
     pub fn lookup(&mut self, key: &FlowKey, now: Instant) -> Lookup<'_> {
-        let idle = self.idle;
         let stale = match self.flows.get(key) {
             None => return Lookup::Absent,
             // An in-kernel flow's packets reach the engine only by accident
             // (a race with the NAT entry); the sweep knows its real idle time.
-            Some(flow) => !flow.in_kernel() && now.saturating_duration_since(flow.last_seen) > idle,
+            Some(flow) => {
+                !flow.in_kernel()
+                    && now.saturating_duration_since(flow.last_seen) > self.lifetimes.of(key, flow.closing)
+            }
         };
         if stale {
             return Lookup::Stale(self.flows.remove(key).expect("present"));
@@ -140,56 +197,67 @@ impl FlowTable {
         self.flows.insert(key, flow);
     }
 
-    /// Moves flows idle for longer than `idle` to `ended`. `kernel_seen`
-    /// says when the NAT table last saw an in-kernel flow.
-    pub fn sweep(
+    /// Moves flows idle for longer than their lifetime divided by
+    /// `divisor` to `ended`. `kernel_seen` says what the kernel knows of an
+    /// in-kernel flow.
+    fn sweep(
         &mut self,
         now: Instant,
-        idle: Duration,
-        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        divisor: u32,
+        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<KernelSeen>,
         ended: &mut Vec<(FlowKey, Flow)>,
     ) {
+        let lifetimes = self.lifetimes;
         let gone = self.flows.extract_if(|key, flow| {
-            let seen = if flow.in_kernel() {
-                kernel_seen(key, flow).map_or(flow.last_seen, |k| k.max(flow.last_seen))
-            } else {
-                flow.last_seen
-            };
-            now.saturating_duration_since(seen) > idle
+            let (mut seen, mut closing) = (flow.last_seen, flow.closing);
+            if flow.in_kernel()
+                && let Some(kernel) = kernel_seen(key, flow)
+            {
+                seen = seen.max(kernel.at);
+                closing |= kernel.closing;
+            }
+            now.saturating_duration_since(seen) > lifetimes.of(key, closing) / divisor
         });
         ended.extend(gone);
     }
 
-    /// Ends idle flows, as `sweep` with the table's own timeout.
+    /// Ends the flows idle past their lifetime.
     pub fn expire(
         &mut self,
         now: Instant,
-        kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<KernelSeen>,
         ended: &mut Vec<(FlowKey, Flow)>,
     ) {
-        self.sweep(now, self.idle, kernel_seen, ended);
+        self.sweep(now, 1, kernel_seen, ended);
     }
 
     /// Frees an eighth of the table or more, taking the flows idle the
-    /// longest: those idle for half the timeout, then a quarter, and so on.
-    /// Returns how many went.
+    /// longest for their kind: those idle for half their lifetime, then a
+    /// quarter, and so on. Returns how many went.
     pub fn make_room(
         &mut self,
         now: Instant,
-        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<Instant>,
+        mut kernel_seen: impl FnMut(&FlowKey, &Flow) -> Option<KernelSeen>,
         ended: &mut Vec<(FlowKey, Flow)>,
     ) -> usize {
         let before = self.flows.len();
         let target = self.capacity - self.capacity / 8;
-        let mut idle = self.idle;
+        let mut divisor = 1u32;
         while self.flows.len() > target && !self.flows.is_empty() {
-            idle /= 2;
-            self.sweep(now, idle, &mut kernel_seen, ended);
-            if idle.is_zero() {
+            divisor = divisor.saturating_mul(2);
+            self.sweep(now, divisor, &mut kernel_seen, ended);
+            if divisor == u32::MAX {
                 break;
             }
         }
         before - self.flows.len()
+    }
+
+    /// Notes that a flow's FIN or RST went by.
+    pub fn closing(&mut self, key: &FlowKey) {
+        if let Some(flow) = self.flows.get_mut(key) {
+            flow.closing = true;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -232,7 +300,13 @@ mod tests {
 
     #[test]
     fn a_flow_keeps_its_carrier_until_idle() {
-        let mut table = FlowTable::new(Duration::from_secs(10), 100);
+        let mut table = FlowTable::new(
+            Lifetimes {
+                tcp: Duration::from_secs(10),
+                ..Lifetimes::new(Duration::from_secs(10))
+            },
+            100,
+        );
         let t0 = Instant::now();
         let overlay = Via::Overlay(OverlayId(1));
         assert!(matches!(table.lookup(&key(80), t0), Lookup::Absent));
@@ -252,7 +326,13 @@ mod tests {
 
     #[test]
     fn in_kernel_flows_are_aged_by_the_kernels_clock() {
-        let mut table = FlowTable::new(Duration::from_secs(10), 100);
+        let mut table = FlowTable::new(
+            Lifetimes {
+                tcp: Duration::from_secs(10),
+                ..Lifetimes::new(Duration::from_secs(10))
+            },
+            100,
+        );
         let t0 = Instant::now();
         let fake = FakeBinding {
             fake: "198.18.0.1".parse().unwrap(),
@@ -266,7 +346,11 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert!(matches!(table.lookup(&key(1), later), Lookup::Live(_)));
         let mut ended = Vec::new();
-        table.expire(later, |k, _| (k.dport == 1).then_some(later), &mut ended);
+        let seen = KernelSeen {
+            at: later,
+            closing: false,
+        };
+        table.expire(later, |k, _| (k.dport == 1).then_some(seen), &mut ended);
         let mut gone: Vec<u16> = ended.iter().map(|(k, _)| k.dport).collect();
         gone.sort();
         assert_eq!(gone, vec![2, 3]);
@@ -275,7 +359,11 @@ mod tests {
 
     #[test]
     fn a_full_table_forgets_the_longest_idle_flows_first() {
-        let mut table = FlowTable::new(Duration::from_secs(100), 8);
+        let hundred = Lifetimes {
+            tcp: Duration::from_secs(100),
+            ..Lifetimes::new(Duration::from_secs(100))
+        };
+        let mut table = FlowTable::new(hundred, 8);
         let t0 = Instant::now();
         for port in 0..8u16 {
             // Port p was last seen p * 10 s after t0.
@@ -291,11 +379,72 @@ mod tests {
         assert!(!table.is_full());
         assert!(ended.iter().all(|(k, _)| k.dport <= 2));
         // Every flow seen this instant: nothing is idle, yet room is made.
-        let mut table = FlowTable::new(Duration::from_secs(100), 8);
+        let mut table = FlowTable::new(hundred, 8);
         for port in 0..8u16 {
             table.insert(key(port), Flow::new(None, Via::Underlay, None, now));
         }
         table.make_room(now + Duration::from_millis(1), |_, _| None, &mut ended);
         assert!(!table.is_full());
+    }
+
+    #[test]
+    fn an_established_tcp_flow_outlives_the_udp_timeout_and_ends_soon_after_closing() {
+        let mut table = FlowTable::new(Lifetimes::new(Duration::from_secs(120)), 100);
+        let t0 = Instant::now();
+        let overlay = Via::Overlay(OverlayId(1));
+        let udp = FlowKey::v4([10, 0, 0, 1], [203, 0, 113, 9], 17, 40000, 53);
+        for k in [key(22), key(23), udp] {
+            table.insert(k, Flow::new(Some(1), overlay, None, t0));
+        }
+        let mut ended = Vec::new();
+        // Ten minutes of silence: the TCP sessions hold, the UDP flow went.
+        let quiet = t0 + Duration::from_secs(600);
+        table.expire(quiet, |_, _| None, &mut ended);
+        assert_eq!(ended.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![udp]);
+        assert_eq!(
+            live(&mut table, &key(22), quiet),
+            Some(overlay),
+            "the server speaks first"
+        );
+        // Port 23 closes; 11 s later it is gone, port 22 is not.
+        table.closing(&key(23));
+        ended.clear();
+        table.expire(quiet + Duration::from_secs(11), |_, _| None, &mut ended);
+        assert_eq!(ended.iter().map(|(k, _)| k.dport).collect::<Vec<_>>(), vec![23]);
+        // Idle past 2 h 4 min, even TCP goes.
+        ended.clear();
+        table.expire(
+            quiet + Lifetimes::DEFAULT_TCP + Duration::from_secs(1),
+            |_, _| None,
+            &mut ended,
+        );
+        assert_eq!(ended.len(), 1);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_kernel_tells_when_an_in_kernel_flow_closed() {
+        let mut table = FlowTable::new(Lifetimes::new(Duration::from_secs(120)), 100);
+        let t0 = Instant::now();
+        let fake = FakeBinding {
+            fake: "198.18.0.1".parse().unwrap(),
+            real: "192.0.2.1".parse().unwrap(),
+            in_kernel: true,
+        };
+        table.insert(key(1), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        table.insert(key(2), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        let later = t0 + Duration::from_secs(30);
+        let mut ended = Vec::new();
+        table.expire(
+            later,
+            |k, _| {
+                Some(KernelSeen {
+                    at: t0 + Duration::from_secs(5),
+                    closing: k.dport == 2,
+                })
+            },
+            &mut ended,
+        );
+        assert_eq!(ended.iter().map(|(k, _)| k.dport).collect::<Vec<_>>(), vec![2]);
     }
 }

@@ -27,7 +27,7 @@ pub mod routes;
 
 pub use carrier::{CarrierChooser, Claim, Decision, MonitorChooser, NewFlow, RuleCarrier};
 pub use counters::{DropReason, EngineCounters};
-pub use flows::{FakeBinding, Flow, FlowTable};
+pub use flows::{FakeBinding, Flow, FlowTable, KernelSeen, Lifetimes};
 pub use nat::{MemoryNat, NatTable, TableError};
 pub use pins::{FlowPins, MemoryPins};
 pub use returns::{LocalAddresses, ReturnPath, Returned, module_admitted};
@@ -71,7 +71,7 @@ mod tests {
         fn remove(&mut self, flow: &oasis_common::FlowKey, real: IpAddr) {
             self.0.lock().unwrap().remove(flow, real)
         }
-        fn last_seen(&self, flow: &oasis_common::FlowKey, real: IpAddr) -> Option<Instant> {
+        fn last_seen(&self, flow: &oasis_common::FlowKey, real: IpAddr) -> Option<flows::KernelSeen> {
             self.0.lock().unwrap().last_seen(flow, real)
         }
         fn len(&self) -> usize {
@@ -98,7 +98,7 @@ mod tests {
         fn forget(&mut self, flow: &oasis_common::FlowKey) {
             self.0.lock().unwrap().forget(flow)
         }
-        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<Instant> {
+        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<flows::KernelSeen> {
             self.0.lock().unwrap().last_seen(flow)
         }
         fn answered(&self, flow: &oasis_common::FlowKey) -> bool {
@@ -126,7 +126,7 @@ mod tests {
             })
         }
         fn remove(&mut self, _: &oasis_common::FlowKey, _: IpAddr) {}
-        fn last_seen(&self, _: &oasis_common::FlowKey, _: IpAddr) -> Option<Instant> {
+        fn last_seen(&self, _: &oasis_common::FlowKey, _: IpAddr) -> Option<flows::KernelSeen> {
             None
         }
         fn len(&self) -> usize {
@@ -146,7 +146,7 @@ mod tests {
 
     fn settings() -> EngineSettings {
         EngineSettings {
-            flow_idle: Duration::from_secs(120),
+            lifetimes: Lifetimes::new(Duration::from_secs(120)),
             flow_capacity: 1000,
             uplink_mtu: MTU,
             fake_v4: "198.18.0.0/15".parse().unwrap(),
@@ -436,8 +436,11 @@ mod tests {
         assert_eq!(mss(&out[10..]), Some(1428), "the SYN-ACK is clamped too");
         drop(replies);
 
-        // Idle past the timeout: the flow ends and frees its address.
-        router.handle_timeout(Instant::now() + Duration::from_secs(200));
+        // A quiet TCP connection keeps its mapping for hours ...
+        router.handle_timeout(Instant::now() + Duration::from_secs(600));
+        assert!(world.engine.replies().is_some());
+        // ... idle past its lifetime, the flow ends and frees its address.
+        router.handle_timeout(Instant::now() + Lifetimes::DEFAULT_TCP + Duration::from_secs(60));
         assert!(world.engine.replies().is_none());
         assert_eq!(
             world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
@@ -487,8 +490,11 @@ mod tests {
         // The NAT table saw the flow just now: a sweep keeps it ...
         router.handle_timeout(Instant::now() + Duration::from_secs(3));
         assert_eq!(world.nat.len(), 1);
-        // ... until it has been idle past the timeout.
-        router.handle_timeout(Instant::now() + Duration::from_secs(300));
+        // ... and a quiet TCP connection keeps it for hours ...
+        router.handle_timeout(Instant::now() + Duration::from_secs(600));
+        assert_eq!(world.nat.len(), 1);
+        // ... until it has been idle past its lifetime.
+        router.handle_timeout(Instant::now() + Lifetimes::DEFAULT_TCP + Duration::from_secs(60));
         assert_eq!(world.nat.len(), 0);
         assert_eq!(
             world.engine.fakes().lock().unwrap().get(fake).unwrap().live_flows,
@@ -782,7 +788,7 @@ mod tests {
         assert_eq!(decide(&mut router, &mut data), Outbound::Underlay);
         assert_eq!(world.pins.0.lock().unwrap().flows[&key].rule, Some(1));
         // Idle: the pin and the measurement go with the flow.
-        router.handle_timeout(Instant::now() + Duration::from_secs(300));
+        router.handle_timeout(Instant::now() + Lifetimes::DEFAULT_TCP + Duration::from_secs(60));
         assert!(world.pins.0.lock().unwrap().flows.is_empty());
     }
 

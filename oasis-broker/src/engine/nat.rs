@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use oasis_common::FlowKey;
-use oasis_io::packet::{End, rewrite_address};
+use oasis_io::packet::{End, rewrite_address, tcp_closing};
 
 use super::fake::reply_key;
+use super::flows::KernelSeen;
 use super::packet::{flow_dst, flow_key};
 
 /// A kernel table (NAT, flow pins) refused an entry.
@@ -37,9 +38,10 @@ pub trait NatTable: Send {
         measure: bool,
     ) -> Result<(), TableError>;
     fn remove(&mut self, flow: &FlowKey, real: IpAddr);
-    /// When the table last translated a packet of the flow, either way;
-    /// None when it does not hold the flow.
-    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<Instant>;
+    /// When the table last translated a packet of the flow, either way,
+    /// and whether a TCP FIN or RST went by; None when it does not hold
+    /// the flow.
+    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<KernelSeen>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -49,6 +51,7 @@ pub trait NatTable: Send {
 struct Entry {
     addr: IpAddr,
     last_seen: Instant,
+    closing: bool,
 }
 
 /// The NAT in user space: what the kernel's maps do, for packets a packet
@@ -78,6 +81,7 @@ impl MemoryNat {
             return false;
         };
         entry.last_seen = now;
+        entry.closing |= tcp_closing(packet);
         rewrite_address(packet, end, entry.addr).is_ok()
     }
 }
@@ -97,6 +101,7 @@ impl NatTable for MemoryNat {
             Entry {
                 addr: fake,
                 last_seen: now,
+                closing: false,
             },
         );
         self.out.insert(
@@ -104,6 +109,7 @@ impl NatTable for MemoryNat {
             Entry {
                 addr: real,
                 last_seen: now,
+                closing: false,
             },
         );
         Ok(())
@@ -114,10 +120,12 @@ impl NatTable for MemoryNat {
         self.inbound.remove(&reply_key(flow, real));
     }
 
-    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<Instant> {
-        let out = self.out.get(flow).map(|e| e.last_seen);
-        let inbound = self.inbound.get(&reply_key(flow, real)).map(|e| e.last_seen);
-        out.max(inbound)
+    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<KernelSeen> {
+        let out = self.out.get(flow);
+        let inbound = self.inbound.get(&reply_key(flow, real));
+        let at = out.map(|e| e.last_seen).max(inbound.map(|e| e.last_seen))?;
+        let closing = out.is_some_and(|e| e.closing) || inbound.is_some_and(|e| e.closing);
+        Some(KernelSeen { at, closing })
     }
 
     fn len(&self) -> usize {
@@ -146,7 +154,11 @@ mod tests {
         let mut reply = tcp4([192, 0, 2, 10], [10, 0, 0, 2], 443, 40000, false);
         assert!(nat.inbound(&mut reply, now));
         assert_eq!(addresses(&reply).unwrap().0, fake);
-        assert!(nat.last_seen(&key, real).is_some());
+        assert!(!nat.last_seen(&key, real).unwrap().closing);
+        let mut fin = tcp4([192, 0, 2, 10], [10, 0, 0, 2], 443, 40000, false);
+        fin[20 + 13] |= 0x01;
+        assert!(nat.inbound(&mut fin, now));
+        assert!(nat.last_seen(&key, real).unwrap().closing, "a FIN went by");
         assert_eq!(nat.len(), 1);
         nat.remove(&key, real);
         assert!(nat.is_empty() && nat.last_seen(&key, real).is_none());

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use oasis_common::FlowKey;
 
+use super::flows::KernelSeen;
 use super::nat::TableError;
 
 pub trait FlowPins: Send {
@@ -22,8 +23,9 @@ pub trait FlowPins: Send {
     fn measure(&mut self, flow: &FlowKey, syn_sent: Option<Instant>, probe: bool) -> Result<(), TableError>;
     /// Undoes `pin` and `measure`.
     fn forget(&mut self, flow: &FlowKey);
-    /// When the kernel last saw a packet of a pinned flow.
-    fn last_seen(&self, flow: &FlowKey) -> Option<Instant>;
+    /// When the kernel last saw a packet of a pinned flow, and whether a
+    /// FIN or RST went by.
+    fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen>;
     /// Whether the flow's handshake was answered (a SYN-ACK came back).
     fn answered(&self, flow: &FlowKey) -> bool;
     /// How many flows are measured.
@@ -38,6 +40,7 @@ pub struct MemoryPin {
     pub syn_sent: Option<Instant>,
     pub answered: bool,
     pub last_seen: Option<Instant>,
+    pub closing: bool,
 }
 
 /// The kernel's part, kept in memory: what tests inspect.
@@ -64,8 +67,12 @@ impl FlowPins for MemoryPins {
         self.flows.remove(flow);
     }
 
-    fn last_seen(&self, flow: &FlowKey) -> Option<Instant> {
-        self.flows.get(flow)?.last_seen
+    fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
+        let pin = self.flows.get(flow)?;
+        Some(KernelSeen {
+            at: pin.last_seen?,
+            closing: pin.closing,
+        })
     }
 
     fn answered(&self, flow: &FlowKey) -> bool {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use oasis_common::FlowKey;
-use oasis_io::packet::{End, clamp_mss, rewrite_address, unreachable_reply};
+use oasis_io::packet::{End, clamp_mss, rewrite_address, tcp_closing, unreachable_reply};
 
 use super::carrier::{CarrierChooser, Claim, Decision, NewFlow};
 use super::counters::{DropReason, EngineCounters};
 use super::fake::{choose_real, real_key, reply_key};
-use super::flows::{FakeBinding, Flow, FlowTable, Lookup};
+use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::nat::NatTable;
 use super::packet::{describe, flow_dst, flow_key, routable};
@@ -33,8 +33,9 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
-    /// A flow idle for this long is forgotten; its next packet starts a new one.
-    pub flow_idle: Duration,
+    /// How long flows live without packets (TCP, TCP closing, the rest);
+    /// a forgotten flow's next packet starts a new one.
+    pub lifetimes: Lifetimes,
     /// Most flows one packet thread tracks.
     pub flow_capacity: usize,
     /// The largest uplink MTU: overlay flows' MSS is clamped to fit it.
@@ -137,7 +138,7 @@ impl Engine {
             dumped: 0,
             engine: self.clone(),
             routes: self.routes(),
-            flows: FlowTable::new(self.settings.flow_idle, self.settings.flow_capacity),
+            flows: FlowTable::new(self.settings.lifetimes, self.settings.flow_capacity),
             next_sweep: Instant::now() + SWEEP_EVERY,
             ended: Vec::new(),
             measuring: 0,
@@ -370,6 +371,9 @@ impl Router {
             }
             Lookup::Absent => self.start(&key, packet, now, None),
         };
+        if key.proto == 6 && tcp_closing(packet) {
+            self.flows.closing(&key);
+        }
         self.carry(via, &key, packet)
     }
 

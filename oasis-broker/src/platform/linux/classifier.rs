@@ -27,6 +27,7 @@ pub struct ClassifierMaps {
     actions: Array<MapData, RuleAction>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    claimed: HashMap<MapData, FlowKey, FlowEntry>,
     stats: PerCpuArray<MapData, u64>,
     /// What the rule maps hold now, so updates write only the difference.
     image: Option<MapImage>,
@@ -34,9 +35,9 @@ pub struct ClassifierMaps {
 }
 
 impl ClassifierMaps {
-    /// The verdict cache (the flow pins take a handle of their own).
-    pub(super) fn flows_map(&self) -> &HashMap<MapData, FlowKey, FlowEntry> {
-        &self.flows
+    /// The claimed flows' verdicts (the flow pins take a handle of their own).
+    pub(super) fn claimed_map(&self) -> &HashMap<MapData, FlowKey, FlowEntry> {
+        &self.claimed
     }
 
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<ClassifierMaps, KernelError> {
@@ -52,6 +53,7 @@ impl ClassifierMaps {
             actions: take_map!(ebpf, maps::ACTIONS, Array<MapData, RuleAction>),
             counters: take_map!(ebpf, maps::COUNTERS, PerCpuHashMap<MapData, u32, Counters>),
             flows: take_map!(ebpf, maps::FLOWS, HashMap<MapData, FlowKey, FlowEntry>),
+            claimed: take_map!(ebpf, maps::CLAIMED, HashMap<MapData, FlowKey, FlowEntry>),
             stats: take_map!(ebpf, maps::STATS, PerCpuArray<MapData, u64>),
             image: None,
             cpus: aya::util::nr_cpus().map_err(|(_, e)| KernelError::Map {
@@ -158,13 +160,14 @@ impl ClassifierMaps {
             measured_egress: sum(stat::MEASURED_EGRESS),
             measured_ingress: sum(stat::MEASURED_INGRESS),
             events_lost: sum(stat::EVENTS_LOST),
-            cached_flows: self.flows.keys().filter(Result::is_ok).count() as u64,
+            cached_flows: (self.flows.keys().filter(Result::is_ok).count()
+                + self.claimed.keys().filter(Result::is_ok).count()) as u64,
         }
     }
 
     /// The cached verdict for one flow, if the classifier has one.
     pub fn cached_flow(&self, key: &FlowKey) -> Option<FlowEntry> {
-        self.flows.get(key, 0).ok()
+        self.flows.get(key, 0).or_else(|_| self.claimed.get(key, 0)).ok()
     }
 }
 

@@ -123,7 +123,7 @@ impl LinuxKernel {
         // Alive from the start: the heartbeat thread takes over from here.
         heartbeat.set(monotonic_ns())?;
         let classifier = ClassifierMaps::take(&mut ebpf)?;
-        let pins = KernelPins::take(&mut ebpf, classifier.flows_map())?;
+        let pins = KernelPins::take(&mut ebpf, classifier.claimed_map())?;
         Ok(LinuxKernel {
             classifier,
             nat: Some(KernelNat::take(&mut ebpf)?),

@@ -12,6 +12,7 @@ use oasis_common::{FlowKey, NAT_MEASURE, NatEntry, maps};
 
 use super::kernel::{KernelError, monotonic_ns, take_map};
 use crate::engine::fake::reply_key;
+use crate::engine::flows::KernelSeen;
 use crate::engine::{NatTable, TableError};
 
 fn addr_bytes(addr: IpAddr) -> [u8; 16] {
@@ -107,15 +108,16 @@ impl NatTable for KernelNat {
         let _ = self.inbound.remove(&reply_key(flow, real));
     }
 
-    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<Instant> {
-        let out = self.out.get(flow, 0).ok().map(|e| e.last_seen_ns);
-        let inbound = self
-            .inbound
-            .get(&reply_key(flow, real), 0)
-            .ok()
-            .map(|e| e.last_seen_ns);
-        let seen = out.max(inbound)?;
-        Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))
+    fn last_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<KernelSeen> {
+        let out = self.out.get(flow, 0).ok();
+        let inbound = self.inbound.get(&reply_key(flow, real), 0).ok();
+        let seen = out.map(|e| e.last_seen_ns).max(inbound.map(|e| e.last_seen_ns))?;
+        let closing = [out, inbound]
+            .iter()
+            .flatten()
+            .any(|e| e.flags & oasis_common::NAT_CLOSING != 0);
+        let at = Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))?;
+        Some(KernelSeen { at, closing })
     }
 
     fn len(&self) -> usize {

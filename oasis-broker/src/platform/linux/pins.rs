@@ -1,6 +1,6 @@
 //! Flows left to the kernel for the Monitor (oasis-ebpf/src/measure.rs):
 //! a metric rule's flow on the underlay gets the cached verdict `Measure`
-//! (it passes, and is measured) in the classifier's verdict cache, and an
+//! (it passes, and is measured) among the claimed flows' verdicts, and an
 //! entry in `MONITORED` that the programs fill; the Monitor's TCP probes get
 //! the entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
 //! whether there is anything to look for.
@@ -12,6 +12,7 @@ use aya::maps::{Array, HashMap, IterableMap, MapData};
 use oasis_common::{FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
 use super::kernel::{KernelError, monotonic_ns, second_handle, take_map};
+use crate::engine::flows::KernelSeen;
 use crate::engine::{FlowPins, TableError};
 
 pub struct KernelPins {
@@ -33,15 +34,19 @@ fn monotonic_of(at: Instant) -> u64 {
 }
 
 impl KernelPins {
-    /// `flows`: the classifier's verdict cache (a second handle is taken).
+    /// `claimed`: the classifier's verdicts of claimed flows (a second
+    /// handle is taken).
     pub(super) fn take(
         ebpf: &mut Ebpf,
-        flows: &HashMap<MapData, FlowKey, FlowEntry>,
+        claimed: &HashMap<MapData, FlowKey, FlowEntry>,
     ) -> Result<KernelPins, KernelError> {
-        let data = second_handle(IterableMap::<FlowKey, FlowEntry>::map(flows), maps::FLOWS.name)?;
+        let data = second_handle(
+            IterableMap::<FlowKey, FlowEntry>::map(claimed),
+            maps::CLAIMED.name,
+        )?;
         let mut pins = KernelPins {
             flows: HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                .map_err(KernelError::map(maps::FLOWS.name))?,
+                .map_err(KernelError::map(maps::CLAIMED.name))?,
             monitored: take_map!(ebpf, maps::MONITORED, HashMap<MapData, FlowKey, Measure>),
             active: take_map!(ebpf, maps::MONITOR_ACTIVE, Array<MapData, u32>),
             count: 0,
@@ -74,7 +79,7 @@ impl FlowPins for KernelPins {
         };
         self.flows
             .insert(flow, entry, 0)
-            .map_err(Self::refused(maps::FLOWS.name))
+            .map_err(Self::refused(maps::CLAIMED.name))
     }
 
     fn measure(&mut self, flow: &FlowKey, syn_sent: Option<Instant>, probe: bool) -> Result<(), TableError> {
@@ -110,9 +115,14 @@ impl FlowPins for KernelPins {
         }
     }
 
-    fn last_seen(&self, flow: &FlowKey) -> Option<Instant> {
+    fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
         let seen = self.flows.get(flow, 0).ok()?.last_seen_ns;
-        Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))
+        let closing = self
+            .monitored
+            .get(flow, 0)
+            .is_ok_and(|m| m.flags & measure_flag::CLOSING != 0);
+        let at = Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))?;
+        Some(KernelSeen { at, closing })
     }
 
     fn answered(&self, flow: &FlowKey) -> bool {
