@@ -65,9 +65,20 @@ pub struct FakeTable {
     next_v4: u32,
     next_v6: u128,
     /// Bumped whenever a name gets an address or new real addresses, so
-    /// the daemon knows when the table needs saving.
-    #[serde(skip)]
+    /// the daemon knows when the table needs saving; saved with it, so the
+    /// journal's later entries are told from those the file holds.
+    #[serde(default)]
     changes: u64,
+}
+
+/// One answer that changed the table, as the journal keeps it: written
+/// before the answer leaves, so no crash forgets an address a client may
+/// hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assigned {
+    /// The table's change count after this answer.
+    pub seq: u64,
+    pub entry: FakeEntry,
 }
 
 impl FakeTable {
@@ -144,6 +155,72 @@ impl FakeTable {
 
     pub fn entries(&self) -> impl Iterator<Item = &FakeEntry> {
         self.entries.values()
+    }
+
+    /// Applies journal entries newer than the table (in order of `seq`):
+    /// each name gets back the address it was given, whatever held it
+    /// before, and fresh addresses are handed out past them.
+    pub fn replay(&mut self, mut journal: Vec<Assigned>) -> usize {
+        journal.sort_by_key(|a| a.seq);
+        let mut applied = 0;
+        for Assigned { seq, mut entry } in journal {
+            if seq <= self.changes || !self.contains(entry.fake) {
+                continue;
+            }
+            let v6 = entry.fake.is_ipv6();
+            entry.live_flows = 0;
+            if let Some(old) = self.entries.remove(&entry.fake) {
+                self.by_name.remove(&(old.name, v6));
+                self.counts[usize::from(v6)] -= 1;
+            }
+            if let Some(stale) = self.by_name.remove(&(entry.name.clone(), v6)) {
+                self.entries.remove(&stale);
+                self.counts[usize::from(v6)] -= 1;
+            }
+            match entry.fake {
+                IpAddr::V4(v4) => {
+                    let offset = u32::from(v4).wrapping_sub(u32::from(self.v4.network()));
+                    self.next_v4 = self.next_v4.max(offset.saturating_add(1));
+                }
+                IpAddr::V6(v6) => {
+                    let offset = u128::from(v6).wrapping_sub(u128::from(self.v6.network()));
+                    self.next_v6 = self.next_v6.max(offset.saturating_add(1));
+                }
+            }
+            self.by_name.insert((entry.name.clone(), v6), entry.fake);
+            self.counts[usize::from(v6)] += 1;
+            self.entries.insert(entry.fake, entry);
+            self.changes = seq;
+            applied += 1;
+        }
+        self.reindex();
+        applied
+    }
+
+    fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(v4) => self.v4.contains(&v4),
+            IpAddr::V6(v6) => self.v6.contains(&v6),
+        }
+    }
+
+    /// Like [`assign`](Self::assign), and what the journal must keep when
+    /// the answer changed the table.
+    pub fn assign_journaled(
+        &mut self,
+        name: &str,
+        v6: bool,
+        real: Vec<IpAddr>,
+        carrier: &str,
+        now: u64,
+    ) -> Result<(IpAddr, Option<Assigned>), FakeError> {
+        let before = self.changes;
+        let fake = self.assign(name, v6, real, carrier, now)?;
+        let changed = (self.changes != before).then(|| Assigned {
+            seq: self.changes,
+            entry: self.entries[&fake].clone(),
+        });
+        Ok((fake, changed))
     }
 
     /// The fake address to answer for `name` (IPv6 when `v6`): the same as
@@ -353,5 +430,53 @@ mod tests {
             b, a,
             "new names do not take an address handed out before the restart"
         );
+    }
+
+    #[test]
+    fn the_journal_brings_back_answers_the_saved_table_missed() {
+        let mut table = table(4);
+        table.assign("a.test", false, real("192.0.2.1"), "x", 1).unwrap();
+        let saved: FakeTable = serde_json::from_str(&serde_json::to_string(&table).unwrap()).unwrap();
+        let mut journal = Vec::new();
+        for (name, at) in [("b.test", 2), ("c.test", 3), ("d.test", 4), ("e.test", 5)] {
+            let (_, changed) = table
+                .assign_journaled(name, false, real("192.0.2.2"), "x", at)
+                .unwrap();
+            journal.push(changed.expect("a new name changes the table"));
+        }
+        // e.test took a.test's address (the pool of 4 was full).
+        let e = table.assign("e.test", false, real("192.0.2.2"), "x", 6).unwrap();
+        assert_eq!(saved.entries[&e].name, "a.test");
+        // An answer that changes nothing is not journaled.
+        let (_, none) = table
+            .assign_journaled("e.test", false, real("192.0.2.2"), "x", 7)
+            .unwrap();
+        assert!(none.is_none());
+
+        // The crash: the saved table, then the journal, out of order and
+        // with an entry the table already has.
+        let mut restored = saved.adopt(table.v4, table.v6, 4).unwrap();
+        journal.reverse();
+        assert_eq!(restored.replay(journal.clone()), 4);
+        for name in ["b.test", "c.test", "d.test", "e.test"] {
+            assert_eq!(
+                restored.by_name[&(name.to_string(), false)],
+                table.by_name[&(name.to_string(), false)]
+            );
+        }
+        assert!(
+            !restored.by_name.contains_key(&("a.test".to_string(), false)),
+            "its address went to e.test"
+        );
+        // A new name never gets an address given out before the crash.
+        let given: Vec<IpAddr> = table.entries.keys().copied().collect();
+        let mut restored_big = restored.clone();
+        restored_big.capacity = 100;
+        let fresh = restored_big
+            .assign("f.test", false, real("192.0.2.3"), "x", 8)
+            .unwrap();
+        assert!(!given.contains(&fresh), "{fresh} was given out before the crash");
+        // Replaying again changes nothing.
+        assert_eq!(restored.replay(journal), 0);
     }
 }

@@ -11,6 +11,7 @@ use crate::config::{Config, DnsConfig};
 use crate::control::{DnsStatusView, DnsTableView, FakeView};
 use crate::dns::DnsCounters;
 use crate::dns::cache::AnswerCache;
+use crate::dns::journal::Journal;
 use crate::dns::server::{DnsService, listen};
 use crate::dns::upstream::{parse_upstream, resolver, system_upstreams};
 use crate::engine::{Engine, Routes, RuleVia, Via};
@@ -32,10 +33,24 @@ pub(super) struct DnsRuntime {
     upstreams: Vec<String>,
     state_file: PathBuf,
     saved_changes: AtomicU64,
+    journal: Option<Arc<Journal>>,
 }
 
-/// The table saved by the last run, when it fits the configured pools.
+/// The table saved by the last run (when it fits the configured pools),
+/// with what the journal holds of answers given after that save.
 fn load_table(config: &DnsConfig) -> FakeTable {
+    let mut table = load_saved(config);
+    let replayed = table.replay(Journal::read(&config.state_file));
+    if replayed > 0 {
+        tracing::info!(
+            replayed,
+            "fake addresses given out after the last save restored from the journal"
+        );
+    }
+    table
+}
+
+fn load_saved(config: &DnsConfig) -> FakeTable {
     let fresh = || FakeTable::new(config.fake_v4, config.fake_v6, config.fake_capacity);
     let text = match std::fs::read_to_string(&config.state_file) {
         Ok(text) => text,
@@ -87,7 +102,16 @@ pub(super) async fn start(
         .set_fake_pools(dns.fake_v4, dns.fake_v6)
         .map_err(DaemonError::Platform)?;
     let counters = Arc::new(DnsCounters::default());
-    let saved_changes = fakes.lock().unwrap_or_else(|e| e.into_inner()).changes();
+    // The saved count stays behind the replayed table's: the first upkeep
+    // saves it, and the journal is rotated.
+    let saved_changes = 0;
+    let journal = match Journal::open(&dns.state_file) {
+        Ok(journal) => Some(Arc::new(journal)),
+        Err(e) => {
+            tracing::warn!("{e}: fake addresses given out between saves would be forgotten by a crash");
+            None
+        }
+    };
     let names: Shared<NameRules> = Arc::new(RwLock::new(names));
     let mut runtime = DnsRuntime {
         fakes: fakes.clone(),
@@ -98,6 +122,7 @@ pub(super) async fn start(
         upstreams: Vec::new(),
         state_file: dns.state_file.clone(),
         saved_changes: AtomicU64::new(saved_changes),
+        journal: journal.clone(),
     };
     if !dns.enabled {
         tracing::info!("DNS interception is off (dns.enabled: false); name rules have no effect");
@@ -124,6 +149,7 @@ pub(super) async fn start(
         timeout: Duration::from_millis(dns.upstream_timeout_ms),
         cache: Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
         monitor: Some(monitor),
+        journal,
     };
     let (mut server, v6) = listen(service, dns.port, true)
         .await
@@ -167,15 +193,30 @@ impl DnsRuntime {
     /// Saves the table when answers changed since the last save. The table
     /// is copied under its lock and written outside it.
     pub fn save_if_changed(&self) {
-        let copy = {
+        let copy = || {
             let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
-            if table.changes() == self.saved_changes.load(Relaxed) {
-                return;
-            }
-            table.clone()
+            (table.changes() != self.saved_changes.load(Relaxed)).then(|| table.clone())
         };
+        // The journal starts afresh with the copy: what it holds after is
+        // newer than the table about to be written.
+        let copy = match &self.journal {
+            Some(journal) => match journal.rotate(copy) {
+                Ok(copy) => copy,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    return;
+                }
+            },
+            None => copy(),
+        };
+        let Some(copy) = copy else { return };
         match save_table(&copy, &self.state_file) {
-            Ok(()) => self.saved_changes.store(copy.changes(), Relaxed),
+            Ok(()) => {
+                self.saved_changes.store(copy.changes(), Relaxed);
+                if let Some(journal) = &self.journal {
+                    journal.saved();
+                }
+            }
             Err(e) => tracing::warn!(path = %self.state_file.display(), "saving the fake-address table: {e}"),
         }
     }

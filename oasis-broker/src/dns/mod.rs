@@ -3,6 +3,7 @@
 //! for names a rule claims and the upstream's true answer for the rest.
 
 pub mod cache;
+pub mod journal;
 pub mod policy;
 pub mod server;
 pub mod udp;

@@ -40,6 +40,9 @@ pub struct DnsService {
     /// the underlay is answered truly (when `underlay` asks for real
     /// answers), and its flows never touch Oasis.
     pub monitor: Option<Arc<crate::monitor::MonitorLink>>,
+    /// Where answers that changed the fake table are written before they
+    /// leave (see `journal.rs`).
+    pub journal: Option<Arc<super::journal::Journal>>,
 }
 
 /// The parts of a response.
@@ -252,15 +255,24 @@ impl DnsService {
             // family: say what the upstream said.
             return self.relay(Upstream::Records(records.to_vec()));
         }
-        let assigned = self.fakes.lock().unwrap_or_else(|e| e.into_inner()).assign(
-            name,
-            qtype == RecordType::AAAA,
-            real,
-            carrier,
-            unix_now(),
-        );
+        let assigned = self
+            .fakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .assign_journaled(name, qtype == RecordType::AAAA, real, carrier, unix_now());
         let fake = match assigned {
-            Ok(fake) => fake,
+            Ok((fake, changed)) => {
+                // Written outside the table's lock (the packet path takes
+                // it), before the answer leaves.
+                if let (Some(changed), Some(journal)) = (changed, &self.journal)
+                    && let Err(e) = journal.append(&changed)
+                {
+                    tracing::warn!(
+                        "{e}: the answer for {name} may be forgotten if the daemon dies before the next save"
+                    );
+                }
+                fake
+            }
             Err(FakeError::Exhausted(held)) => {
                 tracing::warn!(%name, held, "fake pool exhausted: every address is held by a live flow");
                 self.counters.exhausted.fetch_add(1, Relaxed);

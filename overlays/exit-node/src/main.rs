@@ -56,6 +56,13 @@ struct Args {
     /// Most flows at once; new flows are refused beyond it.
     #[arg(long, default_value_t = 65_536)]
     max_flows: usize,
+    /// How long an established TCP connection may stay silent and keep its
+    /// mapping (after a FIN or RST: 10 s).
+    #[arg(long, default_value_t = 7_440)]
+    tcp_idle_secs: u64,
+    /// How long a UDP mapping lives without packets.
+    #[arg(long, default_value_t = 120)]
+    udp_idle_secs: u64,
     /// The overlay's shim length: bytes before each packet, both ways.
     #[arg(long, default_value_t = 0)]
     shim_len: usize,
@@ -197,6 +204,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let mut nat_config = NatConfig::new(public_v4, public_v6, args.nat_ports.clone());
     nat_config.max_flows = args.max_flows;
+    nat_config.tcp_idle = std::time::Duration::from_secs(args.tcp_idle_secs);
+    nat_config.udp_idle = std::time::Duration::from_secs(args.udp_idle_secs);
     let core = Arc::new(Mutex::new(Core {
         nat: Nat::new(nat_config),
         stats: ExitStats::default(),

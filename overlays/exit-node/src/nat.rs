@@ -19,9 +19,13 @@ pub struct NatConfig {
     pub public_v6: Option<Ipv6Addr>,
     pub ports: RangeInclusive<u16>,
     pub max_flows: usize,
+    /// An established TCP connection may stay silent this long: 2 h 4 min
+    /// by default, the least RFC 5382 (REQ-5) lets a NAT keep one, so a
+    /// quiet session still works when the server speaks first.
     pub tcp_idle: Duration,
     /// A TCP flow that has seen FIN or RST lingers this long.
     pub tcp_closing: Duration,
+    /// UDP mappings live by activity: at least 2 min (RFC 4787, REQ-5).
     pub udp_idle: Duration,
     pub icmp_idle: Duration,
 }
@@ -37,9 +41,9 @@ impl NatConfig {
             public_v6,
             ports,
             max_flows: 65_536,
-            tcp_idle: Duration::from_secs(300),
+            tcp_idle: Duration::from_secs(2 * 3600 + 4 * 60),
             tcp_closing: Duration::from_secs(10),
-            udp_idle: Duration::from_secs(60),
+            udp_idle: Duration::from_secs(120),
             icmp_idle: Duration::from_secs(30),
         }
     }
@@ -423,7 +427,13 @@ mod tests {
             nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 3, SERVER, 80), t0),
             Err(NatError::Full)
         );
-        let later = t0 + Duration::from_secs(301);
+        // Quiet for ten minutes, established connections still hold.
+        let quiet = t0 + Duration::from_secs(600);
+        assert_eq!(
+            nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 3, SERVER, 80), quiet),
+            Err(NatError::Full)
+        );
+        let later = t0 + Duration::from_secs(2 * 3600 + 4 * 60 + 1);
         nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 3, SERVER, 80), later)
             .unwrap();
         assert_eq!(nat.len(), 1);
