@@ -31,6 +31,10 @@ pub struct FakeEntry {
     pub real: Vec<IpAddr>,
     /// The carrier chosen for the name (a rule's `via`).
     pub carrier: String,
+    /// The name a rule claimed, when it is not `name` itself but a name
+    /// `name` is an alias of (a CNAME chain): flows take that rule's carrier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<String>,
     /// When the entry was last handed out or used.
     pub last_used: u64,
     /// Flows using the address now: while any, it is never reused.
@@ -204,18 +208,20 @@ impl FakeTable {
         }
     }
 
-    /// Like [`assign`](Self::assign), and what the journal must keep when
-    /// the answer changed the table.
+    /// Like [`assign`](Self::assign), for a name whose claim may come from
+    /// further down its CNAME chain (`claimed`), and what the journal must
+    /// keep when the answer changed the table.
     pub fn assign_journaled(
         &mut self,
         name: &str,
+        claimed: Option<&str>,
         v6: bool,
         real: Vec<IpAddr>,
         carrier: &str,
         now: u64,
     ) -> Result<(IpAddr, Option<Assigned>), FakeError> {
         let before = self.changes;
-        let fake = self.assign(name, v6, real, carrier, now)?;
+        let fake = self.assign_as(name, claimed, v6, real, carrier, now)?;
         let changed = (self.changes != before).then(|| Assigned {
             seq: self.changes,
             entry: self.entries[&fake].clone(),
@@ -234,12 +240,26 @@ impl FakeTable {
         carrier: &str,
         now: u64,
     ) -> Result<IpAddr, FakeError> {
+        self.assign_as(name, None, v6, real, carrier, now)
+    }
+
+    fn assign_as(
+        &mut self,
+        name: &str,
+        claimed: Option<&str>,
+        v6: bool,
+        real: Vec<IpAddr>,
+        carrier: &str,
+        now: u64,
+    ) -> Result<IpAddr, FakeError> {
+        let claimed = claimed.filter(|c| *c != name).map(str::to_string);
         if let Some(&fake) = self.by_name.get(&(name.to_string(), v6)) {
             self.touch(fake, now);
             let entry = self.entries.get_mut(&fake).expect("indexed");
-            if entry.real != real || entry.carrier != carrier {
+            if entry.real != real || entry.carrier != carrier || entry.claimed != claimed {
                 entry.real = real;
                 entry.carrier = carrier.to_string();
+                entry.claimed = claimed;
                 self.changes += 1;
             }
             return Ok(fake);
@@ -253,6 +273,7 @@ impl FakeTable {
             name: name.to_string(),
             real,
             carrier: carrier.to_string(),
+            claimed,
             last_used: now,
             live_flows: 0,
         };
@@ -440,7 +461,7 @@ mod tests {
         let mut journal = Vec::new();
         for (name, at) in [("b.test", 2), ("c.test", 3), ("d.test", 4), ("e.test", 5)] {
             let (_, changed) = table
-                .assign_journaled(name, false, real("192.0.2.2"), "x", at)
+                .assign_journaled(name, None, false, real("192.0.2.2"), "x", at)
                 .unwrap();
             journal.push(changed.expect("a new name changes the table"));
         }
@@ -449,7 +470,7 @@ mod tests {
         assert_eq!(saved.entries[&e].name, "a.test");
         // An answer that changes nothing is not journaled.
         let (_, none) = table
-            .assign_journaled("e.test", false, real("192.0.2.2"), "x", 7)
+            .assign_journaled("e.test", None, false, real("192.0.2.2"), "x", 7)
             .unwrap();
         assert!(none.is_none());
 

@@ -181,8 +181,14 @@ fn a_web_request_to_a_claimed_name_goes_through_the_overlay() {
     let daemon = claiming_detour(&mut net);
 
     // curl resolves through the C library, which asks the server in the
-    // client's resolv.conf: the daemon answers instead.
-    for family in ["-4", "-6"] {
+    // client's resolv.conf: the daemon answers instead. alias.test is
+    // claimed only through its CNAME (www.detour.test): its flows must
+    // take that rule's overlay too.
+    for (family, url) in [
+        ("-4", "http://www.detour.test/hello.txt"),
+        ("-6", "http://www.detour.test/hello.txt"),
+        ("-4", "http://alias.test/hello.txt"),
+    ] {
         let output = net.client_in_cgroup(&[
             "curl",
             "-sS",
@@ -191,12 +197,12 @@ fn a_web_request_to_a_claimed_name_goes_through_the_overlay() {
             "5",
             "-w",
             "\n%{remote_ip}",
-            "http://www.detour.test/hello.txt",
+            url,
         ]);
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success() && text.starts_with("hello from the server"),
-            "curl {family}: {text}{}",
+            "curl {family} {url}: {text}{}",
             String::from_utf8_lossy(&output.stderr)
         );
         let peer = text.lines().last().unwrap_or("");

@@ -155,6 +155,7 @@ mod tests {
                 name: name.into(),
                 real: vec!["192.0.2.1".parse().unwrap()],
                 carrier: "exit".into(),
+                claimed: None,
                 last_used: 1,
                 live_flows: 0,
             },

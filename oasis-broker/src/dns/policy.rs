@@ -59,12 +59,17 @@ pub fn plan(qtype: RecordType, claim: Option<(u32, &Carrier)>, underlay: Underla
 /// A name claimed only through a CNAME (`www.example.com` is an alias of
 /// `shop.cdn.net`, and a rule claims `cdn.net`): the first alias target in
 /// the upstream answer that a rule claims, with that rule.
-pub fn claim_in_chain<'a>(answers: &[Record], names: &'a NameRules) -> Option<(u32, &'a Carrier)> {
+pub fn claim_in_chain<'a>(answers: &[Record], names: &'a NameRules) -> Option<(u32, &'a Carrier, String)> {
     if names.is_empty() {
         return None;
     }
     answers.iter().find_map(|record| match record.data() {
-        RData::CNAME(target) => names.first_match(&crate::names::normalise(&target.0.to_utf8())),
+        RData::CNAME(target) => {
+            let target = crate::names::normalise(&target.0.to_utf8());
+            names
+                .first_match(&target)
+                .map(|(rule, carrier)| (rule, carrier, target))
+        }
         _ => None,
     })
 }
@@ -155,12 +160,19 @@ mod tests {
         }])
         .unwrap();
         let www = Name::from_str("www.example.com.").unwrap();
+        let mid = Name::from_str("edge.example.com.").unwrap();
         let shop = Name::from_str("shop.cdn.net.").unwrap();
+        // Two links: the claimed name sits at the end of the chain.
         let answers = vec![
-            Record::from_rdata(www.clone(), 60, RData::CNAME(CNAME(shop.clone()))),
+            Record::from_rdata(www.clone(), 60, RData::CNAME(CNAME(mid.clone()))),
+            Record::from_rdata(mid, 60, RData::CNAME(CNAME(shop.clone()))),
             Record::from_rdata(shop, 60, RData::A(A::new(192, 0, 2, 7))),
         ];
-        assert_eq!(claim_in_chain(&answers, &names), Some((4, &overlay())));
+        assert_eq!(
+            claim_in_chain(&answers, &names),
+            Some((4, &overlay(), "shop.cdn.net".to_string())),
+            "the claimed name is what the carrier comes from"
+        );
         assert_eq!(
             addresses(&answers, RecordType::A),
             vec![IpAddr::from([192, 0, 2, 7])]

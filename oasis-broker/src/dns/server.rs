@@ -178,17 +178,25 @@ impl DnsService {
                 self.relay(Upstream::Records(records))
             }
             (Plan::Fake { rule, carrier }, Upstream::Records(records)) => {
-                self.fake(qname, key, qtype, &records, rule, &carrier.to_string())
+                self.fake(qname, key, None, qtype, &records, rule, &carrier.to_string())
             }
             // The name may be an alias of one a rule claims.
             (Plan::PassThrough, Upstream::Records(records))
                 if matches!(qtype, RecordType::A | RecordType::AAAA) =>
             {
                 match claim_in_chain(&records, names) {
-                    Some((rule, carrier))
+                    Some((rule, carrier, claimed))
                         if matches!(plan_for(qtype, rule, carrier, self.underlay), Plan::Fake { .. }) =>
                     {
-                        self.fake(qname, key, qtype, &records, rule, &carrier.to_string())
+                        self.fake(
+                            qname,
+                            key,
+                            Some(&claimed),
+                            qtype,
+                            &records,
+                            rule,
+                            &carrier.to_string(),
+                        )
                     }
                     _ => self.relay(Upstream::Records(records)),
                 }
@@ -238,11 +246,14 @@ impl DnsService {
         }
     }
 
-    /// Answers `qname` with its fake address, remembering the real ones.
+    /// Answers `qname` with its fake address, remembering the real ones
+    /// and, for an alias, the name in its chain that a rule claimed.
+    #[allow(clippy::too_many_arguments)]
     fn fake(
         &self,
         qname: &Name,
         name: &str,
+        claimed: Option<&str>,
         qtype: RecordType,
         records: &[Record],
         rule: u32,
@@ -259,7 +270,14 @@ impl DnsService {
             .fakes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .assign_journaled(name, qtype == RecordType::AAAA, real, carrier, unix_now());
+            .assign_journaled(
+                name,
+                claimed,
+                qtype == RecordType::AAAA,
+                real,
+                carrier,
+                unix_now(),
+            );
         let fake = match assigned {
             Ok((fake, changed)) => {
                 // Written outside the table's lock (the packet path takes

@@ -67,6 +67,7 @@ mod tests {
             name: "www.example.org".into(),
             real: real.iter().map(|a| a.parse().unwrap()).collect(),
             carrier: "detour".into(),
+            claimed: None,
             last_used: 0,
             live_flows: 0,
         }

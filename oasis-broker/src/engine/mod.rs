@@ -391,6 +391,32 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_takes_the_carrier_of_the_name_its_chain_reached() {
+        let world = world(&[name("detour", "cdn.example.org")]);
+        // shop.example.com is an alias of edge.cdn.example.org, which the
+        // rule claims; shop.example.com itself matches no rule.
+        let fake = world
+            .engine
+            .fakes()
+            .lock()
+            .unwrap()
+            .assign_journaled(
+                "shop.example.com",
+                Some("edge.cdn.example.org"),
+                false,
+                vec!["192.0.2.10".parse().unwrap()],
+                "detour",
+                1,
+            )
+            .unwrap()
+            .0;
+        let mut router = world.engine.router();
+        let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
+        let decided = decide(&mut router, &mut syn);
+        assert!(matches!(decided, Outbound::Overlay { .. }), "{decided:?}");
+    }
+
+    #[test]
     fn fake_flows_through_an_overlay_are_rewritten_both_ways() {
         let world = world(&[name("detour", "example.org")]);
         let fake = answer(&world, "www.example.org", "192.0.2.10");
@@ -838,7 +864,8 @@ mod tests {
         choose(&world, Via::Overlay(OverlayId(1)), vec![]);
         let mut router = world.engine.router();
         let mut syn = tcp(SERVER, 40000, 443, Some(1460));
-        assert!(matches!(decide(&mut router, &mut syn), Outbound::Overlay { .. }));
+        let decided = decide(&mut router, &mut syn);
+        assert!(matches!(decided, Outbound::Overlay { .. }), "{decided:?}");
         // The SYN again, no SYN-ACK: the overlay failed it.
         let mut again = tcp(SERVER, 40000, 443, Some(1460));
         assert_eq!(decide(&mut router, &mut again), Outbound::Underlay);

@@ -612,7 +612,9 @@ impl Router {
             let mut table = self.engine.fakes.lock().unwrap_or_else(|e| e.into_inner());
             let entry = table.flow_started(fake, unix_now())?;
             let real = choose_real(entry, key);
-            let name = entry.name.clone();
+            // An alias answers for the name its chain reached: that
+            // name's rule decides.
+            let name = entry.claimed.clone().unwrap_or_else(|| entry.name.clone());
             if real.is_none() {
                 table.flow_ended(fake, unix_now());
             }
