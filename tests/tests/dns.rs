@@ -26,6 +26,10 @@ fn zone() -> Vec<String> {
         format!("--host-record=late2.detour.test,{SERVER_V4}"),
         format!("--host-record=plain.test,{SERVER_V4},{SERVER_V6}"),
         "--cname=alias.test,www.detour.test".to_string(),
+        // SRV records whose targets' addresses come as additional data:
+        // one target claimed, one not.
+        "--srv-host=_sip._udp.test,www.detour.test,5060".to_string(),
+        "--srv-host=_sip._udp.test,plain.test,5061".to_string(),
         // HTTPS (type 65) for www.detour.test: priority 1, target ".", with
         // an ipv4hint of the real address: what a fake answer must withhold.
         "--dns-rr=www.detour.test,65,000100000400040a4d0202".to_string(),
@@ -336,6 +340,45 @@ fn the_table_survives_a_restart_and_unknown_fakes_are_unreachable() {
             .unwrap()
             >= 1
     );
+}
+
+/// A SRV answer keeps its sections, and the real address of a claimed
+/// target is in none of them (before, the resolver's additional data came
+/// back in the answer section, the claimed name's real address with it).
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_srv_answer_keeps_its_sections_and_gives_no_claimed_address_away() {
+    let mut net = Topology::new();
+    let _daemon = claiming_detour(&mut net);
+    let direct = net.dig(false, &["@10.77.2.2", "_sip._udp.test", "SRV"]);
+    assert!(
+        direct.text.contains("ADDITIONAL SECTION") && direct.text.contains(SERVER_V4),
+        "the zone gives the targets' addresses as additional data: {}",
+        direct.text
+    );
+    let answer = net.dig(true, &["_sip._udp.test", "SRV"]);
+    assert_eq!(answer.status, "NOERROR", "{}", answer.text);
+    assert_eq!(answer.answers.len(), 2, "{}", answer.text);
+    assert!(
+        answer.answers.iter().all(|a| !a.contains("10.77.")),
+        "addresses in the answer section: {}",
+        answer.text
+    );
+    let additional = answer.text.split(";; ADDITIONAL SECTION").nth(1).unwrap_or("");
+    assert!(
+        additional.contains("plain.test"),
+        "the unclaimed target's address is additional data: {}",
+        answer.text
+    );
+    for line in answer.text.lines().filter(|l| l.starts_with("www.detour.test")) {
+        assert!(
+            !line.contains(SERVER_V4) && !line.contains(SERVER_V6),
+            "a claimed name's real address: {line}"
+        );
+    }
+    // Its address, asked for, is the fake one.
+    let fake = net.dig(true, &["www.detour.test", "A"]);
+    assert!(in_pool(&fake.answers[0]), "{}", fake.text);
 }
 
 /// `kill -9` right after an answer, before the table's next save: the

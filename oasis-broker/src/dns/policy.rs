@@ -74,6 +74,58 @@ pub fn claim_in_chain<'a>(answers: &[Record], names: &'a NameRules) -> Option<(u
     })
 }
 
+/// An upstream answer put back into its sections: the records of the
+/// query's name and of its alias chain, of the asked type (and the CNAMEs),
+/// answer the question; everything else the upstream added (a SRV or MX
+/// target's addresses) is additional data. Addresses of names a rule
+/// claims are withheld wherever they sit: a client must ask for them, and
+/// get the fake address. Returns (answers, additional, withheld).
+pub fn sections(
+    qname: &str,
+    qtype: RecordType,
+    records: Vec<Record>,
+    names: &NameRules,
+) -> (Vec<Record>, Vec<Record>, usize) {
+    let owner = |record: &Record| crate::names::normalise(&record.name().to_utf8());
+    // The chain: the query's name and every alias target from it on.
+    let mut chain = vec![crate::names::normalise(qname)];
+    loop {
+        let next = records.iter().find_map(|record| match record.data() {
+            RData::CNAME(target) if chain.contains(&owner(record)) => {
+                let target = crate::names::normalise(&target.0.to_utf8());
+                (!chain.contains(&target)).then_some(target)
+            }
+            _ => None,
+        });
+        match next {
+            Some(target) => chain.push(target),
+            None => break,
+        }
+    }
+    let (mut answers, mut additional, mut withheld) = (Vec::new(), Vec::new(), 0);
+    for record in records {
+        let name = owner(&record);
+        let in_chain = chain.contains(&name);
+        let is_address = matches!(record.record_type(), RecordType::A | RecordType::AAAA);
+        // The question's own addresses were decided by the plan (a claimed
+        // name's never reach here); any other claimed name's are withheld.
+        if is_address && !(in_chain && record.record_type() == qtype) && names.first_match(&name).is_some() {
+            withheld += 1;
+            continue;
+        }
+        if in_chain
+            && (record.record_type() == qtype
+                || record.record_type() == RecordType::CNAME
+                || qtype == RecordType::ANY)
+        {
+            answers.push(record);
+        } else {
+            additional.push(record);
+        }
+    }
+    (answers, additional, withheld)
+}
+
 /// The addresses of the asked type in an upstream answer (the end of any
 /// CNAME chain).
 pub fn addresses(answers: &[Record], qtype: RecordType) -> Vec<IpAddr> {
@@ -187,5 +239,51 @@ mod tests {
         assert_eq!(remaining_ttl(300, 20), 20);
         assert_eq!(remaining_ttl(30, 200), 30);
         assert_eq!(remaining_ttl(30, u64::MAX), 30);
+    }
+
+    #[test]
+    fn srv_targets_go_to_additional_and_claimed_ones_are_withheld() {
+        let names = NameRules::compile(&[NameRule {
+            id: 4,
+            pattern: NamePattern::Suffix("detour.test".into()),
+            via: overlay(),
+        }])
+        .unwrap();
+        let srv_name = Name::from_str("_sip._udp.example.test.").unwrap();
+        let claimed = Name::from_str("www.detour.test.").unwrap();
+        let plain = Name::from_str("sip.example.test.").unwrap();
+        let srv = |target: &Name| {
+            Record::from_rdata(
+                srv_name.clone(),
+                60,
+                RData::SRV(hickory_proto::rr::rdata::SRV::new(0, 0, 5060, target.clone())),
+            )
+        };
+        let records = vec![
+            srv(&claimed),
+            srv(&plain),
+            Record::from_rdata(claimed.clone(), 60, RData::A(A::new(10, 77, 2, 2))),
+            Record::from_rdata(plain.clone(), 60, RData::A(A::new(192, 0, 2, 9))),
+        ];
+        let (answers, additional, withheld) =
+            sections("_sip._udp.example.test", RecordType::SRV, records, &names);
+        assert_eq!(answers.len(), 2);
+        assert!(answers.iter().all(|r| r.record_type() == RecordType::SRV));
+        assert_eq!(
+            additional.len(),
+            1,
+            "the unclaimed target's address, as additional data"
+        );
+        assert_eq!(additional[0].name(), &plain);
+        assert_eq!(withheld, 1, "the claimed target's real address never leaves");
+
+        // An A query of an unclaimed name keeps its chain in the answer.
+        let alias = Name::from_str("alias.example.test.").unwrap();
+        let records = vec![
+            Record::from_rdata(alias, 60, RData::CNAME(CNAME(plain.clone()))),
+            Record::from_rdata(plain, 60, RData::A(A::new(192, 0, 2, 9))),
+        ];
+        let (answers, additional, withheld) = sections("alias.example.test", RecordType::A, records, &names);
+        assert_eq!((answers.len(), additional.len(), withheld), (2, 0, 0));
     }
 }

@@ -17,7 +17,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 
 use super::DnsCounters;
 use super::cache::{AnswerCache, Upstream};
-use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl};
+use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl, sections};
 use super::udp::{EDNS_UDP_LIMIT, refusal};
 use crate::fake::{FakeError, FakeTable, unix_now};
 use crate::names::NameRules;
@@ -50,6 +50,7 @@ pub(super) struct Answer {
     pub code: ResponseCode,
     pub answers: Vec<Record>,
     pub authority: Vec<Record>,
+    pub additional: Vec<Record>,
 }
 
 impl Answer {
@@ -58,6 +59,7 @@ impl Answer {
             code,
             answers: Vec::new(),
             authority: Vec::new(),
+            additional: Vec::new(),
         }
     }
 }
@@ -175,7 +177,7 @@ impl DnsService {
                 self.counters
                     .monitor_real
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.relay(Upstream::Records(records))
+                self.relay(key, qtype, names, Upstream::Records(records))
             }
             (Plan::Fake { rule, carrier }, Upstream::Records(records)) => {
                 self.fake(qname, key, None, qtype, &records, rule, &carrier.to_string())
@@ -198,10 +200,10 @@ impl DnsService {
                             &carrier.to_string(),
                         )
                     }
-                    _ => self.relay(Upstream::Records(records)),
+                    _ => self.relay(key, qtype, names, Upstream::Records(records)),
                 }
             }
-            (_, upstream) => self.relay(upstream),
+            (_, upstream) => self.relay(key, qtype, names, upstream),
         }
     }
 
@@ -220,15 +222,22 @@ impl DnsService {
                 .is_some_and(|m| m.choices().underlay_settled(rule, &addresses(records, qtype)))
     }
 
-    fn relay(&self, upstream: Upstream) -> Answer {
+    /// What the upstream said, its records in their sections, and no
+    /// claimed name's real address in any of them.
+    fn relay(&self, qname: &str, qtype: RecordType, names: &NameRules, upstream: Upstream) -> Answer {
         use std::sync::atomic::Ordering::Relaxed;
         match upstream {
-            Upstream::Records(answers) => {
+            Upstream::Records(records) => {
                 self.counters.passed.fetch_add(1, Relaxed);
+                let (answers, additional, withheld) = sections(qname, qtype, records, names);
+                if withheld > 0 {
+                    tracing::debug!(name = %qname, ?qtype, withheld, "claimed names' addresses withheld from an answer");
+                }
                 Answer {
                     code: ResponseCode::NoError,
                     answers,
                     authority: Vec::new(),
+                    additional,
                 }
             }
             Upstream::Negative { code, soa } => {
@@ -237,6 +246,7 @@ impl DnsService {
                     code,
                     answers: Vec::new(),
                     authority: soa.into_iter().map(|soa| *soa).collect(),
+                    additional: Vec::new(),
                 }
             }
             Upstream::Failed => {
@@ -264,7 +274,12 @@ impl DnsService {
         if real.is_empty() {
             // An alias chain that ends nowhere, or no address of this
             // family: say what the upstream said.
-            return self.relay(Upstream::Records(records.to_vec()));
+            return self.relay(
+                name,
+                qtype,
+                &snapshot(&self.names),
+                Upstream::Records(records.to_vec()),
+            );
         }
         let assigned = self
             .fakes
@@ -309,6 +324,7 @@ impl DnsService {
             code: ResponseCode::NoError,
             answers: vec![Record::from_rdata(qname.clone(), self.fake_ttl, rdata)],
             authority: Vec::new(),
+            additional: Vec::new(),
         }
     }
 }
@@ -353,7 +369,13 @@ impl RequestHandler for TcpHandler {
         };
         header.set_response_code(answer.code);
         let sent = response
-            .send_response(builder.build(header, &answer.answers, &answer.authority, &[], &[]))
+            .send_response(builder.build(
+                header,
+                &answer.answers,
+                &answer.authority,
+                &[],
+                &answer.additional,
+            ))
             .await;
         match sent {
             Ok(info) => info,

@@ -155,11 +155,18 @@ pub(super) fn encode(request: &Message, answer: Answer) -> (Option<Vec<u8>>, boo
     let had_records = !(answer.answers.is_empty() && answer.authority.is_empty());
     response.add_answers(answer.answers);
     response.add_name_servers(answer.authority);
+    response.add_additionals(answer.additional);
+    // Additional data is the first to go when the answer does not fit (it
+    // needs no TC flag: the client can ask for it).
+    if response.additional_count() > 0 && response.to_vec().is_ok_and(|b| b.len() > usize::from(limit)) {
+        response.take_additionals();
+    }
     match response.to_vec() {
         Ok(bytes) if bytes.len() <= usize::from(limit) || !had_records => (Some(bytes), false),
         Ok(_) => {
             response.take_answers();
             response.take_name_servers();
+            response.take_additionals();
             response.set_truncated(true);
             (response.to_vec().ok(), true)
         }
@@ -222,6 +229,7 @@ mod tests {
                 })
                 .collect(),
             authority: Vec::new(),
+            additional: Vec::new(),
         }
     }
 
