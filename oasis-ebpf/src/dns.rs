@@ -225,14 +225,24 @@ fn restore_v6(ctx: &SockAddrContext) {
     if addr != LOOPBACK_V6 && addr != MAPPED_LOOPBACK {
         return;
     }
-    if let Some(original) = original(ctx)
-        && original.family == FAMILY_V6
-    {
-        let saved = original.addr;
-        write_v6(ctx, &saved);
-        // SAFETY: recvmsg6/getpeername6 may write the port.
-        unsafe { (*ctx.sock_addr).user_port = original.port.to_be() as u32 };
+    let Some(original) = original(ctx) else {
+        return;
+    };
+    let mut saved = original.addr;
+    if original.family == FAMILY_V4 {
+        // A dual-stack socket's query to a v4-mapped server goes out by the
+        // IPv4 path (sendmsg4 saw it), but its answer is read as IPv6: the
+        // server asked, v4-mapped.
+        if addr != MAPPED_LOOPBACK {
+            return;
+        }
+        saved = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, saved[0], saved[1], saved[2], saved[3],
+        ];
     }
+    write_v6(ctx, &saved);
+    // SAFETY: recvmsg6/getpeername6 may write the port.
+    unsafe { (*ctx.sock_addr).user_port = original.port.to_be() as u32 };
 }
 
 /// The verifier allows only 4-byte access to `user_ip6`.

@@ -751,3 +751,58 @@ fn a_quiet_session_through_a_name_rule_hears_the_server_after_ten_minutes() {
     let s = status(&daemon, &net);
     assert_eq!(s["dns"]["kernel_nat_flows"].as_u64(), Some(1), "{s}");
 }
+
+/// The DO bit is echoed (RFC 3225); a CHAOS query is not taken for a name
+/// (REFUSED); reverse lookups of fake addresses are answered from the
+/// table, never upstream; a dual-stack socket asking a v4-mapped server
+/// sees the answer come from that server.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn small_things_of_dns_are_right() {
+    let mut net = Topology::new();
+    let daemon = claiming_detour(&mut net);
+
+    let signed = net.dig(true, &["+dnssec", "web.test", "A"]);
+    assert!(
+        signed.text.contains("flags: do;"),
+        "the DO bit was not echoed: {}",
+        signed.text
+    );
+    let chaos = net.dig(true, &["CH", "TXT", "version.bind"]);
+    assert_eq!(chaos.status, "REFUSED", "{}", chaos.text);
+
+    let fake = net.dig(true, &["www.detour.test", "A"]).answers[0].clone();
+    let before = status(&daemon, &net)["dns"]["passed"].as_u64().unwrap_or(0);
+    let reverse = net.dig(true, &["-x", &fake]);
+    assert_eq!(
+        reverse.answers,
+        vec!["www.detour.test".to_string()],
+        "{}",
+        reverse.text
+    );
+    let unknown = net.dig(true, &["-x", "198.19.255.254"]);
+    assert_eq!(unknown.status, "NXDOMAIN", "{}", unknown.text);
+    let after = status(&daemon, &net)["dns"]["passed"].as_u64().unwrap_or(0);
+    assert_eq!(before, after, "a reverse lookup of the fake pool went upstream");
+
+    // A dual-stack UDP socket, unconnected, asking the server by its
+    // v4-mapped address.
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n\
+         s.settimeout(3)\n\
+         q=bytes.fromhex('abcd01000001000000000000')+b''.join(bytes([len(p)])+p.encode() for p in 'web.test'.split('.'))+bytes.fromhex('0000010001')\n\
+         s.sendto(q,('::ffff:{SERVER_V4}',53))\n\
+         d,a=s.recvfrom(4096)\n\
+         print(a[0],a[1],d[:2].hex())\n"
+    );
+    let output = net.client_in_cgroup(&["python3", "-c", &script]);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        text.trim(),
+        format!("::ffff:{SERVER_V4} 53 abcd"),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

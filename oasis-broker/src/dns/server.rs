@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::ProtoErrorKind;
 use hickory_proto::op::{Edns, Header, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use hickory_server::ServerFuture;
 use hickory_server::authority::MessageResponseBuilder;
@@ -135,7 +135,54 @@ impl DnsService {
         (key, names, plan)
     }
 
-    pub(super) fn answer_now(&self, qname: &Name, qtype: RecordType) -> Option<Answer> {
+    /// What the broker answers itself, whatever the rules: classes other
+    /// than IN (`CH TXT version.bind` is not a question about a name), and
+    /// reverse lookups of fake addresses, which mean nothing upstream (on
+    /// the Internet they would leak which names the host asked for).
+    fn local(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Option<Answer> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if qclass != DNSClass::IN {
+            self.counters.refused.fetch_add(1, Relaxed);
+            return Some(Answer::code(ResponseCode::Refused));
+        }
+        let net = qname.parse_arpa_name().ok()?;
+        if net.prefix_len() != net.max_prefix_len() {
+            return None;
+        }
+        let addr = net.addr();
+        let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
+        let (v4, v6) = table.pools();
+        let in_pool = match addr {
+            IpAddr::V4(a) => v4.contains(&a),
+            IpAddr::V6(a) => v6.contains(&a),
+        };
+        if !in_pool {
+            return None;
+        }
+        self.counters.faked.fetch_add(1, Relaxed);
+        let Some(entry) = table.get(addr) else {
+            return Some(Answer::code(ResponseCode::NXDomain));
+        };
+        if qtype != RecordType::PTR {
+            return Some(Answer::code(ResponseCode::NoError));
+        }
+        let target = Name::from_utf8(format!("{}.", entry.name)).ok()?;
+        Some(Answer {
+            code: ResponseCode::NoError,
+            answers: vec![Record::from_rdata(
+                qname.clone(),
+                self.fake_ttl,
+                RData::PTR(PTR(target)),
+            )],
+            authority: Vec::new(),
+            additional: Vec::new(),
+        })
+    }
+
+    pub(super) fn answer_now(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Option<Answer> {
+        if let Some(answer) = self.local(qname, qclass, qtype) {
+            return Some(answer);
+        }
         let (key, names, plan) = self.prepare(qname, qtype);
         if let Plan::NoData { rule } = plan {
             return Some(self.withheld(&key, qtype, rule));
@@ -144,7 +191,10 @@ impl DnsService {
         Some(self.finish(qname, &key, qtype, &names, plan, upstream))
     }
 
-    pub(super) async fn answer(&self, qname: &Name, qtype: RecordType) -> Answer {
+    pub(super) async fn answer(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Answer {
+        if let Some(answer) = self.local(qname, qclass, qtype) {
+            return answer;
+        }
         let (key, names, plan) = self.prepare(qname, qtype);
         if let Plan::NoData { rule } = plan {
             return self.withheld(&key, qtype, rule);
@@ -350,10 +400,12 @@ impl RequestHandler for TcpHandler {
         let mut builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
         header.set_recursion_available(true);
-        if request.edns().is_some() {
+        if let Some(edns) = request.edns() {
             let mut ours = Edns::new();
             ours.set_max_payload(EDNS_UDP_LIMIT);
             ours.set_version(0);
+            // RFC 3225: the DO bit is echoed.
+            ours.set_dnssec_ok(edns.flags().dnssec_ok);
             builder.edns(ours);
         }
         let queries = request.queries();
@@ -364,7 +416,9 @@ impl RequestHandler for TcpHandler {
             }
             None => {
                 let name: Name = queries[0].name().into();
-                service.answer(&name, queries[0].query_type()).await
+                service
+                    .answer(&name, queries[0].query_class(), queries[0].query_type())
+                    .await
             }
         };
         header.set_response_code(answer.code);

@@ -93,14 +93,15 @@ async fn serve(
             continue;
         }
         let query = &request.queries()[0];
-        let (name, qtype): (Name, _) = (query.name().clone(), query.query_type());
-        match service.answer_now(&name, qtype) {
+        let (name, qclass, qtype): (Name, _, _) =
+            (query.name().clone(), query.query_class(), query.query_type());
+        match service.answer_now(&name, qclass, qtype) {
             Some(answer) => send(&socket, &service, &request, answer, from).await,
             None => {
                 let socket = for_misses.clone();
                 let service = service.clone();
                 main.spawn(async move {
-                    let answer = service.answer(&name, qtype).await;
+                    let answer = service.answer(&name, qclass, qtype).await;
                     let (bytes, truncated) = encode(&request, answer);
                     if truncated {
                         service.counters.truncated.fetch_add(1, Relaxed);
@@ -147,6 +148,8 @@ pub(super) fn encode(request: &Message, answer: Answer) -> (Option<Vec<u8>>, boo
             let mut ours = Edns::new();
             ours.set_max_payload(limit);
             ours.set_version(0);
+            // RFC 3225: the DO bit is echoed.
+            ours.set_dnssec_ok(edns.flags().dnssec_ok);
             response.set_edns(ours);
             limit
         }
