@@ -9,8 +9,13 @@
 //! TCP queries a real TCP peer and costs nothing per packet.
 //!
 //! Nothing is redirected when the broker is stuck (stale heartbeat), for
-//! the broker's own upstream queries, or for sockets of another network
-//! namespace, where the broker's loopback listener does not exist.
+//! the broker's own upstream queries, for sockets of another network
+//! namespace, where the broker's loopback listener does not exist, or for
+//! queries to a loopback address: a caching stub on this host (dnsmasq,
+//! unbound, systemd-resolved) gets its queries untouched, and its own
+//! queries to its upstream servers are the ones the broker takes. Were
+//! they redirected, the broker's upstream (that stub) would send them back
+//! to it, round and round.
 
 use aya_ebpf::{
     EbpfContext,
@@ -141,6 +146,9 @@ fn redirect_v4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the run; the verifier checks field access.
     let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
+    if ip[0] == 127 {
+        return;
+    }
     let mut saved = DnsOriginal {
         port: DNS_PORT,
         family: FAMILY_V4,
@@ -164,6 +172,9 @@ fn redirect_v6(ctx: &SockAddrContext) {
     // A dual-stack socket reaching an IPv4 server uses a v4-mapped
     // address; the broker's IPv4 listener is v4-mapped loopback.
     let mapped = addr[..12] == MAPPED_LOOPBACK[..12];
+    if addr == LOOPBACK_V6 || (mapped && addr[12] == 127) {
+        return;
+    }
     if !mapped && settings.has_v6 == 0 {
         return;
     }

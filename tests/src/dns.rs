@@ -78,7 +78,7 @@ fn remove_stale_cgroups(root: &Path) {
     }
 }
 
-pub(crate) fn write_resolv_conf(ns: &Netns, server: &str) {
+pub fn write_resolv_conf(ns: &Netns, server: &str) {
     let dir = Path::new("/etc/netns").join(&ns.name);
     std::fs::create_dir_all(&dir).expect("/etc/netns");
     std::fs::write(

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-mod dns;
+pub mod dns;
 pub use dns::{CGROUP_PREFIX, CGROUP2_MOUNT, DnsAnswer};
 
 /// Prefix of every namespace the harness creates; the rest of the name is

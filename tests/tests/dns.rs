@@ -806,3 +806,209 @@ fn small_things_of_dns_are_right() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A second DNS server on the server's host, at 10.77.2.3, that knows
+/// `split.test` differently from the zone (split-horizon DNS) and
+/// `www.detour.test` too.
+fn start_second_server(net: &mut Topology) {
+    net.server
+        .run(&["ip", "addr", "add", "10.77.2.3/24", "dev", "s0"]);
+    let server = net.server.clone();
+    net.spawn(
+        &server,
+        "dnsmasq-second",
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file",
+            "--log-facility=-",
+            "--log-queries",
+            "--listen-address=10.77.2.3",
+            "--local=/test/",
+            "--local-ttl=300",
+            "--host-record=split.test,10.77.2.77",
+            "--host-record=www.detour.test,10.77.2.78",
+            "--txt-record=who.test,second",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// `dig @server`: a query the application sent to a server of its own
+/// choosing is answered by that server, exactly as without Oasis (its
+/// records, its TXT, its version.bind), while a claimed name still gets
+/// its fake address, the real one asked of that server.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_query_to_a_server_of_the_applications_choosing_is_answered_by_that_server() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    net.start_web_server(80);
+    start_second_server(&mut net);
+    let daemon = with_exit(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+
+    // Unclaimed names: the server asked answers, not the daemon's upstream.
+    let split = net.dig(true, &["@10.77.2.3", "split.test", "A"]);
+    assert_eq!(split.answers, vec!["10.77.2.77".to_string()], "{}", split.text);
+    assert!(split.text.contains("SERVER: 10.77.2.3#53"), "{}", split.text);
+    let who = net.dig(true, &["@10.77.2.3", "who.test", "TXT"]);
+    assert_eq!(who.answers, vec!["\"second\"".to_string()], "{}", who.text);
+    let chaos = net.dig(true, &["@10.77.2.3", "CH", "TXT", "version.bind"]);
+    assert_eq!(chaos.status, "NOERROR", "the server's own answer: {}", chaos.text);
+    // The host's own server still answers through the daemon.
+    let plain = net.dig(true, &["split.test", "A"]);
+    assert_eq!(
+        plain.status, "NXDOMAIN",
+        "the zone has no split.test: {}",
+        plain.text
+    );
+
+    // A claimed name: a fake address, standing for what that server said.
+    let fake = net.dig(true, &["@10.77.2.3", "www.detour.test", "A"]);
+    assert!(in_pool(&fake.answers[0]), "{}", fake.text);
+    let table = dns_table(&daemon, &net);
+    let entry = table
+        .iter()
+        .find(|e| e["fake"] == fake.answers[0].as_str())
+        .expect("in the table");
+    assert_eq!(entry["real"], serde_json::json!(["10.77.2.78"]), "{entry}");
+    // Over TCP too.
+    let tcp = net.dig(true, &["+tcp", "@10.77.2.3", "split.test", "A"]);
+    assert_eq!(tcp.answers, vec!["10.77.2.77".to_string()], "{}", tcp.text);
+    assert!(
+        status(&daemon, &net)["dns"]["counters"]["explicit"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 5
+    );
+}
+
+/// A caching stub on the host (dnsmasq on 127.0.0.1, named in resolv.conf,
+/// inside the redirected cgroup), with the default configuration: the
+/// stub gets the applications' queries untouched, its own queries to its
+/// server are the ones the daemon takes, so names resolve and claimed ones
+/// are faked; a stub pointed back at the daemon makes a loop, which is
+/// broken at once; and the daemon follows resolv.conf when it changes.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_local_caching_stub_works_and_a_loop_through_it_is_broken() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    oasis_tests::dns::write_resolv_conf(&net.client, "127.0.0.1");
+    let stub = |net: &mut Topology, name: &str, upstream: &str| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec dnsmasq --keep-in-foreground --no-resolv --no-hosts \
+             --bind-interfaces --listen-address=127.0.0.1 --user=root --pid-file --log-facility=- \
+             --log-queries --server={upstream}",
+            net.cgroup.display()
+        );
+        let client = net.client.clone();
+        net.spawn(&client, name, &["sh", "-c", &script]);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    stub(&mut net, "stub", SERVER_V4);
+    // The default DNS section: upstreams from resolv.conf (the stub).
+    let config = format!(
+        "dns:\n  cgroup: {}\n  state_file: {}\n  underlay_answers: fake\n",
+        net.cgroup.display(),
+        net.dir.join("fake-addresses.json").display()
+    );
+    let daemon = Daemon::start(&mut net, &config);
+    with_rule(&daemon, &net);
+
+    let started = Instant::now();
+    for name in ["web.test", "plain.test", "other.detour.test"] {
+        let answer = net.dig(true, &[name, "A"]);
+        assert_eq!(answer.status, "NOERROR", "{name}: {}", answer.text);
+        assert!(
+            answer.text.contains("SERVER: 127.0.0.1#53"),
+            "asked the stub: {}",
+            answer.text
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let claimed = net.dig(true, &["www.detour.test", "A"]);
+    assert!(
+        in_pool(&claimed.answers[0]),
+        "a claimed name through the stub: {}",
+        claimed.text
+    );
+    let s = status(&daemon, &net);
+    assert_eq!(s["dns"]["counters"]["loops"].as_u64(), Some(0), "{s}");
+    assert!(
+        s["dns"]["counters"]["explicit"].as_u64().unwrap_or(0) >= 1,
+        "the stub's queries reached the daemon: {s}"
+    );
+    let forwarded = net.process("stub").log().matches("forwarded").count();
+    assert!(
+        forwarded <= 8,
+        "the stub forwarded {forwarded} queries for 4 asked"
+    );
+
+    // resolv.conf changes: the daemon resolves with the new server.
+    oasis_tests::dns::write_resolv_conf(&net.client, SERVER_V4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let upstreams = status(&daemon, &net)["dns"]["upstreams"].to_string();
+        if upstreams.contains(SERVER_V4) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resolv.conf not followed: {upstreams}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A stub that forwards to the daemon itself, and the daemon's
+    // upstream is that stub: every query would go round. It is answered
+    // SERVFAIL after one turn, and DNS for the rest keeps working.
+    net.process("stub").kill_hard();
+    oasis_tests::dns::write_resolv_conf(&net.client, "127.0.0.1");
+    stub(&mut net, "stub-loop", "127.0.0.1#7453");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status(&daemon, &net)["dns"]["upstreams"]
+        .to_string()
+        .contains("127.0.0.1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "resolv.conf not followed back to the stub"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let started = Instant::now();
+    let looped = net.dig(true, &["+tries=1", "+time=5", "nowhere.test", "A"]);
+    assert_eq!(looped.status, "SERVFAIL", "{}", looped.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        status(&daemon, &net)["dns"]["counters"]["loops"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    );
+    let forwarded = net.process("stub-loop").log().matches("forwarded").count();
+    assert!(forwarded <= 6, "the loop went round {forwarded} times");
+}
+
+fn with_rule(daemon: &Daemon, net: &Topology) {
+    cli_ok(
+        daemon,
+        net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "underlay"],
+    );
+}

@@ -1,6 +1,7 @@
 //! The daemon's DNS side: the fake-address table (loaded, saved), the DNS
 //! listener and the interception of the host's queries.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,7 +14,9 @@ use crate::dns::DnsCounters;
 use crate::dns::cache::AnswerCache;
 use crate::dns::journal::Journal;
 use crate::dns::server::{DnsService, listen};
-use crate::dns::upstream::{parse_upstream, resolver, system_upstreams};
+use crate::dns::upstream::{
+    parse_upstream, read_resolv_conf, resolv_conf_servers, resolver, system_upstreams,
+};
 use crate::engine::{Engine, Routes, RuleVia, Via};
 use crate::fake::{FakeTable, unix_now};
 use crate::names::NameRules;
@@ -30,10 +33,17 @@ pub(super) struct DnsRuntime {
     pub counters: Arc<DnsCounters>,
     interception: Mutex<Option<Box<dyn DnsInterception>>>,
     listen: Vec<String>,
-    upstreams: Vec<String>,
+    upstreams: Mutex<Vec<String>>,
     state_file: PathBuf,
     saved_changes: AtomicU64,
     journal: Option<Arc<Journal>>,
+    /// The service, to follow resolv.conf.
+    service: Option<Arc<DnsService>>,
+    /// resolv.conf as last read; None when `dns.upstreams` is set.
+    resolv_conf: Mutex<Option<Vec<u8>>>,
+    configured: Vec<IpAddr>,
+    port: u16,
+    timeout: Duration,
 }
 
 /// The table saved by the last run (when it fits the configured pools),
@@ -78,6 +88,17 @@ fn load_saved(config: &DnsConfig) -> FakeTable {
     }
 }
 
+/// The host's own servers: `configured` and those resolv.conf names.
+fn host_servers(configured: &[IpAddr]) -> Vec<IpAddr> {
+    let mut all = configured.to_vec();
+    for server in resolv_conf_servers() {
+        if !all.contains(&server) {
+            all.push(server);
+        }
+    }
+    all
+}
+
 /// Writes the table atomically (temporary file, then rename).
 fn save_table(table: &FakeTable, path: &Path) -> std::io::Result<()> {
     let json = serde_json::to_vec(table).map_err(std::io::Error::other)?;
@@ -119,10 +140,15 @@ pub(super) async fn start(
         counters: counters.clone(),
         interception: Mutex::new(None),
         listen: Vec::new(),
-        upstreams: Vec::new(),
+        upstreams: Mutex::new(Vec::new()),
         state_file: dns.state_file.clone(),
         saved_changes: AtomicU64::new(saved_changes),
         journal: journal.clone(),
+        service: None,
+        resolv_conf: Mutex::new(None),
+        configured: Vec::new(),
+        port: dns.port,
+        timeout: Duration::from_millis(dns.upstream_timeout_ms),
     };
     if !dns.enabled {
         tracing::info!("DNS interception is off (dns.enabled: false); name rules have no effect");
@@ -130,6 +156,7 @@ pub(super) async fn start(
     }
 
     let servers = if dns.upstreams.is_empty() {
+        *runtime.resolv_conf.lock().unwrap_or_else(|e| e.into_inner()) = Some(read_resolv_conf());
         system_upstreams(dns.port).map_err(|e| DaemonError::Dns(e.to_string()))?
     } else {
         let mut servers = Vec::new();
@@ -138,9 +165,15 @@ pub(super) async fn start(
         }
         servers
     };
-    runtime.upstreams = servers.iter().map(ToString::to_string).collect();
+    *runtime.upstreams.get_mut().unwrap_or_else(|e| e.into_inner()) =
+        servers.iter().map(ToString::to_string).collect();
+    runtime.configured = servers.iter().map(|s| s.socket_addr.ip()).collect();
+    let system = host_servers(&runtime.configured);
     let service = DnsService {
-        resolver: resolver(servers, Duration::from_millis(dns.upstream_timeout_ms)),
+        resolver: RwLock::new(resolver(servers, Duration::from_millis(dns.upstream_timeout_ms))),
+        system: RwLock::new(Arc::new(system)),
+        origins: std::sync::OnceLock::new(),
+        in_flight: Mutex::new(std::collections::HashSet::new()),
         names,
         fakes,
         counters,
@@ -151,7 +184,9 @@ pub(super) async fn start(
         monitor: Some(monitor),
         journal,
     };
-    let (mut server, v6) = listen(service, dns.port, true)
+    let service = Arc::new(service);
+    runtime.service = Some(service.clone());
+    let (mut server, v6) = listen(service.clone(), dns.port, true)
         .await
         .map_err(|e| DaemonError::Dns(format!("listening on 127.0.0.1:{} (dns.port): {e}", dns.port)))?;
     runtime.listen.push(format!("127.0.0.1:{}", dns.port));
@@ -171,7 +206,10 @@ pub(super) async fn start(
     };
     match kernel.intercept_dns(&settings) {
         Ok(interception) => {
-            tracing::info!(scope = %interception.scope().display(), listen = ?runtime.listen, upstreams = ?runtime.upstreams, "DNS interception on");
+            tracing::info!(scope = %interception.scope().display(), listen = ?runtime.listen, upstreams = ?runtime.upstreams.lock().unwrap_or_else(|e| e.into_inner()), "DNS interception on");
+            if let Some(origins) = interception.origins() {
+                let _ = service.origins.set(origins);
+            }
             runtime.interception = Mutex::new(Some(interception));
         }
         // A host without cgroup v2 can still use header rules: run without
@@ -221,6 +259,36 @@ impl DnsRuntime {
         }
     }
 
+    /// Follows /etc/resolv.conf (when `dns.upstreams` is empty): a new
+    /// file means new servers for our resolver, and a new set of the
+    /// host's own servers. Cheap when nothing changed: one small read.
+    pub fn follow_resolv_conf(&self) {
+        let Some(service) = &self.service else { return };
+        let mut last = self.resolv_conf.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(before) = last.as_ref() else {
+            // Upstreams come from the configuration: only the host's own
+            // servers may change.
+            service.set_upstreams(None, host_servers(&self.configured));
+            return;
+        };
+        let now = read_resolv_conf();
+        if &now == before {
+            return;
+        }
+        *last = Some(now);
+        match system_upstreams(self.port) {
+            Ok(servers) => {
+                let configured: Vec<IpAddr> = servers.iter().map(|s| s.socket_addr.ip()).collect();
+                tracing::info!(servers = ?configured, "resolv.conf changed: resolving with its servers");
+                let system = host_servers(&configured);
+                *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
+                    servers.iter().map(ToString::to_string).collect();
+                service.set_upstreams(Some(resolver(servers, self.timeout)), system);
+            }
+            Err(e) => tracing::warn!("resolv.conf changed, but {e}; keeping the servers in use"),
+        }
+    }
+
     pub fn shutdown(&self) {
         if let Some(interception) = self
             .interception
@@ -251,7 +319,7 @@ impl DnsRuntime {
         Some(DnsStatusView {
             listen: self.listen.clone(),
             cgroup,
-            upstreams: self.upstreams.clone(),
+            upstreams: self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             fake_v4: v4.to_string(),
             fake_v6: v6.to_string(),
             fake_entries: entries,

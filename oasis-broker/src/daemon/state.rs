@@ -589,6 +589,7 @@ impl Daemon {
     /// Periodic work of the control plane: saving the fake-address table.
     pub fn upkeep(&self) {
         self.dns.save_if_changed();
+        self.dns.follow_resolv_conf();
     }
 }
 

@@ -83,6 +83,12 @@ impl AnswerCache {
         self.len
     }
 
+    /// Forgets every answer (the upstream servers changed).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.len = 0;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

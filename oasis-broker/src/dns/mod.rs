@@ -3,6 +3,7 @@
 //! for names a rule claims and the upstream's true answer for the rest.
 
 pub mod cache;
+pub mod explicit;
 pub mod journal;
 pub mod policy;
 pub mod server;
@@ -28,6 +29,8 @@ pub struct DnsCounters {
     pub refused: AtomicU64,
     pub exhausted: AtomicU64,
     pub monitor_real: AtomicU64,
+    pub explicit: AtomicU64,
+    pub loops: AtomicU64,
     /// Fake answers per name rule id.
     by_rule: Mutex<HashMap<u32, u64>>,
 }
@@ -55,6 +58,14 @@ pub struct DnsCountersView {
     /// flows the underlay (of those counted as passed).
     #[serde(default)]
     pub monitor_real: u64,
+    /// Queries sent to a server other than the host's own, answered by
+    /// that server (or faked, for claimed names).
+    #[serde(default)]
+    pub explicit: u64,
+    /// Queries that came back from our own upstream (a loop through a
+    /// local stub), answered SERVFAIL to break it.
+    #[serde(default)]
+    pub loops: u64,
 }
 
 impl DnsCounters {
@@ -88,6 +99,8 @@ impl DnsCounters {
             refused: self.refused.load(Relaxed),
             exhausted: self.exhausted.load(Relaxed),
             monitor_real: self.monitor_real.load(Relaxed),
+            explicit: self.explicit.load(Relaxed),
+            loops: self.loops.load(Relaxed),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! everything else from the upstream resolver.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::ProtoErrorKind;
@@ -28,7 +28,19 @@ use crate::shared::{Shared, snapshot};
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct DnsService {
-    pub resolver: TokioResolver,
+    /// Our own resolver (the configured upstreams, or resolv.conf's,
+    /// followed when the file changes).
+    pub resolver: RwLock<TokioResolver>,
+    /// The host's own servers (resolv.conf's, and the configured
+    /// upstreams): queries sent to them, or whose server is unknown, are
+    /// ours to resolve; any other server answers its own.
+    pub system: RwLock<Arc<Vec<IpAddr>>>,
+    /// Which server a redirected query was sent to (set once the
+    /// interception is attached).
+    pub origins: std::sync::OnceLock<Arc<dyn crate::platform::QueryOrigins>>,
+    /// Questions our resolver is asking a loopback upstream right now: the
+    /// same question coming back is a loop through a local stub.
+    pub in_flight: Mutex<std::collections::HashSet<(String, RecordType)>>,
     pub names: Shared<NameRules>,
     pub fakes: Arc<Mutex<FakeTable>>,
     pub counters: Arc<DnsCounters>,
@@ -65,9 +77,25 @@ impl Answer {
 }
 
 impl DnsService {
+    /// Where a query from `client` to our listener `listener` is answered.
+    pub(super) fn route(&self, tcp: bool, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddr> {
+        let server = self.origins.get()?.original_server(tcp, client, listener)?;
+        let system = self.system.read().unwrap_or_else(|e| e.into_inner()).clone();
+        (!system.contains(&server.ip())).then_some(server)
+    }
+
+    /// Our resolver and servers, after resolv.conf changed.
+    pub fn set_upstreams(&self, resolver: Option<TokioResolver>, system: Vec<IpAddr>) {
+        if let Some(resolver) = resolver {
+            *self.resolver.write().unwrap_or_else(|e| e.into_inner()) = resolver;
+        }
+        *self.system.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(system);
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     async fn ask(&self, name: &Name, qtype: RecordType) -> Upstream {
-        let lookup = match tokio::time::timeout(self.timeout, self.resolver.lookup(name.clone(), qtype)).await
-        {
+        let resolver = self.resolver.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let lookup = match tokio::time::timeout(self.timeout, resolver.lookup(name.clone(), qtype)).await {
             Err(_) => {
                 tracing::debug!(%name, ?qtype, "upstream timed out");
                 return Upstream::Failed;
@@ -106,6 +134,14 @@ impl DnsService {
         )
     }
 
+    fn loopback_upstream(&self) -> bool {
+        self.system
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(IpAddr::is_loopback)
+    }
+
     fn cached(&self, name: &str, qtype: RecordType) -> Option<Upstream> {
         self.cache
             .lock()
@@ -118,7 +154,26 @@ impl DnsService {
         if let Some(hit) = self.cached(key, qtype) {
             return hit;
         }
+        // A question we are asking already, through a loopback upstream,
+        // has come back to us: a local stub forwarding to us. Break it.
+        let looping = self.loopback_upstream();
+        if looping {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !in_flight.insert((key.to_string(), qtype)) {
+                self.counters
+                    .loops
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(name = %key, ?qtype, "a query came back from our own upstream (a loop through a local stub): answered SERVFAIL");
+                return Upstream::Failed;
+            }
+        }
         let upstream = self.ask(qname, qtype).await;
+        if looping {
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(key.to_string(), qtype));
+        }
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -128,7 +183,7 @@ impl DnsService {
 
     /// The answer if it needs nothing that is not cached (no await).
     /// The name as rules see it, the rules, and what to do.
-    fn prepare(&self, qname: &Name, qtype: RecordType) -> (String, Arc<NameRules>, Plan) {
+    pub(super) fn prepare(&self, qname: &Name, qtype: RecordType) -> (String, Arc<NameRules>, Plan) {
         let key = crate::names::normalise(&qname.to_utf8());
         let names = snapshot(&self.names);
         let plan = plan(qtype, names.first_match(&key), self.underlay);
@@ -139,7 +194,7 @@ impl DnsService {
     /// than IN (`CH TXT version.bind` is not a question about a name), and
     /// reverse lookups of fake addresses, which mean nothing upstream (on
     /// the Internet they would leak which names the host asked for).
-    fn local(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Option<Answer> {
+    pub(super) fn local(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Option<Answer> {
         use std::sync::atomic::Ordering::Relaxed;
         if qclass != DNSClass::IN {
             self.counters.refused.fetch_add(1, Relaxed);
@@ -203,7 +258,7 @@ impl DnsService {
         self.finish(qname, &key, qtype, &names, plan, upstream)
     }
 
-    fn withheld(&self, name: &str, qtype: RecordType, rule: u32) -> Answer {
+    pub(super) fn withheld(&self, name: &str, qtype: RecordType, rule: u32) -> Answer {
         tracing::debug!(%name, ?qtype, rule, "claimed name, type withheld");
         self.counters
             .empty
@@ -211,7 +266,7 @@ impl DnsService {
         Answer::code(ResponseCode::NoError)
     }
 
-    fn finish(
+    pub(super) fn finish(
         &self,
         qname: &Name,
         key: &str,
@@ -388,8 +443,9 @@ fn plan_for(
     plan(qtype, Some((rule, carrier)), underlay)
 }
 
-/// The service as hickory-server's handler, for TCP.
-pub struct TcpHandler(pub Arc<DnsService>);
+/// The service as hickory-server's handler, for TCP; `port` is the
+/// listener's.
+pub struct TcpHandler(pub Arc<DnsService>, pub u16);
 
 #[async_trait::async_trait]
 impl RequestHandler for TcpHandler {
@@ -415,10 +471,24 @@ impl RequestHandler for TcpHandler {
                 Answer::code(code)
             }
             None => {
-                let name: Name = queries[0].name().into();
-                service
-                    .answer(&name, queries[0].query_class(), queries[0].query_type())
-                    .await
+                let client = request.src();
+                let listener = SocketAddr::new(
+                    if client.is_ipv4() {
+                        IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+                    },
+                    self.1,
+                );
+                match service.route(true, client, listener) {
+                    Some(server) => service.answer_over_tcp_from(server, request).await,
+                    None => {
+                        let name: Name = queries[0].name().into();
+                        service
+                            .answer(&name, queries[0].query_class(), queries[0].query_type())
+                            .await
+                    }
+                }
             }
         };
         header.set_response_code(answer.code);
@@ -465,12 +535,11 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// our own tasks (udp.rs), TCP by hickory-server. Returns the TCP server
 /// (it runs on the current tokio runtime) and whether IPv6 is served.
 pub async fn listen(
-    service: DnsService,
+    service: Arc<DnsService>,
     port: u16,
     v6: bool,
 ) -> std::io::Result<(ServerFuture<TcpHandler>, bool)> {
-    let service = Arc::new(service);
-    let mut server = ServerFuture::new(TcpHandler(service.clone()));
+    let mut server = ServerFuture::new(TcpHandler(service.clone(), port));
     let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
     if v6 {
         addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));

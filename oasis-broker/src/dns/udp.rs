@@ -15,6 +15,7 @@ use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode
 use hickory_proto::rr::Name;
 use tokio::net::UdpSocket;
 
+use super::explicit::Reply;
 use super::server::{Answer, DnsService};
 
 /// Without EDNS a UDP answer may be at most 512 bytes (RFC 1035).
@@ -64,6 +65,9 @@ async fn serve(
     main: tokio::runtime::Handle,
 ) {
     let mut buf = vec![0u8; RECEIVE_BUFFER];
+    let Ok(listener) = socket.local_addr() else {
+        return;
+    };
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,
@@ -90,6 +94,23 @@ async fn serve(
         if let Some(code) = refusal(request.message_type(), request.op_code(), request.queries().len()) {
             service.counters.refused.fetch_add(1, Relaxed);
             send(&socket, &service, &request, Answer::code(code), from).await;
+            continue;
+        }
+        // Sent to a server of the application's choosing: that server
+        // answers (on the main runtime: it waits for the network).
+        if let Some(server) = service.route(false, from, listener) {
+            let (socket, service, raw) = (for_misses.clone(), service.clone(), buf[..len].to_vec());
+            main.spawn(async move {
+                let bytes = match service.answer_from(server, &request, &raw).await {
+                    Reply::Raw(bytes) => Some(bytes),
+                    Reply::Answer(answer) => encode(&request, answer).0,
+                };
+                if let Some(bytes) = bytes
+                    && let Err(e) = socket.send_to(&bytes, from)
+                {
+                    tracing::debug!(%from, "sending a DNS answer: {e}");
+                }
+            });
             continue;
         }
         let query = &request.queries()[0];

@@ -108,6 +108,24 @@ pub fn system_upstreams(listen_port: u16) -> Result<Vec<NameServerConfig>, Upstr
         .collect())
 }
 
+/// resolv.conf as it is now (empty when unreadable), to notice changes.
+pub fn read_resolv_conf() -> Vec<u8> {
+    #[cfg(unix)]
+    return std::fs::read(RESOLV_CONF).unwrap_or_default();
+    #[cfg(not(unix))]
+    return Vec::new();
+}
+
+/// The addresses resolv.conf names, loopback stubs included.
+pub fn resolv_conf_servers() -> Vec<IpAddr> {
+    #[cfg(unix)]
+    return read_servers(std::path::Path::new(RESOLV_CONF))
+        .map(|servers| servers.iter().map(|s| s.socket_addr.ip()).collect())
+        .unwrap_or_default();
+    #[cfg(not(unix))]
+    return Vec::new();
+}
+
 #[cfg(unix)]
 fn read_servers(path: &std::path::Path) -> Result<Vec<NameServerConfig>, UpstreamError> {
     let none = |reason: String| UpstreamError::NoneFound {

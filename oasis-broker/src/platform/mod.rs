@@ -191,6 +191,23 @@ pub trait DnsInterception: Send {
     fn disable(&mut self);
     /// Whose queries are redirected (Linux: a cgroup).
     fn scope(&self) -> PathBuf;
+    /// Where the DNS service learns which server a redirected query was
+    /// sent to.
+    fn origins(&self) -> Option<std::sync::Arc<dyn QueryOrigins>>;
+}
+
+/// The server an application addressed a query to, before the
+/// interception sent it to the broker.
+pub trait QueryOrigins: Send + Sync {
+    /// For a query that reached the broker's listener `listener` from
+    /// `client` (over TCP when `tcp`): the server it was sent to; None when
+    /// unknown (a query sent to the broker itself, or state already gone).
+    fn original_server(
+        &self,
+        tcp: bool,
+        client: std::net::SocketAddr,
+        listener: std::net::SocketAddr,
+    ) -> Option<std::net::SocketAddr>;
 }
 
 /// What the DNS interception needs to know.

@@ -6,12 +6,15 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use aya::Ebpf;
-use aya::maps::{Array, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use oasis_common::{DNS_PROGRAMS, DnsSettings, maps};
+use std::sync::Arc;
 
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use oasis_common::{DNS_PROGRAMS, DnsOriginal, DnsSettings, maps};
+
+use super::dns_origins::LinuxOrigins;
 use super::kernel::{KernelError, take_map};
-use crate::platform::{DnsInterception, InterceptSettings};
+use crate::platform::{DnsInterception, InterceptSettings, QueryOrigins};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -35,6 +38,7 @@ pub enum CgroupError {
 pub struct DnsRedirect {
     settings: Array<MapData, DnsSettings>,
     pub cgroup: PathBuf,
+    origins: Arc<LinuxOrigins>,
 }
 
 impl DnsRedirect {
@@ -79,9 +83,11 @@ impl DnsRedirect {
                     source: Box::new(source),
                 })?;
         }
+        let original = take_map!(ebpf, maps::DNS_ORIGINAL, HashMap<MapData, u64, DnsOriginal>);
         Ok(DnsRedirect {
             settings: settings_map,
             cgroup,
+            origins: Arc::new(LinuxOrigins::new(original)),
         })
     }
 }
@@ -102,6 +108,10 @@ impl DnsInterception for DnsRedirect {
 
     fn scope(&self) -> PathBuf {
         self.cgroup.clone()
+    }
+
+    fn origins(&self) -> Option<Arc<dyn QueryOrigins>> {
+        Some(self.origins.clone())
     }
 }
 

@@ -3,6 +3,7 @@
 //! UDP sockets, and interface discovery.
 
 pub mod classifier;
+pub mod dns_origins;
 pub mod dns_redirect;
 pub mod heartbeat;
 pub mod kernel;
