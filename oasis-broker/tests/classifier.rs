@@ -303,6 +303,73 @@ fn what_belongs_to_the_link_is_never_diverted_whatever_the_rules_say() {
     assert_eq!(run(&dp, &udp4([192, 0, 2, 1], 40000, 9)), TC_ACT_REDIRECT);
 }
 
+/// An Ethernet frame holding one fragment of a UDP datagram from CLIENT
+/// (or CLIENT6) to `dst`: the first (with the UDP header) or a later one.
+fn fragment(v6: bool, id: u32, first: bool, dport: u16) -> Vec<u8> {
+    let payload = [0x5au8; 64];
+    let mut l4 = Vec::new();
+    if first {
+        l4.extend_from_slice(&40000u16.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&4000u16.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(&payload);
+    let mut frame = vec![4u8; 6];
+    frame.extend_from_slice(&[2; 6]);
+    if v6 {
+        frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+        let dst: std::net::Ipv6Addr = "2001:db8::9".parse().unwrap();
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&((8 + l4.len()) as u16).to_be_bytes());
+        frame.extend_from_slice(&[44, 64]);
+        frame.extend_from_slice(&CLIENT6);
+        frame.extend_from_slice(&dst.octets());
+        // Fragment header: UDP next, offset 0 with M, or offset 1480 without.
+        let offset: u16 = if first { 1 } else { 1480 };
+        frame.extend_from_slice(&[17, 0]);
+        frame.extend_from_slice(&offset.to_be_bytes());
+        frame.extend_from_slice(&id.to_be_bytes());
+    } else {
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        let flags: u16 = if first { 0x2000 } else { 185 };
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&(id as u16).to_be_bytes());
+        ip.extend_from_slice(&flags.to_be_bytes());
+        ip.extend_from_slice(&[64, 17, 0, 0]);
+        ip.extend_from_slice(&CLIENT);
+        ip.extend_from_slice(&[192, 0, 2, 9]);
+        frame.extend_from_slice(&ip);
+    }
+    frame.extend_from_slice(&l4);
+    frame
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn every_fragment_of_a_claimed_datagram_takes_its_way() {
+    let set = rules(&[spec(Some("udp"), None, Some("9000"), None)]);
+    let dp = datapath(set.rules());
+    for v6 in [false, true] {
+        // The first fragment has the ports and is claimed; the later ones
+        // (no ports) must follow it, not leave on the underlay.
+        assert_eq!(
+            run(&dp, &fragment(v6, 0x1234, true, 9000)),
+            TC_ACT_REDIRECT,
+            "v6 {v6}"
+        );
+        assert_eq!(
+            run(&dp, &fragment(v6, 0x1234, false, 0)),
+            TC_ACT_REDIRECT,
+            "v6 {v6}"
+        );
+        // Another datagram's fragments, unclaimed, pass.
+        assert_eq!(run(&dp, &fragment(v6, 0x4321, true, 9001)), TC_ACT_OK, "v6 {v6}");
+        assert_eq!(run(&dp, &fragment(v6, 0x4321, false, 0)), TC_ACT_OK, "v6 {v6}");
+    }
+}
+
 #[test]
 #[ignore = "needs root and BPF: run with `cargo xtask test`"]
 fn second_packet_hits_the_flow_cache() {

@@ -28,6 +28,10 @@ pub const MAX_SHIM_LEN: usize = 64;
 /// Entries in each in-kernel NAT map (one per fake-address underlay flow).
 pub const NAT_ENTRIES: u32 = 65_536;
 
+/// The host's own DNS servers the redirect knows (resolv.conf's and the
+/// configured upstreams).
+pub const DNS_SYSTEM_ENTRIES: u32 = 64;
+
 /// Sockets whose original DNS server the redirect remembers.
 pub const DNS_SOCKETS: u32 = 65_536;
 
@@ -473,6 +477,24 @@ pub const fn icmpv6_link_message(icmp_type: u8) -> bool {
     matches!(icmp_type, 130..=137 | 143)
 }
 
+/// One fragmented datagram: non-first fragments carry no ports, so they
+/// are known by their addresses, protocol and IP identification.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The IP identification (IPv4's 16 bits, or IPv6's fragment header's 32).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Fragmented datagrams whose first fragment a rule claimed remembered
+/// this long (Linux keeps fragments for reassembly 30 s).
+pub const FRAGMENTS_ENTRIES: u32 = 8_192;
+
 /// A cached verdict for one flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -547,12 +569,15 @@ pub struct DnsSettings {
     pub netns_cookie: u64,
     /// The broker's own queries (to its upstreams) are never redirected.
     pub broker_tgid: u32,
-    /// The broker's DNS port on 127.0.0.1 and ::1 (host byte order).
+    /// The broker's DNS port on 127.0.0.1 and ::1 (host byte order), for
+    /// queries to the host's own servers (`DNS_SYSTEM`)...
     pub port: u16,
+    /// ... and for queries to any other server.
+    pub explicit_port: u16,
     /// Whether the broker listens on ::1 too; if not, IPv6 queries go out
     /// untouched.
     pub has_v6: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 7],
 }
 
 /// The DNS server a redirected socket asked for, so replies and
@@ -579,6 +604,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for RecentFlow {}
     unsafe impl aya::Pod for ExitSettings {}
     unsafe impl aya::Pod for NatEntry {}
@@ -597,13 +623,14 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowEntry>(), 8 + 4 + 1 + 3);
+        assert_eq!(size_of::<FragKey>(), 16 + 16 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<RecentFlow>(), 40 + 16);
         assert_eq!(size_of::<RuleAction>(), 8);
         assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);
-        assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 2 + 1 + 7);
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<Measure>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);

@@ -82,6 +82,10 @@ macro_rules! kernel_maps {
             /// never push a live claimed flow's verdict out, after which its
             /// packets would meet the rules afresh (and pass, its rule gone).
             CLAIMED, "OASIS_CLAIMED", LruHashMap<$crate::FlowKey, $crate::FlowEntry>, $crate::CLAIMED_ENTRIES;
+            /// Fragmented datagrams a rule claimed, by their first
+            /// fragment's verdict: the later fragments (no ports) take the
+            /// same way instead of leaving on the underlay.
+            FRAGMENTS, "OASIS_FRAGMENTS", LruHashMap<$crate::FragKey, $crate::FlowEntry>, $crate::FRAGMENTS_ENTRIES;
             /// Each CPU's most recent flow that passes (never a diverted
             /// one, whose verdict the broker may change), in front of the
             /// verdict cache.
@@ -98,6 +102,10 @@ macro_rules! kernel_maps {
             NAT_ACTIVE, "OASIS_NAT_ACTIVE", Array<u32>, 1;
             /// What the DNS redirect needs to know.
             DNS_SETTINGS, "OASIS_DNS_SETTINGS", Array<$crate::DnsSettings>, 1;
+            /// The host's own DNS servers (IPv4 in the first 4 bytes): a
+            /// query to one goes to the broker's DNS port, a query to any
+            /// other to its explicit port.
+            DNS_SYSTEM, "OASIS_DNS_SYSTEM", HashMap<[u8; 16], u8>, $crate::DNS_SYSTEM_ENTRIES;
             /// Socket cookie → the DNS server the application asked for.
             DNS_ORIGINAL, "OASIS_DNS_ORIGINAL", LruHashMap<u64, $crate::DnsOriginal>, $crate::DNS_SOCKETS;
             /// What the exit node's ingress program steers.

@@ -1,7 +1,7 @@
 use crate::headers::{ETH_HLEN, read};
 use crate::maps::{
-    ACTIONS, CLAIMED, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, HEARTBEAT, PORTLESS, PROTO, PROTO_SEEN, RECENT,
-    SETTINGS, SPORT, STATS,
+    ACTIONS, CLAIMED, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, FRAGMENTS, HEARTBEAT, PORTLESS, PROTO,
+    PROTO_SEEN, RECENT, SETTINGS, SPORT, STATS,
 };
 use crate::measure;
 use crate::nat;
@@ -16,7 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message, stat,
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, FragKey, RuleAction, Settings, Verdict, icmpv6_link_message,
+    stat,
 };
 
 /// Cached flows refresh their timestamp at most this often, so a busy flow
@@ -77,7 +78,19 @@ fn classify(ctx: &TcContext) -> i32 {
     if key.link_scoped() || link_frame(ctx, key) {
         return TC_ACT_OK as i32;
     }
-    let entry = verdict(key, parsed.new_connection, now, settings);
+    let entry = if parsed.fragment {
+        // A later fragment (no ports) goes where its first went.
+        match fragment_verdict(parsed) {
+            Some(entry) => entry,
+            None => verdict(key, false, now, settings),
+        }
+    } else {
+        let entry = verdict(key, parsed.new_connection, now, settings);
+        if parsed.first_fragment && entry.verdict != Verdict::Pass as u8 {
+            remember_fragments(parsed, &entry);
+        }
+        entry
+    };
 
     if entry.rule_id != 0
         && let Some(counters) = COUNTERS.get_ptr_mut(&entry.rule_id)
@@ -242,6 +255,30 @@ fn cache_other(cache: &LruHashMap<FlowKey, FlowEntry>) -> &'static LruHashMap<Fl
     } else {
         &FLOWS
     }
+}
+
+#[inline(always)]
+fn frag_key(parsed: &Parsed) -> FragKey {
+    FragKey {
+        src: parsed.key.src,
+        dst: parsed.key.dst,
+        id: parsed.frag_id,
+        proto: parsed.key.proto,
+        family: parsed.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// A claimed datagram's first fragment: its verdict, for the rest.
+#[inline(never)]
+fn remember_fragments(parsed: &Parsed, entry: &FlowEntry) {
+    let _ = FRAGMENTS.insert(&frag_key(parsed), entry, 0);
+}
+
+#[inline(never)]
+fn fragment_verdict(parsed: &Parsed) -> Option<FlowEntry> {
+    // SAFETY: plain integers.
+    unsafe { FRAGMENTS.get(&frag_key(parsed)) }.copied()
 }
 
 /// A frame for every station on the link (an Ethernet group address: a

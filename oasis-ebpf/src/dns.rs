@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use oasis_common::{DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6};
 
-use crate::maps::{DNS_ORIGINAL, DNS_SETTINGS, HEARTBEAT, SETTINGS};
+use crate::maps::{DNS_ORIGINAL, DNS_SETTINGS, DNS_SYSTEM, HEARTBEAT, SETTINGS};
 
 const DNS_PORT: u16 = 53;
 const LOOPBACK_V4: [u8; 4] = [127, 0, 0, 1];
@@ -156,10 +156,11 @@ fn redirect_v4(ctx: &SockAddrContext) {
     };
     saved.addr[..4].copy_from_slice(&ip);
     remember(ctx, &saved);
+    let port = port_for(settings, &saved.addr);
     // SAFETY: connect4/sendmsg4 may write the destination.
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
-        (*sa).user_port = settings.port.to_be() as u32;
+        (*sa).user_port = port.to_be() as u32;
     }
 }
 
@@ -187,9 +188,37 @@ fn redirect_v6(ctx: &SockAddrContext) {
             _pad: [0; 5],
         },
     );
+    let mut server = addr;
+    if mapped {
+        server = [0; 16];
+        server[0] = addr[12];
+        server[1] = addr[13];
+        server[2] = addr[14];
+        server[3] = addr[15];
+    }
+    let port = port_for(settings, &server);
     write_v6(ctx, if mapped { &MAPPED_LOOPBACK } else { &LOOPBACK_V6 });
     // SAFETY: connect6/sendmsg6 may write the port.
-    unsafe { (*ctx.sock_addr).user_port = settings.port.to_be() as u32 };
+    unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };
+}
+
+/// The broker's port for a query to `server`: the fast one for the host's
+/// own servers, the explicit one (where the broker asks which server it
+/// was) for any other.
+#[inline(always)]
+fn port_for(settings: &DnsSettings, server: &[u8; 16]) -> u16 {
+    // SAFETY: plain bytes.
+    if unsafe { DNS_SYSTEM.get(server) }.is_some() {
+        settings.port
+    } else {
+        settings.explicit_port
+    }
+}
+
+/// Whether `port` is one of the broker's.
+#[inline(always)]
+fn broker_port(settings: &DnsSettings, port: u16) -> bool {
+    settings.port != 0 && (port == settings.port || port == settings.explicit_port)
 }
 
 #[inline(always)]
@@ -203,7 +232,7 @@ fn restore_v4(ctx: &SockAddrContext) {
     let Some(settings) = DNS_SETTINGS.get(0) else {
         return;
     };
-    if settings.port == 0 || port != settings.port {
+    if !broker_port(settings, port) {
         return;
     }
     if let Some(original) = original(ctx)
@@ -229,7 +258,7 @@ fn restore_v6(ctx: &SockAddrContext) {
     let Some(settings) = DNS_SETTINGS.get(0) else {
         return;
     };
-    if settings.port == 0 || port != settings.port {
+    if !broker_port(settings, port) {
         return;
     }
     let addr = read_v6(ctx);

@@ -9,6 +9,7 @@ use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
 pub const TCP_FLAG_FIN: u8 = 0x01;
@@ -31,10 +32,15 @@ pub struct Parsed {
     pub l4_offset: usize,
     /// A TCP SYN without ACK: a new connection, which always re-checks the rules.
     pub new_connection: bool,
-    /// A non-first IPv4 fragment: no transport header at all.
+    /// A non-first fragment (IPv4, or IPv6 with a fragment header): no
+    /// transport header at all.
     pub fragment: bool,
     /// A TCP segment's flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// The first fragment of a fragmented datagram (it has the ports).
+    pub first_fragment: bool,
+    /// The IP identification of a fragment, first or not.
+    pub frag_id: u32,
 }
 
 impl Parsed {
@@ -81,7 +87,10 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
             key.family = FAMILY_V4;
             out.l4_offset = ETH_HLEN + ihl;
             // Non-first fragments carry no ports.
-            out.fragment = u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0;
+            let fragment = u16::from_be_bytes([head[6], head[7]]);
+            out.fragment = fragment & 0x1fff != 0;
+            out.first_fragment = fragment & 0x3fff == 0x2000;
+            out.frag_id = u32::from(u16::from_be_bytes([head[4], head[5]]));
         }
         ETH_P_IPV6 => {
             let Some(head) = read::<[u8; 8]>(ctx, ETH_HLEN) else {
@@ -98,6 +107,18 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
             key.dst = dst;
             key.family = FAMILY_V6;
             out.l4_offset = ETH_HLEN + 40;
+            if key.proto == IPPROTO_FRAGMENT {
+                // next header, reserved, offset (13 bits) and M, identification
+                let Some(frag) = read::<[u8; 8]>(ctx, ETH_HLEN + 40) else {
+                    return false;
+                };
+                key.proto = frag[0];
+                let offset = u16::from_be_bytes([frag[2], frag[3]]);
+                out.fragment = offset & 0xfff8 != 0;
+                out.first_fragment = offset & 0xfff9 == 1;
+                out.frag_id = u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]);
+                out.l4_offset = ETH_HLEN + 48;
+            }
         }
         _ => return false,
     }
@@ -113,6 +134,7 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
         let direct = match out.l4_offset {
             34 => read::<[u8; 14]>(ctx, 34),
             54 => read::<[u8; 14]>(ctx, 54),
+            62 => read::<[u8; 14]>(ctx, 62),
             _ => None,
         };
         let Some(head) = direct.or_else(|| ctx.load::<[u8; 14]>(out.l4_offset).ok()) else {

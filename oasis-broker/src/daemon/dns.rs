@@ -39,9 +39,12 @@ pub(super) struct DnsRuntime {
     journal: Option<Arc<Journal>>,
     /// The service, to follow resolv.conf.
     service: Option<Arc<DnsService>>,
-    /// resolv.conf as last read; None when `dns.upstreams` is set.
-    resolv_conf: Mutex<Option<Vec<u8>>>,
-    configured: Vec<IpAddr>,
+    /// resolv.conf as last read.
+    resolv_conf: Mutex<Vec<u8>>,
+    /// Whether our resolver follows resolv.conf (`dns.upstreams` empty).
+    follow_upstreams: bool,
+    /// The addresses of our resolver's servers.
+    configured: Mutex<Vec<IpAddr>>,
     port: u16,
     timeout: Duration,
 }
@@ -145,8 +148,9 @@ pub(super) async fn start(
         saved_changes: AtomicU64::new(saved_changes),
         journal: journal.clone(),
         service: None,
-        resolv_conf: Mutex::new(None),
-        configured: Vec::new(),
+        resolv_conf: Mutex::new(read_resolv_conf()),
+        follow_upstreams: dns.upstreams.is_empty(),
+        configured: Mutex::new(Vec::new()),
         port: dns.port,
         timeout: Duration::from_millis(dns.upstream_timeout_ms),
     };
@@ -156,7 +160,6 @@ pub(super) async fn start(
     }
 
     let servers = if dns.upstreams.is_empty() {
-        *runtime.resolv_conf.lock().unwrap_or_else(|e| e.into_inner()) = Some(read_resolv_conf());
         system_upstreams(dns.port).map_err(|e| DaemonError::Dns(e.to_string()))?
     } else {
         let mut servers = Vec::new();
@@ -167,8 +170,9 @@ pub(super) async fn start(
     };
     *runtime.upstreams.get_mut().unwrap_or_else(|e| e.into_inner()) =
         servers.iter().map(ToString::to_string).collect();
-    runtime.configured = servers.iter().map(|s| s.socket_addr.ip()).collect();
-    let system = host_servers(&runtime.configured);
+    let configured: Vec<IpAddr> = servers.iter().map(|s| s.socket_addr.ip()).collect();
+    let system = host_servers(&configured);
+    *runtime.configured.get_mut().unwrap_or_else(|e| e.into_inner()) = configured;
     let service = DnsService {
         resolver: RwLock::new(resolver(servers, Duration::from_millis(dns.upstream_timeout_ms))),
         system: RwLock::new(Arc::new(system)),
@@ -186,18 +190,20 @@ pub(super) async fn start(
     };
     let service = Arc::new(service);
     runtime.service = Some(service.clone());
-    let (mut server, v6) = listen(service.clone(), dns.port, true)
+    let (servers, v6) = listen(service.clone(), dns.port, true)
         .await
         .map_err(|e| DaemonError::Dns(format!("listening on 127.0.0.1:{} (dns.port): {e}", dns.port)))?;
     runtime.listen.push(format!("127.0.0.1:{}", dns.port));
     if v6 {
         runtime.listen.push(format!("[::1]:{}", dns.port));
     }
-    tokio::spawn(async move {
-        if let Err(e) = server.block_until_done().await {
-            tracing::error!("the DNS listener stopped: {e}");
-        }
-    });
+    for mut server in servers {
+        tokio::spawn(async move {
+            if let Err(e) = server.block_until_done().await {
+                tracing::error!("the DNS listener stopped: {e}");
+            }
+        });
+    }
 
     let settings = InterceptSettings {
         scope: dns.cgroup.clone(),
@@ -210,6 +216,8 @@ pub(super) async fn start(
             if let Some(origins) = interception.origins() {
                 let _ = service.origins.set(origins);
             }
+            let mut interception = interception;
+            interception.set_system_servers(&service.system.read().unwrap_or_else(|e| e.into_inner()));
             runtime.interception = Mutex::new(Some(interception));
         }
         // A host without cgroup v2 can still use header rules: run without
@@ -259,33 +267,44 @@ impl DnsRuntime {
         }
     }
 
-    /// Follows /etc/resolv.conf (when `dns.upstreams` is empty): a new
-    /// file means new servers for our resolver, and a new set of the
-    /// host's own servers. Cheap when nothing changed: one small read.
+    /// Follows /etc/resolv.conf: a new file means a new set of the host's
+    /// own servers and, when `dns.upstreams` is empty, new servers for our
+    /// resolver. Cheap when nothing changed: one small read.
     pub fn follow_resolv_conf(&self) {
         let Some(service) = &self.service else { return };
         let mut last = self.resolv_conf.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(before) = last.as_ref() else {
-            // Upstreams come from the configuration: only the host's own
-            // servers may change.
-            service.set_upstreams(None, host_servers(&self.configured));
-            return;
-        };
         let now = read_resolv_conf();
-        if &now == before {
+        if *last == now {
             return;
         }
-        *last = Some(now);
-        match system_upstreams(self.port) {
-            Ok(servers) => {
-                let configured: Vec<IpAddr> = servers.iter().map(|s| s.socket_addr.ip()).collect();
-                tracing::info!(servers = ?configured, "resolv.conf changed: resolving with its servers");
-                let system = host_servers(&configured);
-                *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
-                    servers.iter().map(ToString::to_string).collect();
-                service.set_upstreams(Some(resolver(servers, self.timeout)), system);
+        *last = now;
+        let mut configured = self.configured.lock().unwrap_or_else(|e| e.into_inner());
+        let mut resolver_now = None;
+        if self.follow_upstreams {
+            match system_upstreams(self.port) {
+                Ok(servers) => {
+                    *configured = servers.iter().map(|s| s.socket_addr.ip()).collect();
+                    tracing::info!(servers = ?*configured, "resolv.conf changed: resolving with its servers");
+                    *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
+                        servers.iter().map(ToString::to_string).collect();
+                    resolver_now = Some(resolver(servers, self.timeout));
+                }
+                Err(e) => tracing::warn!("resolv.conf changed, but {e}; keeping the servers in use"),
             }
-            Err(e) => tracing::warn!("resolv.conf changed, but {e}; keeping the servers in use"),
+        }
+        let system = host_servers(&configured);
+        self.publish_system(&system);
+        service.set_upstreams(resolver_now, system);
+    }
+
+    fn publish_system(&self, system: &[IpAddr]) {
+        if let Some(interception) = self
+            .interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            interception.set_system_servers(system);
         }
     }
 

@@ -443,15 +443,20 @@ fn plan_for(
     plan(qtype, Some((rule, carrier)), underlay)
 }
 
-/// The service as hickory-server's handler, for TCP; `port` is the
-/// listener's.
-pub struct TcpHandler(pub Arc<DnsService>, pub u16);
+/// The service as hickory-server's handler, for TCP, on the listener at
+/// `port`; `explicit`: the one for queries to servers other than the
+/// host's own.
+pub struct TcpHandler {
+    pub service: Arc<DnsService>,
+    pub port: u16,
+    pub explicit: bool,
+}
 
 #[async_trait::async_trait]
 impl RequestHandler for TcpHandler {
     async fn handle_request<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
         use std::sync::atomic::Ordering::Relaxed;
-        let service = &self.0;
+        let service = &self.service;
         service.counters.queries.fetch_add(1, Relaxed);
         let mut builder = MessageResponseBuilder::from_message_request(request);
         let mut header = Header::response_from_request(request.header());
@@ -478,9 +483,14 @@ impl RequestHandler for TcpHandler {
                     } else {
                         IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
                     },
-                    self.1,
+                    self.port,
                 );
-                match service.route(true, client, listener) {
+                let server = if self.explicit {
+                    service.route(true, client, listener)
+                } else {
+                    None
+                };
+                match server {
                     Some(server) => service.answer_over_tcp_from(server, request).await,
                     None => {
                         let name: Name = queries[0].name().into();
@@ -531,47 +541,72 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// Binds the listener on 127.0.0.1 and, when `v6`, on ::1: UDP served by
-/// our own tasks (udp.rs), TCP by hickory-server. Returns the TCP server
-/// (it runs on the current tokio runtime) and whether IPv6 is served.
+/// The port queries to servers other than the host's own come to: the
+/// DNS port's next one (the redirect tells the two kinds apart, so the
+/// common kind never pays for finding out which server was asked).
+pub fn explicit_port(port: u16) -> u16 {
+    port.wrapping_add(1)
+}
+
+/// Binds the listeners on 127.0.0.1 and, when `v6`, on ::1, at `port`
+/// (queries to the host's own servers) and [`explicit_port`] (queries to
+/// any other): UDP served by our own threads (udp.rs), TCP by
+/// hickory-server. Returns the TCP servers (they run on the current tokio
+/// runtime) and whether IPv6 is served.
 pub async fn listen(
     service: Arc<DnsService>,
     port: u16,
     v6: bool,
-) -> std::io::Result<(ServerFuture<TcpHandler>, bool)> {
-    let mut server = ServerFuture::new(TcpHandler(service.clone(), port));
-    let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
-    if v6 {
-        addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-    }
+) -> std::io::Result<(Vec<ServerFuture<TcpHandler>>, bool)> {
+    let mut servers = Vec::new();
     let mut served_v6 = false;
-    for addr in addrs {
-        let mut sockets = Vec::new();
-        for _ in 0..UDP_SOCKETS {
-            match reuseport_udp(addr) {
-                Ok(socket) => sockets.push(socket),
-                Err(e) if addr.is_ipv6() => {
-                    tracing::warn!("DNS on [::1]:{port} unavailable ({e}); IPv6 queries go out untouched");
-                    break;
+    for (port, explicit) in [(port, false), (explicit_port(port), true)] {
+        let mut server = ServerFuture::new(TcpHandler {
+            service: service.clone(),
+            port,
+            explicit,
+        });
+        let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
+        if v6 && (!explicit || served_v6) {
+            addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+        }
+        // Explicit servers are the rarer kind: one socket a family does.
+        let per_address = if explicit { 1 } else { UDP_SOCKETS };
+        for addr in addrs {
+            let mut sockets = Vec::new();
+            for _ in 0..per_address {
+                match reuseport_udp(addr) {
+                    Ok(socket) => sockets.push(socket),
+                    Err(e) if addr.is_ipv6() => {
+                        tracing::warn!(
+                            "DNS on [::1]:{port} unavailable ({e}); IPv6 queries go out untouched"
+                        );
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
+            }
+            if sockets.len() < per_address {
+                continue;
+            }
+            let tcp = tokio::net::TcpListener::bind(addr).await?;
+            let family = if addr.is_ipv6() { "v6" } else { "v4" };
+            let kind = if explicit { "x" } else { "" };
+            for (index, socket) in sockets.into_iter().enumerate() {
+                super::udp::spawn_thread(
+                    format!("oasis-dns{kind}-{family}-{index}"),
+                    socket,
+                    service.clone(),
+                    tokio::runtime::Handle::current(),
+                    explicit,
+                )?;
+            }
+            server.register_listener(tcp, TCP_TIMEOUT);
+            if !explicit {
+                served_v6 |= addr.is_ipv6();
             }
         }
-        if sockets.len() < UDP_SOCKETS {
-            continue;
-        }
-        let tcp = tokio::net::TcpListener::bind(addr).await?;
-        let family = if addr.is_ipv6() { "v6" } else { "v4" };
-        for (index, socket) in sockets.into_iter().enumerate() {
-            super::udp::spawn_thread(
-                format!("oasis-dns-{family}-{index}"),
-                socket,
-                service.clone(),
-                tokio::runtime::Handle::current(),
-            )?;
-        }
-        server.register_listener(tcp, TCP_TIMEOUT);
-        served_v6 |= addr.is_ipv6();
+        servers.push(server);
     }
-    Ok((server, served_v6))
+    Ok((servers, served_v6))
 }

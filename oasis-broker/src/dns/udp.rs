@@ -42,6 +42,7 @@ pub fn spawn_thread(
     socket: std::net::UdpSocket,
     service: Arc<DnsService>,
     main: tokio::runtime::Handle,
+    explicit: bool,
 ) -> std::io::Result<()> {
     let for_misses = Arc::new(socket.try_clone()?);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -50,7 +51,7 @@ pub fn spawn_thread(
     std::thread::Builder::new().name(name).spawn(move || {
         runtime.block_on(async move {
             match UdpSocket::from_std(socket) {
-                Ok(socket) => serve(socket, for_misses, service, main).await,
+                Ok(socket) => serve(socket, for_misses, service, main, explicit).await,
                 Err(e) => tracing::error!("DNS socket: {e}"),
             }
         })
@@ -63,6 +64,7 @@ async fn serve(
     for_misses: Arc<std::net::UdpSocket>,
     service: Arc<DnsService>,
     main: tokio::runtime::Handle,
+    explicit: bool,
 ) {
     let mut buf = vec![0u8; RECEIVE_BUFFER];
     let Ok(listener) = socket.local_addr() else {
@@ -98,7 +100,7 @@ async fn serve(
         }
         // Sent to a server of the application's choosing: that server
         // answers (on the main runtime: it waits for the network).
-        if let Some(server) = service.route(false, from, listener) {
+        if explicit && let Some(server) = service.route(false, from, listener) {
             let (socket, service, raw) = (for_misses.clone(), service.clone(), buf[..len].to_vec());
             main.spawn(async move {
                 let bytes = match service.answer_from(server, &request, &raw).await {

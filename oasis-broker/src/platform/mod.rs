@@ -194,6 +194,9 @@ pub trait DnsInterception: Send {
     /// Where the DNS service learns which server a redirected query was
     /// sent to.
     fn origins(&self) -> Option<std::sync::Arc<dyn QueryOrigins>>;
+    /// The host's own DNS servers: queries to them go to the DNS port,
+    /// queries to any other to the explicit port.
+    fn set_system_servers(&mut self, servers: &[std::net::IpAddr]);
 }
 
 /// The server an application addressed a query to, before the
@@ -216,7 +219,8 @@ pub struct InterceptSettings {
     /// Whose queries to redirect; None: the platform's default (Linux:
     /// the root of the cgroup v2 hierarchy, every process).
     pub scope: Option<PathBuf>,
-    /// The broker's DNS port on loopback.
+    /// The broker's DNS port on loopback (queries to the host's own
+    /// servers); the next port takes queries to any other.
     pub port: u16,
     /// Whether the broker listens on the IPv6 loopback too.
     pub v6: bool,

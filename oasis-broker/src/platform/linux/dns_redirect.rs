@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use aya::Ebpf;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap, MapData};
@@ -37,6 +38,8 @@ pub enum CgroupError {
 /// own their links); `disable` stops redirecting at once.
 pub struct DnsRedirect {
     settings: Array<MapData, DnsSettings>,
+    system: HashMap<MapData, [u8; 16], u8>,
+    system_now: Vec<[u8; 16]>,
     pub cgroup: PathBuf,
     origins: Arc<LinuxOrigins>,
 }
@@ -53,8 +56,9 @@ impl DnsRedirect {
             netns_cookie: netns_cookie().map_err(CgroupError::Netns)?,
             broker_tgid: std::process::id(),
             port: intercept.port,
+            explicit_port: crate::dns::server::explicit_port(intercept.port),
             has_v6: u8::from(intercept.v6),
-            _pad: 0,
+            _pad: [0; 7],
         };
         let mut settings_map = take_map!(ebpf, maps::DNS_SETTINGS, Array<MapData, DnsSettings>);
         settings_map
@@ -86,6 +90,8 @@ impl DnsRedirect {
         let original = take_map!(ebpf, maps::DNS_ORIGINAL, HashMap<MapData, u64, DnsOriginal>);
         Ok(DnsRedirect {
             settings: settings_map,
+            system: take_map!(ebpf, maps::DNS_SYSTEM, HashMap<MapData, [u8; 16], u8>),
+            system_now: Vec::new(),
             cgroup,
             origins: Arc::new(LinuxOrigins::new(original)),
         })
@@ -112,6 +118,32 @@ impl DnsInterception for DnsRedirect {
 
     fn origins(&self) -> Option<Arc<dyn QueryOrigins>> {
         Some(self.origins.clone())
+    }
+
+    fn set_system_servers(&mut self, servers: &[IpAddr]) {
+        let keys: Vec<[u8; 16]> = servers
+            .iter()
+            .take(oasis_common::DNS_SYSTEM_ENTRIES as usize)
+            .map(|server| match server.to_canonical() {
+                IpAddr::V4(v4) => {
+                    let mut key = [0u8; 16];
+                    key[..4].copy_from_slice(&v4.octets());
+                    key
+                }
+                IpAddr::V6(v6) => v6.octets(),
+            })
+            .collect();
+        // New ones first: a query in between goes to either port, and
+        // either answers it.
+        for key in keys.iter().filter(|k| !self.system_now.contains(k)) {
+            if let Err(e) = self.system.insert(key, 1, 0) {
+                tracing::warn!("{}: {e}", maps::DNS_SYSTEM.name);
+            }
+        }
+        for key in self.system_now.iter().filter(|k| !keys.contains(k)) {
+            let _ = self.system.remove(key);
+        }
+        self.system_now = keys;
     }
 }
 
