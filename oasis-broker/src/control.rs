@@ -462,6 +462,9 @@ pub struct BrokerCounters {
     /// fragment), dropped.
     #[serde(default)]
     pub untranslatable: u64,
+    /// Later fragments of a datagram whose first was not seen, dropped.
+    #[serde(default)]
+    pub orphan_fragments: u64,
     /// Flows the broker tracks now.
     pub flows: u64,
     /// Flows started since the daemon started.

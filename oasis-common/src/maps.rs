@@ -97,6 +97,10 @@ macro_rules! kernel_maps {
             NAT_OUT, "OASIS_NAT_OUT", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
             /// The reply as it arrives → the fake source to put in its place.
             NAT_IN, "OASIS_NAT_IN", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            /// Replies of in-kernel NAT flows that came fragmented: the
+            /// fake source their first fragment got, for the later ones
+            /// (no ports to look them up by).
+            NAT_FRAGMENTS, "OASIS_NAT_FRAGMENTS", LruHashMap<$crate::FragKey, [u8; 16]>, $crate::FRAGMENTS_ENTRIES;
             /// Index 0: how many flows the NAT maps hold. While none, the
             /// uplinks' ingress program looks at nothing.
             NAT_ACTIVE, "OASIS_NAT_ACTIVE", Array<u32>, 1;
@@ -108,6 +112,9 @@ macro_rules! kernel_maps {
             DNS_SYSTEM, "OASIS_DNS_SYSTEM", HashMap<[u8; 16], u8>, $crate::DNS_SYSTEM_ENTRIES;
             /// Socket cookie → the DNS server the application asked for.
             DNS_ORIGINAL, "OASIS_DNS_ORIGINAL", LruHashMap<u64, $crate::DnsOriginal>, $crate::DNS_SOCKETS;
+            /// Fragmented replies the exit node steers: the later
+            /// fragments (no ports) follow their first.
+            EXIT_FRAGMENTS, "OASIS_EXIT_FRAGMENTS", LruHashMap<$crate::FragKey, u8>, $crate::FRAGMENTS_ENTRIES;
             /// What the exit node's ingress program steers.
             EXIT_SETTINGS, "OASIS_EXIT_SETTINGS", Array<$crate::ExitSettings>, 1;
             /// Flows and probes measured for the Monitor.

@@ -257,28 +257,16 @@ fn cache_other(cache: &LruHashMap<FlowKey, FlowEntry>) -> &'static LruHashMap<Fl
     }
 }
 
-#[inline(always)]
-fn frag_key(parsed: &Parsed) -> FragKey {
-    FragKey {
-        src: parsed.key.src,
-        dst: parsed.key.dst,
-        id: parsed.frag_id,
-        proto: parsed.key.proto,
-        family: parsed.key.family,
-        _pad: [0; 2],
-    }
-}
-
 /// A claimed datagram's first fragment: its verdict, for the rest.
 #[inline(never)]
 fn remember_fragments(parsed: &Parsed, entry: &FlowEntry) {
-    let _ = FRAGMENTS.insert(&frag_key(parsed), entry, 0);
+    let _ = FRAGMENTS.insert(&parsed.frag_key(), entry, 0);
 }
 
 #[inline(never)]
 fn fragment_verdict(parsed: &Parsed) -> Option<FlowEntry> {
     // SAFETY: plain integers.
-    unsafe { FRAGMENTS.get(&frag_key(parsed)) }.copied()
+    unsafe { FRAGMENTS.get(&parsed.frag_key()) }.copied()
 }
 
 /// A frame for every station on the link (an Ethernet group address: a

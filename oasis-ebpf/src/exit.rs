@@ -7,10 +7,12 @@ use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::generated::bpf_redirect, macros::classifier, programs::TcContext,
 };
 
-use crate::maps::EXIT_SETTINGS;
+use crate::maps::{EXIT_FRAGMENTS, EXIT_SETTINGS};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FragKey};
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 const ICMP_ECHO_REPLY: u8 = 0;
+const IPPROTO_FRAGMENT: u8 = 44;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 
 #[classifier]
@@ -24,30 +26,72 @@ pub fn oasis_exit_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// The TUN's ifindex when the packet is a reply to a NATed flow.
+/// Where a reply's fragment stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    Whole,
+    First,
+    Later,
+}
+
+/// The TUN's ifindex when the packet is a reply to a NATed flow, or a
+/// later fragment of one whose first fragment was.
 #[inline(always)]
 fn steer(ctx: &TcContext) -> Option<u32> {
     let settings = EXIT_SETTINGS.get(0)?;
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let (proto, l4_offset) = match ethertype {
+    let mut datagram = FragKey::default();
+    let (piece, l4_offset) = match ethertype {
         ETH_P_IP if settings.has_v4 != 0 => {
             let head: [u8; 20] = read(ctx, ETH_HLEN)?;
             let ihl = ((head[0] & 0x0f) as usize) * 4;
-            let fragment = u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0;
-            if head[16..20] != settings.v4 || fragment || ihl < 20 {
+            if head[16..20] != settings.v4 || ihl < 20 {
                 return None;
             }
-            (head[9], ETH_HLEN + ihl)
+            let field = u16::from_be_bytes([head[6], head[7]]);
+            datagram.src[..4].copy_from_slice(&head[12..16]);
+            datagram.dst[..4].copy_from_slice(&head[16..20]);
+            datagram.id = u32::from(u16::from_be_bytes([head[4], head[5]]));
+            datagram.proto = head[9];
+            datagram.family = FAMILY_V4;
+            let piece = match (field & 0x1fff != 0, field & 0x2000 != 0) {
+                (true, _) => Piece::Later,
+                (false, true) => Piece::First,
+                (false, false) => Piece::Whole,
+            };
+            (piece, ETH_HLEN + ihl)
         }
         ETH_P_IPV6 if settings.has_v6 != 0 => {
             let head: [u8; 40] = read(ctx, ETH_HLEN)?;
             if head[24..40] != settings.v6 {
                 return None;
             }
-            (head[6], ETH_HLEN + 40)
+            datagram.src.copy_from_slice(&head[8..24]);
+            datagram.dst.copy_from_slice(&head[24..40]);
+            datagram.family = FAMILY_V6;
+            datagram.proto = head[6];
+            if head[6] == IPPROTO_FRAGMENT {
+                let frag: [u8; 8] = read(ctx, ETH_HLEN + 40)?;
+                let field = u16::from_be_bytes([frag[2], frag[3]]);
+                datagram.proto = frag[0];
+                datagram.id = u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]);
+                let piece = if field & 0xfff8 != 0 {
+                    Piece::Later
+                } else {
+                    Piece::First
+                };
+                (piece, ETH_HLEN + 48)
+            } else {
+                (Piece::Whole, ETH_HLEN + 40)
+            }
         }
         _ => return None,
     };
+    if piece == Piece::Later {
+        // SAFETY: plain bytes.
+        return unsafe { EXIT_FRAGMENTS.get(&datagram) }.map(|_| settings.tun_ifindex);
+    }
+    let proto = datagram.proto;
     let port = match proto {
         6 | 17 => {
             let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
@@ -68,5 +112,11 @@ fn steer(ctx: &TcContext) -> Option<u32> {
         }
         _ => return None,
     };
-    (settings.port_first <= port && port <= settings.port_last).then_some(settings.tun_ifindex)
+    if !(settings.port_first <= port && port <= settings.port_last) {
+        return None;
+    }
+    if piece == Piece::First {
+        let _ = EXIT_FRAGMENTS.insert(&datagram, &1, 0);
+    }
+    Some(settings.tun_ifindex)
 }

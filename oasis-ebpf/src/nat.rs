@@ -17,7 +17,7 @@ use oasis_common::{FAMILY_V4, NAT_CLOSING, NAT_MEASURE, NatEntry, stat};
 
 use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
-use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_IN, NAT_OUT};
+use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT};
 use crate::measure;
 use crate::parse::coarse_ns;
 use crate::parse::{
@@ -33,6 +33,11 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 /// classifier past the 512-byte stack.
 #[inline(never)]
 pub fn egress(ctx: &TcContext, parsed: &mut Parsed) -> bool {
+    // A fragmented datagram goes to the broker whole: it follows the
+    // later fragments, which have no ports to find an entry by.
+    if parsed.fragment || parsed.first_fragment {
+        return false;
+    }
     let key = &parsed.key;
     let Some(entry) = NAT_OUT.get_ptr_mut(key) else {
         return false;
@@ -79,7 +84,20 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
     if monitor {
         measure::ingress(&ctx, parsed);
     }
-    if nat && let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key) {
+    if !nat {
+        return TC_ACT_OK as i32;
+    }
+    if parsed.fragment {
+        // A later fragment of a reply: the fake source its first got.
+        // SAFETY: plain bytes.
+        if let Some(fake) = unsafe { NAT_FRAGMENTS.get(&parsed.frag_key()) }.copied()
+            && rewrite(&ctx, parsed, Field::Source, &parsed.key.src, &fake).is_some()
+        {
+            bump(stat::NAT_INGRESS);
+        }
+        return TC_ACT_OK as i32;
+    }
+    if let Some(entry) = NAT_IN.get_ptr_mut(&parsed.key) {
         // SAFETY: pointer from a successful lookup.
         let fake = unsafe {
             refresh(entry, parsed.tcp_flags);
@@ -87,6 +105,9 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
         };
         if rewrite(&ctx, parsed, Field::Source, &parsed.key.src, &fake).is_some() {
             bump(stat::NAT_INGRESS);
+            if parsed.first_fragment {
+                let _ = NAT_FRAGMENTS.insert(&parsed.frag_key(), &fake, 0);
+            }
         }
     }
     TC_ACT_OK as i32

@@ -2,7 +2,7 @@
 //! ingress NAT.
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::TcContext};
-use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey};
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 
@@ -44,6 +44,19 @@ pub struct Parsed {
 }
 
 impl Parsed {
+    /// How this fragment's datagram is known.
+    #[inline(always)]
+    pub fn frag_key(&self) -> FragKey {
+        FragKey {
+            src: self.key.src,
+            dst: self.key.dst,
+            id: self.frag_id,
+            proto: self.key.proto,
+            family: self.key.family,
+            _pad: [0; 2],
+        }
+    }
+
     /// Zeroes `slot` in place, a word at a time, and returns it. `Default`
     /// (or any zero value moved into place) compiles to a call of a
     /// byte-by-byte memset on this target: the costliest part of the whole

@@ -415,3 +415,101 @@ fn the_underlay_port_admits_no_stranger() {
     );
     assert_eq!(status["broker"]["sent_underlay"].as_u64(), Some(0), "{status}");
 }
+
+/// Packets from the client's own address reaching the server, counted by
+/// nftables there: a claimed flow that leaks shows up here.
+fn count_from_client(net: &Topology) {
+    net.server.run(&["nft", "add", "table", "inet", "leak"]);
+    net.server.run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "leak",
+        "in",
+        "{ type filter hook prerouting priority -400 ; }",
+    ]);
+    net.server.run(&[
+        "nft", "add", "rule", "inet", "leak", "in", "ip", "saddr", CLIENT_V4, "counter",
+    ]);
+}
+
+fn leaked(net: &Topology) -> u64 {
+    let text = net.server.run(&["nft", "list", "chain", "inet", "leak", "in"]);
+    text.split("packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("counter")
+}
+
+/// Fragmented datagrams of a claimed flow: every fragment goes through
+/// the exit (none leaves from the client's address), the server gets the
+/// whole datagram from the exit, and its fragmented answer comes back
+/// whole. The same for a fragmented ping.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn fragmented_datagrams_of_a_claimed_flow_all_take_the_overlay() {
+    let mut net = Topology::new();
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    count_from_client(&net);
+    let server = net.server.clone();
+    net.spawn(
+        &server,
+        "udp-big",
+        &[
+            "python3",
+            "-u",
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5400))\n\
+             while True:\n d,a=s.recvfrom(65535)\n print(a[0],len(d),flush=True)\n s.sendto(b'r'*5000,a)\n",
+        ],
+    );
+    oasis_tests::wait_for_udp_listener(&net.server, 5400);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "5400", "--via", "exit",
+        ],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "exit",
+        ],
+    );
+
+    let reply = net.client.output(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+             s.sendto(b'x'*4000,('{SERVER_V4}',5400))\nprint(len(s.recvfrom(65535)[0]))"
+        ),
+    ]);
+    let log = net.process("udp-big").log();
+    assert_eq!(
+        String::from_utf8_lossy(&reply.stdout).trim(),
+        "5000",
+        "the fragmented answer: {}; server: {log}; broker: {}; exit: {}",
+        String::from_utf8_lossy(&reply.stderr),
+        json(&daemon, &net, &["status", "--json"])["broker"],
+        exit_stats(&net)
+    );
+    assert!(
+        log.contains(&format!("{OVERLAY_V4} 4000")),
+        "the server got it whole, from the exit: {log}"
+    );
+
+    let ping = net
+        .client
+        .output(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", "4000", SERVER_V4]);
+    assert!(
+        ping.status.success(),
+        "a fragmented ping through the exit: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    assert_eq!(leaked(&net), 0, "fragments left from the client's own address");
+}

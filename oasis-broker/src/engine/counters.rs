@@ -26,6 +26,9 @@ pub enum DropReason {
     NotForThisHost,
     /// On the underlay port, from no module of this broker.
     NotFromModule,
+    /// A later fragment of a datagram whose first fragment was not seen
+    /// (or is 30 s old): there is no knowing where it belongs.
+    OrphanFragment,
 }
 
 impl DropReason {
@@ -38,6 +41,7 @@ impl DropReason {
             DropReason::NotFromOverlay => "sender is no overlay's peer",
             DropReason::NotForThisHost => "not addressed to this host",
             DropReason::NotFromModule => "sender is no module of this broker",
+            DropReason::OrphanFragment => "fragment without its first",
         }
     }
 }
@@ -132,6 +136,7 @@ pub struct EngineCounters {
     not_from_overlay: AtomicU64,
     not_for_this_host: AtomicU64,
     not_from_module: AtomicU64,
+    orphan_fragments: AtomicU64,
 }
 
 impl EngineCounters {
@@ -148,6 +153,7 @@ impl EngineCounters {
             DropReason::NotFromOverlay => &self.not_from_overlay,
             DropReason::NotForThisHost => &self.not_for_this_host,
             DropReason::NotFromModule => &self.not_from_module,
+            DropReason::OrphanFragment => &self.orphan_fragments,
         }
     }
 
@@ -177,6 +183,7 @@ impl EngineCounters {
             rejected_sender: load(&self.not_from_overlay),
             rejected_destination: load(&self.not_for_this_host),
             rejected_module_sender: load(&self.not_from_module),
+            orphan_fragments: load(&self.orphan_fragments),
         }
     }
 }

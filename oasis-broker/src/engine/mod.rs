@@ -16,6 +16,7 @@ pub mod carrier;
 pub mod counters;
 pub mod fake;
 pub mod flows;
+pub mod fragments;
 pub mod measure;
 pub mod nat;
 pub mod packet;

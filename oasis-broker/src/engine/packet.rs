@@ -3,43 +3,58 @@
 
 use std::net::IpAddr;
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey};
+use oasis_io::packet::{Fragment, PacketError, addresses, fragment, layout};
 
-/// The 5-tuple of a raw IP packet, as the classifier builds it.
+/// The 5-tuple of a raw IP packet, as the classifier builds it: a first
+/// fragment has its ports, a later one none (and, for IPv6, the protocol
+/// its fragment header names).
 pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
-    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let (src, dst) = addresses(packet)?;
     let mut key = FlowKey::default();
-    match sliced.net? {
-        NetSlice::Ipv4(ip) => {
-            let header = ip.header();
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
             key.family = FAMILY_V4;
-            key.proto = header.protocol().0;
-            key.src[..4].copy_from_slice(&header.source());
-            key.dst[..4].copy_from_slice(&header.destination());
+            key.src[..4].copy_from_slice(&src.octets());
+            key.dst[..4].copy_from_slice(&dst.octets());
         }
-        NetSlice::Ipv6(ip) => {
-            let header = ip.header();
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
             key.family = FAMILY_V6;
-            // The classifier reads the fixed header's next-header field.
-            key.proto = header.next_header().0;
-            key.src = header.source();
-            key.dst = header.destination();
+            key.src = src.octets();
+            key.dst = dst.octets();
         }
-        NetSlice::Arp(_) => return None,
+        _ => return None,
     }
-    match sliced.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            key.sport = tcp.source_port();
-            key.dport = tcp.destination_port();
+    match layout(packet) {
+        Ok(layout) => {
+            key.proto = layout.proto;
+            if matches!(layout.proto, TCP | UDP | SCTP | UDPLITE) {
+                let ports = packet.get(layout.l4..layout.l4 + 4)?;
+                key.sport = u16::from_be_bytes([ports[0], ports[1]]);
+                key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            }
         }
-        Some(TransportSlice::Udp(udp)) => {
-            key.sport = udp.source_port();
-            key.dport = udp.destination_port();
-        }
-        _ => {}
+        Err(PacketError::Fragment) => key.proto = fragment(packet)?.proto,
+        Err(_) => return None,
     }
     Some(key)
+}
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+const UDPLITE: u8 = 136;
+
+/// How the later fragments of a datagram are known (see `FragKey`).
+pub fn frag_key(key: &FlowKey, fragment: &Fragment) -> FragKey {
+    FragKey {
+        src: key.src,
+        dst: key.dst,
+        id: fragment.id,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
 }
 
 /// The destination address of a flow key.

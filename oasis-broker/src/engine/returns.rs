@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use oasis_common::FlowKey;
-use oasis_io::packet::{End, addresses, clamp_mss, rewrite_address};
+use oasis_common::{FlowKey, FragKey};
+use oasis_io::packet::{End, addresses, clamp_mss, fragment, rewrite_address, rewrite_ip_address};
 
 use super::counters::DropReason;
 use super::measure::{FlowProbe, Segment};
-use super::packet::flow_key;
+use super::packet::{flow_key, frag_key};
 use super::router::{Engine, ReplyMap};
 use super::routes::Routes;
 use crate::overlay::OverlayId;
@@ -44,7 +44,14 @@ pub struct ReturnPath {
     /// costs a lookup here, not a lock.
     measured: HashMap<FlowKey, Arc<FlowProbe>>,
     pruned: Instant,
+    /// Fragmented replies of fake-address flows: the fake source their
+    /// first fragment got, for the later ones (no ports to look up by).
+    fragments: HashMap<FragKey, (IpAddr, Instant)>,
 }
+
+/// Fragmented replies followed at once, and for how long.
+const MAX_FRAGMENTED: usize = 1024;
+const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
 
 impl ReturnPath {
     pub fn new(engine: &Arc<Engine>) -> ReturnPath {
@@ -53,6 +60,7 @@ impl ReturnPath {
             routes: engine.routes(),
             measured: HashMap::new(),
             pruned: Instant::now(),
+            fragments: HashMap::new(),
         }
     }
 
@@ -185,10 +193,34 @@ impl ReturnPath {
         out.extend_from_slice(packet);
         let inner = &mut out[headroom..];
         if let Some(replies) = replies
-            && let Some(fake) = flow_key(inner).and_then(|key| replies.get(&key).copied())
-            && let Err(e) = rewrite_address(inner, End::Source, fake)
+            && let Some(key) = flow_key(inner)
         {
-            tracing::debug!(%fake, "cannot rewrite a reply: {e}");
+            match fragment(inner) {
+                Some(later) if !later.first => {
+                    let datagram = frag_key(&key, &later);
+                    if let Some(&(fake, at)) = self.fragments.get(&datagram)
+                        && now.saturating_duration_since(at) < FRAGMENT_LIFETIME
+                    {
+                        let _ = rewrite_ip_address(inner, End::Source, fake);
+                    }
+                }
+                first => {
+                    if let Some(fake) = replies.get(&key).copied() {
+                        if let Err(e) = rewrite_address(inner, End::Source, fake) {
+                            tracing::debug!(%fake, "cannot rewrite a reply: {e}");
+                        } else if let Some(first) = first {
+                            if self.fragments.len() >= MAX_FRAGMENTED {
+                                self.fragments.retain(|_, (_, at)| {
+                                    now.saturating_duration_since(*at) < FRAGMENT_LIFETIME
+                                });
+                            }
+                            if self.fragments.len() < MAX_FRAGMENTED {
+                                self.fragments.insert(frag_key(&key, &first), (fake, now));
+                            }
+                        }
+                    }
+                }
+            }
         }
         clamp_mss(inner, max_mss);
         Ok(Returned::Deliver(id))

@@ -10,16 +10,17 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use oasis_common::FlowKey;
+use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{End, clamp_mss, rewrite_address, tcp_closing, unreachable_reply};
 
 use super::carrier::{CarrierChooser, Claim, Decision, NewFlow};
 use super::counters::{DropReason, EngineCounters};
 use super::fake::{choose_real, real_key, reply_key};
 use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
+use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::nat::NatTable;
-use super::packet::{describe, flow_dst, flow_key, routable};
+use super::packet::{describe, flow_dst, flow_key, frag_key, routable};
 use super::pins::FlowPins;
 use super::routes::{Routes, Via};
 use crate::control::FlowView;
@@ -27,6 +28,9 @@ use crate::fake::{FakeTable, unix_now};
 use crate::monitor::{Event, MonitorLink};
 use crate::overlay::{JoinedOverlay, OverlayId};
 use crate::shared::{Shared, snapshot};
+
+/// Fragmented datagrams a packet thread follows at once.
+const FRAGMENTED_DATAGRAMS: usize = 4096;
 
 /// How often a router ends idle flows and reports what it measured.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -139,6 +143,7 @@ impl Engine {
             engine: self.clone(),
             routes: self.routes(),
             flows: FlowTable::new(self.settings.lifetimes, self.settings.flow_capacity),
+            fragments: Fragments::new(FRAGMENTED_DATAGRAMS),
             next_sweep: Instant::now() + SWEEP_EVERY,
             ended: Vec::new(),
             measuring: 0,
@@ -302,6 +307,8 @@ pub struct Router {
     engine: Arc<Engine>,
     routes: Arc<Routes>,
     flows: FlowTable,
+    /// Where the later fragments of datagrams go.
+    fragments: Fragments,
     next_sweep: Instant,
     /// Flows ended by a sweep, kept to reuse its allocation.
     ended: Vec<(FlowKey, Flow)>,
@@ -344,6 +351,42 @@ impl Router {
         let Some(key) = flow_key(packet) else {
             return self.drop(DropReason::Malformed);
         };
+        let Some(fragment) = oasis_io::packet::fragment(packet) else {
+            return self.outbound_packet(now, key, packet, reply);
+        };
+        let datagram = frag_key(&key, &fragment);
+        if !fragment.first {
+            return self.later_fragment(now, &datagram, packet);
+        }
+        let destination = flow_dst(&key);
+        let outbound = self.outbound_packet(now, key, packet, reply);
+        let rewritten = oasis_io::packet::addresses(packet)
+            .map(|(_, dst)| dst)
+            .filter(|dst| *dst != destination);
+        self.fragments.first(datagram, outbound, rewritten, now);
+        outbound
+    }
+
+    /// A fragment after the first: the way its first went, or nowhere.
+    fn later_fragment(&mut self, now: Instant, datagram: &FragKey, packet: &mut [u8]) -> Outbound {
+        let Some(route) = self.fragments.later(datagram, now) else {
+            return self.drop(DropReason::OrphanFragment);
+        };
+        if let Some(real) = route.destination
+            && oasis_io::packet::rewrite_ip_address(packet, End::Destination, real).is_err()
+        {
+            return self.drop(DropReason::Untranslatable);
+        }
+        route.outbound
+    }
+
+    fn outbound_packet(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+    ) -> Outbound {
         if self.engine.settings.is_fake(flow_dst(&key)) {
             return self.fake_outbound(now, &key, packet, reply);
         }
@@ -696,6 +739,9 @@ impl Router {
             return;
         }
         self.next_sweep = now + SWEEP_EVERY;
+        if !self.fragments.is_empty() {
+            self.fragments.expire(now);
+        }
         if self.measuring > 0 {
             let monitor = &self.engine.monitor;
             for (_, flow) in self.flows.iter_mut() {

@@ -11,6 +11,80 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
+const IPV6_FRAGMENT: u8 = 44;
+
+/// One fragment of a datagram, as its fragments are told apart: by
+/// addresses, protocol and identification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragment {
+    pub id: u32,
+    /// The first fragment (offset 0): it holds the transport header.
+    pub first: bool,
+    /// The transport protocol (IPv6: the fragment header's next header).
+    pub proto: u8,
+}
+
+/// The fragment a packet is, if it is one.
+pub fn fragment(packet: &[u8]) -> Option<Fragment> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let field = u16::from_be_bytes([packet[6], packet[7]]);
+            (field & 0x3fff != 0).then(|| Fragment {
+                id: u32::from(u16::from_be_bytes([packet[4], packet[5]])),
+                first: field & 0x1fff == 0,
+                proto: packet[9],
+            })
+        }
+        6 if packet.len() >= 48 && packet[6] == IPV6_FRAGMENT => {
+            let field = u16::from_be_bytes([packet[42], packet[43]]);
+            Some(Fragment {
+                id: u32::from_be_bytes([packet[44], packet[45], packet[46], packet[47]]),
+                first: field & 0xfff8 == 0,
+                proto: packet[40],
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Gives a fragment another identification (an exit's NAT does, so
+/// datagrams of clients behind one address never share one at the far end).
+pub fn set_fragment_id(packet: &mut [u8], id: u32) {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let old = [packet[4], packet[5]];
+            let new = (id as u16).to_be_bytes();
+            let sum = adjust(u16::from_be_bytes([packet[10], packet[11]]), &old, &new);
+            packet[4..6].copy_from_slice(&new);
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        Some(6) if packet.len() >= 48 => packet[44..48].copy_from_slice(&id.to_be_bytes()),
+        _ => {}
+    }
+}
+
+/// Replaces one end's address in the IP header alone: for a fragment after
+/// the first, which has no transport header (the datagram's transport
+/// checksum was fixed in the first).
+pub fn rewrite_ip_address(packet: &mut [u8], end: End, addr: IpAddr) -> Result<(), PacketError> {
+    match (packet.first().map(|b| b >> 4), addr) {
+        (Some(4), IpAddr::V4(a)) if packet.len() >= 20 => {
+            let at = if end == End::Source { 12 } else { 16 };
+            let old = [packet[at], packet[at + 1], packet[at + 2], packet[at + 3]];
+            let sum = adjust(u16::from_be_bytes([packet[10], packet[11]]), &old, &a.octets());
+            packet[at..at + 4].copy_from_slice(&a.octets());
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+            Ok(())
+        }
+        (Some(6), IpAddr::V6(a)) if packet.len() >= 40 => {
+            let at = if end == End::Source { 8 } else { 24 };
+            packet[at..at + 16].copy_from_slice(&a.octets());
+            Ok(())
+        }
+        (Some(4 | 6), _) => Err(PacketError::FamilyMismatch),
+        _ => Err(PacketError::NotIp),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
@@ -45,7 +119,8 @@ pub fn layout(packet: &[u8]) -> Result<Layout, PacketError> {
             if ihl < 20 || packet.len() < ihl {
                 return Err(PacketError::Truncated);
             }
-            if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+            // A first fragment has the transport header; later ones do not.
+            if u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0 {
                 return Err(PacketError::Fragment);
             }
             Ok(Layout {
@@ -57,6 +132,17 @@ pub fn layout(packet: &[u8]) -> Result<Layout, PacketError> {
         Some(6) => {
             if packet.len() < 40 {
                 return Err(PacketError::Truncated);
+            }
+            if packet[6] == IPV6_FRAGMENT {
+                let header = packet.get(40..48).ok_or(PacketError::Truncated)?;
+                if u16::from_be_bytes([header[2], header[3]]) & 0xfff8 != 0 {
+                    return Err(PacketError::Fragment);
+                }
+                return Ok(Layout {
+                    version: 6,
+                    proto: header[0],
+                    l4: 48,
+                });
             }
             Ok(Layout {
                 version: 6,
@@ -558,5 +644,87 @@ mod tests {
             b"x"
         );
         assert!(!clamp_mss(&mut data, 500), "not a SYN");
+    }
+
+    /// Splits an IPv4 packet into two fragments at `at` bytes of payload
+    /// (a multiple of 8).
+    fn split_v4(packet: &[u8], at: usize) -> (Vec<u8>, Vec<u8>) {
+        let (header, payload) = packet.split_at(20);
+        let piece = |data: &[u8], offset: usize, more: bool| {
+            let mut out = header.to_vec();
+            out[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            out[6..8].copy_from_slice(&field.to_be_bytes());
+            out[10..12].copy_from_slice(&[0, 0]);
+            let sum = etherparse::Ipv4Header::from_slice(&out)
+                .unwrap()
+                .0
+                .calc_header_checksum();
+            out[10..12].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(data);
+            out
+        };
+        (piece(&payload[..at], 0, true), piece(&payload[at..], at, false))
+    }
+
+    #[test]
+    fn fragments_are_rewritten_so_the_datagram_stays_whole() {
+        let mut whole = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 9], 64)
+            .udp(40000, 9000)
+            .write(&mut whole, &[0x5a; 3000])
+            .unwrap();
+        set_fragment_id(&mut whole, 0x1234);
+        let (mut first, mut rest) = split_v4(&whole, 1480);
+        assert_eq!(
+            fragment(&first),
+            Some(Fragment {
+                id: 0x1234,
+                first: true,
+                proto: UDP
+            })
+        );
+        assert_eq!(
+            fragment(&rest),
+            Some(Fragment {
+                id: 0x1234,
+                first: false,
+                proto: UDP
+            })
+        );
+        assert_eq!(fragment(&whole), None);
+        assert_eq!(
+            ports(&first),
+            Some((40000, 9000)),
+            "a first fragment has its ports"
+        );
+        assert!(ports(&rest).is_none());
+        // A NAT: the first fragment gets a new source and port, the rest
+        // the new source only, and a new identification for all.
+        let public: IpAddr = "203.0.113.1".parse().unwrap();
+        rewrite(&mut first, End::Source, public, 61000).unwrap();
+        rewrite_ip_address(&mut rest, End::Source, public).unwrap();
+        set_fragment_id(&mut first, 7);
+        set_fragment_id(&mut rest, 7);
+        for piece in [&first, &rest] {
+            let header = etherparse::Ipv4Header::from_slice(piece).unwrap().0;
+            assert_eq!(header.header_checksum, header.calc_header_checksum());
+            assert_eq!(header.identification, 7);
+        }
+        // Reassembled, the UDP checksum holds.
+        let mut datagram = first[..20].to_vec();
+        datagram[6..8].copy_from_slice(&[0, 0]);
+        datagram.extend_from_slice(&first[20..]);
+        datagram.extend_from_slice(&rest[20..]);
+        let len = datagram.len() as u16;
+        datagram[2..4].copy_from_slice(&len.to_be_bytes());
+        datagram[10..12].copy_from_slice(&[0, 0]);
+        let sum = etherparse::Ipv4Header::from_slice(&datagram)
+            .unwrap()
+            .0
+            .calc_header_checksum();
+        datagram[10..12].copy_from_slice(&sum.to_be_bytes());
+        assert_checksums_valid(&datagram);
+        assert_eq!(addresses(&datagram).unwrap().0, public);
     }
 }

@@ -11,7 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use oasis_io::packet::{End, PacketError, addresses, echo_id, layout, ports, rewrite, tcp_closing};
+use oasis_io::packet::{
+    End, PacketError, addresses, echo_id, layout, ports, rewrite, rewrite_ip_address, set_fragment_id,
+    tcp_closing,
+};
 
 #[derive(Clone, Debug)]
 pub struct NatConfig {
@@ -107,6 +110,33 @@ pub struct Nat {
     by_inside: HashMap<Inside, Mapping>,
     by_outside: HashMap<Outside, Inside>,
     cursor: u16,
+    /// Fragmented datagrams of clients: a later fragment (no ports) leaves
+    /// as its first did, with the identification the exit gave it.
+    frags_out: HashMap<(SocketAddr, IpAddr, IpAddr, u8, u32), FragOut>,
+    /// Fragmented replies: a later fragment goes where its first went.
+    frags_in: HashMap<(IpAddr, u8, u32), FragIn>,
+    /// Identifications for clients' fragmented datagrams: the exit's own,
+    /// so two clients' datagrams never share one at the far end.
+    next_id: u32,
+}
+
+/// Fragmented datagrams followed at once, each way.
+const MAX_FRAGMENTED: usize = 4096;
+/// As long as Linux keeps fragments for reassembly.
+const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy)]
+struct FragOut {
+    public: IpAddr,
+    id: u32,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FragIn {
+    inside: IpAddr,
+    back: Return,
+    at: Instant,
 }
 
 impl Nat {
@@ -117,6 +147,9 @@ impl Nat {
             by_inside: HashMap::new(),
             by_outside: HashMap::new(),
             cursor,
+            frags_out: HashMap::new(),
+            frags_in: HashMap::new(),
+            next_id: 1,
         }
     }
 
@@ -132,8 +165,21 @@ impl Nat {
         packet: &mut [u8],
         now: Instant,
     ) -> Result<(), NatError> {
-        let layout = layout(packet)?;
         let (src, dst) = addresses(packet).ok_or(PacketError::Truncated)?;
+        let fragment = oasis_io::packet::fragment(packet);
+        if let Some(later) = fragment.filter(|f| !f.first) {
+            let key = (client, src, dst, later.proto, later.id);
+            let route = self
+                .frags_out
+                .get(&key)
+                .filter(|r| now.duration_since(r.at) < FRAGMENT_LIFETIME)
+                .copied()
+                .ok_or(NatError::UnknownMapping)?;
+            rewrite_ip_address(packet, End::Source, route.public)?;
+            set_fragment_id(packet, route.id);
+            return Ok(());
+        }
+        let layout = layout(packet)?;
         let (src_port, dst_port) = match layout.proto {
             6 | 17 => ports(packet).ok_or(NatError::Unsupported)?,
             1 | 58 => match echo_id(packet) {
@@ -188,13 +234,44 @@ impl Nat {
             }
         };
         rewrite(packet, End::Source, public, nat_port)?;
+        if let Some(first) = fragment {
+            let id = self.fragment_id(dst.is_ipv4());
+            set_fragment_id(packet, id);
+            if self.frags_out.len() >= MAX_FRAGMENTED {
+                self.frags_out
+                    .retain(|_, r| now.duration_since(r.at) < FRAGMENT_LIFETIME);
+            }
+            if self.frags_out.len() < MAX_FRAGMENTED {
+                self.frags_out.insert(
+                    (client, src, dst, first.proto, first.id),
+                    FragOut { public, id, at: now },
+                );
+            }
+        }
         Ok(())
+    }
+
+    fn fragment_id(&mut self, v4: bool) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        if v4 { id & 0xffff } else { id }
     }
 
     /// Rewrites a reply back to the client's addresses; says where it goes.
     pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Result<Return, NatError> {
-        let layout = layout(packet)?;
         let (src, _) = addresses(packet).ok_or(PacketError::Truncated)?;
+        let fragment = oasis_io::packet::fragment(packet);
+        if let Some(later) = fragment.filter(|f| !f.first) {
+            let route = self
+                .frags_in
+                .get(&(src, later.proto, later.id))
+                .filter(|r| now.duration_since(r.at) < FRAGMENT_LIFETIME)
+                .copied()
+                .ok_or(NatError::UnknownMapping)?;
+            rewrite_ip_address(packet, End::Destination, route.inside)?;
+            return Ok(route.back);
+        }
+        let layout = layout(packet)?;
         let (remote_port, nat_port) = match layout.proto {
             6 | 17 => ports(packet).ok_or(NatError::Unsupported)?,
             1 | 58 => match echo_id(packet) {
@@ -215,14 +292,35 @@ impl Nat {
         mapping.closing |= tcp_closing(packet);
         let class = mapping.class;
         rewrite(packet, End::Destination, inside.src, inside.src_port)?;
-        Ok(Return {
+        let back = Return {
             client: inside.client,
             class,
-        })
+        };
+        if let Some(first) = fragment {
+            if self.frags_in.len() >= MAX_FRAGMENTED {
+                self.frags_in
+                    .retain(|_, r| now.duration_since(r.at) < FRAGMENT_LIFETIME);
+            }
+            if self.frags_in.len() < MAX_FRAGMENTED {
+                self.frags_in.insert(
+                    (src, first.proto, first.id),
+                    FragIn {
+                        inside: inside.src,
+                        back,
+                        at: now,
+                    },
+                );
+            }
+        }
+        Ok(back)
     }
 
     /// Drops idle mappings; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
+        self.frags_out
+            .retain(|_, r| now.duration_since(r.at) < FRAGMENT_LIFETIME);
+        self.frags_in
+            .retain(|_, r| now.duration_since(r.at) < FRAGMENT_LIFETIME);
         let config = &self.config;
         let before = self.by_inside.len();
         let by_outside = &mut self.by_outside;

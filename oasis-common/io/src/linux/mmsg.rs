@@ -112,7 +112,7 @@ impl<'p> SendBatch<'_, 'p> {
             header.msg_hdr.msg_iovlen = 1;
             store.headers.push(header);
         }
-        send_all(fd, &mut store.headers, |_| 1)
+        send_all(fd, &mut store.headers, |_| 1, |_, _| 0)
     }
 }
 
@@ -123,19 +123,28 @@ impl Drop for SendBatch<'_, '_> {
 }
 
 /// `sendmmsg` until every message is sent or refused; a refused message is
-/// skipped. `datagrams(i)` says how many datagrams message `i` carries.
-/// Returns (datagrams sent, datagrams failed).
-fn send_all(fd: RawFd, headers: &mut [libc::mmsghdr], datagrams: impl Fn(usize) -> usize) -> (usize, usize) {
+/// handed to `refused` (which may send it another way and says how many
+/// of its datagrams went), else skipped. `datagrams(i)` says how many
+/// datagrams message `i` carries. Returns (datagrams sent, datagrams failed).
+fn send_all(
+    fd: RawFd,
+    headers: &mut [libc::mmsghdr],
+    datagrams: impl Fn(usize) -> usize,
+    mut refused: impl FnMut(usize, &io::Error) -> usize,
+) -> (usize, usize) {
     let (mut sent, mut failed, mut start) = (0, 0, 0);
     while start < headers.len() {
         let rest = &mut headers[start..];
         // SAFETY: the caller's headers point at buffers that outlive this call.
         let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as u32, 0) };
         if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            failed += datagrams(start);
+            let went = refused(start, &error);
+            sent += went;
+            failed += datagrams(start) - went;
             start += 1;
         } else {
             sent += (start..start + n as usize).map(&datagrams).sum::<usize>();
@@ -297,8 +306,36 @@ impl<'p> GsoBatch<'_, 'p> {
             }
             store.headers.push(header);
         }
-        let messages = &store.messages;
-        send_all(fd, &mut store.headers, |i| messages[i].datagrams)
+        let (messages, iovecs) = (&store.messages, &mut store.iovecs);
+        send_all(
+            fd,
+            &mut store.headers,
+            |i| messages[i].datagrams,
+            |i, error| {
+                // Datagrams larger than the path's MTU cannot be segmented
+                // (the kernel refuses with EMSGSIZE); one by one, the
+                // kernel fragments them.
+                let message = &messages[i];
+                if message.datagrams < 2 || error.raw_os_error() != Some(libc::EMSGSIZE) {
+                    return 0;
+                }
+                let per = if message.prefix_len > 0 { 2 } else { 1 };
+                let mut went = 0;
+                for d in 0..message.datagrams {
+                    // SAFETY: plain data; zero is a valid empty header.
+                    let mut header: libc::msghdr = unsafe { zeroed() };
+                    header.msg_name = message.addr.as_ptr() as *mut _;
+                    header.msg_namelen = message.addr.len();
+                    header.msg_iov = iovecs[message.first + d * per..].as_mut_ptr();
+                    header.msg_iovlen = per;
+                    // SAFETY: the iovecs point at the batch's buffers.
+                    if unsafe { libc::sendmsg(fd, &header, 0) } >= 0 {
+                        went += 1;
+                    }
+                }
+                went
+            },
+        )
     }
 }
 
