@@ -275,6 +275,58 @@ mod tests {
         assert_eq!((counters.flows, counters.flows_started), (3, 3));
     }
 
+    /// A UDP datagram of 3,000 bytes from CLIENT to SERVER:`dport`, in two
+    /// IPv4 fragments with identification `id`.
+    fn fragments(dport: u16, id: u32) -> (Vec<u8>, Vec<u8>) {
+        let mut whole = Vec::new();
+        etherparse::PacketBuilder::ipv4(CLIENT, SERVER, 64)
+            .udp(40000, dport)
+            .write(&mut whole, &[1; 3000])
+            .unwrap();
+        oasis_io::packet::set_fragment_id(&mut whole, id);
+        let (header, payload) = whole.split_at(20);
+        let piece = |data: &[u8], offset: usize, more: bool| {
+            let mut out = header.to_vec();
+            out[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            out[6..8].copy_from_slice(&field.to_be_bytes());
+            out.extend_from_slice(data);
+            out
+        };
+        (
+            piece(&payload[..1480], 0, true),
+            piece(&payload[1480..], 1480, false),
+        )
+    }
+
+    #[test]
+    fn the_later_fragments_of_a_datagram_go_where_its_first_went() {
+        let world = world(&[header("detour", "udp", "9000")]);
+        let mut router = world.engine.router();
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        let (mut first, mut rest) = fragments(9000, 77);
+        assert_eq!(decide(&mut router, &mut first), overlay);
+        assert_eq!(
+            decide(&mut router, &mut rest),
+            overlay,
+            "no ports, yet the rule's carrier"
+        );
+        // Another datagram of an unclaimed port: its rest goes its way.
+        let (mut first, mut rest) = fragments(9001, 78);
+        assert_eq!(decide(&mut router, &mut first), Outbound::Underlay);
+        assert_eq!(decide(&mut router, &mut rest), Outbound::Underlay);
+        // A later fragment whose first never came: nowhere.
+        let (_, mut orphan) = fragments(9000, 79);
+        assert_eq!(
+            decide(&mut router, &mut orphan),
+            Outbound::Drop(DropReason::OrphanFragment)
+        );
+        assert_eq!(world.engine.counters.drops_of(DropReason::OrphanFragment), 1);
+    }
+
     #[test]
     fn overlay_syns_are_clamped_to_fit_the_encapsulation() {
         let world = world(&[header("detour", "tcp", "80"), header("underlay", "tcp", "8080")]);

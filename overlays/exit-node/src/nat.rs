@@ -560,6 +560,63 @@ mod tests {
     }
 
     #[test]
+    fn fragments_follow_their_first_both_ways_with_the_exits_own_identification() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut whole = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
+            .udp(5, 53)
+            .write(&mut whole, &[7; 3000])
+            .unwrap();
+        let split = |packet: &[u8], id: u16| {
+            let (header, payload) = packet.split_at(20);
+            let piece = |data: &[u8], offset: usize, more: bool| {
+                let mut out = header.to_vec();
+                out[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+                out[4..6].copy_from_slice(&id.to_be_bytes());
+                let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+                out[6..8].copy_from_slice(&field.to_be_bytes());
+                out.extend_from_slice(data);
+                out
+            };
+            (
+                piece(&payload[..1480], 0, true),
+                piece(&payload[1480..], 1480, false),
+            )
+        };
+        let (mut first, mut rest) = split(&whole, 0x4242);
+        nat.outbound(client(1), 0, &mut first, now).unwrap();
+        nat.outbound(client(1), 0, &mut rest, now).unwrap();
+        let (src_first, _) = addresses(&first).unwrap();
+        let (src_rest, _) = addresses(&rest).unwrap();
+        assert_eq!((src_first, src_rest), (IpAddr::V4(EXIT), IpAddr::V4(EXIT)));
+        let ids = (
+            u16::from_be_bytes([first[4], first[5]]),
+            u16::from_be_bytes([rest[4], rest[5]]),
+        );
+        assert_eq!(ids.0, ids.1, "one datagram, one identification");
+        assert_ne!(ids.0, 0x4242, "the exit's own");
+        let nat_port = ports(&first).unwrap().0;
+        // A later fragment of a datagram never seen is refused.
+        let (_, mut orphan) = split(&whole, 0x4343);
+        assert_eq!(
+            nat.outbound(client(1), 0, &mut orphan, now),
+            Err(NatError::UnknownMapping)
+        );
+
+        // The fragmented reply: both pieces back to the client.
+        let mut reply = Vec::new();
+        PacketBuilder::ipv4(SERVER, EXIT.octets(), 64)
+            .udp(53, nat_port)
+            .write(&mut reply, &[8; 3000])
+            .unwrap();
+        let (mut first, mut rest) = split(&reply, 0x0909);
+        assert_eq!(nat.inbound(&mut first, now).unwrap().client, client(1));
+        assert_eq!(nat.inbound(&mut rest, now).unwrap().client, client(1));
+        assert_eq!(addresses(&rest).unwrap().1, IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
     fn closed_tcp_flows_expire_fast() {
         let mut nat = nat();
         let t0 = Instant::now();
