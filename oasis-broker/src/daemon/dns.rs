@@ -177,6 +177,14 @@ pub(super) async fn start(
         resolver: RwLock::new(resolver(servers, Duration::from_millis(dns.upstream_timeout_ms))),
         system: RwLock::new(Arc::new(system)),
         origins: std::sync::OnceLock::new(),
+        resolver_on_loopback: std::sync::atomic::AtomicBool::new(
+            runtime
+                .configured
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(IpAddr::is_loopback),
+        ),
         in_flight: Mutex::new(std::collections::HashSet::new()),
         names,
         fakes,
@@ -287,7 +295,8 @@ impl DnsRuntime {
                     tracing::info!(servers = ?*configured, "resolv.conf changed: resolving with its servers");
                     *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
                         servers.iter().map(ToString::to_string).collect();
-                    resolver_now = Some(resolver(servers, self.timeout));
+                    let on_loopback = configured.iter().any(IpAddr::is_loopback);
+                    resolver_now = Some((resolver(servers, self.timeout), on_loopback));
                 }
                 Err(e) => tracing::warn!("resolv.conf changed, but {e}; keeping the servers in use"),
             }

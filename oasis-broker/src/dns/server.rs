@@ -38,6 +38,8 @@ pub struct DnsService {
     /// Which server a redirected query was sent to (set once the
     /// interception is attached).
     pub origins: std::sync::OnceLock<Arc<dyn crate::platform::QueryOrigins>>,
+    /// Whether our resolver asks a server on loopback (a local stub).
+    pub resolver_on_loopback: std::sync::atomic::AtomicBool,
     /// Questions our resolver is asking a loopback upstream right now: the
     /// same question coming back is a loop through a local stub.
     pub in_flight: Mutex<std::collections::HashSet<(String, RecordType)>>,
@@ -84,10 +86,13 @@ impl DnsService {
         (!system.contains(&server.ip())).then_some(server)
     }
 
-    /// Our resolver and servers, after resolv.conf changed.
-    pub fn set_upstreams(&self, resolver: Option<TokioResolver>, system: Vec<IpAddr>) {
-        if let Some(resolver) = resolver {
+    /// Our resolver (and whether it asks a loopback server) and the
+    /// host's own servers, after resolv.conf changed.
+    pub fn set_upstreams(&self, resolver: Option<(TokioResolver, bool)>, system: Vec<IpAddr>) {
+        if let Some((resolver, on_loopback)) = resolver {
             *self.resolver.write().unwrap_or_else(|e| e.into_inner()) = resolver;
+            self.resolver_on_loopback
+                .store(on_loopback, std::sync::atomic::Ordering::Relaxed);
         }
         *self.system.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(system);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -135,11 +140,8 @@ impl DnsService {
     }
 
     fn loopback_upstream(&self) -> bool {
-        self.system
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(IpAddr::is_loopback)
+        self.resolver_on_loopback
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn cached(&self, name: &str, qtype: RecordType) -> Option<Upstream> {
