@@ -295,6 +295,15 @@ struct RuleAddArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A command whose output is cut short (`oasis dns | head`) ends quietly,
+    // as Unix tools do, instead of panicking on the closed pipe. The daemon
+    // keeps ignoring SIGPIPE: a CLI that went away must not kill it.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Run) {
+        // SAFETY: setting a signal's disposition to its default, before
+        // any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

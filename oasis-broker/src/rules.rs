@@ -464,6 +464,15 @@ fn overlay_name(name: &str) -> Result<String, RuleError> {
 fn parse_prefix(text: &str) -> Result<IpNet, RuleError> {
     let text = text.trim();
     if let Ok(net) = text.parse::<IpNet>() {
+        // 10.30.2.5/24 is ambiguous (the host, or its network?): never
+        // guessed, so a rule claims exactly what the user meant.
+        if net.trunc() != net {
+            return Err(RuleError::HostBits {
+                given: text.to_string(),
+                network: net.trunc().to_string(),
+                host: IpNet::from(net.addr()).to_string(),
+            });
+        }
         return Ok(net);
     }
     text.parse::<IpAddr>()
@@ -561,6 +570,14 @@ pub enum RuleError {
         "bad destination prefix {0:?}: give an address or a prefix such as 203.0.113.0/24 or 2001:db8::/32"
     )]
     BadPrefix(String),
+    #[error(
+        "destination {given:?} has bits set past its prefix length: write {network} for the network or {host} for the one address"
+    )]
+    HostBits {
+        given: String,
+        network: String,
+        host: String,
+    },
     #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
     BadCarrier(String),
     #[error(
@@ -881,6 +898,14 @@ mod tests {
             .parse_header()
             .unwrap_err();
         assert_eq!(err, RuleError::BadPrefix("203.0.113.0/33".into()));
+        let err = spec(Some("tcp"), Some("10.30.2.5/24"), None)
+            .parse_header()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10.30.2.0/24") && err.contains("10.30.2.5/32"),
+            "{err}"
+        );
         let err = spec(None, None, None).parse().unwrap_err();
         assert_eq!(err, RuleError::EmptySubset);
         let err = spec(Some("icmp"), None, Some("80")).parse().unwrap_err();
@@ -891,9 +916,13 @@ mod tests {
     }
 
     #[test]
-    fn prefix_is_normalised_and_bare_address_is_a_host() {
-        let (subset, _) = spec(None, Some("203.0.113.77/24"), None).parse_header().unwrap();
+    fn prefixes_are_exact_and_a_bare_address_is_a_host() {
+        let (subset, _) = spec(None, Some("203.0.113.0/24"), None).parse_header().unwrap();
         assert_eq!(subset.dst.unwrap().to_string(), "203.0.113.0/24");
+        assert!(matches!(
+            spec(None, Some("203.0.113.77/24"), None).parse_header(),
+            Err(RuleError::HostBits { .. })
+        ));
         let (subset, _) = spec(None, Some("2001:db8::1"), None).parse_header().unwrap();
         assert_eq!(subset.dst.unwrap().to_string(), "2001:db8::1/128");
     }

@@ -7,6 +7,10 @@ use super::spec::{MAX_SPEC_BYTES, OverlaySpec, SpecError};
 pub enum FetchError {
     #[error("{0:?} is not an http:// or https:// URL")]
     BadUrl(String),
+    #[error("{url:?} is not a valid URL: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("fetching {url}: the server redirected to {location:?}; only http:// and https:// are followed")]
+    Redirect { url: String, location: String },
     #[error("fetching {url}: {reason}")]
     Http { url: String, reason: String },
     #[error("fetching {url}: the server answered {status}")]
@@ -23,9 +27,15 @@ pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(FetchError::BadUrl(url.into()));
     }
-    let http = |e: reqwest::Error| FetchError::Http {
+    // Parsed here, so a bad port or host is named rather than reported as
+    // reqwest's "builder error".
+    reqwest::Url::parse(url).map_err(|e| FetchError::InvalidUrl {
         url: url.into(),
         reason: e.to_string(),
+    })?;
+    let http = |e: reqwest::Error| FetchError::Http {
+        url: url.into(),
+        reason: http_reason(&e),
     };
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
@@ -34,6 +44,19 @@ pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
         .build()
         .map_err(http)?;
     let mut response = client.get(url).send().await.map_err(http)?;
+    if response.status().is_redirection() {
+        // A redirect reqwest would not follow (to file:, ftp:, ...).
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(FetchError::Redirect {
+            url: url.into(),
+            location,
+        });
+    }
     if !response.status().is_success() {
         return Err(FetchError::Status {
             url: url.into(),
@@ -61,4 +84,75 @@ pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
         url: url.into(),
         source,
     })
+}
+
+/// What went wrong, in words a user can act on: reqwest's own text names
+/// the step ("error decoding response body") rather than the cause.
+fn http_reason(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return "no complete answer within 10 s (connecting within 5 s); is the server up and reachable?"
+            .into();
+    }
+    if error.is_redirect() {
+        return "too many redirects (more than 3)".into();
+    }
+    let mut text = if error.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_urls_and_redirects_are_named() {
+        let err = fetch("http://192.0.2.1:99999/x.xml")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid port"), "{err}");
+        // A server that redirects to file:// and one that never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf);
+                if n == 0 {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n",
+                    );
+                } else {
+                    // Headers, then silence: the body never comes.
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n<ov");
+                    std::thread::sleep(std::time::Duration::from_secs(15));
+                }
+            }
+        });
+        let err = fetch(&format!("http://{addr}/x.xml"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redirected to \"file:///etc/passwd\""), "{err}");
+        let err = fetch(&format!("http://{addr}/x.xml"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no complete answer within 10 s"), "{err}");
+    }
 }

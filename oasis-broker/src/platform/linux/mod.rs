@@ -37,12 +37,25 @@ pub enum LinuxError {
         "no uplink: no interface carries a default route; name the uplinks in the config file (uplinks: [eth0])"
     )]
     NoUplinks,
-    #[error("creating TUN device {name}: {source} (the daemon must run as root)")]
+    #[error("creating TUN device {name}: {source}{}", hint(source))]
     Tun { name: String, source: io::Error },
-    #[error("opening the underlay raw sockets: {0} (the daemon must run as root)")]
+    #[error("opening the underlay raw sockets: {0}{hint}", hint = hint(.0))]
     Underlay(io::Error),
     #[error("opening the Monitor's probe sockets (TCP ports held, raw ICMP sockets): {0}")]
     Probes(io::Error),
+}
+
+/// What to do about a failure to open a device or socket: only a refusal
+/// means the daemon lacks root; a busy device means another daemon (maybe
+/// one still exiting) holds it.
+fn hint(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => " (the daemon must run as root)",
+        Some(libc::EBUSY) => {
+            " (in use: is another oasis daemon running, or still exiting? try again in a few seconds)"
+        }
+        _ => "",
+    }
 }
 
 /// The Linux implementation of the platform.
