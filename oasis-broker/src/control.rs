@@ -246,6 +246,9 @@ pub struct OverlayView {
     pub rules: Vec<u32>,
     pub packets_sent: u64,
     pub packets_received: u64,
+    /// Flows it carries now.
+    #[serde(default)]
+    pub live_flows: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

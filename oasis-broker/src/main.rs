@@ -488,6 +488,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Overlay(OverlayCommand::Del { name }) => {
             match call(&socket, &Request::OverlayDel { name })? {
+                Response::Overlay { overlay } if overlay.live_flows > 0 => println!(
+                    "left overlay {}; its {} live flows end: each gets a TCP reset or an ICMP unreachable on its next packet",
+                    overlay.name, overlay.live_flows
+                ),
                 Response::Overlay { overlay } => println!("left overlay {}", overlay.name),
                 other => bail!("unexpected reply: {other:?}"),
             }

@@ -376,8 +376,8 @@ pub fn overlay(o: &OverlayView) -> String {
     );
     let _ = writeln!(
         out,
-        "traffic     {} packets sent, {} received",
-        o.packets_sent, o.packets_received
+        "traffic     {} packets sent, {} received; {} live flows",
+        o.packets_sent, o.packets_received, o.live_flows
     );
     out
 }

@@ -513,3 +513,82 @@ fn fragmented_datagrams_of_a_claimed_flow_all_take_the_overlay() {
     );
     assert_eq!(leaked(&net), 0, "fragments left from the client's own address");
 }
+
+/// `overlay del` with live flows says how many, and ends them cleanly: a
+/// TCP connection's next send meets a reset, a UDP socket's next send an
+/// ICMP unreachable, at once, instead of a silent black hole.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn leaving_an_overlay_ends_its_live_flows_cleanly() {
+    let mut net = Topology::new();
+    net.start_echo_server(7000);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7000", "--via", "exit",
+        ],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "7001", "--via", "exit",
+        ],
+    );
+    let trigger = net.dir.join("overlay-left");
+    let script = format!(
+        "import socket,os,time\n\
+         t=socket.create_connection(('{SERVER_V4}',7000),timeout=5)\n\
+         t.sendall(b'one');print(t.recv(16).decode(),flush=True)\n\
+         u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.connect(('{SERVER_V4}',7001));u.send(b'x')\n\
+         print('ready',flush=True)\n\
+         while not os.path.exists('{trigger}'): time.sleep(0.05)\n\
+         start=time.monotonic()\n\
+         try:\n  t.sendall(b'two');t.recv(16);print('tcp alive')\n\
+         except OSError as e: print('tcp',type(e).__name__)\n\
+         u.settimeout(3)\n\
+         try:\n  u.send(b'y');time.sleep(0.3);u.send(b'z');u.recv(16);print('udp alive')\n\
+         except OSError as e: print('udp',type(e).__name__)\n\
+         print('took',round(time.monotonic()-start,1))\n",
+        trigger = trigger.display()
+    );
+    let client = net.client.clone();
+    net.spawn(&client, "session", &["python3", "-u", "-c", &script]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !net.process("session").log().contains("ready") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            net.process("session").log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cli_ok(&daemon, &net, &["rule", "del", "1"]);
+    cli_ok(&daemon, &net, &["rule", "del", "2"]);
+    let left = cli_ok(&daemon, &net, &["overlay", "del", "exit"]);
+    assert!(left.contains("its 2 live flows end"), "{left}");
+    std::fs::write(&trigger, b"").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !net.process("session").log().contains("took") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            net.process("session").log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = net.process("session").log();
+    assert!(log.contains("tcp ConnectionResetError"), "{log}");
+    assert!(
+        log.contains("udp ") && !log.contains("udp alive") && !log.contains("udp TimeoutError"),
+        "{log}"
+    );
+    let took: f64 = log
+        .split("took ")
+        .nth(1)
+        .and_then(|t| t.trim().parse().ok())
+        .expect("took");
+    assert!(took < 2.0, "the application waited {took} s: {log}");
+}

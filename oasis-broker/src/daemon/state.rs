@@ -499,7 +499,11 @@ impl Daemon {
         let saved = self.save();
         drop(change);
         self.wait_saved(saved, reporter).await?;
-        tracing::info!(%name, "overlay left");
+        if view.live_flows > 0 {
+            tracing::info!(%name, live_flows = view.live_flows, "overlay left; its live flows get a reset (TCP) or an ICMP unreachable on their next packet");
+        } else {
+            tracing::info!(%name, "overlay left");
+        }
         Ok(view)
     }
 
@@ -623,6 +627,7 @@ fn overlay_view(
         rules: rules_using(rules, &stored.name),
         packets_sent: joined.map(|j| j.sent.load(Relaxed)).unwrap_or(0),
         packets_received: joined.map(|j| j.received.load(Relaxed)).unwrap_or(0),
+        live_flows: joined.map(|j| j.flows.load(Relaxed)).unwrap_or(0),
     }
 }
 

@@ -392,18 +392,26 @@ mod tests {
             decide(&mut router, &mut mdns),
             Outbound::Drop(DropReason::Unroutable)
         );
-        // No carrier: the overlay of a live flow was left.
+        // No carrier: the overlay of a live flow was left. The application
+        // hears at once: a reset from the server's address.
         world
             .engine
             .publish(routes(&world.rules, &Arc::new(OverlayTable::default())));
+        let mut reset = Vec::new();
+        router.begin_batch();
         assert_eq!(
-            decide(&mut router, &mut tcp(SERVER, 40000, 80, None)),
-            Outbound::Drop(DropReason::NoCarrier)
+            router.outbound(Instant::now(), &mut tcp(SERVER, 40000, 80, None), &mut reset),
+            Outbound::Reply
+        );
+        assert!(oasis_io::packet::tcp_resetting(&reset));
+        assert_eq!(
+            addresses(&reset).unwrap(),
+            (IpAddr::from(SERVER), IpAddr::from(CLIENT))
         );
         // ... and a new flow of a rule whose overlay is not usable.
         assert_eq!(
             decide(&mut router, &mut tcp(SERVER, 40001, 80, None)),
-            Outbound::Drop(DropReason::NoCarrier)
+            Outbound::Reply
         );
         // Untranslatable: a fake address with a protocol without ports.
         let mut gre = Vec::new();

@@ -352,7 +352,11 @@ impl Router {
             return self.drop(DropReason::Malformed);
         };
         let Some(fragment) = oasis_io::packet::fragment(packet) else {
-            return self.outbound_packet(now, key, packet, reply);
+            let outbound = self.outbound_packet(now, key, packet, reply);
+            if outbound == Outbound::Drop(DropReason::NoCarrier) {
+                return self.end_without_carrier(&key, packet, reply);
+            }
+            return outbound;
         };
         let datagram = frag_key(&key, &fragment);
         if !fragment.first {
@@ -365,6 +369,30 @@ impl Router {
             .filter(|dst| *dst != destination);
         self.fragments.first(datagram, outbound, rewritten, now);
         outbound
+    }
+
+    /// A packet of a flow whose carrier is gone (its overlay was left, or
+    /// cannot be used): the application hears at once, by a reset for TCP
+    /// and an ICMP unreachable otherwise, rather than sending into a void.
+    /// The flow is not moved elsewhere: its source address would change.
+    fn end_without_carrier(&mut self, key: &FlowKey, packet: &mut [u8], reply: &mut Vec<u8>) -> Outbound {
+        // A fake-address flow's packet was given its real destination: the
+        // answer must come from the address the application knows.
+        let destination = flow_dst(key);
+        if oasis_io::packet::addresses(packet).is_some_and(|(_, dst)| dst != destination) {
+            let _ = rewrite_address(packet, End::Destination, destination);
+        }
+        let tcp_reset = key.proto == 6
+            && !oasis_io::packet::tcp_resetting(packet)
+            && super::probes::reset_for(packet, reply).is_some();
+        if tcp_reset {
+            self.flows.closing(key);
+        }
+        if tcp_reset || (key.proto != 6 && oasis_io::packet::prohibited_reply(packet, reply)) {
+            self.engine.counters.replies.fetch_add(1, Relaxed);
+            return Outbound::Reply;
+        }
+        Outbound::Drop(DropReason::NoCarrier)
     }
 
     /// A fragment after the first: the way its first went, or nowhere.
@@ -548,6 +576,11 @@ impl Router {
                 .flows_evicted
                 .fetch_add(freed as u64, Relaxed);
             tracing::debug!(freed, "flow table full: forgot the flows idle the longest");
+        }
+        if let Via::Overlay(id) = flow.via
+            && let Some(overlay) = self.routes.overlays.get(id)
+        {
+            overlay.flows.fetch_add(1, Relaxed);
         }
         self.flows.insert(key, flow);
         let counters = &self.engine.counters;
@@ -842,6 +875,15 @@ impl Router {
             return;
         }
         self.engine.counters.flows.fetch_sub(ended.len() as u64, Relaxed);
+        for (_, flow) in ended.iter() {
+            if let Via::Overlay(id) = flow.via
+                && let Some(overlay) = self.routes.overlays.get(id)
+            {
+                let _ = overlay
+                    .flows
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+            }
+        }
         let now = Instant::now();
         let monitor = &self.engine.monitor;
         let mut measured_here = 0;

@@ -101,6 +101,8 @@ pub struct JoinedOverlay {
     pub monitor: bool,
     pub sent: AtomicU64,
     pub received: AtomicU64,
+    /// Flows carried now (the packet threads count them in and out).
+    pub flows: AtomicU64,
 }
 
 impl JoinedOverlay {
@@ -113,6 +115,7 @@ impl JoinedOverlay {
             monitor: false,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
         }
     }
 

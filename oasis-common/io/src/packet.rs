@@ -336,6 +336,12 @@ pub fn ports(packet: &[u8]) -> Option<(u16, u16)> {
     }
 }
 
+/// Whether a TCP packet is a reset (never answered by another).
+pub fn tcp_resetting(packet: &[u8]) -> bool {
+    let Ok(layout) = layout(packet) else { return false };
+    layout.proto == TCP && packet.get(layout.l4 + 13).is_some_and(|flags| flags & 0x04 != 0)
+}
+
 /// Whether a TCP packet carries FIN or RST (its connection is ending).
 pub fn tcp_closing(packet: &[u8]) -> bool {
     let Ok(layout) = layout(packet) else { return false };
@@ -372,10 +378,18 @@ pub fn rewrite_address(packet: &mut [u8], end: End, addr: IpAddr) -> Result<(), 
 /// Written into `out` (cleared first, its capacity reused); false when
 /// `dead` is not an IP packet.
 pub fn unreachable_reply(dead: &[u8], out: &mut Vec<u8>) -> bool {
-    build_unreachable(dead, out).is_some()
+    build_unreachable(dead, out, false).is_some()
 }
 
-fn build_unreachable(dead: &[u8], out: &mut Vec<u8>) -> Option<()> {
+/// An ICMP "communication administratively prohibited" (ICMPv6: with the
+/// destination administratively prohibited) for `refused`: unlike host
+/// unreachable, which a UDP socket ignores, the sender's stack reports it
+/// to the application at once (EHOSTUNREACH, EACCES).
+pub fn prohibited_reply(refused: &[u8], out: &mut Vec<u8>) -> bool {
+    build_unreachable(refused, out, true).is_some()
+}
+
+fn build_unreachable(dead: &[u8], out: &mut Vec<u8>, prohibited: bool) -> Option<()> {
     use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
     let (src, dst) = addresses(dead)?;
     out.clear();
@@ -384,9 +398,11 @@ fn build_unreachable(dead: &[u8], out: &mut Vec<u8>) -> Option<()> {
             let ihl = usize::from(dead[0] & 0x0f) * 4;
             let quoted = &dead[..dead.len().min(ihl + 8)];
             PacketBuilder::ipv4(from.octets(), to.octets(), 64)
-                .icmpv4(Icmpv4Type::DestinationUnreachable(
-                    icmpv4::DestUnreachableHeader::Host,
-                ))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(if prohibited {
+                    icmpv4::DestUnreachableHeader::FilterProhibited
+                } else {
+                    icmpv4::DestUnreachableHeader::Host
+                }))
                 .write(out, quoted)
                 .ok()?;
         }
@@ -394,9 +410,11 @@ fn build_unreachable(dead: &[u8], out: &mut Vec<u8>) -> Option<()> {
             // The whole error must fit the IPv6 minimum MTU.
             let quoted = &dead[..dead.len().min(1280 - 48)];
             PacketBuilder::ipv6(from.octets(), to.octets(), 64)
-                .icmpv6(Icmpv6Type::DestinationUnreachable(
-                    icmpv6::DestUnreachableCode::Address,
-                ))
+                .icmpv6(Icmpv6Type::DestinationUnreachable(if prohibited {
+                    icmpv6::DestUnreachableCode::Prohibited
+                } else {
+                    icmpv6::DestUnreachableCode::Address
+                }))
                 .write(out, quoted)
                 .ok()?;
         }
