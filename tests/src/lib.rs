@@ -312,6 +312,7 @@ impl Topology {
         let _ = std::fs::remove_file(&stats);
         let bin = workspace_bin("oasis-exit");
         let stats_text = stats.to_string_lossy().into_owned();
+        let state_text = self.dir.join("exit-nat.json").to_string_lossy().into_owned();
         let mut args = vec![
             bin.to_str().expect("utf-8 path"),
             "--uplink",
@@ -324,6 +325,8 @@ impl Topology {
             "0.0.0.0:7400",
             "--stats-file",
             &stats_text,
+            "--state-file",
+            &state_text,
         ];
         args.extend_from_slice(extra);
         let overlay = self.overlay.clone();

@@ -592,3 +592,71 @@ fn leaving_an_overlay_ends_its_live_flows_cleanly() {
         .expect("took");
     assert!(took < 2.0, "the application waited {took} s: {log}");
 }
+
+/// An exit restart keeps its clients' connections (the NAT's mappings in
+/// its state file); one that lost them resets the connection at once
+/// rather than leaving the application hanging.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn an_exit_restart_keeps_connections_or_resets_them() {
+    let mut net = Topology::new();
+    net.start_echo_server(7100);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7100", "--via", "exit",
+        ],
+    );
+    let (first, second) = (net.dir.join("restarted"), net.dir.join("forgotten"));
+    let script = format!(
+        "import socket,os,time\n\
+         t=socket.create_connection(('{SERVER_V4}',7100),timeout=5)\n\
+         def echo(m):\n  t.sendall(m);return t.recv(16).decode()\n\
+         print('one',echo(b'a'),flush=True)\n\
+         while not os.path.exists('{first}'): time.sleep(0.05)\n\
+         print('two',echo(b'b'),flush=True)\n\
+         while not os.path.exists('{second}'): time.sleep(0.05)\n\
+         start=time.monotonic()\n\
+         try: print('three',echo(b'c'))\n\
+         except OSError as e: print('three',type(e).__name__)\n\
+         print('took',round(time.monotonic()-start,1))\n",
+        first = first.display(),
+        second = second.display()
+    );
+    let client = net.client.clone();
+    net.spawn(&client, "session", &["python3", "-u", "-c", &script]);
+    let wait_for = |net: &mut Topology, text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !net.process("session").log().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                net.process("session").log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&mut net, "one a");
+    // The state is written within a second of a change.
+    std::thread::sleep(Duration::from_millis(1500));
+    net.process("oasis-exit").kill_hard();
+    net.start_exit(&["--client", CLIENT_V4]);
+    std::fs::write(&first, b"").unwrap();
+    wait_for(&mut net, "two b");
+    // Restarted without its state: the next send meets a reset.
+    net.process("oasis-exit").kill_hard();
+    let _ = std::fs::remove_file(net.dir.join("exit-nat.json"));
+    net.start_exit(&["--client", CLIENT_V4]);
+    std::fs::write(&second, b"").unwrap();
+    wait_for(&mut net, "took");
+    let log = net.process("session").log();
+    assert!(log.contains("three ConnectionResetError"), "{log}");
+    let took: f64 = log
+        .split("took ")
+        .nth(1)
+        .and_then(|t| t.trim().parse().ok())
+        .expect("took");
+    assert!(took < 2.0, "the application waited {took} s: {log}");
+}

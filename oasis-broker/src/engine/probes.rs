@@ -284,26 +284,7 @@ impl ProbeTable {
 /// The reset that ends a probe's half-open connection, answering its
 /// SYN-ACK (`syn_ack`, as it came back), into `out`.
 pub fn reset_for(syn_ack: &[u8], out: &mut Vec<u8>) -> Option<()> {
-    let sliced = SlicedPacket::from_ip(syn_ack).ok()?;
-    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
-        return None;
-    };
-    out.clear();
-    let builder = match sliced.net? {
-        NetSlice::Ipv4(ip) => PacketBuilder::ipv4(ip.header().destination(), ip.header().source(), 64),
-        NetSlice::Ipv6(ip) => PacketBuilder::ipv6(ip.header().destination(), ip.header().source(), 64),
-        NetSlice::Arp(_) => return None,
-    };
-    builder
-        .tcp(
-            tcp.destination_port(),
-            tcp.source_port(),
-            tcp.acknowledgment_number(),
-            0,
-        )
-        .rst()
-        .write(out, &[])
-        .ok()
+    oasis_io::packet::reset_reply(syn_ack, out).then_some(())
 }
 
 #[cfg(test)]

@@ -382,9 +382,7 @@ impl Router {
         if oasis_io::packet::addresses(packet).is_some_and(|(_, dst)| dst != destination) {
             let _ = rewrite_address(packet, End::Destination, destination);
         }
-        let tcp_reset = key.proto == 6
-            && !oasis_io::packet::tcp_resetting(packet)
-            && super::probes::reset_for(packet, reply).is_some();
+        let tcp_reset = key.proto == 6 && oasis_io::packet::reset_reply(packet, reply);
         if tcp_reset {
             self.flows.closing(key);
         }

@@ -336,6 +336,39 @@ pub fn ports(packet: &[u8]) -> Option<(u16, u16)> {
     }
 }
 
+/// A TCP reset answering `segment`: from its destination to its source,
+/// with the sequence number the sender expects next (its acknowledgment),
+/// so the sender's stack takes it. Written into `out` (cleared first);
+/// false when `segment` is not TCP, or is itself a reset (never answered).
+pub fn reset_reply(segment: &[u8], out: &mut Vec<u8>) -> bool {
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    let Ok(sliced) = SlicedPacket::from_ip(segment) else {
+        return false;
+    };
+    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else {
+        return false;
+    };
+    if tcp.rst() {
+        return false;
+    }
+    out.clear();
+    let builder = match sliced.net {
+        Some(NetSlice::Ipv4(ip)) => PacketBuilder::ipv4(ip.header().destination(), ip.header().source(), 64),
+        Some(NetSlice::Ipv6(ip)) => PacketBuilder::ipv6(ip.header().destination(), ip.header().source(), 64),
+        _ => return false,
+    };
+    builder
+        .tcp(
+            tcp.destination_port(),
+            tcp.source_port(),
+            tcp.acknowledgment_number(),
+            0,
+        )
+        .rst()
+        .write(out, &[])
+        .is_ok()
+}
+
 /// Whether a TCP packet is a reset (never answered by another).
 pub fn tcp_resetting(packet: &[u8]) -> bool {
     let Ok(layout) = layout(packet) else { return false };

@@ -78,6 +78,10 @@ struct Args {
     /// Write counters (per client and class) here as JSON, every second.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// Keep the NAT's mappings here (written within a second of a change,
+    /// read at start), so clients' connections survive a restart.
+    #[arg(long, default_value = "/var/lib/oasis-exit/nat.json")]
+    state_file: PathBuf,
 }
 
 fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -206,8 +210,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     nat_config.max_flows = args.max_flows;
     nat_config.tcp_idle = std::time::Duration::from_secs(args.tcp_idle_secs);
     nat_config.udp_idle = std::time::Duration::from_secs(args.udp_idle_secs);
+    let mut nat = Nat::new(nat_config);
+    match std::fs::read(&args.state_file) {
+        Ok(bytes) => match serde_json::from_slice::<nat::NatState>(&bytes) {
+            Ok(state) => {
+                let saved = state.len();
+                let restored = nat.restore(state, Instant::now());
+                tracing::info!(restored, saved, path = %args.state_file.display(), "NAT mappings restored");
+            }
+            Err(e) => {
+                tracing::warn!(path = %args.state_file.display(), "the NAT state file is not valid ({e}); starting empty")
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %args.state_file.display(), "cannot read the NAT state ({e}); starting empty")
+        }
+    }
+    let mut saved_changes = nat.changes();
     let core = Arc::new(Mutex::new(Core {
-        nat: Nat::new(nat_config),
+        nat,
         stats: ExitStats::default(),
     }));
     let clients = Arc::new(args.clients.clone());
@@ -235,11 +257,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     {
+        let raw = raw.clone();
         let (core, device) = (core.clone(), tun.queues.into_iter().next().context("TUN queue")?);
         let sockets = sockets.clone();
         let shim = vec![0u8; args.shim_len];
         threads.push(std::thread::spawn(move || {
-            to_clients(&device, &core, &sockets, &shim)
+            to_clients(&device, &core, &sockets, &shim, &raw)
         }));
     }
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
@@ -247,13 +270,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut last_log = Instant::now();
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let stats = {
+        let (stats, state) = {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
-            core.nat.expire(Instant::now());
+            let now = Instant::now();
+            core.nat.expire(now);
             core.stats.nat_flows = core.nat.len();
             core.stats.program = steering.stats();
-            core.stats.clone()
+            // Copied under the lock, written outside it.
+            let changes = core.nat.changes();
+            let state = (changes != saved_changes).then(|| {
+                saved_changes = changes;
+                core.nat.state(now)
+            });
+            (core.stats.clone(), state)
         };
+        if let Some(state) = state
+            && let Err(e) = save_state(&args.state_file, &state)
+        {
+            tracing::warn!(path = %args.state_file.display(), "saving the NAT state: {e}");
+        }
         if let Some(path) = &args.stats_file {
             let tmp = path.with_extension("tmp");
             if std::fs::write(&tmp, serde_json::to_vec_pretty(&stats)?).is_ok() {
@@ -273,6 +308,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             bail!("a packet thread stopped; see the log above");
         }
     }
+}
+
+/// Writes the NAT state atomically (a temporary file renamed over it).
+fn save_state(path: &std::path::Path, state: &nat::NatState) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(state)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 const BATCH: usize = 16;
@@ -309,6 +355,7 @@ fn to_internet(
     let mut queues: PriorityQueues<Queued> = PriorityQueues::new(classes, queue);
     // Spare packet buffers, reused so the steady state allocates nothing.
     let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut reset = Vec::new();
     let mut nonblocking = false;
     if let Err(e) = enable_udp_gro(socket) {
         tracing::warn!("no UDP GRO on the client socket ({e}); datagrams arrive one by one");
@@ -374,6 +421,15 @@ fn to_internet(
                 }
                 Err(e) => {
                     *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
+                    // The application learns at once that its connection
+                    // is gone, instead of retransmitting into nothing.
+                    if e == NatError::NoConnection
+                        && oasis_io::packet::reset_reply(&queued.packet, &mut reset)
+                    {
+                        let mut back = vec![0u8; shim_len];
+                        back.extend_from_slice(&reset);
+                        let _ = socket.send_to(&back, &queued.sender.into());
+                    }
                     pool.push(queued.packet);
                 }
             }
@@ -393,6 +449,7 @@ fn nat_reason(e: NatError) -> String {
         NatError::Full => "table full",
         NatError::NoPort => "no free port",
         NatError::UnknownMapping => "unknown mapping",
+        NatError::NoConnection => "no such connection (reset sent back)",
     }
     .into()
 }
@@ -403,7 +460,11 @@ fn to_clients(
     core: &Mutex<Core>,
     sockets: &[Arc<socket2::Socket>],
     shim: &[u8],
+    raw_sockets: &oasis_io::linux::raw::RawSockets,
 ) {
+    let mut raw_batches = oasis_io::linux::raw::RawBatches::default();
+    let mut resets: Vec<Vec<u8>> = Vec::new();
+    let mut reset = Vec::new();
     use oasis_io::linux::mmsg::GsoDatagrams;
     use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM];
@@ -452,6 +513,11 @@ fn to_clients(
                     }
                     Err(_) => {
                         core.stats.unknown_replies += 1;
+                        // A TCP server still sending to a mapping the exit
+                        // lost (a restart without its state) hears at once.
+                        if oasis_io::packet::reset_reply(&segment[..size], &mut reset) {
+                            resets.push(reset.clone());
+                        }
                         targets.push(None);
                     }
                 }
@@ -467,6 +533,10 @@ fn to_clients(
                 }
             }
             batch.send(socket.as_raw_fd());
+        }
+        if !resets.is_empty() {
+            raw_sockets.send(&mut raw_batches, resets.iter().map(Vec::as_slice));
+            resets.clear();
         }
     }
 }

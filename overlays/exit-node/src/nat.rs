@@ -68,10 +68,12 @@ pub enum NatError {
     NoPort,
     #[error("no mapping for this reply")]
     UnknownMapping,
+    #[error("a TCP segment of no connection the exit knows (it restarted?)")]
+    NoConnection,
 }
 
 /// A flow as the client sent it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 struct Inside {
     client: SocketAddr,
     proto: u8,
@@ -82,7 +84,7 @@ struct Inside {
 }
 
 /// The same flow as the remote end sees it, from the reply's point of view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 struct Outside {
     proto: u8,
     remote: IpAddr,
@@ -96,6 +98,34 @@ struct Mapping {
     class: u8,
     last_seen: Instant,
     closing: bool,
+}
+
+/// The mappings as a state file keeps them across restarts: without
+/// them, connections of clients would hang after a restart (their replies
+/// mapped to nobody).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct NatState {
+    mappings: Vec<SavedMapping>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedMapping {
+    inside: Inside,
+    outside: Outside,
+    class: u8,
+    /// Seconds since its last packet, when saved.
+    idle_secs: u64,
+    closing: bool,
+}
+
+impl NatState {
+    pub fn len(&self) -> usize {
+        self.mappings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
 }
 
 /// Where a reply goes back to.
@@ -118,6 +148,7 @@ pub struct Nat {
     /// Identifications for clients' fragmented datagrams: the exit's own,
     /// so two clients' datagrams never share one at the far end.
     next_id: u32,
+    changes: u64,
 }
 
 /// Fragmented datagrams followed at once, each way.
@@ -150,7 +181,60 @@ impl Nat {
             frags_out: HashMap::new(),
             frags_in: HashMap::new(),
             next_id: 1,
+            changes: 0,
         }
+    }
+
+    /// Bumped when a mapping comes or goes: the state needs saving.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The mappings, for the state file.
+    pub fn state(&self, now: Instant) -> NatState {
+        NatState {
+            mappings: self
+                .by_inside
+                .iter()
+                .map(|(inside, m)| SavedMapping {
+                    inside: *inside,
+                    outside: m.outside,
+                    class: m.class,
+                    idle_secs: now.saturating_duration_since(m.last_seen).as_secs(),
+                    closing: m.closing,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes back the mappings of a previous run that fit this one (its
+    /// port range, its public addresses); returns how many.
+    pub fn restore(&mut self, state: NatState, now: Instant) -> usize {
+        let before = self.by_inside.len();
+        for saved in state.mappings {
+            if !self.config.ports.contains(&saved.outside.nat_port)
+                || self.by_outside.contains_key(&saved.outside)
+                || self.by_inside.len() >= self.config.max_flows
+            {
+                continue;
+            }
+            let Some(last_seen) = now.checked_sub(Duration::from_secs(saved.idle_secs)) else {
+                continue;
+            };
+            self.by_outside.insert(saved.outside, saved.inside);
+            self.by_inside.insert(
+                saved.inside,
+                Mapping {
+                    outside: saved.outside,
+                    class: saved.class,
+                    last_seen,
+                    closing: saved.closing,
+                },
+            );
+        }
+        self.expire(now);
+        self.changes += 1;
+        self.by_inside.len() - before
     }
 
     pub fn len(&self) -> usize {
@@ -213,6 +297,12 @@ impl Nat {
                 mapping.outside.nat_port
             }
             None => {
+                // A TCP segment other than a SYN starts no connection: a
+                // mapping made now would carry it to a server that knows
+                // nothing of it (the exit restarted and lost the mapping).
+                if layout.proto == 6 && !tcp_opening(packet, layout.l4) {
+                    return Err(NatError::NoConnection);
+                }
                 if self.by_inside.len() >= self.config.max_flows {
                     self.expire(now);
                     if self.by_inside.len() >= self.config.max_flows {
@@ -220,6 +310,7 @@ impl Nat {
                     }
                 }
                 let outside = self.allocate(inside.proto, dst, dst_port)?;
+                self.changes += 1;
                 self.by_outside.insert(outside, inside);
                 self.by_inside.insert(
                     inside,
@@ -337,7 +428,11 @@ impl Nat {
             }
             keep
         });
-        before - self.by_inside.len()
+        let gone = before - self.by_inside.len();
+        if gone > 0 {
+            self.changes += 1;
+        }
+        gone
     }
 
     /// A NAT port not in use toward this remote end.
@@ -363,6 +458,12 @@ impl Nat {
         }
         Err(NatError::NoPort)
     }
+}
+
+/// A TCP segment that may open a connection: a SYN (without ACK). A RST
+/// neither opens one nor deserves an answer.
+fn tcp_opening(packet: &[u8], l4: usize) -> bool {
+    packet.get(l4 + 13).is_some_and(|flags| flags & 0x12 == 0x02)
 }
 
 /// Destinations an exit must never reach for a client: itself, loopback,
@@ -398,13 +499,47 @@ mod tests {
         ))
     }
 
+    /// A SYN: what opens a mapping.
     fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
         let mut out = Vec::new();
         PacketBuilder::ipv4(src, dst, 64)
             .tcp(sport, dport, 1, 1000)
+            .syn()
             .write(&mut out, b"data")
             .unwrap();
         out
+    }
+
+    #[test]
+    fn mappings_survive_a_restart_and_unknown_connections_are_refused() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut syn = tcp([10, 0, 0, 1], 5000, SERVER, 80);
+        nat.outbound(client(1), 2, &mut syn, now).unwrap();
+        let nat_port = ports(&syn).unwrap().0;
+        // Written and read back, as by a restarted exit.
+        let saved = serde_json::to_vec(&nat.state(now)).unwrap();
+        let mut again = self::nat();
+        assert_eq!(again.restore(serde_json::from_slice(&saved).unwrap(), now), 1);
+        let mut reply = Vec::new();
+        PacketBuilder::ipv4(SERVER, EXIT.octets(), 64)
+            .tcp(80, nat_port, 9, 1000)
+            .ack(2)
+            .write(&mut reply, b"hi")
+            .unwrap();
+        assert_eq!(again.inbound(&mut reply, now).unwrap().class, 2);
+        // A segment of a connection nobody knows opens nothing.
+        let mut stray = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
+            .tcp(5001, 80, 1, 1000)
+            .ack(1)
+            .write(&mut stray, b"late")
+            .unwrap();
+        assert_eq!(
+            again.outbound(client(1), 0, &mut stray, now),
+            Err(NatError::NoConnection)
+        );
+        assert_eq!(again.len(), 1);
     }
 
     #[test]
@@ -620,6 +755,8 @@ mod tests {
     fn closed_tcp_flows_expire_fast() {
         let mut nat = nat();
         let t0 = Instant::now();
+        nat.outbound(client(1), 0, &mut tcp([10, 0, 0, 1], 5, SERVER, 80), t0)
+            .unwrap();
         let mut fin = Vec::new();
         PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
             .tcp(5, 80, 1, 1000)
