@@ -122,10 +122,6 @@ impl NatState {
     pub fn len(&self) -> usize {
         self.mappings.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.mappings.is_empty()
-    }
 }
 
 /// Where a reply goes back to.
