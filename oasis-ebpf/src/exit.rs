@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{EXIT_FRAGMENTS, EXIT_SETTINGS};
-use oasis_common::{FAMILY_V4, FAMILY_V6, FragKey};
+use oasis_common::{ExitSettings, FAMILY_V4, FAMILY_V6, FragKey};
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -23,6 +23,33 @@ pub fn oasis_exit_ingress(ctx: TcContext) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         None => TC_ACT_OK as i32,
+    }
+}
+
+/// The NAT port of the packet an ICMP error quotes (its source port, or
+/// its echo identifier), when the exit sent that packet.
+#[inline(always)]
+fn quoted_port(ctx: &TcContext, settings: &ExitSettings, v4: bool, at: usize) -> Option<u16> {
+    let (proto, l4) = if v4 {
+        let quoted: [u8; 20] = ctx.load(at).ok()?;
+        if quoted[12..16] != settings.v4 {
+            return None;
+        }
+        (quoted[9], at + ((quoted[0] & 0x0f) as usize) * 4)
+    } else {
+        let quoted: [u8; 40] = ctx.load(at).ok()?;
+        if quoted[8..24] != settings.v6 {
+            return None;
+        }
+        (quoted[6], at + 40)
+    };
+    let head: [u8; 6] = ctx.load(l4).ok()?;
+    match proto {
+        6 | 17 => Some(u16::from_be_bytes([head[0], head[1]])),
+        // An echo request the exit sent: its identifier.
+        1 if head[0] == 8 => Some(u16::from_be_bytes([head[4], head[5]])),
+        58 if head[0] == 128 => Some(u16::from_be_bytes([head[4], head[5]])),
+        _ => None,
     }
 }
 
@@ -105,10 +132,18 @@ fn steer(ctx: &TcContext) -> Option<u32> {
             } else {
                 ICMPV6_ECHO_REPLY
             };
-            if head[0] != reply {
+            let error = if proto == 1 {
+                matches!(head[0], 3 | 11 | 12)
+            } else {
+                matches!(head[0], 1..=4)
+            };
+            if error {
+                quoted_port(ctx, settings, proto == 1, l4_offset + 8)?
+            } else if head[0] == reply {
+                u16::from_be_bytes([head[4], head[5]])
+            } else {
                 return None;
             }
-            u16::from_be_bytes([head[4], head[5]])
         }
         _ => return None,
     };

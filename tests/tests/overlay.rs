@@ -660,3 +660,45 @@ fn an_exit_restart_keeps_connections_or_resets_them() {
         .expect("took");
     assert!(took < 2.0, "the application waited {took} s: {log}");
 }
+
+/// ICMP errors about a flow carried by the exit come back to the client,
+/// about the packet as it sent it: a UDP send to a closed port is refused
+/// (ECONNREFUSED), and a packet whose TTL runs out on the way draws the
+/// router's "time exceeded" (what traceroute reads).
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn icmp_errors_come_back_through_the_exit() {
+    let mut net = Topology::new();
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "7999", "--via", "exit",
+        ],
+    );
+    let script = format!(
+        "import socket,errno\n\
+         def attempt(ttl):\n  \
+           s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3)\n  \
+           s.setsockopt(socket.IPPROTO_IP,11,1)  # IP_RECVERR\n  \
+           if ttl: s.setsockopt(socket.IPPROTO_IP,socket.IP_TTL,ttl)\n  \
+           s.connect(('{SERVER_V4}',7999));s.send(b'x')\n  \
+           try: s.recv(16);return 'answer'\n  \
+           except OSError as e: return errno.errorcode.get(e.errno,'timeout')\n\
+         print('closed',attempt(0))\n\
+         print('ttl',attempt(1))\n"
+    );
+    let output = net.client.output(&["python3", "-c", &script]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("closed ECONNREFUSED"),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("ttl EHOSTUNREACH"),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -170,6 +170,86 @@ fn l4_fields(proto: u8, packet_len: usize, l4: usize) -> Result<(usize, usize, u
     Ok((checksum, port_src, port_dst))
 }
 
+/// Where the packet an ICMP error quotes starts, when `packet` is one
+/// (destination unreachable, packet too big, time exceeded, parameter
+/// problem): routers and hosts on the way send these about a flow.
+pub fn icmp_error_quote(packet: &[u8]) -> Option<usize> {
+    let layout = layout(packet).ok()?;
+    let kind = *packet.get(layout.l4)?;
+    let error = match layout.proto {
+        ICMP => matches!(kind, 3 | 11 | 12),
+        ICMPV6 => matches!(kind, 1..=4),
+        _ => false,
+    };
+    let quote = layout.l4 + 8;
+    (error && packet.len() >= quote + 20).then_some(quote)
+}
+
+/// Puts `addr` and `port` in as the source of the packet an ICMP error
+/// quotes (from `quote` on), as the sender of that packet knew it, and
+/// recomputes the ICMP checksum. The quoted transport checksum is left: no
+/// stack checks it in an error.
+pub fn rewrite_quoted_source(
+    packet: &mut [u8],
+    quote: usize,
+    addr: IpAddr,
+    port: u16,
+) -> Result<(), PacketError> {
+    let quoted = packet.get_mut(quote..).ok_or(PacketError::Truncated)?;
+    let layout = layout(quoted)?;
+    rewrite_ip_address(quoted, End::Source, addr)?;
+    match layout.proto {
+        TCP | UDP => {
+            let at = layout.l4;
+            quoted
+                .get_mut(at..at + 2)
+                .ok_or(PacketError::Truncated)?
+                .copy_from_slice(&port.to_be_bytes());
+        }
+        // An echo request's identifier.
+        ICMP | ICMPV6 => {
+            let at = layout.l4 + 4;
+            quoted
+                .get_mut(at..at + 2)
+                .ok_or(PacketError::Truncated)?
+                .copy_from_slice(&port.to_be_bytes());
+        }
+        other => return Err(PacketError::Unsupported(other)),
+    }
+    refresh_icmp_checksum(packet)
+}
+
+/// Recomputes an ICMP or ICMPv6 message's checksum from scratch (errors are
+/// small; their quoted part changed).
+pub fn refresh_icmp_checksum(packet: &mut [u8]) -> Result<(), PacketError> {
+    let layout = layout(packet)?;
+    let at = layout.l4 + 2;
+    if packet.len() < at + 2 {
+        return Err(PacketError::Truncated);
+    }
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    if layout.version == 6 {
+        // The pseudo-header: addresses, length, next header.
+        let length = (packet.len() - layout.l4) as u32;
+        add(&packet[8..40]);
+        add(&length.to_be_bytes());
+        add(&[0, 0, 0, ICMPV6]);
+    }
+    add(&packet[layout.l4..]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !(sum as u16);
+    packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}
+
 /// The ICMP echo identifier, when the packet is an echo request or reply.
 pub fn echo_id(packet: &[u8]) -> Option<(bool, u16)> {
     let layout = layout(packet).ok()?;

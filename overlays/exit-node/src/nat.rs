@@ -12,8 +12,8 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use oasis_io::packet::{
-    End, PacketError, addresses, echo_id, layout, ports, rewrite, rewrite_ip_address, set_fragment_id,
-    tcp_closing,
+    End, PacketError, addresses, echo_id, icmp_error_quote, layout, ports, rewrite, rewrite_ip_address,
+    rewrite_quoted_source, set_fragment_id, tcp_closing,
 };
 
 #[derive(Clone, Debug)]
@@ -358,6 +358,9 @@ impl Nat {
             rewrite_ip_address(packet, End::Destination, route.inside)?;
             return Ok(route.back);
         }
+        if let Some(quote) = icmp_error_quote(packet) {
+            return self.icmp_error(packet, quote, now);
+        }
         let layout = layout(packet)?;
         let (remote_port, nat_port) = match layout.proto {
             6 | 17 => ports(packet).ok_or(NatError::Unsupported)?,
@@ -400,6 +403,40 @@ impl Nat {
             }
         }
         Ok(back)
+    }
+
+    /// An ICMP error about a NATed flow (port unreachable, time exceeded
+    /// on the way, packet too big): back to the client, about the packet
+    /// as the client sent it, so its application hears (ECONNREFUSED,
+    /// traceroute's hops, path MTU).
+    fn icmp_error(&mut self, packet: &mut [u8], quote: usize, now: Instant) -> Result<Return, NatError> {
+        let quoted = &packet[quote..];
+        let (_, remote) = addresses(quoted).ok_or(PacketError::Truncated)?;
+        let proto = layout(quoted)?.proto;
+        let (nat_port, remote_port) = match proto {
+            6 | 17 => ports(quoted).ok_or(NatError::Unsupported)?,
+            1 | 58 => match echo_id(quoted) {
+                Some((true, id)) => (id, 0),
+                _ => return Err(NatError::Unsupported),
+            },
+            _ => return Err(NatError::Unsupported),
+        };
+        let outside = Outside {
+            proto,
+            remote,
+            remote_port,
+            nat_port,
+        };
+        let inside = *self.by_outside.get(&outside).ok_or(NatError::UnknownMapping)?;
+        let mapping = self.by_inside.get_mut(&inside).ok_or(NatError::UnknownMapping)?;
+        mapping.last_seen = now;
+        let class = mapping.class;
+        rewrite_ip_address(packet, End::Destination, inside.src)?;
+        rewrite_quoted_source(packet, quote, inside.src, inside.src_port)?;
+        Ok(Return {
+            client: inside.client,
+            class,
+        })
     }
 
     /// Drops idle mappings; returns how many.
@@ -745,6 +782,46 @@ mod tests {
         assert_eq!(nat.inbound(&mut first, now).unwrap().client, client(1));
         assert_eq!(nat.inbound(&mut rest, now).unwrap().client, client(1));
         assert_eq!(addresses(&rest).unwrap().1, IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn icmp_errors_about_a_flow_go_back_to_its_client_as_it_sent_it() {
+        let mut nat = nat();
+        let now = Instant::now();
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], SERVER, 64)
+            .udp(4444, 7999)
+            .write(&mut udp, b"probe")
+            .unwrap();
+        nat.outbound(client(1), 0, &mut udp, now).unwrap();
+        // The server's "port unreachable", quoting the packet as it left.
+        let mut error = Vec::new();
+        PacketBuilder::ipv4(SERVER, EXIT.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut error, &udp[..28])
+            .unwrap();
+        assert_eq!(nat.inbound(&mut error, now).unwrap().client, client(1));
+        assert_eq!(addresses(&error).unwrap().1, IpAddr::from([10, 0, 0, 1]));
+        let quote = icmp_error_quote(&error).unwrap();
+        assert_eq!(addresses(&error[quote..]).unwrap().0, IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(ports(&error[quote..]), Some((4444, 7999)));
+        // Every checksum of the error holds.
+        let sliced = etherparse::SlicedPacket::from_ip(&error).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("ICMP");
+        };
+        assert_eq!(icmp.checksum(), icmp.icmp_type().calc_checksum(icmp.payload()));
+        // An error about a flow the exit never carried: refused.
+        let mut stranger = Vec::new();
+        PacketBuilder::ipv4(SERVER, EXIT.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut stranger, &tcp([203, 0, 113, 1], 1, SERVER, 2)[..28])
+            .unwrap();
+        assert!(nat.inbound(&mut stranger, now).is_err());
     }
 
     #[test]
