@@ -702,3 +702,51 @@ fn icmp_errors_come_back_through_the_exit() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A path toward the entry node narrower than the uplink (MTU 1280 on the
+/// exit's link): bulk TCP both ways through the overlay completes.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
+    let mut net = Topology::new();
+    net.start_echo_server(7200);
+    net.start_web_server(80);
+    net.web_file("big.bin", 8 << 20);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    net.router.run(&["ip", "link", "set", "r2", "mtu", "1280"]);
+    net.overlay.run(&["ip", "link", "set", "o0", "mtu", "1280"]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "exit",
+        ],
+    );
+    let (size, secs) = net
+        .download(SERVER_V4, 80, "big.bin")
+        .expect("the download through a narrow path");
+    assert_eq!(size, 8 << 20);
+    // Upload: 8 MB echoed back.
+    let script = format!(
+        "import socket,threading\n\
+         c=socket.create_connection(('{SERVER_V4}',7200),timeout=10)\n\
+         data=b'u'*(8<<20)\n\
+         threading.Thread(target=lambda:(c.sendall(data),c.shutdown(socket.SHUT_WR)),daemon=True).start()\n\
+         got=0\n\
+         while (d:=c.recv(1<<16)): got+=len(d)\n\
+         print(got)\n"
+    );
+    let output = net.client.output(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        (8 << 20).to_string(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("download {secs} s");
+}
