@@ -249,6 +249,9 @@ pub struct OverlayView {
     /// Flows it carries now.
     #[serde(default)]
     pub live_flows: u64,
+    /// The smallest path MTU toward its entry nodes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -379,6 +379,9 @@ pub fn overlay(o: &OverlayView) -> String {
         "traffic     {} packets sent, {} received; {} live flows",
         o.packets_sent, o.packets_received, o.live_flows
     );
+    if let Some(mtu) = o.path_mtu {
+        let _ = writeln!(out, "path MTU    {mtu} (new flows' MSS fits it)");
+    }
     out
 }
 

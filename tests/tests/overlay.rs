@@ -749,4 +749,17 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
         String::from_utf8_lossy(&output.stderr)
     );
     println!("download {secs} s");
+    // The path MTU the OS learnt is followed: new flows are clamped to it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let overlays = json(&daemon, &net, &["overlay", "list", "--json"]);
+        if overlays[0]["path_mtu"].as_u64() == Some(1280) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "path MTU not followed: {overlays}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

@@ -250,6 +250,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let control_socket = config.control_socket.clone();
     let platform_for_status = platform.clone();
     let platform_for_overlays = platform.clone();
+    let platform_for_mtu = platform.clone();
     let daemon = Arc::new(state::Daemon::new(state::Parts {
         config_path: config_path.to_path_buf(),
         settings: Arc::new(config),
@@ -265,6 +266,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         tun: tun_view,
         diverted: Box::new(move |device| platform_for_status.diverted(device)),
         own_addresses: Box::new(move |into| platform_for_overlays.local_addresses(into)),
+        path_mtu: Box::new(move |to| platform_for_mtu.path_mtu(to)),
     }));
 
     let listener = ControlListener::bind(&control_socket)?;

@@ -85,6 +85,7 @@ pub(super) struct Daemon {
     pub tun: TunView,
     diverted: DivertedCounts,
     own_addresses: OwnAddresses,
+    path_mtu: PathMtu,
     started: Instant,
 }
 
@@ -104,6 +105,7 @@ pub(super) struct Parts {
     pub tun: TunView,
     pub diverted: DivertedCounts,
     pub own_addresses: OwnAddresses,
+    pub path_mtu: PathMtu,
 }
 
 /// Packets and bytes the OS handed to the divert device (by name).
@@ -111,6 +113,9 @@ pub(super) type DivertedCounts = Box<dyn Fn(&str) -> (u64, u64) + Send + Sync>;
 
 /// This host's addresses now (no overlay's entry node may be one).
 pub(super) type OwnAddresses = Box<dyn Fn(&mut LocalAddresses) + Send + Sync>;
+
+/// The path MTU toward an address, as the OS knows it now.
+pub(super) type PathMtu = Box<dyn Fn(std::net::SocketAddr) -> Option<u16> + Send + Sync>;
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -143,6 +148,7 @@ impl Daemon {
             tun: parts.tun,
             diverted: parts.diverted,
             own_addresses: parts.own_addresses,
+            path_mtu: parts.path_mtu,
             started: Instant::now(),
         }
     }
@@ -507,6 +513,26 @@ impl Daemon {
         Ok(view)
     }
 
+    /// Reads the path MTU toward every overlay's entry nodes: the route's,
+    /// or what path MTU discovery learnt since (a router's "fragmentation
+    /// needed" about our overlay datagrams). New flows are clamped to it.
+    fn follow_path_mtus(&self) {
+        let table = lock(&self.control).overlays.table().clone();
+        for overlay in table.iter() {
+            let smallest = overlay
+                .path
+                .peers()
+                .iter()
+                .filter_map(|peer| (self.path_mtu)(*peer))
+                .min()
+                .unwrap_or(0);
+            let before = overlay.path_mtu.swap(smallest, Relaxed);
+            if before != smallest && smallest != 0 {
+                tracing::info!(overlay = %overlay.name, path_mtu = smallest, "path MTU toward the entry nodes; new flows are clamped to it");
+            }
+        }
+    }
+
     fn overlay_views(&self, only: Option<&str>) -> Vec<OverlayView> {
         let control = lock(&self.control);
         let table = control.overlays.table();
@@ -594,6 +620,7 @@ impl Daemon {
     pub fn upkeep(&self) {
         self.dns.save_if_changed();
         self.dns.follow_resolv_conf();
+        self.follow_path_mtus();
     }
 }
 
@@ -628,6 +655,7 @@ fn overlay_view(
         packets_sent: joined.map(|j| j.sent.load(Relaxed)).unwrap_or(0),
         packets_received: joined.map(|j| j.received.load(Relaxed)).unwrap_or(0),
         live_flows: joined.map(|j| j.flows.load(Relaxed)).unwrap_or(0),
+        path_mtu: joined.map(|j| j.path_mtu.load(Relaxed)).filter(|m| *m != 0),
     }
 }
 

@@ -103,6 +103,9 @@ pub struct JoinedOverlay {
     pub received: AtomicU64,
     /// Flows carried now (the packet threads count them in and out).
     pub flows: AtomicU64,
+    /// The smallest path MTU toward its entry nodes, as the OS last knew
+    /// it (0: unknown); new flows' MSS is clamped to fit it.
+    pub path_mtu: std::sync::atomic::AtomicU16,
 }
 
 impl JoinedOverlay {
@@ -116,12 +119,17 @@ impl JoinedOverlay {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             flows: AtomicU64::new(0),
+            path_mtu: std::sync::atomic::AtomicU16::new(0),
         }
     }
 
     /// The largest TCP MSS whose segments, encapsulated for this overlay,
     /// still fit an uplink MTU of `mtu`.
     pub fn max_mss(&self, mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
+        // The narrower of the uplink and the path toward the entry nodes:
+        // segments that fit need no fragmenting on the way.
+        let path = self.path_mtu.load(std::sync::atomic::Ordering::Relaxed);
+        let mtu = if path == 0 { mtu } else { mtu.min(path) };
         let ip = |v6: bool| if v6 { 40 } else { 20 };
         let overhead = ip(inner_v6) + 20 + ip(outer_v6) + 8 + self.shim.len();
         (usize::from(mtu).saturating_sub(overhead)).clamp(536, 65_495) as u16
@@ -248,5 +256,9 @@ mod tests {
             536,
             "never below the TCP minimum"
         );
+        // A narrower path toward the entry nodes than the uplink wins.
+        overlay.path_mtu.store(1280, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(overlay.max_mss(1500, false, false), 1280 - 20 - 20 - 20 - 8 - 8);
+        assert_eq!(overlay.max_mss(1000, false, false), 1000 - 20 - 20 - 20 - 8 - 8);
     }
 }

@@ -288,6 +288,9 @@ pub trait Platform: Send + 'static {
     fn kernel(&mut self, settings: Settings) -> Result<Box<dyn Kernel>, PlatformError>;
     /// This host's own addresses now, into `into` (its capacity reused).
     fn local_addresses(&self, into: &mut LocalAddresses);
+    /// The MTU of the path toward `to` as the OS knows it now: the route's,
+    /// lowered by what path MTU discovery has learnt. None when unknown.
+    fn path_mtu(&self, to: std::net::SocketAddr) -> Option<u16>;
     /// Packets and bytes the OS handed to the divert device's readers.
     fn diverted(&self, device: &str) -> (u64, u64);
     /// Ports and sockets for the Monitor's probes (`ports` TCP ports held).

@@ -131,6 +131,33 @@ impl Platform for LinuxPlatform {
         local_addrs::read_local_addresses(into)
     }
 
+    fn path_mtu(&self, to: std::net::SocketAddr) -> Option<u16> {
+        use std::os::fd::AsRawFd;
+        // A connected UDP socket reads the kernel's path MTU to its peer
+        // (IP_MTU / IPV6_MTU): the route's MTU or the PMTU learnt since.
+        let socket =
+            socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::DGRAM, None).ok()?;
+        socket.connect(&to.into()).ok()?;
+        let (level, name) = if to.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_MTU)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+        };
+        let mut mtu: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a getsockopt into a c_int of the size given.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                &mut mtu as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0).then(|| u16::try_from(mtu).ok()).flatten()
+    }
+
     fn diverted(&self, device: &str) -> (u64, u64) {
         diverted_counts(device)
     }
