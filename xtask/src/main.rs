@@ -5,7 +5,9 @@ mod bench_dns;
 mod bench_scale;
 mod demo;
 mod flowgen;
+mod fuzz;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,6 +58,22 @@ enum Task {
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
     },
+    /// Run Oasis under a steady mixed load (flows, DNS, rule churn, overlay
+    /// join and leave, exit and daemon restarts) for a long while and fail
+    /// if memory, open files or tables keep growing. Needs root; not in CI.
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+    },
+    /// Run every fuzz target (cargo-fuzz on the nightly) for a bounded time
+    /// from the corpus in fuzz/corpus, after replaying every input that
+    /// ever crashed one (fuzz/regressions). Installs cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
     /// The benchmark's flow generator (run inside a test namespace).
     #[command(hide = true)]
     Flowgen(flowgen::Args),
@@ -73,6 +91,8 @@ fn main() {
             repeat,
             only,
         } => bench::run(seconds, repeat, only),
+        Task::Soak { minutes } => soak::run(minutes),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Flowgen(args) => flowgen::run(args),
     };
     if let Err(e) = result {

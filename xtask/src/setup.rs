@@ -35,6 +35,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // The C cross compiler the Windows type-check needs.
     ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
+    // libFuzzer, which the fuzz targets link, is C++.
+    ("g++", "g++"),
 ];
 
 struct Step {
