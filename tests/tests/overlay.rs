@@ -749,7 +749,19 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
         String::from_utf8_lossy(&output.stderr)
     );
     println!("download {secs} s");
-    // The path MTU the OS learnt is followed: new flows are clamped to it.
+    // The path MTU the OS knows toward the entry node is followed (new
+    // flows are clamped to it): here a route with its own MTU, which the
+    // OS reports whether or not PMTU discovery learnt anything yet.
+    net.client.run(&[
+        "ip",
+        "route",
+        "add",
+        "10.77.3.0/24",
+        "via",
+        "10.77.1.1",
+        "mtu",
+        "1280",
+    ]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let overlays = json(&daemon, &net, &["overlay", "list", "--json"]);

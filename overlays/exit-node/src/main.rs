@@ -355,7 +355,9 @@ fn to_internet(
     let mut queues: PriorityQueues<Queued> = PriorityQueues::new(classes, queue);
     // Spare packet buffers, reused so the steady state allocates nothing.
     let mut pool: Vec<Vec<u8>> = Vec::new();
-    let mut reset = Vec::new();
+    // Resets for clients' segments of unknown connections: buffers reused,
+    // sent once the NAT's lock is let go.
+    let mut resets: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     let mut nonblocking = false;
     if let Err(e) = enable_udp_gro(socket) {
         tracing::warn!("no UDP GRO on the client socket ({e}); datagrams arrive one by one");
@@ -406,6 +408,7 @@ fn to_internet(
             }
         }
         let now = Instant::now();
+        let mut used = 0;
         while out.len() < BUDGET {
             let Some((class, mut queued)) = queues.pop() else {
                 break;
@@ -423,18 +426,26 @@ fn to_internet(
                     *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
                     // The application learns at once that its connection
                     // is gone, instead of retransmitting into nothing.
-                    if e == NatError::NoConnection
-                        && oasis_io::packet::reset_reply(&queued.packet, &mut reset)
-                    {
-                        let mut back = vec![0u8; shim_len];
-                        back.extend_from_slice(&reset);
-                        let _ = socket.send_to(&back, &queued.sender.into());
+                    if e == NatError::NoConnection {
+                        if used == resets.len() {
+                            resets.push((queued.sender, Vec::new()));
+                        }
+                        let (to, back) = &mut resets[used];
+                        if oasis_io::packet::reset_reply(&queued.packet, back) {
+                            // The shim in front, zeros as on every reply.
+                            back.splice(0..0, std::iter::repeat_n(0u8, shim_len));
+                            *to = queued.sender;
+                            used += 1;
+                        }
                     }
                     pool.push(queued.packet);
                 }
             }
         }
         drop(core_guard);
+        for (to, back) in &resets[..used] {
+            let _ = socket.send_to(back, &(*to).into());
+        }
         raw.send(&mut raw_batches, out.iter().map(Vec::as_slice));
         pool.append(&mut out);
     }
@@ -463,8 +474,8 @@ fn to_clients(
     raw_sockets: &oasis_io::linux::raw::RawSockets,
 ) {
     let mut raw_batches = oasis_io::linux::raw::RawBatches::default();
+    // Resets for servers sending to lost mappings: buffers reused.
     let mut resets: Vec<Vec<u8>> = Vec::new();
-    let mut reset = Vec::new();
     use oasis_io::linux::mmsg::GsoDatagrams;
     use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + DATAGRAM];
@@ -492,6 +503,7 @@ fn to_clients(
         };
         let now = Instant::now();
         targets.clear();
+        let mut used = 0;
         {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             for (segment, &size) in segments.iter_mut().zip(&sizes).take(count) {
@@ -515,8 +527,11 @@ fn to_clients(
                         core.stats.unknown_replies += 1;
                         // A TCP server still sending to a mapping the exit
                         // lost (a restart without its state) hears at once.
-                        if oasis_io::packet::reset_reply(&segment[..size], &mut reset) {
-                            resets.push(reset.clone());
+                        if used == resets.len() {
+                            resets.push(Vec::new());
+                        }
+                        if oasis_io::packet::reset_reply(&segment[..size], &mut resets[used]) {
+                            used += 1;
                         }
                         targets.push(None);
                     }
@@ -534,9 +549,8 @@ fn to_clients(
             }
             batch.send(socket.as_raw_fd());
         }
-        if !resets.is_empty() {
-            raw_sockets.send(&mut raw_batches, resets.iter().map(Vec::as_slice));
-            resets.clear();
+        if used > 0 {
+            raw_sockets.send(&mut raw_batches, resets[..used].iter().map(Vec::as_slice));
         }
     }
 }
