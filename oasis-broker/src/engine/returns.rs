@@ -14,6 +14,7 @@ use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{End, addresses, clamp_mss, fragment, rewrite_address, rewrite_ip_address};
 
 use super::counters::DropReason;
+use super::fragments::FRAGMENT_LIFETIME;
 use super::measure::{FlowProbe, Segment};
 use super::packet::{flow_key, frag_key};
 use super::router::{Engine, ReplyMap};
@@ -49,9 +50,8 @@ pub struct ReturnPath {
     fragments: HashMap<FragKey, (IpAddr, Instant)>,
 }
 
-/// Fragmented replies followed at once, and for how long.
+/// Fragmented replies followed at once.
 const MAX_FRAGMENTED: usize = 1024;
-const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
 
 impl ReturnPath {
     pub fn new(engine: &Arc<Engine>) -> ReturnPath {
