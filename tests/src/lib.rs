@@ -209,6 +209,13 @@ impl Topology {
         for ns in self.namespaces() {
             host(&["ip", "netns", "add", &ns.name]);
             ns.run(&["ip", "link", "set", "lo", "up"]);
+            // Without this, each link's fe80:: address stays tentative for
+            // a second or two after it comes up, and a router with no usable
+            // link-local address sends no neighbour solicitations: the first
+            // IPv6 packets forwarded in that window wait a retransmit timer.
+            for conf in ["all", "default"] {
+                ns.run(&["sysctl", "-qw", &format!("net.ipv6.conf.{conf}.accept_dad=0")]);
+            }
         }
         // `ip netns exec` shows the client this resolv.conf: its resolver
         // asks the test's DNS server, never the host's.
@@ -230,6 +237,7 @@ impl Topology {
         ] {
             ns.run(&["ip", "addr", "add", v4, "dev", iface]);
             ns.run(&["ip", "-6", "addr", "add", v6, "dev", iface, "nodad"]);
+            ns.run(&["sysctl", "-qw", &format!("net.ipv6.conf.{iface}.accept_dad=0")]);
             ns.run(&["ip", "link", "set", iface, "up"]);
         }
         r.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
