@@ -8,7 +8,7 @@
 //! of all stored prefixes that contain it: whichever entry the kernel finds
 //! is then already the complete answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
 use oasis_common::{FAMILY_V4, FlowKey, RuleAction, RuleSet, Verdict};
@@ -49,18 +49,30 @@ pub fn compile(rules: &[Rule]) -> MapImage {
         }
     }
 
-    let dst_v4 = prefix_table(rules, |rule| match rule.subset.dst {
-        None => Some(vec![(0, [0; 4])]),
-        Some(IpNet::V4(net)) => Some(vec![(u32::from(net.prefix_len()), net.network().octets())]),
-        Some(IpNet::V6(_)) => None,
+    let dst_v4 = prefix_table(rules, |rule, add| match (&rule.subset.dst, &rule.subset.dst_set) {
+        (None, None) => add((0, [0; 4])),
+        (Some(IpNet::V4(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
+        (Some(IpNet::V6(_)), _) => {}
+        (None, Some(set)) => set
+            .v4()
+            .iter()
+            .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
     });
-    let dst_v6 = prefix_table(rules, |rule| match rule.subset.dst {
-        None => Some(vec![(0, [0; 16])]),
-        Some(IpNet::V6(net)) => Some(vec![(u32::from(net.prefix_len()), net.network().octets())]),
-        Some(IpNet::V4(_)) => None,
+    let dst_v6 = prefix_table(rules, |rule, add| match (&rule.subset.dst, &rule.subset.dst_set) {
+        (None, None) => add((0, [0; 16])),
+        (Some(IpNet::V6(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
+        (Some(IpNet::V4(_)), _) => {}
+        (None, Some(set)) => set
+            .v6()
+            .iter()
+            .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
     });
-    let dport = prefix_table(rules, |rule| Some(port_prefixes(rule.subset.dport)));
-    let sport = prefix_table(rules, |rule| Some(port_prefixes(rule.subset.sport)));
+    let dport = prefix_table(rules, |rule, add| {
+        port_prefixes(rule.subset.dport).into_iter().for_each(add)
+    });
+    let sport = prefix_table(rules, |rule, add| {
+        port_prefixes(rule.subset.sport).into_iter().for_each(add)
+    });
 
     let actions = rules
         .iter()
@@ -81,24 +93,38 @@ pub fn compile(rules: &[Rule]) -> MapImage {
     }
 }
 
-/// For each rule, `prefixes_of` gives the prefixes it covers (None: the rule
-/// can never match on this field). Each distinct prefix then gets the set of
-/// rules having some prefix that contains it.
+/// For each rule, `prefixes_of` hands `add` the prefixes it covers (none:
+/// the rule can never match on this field). Each distinct prefix then gets
+/// the set of rules having some prefix that contains it.
+///
+/// Linear after a sort, for prefix sets of 100,000s of entries: in address
+/// order, a shorter prefix before the longer ones at the same address,
+/// every prefix comes after all prefixes containing it, and those form a
+/// chain kept on a stack.
 fn prefix_table<const N: usize>(
     rules: &[Rule],
-    prefixes_of: impl Fn(&Rule) -> Option<Vec<Prefix<N>>>,
+    prefixes_of: impl Fn(&Rule, &mut dyn FnMut(Prefix<N>)),
 ) -> BTreeMap<Prefix<N>, RuleSet> {
-    let per_rule: Vec<Vec<Prefix<N>>> = rules.iter().map(|r| prefixes_of(r).unwrap_or_default()).collect();
-    let mut table = BTreeMap::new();
-    for prefix in per_rule.iter().flatten() {
-        table.entry(*prefix).or_insert(RuleSet::EMPTY);
+    let mut own: HashMap<Prefix<N>, RuleSet> = HashMap::new();
+    for (rank, rule) in rules.iter().enumerate() {
+        prefixes_of(rule, &mut |prefix| own.entry(prefix).or_insert(RuleSet::EMPTY).insert(rank));
     }
-    for (prefix, set) in table.iter_mut() {
-        for (rank, covering) in per_rule.iter().enumerate() {
-            if covering.iter().any(|outer| prefix_contains(outer, prefix)) {
-                set.insert(rank);
-            }
+    let mut sorted: Vec<(Prefix<N>, RuleSet)> = own.into_iter().collect();
+    sorted.sort_unstable_by_key(|&((len, bytes), _)| (bytes, len));
+    let mut enclosing: Vec<(Prefix<N>, RuleSet)> = Vec::new();
+    let mut table = BTreeMap::new();
+    for (prefix, mut set) in sorted {
+        while enclosing
+            .last()
+            .is_some_and(|(outer, _)| !prefix_contains(outer, &prefix))
+        {
+            enclosing.pop();
         }
+        if let Some((_, outer)) = enclosing.last() {
+            set.union_with(outer);
+        }
+        enclosing.push((prefix, set));
+        table.insert(prefix, set);
     }
     table
 }
@@ -181,8 +207,10 @@ fn longest_match<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Carrier, HeaderSubset, Protocol};
+    use crate::rules::{Carrier, HeaderSubset, PortRange, Protocol};
+    use crate::prefix_set::PrefixSet;
     use oasis_common::FAMILY_V6;
+    use std::sync::Arc;
 
     #[test]
     fn port_ranges_become_minimal_prefixes() {
@@ -263,8 +291,8 @@ mod tests {
                 Some(Protocol::Udp),
                 Some(Protocol::Icmp),
             ][rng.below(4) as usize];
-            let dst: Option<IpNet> = match rng.below(4) {
-                0 => None,
+            let dst: Option<IpNet> = match rng.below(5) {
+                0 | 4 => None,
                 1 => Some(
                     format!("10.{}.0.0/{}", rng.below(4), 8 + rng.below(17))
                         .parse::<IpNet>()
@@ -290,9 +318,35 @@ mod tests {
             } else {
                 None
             };
+            // A prefix set, overlapping the other rules' prefixes and
+            // itself (nested, equal, adjacent), of both families.
+            let dst_set = (dst.is_none() && rng.below(2) == 0).then(|| {
+                let mut text = String::new();
+                for _ in 0..1 + rng.below(12) {
+                    if rng.below(3) == 0 {
+                        let net: IpNet = format!("fd00:{}::/{}", rng.below(4), 16 + rng.below(100))
+                            .parse()
+                            .unwrap();
+                        text.push_str(&format!("{}\n", net.trunc()));
+                    } else {
+                        let net: IpNet = format!(
+                            "10.{}.{}.{}/{}",
+                            rng.below(4),
+                            rng.below(2),
+                            rng.below(4),
+                            8 + rng.below(25)
+                        )
+                        .parse()
+                        .unwrap();
+                        text.push_str(&format!("{}\n", net.trunc()));
+                    }
+                }
+                Arc::new(PrefixSet::parse("set.txt", &text).unwrap())
+            });
             let subset = HeaderSubset {
                 proto,
                 dst,
+                dst_set,
                 dport,
                 sport,
             };
@@ -341,6 +395,65 @@ mod tests {
                 let got = image.lookup(&key).map(|a| a.rule_id);
                 assert_eq!(got, expected, "round {round}, key {key:?}, rules {rules:#?}");
             }
+        }
+    }
+
+    /// A country-sized set in one rule, between two ordinary rules: one
+    /// classifier entry per merged prefix, and the answers of first match.
+    #[test]
+    fn a_hundred_thousand_prefixes_in_one_rule() {
+        let mut rng = XorShift(0x0a51_5000_5e70_0001);
+        let text: String = (0..100_000)
+            .map(|_| {
+                let block = 0x0100_0000 + rng.below(0xdf00_0000 - 0x0100_0000) as u32;
+                format!("{}/24\n", std::net::Ipv4Addr::from(block & 0xffff_ff00))
+            })
+            .collect();
+        let set = Arc::new(PrefixSet::parse("world.txt", &text).unwrap());
+        let header = |dst: Option<&str>, set: Option<Arc<PrefixSet>>, dport: Option<u16>| HeaderSubset {
+            proto: Some(Protocol::Tcp),
+            dst: dst.map(|d| d.parse().unwrap()),
+            dst_set: set,
+            dport: dport.map(|p| PortRange { first: p, last: p }),
+            sport: None,
+        };
+        let rules = vec![
+            Rule {
+                id: 1,
+                subset: header(Some("8.8.8.0/24"), None, Some(53)),
+                via: Carrier::Underlay,
+            },
+            Rule {
+                id: 2,
+                subset: header(None, Some(set.clone()), None),
+                via: Carrier::Underlay,
+            },
+            Rule {
+                id: 3,
+                subset: header(None, None, Some(443)),
+                via: Carrier::Underlay,
+            },
+        ];
+        let image = compile(&rules);
+        let distinct = set.v4().len() + usize::from(!set.contains("8.8.8.1".parse().unwrap()));
+        // The set's prefixes, rule 1's unless the set holds it, rule 3's /0.
+        assert_eq!(image.dst_v4.len(), distinct + 1);
+        let listed: Vec<[u8; 4]> = text
+            .lines()
+            .map(|l| l.trim_end_matches("/24").parse::<std::net::Ipv4Addr>().unwrap().octets())
+            .collect();
+        for i in 0..20_000 {
+            let dst = if i % 2 == 0 {
+                let mut a = listed[rng.below(listed.len() as u64) as usize];
+                a[3] = rng.below(256) as u8;
+                a
+            } else {
+                (rng.below(u32::MAX as u64) as u32).to_be_bytes()
+            };
+            let dport = [53, 443, 80][rng.below(3) as usize];
+            let key = FlowKey::v4([10, 0, 0, 1], dst, 6, 40_000, dport);
+            let expected = rules.iter().find(|r| r.subset.matches(&key)).map(|r| r.id);
+            assert_eq!(image.lookup(&key).map(|a| a.rule_id), expected, "{key:?}");
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dns::policy::UnderlayAnswers;
 
 use crate::overlay::{JoinError, OverlaySpec, check_name, shim_bytes};
+use crate::prefix_set::{PrefixSet, PrefixSetError};
 use crate::rules::{AnyRule, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
@@ -390,6 +392,18 @@ pub enum ConfigError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
+/// Reads the prefix set a rule's `dst_set` names, relative to the config
+/// file's directory.
+fn read_set(config_path: &Path, file: &str) -> Result<PrefixSet, PrefixSetError> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let path = base.join(file);
+    let text = std::fs::read_to_string(&path).map_err(|e| PrefixSetError::Read {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(PrefixSet::parse(&path.display().to_string(), &text)?.kept_in(file.to_string()))
+}
+
 const HEADER: &str = "\
 # Oasis configuration. `oasis rule add|del` rewrites this file; edit it by
 # hand while the daemon is stopped. Keys: see docs/configuration.md.
@@ -519,7 +533,11 @@ impl Config {
                 id: stored.id,
                 source,
             };
-            let (subset, via) = stored.spec.parse().map_err(rule_error)?;
+            let set = match &stored.spec.dst_set {
+                Some(file) => Some(Arc::new(read_set(path, file).map_err(|e| rule_error(e.into()))?)),
+                None => None,
+            };
+            let (subset, via) = stored.spec.parse_with(set).map_err(rule_error)?;
             rules.push(match subset {
                 Subset::Header(subset) => AnyRule::Header(Rule {
                     id: stored.id,

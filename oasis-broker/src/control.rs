@@ -14,6 +14,10 @@ use crate::rules::RuleSpec;
 pub enum Request {
     AddRule {
         spec: Box<RuleSpec>,
+        /// A `--dst-set` rule's prefixes, as the user's file holds them:
+        /// the daemon keeps its own copy beside the config file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dst_set: Option<SetUpload>,
     },
     DelRule {
         id: u32,
@@ -44,6 +48,15 @@ pub enum Request {
     Monitor,
     /// The live flows of the packet threads.
     Flows,
+}
+
+/// A prefix set's file, sent whole: the daemon may not see the user's
+/// files (another mount namespace, a private /tmp).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetUpload {
+    /// The file's name, which the daemon's copy is named after.
+    pub name: String,
+    pub text: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

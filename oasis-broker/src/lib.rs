@@ -21,6 +21,7 @@ pub mod monitor;
 pub mod names;
 pub mod overlay;
 pub mod platform;
+pub mod prefix_set;
 pub mod render;
 pub mod rules;
 pub mod shared;

@@ -1,12 +1,14 @@
 //! `oasis`: the daemon (`oasis run`) and the command line that controls it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use oasis_broker::config::{Config, DEFAULT_CONFIG_PATH};
-use oasis_broker::control::{self, Request, Response};
+use oasis_broker::control::{self, Request, Response, SetUpload};
+use oasis_broker::prefix_set::PrefixSet;
 use oasis_broker::render;
 use oasis_broker::rules::RuleSpec;
 
@@ -116,6 +118,7 @@ Examples:
   oasis rule add --proto udp --dport 27000-27100 --via underlay
   oasis rule add --dst 203.0.113.0/24 --via underlay
   oasis rule add --dst 2001:db8::/32 --proto icmp --via underlay
+  oasis rule add --dst-set country-nl.txt --proto tcp --dport 443 --via exit
   oasis rule add --name '.*\\.edu$' --via detour      (regex, the paper's syntax)
   oasis rule add --name-suffix example.org --via detour   (example.org and below)
   oasis rule add --name-exact www.example.com --via underlay
@@ -125,17 +128,23 @@ Examples:
   oasis rule add --dst 203.0.113.0/24 --dport 443 --metric throughput
   oasis rule add --proto tcp --dport 22 --metric latency --among detour,campus")]
     Add(RuleAddArgs),
-    /// Add many name rules from a file in one step: one pattern per line,
+    /// Add many rules from a file in one step: one pattern per line,
     /// blank lines and lines starting with '#' skipped. All are added, or
     /// none when any line is bad.
+    ///
+    /// Names (suffix, exact, keyword, regex) make a name rule each;
+    /// prefixes (cidr) make one rule claiming traffic to any of them, the
+    /// same as `rule add --dst-set FILE`.
     #[command(after_help = "\
 Examples:
   oasis rule import --kind suffix --via detour domains.txt
-  oasis rule import --kind regex --via underlay patterns.txt")]
+  oasis rule import --kind regex --via underlay patterns.txt
+  oasis rule import --kind cidr --via exit country-nl.txt")]
     Import {
-        /// What each line is: suffix, exact, keyword or regex.
+        /// What each line is: a name suffix, exact name, keyword or regex,
+        /// or a destination prefix (cidr).
         #[arg(long, value_enum)]
-        kind: NameKind,
+        kind: ImportKind,
         /// Where flows to matching names go.
         #[arg(long, value_name = "CARRIER", required_unless_present = "metric")]
         via: Option<String>,
@@ -202,26 +211,73 @@ Examples:
     Del { name: String },
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum NameKind {
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ImportKind {
+    /// A name and every name below it.
     Suffix,
     Exact,
     Keyword,
     Regex,
+    /// Destination prefixes: all of them one rule (a prefix set).
+    Cidr,
 }
 
-impl NameKind {
-    /// A rule for `pattern` with the carrier of `template`.
-    fn spec(self, pattern: String, template: &RuleSpec) -> RuleSpec {
+impl ImportKind {
+    /// A name rule for `pattern` with the carrier of `template`.
+    fn spec(self, pattern: String, template: &RuleSpec) -> anyhow::Result<RuleSpec> {
         let mut spec = template.clone();
         match self {
-            NameKind::Suffix => spec.name_suffix = Some(pattern),
-            NameKind::Exact => spec.name_exact = Some(pattern),
-            NameKind::Keyword => spec.name_keyword = Some(pattern),
-            NameKind::Regex => spec.name = Some(pattern),
+            ImportKind::Suffix => spec.name_suffix = Some(pattern),
+            ImportKind::Exact => spec.name_exact = Some(pattern),
+            ImportKind::Keyword => spec.name_keyword = Some(pattern),
+            ImportKind::Regex => spec.name = Some(pattern),
+            ImportKind::Cidr => bail!("prefixes make one rule, not one each"),
         }
-        spec
+        Ok(spec)
     }
+}
+
+/// Reads a prefix-set file ('-': standard input) and checks it here, so a
+/// bad line is reported with its number before anything is sent.
+fn read_set(file: &std::path::Path) -> anyhow::Result<(SetUpload, Arc<PrefixSet>)> {
+    let (name, text) = if file.as_os_str() == "-" {
+        let text = std::io::read_to_string(std::io::stdin()).context("reading standard input")?;
+        ("prefixes.txt".to_string(), text)
+    } else {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "prefixes.txt".into());
+        (name, text)
+    };
+    let set = PrefixSet::parse(&file.display().to_string(), &text)?;
+    Ok((SetUpload { name, text }, Arc::new(set)))
+}
+
+/// `rule import --kind cidr`: one rule holding the file's prefixes.
+fn import_set(socket: &std::path::Path, template: RuleSpec, file: &std::path::Path) -> anyhow::Result<()> {
+    let (upload, set) = read_set(file)?;
+    let spec = RuleSpec {
+        dst_set: Some(upload.name.clone()),
+        ..template
+    };
+    spec.parse_with(Some(set.clone()))?;
+    eprintln!(
+        "adding one rule for {} prefixes ({} IPv4 and {} IPv6 after merging) ...",
+        set.listed(),
+        set.v4().len(),
+        set.v6().len()
+    );
+    let request = Request::AddRule {
+        spec: Box::new(spec),
+        dst_set: Some(upload),
+    };
+    match call(socket, &request)? {
+        Response::Rule { rule } => println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +302,11 @@ struct RuleAddArgs {
     /// Destination address or prefix, IPv4 or IPv6 (203.0.113.0/24).
     #[arg(long, value_name = "PREFIX")]
     dst: Option<String>,
+    /// Any destination in a file of prefixes, one per line, IPv4 and IPv6
+    /// ('#' starts a comment): a country or ASN list of up to 262,143
+    /// prefixes per family. The daemon keeps a copy beside its config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "dst")]
+    dst_set: Option<PathBuf>,
     /// Destination port or inclusive range (443, 8000-8099).
     #[arg(long, value_name = "PORTS")]
     dport: Option<String>,
@@ -334,9 +395,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => run_daemon(&cli.config),
         Command::Rule(RuleCommand::Add(args)) => {
+            let upload = args.dst_set.as_deref().map(read_set).transpose()?;
             let spec = RuleSpec {
                 proto: args.proto,
                 dst: args.dst,
+                dst_set: upload.as_ref().map(|(upload, _)| upload.name.clone()),
                 dport: args.dport,
                 sport: args.sport,
                 name: args.name,
@@ -349,8 +412,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 monitor: args.monitor,
             };
             // Check locally first so a typo is reported even with no daemon.
-            spec.parse()?;
-            match call(&socket, &Request::AddRule { spec: Box::new(spec) })? {
+            let (upload, set) = upload.unzip();
+            spec.parse_with(set)?;
+            let request = Request::AddRule {
+                spec: Box::new(spec),
+                dst_set: upload,
+            };
+            match call(&socket, &request)? {
                 Response::Rule { rule } if args.json => {
                     println!("{}", serde_json::to_string_pretty(&rule)?)
                 }
@@ -374,6 +442,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 among,
                 ..RuleSpec::default()
             };
+            if kind == ImportKind::Cidr {
+                return import_set(&socket, template, &file);
+            }
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading standard input")?
             } else {
@@ -385,7 +456,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                let spec = kind.spec(line.to_string(), &template);
+                let spec = kind.spec(line.to_string(), &template)?;
                 spec.parse()
                     .with_context(|| format!("{} line {}", file.display(), number + 1))?;
                 specs.push(spec);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::engine::packet::flow_dst;
 use crate::monitor::{Goal, Metric, MetricError};
 use crate::names::{NameError, NamePattern};
+use crate::prefix_set::{MAX_PREFIXES, PrefixSet, PrefixSetError};
 use ipnet::IpNet;
 use oasis_common::{FlowKey, MAX_RULES};
 use serde::{Deserialize, Serialize};
@@ -198,6 +199,8 @@ impl fmt::Display for Carrier {
 pub struct HeaderSubset {
     pub proto: Option<Protocol>,
     pub dst: Option<IpNet>,
+    /// Any of many destination prefixes (instead of `dst`).
+    pub dst_set: Option<Arc<PrefixSet>>,
     pub dport: Option<PortRange>,
     pub sport: Option<PortRange>,
 }
@@ -206,8 +209,16 @@ impl HeaderSubset {
     /// Checks the subset makes sense on its own; the prefix is normalised
     /// (host bits cleared) so equal subsets compare equal.
     pub fn validated(mut self) -> Result<HeaderSubset, RuleError> {
-        if self.proto.is_none() && self.dst.is_none() && self.dport.is_none() && self.sport.is_none() {
+        if self.proto.is_none()
+            && self.dst.is_none()
+            && self.dst_set.is_none()
+            && self.dport.is_none()
+            && self.sport.is_none()
+        {
             return Err(RuleError::EmptySubset);
+        }
+        if self.dst.is_some() && self.dst_set.is_some() {
+            return Err(RuleError::DstAndSet);
         }
         if let Some(proto) = self.proto
             && !proto.has_ports()
@@ -219,6 +230,18 @@ impl HeaderSubset {
         Ok(self)
     }
 
+    /// How many destination prefixes of a family (4 or 6) the subset puts
+    /// in the classifier.
+    pub fn dst_prefixes(&self, family: u8) -> usize {
+        match (&self.dst, &self.dst_set) {
+            (Some(IpNet::V4(_)), _) => usize::from(family == 4),
+            (Some(IpNet::V6(_)), _) => usize::from(family == 6),
+            (None, Some(set)) if family == 4 => set.v4().len(),
+            (None, Some(set)) => set.v6().len(),
+            (None, None) => 1,
+        }
+    }
+
     /// The reference semantics the classifier maps must reproduce.
     pub fn matches(&self, key: &FlowKey) -> bool {
         if let Some(proto) = self.proto
@@ -228,6 +251,11 @@ impl HeaderSubset {
         }
         if let Some(net) = self.dst
             && !net.contains(&flow_dst(key))
+        {
+            return false;
+        }
+        if let Some(set) = &self.dst_set
+            && !set.contains(flow_dst(key))
         {
             return false;
         }
@@ -255,6 +283,9 @@ impl fmt::Display for HeaderSubset {
         if let Some(d) = self.dst {
             parts.push(format!("dst {d}"));
         }
+        if let Some(set) = &self.dst_set {
+            parts.push(format!("dst-set {set}"));
+        }
         if let Some(p) = self.dport {
             parts.push(format!("dport {p}"));
         }
@@ -273,6 +304,10 @@ pub struct RuleSpec {
     pub proto: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst: Option<String>,
+    /// A file of destination prefixes, one per line: the rule claims
+    /// traffic to any of them. Relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_set: Option<String>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -343,8 +378,14 @@ fn port_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
 }
 
 impl RuleSpec {
-    /// Parses every field; the first bad one is reported by name.
+    /// Parses every field; the first bad one is reported by name. A rule
+    /// with a `dst_set` needs the set read: see [`parse_with`](Self::parse_with).
     pub fn parse(&self) -> Result<(Subset, Carrier), RuleError> {
+        self.parse_with(None)
+    }
+
+    /// As [`parse`](Self::parse), with the prefix set `dst_set` names, read.
+    pub fn parse_with(&self, set: Option<Arc<PrefixSet>>) -> Result<(Subset, Carrier), RuleError> {
         let names: Vec<NamePattern> = [
             self.name.clone().map(NamePattern::Regex),
             self.name_exact.clone().map(NamePattern::Exact),
@@ -354,8 +395,11 @@ impl RuleSpec {
         .into_iter()
         .flatten()
         .collect();
-        let header_given =
-            self.proto.is_some() || self.dst.is_some() || self.dport.is_some() || self.sport.is_some();
+        let header_given = self.proto.is_some()
+            || self.dst.is_some()
+            || self.dst_set.is_some()
+            || self.dport.is_some()
+            || self.sport.is_some();
         match names.len() {
             0 => {}
             1 if header_given => return Err(RuleError::NameWithHeader),
@@ -367,11 +411,18 @@ impl RuleSpec {
         }
         let proto = self.proto.as_deref().map(str::parse).transpose()?;
         let dst = self.dst.as_deref().map(parse_prefix).transpose()?;
+        let dst_set = match (&self.dst_set, set) {
+            (None, None) => None,
+            (Some(_), Some(set)) => Some(set),
+            (Some(file), None) => return Err(RuleError::SetNotRead(file.clone())),
+            (None, Some(_)) => return Err(RuleError::SetWithoutFile),
+        };
         let dport = self.dport.as_deref().map(str::parse).transpose()?;
         let sport = self.sport.as_deref().map(str::parse).transpose()?;
         let subset = HeaderSubset {
             proto,
             dst,
+            dst_set,
             dport,
             sport,
         }
@@ -430,6 +481,7 @@ impl RuleSpec {
         let mut spec = RuleSpec {
             proto: subset.proto.map(|p| p.to_string()),
             dst: subset.dst.map(|d| d.to_string()),
+            dst_set: subset.dst_set.as_ref().map(|s| s.file().to_string()),
             dport: subset.dport.map(|p| p.to_string()),
             sport: subset.sport.map(|p| p.to_string()),
             ..RuleSpec::default()
@@ -581,11 +633,24 @@ pub enum RuleError {
     #[error("bad carrier {0:?}: use `underlay` or the name of a joined overlay (letters, digits, - and _)")]
     BadCarrier(String),
     #[error(
-        "a rule needs a name pattern (--name, --name-exact, --name-suffix, --name-keyword) or at least one of --proto, --dst, --dport or --sport"
+        "a rule needs a name pattern (--name, --name-exact, --name-suffix, --name-keyword) or at least one of --proto, --dst, --dst-set, --dport or --sport"
     )]
     EmptySubset,
-    #[error("a name rule takes no header fields: drop --proto/--dst/--dport/--sport, or make two rules")]
+    #[error("a name rule takes no header fields: drop --proto/--dst/--dst-set/--dport/--sport, or make two rules")]
     NameWithHeader,
+    #[error("give --dst or --dst-set, not both (a single prefix can go in the set)")]
+    DstAndSet,
+    #[error("the prefix set {0} was not read")]
+    SetNotRead(String),
+    #[error("a prefix set came without the file it is kept in")]
+    SetWithoutFile,
+    #[error(transparent)]
+    Set(#[from] PrefixSetError),
+    #[error(
+        "the rules would hold {count} IPv{family} destination prefixes together, more than the \
+         {MAX_PREFIXES} the classifier holds; delete a rule with a large prefix set first"
+    )]
+    TooManyPrefixes { family: u8, count: usize },
     #[error(
         "a rule takes one name pattern: give only one of --name, --name-exact, --name-suffix, --name-keyword"
     )]
@@ -781,6 +846,20 @@ impl RuleSet {
         if self.rules.len() >= MAX_RULES {
             return Err(RuleError::TooMany);
         }
+        // An upper bound of the classifier's entries: equal prefixes of
+        // different rules share one.
+        for family in [4u8, 6] {
+            let count: usize = self
+                .rules
+                .iter()
+                .map(|r| &r.subset)
+                .chain([subset])
+                .map(|s| s.dst_prefixes(family))
+                .sum();
+            if count > MAX_PREFIXES {
+                return Err(RuleError::TooManyPrefixes { family, count });
+            }
+        }
         Ok(())
     }
 
@@ -821,6 +900,72 @@ impl RuleSet {
 mod tests {
     use super::*;
     use oasis_common::FAMILY_V6;
+
+    fn set_of(count: u32) -> Arc<PrefixSet> {
+        // Every other /32, so nothing merges.
+        let text: String = (0..count)
+            .map(|i| format!("{}\n", std::net::Ipv4Addr::from(0x0100_0000 + 2 * i)))
+            .collect();
+        Arc::new(PrefixSet::parse("big.txt", &text).unwrap())
+    }
+
+    #[test]
+    fn a_set_rule_takes_its_set_and_no_single_prefix() {
+        let with_file = RuleSpec {
+            dst_set: Some("sets/nl.txt".into()),
+            proto: Some("tcp".into()),
+            via: "underlay".into(),
+            ..RuleSpec::default()
+        };
+        assert_eq!(
+            with_file.parse().unwrap_err(),
+            RuleError::SetNotRead("sets/nl.txt".into())
+        );
+        let set = Arc::new(PrefixSet::parse("nl.txt", "192.0.2.0/24\n").unwrap().kept_in("sets/nl.txt".into()));
+        let (subset, _) = with_file.parse_with(Some(set.clone())).unwrap();
+        let subset = subset.header().unwrap();
+        assert_eq!(subset.to_string(), "tcp dst-set nl.txt (1 prefixes)");
+        assert!(subset.matches(&v4_key(6, [192, 0, 2, 9], 1000, 80)));
+        assert!(!subset.matches(&v4_key(6, [192, 0, 3, 9], 1000, 80)));
+        assert!(!subset.matches(&v4_key(17, [192, 0, 2, 9], 1000, 80)));
+        // Back to what the config file stores.
+        assert_eq!(RuleSpec::header(&subset, &Carrier::Underlay).dst_set.as_deref(), Some("sets/nl.txt"));
+        let both = RuleSpec {
+            dst: Some("10.0.0.0/8".into()),
+            ..with_file.clone()
+        };
+        assert_eq!(both.parse_with(Some(set.clone())).unwrap_err(), RuleError::DstAndSet);
+        let name = RuleSpec {
+            name_suffix: Some("example.org".into()),
+            dst_set: Some("sets/nl.txt".into()),
+            via: "underlay".into(),
+            ..RuleSpec::default()
+        };
+        assert_eq!(name.parse_with(Some(set)).unwrap_err(), RuleError::NameWithHeader);
+    }
+
+    #[test]
+    fn the_classifier_s_room_for_prefixes_is_never_exceeded() {
+        let mut rules = RuleSet::default();
+        let subset = |set: Arc<PrefixSet>, port: u16| HeaderSubset {
+            dst_set: Some(set),
+            proto: Some(Protocol::Tcp),
+            dport: Some(PortRange { first: port, last: port }),
+            ..HeaderSubset::default()
+        };
+        let big = set_of(150_000);
+        rules.add(subset(big.clone(), 1), Carrier::Underlay).unwrap();
+        let err = rules.add(subset(big.clone(), 2), Carrier::Underlay).unwrap_err();
+        assert_eq!(
+            err,
+            RuleError::TooManyPrefixes {
+                family: 4,
+                count: 300_000
+            }
+        );
+        assert_eq!(rules.rules().len(), 1);
+        rules.add(subset(set_of(100_000), 3), Carrier::Underlay).unwrap();
+    }
 
     fn spec(proto: Option<&str>, dst: Option<&str>, dport: Option<&str>) -> RuleSpec {
         RuleSpec {

@@ -11,6 +11,12 @@
 pub const MAX_RULES: usize = 256;
 pub const RULE_WORDS: usize = MAX_RULES / 64;
 
+/// Most destination prefixes the classifier holds per address family, all
+/// rules together: room for prefix sets (country and ASN lists) of a few
+/// hundred thousand entries. The tries allocate per entry, so the size
+/// costs nothing until it is used.
+pub const MAX_DST_PREFIXES: u32 = 1 << 18;
+
 /// Entries of the per-flow verdict cache.
 pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 

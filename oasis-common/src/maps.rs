@@ -61,8 +61,8 @@ macro_rules! kernel_maps {
             /// Header rules by destination prefix. Each entry already holds
             /// every rule whose prefix covers it, so the longest match alone
             /// is the answer.
-            DST_V4, "OASIS_DST_V4", LpmTrie<[u8; 4], $crate::RuleSet>, $crate::MAX_RULES as u32 + 1;
-            DST_V6, "OASIS_DST_V6", LpmTrie<[u8; 16], $crate::RuleSet>, $crate::MAX_RULES as u32 + 1;
+            DST_V4, "OASIS_DST_V4", LpmTrie<[u8; 4], $crate::RuleSet>, $crate::MAX_DST_PREFIXES;
+            DST_V6, "OASIS_DST_V6", LpmTrie<[u8; 16], $crate::RuleSet>, $crate::MAX_DST_PREFIXES;
             /// Header rules by destination and source port; ranges are
             /// stored as port prefixes (at most 32 per rule and field).
             DPORT, "OASIS_DPORT", LpmTrie<$crate::PortBytes, $crate::RuleSet>, $crate::MAX_RULES as u32 * 32 + 1;

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, FragKey, RuleAction, Settings, Verdict, icmpv6_link_message,
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message,
     stat,
 };
 

@@ -16,6 +16,7 @@ mod monitor;
 mod overlays_file;
 mod persist;
 mod serve;
+mod sets;
 #[cfg(unix)]
 mod start;
 mod state;

@@ -21,13 +21,14 @@ use crate::compile::compile;
 use crate::config::{Config, StoredOverlay};
 use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
-    RuleView, StatusView, TunView,
+    RuleView, SetUpload, StatusView, TunView,
 };
 use crate::engine::{Engine, LocalAddresses, Routes};
 use crate::names::NameRules;
 use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
-use crate::rules::{AnyRule, RuleError, RuleSet, RuleSpec, Subset};
+use crate::prefix_set::PrefixSet;
+use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec, Subset};
 use crate::shared::{Shared, snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub(super) enum RequestError {
     NotSaved(String),
     #[error("the daemon failed while doing this: {0}")]
     Internal(String),
+    #[error("{0} (no rule was added)")]
+    Keep(#[from] super::sets::KeepError),
 }
 
 /// Reports how far a request has come; the connection handler sends it on.
@@ -155,7 +158,7 @@ impl Daemon {
 
     pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
         let result = match request {
-            Request::AddRule { spec } => self.add_rules(vec![*spec], false, &reporter).await.map(|added| {
+            Request::AddRule { spec, dst_set } => self.add_rule(*spec, dst_set, &reporter).await.map(|added| {
                 let kernel = lock(&self.kernel);
                 Response::Rule {
                     rule: self.rule_view(kernel.as_ref(), &added[0]),
@@ -164,6 +167,7 @@ impl Daemon {
             // An import answers with its count and ids only: a view of each
             // of a million rules would be a reply of a hundred megabytes.
             Request::ImportRules { specs } => {
+                let specs = specs.into_iter().map(|spec| (spec, None)).collect();
                 self.add_rules(specs, true, &reporter)
                     .await
                     .map(|added| Response::Imported {
@@ -273,11 +277,38 @@ impl Daemon {
             .collect()
     }
 
+    /// Adds one rule; a `--dst-set` rule comes with its prefixes, which
+    /// are checked and kept beside the config file first.
+    async fn add_rule(
+        self: &Arc<Self>,
+        mut spec: RuleSpec,
+        upload: Option<SetUpload>,
+        reporter: &Reporter,
+    ) -> Result<Vec<AnyRule>, RequestError> {
+        let Some(upload) = upload else {
+            return self.add_rules(vec![(spec, None)], false, reporter).await;
+        };
+        reporter.report("reading the prefix set", 0, 0);
+        let config_path = self.config_path.clone();
+        let set = blocking(move || -> Result<_, RequestError> {
+            let set = PrefixSet::parse(&upload.name, &upload.text).map_err(RuleError::from)?;
+            Ok(Arc::new(super::sets::keep(&config_path, &upload, set)?))
+        })
+        .await??;
+        spec.dst_set = Some(set.file().to_string());
+        let file = set.file().to_string();
+        let added = self.add_rules(vec![(spec, Some(set))], false, reporter).await;
+        if added.is_err() {
+            super::sets::forget(&self.config_path, &file);
+        }
+        added
+    }
+
     /// Adds rules in one step (one compile, one file write): all of them,
     /// or none when any is bad.
     async fn add_rules(
         self: &Arc<Self>,
-        specs: Vec<RuleSpec>,
+        specs: Vec<(RuleSpec, Option<Arc<PrefixSet>>)>,
         import: bool,
         reporter: &Reporter,
     ) -> Result<Vec<AnyRule>, RequestError> {
@@ -294,7 +325,7 @@ impl Daemon {
             let mut next = (*rules).clone();
             let mut added = Vec::with_capacity(specs.len());
             let mut names_changed = false;
-            for (index, spec) in specs.into_iter().enumerate() {
+            for (index, (spec, set)) in specs.into_iter().enumerate() {
                 let at = |source| {
                     if import {
                         RequestError::Import {
@@ -305,7 +336,7 @@ impl Daemon {
                         RequestError::Rule(source)
                     }
                 };
-                let (subset, via) = spec.parse().map_err(at)?;
+                let (subset, via) = spec.parse_with(set).map_err(at)?;
                 check_carrier(&via, &joined).map_err(at)?;
                 names_changed |= matches!(subset, Subset::Name(_));
                 added.push(next.add_any(subset, via).map_err(at)?);
@@ -351,6 +382,22 @@ impl Daemon {
         drop(change);
         self.wait_saved(saved, reporter).await?;
         tracing::info!(id, subset = %rule.subset_text(), "rule deleted");
+        if let AnyRule::Header(Rule {
+            subset: HeaderSubset {
+                dst_set: Some(set), ..
+            },
+            ..
+        }) = &rule
+        {
+            let still_used = lock(&self.control)
+                .rules
+                .rules()
+                .iter()
+                .any(|r| r.subset.dst_set.as_ref().is_some_and(|s| s.file() == set.file()));
+            if !still_used {
+                super::sets::forget(&self.config_path, set.file());
+            }
+        }
         Ok(view)
     }
 
@@ -377,15 +424,21 @@ impl Daemon {
         } else {
             lock(&self.control).names.clone()
         };
-        let image = compile(next.rules());
-        {
-            let mut kernel = lock(&self.kernel);
-            if let Err(e) = kernel.apply(&image) {
-                let before = compile(lock(&self.control).rules.rules());
+        // A prefix set makes a compile and a map update of 100,000s of
+        // entries: off the async threads.
+        reporter.report("loading the classifier's maps", 0, 0);
+        let daemon = self.clone();
+        let rules = next.clone();
+        blocking(move || {
+            let image = compile(rules.rules());
+            let mut kernel = lock(&daemon.kernel);
+            kernel.apply(&image).map_err(|e| {
+                let before = compile(lock(&daemon.control).rules.rules());
                 let _ = kernel.apply(&before);
-                return Err(RequestError::Kernel(e));
-            }
-        }
+                RequestError::Kernel(e)
+            })
+        })
+        .await??;
         let overlays = {
             let mut control = lock(&self.control);
             control.rules = next.clone();
