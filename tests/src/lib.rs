@@ -779,3 +779,29 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("oasis {args:?} printed no JSON: {e}"))
     }
 }
+
+/// A prefix list as published for a country or an AS: `count` /24s drawn
+/// from the public IPv4 space (never the tests' 10.0.0.0/8), the first
+/// half of `with` in the middle of them and the rest at the end, one per
+/// line, with a comment or two.
+pub fn prefix_list(count: u32, with: &[&str]) -> String {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut text = format!("# generated: {count} random /24s and {} more\n", with.len());
+    let (middle, end) = with.split_at(with.len().div_ceil(2));
+    for i in 0..count {
+        if i == count / 2 {
+            for prefix in middle {
+                text.push_str(&format!("{prefix}   # the test's own\n"));
+            }
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let block = 0x0b00_0000 + (seed % (0xdf00_0000 - 0x0b00_0000)) as u32;
+        text.push_str(&format!("{}/24\n", std::net::Ipv4Addr::from(block & 0xffff_ff00)));
+    }
+    for prefix in end {
+        text.push_str(&format!("{prefix}\n"));
+    }
+    text
+}

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use oasis_tests::{Daemon, SERVER_V4, SERVER_V6, Topology};
+use oasis_tests::{Daemon, SERVER_V4, SERVER_V6, Topology, prefix_list};
 use serde_json::Value;
 
 const DIVERTED_PORT: u16 = 8080;
@@ -328,4 +328,82 @@ fn several_tun_queues_carry_traffic() {
     let report: Value = serde_json::from_str(&output).expect("iperf3 JSON");
     assert!(report["end"]["sum_received"]["bytes"].as_u64().unwrap() > 1_000_000);
     assert_eq!(status(&daemon, &net)["broker"]["send_errors"].as_u64(), Some(0));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_prefix_set_of_a_hundred_thousand_claims_its_destinations() {
+    let mut net = Topology::new();
+    net.start_web_server(DIVERTED_PORT);
+    net.start_echo_server(OTHER_PORT);
+    let daemon = Daemon::start(&mut net, "");
+    let file = net.dir.join("world.txt");
+    // A country list's worth, the server's prefixes among them.
+    let world_set = || prefix_list(100_000, &["10.77.2.0/24", "fd77:2::/64", "2001:db8::/32"]);
+    std::fs::write(&file, world_set()).unwrap();
+
+    // A bad line: refused with its number, nothing kept, nothing changed.
+    let bad = net.dir.join("bad.txt");
+    std::fs::write(&bad, "192.0.2.0/24\n198.51.100.0/33\n").unwrap();
+    let out = daemon.cli(&net, &["rule", "import", "--kind", "cidr", "--via", "underlay", &bad.to_string_lossy()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2") && stderr.contains("198.51.100.0/33"), "{stderr}");
+    assert_eq!(daemon.json(&net, &["rule", "list", "--json"]), serde_json::json!([]));
+
+    let started = Instant::now();
+    let added = daemon.json(
+        &net,
+        &[
+            "rule",
+            "add",
+            "--dst-set",
+            &file.to_string_lossy(),
+            "--proto",
+            "tcp",
+            "--dport",
+            "8080",
+            "--via",
+            "underlay",
+            "--json",
+        ],
+    );
+    eprintln!("100,000 prefixes in one rule, in effect after {:?}", started.elapsed());
+    let id = added["id"].as_u64().unwrap();
+    assert!(
+        added["subset"].as_str().unwrap().contains("world.txt (100003 prefixes)"),
+        "{added}"
+    );
+    let kept = net.dir.join("sets/world.txt");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), world_set());
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    assert!(config.contains("dst_set: sets/world.txt"), "{config}");
+
+    // The web server's port on the server, in the set, is claimed over
+    // both families; another port of the server is not.
+    let before = rule_packets(&daemon, &net, id);
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    assert!(net.http_get(SERVER_V6, DIVERTED_PORT).is_some());
+    assert!(rule_packets(&daemon, &net, id) >= before + 6);
+    let before_other = diverted(&daemon, &net);
+    assert_eq!(net.echo(SERVER_V4, OTHER_PORT, "other").as_deref(), Some("other"));
+    assert_eq!(diverted(&daemon, &net), before_other, "port {OTHER_PORT} is not in the rule");
+
+    // A restart reads the set back from the daemon's copy, even with the
+    // user's file gone.
+    std::fs::remove_file(&file).unwrap();
+    assert!(net.process("oasis").terminate(Duration::from_secs(10)));
+    let daemon = Daemon::start(&mut net, "");
+    let rules = daemon.json(&net, &["rule", "list", "--json"]);
+    assert_eq!(rules[0]["id"].as_u64(), Some(id), "{rules}");
+    let before = rule_packets(&daemon, &net, id);
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    assert!(rule_packets(&daemon, &net, id) > before, "the restored set claims");
+
+    // Deleting the rule lets the traffic be and removes the copy.
+    daemon.ok(&net, &["rule", "del", &id.to_string()]);
+    assert!(!kept.exists(), "the set's copy outlived its rule");
+    let before = diverted(&daemon, &net);
+    assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
+    assert_eq!(diverted(&daemon, &net), before);
 }

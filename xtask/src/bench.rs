@@ -22,7 +22,8 @@
 //! Then the DNS benchmark (bench_dns.rs): the broker with 10,000 name rules
 //! against dnsmasq serving the same zone from its cache; and the scale
 //! benchmarks (bench_scale.rs): new flows per second through the broker,
-//! and an import of a million name rules.
+//! and an import of a million name rules; and a rule holding 100,000
+//! destination prefixes against one holding one.
 //!
 //! The scenarios run interleaved in rounds, each round starting with a
 //! different one, so that drift on a shared machine hits all of them alike.
@@ -136,6 +137,8 @@ pub enum Part {
     Flows,
     /// An import of a million name rules.
     Import,
+    /// A rule with 100,000 destination prefixes: load time, classifier cost.
+    PrefixSet,
 }
 
 /// Turns the kernel's per-program run statistics on for the benchmark and
@@ -166,7 +169,7 @@ impl Drop for BpfStats {
 
 /// (program, run count, run time ns) of the daemon's programs and, for the
 /// overlay, the exit node's.
-fn program_stats(daemon: &Daemon, net: &Topology, exit: bool) -> Vec<(String, u64, u64)> {
+pub(crate) fn program_stats(daemon: &Daemon, net: &Topology, exit: bool) -> Vec<(String, u64, u64)> {
     let status = daemon.json(net, &["status", "--json"]);
     let mut out: Vec<(String, u64, u64)> = status["programs"]
         .as_array()
@@ -270,6 +273,9 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     }
     if wanted(Part::Import) {
         figures.extend(crate::bench_scale::import(&mut net)?);
+    }
+    if wanted(Part::PrefixSet) {
+        figures.extend(crate::bench_scale::prefix_set(&mut net, seconds, repeat)?);
     }
     print_table(&figures);
     let dir = crate::workspace_root().join("target/bench");
@@ -555,7 +561,7 @@ pub(crate) fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Res
 
 /// One iperf3 TCP transfer (client to server, or back with `reverse`);
 /// bits per second received.
-fn iperf(net: &Topology, target: &str, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+pub(crate) fn iperf(net: &Topology, target: &str, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
     let port = IPERF_PORT.to_string();
     let time = seconds.to_string();
     let mut args = vec!["iperf3", "-c", target, "-p", &port, "-t", &time, "-J"];

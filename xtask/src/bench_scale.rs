@@ -241,3 +241,117 @@ pub fn import(net: &mut Topology) -> anyhow::Result<Vec<Figure>> {
         figure("heartbeat_timeout", timeout_ms as f64, "ms"),
     ])
 }
+
+/// Prefixes in the benchmark's set: a large country's list.
+const SET_PREFIXES: u32 = 100_000;
+
+/// What the classifier holds in one configuration of the prefix-set
+/// benchmark; neither claims the traffic, so every packet is classified
+/// and passes.
+#[derive(Clone, Copy, PartialEq)]
+enum Holding {
+    OnePrefix,
+    PrefixSet,
+}
+
+/// A rule with a 100,000-prefix set against a rule with one prefix: how
+/// long the set takes to load through the CLI, and what the classifier
+/// costs per packet with each, as the kernel counts it, for packets of
+/// new flows (each a full lookup, the trie walked) and of a TCP upload
+/// (flow cache hits).
+pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<Figure>> {
+    let file = net.dir.join("world.txt");
+    std::fs::write(&file, oasis_tests::prefix_list(SET_PREFIXES, &["2001:db8::/32"]))?;
+    let mut load = Vec::new();
+    let mut new_flow_ns: [Vec<f64>; 2] = Default::default();
+    let mut cached_ns: [Vec<f64>; 2] = Default::default();
+    let mut upload: [Vec<f64>; 2] = Default::default();
+    for round in 0..repeat {
+        // Alternate which goes first, so drift hits both alike.
+        let order = if round % 2 == 0 {
+            [Holding::OnePrefix, Holding::PrefixSet]
+        } else {
+            [Holding::PrefixSet, Holding::OnePrefix]
+        };
+        for holding in order {
+            let slot = holding as usize;
+            let _ = std::fs::remove_dir_all(net.dir.join("sets"));
+            let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+            let daemon = Daemon::start(net, "");
+            match holding {
+                Holding::OnePrefix => {
+                    cli(&daemon, net, &["rule", "add", "--dst", "203.0.113.0/24", "--via", "underlay"])?;
+                }
+                Holding::PrefixSet => {
+                    let started = Instant::now();
+                    let out = cli(
+                        &daemon,
+                        net,
+                        &["rule", "import", "--kind", "cidr", "--via", "underlay", &file.to_string_lossy()],
+                    )?;
+                    let took = started.elapsed().as_secs_f64();
+                    if !out.contains("added rule") {
+                        bail!("the set's import said: {out}");
+                    }
+                    eprintln!("bench: {SET_PREFIXES} prefixes in one rule, in effect after {took:.2} s");
+                    load.push(took);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let egress = |daemon: &Daemon| -> (u64, u64) {
+                crate::bench::program_stats(daemon, net, false)
+                    .into_iter()
+                    .filter(|(name, _, _)| name.starts_with("oasis_egress"))
+                    .fold((0, 0), |(c, t), (_, count, ns)| (c + count, t + ns))
+            };
+            let per_run = |before: (u64, u64), after: (u64, u64)| {
+                (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64
+            };
+            let before = egress(&daemon);
+            generate(net, seconds.min(2))?;
+            let after = egress(&daemon);
+            new_flow_ns[slot].push(per_run(before, after));
+            let before = egress(&daemon);
+            upload[slot].push(crate::bench::iperf(net, SERVER_V4, seconds, false)? / 1e9);
+            let after = egress(&daemon);
+            cached_ns[slot].push(per_run(before, after));
+            eprintln!(
+                "bench: {}: classifier {:.0} ns per new-flow packet, {:.0} ns per upload packet",
+                if holding == Holding::PrefixSet { "prefix set" } else { "one prefix" },
+                new_flow_ns[slot].last().unwrap(),
+                cached_ns[slot].last().unwrap()
+            );
+            if status(&daemon, net)["tun"]["diverted_packets"].as_u64() != Some(0) {
+                bail!("the prefix-set benchmark diverted traffic: its rules must not match");
+            }
+            if !net.process("oasis").terminate(Duration::from_secs(10)) {
+                bail!("the daemon did not stop cleanly");
+            }
+        }
+    }
+    let mut figures = vec![Figure {
+        scenario: "prefix-set-100k".into(),
+        metric: "load_seconds".into(),
+        value: median(&mut load),
+        unit: "s".into(),
+        baseline: None,
+        ratio: None,
+    }];
+    for (metric, values, unit) in [
+        ("classifier_ns_per_new_flow_packet", &mut new_flow_ns, "ns"),
+        ("classifier_ns_per_upload_packet", &mut cached_ns, "ns"),
+        ("tcp_upload_throughput", &mut upload, "Gbit/s"),
+    ] {
+        let base = median(&mut values[Holding::OnePrefix as usize]);
+        let with_set = median(&mut values[Holding::PrefixSet as usize]);
+        figures.push(Figure {
+            scenario: "prefix-set-100k".into(),
+            metric: metric.into(),
+            value: with_set,
+            unit: unit.into(),
+            baseline: Some(format!("one prefix ({base:.2})")),
+            ratio: Some(with_set / base),
+        });
+    }
+    Ok(figures)
+}
