@@ -5,13 +5,18 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use oasis_broker::compile::compile;
-use oasis_broker::rules::{RuleSet, RuleSpec};
+use std::sync::Arc;
+
+use oasis_broker::prefix_set::PrefixSet;
+use oasis_broker::rules::{RuleSet, RuleSpec, Subset};
 use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
 
 #[derive(Arbitrary, Debug)]
 struct FuzzRule {
     proto: u8,
     dst: Option<(bool, [u8; 4], u8)>,
+    /// A prefix set, when `dst` is None and this is not empty.
+    set: Vec<(bool, [u8; 4], u8)>,
     dport: Option<(u16, u8)>,
     sport: Option<(u16, u8)>,
 }
@@ -31,6 +36,25 @@ struct Input {
     keys: Vec<FuzzKey>,
 }
 
+fn prefix((v6, bytes, len): (bool, [u8; 4], u8)) -> String {
+    if v6 {
+        let addr = std::net::Ipv6Addr::new(0xfd00, u16::from(bytes[0] % 4), 0, 0, 0, 0, 0, u16::from(bytes[3]));
+        ipnet::Ipv6Net::new(addr, len % 129).unwrap().trunc().to_string()
+    } else {
+        let addr = std::net::Ipv4Addr::new(10, bytes[1] % 4, bytes[2] % 4, bytes[3] % 8);
+        ipnet::Ipv4Net::new(addr, len % 33).unwrap().trunc().to_string()
+    }
+}
+
+/// The prefix set of a rule that has one.
+fn prefix_set(rule: &FuzzRule) -> Option<Arc<PrefixSet>> {
+    if rule.dst.is_some() || rule.set.is_empty() {
+        return None;
+    }
+    let text: String = rule.set.iter().take(32).map(|p| prefix(*p) + "\n").collect();
+    Some(Arc::new(PrefixSet::parse("set.txt", &text).expect("valid prefixes")))
+}
+
 fn spec(rule: &FuzzRule) -> RuleSpec {
     let proto = match rule.proto % 5 {
         0 => None,
@@ -39,16 +63,7 @@ fn spec(rule: &FuzzRule) -> RuleSpec {
         3 => Some("icmp".to_string()),
         _ => Some("47".to_string()),
     };
-    let dst = rule.dst.map(|(v6, bytes, len)| {
-        if v6 {
-            let addr = std::net::Ipv6Addr::new(0xfd00, u16::from(bytes[0] % 4), 0, 0, 0, 0, 0, u16::from(bytes[3]));
-            let net = ipnet::Ipv6Net::new(addr, len % 129).unwrap().trunc();
-            net.to_string()
-        } else {
-            let addr = std::net::Ipv4Addr::new(10, bytes[1] % 4, bytes[2] % 4, bytes[3] % 8);
-            ipnet::Ipv4Net::new(addr, len % 33).unwrap().trunc().to_string()
-        }
-    });
+    let dst = rule.dst.map(prefix);
     let range = |r: Option<(u16, u8)>| {
         r.map(|(first, span)| {
             let first = 1 + first % 200;
@@ -58,6 +73,7 @@ fn spec(rule: &FuzzRule) -> RuleSpec {
     RuleSpec {
         proto,
         dst,
+        dst_set: prefix_set(rule).map(|_| "set.txt".to_string()),
         dport: range(rule.dport),
         sport: range(rule.sport),
         via: "underlay".into(),
@@ -68,7 +84,7 @@ fn spec(rule: &FuzzRule) -> RuleSpec {
 fuzz_target!(|input: Input| {
     let mut set = RuleSet::default();
     for rule in input.rules.iter().take(64) {
-        if let Ok((subset, via)) = spec(rule).parse_header() {
+        if let Ok((Subset::Header(subset), via)) = spec(rule).parse_with(prefix_set(rule)) {
             let _ = set.add(subset, via);
         }
     }

@@ -698,6 +698,31 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_set_is_read_beside_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("oasis-config-set-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sets")).unwrap();
+        let path = dir.join("config.yaml");
+        std::fs::write(dir.join("sets/nl.txt"), "# NL\n192.0.2.0/24\n2001:db8::/32\n").unwrap();
+        let text = "rules:\n  - id: 3\n    dst_set: sets/nl.txt\n    proto: tcp\n    via: underlay\n";
+        let config = Config::parse(&path, text).unwrap();
+        let rules = config.rule_set(&path).unwrap();
+        let set = rules.rules()[0].subset.dst_set.clone().expect("a set");
+        assert_eq!(set.file(), "sets/nl.txt");
+        assert!(set.contains("192.0.2.77".parse().unwrap()));
+        // Written back as it was named.
+        let saved = config.with_rules(&rules);
+        assert_eq!(saved.rules[0].spec.dst_set.as_deref(), Some("sets/nl.txt"));
+
+        std::fs::write(dir.join("sets/nl.txt"), "192.0.2.0/24\n192.0.2.300/24\n").unwrap();
+        let err = Config::parse(&path, text).unwrap_err().to_string();
+        assert!(err.contains("rule 3") && err.contains("nl.txt line 2"), "{err}");
+        std::fs::remove_file(dir.join("sets/nl.txt")).unwrap();
+        let err = Config::parse(&path, text).unwrap_err().to_string();
+        assert!(err.contains("rule 3") && err.contains("cannot read the prefix set"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_bad_rule_names_file_and_rule() {
         let text = "rules:\n  - id: 7\n    proto: tcp\n    dport: 99999\n    via: underlay\n";
         let err = Config::parse(Path::new("/etc/oasis/config.yaml"), text)
