@@ -484,6 +484,10 @@ pub struct BrokerCounters {
     /// Later fragments of a datagram whose first was not seen, dropped.
     #[serde(default)]
     pub orphan_fragments: u64,
+    /// Packets that would not fit their overlay's path and may not be
+    /// fragmented: answered with ICMP fragmentation needed / too big.
+    #[serde(default)]
+    pub too_big: u64,
     /// Flows the broker tracks now.
     pub flows: u64,
     /// Flows started since the daemon started.

@@ -176,8 +176,9 @@ pub fn status(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "            dropped: {} send errors, {} malformed, {} unroutable, {} without carrier",
-        b.send_errors, b.malformed, b.unroutable, b.no_carrier
+        "            dropped: {} send errors, {} malformed, {} unroutable, {} without carrier; \
+         {} too big for their overlay's path (the sender told the MTU)",
+        b.send_errors, b.malformed, b.unroutable, b.no_carrier, b.too_big
     );
     let _ = writeln!(
         out,

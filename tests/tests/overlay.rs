@@ -760,4 +760,40 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // A packet that may not be fragmented and will not fit once
+    // encapsulated: the sender hears the MTU that fits, and then fits.
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "icmp", "--via", "exit"],
+    );
+    let ping = |size: usize| {
+        let output = net.client.output(&[
+            "ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", &size.to_string(), SERVER_V4,
+        ]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let text = ping(1400);
+    let mtu: usize = text
+        .split("mtu")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest
+                .trim_start_matches([' ', '=', ':'])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no MTU told: {text}"));
+    assert!((1200..1280).contains(&mtu), "{text}");
+    let status = json(&daemon, &net, &["status", "--json"]);
+    assert!(status["broker"]["too_big"].as_u64().unwrap() >= 1, "{status}");
+    let text = ping(mtu - 28);
+    assert!(text.contains(" 0% packet loss"), "a ping that fits: {text}");
 }

@@ -115,6 +115,8 @@ pub struct EngineCounters {
     pub sent_overlay: AtomicU64,
     pub send_errors: AtomicU64,
     pub replies: AtomicU64,
+    /// Packets too big for their overlay's path, answered with the MTU.
+    pub too_big: AtomicU64,
     pub flows: AtomicU64,
     pub flows_started: AtomicU64,
     pub flows_evicted: AtomicU64,
@@ -184,6 +186,7 @@ impl EngineCounters {
             rejected_destination: load(&self.not_for_this_host),
             rejected_module_sender: load(&self.not_from_module),
             orphan_fragments: load(&self.orphan_fragments),
+            too_big: load(&self.too_big),
         }
     }
 }

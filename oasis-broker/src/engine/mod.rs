@@ -341,6 +341,53 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_too_big_for_the_overlay_tells_its_sender_the_mtu() {
+        let world = world(&[header("detour", "udp", "443")]);
+        let mut router = world.engine.router();
+        let datagram = |len: usize, df: bool| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(CLIENT, SERVER, 64)
+                .udp(40000, 443)
+                .write(&mut out, &vec![0u8; len - 28])
+                .unwrap();
+            if !df {
+                out[6] &= !0x40;
+            }
+            out
+        };
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        // 1500 - outer IPv4 20 - UDP 8 - shim 4.
+        assert_eq!(decide(&mut router, &mut datagram(1468, true)), overlay);
+        let mut reply = Vec::new();
+        router.begin_batch();
+        let outcome = router.outbound(Instant::now(), &mut datagram(1500, true), &mut reply);
+        assert_eq!(outcome, Outbound::Reply);
+        let sliced = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("not ICMP: {reply:?}")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 4));
+        assert_eq!(&icmp.slice()[6..8], &1468u16.to_be_bytes());
+        // Without DF a router may fragment: the encapsulation is.
+        assert_eq!(decide(&mut router, &mut datagram(1500, false)), overlay);
+        // A narrower path toward the entry node narrows what fits.
+        world.overlays.get(OverlayId(1)).unwrap().path_mtu.store(1400, std::sync::atomic::Ordering::Relaxed);
+        let mut reply = Vec::new();
+        router.begin_batch();
+        let outcome = router.outbound(Instant::now(), &mut datagram(1400, true), &mut reply);
+        assert_eq!(outcome, Outbound::Reply);
+        let sliced = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(&icmp.slice()[6..8], &1368u16.to_be_bytes());
+        assert_eq!(world.engine.counters.snapshot().too_big, 2);
+    }
+
+    #[test]
     fn a_flow_keeps_its_carrier_when_rules_change() {
         let world = world(&[header("detour", "tcp", "80")]);
         let mut router = world.engine.router();

@@ -352,11 +352,11 @@ impl Router {
             return self.drop(DropReason::Malformed);
         };
         let Some(fragment) = oasis_io::packet::fragment(packet) else {
-            let outbound = self.outbound_packet(now, key, packet, reply);
-            if outbound == Outbound::Drop(DropReason::NoCarrier) {
-                return self.end_without_carrier(&key, packet, reply);
-            }
-            return outbound;
+            return match self.outbound_packet(now, key, packet, reply) {
+                Outbound::Drop(DropReason::NoCarrier) => self.end_without_carrier(&key, packet, reply),
+                Outbound::Overlay { overlay, to } => self.fit_overlay(&key, overlay, to, packet, reply),
+                outbound => outbound,
+            };
         };
         let datagram = frag_key(&key, &fragment);
         if !fragment.first {
@@ -391,6 +391,45 @@ impl Router {
             return Outbound::Reply;
         }
         Outbound::Drop(DropReason::NoCarrier)
+    }
+
+    /// A packet for an overlay that would not fit its path once
+    /// encapsulated, and may not be fragmented: the application hears the
+    /// MTU that fits (ICMP fragmentation needed, or packet too big), as
+    /// from a router before a narrower link, and sends smaller. Anything
+    /// else goes on; the kernel fragments the encapsulated packet.
+    fn fit_overlay(
+        &mut self,
+        key: &FlowKey,
+        overlay: OverlayId,
+        to: std::net::SocketAddr,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+    ) -> Outbound {
+        let carried = Outbound::Overlay { overlay, to };
+        let Some(joined) = self.routes.overlays.get(overlay) else {
+            return carried;
+        };
+        let limit = joined.max_packet(self.engine.settings.uplink_mtu, to.is_ipv6());
+        let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+        // IPv6 links carry at least 1280 bytes: below that, IPv6 hosts
+        // do not go, and only fragmenting the encapsulation helps.
+        if packet.len() <= usize::from(limit)
+            || !oasis_io::packet::must_not_fragment(packet)
+            || (v6 && limit < 1280)
+        {
+            return carried;
+        }
+        let destination = flow_dst(key);
+        if oasis_io::packet::addresses(packet).is_some_and(|(_, dst)| dst != destination) {
+            let _ = rewrite_address(packet, End::Destination, destination);
+        }
+        if !oasis_io::packet::too_big_reply(packet, limit, reply) {
+            return carried;
+        }
+        self.engine.counters.too_big.fetch_add(1, Relaxed);
+        self.engine.counters.replies.fetch_add(1, Relaxed);
+        Outbound::Reply
     }
 
     /// A fragment after the first: the way its first went, or nowhere.

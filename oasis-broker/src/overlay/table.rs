@@ -126,13 +126,18 @@ impl JoinedOverlay {
     /// The largest TCP MSS whose segments, encapsulated for this overlay,
     /// still fit an uplink MTU of `mtu`.
     pub fn max_mss(&self, mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
-        // The narrower of the uplink and the path toward the entry nodes:
-        // segments that fit need no fragmenting on the way.
+        let ip = if inner_v6 { 40 } else { 20 };
+        self.max_packet(mtu, outer_v6).saturating_sub(ip + 20).clamp(536, 65_495)
+    }
+
+    /// The largest packet that, encapsulated for this overlay, fits the
+    /// narrower of an uplink MTU of `mtu` and the path toward the entry
+    /// nodes: what needs no fragmenting on the way.
+    pub fn max_packet(&self, mtu: u16, outer_v6: bool) -> u16 {
         let path = self.path_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let mtu = if path == 0 { mtu } else { mtu.min(path) };
-        let ip = |v6: bool| if v6 { 40 } else { 20 };
-        let overhead = ip(inner_v6) + 20 + ip(outer_v6) + 8 + self.shim.len();
-        (usize::from(mtu).saturating_sub(overhead)).clamp(536, 65_495) as u16
+        let overhead = if outer_v6 { 40 } else { 20 } + 8 + self.shim.len();
+        usize::from(mtu).saturating_sub(overhead) as u16
     }
 }
 

@@ -502,6 +502,49 @@ pub fn prohibited_reply(refused: &[u8], out: &mut Vec<u8>) -> bool {
     build_unreachable(refused, out, true).is_some()
 }
 
+/// Whether `packet` may not be fragmented on its way: IPv4 with the
+/// don't-fragment bit, and every IPv6 packet (only its sender fragments).
+pub fn must_not_fragment(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(6).is_some_and(|flags| flags & 0x40 != 0),
+        Some(6) => true,
+        _ => false,
+    }
+}
+
+/// The ICMP "fragmentation needed" (ICMPv6 "packet too big") that a
+/// packet larger than the next link's `mtu` draws: from its destination
+/// back to its source, so the sender's stack learns the path MTU and sends
+/// smaller (TCP segments, UDP with DF, QUIC) instead of losing every large
+/// packet. Written into `out`; false when `big` is not an IP packet.
+pub fn too_big_reply(big: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
+    use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4};
+    let Some((src, dst)) = addresses(big) else {
+        return false;
+    };
+    out.clear();
+    match (dst, src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let ihl = usize::from(big[0] & 0x0f) * 4;
+            let quoted = &big[..big.len().min(ihl + 8)];
+            PacketBuilder::ipv4(from.octets(), to.octets(), 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                ))
+                .write(out, quoted)
+                .is_ok()
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let quoted = &big[..big.len().min(1280 - 48)];
+            PacketBuilder::ipv6(from.octets(), to.octets(), 64)
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) })
+                .write(out, quoted)
+                .is_ok()
+        }
+        _ => false,
+    }
+}
+
 fn build_unreachable(dead: &[u8], out: &mut Vec<u8>, prohibited: bool) -> Option<()> {
     use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
     let (src, dst) = addresses(dead)?;
@@ -659,6 +702,51 @@ mod tests {
         assert!(reply6.len() <= 1280);
         assert_checksums_valid(&reply6);
         assert!(!unreachable_reply(&[0x45, 0], &mut reply6));
+    }
+
+    #[test]
+    fn a_packet_too_big_for_the_next_link_draws_its_mtu() {
+        let mut big = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 1], 64).udp(40000, 443),
+            &[7u8; 1400]
+        );
+        // etherparse sets DF, as most stacks do.
+        assert!(must_not_fragment(&big));
+        big[6] &= !0x40;
+        assert!(!must_not_fragment(&big));
+        big[6] |= 0x40;
+        let mut reply = Vec::new();
+        assert!(too_big_reply(&big, 1252, &mut reply));
+        assert_checksums_valid(&reply);
+        assert_eq!(
+            addresses(&reply).unwrap(),
+            ("192.0.2.1".parse().unwrap(), "10.0.0.2".parse().unwrap())
+        );
+        let sliced = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 4));
+        // The next-hop MTU sits in the header's last two bytes.
+        assert_eq!(&icmp.slice()[6..8], &1252u16.to_be_bytes());
+        assert_eq!(icmp.payload(), &big[..28]);
+        let mut reply = Vec::new();
+
+        let big6 = build!(
+            PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).udp(40000, 443),
+            &[7u8; 1400]
+        );
+        assert!(must_not_fragment(&big6));
+        assert!(too_big_reply(&big6, 1280, &mut reply));
+        assert!(reply.len() <= 1280);
+        assert_checksums_valid(&reply);
+        let sliced = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv6(icmp)) = sliced.transport else {
+            panic!("not ICMPv6")
+        };
+        assert_eq!(icmp.type_u8(), 2);
+        assert_eq!(&icmp.slice()[4..8], &1280u32.to_be_bytes());
+        assert!(!too_big_reply(&[0x45, 0], 1280, &mut Vec::new()));
     }
 
     #[test]
