@@ -8,55 +8,12 @@ use std::net::IpAddr;
 use libfuzzer_sys::fuzz_target;
 use oasis_io::packet::{
     End, addresses, clamp_mss, echo_id, fragment, icmp_error_quote, layout, ports, reset_reply, rewrite,
-    rewrite_ip_address, tcp_closing, unreachable_reply,
+    must_not_fragment, rewrite_ip_address, tcp_closing, too_big_reply, unreachable_reply,
 };
 
-/// Whether every checksum etherparse can check holds (None: nothing to
-/// check, e.g. a fragment or a protocol it does not slice).
-fn checksums_valid(packet: &[u8]) -> Option<bool> {
-    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    let sliced = SlicedPacket::from_ip(packet).ok()?;
-    match sliced.net? {
-        NetSlice::Ipv4(ip) => {
-            let header = ip.header().to_header();
-            if header.header_checksum != header.calc_header_checksum() {
-                return Some(false);
-            }
-            if ip.payload().fragmented {
-                return None;
-            }
-            match sliced.transport? {
-                TransportSlice::Udp(udp) => {
-                    let h = udp.to_header();
-                    Some(h.checksum == 0 || h.calc_checksum_ipv4(&header, udp.payload()).ok()? == h.checksum)
-                }
-                TransportSlice::Tcp(tcp) => {
-                    let h = tcp.to_header();
-                    Some(h.calc_checksum_ipv4(&header, tcp.payload()).ok()? == h.checksum)
-                }
-                _ => None,
-            }
-        }
-        NetSlice::Ipv6(ip) => {
-            let header = ip.header().to_header();
-            if ip.payload().fragmented {
-                return None;
-            }
-            match sliced.transport? {
-                TransportSlice::Udp(udp) => {
-                    let h = udp.to_header();
-                    Some(h.calc_checksum_ipv6(&header, udp.payload()).ok()? == h.checksum)
-                }
-                TransportSlice::Tcp(tcp) => {
-                    let h = tcp.to_header();
-                    Some(h.calc_checksum_ipv6(&header, tcp.payload()).ok()? == h.checksum)
-                }
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
+#[path = "checksums.rs"]
+mod checksums;
+use checksums::checksums_valid;
 
 fuzz_target!(|data: &[u8]| {
     let _ = (layout(data), ports(data), addresses(data), fragment(data), echo_id(data));
@@ -64,6 +21,12 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let _ = reset_reply(data, &mut out);
     let _ = unreachable_reply(data, &mut out);
+    let _ = must_not_fragment(data);
+    if too_big_reply(data, 1280, &mut out) {
+        // What goes back to an application must be a valid ICMP error.
+        assert!(out.len() <= 1280 + 28, "a too-big reply of {} bytes", out.len());
+        assert_ne!(checksums_valid(&out), Some(false), "{out:?}");
+    }
 
     let valid = checksums_valid(data) == Some(true);
     let v6 = data.first().is_some_and(|b| b >> 4 == 6);

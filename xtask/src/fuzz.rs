@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("spec", "overlay specifications"),
     ("config", "the config file"),
     ("control", "the control protocol"),
+    ("exit", "the exit node's NAT both ways, replies to what left"),
 ];
 
 pub fn run(seconds: u32) -> anyhow::Result<()> {

@@ -4,9 +4,6 @@
 //! ICMP echo) and returns the replies the same way. It is not an open
 //! relay: only the listed client prefixes (and tokens) are served.
 
-mod clients;
-mod nat;
-mod sched;
 #[cfg(target_os = "linux")]
 mod steer;
 
@@ -22,9 +19,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
 
-use clients::{Client, authorised, lookup};
-use nat::{Nat, NatConfig, NatError};
-use sched::PriorityQueues;
+use oasis_exit::clients::{Client, authorised, lookup};
+use oasis_exit::nat::{self, Nat, NatConfig, NatError};
+use oasis_exit::sched::PriorityQueues;
 
 /// An Oasis overlay exit node.
 ///
