@@ -49,23 +49,27 @@ pub fn compile(rules: &[Rule]) -> MapImage {
         }
     }
 
-    let dst_v4 = prefix_table(rules, |rule, add| match (&rule.subset.dst, &rule.subset.dst_set) {
-        (None, None) => add((0, [0; 4])),
-        (Some(IpNet::V4(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
-        (Some(IpNet::V6(_)), _) => {}
-        (None, Some(set)) => set
-            .v4()
-            .iter()
-            .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
+    let dst_v4 = prefix_table(rules, |rule, add| {
+        match (&rule.subset.dst, &rule.subset.dst_set) {
+            (None, None) => add((0, [0; 4])),
+            (Some(IpNet::V4(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
+            (Some(IpNet::V6(_)), _) => {}
+            (None, Some(set)) => set
+                .v4()
+                .iter()
+                .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
+        }
     });
-    let dst_v6 = prefix_table(rules, |rule, add| match (&rule.subset.dst, &rule.subset.dst_set) {
-        (None, None) => add((0, [0; 16])),
-        (Some(IpNet::V6(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
-        (Some(IpNet::V4(_)), _) => {}
-        (None, Some(set)) => set
-            .v6()
-            .iter()
-            .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
+    let dst_v6 = prefix_table(rules, |rule, add| {
+        match (&rule.subset.dst, &rule.subset.dst_set) {
+            (None, None) => add((0, [0; 16])),
+            (Some(IpNet::V6(net)), _) => add((u32::from(net.prefix_len()), net.network().octets())),
+            (Some(IpNet::V4(_)), _) => {}
+            (None, Some(set)) => set
+                .v6()
+                .iter()
+                .for_each(|net| add((u32::from(net.prefix_len()), net.network().octets()))),
+        }
     });
     let dport = prefix_table(rules, |rule, add| {
         port_prefixes(rule.subset.dport).into_iter().for_each(add)
@@ -107,7 +111,9 @@ fn prefix_table<const N: usize>(
 ) -> BTreeMap<Prefix<N>, RuleSet> {
     let mut own: HashMap<Prefix<N>, RuleSet> = HashMap::new();
     for (rank, rule) in rules.iter().enumerate() {
-        prefixes_of(rule, &mut |prefix| own.entry(prefix).or_insert(RuleSet::EMPTY).insert(rank));
+        prefixes_of(rule, &mut |prefix| {
+            own.entry(prefix).or_insert(RuleSet::EMPTY).insert(rank)
+        });
     }
     let mut sorted: Vec<(Prefix<N>, RuleSet)> = own.into_iter().collect();
     sorted.sort_unstable_by_key(|&((len, bytes), _)| (bytes, len));
@@ -207,8 +213,8 @@ fn longest_match<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Carrier, HeaderSubset, PortRange, Protocol};
     use crate::prefix_set::PrefixSet;
+    use crate::rules::{Carrier, HeaderSubset, PortRange, Protocol};
     use oasis_common::FAMILY_V6;
     use std::sync::Arc;
 
@@ -440,7 +446,12 @@ mod tests {
         assert_eq!(image.dst_v4.len(), distinct + 1);
         let listed: Vec<[u8; 4]> = text
             .lines()
-            .map(|l| l.trim_end_matches("/24").parse::<std::net::Ipv4Addr>().unwrap().octets())
+            .map(|l| {
+                l.trim_end_matches("/24")
+                    .parse::<std::net::Ipv4Addr>()
+                    .unwrap()
+                    .octets()
+            })
             .collect();
         for i in 0..20_000 {
             let dst = if i % 2 == 0 {

@@ -718,7 +718,10 @@ mod tests {
         assert!(err.contains("rule 3") && err.contains("nl.txt line 2"), "{err}");
         std::fs::remove_file(dir.join("sets/nl.txt")).unwrap();
         let err = Config::parse(&path, text).unwrap_err().to_string();
-        assert!(err.contains("rule 3") && err.contains("cannot read the prefix set"), "{err}");
+        assert!(
+            err.contains("rule 3") && err.contains("cannot read the prefix set"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

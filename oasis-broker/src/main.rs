@@ -1,8 +1,8 @@
 //! `oasis`: the daemon (`oasis run`) and the command line that controls it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -127,7 +127,7 @@ Examples:
   oasis rule add --proto udp --dport 3478 --metric 'loss<1%'
   oasis rule add --dst 203.0.113.0/24 --dport 443 --metric throughput
   oasis rule add --proto tcp --dport 22 --metric latency --among detour,campus")]
-    Add(RuleAddArgs),
+    Add(Box<RuleAddArgs>),
     /// Add many rules from a file in one step: one pattern per line,
     /// blank lines and lines starting with '#' skipped. All are added, or
     /// none when any line is bad.

@@ -230,7 +230,10 @@ mod tests {
     #[test]
     fn overlapping_and_adjacent_prefixes_merge() {
         let s = set("10.0.0.0/24\n10.0.1.0/24\n10.0.0.128/25\n10.0.0.0/8\n192.0.2.0/24\n");
-        assert_eq!(s.v4(), &["10.0.0.0/8".parse().unwrap(), "192.0.2.0/24".parse().unwrap()]);
+        assert_eq!(
+            s.v4(),
+            &["10.0.0.0/8".parse().unwrap(), "192.0.2.0/24".parse().unwrap()]
+        );
         assert_eq!(s.listed(), 5);
     }
 

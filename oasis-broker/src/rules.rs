@@ -636,7 +636,9 @@ pub enum RuleError {
         "a rule needs a name pattern (--name, --name-exact, --name-suffix, --name-keyword) or at least one of --proto, --dst, --dst-set, --dport or --sport"
     )]
     EmptySubset,
-    #[error("a name rule takes no header fields: drop --proto/--dst/--dst-set/--dport/--sport, or make two rules")]
+    #[error(
+        "a name rule takes no header fields: drop --proto/--dst/--dst-set/--dport/--sport, or make two rules"
+    )]
     NameWithHeader,
     #[error("give --dst or --dst-set, not both (a single prefix can go in the set)")]
     DstAndSet,
@@ -645,7 +647,7 @@ pub enum RuleError {
     #[error("a prefix set came without the file it is kept in")]
     SetWithoutFile,
     #[error(transparent)]
-    Set(#[from] PrefixSetError),
+    Set(Box<PrefixSetError>),
     #[error(
         "the rules would hold {count} IPv{family} destination prefixes together, more than the \
          {MAX_PREFIXES} the classifier holds; delete a rule with a large prefix set first"
@@ -691,6 +693,12 @@ pub enum RuleError {
         metric: usize,
         shim: usize,
     },
+}
+
+impl From<PrefixSetError> for RuleError {
+    fn from(e: PrefixSetError) -> RuleError {
+        RuleError::Set(Box::new(e))
+    }
 }
 
 /// The ordered rule list. The first rule whose subset matches a flow decides
@@ -921,7 +929,11 @@ mod tests {
             with_file.parse().unwrap_err(),
             RuleError::SetNotRead("sets/nl.txt".into())
         );
-        let set = Arc::new(PrefixSet::parse("nl.txt", "192.0.2.0/24\n").unwrap().kept_in("sets/nl.txt".into()));
+        let set = Arc::new(
+            PrefixSet::parse("nl.txt", "192.0.2.0/24\n")
+                .unwrap()
+                .kept_in("sets/nl.txt".into()),
+        );
         let (subset, _) = with_file.parse_with(Some(set.clone())).unwrap();
         let subset = subset.header().unwrap();
         assert_eq!(subset.to_string(), "tcp dst-set nl.txt (1 prefixes)");
@@ -929,12 +941,18 @@ mod tests {
         assert!(!subset.matches(&v4_key(6, [192, 0, 3, 9], 1000, 80)));
         assert!(!subset.matches(&v4_key(17, [192, 0, 2, 9], 1000, 80)));
         // Back to what the config file stores.
-        assert_eq!(RuleSpec::header(&subset, &Carrier::Underlay).dst_set.as_deref(), Some("sets/nl.txt"));
+        assert_eq!(
+            RuleSpec::header(&subset, &Carrier::Underlay).dst_set.as_deref(),
+            Some("sets/nl.txt")
+        );
         let both = RuleSpec {
             dst: Some("10.0.0.0/8".into()),
             ..with_file.clone()
         };
-        assert_eq!(both.parse_with(Some(set.clone())).unwrap_err(), RuleError::DstAndSet);
+        assert_eq!(
+            both.parse_with(Some(set.clone())).unwrap_err(),
+            RuleError::DstAndSet
+        );
         let name = RuleSpec {
             name_suffix: Some("example.org".into()),
             dst_set: Some("sets/nl.txt".into()),
@@ -950,7 +968,10 @@ mod tests {
         let subset = |set: Arc<PrefixSet>, port: u16| HeaderSubset {
             dst_set: Some(set),
             proto: Some(Protocol::Tcp),
-            dport: Some(PortRange { first: port, last: port }),
+            dport: Some(PortRange {
+                first: port,
+                last: port,
+            }),
             ..HeaderSubset::default()
         };
         let big = set_of(150_000);

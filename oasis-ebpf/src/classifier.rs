@@ -16,8 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message,
-    stat,
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message, stat,
 };
 
 /// Cached flows refresh their timestamp at most this often, so a busy flow

@@ -144,8 +144,15 @@ fn the_heartbeat_stays_fresh_while_rules_change_at_scale() {
                         via: "underlay".into(),
                         ..RuleSpec::default()
                     };
-                    let id = match call(&socket, &Request::AddRule { spec: Box::new(spec) }, |_| {})
-                        .expect("add")
+                    let id = match call(
+                        &socket,
+                        &Request::AddRule {
+                            spec: Box::new(spec),
+                            dst_set: None,
+                        },
+                        |_| {},
+                    )
+                    .expect("add")
                     {
                         Response::Rule { rule } => rule.id,
                         other => panic!("adding a rule: {other:?}"),

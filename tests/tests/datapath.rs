@@ -345,11 +345,28 @@ fn a_prefix_set_of_a_hundred_thousand_claims_its_destinations() {
     // A bad line: refused with its number, nothing kept, nothing changed.
     let bad = net.dir.join("bad.txt");
     std::fs::write(&bad, "192.0.2.0/24\n198.51.100.0/33\n").unwrap();
-    let out = daemon.cli(&net, &["rule", "import", "--kind", "cidr", "--via", "underlay", &bad.to_string_lossy()]);
+    let out = daemon.cli(
+        &net,
+        &[
+            "rule",
+            "import",
+            "--kind",
+            "cidr",
+            "--via",
+            "underlay",
+            &bad.to_string_lossy(),
+        ],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("line 2") && stderr.contains("198.51.100.0/33"), "{stderr}");
-    assert_eq!(daemon.json(&net, &["rule", "list", "--json"]), serde_json::json!([]));
+    assert!(
+        stderr.contains("line 2") && stderr.contains("198.51.100.0/33"),
+        "{stderr}"
+    );
+    assert_eq!(
+        daemon.json(&net, &["rule", "list", "--json"]),
+        serde_json::json!([])
+    );
 
     let started = Instant::now();
     let added = daemon.json(
@@ -368,10 +385,16 @@ fn a_prefix_set_of_a_hundred_thousand_claims_its_destinations() {
             "--json",
         ],
     );
-    eprintln!("100,000 prefixes in one rule, in effect after {:?}", started.elapsed());
+    eprintln!(
+        "100,000 prefixes in one rule, in effect after {:?}",
+        started.elapsed()
+    );
     let id = added["id"].as_u64().unwrap();
     assert!(
-        added["subset"].as_str().unwrap().contains("world.txt (100003 prefixes)"),
+        added["subset"]
+            .as_str()
+            .unwrap()
+            .contains("world.txt (100003 prefixes)"),
         "{added}"
     );
     let kept = net.dir.join("sets/world.txt");
@@ -387,7 +410,11 @@ fn a_prefix_set_of_a_hundred_thousand_claims_its_destinations() {
     assert!(rule_packets(&daemon, &net, id) >= before + 6);
     let before_other = diverted(&daemon, &net);
     assert_eq!(net.echo(SERVER_V4, OTHER_PORT, "other").as_deref(), Some("other"));
-    assert_eq!(diverted(&daemon, &net), before_other, "port {OTHER_PORT} is not in the rule");
+    assert_eq!(
+        diverted(&daemon, &net),
+        before_other,
+        "port {OTHER_PORT} is not in the rule"
+    );
 
     // A restart reads the set back from the daemon's copy, even with the
     // user's file gone.
@@ -398,7 +425,10 @@ fn a_prefix_set_of_a_hundred_thousand_claims_its_destinations() {
     assert_eq!(rules[0]["id"].as_u64(), Some(id), "{rules}");
     let before = rule_packets(&daemon, &net, id);
     assert!(net.http_get(SERVER_V4, DIVERTED_PORT).is_some());
-    assert!(rule_packets(&daemon, &net, id) > before, "the restored set claims");
+    assert!(
+        rule_packets(&daemon, &net, id) > before,
+        "the restored set claims"
+    );
 
     // Deleting the rule lets the traffic be and removes the copy.
     daemon.ok(&net, &["rule", "del", &id.to_string()]);

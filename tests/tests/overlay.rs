@@ -770,7 +770,17 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
     );
     let ping = |size: usize| {
         let output = net.client.output(&[
-            "ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", &size.to_string(), SERVER_V4,
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size.to_string(),
+            SERVER_V4,
         ]);
         format!(
             "{}{}",

@@ -280,14 +280,26 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
             let daemon = Daemon::start(net, "");
             match holding {
                 Holding::OnePrefix => {
-                    cli(&daemon, net, &["rule", "add", "--dst", "203.0.113.0/24", "--via", "underlay"])?;
+                    cli(
+                        &daemon,
+                        net,
+                        &["rule", "add", "--dst", "203.0.113.0/24", "--via", "underlay"],
+                    )?;
                 }
                 Holding::PrefixSet => {
                     let started = Instant::now();
                     let out = cli(
                         &daemon,
                         net,
-                        &["rule", "import", "--kind", "cidr", "--via", "underlay", &file.to_string_lossy()],
+                        &[
+                            "rule",
+                            "import",
+                            "--kind",
+                            "cidr",
+                            "--via",
+                            "underlay",
+                            &file.to_string_lossy(),
+                        ],
                     )?;
                     let took = started.elapsed().as_secs_f64();
                     if !out.contains("added rule") {
@@ -317,7 +329,11 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
             cached_ns[slot].push(per_run(before, after));
             eprintln!(
                 "bench: {}: classifier {:.0} ns per new-flow packet, {:.0} ns per upload packet",
-                if holding == Holding::PrefixSet { "prefix set" } else { "one prefix" },
+                if holding == Holding::PrefixSet {
+                    "prefix set"
+                } else {
+                    "one prefix"
+                },
                 new_flow_ns[slot].last().unwrap(),
                 cached_ns[slot].last().unwrap()
             );

@@ -119,7 +119,10 @@ mod tests {
         let second = keep(&config, &upload("192.0.2.0/24\n"), set("192.0.2.0/24\n")).unwrap();
         assert_eq!(first.file(), "sets/nl.txt");
         assert_eq!(second.file(), "sets/nl-2.txt");
-        assert_eq!(std::fs::read_to_string(dir.join("sets/nl.txt")).unwrap(), "10.0.0.0/8\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("sets/nl.txt")).unwrap(),
+            "10.0.0.0/8\n"
+        );
         forget(&config, "sets/nl.txt");
         forget(&config, "/etc/hostname");
         assert!(!dir.join("sets/nl.txt").exists());

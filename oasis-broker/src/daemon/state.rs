@@ -158,12 +158,14 @@ impl Daemon {
 
     pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
         let result = match request {
-            Request::AddRule { spec, dst_set } => self.add_rule(*spec, dst_set, &reporter).await.map(|added| {
-                let kernel = lock(&self.kernel);
-                Response::Rule {
-                    rule: self.rule_view(kernel.as_ref(), &added[0]),
-                }
-            }),
+            Request::AddRule { spec, dst_set } => {
+                self.add_rule(*spec, dst_set, &reporter).await.map(|added| {
+                    let kernel = lock(&self.kernel);
+                    Response::Rule {
+                        rule: self.rule_view(kernel.as_ref(), &added[0]),
+                    }
+                })
+            }
             // An import answers with its count and ids only: a view of each
             // of a million rules would be a reply of a hundred megabytes.
             Request::ImportRules { specs } => {

@@ -374,7 +374,12 @@ mod tests {
         // Without DF a router may fragment: the encapsulation is.
         assert_eq!(decide(&mut router, &mut datagram(1500, false)), overlay);
         // A narrower path toward the entry node narrows what fits.
-        world.overlays.get(OverlayId(1)).unwrap().path_mtu.store(1400, std::sync::atomic::Ordering::Relaxed);
+        world
+            .overlays
+            .get(OverlayId(1))
+            .unwrap()
+            .path_mtu
+            .store(1400, std::sync::atomic::Ordering::Relaxed);
         let mut reply = Vec::new();
         router.begin_batch();
         let outcome = router.outbound(Instant::now(), &mut datagram(1400, true), &mut reply);

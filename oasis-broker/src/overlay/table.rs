@@ -127,7 +127,9 @@ impl JoinedOverlay {
     /// still fit an uplink MTU of `mtu`.
     pub fn max_mss(&self, mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
         let ip = if inner_v6 { 40 } else { 20 };
-        self.max_packet(mtu, outer_v6).saturating_sub(ip + 20).clamp(536, 65_495)
+        self.max_packet(mtu, outer_v6)
+            .saturating_sub(ip + 20)
+            .clamp(536, 65_495)
     }
 
     /// The largest packet that, encapsulated for this overlay, fits the

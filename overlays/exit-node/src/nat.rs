@@ -122,6 +122,10 @@ impl NatState {
     pub fn len(&self) -> usize {
         self.mappings.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
 }
 
 /// Where a reply goes back to.
@@ -235,6 +239,10 @@ impl Nat {
 
     pub fn len(&self) -> usize {
         self.by_inside.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_inside.is_empty()
     }
 
     /// Rewrites a client's packet to leave from the exit.
