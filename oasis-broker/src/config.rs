@@ -55,6 +55,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// The Monitor: probe budget and decision margins, for metric rules.
     pub monitor: MonitorConfig,
+    /// What each overlay's code module may use (memory, CPU per call,
+    /// datagrams per event, log lines); docs/modules.md.
+    pub modules: crate::module::ModuleLimits,
     /// Joined overlays; `oasis overlay add|del` keeps this list.
     pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
@@ -68,6 +71,10 @@ pub struct StoredOverlay {
     /// Hex bytes carried in the shim, for exit nodes that check a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Flows of this overlay never fall back to the underlay, not even
+    /// while its code module restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
     pub spec: OverlaySpec,
 }
 
@@ -349,6 +356,7 @@ impl Default for Config {
             underlay_port: 7401,
             dns: DnsConfig::default(),
             monitor: MonitorConfig::default(),
+            modules: crate::module::ModuleLimits::default(),
             overlays: Vec::new(),
             rules: Vec::new(),
         }

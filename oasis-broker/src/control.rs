@@ -36,6 +36,14 @@ pub enum Request {
         url: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// A module author's build, run instead of the module the
+        /// specification names.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        module_file: Option<ModuleUpload>,
+        /// Flows never fall back to the underlay, even while the
+        /// overlay's code module restarts.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pinned: bool,
     },
     OverlayList,
     OverlayShow {
@@ -48,6 +56,14 @@ pub enum Request {
     Monitor,
     /// The live flows of the packet threads.
     Flows,
+}
+
+/// A module file, sent whole (the daemon may not see the author's files).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModuleUpload {
+    pub name: String,
+    /// The bytes, in hex.
+    pub hex: String,
 }
 
 /// A prefix set's file, sent whole: the daemon may not see the user's
@@ -265,6 +281,12 @@ pub struct OverlayView {
     /// The smallest path MTU toward its entry nodes, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_mtu: Option<u16>,
+    /// Flows never fall back to the underlay.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Its code module, when one runs: state, restarts, traffic, refusals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_status: Option<crate::module::runner::ModuleStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -484,6 +506,10 @@ pub struct BrokerCounters {
     /// Later fragments of a datagram whose first was not seen, dropped.
     #[serde(default)]
     pub orphan_fragments: u64,
+    /// Packets a module handed the underlay port with a source address
+    /// that is not this host's.
+    #[serde(default)]
+    pub rejected_module_source: u64,
     /// Packets that would not fit their overlay's path and may not be
     /// fragmented: answered with ICMP fragmentation needed / too big.
     #[serde(default)]

@@ -263,6 +263,7 @@ pub fn run_underlay_port<S, U>(
     socket: &S,
     underlay: &U,
     modules: ModuleSockets,
+    local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
     stop: &AtomicBool,
 ) -> io::Result<()>
@@ -270,6 +271,9 @@ where
     S: DatagramSocket,
     U: UnderlaySender,
 {
+    let mut local = LocalAddresses::with_capacity(64);
+    local_addresses(&mut local);
+    let mut local_read = Instant::now();
     let mut bufs = vec![vec![0u8; PACKET]; DATAGRAM_BATCH];
     let mut received = [Received::default(); DATAGRAM_BATCH];
     let mut scratch = S::Scratch::default();
@@ -288,11 +292,25 @@ where
         if count == 0 {
             continue;
         }
+        if local_read.elapsed() > ADDRESS_REFRESH {
+            local_addresses(&mut local);
+            local_read = Instant::now();
+        }
         let modules = snapshot(&modules);
         let routes = engine.routes();
         let admitted = bufs.iter().zip(&received).take(count).filter_map(|(buf, got)| {
             if module_admitted(&modules, &routes, got.from) {
-                Some(&buf[..got.len])
+                let packet = &buf[..got.len];
+                // A module speaks for this host alone: a packet claiming
+                // another source would make the broker a spoofing relay.
+                match oasis_io::packet::addresses(packet) {
+                    Some((src, _)) if local.contains(&src) => Some(packet),
+                    _ => {
+                        counters.dropped(DropReason::ForeignSource);
+                        tracing::debug!(from = ?got.from, "a module's packet for the underlay with a source not this host's");
+                        None
+                    }
+                }
             } else {
                 counters.dropped(DropReason::NotFromModule);
                 tracing::debug!(from = ?got.from, "datagram on the underlay port from no module of this broker");

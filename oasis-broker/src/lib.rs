@@ -17,6 +17,7 @@ pub mod engine;
 pub mod fake;
 pub mod forward;
 pub mod liveness;
+pub mod module;
 pub mod monitor;
 pub mod names;
 pub mod overlay;

@@ -176,10 +176,17 @@ enum OverlayCommand {
     /// Join an overlay: the daemon fetches its XML specification from URL
     /// (http or https), checks it and stores it in the config file. Rules
     /// then name the overlay with `--via NAME`.
+    ///
+    /// A specification may carry a code module (`<module kind="overlay">`):
+    /// the daemon downloads it, checks its SHA-256, compiles it and runs it
+    /// in a sandbox (docs/modules.md); the overlay's flows then go through
+    /// it. While a module restarts, new flows take the underlay unless the
+    /// overlay was joined with --pin.
     #[command(after_help = "\
 Examples:
   oasis overlay add detour https://osp.example/detour.xml
   oasis overlay add campus http://10.1.2.3/campus.xml --token 00112233445566778899aabbccddeeff
+  oasis overlay add test http://10.1.2.3/test.xml --module-file target/my_module.wasm
   oasis rule add --proto tcp --dport 80 --via detour")]
     Add {
         /// The local name for the overlay (letters, digits, - and _).
@@ -190,6 +197,14 @@ Examples:
         /// as many as the specification's shim length, in hex.
         #[arg(long, value_name = "HEX")]
         token: Option<String>,
+        /// For module authors: run this WebAssembly file as the overlay's
+        /// code module instead of the one the specification names.
+        #[arg(long, value_name = "PATH")]
+        module_file: Option<PathBuf>,
+        /// Never let the overlay's flows take the underlay, not even while
+        /// its code module restarts (they wait, or fail, instead).
+        #[arg(long)]
+        pin: bool,
         /// Print the joined overlay as JSON.
         #[arg(long)]
         json: bool,
@@ -523,9 +538,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             url,
             token,
+            module_file,
+            pin,
             json,
         }) => {
-            match call(&socket, &Request::OverlayAdd { name, url, token })? {
+            let module_file = match module_file {
+                Some(path) => {
+                    let bytes =
+                        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    eprintln!(
+                        "sending {} ({} bytes, sha256 {}) ...",
+                        path.display(),
+                        bytes.len(),
+                        oasis_broker::module::digest(&bytes)
+                    );
+                    Some(control::ModuleUpload {
+                        name: path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        hex: hex::encode(bytes),
+                    })
+                }
+                None => None,
+            };
+            let request = Request::OverlayAdd {
+                name,
+                url,
+                token,
+                module_file,
+                pinned: pin,
+            };
+            match call(&socket, &request)? {
                 Response::Overlay { overlay } if json => {
                     println!("{}", serde_json::to_string_pretty(&overlay)?)
                 }

@@ -188,8 +188,9 @@ pub fn status(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "            underlay port {} (modules only): dropped {} from other senders",
-        s.underlay_port, b.rejected_module_sender
+        "            underlay port {} (modules only): dropped {} from other senders, {} with a source \
+         not this host's",
+        s.underlay_port, b.rejected_module_sender, b.rejected_module_source
     );
     match &s.dns {
         None => {
@@ -364,6 +365,38 @@ pub fn overlay(o: &OverlayView) -> String {
             "module      {:?} {} (sha256 {})",
             module.kind, module.url, module.sha256
         );
+    }
+    if let Some(m) = &o.module_status {
+        let _ = writeln!(
+            out,
+            "            {}; {} restarts{}; {}",
+            m.state,
+            m.restarts,
+            m.last_stop
+                .as_ref()
+                .map(|why| format!(" (last: {why})"))
+                .unwrap_or_default(),
+            m.compile
+        );
+        let _ = writeln!(
+            out,
+            "            packets: {} from this host, {} to entry nodes, {} from them, {} back to this host, \
+             {} to the underlay; {} dropped while down",
+            m.from_host, m.to_entries, m.from_entries, m.to_host, m.to_underlay, m.dropped_while_down
+        );
+        let r = &m.refusals;
+        let _ = writeln!(
+            out,
+            "            refused: {} sends to undeclared entries, {} over the per-event budget, {} bad buffers, \
+             {} log lines; {} datagrams from strangers",
+            r.bad_entry, r.over_budget, r.bad_buffer, r.log_dropped, m.refused_senders
+        );
+        if o.pinned {
+            let _ = writeln!(
+                out,
+                "            pinned: flows wait for the module rather than take the underlay"
+            );
+        }
     }
     let rules: Vec<String> = o.rules.iter().map(ToString::to_string).collect();
     let _ = writeln!(

@@ -282,6 +282,11 @@ impl Topology {
 
     /// Publishes a file on the overlay host's specification server.
     pub fn publish(&self, name: &str, content: &str) {
+        self.publish_bytes(name, content.as_bytes());
+    }
+
+    /// As [`publish`](Self::publish), any bytes (a module).
+    pub fn publish_bytes(&self, name: &str, content: &[u8]) {
         let root = self.dir.join("specs");
         std::fs::create_dir_all(&root).expect("spec root");
         std::fs::write(root.join(name), content).expect("spec file");
@@ -804,4 +809,24 @@ pub fn prefix_list(count: u32, with: &[&str]) -> String {
         text.push_str(&format!("{prefix}\n"));
     }
     text
+}
+
+/// A module of `overlays/modules`, as `cargo xtask test` builds them.
+pub fn built_module(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/modules/wasm32-unknown-unknown/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; `cargo xtask test` builds the modules first",
+            path.display()
+        )
+    })
+}
+
+/// A hostile module of `overlays/modules/hostile` (WAT text).
+pub fn hostile_module(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../overlays/modules/hostile")
+        .join(format!("{name}.wat"))
 }

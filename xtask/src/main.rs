@@ -142,10 +142,37 @@ pub fn build_oasis(release: bool) -> anyhow::Result<PathBuf> {
             "building oasis failed; if the kernel programs failed, `cargo xtask setup` installs their toolchain"
         );
     }
+    build_modules()?;
     Ok(workspace_root()
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("oasis"))
+}
+
+/// The overlay code modules of `overlays/modules`, for WebAssembly, into
+/// `target/modules/` (where the tests and the benchmark take them from).
+fn build_modules() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let status = cargo()
+        .args([
+            "build",
+            "--release",
+            "--target",
+            setup::WASM_TARGET,
+            "--manifest-path",
+        ])
+        .arg(root.join("overlays/modules/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/modules"))
+        .status()
+        .context("running cargo build for the overlay modules")?;
+    if !status.success() {
+        bail!(
+            "building the overlay modules failed; `cargo xtask setup` installs the {} target",
+            setup::WASM_TARGET
+        );
+    }
+    Ok(())
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {

@@ -12,6 +12,19 @@ pub const BPF_LINKER_VERSION: &str = "0.10.4";
 /// WinDivert backend's target); its C dependencies (ring) need the mingw
 /// cross compiler even for `cargo check`.
 pub const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
+/// What overlay code modules are built for.
+pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+fn target_installed(target: &str) -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == target)
+        })
+}
 
 /// Commands the tests and benchmarks run, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
@@ -108,6 +121,12 @@ fn steps() -> Vec<Step> {
             },
             install: || run_loud("rustup", &["target", "add", WINDOWS_TARGET]),
             hint: "install it with `rustup target add x86_64-pc-windows-gnu`",
+        },
+        Step {
+            what: "the WebAssembly target (builds the overlay modules in overlays/modules)",
+            done: || target_installed(WASM_TARGET),
+            install: || run_loud("rustup", &["target", "add", WASM_TARGET]),
+            hint: "install it with `rustup target add wasm32-unknown-unknown`",
         },
         Step {
             what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, nftables, mingw-w64)",

@@ -93,11 +93,28 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         .take_pins()
         .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
 
+    // Overlays' code modules run in this sandbox; without one (wasmtime
+    // could not set up), overlays that carry code cannot be used, and
+    // everything else works.
+    let modules = match crate::module::Sandbox::new() {
+        Ok(sandbox) => Some(crate::overlay::ModuleContext::new(
+            sandbox,
+            config_path,
+            config.overlay_port,
+            config.underlay_port,
+            config.bypass_mark,
+            config.modules.clone(),
+        )),
+        Err(e) => {
+            tracing::error!("no sandbox for overlay code modules: {e}");
+            None
+        }
+    };
     let overlays = {
         let stored = config.overlays.clone();
         let mut own = LocalAddresses::default();
         platform.local_addresses(&mut own);
-        tokio::task::spawn_blocking(move || OverlayManager::load(stored, &own))
+        tokio::task::spawn_blocking(move || OverlayManager::load(stored, &own, modules))
             .await
             .map_err(|e| DaemonError::Io {
                 what: "resolving the overlays' entry nodes".into(),
@@ -181,7 +198,8 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             )
         })?);
     }
-    // No module runs yet (they come with the sandbox): the set stays empty.
+    // Sockets of modules beyond the joined overlays' own (admitted by
+    // their overlay's entry in the table): none so far.
     let modules: ModuleSockets = Arc::default();
     for (family, loopback) in [
         ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
@@ -199,9 +217,18 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         };
         let name = format!("oasis-underlay-port-{family}");
         let (engine, underlay, modules) = (engine.clone(), underlay.clone(), modules.clone());
+        let platform = platform.clone();
         let (tick, stop) = (liveness.register(&name), stop.clone());
         threads.push(spawn_thread(name, move || {
-            run_underlay_port(engine, &socket, underlay.as_ref(), modules, tick, &stop)
+            run_underlay_port(
+                engine,
+                &socket,
+                underlay.as_ref(),
+                modules,
+                |into| platform.local_addresses(into),
+                tick,
+                &stop,
+            )
         })?);
     }
 

@@ -191,8 +191,14 @@ impl Daemon {
             Request::Dns => Ok(Response::Dns {
                 dns: Box::new(self.dns.table(&self.engine.routes())),
             }),
-            Request::OverlayAdd { name, url, token } => self
-                .join_overlay(name, url, token, &reporter)
+            Request::OverlayAdd {
+                name,
+                url,
+                token,
+                module_file,
+                pinned,
+            } => self
+                .join_overlay(name, url, token, module_file, pinned, &reporter)
                 .await
                 .map(|overlay| Response::Overlay {
                     overlay: Box::new(overlay),
@@ -515,9 +521,19 @@ impl Daemon {
         name: String,
         url: String,
         token: Option<String>,
+        module_file: Option<crate::control::ModuleUpload>,
+        pinned: bool,
         reporter: &Reporter,
     ) -> Result<OverlayView, RequestError> {
         crate::overlay::check_name(&name)?;
+        let module_file = match module_file {
+            Some(upload) => Some((
+                upload.name,
+                hex::decode(&upload.hex)
+                    .map_err(|e| RequestError::Internal(format!("the module's bytes: {e}")))?,
+            )),
+            None => None,
+        };
         if lock(&self.control).overlays.is_joined(&name) {
             return Err(JoinError::Exists(name).into());
         }
@@ -525,7 +541,13 @@ impl Daemon {
         // The fetch takes time: no lock, not even the change lock.
         let mut own = LocalAddresses::default();
         (self.own_addresses)(&mut own);
-        let prepared = OverlayManager::prepare(name.clone(), url, token, own).await?;
+        let modules = lock(&self.control).overlays.modules();
+        let options = crate::overlay::JoinOptions {
+            token,
+            module_file,
+            pinned,
+        };
+        let prepared = OverlayManager::prepare(name.clone(), url, options, own, modules).await?;
         let change = self.change(reporter).await;
         {
             let mut control = lock(&self.control);
@@ -597,11 +619,13 @@ impl Daemon {
             .iter()
             .filter(|o| only.is_none_or(|name| o.name == name))
             .map(|stored| {
-                overlay_view(
+                let mut view = overlay_view(
                     stored,
                     table.by_name(&stored.name).map(Arc::as_ref),
                     &control.rules,
-                )
+                );
+                view.module_status = control.overlays.module_status(&stored.name);
+                view
             })
             .collect()
     }
@@ -711,6 +735,8 @@ fn overlay_view(
         packets_received: joined.map(|j| j.received.load(Relaxed)).unwrap_or(0),
         live_flows: joined.map(|j| j.flows.load(Relaxed)).unwrap_or(0),
         path_mtu: joined.map(|j| j.path_mtu.load(Relaxed)).filter(|m| *m != 0),
+        pinned: stored.pinned,
+        module_status: None,
     }
 }
 

@@ -146,14 +146,25 @@ impl MonitorChooser {
 
 impl CarrierChooser for MonitorChooser {
     fn choose(&self, flow: NewFlow<'_>, claim: Claim<'_>, routes: &Routes, now: Instant) -> Decision {
-        if let Some(via) = claim.fixed(routes) {
-            return Decision::fixed(via);
-        }
-        match routes.monitored(claim.rule()) {
-            Some(route) => self.monitored(flow, route, now),
-            // Published routes always list their metric rules; should one
-            // be missing, the plain path.
-            None => Decision::fixed(Via::Underlay),
+        let decision = if let Some(via) = claim.fixed(routes) {
+            Decision::fixed(via)
+        } else {
+            match routes.monitored(claim.rule()) {
+                Some(route) => self.monitored(flow, route, now),
+                // Published routes always list their metric rules; should
+                // one be missing, the plain path.
+                None => Decision::fixed(Via::Underlay),
+            }
+        };
+        // Do no harm: an overlay whose code module is down carries no new
+        // flow, unless the user pinned it.
+        match decision.via {
+            Via::Overlay(id) if routes.overlays.get(id).is_some_and(|o| o.falls_back()) => Decision {
+                via: Via::Underlay,
+                why: Some(Why::ModuleDown),
+                monitored: false,
+            },
+            _ => decision,
         }
     }
 }

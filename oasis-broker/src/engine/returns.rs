@@ -244,7 +244,7 @@ pub fn module_admitted(modules: &HashSet<SocketAddr>, routes: &Routes, from: Opt
         || routes
             .overlays
             .iter()
-            .any(|o| o.monitor && o.path.peers().contains(&addr))
+            .any(|o| (o.monitor || o.module.is_some()) && o.path.peers().contains(&addr))
 }
 
 #[cfg(test)]

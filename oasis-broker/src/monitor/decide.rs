@@ -84,6 +84,9 @@ pub enum Why {
     Rescued,
     /// An external monitor module decides.
     Module,
+    /// The overlay's code module is down (restarting): the underlay, for
+    /// a rule that did not pin the overlay.
+    ModuleDown,
 }
 
 impl std::fmt::Display for Why {
@@ -114,6 +117,7 @@ impl std::fmt::Display for Why {
             Why::Failover => f.write_str("failover: the carrier it was on went down"),
             Why::Rescued => f.write_str("rescued: its handshake went unanswered on another carrier"),
             Why::Module => f.write_str("decided by the monitor module"),
+            Why::ModuleDown => f.write_str("fallback: the overlay's code module is restarting"),
         }
     }
 }

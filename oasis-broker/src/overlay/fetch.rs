@@ -15,8 +15,8 @@ pub enum FetchError {
     Http { url: String, reason: String },
     #[error("fetching {url}: the server answered {status}")]
     Status { url: String, status: u16 },
-    #[error("fetching {url}: the specification is larger than {MAX_SPEC_BYTES} bytes")]
-    TooLarge { url: String },
+    #[error("fetching {url}: the document is larger than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
     #[error("{url}: {source}")]
     Spec { url: String, source: SpecError },
 }
@@ -24,6 +24,24 @@ pub enum FetchError {
 /// Fetches and checks a specification: 10 s in all, at most
 /// [`MAX_SPEC_BYTES`], following at most 3 redirects.
 pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
+    let body = fetch_bytes(url, MAX_SPEC_BYTES, std::time::Duration::from_secs(10)).await?;
+    let text = String::from_utf8(body).map_err(|_| FetchError::Spec {
+        url: url.into(),
+        source: SpecError::Xml("the document is not UTF-8".into()),
+    })?;
+    OverlaySpec::parse(&text).map_err(|source| FetchError::Spec {
+        url: url.into(),
+        source,
+    })
+}
+
+/// Fetches at most `limit` bytes from an http(s) URL within `timeout`,
+/// following at most 3 redirects (never to another scheme).
+pub async fn fetch_bytes(
+    url: &str,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, FetchError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(FetchError::BadUrl(url.into()));
     }
@@ -35,10 +53,10 @@ pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
     })?;
     let http = |e: reqwest::Error| FetchError::Http {
         url: url.into(),
-        reason: http_reason(&e),
+        reason: http_reason(&e, timeout),
     };
     let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
+        .timeout(timeout)
         .connect_timeout(std::time::Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::limited(3))
         .build()
@@ -63,35 +81,33 @@ pub async fn fetch(url: &str) -> Result<OverlaySpec, FetchError> {
             status: response.status().as_u16(),
         });
     }
-    if response
-        .content_length()
-        .is_some_and(|n| n as usize > MAX_SPEC_BYTES)
-    {
-        return Err(FetchError::TooLarge { url: url.into() });
+    if response.content_length().is_some_and(|n| n as usize > limit) {
+        return Err(FetchError::TooLarge {
+            url: url.into(),
+            limit,
+        });
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(http)? {
         body.extend_from_slice(&chunk);
-        if body.len() > MAX_SPEC_BYTES {
-            return Err(FetchError::TooLarge { url: url.into() });
+        if body.len() > limit {
+            return Err(FetchError::TooLarge {
+                url: url.into(),
+                limit,
+            });
         }
     }
-    let text = String::from_utf8(body).map_err(|_| FetchError::Spec {
-        url: url.into(),
-        source: SpecError::Xml("the document is not UTF-8".into()),
-    })?;
-    OverlaySpec::parse(&text).map_err(|source| FetchError::Spec {
-        url: url.into(),
-        source,
-    })
+    Ok(body)
 }
 
 /// What went wrong, in words a user can act on: reqwest's own text names
 /// the step ("error decoding response body") rather than the cause.
-fn http_reason(error: &reqwest::Error) -> String {
+fn http_reason(error: &reqwest::Error, timeout: std::time::Duration) -> String {
     if error.is_timeout() {
-        return "no complete answer within 10 s (connecting within 5 s); is the server up and reachable?"
-            .into();
+        return format!(
+            "no complete answer within {} s (connecting within 5 s); is the server up and reachable?",
+            timeout.as_secs()
+        );
     }
     if error.is_redirect() {
         return "too many redirects (more than 3)".into();

@@ -3,17 +3,28 @@
 //! and checks a specification without touching any state; only the final
 //! step, which cannot fail for reasons of the network, changes the set.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::table::{EntryNodes, JoinedOverlay, LocalModule, OverlayId, OverlayPath, OverlayTable};
+use super::modules::{ModuleContext, ModuleFailure};
+use super::table::{
+    EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable,
+};
 use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
+use super::{ModuleKind, ModuleSpec};
 use crate::config::StoredOverlay;
 use crate::engine::LocalAddresses;
+use crate::module::runner::{ModuleRunner, ModuleStatus};
 
 pub struct OverlayManager {
     stored: Vec<StoredOverlay>,
     table: Arc<OverlayTable>,
     next_id: u32,
+    /// None where no sandbox could be made: overlays with code modules
+    /// then cannot be used.
+    modules: Option<ModuleContext>,
+    /// The code modules running, by overlay name; stopped when dropped.
+    runners: HashMap<String, ModuleRunner>,
 }
 
 /// A specification fetched, checked and resolved, ready to join.
@@ -21,6 +32,26 @@ pub struct Prepared {
     stored: StoredOverlay,
     path: Box<dyn OverlayPath>,
     shim: Vec<u8>,
+    runner: Option<ModuleRunner>,
+}
+
+/// What `overlay add` asks beyond the name and URL.
+#[derive(Default)]
+pub struct JoinOptions {
+    pub token: Option<String>,
+    /// A module's bytes instead of the one the specification names.
+    pub module_file: Option<(String, Vec<u8>)>,
+    /// Never let the overlay's flows fall back to the underlay.
+    pub pinned: bool,
+}
+
+/// What the packet path needs of a stored overlay: its path, its shim and
+/// the module running for it, if it has one.
+type Runtime = (Box<dyn OverlayPath>, Vec<u8>, Option<ModuleRunner>);
+
+/// The overlay-carrying module a specification declares, if any.
+fn carrying_module(spec: &super::OverlaySpec) -> Option<&ModuleSpec> {
+    spec.module.as_ref().filter(|m| m.kind == ModuleKind::Overlay)
 }
 
 impl OverlayManager {
@@ -30,16 +61,27 @@ impl OverlayManager {
     /// `no_carrier`) rather than keeping the daemon from starting.
     /// Blocking: it may ask the resolver.
     /// `own` are this host's addresses, which no entry node may have.
-    pub fn load(stored: Vec<StoredOverlay>, own: &LocalAddresses) -> OverlayManager {
+    pub fn load(
+        stored: Vec<StoredOverlay>,
+        own: &LocalAddresses,
+        modules: Option<ModuleContext>,
+    ) -> OverlayManager {
         let mut manager = OverlayManager {
             stored: Vec::new(),
             table: Arc::new(OverlayTable::default()),
             next_id: 1,
+            modules,
+            runners: HashMap::new(),
         };
         let mut joined = Vec::new();
         for overlay in stored {
-            match Self::runtime(&overlay, own) {
-                Ok((path, shim)) => joined.push(manager.joined(&overlay, path, shim)),
+            match manager.runtime(&overlay, own) {
+                Ok((path, shim, runner)) => {
+                    joined.push(manager.joined(&overlay, path, shim, runner.as_ref()));
+                    if let Some(runner) = runner {
+                        manager.runners.insert(overlay.name.clone(), runner);
+                    }
+                }
                 Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
             }
             manager.stored.push(overlay);
@@ -49,16 +91,23 @@ impl OverlayManager {
     }
 
     fn runtime(
+        &self,
         stored: &StoredOverlay,
         own: &LocalAddresses,
-    ) -> Result<(Box<dyn OverlayPath>, Vec<u8>), OverlayError> {
+    ) -> Result<Runtime, OverlayError> {
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
         if let Some(port) = stored.spec.monitor_port() {
-            return Ok((Box::new(LocalModule::new(port)), shim));
+            return Ok((Box::new(LocalModule::new(port)), shim, None));
         }
         let entries = stored.spec.resolve_entries(own)?;
+        if let Some(module) = carrying_module(&stored.spec) {
+            let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
+            let prepared = context.load(module)?;
+            let runner = context.start(&stored.name, &prepared, entries, stored.spec.shim_len)?;
+            return Ok((Box::new(LocalModule::new(runner.port())), shim, Some(runner)));
+        }
         let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
-        Ok((Box::new(nodes), shim))
+        Ok((Box::new(nodes), shim, None))
     }
 
     fn joined(
@@ -66,12 +115,27 @@ impl OverlayManager {
         stored: &StoredOverlay,
         path: Box<dyn OverlayPath>,
         shim: Vec<u8>,
+        runner: Option<&ModuleRunner>,
     ) -> Arc<JoinedOverlay> {
         let id = OverlayId(self.next_id);
         self.next_id += 1;
         let mut overlay = JoinedOverlay::new(id, stored.name.clone(), path, shim);
         overlay.monitor = stored.spec.monitor_port().is_some();
+        overlay.module = runner.map(|r| ModuleLink {
+            up: r.up(),
+            pinned: stored.pinned,
+        });
         Arc::new(overlay)
+    }
+
+    /// The state of an overlay's code module, if it has one running.
+    pub fn module_status(&self, name: &str) -> Option<ModuleStatus> {
+        self.runners.get(name).map(ModuleRunner::status)
+    }
+
+    /// The module context, for preparing a join.
+    pub fn modules(&self) -> Option<ModuleContext> {
+        self.modules.clone()
     }
 
     /// Every joined overlay, in the order joined.
@@ -90,15 +154,31 @@ impl OverlayManager {
 
     /// Fetches, checks and resolves a specification: the slow part of
     /// `overlay add`, with no state touched.
+    /// Fetches, checks and resolves a specification, and its code module
+    /// if it has one (fetched, verified, compiled, kept and started): the
+    /// slow part of `overlay add`, with no state of the manager touched.
     pub async fn prepare(
         name: String,
         url: String,
-        token: Option<String>,
+        options: JoinOptions,
         own: LocalAddresses,
+        modules: Option<ModuleContext>,
     ) -> Result<Prepared, OverlayError> {
         check_name(&name)?;
-        let spec = fetch(&url).await?;
-        let shim = shim_bytes(spec.shim_len, token.as_deref())?;
+        let mut spec = fetch(&url).await?;
+        let shim = shim_bytes(spec.shim_len, options.token.as_deref())?;
+        let given = options.module_file.map(|(file, bytes)| {
+            // A module author's build: it takes the place of whatever
+            // module the specification names.
+            spec.module = Some(ModuleSpec {
+                url: format!("file:{file}"),
+                sha256: crate::module::digest(&bytes),
+                kind: ModuleKind::Overlay,
+                port: None,
+            });
+            bytes
+        });
+        let mut runner = None;
         let path: Box<dyn OverlayPath> = match spec.monitor_port() {
             Some(port) => Box::new(LocalModule::new(port)),
             None => {
@@ -106,18 +186,35 @@ impl OverlayManager {
                 let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries(&own))
                     .await
                     .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
-                Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?)
+                match carrying_module(&spec) {
+                    Some(module) => {
+                        let context = modules.ok_or(ModuleFailure::NoSandbox)?;
+                        let prepared = context.prepare(module, given).await?;
+                        let kept = context.clone();
+                        let prepared =
+                            tokio::task::spawn_blocking(move || kept.keep(&prepared).map(|()| prepared))
+                                .await
+                                .map_err(|e| ModuleFailure::Start(std::io::Error::other(e.to_string())))??;
+                        let started = context.start(&name, &prepared, entries, spec.shim_len)?;
+                        let port = started.port();
+                        runner = Some(started);
+                        Box::new(LocalModule::new(port))
+                    }
+                    None => Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?),
+                }
             }
         };
         Ok(Prepared {
             stored: StoredOverlay {
                 name,
                 url,
-                token,
+                token: options.token,
+                pinned: options.pinned,
                 spec,
             },
             path,
             shim,
+            runner,
         })
     }
 
@@ -127,7 +224,15 @@ impl OverlayManager {
         if self.find(&prepared.stored.name).is_some() {
             return Err(JoinError::Exists(prepared.stored.name));
         }
-        let overlay = self.joined(&prepared.stored, prepared.path, prepared.shim);
+        let overlay = self.joined(
+            &prepared.stored,
+            prepared.path,
+            prepared.shim,
+            prepared.runner.as_ref(),
+        );
+        if let Some(runner) = prepared.runner {
+            self.runners.insert(prepared.stored.name.clone(), runner);
+        }
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().cloned().chain([overlay]).collect();
         self.table = Arc::new(OverlayTable::new(list));
         self.stored.push(prepared.stored);
@@ -149,6 +254,7 @@ impl OverlayManager {
         }
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().filter(|o| o.name != name).cloned().collect();
         self.table = Arc::new(OverlayTable::new(list));
+        self.runners.remove(name);
         Ok(self.stored.remove(index))
     }
 
@@ -168,6 +274,7 @@ mod tests {
             name: name.into(),
             url: format!("http://192.0.2.9/{name}.xml"),
             token: None,
+            pinned: false,
             spec: OverlaySpec::parse(&format!(
                 r#"<overlay><entry host="{}" port="7400"/><shim length="2"/></overlay>"#,
                 entry
@@ -181,12 +288,14 @@ mod tests {
             stored: stored(name, "192.0.2.20"),
             path: Box::new(EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap()),
             shim: vec![0; 2],
+            runner: None,
         }
     }
 
     #[test]
     fn joins_get_fresh_ids_and_leaving_takes_them_out() {
-        let mut manager = OverlayManager::load(vec![stored("a", "192.0.2.10")], &LocalAddresses::default());
+        let mut manager =
+            OverlayManager::load(vec![stored("a", "192.0.2.10")], &LocalAddresses::default(), None);
         let a = manager.table().id_of("a").unwrap();
         manager.join(prepared("b")).unwrap();
         let b = manager.table().id_of("b").unwrap();
@@ -226,6 +335,7 @@ mod tests {
         let manager = OverlayManager::load(
             vec![unusable, stored("a", "192.0.2.10")],
             &LocalAddresses::default(),
+            None,
         );
         assert!(manager.is_joined("gone"));
         assert!(manager.table().id_of("gone").is_none());

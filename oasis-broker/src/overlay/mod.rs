@@ -4,15 +4,17 @@
 
 pub mod fetch;
 pub mod manager;
+pub mod modules;
 pub mod spec;
 pub mod table;
 
 pub use fetch::{FetchError, fetch};
-pub use manager::{OverlayManager, Prepared};
+pub use manager::{JoinOptions, OverlayManager, Prepared};
+pub use modules::{ModuleContext, ModuleFailure};
 pub use spec::{MAX_ENTRIES, MAX_SPEC_BYTES, ModuleKind, ModuleSpec, OverlaySpec, SpecError};
 #[cfg(test)]
 pub(crate) use table::test_overlay;
-pub use table::{EntryNodes, JoinedOverlay, LocalModule, OverlayId, OverlayPath, OverlayTable};
+pub use table::{EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable};
 
 use crate::config::StoredOverlay;
 use crate::rules::{Carrier, RuleError};
@@ -43,6 +45,8 @@ pub enum OverlayError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Module(#[from] ModuleFailure),
 }
 
 /// Checks a local overlay name as `--via` and `overlay add` take it.
@@ -136,6 +140,7 @@ mod tests {
             name: name.into(),
             url: "http://x/spec.xml".into(),
             token: None,
+            pinned: false,
             spec: OverlaySpec::parse(&text).unwrap(),
         }
     }

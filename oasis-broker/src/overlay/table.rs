@@ -106,6 +106,17 @@ pub struct JoinedOverlay {
     /// The smallest path MTU toward its entry nodes, as the OS last knew
     /// it (0: unknown); new flows' MSS is clamped to fit it.
     pub path_mtu: std::sync::atomic::AtomicU16,
+    /// The overlay's code module, when it has one.
+    pub module: Option<ModuleLink>,
+}
+
+/// How the packet path sees an overlay's code module.
+#[derive(Debug, Clone)]
+pub struct ModuleLink {
+    /// Whether the module runs now.
+    pub up: Arc<std::sync::atomic::AtomicBool>,
+    /// The user asked that flows never fall back to the underlay.
+    pub pinned: bool,
 }
 
 impl JoinedOverlay {
@@ -120,7 +131,16 @@ impl JoinedOverlay {
             received: AtomicU64::new(0),
             flows: AtomicU64::new(0),
             path_mtu: std::sync::atomic::AtomicU16::new(0),
+            module: None,
         }
+    }
+
+    /// Whether new flows should take the underlay instead: the overlay's
+    /// module is down (restarting) and the user did not pin the overlay.
+    pub fn falls_back(&self) -> bool {
+        self.module
+            .as_ref()
+            .is_some_and(|m| !m.pinned && !m.up.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The largest TCP MSS whose segments, encapsulated for this overlay,

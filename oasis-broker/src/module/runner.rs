@@ -1,0 +1,363 @@
+//! Runs one overlay's module: a thread of its own with two sockets. The
+//! loopback socket is the module's port, where the broker sends the
+//! overlay's packets (`[shim][IP packet]`, as to any local module) and from
+//! where the module's answers reach the broker's standard and underlay
+//! ports. The outside socket talks to the overlay's entry nodes, and hears
+//! only them. A module that stops (trap, CPU, memory, flood) is started
+//! again after a pause that doubles up to a minute; meanwhile the overlay
+//! is marked down, and new flows of rules that did not pin it take the
+//! underlay.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::Module;
+
+use super::{Action, Actions, ModuleLimits, Refusals, Running, Sandbox, sandbox::MAX_DATAGRAM};
+
+const TICK: Duration = Duration::from_millis(100);
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const LONGEST_PAUSE: Duration = Duration::from_secs(60);
+/// Running this long without a stop forgives earlier ones.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// What `overlay show` reports of a module.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub digest: String,
+    /// `running`, `starting`, or `stopped: WHY; again in N s`.
+    pub state: String,
+    pub restarts: u64,
+    /// Why it was last stopped, if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stop: Option<String>,
+    pub from_host: u64,
+    pub to_entries: u64,
+    pub from_entries: u64,
+    pub to_host: u64,
+    pub to_underlay: u64,
+    /// Datagrams from senders other than the entry nodes or this host.
+    pub refused_senders: u64,
+    /// Packets that arrived while it was down, dropped.
+    pub dropped_while_down: u64,
+    pub refusals: Refusals,
+    /// The compile: taken from the cache, or how long it took.
+    pub compile: String,
+}
+
+/// The per-packet counts, kept apart from the status so that no packet
+/// takes a lock.
+#[derive(Default)]
+struct Counts {
+    from_host: AtomicU64,
+    to_entries: AtomicU64,
+    from_entries: AtomicU64,
+    to_host: AtomicU64,
+    to_underlay: AtomicU64,
+    refused_senders: AtomicU64,
+    dropped_while_down: AtomicU64,
+}
+
+/// Everything a module's thread needs.
+pub struct ModuleSetup {
+    pub overlay: String,
+    pub module: Module,
+    pub entries: Vec<SocketAddr>,
+    pub shim_len: usize,
+    pub limits: ModuleLimits,
+    /// The broker's standard port (returns) and underlay port, on loopback.
+    pub overlay_port: u16,
+    pub underlay_port: u16,
+    /// The mark that keeps the classifier off the module's own datagrams.
+    pub bypass_mark: u32,
+    pub status: ModuleStatus,
+}
+
+/// A running module; stopped when dropped.
+pub struct ModuleRunner {
+    port: u16,
+    up: Arc<AtomicBool>,
+    status: Arc<Mutex<ModuleStatus>>,
+    counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ModuleRunner {
+    /// Opens the module's sockets and starts its thread.
+    pub fn start(sandbox: Arc<Sandbox>, setup: ModuleSetup) -> std::io::Result<ModuleRunner> {
+        let local = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = local.local_addr()?.port();
+        let outside = outside_socket(setup.bypass_mark)?;
+        local.set_nonblocking(true)?;
+        outside.set_nonblocking(true)?;
+        let up = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(ModuleStatus {
+            state: "starting".into(),
+            ..setup.status.clone()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Counts::default());
+        let thread = {
+            let (up, status, stop, counts) = (up.clone(), status.clone(), stop.clone(), counts.clone());
+            std::thread::Builder::new()
+                .name(format!("oasis-module-{}", setup.overlay))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            tracing::error!(overlay = %setup.overlay, "module thread: {e}");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let (local, outside) = match (
+                            tokio::net::UdpSocket::from_std(local),
+                            tokio::net::UdpSocket::from_std(outside),
+                        ) {
+                            (Ok(local), Ok(outside)) => (local, outside),
+                            (Err(e), _) | (_, Err(e)) => {
+                                tracing::error!(overlay = %setup.overlay, "module sockets: {e}");
+                                return;
+                            }
+                        };
+                        Host {
+                            sandbox,
+                            setup,
+                            up,
+                            status,
+                            counts,
+                            stop,
+                            local,
+                            outside,
+                            running: None,
+                            pause: FIRST_PAUSE,
+                            restart_at: Instant::now(),
+                            since: Instant::now(),
+                            actions: Actions::default(),
+                        }
+                        .run()
+                        .await
+                    })
+                })?
+        };
+        Ok(ModuleRunner {
+            port,
+            up,
+            status,
+            counts,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The loopback port the broker sends the overlay's packets to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Up while the module runs; the overlay's flows fall back otherwise.
+    pub fn up(&self) -> Arc<AtomicBool> {
+        self.up.clone()
+    }
+
+    pub fn status(&self) -> ModuleStatus {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let c = &self.counts;
+        status.from_host = c.from_host.load(Relaxed);
+        status.to_entries = c.to_entries.load(Relaxed);
+        status.from_entries = c.from_entries.load(Relaxed);
+        status.to_host = c.to_host.load(Relaxed);
+        status.to_underlay = c.to_underlay.load(Relaxed);
+        status.refused_senders = c.refused_senders.load(Relaxed);
+        status.dropped_while_down = c.dropped_while_down.load(Relaxed);
+        status
+    }
+}
+
+impl Drop for ModuleRunner {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Dual-stack, so entry nodes of either family are reachable; marked so
+/// the classifier never diverts the module's own traffic.
+fn outside_socket(mark: u32) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    #[cfg(target_os = "linux")]
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mark;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+    Ok(socket.into())
+}
+
+/// As a dual-stack socket sends and receives it.
+fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
+        IpAddr::V6(_) => addr,
+    }
+}
+
+struct Host {
+    sandbox: Arc<Sandbox>,
+    setup: ModuleSetup,
+    up: Arc<AtomicBool>,
+    status: Arc<Mutex<ModuleStatus>>,
+    counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+    local: tokio::net::UdpSocket,
+    outside: tokio::net::UdpSocket,
+    running: Option<Running>,
+    pause: Duration,
+    restart_at: Instant,
+    /// When the module last started.
+    since: Instant,
+    actions: Actions,
+}
+
+impl Host {
+    async fn run(mut self) {
+        let mut from_host = vec![0u8; MAX_DATAGRAM];
+        let mut from_outside = vec![0u8; MAX_DATAGRAM];
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let entries: Vec<SocketAddr> = self.setup.entries.iter().map(|e| mapped(*e)).collect();
+        loop {
+            tokio::select! {
+                got = self.local.recv_from(&mut from_host) => {
+                    let Ok((len, from)) = got else { continue };
+                    if !from.ip().is_loopback() {
+                        self.counts.refused_senders.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    self.counts.from_host.fetch_add(1, Relaxed);
+                    self.event(|running, out| running.from_host(&from_host[..len], out)).await;
+                }
+                got = self.outside.recv_from(&mut from_outside) => {
+                    let Ok((len, from)) = got else { continue };
+                    let Some(entry) = entries.iter().position(|e| *e == mapped(from)) else {
+                        self.counts.refused_senders.fetch_add(1, Relaxed);
+                        continue;
+                    };
+                    self.counts.from_entries.fetch_add(1, Relaxed);
+                    self.event(|running, out| running.from_entry(entry, &from_outside[..len], out)).await;
+                }
+                _ = tick.tick() => {
+                    if self.stop.load(Relaxed) {
+                        self.up.store(false, Relaxed);
+                        return;
+                    }
+                    if let Some(running) = &self.running {
+                        let refusals = running.refusals().clone();
+                        self.count(|s| s.refusals = refusals);
+                        self.event(|running, out| running.tick(out)).await;
+                        if self.since.elapsed() >= STABLE {
+                            self.pause = FIRST_PAUSE;
+                        }
+                    } else if Instant::now() >= self.restart_at {
+                        self.instantiate();
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ModuleStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn instantiate(&mut self) {
+        let setup = &self.setup;
+        match self.sandbox.instantiate(
+            &setup.module,
+            &setup.overlay,
+            setup.entries.len(),
+            setup.shim_len,
+            &setup.limits,
+        ) {
+            Ok(running) => {
+                self.running = Some(running);
+                self.since = Instant::now();
+                self.up.store(true, Relaxed);
+                self.count(|s| s.state = "running".into());
+                tracing::info!(overlay = %setup.overlay, "module running");
+            }
+            Err(e) => self.stopped(e.to_string()),
+        }
+    }
+
+    fn stopped(&mut self, why: String) {
+        self.running = None;
+        self.up.store(false, Relaxed);
+        let pause = self.pause;
+        self.restart_at = Instant::now() + pause;
+        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+        tracing::warn!(overlay = %self.setup.overlay, "module stopped: {why}; starting it again in {} s", pause.as_secs());
+        self.count(|s| {
+            s.restarts += 1;
+            s.state = format!("stopped: {why}; again in {} s", pause.as_secs());
+            s.last_stop = Some(why);
+        });
+    }
+
+    /// One event into the module, then what it asked for.
+    async fn event(&mut self, call: impl FnOnce(&mut Running, &mut Actions) -> Result<(), super::Stop>) {
+        let Some(running) = self.running.as_mut() else {
+            self.counts.dropped_while_down.fetch_add(1, Relaxed);
+            return;
+        };
+        let result = call(running, &mut self.actions);
+        if let Err(stop) = result {
+            let refusals = running.refusals().clone();
+            self.count(|s| s.refusals = refusals);
+            // What it asked for before it was stopped is not carried out.
+            self.actions.clear();
+            self.stopped(stop.to_string());
+            return;
+        }
+        let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
+        let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
+        let (mut sent, mut home, mut down) = (0, 0, 0);
+        for action in &self.actions.list {
+            let (bytes, to) = match action {
+                Action::Send { entry, at } => {
+                    sent += 1;
+                    (self.actions.bytes(at), mapped(self.setup.entries[*entry]))
+                }
+                Action::ToHost { at } => {
+                    home += 1;
+                    (self.actions.bytes(at), broker)
+                }
+                Action::ToUnderlay { at } => {
+                    down += 1;
+                    (self.actions.bytes(at), underlay)
+                }
+            };
+            let socket = if matches!(action, Action::Send { .. }) {
+                &self.outside
+            } else {
+                &self.local
+            };
+            if let Err(e) = socket.send_to(bytes, to).await {
+                tracing::debug!(overlay = %self.setup.overlay, %to, "module send: {e}");
+            }
+        }
+        let c = &self.counts;
+        c.to_entries.fetch_add(sent, Relaxed);
+        c.to_host.fetch_add(home, Relaxed);
+        c.to_underlay.fetch_add(down, Relaxed);
+    }
+}

@@ -1,0 +1,580 @@
+//! The sandbox overlay code modules run in: WebAssembly core modules under
+//! wasmtime, with nothing but the packet contract of docs/modules.md.
+//!
+//! A module can do only what its imports let it: send a datagram to one of
+//! the overlay's entry nodes (by index: it never names an address), hand a
+//! packet back to this host, hand one to the underlay, read a millisecond
+//! clock and log a line. No WASI: no files, sockets, environment or fine
+//! clocks exist for it to ask for. Each call into it runs under an epoch
+//! deadline (CPU), its memory is capped, and each event may cause only so
+//! many sends; a module that breaks a limit is stopped with the reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{
+    Caller, Config, Engine, Extern, ExternType, FuncType, Linker, Memory, Module, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc, ValType,
+};
+
+/// Largest datagram a module receives or sends.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// How often the epoch advances: the grain of the CPU bound.
+const EPOCH: Duration = Duration::from_millis(10);
+
+/// What a module may use, per module.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModuleLimits {
+    /// Linear memory, bytes.
+    pub memory_bytes: usize,
+    /// Longest one call into the module may run.
+    pub cpu_ms_per_call: u64,
+    /// Datagrams one event (a packet in, a tick) may send, all kinds.
+    pub sends_per_event: u32,
+    /// Log lines a minute; more are dropped and counted.
+    pub log_lines_per_minute: u32,
+}
+
+impl Default for ModuleLimits {
+    fn default() -> Self {
+        ModuleLimits {
+            memory_bytes: 64 << 20,
+            cpu_ms_per_call: 100,
+            sends_per_event: 64,
+            log_lines_per_minute: 60,
+        }
+    }
+}
+
+/// Why a module was refused before it ran.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModuleError {
+    #[error("the module is not valid WebAssembly: {0}")]
+    Invalid(String),
+    #[error(
+        "the module imports {module}::{name}, which the sandbox does not offer (only oasis::send, \
+         to_host, to_underlay, now_ms and log exist): {why}"
+    )]
+    Import {
+        module: String,
+        name: String,
+        why: String,
+    },
+    #[error("the module does not export {name} as {wanted} (docs/modules.md lists what a module exports)")]
+    Export {
+        name: &'static str,
+        wanted: &'static str,
+    },
+    #[error("the module could not start: {0}")]
+    Start(String),
+}
+
+/// Why a running module was stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// It ran past its CPU bound in one call.
+    Spun,
+    /// It asked for more memory than its limit.
+    Memory,
+    /// It tried to send far more than an event allows.
+    Flood,
+    /// It trapped (a bug in the module), or broke the contract otherwise.
+    Trap(String),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Spun => f.write_str("ran past its CPU bound (an endless loop?)"),
+            Stop::Memory => f.write_str("asked for more memory than its limit"),
+            Stop::Flood => f.write_str("tried to send far more datagrams than an event allows"),
+            Stop::Trap(why) => write!(f, "trapped: {why}"),
+        }
+    }
+}
+
+/// What a module asked for during one event, in order. The bytes live in
+/// `data`, which keeps its capacity from event to event.
+#[derive(Debug, Default)]
+pub struct Actions {
+    pub data: Vec<u8>,
+    pub list: Vec<Action>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A datagram to entry node `entry`.
+    Send {
+        entry: usize,
+        at: std::ops::Range<usize>,
+    },
+    /// `[shim][IP packet]` back to this host.
+    ToHost { at: std::ops::Range<usize> },
+    /// A bare IP packet for the underlay.
+    ToUnderlay { at: std::ops::Range<usize> },
+}
+
+impl Actions {
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.list.clear();
+    }
+
+    pub fn bytes(&self, at: &std::ops::Range<usize>) -> &[u8] {
+        &self.data[at.clone()]
+    }
+}
+
+/// What the sandbox refused a module, by reason, since it was loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refusals {
+    /// Sends to an entry index the overlay does not have.
+    pub bad_entry: u64,
+    /// Sends past the per-event budget.
+    pub over_budget: u64,
+    /// Pointers or lengths outside its memory, or datagrams too large.
+    pub bad_buffer: u64,
+    /// Log lines past the per-minute budget.
+    pub log_dropped: u64,
+}
+
+/// The compiled-code engine all modules share. Its epoch ticker runs as
+/// long as anything (a module, a running instance) still holds the engine.
+pub struct Sandbox {
+    engine: Engine,
+}
+
+impl Sandbox {
+    pub fn new() -> Result<Arc<Sandbox>, ModuleError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Modules are small; reserving gigabytes of address space for each
+        // memory would only look alarming in the daemon's numbers.
+        config.memory_reservation(1 << 30);
+        let engine = Engine::new(&config).map_err(|e| ModuleError::Invalid(e.to_string()))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("oasis-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(EPOCH);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|e| ModuleError::Start(format!("the epoch thread: {e}")))?;
+        Ok(Arc::new(Sandbox { engine }))
+    }
+
+    /// Compiles `bytes` and checks they keep the contract: every import
+    /// one the sandbox offers, with its type, and the exports it needs.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Module, ModuleError> {
+        let module = Module::new(&self.engine, bytes).map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
+        check_contract(&module)?;
+        Ok(module)
+    }
+
+    /// The compiled form to keep on disk, keyed by the module's digest.
+    pub fn serialize(&self, module: &Module) -> Option<Vec<u8>> {
+        module.serialize().ok()
+    }
+
+    /// A module compiled earlier by this daemon (see [`serialize`]); None
+    /// when the bytes are from another wasmtime or machine.
+    ///
+    /// # Safety
+    ///
+    /// `bytes` must be what [`serialize`] produced, read back from a
+    /// place only the daemon writes (wasmtime runs them as machine code).
+    pub unsafe fn deserialize(&self, bytes: &[u8]) -> Option<Module> {
+        // SAFETY: as the caller promises.
+        let module = unsafe { Module::deserialize(&self.engine, bytes) }.ok()?;
+        check_contract(&module).ok()?;
+        Some(module)
+    }
+
+    /// Instantiates `module` for an overlay of `entries` entry nodes and
+    /// runs its `oasis_start`.
+    pub fn instantiate(
+        &self,
+        module: &Module,
+        name: &str,
+        entries: usize,
+        shim_len: usize,
+        limits: &ModuleLimits,
+    ) -> Result<Running, ModuleError> {
+        let host = Host {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .memories(1)
+                .tables(4)
+                .table_elements(100_000)
+                .instances(1)
+                .trap_on_grow_failure(true)
+                .build(),
+            entries,
+            actions: Actions::default(),
+            budget: 0,
+            attempts: 0,
+            sends_per_event: limits.sends_per_event,
+            refusals: Refusals::default(),
+            started: Instant::now(),
+            name: name.to_string(),
+            log_minute: Instant::now(),
+            log_lines: 0,
+            log_lines_per_minute: limits.log_lines_per_minute,
+            flooded: false,
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|host| &mut host.limits);
+        store.epoch_deadline_trap();
+        let ticks = limits.cpu_ms_per_call.div_ceil(EPOCH.as_millis() as u64).max(1);
+        store.set_epoch_deadline(ticks);
+        let linker = linker(&self.engine).map_err(|e| ModuleError::Start(e.to_string()))?;
+        let instance = linker
+            .instantiate(&mut store, module)
+            .map_err(|e| ModuleError::Start(describe(&e, &store).to_string()))?;
+        let export = |name: &'static str, wanted: &'static str| ModuleError::Export { name, wanted };
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or(export("memory", "a memory"))?;
+        let buffer_of = instance
+            .get_typed_func::<(), i32>(&mut store, "oasis_buffer")
+            .map_err(|_| export("oasis_buffer", "a function () -> i32"))?;
+        let from_host = instance
+            .get_typed_func::<i32, ()>(&mut store, "oasis_from_host")
+            .map_err(|_| export("oasis_from_host", "a function (i32) -> ()"))?;
+        let from_entry = instance
+            .get_typed_func::<(i32, i32), ()>(&mut store, "oasis_from_entry")
+            .map_err(|_| export("oasis_from_entry", "a function (i32, i32) -> ()"))?;
+        let tick = instance.get_typed_func::<i64, ()>(&mut store, "oasis_tick").ok();
+        let mut running = Running {
+            store,
+            memory,
+            buffer: 0,
+            from_host,
+            from_entry,
+            tick,
+            ticks,
+        };
+        let buffer = running
+            .call(|store| buffer_of.call(store, ()))
+            .map_err(|stop| ModuleError::Start(stop.to_string()))?;
+        let buffer = usize::try_from(buffer).unwrap_or(usize::MAX);
+        if buffer
+            .checked_add(MAX_DATAGRAM)
+            .is_none_or(|end| end > running.memory.data_size(&running.store))
+        {
+            return Err(ModuleError::Start(format!(
+                "oasis_buffer() gave {buffer}, which leaves no room for a {MAX_DATAGRAM}-byte datagram in its memory"
+            )));
+        }
+        running.buffer = buffer;
+        if let Ok(start) = instance.get_typed_func::<(i32, i32), i32>(&mut running.store, "oasis_start") {
+            let code = running
+                .call(|store| start.call(store, (entries as i32, shim_len as i32)))
+                .map_err(|stop| ModuleError::Start(stop.to_string()))?;
+            if code != 0 {
+                return Err(ModuleError::Start(format!("oasis_start returned {code}")));
+            }
+        }
+        running.store.data_mut().actions.clear();
+        Ok(running)
+    }
+}
+
+/// What the host functions see.
+struct Host {
+    limits: StoreLimits,
+    entries: usize,
+    actions: Actions,
+    /// Sends left in this event, and sends tried in it.
+    budget: u32,
+    attempts: u32,
+    sends_per_event: u32,
+    refusals: Refusals,
+    started: Instant,
+    name: String,
+    log_minute: Instant,
+    log_lines: u32,
+    log_lines_per_minute: u32,
+    /// Set when a send loop went on far past its budget: the call ends.
+    flooded: bool,
+}
+
+/// A module instance, ready for events.
+pub struct Running {
+    store: Store<Host>,
+    memory: Memory,
+    buffer: usize,
+    from_host: TypedFunc<i32, ()>,
+    from_entry: TypedFunc<(i32, i32), ()>,
+    tick: Option<TypedFunc<i64, ()>>,
+    ticks: u64,
+}
+
+impl Running {
+    /// A packet from this host for the overlay: `[shim][IP packet]`.
+    pub fn from_host(&mut self, packet: &[u8], out: &mut Actions) -> Result<(), Stop> {
+        let len = self.load(packet)?;
+        let func = self.from_host.clone();
+        self.event(out, |store| func.call(store, len))
+    }
+
+    /// A datagram from entry node `entry`.
+    pub fn from_entry(&mut self, entry: usize, datagram: &[u8], out: &mut Actions) -> Result<(), Stop> {
+        let len = self.load(datagram)?;
+        let func = self.from_entry.clone();
+        self.event(out, |store| func.call(store, (entry as i32, len)))
+    }
+
+    /// Time passes (every 100 ms): probes, timeouts.
+    pub fn tick(&mut self, out: &mut Actions) -> Result<(), Stop> {
+        let Some(func) = self.tick.clone() else {
+            return Ok(());
+        };
+        let now = self.store.data().started.elapsed().as_millis() as i64;
+        self.event(out, |store| func.call(store, now))
+    }
+
+    pub fn refusals(&self) -> &Refusals {
+        &self.store.data().refusals
+    }
+
+    fn load(&mut self, bytes: &[u8]) -> Result<i32, Stop> {
+        let len = bytes.len().min(MAX_DATAGRAM);
+        let buffer = self.buffer;
+        self.memory
+            .data_mut(&mut self.store)
+            .get_mut(buffer..buffer + len)
+            .ok_or_else(|| Stop::Trap("its buffer moved out of its memory".into()))?
+            .copy_from_slice(&bytes[..len]);
+        Ok(len as i32)
+    }
+
+    /// Runs one event with a fresh send budget; what it asked for is
+    /// swapped into `out`.
+    fn event(
+        &mut self,
+        out: &mut Actions,
+        call: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<()>,
+    ) -> Result<(), Stop> {
+        out.clear();
+        {
+            let host = self.store.data_mut();
+            std::mem::swap(&mut host.actions, out);
+            host.budget = host.sends_per_event;
+            host.attempts = 0;
+        }
+        let result = self.call(call);
+        std::mem::swap(&mut self.store.data_mut().actions, out);
+        result
+    }
+
+    fn call<T>(&mut self, call: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<T>) -> Result<T, Stop> {
+        self.store.set_epoch_deadline(self.ticks);
+        call(&mut self.store).map_err(|e| describe(&e, &self.store))
+    }
+}
+
+fn describe(error: &wasmtime::Error, store: &Store<Host>) -> Stop {
+    if store.data().flooded {
+        return Stop::Flood;
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Stop::Spun,
+        _ => {
+            let text = format!("{error:#}");
+            if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+                Stop::Memory
+            } else {
+                Stop::Trap(text.lines().next().unwrap_or_default().to_string())
+            }
+        }
+    }
+}
+
+/// The imports the sandbox offers, by name and type.
+const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
+    (
+        "send",
+        &[ValType::I32, ValType::I32, ValType::I32],
+        &[ValType::I32],
+    ),
+    ("to_host", &[ValType::I32, ValType::I32], &[ValType::I32]),
+    ("to_underlay", &[ValType::I32, ValType::I32], &[ValType::I32]),
+    ("now_ms", &[], &[ValType::I64]),
+    ("log", &[ValType::I32, ValType::I32], &[]),
+];
+
+fn check_contract(module: &Module) -> Result<(), ModuleError> {
+    for import in module.imports() {
+        let refuse = |why: String| ModuleError::Import {
+            module: import.module().to_string(),
+            name: import.name().to_string(),
+            why,
+        };
+        if import.module() != "oasis" {
+            return Err(refuse("only the oasis module's functions can be imported".into()));
+        }
+        let Some((_, params, results)) = IMPORTS.iter().find(|(name, _, _)| *name == import.name()) else {
+            return Err(refuse("no such function".into()));
+        };
+        let ExternType::Func(ty) = import.ty() else {
+            return Err(refuse("not a function".into()));
+        };
+        if !same_type(&ty, params, results) {
+            return Err(refuse(format!("wrong type {ty}")));
+        }
+    }
+    let exported = |name: &str| module.exports().find(|e| e.name() == name).map(|e| e.ty());
+    let func =
+        |name: &'static str, params: &[ValType], results: &[ValType], wanted: &'static str| match exported(
+            name,
+        ) {
+            Some(ExternType::Func(ty)) if same_type(&ty, params, results) => Ok(()),
+            _ => Err(ModuleError::Export { name, wanted }),
+        };
+    if !matches!(exported("memory"), Some(ExternType::Memory(_))) {
+        return Err(ModuleError::Export {
+            name: "memory",
+            wanted: "a memory",
+        });
+    }
+    func("oasis_buffer", &[], &[ValType::I32], "a function () -> i32")?;
+    func("oasis_from_host", &[ValType::I32], &[], "a function (i32) -> ()")?;
+    func(
+        "oasis_from_entry",
+        &[ValType::I32, ValType::I32],
+        &[],
+        "a function (i32, i32) -> ()",
+    )?;
+    if exported("oasis_tick").is_some() {
+        func("oasis_tick", &[ValType::I64], &[], "a function (i64) -> ()")?;
+    }
+    if exported("oasis_start").is_some() {
+        func(
+            "oasis_start",
+            &[ValType::I32, ValType::I32],
+            &[ValType::I32],
+            "a function (i32, i32) -> i32",
+        )?;
+    }
+    Ok(())
+}
+
+fn same_type(ty: &FuncType, params: &[ValType], results: &[ValType]) -> bool {
+    let same = |a: &mut dyn ExactSizeIterator<Item = ValType>, b: &[ValType]| {
+        a.len() == b.len() && a.zip(b).all(|(x, y)| ValType::eq(&x, y))
+    };
+    same(&mut ty.params(), params) && same(&mut ty.results(), results)
+}
+
+/// Where a module's call hands bytes over: `len` bytes at `ptr` of its
+/// memory, bounded.
+fn bytes<'a>(caller: &'a mut Caller<'_, Host>, ptr: i32, len: i32) -> Option<(&'a [u8], &'a mut Host)> {
+    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+        return None;
+    };
+    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    if len > MAX_DATAGRAM {
+        return None;
+    }
+    let (data, host) = memory.data_and_store_mut(caller);
+    Some((data.get(ptr..ptr.checked_add(len)?)?, host))
+}
+
+/// Records one datagram the module hands over, within its budget.
+fn hand_over(
+    caller: &mut Caller<'_, Host>,
+    ptr: i32,
+    len: i32,
+    action: impl FnOnce(std::ops::Range<usize>) -> Action,
+) -> wasmtime::Result<i32> {
+    {
+        let host = caller.data_mut();
+        host.attempts += 1;
+        if host.budget == 0 {
+            host.refusals.over_budget += 1;
+            // A loop that will not stop sending: end the call, and the
+            // module with it.
+            if host.attempts > host.sends_per_event.saturating_mul(4).max(64) {
+                host.flooded = true;
+                return Err(wasmtime::format_err!("send flood"));
+            }
+            return Ok(-2);
+        }
+    }
+    let Some((data, host)) = bytes(caller, ptr, len) else {
+        caller.data_mut().refusals.bad_buffer += 1;
+        return Ok(-3);
+    };
+    let start = host.actions.data.len();
+    host.actions.data.extend_from_slice(data);
+    let end = host.actions.data.len();
+    host.actions.list.push(action(start..end));
+    host.budget -= 1;
+    Ok(0)
+}
+
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
+    let mut linker = Linker::new(engine);
+    linker.func_wrap(
+        "oasis",
+        "send",
+        |mut caller: Caller<'_, Host>, entry: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            let entries = caller.data().entries;
+            match usize::try_from(entry).ok().filter(|e| *e < entries) {
+                Some(entry) => hand_over(&mut caller, ptr, len, |at| Action::Send { entry, at }),
+                None => {
+                    caller.data_mut().refusals.bad_entry += 1;
+                    Ok(-1)
+                }
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "oasis",
+        "to_host",
+        |mut caller: Caller<'_, Host>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            hand_over(&mut caller, ptr, len, |at| Action::ToHost { at })
+        },
+    )?;
+    linker.func_wrap(
+        "oasis",
+        "to_underlay",
+        |mut caller: Caller<'_, Host>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            hand_over(&mut caller, ptr, len, |at| Action::ToUnderlay { at })
+        },
+    )?;
+    linker.func_wrap("oasis", "now_ms", |caller: Caller<'_, Host>| -> i64 {
+        caller.data().started.elapsed().as_millis() as i64
+    })?;
+    linker.func_wrap(
+        "oasis",
+        "log",
+        |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
+            let len = len.min(512);
+            let Some((data, host)) = bytes(&mut caller, ptr, len) else {
+                caller.data_mut().refusals.bad_buffer += 1;
+                return;
+            };
+            if host.log_minute.elapsed() >= Duration::from_secs(60) {
+                host.log_minute = Instant::now();
+                host.log_lines = 0;
+            }
+            if host.log_lines >= host.log_lines_per_minute {
+                host.refusals.log_dropped += 1;
+                return;
+            }
+            host.log_lines += 1;
+            let text = String::from_utf8_lossy(data);
+            tracing::info!(module = %host.name, "{}", text.trim_end());
+        },
+    )?;
+    Ok(linker)
+}

@@ -1,0 +1,248 @@
+//! Overlay code modules end to end, in network namespaces: the real
+//! modules of `overlays/modules` carry web and bulk traffic through the
+//! exit node; a digest mismatch is refused with nothing kept; hostile
+//! modules are contained, their reasons shown, and while one restarts its
+//! overlay's new flows take the underlay and other rules keep working.
+//! Needs root and the modules built; `cargo xtask test` does both.
+
+use std::time::{Duration, Instant};
+
+use oasis_broker::module::digest;
+use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, Topology, built_module, hostile_module};
+use serde_json::Value;
+
+/// A specification for the exit node with `module` (published beside it)
+/// as its code module, with this digest.
+fn spec_with_module(module: &str, sha256: &str) -> String {
+    format!(
+        r#"<?xml version="1.0"?>
+<overlay name="test-exit-module">
+  <entry host="10.77.3.2" port="7400"/>
+  <module url="http://10.77.3.2:8000/{module}" kind="overlay" sha256="{sha256}"/>
+</overlay>"#
+    )
+}
+
+fn json(daemon: &Daemon, net: &Topology, args: &[&str]) -> Value {
+    daemon.json(net, args)
+}
+
+/// The exit serving the client, its specification and `module` published,
+/// a daemon, and the spec server's base URL.
+fn with_exit(net: &mut Topology, module: &str, bytes: &[u8]) -> (Daemon, String) {
+    net.start_exit(&["--client", CLIENT_V4]);
+    net.publish_bytes(module, bytes);
+    net.publish("spec.xml", &spec_with_module(module, &digest(bytes)));
+    net.publish(
+        "plain.xml",
+        r#"<overlay name="plain"><entry host="10.77.3.2" port="7400"/></overlay>"#,
+    );
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(net, "");
+    (daemon, base)
+}
+
+fn module_status(daemon: &Daemon, net: &Topology, overlay: &str) -> Value {
+    json(daemon, net, &["overlay", "show", overlay, "--json"])["module_status"].clone()
+}
+
+/// Waits until the overlay's module state starts with `prefix`.
+fn wait_state(daemon: &Daemon, net: &Topology, overlay: &str, prefix: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = module_status(daemon, net, overlay);
+        if status["state"].as_str().is_some_and(|s| s.starts_with(prefix)) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "module never {prefix}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn web_and_bulk_traffic_go_through_the_real_modules() {
+    for module in ["pass_through", "duplicator"] {
+        let mut net = Topology::new();
+        net.start_web_server(80);
+        net.web_file("big.bin", 4 << 20);
+        let bytes = built_module(module);
+        let (daemon, base) = with_exit(&mut net, &format!("{module}.wasm"), &bytes);
+        let joined = json(
+            &daemon,
+            &net,
+            &["overlay", "add", "mod", &format!("{base}/spec.xml"), "--json"],
+        );
+        assert_eq!(joined["module"]["sha256"].as_str(), Some(digest(&bytes).as_str()));
+        daemon.ok(
+            &net,
+            &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
+        );
+        wait_state(&daemon, &net, "mod", "running");
+        assert_eq!(
+            net.http_get(SERVER_V4, 80).as_deref(),
+            Some("hello from the server\n"),
+            "{module}"
+        );
+        let (size, secs) = net
+            .download(SERVER_V4, 80, "big.bin")
+            .unwrap_or_else(|| panic!("a bulk download through {module}"));
+        assert_eq!(size, 4 << 20);
+        println!("{module}: 4 MiB in {secs:.2} s");
+        let status = module_status(&daemon, &net, "mod");
+        assert!(status["to_entries"].as_u64().unwrap() > 100, "{status}");
+        assert!(status["to_host"].as_u64().unwrap() > 100, "{status}");
+        assert_eq!(status["restarts"].as_u64(), Some(0), "{status}");
+        // The server saw the exit, not the client.
+        let log = net.process("web-80").log();
+        assert!(
+            log.contains("10.77.3.2"),
+            "the server did not see the exit: {log}"
+        );
+        // A restart of the daemon takes the kept module, compiled.
+        assert!(net.process("oasis").terminate(Duration::from_secs(10)));
+        let daemon = Daemon::start(&mut net, "");
+        let status = wait_state(&daemon, &net, "mod", "running");
+        assert!(
+            status["compile"].as_str().unwrap().starts_with("from the cache"),
+            "{status}"
+        );
+        assert!(net.http_get(SERVER_V4, 80).is_some(), "{module} after a restart");
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_module_that_is_not_what_the_specification_says_is_refused() {
+    let mut net = Topology::new();
+    let bytes = built_module("pass_through");
+    let (daemon, base) = with_exit(&mut net, "pass_through.wasm", &bytes);
+    // Another digest.
+    net.publish(
+        "wrong.xml",
+        &spec_with_module("pass_through.wasm", &"ab".repeat(32)),
+    );
+    let out = daemon.cli(&net, &["overlay", "add", "mod", &format!("{base}/wrong.xml")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SHA-256") && stderr.contains(&digest(&bytes)),
+        "{stderr}"
+    );
+    // A module importing a file system.
+    let file = std::fs::read(hostile_module("file")).unwrap();
+    net.publish_bytes("file.wat", &file);
+    net.publish("file.xml", &spec_with_module("file.wat", &digest(&file)));
+    let out = daemon.cli(&net, &["overlay", "add", "mod", &format!("{base}/file.xml")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wasi_snapshot_preview1::path_open"), "{stderr}");
+    // Nothing joined, nothing kept.
+    assert_eq!(
+        json(&daemon, &net, &["overlay", "list", "--json"]),
+        Value::Array(vec![])
+    );
+    let kept = std::fs::read_dir(net.dir.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(kept, 0, "a refused module was kept");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_spinning_module_is_restarted_and_meanwhile_its_flows_take_the_underlay() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    net.start_web_server(8080);
+    let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
+    daemon.ok(&net, &["overlay", "add", "plain", &format!("{base}/plain.xml")]);
+    let spin = hostile_module("spin");
+    daemon.ok(
+        &net,
+        &[
+            "overlay",
+            "add",
+            "mod",
+            &format!("{base}/plain.xml"),
+            "--module-file",
+            &spin.to_string_lossy(),
+        ],
+    );
+    daemon.ok(
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
+    );
+    daemon.ok(
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "8080", "--via", "plain",
+        ],
+    );
+    wait_state(&daemon, &net, "mod", "running");
+    // The first packet makes it spin: stopped at its CPU bound. That
+    // connection is lost with it (it keeps its carrier).
+    let _ = net.http_get(SERVER_V4, 80);
+    let status = wait_state(&daemon, &net, "mod", "stopped");
+    assert!(
+        status["last_stop"].as_str().unwrap().contains("CPU bound"),
+        "{status}"
+    );
+    // Down: new flows of its rule take the underlay and work; the other
+    // overlay's rule is untouched.
+    assert_eq!(
+        net.http_get(SERVER_V4, 80).as_deref(),
+        Some("hello from the server\n"),
+        "a new flow while the module is down"
+    );
+    assert!(net.http_get(SERVER_V4, 8080).is_some(), "the other overlay");
+    let flows = json(&daemon, &net, &["flows", "--json"]);
+    assert!(
+        flows.to_string().contains("restarting"),
+        "no flow fell back: {flows}"
+    );
+    // And it comes back, to be stopped again: restarts counted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while module_status(&daemon, &net, "mod")["restarts"].as_u64() < Some(2) {
+        let _ = net.http_get(SERVER_V4, 80);
+        assert!(Instant::now() < deadline, "never restarted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = json(&daemon, &net, &["status", "--json"]);
+    assert_eq!(status["heartbeat"]["alive"].as_bool(), Some(true));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
+    let forge = hostile_module("forge");
+    daemon.ok(
+        &net,
+        &[
+            "overlay",
+            "add",
+            "mod",
+            &format!("{base}/plain.xml"),
+            "--module-file",
+            &forge.to_string_lossy(),
+        ],
+    );
+    daemon.ok(
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
+    );
+    wait_state(&daemon, &net, "mod", "running");
+    let _ = net.http_get(SERVER_V4, 80);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = json(&daemon, &net, &["status", "--json"]);
+        if status["broker"]["rejected_module_source"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the forgery was not refused: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let module = module_status(&daemon, &net, "mod");
+    assert!(module["to_underlay"].as_u64() >= Some(1), "{module}");
+}
