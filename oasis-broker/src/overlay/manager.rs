@@ -90,11 +90,7 @@ impl OverlayManager {
         manager
     }
 
-    fn runtime(
-        &self,
-        stored: &StoredOverlay,
-        own: &LocalAddresses,
-    ) -> Result<Runtime, OverlayError> {
+    fn runtime(&self, stored: &StoredOverlay, own: &LocalAddresses) -> Result<Runtime, OverlayError> {
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
         if let Some(port) = stored.spec.monitor_port() {
             return Ok((Box::new(LocalModule::new(port)), shim, None));
