@@ -246,3 +246,83 @@ fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
     let module = module_status(&daemon, &net, "mod");
     assert!(module["to_underlay"].as_u64() >= Some(1), "{module}");
 }
+
+/// Loss of `count` pings to the server, in percent.
+fn ping_loss(net: &Topology, count: u32) -> f64 {
+    let output = net.client.output(&[
+        "ping",
+        "-n",
+        "-q",
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        "-c",
+        &count.to_string(),
+        SERVER_V4,
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix("% packet loss"))
+        .and_then(|loss| loss.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure: {text}"))
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_duplicator_cuts_loss_over_two_lossy_paths() {
+    let mut net = Topology::new();
+    // Two relays to the exit, each losing 10% each way.
+    net.start_exit(&["--client", CLIENT_V4, "--client", oasis_tests::OVERLAY_V4]);
+    for port in [7501, 7502] {
+        net.start_lossy_relay(port, "10.77.3.2:7400", 0, 10.0);
+    }
+    net.publish(
+        "two.xml",
+        r#"<overlay name="two-paths">
+  <entry host="10.77.3.2" port="7501"/>
+  <entry host="10.77.3.2" port="7502"/>
+</overlay>"#,
+    );
+    let base = net.start_spec_server();
+    // Pings are one flow to the server, whatever their identifier: let it
+    // end between the rounds, so the second takes the second rule.
+    let daemon = Daemon::start(&mut net, "flow_idle_timeout_secs: 1\n");
+    let dir = net.dir.join("built");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut loss = Vec::new();
+    for module in ["pass_through", "duplicator"] {
+        let file = dir.join(format!("{module}.wasm"));
+        std::fs::write(&file, built_module(module)).unwrap();
+        daemon.ok(
+            &net,
+            &[
+                "overlay",
+                "add",
+                module,
+                &format!("{base}/two.xml"),
+                "--module-file",
+                &file.to_string_lossy(),
+            ],
+        );
+        wait_state(&daemon, &net, module, "running");
+        let rule = json(
+            &daemon,
+            &net,
+            &["rule", "add", "--proto", "icmp", "--via", module, "--json"],
+        );
+        loss.push(ping_loss(&net, 400));
+        daemon.ok(&net, &["rule", "del", &rule["id"].to_string()]);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    println!(
+        "ping loss: {:.1}% through one path, {:.1}% duplicated",
+        loss[0], loss[1]
+    );
+    // One path: 1 - 0.9² = 19% expected; duplicated: 0.19² = 3.6%.
+    assert!(loss[0] > 8.0, "the paths were not lossy: {loss:?}");
+    assert!(
+        loss[1] < loss[0] / 2.0,
+        "the duplicator did not cut loss: {loss:?}"
+    );
+}
