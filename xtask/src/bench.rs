@@ -57,16 +57,18 @@ enum Scenario {
     AttachedNoMatch,
     DivertedUnderlay,
     OverlayExit,
+    OverlayModule,
     WireguardGo,
     FakeUnderlay,
     MetricUnderlay,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
     Scenario::OverlayExit,
+    Scenario::OverlayModule,
     Scenario::WireguardGo,
     Scenario::FakeUnderlay,
     Scenario::MetricUnderlay,
@@ -82,6 +84,7 @@ impl Scenario {
             Scenario::AttachedNoMatch => "attached-no-match",
             Scenario::DivertedUnderlay => "diverted-underlay",
             Scenario::OverlayExit => "overlay-exit",
+            Scenario::OverlayModule => "overlay-module",
             Scenario::WireguardGo => "wireguard-go",
             Scenario::FakeUnderlay => "fake-underlay",
             Scenario::MetricUnderlay => "metric-underlay",
@@ -97,7 +100,7 @@ impl Scenario {
                 &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
                 &["--proto", "udp", "--dport", "11111", "--via", "underlay"],
             ]),
-            Scenario::OverlayExit => Some(&[
+            Scenario::OverlayExit | Scenario::OverlayModule => Some(&[
                 &["--proto", "tcp", "--dport", "5201", "--via", "exit"],
                 &["--proto", "udp", "--dport", "11111", "--via", "exit"],
             ]),
@@ -139,6 +142,8 @@ pub enum Part {
     Import,
     /// A rule with 100,000 destination prefixes: load time, classifier cost.
     PrefixSet,
+    /// Overlay code modules: start from the cache, a 1 MB module's compile.
+    Modules,
 }
 
 /// Turns the kernel's per-program run statistics on for the benchmark and
@@ -273,6 +278,9 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     }
     if wanted(Part::Import) {
         figures.extend(crate::bench_scale::import(&mut net)?);
+    }
+    if wanted(Part::Modules) {
+        figures.extend(crate::bench_scale::modules(&mut net, &spec_url)?);
     }
     if wanted(Part::PrefixSet) {
         figures.extend(crate::bench_scale::prefix_set(&mut net, seconds, repeat)?);
@@ -412,6 +420,22 @@ fn measure(
             if matches!(scenario, Scenario::OverlayExit | Scenario::MetricUnderlay) {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
+            if scenario == Scenario::OverlayModule {
+                let module = crate::workspace_root()
+                    .join("target/modules/wasm32-unknown-unknown/release/pass_through.wasm");
+                cli(
+                    &daemon,
+                    net,
+                    &[
+                        "overlay",
+                        "add",
+                        "exit",
+                        spec_url,
+                        "--module-file",
+                        &module.to_string_lossy(),
+                    ],
+                )?;
+            }
             for rule in rules {
                 let mut args = vec!["rule", "add"];
                 args.extend_from_slice(rule);
@@ -446,11 +470,13 @@ fn measure(
     let carrier_pids: Vec<u32> = match scenario {
         Scenario::NoOasis => vec![],
         Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
-        Scenario::OverlayExit => vec![net.process("oasis").pid(), net.process("oasis-exit").pid()],
+        Scenario::OverlayExit | Scenario::OverlayModule => {
+            vec![net.process("oasis").pid(), net.process("oasis-exit").pid()]
+        }
         _ => vec![net.process("oasis").pid()],
     };
 
-    let overlay = scenario == Scenario::OverlayExit;
+    let overlay = matches!(scenario, Scenario::OverlayExit | Scenario::OverlayModule);
     let programs_before = daemon
         .as_ref()
         .map(|d| program_stats(d, net, overlay))
@@ -502,11 +528,19 @@ fn measure(
             Scenario::AttachedNoMatch if diverted != 0 => {
                 bail!("the no-match scenario diverted {diverted} packets")
             }
-            Scenario::DivertedUnderlay | Scenario::OverlayExit if diverted == 0 => {
+            Scenario::DivertedUnderlay | Scenario::OverlayExit | Scenario::OverlayModule if diverted == 0 => {
                 bail!("nothing was diverted; the measurement would be meaningless")
             }
-            Scenario::OverlayExit if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 => {
+            Scenario::OverlayExit | Scenario::OverlayModule
+                if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 =>
+            {
                 bail!("nothing came back through the overlay")
+            }
+            Scenario::OverlayModule => {
+                let module = &daemon.json(net, &["overlay", "show", "exit", "--json"])["module_status"];
+                if module["to_entries"].as_u64().unwrap_or(0) == 0 {
+                    bail!("the module carried nothing: {module}");
+                }
             }
             Scenario::MetricUnderlay => {
                 let measured = status["classifier"]["measured_egress"].as_u64().unwrap_or(0);
@@ -671,6 +705,13 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 "B/s",
                 None,
             );
+        }
+        if *scenario == Scenario::OverlayModule {
+            let plain = medians[index(Scenario::OverlayExit)];
+            let vs_plain = |v: f64| Some((Scenario::OverlayExit, v));
+            push("tcp_upload_throughput", upload, "Gbit/s", vs_plain(plain[0]));
+            push("tcp_download_throughput", download, "Gbit/s", vs_plain(plain[1]));
+            push("udp_rtt_p50_added_by_module", p50 - plain[3], "us", None);
         }
         if *scenario == Scenario::OverlayExit {
             let vs_wg = |v: f64| Some((Scenario::WireguardGo, v));

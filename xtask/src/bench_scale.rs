@@ -371,3 +371,135 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
     }
     Ok(figures)
 }
+
+/// A module of about a megabyte of code: many small functions, as a
+/// compiled-from-Rust overlay protocol would have, keeping the contract.
+fn megabyte_module() -> anyhow::Result<Vec<u8>> {
+    let mut text = String::from(
+        "(module\n (import \"oasis\" \"send\" (func $send (param i32 i32 i32) (result i32)))\n \
+         (memory (export \"memory\") 2)\n \
+         (func (export \"oasis_buffer\") (result i32) (i32.const 0))\n \
+         (func (export \"oasis_from_entry\") (param i32 i32))\n",
+    );
+    let functions = 9_000;
+    for i in 0..functions {
+        text.push_str(&format!(
+            " (func $f{i} (param $x i32) (result i32)\n  (local $a i32) (local.set $a (i32.mul (local.get $x) (i32.const {})))\n",
+            i + 3
+        ));
+        for j in 0..8 {
+            text.push_str(&format!(
+                "  (local.set $a (i32.xor (i32.add (local.get $a) (i32.const {})) (i32.shr_u (local.get $a) (i32.const {}))))\n",
+                i * 8 + j,
+                1 + j % 7
+            ));
+        }
+        text.push_str("  (if (result i32) (i32.gt_u (local.get $a) (i32.const 100)) (then (local.get $a)) (else (i32.const 0))))\n");
+    }
+    text.push_str(" (func (export \"oasis_from_host\") (param $len i32)\n  (drop (call $send (i32.const 0) (i32.const 0) (local.get $len)))\n");
+    for i in (0..functions).step_by(97) {
+        text.push_str(&format!("  (drop (call $f{i} (local.get $len)))\n"));
+    }
+    text.push_str(" ))\n");
+    Ok(wat::parse_str(&text)?)
+}
+
+/// Module start with its compiled code from the cache (after a daemon
+/// restart), and the first compile of a module of about 1 MB.
+pub fn modules(net: &mut Topology, spec_url: &str) -> anyhow::Result<Vec<Figure>> {
+    let module =
+        crate::workspace_root().join("target/modules/wasm32-unknown-unknown/release/pass_through.wasm");
+    let big = net.dir.join("megabyte.wasm");
+    let bytes = megabyte_module()?;
+    std::fs::write(&big, &bytes)?;
+    let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+    let daemon = Daemon::start(net, "");
+    let show = |daemon: &Daemon, net: &Topology, name: &str| -> Value {
+        daemon.json(net, &["overlay", "show", name, "--json"])["module_status"].clone()
+    };
+    let running = |daemon: &Daemon, net: &Topology, name: &str| -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = show(daemon, net, name);
+            if status["state"] == "running" {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("module {name} did not start: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    cli(
+        &daemon,
+        net,
+        &[
+            "overlay",
+            "add",
+            "pass",
+            spec_url,
+            "--module-file",
+            &module.to_string_lossy(),
+        ],
+    )?;
+    cli(
+        &daemon,
+        net,
+        &[
+            "overlay",
+            "add",
+            "big",
+            spec_url,
+            "--module-file",
+            &big.to_string_lossy(),
+        ],
+    )?;
+    let first = running(&daemon, net, "big")?;
+    eprintln!("bench: a {} byte module: {}", bytes.len(), first["compile"]);
+    let compile_ms =
+        number_before(first["compile"].as_str().unwrap_or(""), " ms").context("the compile time")?;
+    if !net.process("oasis").terminate(Duration::from_secs(10)) {
+        bail!("the daemon did not stop cleanly");
+    }
+    let daemon = Daemon::start(net, "");
+    let mut figures = Vec::new();
+    let figure = |scenario: &str, metric: &str, value: f64, unit: &str| Figure {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        value,
+        unit: unit.into(),
+        baseline: None,
+        ratio: None,
+    };
+    for name in ["pass", "big"] {
+        let status = running(&daemon, net, name)?;
+        let text = status["compile"].as_str().unwrap_or("");
+        if !text.starts_with("from the cache") {
+            bail!("module {name} was not taken from the cache: {text}");
+        }
+        let load_ms = number_before(text, " ms").context("the cache load time")?;
+        let start_ms = status["start_us"].as_f64().unwrap_or(0.0) / 1000.0;
+        eprintln!("bench: module {name} from the cache in {load_ms} ms, started in {start_ms:.2} ms");
+        let scenario = format!("module-start-{name}");
+        figures.push(figure(&scenario, "cached_compile_load", load_ms, "ms"));
+        figures.push(figure(&scenario, "instantiate_and_start", start_ms, "ms"));
+        figures.push(figure(&scenario, "start_total", load_ms + start_ms, "ms"));
+    }
+    figures.push(figure(
+        "module-compile-1mb",
+        "module_bytes",
+        bytes.len() as f64,
+        "bytes",
+    ));
+    figures.push(figure("module-compile-1mb", "first_compile", compile_ms, "ms"));
+    if !net.process("oasis").terminate(Duration::from_secs(10)) {
+        bail!("the daemon did not stop cleanly");
+    }
+    Ok(figures)
+}
+
+/// The number just before `unit` in `text` ("compiled in 412 ms").
+fn number_before(text: &str, unit: &str) -> Option<f64> {
+    let head = &text[..text.find(unit)?];
+    head.rsplit(' ').next()?.parse().ok()
+}

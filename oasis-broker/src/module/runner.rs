@@ -46,6 +46,9 @@ pub struct ModuleStatus {
     pub refusals: Refusals,
     /// The compile: taken from the cache, or how long it took.
     pub compile: String,
+    /// How long its last start (instantiation and `oasis_start`) took.
+    #[serde(default)]
+    pub start_us: u64,
 }
 
 /// The per-packet counts, kept apart from the status so that no packet
@@ -281,6 +284,7 @@ impl Host {
 
     fn instantiate(&mut self) {
         let setup = &self.setup;
+        let started = Instant::now();
         match self.sandbox.instantiate(
             &setup.module,
             &setup.overlay,
@@ -292,7 +296,11 @@ impl Host {
                 self.running = Some(running);
                 self.since = Instant::now();
                 self.up.store(true, Relaxed);
-                self.count(|s| s.state = "running".into());
+                let took = started.elapsed().as_micros() as u64;
+                self.count(|s| {
+                    s.state = "running".into();
+                    s.start_us = took;
+                });
                 tracing::info!(overlay = %setup.overlay, "module running");
             }
             Err(e) => self.stopped(e.to_string()),

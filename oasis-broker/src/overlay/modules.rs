@@ -161,7 +161,10 @@ impl ModuleContext {
         let (module, compile) = match cached {
             Some(module) => (
                 module,
-                format!("from the cache in {} ms", started.elapsed().as_millis()),
+                format!(
+                    "from the cache in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                ),
             ),
             None => {
                 let module = self
