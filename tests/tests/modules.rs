@@ -90,7 +90,9 @@ fn web_and_bulk_traffic_go_through_the_real_modules() {
         assert_eq!(size, 4 << 20);
         println!("{module}: 4 MiB in {secs:.2} s");
         let status = module_status(&daemon, &net, "mod");
-        assert!(status["to_entries"].as_u64().unwrap() > 100, "{status}");
+        // Few acknowledgements go up for a download: the returns reach the
+        // client coalesced.
+        assert!(status["to_entries"].as_u64().unwrap() > 10, "{status}");
         assert!(status["to_host"].as_u64().unwrap() > 100, "{status}");
         assert_eq!(status["restarts"].as_u64(), Some(0), "{status}");
         // The server saw the exit, not the client.

@@ -47,14 +47,18 @@ mod tests {
             panic!("{:?}", out.list)
         };
         assert_eq!((*entry, out.bytes(at)), (0, &b"shim+packet"[..]));
+        // Events add to what a batch asked for.
         module.from_entry(1, b"answer", &mut out).unwrap();
-        let Action::ToHost { at } = &out.list[0] else {
+        let Action::ToHost { at } = &out.list[1] else {
             panic!("{:?}", out.list)
         };
         assert_eq!(out.bytes(at), b"answer");
         // Many events, one buffer: nothing grows per packet.
+        out.clear();
+        module.from_host(b"shim+packet", &mut out).unwrap();
         let capacity = out.data.capacity();
         for _ in 0..1000 {
+            out.clear();
             module.from_host(b"shim+packet", &mut out).unwrap();
         }
         assert_eq!(out.data.capacity(), capacity);
@@ -139,6 +143,7 @@ mod tests {
         let mut out = Actions::default();
         let stop = module.from_host(b"packet", &mut out).unwrap_err();
         assert_eq!(stop, Stop::Flood);
+        assert!(out.list.is_empty(), "a stopped event's sends went out");
         assert!(module.refusals().over_budget > 0);
     }
 

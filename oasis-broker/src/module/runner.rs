@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use wasmtime::Module;
 
+use oasis_io::datagram::datagrams;
+
 use super::{Action, Actions, ModuleLimits, Refusals, Running, Sandbox, sandbox::MAX_DATAGRAM};
 
 const TICK: Duration = Duration::from_millis(100);
@@ -233,30 +235,47 @@ struct Host {
 
 impl Host {
     async fn run(mut self) {
-        let mut from_host = vec![0u8; MAX_DATAGRAM];
-        let mut from_outside = vec![0u8; MAX_DATAGRAM];
+        let mut io = Batches::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let entries: Vec<SocketAddr> = self.setup.entries.iter().map(|e| mapped(*e)).collect();
+        let broker_port = self.setup.overlay_port;
         loop {
             tokio::select! {
-                got = self.local.recv_from(&mut from_host) => {
-                    let Ok((len, from)) = got else { continue };
-                    if !from.ip().is_loopback() {
-                        self.counts.refused_senders.fetch_add(1, Relaxed);
-                        continue;
+                ready = self.local.readable() => {
+                    if ready.is_err() { continue }
+                    let count = io.recv(&self.local);
+                    for i in 0..count {
+                        let got = io.received[i];
+                        // Only the broker's overlay sockets feed a module.
+                        if !got.from.is_some_and(|f| f.ip().to_canonical().is_loopback() && f.port() == broker_port) {
+                            self.counts.refused_senders.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        for at in datagrams(got.len, got.segment) {
+                            self.counts.from_host.fetch_add(1, Relaxed);
+                            let packet = &io.bufs[i][at];
+                            self.event(|running, out| running.from_host(packet, out));
+                        }
                     }
-                    self.counts.from_host.fetch_add(1, Relaxed);
-                    self.event(|running, out| running.from_host(&from_host[..len], out)).await;
+                    self.flush(&mut io, &entries);
                 }
-                got = self.outside.recv_from(&mut from_outside) => {
-                    let Ok((len, from)) = got else { continue };
-                    let Some(entry) = entries.iter().position(|e| *e == mapped(from)) else {
-                        self.counts.refused_senders.fetch_add(1, Relaxed);
-                        continue;
-                    };
-                    self.counts.from_entries.fetch_add(1, Relaxed);
-                    self.event(|running, out| running.from_entry(entry, &from_outside[..len], out)).await;
+                ready = self.outside.readable() => {
+                    if ready.is_err() { continue }
+                    let count = io.recv(&self.outside);
+                    for i in 0..count {
+                        let got = io.received[i];
+                        let Some(entry) = got.from.and_then(|f| entries.iter().position(|e| *e == mapped(f))) else {
+                            self.counts.refused_senders.fetch_add(1, Relaxed);
+                            continue;
+                        };
+                        for at in datagrams(got.len, got.segment) {
+                            self.counts.from_entries.fetch_add(1, Relaxed);
+                            let datagram = &io.bufs[i][at];
+                            self.event(|running, out| running.from_entry(entry, datagram, out));
+                        }
+                    }
+                    self.flush(&mut io, &entries);
                 }
                 _ = tick.tick() => {
                     if self.stop.load(Relaxed) {
@@ -266,7 +285,8 @@ impl Host {
                     if let Some(running) = &self.running {
                         let refusals = running.refusals().clone();
                         self.count(|s| s.refusals = refusals);
-                        self.event(|running, out| running.tick(out)).await;
+                        self.event(|running, out| running.tick(out));
+                        self.flush(&mut io, &entries);
                         if self.since.elapsed() >= STABLE {
                             self.pause = FIRST_PAUSE;
                         }
@@ -321,51 +341,142 @@ impl Host {
         });
     }
 
-    /// One event into the module, then what it asked for.
-    async fn event(&mut self, call: impl FnOnce(&mut Running, &mut Actions) -> Result<(), super::Stop>) {
+    /// One event into the module; what it asked for joins the batch's.
+    fn event(&mut self, call: impl FnOnce(&mut Running, &mut Actions) -> Result<(), super::Stop>) {
         let Some(running) = self.running.as_mut() else {
             self.counts.dropped_while_down.fetch_add(1, Relaxed);
             return;
         };
-        let result = call(running, &mut self.actions);
-        if let Err(stop) = result {
+        if let Err(stop) = call(running, &mut self.actions) {
             let refusals = running.refusals().clone();
             self.count(|s| s.refusals = refusals);
-            // What it asked for before it was stopped is not carried out.
-            self.actions.clear();
             self.stopped(stop.to_string());
+        }
+    }
+
+    /// Carries out what the batch's events asked for: to the entry nodes
+    /// from the outside socket, to the broker's ports from the loopback
+    /// socket, as few system calls as the platform allows.
+    fn flush(&mut self, io: &mut Batches, entries: &[SocketAddr]) {
+        if self.actions.list.is_empty() {
             return;
         }
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
         let (mut sent, mut home, mut down) = (0, 0, 0);
-        for action in &self.actions.list {
-            let (bytes, to) = match action {
-                Action::Send { entry, at } => {
-                    sent += 1;
-                    (self.actions.bytes(at), mapped(self.setup.entries[*entry]))
-                }
-                Action::ToHost { at } => {
-                    home += 1;
-                    (self.actions.bytes(at), broker)
-                }
-                Action::ToUnderlay { at } => {
-                    down += 1;
-                    (self.actions.bytes(at), underlay)
-                }
-            };
-            let socket = if matches!(action, Action::Send { .. }) {
-                &self.outside
-            } else {
-                &self.local
-            };
-            if let Err(e) = socket.send_to(bytes, to).await {
-                tracing::debug!(overlay = %self.setup.overlay, %to, "module send: {e}");
+        let actions = &self.actions;
+        let outward = actions.list.iter().filter_map(|action| match action {
+            Action::Send { entry, at } => Some((actions.bytes(at), entries[*entry])),
+            _ => None,
+        });
+        sent += io.send(&self.outside, outward);
+        let inward = actions.list.iter().filter_map(|action| match action {
+            Action::ToHost { at } => Some((actions.bytes(at), broker)),
+            Action::ToUnderlay { at } => Some((actions.bytes(at), underlay)),
+            Action::Send { .. } => None,
+        });
+        for action in &actions.list {
+            match action {
+                Action::ToHost { .. } => home += 1,
+                Action::ToUnderlay { .. } => down += 1,
+                Action::Send { .. } => {}
             }
         }
+        io.send(&self.local, inward);
+        self.actions.clear();
         let c = &self.counts;
         c.to_entries.fetch_add(sent, Relaxed);
         c.to_host.fetch_add(home, Relaxed);
         c.to_underlay.fetch_add(down, Relaxed);
+    }
+}
+
+/// Datagrams in batches: one system call receives many (coalesced by the
+/// kernel where it can, on Linux), one sends many.
+struct Batches {
+    bufs: Vec<Vec<u8>>,
+    received: Vec<oasis_io::datagram::Received>,
+    #[cfg(target_os = "linux")]
+    receiver: oasis_io::linux::mmsg::Receiver,
+    #[cfg(target_os = "linux")]
+    sender: oasis_io::linux::mmsg::GsoDatagrams,
+}
+
+/// Receive buffers: each holds a datagram, or a run of coalesced ones.
+const BATCH: usize = 32;
+
+impl Default for Batches {
+    fn default() -> Self {
+        Batches {
+            bufs: vec![vec![0u8; MAX_DATAGRAM]; BATCH],
+            received: vec![oasis_io::datagram::Received::default(); BATCH],
+            #[cfg(target_os = "linux")]
+            receiver: Default::default(),
+            #[cfg(target_os = "linux")]
+            sender: Default::default(),
+        }
+    }
+}
+
+impl Batches {
+    /// What is waiting on `socket`, without blocking; how many buffers.
+    #[cfg(target_os = "linux")]
+    fn recv(&mut self, socket: &tokio::net::UdpSocket) -> usize {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        let (receiver, bufs, received) = (&mut self.receiver, &mut self.bufs, &mut self.received);
+        socket
+            .try_io(tokio::io::Interest::READABLE, || {
+                receiver.recv(fd, bufs, 0, received)
+            })
+            .unwrap_or(0)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn recv(&mut self, socket: &tokio::net::UdpSocket) -> usize {
+        let mut count = 0;
+        while count < BATCH {
+            match socket.try_recv_from(&mut self.bufs[count]) {
+                Ok((len, from)) => {
+                    self.received[count] = oasis_io::datagram::Received {
+                        len,
+                        from: Some(from),
+                        segment: 0,
+                    };
+                    count += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        count
+    }
+
+    /// Sends each datagram to its address; how many went.
+    #[cfg(target_os = "linux")]
+    fn send<'p>(
+        &mut self,
+        socket: &tokio::net::UdpSocket,
+        datagrams: impl Iterator<Item = (&'p [u8], SocketAddr)>,
+    ) -> u64 {
+        use std::os::fd::AsRawFd;
+        let mut batch = self.sender.batch();
+        for (bytes, to) in datagrams {
+            batch.push(&[], bytes, to);
+        }
+        if batch.is_empty() {
+            return 0;
+        }
+        batch.send(socket.as_raw_fd()).0 as u64
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send<'p>(
+        &mut self,
+        socket: &tokio::net::UdpSocket,
+        datagrams: impl Iterator<Item = (&'p [u8], SocketAddr)>,
+    ) -> u64 {
+        datagrams
+            .filter(|(bytes, to)| socket.try_send_to(bytes, *to).is_ok())
+            .count() as u64
     }
 }

@@ -356,14 +356,15 @@ impl Running {
         Ok(len as i32)
     }
 
-    /// Runs one event with a fresh send budget; what it asked for is
-    /// swapped into `out`.
+    /// Runs one event with a fresh send budget; what it asks for is
+    /// added to `out` (a stopped event adds nothing), so a batch of
+    /// events can be sent together.
     fn event(
         &mut self,
         out: &mut Actions,
         call: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<()>,
     ) -> Result<(), Stop> {
-        out.clear();
+        let (data, list) = (out.data.len(), out.list.len());
         {
             let host = self.store.data_mut();
             std::mem::swap(&mut host.actions, out);
@@ -372,6 +373,10 @@ impl Running {
         }
         let result = self.call(call);
         std::mem::swap(&mut self.store.data_mut().actions, out);
+        if result.is_err() {
+            out.data.truncate(data);
+            out.list.truncate(list);
+        }
         result
     }
 

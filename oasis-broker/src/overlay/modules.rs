@@ -103,8 +103,8 @@ impl ModuleContext {
             Ok(PreparedModule {
                 digest: got,
                 compile: format!(
-                    "compiled in {} ms ({} bytes)",
-                    started.elapsed().as_millis(),
+                    "compiled in {:.1} ms ({} bytes)",
+                    started.elapsed().as_secs_f64() * 1000.0,
                     bytes.len()
                 ),
                 bytes,
@@ -180,8 +180,8 @@ impl ModuleContext {
                 (
                     module,
                     format!(
-                        "compiled in {} ms ({} bytes)",
-                        started.elapsed().as_millis(),
+                        "compiled in {:.1} ms ({} bytes)",
+                        started.elapsed().as_secs_f64() * 1000.0,
                         bytes.len()
                     ),
                 )
