@@ -30,6 +30,9 @@ pub(super) fn keep(config_path: &Path, upload: &SetUpload, set: PrefixSet) -> Re
         let path = path.to_path_buf();
         move |source| KeepError { path, source }
     };
+    // Two requests at once must not pick the same free name.
+    static NAMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _naming = NAMING.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(&dir).map_err(at(&dir))?;
     let name = free_name(&dir, &file_name(&upload.name));
     let path = dir.join(&name);
