@@ -352,7 +352,18 @@ pub fn overlay(o: &OverlayView) -> String {
     } else {
         o.resolved.join(", ")
     };
-    let _ = writeln!(out, "entries     {} -> {}", o.entries.join(", "), resolved);
+    if o.module_status.is_some() {
+        // The table's peer is the module's own port: the entry nodes are
+        // the module's to reach.
+        let _ = writeln!(
+            out,
+            "entries     {} (reached by its module, on {})",
+            o.entries.join(", "),
+            resolved
+        );
+    } else {
+        let _ = writeln!(out, "entries     {} -> {}", o.entries.join(", "), resolved);
+    }
     let _ = writeln!(
         out,
         "shim        {} bytes{}",

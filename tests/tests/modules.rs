@@ -95,6 +95,12 @@ fn web_and_bulk_traffic_go_through_the_real_modules() {
         assert!(status["to_entries"].as_u64().unwrap() > 10, "{status}");
         assert!(status["to_host"].as_u64().unwrap() > 100, "{status}");
         assert_eq!(status["restarts"].as_u64(), Some(0), "{status}");
+        let shown = daemon.ok(&net, &["overlay", "show", "mod"]);
+        println!("{shown}");
+        assert!(
+            shown.contains("running; 0 restarts") && shown.contains("to entry nodes"),
+            "{shown}"
+        );
         // The server saw the exit, not the client.
         let log = net.process("web-80").log();
         assert!(
