@@ -42,6 +42,28 @@ fn with_exit(net: &mut Topology, module: &str, bytes: &[u8]) -> (Daemon, String)
     (daemon, base)
 }
 
+/// Joins `mod` (the plain specification) running the hostile module
+/// `name`, and carries tcp 80 over it.
+fn hostile_overlay(daemon: &Daemon, net: &Topology, base: &str, name: &str) {
+    let module = hostile_module(name);
+    let spec = format!("{base}/plain.xml");
+    daemon.ok(
+        net,
+        &[
+            "overlay",
+            "add",
+            "mod",
+            &spec,
+            "--module-file",
+            &module.to_string_lossy(),
+        ],
+    );
+    daemon.ok(
+        net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
+    );
+}
+
 fn module_status(daemon: &Daemon, net: &Topology, overlay: &str) -> Value {
     json(daemon, net, &["overlay", "show", overlay, "--json"])["module_status"].clone()
 }
@@ -163,22 +185,7 @@ fn a_spinning_module_is_restarted_and_meanwhile_its_flows_take_the_underlay() {
     net.start_web_server(8080);
     let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
     daemon.ok(&net, &["overlay", "add", "plain", &format!("{base}/plain.xml")]);
-    let spin = hostile_module("spin");
-    daemon.ok(
-        &net,
-        &[
-            "overlay",
-            "add",
-            "mod",
-            &format!("{base}/plain.xml"),
-            "--module-file",
-            &spin.to_string_lossy(),
-        ],
-    );
-    daemon.ok(
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
-    );
+    hostile_overlay(&daemon, &net, &base, "spin");
     daemon.ok(
         &net,
         &[
@@ -224,22 +231,7 @@ fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
     let mut net = Topology::new();
     net.start_web_server(80);
     let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
-    let forge = hostile_module("forge");
-    daemon.ok(
-        &net,
-        &[
-            "overlay",
-            "add",
-            "mod",
-            &format!("{base}/plain.xml"),
-            "--module-file",
-            &forge.to_string_lossy(),
-        ],
-    );
-    daemon.ok(
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "mod"],
-    );
+    hostile_overlay(&daemon, &net, &base, "forge");
     wait_state(&daemon, &net, "mod", "running");
     let _ = net.http_get(SERVER_V4, 80);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -109,16 +109,7 @@ fn steps() -> Vec<Step> {
         },
         Step {
             what: "the Windows target (the broker library is type-checked for it)",
-            done: || {
-                Command::new("rustup")
-                    .args(["target", "list", "--installed"])
-                    .output()
-                    .is_ok_and(|o| {
-                        String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .any(|l| l.trim() == WINDOWS_TARGET)
-                    })
-            },
+            done: || target_installed(WINDOWS_TARGET),
             install: || run_loud("rustup", &["target", "add", WINDOWS_TARGET]),
             hint: "install it with `rustup target add x86_64-pc-windows-gnu`",
         },

@@ -18,7 +18,7 @@ use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
 
-use super::{Action, Actions, ModuleLimits, Refusals, Running, Sandbox, sandbox::MAX_DATAGRAM};
+use super::{Action, Actions, ModuleLimits, Refusals, Running, Sandbox};
 
 const TICK: Duration = Duration::from_millis(100);
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
