@@ -268,36 +268,42 @@ impl Host {
                 ready = self.local.readable() => {
                     if ready.is_err() { continue }
                     let count = io.recv(&self.local);
+                    let (mut taken, mut refused) = (0, 0);
                     for i in 0..count {
                         let got = io.received[i];
                         // Only the broker's overlay sockets feed a module.
                         if !got.from.is_some_and(|f| f.ip().to_canonical().is_loopback() && f.port() == broker_port) {
-                            self.counts.refused_senders.fetch_add(1, Relaxed);
+                            refused += 1;
                             continue;
                         }
                         for at in datagrams(got.len, got.segment) {
-                            self.counts.from_host.fetch_add(1, Relaxed);
+                            taken += 1;
                             let packet = &io.bufs[i][at];
                             self.event(|running, out| running.from_host(packet, out));
                         }
                     }
+                    self.counts.from_host.fetch_add(taken, Relaxed);
+                    self.counts.refused_senders.fetch_add(refused, Relaxed);
                     self.flush(&mut io, &entries);
                 }
                 ready = self.outside.readable() => {
                     if ready.is_err() { continue }
                     let count = io.recv(&self.outside);
+                    let (mut taken, mut refused) = (0, 0);
                     for i in 0..count {
                         let got = io.received[i];
                         let Some(entry) = got.from.and_then(|f| entries.iter().position(|e| *e == mapped(f))) else {
-                            self.counts.refused_senders.fetch_add(1, Relaxed);
+                            refused += 1;
                             continue;
                         };
                         for at in datagrams(got.len, got.segment) {
-                            self.counts.from_entries.fetch_add(1, Relaxed);
+                            taken += 1;
                             let datagram = &io.bufs[i][at];
                             self.event(|running, out| running.from_entry(entry, datagram, out));
                         }
                     }
+                    self.counts.from_entries.fetch_add(taken, Relaxed);
+                    self.counts.refused_senders.fetch_add(refused, Relaxed);
                     self.flush(&mut io, &entries);
                 }
                 _ = tick.tick() => {
@@ -386,25 +392,24 @@ impl Host {
         }
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
-        let (mut sent, mut home, mut down) = (0, 0, 0);
+        let (mut home, mut down) = (0, 0);
         let actions = &self.actions;
         let outward = actions.list.iter().filter_map(|action| match action {
             Action::Send { entry, at } => Some((actions.bytes(at), entries[*entry])),
             _ => None,
         });
-        sent += io.send(&self.outside, outward);
+        let sent = io.send(&self.outside, outward);
         let inward = actions.list.iter().filter_map(|action| match action {
-            Action::ToHost { at } => Some((actions.bytes(at), broker)),
-            Action::ToUnderlay { at } => Some((actions.bytes(at), underlay)),
+            Action::ToHost { at } => {
+                home += 1;
+                Some((actions.bytes(at), broker))
+            }
+            Action::ToUnderlay { at } => {
+                down += 1;
+                Some((actions.bytes(at), underlay))
+            }
             Action::Send { .. } => None,
         });
-        for action in &actions.list {
-            match action {
-                Action::ToHost { .. } => home += 1,
-                Action::ToUnderlay { .. } => down += 1,
-                Action::Send { .. } => {}
-            }
-        }
         io.send(&self.local, inward);
         self.actions.clear();
         let c = &self.counts;
