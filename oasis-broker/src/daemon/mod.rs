@@ -13,7 +13,6 @@ mod dns;
 mod heartbeat;
 mod monitor;
 #[cfg(unix)]
-mod overlays_file;
 mod persist;
 mod serve;
 mod sets;

@@ -489,8 +489,7 @@ impl Daemon {
             .map_err(RequestError::NotSaved)
     }
 
-    /// Publishes routes for the current rules over the manager's overlays,
-    /// and writes the overlays for local modules to read.
+    /// Publishes routes for the current rules over the manager's overlays.
     pub fn publish_overlays(&self) {
         let (rules, names, overlays) = {
             let control = lock(&self.control);
@@ -500,18 +499,6 @@ impl Daemon {
                 control.overlays.table().clone(),
             )
         };
-        #[cfg(unix)]
-        {
-            let path = super::overlays_file::path(&self.settings.control_socket);
-            if let Err(e) = super::overlays_file::write(
-                &path,
-                &overlays,
-                self.settings.overlay_port,
-                self.settings.underlay_port,
-            ) {
-                tracing::warn!(path = %path.display(), "writing the overlays for modules: {e}");
-            }
-        }
         self.engine
             .publish(Routes::with_names(rules.rules(), rules.names(), names, overlays));
     }
@@ -686,8 +673,6 @@ impl Daemon {
     /// At shutdown: stop redirecting DNS, detach the classifier, let the
     /// last config write land.
     pub fn shutdown(&self) {
-        #[cfg(unix)]
-        let _ = std::fs::remove_file(super::overlays_file::path(&self.settings.control_socket));
         self.dns.shutdown();
         lock(&self.kernel).detach_all();
         if !self.persister.flush(Duration::from_secs(10)) {

@@ -6,7 +6,7 @@
 pub mod runner;
 pub mod sandbox;
 
-pub use sandbox::{Action, Actions, ModuleError, ModuleLimits, Refusals, Running, Sandbox, Stop};
+pub use sandbox::{Action, Actions, ModuleError, ModuleLimits, Refusals, Role, Running, Sandbox, Stop};
 
 /// Largest module `overlay add` downloads.
 pub const MAX_MODULE_BYTES: usize = 16 << 20;
@@ -33,8 +33,10 @@ mod tests {
 
     fn start(name: &str, limits: &ModuleLimits) -> Running {
         let sandbox = Sandbox::new().unwrap();
-        let module = sandbox.compile(&hostile(name)).unwrap();
-        sandbox.instantiate(&module, name, 2, 4, limits).unwrap()
+        let module = sandbox.compile(&hostile(name), Role::Overlay).unwrap();
+        sandbox
+            .instantiate(&module, name, Role::Overlay, 2, 4, limits)
+            .unwrap()
     }
 
     #[test]
@@ -71,16 +73,16 @@ mod tests {
             ("tcp", "wasi:sockets/tcp@0.2.0::[method]tcp-socket.start-connect"),
             ("file", "wasi_snapshot_preview1::path_open"),
         ] {
-            let err = sandbox.compile(&hostile(module)).unwrap_err();
+            let err = sandbox.compile(&hostile(module), Role::Overlay).unwrap_err();
             assert!(matches!(err, ModuleError::Import { .. }), "{err}");
             assert!(err.to_string().contains(wanted), "{err}");
         }
         assert!(matches!(
-            sandbox.compile(b"not wasm").unwrap_err(),
+            sandbox.compile(b"not wasm", Role::Overlay).unwrap_err(),
             ModuleError::Invalid(_)
         ));
         let no_exports = sandbox
-            .compile(b"(module (memory (export \"memory\") 1))")
+            .compile(b"(module (memory (export \"memory\") 1))", Role::Overlay)
             .unwrap_err();
         assert!(
             matches!(
@@ -93,7 +95,10 @@ mod tests {
             "{no_exports}"
         );
         let bad_type = sandbox
-            .compile(br#"(module (import "oasis" "send" (func (param i32))))"#)
+            .compile(
+                br#"(module (import "oasis" "send" (func (param i32))))"#,
+                Role::Overlay,
+            )
             .unwrap_err();
         assert!(bad_type.to_string().contains("wrong type"), "{bad_type}");
     }
@@ -150,12 +155,12 @@ mod tests {
     #[test]
     fn a_module_too_big_for_its_memory_limit_does_not_start() {
         let sandbox = Sandbox::new().unwrap();
-        let module = sandbox.compile(&hostile("pass")).unwrap();
+        let module = sandbox.compile(&hostile("pass"), Role::Overlay).unwrap();
         let limits = ModuleLimits {
             memory_bytes: 64 << 10,
             ..ModuleLimits::default()
         };
-        let Err(err) = sandbox.instantiate(&module, "pass", 1, 0, &limits) else {
+        let Err(err) = sandbox.instantiate(&module, "pass", Role::Overlay, 1, 0, &limits) else {
             panic!("a module larger than its memory limit started");
         };
         assert!(matches!(err, ModuleError::Start(_)), "{err}");
@@ -164,16 +169,111 @@ mod tests {
     #[test]
     fn compiled_code_is_kept_and_used_again() {
         let sandbox = Sandbox::new().unwrap();
-        let module = sandbox.compile(&hostile("pass")).unwrap();
+        let module = sandbox.compile(&hostile("pass"), Role::Overlay).unwrap();
         let bytes = sandbox.serialize(&module).unwrap();
         // SAFETY: serialized just now by this sandbox.
-        let again = unsafe { sandbox.deserialize(&bytes) }.expect("deserializes");
+        let again = unsafe { sandbox.deserialize(&bytes, Role::Overlay) }.expect("deserializes");
         let mut running = sandbox
-            .instantiate(&again, "pass", 1, 0, &ModuleLimits::default())
+            .instantiate(&again, "pass", Role::Overlay, 1, 0, &ModuleLimits::default())
             .unwrap();
         running.from_host(b"x", &mut Actions::default()).unwrap();
+        // Kept code is checked against the contract of the role it is
+        // loaded for.
+        // SAFETY: as above.
+        assert!(unsafe { sandbox.deserialize(&bytes, Role::Monitor) }.is_none());
         // SAFETY: garbage is refused by wasmtime's own header check.
-        assert!(unsafe { sandbox.deserialize(b"garbage") }.is_none());
+        assert!(unsafe { sandbox.deserialize(b"garbage", Role::Overlay) }.is_none());
+    }
+
+    /// A monitor module: metric `fast` goes over the overlay named `fast`
+    /// (looked up by name at each packet), anything else to the underlay;
+    /// answers go to this host as they came.
+    const MONITOR: &str = r#"(module
+      (import "oasis" "via" (func $via (param i32 i32 i32) (result i32)))
+      (import "oasis" "overlays" (func $overlays (result i32)))
+      (import "oasis" "overlay_name" (func $name (param i32 i32 i32) (result i32)))
+      (import "oasis" "to_host" (func $to_host (param i32 i32) (result i32)))
+      (import "oasis" "to_underlay" (func $to_underlay (param i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "fast")
+      (func (export "oasis_buffer") (result i32) (i32.const 1024))
+      (func $fast (result i32) (local $i i32)
+        (block $none (loop $next
+          (br_if $none (i32.ge_s (local.get $i) (call $overlays)))
+          (if (i32.and
+                (i32.eq (call $name (local.get $i) (i32.const 512) (i32.const 64)) (i32.const 4))
+                (i32.eq (i32.load (i32.const 512)) (i32.load (i32.const 0))))
+            (then (return (local.get $i))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br $next)))
+        (i32.const -1))
+      (func (export "oasis_from_host") (param $len i32)
+        (if (i32.eq (i32.load (i32.const 1024)) (i32.load (i32.const 0)))
+          (then (drop (call $via (call $fast) (i32.const 1028) (i32.sub (local.get $len) (i32.const 4)))))
+          (else (drop (call $to_underlay (i32.const 1028) (i32.sub (local.get $len) (i32.const 4)))))))
+      (func (export "oasis_from_overlay") (param $overlay i32) (param $len i32)
+        (drop (call $to_host (i32.const 1024) (local.get $len)))))"#;
+
+    #[test]
+    fn a_monitor_module_sends_over_overlays_it_finds_by_name() {
+        let sandbox = Sandbox::new().unwrap();
+        let module = sandbox.compile(MONITOR.as_bytes(), Role::Monitor).unwrap();
+        let mut running = sandbox
+            .instantiate(&module, "mon", Role::Monitor, 0, 4, &ModuleLimits::default())
+            .unwrap();
+        let mut out = Actions::default();
+        // No overlay called `fast` yet: the send is refused.
+        running.from_host(b"fastIP-1", &mut out).unwrap();
+        assert!(out.list.is_empty(), "{:?}", out.list);
+        assert_eq!(running.refusals().bad_entry, 1);
+        running.set_overlays(&[Some("slow".into()), None, Some("fast".into())]);
+        running.from_host(b"fastIP-2", &mut out).unwrap();
+        running.from_host(b"lossIP-3", &mut out).unwrap();
+        let Action::Via { overlay, at } = &out.list[0] else {
+            panic!("{:?}", out.list)
+        };
+        assert_eq!((*overlay, out.bytes(at)), (2, &b"IP-2"[..]));
+        let Action::ToUnderlay { at } = &out.list[1] else {
+            panic!("{:?}", out.list)
+        };
+        assert_eq!(out.bytes(at), b"IP-3");
+        // An answer over an overlay comes behind a zeroed shim of the
+        // monitor's own length, ready for to_host.
+        out.clear();
+        running.from_overlay(2, 4, b"answer", &mut out).unwrap();
+        let Action::ToHost { at } = &out.list[0] else {
+            panic!("{:?}", out.list)
+        };
+        assert_eq!(out.bytes(at), b"\0\0\0\0answer");
+        // The overlay was left: its index is no longer valid.
+        out.clear();
+        running.set_overlays(&[Some("slow".into()), None, None]);
+        running.from_host(b"fastIP-4", &mut out).unwrap();
+        assert!(out.list.is_empty(), "{:?}", out.list);
+    }
+
+    #[test]
+    fn each_role_gets_its_own_imports_and_exports() {
+        let sandbox = Sandbox::new().unwrap();
+        // A monitor has no entry nodes to send to, and an overlay module
+        // no overlays to choose from.
+        let err = sandbox.compile(&hostile("pass"), Role::Monitor).unwrap_err();
+        assert!(err.to_string().contains("oasis::send"), "{err}");
+        assert!(err.to_string().contains("monitor modules"), "{err}");
+        let err = sandbox.compile(MONITOR.as_bytes(), Role::Overlay).unwrap_err();
+        assert!(err.to_string().contains("oasis::via"), "{err}");
+        let no_answers = MONITOR.replace("oasis_from_overlay", "oasis_from_entry");
+        let err = sandbox.compile(no_answers.as_bytes(), Role::Monitor).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModuleError::Export {
+                    name: "oasis_from_overlay",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! again after a pause that doubles up to a minute; meanwhile the overlay
 //! is marked down, and new flows of rules that did not pin it take the
 //! underlay.
+//!
+//! A monitor module's runner talks to the joined overlays instead of entry
+//! nodes of its own: it puts the overlay's shim (and token) in front of
+//! each packet the module sends over it, takes it off each answer, and
+//! tells the module the overlays' names, never their addresses or tokens.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -18,7 +23,9 @@ use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
 
-use super::{Action, Actions, ModuleLimits, Refusals, Running, Sandbox};
+use super::{Action, Actions, ModuleLimits, Refusals, Role, Running, Sandbox};
+use crate::engine::packet::flow_key;
+use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 
 const TICK: Duration = Duration::from_millis(100);
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
@@ -66,11 +73,23 @@ struct Counts {
     dropped_while_down: AtomicU64,
 }
 
+/// The joined overlays as the overlay manager last published them; a
+/// monitor module's runner looks at them every tick.
+pub type Published = Arc<Mutex<Arc<OverlayTable>>>;
+
+/// Whom a module talks to beyond this host.
+pub enum Peers {
+    /// An overlay module: its overlay's entry nodes.
+    Entries(Vec<SocketAddr>),
+    /// A monitor module: the joined overlays that carry.
+    Overlays(Published),
+}
+
 /// Everything a module's thread needs.
 pub struct ModuleSetup {
     pub overlay: String,
     pub module: Module,
-    pub entries: Vec<SocketAddr>,
+    pub peers: Peers,
     pub shim_len: usize,
     pub limits: ModuleLimits,
     /// The broker's standard port (returns) and underlay port, on loopback.
@@ -129,8 +148,15 @@ impl ModuleRunner {
                                 return;
                             }
                         };
+                        let peers = match &setup.peers {
+                            Peers::Entries(entries) => {
+                                Far::Entries(entries.iter().map(|e| mapped(*e)).collect())
+                            }
+                            Peers::Overlays(published) => Far::Overlays(Carriers::new(published.clone())),
+                        };
                         Host {
                             sandbox,
+                            peers,
                             setup,
                             up,
                             status,
@@ -239,8 +265,80 @@ fn mapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The far side, as the module's thread sees it.
+enum Far {
+    /// Entry nodes, as the dual-stack socket writes their addresses.
+    Entries(Vec<SocketAddr>),
+    Overlays(Carriers),
+}
+
+/// A monitor module's view of the joined overlays. An overlay keeps its
+/// index for the module's life, and a left one's index is never reused,
+/// so a module can hold on to indices it looked up by name.
+struct Carriers {
+    published: Published,
+    seen: Option<Arc<OverlayTable>>,
+    ids: Vec<OverlayId>,
+    carriers: Vec<Option<Arc<JoinedOverlay>>>,
+    names: Vec<Option<String>>,
+}
+
+impl Carriers {
+    fn new(published: Published) -> Carriers {
+        Carriers {
+            published,
+            seen: None,
+            ids: Vec::new(),
+            carriers: Vec::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// Takes in what the manager published last; whether it changed.
+    fn refresh(&mut self) -> bool {
+        let latest = self.published.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &latest)) {
+            return false;
+        }
+        self.update(&latest);
+        self.seen = Some(latest);
+        true
+    }
+
+    /// Only overlays with entry nodes of their own carry for a monitor
+    /// module: another module's overlay hears only the broker, and a
+    /// monitor carries nothing.
+    fn update(&mut self, table: &OverlayTable) {
+        for (i, id) in self.ids.iter().enumerate() {
+            let now = table.get(*id).filter(|o| carries(o)).cloned();
+            self.names[i] = now.as_ref().map(|o| o.name.clone());
+            self.carriers[i] = now;
+        }
+        let mut new: Vec<&Arc<JoinedOverlay>> =
+            table.iter().filter(|o| carries(o) && !self.ids.contains(&o.id)).collect();
+        new.sort_by_key(|o| o.id);
+        for overlay in new {
+            self.ids.push(overlay.id);
+            self.names.push(Some(overlay.name.clone()));
+            self.carriers.push(Some(overlay.clone()));
+        }
+    }
+
+    /// The index of the overlay whose entry node sent a datagram.
+    fn index_of(&self, from: SocketAddr) -> Option<(usize, &JoinedOverlay)> {
+        let id = self.seen.as_ref()?.by_sender(from)?.id;
+        let index = self.ids.iter().position(|i| *i == id)?;
+        Some((index, self.carriers[index].as_deref()?))
+    }
+}
+
+fn carries(overlay: &JoinedOverlay) -> bool {
+    !overlay.monitor && overlay.module.is_none()
+}
+
 struct Host {
     sandbox: Arc<Sandbox>,
+    peers: Far,
     setup: ModuleSetup,
     up: Arc<AtomicBool>,
     status: Arc<Mutex<ModuleStatus>>,
@@ -261,8 +359,10 @@ impl Host {
         let mut io = Batches::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let entries: Vec<SocketAddr> = self.setup.entries.iter().map(|e| mapped(*e)).collect();
         let broker_port = self.setup.overlay_port;
+        if let Far::Overlays(carriers) = &mut self.peers {
+            carriers.refresh();
+        }
         loop {
             tokio::select! {
                 ready = self.local.readable() => {
@@ -284,7 +384,7 @@ impl Host {
                     }
                     self.counts.from_host.fetch_add(taken, Relaxed);
                     self.counts.refused_senders.fetch_add(refused, Relaxed);
-                    self.flush(&mut io, &entries);
+                    self.flush(&mut io);
                 }
                 ready = self.outside.readable() => {
                     if ready.is_err() { continue }
@@ -292,30 +392,57 @@ impl Host {
                     let (mut taken, mut refused) = (0, 0);
                     for i in 0..count {
                         let got = io.received[i];
-                        let Some(entry) = got.from.and_then(|f| entries.iter().position(|e| *e == mapped(f))) else {
+                        let Some(from) = got.from else {
                             refused += 1;
                             continue;
                         };
+                        // Which entry node, or which overlay (and the
+                        // length of its shim) it came from.
+                        let source = match &self.peers {
+                            Far::Entries(entries) => {
+                                entries.iter().position(|e| *e == mapped(from)).map(|e| (e, None))
+                            }
+                            Far::Overlays(carriers) => {
+                                carriers.index_of(from).map(|(i, o)| (i, Some(o.shim.len())))
+                            }
+                        };
+                        let Some((peer, overlay_shim)) = source else {
+                            refused += 1;
+                            continue;
+                        };
+                        let own = self.setup.shim_len;
                         for at in datagrams(got.len, got.segment) {
                             taken += 1;
                             let datagram = &io.bufs[i][at];
-                            self.event(|running, out| running.from_entry(entry, datagram, out));
+                            match overlay_shim {
+                                None => self.event(|running, out| running.from_entry(peer, datagram, out)),
+                                Some(shim) => {
+                                    let packet = datagram.get(shim..).unwrap_or_default();
+                                    self.event(|running, out| running.from_overlay(peer, own, packet, out));
+                                }
+                            }
                         }
                     }
                     self.counts.from_entries.fetch_add(taken, Relaxed);
                     self.counts.refused_senders.fetch_add(refused, Relaxed);
-                    self.flush(&mut io, &entries);
+                    self.flush(&mut io);
                 }
                 _ = tick.tick() => {
                     if self.stop.load(Relaxed) {
                         self.up.store(false, Relaxed);
                         return;
                     }
+                    if let Far::Overlays(carriers) = &mut self.peers
+                        && carriers.refresh()
+                        && let Some(running) = self.running.as_mut()
+                    {
+                        running.set_overlays(&carriers.names);
+                    }
                     if let Some(running) = &self.running {
                         let refusals = running.refusals().clone();
                         self.count(|s| s.refusals = refusals);
                         self.event(|running, out| running.tick(out));
-                        self.flush(&mut io, &entries);
+                        self.flush(&mut io);
                         if self.since.elapsed() >= STABLE {
                             self.pause = FIRST_PAUSE;
                         }
@@ -334,14 +461,22 @@ impl Host {
     fn instantiate(&mut self) {
         let setup = &self.setup;
         let started = Instant::now();
+        let (role, peers) = match &self.peers {
+            Far::Entries(entries) => (Role::Overlay, entries.len()),
+            Far::Overlays(carriers) => (Role::Monitor, carriers.names.len()),
+        };
         match self.sandbox.instantiate(
             &setup.module,
             &setup.overlay,
-            setup.entries.len(),
+            role,
+            peers,
             setup.shim_len,
             &setup.limits,
         ) {
-            Ok(running) => {
+            Ok(mut running) => {
+                if let Far::Overlays(carriers) = &self.peers {
+                    running.set_overlays(&carriers.names);
+                }
                 self.running = Some(running);
                 self.since = Instant::now();
                 self.up.store(true, Relaxed);
@@ -386,29 +521,38 @@ impl Host {
     /// Carries out what the batch's events asked for: to the entry nodes
     /// from the outside socket, to the broker's ports from the loopback
     /// socket, as few system calls as the platform allows.
-    fn flush(&mut self, io: &mut Batches, entries: &[SocketAddr]) {
+    fn flush(&mut self, io: &mut Batches) {
         if self.actions.list.is_empty() {
             return;
         }
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
         let (mut home, mut down) = (0, 0);
-        let actions = &self.actions;
-        let outward = actions.list.iter().filter_map(|action| match action {
-            Action::Send { entry, at } => Some((actions.bytes(at), entries[*entry])),
+        let (actions, peers) = (&self.actions, &self.peers);
+        let outward = actions.list.iter().filter_map(|action| match (action, peers) {
+            (Action::Send { entry, at }, Far::Entries(entries)) => {
+                Some((&[][..], actions.bytes(at), *entries.get(*entry)?))
+            }
+            (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
+                // The overlay may have been left since the module asked.
+                let carrier = carriers.carriers.get(*overlay)?.as_deref()?;
+                let packet = actions.bytes(at);
+                let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
+                Some((carrier.shim.as_slice(), packet, mapped(to)))
+            }
             _ => None,
         });
         let sent = io.send(&self.outside, outward);
         let inward = actions.list.iter().filter_map(|action| match action {
             Action::ToHost { at } => {
                 home += 1;
-                Some((actions.bytes(at), broker))
+                Some((&[][..], actions.bytes(at), broker))
             }
             Action::ToUnderlay { at } => {
                 down += 1;
-                Some((actions.bytes(at), underlay))
+                Some((&[][..], actions.bytes(at), underlay))
             }
-            Action::Send { .. } => None,
+            Action::Send { .. } | Action::Via { .. } => None,
         });
         io.send(&self.local, inward);
         self.actions.clear();
@@ -485,12 +629,12 @@ impl Batches {
     fn send<'p>(
         &mut self,
         socket: &tokio::net::UdpSocket,
-        datagrams: impl Iterator<Item = (&'p [u8], SocketAddr)>,
+        datagrams: impl Iterator<Item = (&'p [u8], &'p [u8], SocketAddr)>,
     ) -> u64 {
         use std::os::fd::AsRawFd;
         let mut batch = self.sender.batch();
-        for (bytes, to) in datagrams {
-            batch.push(&[], bytes, to);
+        for (prefix, bytes, to) in datagrams {
+            batch.push(prefix, bytes, to);
         }
         if batch.is_empty() {
             return 0;
@@ -502,10 +646,66 @@ impl Batches {
     fn send<'p>(
         &mut self,
         socket: &tokio::net::UdpSocket,
-        datagrams: impl Iterator<Item = (&'p [u8], SocketAddr)>,
+        datagrams: impl Iterator<Item = (&'p [u8], &'p [u8], SocketAddr)>,
     ) -> u64 {
+        let mut whole = Vec::new();
         datagrams
-            .filter(|(bytes, to)| socket.try_send_to(bytes, *to).is_ok())
+            .filter(|(prefix, bytes, to)| {
+                whole.clear();
+                whole.extend_from_slice(prefix);
+                whole.extend_from_slice(bytes);
+                socket.try_send_to(&whole, *to).is_ok()
+            })
             .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::table::test_overlay;
+    use crate::overlay::{EntryNodes, ModuleLink};
+
+    fn special(id: u32, name: &str, monitor: bool) -> Arc<JoinedOverlay> {
+        let nodes = EntryNodes::new(vec![format!("192.0.2.{id}:7400").parse().unwrap()]).unwrap();
+        let mut overlay = JoinedOverlay::new(OverlayId(id), name.into(), Box::new(nodes), vec![]);
+        overlay.monitor = monitor;
+        overlay.module = (!monitor).then(|| ModuleLink {
+            up: Arc::default(),
+            pinned: false,
+        });
+        Arc::new(overlay)
+    }
+
+    #[test]
+    fn a_monitor_sees_the_carrying_overlays_under_indices_that_last() {
+        let a = test_overlay(1, "a", &["192.0.2.1:7400"], 4);
+        let b = test_overlay(2, "b", &["192.0.2.2:7400", "[2001:db8::2]:7400"], 4);
+        let c = test_overlay(5, "c", &["192.0.2.5:7400"], 4);
+        let published = Published::default();
+        let publish = |list: Vec<Arc<JoinedOverlay>>| {
+            *published.lock().unwrap() = Arc::new(OverlayTable::new(list));
+        };
+        publish(vec![
+            b.clone(),
+            a.clone(),
+            special(3, "mon", true),
+            special(4, "moduled", false),
+        ]);
+        let mut carriers = Carriers::new(published.clone());
+        assert!(carriers.refresh());
+        assert!(!carriers.refresh(), "nothing new was published");
+        // Neither a monitor nor another module's overlay carries for it.
+        assert_eq!(carriers.names, [Some("a".into()), Some("b".into())]);
+        // `a` left and `c` joined: `b` keeps its index, `a`'s is not reused.
+        publish(vec![b.clone(), c.clone()]);
+        assert!(carriers.refresh());
+        assert_eq!(carriers.names, [None, Some("b".into()), Some("c".into())]);
+        let from = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let index = |s: &str| carriers.index_of(from(s)).map(|(i, o)| (i, o.name.clone()));
+        assert_eq!(index("[2001:db8::2]:7400"), Some((1, "b".into())));
+        assert_eq!(index("[::ffff:192.0.2.5]:7400"), Some((2, "c".into())));
+        assert_eq!(index("192.0.2.1:7400"), None, "a left overlay answers no more");
+        assert_eq!(index("192.0.2.9:7400"), None);
     }
 }

@@ -2,9 +2,10 @@
 //! wasmtime, with nothing but the packet contract of docs/modules.md.
 //!
 //! A module can do only what its imports let it: send a datagram to one of
-//! the overlay's entry nodes (by index: it never names an address), hand a
-//! packet back to this host, hand one to the underlay, read a millisecond
-//! clock and log a line. No WASI: no files, sockets, environment or fine
+//! the overlay's entry nodes (by index: it never names an address), or, a
+//! monitor module, a packet over one of the joined overlays (by index, its
+//! names read-only); hand a packet back to this host, hand one to the
+//! underlay, read a millisecond clock and log a line. No WASI: no files, sockets, environment or fine
 //! clocks exist for it to ask for. Each call into it runs under an epoch
 //! deadline (CPU), its memory is capped, and each event may cause only so
 //! many sends; a module that breaks a limit is stopped with the reason.
@@ -48,18 +49,62 @@ impl Default for ModuleLimits {
     }
 }
 
+/// What a module is for, which decides the contract it must keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// It carries an overlay: datagrams to and from its entry nodes.
+    Overlay,
+    /// It decides which carrier a metric rule's packets take: packets over
+    /// the joined overlays (by index) or the underlay.
+    Monitor,
+}
+
+impl Role {
+    /// The imports the role may use, by name and type.
+    fn imports(self) -> impl Iterator<Item = &'static Import> {
+        let own = match self {
+            Role::Overlay => OVERLAY_IMPORTS,
+            Role::Monitor => MONITOR_IMPORTS,
+        };
+        COMMON_IMPORTS.iter().chain(own)
+    }
+
+    fn offered(self) -> String {
+        self.imports().map(|(name, _, _)| *name).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The export that receives datagrams from the far side.
+    fn peer_export(self) -> &'static str {
+        match self {
+            Role::Overlay => "oasis_from_entry",
+            Role::Monitor => "oasis_from_overlay",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Overlay => "overlay",
+            Role::Monitor => "monitor",
+        })
+    }
+}
+
 /// Why a module was refused before it ran.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModuleError {
     #[error("the module is not valid WebAssembly: {0}")]
     Invalid(String),
     #[error(
-        "the module imports {module}::{name}, which the sandbox does not offer (only oasis::send, \
-         to_host, to_underlay, now_ms and log exist): {why}"
+        "the module imports {module}::{name}, which the sandbox does not offer to {role} modules \
+         (only oasis::{offered} exist for them): {why}"
     )]
     Import {
         module: String,
         name: String,
+        role: Role,
+        offered: String,
         why: String,
     },
     #[error("the module does not export {name} as {wanted} (docs/modules.md lists what a module exports)")]
@@ -110,6 +155,11 @@ pub enum Action {
         entry: usize,
         at: std::ops::Range<usize>,
     },
+    /// A monitor module's bare IP packet over joined overlay `overlay`.
+    Via {
+        overlay: usize,
+        at: std::ops::Range<usize>,
+    },
     /// `[shim][IP packet]` back to this host.
     ToHost { at: std::ops::Range<usize> },
     /// A bare IP packet for the underlay.
@@ -130,7 +180,8 @@ impl Actions {
 /// What the sandbox refused a module, by reason, since it was loaded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Refusals {
-    /// Sends to an entry index the overlay does not have.
+    /// Sends to an entry index the overlay does not have (or, from a
+    /// monitor module, to an overlay index no joined overlay has).
     pub bad_entry: u64,
     /// Sends past the per-event budget.
     pub over_budget: u64,
@@ -170,11 +221,12 @@ impl Sandbox {
         Ok(Arc::new(Sandbox { engine }))
     }
 
-    /// Compiles `bytes` and checks they keep the contract: every import
-    /// one the sandbox offers, with its type, and the exports it needs.
-    pub fn compile(&self, bytes: &[u8]) -> Result<Module, ModuleError> {
+    /// Compiles `bytes` and checks they keep the contract of `role`:
+    /// every import one the sandbox offers it, with its type, and the
+    /// exports it needs.
+    pub fn compile(&self, bytes: &[u8], role: Role) -> Result<Module, ModuleError> {
         let module = Module::new(&self.engine, bytes).map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
-        check_contract(&module)?;
+        check_contract(&module, role)?;
         Ok(module)
     }
 
@@ -190,20 +242,23 @@ impl Sandbox {
     ///
     /// `bytes` must be what [`serialize`] produced, read back from a
     /// place only the daemon writes (wasmtime runs them as machine code).
-    pub unsafe fn deserialize(&self, bytes: &[u8]) -> Option<Module> {
+    pub unsafe fn deserialize(&self, bytes: &[u8], role: Role) -> Option<Module> {
         // SAFETY: as the caller promises.
         let module = unsafe { Module::deserialize(&self.engine, bytes) }.ok()?;
-        check_contract(&module).ok()?;
+        check_contract(&module, role).ok()?;
         Some(module)
     }
 
-    /// Instantiates `module` for an overlay of `entries` entry nodes and
-    /// runs its `oasis_start`.
+    /// Instantiates `module` and runs its `oasis_start`: for an overlay
+    /// module with `peers` entry nodes; for a monitor module, `peers`
+    /// joined overlays, whose names it reads through
+    /// [`Running::set_overlays`].
     pub fn instantiate(
         &self,
         module: &Module,
         name: &str,
-        entries: usize,
+        role: Role,
+        peers: usize,
         shim_len: usize,
         limits: &ModuleLimits,
     ) -> Result<Running, ModuleError> {
@@ -216,7 +271,8 @@ impl Sandbox {
                 .instances(1)
                 .trap_on_grow_failure(true)
                 .build(),
-            entries,
+            entries: if role == Role::Overlay { peers } else { 0 },
+            overlays: Vec::new(),
             actions: Actions::default(),
             budget: 0,
             attempts: 0,
@@ -248,16 +304,16 @@ impl Sandbox {
         let from_host = instance
             .get_typed_func::<i32, ()>(&mut store, "oasis_from_host")
             .map_err(|_| export("oasis_from_host", "a function (i32) -> ()"))?;
-        let from_entry = instance
-            .get_typed_func::<(i32, i32), ()>(&mut store, "oasis_from_entry")
-            .map_err(|_| export("oasis_from_entry", "a function (i32, i32) -> ()"))?;
+        let from_peer = instance
+            .get_typed_func::<(i32, i32), ()>(&mut store, role.peer_export())
+            .map_err(|_| export(role.peer_export(), "a function (i32, i32) -> ()"))?;
         let tick = instance.get_typed_func::<i64, ()>(&mut store, "oasis_tick").ok();
         let mut running = Running {
             store,
             memory,
             buffer: 0,
             from_host,
-            from_entry,
+            from_peer,
             tick,
             ticks,
         };
@@ -276,7 +332,7 @@ impl Sandbox {
         running.buffer = buffer;
         if let Ok(start) = instance.get_typed_func::<(i32, i32), i32>(&mut running.store, "oasis_start") {
             let code = running
-                .call(|store| start.call(store, (entries as i32, shim_len as i32)))
+                .call(|store| start.call(store, (peers as i32, shim_len as i32)))
                 .map_err(|stop| ModuleError::Start(stop.to_string()))?;
             if code != 0 {
                 return Err(ModuleError::Start(format!("oasis_start returned {code}")));
@@ -290,7 +346,11 @@ impl Sandbox {
 /// What the host functions see.
 struct Host {
     limits: StoreLimits,
+    /// An overlay module's entry nodes.
     entries: usize,
+    /// A monitor module's view of the joined overlays, by index: None
+    /// where an overlay was left (indices are never reused).
+    overlays: Vec<Option<String>>,
     actions: Actions,
     /// Sends left in this event, and sends tried in it.
     budget: u32,
@@ -312,7 +372,8 @@ pub struct Running {
     memory: Memory,
     buffer: usize,
     from_host: TypedFunc<i32, ()>,
-    from_entry: TypedFunc<(i32, i32), ()>,
+    /// `oasis_from_entry`, or a monitor's `oasis_from_overlay`.
+    from_peer: TypedFunc<(i32, i32), ()>,
     tick: Option<TypedFunc<i64, ()>>,
     ticks: u64,
 }
@@ -328,8 +389,40 @@ impl Running {
     /// A datagram from entry node `entry`.
     pub fn from_entry(&mut self, entry: usize, datagram: &[u8], out: &mut Actions) -> Result<(), Stop> {
         let len = self.load(datagram)?;
-        let func = self.from_entry.clone();
+        let func = self.from_peer.clone();
         self.event(out, |store| func.call(store, (entry as i32, len)))
+    }
+
+    /// A monitor module's answer: `packet` came back over overlay
+    /// `overlay`. The module gets it behind `shim_len` zero bytes, the
+    /// form `to_host` takes, so it can hand it on as it is.
+    pub fn from_overlay(
+        &mut self,
+        overlay: usize,
+        shim_len: usize,
+        packet: &[u8],
+        out: &mut Actions,
+    ) -> Result<(), Stop> {
+        let len = (shim_len + packet.len()).min(MAX_DATAGRAM);
+        let buffer = self.buffer;
+        let room = self
+            .memory
+            .data_mut(&mut self.store)
+            .get_mut(buffer..buffer + len)
+            .ok_or_else(|| Stop::Trap("its buffer moved out of its memory".into()))?;
+        let (shim, rest) = room.split_at_mut(shim_len.min(len));
+        shim.fill(0);
+        rest.copy_from_slice(&packet[..rest.len()]);
+        let func = self.from_peer.clone();
+        self.event(out, |store| func.call(store, (overlay as i32, len as i32)))
+    }
+
+    /// A monitor module's view of the joined overlays changed: names by
+    /// index, None for one left.
+    pub fn set_overlays(&mut self, overlays: &[Option<String>]) {
+        let host = self.store.data_mut();
+        host.overlays.clear();
+        host.overlays.extend_from_slice(overlays);
     }
 
     /// Time passes (every 100 ms): probes, timeouts.
@@ -403,30 +496,44 @@ fn describe(error: &wasmtime::Error, store: &Store<Host>) -> Stop {
     }
 }
 
-/// The imports the sandbox offers, by name and type.
-const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
-    (
-        "send",
-        &[ValType::I32, ValType::I32, ValType::I32],
-        &[ValType::I32],
-    ),
-    ("to_host", &[ValType::I32, ValType::I32], &[ValType::I32]),
-    ("to_underlay", &[ValType::I32, ValType::I32], &[ValType::I32]),
+/// An import the sandbox offers: name, parameters, results.
+type Import = (&'static str, &'static [ValType], &'static [ValType]);
+
+const I32_3: &[ValType] = &[ValType::I32, ValType::I32, ValType::I32];
+const I32_2: &[ValType] = &[ValType::I32, ValType::I32];
+
+/// What every module may import.
+const COMMON_IMPORTS: &[Import] = &[
+    ("to_host", I32_2, &[ValType::I32]),
+    ("to_underlay", I32_2, &[ValType::I32]),
     ("now_ms", &[], &[ValType::I64]),
-    ("log", &[ValType::I32, ValType::I32], &[]),
+    ("log", I32_2, &[]),
 ];
 
-fn check_contract(module: &Module) -> Result<(), ModuleError> {
+/// What only an overlay module may import: its entry nodes.
+const OVERLAY_IMPORTS: &[Import] = &[("send", I32_3, &[ValType::I32])];
+
+/// What only a monitor module may import: the joined overlays, read-only,
+/// and a way over each.
+const MONITOR_IMPORTS: &[Import] = &[
+    ("via", I32_3, &[ValType::I32]),
+    ("overlays", &[], &[ValType::I32]),
+    ("overlay_name", I32_3, &[ValType::I32]),
+];
+
+fn check_contract(module: &Module, role: Role) -> Result<(), ModuleError> {
     for import in module.imports() {
         let refuse = |why: String| ModuleError::Import {
             module: import.module().to_string(),
             name: import.name().to_string(),
+            role,
+            offered: role.offered(),
             why,
         };
         if import.module() != "oasis" {
             return Err(refuse("only the oasis module's functions can be imported".into()));
         }
-        let Some((_, params, results)) = IMPORTS.iter().find(|(name, _, _)| *name == import.name()) else {
+        let Some((_, params, results)) = role.imports().find(|(name, _, _)| *name == import.name()) else {
             return Err(refuse("no such function".into()));
         };
         let ExternType::Func(ty) = import.ty() else {
@@ -452,12 +559,7 @@ fn check_contract(module: &Module) -> Result<(), ModuleError> {
     }
     func("oasis_buffer", &[], &[ValType::I32], "a function () -> i32")?;
     func("oasis_from_host", &[ValType::I32], &[], "a function (i32) -> ()")?;
-    func(
-        "oasis_from_entry",
-        &[ValType::I32, ValType::I32],
-        &[],
-        "a function (i32, i32) -> ()",
-    )?;
+    func(role.peer_export(), I32_2, &[], "a function (i32, i32) -> ()")?;
     if exported("oasis_tick").is_some() {
         func("oasis_tick", &[ValType::I64], &[], "a function (i64) -> ()")?;
     }
@@ -538,6 +640,58 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
                 None => {
                     caller.data_mut().refusals.bad_entry += 1;
                     Ok(-1)
+                }
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "oasis",
+        "via",
+        |mut caller: Caller<'_, Host>, overlay: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            let known = |host: &Host, i: usize| host.overlays.get(i).is_some_and(Option::is_some);
+            match usize::try_from(overlay).ok().filter(|i| known(caller.data(), *i)) {
+                Some(overlay) => hand_over(&mut caller, ptr, len, |at| Action::Via { overlay, at }),
+                None => {
+                    caller.data_mut().refusals.bad_entry += 1;
+                    Ok(-1)
+                }
+            }
+        },
+    )?;
+    linker.func_wrap("oasis", "overlays", |caller: Caller<'_, Host>| -> i32 {
+        caller.data().overlays.len() as i32
+    })?;
+    linker.func_wrap(
+        "oasis",
+        "overlay_name",
+        |mut caller: Caller<'_, Host>, overlay: i32, ptr: i32, cap: i32| -> i32 {
+            let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+                return -3;
+            };
+            let (data, host) = memory.data_and_store_mut(&mut caller);
+            let name = usize::try_from(overlay)
+                .ok()
+                .and_then(|i| host.overlays.get(i))
+                .and_then(Option::as_deref);
+            let Some(name) = name else {
+                return -1;
+            };
+            // Like snprintf: the name's length, written only where it fits.
+            let len = name.len();
+            if usize::try_from(cap).is_ok_and(|cap| cap < len) {
+                return len as i32;
+            }
+            let room = usize::try_from(ptr)
+                .ok()
+                .and_then(|ptr| data.get_mut(ptr..ptr.checked_add(len)?));
+            match room {
+                Some(room) => {
+                    room.copy_from_slice(name.as_bytes());
+                    len as i32
+                }
+                None => {
+                    host.refusals.bad_buffer += 1;
+                    -3
                 }
             }
         },

@@ -14,7 +14,7 @@ use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use super::{ModuleKind, ModuleSpec};
 use crate::config::StoredOverlay;
 use crate::engine::LocalAddresses;
-use crate::module::runner::{ModuleRunner, ModuleStatus};
+use crate::module::runner::{ModuleRunner, ModuleStatus, Peers};
 
 pub struct OverlayManager {
     stored: Vec<StoredOverlay>,
@@ -49,10 +49,6 @@ pub struct JoinOptions {
 /// the module running for it, if it has one.
 type Runtime = (Box<dyn OverlayPath>, Vec<u8>, Option<ModuleRunner>);
 
-/// The overlay-carrying module a specification declares, if any.
-fn carrying_module(spec: &super::OverlaySpec) -> Option<&ModuleSpec> {
-    spec.module.as_ref().filter(|m| m.kind == ModuleKind::Overlay)
-}
 
 impl OverlayManager {
     /// The overlays of the config file. Each whose entry nodes resolve now
@@ -86,24 +82,33 @@ impl OverlayManager {
             }
             manager.stored.push(overlay);
         }
-        manager.table = Arc::new(OverlayTable::new(joined));
+        manager.set_table(Arc::new(OverlayTable::new(joined)));
         manager
+    }
+
+    /// The table the packet path reads, also shown to monitor modules.
+    fn set_table(&mut self, table: Arc<OverlayTable>) {
+        if let Some(modules) = &self.modules {
+            *modules.published.lock().unwrap_or_else(|e| e.into_inner()) = table.clone();
+        }
+        self.table = table;
     }
 
     fn runtime(&self, stored: &StoredOverlay, own: &LocalAddresses) -> Result<Runtime, OverlayError> {
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
-        if let Some(port) = stored.spec.monitor_port() {
-            return Ok((Box::new(LocalModule::new(port)), shim, None));
-        }
-        let entries = stored.spec.resolve_entries(own)?;
-        if let Some(module) = carrying_module(&stored.spec) {
-            let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
-            let prepared = context.load(module)?;
-            let runner = context.start(&stored.name, &prepared, entries, stored.spec.shim_len)?;
-            return Ok((Box::new(LocalModule::new(runner.port())), shim, Some(runner)));
-        }
-        let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
-        Ok((Box::new(nodes), shim, None))
+        let Some(module) = &stored.spec.module else {
+            let entries = stored.spec.resolve_entries(own)?;
+            let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
+            return Ok((Box::new(nodes), shim, None));
+        };
+        let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
+        let peers = match module.kind {
+            ModuleKind::Overlay => Peers::Entries(stored.spec.resolve_entries(own)?),
+            ModuleKind::Monitor => Peers::Overlays(context.published.clone()),
+        };
+        let prepared = context.load(module)?;
+        let runner = context.start(&stored.name, &prepared, peers, stored.spec.shim_len)?;
+        Ok((Box::new(LocalModule::new(runner.port())), shim, Some(runner)))
     }
 
     fn joined(
@@ -116,7 +121,7 @@ impl OverlayManager {
         let id = OverlayId(self.next_id);
         self.next_id += 1;
         let mut overlay = JoinedOverlay::new(id, stored.name.clone(), path, shim);
-        overlay.monitor = stored.spec.monitor_port().is_some();
+        overlay.monitor = stored.spec.is_monitor();
         overlay.module = runner.map(|r| ModuleLink {
             up: r.up(),
             pinned: stored.pinned,
@@ -148,8 +153,6 @@ impl OverlayManager {
         &self.table
     }
 
-    /// Fetches, checks and resolves a specification: the slow part of
-    /// `overlay add`, with no state touched.
     /// Fetches, checks and resolves a specification, and its code module
     /// if it has one (fetched, verified, compiled, kept and started): the
     /// slow part of `overlay add`, with no state of the manager touched.
@@ -165,40 +168,43 @@ impl OverlayManager {
         let shim = shim_bytes(spec.shim_len, options.token.as_deref())?;
         let given = options.module_file.map(|(file, bytes)| {
             // A module author's build: it takes the place of whatever
-            // module the specification names.
+            // module the specification names, in the same role.
+            let kind = spec.module.as_ref().map_or(ModuleKind::Overlay, |m| m.kind);
             spec.module = Some(ModuleSpec {
                 url: format!("file:{file}"),
                 sha256: crate::module::digest(&bytes),
-                kind: ModuleKind::Overlay,
-                port: None,
+                kind,
             });
             bytes
         });
-        let mut runner = None;
-        let path: Box<dyn OverlayPath> = match spec.monitor_port() {
-            Some(port) => Box::new(LocalModule::new(port)),
-            None => {
+        let entries = match spec.is_monitor() {
+            true => Vec::new(),
+            false => {
                 let to_resolve = spec.clone();
-                let entries = tokio::task::spawn_blocking(move || to_resolve.resolve_entries(&own))
+                tokio::task::spawn_blocking(move || to_resolve.resolve_entries(&own))
                     .await
-                    .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??;
-                match carrying_module(&spec) {
-                    Some(module) => {
-                        let context = modules.ok_or(ModuleFailure::NoSandbox)?;
-                        let prepared = context.prepare(module, given).await?;
-                        let kept = context.clone();
-                        let prepared =
-                            tokio::task::spawn_blocking(move || kept.keep(&prepared).map(|()| prepared))
-                                .await
-                                .map_err(|e| ModuleFailure::Start(std::io::Error::other(e.to_string())))??;
-                        let started = context.start(&name, &prepared, entries, spec.shim_len)?;
-                        let port = started.port();
-                        runner = Some(started);
-                        Box::new(LocalModule::new(port))
-                    }
-                    None => Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?),
-                }
+                    .map_err(|e| super::SpecError::Xml(format!("resolver task failed: {e}")))??
             }
+        };
+        let mut runner = None;
+        let path: Box<dyn OverlayPath> = match &spec.module {
+            Some(module) => {
+                let context = modules.ok_or(ModuleFailure::NoSandbox)?;
+                let prepared = context.prepare(module, given).await?;
+                let kept = context.clone();
+                let prepared = tokio::task::spawn_blocking(move || kept.keep(&prepared).map(|()| prepared))
+                    .await
+                    .map_err(|e| ModuleFailure::Start(std::io::Error::other(e.to_string())))??;
+                let peers = match module.kind {
+                    ModuleKind::Overlay => Peers::Entries(entries),
+                    ModuleKind::Monitor => Peers::Overlays(context.published.clone()),
+                };
+                let started = context.start(&name, &prepared, peers, spec.shim_len)?;
+                let port = started.port();
+                runner = Some(started);
+                Box::new(LocalModule::new(port))
+            }
+            None => Box::new(EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?),
         };
         Ok(Prepared {
             stored: StoredOverlay {
@@ -230,7 +236,7 @@ impl OverlayManager {
             self.runners.insert(prepared.stored.name.clone(), runner);
         }
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().cloned().chain([overlay]).collect();
-        self.table = Arc::new(OverlayTable::new(list));
+        self.set_table(Arc::new(OverlayTable::new(list)));
         self.stored.push(prepared.stored);
         Ok(self.stored.last().expect("just pushed"))
     }
@@ -249,7 +255,7 @@ impl OverlayManager {
             });
         }
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().filter(|o| o.name != name).cloned().collect();
-        self.table = Arc::new(OverlayTable::new(list));
+        self.set_table(Arc::new(OverlayTable::new(list)));
         self.runners.remove(name);
         Ok(self.stored.remove(index))
     }

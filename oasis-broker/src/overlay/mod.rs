@@ -70,9 +70,9 @@ pub fn check_carrier(via: &Carrier, joined: &[StoredOverlay]) -> Result<(), Rule
         find(name)?;
     }
     let carrier = |name: &str| -> Result<(), RuleError> {
-        match find(name)?.spec.monitor_port() {
-            Some(_) => Err(RuleError::MonitorIsNoCarrier(name.into())),
-            None => Ok(()),
+        match find(name)?.spec.is_monitor() {
+            true => Err(RuleError::MonitorIsNoCarrier(name.into())),
+            false => Ok(()),
         }
     };
     match via {
@@ -84,7 +84,7 @@ pub fn check_carrier(via: &Carrier, joined: &[StoredOverlay]) -> Result<(), Rule
             }
             if let Some(module) = &goal.module {
                 let overlay = find(module)?;
-                if overlay.spec.monitor_port().is_none() {
+                if !overlay.spec.is_monitor() {
                     return Err(RuleError::NotAMonitor(module.clone()));
                 }
                 let text = goal.metric.to_string();
@@ -125,10 +125,10 @@ mod tests {
     use super::*;
     use crate::monitor::{Goal, Metric};
 
-    fn joined(name: &str, monitor_port: Option<u16>) -> StoredOverlay {
-        let module = monitor_port.map(|port| {
+    fn joined(name: &str, monitor: bool) -> StoredOverlay {
+        let module = monitor.then(|| {
             format!(
-                r#"<module url="http://x/m.wasm" kind="monitor" port="{port}" sha256="{}"/>"#,
+                r#"<module url="http://x/m.wasm" kind="monitor" sha256="{}"/>"#,
                 "ab".repeat(32)
             )
         });
@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn carriers_carry_and_monitors_decide() {
-        let overlays = [joined("detour", None), joined("mon", Some(760))];
+        let overlays = [joined("detour", false), joined("mon", true)];
         let goal = |metric: Metric, among: Option<&[&str]>, module: Option<&str>| {
             Carrier::Monitor(Goal {
                 metric,

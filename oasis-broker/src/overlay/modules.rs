@@ -10,9 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
-use super::spec::ModuleSpec;
-use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus};
-use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Sandbox, digest};
+use super::spec::{ModuleKind, ModuleSpec};
+use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Peers, Published};
+use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
+
+/// The contract a module of this kind keeps.
+fn role(kind: ModuleKind) -> Role {
+    match kind {
+        ModuleKind::Overlay => Role::Overlay,
+        ModuleKind::Monitor => Role::Monitor,
+    }
+}
 
 /// Why an overlay's module cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,9 @@ pub struct ModuleContext {
     pub underlay_port: u16,
     pub bypass_mark: u32,
     pub limits: ModuleLimits,
+    /// The joined overlays, for monitor modules; the manager keeps it
+    /// current.
+    pub published: Published,
 }
 
 impl ModuleContext {
@@ -75,6 +86,7 @@ impl ModuleContext {
             underlay_port,
             bypass_mark,
             limits,
+            published: Published::default(),
         }
     }
 
@@ -91,6 +103,7 @@ impl ModuleContext {
             None => fetch_bytes(&spec.url, MAX_MODULE_BYTES, Duration::from_secs(60)).await?,
         };
         let (sandbox, url, expected) = (self.sandbox.clone(), spec.url.clone(), spec.sha256.clone());
+        let role = role(spec.kind);
         tokio::task::spawn_blocking(move || {
             let got = digest(&bytes);
             if got != expected {
@@ -98,7 +111,7 @@ impl ModuleContext {
             }
             let started = Instant::now();
             let module = sandbox
-                .compile(&bytes)
+                .compile(&bytes, role)
                 .map_err(|source| ModuleFailure::Sandbox { url, source })?;
             Ok(PreparedModule {
                 digest: got,
@@ -157,7 +170,7 @@ impl ModuleContext {
         // digest of the module it was compiled from.
         let cached = std::fs::read(&cwasm)
             .ok()
-            .and_then(|compiled| unsafe { self.sandbox.deserialize(&compiled) });
+            .and_then(|compiled| unsafe { self.sandbox.deserialize(&compiled, role(spec.kind)) });
         let (module, compile) = match cached {
             Some(module) => (
                 module,
@@ -169,7 +182,7 @@ impl ModuleContext {
             None => {
                 let module = self
                     .sandbox
-                    .compile(&bytes)
+                    .compile(&bytes, role(spec.kind))
                     .map_err(|source| ModuleFailure::Sandbox {
                         url: wasm.display().to_string(),
                         source,
@@ -195,12 +208,13 @@ impl ModuleContext {
         })
     }
 
-    /// Starts a module for an overlay with these entry nodes.
+    /// Starts a module for an overlay: one that carries, with its entry
+    /// nodes; a monitor module, with the joined overlays.
     pub fn start(
         &self,
         overlay: &str,
         prepared: &PreparedModule,
-        entries: Vec<std::net::SocketAddr>,
+        peers: Peers,
         shim_len: usize,
     ) -> Result<ModuleRunner, ModuleFailure> {
         ModuleRunner::start(
@@ -208,7 +222,7 @@ impl ModuleContext {
             ModuleSetup {
                 overlay: overlay.to_string(),
                 module: prepared.module.clone(),
-                entries,
+                peers,
                 shim_len,
                 limits: self.limits.clone(),
                 overlay_port: self.overlay_port,

@@ -41,19 +41,13 @@ pub struct ModuleSpec {
     /// Hex SHA-256 of the module's bytes; a module that differs is refused.
     pub sha256: String,
     pub kind: ModuleKind,
-    /// The UDP port the module listens on, on loopback: the broker sends
-    /// it `[shim][IP packet]` there and admits what it sends from there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
 }
 
 impl OverlaySpec {
-    /// The loopback port of the overlay's monitor module, if it has one.
-    pub fn monitor_port(&self) -> Option<u16> {
-        self.module
-            .as_ref()
-            .filter(|m| m.kind == ModuleKind::Monitor)
-            .and_then(|m| m.port)
+    /// Whether the overlay is a monitor module's, which decides for metric
+    /// rules and carries nothing itself.
+    pub fn is_monitor(&self) -> bool {
+        self.module.as_ref().is_some_and(|m| m.kind == ModuleKind::Monitor)
     }
 }
 
@@ -103,13 +97,6 @@ pub enum SpecError {
     BadModuleHash(String),
     #[error("<module kind={0:?}>: the kind is `overlay` or `monitor`")]
     BadModuleKind(String),
-    #[error(
-        "<module port={0:?}>: the module's loopback port must be a number from 1 to 1023 (a privileged \
-         port, so no unprivileged process can take the module's place)"
-    )]
-    BadModulePort(String),
-    #[error("<module kind=\"monitor\">: a monitor module needs port=\"N\", the loopback port it listens on")]
-    MonitorWithoutPort,
 }
 
 /// The document as written; checked into an [`OverlaySpec`].
@@ -150,8 +137,6 @@ struct ModuleXml {
     sha256: String,
     #[serde(rename = "@kind", default)]
     kind: Option<String>,
-    #[serde(rename = "@port", default)]
-    port: Option<String>,
 }
 
 impl OverlaySpec {
@@ -292,26 +277,7 @@ fn check_module(module: ModuleXml) -> Result<ModuleSpec, SpecError> {
         Some("monitor") => ModuleKind::Monitor,
         Some(other) => return Err(SpecError::BadModuleKind(other.into())),
     };
-    let port = module
-        .port
-        .as_deref()
-        .map(|text| {
-            text.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| (1..1024).contains(p))
-                .ok_or_else(|| SpecError::BadModulePort(text.into()))
-        })
-        .transpose()?;
-    if kind == ModuleKind::Monitor && port.is_none() {
-        return Err(SpecError::MonitorWithoutPort);
-    }
-    Ok(ModuleSpec {
-        url,
-        sha256,
-        kind,
-        port,
-    })
+    Ok(ModuleSpec { url, sha256, kind })
 }
 
 /// An IP address, or a DNS name made of letters, digits, '-' and '.'.
@@ -445,27 +411,20 @@ mod tests {
     }
 
     #[test]
-    fn a_monitor_module_needs_a_privileged_port_and_no_entries() {
+    fn a_monitor_module_needs_no_entries_and_a_carrying_one_does() {
         let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let spec = OverlaySpec::parse(&format!(
-            r#"<overlay><shim length="16"/><module url="http://x/m.wasm" sha256="{hash}" kind="monitor" port="760"/></overlay>"#
+            r#"<overlay><shim length="16"/><module url="http://x/m.wasm" sha256="{hash}" kind="monitor"/></overlay>"#
         ))
         .unwrap();
-        assert_eq!(spec.monitor_port(), Some(760));
+        assert!(spec.is_monitor());
         assert!(spec.entries.is_empty());
-        for (attrs, expected) in [
-            (r#"kind="monitor""#, "needs port"),
-            (r#"kind="monitor" port="7600""#, "1 to 1023"),
-            (r#"kind="monitor" port="x""#, "1 to 1023"),
-        ] {
-            let text =
-                format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}" {attrs}/></overlay>"#);
-            let err = OverlaySpec::parse(&text).unwrap_err().to_string();
-            assert!(err.contains(expected), "{attrs}: {err}");
-        }
-        // A module that carries traffic does not replace the entry nodes.
         let text =
-            format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}" port="760"/></overlay>"#);
+            format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}" kind="spy"/></overlay>"#);
+        let err = OverlaySpec::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("`overlay` or `monitor`"), "{err}");
+        // A module that carries traffic does not replace the entry nodes.
+        let text = format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}"/></overlay>"#);
         assert_eq!(OverlaySpec::parse(&text), Err(SpecError::NoEntries));
     }
 
