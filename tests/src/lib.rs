@@ -348,6 +348,49 @@ impl Topology {
         stats
     }
 
+    /// Counts the UDP datagrams that reach each of `ports` on the overlay
+    /// host (nftables named counters); read them with
+    /// [`overlay_port_counts`](Self::overlay_port_counts).
+    pub fn count_overlay_ports(&self, ports: &[u16]) {
+        self.overlay.run(&["nft", "add", "table", "inet", "ports"]);
+        self.overlay.run(&[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "ports",
+            "input",
+            "{ type filter hook input priority 0; }",
+        ]);
+        for port in ports {
+            let (port, name) = (port.to_string(), format!("p{port}"));
+            self.overlay
+                .run(&["nft", "add", "counter", "inet", "ports", &name]);
+            self.overlay.run(&[
+                "nft", "add", "rule", "inet", "ports", "input", "udp", "dport", &port, "counter", "name",
+                &name,
+            ]);
+        }
+    }
+
+    /// Datagrams counted so far at each port [`count_overlay_ports`](Self::count_overlay_ports) watches.
+    pub fn overlay_port_counts(&self) -> std::collections::BTreeMap<u16, u64> {
+        let text = self
+            .overlay
+            .run(&["nft", "-j", "list", "counters", "table", "inet", "ports"]);
+        let json: serde_json::Value = serde_json::from_str(&text).expect("nft -j output");
+        json["nftables"]
+            .as_array()
+            .expect("nftables items")
+            .iter()
+            .filter_map(|item| {
+                let counter = item.get("counter")?;
+                let port = counter["name"].as_str()?.strip_prefix('p')?.parse().ok()?;
+                Some((port, counter["packets"].as_u64()?))
+            })
+            .collect()
+    }
+
     /// Starts `oasis-relay` on the overlay host.
     pub fn start_relay(&mut self, listen_port: u16, next_hop: &str, delay_ms: u32) {
         self.start_lossy_relay(listen_port, next_hop, delay_ms, 0.0);

@@ -2,7 +2,9 @@
 //! modules of `overlays/modules` carry web and bulk traffic through the
 //! exit node; a digest mismatch is refused with nothing kept; hostile
 //! modules are contained, their reasons shown, and while one restarts its
-//! overlay's new flows take the underlay and other rules keep working.
+//! overlay's new flows take the underlay and other rules keep working;
+//! the detour module and the `fastest` monitor module pick the faster of
+//! two paths by what they measure.
 //! Needs root and the modules built; `cargo xtask test` does both.
 
 use std::time::{Duration, Instant};
@@ -84,7 +86,7 @@ fn wait_state(daemon: &Daemon, net: &Topology, overlay: &str, prefix: &str) -> V
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn web_and_bulk_traffic_go_through_the_real_modules() {
-    for module in ["pass_through", "duplicator"] {
+    for module in ["pass_through", "duplicator", "detour"] {
         let mut net = Topology::new();
         net.start_web_server(80);
         net.web_file("big.bin", 4 << 20);
@@ -327,4 +329,165 @@ fn the_duplicator_cuts_loss_over_two_lossy_paths() {
         loss[1] < loss[0] / 2.0,
         "the duplicator did not cut loss: {loss:?}"
     );
+}
+
+/// Two relays to the exit on the overlay host: 7501 slow (`slow_ms` each
+/// way), 7502 fast; the datagrams reaching each are counted. Returns the
+/// spec server's base URL.
+fn slow_and_fast_paths(net: &mut Topology, slow_ms: u32) -> String {
+    net.start_web_server(80);
+    net.start_exit(&["--client", CLIENT_V4, "--client", oasis_tests::OVERLAY_V4]);
+    net.start_relay(7501, "10.77.3.2:7400", slow_ms);
+    net.start_relay(7502, "10.77.3.2:7400", 0);
+    net.count_overlay_ports(&[7501, 7502]);
+    net.publish(
+        "two.xml",
+        r#"<overlay name="two-paths">
+  <entry host="10.77.3.2" port="7501"/>
+  <entry host="10.77.3.2" port="7502"/>
+</overlay>"#,
+    );
+    for (name, port) in [("slow", 7501), ("fast", 7502)] {
+        net.publish(
+            &format!("{name}.xml"),
+            &format!(r#"<overlay name="{name}"><entry host="10.77.3.2" port="{port}"/></overlay>"#),
+        );
+    }
+    net.start_spec_server()
+}
+
+/// Opens `count` connections one after another (web requests); each must
+/// succeed. Returns the datagrams each relay saw meanwhile.
+fn connections(net: &Topology, count: usize) -> (u64, u64) {
+    let before = net.overlay_port_counts();
+    for i in 0..count {
+        assert_eq!(
+            net.http_get(SERVER_V4, 80).as_deref(),
+            Some("hello from the server\n"),
+            "request {i}"
+        );
+    }
+    let after = net.overlay_port_counts();
+    (after[&7501] - before[&7501], after[&7502] - before[&7502])
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_detour_module_takes_the_entry_node_with_the_shortest_round_trip() {
+    let mut net = Topology::new();
+    let base = slow_and_fast_paths(&mut net, 40);
+    let daemon = Daemon::start(&mut net, "");
+    let dir = net.dir.join("built");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("detour.wasm");
+    std::fs::write(&file, built_module("detour")).unwrap();
+    daemon.ok(
+        &net,
+        &[
+            "overlay",
+            "add",
+            "detour",
+            &format!("{base}/two.xml"),
+            "--module-file",
+            &file.to_string_lossy(),
+        ],
+    );
+    wait_state(&daemon, &net, "detour", "running");
+    daemon.ok(
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "80", "--via", "detour",
+        ],
+    );
+    // The first connections measure both entry nodes; then the fast one
+    // carries the new ones.
+    let (slow, fast) = connections(&net, 30);
+    println!("datagrams to the slow entry node: {slow}, to the fast one: {fast}");
+    assert!(slow > 0, "the slow entry node was never measured");
+    assert!(
+        fast > 4 * slow,
+        "new connections did not keep to the fast entry: {slow} vs {fast}"
+    );
+    // The paths change places: once the module's figures for the (now)
+    // slow path age, it re-measures and moves. That takes 30 s by design;
+    // a dead path is left much sooner.
+    net.process("relay-7502").kill_hard();
+    let mut failed = 0;
+    let start = Instant::now();
+    let mut recovered = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        match net.http_get(SERVER_V4, 80) {
+            Some(_) => {
+                recovered = Some(start.elapsed());
+                break;
+            }
+            None => failed += 1,
+        }
+    }
+    let recovered = recovered.expect("new connections found the live entry node within 30 s");
+    println!("fast entry node killed: {failed} requests failed, the next succeeded after {recovered:?}");
+    let (slow, _) = connections(&net, 5);
+    assert!(slow > 0);
+    let status = module_status(&daemon, &net, "detour");
+    assert_eq!(status["restarts"].as_u64(), Some(0), "{status}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay() {
+    let mut net = Topology::new();
+    let base = slow_and_fast_paths(&mut net, 40);
+    let module = built_module("fastest");
+    net.publish_bytes("fastest.wasm", &module);
+    net.publish(
+        "mon.xml",
+        &format!(
+            r#"<overlay name="fastest"><shim length="16"/>
+  <module url="http://10.77.3.2:8000/fastest.wasm" kind="monitor" sha256="{}"/></overlay>"#,
+            digest(&module)
+        ),
+    );
+    let daemon = Daemon::start(&mut net, "");
+    for name in ["slow", "fast", "mon"] {
+        daemon.ok(&net, &["overlay", "add", name, &format!("{base}/{name}.xml")]);
+    }
+    wait_state(&daemon, &net, "mon", "running");
+    daemon.ok(
+        &net,
+        &[
+            "rule",
+            "add",
+            "--proto",
+            "tcp",
+            "--dport",
+            "80",
+            "--metric",
+            "latency",
+            "--monitor",
+            "mon",
+        ],
+    );
+    let (slow, fast) = connections(&net, 30);
+    println!("datagrams over the slow overlay: {slow}, over the fast one: {fast}");
+    assert!(slow > 0, "the slow overlay was never measured");
+    assert!(
+        fast > 4 * slow,
+        "new connections did not keep to the fast overlay: {slow} vs {fast}"
+    );
+    // The server saw the exit: the flows went over overlays, not the
+    // underlay.
+    let log = net.process("web-80").log();
+    let flows = daemon.ok(&net, &["flows"]);
+    assert!(
+        !log.contains(CLIENT_V4),
+        "a flow left on the underlay: {log}\n{flows}"
+    );
+    let status = module_status(&daemon, &net, "mon");
+    assert!(status["from_entries"].as_u64().unwrap() > 30, "{status}");
+    // The module is told when an overlay is left; until then nothing
+    // changes, after it new connections still work over what remains.
+    daemon.ok(&net, &["overlay", "del", "fast"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (slow, fast) = connections(&net, 3);
+    assert!(slow > 0 && fast == 0, "after `fast` was left: {slow} vs {fast}");
 }

@@ -520,46 +520,23 @@ impl Connector {
     }
 }
 
-/// A monitor module for the tests: listens on loopback port 760, reads the
-/// metric from each packet's shim, and forwards the packet over the exit
-/// overlay (metric `via-exit`) or hands it back for the underlay (anything
-/// else); answers from the exit go back to the daemon. It logs each metric.
-const MONITOR_PROGRAM: &str = r#"
-import json, socket, sys
-overlays = json.load(open(sys.argv[1]))
-log = open(sys.argv[2], "a", buffering=1)
-exit = next(o for o in overlays["overlays"] if o["name"] == "exit")
-host, port = exit["entries"][0].rsplit(":", 1)
-exit_addr, exit_shim = (host, int(port)), bytes.fromhex(exit["shim"])
-daemon = ("127.0.0.1", overlays["overlay_port"])
-underlay = ("127.0.0.1", overlays["underlay_port"])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 760))
-print("ready", flush=True)
-while True:
-    data, sender = s.recvfrom(65536)
-    if sender == exit_addr:
-        s.sendto(bytes(16) + data[len(exit_shim):], daemon)
-        continue
-    metric, packet = data[:16].rstrip(b"\0").decode(), data[16:]
-    log.write(metric + "\n")
-    if metric == "via-exit":
-        s.sendto(exit_shim + packet, exit_addr)
-    else:
-        s.sendto(packet, underlay)
-"#;
-
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
     let mut net = Topology::new();
     let daemon = network(&mut net, 0, &[("exit", 7400)], "");
+    // overlays/modules/wat/by-name.wat: the metric names the overlay.
+    let module = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays/modules/wat/by-name.wat"),
+    )
+    .unwrap();
+    net.publish_bytes("by-name.wat", &module);
     net.publish(
         "mon.xml",
         &format!(
             r#"<overlay name="test-monitor"><shim length="16"/>
-               <module url="http://{OVERLAY_V4}:8000/mon.wasm" kind="monitor" port="760" sha256="{}"/></overlay>"#,
-            "ab".repeat(32)
+               <module url="http://{OVERLAY_V4}:8000/by-name.wat" kind="monitor" sha256="{}"/></overlay>"#,
+            oasis_broker::module::digest(&module)
         ),
     );
     daemon.ok(
@@ -571,28 +548,6 @@ fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
             &format!("http://{OVERLAY_V4}:8000/mon.xml"),
         ],
     );
-    let overlays_file = daemon.socket.parent().unwrap().join("overlays.json");
-    let log = net.dir.join("monitor-module.log");
-    let (script, log_text, file_text) = (
-        MONITOR_PROGRAM.to_string(),
-        log.to_string_lossy().into_owned(),
-        overlays_file.to_string_lossy().into_owned(),
-    );
-    let client = net.client.clone();
-    net.spawn(
-        &client,
-        "monitor-module",
-        &["python3", "-u", "-c", &script, &file_text, &log_text],
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !net.process("monitor-module").log().contains("ready") {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            net.process("monitor-module").log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // A metric rule the module decides: over the exit.
     let added = daemon.ok(
         &net,
@@ -604,12 +559,12 @@ fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
             "--dport",
             "8080",
             "--metric",
-            "via-exit",
+            "exit",
             "--monitor",
             "mon",
         ],
     );
-    assert!(added.contains("monitor mon: via-exit"), "{added}");
+    assert!(added.contains("monitor mon: exit"), "{added}");
     assert_eq!(
         net.http_get(SERVER_V4, 8080).as_deref(),
         Some("hello from the server\n")
@@ -621,7 +576,15 @@ fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
     );
     let flows = daemon.ok(&net, &["flows"]);
     assert!(flows.contains("decided by the monitor module"), "{flows}");
-    // Another metric: the module hands the packets back for the underlay.
+    let shown = daemon.json(&net, &["overlay", "show", "mon", "--json"]);
+    let status = &shown["module_status"];
+    assert!(
+        status["from_entries"].as_u64().unwrap() > 0,
+        "answers came back through it: {status}"
+    );
+    assert!(status["to_host"].as_u64().unwrap() > 0, "{status}");
+    // A metric naming no overlay: the module hands the packets back for
+    // the underlay.
     daemon.ok(&net, &["rule", "del", "1"]);
     daemon.ok(
         &net,
@@ -633,7 +596,7 @@ fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
             "--dport",
             "8080",
             "--metric",
-            "via-underlay",
+            "underlay",
             "--monitor",
             "mon",
         ],
@@ -647,9 +610,8 @@ fn a_monitor_module_named_by_a_rule_gets_the_metric_and_is_obeyed() {
         CLIENT_V4,
         "the module sent it on the underlay"
     );
-    let metrics = std::fs::read_to_string(&log).unwrap();
-    assert!(metrics.lines().any(|l| l == "via-exit"), "{metrics}");
-    assert!(metrics.lines().any(|l| l == "via-underlay"), "{metrics}");
+    let status = &daemon.json(&net, &["overlay", "show", "mon", "--json"])["module_status"];
+    assert!(status["to_underlay"].as_u64().unwrap() > 0, "{status}");
     // A metric longer than the module's shim is refused.
     let refused = daemon.cli(
         &net,

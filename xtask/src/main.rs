@@ -207,24 +207,24 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         println!("removed namespace {stale} left by an earlier, killed test run");
     }
     let oasis = build_oasis(false)?;
-    let mut child = cargo()
+    let mut totals = TestTotals::default();
+    let mut workspace = cargo();
+    workspace
         .args(["test", "--workspace", "--exclude", "oasis-ebpf"])
         .args(args)
         .args(["--", "--include-ignored"])
-        .env("OASIS_BIN", &oasis)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    // Pass the output through and add up every test binary's result line,
-    // so the run ends with one total instead of the last binary's.
-    let mut totals = TestTotals::default();
-    let stdout = child.stdout.take().context("cargo test stdout")?;
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-        let line = line.context("reading cargo test output")?;
-        println!("{line}");
-        totals.add_result_line(&line);
-    }
-    let status = child.wait().context("waiting for cargo test")?;
+        .env("OASIS_BIN", &oasis);
+    let status = run_tests(workspace, &mut totals)?;
+    // The modules' own workspace builds for WebAssembly; the plain logic
+    // its guest library shares (path choice, packet parsing) is tested on
+    // this host.
+    let mut guest = cargo();
+    guest
+        .args(["test", "--package", "oasis-guest", "--manifest-path"])
+        .arg(workspace_root().join("overlays/modules/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(workspace_root().join("target/modules"));
+    let guest = run_tests(guest, &mut totals)?;
     // The decision core and the platform seam must build for Windows too
     // (the WinDivert backend will plug in there).
     println!(
@@ -258,13 +258,33 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         totals.ignored,
         if windows.success() { "passed" } else { "FAILED" }
     );
-    if !status.success() {
+    if !status.success() || !guest.success() {
         bail!("tests failed");
     }
     if !windows.success() {
         bail!("the broker library does not build for {}", setup::WINDOWS_TARGET);
     }
     Ok(())
+}
+
+/// Runs `cargo test` as `cmd` says, passing its output through and adding
+/// every test binary's result line to `totals`, so a run ends with one
+/// total instead of the last binary's.
+fn run_tests(
+    mut cmd: std::process::Command,
+    totals: &mut TestTotals,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add_result_line(&line);
+    }
+    child.wait().context("waiting for cargo test")
 }
 
 #[derive(Default, Debug, PartialEq)]

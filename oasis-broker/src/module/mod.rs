@@ -6,7 +6,9 @@
 pub mod runner;
 pub mod sandbox;
 
-pub use sandbox::{Action, Actions, ModuleError, ModuleLimits, Refusals, Role, Running, Sandbox, Stop};
+pub use sandbox::{
+    Action, Actions, ModuleError, ModuleLimits, Peers, Refusals, Role, Running, Sandbox, Stop,
+};
 
 /// Largest module `overlay add` downloads.
 pub const MAX_MODULE_BYTES: usize = 16 << 20;
@@ -35,7 +37,7 @@ mod tests {
         let sandbox = Sandbox::new().unwrap();
         let module = sandbox.compile(&hostile(name), Role::Overlay).unwrap();
         sandbox
-            .instantiate(&module, name, Role::Overlay, 2, 4, limits)
+            .instantiate(&module, name, Peers::Entries(2), 4, limits)
             .unwrap()
     }
 
@@ -160,7 +162,7 @@ mod tests {
             memory_bytes: 64 << 10,
             ..ModuleLimits::default()
         };
-        let Err(err) = sandbox.instantiate(&module, "pass", Role::Overlay, 1, 0, &limits) else {
+        let Err(err) = sandbox.instantiate(&module, "pass", Peers::Entries(1), 0, &limits) else {
             panic!("a module larger than its memory limit started");
         };
         assert!(matches!(err, ModuleError::Start(_)), "{err}");
@@ -174,7 +176,7 @@ mod tests {
         // SAFETY: serialized just now by this sandbox.
         let again = unsafe { sandbox.deserialize(&bytes, Role::Overlay) }.expect("deserializes");
         let mut running = sandbox
-            .instantiate(&again, "pass", Role::Overlay, 1, 0, &ModuleLimits::default())
+            .instantiate(&again, "pass", Peers::Entries(1), 0, &ModuleLimits::default())
             .unwrap();
         running.from_host(b"x", &mut Actions::default()).unwrap();
         // Kept code is checked against the contract of the role it is
@@ -185,47 +187,28 @@ mod tests {
         assert!(unsafe { sandbox.deserialize(b"garbage", Role::Overlay) }.is_none());
     }
 
-    /// A monitor module: metric `fast` goes over the overlay named `fast`
-    /// (looked up by name at each packet), anything else to the underlay;
-    /// answers go to this host as they came.
-    const MONITOR: &str = r#"(module
-      (import "oasis" "via" (func $via (param i32 i32 i32) (result i32)))
-      (import "oasis" "overlays" (func $overlays (result i32)))
-      (import "oasis" "overlay_name" (func $name (param i32 i32 i32) (result i32)))
-      (import "oasis" "to_host" (func $to_host (param i32 i32) (result i32)))
-      (import "oasis" "to_underlay" (func $to_underlay (param i32 i32) (result i32)))
-      (memory (export "memory") 2)
-      (data (i32.const 0) "fast")
-      (func (export "oasis_buffer") (result i32) (i32.const 1024))
-      (func $fast (result i32) (local $i i32)
-        (block $none (loop $next
-          (br_if $none (i32.ge_s (local.get $i) (call $overlays)))
-          (if (i32.and
-                (i32.eq (call $name (local.get $i) (i32.const 512) (i32.const 64)) (i32.const 4))
-                (i32.eq (i32.load (i32.const 512)) (i32.load (i32.const 0))))
-            (then (return (local.get $i))))
-          (local.set $i (i32.add (local.get $i) (i32.const 1)))
-          (br $next)))
-        (i32.const -1))
-      (func (export "oasis_from_host") (param $len i32)
-        (if (i32.eq (i32.load (i32.const 1024)) (i32.load (i32.const 0)))
-          (then (drop (call $via (call $fast) (i32.const 1028) (i32.sub (local.get $len) (i32.const 4)))))
-          (else (drop (call $to_underlay (i32.const 1028) (i32.sub (local.get $len) (i32.const 4)))))))
-      (func (export "oasis_from_overlay") (param $overlay i32) (param $len i32)
-        (drop (call $to_host (i32.const 1024) (local.get $len)))))"#;
+    /// The monitor module whose metric names the overlay to take.
+    fn by_name() -> Vec<u8> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays/modules/wat/by-name.wat");
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
 
     #[test]
     fn a_monitor_module_sends_over_overlays_it_finds_by_name() {
         let sandbox = Sandbox::new().unwrap();
-        let module = sandbox.compile(MONITOR.as_bytes(), Role::Monitor).unwrap();
+        let module = sandbox.compile(&by_name(), Role::Monitor).unwrap();
         let mut running = sandbox
-            .instantiate(&module, "mon", Role::Monitor, 0, 4, &ModuleLimits::default())
+            .instantiate(&module, "mon", Peers::Overlays(&[]), 4, &ModuleLimits::default())
             .unwrap();
         let mut out = Actions::default();
-        // No overlay called `fast` yet: the send is refused.
+        // No overlay called `fast` yet: the underlay.
         running.from_host(b"fastIP-1", &mut out).unwrap();
-        assert!(out.list.is_empty(), "{:?}", out.list);
-        assert_eq!(running.refusals().bad_entry, 1);
+        let Action::ToUnderlay { at } = &out.list[0] else {
+            panic!("{:?}", out.list)
+        };
+        assert_eq!(out.bytes(at), b"IP-1");
+        out.clear();
         running.set_overlays(&[Some("slow".into()), None, Some("fast".into())]);
         running.from_host(b"fastIP-2", &mut out).unwrap();
         running.from_host(b"lossIP-3", &mut out).unwrap();
@@ -245,11 +228,37 @@ mod tests {
             panic!("{:?}", out.list)
         };
         assert_eq!(out.bytes(at), b"\0\0\0\0answer");
-        // The overlay was left: its index is no longer valid.
+        // The overlay was left: its index is no longer valid, and sends
+        // over it are refused.
         out.clear();
         running.set_overlays(&[Some("slow".into()), None, None]);
         running.from_host(b"fastIP-4", &mut out).unwrap();
+        assert!(
+            matches!(out.list[..], [Action::ToUnderlay { .. }]),
+            "{:?}",
+            out.list
+        );
+        let stale = sandbox
+            .compile(
+                br#"(module
+                  (import "oasis" "via" (func $via (param i32 i32 i32) (result i32)))
+                  (memory (export "memory") 2)
+                  (func (export "oasis_buffer") (result i32) (i32.const 0))
+                  (func (export "oasis_from_host") (param i32)
+                    (drop (call $via (i32.const 2) (i32.const 0) (local.get 0)))
+                    (drop (call $via (i32.const -1) (i32.const 0) (local.get 0))))
+                  (func (export "oasis_from_overlay") (param i32 i32)))"#,
+                Role::Monitor,
+            )
+            .unwrap();
+        let mut stale = sandbox
+            .instantiate(&stale, "stale", Peers::Overlays(&[]), 0, &ModuleLimits::default())
+            .unwrap();
+        stale.set_overlays(&[Some("slow".into()), None, None]);
+        out.clear();
+        stale.from_host(b"packet", &mut out).unwrap();
         assert!(out.list.is_empty(), "{:?}", out.list);
+        assert_eq!(stale.refusals().bad_entry, 2);
     }
 
     #[test]
@@ -260,9 +269,11 @@ mod tests {
         let err = sandbox.compile(&hostile("pass"), Role::Monitor).unwrap_err();
         assert!(err.to_string().contains("oasis::send"), "{err}");
         assert!(err.to_string().contains("monitor modules"), "{err}");
-        let err = sandbox.compile(MONITOR.as_bytes(), Role::Overlay).unwrap_err();
+        let err = sandbox.compile(&by_name(), Role::Overlay).unwrap_err();
         assert!(err.to_string().contains("oasis::via"), "{err}");
-        let no_answers = MONITOR.replace("oasis_from_overlay", "oasis_from_entry");
+        let no_answers = String::from_utf8(by_name())
+            .unwrap()
+            .replace("oasis_from_overlay", "oasis_from_entry");
         let err = sandbox.compile(no_answers.as_bytes(), Role::Monitor).unwrap_err();
         assert!(
             matches!(

@@ -23,7 +23,7 @@ use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
 
-use super::{Action, Actions, ModuleLimits, Refusals, Role, Running, Sandbox};
+use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
 use crate::engine::packet::flow_key;
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 
@@ -78,7 +78,7 @@ struct Counts {
 pub type Published = Arc<Mutex<Arc<OverlayTable>>>;
 
 /// Whom a module talks to beyond this host.
-pub enum Peers {
+pub enum Reach {
     /// An overlay module: its overlay's entry nodes.
     Entries(Vec<SocketAddr>),
     /// A monitor module: the joined overlays that carry.
@@ -89,7 +89,7 @@ pub enum Peers {
 pub struct ModuleSetup {
     pub overlay: String,
     pub module: Module,
-    pub peers: Peers,
+    pub reach: Reach,
     pub shim_len: usize,
     pub limits: ModuleLimits,
     /// The broker's standard port (returns) and underlay port, on loopback.
@@ -148,11 +148,11 @@ impl ModuleRunner {
                                 return;
                             }
                         };
-                        let peers = match &setup.peers {
-                            Peers::Entries(entries) => {
+                        let peers = match &setup.reach {
+                            Reach::Entries(entries) => {
                                 Far::Entries(entries.iter().map(|e| mapped(*e)).collect())
                             }
-                            Peers::Overlays(published) => Far::Overlays(Carriers::new(published.clone())),
+                            Reach::Overlays(published) => Far::Overlays(Carriers::new(published.clone())),
                         };
                         Host {
                             sandbox,
@@ -314,8 +314,10 @@ impl Carriers {
             self.names[i] = now.as_ref().map(|o| o.name.clone());
             self.carriers[i] = now;
         }
-        let mut new: Vec<&Arc<JoinedOverlay>> =
-            table.iter().filter(|o| carries(o) && !self.ids.contains(&o.id)).collect();
+        let mut new: Vec<&Arc<JoinedOverlay>> = table
+            .iter()
+            .filter(|o| carries(o) && !self.ids.contains(&o.id))
+            .collect();
         new.sort_by_key(|o| o.id);
         for overlay in new {
             self.ids.push(overlay.id);
@@ -461,22 +463,18 @@ impl Host {
     fn instantiate(&mut self) {
         let setup = &self.setup;
         let started = Instant::now();
-        let (role, peers) = match &self.peers {
-            Far::Entries(entries) => (Role::Overlay, entries.len()),
-            Far::Overlays(carriers) => (Role::Monitor, carriers.names.len()),
+        let peers = match &self.peers {
+            Far::Entries(entries) => Peers::Entries(entries.len()),
+            Far::Overlays(carriers) => Peers::Overlays(&carriers.names),
         };
         match self.sandbox.instantiate(
             &setup.module,
             &setup.overlay,
-            role,
             peers,
             setup.shim_len,
             &setup.limits,
         ) {
-            Ok(mut running) => {
-                if let Far::Overlays(carriers) = &self.peers {
-                    running.set_overlays(&carriers.names);
-                }
+            Ok(running) => {
                 self.running = Some(running);
                 self.since = Instant::now();
                 self.up.store(true, Relaxed);

@@ -70,7 +70,10 @@ impl Role {
     }
 
     fn offered(self) -> String {
-        self.imports().map(|(name, _, _)| *name).collect::<Vec<_>>().join(", ")
+        self.imports()
+            .map(|(name, _, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The export that receives datagrams from the far side.
@@ -88,6 +91,30 @@ impl std::fmt::Display for Role {
             Role::Overlay => "overlay",
             Role::Monitor => "monitor",
         })
+    }
+}
+
+/// Whom a module starts with: an overlay module, its overlay's entry
+/// nodes (how many); a monitor module, the joined overlays' names by index.
+#[derive(Clone, Copy, Debug)]
+pub enum Peers<'a> {
+    Entries(usize),
+    Overlays(&'a [Option<String>]),
+}
+
+impl Peers<'_> {
+    pub fn role(&self) -> Role {
+        match self {
+            Peers::Entries(_) => Role::Overlay,
+            Peers::Overlays(_) => Role::Monitor,
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Peers::Entries(count) => *count,
+            Peers::Overlays(names) => names.len(),
+        }
     }
 }
 
@@ -249,19 +276,18 @@ impl Sandbox {
         Some(module)
     }
 
-    /// Instantiates `module` and runs its `oasis_start`: for an overlay
-    /// module with `peers` entry nodes; for a monitor module, `peers`
-    /// joined overlays, whose names it reads through
-    /// [`Running::set_overlays`].
+    /// Instantiates `module` and runs its `oasis_start`, with the entry
+    /// nodes or (a monitor module) the overlays it starts with; a
+    /// monitor's overlays change later through [`Running::set_overlays`].
     pub fn instantiate(
         &self,
         module: &Module,
         name: &str,
-        role: Role,
-        peers: usize,
+        peers: Peers<'_>,
         shim_len: usize,
         limits: &ModuleLimits,
     ) -> Result<Running, ModuleError> {
+        let role = peers.role();
         let host = Host {
             limits: StoreLimitsBuilder::new()
                 .memory_size(limits.memory_bytes)
@@ -271,8 +297,14 @@ impl Sandbox {
                 .instances(1)
                 .trap_on_grow_failure(true)
                 .build(),
-            entries: if role == Role::Overlay { peers } else { 0 },
-            overlays: Vec::new(),
+            entries: match peers {
+                Peers::Entries(count) => count,
+                Peers::Overlays(_) => 0,
+            },
+            overlays: match peers {
+                Peers::Entries(_) => Vec::new(),
+                Peers::Overlays(names) => names.to_vec(),
+            },
             actions: Actions::default(),
             budget: 0,
             attempts: 0,
@@ -332,7 +364,7 @@ impl Sandbox {
         running.buffer = buffer;
         if let Ok(start) = instance.get_typed_func::<(i32, i32), i32>(&mut running.store, "oasis_start") {
             let code = running
-                .call(|store| start.call(store, (peers as i32, shim_len as i32)))
+                .call(|store| start.call(store, (peers.count() as i32, shim_len as i32)))
                 .map_err(|stop| ModuleError::Start(stop.to_string()))?;
             if code != 0 {
                 return Err(ModuleError::Start(format!("oasis_start returned {code}")));

@@ -14,7 +14,7 @@ use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use super::{ModuleKind, ModuleSpec};
 use crate::config::StoredOverlay;
 use crate::engine::LocalAddresses;
-use crate::module::runner::{ModuleRunner, ModuleStatus, Peers};
+use crate::module::runner::{ModuleRunner, ModuleStatus, Reach};
 
 pub struct OverlayManager {
     stored: Vec<StoredOverlay>,
@@ -48,7 +48,6 @@ pub struct JoinOptions {
 /// What the packet path needs of a stored overlay: its path, its shim and
 /// the module running for it, if it has one.
 type Runtime = (Box<dyn OverlayPath>, Vec<u8>, Option<ModuleRunner>);
-
 
 impl OverlayManager {
     /// The overlays of the config file. Each whose entry nodes resolve now
@@ -103,8 +102,8 @@ impl OverlayManager {
         };
         let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
         let peers = match module.kind {
-            ModuleKind::Overlay => Peers::Entries(stored.spec.resolve_entries(own)?),
-            ModuleKind::Monitor => Peers::Overlays(context.published.clone()),
+            ModuleKind::Overlay => Reach::Entries(stored.spec.resolve_entries(own)?),
+            ModuleKind::Monitor => Reach::Overlays(context.published.clone()),
         };
         let prepared = context.load(module)?;
         let runner = context.start(&stored.name, &prepared, peers, stored.spec.shim_len)?;
@@ -196,8 +195,8 @@ impl OverlayManager {
                     .await
                     .map_err(|e| ModuleFailure::Start(std::io::Error::other(e.to_string())))??;
                 let peers = match module.kind {
-                    ModuleKind::Overlay => Peers::Entries(entries),
-                    ModuleKind::Monitor => Peers::Overlays(context.published.clone()),
+                    ModuleKind::Overlay => Reach::Entries(entries),
+                    ModuleKind::Monitor => Reach::Overlays(context.published.clone()),
                 };
                 let started = context.start(&name, &prepared, peers, spec.shim_len)?;
                 let port = started.port();

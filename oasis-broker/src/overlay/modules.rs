@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
 use super::spec::{ModuleKind, ModuleSpec};
-use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Peers, Published};
+use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Published, Reach};
 use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
 
 /// The contract a module of this kind keeps.
@@ -180,13 +180,12 @@ impl ModuleContext {
                 ),
             ),
             None => {
-                let module = self
-                    .sandbox
-                    .compile(&bytes, role(spec.kind))
-                    .map_err(|source| ModuleFailure::Sandbox {
+                let module = self.sandbox.compile(&bytes, role(spec.kind)).map_err(|source| {
+                    ModuleFailure::Sandbox {
                         url: wasm.display().to_string(),
                         source,
-                    })?;
+                    }
+                })?;
                 if let Some(compiled) = self.sandbox.serialize(&module) {
                     let _ = std::fs::write(&cwasm, compiled);
                 }
@@ -214,7 +213,7 @@ impl ModuleContext {
         &self,
         overlay: &str,
         prepared: &PreparedModule,
-        peers: Peers,
+        reach: Reach,
         shim_len: usize,
     ) -> Result<ModuleRunner, ModuleFailure> {
         ModuleRunner::start(
@@ -222,7 +221,7 @@ impl ModuleContext {
             ModuleSetup {
                 overlay: overlay.to_string(),
                 module: prepared.module.clone(),
-                peers,
+                reach,
                 shim_len,
                 limits: self.limits.clone(),
                 overlay_port: self.overlay_port,

@@ -47,7 +47,9 @@ impl OverlaySpec {
     /// Whether the overlay is a monitor module's, which decides for metric
     /// rules and carries nothing itself.
     pub fn is_monitor(&self) -> bool {
-        self.module.as_ref().is_some_and(|m| m.kind == ModuleKind::Monitor)
+        self.module
+            .as_ref()
+            .is_some_and(|m| m.kind == ModuleKind::Monitor)
     }
 }
 
