@@ -36,7 +36,7 @@ pub enum ModuleFailure {
         got: String,
     },
     #[error("the module at {url}: {source} (refused, nothing kept)")]
-    Sandbox { url: String, source: ModuleError },
+    Sandbox { url: String, source: Box<ModuleError> },
     #[error("the module {path} is gone and cannot be fetched again: {reason}")]
     Missing { path: PathBuf, reason: String },
     #[error("keeping the module in {path}: {source}")]
@@ -112,7 +112,10 @@ impl ModuleContext {
             let started = Instant::now();
             let module = sandbox
                 .compile(&bytes, role)
-                .map_err(|source| ModuleFailure::Sandbox { url, source })?;
+                .map_err(|source| ModuleFailure::Sandbox {
+                    url,
+                    source: Box::new(source),
+                })?;
             Ok(PreparedModule {
                 digest: got,
                 compile: format!(
@@ -183,7 +186,7 @@ impl ModuleContext {
                 let module = self.sandbox.compile(&bytes, role(spec.kind)).map_err(|source| {
                     ModuleFailure::Sandbox {
                         url: wasm.display().to_string(),
-                        source,
+                        source: Box::new(source),
                     }
                 })?;
                 if let Some(compiled) = self.sandbox.serialize(&module) {
