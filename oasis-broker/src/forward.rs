@@ -7,9 +7,7 @@
 //! Every buffer a loop uses is made before its first packet and reused, so
 //! in steady state no packet allocates (a test counts it).
 
-use std::collections::HashSet;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -19,7 +17,6 @@ use crate::engine::{
 };
 use crate::liveness::{TICK_EVERY, Tick};
 use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
-use crate::shared::{Shared, snapshot};
 
 /// The largest datagram a receive buffer of the overlay and underlay ports
 /// holds (a coalesced run of datagrams, or one of any size).
@@ -251,18 +248,12 @@ where
     }
 }
 
-/// The sockets the broker opened for its modules: with the joined monitor
-/// modules' ports, the only senders the underlay port admits. Empty until
-/// the sandbox runs modules.
-pub type ModuleSockets = Shared<HashSet<SocketAddr>>;
-
 /// The underlay port: where local overlay modules hand raw IP packets to be
 /// sent on the underlay (paper §2.2.3).
 pub fn run_underlay_port<S, U>(
     engine: Arc<Engine>,
     socket: &S,
     underlay: &U,
-    modules: ModuleSockets,
     local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
     stop: &AtomicBool,
@@ -296,10 +287,9 @@ where
             local_addresses(&mut local);
             local_read = Instant::now();
         }
-        let modules = snapshot(&modules);
         let routes = engine.routes();
         let admitted = bufs.iter().zip(&received).take(count).filter_map(|(buf, got)| {
-            if module_admitted(&modules, &routes, got.from) {
+            if module_admitted(&routes, got.from) {
                 let packet = &buf[..got.len];
                 // A module speaks for this host alone: a packet claiming
                 // another source would make the broker a spoofing relay.

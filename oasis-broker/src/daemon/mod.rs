@@ -12,7 +12,6 @@
 mod dns;
 mod heartbeat;
 mod monitor;
-#[cfg(unix)]
 mod persist;
 mod serve;
 mod sets;

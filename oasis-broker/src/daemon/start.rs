@@ -19,7 +19,7 @@ use crate::engine::probes::ProbeTable;
 use crate::engine::{
     Engine, EngineSettings, KernelTables, LocalAddresses, MonitorChooser, ReturnPath, Routes,
 };
-use crate::forward::{ModuleSockets, OverlaySockets, run_queue, run_returns, run_underlay_port};
+use crate::forward::{OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
 use crate::monitor::MonitorLink;
 use crate::monitor::link::EVENT_QUEUE;
@@ -198,9 +198,6 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             )
         })?);
     }
-    // Sockets of modules beyond the joined overlays' own (admitted by
-    // their overlay's entry in the table): none so far.
-    let modules: ModuleSockets = Arc::default();
     for (family, loopback) in [
         ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
         ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
@@ -216,7 +213,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             Err(source) => return Err(DaemonError::Io { what, source }),
         };
         let name = format!("oasis-underlay-port-{family}");
-        let (engine, underlay, modules) = (engine.clone(), underlay.clone(), modules.clone());
+        let (engine, underlay) = (engine.clone(), underlay.clone());
         let platform = platform.clone();
         let (tick, stop) = (liveness.register(&name), stop.clone());
         threads.push(spawn_thread(name, move || {
@@ -224,7 +221,6 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
                 engine,
                 &socket,
                 underlay.as_ref(),
-                modules,
                 |into| platform.local_addresses(into),
                 tick,
                 &stop,

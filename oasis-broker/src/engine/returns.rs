@@ -228,23 +228,21 @@ impl ReturnPath {
 }
 
 /// Whether a datagram on the underlay port may be sent on the underlay: it
-/// must come from a socket the broker opened for one of its modules, or
-/// from the loopback port a joined overlay's monitor module listens on (a
-/// privileged port, which no unprivileged process can hold). Anything else
+/// must come from the loopback socket of one of the broker's own sandboxed
+/// modules (the address of its overlay's path in the table). Anything else
 /// could use the port to send arbitrary, spoofed packets with the broker's
 /// privileges.
-pub fn module_admitted(modules: &HashSet<SocketAddr>, routes: &Routes, from: Option<SocketAddr>) -> bool {
+pub fn module_admitted(routes: &Routes, from: Option<SocketAddr>) -> bool {
     let Some(addr) = from
         .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .filter(|a| a.ip().is_loopback())
     else {
         return false;
     };
-    modules.contains(&addr)
-        || routes
-            .overlays
-            .iter()
-            .any(|o| (o.monitor || o.module.is_some()) && o.path.peers().contains(&addr))
+    routes
+        .overlays
+        .iter()
+        .any(|o| o.module.is_some() && o.path.peers().contains(&addr))
 }
 
 #[cfg(test)]
@@ -252,56 +250,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_brokers_own_module_sockets_are_admitted() {
-        let routes = Routes::default();
-        let module: SocketAddr = "127.0.0.1:40123".parse().unwrap();
-        let modules: HashSet<SocketAddr> = [module].into();
-        assert!(module_admitted(&modules, &routes, Some(module)));
-        assert!(
-            !module_admitted(&modules, &routes, Some("127.0.0.1:40124".parse().unwrap())),
-            "another local process"
-        );
-        assert!(
-            !module_admitted(&modules, &routes, Some("10.0.0.1:40123".parse().unwrap())),
-            "not loopback"
-        );
-        assert!(!module_admitted(&modules, &routes, None));
-        assert!(
-            !module_admitted(&HashSet::new(), &routes, Some(module)),
-            "no modules, nothing admitted"
-        );
-    }
-
-    #[test]
-    fn a_joined_monitor_module_is_admitted_from_its_port() {
-        use crate::overlay::{JoinedOverlay, LocalModule, OverlayId, OverlayTable};
-        let mut monitor = JoinedOverlay::new(
-            OverlayId(1),
-            "mon".into(),
-            Box::new(LocalModule::new(760)),
-            vec![0; 16],
-        );
-        monitor.monitor = true;
+    fn only_the_loopback_sockets_of_the_brokers_modules_are_admitted() {
+        use crate::overlay::{JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayTable};
+        let overlay = |id: u32, port: u16, module: bool| {
+            let mut overlay = JoinedOverlay::new(
+                OverlayId(id),
+                format!("o{id}"),
+                Box::new(LocalModule::new(port)),
+                vec![0; 16],
+            );
+            overlay.module = module.then(|| ModuleLink {
+                up: Arc::default(),
+                pinned: false,
+            });
+            Arc::new(overlay)
+        };
+        // 40123 is a module's socket; 40124 a path on loopback that no
+        // module of the broker's holds.
         let routes = Routes::new(
             &[],
             Arc::default(),
-            Arc::new(OverlayTable::new([Arc::new(monitor)])),
+            Arc::new(OverlayTable::new([
+                overlay(1, 40123, true),
+                overlay(2, 40124, false),
+            ])),
         );
-        let none = HashSet::new();
-        assert!(module_admitted(
-            &none,
-            &routes,
-            Some("127.0.0.1:760".parse().unwrap())
-        ));
-        assert!(module_admitted(
-            &none,
-            &routes,
-            Some("[::ffff:127.0.0.1]:760".parse().unwrap())
-        ));
+        let admitted = |from: &str| module_admitted(&routes, Some(from.parse().unwrap()));
+        assert!(admitted("127.0.0.1:40123"));
+        assert!(admitted("[::ffff:127.0.0.1]:40123"));
+        assert!(!admitted("127.0.0.1:40124"));
+        assert!(!admitted("127.0.0.1:40125"));
+        assert!(!admitted("10.0.0.1:40123"), "not from loopback");
+        assert!(!module_admitted(&routes, None));
         assert!(!module_admitted(
-            &none,
-            &routes,
-            Some("127.0.0.1:761".parse().unwrap())
+            &Routes::default(),
+            Some("127.0.0.1:40123".parse().unwrap())
         ));
     }
 }
