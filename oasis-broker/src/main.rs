@@ -354,9 +354,9 @@ struct RuleAddArgs {
         help_heading = "Metric rules"
     )]
     among: Option<String>,
-    /// An external monitor decides instead of the built-in Monitor: a
-    /// joined overlay whose specification declares a monitor module. It
-    /// receives the metric text with each packet.
+    /// A monitor module decides instead of the built-in Monitor: a joined
+    /// overlay whose specification declares one (it runs in the sandbox,
+    /// see docs/modules.md). It receives the metric text with each packet.
     #[arg(
         long,
         value_name = "OVERLAY",

@@ -334,7 +334,7 @@ pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub via: String,
     /// Metric rules: what the Monitor optimises (latency, loss<X%,
-    /// throughput; any text for an external monitor).
+    /// throughput; any text for a monitor module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<String>,
     /// Metric rules: the overlays to choose from besides the underlay,
@@ -1228,7 +1228,7 @@ mod tests {
             metric(&|s| s.among = Some("a b".into())),
             Err(RuleError::BadCarrier(_))
         ));
-        // An external monitor takes metrics the built-in one does not know.
+        // A monitor module takes metrics the built-in one does not know.
         let (_, via) = metric(&|s| {
             s.metric = Some("jitter<5ms".into());
             s.monitor = Some("mon".into());

@@ -106,7 +106,7 @@ impl CarrierChooser for RuleCarrier {
 }
 
 /// Fixed carriers as they are; metric rules by the Monitor's choices, or
-/// by their external monitor module.
+/// by their monitor module.
 pub struct MonitorChooser {
     link: Arc<MonitorLink>,
 }

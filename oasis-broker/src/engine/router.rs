@@ -272,7 +272,7 @@ pub enum Outbound {
         overlay: OverlayId,
         to: std::net::SocketAddr,
     },
-    /// Send `[rule's metric][packet]` to the external monitor module `to`
+    /// Send `[rule's metric][packet]` to the monitor module `to`
     /// (the overlay `overlay`), which picks the carrier.
     Module {
         overlay: OverlayId,

@@ -42,7 +42,7 @@ pub struct MonitorRoute {
     /// The overlays it may choose besides the underlay (the `among` list,
     /// or every joined overlay), those that are usable now.
     pub candidates: Vec<OverlayId>,
-    /// The external monitor module's overlay, when one decides.
+    /// The monitor module's overlay, when one decides.
     pub module: Option<Via>,
     /// What goes in front of each packet sent to the module: the metric's
     /// text, padded with zeros to the module's shim length.

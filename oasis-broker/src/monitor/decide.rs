@@ -82,7 +82,7 @@ pub enum Why {
     Failover,
     /// The flow's handshake went unanswered on the carrier it started on.
     Rescued,
-    /// An external monitor module decides.
+    /// A monitor module decides.
     Module,
     /// The overlay's code module is down (restarting): the underlay, for
     /// a rule that did not pin the overlay.

@@ -1,11 +1,11 @@
 //! What a metric rule asks of the Monitor (paper §2.2.2): the metric to
 //! optimise, which overlays it may pick besides the underlay, and whether
-//! an external monitor module decides instead of the built-in one.
+//! a monitor module decides instead of the built-in one.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// Longest metric text: it travels in the shim of an external monitor
+/// Longest metric text: it travels in the shim of a monitor module
 /// module, whose shim is at most this long.
 pub const MAX_METRIC_LEN: usize = oasis_common::MAX_SHIM_LEN;
 
@@ -19,7 +19,7 @@ pub enum Metric {
     Loss { max: LossLimit },
     /// The highest goodput.
     Throughput,
-    /// Text only an external monitor module understands; passed to it as
+    /// Text only a monitor module understands; passed to it as
     /// it was written.
     Other(String),
 }
@@ -52,7 +52,7 @@ pub enum MetricError {
     Empty,
     #[error(
         "unknown metric {0:?}: the built-in Monitor knows latency, throughput and loss<X% (e.g. loss<1%); \
-         other text is for an external monitor (--monitor NAME)"
+         other text is for a monitor module (--monitor NAME)"
     )]
     Unknown(String),
     #[error(

@@ -63,8 +63,8 @@ impl OverlayPath for EntryNodes {
     }
 }
 
-/// A module listening on loopback (an external monitor, until the sandbox
-/// runs modules): every flow goes to it, and only it hands packets back.
+/// A sandboxed module's loopback socket: every flow of the overlay goes to
+/// it, and only it hands packets back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalModule {
     addr: [SocketAddr; 1],
