@@ -484,6 +484,14 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
     );
     let status = module_status(&daemon, &net, "mon");
     assert!(status["from_entries"].as_u64().unwrap() > 30, "{status}");
+    // Bulk: the segments fit the overlay (the module's SYNs had their MSS
+    // clamped), and the answers come back through the module.
+    net.web_file("big.bin", 4 << 20);
+    let (size, secs) = net
+        .download(SERVER_V4, 80, "big.bin")
+        .expect("a bulk download through the monitor module");
+    assert_eq!(size, 4 << 20);
+    println!("4 MiB through the monitor module in {secs:.2} s");
     // The module is told when an overlay is left; until then nothing
     // changes, after it new connections still work over what remains.
     daemon.ok(&net, &["overlay", "del", "fast"]);

@@ -104,6 +104,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             config.underlay_port,
             config.bypass_mark,
             config.modules.clone(),
+            mtu,
         )),
         Err(e) => {
             tracing::error!("no sandbox for overlay code modules: {e}");

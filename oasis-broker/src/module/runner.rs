@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
+use oasis_io::packet::clamp_mss;
 
 use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
 use crate::engine::packet::flow_key;
@@ -97,6 +98,8 @@ pub struct ModuleSetup {
     pub underlay_port: u16,
     /// The mark that keeps the classifier off the module's own datagrams.
     pub bypass_mark: u32,
+    /// The uplink's MTU, for a monitor module's connections over overlays.
+    pub uplink_mtu: u16,
     pub status: ModuleStatus,
 }
 
@@ -526,6 +529,26 @@ impl Host {
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
         let (mut home, mut down) = (0, 0);
+        if let Far::Overlays(carriers) = &self.peers {
+            // A monitor's connections go over overlays it chose: their
+            // segments must fit with that overlay's encapsulation, as the
+            // broker sees to for the flows it carries itself.
+            for action in &self.actions.list {
+                let Action::Via { overlay, at } = action else {
+                    continue;
+                };
+                let Some(carrier) = carriers.carriers.get(*overlay).and_then(|c| c.as_deref()) else {
+                    continue;
+                };
+                let packet = &mut self.actions.data[at.clone()];
+                let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+                let outer_v6 = carrier
+                    .path
+                    .next_hop(&flow_key(packet).unwrap_or_default())
+                    .is_ipv6();
+                clamp_mss(packet, carrier.max_mss(self.setup.uplink_mtu, inner_v6, outer_v6));
+            }
+        }
         let (actions, peers) = (&self.actions, &self.peers);
         let outward = actions.list.iter().filter_map(|action| match (action, peers) {
             (Action::Send { entry, at }, Far::Entries(entries)) => {

@@ -65,6 +65,9 @@ pub struct ModuleContext {
     pub underlay_port: u16,
     pub bypass_mark: u32,
     pub limits: ModuleLimits,
+    /// The uplink's MTU: a monitor module's connections over an overlay
+    /// get their MSS clamped to fit it with the encapsulation.
+    pub uplink_mtu: u16,
     /// The joined overlays, for monitor modules; the manager keeps it
     /// current.
     pub published: Published,
@@ -78,6 +81,7 @@ impl ModuleContext {
         underlay_port: u16,
         bypass_mark: u32,
         limits: ModuleLimits,
+        uplink_mtu: u16,
     ) -> ModuleContext {
         ModuleContext {
             sandbox,
@@ -86,6 +90,7 @@ impl ModuleContext {
             underlay_port,
             bypass_mark,
             limits,
+            uplink_mtu,
             published: Published::default(),
         }
     }
@@ -230,6 +235,7 @@ impl ModuleContext {
                 overlay_port: self.overlay_port,
                 underlay_port: self.underlay_port,
                 bypass_mark: self.bypass_mark,
+                uplink_mtu: self.uplink_mtu,
                 status: ModuleStatus {
                     digest: prepared.digest.clone(),
                     compile: prepared.compile.clone(),
