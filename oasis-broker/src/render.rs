@@ -378,6 +378,15 @@ pub fn overlay(o: &OverlayView) -> String {
         );
     }
     if let Some(m) = &o.module_status {
+        // A monitor module's far side is the joined overlays.
+        let monitor = o
+            .module
+            .as_ref()
+            .is_some_and(|m| m.kind == crate::overlay::ModuleKind::Monitor);
+        let (far, unknown) = match monitor {
+            true => ("over overlays", "overlays not joined"),
+            false => ("to entry nodes", "undeclared entries"),
+        };
         let _ = writeln!(
             out,
             "            {}; {} restarts{}; {}",
@@ -391,14 +400,14 @@ pub fn overlay(o: &OverlayView) -> String {
         );
         let _ = writeln!(
             out,
-            "            packets: {} from this host, {} to entry nodes, {} from them, {} back to this host, \
+            "            packets: {} from this host, {} {far}, {} from them, {} back to this host, \
              {} to the underlay; {} dropped while down",
             m.from_host, m.to_entries, m.from_entries, m.to_host, m.to_underlay, m.dropped_while_down
         );
         let r = &m.refusals;
         let _ = writeln!(
             out,
-            "            refused: {} sends to undeclared entries, {} over the per-event budget, {} bad buffers, \
+            "            refused: {} sends to {unknown}, {} over the per-event budget, {} bad buffers, \
              {} log lines; {} datagrams from strangers",
             r.bad_entry, r.over_budget, r.bad_buffer, r.log_dropped, m.refused_senders
         );

@@ -498,4 +498,20 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
     std::thread::sleep(Duration::from_millis(300));
     let (slow, fast) = connections(&net, 3);
     assert!(slow > 0 && fast == 0, "after `fast` was left: {slow} vs {fast}");
+    // A restarted daemon runs the kept module again, which finds the
+    // overlays joined as the daemon loads them.
+    assert!(net.process("oasis").terminate(Duration::from_secs(10)));
+    let daemon = Daemon::start(&mut net, "");
+    let status = wait_state(&daemon, &net, "mon", "running");
+    assert!(
+        status["compile"].as_str().unwrap().starts_with("from the cache"),
+        "{status}"
+    );
+    let (slow, _) = connections(&net, 3);
+    assert!(slow > 0, "after a restart nothing went over the overlay");
+    let log = net.process("web-80").log();
+    assert!(
+        !log.contains(CLIENT_V4),
+        "a flow left on the underlay after a restart: {log}"
+    );
 }

@@ -69,20 +69,38 @@ impl OverlayManager {
             runners: HashMap::new(),
         };
         let mut joined = Vec::new();
-        for overlay in stored {
-            match manager.runtime(&overlay, own) {
-                Ok((path, shim, runner)) => {
-                    joined.push(manager.joined(&overlay, path, shim, runner.as_ref()));
-                    if let Some(runner) = runner {
-                        manager.runners.insert(overlay.name.clone(), runner);
-                    }
-                }
-                Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
-            }
-            manager.stored.push(overlay);
+        // Monitor modules last, with the carriers already published: they
+        // start knowing the overlays they may use.
+        let (monitors, carriers): (Vec<_>, Vec<_>) = stored.iter().partition(|o| o.spec.is_monitor());
+        for overlay in carriers {
+            manager.load_one(overlay, own, &mut joined);
         }
+        manager.set_table(Arc::new(OverlayTable::new(joined.clone())));
+        for overlay in monitors {
+            manager.load_one(overlay, own, &mut joined);
+        }
+        manager.stored = stored;
         manager.set_table(Arc::new(OverlayTable::new(joined)));
         manager
+    }
+
+    /// Puts a stored overlay in `joined`, with its module started, if it
+    /// can be used now.
+    fn load_one(
+        &mut self,
+        overlay: &StoredOverlay,
+        own: &LocalAddresses,
+        joined: &mut Vec<Arc<JoinedOverlay>>,
+    ) {
+        match self.runtime(overlay, own) {
+            Ok((path, shim, runner)) => {
+                joined.push(self.joined(overlay, path, shim, runner.as_ref()));
+                if let Some(runner) = runner {
+                    self.runners.insert(overlay.name.clone(), runner);
+                }
+            }
+            Err(e) => tracing::error!(overlay = %overlay.name, "cannot use overlay: {e}"),
+        }
     }
 
     /// The table the packet path reads, also shown to monitor modules.
