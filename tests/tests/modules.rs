@@ -356,16 +356,23 @@ fn slow_and_fast_paths(net: &mut Topology, slow_ms: u32) -> String {
     net.start_spec_server()
 }
 
-/// Opens `count` connections one after another (web requests); each must
-/// succeed. Returns the datagrams each relay saw meanwhile.
-fn connections(net: &Topology, count: usize) -> (u64, u64) {
+/// Opens `count` connections one after another (web requests) whose
+/// module is `overlay`'s; each must succeed. Returns the datagrams each
+/// relay saw meanwhile.
+fn connections(net: &Topology, daemon: &Daemon, overlay: &str, count: usize) -> (u64, u64) {
     let before = net.overlay_port_counts();
     for i in 0..count {
-        assert_eq!(
-            net.http_get(SERVER_V4, 80).as_deref(),
-            Some("hello from the server\n"),
-            "request {i}"
-        );
+        let started = Instant::now();
+        let got = net.http_get(SERVER_V4, 80);
+        if got.as_deref() != Some("hello from the server\n") {
+            panic!(
+                "request {i} of {count} failed after {:?}: {got:?}; relays {before:?} then {:?}\n{}\n{}",
+                started.elapsed(),
+                net.overlay_port_counts(),
+                daemon.ok(net, &["overlay", "show", overlay]),
+                daemon.ok(net, &["status"]),
+            );
+        }
     }
     let after = net.overlay_port_counts();
     (after[&7501] - before[&7501], after[&7502] - before[&7502])
@@ -401,7 +408,7 @@ fn the_detour_module_takes_the_entry_node_with_the_shortest_round_trip() {
     );
     // The first connections measure both entry nodes; then the fast one
     // carries the new ones.
-    let (slow, fast) = connections(&net, 30);
+    let (slow, fast) = connections(&net, &daemon, "detour", 30);
     println!("datagrams to the slow entry node: {slow}, to the fast one: {fast}");
     assert!(slow > 0, "the slow entry node was never measured");
     assert!(
@@ -426,7 +433,7 @@ fn the_detour_module_takes_the_entry_node_with_the_shortest_round_trip() {
     }
     let recovered = recovered.expect("new connections found the live entry node within 30 s");
     println!("fast entry node killed: {failed} requests failed, the next succeeded after {recovered:?}");
-    let (slow, _) = connections(&net, 5);
+    let (slow, _) = connections(&net, &daemon, "detour", 5);
     assert!(slow > 0);
     let status = module_status(&daemon, &net, "detour");
     assert_eq!(status["restarts"].as_u64(), Some(0), "{status}");
@@ -467,7 +474,7 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
             "mon",
         ],
     );
-    let (slow, fast) = connections(&net, 30);
+    let (slow, fast) = connections(&net, &daemon, "mon", 30);
     println!("datagrams over the slow overlay: {slow}, over the fast one: {fast}");
     assert!(slow > 0, "the slow overlay was never measured");
     assert!(
@@ -496,7 +503,7 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
     // changes, after it new connections still work over what remains.
     daemon.ok(&net, &["overlay", "del", "fast"]);
     std::thread::sleep(Duration::from_millis(300));
-    let (slow, fast) = connections(&net, 3);
+    let (slow, fast) = connections(&net, &daemon, "mon", 3);
     assert!(slow > 0 && fast == 0, "after `fast` was left: {slow} vs {fast}");
     // A restarted daemon runs the kept module again, which finds the
     // overlays joined as the daemon loads them.
@@ -507,7 +514,7 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
         status["compile"].as_str().unwrap().starts_with("from the cache"),
         "{status}"
     );
-    let (slow, _) = connections(&net, 3);
+    let (slow, _) = connections(&net, &daemon, "mon", 3);
     assert!(slow > 0, "after a restart nothing went over the overlay");
     let log = net.process("web-80").log();
     assert!(

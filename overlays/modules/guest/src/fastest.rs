@@ -96,11 +96,19 @@ impl Fastest {
     pub fn route(&mut self, packet: &[u8], now: i64, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let hash = flow_hash(packet) | 1;
         let set = (hash as usize % (FLOWS / WAYS)) * WAYS;
+        let syn = match handshake(packet) {
+            Some(Handshake::Syn(key)) => Some(key),
+            _ => None,
+        };
         let known = self.flows[set..set + WAYS]
             .iter()
             .position(|f| f.hash == hash && age(now, f.last) < FLOW_IDLE_MS)
             .map(|way| set + way)
-            .filter(|i| usable(usize::from(self.flows[*i].path)));
+            .filter(|i| usable(usize::from(self.flows[*i].path)))
+            // A SYN opens a new connection (its ports may be an old one's),
+            // which is routed afresh, unless it is sent again while the
+            // first still awaits its answer.
+            .filter(|i| syn.is_none_or(|key| self.awaiting(key, usize::from(self.flows[*i].path))));
         let (slot, path) = match known {
             Some(slot) => (slot, usize::from(self.flows[slot].path)),
             None => {
@@ -115,10 +123,15 @@ impl Fastest {
             path: path as u8,
             last: now,
         };
-        if let Some(Handshake::Syn(key)) = handshake(packet) {
+        if let Some(key) = syn {
             self.expect(key, path, now);
         }
         Some(path)
+    }
+
+    fn awaiting(&self, key: u64, path: usize) -> bool {
+        let pending = &self.pending[key as usize % PENDING];
+        pending.key == key && usize::from(pending.path) == path
     }
 
     /// A packet (bare IP) that came back over `path`.
@@ -146,10 +159,9 @@ impl Fastest {
     }
 
     fn expect(&mut self, key: u64, path: usize, now: i64) {
-        let slot = &mut self.pending[key as usize % PENDING];
         // A SYN sent again keeps the first one's time: the wait counts.
-        if slot.key != key || usize::from(slot.path) != path {
-            *slot = Pending {
+        if !self.awaiting(key, path) {
+            self.pending[key as usize % PENDING] = Pending {
                 key,
                 path: path as u8,
                 sent: now,
@@ -275,6 +287,29 @@ mod tests {
         let moved = moved.expect("new connections left the dead path");
         assert!(moved < 210, "left after {} connections", moved - 200);
         assert_eq!(connect(&mut f, 300, now + 1, |p| (p == 1).then_some(30)), 1);
+    }
+
+    #[test]
+    fn a_new_connection_on_an_old_ones_ports_is_routed_afresh() {
+        let mut f = Fastest::new(2);
+        let mut now = 0;
+        for port in 1..10 {
+            now += 100;
+            connect(&mut f, port, now, |p| Some([10, 30][p]));
+        }
+        // Port 5's connection went over path 0; path 0 then slows down.
+        for port in 20..30 {
+            now += 100;
+            connect(&mut f, port, now, |p| Some([90, 30][p]));
+        }
+        assert_eq!(f.rtt_ms(0).map(|ms| ms > 30), Some(true));
+        // Its retransmitted SYN keeps its path; a later SYN on the same
+        // ports is a new connection and takes the faster path.
+        let syn = tcp(HOST, SERVER, 40, 443, SYN);
+        let first = f.route(&syn, now, |_| true).unwrap();
+        assert_eq!(f.route(&syn, now + 1000, |_| true), Some(first));
+        let reused = tcp(HOST, SERVER, 5, 443, SYN);
+        assert_eq!(f.route(&reused, now + 1500, |_| true), Some(1));
     }
 
     #[test]
