@@ -593,6 +593,9 @@ struct Batches {
     receiver: oasis_io::linux::mmsg::Receiver,
     #[cfg(target_os = "linux")]
     sender: oasis_io::linux::mmsg::GsoDatagrams,
+    /// Where a datagram is put together from its prefix and body.
+    #[cfg(not(target_os = "linux"))]
+    whole: Vec<u8>,
 }
 
 /// Receive buffers: each holds a datagram, or a run of coalesced ones.
@@ -608,6 +611,8 @@ impl Default for Batches {
             receiver: Default::default(),
             #[cfg(target_os = "linux")]
             sender: Default::default(),
+            #[cfg(not(target_os = "linux"))]
+            whole: Vec::with_capacity(1 << 16),
         }
     }
 }
@@ -669,13 +674,13 @@ impl Batches {
         socket: &tokio::net::UdpSocket,
         datagrams: impl Iterator<Item = (&'p [u8], &'p [u8], SocketAddr)>,
     ) -> u64 {
-        let mut whole = Vec::new();
+        let whole = &mut self.whole;
         datagrams
             .filter(|(prefix, bytes, to)| {
                 whole.clear();
                 whole.extend_from_slice(prefix);
                 whole.extend_from_slice(bytes);
-                socket.try_send_to(&whole, *to).is_ok()
+                socket.try_send_to(whole, *to).is_ok()
             })
             .count() as u64
     }

@@ -5,10 +5,11 @@
 //! the overlay's entry nodes (by index: it never names an address), or, a
 //! monitor module, a packet over one of the joined overlays (by index, its
 //! names read-only); hand a packet back to this host, hand one to the
-//! underlay, read a millisecond clock and log a line. No WASI: no files, sockets, environment or fine
-//! clocks exist for it to ask for. Each call into it runs under an epoch
-//! deadline (CPU), its memory is capped, and each event may cause only so
-//! many sends; a module that breaks a limit is stopped with the reason.
+//! underlay, read a millisecond clock and log a line. No WASI: no files,
+//! sockets, environment or fine clocks exist for it to ask for. Each call
+//! into it runs under an epoch deadline (CPU), its memory is capped, and
+//! each event may cause only so many sends; a module that breaks a limit is
+//! stopped with the reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
