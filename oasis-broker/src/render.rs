@@ -411,6 +411,13 @@ pub fn overlay(o: &OverlayView) -> String {
              {} log lines; {} datagrams from strangers",
             r.bad_entry, r.over_budget, r.bad_buffer, r.log_dropped, m.refused_senders
         );
+        if monitor {
+            let _ = writeln!(
+                out,
+                "            {} packets over overlays with a source not this host's",
+                m.foreign_source
+            );
+        }
         if o.pinned {
             let _ = writeln!(
                 out,

@@ -251,6 +251,67 @@ fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
     assert!(module["to_underlay"].as_u64() >= Some(1), "{module}");
 }
 
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_monitor_module_forging_packets_over_an_overlay_is_refused() {
+    let mut net = Topology::new();
+    let base = slow_and_fast_paths(&mut net, 0);
+    net.publish(
+        "mon.xml",
+        &format!(
+            r#"<overlay name="m"><shim length="16"/>
+  <module url="http://10.77.3.2:8000/none.wasm" kind="monitor" sha256="{}"/></overlay>"#,
+            "ab".repeat(32)
+        ),
+    );
+    let daemon = Daemon::start(&mut net, "");
+    daemon.ok(&net, &["overlay", "add", "fast", &format!("{base}/fast.xml")]);
+    let module = hostile_module("forge-via");
+    daemon.ok(
+        &net,
+        &[
+            "overlay",
+            "add",
+            "mon",
+            &format!("{base}/mon.xml"),
+            "--module-file",
+            &module.to_string_lossy(),
+        ],
+    );
+    wait_state(&daemon, &net, "mon", "running");
+    daemon.ok(
+        &net,
+        &[
+            "rule",
+            "add",
+            "--proto",
+            "tcp",
+            "--dport",
+            "80",
+            "--metric",
+            "latency",
+            "--monitor",
+            "mon",
+        ],
+    );
+    // The host's own packets go to the underlay as the module asks; the
+    // forged one it sends with each never leaves.
+    assert_eq!(
+        net.http_get(SERVER_V4, 80).as_deref(),
+        Some("hello from the server\n")
+    );
+    let status = module_status(&daemon, &net, "mon");
+    assert!(status["foreign_source"].as_u64() >= Some(1), "{status}");
+    assert_eq!(status["to_entries"].as_u64(), Some(0), "{status}");
+    assert_eq!(
+        net.overlay_port_counts()[&7502],
+        0,
+        "a forged packet reached the overlay"
+    );
+    let shown = daemon.ok(&net, &["overlay", "show", "mon"]);
+    assert!(shown.contains("with a source not this host's"), "{shown}");
+}
+
 /// Loss of `count` pings to the server, in percent.
 fn ping_loss(net: &Topology, count: u32) -> f64 {
     let output = net.client.output(&[

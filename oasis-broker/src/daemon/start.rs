@@ -93,19 +93,25 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         .take_pins()
         .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
 
+    let platform = Arc::new(platform);
     // Overlays' code modules run in this sandbox; without one (wasmtime
     // could not set up), overlays that carry code cannot be used, and
     // everything else works.
     let modules = match crate::module::Sandbox::new() {
-        Ok(sandbox) => Some(crate::overlay::ModuleContext::new(
+        Ok(sandbox) => Some(crate::overlay::ModuleContext {
             sandbox,
-            config_path,
-            config.overlay_port,
-            config.underlay_port,
-            config.bypass_mark,
-            config.modules.clone(),
-            mtu,
-        )),
+            dir: crate::overlay::ModuleContext::dir_beside(config_path),
+            overlay_port: config.overlay_port,
+            underlay_port: config.underlay_port,
+            bypass_mark: config.bypass_mark,
+            limits: config.modules.clone(),
+            uplink_mtu: mtu,
+            own_addresses: {
+                let platform = platform.clone();
+                Arc::new(move |into: &mut LocalAddresses| platform.local_addresses(into))
+            },
+            published: Default::default(),
+        }),
         Err(e) => {
             tracing::error!("no sandbox for overlay code modules: {e}");
             None
@@ -145,7 +151,6 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     // The packet loops.
     let stop = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(Liveness::new());
-    let platform = Arc::new(platform);
     let overlay_sockets = Arc::new(open_overlay_sockets(
         platform.as_ref(),
         config.overlay_port,

@@ -22,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
-use oasis_io::packet::clamp_mss;
+use oasis_io::packet::{addresses, clamp_mss};
 
 use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
+use crate::engine::LocalAddresses;
 use crate::engine::packet::flow_key;
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 
@@ -53,6 +54,10 @@ pub struct ModuleStatus {
     pub refused_senders: u64,
     /// Packets that arrived while it was down, dropped.
     pub dropped_while_down: u64,
+    /// Packets a monitor module sent over an overlay with a source address
+    /// not this host's, dropped.
+    #[serde(default)]
+    pub foreign_source: u64,
     pub refusals: Refusals,
     /// The compile: taken from the cache, or how long it took.
     pub compile: String,
@@ -72,11 +77,18 @@ struct Counts {
     to_underlay: AtomicU64,
     refused_senders: AtomicU64,
     dropped_while_down: AtomicU64,
+    foreign_source: AtomicU64,
 }
 
 /// The joined overlays as the overlay manager last published them; a
 /// monitor module's runner looks at them every tick.
 pub type Published = Arc<Mutex<Arc<OverlayTable>>>;
+
+/// Reads this host's addresses now (the platform's).
+pub type OwnAddresses = Arc<dyn Fn(&mut LocalAddresses) + Send + Sync>;
+
+/// How often a monitor's runner reads this host's addresses again.
+const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Whom a module talks to beyond this host.
 pub enum Reach {
@@ -100,6 +112,9 @@ pub struct ModuleSetup {
     pub bypass_mark: u32,
     /// The uplink's MTU, for a monitor module's connections over overlays.
     pub uplink_mtu: u16,
+    /// This host's addresses: a monitor module's packets over overlays
+    /// must come from one.
+    pub own_addresses: OwnAddresses,
     pub status: ModuleStatus,
 }
 
@@ -208,6 +223,7 @@ impl ModuleRunner {
         status.to_underlay = c.to_underlay.load(Relaxed);
         status.refused_senders = c.refused_senders.load(Relaxed);
         status.dropped_while_down = c.dropped_while_down.load(Relaxed);
+        status.foreign_source = c.foreign_source.load(Relaxed);
         status
     }
 }
@@ -280,6 +296,9 @@ enum Far {
 /// so a module can hold on to indices it looked up by name.
 struct Carriers {
     published: Published,
+    /// This host's addresses, read every few seconds.
+    own: LocalAddresses,
+    own_read: Option<Instant>,
     seen: Option<Arc<OverlayTable>>,
     ids: Vec<OverlayId>,
     carriers: Vec<Option<Arc<JoinedOverlay>>>,
@@ -290,6 +309,8 @@ impl Carriers {
     fn new(published: Published) -> Carriers {
         Carriers {
             published,
+            own: LocalAddresses::default(),
+            own_read: None,
             seen: None,
             ids: Vec::new(),
             carriers: Vec::new(),
@@ -327,6 +348,20 @@ impl Carriers {
             self.names.push(Some(overlay.name.clone()));
             self.carriers.push(Some(overlay.clone()));
         }
+    }
+
+    /// Reads this host's addresses again when they are old.
+    fn read_own(&mut self, read: &OwnAddresses) {
+        if self.own_read.is_none_or(|at| at.elapsed() >= ADDRESS_REFRESH) {
+            read(&mut self.own);
+            self.own_read = Some(Instant::now());
+        }
+    }
+
+    /// Whether `packet` comes from this host: a monitor module must not
+    /// make the user's overlays carry anyone else's (or forged) packets.
+    fn is_own(&self, packet: &[u8]) -> bool {
+        addresses(packet).is_some_and(|(src, _)| self.own.contains(&src))
     }
 
     /// The index of the overlay whose entry node sent a datagram.
@@ -367,6 +402,7 @@ impl Host {
         let broker_port = self.setup.overlay_port;
         if let Far::Overlays(carriers) = &mut self.peers {
             carriers.refresh();
+            carriers.read_own(&self.setup.own_addresses);
         }
         loop {
             tokio::select! {
@@ -437,11 +473,11 @@ impl Host {
                         self.up.store(false, Relaxed);
                         return;
                     }
-                    if let Far::Overlays(carriers) = &mut self.peers
-                        && carriers.refresh()
-                        && let Some(running) = self.running.as_mut()
-                    {
-                        running.set_overlays(&carriers.names);
+                    if let Far::Overlays(carriers) = &mut self.peers {
+                        carriers.read_own(&self.setup.own_addresses);
+                        if carriers.refresh() && let Some(running) = self.running.as_mut() {
+                            running.set_overlays(&carriers.names);
+                        }
                     }
                     if let Some(running) = &self.running {
                         let refusals = running.refusals().clone();
@@ -550,6 +586,7 @@ impl Host {
             }
         }
         let (actions, peers) = (&self.actions, &self.peers);
+        let mut forged = 0;
         let outward = actions.list.iter().filter_map(|action| match (action, peers) {
             (Action::Send { entry, at }, Far::Entries(entries)) => {
                 Some((&[][..], actions.bytes(at), *entries.get(*entry)?))
@@ -558,6 +595,10 @@ impl Host {
                 // The overlay may have been left since the module asked.
                 let carrier = carriers.carriers.get(*overlay)?.as_deref()?;
                 let packet = actions.bytes(at);
+                if !carriers.is_own(packet) {
+                    forged += 1;
+                    return None;
+                }
                 let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
                 Some((carrier.shim.as_slice(), packet, mapped(to)))
             }
@@ -578,6 +619,7 @@ impl Host {
         io.send(&self.local, inward);
         self.actions.clear();
         let c = &self.counts;
+        c.foreign_source.fetch_add(forged, Relaxed);
         c.to_entries.fetch_add(sent, Relaxed);
         c.to_host.fetch_add(home, Relaxed);
         c.to_underlay.fetch_add(down, Relaxed);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
 use super::spec::{ModuleKind, ModuleSpec};
-use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Published, Reach};
+use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, OwnAddresses, Published, Reach};
 use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
 
 /// The contract a module of this kind keeps.
@@ -68,31 +68,18 @@ pub struct ModuleContext {
     /// The uplink's MTU: a monitor module's connections over an overlay
     /// get their MSS clamped to fit it with the encapsulation.
     pub uplink_mtu: u16,
+    /// This host's addresses: what a monitor module sends over an overlay
+    /// must come from one.
+    pub own_addresses: OwnAddresses,
     /// The joined overlays, for monitor modules; the manager keeps it
     /// current.
     pub published: Published,
 }
 
 impl ModuleContext {
-    pub fn new(
-        sandbox: Arc<Sandbox>,
-        config_path: &Path,
-        overlay_port: u16,
-        underlay_port: u16,
-        bypass_mark: u32,
-        limits: ModuleLimits,
-        uplink_mtu: u16,
-    ) -> ModuleContext {
-        ModuleContext {
-            sandbox,
-            dir: config_path.parent().unwrap_or(Path::new(".")).join("modules"),
-            overlay_port,
-            underlay_port,
-            bypass_mark,
-            limits,
-            uplink_mtu,
-            published: Published::default(),
-        }
+    /// Where modules are kept: `modules/` beside the config file.
+    pub fn dir_beside(config_path: &Path) -> PathBuf {
+        config_path.parent().unwrap_or(Path::new(".")).join("modules")
     }
 
     /// Fetches the module (or takes the bytes given, for `--module-file`),
@@ -236,6 +223,7 @@ impl ModuleContext {
                 underlay_port: self.underlay_port,
                 bypass_mark: self.bypass_mark,
                 uplink_mtu: self.uplink_mtu,
+                own_addresses: self.own_addresses.clone(),
                 status: ModuleStatus {
                     digest: prepared.digest.clone(),
                     compile: prepared.compile.clone(),
