@@ -351,12 +351,14 @@ struct RuleAddArgs {
         long,
         value_name = "OVERLAYS",
         requires = "metric",
+        conflicts_with = "monitor",
         help_heading = "Metric rules"
     )]
     among: Option<String>,
     /// A monitor module decides instead of the built-in Monitor: a joined
     /// overlay whose specification declares one (it runs in the sandbox,
-    /// see docs/modules.md). It receives the metric text with each packet.
+    /// see docs/modules.md). It receives the metric text with each packet
+    /// and chooses among every joined overlay (so no --among).
     #[arg(
         long,
         value_name = "OVERLAY",

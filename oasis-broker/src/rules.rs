@@ -445,6 +445,9 @@ impl RuleSpec {
             return Err(RuleError::MetricWithVia);
         }
         let module = self.monitor.as_deref().map(overlay_name).transpose()?;
+        if module.is_some() && self.among.is_some() {
+            return Err(RuleError::AmongWithMonitor);
+        }
         let metric = Metric::parse(metric, module.is_some())?;
         let among = match self.among.as_deref() {
             None => None,
@@ -679,11 +682,14 @@ pub enum RuleError {
     MonitorWithoutMetric,
     #[error("--among lists overlays only: the underlay is always a candidate")]
     UnderlayInAmong,
+    #[error(
+        "--among narrows the built-in Monitor's choice; a monitor module chooses among every joined overlay \
+         and cannot be held to a list: drop --among, or --monitor"
+    )]
+    AmongWithMonitor,
     #[error("--metric: {0}")]
     Metric(#[from] MetricError),
-    #[error(
-        "overlay {0:?} has no monitor module: its specification declares no <module kind=\"monitor\" port=...>"
-    )]
+    #[error("overlay {0:?} has no monitor module: its specification declares no <module kind=\"monitor\">")]
     NotAMonitor(String),
     #[error("overlay {0:?} is a monitor module, not a carrier: use it with --metric METRIC --monitor {0}")]
     MonitorIsNoCarrier(String),
@@ -1235,6 +1241,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(via.to_string(), "monitor mon: jitter<5ms");
+        // It chooses among every joined overlay: a list would not bind it.
+        assert_eq!(
+            metric(&|s| {
+                s.monitor = Some("mon".into());
+                s.among = Some("detour".into());
+            }),
+            Err(RuleError::AmongWithMonitor)
+        );
         let no_metric = RuleSpec {
             proto: Some("tcp".into()),
             among: Some("detour".into()),
