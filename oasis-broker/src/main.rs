@@ -182,12 +182,19 @@ enum OverlayCommand {
     /// in a sandbox (docs/modules.md); the overlay's flows then go through
     /// it. While a module restarts, new flows take the underlay unless the
     /// overlay was joined with --pin.
+    ///
+    /// A monitor module (`<module kind="monitor">`) runs the same way but
+    /// carries nothing itself: metric rules that name it (`rule add ...
+    /// --metric TEXT --monitor NAME`) let it pick the joined overlay each of
+    /// their flows takes.
     #[command(after_help = "\
 Examples:
   oasis overlay add detour https://osp.example/detour.xml
   oasis overlay add campus http://10.1.2.3/campus.xml --token 00112233445566778899aabbccddeeff
   oasis overlay add test http://10.1.2.3/test.xml --module-file target/my_module.wasm
-  oasis rule add --proto tcp --dport 80 --via detour")]
+  oasis rule add --proto tcp --dport 80 --via detour
+  oasis overlay add fastest https://osp.example/fastest.xml     # a monitor module
+  oasis rule add --proto tcp --dport 443 --metric latency --monitor fastest")]
     Add {
         /// The local name for the overlay (letters, digits, - and _).
         name: String,
@@ -198,7 +205,8 @@ Examples:
         #[arg(long, value_name = "HEX")]
         token: Option<String>,
         /// For module authors: run this WebAssembly file as the overlay's
-        /// code module instead of the one the specification names.
+        /// code module instead of the one the specification names (in the
+        /// same role: overlay or monitor).
         #[arg(long, value_name = "PATH")]
         module_file: Option<PathBuf>,
         /// Never let the overlay's flows take the underlay, not even while
