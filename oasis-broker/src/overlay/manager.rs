@@ -191,6 +191,7 @@ impl OverlayManager {
                 url: format!("file:{file}"),
                 sha256: crate::module::digest(&bytes),
                 kind,
+                legacy_port: None,
             });
             bytes
         });

@@ -41,6 +41,10 @@ pub struct ModuleSpec {
     /// Hex SHA-256 of the module's bytes; a module that differs is refused.
     pub sha256: String,
     pub kind: ModuleKind,
+    /// Read and forgotten: config files of versions that ran monitor
+    /// modules as programs of their own kept their loopback port here.
+    #[serde(default, skip_serializing, rename = "port")]
+    pub legacy_port: Option<u16>,
 }
 
 impl OverlaySpec {
@@ -279,7 +283,12 @@ fn check_module(module: ModuleXml) -> Result<ModuleSpec, SpecError> {
         Some("monitor") => ModuleKind::Monitor,
         Some(other) => return Err(SpecError::BadModuleKind(other.into())),
     };
-    Ok(ModuleSpec { url, sha256, kind })
+    Ok(ModuleSpec {
+        url,
+        sha256,
+        kind,
+        legacy_port: None,
+    })
 }
 
 /// An IP address, or a DNS name made of letters, digits, '-' and '.'.
@@ -428,6 +437,17 @@ mod tests {
         // A module that carries traffic does not replace the entry nodes.
         let text = format!(r#"<overlay><module url="http://x/m.wasm" sha256="{hash}"/></overlay>"#);
         assert_eq!(OverlaySpec::parse(&text), Err(SpecError::NoEntries));
+    }
+
+    #[test]
+    fn a_stored_monitor_of_an_older_version_still_loads() {
+        let yaml = "entries: []\nshim_len: 16\nmodule:\n  url: http://x/m.wasm\n  sha256: ab\n  kind: monitor\n  port: 760\n";
+        let spec: OverlaySpec = serde_yaml::from_str(yaml).unwrap();
+        assert!(spec.is_monitor());
+        assert!(
+            !serde_yaml::to_string(&spec).unwrap().contains("port"),
+            "written back without it"
+        );
     }
 
     #[test]
