@@ -373,8 +373,17 @@ impl Topology {
         }
     }
 
-    /// Datagrams counted so far at each port [`count_overlay_ports`](Self::count_overlay_ports) watches.
+    /// Datagrams counted so far at each port
+    /// [`count_overlay_ports`](Self::count_overlay_ports) watches.
     pub fn overlay_port_counts(&self) -> std::collections::BTreeMap<u16, u64> {
+        self.overlay_port_traffic()
+            .into_iter()
+            .map(|(port, (packets, _))| (port, packets))
+            .collect()
+    }
+
+    /// Datagrams and bytes counted so far at each watched port.
+    pub fn overlay_port_traffic(&self) -> std::collections::BTreeMap<u16, (u64, u64)> {
         let text = self
             .overlay
             .run(&["nft", "-j", "list", "counters", "table", "inet", "ports"]);
@@ -386,7 +395,7 @@ impl Topology {
             .filter_map(|item| {
                 let counter = item.get("counter")?;
                 let port = counter["name"].as_str()?.strip_prefix('p')?.parse().ok()?;
-                Some((port, counter["packets"].as_u64()?))
+                Some((port, (counter["packets"].as_u64()?, counter["bytes"].as_u64()?)))
             })
             .collect()
     }

@@ -345,21 +345,7 @@ fn probes_stay_within_the_budget_on_every_relay() {
     net.start_relay(7502, &format!("{OVERLAY_V4}:7400"), 6);
     // Count what reaches each relay: only probes, as no rule carries any
     // flow over them (the underlay is much faster).
-    net.overlay.run(&["nft", "add", "table", "inet", "budget"]);
-    net.overlay.run(&[
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        "budget",
-        "input",
-        "{ type filter hook input priority 0; }",
-    ]);
-    for port in ["7500", "7501", "7502"] {
-        net.overlay.run(&[
-            "nft", "add", "rule", "inet", "budget", "input", "udp", "dport", port, "counter",
-        ]);
-    }
+    net.count_overlay_ports(&[7500, 7501, 7502]);
     let config = "monitor:\n  probes_per_second: 4\n  probe_bytes_per_second: 500\n";
     let daemon = network(&mut net, 1, &[("a", 7500), ("b", 7501), ("c", 7502)], config);
     // A loss rule probes the most: the underlay five times a second.
@@ -370,19 +356,10 @@ fn probes_stay_within_the_budget_on_every_relay() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let elapsed = start.elapsed().as_secs_f64() + 1.0;
-    let counters = net.overlay.run(&["nft", "-j", "list", "table", "inet", "budget"]);
-    let counters: Value = serde_json::from_str(&counters).unwrap();
-    let (mut packets, mut bytes) = (0u64, 0u64);
-    for item in counters["nftables"].as_array().unwrap() {
-        if let Some(expr) = item["rule"]["expr"].as_array() {
-            for e in expr {
-                if let Some(counter) = e.get("counter") {
-                    packets += counter["packets"].as_u64().unwrap();
-                    bytes += counter["bytes"].as_u64().unwrap();
-                }
-            }
-        }
-    }
+    let (packets, bytes) = net
+        .overlay_port_traffic()
+        .values()
+        .fold((0, 0), |(p, b), (packets, bytes)| (p + packets, b + bytes));
     let view = monitor(&daemon, &net);
     println!(
         "probes over the relays in {elapsed:.0} s: {packets} packets, {bytes} bytes; budget 4/s, 500 B/s"
