@@ -121,14 +121,17 @@ pub trait Module {
     fn tick(&mut self, _now_ms: i64) {}
 }
 
-/// The exports the host calls, for the module type `$module`.
+/// The exports every module has (`oasis_buffer`, `oasis_start`,
+/// `oasis_from_host`, `oasis_tick`) for the type `$state` of role `$role`
+/// (`Module` or `Monitor`), and `with_state` for the role's own export.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! export_module {
-    ($module:ty) => {
+macro_rules! __export_common {
+    ($state:ty, $role:ident) => {
         static mut BUFFER: [u8; $crate::MAX_DATAGRAM] = [0; $crate::MAX_DATAGRAM];
         // Not an Option: its None may be a niche value, which would put the
         // whole zeroed state into the module's data section.
-        static mut MODULE: core::mem::MaybeUninit<$module> = core::mem::MaybeUninit::uninit();
+        static mut STATE: core::mem::MaybeUninit<$state> = core::mem::MaybeUninit::uninit();
         static mut STARTED: bool = false;
 
         #[unsafe(no_mangle)]
@@ -138,41 +141,48 @@ macro_rules! export_module {
         }
 
         #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_start(entries: i32, shim_len: i32) -> i32 {
-            let module =
-                <$module as $crate::Module>::start(entries.max(0) as usize, shim_len.max(0) as usize);
+        pub extern "C" fn oasis_start(peers: i32, shim_len: i32) -> i32 {
+            let state = <$state as $crate::$role>::start(peers.max(0) as usize, shim_len.max(0) as usize);
             // SAFETY: single-threaded; set once before any event.
             unsafe {
-                (*core::ptr::addr_of_mut!(MODULE)).write(module);
+                (*core::ptr::addr_of_mut!(STATE)).write(state);
                 STARTED = true;
             }
             0
         }
 
-        fn with_module(f: impl FnOnce(&mut $module, &[u8])) {
+        fn with_state(f: impl FnOnce(&mut $state, &[u8])) {
             // SAFETY: single-threaded; the host wrote the datagram into
             // BUFFER before calling, and nothing else touches either.
             unsafe {
                 let buffer: &[u8] = &*core::ptr::addr_of!(BUFFER);
                 if STARTED {
-                    f((*core::ptr::addr_of_mut!(MODULE)).assume_init_mut(), buffer);
+                    f((*core::ptr::addr_of_mut!(STATE)).assume_init_mut(), buffer);
                 }
             }
         }
 
         #[unsafe(no_mangle)]
         pub extern "C" fn oasis_from_host(len: i32) {
-            with_module(|m, buffer| $crate::Module::from_host(m, &buffer[..len as usize]));
-        }
-
-        #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_from_entry(entry: i32, len: i32) {
-            with_module(|m, buffer| $crate::Module::from_entry(m, entry as usize, &buffer[..len as usize]));
+            with_state(|m, buffer| $crate::$role::from_host(m, &buffer[..len as usize]));
         }
 
         #[unsafe(no_mangle)]
         pub extern "C" fn oasis_tick(now_ms: i64) {
-            with_module(|m, _| $crate::Module::tick(m, now_ms));
+            with_state(|m, _| $crate::$role::tick(m, now_ms));
+        }
+    };
+}
+
+/// The exports the host calls, for the module type `$module`.
+#[macro_export]
+macro_rules! export_module {
+    ($module:ty) => {
+        $crate::__export_common!($module, Module);
+
+        #[unsafe(no_mangle)]
+        pub extern "C" fn oasis_from_entry(entry: i32, len: i32) {
+            with_state(|m, buffer| $crate::Module::from_entry(m, entry as usize, &buffer[..len as usize]));
         }
     };
 }
@@ -195,59 +205,13 @@ pub trait Monitor {
 #[macro_export]
 macro_rules! export_monitor {
     ($monitor:ty) => {
-        static mut BUFFER: [u8; $crate::MAX_DATAGRAM] = [0; $crate::MAX_DATAGRAM];
-        // Not an Option: its None may be a niche value, which would put the
-        // whole zeroed state into the module's data section.
-        static mut MONITOR: core::mem::MaybeUninit<$monitor> = core::mem::MaybeUninit::uninit();
-        static mut STARTED: bool = false;
-
-        #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_buffer() -> i32 {
-            // SAFETY: a module is single-threaded; the address is all the host needs.
-            unsafe { core::ptr::addr_of_mut!(BUFFER) as i32 }
-        }
-
-        #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_start(overlays: i32, shim_len: i32) -> i32 {
-            let monitor =
-                <$monitor as $crate::Monitor>::start(overlays.max(0) as usize, shim_len.max(0) as usize);
-            // SAFETY: single-threaded; set once before any event.
-            unsafe {
-                (*core::ptr::addr_of_mut!(MONITOR)).write(monitor);
-                STARTED = true;
-            }
-            0
-        }
-
-        fn with_monitor(f: impl FnOnce(&mut $monitor, &[u8])) {
-            // SAFETY: single-threaded; the host wrote the packet into
-            // BUFFER before calling, and nothing else touches either.
-            unsafe {
-                let buffer: &[u8] = &*core::ptr::addr_of!(BUFFER);
-                if STARTED {
-                    f(
-                        (*core::ptr::addr_of_mut!(MONITOR)).assume_init_mut(),
-                        buffer,
-                    );
-                }
-            }
-        }
-
-        #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_from_host(len: i32) {
-            with_monitor(|m, buffer| $crate::Monitor::from_host(m, &buffer[..len as usize]));
-        }
+        $crate::__export_common!($monitor, Monitor);
 
         #[unsafe(no_mangle)]
         pub extern "C" fn oasis_from_overlay(overlay: i32, len: i32) {
-            with_monitor(|m, buffer| {
+            with_state(|m, buffer| {
                 $crate::Monitor::from_overlay(m, overlay as usize, &buffer[..len as usize])
             });
-        }
-
-        #[unsafe(no_mangle)]
-        pub extern "C" fn oasis_tick(now_ms: i64) {
-            with_monitor(|m, _| $crate::Monitor::tick(m, now_ms));
         }
     };
 }
