@@ -183,6 +183,7 @@ impl ModuleRunner {
                             local,
                             outside,
                             running: None,
+                            destinations: Vec::new(),
                             pause: FIRST_PAUSE,
                             restart_at: Instant::now(),
                             since: Instant::now(),
@@ -387,6 +388,8 @@ struct Host {
     local: tokio::net::UdpSocket,
     outside: tokio::net::UdpSocket,
     running: Option<Running>,
+    /// Where the actions of the batch at hand go outward (capacity kept).
+    destinations: Vec<Option<SocketAddr>>,
     pause: Duration,
     restart_at: Instant,
     /// When the module last started.
@@ -565,45 +568,58 @@ impl Host {
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
         let (mut home, mut down) = (0, 0);
-        if let Far::Overlays(carriers) = &self.peers {
-            // A monitor's connections go over overlays it chose: their
-            // segments must fit with that overlay's encapsulation, as the
-            // broker sees to for the flows it carries itself.
-            for action in &self.actions.list {
-                let Action::Via { overlay, at } = action else {
-                    continue;
-                };
-                let Some(carrier) = carriers.carriers.get(*overlay).and_then(|c| c.as_deref()) else {
-                    continue;
-                };
-                let packet = &mut self.actions.data[at.clone()];
-                let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-                let outer_v6 = carrier
-                    .path
-                    .next_hop(&flow_key(packet).unwrap_or_default())
-                    .is_ipv6();
-                clamp_mss(packet, carrier.max_mss(self.setup.uplink_mtu, inner_v6, outer_v6));
-            }
+        // Where each action goes outward, worked out once: None for what
+        // stays on loopback or may not leave.
+        let mut forged = 0;
+        self.destinations.clear();
+        for action in &self.actions.list {
+            let to = match (action, &self.peers) {
+                (Action::Send { entry, .. }, Far::Entries(entries)) => entries.get(*entry).copied(),
+                (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
+                    // The overlay may have been left since the module asked.
+                    carriers
+                        .carriers
+                        .get(*overlay)
+                        .and_then(|c| c.as_deref())
+                        .and_then(|carrier| {
+                            let packet = &mut self.actions.data[at.clone()];
+                            if !carriers.is_own(packet) {
+                                forged += 1;
+                                return None;
+                            }
+                            let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
+                            // A monitor's connections go over overlays it chose:
+                            // their segments must fit with that overlay's
+                            // encapsulation, as the broker sees to for the flows
+                            // it carries itself.
+                            let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+                            clamp_mss(
+                                packet,
+                                carrier.max_mss(self.setup.uplink_mtu, inner_v6, to.is_ipv6()),
+                            );
+                            Some(mapped(to))
+                        })
+                }
+                _ => None,
+            };
+            self.destinations.push(to);
         }
         let (actions, peers) = (&self.actions, &self.peers);
-        let mut forged = 0;
-        let outward = actions.list.iter().filter_map(|action| match (action, peers) {
-            (Action::Send { entry, at }, Far::Entries(entries)) => {
-                Some((&[][..], actions.bytes(at), *entries.get(*entry)?))
-            }
-            (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
-                // The overlay may have been left since the module asked.
-                let carrier = carriers.carriers.get(*overlay)?.as_deref()?;
-                let packet = actions.bytes(at);
-                if !carriers.is_own(packet) {
-                    forged += 1;
-                    return None;
+        let outward = actions
+            .list
+            .iter()
+            .zip(&self.destinations)
+            .filter_map(|(action, to)| {
+                let to = (*to)?;
+                match (action, peers) {
+                    (Action::Send { at, .. }, _) => Some((&[][..], actions.bytes(at), to)),
+                    (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
+                        let carrier = carriers.carriers.get(*overlay)?.as_deref()?;
+                        Some((carrier.shim.as_slice(), actions.bytes(at), to))
+                    }
+                    _ => None,
                 }
-                let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
-                Some((carrier.shim.as_slice(), packet, mapped(to)))
-            }
-            _ => None,
-        });
+            });
         let sent = io.send(&self.outside, outward);
         let inward = actions.list.iter().filter_map(|action| match action {
             Action::ToHost { at } => {
