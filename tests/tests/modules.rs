@@ -279,21 +279,7 @@ fn a_monitor_module_forging_packets_over_an_overlay_is_refused() {
         ],
     );
     wait_state(&daemon, &net, "mon", "running");
-    daemon.ok(
-        &net,
-        &[
-            "rule",
-            "add",
-            "--proto",
-            "tcp",
-            "--dport",
-            "80",
-            "--metric",
-            "latency",
-            "--monitor",
-            "mon",
-        ],
-    );
+    web_to_monitor(&daemon, &net, "mon");
     // The host's own packets go to the underlay as the module asks; the
     // forged one it sends with each never leaves.
     assert_eq!(
@@ -310,6 +296,25 @@ fn a_monitor_module_forging_packets_over_an_overlay_is_refused() {
     );
     let shown = daemon.ok(&net, &["overlay", "show", "mon"]);
     assert!(shown.contains("with a source not this host's"), "{shown}");
+}
+
+/// Hands web traffic to the monitor module of `monitor` (metric latency).
+fn web_to_monitor(daemon: &Daemon, net: &Topology, monitor: &str) {
+    daemon.ok(
+        net,
+        &[
+            "rule",
+            "add",
+            "--proto",
+            "tcp",
+            "--dport",
+            "80",
+            "--metric",
+            "latency",
+            "--monitor",
+            monitor,
+        ],
+    );
 }
 
 /// Loss of `count` pings to the server, in percent.
@@ -520,21 +525,7 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
         daemon.ok(&net, &["overlay", "add", name, &format!("{base}/{name}.xml")]);
     }
     wait_state(&daemon, &net, "mon", "running");
-    daemon.ok(
-        &net,
-        &[
-            "rule",
-            "add",
-            "--proto",
-            "tcp",
-            "--dport",
-            "80",
-            "--metric",
-            "latency",
-            "--monitor",
-            "mon",
-        ],
-    );
+    web_to_monitor(&daemon, &net, "mon");
     let (slow, fast) = connections(&net, &daemon, "mon", 30);
     println!("datagrams over the slow overlay: {slow}, over the fast one: {fast}");
     assert!(slow > 0, "the slow overlay was never measured");
