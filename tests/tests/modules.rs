@@ -574,3 +574,69 @@ fn the_fastest_monitor_module_sends_a_metric_rules_flows_over_the_faster_overlay
         "a flow left on the underlay after a restart: {log}"
     );
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn bulk_through_a_monitor_module_fits_a_narrow_path() {
+    let mut net = Topology::new();
+    let base = slow_and_fast_paths(&mut net, 0);
+    net.web_file("big.bin", 8 << 20);
+    net.start_echo_server(7200);
+    let module = built_module("fastest");
+    net.publish_bytes("fastest.wasm", &module);
+    net.publish(
+        "mon.xml",
+        &format!(
+            r#"<overlay name="fastest"><shim length="16"/>
+  <module url="http://10.77.3.2:8000/fastest.wasm" kind="monitor" sha256="{}"/></overlay>"#,
+            digest(&module)
+        ),
+    );
+    let daemon = Daemon::start(&mut net, "");
+    for name in ["fast", "mon"] {
+        daemon.ok(&net, &["overlay", "add", name, &format!("{base}/{name}.xml")]);
+    }
+    wait_state(&daemon, &net, "mon", "running");
+    // The overlay host's link is narrower than the client's uplink.
+    net.router.run(&["ip", "link", "set", "r2", "mtu", "1280"]);
+    net.overlay.run(&["ip", "link", "set", "o0", "mtu", "1280"]);
+    web_to_monitor(&daemon, &net, "mon");
+    daemon.ok(
+        &net,
+        &[
+            "rule",
+            "add",
+            "--proto",
+            "tcp",
+            "--dport",
+            "7200",
+            "--metric",
+            "latency",
+            "--monitor",
+            "mon",
+        ],
+    );
+    let (size, secs) = net
+        .download(SERVER_V4, 80, "big.bin")
+        .expect("a download through the monitor module over a narrow path");
+    assert_eq!(size, 8 << 20);
+    let script = format!(
+        "import socket,threading\n\
+         c=socket.create_connection(('{SERVER_V4}',7200),timeout=10)\n\
+         data=b'u'*(8<<20)\n\
+         threading.Thread(target=lambda:(c.sendall(data),c.shutdown(socket.SHUT_WR)),daemon=True).start()\n\
+         got=0\n\
+         while (d:=c.recv(1<<16)): got+=len(d)\n\
+         print(got)\n"
+    );
+    let output = net.client.output(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        (8 << 20).to_string(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status = module_status(&daemon, &net, "mon");
+    println!("8 MiB down in {secs:.2} s and 8 MiB echoed through the monitor over MTU 1280: {status}");
+    assert!(status["to_entries"].as_u64().unwrap() > 1000, "{status}");
+}
