@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=OASIS_NO_KERNEL_OBJECT");
     if std::env::var_os("OASIS_NO_KERNEL_OBJECT").is_some() {
         let out = PathBuf::from(std::env::var("OUT_DIR")?);
-        std::fs::write(out.join("oasis"), [])?;
+        std::fs::write(out.join("oasis-ebpf"), [])?;
         return Ok(());
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

@@ -1,10 +1,19 @@
-//! The Oasis egress classifier (TC/TCX on each uplink).
+//! Oasis's kernel programs, one object for the broker and the exit node:
 //!
-//! For every packet leaving the host it decides: pass it untouched, or
-//! redirect it to the broker's TUN device. A flow's first packet is matched
-//! against the header rules; the verdict is cached per 5-tuple so later
-//! packets cost one hash lookup. Anything unexpected passes: Oasis must never
-//! be the reason a packet is lost.
+//! - `oasis_egress` (TC egress of each uplink): the classifier. A flow's
+//!   first packet is matched against the header rules and the fake pools;
+//!   the verdict is cached per 5-tuple, so later packets cost one lookup. It
+//!   passes a packet, redirects it to the broker's TUN, or rewrites a fake
+//!   destination in place (the in-kernel NAT, `nat.rs`); it also measures
+//!   flows the Monitor left to the kernel (`measure.rs`).
+//! - `oasis_ingress` (TC ingress of each uplink): replies of in-kernel NAT
+//!   flows get their fake source back; answers of measured flows are timed.
+//! - eight cgroup socket hooks (`dns.rs`): DNS queries to the broker.
+//! - `oasis_exit_ingress` (the exit node's uplink): replies for the exit's
+//!   clients to its TUN (`exit.rs`).
+//!
+//! Anything unexpected passes: Oasis must never be the reason a packet is
+//! lost.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

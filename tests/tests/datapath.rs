@@ -28,8 +28,8 @@ fn rule_packets(daemon: &Daemon, topology: &Topology, id: u64) -> u64 {
         .expect("a list")
         .iter()
         .find(|r| r["id"] == id)
-        .map(|r| r["packets"].as_u64().unwrap())
-        .unwrap_or(0)
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or_else(|| panic!("rule {id} with a packet count: {rules}"))
 }
 
 /// A network with a web server on 8080 and a daemon diverting tcp 8080.

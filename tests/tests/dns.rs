@@ -271,7 +271,14 @@ fn an_underlay_flow_to_a_fake_address_is_rewritten_in_the_kernel() {
     let after = status(&daemon, &net);
 
     let delta = |path: &[&str]| {
-        let get = |v: &Value| path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0);
+        // A key that is not there (renamed, say) fails the test rather
+        // than reading as a count of nothing.
+        let get = |v: &Value| {
+            path.iter()
+                .fold(v, |v, k| &v[*k])
+                .as_u64()
+                .unwrap_or_else(|| panic!("status has no count at {path:?}: {v}"))
+        };
         get(&after) - get(&before)
     };
     let to_broker = delta(&["tun", "diverted_packets"]);
@@ -772,7 +779,12 @@ fn small_things_of_dns_are_right() {
     assert_eq!(chaos.status, "REFUSED", "{}", chaos.text);
 
     let fake = net.dig(true, &["www.detour.test", "A"]).answers[0].clone();
-    let before = status(&daemon, &net)["dns"]["passed"].as_u64().unwrap_or(0);
+    let passed = |s: Value| {
+        s["dns"]["counters"]["passed"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("dns.counters.passed: {s}"))
+    };
+    let before = passed(status(&daemon, &net));
     let reverse = net.dig(true, &["-x", &fake]);
     assert_eq!(
         reverse.answers,
@@ -782,7 +794,7 @@ fn small_things_of_dns_are_right() {
     );
     let unknown = net.dig(true, &["-x", "198.19.255.254"]);
     assert_eq!(unknown.status, "NXDOMAIN", "{}", unknown.text);
-    let after = status(&daemon, &net)["dns"]["passed"].as_u64().unwrap_or(0);
+    let after = passed(status(&daemon, &net));
     assert_eq!(before, after, "a reverse lookup of the fake pool went upstream");
 
     // A dual-stack UDP socket, unconnected, asking the server by its

@@ -210,7 +210,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut totals = TestTotals::default();
     let mut workspace = cargo();
     workspace
-        .args(["test", "--workspace", "--exclude", "oasis-ebpf"])
+        .args(["test", "--no-fail-fast", "--workspace", "--exclude", "oasis-ebpf"])
         .args(args)
         .args(["--", "--include-ignored"])
         .env("OASIS_BIN", &oasis);
@@ -220,7 +220,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // this host.
     let mut guest = cargo();
     guest
-        .args(["test", "--package", "oasis-guest", "--manifest-path"])
+        .args(["test", "--no-fail-fast", "--package", "oasis-guest", "--manifest-path"])
         .arg(workspace_root().join("overlays/modules/Cargo.toml"))
         .arg("--target-dir")
         .arg(workspace_root().join("target/modules"));
@@ -258,6 +258,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         totals.ignored,
         if windows.success() { "passed" } else { "FAILED" }
     );
+    if !totals.failures.is_empty() {
+        println!("failed:");
+        for failure in &totals.failures {
+            println!("  {failure}");
+        }
+    }
     if !status.success() || !guest.success() {
         bail!("tests failed");
     }
@@ -267,24 +273,56 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test` as `cmd` says, passing its output through and adding
-/// every test binary's result line to `totals`, so a run ends with one
-/// total instead of the last binary's.
+/// Runs `cargo test` as `cmd` says (with `--no-fail-fast`, so one failing
+/// test binary does not keep the others from running), passing its output
+/// through and adding every test binary's result line to `totals`, so a
+/// run ends with one total and every failure instead of the last binary's.
 fn run_tests(
     mut cmd: std::process::Command,
     totals: &mut TestTotals,
 ) -> anyhow::Result<std::process::ExitStatus> {
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
+    let stderr = child.stderr.take().context("cargo test stderr")?;
+    // cargo names the test binaries, and those that crashed, on stderr.
+    let errors = std::thread::spawn(move || {
+        let mut binaries = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            eprintln!("{line}");
+            binaries.push(line);
+        }
+        crashed_binaries(&binaries)
+    });
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        totals.add_result_line(&line);
+        totals.add_line(&line);
     }
-    child.wait().context("waiting for cargo test")
+    let status = child.wait().context("waiting for cargo test")?;
+    if let Ok(crashed) = errors.join() {
+        totals.add_failed_binaries(crashed);
+    }
+    Ok(status)
+}
+
+/// The test targets cargo lists at the end of a `--no-fail-fast` run as
+/// failed (`error: 2 targets failed:` and one line each).
+fn crashed_binaries(stderr: &[String]) -> Vec<String> {
+    let Some(start) = stderr
+        .iter()
+        .position(|l| l.starts_with("error: ") && l.contains(" failed:"))
+    else {
+        return Vec::new();
+    };
+    stderr[start + 1..]
+        .iter()
+        .map_while(|l| l.strip_prefix("    "))
+        .map(|l| l.trim().trim_matches('`').to_string())
+        .collect()
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -292,9 +330,30 @@ struct TestTotals {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// Every failed test by name, then every failed test binary as cargo
+    /// names it (one that crashed has no failed test of its own).
+    failures: Vec<String>,
 }
 
 impl TestTotals {
+    /// Takes in one line of `cargo test`'s standard output.
+    fn add_line(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            self.failures.push(name.to_string());
+        }
+        self.add_result_line(line);
+    }
+
+    /// The binaries cargo reported failed, after the tests named.
+    fn add_failed_binaries(&mut self, binaries: Vec<String>) {
+        for binary in binaries {
+            self.failures.push(format!("test binary: {binary}"));
+        }
+    }
+
     /// Adds `test result: ok. 9 passed; 0 failed; 1 ignored; ...`.
     fn add_result_line(&mut self, line: &str) {
         let Some(rest) = line.strip_prefix("test result: ") else {
@@ -337,8 +396,41 @@ mod tests {
             TestTotals {
                 passed: 14,
                 failed: 2,
-                ignored: 1
+                ignored: 1,
+                failures: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn every_failure_is_listed_with_the_binaries_that_failed() {
+        let mut totals = TestTotals::default();
+        for line in [
+            "test engine::tests::a ... ok",
+            "test engine::tests::b ... FAILED",
+            "test no_packet_allocates_in_steady_state ... FAILED",
+        ] {
+            totals.add_line(line);
+        }
+        let stderr: Vec<String> = [
+            "     Running tests/dns.rs (target/debug/deps/dns-1234)",
+            "error: 2 targets failed:",
+            "    `-p oasis-broker --lib`",
+            "    `-p oasis-tests --test allocations`",
+            "error: test failed",
+        ]
+        .map(String::from)
+        .into();
+        totals.add_failed_binaries(crashed_binaries(&stderr));
+        assert_eq!(
+            totals.failures,
+            [
+                "engine::tests::b",
+                "no_packet_allocates_in_steady_state",
+                "test binary: -p oasis-broker --lib",
+                "test binary: -p oasis-tests --test allocations",
+            ]
+        );
+        assert!(crashed_binaries(&["error: test failed".into()]).is_empty());
     }
 }

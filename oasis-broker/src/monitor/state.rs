@@ -925,31 +925,44 @@ mod tests {
 
     #[test]
     fn flows_answering_make_liveness_probes_unneeded() {
-        let mut sim = Sim::new(Metric::Latency);
-        sim.flow(Duration::ZERO);
-        sim.run(Duration::ZERO, Duration::from_secs(10), |_, _| Some(ms(10)));
-        let before = sim.sent.len();
-        // For 20 s both carriers keep answering through flows.
-        for second in 10..30u64 {
-            let now = sim.start + Duration::from_secs(second);
-            for via in [Via::Underlay, O1] {
-                sim.monitor.handle(
-                    Event::Rtt {
-                        via,
-                        dst: DST.parse().unwrap(),
-                        rtt: ms(10),
-                    },
-                    now,
+        // The probes sent in 20 s after a warm-up, with the flows' own
+        // answers measuring both carriers or not.
+        let probes = |flows_answer: bool| {
+            let mut sim = Sim::new(Metric::Latency);
+            sim.flow(Duration::ZERO);
+            sim.run(Duration::ZERO, Duration::from_secs(10), |_, _| Some(ms(10)));
+            let before = sim.sent.len();
+            for second in 10..30u64 {
+                let now = sim.start + Duration::from_secs(second);
+                for via in [Via::Underlay, O1] {
+                    if flows_answer {
+                        sim.monitor.handle(
+                            Event::Rtt {
+                                via,
+                                dst: DST.parse().unwrap(),
+                                rtt: ms(10),
+                            },
+                            now,
+                        );
+                    }
+                }
+                sim.run(
+                    Duration::from_secs(second),
+                    Duration::from_secs(second + 1),
+                    |_, _| Some(ms(10)),
                 );
             }
-            sim.run(
-                Duration::from_secs(second),
-                Duration::from_secs(second + 1),
-                |_, _| Some(ms(10)),
-            );
-        }
-        let probes = sim.sent.len() - before;
-        assert!(probes <= 10, "{probes} probes though flows measured both paths");
+            sim.sent.len() - before
+        };
+        let (measured, unmeasured) = (probes(true), probes(false));
+        assert!(
+            unmeasured >= 4,
+            "with no flow measuring the carriers, the Monitor probes them: {unmeasured} probes"
+        );
+        assert!(
+            measured * 4 <= unmeasured,
+            "{measured} probes though flows measured both paths ({unmeasured} when they did not)"
+        );
     }
 
     #[test]

@@ -6,4 +6,4 @@
 
 /// The object file, aligned for aya's ELF parser.
 #[cfg(target_os = "linux")]
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oasis"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/oasis-ebpf"));
