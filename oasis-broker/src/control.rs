@@ -506,10 +506,6 @@ pub struct BrokerCounters {
     /// Later fragments of a datagram whose first was not seen, dropped.
     #[serde(default)]
     pub orphan_fragments: u64,
-    /// Packets a module handed the underlay port with a source address
-    /// that is not this host's.
-    #[serde(default)]
-    pub rejected_module_source: u64,
     /// Packets that would not fit their overlay's path and may not be
     /// fragmented: answered with ICMP fragmentation needed / too big.
     #[serde(default)]

@@ -249,12 +249,13 @@ where
 }
 
 /// The underlay port: where local overlay modules hand raw IP packets to be
-/// sent on the underlay (paper §2.2.3).
+/// sent on the underlay (paper §2.2.3). Only the broker's own module
+/// sockets are heard; what a module may send there (packets of flows the
+/// host handed it) its runner decided before it sent them.
 pub fn run_underlay_port<S, U>(
     engine: Arc<Engine>,
     socket: &S,
     underlay: &U,
-    local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
     stop: &AtomicBool,
 ) -> io::Result<()>
@@ -262,9 +263,6 @@ where
     S: DatagramSocket,
     U: UnderlaySender,
 {
-    let mut local = LocalAddresses::with_capacity(64);
-    local_addresses(&mut local);
-    let mut local_read = Instant::now();
     let mut bufs = vec![vec![0u8; PACKET]; DATAGRAM_BATCH];
     let mut received = [Received::default(); DATAGRAM_BATCH];
     let mut scratch = S::Scratch::default();
@@ -283,24 +281,10 @@ where
         if count == 0 {
             continue;
         }
-        if local_read.elapsed() > ADDRESS_REFRESH {
-            local_addresses(&mut local);
-            local_read = Instant::now();
-        }
         let routes = engine.routes();
         let admitted = bufs.iter().zip(&received).take(count).filter_map(|(buf, got)| {
             if module_admitted(&routes, got.from) {
-                let packet = &buf[..got.len];
-                // A module speaks for this host alone: a packet claiming
-                // another source would make the broker a spoofing relay.
-                match oasis_io::packet::addresses(packet) {
-                    Some((src, _)) if local.contains(&src) => Some(packet),
-                    _ => {
-                        counters.dropped(DropReason::ForeignSource);
-                        tracing::debug!(from = ?got.from, "a module's packet for the underlay with a source not this host's");
-                        None
-                    }
-                }
+                Some(&buf[..got.len])
             } else {
                 counters.dropped(DropReason::NotFromModule);
                 tracing::debug!(from = ?got.from, "datagram on the underlay port from no module of this broker");

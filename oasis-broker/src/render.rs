@@ -188,9 +188,8 @@ pub fn status(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
-        "            underlay port {} (modules only): dropped {} from other senders, {} with a source \
-         not this host's",
-        s.underlay_port, b.rejected_module_sender, b.rejected_module_source
+        "            underlay port {} (modules only): dropped {} from other senders",
+        s.underlay_port, b.rejected_module_sender
     );
     match &s.dns {
         None => {
@@ -411,13 +410,19 @@ pub fn overlay(o: &OverlayView) -> String {
              {} log lines; {} datagrams from strangers",
             r.bad_entry, r.over_budget, r.bad_buffer, r.log_dropped, m.refused_senders
         );
-        if monitor {
-            let _ = writeln!(
-                out,
-                "            {} packets over overlays with a source not this host's",
-                m.foreign_source
-            );
-        }
+        let c = &m.confined;
+        let via = if monitor {
+            format!("{} over overlays, ", c.via)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "            {} live flows handed to it; refused: packets of flows it was not handed \
+             ({via}{} to the underlay), {} not answering them to this host, {} datagrams {far} \
+             past its byte budget",
+            m.flows, c.to_underlay, c.to_host, c.over_rate
+        );
         if o.pinned {
             let _ = writeln!(
                 out,

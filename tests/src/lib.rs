@@ -56,6 +56,39 @@ impl Netns {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Counts the packets arriving in this namespace that match `rule`
+    /// (nftables syntax, e.g. `tcp dport 22`), under `name`; read the
+    /// count with [`watched`](Self::watched).
+    pub fn watch(&self, name: &str, rule: &str) {
+        if !self.output(&["nft", "list", "table", "inet", "watch"]).status.success() {
+            self.run(&["nft", "add", "table", "inet", "watch"]);
+            self.run(&[
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "watch",
+                "arriving",
+                "{ type filter hook prerouting priority -400; }",
+            ]);
+        }
+        self.run(&["nft", "add", "counter", "inet", "watch", name]);
+        let mut args = vec!["nft", "add", "rule", "inet", "watch", "arriving"];
+        args.extend(rule.split_whitespace());
+        args.extend(["counter", "name", name]);
+        self.run(&args);
+    }
+
+    /// Packets counted so far by the [`watch`](Self::watch) named `name`.
+    pub fn watched(&self, name: &str) -> u64 {
+        let text = self.run(&["nft", "-j", "list", "counter", "inet", "watch", name]);
+        let json: serde_json::Value = serde_json::from_str(&text).expect("nft -j output");
+        json["nftables"]
+            .as_array()
+            .and_then(|items| items.iter().find_map(|i| i.get("counter")?["packets"].as_u64()))
+            .unwrap_or_else(|| panic!("no counter {name} in {}: {text}", self.name))
+    }
+
     pub fn output(&self, args: &[&str]) -> Output {
         let mut cmd = self.command(args[0]);
         cmd.args(&args[1..]);

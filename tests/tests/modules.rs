@@ -231,7 +231,7 @@ fn a_spinning_module_is_restarted_and_meanwhile_its_flows_take_the_underlay() {
 
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
-fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
+fn a_module_forging_another_hosts_packets_is_refused() {
     let mut net = Topology::new();
     net.start_web_server(80);
     let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
@@ -240,15 +240,52 @@ fn a_module_forging_another_hosts_packets_is_refused_at_the_underlay_port() {
     let _ = net.http_get(SERVER_V4, 80);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = json(&daemon, &net, &["status", "--json"]);
-        if status["broker"]["rejected_module_source"].as_u64() >= Some(1) {
+        let module = module_status(&daemon, &net, "mod");
+        if module["confined"]["to_underlay"].as_u64() >= Some(1) {
             break;
         }
-        assert!(Instant::now() < deadline, "the forgery was not refused: {status}");
+        assert!(Instant::now() < deadline, "the forgery was not refused: {module}");
         std::thread::sleep(Duration::from_millis(100));
     }
     let module = module_status(&daemon, &net, "mod");
-    assert!(module["to_underlay"].as_u64() >= Some(1), "{module}");
+    assert_eq!(module["to_underlay"].as_u64(), Some(0), "{module}");
+}
+
+/// A module may hand the underlay the packets it was given (the paper's
+/// OC0), and nothing else: packets of its own making with this host's
+/// address, to other hosts and ports, never leave.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_module_reaches_no_host_beyond_the_flows_it_was_handed() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    net.router.watch("ssh", "tcp dport 22");
+    net.server.watch("discard", "udp dport 9");
+    net.server.watch("web", "tcp dport 80");
+    let (daemon, base) = with_exit(&mut net, "unused.wasm", b"unused");
+    hostile_overlay(&daemon, &net, &base, "reach");
+    wait_state(&daemon, &net, "mod", "running");
+    // The host's own request, carried by the module to the underlay.
+    assert_eq!(
+        net.http_get(SERVER_V4, 80).as_deref(),
+        Some("hello from the server\n")
+    );
+    // Its tick has tried its own packets many times meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let module = loop {
+        let module = module_status(&daemon, &net, "mod");
+        if module["confined"]["to_underlay"].as_u64() >= Some(20) {
+            break module;
+        }
+        assert!(Instant::now() < deadline, "the module's packets were not refused: {module}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(module["to_underlay"].as_u64() >= Some(3), "{module}");
+    assert!(net.server.watched("web") >= 3, "the host's own request went out");
+    assert_eq!(net.router.watched("ssh"), 0, "a module's SYN reached the router's port 22");
+    assert_eq!(net.server.watched("discard"), 0, "a module's datagram reached the server");
+    let shown = daemon.ok(&net, &["overlay", "show", "mod"]);
+    assert!(shown.contains("packets of flows it was not handed"), "{shown}");
 }
 
 #[test]
@@ -287,7 +324,7 @@ fn a_monitor_module_forging_packets_over_an_overlay_is_refused() {
         Some("hello from the server\n")
     );
     let status = module_status(&daemon, &net, "mon");
-    assert!(status["foreign_source"].as_u64() >= Some(1), "{status}");
+    assert!(status["confined"]["via"].as_u64() >= Some(1), "{status}");
     assert_eq!(status["to_entries"].as_u64(), Some(0), "{status}");
     assert_eq!(
         net.overlay_port_counts()[&7502],
@@ -295,7 +332,7 @@ fn a_monitor_module_forging_packets_over_an_overlay_is_refused() {
         "a forged packet reached the overlay"
     );
     let shown = daemon.ok(&net, &["overlay", "show", "mon"]);
-    assert!(shown.contains("with a source not this host's"), "{shown}");
+    assert!(shown.contains("over overlays, "), "{shown}");
 }
 
 /// Hands web traffic to the monitor module of `monitor` (metric latency).

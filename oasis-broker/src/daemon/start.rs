@@ -106,10 +106,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             bypass_mark: config.bypass_mark,
             limits: config.modules.clone(),
             uplink_mtu: mtu,
-            own_addresses: {
-                let platform = platform.clone();
-                Arc::new(move |into: &mut LocalAddresses| platform.local_addresses(into))
-            },
+            lifetimes: config.lifetimes(),
             published: Default::default(),
         }),
         Err(e) => {
@@ -220,17 +217,9 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         };
         let name = format!("oasis-underlay-port-{family}");
         let (engine, underlay) = (engine.clone(), underlay.clone());
-        let platform = platform.clone();
         let (tick, stop) = (liveness.register(&name), stop.clone());
         threads.push(spawn_thread(name, move || {
-            run_underlay_port(
-                engine,
-                &socket,
-                underlay.as_ref(),
-                |into| platform.local_addresses(into),
-                tick,
-                &stop,
-            )
+            run_underlay_port(engine, &socket, underlay.as_ref(), tick, &stop)
         })?);
     }
 

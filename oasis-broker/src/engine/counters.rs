@@ -26,9 +26,6 @@ pub enum DropReason {
     NotForThisHost,
     /// On the underlay port, from no module of this broker.
     NotFromModule,
-    /// On the underlay port, from a module, but with a source address
-    /// that is not this host's: a forgery.
-    ForeignSource,
     /// A later fragment of a datagram whose first fragment was not seen
     /// (or is 30 s old): there is no knowing where it belongs.
     OrphanFragment,
@@ -44,7 +41,6 @@ impl DropReason {
             DropReason::NotFromOverlay => "sender is no overlay's peer",
             DropReason::NotForThisHost => "not addressed to this host",
             DropReason::NotFromModule => "sender is no module of this broker",
-            DropReason::ForeignSource => "source is not this host",
             DropReason::OrphanFragment => "fragment without its first",
         }
     }
@@ -142,7 +138,6 @@ pub struct EngineCounters {
     not_from_overlay: AtomicU64,
     not_for_this_host: AtomicU64,
     not_from_module: AtomicU64,
-    foreign_source: AtomicU64,
     orphan_fragments: AtomicU64,
 }
 
@@ -160,7 +155,6 @@ impl EngineCounters {
             DropReason::NotFromOverlay => &self.not_from_overlay,
             DropReason::NotForThisHost => &self.not_for_this_host,
             DropReason::NotFromModule => &self.not_from_module,
-            DropReason::ForeignSource => &self.foreign_source,
             DropReason::OrphanFragment => &self.orphan_fragments,
         }
     }
@@ -191,7 +185,6 @@ impl EngineCounters {
             rejected_sender: load(&self.not_from_overlay),
             rejected_destination: load(&self.not_for_this_host),
             rejected_module_sender: load(&self.not_from_module),
-            rejected_module_source: load(&self.foreign_source),
             orphan_fragments: load(&self.orphan_fragments),
             too_big: load(&self.too_big),
         }

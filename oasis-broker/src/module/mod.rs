@@ -3,12 +3,13 @@
 //! nodes. It runs in [`sandbox`], fed by [`runner`]; the contract for
 //! module authors is docs/modules.md.
 
+pub mod confine;
+pub mod limits;
 pub mod runner;
 pub mod sandbox;
 
-pub use sandbox::{
-    Action, Actions, ModuleError, ModuleLimits, Peers, Refusals, Role, Running, Sandbox, Stop,
-};
+pub use limits::ModuleLimits;
+pub use sandbox::{Action, Actions, ModuleError, Peers, Refusals, Role, Running, Sandbox, Stop};
 
 /// Largest module `overlay add` downloads.
 pub const MAX_MODULE_BYTES: usize = 16 << 20;

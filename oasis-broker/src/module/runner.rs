@@ -12,6 +12,11 @@
 //! nodes of its own: it puts the overlay's shim (and token) in front of
 //! each packet the module sends over it, takes it off each answer, and
 //! tells the module the overlays' names, never their addresses or tokens.
+//!
+//! Before it carries out anything a module asked, it asks the module's
+//! [`Confinement`]: packets for the underlay or over overlays must be of
+//! flows this host handed the module, packets for this host must answer
+//! them, and datagrams outward must fit the module's byte budget.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -22,10 +27,11 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
-use oasis_io::packet::{addresses, clamp_mss};
+use oasis_io::packet::clamp_mss;
 
+use super::confine::{Confinement, FlowRefusals, Refusal};
 use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
-use crate::engine::LocalAddresses;
+use crate::engine::Lifetimes;
 use crate::engine::packet::flow_key;
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 
@@ -54,10 +60,13 @@ pub struct ModuleStatus {
     pub refused_senders: u64,
     /// Packets that arrived while it was down, dropped.
     pub dropped_while_down: u64,
-    /// Packets a monitor module sent over an overlay with a source address
-    /// not this host's, dropped.
+    /// Flows this host handed it that are live now.
     #[serde(default)]
-    pub foreign_source: u64,
+    pub flows: u64,
+    /// What it asked for that was refused: packets of flows this host never
+    /// handed it, answers to none, sends past its byte budget.
+    #[serde(default)]
+    pub confined: FlowRefusals,
     pub refusals: Refusals,
     /// The compile: taken from the cache, or how long it took.
     pub compile: String,
@@ -77,18 +86,16 @@ struct Counts {
     to_underlay: AtomicU64,
     refused_senders: AtomicU64,
     dropped_while_down: AtomicU64,
-    foreign_source: AtomicU64,
+    flows: AtomicU64,
+    refused_underlay: AtomicU64,
+    refused_via: AtomicU64,
+    refused_host: AtomicU64,
+    over_rate: AtomicU64,
 }
 
 /// The joined overlays as the overlay manager last published them; a
 /// monitor module's runner looks at them every tick.
 pub type Published = Arc<Mutex<Arc<OverlayTable>>>;
-
-/// Reads this host's addresses now (the platform's).
-pub type OwnAddresses = Arc<dyn Fn(&mut LocalAddresses) + Send + Sync>;
-
-/// How often a monitor's runner reads this host's addresses again.
-const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Whom a module talks to beyond this host.
 pub enum Reach {
@@ -112,9 +119,8 @@ pub struct ModuleSetup {
     pub bypass_mark: u32,
     /// The uplink's MTU, for a monitor module's connections over overlays.
     pub uplink_mtu: u16,
-    /// This host's addresses: a monitor module's packets over overlays
-    /// must come from one.
-    pub own_addresses: OwnAddresses,
+    /// How long the flows this host hands it live without packets.
+    pub lifetimes: Lifetimes,
     pub status: ModuleStatus,
 }
 
@@ -175,6 +181,7 @@ impl ModuleRunner {
                         Host {
                             sandbox,
                             peers,
+                            confine: Confinement::new(&setup.limits, setup.lifetimes, Instant::now()),
                             setup,
                             up,
                             status,
@@ -224,7 +231,13 @@ impl ModuleRunner {
         status.to_underlay = c.to_underlay.load(Relaxed);
         status.refused_senders = c.refused_senders.load(Relaxed);
         status.dropped_while_down = c.dropped_while_down.load(Relaxed);
-        status.foreign_source = c.foreign_source.load(Relaxed);
+        status.flows = c.flows.load(Relaxed);
+        status.confined = FlowRefusals {
+            to_underlay: c.refused_underlay.load(Relaxed),
+            via: c.refused_via.load(Relaxed),
+            to_host: c.refused_host.load(Relaxed),
+            over_rate: c.over_rate.load(Relaxed),
+        };
         status
     }
 }
@@ -297,9 +310,6 @@ enum Far {
 /// so a module can hold on to indices it looked up by name.
 struct Carriers {
     published: Published,
-    /// This host's addresses, read every few seconds.
-    own: LocalAddresses,
-    own_read: Option<Instant>,
     seen: Option<Arc<OverlayTable>>,
     ids: Vec<OverlayId>,
     carriers: Vec<Option<Arc<JoinedOverlay>>>,
@@ -310,8 +320,6 @@ impl Carriers {
     fn new(published: Published) -> Carriers {
         Carriers {
             published,
-            own: LocalAddresses::default(),
-            own_read: None,
             seen: None,
             ids: Vec::new(),
             carriers: Vec::new(),
@@ -351,20 +359,6 @@ impl Carriers {
         }
     }
 
-    /// Reads this host's addresses again when they are old.
-    fn read_own(&mut self, read: &OwnAddresses) {
-        if self.own_read.is_none_or(|at| at.elapsed() >= ADDRESS_REFRESH) {
-            read(&mut self.own);
-            self.own_read = Some(Instant::now());
-        }
-    }
-
-    /// Whether `packet` comes from this host: a monitor module must not
-    /// make the user's overlays carry anyone else's (or forged) packets.
-    fn is_own(&self, packet: &[u8]) -> bool {
-        addresses(packet).is_some_and(|(src, _)| self.own.contains(&src))
-    }
-
     /// The index of the overlay whose entry node sent a datagram.
     fn index_of(&self, from: SocketAddr) -> Option<(usize, &JoinedOverlay)> {
         let id = self.seen.as_ref()?.by_sender(from)?.id;
@@ -380,6 +374,8 @@ fn carries(overlay: &JoinedOverlay) -> bool {
 struct Host {
     sandbox: Arc<Sandbox>,
     peers: Far,
+    /// What the module's packets may be.
+    confine: Confinement,
     setup: ModuleSetup,
     up: Arc<AtomicBool>,
     status: Arc<Mutex<ModuleStatus>>,
@@ -405,7 +401,6 @@ impl Host {
         let broker_port = self.setup.overlay_port;
         if let Far::Overlays(carriers) = &mut self.peers {
             carriers.refresh();
-            carriers.read_own(&self.setup.own_addresses);
         }
         loop {
             tokio::select! {
@@ -413,6 +408,7 @@ impl Host {
                     if ready.is_err() { continue }
                     let count = io.recv(&self.local);
                     let (mut taken, mut refused) = (0, 0);
+                    let now = Instant::now();
                     for i in 0..count {
                         let got = io.received[i];
                         // Only the broker's overlay sockets feed a module.
@@ -423,6 +419,10 @@ impl Host {
                         for at in datagrams(got.len, got.segment) {
                             taken += 1;
                             let packet = &io.bufs[i][at];
+                            // Its flow is the module's to carry from now.
+                            if let Some(inner) = packet.get(self.setup.shim_len..) {
+                                self.confine.handed(inner, now);
+                            }
                             self.event(|running, out| running.from_host(packet, out));
                         }
                     }
@@ -476,12 +476,14 @@ impl Host {
                         self.up.store(false, Relaxed);
                         return;
                     }
-                    if let Far::Overlays(carriers) = &mut self.peers {
-                        carriers.read_own(&self.setup.own_addresses);
-                        if carriers.refresh() && let Some(running) = self.running.as_mut() {
-                            running.set_overlays(&carriers.names);
-                        }
+                    if let Far::Overlays(carriers) = &mut self.peers
+                        && carriers.refresh()
+                        && let Some(running) = self.running.as_mut()
+                    {
+                        running.set_overlays(&carriers.names);
                     }
+                    self.confine.sweep(Instant::now());
+                    self.counts.flows.store(self.confine.flows() as u64, Relaxed);
                     if let Some(running) = &self.running {
                         let refusals = running.refusals().clone();
                         self.count(|s| s.refusals = refusals);
@@ -558,51 +560,73 @@ impl Host {
         }
     }
 
-    /// Carries out what the batch's events asked for: to the entry nodes
-    /// from the outside socket, to the broker's ports from the loopback
-    /// socket, as few system calls as the platform allows.
+    /// Carries out what the batch's events asked for, as far as the
+    /// module's confinement allows: to the entry nodes from the outside
+    /// socket, to the broker's ports from the loopback socket, as few
+    /// system calls as the platform allows.
     fn flush(&mut self, io: &mut Batches) {
         if self.actions.list.is_empty() {
             return;
         }
         let broker = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.overlay_port));
         let underlay = SocketAddr::from((Ipv4Addr::LOCALHOST, self.setup.underlay_port));
-        let (mut home, mut down) = (0, 0);
-        // Where each action goes outward, worked out once: None for what
-        // stays on loopback or may not leave.
-        let mut forged = 0;
+        let now = Instant::now();
+        let shim_len = self.setup.shim_len;
+        // Where each action goes, worked out once: None for what may not
+        // go anywhere.
+        let mut refused = FlowRefusals::default();
         self.destinations.clear();
         for action in &self.actions.list {
-            let to = match (action, &self.peers) {
-                (Action::Send { entry, .. }, Far::Entries(entries)) => entries.get(*entry).copied(),
+            let decided = match (action, &self.peers) {
+                (Action::Send { entry, at }, Far::Entries(entries)) => entries
+                    .get(*entry)
+                    .copied()
+                    .ok_or(Refusal::NotItsFlow)
+                    .and_then(|to| self.confine.may_send(at.len(), now).map(|()| to)),
                 (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
                     // The overlay may have been left since the module asked.
-                    carriers
-                        .carriers
-                        .get(*overlay)
-                        .and_then(|c| c.as_deref())
-                        .and_then(|carrier| {
+                    match carriers.carriers.get(*overlay).and_then(|c| c.as_deref()) {
+                        None => Err(Refusal::NotItsFlow),
+                        Some(carrier) => {
                             let packet = &mut self.actions.data[at.clone()];
-                            if !carriers.is_own(packet) {
-                                forged += 1;
-                                return None;
-                            }
-                            let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
-                            // A monitor's connections go over overlays it chose:
-                            // their segments must fit with that overlay's
-                            // encapsulation, as the broker sees to for the flows
-                            // it carries itself.
-                            let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-                            clamp_mss(
-                                packet,
-                                carrier.max_mss(self.setup.uplink_mtu, inner_v6, to.is_ipv6()),
-                            );
-                            Some(mapped(to))
-                        })
+                            self.confine
+                                .may_leave(packet, now)
+                                .and_then(|()| self.confine.may_send(carrier.shim.len() + packet.len(), now))
+                                .map(|()| {
+                                    let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
+                                    // A monitor's connections go over overlays it
+                                    // chose: their segments must fit with that
+                                    // overlay's encapsulation, as the broker sees to
+                                    // for the flows it carries itself.
+                                    let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+                                    clamp_mss(
+                                        packet,
+                                        carrier.max_mss(self.setup.uplink_mtu, inner_v6, to.is_ipv6()),
+                                    );
+                                    mapped(to)
+                                })
+                        }
+                    }
                 }
-                _ => None,
+                (Action::ToHost { at }, _) => {
+                    let packet = self.actions.data.get(at.start + shim_len..at.end).unwrap_or_default();
+                    self.confine.may_come_home(packet, now).map(|()| broker)
+                }
+                (Action::ToUnderlay { at }, _) => self
+                    .confine
+                    .may_leave(&self.actions.data[at.clone()], now)
+                    .map(|()| underlay),
+                // The sandbox gives each role its own sends only.
+                _ => Err(Refusal::NotItsFlow),
             };
-            self.destinations.push(to);
+            match (&decided, action) {
+                (Err(Refusal::OverRate), _) => refused.over_rate += 1,
+                (Err(_), Action::ToUnderlay { .. }) => refused.to_underlay += 1,
+                (Err(_), Action::ToHost { .. }) => refused.to_host += 1,
+                (Err(_), Action::Via { .. }) => refused.via += 1,
+                _ => {}
+            }
+            self.destinations.push(decided.ok());
         }
         let (actions, peers) = (&self.actions, &self.peers);
         let outward = actions
@@ -621,21 +645,29 @@ impl Host {
                 }
             });
         let sent = io.send(&self.outside, outward);
-        let inward = actions.list.iter().filter_map(|action| match action {
-            Action::ToHost { at } => {
-                home += 1;
-                Some((&[][..], actions.bytes(at), broker))
-            }
-            Action::ToUnderlay { at } => {
-                down += 1;
-                Some((&[][..], actions.bytes(at), underlay))
-            }
-            Action::Send { .. } | Action::Via { .. } => None,
-        });
+        let (mut home, mut down) = (0, 0);
+        let inward = actions
+            .list
+            .iter()
+            .zip(&self.destinations)
+            .filter_map(|(action, to)| match (action, (*to)?) {
+                (Action::ToHost { at }, to) => {
+                    home += 1;
+                    Some((&[][..], actions.bytes(at), to))
+                }
+                (Action::ToUnderlay { at }, to) => {
+                    down += 1;
+                    Some((&[][..], actions.bytes(at), to))
+                }
+                _ => None,
+            });
         io.send(&self.local, inward);
         self.actions.clear();
         let c = &self.counts;
-        c.foreign_source.fetch_add(forged, Relaxed);
+        c.refused_underlay.fetch_add(refused.to_underlay, Relaxed);
+        c.refused_via.fetch_add(refused.via, Relaxed);
+        c.refused_host.fetch_add(refused.to_host, Relaxed);
+        c.over_rate.fetch_add(refused.over_rate, Relaxed);
         c.to_entries.fetch_add(sent, Relaxed);
         c.to_host.fetch_add(home, Relaxed);
         c.to_underlay.fetch_add(down, Relaxed);

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::ModuleLimits;
 use wasmtime::{
     Caller, Config, Engine, Extern, ExternType, FuncType, Linker, Memory, Module, Store, StoreLimits,
     StoreLimitsBuilder, Trap, TypedFunc, ValType,
@@ -24,31 +25,6 @@ pub const MAX_DATAGRAM: usize = 65_535;
 
 /// How often the epoch advances: the grain of the CPU bound.
 const EPOCH: Duration = Duration::from_millis(10);
-
-/// What a module may use, per module.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModuleLimits {
-    /// Linear memory, bytes.
-    pub memory_bytes: usize,
-    /// Longest one call into the module may run.
-    pub cpu_ms_per_call: u64,
-    /// Datagrams one event (a packet in, a tick) may send, all kinds.
-    pub sends_per_event: u32,
-    /// Log lines a minute; more are dropped and counted.
-    pub log_lines_per_minute: u32,
-}
-
-impl Default for ModuleLimits {
-    fn default() -> Self {
-        ModuleLimits {
-            memory_bytes: 64 << 20,
-            cpu_ms_per_call: 100,
-            sends_per_event: 64,
-            log_lines_per_minute: 60,
-        }
-    }
-}
 
 /// What a module is for, which decides the contract it must keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,7 +270,7 @@ impl Sandbox {
                 .memory_size(limits.memory_bytes)
                 .memories(1)
                 .tables(4)
-                .table_elements(100_000)
+                .table_elements(limits.max_table_elements as usize)
                 .instances(1)
                 .trap_on_grow_failure(true)
                 .build(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
 use super::spec::{ModuleKind, ModuleSpec};
-use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, OwnAddresses, Published, Reach};
+use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Published, Reach};
 use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
 
 /// The contract a module of this kind keeps.
@@ -68,9 +68,8 @@ pub struct ModuleContext {
     /// The uplink's MTU: a monitor module's connections over an overlay
     /// get their MSS clamped to fit it with the encapsulation.
     pub uplink_mtu: u16,
-    /// This host's addresses: what a monitor module sends over an overlay
-    /// must come from one.
-    pub own_addresses: OwnAddresses,
+    /// How long the flows the host hands a module live without packets.
+    pub lifetimes: crate::engine::Lifetimes,
     /// The joined overlays, for monitor modules; the manager keeps it
     /// current.
     pub published: Published,
@@ -223,7 +222,7 @@ impl ModuleContext {
                 underlay_port: self.underlay_port,
                 bypass_mark: self.bypass_mark,
                 uplink_mtu: self.uplink_mtu,
-                own_addresses: self.own_addresses.clone(),
+                lifetimes: self.lifetimes,
                 status: ModuleStatus {
                     digest: prepared.digest.clone(),
                     compile: prepared.compile.clone(),

@@ -1,8 +1,9 @@
 ;; A monitor module that sends, over the first joined overlay, a packet
 ;; claiming another host's source (192.0.2.99) for every packet it gets:
-;; the sandbox passes it on, and the module's runner refuses it (only this
-;; host's own packets may use the user's overlays), counting it in
-;; `oasis overlay show`. The host's own packets it hands to the underlay.
+;; the sandbox passes it on, and the module's runner refuses it (only the
+;; packets of flows the host handed it may use the user's overlays),
+;; counting it in `oasis overlay show`. The host's own packets it hands to
+;; the underlay.
 (module
   (import "oasis" "via" (func $via (param i32 i32 i32) (result i32)))
   (import "oasis" "to_underlay" (func $to_underlay (param i32 i32) (result i32)))

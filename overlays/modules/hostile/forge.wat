@@ -1,6 +1,6 @@
-;; Hands the underlay a packet claiming another host's source (192.0.2.99):
-;; the sandbox passes it on, and the broker's underlay port refuses it
-;; (only this host's own addresses may leave through it).
+;; Hands the underlay a packet claiming another host's source (192.0.2.99)
+;; for each packet the host gives it: the sandbox passes it on, and its
+;; runner refuses it (it is of no flow the host handed the module).
 (module
   (import "oasis" "to_underlay" (func $to_underlay (param i32 i32) (result i32)))
   (memory (export "memory") 2)
