@@ -58,6 +58,14 @@ enum Command {
     /// classifier to the uplinks and serve the control socket. Stop it with
     /// Ctrl-C or SIGTERM; it detaches everything it attached.
     Run,
+    /// Compiles an overlay code module read from standard input and writes
+    /// its compiled code to standard output. The daemon runs this in a
+    /// child process with limits on memory and time.
+    #[command(hide = true, name = "compile-module")]
+    CompileModule {
+        #[arg(long, value_parser = ["overlay", "monitor"])]
+        role: String,
+    },
     /// Add, list and delete rules.
     #[command(subcommand)]
     Rule(RuleCommand),
@@ -381,6 +389,13 @@ struct RuleAddArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CompileModule { role } = &cli.command {
+        let role = match role.as_str() {
+            "monitor" => oasis_broker::module::Role::Monitor,
+            _ => oasis_broker::module::Role::Overlay,
+        };
+        return oasis_broker::module::compiler::child_main(role);
+    }
     // A command whose output is cut short (`oasis dns | head`) ends quietly,
     // as Unix tools do, instead of panicking on the closed pipe. The daemon
     // keeps ignoring SIGPIPE: a CLI that went away must not kill it.
@@ -419,6 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = control_socket(&cli);
     match cli.command {
         Command::Run => run_daemon(&cli.config),
+        Command::CompileModule { .. } => unreachable!("handled before"),
         Command::Rule(RuleCommand::Add(args)) => {
             let upload = args.dst_set.as_deref().map(read_set).transpose()?;
             let spec = RuleSpec {
@@ -687,10 +703,15 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(oasis_broker::daemon::run(
+    let result = runtime.block_on(oasis_broker::daemon::run(
         config,
         oasis_broker::platform::linux::LinuxPlatform,
-    ))?;
+    ));
+    // Whatever blocking work is still running (a module compiling, a
+    // specification being fetched) must not keep a stopped daemon alive:
+    // the classifier is detached already, and the process exits now.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result?;
     Ok(())
 }
 

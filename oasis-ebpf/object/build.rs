@@ -17,6 +17,8 @@ fn main() -> anyhow::Result<()> {
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir.join("..").canonicalize()?;
+    // The object is named after the programs' binary target there.
+    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.toml").display());
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;

@@ -60,7 +60,11 @@ impl Netns {
     /// (nftables syntax, e.g. `tcp dport 22`), under `name`; read the
     /// count with [`watched`](Self::watched).
     pub fn watch(&self, name: &str, rule: &str) {
-        if !self.output(&["nft", "list", "table", "inet", "watch"]).status.success() {
+        if !self
+            .output(&["nft", "list", "table", "inet", "watch"])
+            .status
+            .success()
+        {
             self.run(&["nft", "add", "table", "inet", "watch"]);
             self.run(&[
                 "nft",

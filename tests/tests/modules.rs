@@ -277,13 +277,24 @@ fn a_module_reaches_no_host_beyond_the_flows_it_was_handed() {
         if module["confined"]["to_underlay"].as_u64() >= Some(20) {
             break module;
         }
-        assert!(Instant::now() < deadline, "the module's packets were not refused: {module}");
+        assert!(
+            Instant::now() < deadline,
+            "the module's packets were not refused: {module}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(module["to_underlay"].as_u64() >= Some(3), "{module}");
     assert!(net.server.watched("web") >= 3, "the host's own request went out");
-    assert_eq!(net.router.watched("ssh"), 0, "a module's SYN reached the router's port 22");
-    assert_eq!(net.server.watched("discard"), 0, "a module's datagram reached the server");
+    assert_eq!(
+        net.router.watched("ssh"),
+        0,
+        "a module's SYN reached the router's port 22"
+    );
+    assert_eq!(
+        net.server.watched("discard"),
+        0,
+        "a module's datagram reached the server"
+    );
     let shown = daemon.ok(&net, &["overlay", "show", "mod"]);
     assert!(shown.contains("packets of flows it was not handed"), "{shown}");
 }
@@ -676,4 +687,212 @@ fn bulk_through_a_monitor_module_fits_a_narrow_path() {
     let status = module_status(&daemon, &net, "mon");
     println!("8 MiB down in {secs:.2} s and 8 MiB echoed through the monitor over MTU 1280: {status}");
     assert!(status["to_entries"].as_u64().unwrap() > 1000, "{status}");
+}
+
+/// A WebAssembly module of `functions` functions of type `() -> ()`, each
+/// `i32.const 1; drop` `body` times: built by hand, to be as large as a
+/// test needs at no cost.
+fn functions_module(functions: u32, body: usize) -> Vec<u8> {
+    fn leb(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, content: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(content.len() as u64, out);
+        out.extend_from_slice(content);
+    }
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module);
+    let mut declared = Vec::new();
+    leb(u64::from(functions), &mut declared);
+    declared.extend(std::iter::repeat_n(0u8, functions as usize));
+    section(3, &declared, &mut module);
+    let mut one = vec![0u8];
+    for _ in 0..body {
+        one.extend_from_slice(&[0x41, 0x01, 0x1a]);
+    }
+    one.push(0x0b);
+    let mut code = Vec::new();
+    leb(u64::from(functions), &mut code);
+    for _ in 0..functions {
+        leb(one.len() as u64, &mut code);
+        code.extend_from_slice(&one);
+    }
+    section(10, &code, &mut module);
+    module
+}
+
+/// The daemon's resident memory, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib >> 10)
+}
+
+/// `oasis overlay add` of `module` as a local build; the CLI's output.
+fn add_module_file(
+    daemon: &Daemon,
+    net: &Topology,
+    base: &str,
+    name: &str,
+    module: &[u8],
+) -> std::process::Output {
+    let file = net.dir.join(format!("{name}.wasm"));
+    std::fs::write(&file, module).unwrap();
+    daemon.cli(
+        net,
+        &[
+            "overlay",
+            "add",
+            name,
+            &format!("{base}/plain.xml"),
+            "--module-file",
+            &file.to_string_lossy(),
+        ],
+    )
+}
+
+/// A module built to make the compiler take minutes and gigabytes (a
+/// million small functions, 4 MB) is refused before any compiling, naming
+/// the limit; one that passes the counts but compiles too long is killed
+/// at its deadline; and a daemon stopped while it compiles stops at once,
+/// its compiler with it.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn compiling_a_module_is_bounded_in_size_time_and_memory() {
+    let mut net = Topology::new();
+    net.start_exit(&["--client", CLIENT_V4]);
+    net.publish(
+        "plain.xml",
+        r#"<overlay name="plain"><entry host="10.77.3.2" port="7400"/></overlay>"#,
+    );
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(&mut net, "modules: { compile_secs: 1 }\n");
+    let pid = net.process("oasis").pid();
+    let before = rss_mib(pid);
+
+    let bomb = functions_module(1_000_000, 1);
+    assert!(bomb.len() > 3_000_000, "{} bytes", bomb.len());
+    let started = Instant::now();
+    let out = add_module_file(&daemon, &net, &base, "bomb", &bomb);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("1000000 functions") && stderr.contains("modules.max_functions"),
+        "{stderr}"
+    );
+    println!("a million functions refused in {:?}", started.elapsed());
+
+    // Within every count, but far more than a second of compiling for
+    // this debug build.
+    let slow = functions_module(40_000, 30);
+    let out = add_module_file(&daemon, &net, &base, "slow", &slow);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("longer than 1 s (modules.compile_secs)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("compiling the module"),
+        "the progress said what it did: {stderr}"
+    );
+    let after = rss_mib(pid);
+    assert!(
+        after < before + 64,
+        "the daemon grew from {before} to {after} MiB while a module compiled"
+    );
+    assert_eq!(
+        json(&daemon, &net, &["overlay", "list", "--json"]),
+        Value::Array(vec![])
+    );
+
+    // A daemon told to stop while a compile runs stops at once.
+    std::fs::write(
+        &daemon.config,
+        std::fs::read_to_string(&daemon.config)
+            .unwrap()
+            .replace("compile_secs: 1", "compile_secs: 120"),
+    )
+    .unwrap();
+    net.process("oasis").terminate(Duration::from_secs(10));
+    let daemon = Daemon::start(&mut net, "");
+    let pid = net.process("oasis").pid();
+    let file = net.dir.join("slow.wasm");
+    let mut adding = net
+        .client
+        .command(&oasis_tests::oasis_bin().to_string_lossy())
+        .args([
+            "--config",
+            &daemon.config.to_string_lossy(),
+            "--socket",
+            &daemon.socket.to_string_lossy(),
+        ])
+        .args([
+            "overlay",
+            "add",
+            "slow",
+            &format!("{base}/plain.xml"),
+            "--module-file",
+            &file.to_string_lossy(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let compilers = loop {
+        let compilers = children_compiling(pid);
+        if !compilers.is_empty() {
+            break compilers;
+        }
+        assert!(Instant::now() < deadline, "no compile started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stopping = Instant::now();
+    assert!(
+        net.process("oasis").terminate(Duration::from_secs(10)),
+        "the daemon did not stop cleanly"
+    );
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(2), "the daemon took {took:?} to stop");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while compilers
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(Instant::now() < deadline, "the compiler outlived the daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = adding.wait();
+}
+
+/// The `compile-module` children of process `parent`.
+fn children_compiling(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the comm may hold spaces.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("compile-module")
+        })
+        .collect()
 }

@@ -220,7 +220,13 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // this host.
     let mut guest = cargo();
     guest
-        .args(["test", "--no-fail-fast", "--package", "oasis-guest", "--manifest-path"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--package",
+            "oasis-guest",
+            "--manifest-path",
+        ])
         .arg(workspace_root().join("overlays/modules/Cargo.toml"))
         .arg("--target-dir")
         .arg(workspace_root().join("target/modules"));

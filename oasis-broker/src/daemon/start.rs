@@ -100,6 +100,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let modules = match crate::module::Sandbox::new() {
         Ok(sandbox) => Some(crate::overlay::ModuleContext {
             sandbox,
+            compiler: crate::module::compiler::Compiler::child_of_this_process(),
             dir: crate::overlay::ModuleContext::dir_beside(config_path),
             overlay_port: config.overlay_port,
             underlay_port: config.underlay_port,

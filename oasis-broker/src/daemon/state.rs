@@ -524,7 +524,6 @@ impl Daemon {
         if lock(&self.control).overlays.is_joined(&name) {
             return Err(JoinError::Exists(name).into());
         }
-        reporter.report("fetching the specification", 0, 0);
         // The fetch takes time: no lock, not even the change lock.
         let mut own = LocalAddresses::default();
         (self.own_addresses)(&mut own);
@@ -534,7 +533,8 @@ impl Daemon {
             module_file,
             pinned,
         };
-        let prepared = OverlayManager::prepare(name.clone(), url, options, own, modules).await?;
+        let stage = |stage: &str| reporter.report(stage, 0, 0);
+        let prepared = OverlayManager::prepare(name.clone(), url, options, own, modules, &stage).await?;
         let change = self.change(reporter).await;
         {
             let mut control = lock(&self.control);

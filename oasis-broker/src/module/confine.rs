@@ -176,9 +176,9 @@ impl Confinement {
     }
 
     fn live(&self, key: &FlowKey, now: Instant) -> bool {
-        self.flows
-            .get(key)
-            .is_some_and(|flow| now.saturating_duration_since(flow.last) <= self.lifetimes.of(key, flow.closing))
+        self.flows.get(key).is_some_and(|flow| {
+            now.saturating_duration_since(flow.last) <= self.lifetimes.of(key, flow.closing)
+        })
     }
 
     /// Forgets the flows past their lifetime; when `make_room`, the
@@ -342,7 +342,10 @@ mod tests {
         let now = Instant::now();
         let mut c = confinement(now);
         c.handed(&tcp(HOST, SERVER, 40000, 443, false), now);
-        assert_eq!(c.may_come_home(&tcp(SERVER, HOST, 443, 40000, false), now), Ok(()));
+        assert_eq!(
+            c.may_come_home(&tcp(SERVER, HOST, 443, 40000, false), now),
+            Ok(())
+        );
         assert_eq!(
             c.may_come_home(&tcp(SERVER, HOST, 443, 40001, false), now),
             Err(Refusal::NotAnAnswer)
@@ -429,7 +432,10 @@ mod tests {
         let mut c = confinement(now);
         for i in 0..FLOWS as u32 {
             let at = now + Duration::from_millis(u64::from(i) / 1000);
-            c.handed(&udp(HOST, SERVER, (i % 60000) as u16 + 1, 1000 + (i / 60000) as u16, 1), at);
+            c.handed(
+                &udp(HOST, SERVER, (i % 60000) as u16 + 1, 1000 + (i / 60000) as u16, 1),
+                at,
+            );
         }
         assert_eq!(c.flows(), FLOWS);
         let at = now + Duration::from_secs(70);

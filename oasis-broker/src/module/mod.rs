@@ -3,6 +3,7 @@
 //! nodes. It runs in [`sandbox`], fed by [`runner`]; the contract for
 //! module authors is docs/modules.md.
 
+pub mod compiler;
 pub mod confine;
 pub mod limits;
 pub mod runner;
@@ -88,13 +89,7 @@ mod tests {
             .compile(b"(module (memory (export \"memory\") 1))", Role::Overlay)
             .unwrap_err();
         assert!(
-            matches!(
-                no_exports,
-                ModuleError::Export {
-                    name: "oasis_buffer",
-                    ..
-                }
-            ),
+            matches!(&no_exports, ModuleError::Export { name, .. } if name == "oasis_buffer"),
             "{no_exports}"
         );
         let bad_type = sandbox
@@ -277,13 +272,7 @@ mod tests {
             .replace("oasis_from_overlay", "oasis_from_entry");
         let err = sandbox.compile(no_answers.as_bytes(), Role::Monitor).unwrap_err();
         assert!(
-            matches!(
-                err,
-                ModuleError::Export {
-                    name: "oasis_from_overlay",
-                    ..
-                }
-            ),
+            matches!(&err, ModuleError::Export { name, .. } if name == "oasis_from_overlay"),
             "{err}"
         );
     }

@@ -609,7 +609,11 @@ impl Host {
                     }
                 }
                 (Action::ToHost { at }, _) => {
-                    let packet = self.actions.data.get(at.start + shim_len..at.end).unwrap_or_default();
+                    let packet = self
+                        .actions
+                        .data
+                        .get(at.start + shim_len..at.end)
+                        .unwrap_or_default();
                     self.confine.may_come_home(packet, now).map(|()| broker)
                 }
                 (Action::ToUnderlay { at }, _) => self

@@ -27,7 +27,7 @@ pub const MAX_DATAGRAM: usize = 65_535;
 const EPOCH: Duration = Duration::from_millis(10);
 
 /// What a module is for, which decides the contract it must keep.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// It carries an overlay: datagrams to and from its entry nodes.
     Overlay,
@@ -96,7 +96,7 @@ impl Peers<'_> {
 }
 
 /// Why a module was refused before it ran.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ModuleError {
     #[error("the module is not valid WebAssembly: {0}")]
     Invalid(String),
@@ -112,10 +112,19 @@ pub enum ModuleError {
         why: String,
     },
     #[error("the module does not export {name} as {wanted} (docs/modules.md lists what a module exports)")]
-    Export {
-        name: &'static str,
-        wanted: &'static str,
+    Export { name: String, wanted: String },
+    #[error(
+        "the module has {count} {what}, more than the {limit} allowed (modules.{key} in the config \
+         file); it was not compiled"
+    )]
+    TooBig {
+        what: String,
+        count: u64,
+        limit: u64,
+        key: String,
     },
+    #[error("the module was refused: {0}")]
+    Bounds(String),
     #[error("the module could not start: {0}")]
     Start(String),
 }
@@ -303,7 +312,10 @@ impl Sandbox {
         let instance = linker
             .instantiate(&mut store, module)
             .map_err(|e| ModuleError::Start(describe(&e, &store).to_string()))?;
-        let export = |name: &'static str, wanted: &'static str| ModuleError::Export { name, wanted };
+        let export = |name: &str, wanted: &str| ModuleError::Export {
+            name: name.into(),
+            wanted: wanted.into(),
+        };
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or(export("memory", "a memory"))?;
@@ -558,12 +570,15 @@ fn check_contract(module: &Module, role: Role) -> Result<(), ModuleError> {
             name,
         ) {
             Some(ExternType::Func(ty)) if same_type(&ty, params, results) => Ok(()),
-            _ => Err(ModuleError::Export { name, wanted }),
+            _ => Err(ModuleError::Export {
+                name: name.into(),
+                wanted: wanted.into(),
+            }),
         };
     if !matches!(exported("memory"), Some(ExternType::Memory(_))) {
         return Err(ModuleError::Export {
-            name: "memory",
-            wanted: "a memory",
+            name: "memory".into(),
+            wanted: "a memory".into(),
         });
     }
     func("oasis_buffer", &[], &[ValType::I32], "a function () -> i32")?;

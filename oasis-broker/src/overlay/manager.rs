@@ -173,14 +173,17 @@ impl OverlayManager {
     /// Fetches, checks and resolves a specification, and its code module
     /// if it has one (fetched, verified, compiled, kept and started): the
     /// slow part of `overlay add`, with no state of the manager touched.
+    /// `stage` is told what it is doing, for the user's progress line.
     pub async fn prepare(
         name: String,
         url: String,
         options: JoinOptions,
         own: LocalAddresses,
         modules: Option<ModuleContext>,
+        stage: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Prepared, OverlayError> {
         check_name(&name)?;
+        stage("fetching the specification");
         let mut spec = fetch(&url).await?;
         let shim = shim_bytes(spec.shim_len, options.token.as_deref())?;
         let given = options.module_file.map(|(file, bytes)| {
@@ -198,6 +201,7 @@ impl OverlayManager {
         let entries = match spec.is_monitor() {
             true => Vec::new(),
             false => {
+                stage("resolving the entry nodes");
                 let to_resolve = spec.clone();
                 tokio::task::spawn_blocking(move || to_resolve.resolve_entries(&own))
                     .await
@@ -208,7 +212,7 @@ impl OverlayManager {
         let path: Box<dyn OverlayPath> = match &spec.module {
             Some(module) => {
                 let context = modules.ok_or(ModuleFailure::NoSandbox)?;
-                let prepared = context.prepare(module, given).await?;
+                let prepared = context.prepare(module, given, stage).await?;
                 let kept = context.clone();
                 let prepared = tokio::task::spawn_blocking(move || kept.keep(&prepared).map(|()| prepared))
                     .await
@@ -217,6 +221,7 @@ impl OverlayManager {
                     ModuleKind::Overlay => Reach::Entries(entries),
                     ModuleKind::Monitor => Reach::Overlays(context.published.clone()),
                 };
+                stage("starting the module");
                 let started = context.start(&name, &prepared, peers, spec.shim_len)?;
                 let port = started.port();
                 runner = Some(started);

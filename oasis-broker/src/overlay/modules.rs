@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
 use super::spec::{ModuleKind, ModuleSpec};
+use crate::module::compiler::Compiler;
 use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Published, Reach};
 use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
 
@@ -59,6 +60,9 @@ pub struct PreparedModule {
 #[derive(Clone)]
 pub struct ModuleContext {
     pub sandbox: Arc<Sandbox>,
+    /// Where modules are compiled: a child process with limits, in the
+    /// daemon.
+    pub compiler: Compiler,
     /// `modules/` beside the config file.
     pub dir: PathBuf,
     pub overlay_port: u16,
@@ -88,12 +92,22 @@ impl ModuleContext {
         &self,
         spec: &ModuleSpec,
         given: Option<Vec<u8>>,
+        stage: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<PreparedModule, ModuleFailure> {
         let bytes = match given {
             Some(bytes) => bytes,
-            None => fetch_bytes(&spec.url, MAX_MODULE_BYTES, Duration::from_secs(60)).await?,
+            None => {
+                stage("fetching the module");
+                fetch_bytes(&spec.url, MAX_MODULE_BYTES, Duration::from_secs(60)).await?
+            }
         };
+        stage(&format!(
+            "checking and compiling the module ({} KiB; at most {} s)",
+            bytes.len() >> 10,
+            self.limits.compile_secs
+        ));
         let (sandbox, url, expected) = (self.sandbox.clone(), spec.url.clone(), spec.sha256.clone());
+        let (compiler, limits) = (self.compiler.clone(), self.limits.clone());
         let role = role(spec.kind);
         tokio::task::spawn_blocking(move || {
             let got = digest(&bytes);
@@ -101,8 +115,8 @@ impl ModuleContext {
                 return Err(ModuleFailure::Digest { url, expected, got });
             }
             let started = Instant::now();
-            let module = sandbox
-                .compile(&bytes, role)
+            let module = compiler
+                .compile(&sandbox, &bytes, role, &limits)
                 .map_err(|source| ModuleFailure::Sandbox {
                     url,
                     source: Box::new(source),
@@ -174,12 +188,13 @@ impl ModuleContext {
                 ),
             ),
             None => {
-                let module = self.sandbox.compile(&bytes, role(spec.kind)).map_err(|source| {
-                    ModuleFailure::Sandbox {
+                let module = self
+                    .compiler
+                    .compile(&self.sandbox, &bytes, role(spec.kind), &self.limits)
+                    .map_err(|source| ModuleFailure::Sandbox {
                         url: wasm.display().to_string(),
                         source: Box::new(source),
-                    }
-                })?;
+                    })?;
                 if let Some(compiled) = self.sandbox.serialize(&module) {
                     let _ = std::fs::write(&cwasm, compiled);
                 }
