@@ -413,8 +413,10 @@ fn read_set(config_path: &Path, file: &str) -> Result<PrefixSet, PrefixSetError>
 }
 
 const HEADER: &str = "\
-# Oasis configuration. `oasis rule add|del` rewrites this file; edit it by
-# hand while the daemon is stopped. Keys: see docs/configuration.md.
+# Oasis configuration. Keys: see docs/configuration.md. Edit it as you like:
+# the daemon writes only next_rule_id, overlays and rules (as `oasis rule`
+# and `oasis overlay` change them), keeping your comments and layout; your
+# other changes take effect when the daemon starts again.
 ";
 
 impl Config {
@@ -626,21 +628,38 @@ impl Config {
             })?;
             yaml = format!("{head}rules:\n");
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(&write_error)?;
-        }
-        let tmp = path.with_extension("yaml.tmp");
-        let file = std::fs::File::create(&tmp).map_err(&write_error)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        out.write_all(HEADER.as_bytes()).map_err(&write_error)?;
-        out.write_all(yaml.as_bytes()).map_err(&write_error)?;
-        for rule in rules {
-            out.write_all(rule.as_bytes()).map_err(&write_error)?;
-        }
-        let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
-        file.sync_all().map_err(&write_error)?;
-        std::fs::rename(&tmp, path).map_err(write_error)
+        write_with(path, |out| {
+            out.write_all(HEADER.as_bytes())?;
+            out.write_all(yaml.as_bytes())?;
+            for rule in rules {
+                out.write_all(rule.as_bytes())?;
+            }
+            Ok(())
+        })
     }
+}
+
+/// Writes `text` as the file at `path` atomically (a temporary file renamed
+/// over it, synced first), so a crash mid-write never leaves half a file.
+pub fn write_atomically(path: &Path, text: &[u8]) -> Result<(), ConfigError> {
+    write_with(path, |out| out.write_all(text))
+}
+
+fn write_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), ConfigError> {
+    let write_error = write_error(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(&write_error)?;
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    let file = std::fs::File::create(&tmp).map_err(&write_error)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    fill(&mut out).map_err(&write_error)?;
+    let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
+    file.sync_all().map_err(&write_error)?;
+    std::fs::rename(&tmp, path).map_err(write_error)
 }
 
 #[cfg(test)]

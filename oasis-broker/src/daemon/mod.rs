@@ -10,6 +10,7 @@
 #![cfg_attr(not(unix), allow(dead_code))]
 
 mod dns;
+mod edit;
 mod heartbeat;
 mod monitor;
 mod persist;

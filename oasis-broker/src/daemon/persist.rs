@@ -9,12 +9,20 @@
 //! Rules are rendered to YAML once each and kept (ids are never reused and
 //! a rule never changes), so writing a file of a million rules costs a copy
 //! of the text, not a serialisation.
+//!
+//! The file is edited in place (`edit.rs`): the daemon writes only its own
+//! keys (`next_rule_id`, `overlays`, `rules`), and the user's comments and
+//! layout everywhere else survive; a rule or overlay already in the file
+//! keeps its text and the comments above it. The file as last written is
+//! remembered, so it is read and cut again only when someone else changed
+//! it since.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use super::edit;
 use crate::config::{Config, StoredOverlay, StoredRule};
 use crate::rules::RuleSet;
 
@@ -182,6 +190,30 @@ struct Rendered {
     /// The rule set the name block was made for.
     names_of: Option<Arc<RuleSet>>,
     names: String,
+    /// Overlays as the file has them (text above included), by name.
+    overlays: HashMap<String, String>,
+    /// The file cut where the daemon's keys are, and what it was when the
+    /// daemon last wrote or read it.
+    skeleton: Option<(Stamp, edit::Skeleton)>,
+}
+
+/// What tells a file changed by someone else: its size, modification time
+/// and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp(u64, i128, u64);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    let modified = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp(meta.len(), modified, inode))
 }
 
 impl Rendered {
@@ -219,24 +251,81 @@ impl Rendered {
     }
 }
 
+impl Rendered {
+    /// The file's skeleton: the one remembered when the file is as the
+    /// daemon left it, else read and cut again, its items taking the place
+    /// of rendered ones. None when there is no file worth keeping.
+    fn skeleton(&mut self, path: &std::path::Path) -> Option<edit::Skeleton> {
+        let now = stamp(path)?;
+        if let Some((seen, skeleton)) = &self.skeleton
+            && *seen == now
+        {
+            return Some(skeleton.clone());
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let (skeleton, items) = edit::parse(&text)?;
+        for (id, text) in items.rules {
+            self.rules.insert(id, text.into());
+        }
+        // The name block is made again from the file's texts.
+        self.names_of = None;
+        self.overlays = items.overlays;
+        Some(skeleton)
+    }
+
+    /// An overlay's item: the file's text while it reads back as what the
+    /// daemon holds, else rendered.
+    fn overlay(&self, overlay: &StoredOverlay) -> Result<String, String> {
+        if let Some(text) = self.overlays.get(&overlay.name)
+            && serde_yaml::from_str::<Vec<StoredOverlay>>(text).is_ok_and(|read| read == [overlay.clone()])
+        {
+            return Ok(text.clone());
+        }
+        serde_yaml::to_string(std::slice::from_ref(overlay))
+            .map_err(|e| format!("rendering overlay {}: {e}", overlay.name))
+    }
+}
+
 /// Header rules first, then name rules, each kind in its order of
 /// precedence (the two kinds never compete).
 fn write(path: &std::path::Path, snapshot: &Snapshot, rendered: &mut Rendered) -> Result<(), String> {
     let rules = &snapshot.rules;
+    let skeleton = rendered.skeleton(path);
     rendered.update(rules)?;
     rendered.prune(rules);
     let mut blocks: Vec<Arc<str>> = Vec::with_capacity(rules.rules().len() + 1);
     for rule in rules.rules() {
         blocks.push(rendered.rule(rule.id, || rule.spec())?);
     }
-    let mut settings = (*snapshot.settings).clone();
-    settings.rules.clear();
-    settings.next_rule_id = Some(rules.next_id());
-    settings.overlays = snapshot.overlays.clone();
     let names = (!rendered.names.is_empty()).then_some(rendered.names.as_str());
-    settings
-        .save_with_rules(path, blocks.iter().map(|b| b.as_ref()).chain(names))
-        .map_err(|e| e.to_string())
+    let Some(skeleton) = skeleton else {
+        // No file yet (or nothing in it but comments): the settings in full.
+        let mut settings = (*snapshot.settings).clone();
+        settings.rules.clear();
+        settings.next_rule_id = Some(rules.next_id());
+        settings.overlays = snapshot.overlays.clone();
+        settings
+            .save_with_rules(path, blocks.iter().map(|b| b.as_ref()).chain(names))
+            .map_err(|e| e.to_string())?;
+        rendered.skeleton = None;
+        return Ok(());
+    };
+    let overlays = snapshot
+        .overlays
+        .iter()
+        .map(|o| rendered.overlay(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let overlays: Vec<&str> = overlays.iter().map(String::as_str).collect();
+    let mut text = String::with_capacity(rendered.names.len() + 4096);
+    skeleton.render(
+        rules.next_id(),
+        &overlays,
+        blocks.iter().map(|b| b.as_ref()).chain(names),
+        &mut text,
+    );
+    crate::config::write_atomically(path, text.as_bytes()).map_err(|e| e.to_string())?;
+    rendered.skeleton = stamp(path).map(|stamp| (stamp, skeleton));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -296,6 +385,78 @@ mod tests {
         let loaded = Config::load_or_default(&path).unwrap().rule_set(&path).unwrap();
         assert_eq!(loaded.all(), set.all());
         assert_eq!(loaded.next_id(), last + 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_users_comments_and_layout_survive_the_daemons_changes() {
+        let dir = std::env::temp_dir().join(format!("oasis-persist-edit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.yaml");
+        let mine = "\
+# My host: the wired uplink only.
+uplinks: [eth0]   # not the wifi
+
+flow_idle_timeout_secs: 300   # long UDP sessions
+rules:
+  # ssh, direct
+  - id: 1
+    proto: tcp
+    dport: '22'
+    via: underlay
+";
+        std::fs::write(&path, mine).unwrap();
+        let config = Config::load_or_default(&path).unwrap();
+        let mut set = config.rule_set(&path).unwrap();
+        let persister = Persister::start(path.clone()).unwrap();
+        let add = |set: &mut RuleSet, port: &str| {
+            let spec = RuleSpec {
+                proto: Some("udp".into()),
+                dport: Some(port.into()),
+                via: "underlay".into(),
+                ..RuleSpec::default()
+            };
+            let (subset, via) = spec.parse().unwrap();
+            set.add_any(subset, via).unwrap();
+        };
+        add(&mut set, "53");
+        let save = |set: &RuleSet| {
+            let generation = persister.save(Snapshot {
+                settings: Arc::new(config.clone()),
+                rules: Arc::new(set.clone()),
+                overlays: Vec::new(),
+            });
+            persister.wait(generation).unwrap();
+            std::fs::read_to_string(&path).unwrap()
+        };
+        let text = save(&set);
+        assert!(
+            text.starts_with(
+                "# My host: the wired uplink only.\nuplinks: [eth0]   # not the wifi\n\n\
+                 flow_idle_timeout_secs: 300   # long UDP sessions\nrules:\n  # ssh, direct\n  - id: 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("dport: '53'") && text.contains("next_rule_id: 3"),
+            "{text}"
+        );
+        let loaded = Config::load_or_default(&path).unwrap();
+        assert_eq!(loaded.rule_set(&path).unwrap().all(), set.all());
+        assert_eq!(loaded.flow_idle_timeout_secs, 300);
+        // The user edits a setting while the daemon runs; the next change
+        // keeps the edit (it takes effect at the next start).
+        std::fs::write(&path, text.replace("300   # long", "600   # longer")).unwrap();
+        add(&mut set, "123");
+        let text = save(&set);
+        assert!(
+            text.contains("flow_idle_timeout_secs: 600   # longer UDP sessions"),
+            "{text}"
+        );
+        assert!(text.contains("  # ssh, direct\n  - id: 1\n"), "{text}");
+        let loaded = Config::load_or_default(&path).unwrap();
+        assert_eq!(loaded.rule_set(&path).unwrap().all(), set.all());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
