@@ -56,6 +56,11 @@ pub enum Request {
     Monitor,
     /// The live flows of the packet threads.
     Flows,
+    /// Injects a fault, for the tests: refused unless the daemon was
+    /// started with `OASIS_FAULTS=1` in its environment.
+    Fault {
+        name: String,
+    },
 }
 
 /// A module file, sent whole (the daemon may not see the author's files).
@@ -107,6 +112,10 @@ pub enum Response {
     },
     Flows {
         flows: Vec<FlowView>,
+    },
+    /// Done, and nothing to show.
+    Done {
+        message: String,
     },
     Error {
         message: String,

@@ -65,6 +65,18 @@ impl Liveness {
         tick
     }
 
+    /// The thread silent the longest, and for how long; None while none
+    /// is registered.
+    pub fn quietest(&self) -> Option<(String, Duration)> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let ticks = self.ticks.lock().unwrap_or_else(|e| e.into_inner());
+        ticks
+            .iter()
+            .map(|tick| (tick, now.saturating_sub(tick.at.load(Relaxed))))
+            .max_by_key(|(_, silent)| *silent)
+            .map(|(tick, silent)| (tick.name.to_string(), Duration::from_millis(silent)))
+    }
+
     /// The first thread that has not ticked for longer than `limit`.
     pub fn stalled(&self, limit: Duration) -> Option<(String, Duration)> {
         let now = self.start.elapsed().as_millis() as u64;

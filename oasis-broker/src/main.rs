@@ -66,6 +66,9 @@ enum Command {
         #[arg(long, value_parser = ["overlay", "monitor"])]
         role: String,
     },
+    /// Injects a fault into a daemon started with OASIS_FAULTS=1 (tests).
+    #[command(hide = true)]
+    Fault { name: String },
     /// Add, list and delete rules.
     #[command(subcommand)]
     Rule(RuleCommand),
@@ -525,6 +528,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Fault { name } => match call(&socket, &Request::Fault { name })? {
+            Response::Done { message } => {
+                println!("{message}");
+                Ok(())
+            }
+            other => bail!("unexpected reply: {other:?}"),
+        },
         Command::Flows { json } => {
             match call(&socket, &Request::Flows)? {
                 Response::Flows { flows } if json => println!("{}", serde_json::to_string_pretty(&flows)?),

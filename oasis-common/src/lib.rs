@@ -9,6 +9,14 @@
 /// and the lowest set bit after intersecting the per-field sets wins, so the
 /// bit index is the rule's rank in the rule list.
 pub const MAX_RULES: usize = 256;
+
+/// The heartbeat of the broker's packet path, in `OASIS_HEARTBEAT`: the
+/// classifier passes everything once it is stale.
+pub const HEARTBEAT_PACKETS: u32 = 0;
+/// The heartbeat of the packet path and the DNS service together: the DNS
+/// hooks redirect nothing once it is stale, so a DNS service that stops
+/// answering gives the host its own servers back.
+pub const HEARTBEAT_DNS: u32 = 1;
 pub const RULE_WORDS: usize = MAX_RULES / 64;
 
 /// Most destination prefixes the classifier holds per address family, all

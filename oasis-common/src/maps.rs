@@ -50,8 +50,11 @@ macro_rules! kernel_maps {
         $callback! {
             /// Run-time settings the broker writes once at start.
             SETTINGS, "OASIS_SETTINGS", Array<$crate::Settings>, 1;
-            /// CLOCK_MONOTONIC nanoseconds of the broker's last sign of life.
-            HEARTBEAT, "OASIS_HEARTBEAT", Array<u64>, 1;
+            /// CLOCK_MONOTONIC nanoseconds of the broker's last sign of life:
+            /// of its packet path ([`HEARTBEAT_PACKETS`], what the
+            /// classifier checks) and of its DNS service as well
+            /// ([`HEARTBEAT_DNS`], what the DNS hooks check).
+            HEARTBEAT, "OASIS_HEARTBEAT", Array<u64>, 2;
             /// Header rules by IP protocol number.
             PROTO, "OASIS_PROTO", Array<$crate::RuleSet>, 256;
             /// 1 for each protocol any rule has named since the daemon

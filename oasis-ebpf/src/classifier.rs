@@ -16,7 +16,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, RuleAction, Settings, Verdict, icmpv6_link_message, stat,
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, HEARTBEAT_PACKETS, RuleAction, Settings, Verdict,
+    icmpv6_link_message, stat,
 };
 
 /// Cached flows refresh their timestamp at most this often, so a busy flow
@@ -48,7 +49,7 @@ fn classify(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     let now = coarse_ns();
-    let heartbeat = HEARTBEAT.get(0).copied().unwrap_or(0);
+    let heartbeat = HEARTBEAT.get(HEARTBEAT_PACKETS).copied().unwrap_or(0);
     if now.saturating_sub(heartbeat) > settings.heartbeat_timeout_ns {
         bump(stat::FAIL_OPEN);
         return TC_ACT_OK as i32;

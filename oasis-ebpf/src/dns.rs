@@ -8,7 +8,8 @@
 //! (glibc does) accept them. Working on sockets rather than packets gives
 //! TCP queries a real TCP peer and costs nothing per packet.
 //!
-//! Nothing is redirected when the broker is stuck (stale heartbeat), for
+//! Nothing is redirected when the broker or its DNS service is stuck (the
+//! DNS heartbeat is stale), for
 //! the broker's own upstream queries, for sockets of another network
 //! namespace, where the broker's loopback listener does not exist, or for
 //! queries to a loopback address: a caching stub on this host (dnsmasq,
@@ -26,7 +27,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use oasis_common::{DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6};
+use oasis_common::{DnsOriginal, DnsSettings, FAMILY_V4, FAMILY_V6, HEARTBEAT_DNS};
 
 use crate::maps::{DNS_ORIGINAL, DNS_SETTINGS, DNS_SYSTEM, HEARTBEAT, SETTINGS};
 
@@ -104,7 +105,7 @@ fn active(ctx: &SockAddrContext) -> Option<&'static DnsSettings> {
         return None;
     }
     let timeout = SETTINGS.get(0)?.heartbeat_timeout_ns;
-    let heartbeat = *HEARTBEAT.get(0)?;
+    let heartbeat = *HEARTBEAT.get(HEARTBEAT_DNS)?;
     if now.saturating_sub(heartbeat) > timeout {
         return None;
     }

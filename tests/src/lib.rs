@@ -813,12 +813,14 @@ impl Daemon {
             "RUST_LOG={}",
             std::env::var("OASIS_DAEMON_LOG").unwrap_or_else(|_| "info,oasis_broker=debug".into())
         );
+        // Test daemons take injected faults (`oasis fault NAME`).
         topology.spawn(
             &client,
             "oasis",
             &[
                 "env",
                 &log,
+                "OASIS_FAULTS=1",
                 &bin.to_string_lossy(),
                 "--config",
                 &config_text,

@@ -666,6 +666,65 @@ fn a_dead_upstream_gives_servfail_in_bounded_time_and_a_dead_daemon_gives_dns_ba
     assert_eq!(answer.answers, vec![SERVER_V4.to_string()], "{}", answer.text);
 }
 
+/// A DNS service that stops answering (its threads hang: an injected
+/// fault) gives the host its own servers back within the heartbeat's
+/// timeout, while the packet path goes on.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_hung_dns_service_lets_queries_reach_the_hosts_servers() {
+    let mut net = Topology::new();
+    let daemon = claiming_detour(&mut net);
+    let fake = net.dig(true, &["www.detour.test", "A"]);
+    assert!(in_pool(&fake.answers[0]), "{}", fake.text);
+    daemon.ok(
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "9999", "--via", "underlay",
+        ],
+    );
+    let diverted = |s: &Value| {
+        s["tun"]["diverted_packets"]
+            .as_u64()
+            .expect("tun.diverted_packets")
+    };
+    let before = diverted(&status(&daemon, &net));
+
+    daemon.ok(&net, &["fault", "dns-hang"]);
+    let hung = Instant::now();
+    // Queries meet a hung daemon and time out; within the heartbeat's
+    // timeout (3 s), they go to the server the client names, which
+    // answers the truth.
+    let deadline = hung + Duration::from_secs(10);
+    loop {
+        let answer = net.dig(true, &["+time=1", "www.detour.test", "A"]);
+        if answer.answers == [SERVER_V4] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "DNS never came back: {}", answer.text);
+    }
+    println!(
+        "DNS answered by the host's server {:?} after the hang",
+        hung.elapsed()
+    );
+    // The packet path did not fail open: a claimed flow still reaches the
+    // broker.
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for i in range(5): s.sendto(b'x',('{SERVER_V4}',9999))\n"
+    );
+    net.client.run(&["python3", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while diverted(&status(&daemon, &net)) < before + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the claimed flow no longer reaches the broker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = net.process("oasis").log();
+    assert!(log.contains("the DNS service makes no progress"), "{log}");
+}
+
 /// A server on port 2222 that greets, stays silent for `quiet_secs`, then
 /// speaks first again and echoes what follows: an SSH session left idle.
 fn start_quiet_server(net: &mut Topology, quiet_secs: u64) {

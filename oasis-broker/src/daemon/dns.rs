@@ -19,6 +19,7 @@ use crate::dns::upstream::{
 };
 use crate::engine::{Engine, Routes, RuleVia, Via};
 use crate::fake::{FakeTable, unix_now};
+use crate::liveness::{Liveness, TICK_EVERY};
 use crate::names::NameRules;
 use crate::platform::{DnsInterception, InterceptSettings, Kernel};
 use crate::shared::Shared;
@@ -119,6 +120,7 @@ pub(super) async fn start(
     kernel: &mut dyn Kernel,
     names: Arc<NameRules>,
     monitor: Arc<crate::monitor::MonitorLink>,
+    liveness: &Liveness,
 ) -> Result<DnsRuntime, DaemonError> {
     let dns = &config.dns;
     let fakes = Arc::new(Mutex::new(load_table(dns)));
@@ -198,7 +200,7 @@ pub(super) async fn start(
     };
     let service = Arc::new(service);
     runtime.service = Some(service.clone());
-    let (servers, v6) = listen(service.clone(), dns.port, true)
+    let (servers, v6) = listen(service.clone(), dns.port, true, liveness)
         .await
         .map_err(|e| DaemonError::Dns(format!("listening on 127.0.0.1:{} (dns.port): {e}", dns.port)))?;
     runtime.listen.push(format!("127.0.0.1:{}", dns.port));
@@ -212,6 +214,15 @@ pub(super) async fn start(
             }
         });
     }
+    // Queries that go upstream, and DNS over TCP, are served on this
+    // runtime: it must keep making progress too.
+    let tick = liveness.register("oasis-dns-runtime");
+    tokio::spawn(async move {
+        loop {
+            tick.tick();
+            tokio::time::sleep(TICK_EVERY).await;
+        }
+    });
 
     let settings = InterceptSettings {
         scope: dns.cgroup.clone(),

@@ -85,7 +85,17 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let echo_id = (std::process::id() as u16) ^ 0x4f53;
     let (link, monitor_events) =
         MonitorLink::with_probes(EVENT_QUEUE, ProbeTable::new(probe_sockets.ports(), echo_id));
-    let dns = dns::start(&config, kernel.as_mut(), names.clone(), link.clone()).await?;
+    // The DNS service's threads tick here; the DNS hooks fail open when
+    // they stop.
+    let dns_liveness = Arc::new(Liveness::new());
+    let dns = dns::start(
+        &config,
+        kernel.as_mut(),
+        names.clone(),
+        link.clone(),
+        &dns_liveness,
+    )
+    .await?;
     let nat = kernel
         .take_nat()
         .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
@@ -252,12 +262,20 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let stall_limit = Duration::from_millis(config.heartbeat_timeout_ms / 2).max(TICK_EVERY * 4);
     let beat = kernel.heartbeat().map_err(DaemonError::Platform)?;
     threads.push(
-        heartbeat::spawn(beat, liveness.clone(), heartbeat_every, stall_limit, stop.clone()).map_err(
-            |source| DaemonError::Io {
-                what: "starting the heartbeat thread".into(),
-                source,
+        heartbeat::spawn(
+            beat,
+            heartbeat::Watched {
+                packets: liveness.clone(),
+                dns: dns_liveness,
             },
-        )?,
+            heartbeat_every,
+            stall_limit,
+            stop.clone(),
+        )
+        .map_err(|source| DaemonError::Io {
+            what: "starting the heartbeat thread".into(),
+            source,
+        })?,
     );
     let status_heartbeat = kernel.heartbeat().map_err(DaemonError::Platform)?;
     let persister =

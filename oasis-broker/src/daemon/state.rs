@@ -217,6 +217,7 @@ impl Daemon {
                 monitor: Box::new((*snapshot(&self.monitor)).clone()),
             }),
             Request::Flows => self.flows().await.map(|flows| Response::Flows { flows }),
+            Request::Fault { name } => fault(&name).map(|message| Response::Done { message }),
             Request::OverlayDel { name } => {
                 self.leave_overlay(&name, &reporter)
                     .await
@@ -685,6 +686,25 @@ impl Daemon {
         self.dns.save_if_changed();
         self.dns.follow_resolv_conf();
         self.follow_path_mtus();
+    }
+}
+
+/// A fault injected for the tests, when the daemon was started to take
+/// them (`OASIS_FAULTS=1`).
+fn fault(name: &str) -> Result<String, RequestError> {
+    if std::env::var_os("OASIS_FAULTS").is_none_or(|v| v != "1") {
+        return Err(RequestError::Internal(
+            "faults are injected only into a daemon started with OASIS_FAULTS=1 (for tests)".into(),
+        ));
+    }
+    match name {
+        "dns-hang" => {
+            crate::dns::udp::HANG.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok("the DNS threads hang from their next query or tick".into())
+        }
+        other => Err(RequestError::Internal(format!(
+            "no fault called {other}; there is dns-hang"
+        ))),
     }
 }
 

@@ -559,6 +559,7 @@ pub async fn listen(
     service: Arc<DnsService>,
     port: u16,
     v6: bool,
+    liveness: &crate::liveness::Liveness,
 ) -> std::io::Result<(Vec<ServerFuture<TcpHandler>>, bool)> {
     let mut servers = Vec::new();
     let mut served_v6 = false;
@@ -595,12 +596,15 @@ pub async fn listen(
             let family = if addr.is_ipv6() { "v6" } else { "v4" };
             let kind = if explicit { "x" } else { "" };
             for (index, socket) in sockets.into_iter().enumerate() {
+                let name = format!("oasis-dns{kind}-{family}-{index}");
+                let tick = liveness.register(&name);
                 super::udp::spawn_thread(
-                    format!("oasis-dns{kind}-{family}-{index}"),
+                    name,
                     socket,
                     service.clone(),
                     tokio::runtime::Handle::current(),
                     explicit,
+                    tick,
                 )?;
             }
             server.register_listener(tcp, TCP_TIMEOUT);

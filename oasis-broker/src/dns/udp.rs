@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::Name;
@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 
 use super::explicit::Reply;
 use super::server::{Answer, DnsService};
+use crate::liveness::{TICK_EVERY, Tick};
 
 /// Without EDNS a UDP answer may be at most 512 bytes (RFC 1035).
 const CLASSIC_UDP_LIMIT: u16 = 512;
@@ -37,21 +38,25 @@ pub(super) fn refusal(message_type: MessageType, op_code: OpCode, questions: usi
 }
 
 /// Runs one socket's loop on a thread of its own until the process ends.
+/// The loop ticks `tick` at least every [`TICK_EVERY`]: a thread that
+/// stops answering stops the DNS heartbeat, and the DNS hooks fail open.
 pub fn spawn_thread(
     name: String,
     socket: std::net::UdpSocket,
     service: Arc<DnsService>,
     main: tokio::runtime::Handle,
     explicit: bool,
+    tick: Tick,
 ) -> std::io::Result<()> {
     let for_misses = Arc::new(socket.try_clone()?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()?;
     std::thread::Builder::new().name(name).spawn(move || {
         runtime.block_on(async move {
             match UdpSocket::from_std(socket) {
-                Ok(socket) => serve(socket, for_misses, service, main, explicit).await,
+                Ok(socket) => serve(socket, for_misses, service, main, explicit, tick).await,
                 Err(e) => tracing::error!("DNS socket: {e}"),
             }
         })
@@ -59,21 +64,36 @@ pub fn spawn_thread(
     Ok(())
 }
 
+/// A fault the tests can inject (`oasis fault dns-hang`, accepted only by a
+/// daemon started with `OASIS_FAULTS=1`): every DNS thread stops answering
+/// and ticking, as if stuck.
+pub static HANG: AtomicBool = AtomicBool::new(false);
+
 async fn serve(
     socket: UdpSocket,
     for_misses: Arc<std::net::UdpSocket>,
     service: Arc<DnsService>,
     main: tokio::runtime::Handle,
     explicit: bool,
+    tick: Tick,
 ) {
     let mut buf = vec![0u8; RECEIVE_BUFFER];
     let Ok(listener) = socket.local_addr() else {
         return;
     };
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
+        tick.tick();
+        if HANG.load(Relaxed) {
+            tracing::warn!("DNS thread hanging, as the injected fault asks");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        let received = tokio::time::timeout(TICK_EVERY, socket.recv_from(&mut buf)).await;
+        let (len, from) = match received {
+            Err(_) => continue,
+            Ok(Ok(received)) => received,
+            Ok(Err(e)) => {
                 tracing::debug!("DNS socket: {e}");
                 continue;
             }

@@ -151,7 +151,12 @@ pub trait DatagramSocket: Send + Sync {
 /// Tells the classifier the broker is alive. Written by a thread of its
 /// own, so nothing the daemon does can delay it.
 pub trait Heartbeat: Send {
-    fn beat(&mut self) -> Result<(), PlatformError>;
+    /// The packet path made progress `age` ago (its quietest thread's last
+    /// tick): the classifier fails open once that is too long ago.
+    fn beat(&mut self, age: Duration) -> Result<(), PlatformError>;
+    /// The packet path and the DNS service both made progress `age` ago:
+    /// DNS interception fails open once that is too long ago.
+    fn beat_dns(&mut self, age: Duration) -> Result<(), PlatformError>;
     /// How old the last beat is, as the classifier sees it.
     fn age(&self) -> Duration;
     /// The id under which the OS shows the heartbeat to other tools (Linux:

@@ -1,6 +1,7 @@
 //! The heartbeat map: CLOCK_MONOTONIC nanoseconds of the broker's last sign
-//! of life. The classifier and the DNS hooks pass everything once it is
-//! older than the configured timeout. The heartbeat thread holds its own
+//! of life, of its packet path (the classifier passes everything once it
+//! is older than the configured timeout) and of its DNS service (the DNS
+//! hooks redirect nothing once that one is). The heartbeat thread holds its own
 //! handle (a second file descriptor of the same map), so writing it never
 //! waits for anything else the daemon does.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{Array, IterableMap, MapData};
-use oasis_common::maps;
+use oasis_common::{HEARTBEAT_DNS, HEARTBEAT_PACKETS, maps};
 
 use super::kernel::{KernelError, age_of, monotonic_ns, second_handle, take_map};
 use crate::platform::{Heartbeat, PlatformError};
@@ -33,10 +34,15 @@ impl KernelHeartbeat {
         })
     }
 
-    /// Writes a heartbeat time directly (tests use it to age the broker).
+    /// Writes the packet path's heartbeat time directly (tests use it to
+    /// age the broker).
     pub fn set(&mut self, ns: u64) -> Result<(), KernelError> {
+        self.set_beat(HEARTBEAT_PACKETS, ns)
+    }
+
+    fn set_beat(&mut self, index: u32, ns: u64) -> Result<(), KernelError> {
         self.map
-            .set(0, ns, 0)
+            .set(index, ns, 0)
             .map_err(KernelError::map(maps::HEARTBEAT.name))
     }
 
@@ -48,15 +54,22 @@ impl KernelHeartbeat {
             .map(|info| info.id())
     }
 
-    /// The heartbeat as the map holds it.
+    /// The packet path's heartbeat as the map holds it.
     pub fn read(&self) -> u64 {
-        self.map.get(&0, 0).unwrap_or(0)
+        self.map.get(&HEARTBEAT_PACKETS, 0).unwrap_or(0)
     }
 }
 
 impl Heartbeat for KernelHeartbeat {
-    fn beat(&mut self) -> Result<(), PlatformError> {
-        Ok(self.set(monotonic_ns())?)
+    fn beat(&mut self, age: Duration) -> Result<(), PlatformError> {
+        Ok(self.set(monotonic_ns().saturating_sub(age.as_nanos() as u64))?)
+    }
+
+    fn beat_dns(&mut self, age: Duration) -> Result<(), PlatformError> {
+        Ok(self.set_beat(
+            HEARTBEAT_DNS,
+            monotonic_ns().saturating_sub(age.as_nanos() as u64),
+        )?)
     }
 
     fn age(&self) -> Duration {
