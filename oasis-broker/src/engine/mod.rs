@@ -341,14 +341,15 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_too_big_for_the_overlay_tells_its_sender_the_mtu() {
-        let world = world(&[header("detour", "udp", "443")]);
+    fn a_segment_too_big_for_the_overlay_tells_its_sender_the_mtu() {
+        let world = world(&[header("detour", "tcp", "443")]);
         let mut router = world.engine.router();
         let datagram = |len: usize, df: bool| {
             let mut out = Vec::new();
             PacketBuilder::ipv4(CLIENT, SERVER, 64)
-                .udp(40000, 443)
-                .write(&mut out, &vec![0u8; len - 28])
+                .tcp(40000, 443, 1, 64000)
+                .ack(1)
+                .write(&mut out, &vec![0u8; len - 40])
                 .unwrap();
             if !df {
                 out[6] &= !0x40;
@@ -390,6 +391,43 @@ mod tests {
         };
         assert_eq!(&icmp.slice()[6..8], &1368u16.to_be_bytes());
         assert_eq!(world.engine.counters.snapshot().too_big, 2);
+    }
+
+    #[test]
+    fn a_datagram_the_uplink_takes_goes_over_the_overlay_in_fragments() {
+        let icmp = RuleSpec {
+            proto: Some("icmp".into()),
+            via: "detour".into(),
+            ..RuleSpec::default()
+        };
+        let world = world(&[header("detour", "udp", "443"), icmp]);
+        let mut router = world.engine.router();
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        // 1,472 bytes of UDP with DF (Linux's default): 1,500 on the wire,
+        // more than fits the overlay whole.
+        let mut big = Vec::new();
+        PacketBuilder::ipv4(CLIENT, SERVER, 64)
+            .udp(40000, 443)
+            .write(&mut big, &[0u8; 1472])
+            .unwrap();
+        assert!(oasis_io::packet::must_not_fragment(&big));
+        assert_eq!(decide(&mut router, &mut big), overlay);
+        let mut ping = Vec::new();
+        PacketBuilder::ipv4(CLIENT, SERVER, 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut ping, &[0u8; 1472])
+            .unwrap();
+        assert_eq!(decide(&mut router, &mut ping), overlay);
+        let mut big6 = Vec::new();
+        PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+            .udp(40000, 443)
+            .write(&mut big6, &[0u8; 1452])
+            .unwrap();
+        assert_eq!(decide(&mut router, &mut big6), overlay);
+        assert_eq!(world.engine.counters.snapshot().too_big, 0);
     }
 
     #[test]

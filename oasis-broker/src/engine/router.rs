@@ -393,11 +393,15 @@ impl Router {
         Outbound::Drop(DropReason::NoCarrier)
     }
 
-    /// A packet for an overlay that would not fit its path once
+    /// A TCP segment for an overlay that would not fit its path once
     /// encapsulated, and may not be fragmented: the application hears the
     /// MTU that fits (ICMP fragmentation needed, or packet too big), as
-    /// from a router before a narrower link, and sends smaller. Anything
-    /// else goes on; the kernel fragments the encapsulated packet.
+    /// from a router before a narrower link, and its path MTU discovery
+    /// sends smaller. Anything else that the uplink could have carried goes
+    /// on, and the kernel fragments the encapsulated datagram, as tunnels
+    /// may: a UDP application sending datagrams as large as its link takes
+    /// (`iperf3 -u -l 1472`) would otherwise get EMSGSIZE on its socket
+    /// and give up, where without Oasis it works.
     fn fit_overlay(
         &mut self,
         key: &FlowKey,
@@ -412,11 +416,13 @@ impl Router {
         };
         let limit = joined.max_packet(self.engine.settings.uplink_mtu, to.is_ipv6());
         let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+        let fits_uplink = packet.len() <= usize::from(self.engine.settings.uplink_mtu);
         // IPv6 links carry at least 1280 bytes: below that, IPv6 hosts
         // do not go, and only fragmenting the encapsulation helps.
         if packet.len() <= usize::from(limit)
             || !oasis_io::packet::must_not_fragment(packet)
             || (v6 && limit < 1280)
+            || (key.proto != 6 && fits_uplink)
         {
             return carried;
         }
