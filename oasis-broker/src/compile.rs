@@ -190,7 +190,7 @@ impl MapImage {
             longest_match(&self.dst_v6, key.dst, 128)?
         };
         set.intersect_with(&by_dst);
-        if key.sport == 0 && key.dport == 0 {
+        if !key.has_ports() {
             set.intersect_with(&self.portless);
         } else {
             set.intersect_with(&longest_match(&self.dport, key.dport.to_be_bytes(), 16)?);

@@ -259,7 +259,7 @@ impl HeaderSubset {
         {
             return false;
         }
-        let has_ports = key.sport != 0 || key.dport != 0;
+        let has_ports = key.has_ports();
         if let Some(range) = self.dport
             && !(has_ports && range.contains(key.dport))
         {

@@ -964,3 +964,138 @@ fn a_diverted_flow_the_broker_pins_passes_from_its_next_packet() {
     // A SYN again is always matched afresh: the broker sees it.
     assert_eq!(run(&dp, &syn), TC_ACT_REDIRECT);
 }
+
+fn ping4(dst: [u8; 4], id: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(CLIENT, dst, 64)
+        .icmpv4_echo_request(id, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IP packet, no
+/// link header), with a correct checksum.
+fn icmp4_error(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let kind = match icmp_type {
+        3 => etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::from_values(code, 1280).unwrap(),
+        ),
+        _ => etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([4; 6], [2; 6])
+        .ipv4(src, dst, 64)
+        .icmpv4(kind)
+        .write(&mut out, &quoted[..quoted.len().min(28)])
+        .unwrap();
+    out
+}
+
+/// Each ping session is a flow of its own (keyed by its identifier), as in
+/// the broker and the exit: a new ping meets the rules of now, a running
+/// one keeps its verdict.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn ping_sessions_are_flows_of_their_own() {
+    const SERVER: [u8; 4] = [203, 0, 113, 9];
+    let icmp = rules(&[spec(Some("icmp"), None, None, None)]);
+    let mut dp = datapath(icmp.rules());
+    assert_eq!(run(&dp, &ping4(SERVER, 1)), TC_ACT_REDIRECT);
+    // The rule is gone: session 2 passes, session 1 keeps its carrier.
+    dp.apply(&compile(&[])).unwrap();
+    assert_eq!(run(&dp, &ping4(SERVER, 2)), TC_ACT_OK);
+    assert_eq!(run(&dp, &ping4(SERVER, 1)), TC_ACT_REDIRECT);
+    // A port rule never takes an echo for its identifier.
+    let port = rules(&[spec(None, None, Some("3"), None)]);
+    dp.apply(&compile(port.rules())).unwrap();
+    assert_eq!(run(&dp, &ping4(SERVER, 3)), TC_ACT_OK);
+    assert_eq!(run(&dp, &udp4(SERVER, 40000, 3)), TC_ACT_REDIRECT);
+}
+
+/// An ICMP error this host sends about a claimed flow (a port unreachable
+/// answering a datagram that came over an overlay) goes where the flow
+/// goes, not out on the underlay from this host's own address; an error
+/// about any other flow passes, and starts no flow.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn an_icmp_error_follows_the_flow_it_quotes() {
+    const SERVER: [u8; 4] = [203, 0, 113, 9];
+    let set = rules(&[spec(Some("udp"), None, Some("5300"), None)]);
+    let dp = datapath(set.rules());
+    assert_eq!(run(&dp, &udp4(SERVER, 40000, 5300)), TC_ACT_REDIRECT);
+    // The server's answer, as the host received it; the host answers it
+    // with a port unreachable.
+    let mut answer = Vec::new();
+    PacketBuilder::ipv4(SERVER, CLIENT, 64)
+        .udp(5300, 40000)
+        .write(&mut answer, b"answer")
+        .unwrap();
+    let mut error = icmp4_error(CLIENT, SERVER, 3, 3, &answer);
+    error[..6].copy_from_slice(&[4; 6]);
+    assert_eq!(run(&dp, &error), TC_ACT_REDIRECT);
+    // About a flow no rule claimed: it passes.
+    let mut other = Vec::new();
+    PacketBuilder::ipv4(SERVER, CLIENT, 64)
+        .udp(5301, 40001)
+        .write(&mut other, b"answer")
+        .unwrap();
+    let stray = icmp4_error(CLIENT, SERVER, 3, 3, &other);
+    assert_eq!(run(&dp, &stray), TC_ACT_OK);
+    // It started nothing: the flow it quotes is matched afresh, as new.
+    let classified = dp.counters().classified;
+    assert_eq!(run(&dp, &udp4(SERVER, 40001, 5301)), TC_ACT_OK);
+    assert_eq!(dp.counters().classified, classified + 1);
+}
+
+/// A router's "fragmentation needed" about an in-kernel NAT flow quotes
+/// the packet as it left, with the real address: the ingress program
+/// gives it the fake address the application knows, checksums right.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn an_icmp_error_about_a_nat_flow_quotes_the_fake_address() {
+    const FAKE: [u8; 4] = [198, 18, 0, 7];
+    const REAL: [u8; 4] = [192, 0, 2, 10];
+    const ROUTER: [u8; 4] = [192, 0, 2, 254];
+    let mut dp = datapath(&[]);
+    dp.set_fake_pools(
+        "198.18.0.0/15".parse().unwrap(),
+        "fd4f:4153:4953::/48".parse().unwrap(),
+    )
+    .unwrap();
+    let mut nat = dp.take_nat().expect("NAT maps");
+    nat.install(&v4_key(FAKE, 6, 40000, 80), FAKE.into(), REAL.into(), false)
+        .unwrap();
+    let mut sent = Vec::new();
+    PacketBuilder::ipv4(CLIENT, REAL, 64)
+        .tcp(40000, 80, 1, 64000)
+        .ack(1)
+        .write(&mut sent, &[0u8; 1400])
+        .unwrap();
+    for from in [ROUTER, REAL] {
+        let error = icmp4_error(from, CLIENT, 3, 4, &sent);
+        let (verdict, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &error);
+        assert_eq!(verdict, TC_ACT_OK);
+        let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+            panic!("not IPv4")
+        };
+        let header = ip.header().to_header();
+        assert_eq!(header.header_checksum, header.calc_header_checksum());
+        let expected_source = if from == REAL { FAKE } else { ROUTER };
+        assert_eq!(header.source, expected_source);
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(
+            icmp.checksum(),
+            icmp.icmp_type().calc_checksum(icmp.payload()),
+            "ICMP checksum"
+        );
+        let quoted = etherparse::Ipv4HeaderSlice::from_slice(icmp.payload()).expect("the quoted header");
+        assert_eq!((quoted.source(), quoted.destination()), (CLIENT, FAKE));
+        let quoted = quoted.to_header();
+        assert_eq!(quoted.header_checksum, quoted.calc_header_checksum());
+    }
+}

@@ -459,6 +459,28 @@ impl FlowKey {
         key
     }
 
+    /// Whether a rule's port fields can match this flow: a protocol with
+    /// ports, and ports read (a later fragment has none). An ICMP echo's
+    /// identifier, which the key holds in its ports, is no port.
+    #[inline(always)]
+    pub fn has_ports(&self) -> bool {
+        carries_ports(self.proto) && (self.sport != 0 || self.dport != 0)
+    }
+
+    /// The key with its ends swapped: the other direction of the flow.
+    #[inline(always)]
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
     /// Traffic that belongs to one link or to this host and that no carrier
     /// can take anywhere else: to or from loopback, unspecified, link-local,
     /// multicast and broadcast addresses (and IPv4's reserved 240/4). The
@@ -481,6 +503,27 @@ impl FlowKey {
             self.dst[0] == 0xff || scoped(&self.dst) || scoped(&self.src)
         }
     }
+}
+
+/// Protocols whose packets carry ports in their first four transport bytes.
+#[inline(always)]
+pub const fn carries_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132 | 136)
+}
+
+/// ICMP (`proto` 1) or ICMPv6 (58) echo requests and replies: a flow of its
+/// own per identifier, which both carry (the key's ports, both of them).
+#[inline(always)]
+pub const fn icmp_echo(proto: u8, icmp_type: u8) -> bool {
+    matches!((proto, icmp_type), (1, 0 | 8) | (58, 128 | 129))
+}
+
+/// ICMP and ICMPv6 errors that quote the packet they answer (unreachable,
+/// time exceeded, parameter problem, and ICMPv6's packet too big): they
+/// belong to the quoted packet's flow.
+#[inline(always)]
+pub const fn icmp_error(proto: u8, icmp_type: u8) -> bool {
+    matches!((proto, icmp_type), (1, 3 | 11 | 12) | (58, 1..=4))
 }
 
 /// ICMPv6 messages of the link itself, whatever their addresses: MLD

@@ -78,7 +78,15 @@ fn classify(ctx: &TcContext) -> i32 {
     if key.link_scoped() || link_frame(ctx, key) {
         return TC_ACT_OK as i32;
     }
-    let entry = if parsed.fragment {
+    let entry = if parsed.icmp_error {
+        // An error about a flow (a port unreachable this host answers a
+        // claimed flow's datagram with) goes where the flow goes; it
+        // never starts one.
+        match claimed_verdict(key, now, settings) {
+            Some(entry) if entry.verdict == Verdict::Divert as u8 => entry,
+            _ => return TC_ACT_OK as i32,
+        }
+    } else if parsed.fragment {
         // A later fragment (no ports) goes where its first went.
         match fragment_verdict(parsed) {
             Some(entry) => entry,
@@ -257,6 +265,20 @@ fn cache_other(cache: &LruHashMap<FlowKey, FlowEntry>) -> &'static LruHashMap<Fl
     }
 }
 
+/// A live claimed flow's cached verdict, if it has one; nothing is cached
+/// or refreshed.
+#[inline(never)]
+fn claimed_verdict(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowEntry> {
+    let idle_ns = if key.proto == IPPROTO_TCP {
+        settings.tcp_idle_ns
+    } else {
+        settings.flow_idle_ns
+    };
+    // SAFETY: plain integers.
+    let entry = unsafe { CLAIMED.get(key) }.copied()?;
+    (now.saturating_sub(entry.last_seen_ns) < idle_ns).then_some(entry)
+}
+
 /// A claimed datagram's first fragment: its verdict, for the rest.
 #[inline(never)]
 fn remember_fragments(parsed: &Parsed, entry: &FlowEntry) {
@@ -309,7 +331,7 @@ fn match_rules(key: &FlowKey) -> Option<RuleAction> {
         DST_V6.get(Key::new(128, key.dst))?
     };
     set.intersect_with(by_dst);
-    if key.sport == 0 && key.dport == 0 {
+    if !key.has_ports() {
         set.intersect_with(PORTLESS.get(0)?);
     } else {
         set.intersect_with(DPORT.get(Key::new(16, key.dport.to_be_bytes()))?);

@@ -22,9 +22,8 @@ use oasis_common::{FAMILY_V4, FlowKey, Measure, MonitorEvent, measure_flag, moni
 use crate::classifier::bump;
 use crate::headers::{ETH_HLEN, read};
 use crate::maps::{MONITOR_EVENTS, MONITORED};
-use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, Parsed};
+use crate::parse::{IPPROTO_TCP, Parsed};
 
-const IPPROTO_ICMP: u8 = 1;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -227,8 +226,8 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
     if parsed.fragment {
         return;
     }
-    if key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6 {
-        unreachable(ctx, parsed);
+    if parsed.icmp_error {
+        unreachable(parsed);
         return;
     }
     if key.proto != IPPROTO_TCP {
@@ -305,48 +304,17 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
 }
 
 /// An ICMP "destination unreachable" about a measured flow: the packet it
-/// quotes is one the host sent, so its header is the flow's key.
+/// quotes is one the host sent, so the error's key (the quoted one,
+/// swapped) is the flow's key swapped.
 #[inline(never)]
-fn unreachable(ctx: &TcContext, parsed: &Parsed) {
+fn unreachable(parsed: &Parsed) {
     let v4 = parsed.key.family == FAMILY_V4;
-    let icmp = parsed.l4_offset;
-    let Ok(head) = ctx.load::<[u8; 2]>(icmp) else {
-        return;
-    };
     let unreachable_type = if v4 { 3 } else { 1 };
-    if head[0] != unreachable_type {
+    if parsed.icmp_type != unreachable_type {
         return;
     }
-    let inner = icmp + 8;
     let mut flow = FlowKey::default();
-    let ports_at = if v4 {
-        let Ok(ip) = ctx.load::<[u8; 20]>(inner) else {
-            return;
-        };
-        flow.family = FAMILY_V4;
-        flow.proto = ip[9];
-        flow.src[..4].copy_from_slice(&ip[12..16]);
-        flow.dst[..4].copy_from_slice(&ip[16..20]);
-        inner + ((ip[0] & 0x0f) as usize) * 4
-    } else {
-        let Ok(next) = ctx.load::<[u8; 1]>(inner + 6) else {
-            return;
-        };
-        let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 16]>(inner + 8), ctx.load::<[u8; 16]>(inner + 24)) else {
-            return;
-        };
-        flow.family = oasis_common::FAMILY_V6;
-        flow.proto = next[0];
-        flow.src = src;
-        flow.dst = dst;
-        inner + 40
-    };
-    if flow.proto == IPPROTO_TCP
-        && let Ok(ports) = ctx.load::<[u8; 4]>(ports_at)
-    {
-        flow.sport = u16::from_be_bytes([ports[0], ports[1]]);
-        flow.dport = u16::from_be_bytes([ports[2], ports[3]]);
-    }
+    reversed(&parsed.key, &mut flow);
     if MONITORED.get_ptr_mut(&flow).is_some() {
         bump(stat::MEASURED_INGRESS);
         emit(&flow, monitor_event::UNREACHABLE, 0, 0, 0, 0);

@@ -34,8 +34,10 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 #[inline(never)]
 pub fn egress(ctx: &TcContext, parsed: &mut Parsed) -> bool {
     // A fragmented datagram goes to the broker whole: it follows the
-    // later fragments, which have no ports to find an entry by.
-    if parsed.fragment || parsed.first_fragment {
+    // later fragments, which have no ports to find an entry by. So does
+    // an ICMP error this host sends about the flow: the broker rewrites
+    // the packet it quotes too.
+    if parsed.fragment || parsed.first_fragment || parsed.icmp_error {
         return false;
     }
     let key = &parsed.key;
@@ -92,6 +94,18 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
         // SAFETY: plain bytes.
         if let Some(fake) = unsafe { NAT_FRAGMENTS.get(&parsed.frag_key()) }.copied()
             && rewrite(&ctx, parsed, Field::Source, &parsed.key.src, &fake).is_some()
+        {
+            bump(stat::NAT_INGRESS);
+        }
+        return TC_ACT_OK as i32;
+    }
+    if parsed.icmp_error {
+        // An error about a flow (a router's "fragmentation needed", a
+        // server's port unreachable): the packet it quotes left with the
+        // real address, which the application never knew.
+        // SAFETY: plain bytes.
+        if let Some(fake) = unsafe { NAT_IN.get(&parsed.key) }.map(|entry| entry.addr)
+            && rewrite_error(&ctx, parsed, &fake).is_some()
         {
             bump(stat::NAT_INGRESS);
         }
@@ -184,6 +198,60 @@ fn rewrite(ctx: &TcContext, parsed: &Parsed, field: Field, old: &[u8; 16], new: 
     } else {
         let at = if field == Field::Source { 8 } else { 24 };
         ctx.store(ETH_HLEN + at, new, 0).ok()?;
+    }
+    Some(())
+}
+
+/// An ICMP error about an in-kernel NAT flow, arriving: the quoted packet's
+/// destination (the real address) becomes the fake one, and so does the
+/// error's source when the real host sent it. IPv4: the quoted header's
+/// checksum changes with it, which leaves the ICMP checksum's sum over the
+/// message as it was. ICMPv6: its checksum covers the quoted address and,
+/// through the pseudo-header, the source.
+#[inline(never)]
+fn rewrite_error(ctx: &TcContext, parsed: &Parsed, fake: &[u8; 16]) -> Option<()> {
+    let key = &parsed.key;
+    let real = &key.src;
+    let quote = parsed.quote_offset;
+    let word = |bytes: &[u8; 16], i: usize| {
+        u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as u64
+    };
+    let icmp_csum = parsed.l4_offset + 2;
+    if key.family == FAMILY_V4 {
+        ctx.l3_csum_replace(quote + 10, word(real, 0), word(fake, 0), 4)
+            .ok()?;
+        ctx.store(quote + 16, &[fake[0], fake[1], fake[2], fake[3]], 0)
+            .ok()?;
+        let outer = ctx.load::<[u8; 4]>(ETH_HLEN + 12).ok()?;
+        if outer == [real[0], real[1], real[2], real[3]] {
+            ctx.l3_csum_replace(ETH_HLEN + 10, word(real, 0), word(fake, 0), 4)
+                .ok()?;
+            ctx.store(ETH_HLEN + 12, &[fake[0], fake[1], fake[2], fake[3]], 0)
+                .ok()?;
+        }
+    } else {
+        let mut i = 0;
+        while i < 16 {
+            ctx.l4_csum_replace(icmp_csum, word(real, i), word(fake, i), 4)
+                .ok()?;
+            i += 4;
+        }
+        ctx.store(quote + 24, fake, 0).ok()?;
+        let outer = ctx.load::<[u8; 16]>(ETH_HLEN + 8).ok()?;
+        if outer == *real {
+            let mut i = 0;
+            while i < 16 {
+                ctx.l4_csum_replace(
+                    icmp_csum,
+                    word(real, i),
+                    word(fake, i),
+                    BPF_F_PSEUDO_HDR as u64 | 4,
+                )
+                .ok()?;
+                i += 4;
+            }
+            ctx.store(ETH_HLEN + 8, fake, 0).ok()?;
+        }
     }
     Some(())
 }

@@ -2,10 +2,11 @@
 //! ingress NAT.
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::TcContext};
-use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, icmp_echo, icmp_error};
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
@@ -41,6 +42,14 @@ pub struct Parsed {
     pub first_fragment: bool,
     /// The IP identification of a fragment, first or not.
     pub frag_id: u32,
+    /// An ICMP error quoting a packet: the key is then the quoted packet's
+    /// flow as a packet in this one's direction would have it (the quoted
+    /// packet's key swapped), so the error follows that flow.
+    pub icmp_error: bool,
+    /// The ICMP type (ICMP and ICMPv6 packets).
+    pub icmp_type: u8,
+    /// Where the quoted packet of an ICMP error starts.
+    pub quote_offset: usize,
 }
 
 impl Parsed {
@@ -135,6 +144,9 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
         }
         _ => return false,
     }
+    if !out.fragment && (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6) {
+        return parse_icmp(ctx, out);
+    }
     if !out.fragment
         && matches!(
             key.proto,
@@ -166,5 +178,78 @@ pub fn parse_into(ctx: &TcContext, out: &mut Parsed) -> bool {
         key.sport = u16::from_be_bytes([head[0], head[1]]);
         key.dport = u16::from_be_bytes([head[2], head[3]]);
     }
+    true
+}
+
+/// An ICMP or ICMPv6 packet: an echo is keyed by its identifier (in both
+/// ports), an error by the flow of the packet it quotes. Anything else, or
+/// what cannot be read, keeps the plain key (no ports). A separate BPF
+/// function, so only ICMP pays for it.
+#[inline(never)]
+fn parse_icmp(ctx: &TcContext, out: &mut Parsed) -> bool {
+    // type, code, checksum, then an echo's identifier and sequence
+    let Ok(head) = ctx.load::<[u8; 8]>(out.l4_offset) else {
+        return true;
+    };
+    let proto = out.key.proto;
+    out.icmp_type = head[0];
+    if icmp_echo(proto, head[0]) {
+        let id = u16::from_be_bytes([head[4], head[5]]);
+        out.key.sport = id;
+        out.key.dport = id;
+        return true;
+    }
+    if !icmp_error(proto, head[0]) {
+        return true;
+    }
+    let quote = out.l4_offset + 8;
+    let key = &mut out.key;
+    // The quoted packet's addresses, protocol and ports, swapped as they
+    // are written into the key.
+    let ports_at = if key.family == FAMILY_V4 {
+        let Ok(ip) = ctx.load::<[u8; 20]>(quote) else {
+            return true;
+        };
+        if ip[0] >> 4 != 4 {
+            return true;
+        }
+        key.proto = ip[9];
+        key.dst[..4].copy_from_slice(&ip[12..16]);
+        key.src[..4].copy_from_slice(&ip[16..20]);
+        quote + ((ip[0] & 0x0f) as usize) * 4
+    } else {
+        let Ok(next) = ctx.load::<[u8; 8]>(quote) else {
+            return true;
+        };
+        let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 16]>(quote + 8), ctx.load::<[u8; 16]>(quote + 24)) else {
+            return true;
+        };
+        if next[0] >> 4 != 6 {
+            return true;
+        }
+        key.proto = next[6];
+        key.dst = src;
+        key.src = dst;
+        quote + 40
+    };
+    key.sport = 0;
+    key.dport = 0;
+    if matches!(
+        key.proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    ) && let Ok(ports) = ctx.load::<[u8; 4]>(ports_at)
+    {
+        key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+        key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+    } else if (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6)
+        && let Ok(echo) = ctx.load::<[u8; 6]>(ports_at)
+        && icmp_echo(key.proto, echo[0])
+    {
+        let id = u16::from_be_bytes([echo[4], echo[5]]);
+        key.sport = id;
+        key.dport = id;
+    }
+    out.icmp_error = true;
+    out.quote_offset = quote;
     true
 }

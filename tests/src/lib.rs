@@ -363,8 +363,11 @@ impl Topology {
         let bin = workspace_bin("oasis-exit");
         let stats_text = stats.to_string_lossy().into_owned();
         let state_text = self.dir.join("exit-nat.json").to_string_lossy().into_owned();
+        let pins_text = self.bpf_pins().to_string_lossy().into_owned();
         let mut args = vec![
             bin.to_str().expect("utf-8 path"),
+            "--pin-dir",
+            &pins_text,
             "--uplink",
             "o0",
             "--public",
@@ -383,6 +386,21 @@ impl Topology {
         self.spawn(&overlay, "oasis-exit", &args);
         wait_for_udp_listener(&self.overlay, 7400);
         stats
+    }
+
+    /// A BPF file system of this topology's own, for the exit's pinned
+    /// steering: mounted in the test's mount namespace, which the exits
+    /// `ip netns exec` starts see (their own mounts would vanish with them),
+    /// and unmounted, pins and all, when the topology is dropped.
+    pub fn bpf_pins(&self) -> PathBuf {
+        let dir = self.dir.join("bpf");
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == dir.to_str()));
+        if !mounted {
+            std::fs::create_dir_all(&dir).expect("pin directory");
+            host(&["mount", "-t", "bpf", "bpf", dir.to_str().expect("utf-8 path")]);
+        }
+        dir
     }
 
     /// Counts the UDP datagrams that reach each of `ports` on the overlay
@@ -662,6 +680,12 @@ impl Drop for Topology {
         }
         dns::remove_resolv_conf(&self.client);
         dns::remove_cgroup(&self.cgroup);
+        let pins = self.dir.join("bpf");
+        if std::fs::read_to_string("/proc/self/mounts")
+            .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == pins.to_str()))
+        {
+            let _ = Command::new("umount").arg(&pins).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -743,6 +767,26 @@ pub fn remove_stale_namespaces() -> Vec<String> {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
             removed.push(name.to_string());
+        }
+    }
+    // The BPF file systems of their exits' pinned steering.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let temp = std::env::temp_dir();
+    for point in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+        let Some(rest) = Path::new(point)
+            .strip_prefix(&temp)
+            .ok()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_prefix(&format!("{NETNS_PREFIX}-")))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("umount").arg(point).status();
+            removed.push(point.to_string());
         }
     }
     removed

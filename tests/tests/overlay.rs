@@ -796,7 +796,10 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
         "ping", "-n", "-c", "2", "-W", "2", "-M", "do", "-s", "1230", SERVER_V4,
     ]);
     let text = String::from_utf8_lossy(&ping.stdout);
-    assert!(text.contains(" 0% packet loss"), "a 1,258-byte ping with DF: {text}");
+    assert!(
+        text.contains(" 0% packet loss"),
+        "a 1,258-byte ping with DF: {text}"
+    );
 
     // The early connection's segments no longer fit once encapsulated and
     // may not be fragmented: TCP hears the MTU that fits (path MTU
@@ -804,17 +807,22 @@ fn a_narrow_path_to_the_entry_node_does_not_stall_overlay_tcp() {
     std::fs::write(&go, "").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !net.process("early").log().contains("echoed") {
-        assert!(Instant::now() < deadline, "the early connection stalled: {}", net.process("early").log());
+        assert!(
+            Instant::now() < deadline,
+            "the early connection stalled: {}",
+            net.process("early").log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        net.process("early").log().contains(&format!("echoed {}", 1 << 20)),
+        net.process("early")
+            .log()
+            .contains(&format!("echoed {}", 1 << 20)),
         "{}",
         net.process("early").log()
     );
     let status = json(&daemon, &net, &["status", "--json"]);
     assert!(status["broker"]["too_big"].as_u64().unwrap() >= 1, "{status}");
-
 }
 
 /// An unmodified UDP application sending datagrams as large as its link
@@ -857,7 +865,9 @@ fn datagrams_as_large_as_the_link_takes_go_through_an_overlay() {
     cli_ok(
         &daemon,
         &net,
-        &["rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "exit"],
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "exit",
+        ],
     );
     let iperf = net.client.output(&[
         "iperf3", "-c", SERVER_V4, "-p", "5201", "-u", "-l", "1472", "-b", "20M", "-t", "2", "-J",
@@ -889,7 +899,13 @@ fn datagrams_as_large_as_the_link_takes_go_through_an_overlay() {
         String::from_utf8_lossy(&sender.stderr)
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while net.process("udp-sink").log().matches(&format!("{OVERLAY_V4} 1472")).count() < 5 {
+    while net
+        .process("udp-sink")
+        .log()
+        .matches(&format!("{OVERLAY_V4} 1472"))
+        .count()
+        < 5
+    {
         assert!(
             Instant::now() < deadline,
             "the datagrams did not all arrive whole from the exit: {}",
@@ -920,4 +936,138 @@ fn datagrams_as_large_as_the_link_takes_go_through_an_overlay() {
     assert_eq!(String::from_utf8_lossy(&size.stdout), (4 << 20).to_string());
     let status = json(&daemon, &net, &["status", "--json"]);
     assert_eq!(status["broker"]["too_big"].as_u64(), Some(0), "{status}");
+}
+
+/// Each ping session is a flow of its own: a ping started after the rules
+/// changed takes the new carrier while a running one keeps its own (before,
+/// every echo between two hosts was one flow, and a new ping inherited
+/// the old session's carrier for as long as any ping to that host went on).
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn each_ping_session_takes_the_carrier_of_its_time() {
+    let mut net = Topology::new();
+    net.server.watch(
+        "from-client",
+        &format!("ip saddr {CLIENT_V4} icmp type echo-request"),
+    );
+    net.server.watch(
+        "from-exit",
+        &format!("ip saddr {OVERLAY_V4} icmp type echo-request"),
+    );
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    let added = daemon.json(
+        &net,
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "exit", "--json",
+        ],
+    );
+    let id = added["id"].as_u64().unwrap().to_string();
+    let client = net.client.clone();
+    net.spawn(&client, "ping-a", &["ping", "-n", "-i", "0.2", SERVER_V4]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.server.watched("from-exit") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the first ping never went through the exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cli_ok(&daemon, &net, &["rule", "del", &id]);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "underlay",
+        ],
+    );
+    let before = (net.server.watched("from-client"), net.server.watched("from-exit"));
+    let second = net
+        .client
+        .output(&["ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", SERVER_V4]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+    let after = (net.server.watched("from-client"), net.server.watched("from-exit"));
+    assert!(
+        after.0 >= before.0 + 5,
+        "the new ping did not take the underlay: {before:?} {after:?}"
+    );
+    assert!(
+        after.1 > before.1,
+        "the running ping left the exit: {before:?} {after:?}"
+    );
+}
+
+/// A paced download through the exit (an application reading at 4 MB/s)
+/// goes on across restarts of the exit, graceful and hard: the server's
+/// packets that reach the exit's address while no exit runs must not draw
+/// resets from its host's stack.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_paced_download_survives_restarts_of_the_exit() {
+    let mut net = Topology::new();
+    net.start_web_server(80);
+    net.web_file("huge.bin", 200 << 20);
+    let daemon = joined(&mut net, &[CLIENT_V4]);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
+    );
+    // Reads at 4 MB/s and says how far it got every 100 ms.
+    let script = format!(
+        "import socket,time\n\
+         s=socket.create_connection(('{SERVER_V4}',80),timeout=60)\n\
+         s.sendall(b'GET /huge.bin HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n')\n\
+         got=0;start=time.monotonic();last=0\n\
+         while True:\n \
+         d=s.recv(65536)\n \
+         if not d: break\n \
+         got+=len(d)\n \
+         ahead=got/4e6-(time.monotonic()-start)\n \
+         if ahead>0: time.sleep(ahead)\n \
+         if time.monotonic()-last>0.1: print('got',got,flush=True);last=time.monotonic()\n\
+         print('end',got,flush=True)\n"
+    );
+    let client = net.client.clone();
+    net.spawn(&client, "paced", &["python3", "-u", "-c", &script]);
+    let progress = |net: &mut Topology| -> u64 {
+        let log = net.process("paced").log();
+        assert!(
+            !log.contains("end") && !log.contains("Error"),
+            "the download ended: {log}"
+        );
+        log.lines()
+            .filter_map(|l| l.strip_prefix("got ")?.parse().ok())
+            .next_back()
+            .unwrap_or(0)
+    };
+    let goes_on = |net: &mut Topology, what: &str| {
+        let from = progress(net);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while progress(net) < from + (8 << 20) {
+            assert!(
+                Instant::now() < deadline,
+                "the download stalled {what} at {} bytes",
+                progress(net)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    goes_on(&mut net, "before any restart");
+    // The state is written within a second of a change.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        net.process("oasis-exit").terminate(Duration::from_secs(10)),
+        "the exit did not stop cleanly"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    net.start_exit(&["--client", CLIENT_V4]);
+    goes_on(&mut net, "after a graceful restart of the exit");
+    net.process("oasis-exit").kill_hard();
+    std::thread::sleep(Duration::from_millis(300));
+    net.start_exit(&["--client", CLIENT_V4]);
+    goes_on(&mut net, "after a hard restart of the exit");
 }

@@ -626,6 +626,160 @@ mod tests {
         assert_eq!(world.engine.counters.snapshot().flows, 0);
     }
 
+    fn ping(dst: [u8; 4], id: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(CLIENT, dst, 64)
+            .icmpv4_echo_request(id, 1)
+            .write(&mut out, b"ping")
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn each_ping_session_is_a_flow_of_its_own() {
+        let icmp = |via: &str| RuleSpec {
+            proto: Some("icmp".into()),
+            via: via.into(),
+            ..RuleSpec::default()
+        };
+        let mut world = world(&[icmp("detour")]);
+        let mut router = world.engine.router();
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        assert_eq!(decide(&mut router, &mut ping(SERVER, 7)), overlay);
+        // The rule now sends ICMP to the underlay: a new ping (another
+        // identifier) meets it, the running one keeps its carrier.
+        world.rules = RuleSet::default();
+        let (subset, via) = icmp("underlay").parse().unwrap();
+        world.rules.add_any(subset, via).unwrap();
+        world.engine.publish(routes(&world.rules, &world.overlays));
+        assert_eq!(decide(&mut router, &mut ping(SERVER, 8)), Outbound::Underlay);
+        assert_eq!(decide(&mut router, &mut ping(SERVER, 7)), overlay);
+        assert_eq!(world.engine.counters.snapshot().flows, 2);
+        // A rule on ports never takes an echo for its identifier.
+        let (subset, _) = RuleSpec {
+            dport: Some("7".into()),
+            via: "detour".into(),
+            ..RuleSpec::default()
+        }
+        .parse_header()
+        .unwrap();
+        assert!(!subset.matches(&packet::flow_key(&ping(SERVER, 7)).unwrap()));
+    }
+
+    #[test]
+    fn an_icmp_error_follows_the_flow_it_quotes() {
+        let world = world(&[header("detour", "udp", "53"), name("detour", "example.org")]);
+        let mut router = world.engine.router();
+        let overlay = Outbound::Overlay {
+            overlay: OverlayId(1),
+            to: entry(),
+        };
+        let datagram = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(src, dst, 64)
+                .udp(sport, dport)
+                .write(&mut out, b"query")
+                .unwrap();
+            out
+        };
+        // A flow over the overlay; the answer came back, and this host
+        // answers it with a port unreachable: over the overlay too, not
+        // from this host's own address on the underlay.
+        assert_eq!(
+            decide(&mut router, &mut datagram(CLIENT, SERVER, 40000, 53)),
+            overlay
+        );
+        let mut error = Vec::new();
+        assert!(oasis_io::packet::unreachable_reply(
+            &datagram(SERVER, CLIENT, 53, 40000),
+            &mut error
+        ));
+        error[12..16].copy_from_slice(&CLIENT);
+        error[16..20].copy_from_slice(&SERVER);
+        fix_ipv4_checksum(&mut error);
+        assert_eq!(decide(&mut router, &mut error), overlay);
+        // It starts no flow: an error about a flow never seen goes the
+        // plain way.
+        let flows = world.engine.counters.snapshot().flows;
+        let mut stray = Vec::new();
+        assert!(oasis_io::packet::unreachable_reply(
+            &datagram(SERVER, CLIENT, 53, 40999),
+            &mut stray
+        ));
+        stray[12..16].copy_from_slice(&CLIENT);
+        stray[16..20].copy_from_slice(&SERVER);
+        fix_ipv4_checksum(&mut stray);
+        assert_eq!(decide(&mut router, &mut stray), Outbound::Underlay);
+        assert_eq!(world.engine.counters.snapshot().flows, flows);
+
+        // A fake-address flow: the error goes to the real address, about
+        // the real address, over the overlay.
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        assert_eq!(
+            decide(&mut router, &mut datagram(CLIENT, v4(fake), 40001, 5353)),
+            overlay
+        );
+        let mut error = Vec::new();
+        assert!(oasis_io::packet::unreachable_reply(
+            &datagram(v4(fake), CLIENT, 5353, 40001),
+            &mut error
+        ));
+        error[12..16].copy_from_slice(&CLIENT);
+        error[16..20].copy_from_slice(&v4(fake));
+        fix_ipv4_checksum(&mut error);
+        assert_eq!(decide(&mut router, &mut error), overlay);
+        let real: IpAddr = "192.0.2.10".parse().unwrap();
+        assert_eq!(addresses(&error).unwrap(), (IpAddr::from(CLIENT), real));
+        let quote = oasis_io::packet::icmp_error_quote(&error).unwrap();
+        assert_eq!(addresses(&error[quote..]).unwrap(), (real, IpAddr::from(CLIENT)));
+
+        // And a router's error about it, coming back through the overlay,
+        // quotes the fake address the application knows.
+        let mut too_big = Vec::new();
+        let mut sent = datagram(CLIENT, v4(real), 40001, 5353);
+        sent.resize(1400, 0);
+        assert!(oasis_io::packet::too_big_reply(&sent, 1300, &mut too_big));
+        too_big[12..16].copy_from_slice(&[192, 0, 2, 254]);
+        fix_ipv4_checksum(&mut too_big);
+        let mut returned = vec![0u8; 4];
+        returned.extend(&too_big);
+        let mut returns = ReturnPath::new(&world.engine);
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        let replies = world.engine.replies().expect("a reply mapping");
+        let mut out = Vec::new();
+        let accepted = returns.accept(
+            Some(entry()),
+            &returned,
+            &local,
+            Some(&replies),
+            0,
+            &mut out,
+            Instant::now(),
+        );
+        assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+        let quote = oasis_io::packet::icmp_error_quote(&out).unwrap();
+        assert_eq!(addresses(&out[quote..]).unwrap(), (IpAddr::from(CLIENT), fake));
+        assert_eq!(
+            addresses(&out).unwrap().0,
+            "192.0.2.254".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    fn fix_ipv4_checksum(packet: &mut [u8]) {
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = packet[..20]
+            .chunks(2)
+            .map(|p| u32::from(u16::from_be_bytes([p[0], p[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+
     fn tcp4_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn_ack_mss: Option<u16>) -> Vec<u8> {
         let builder = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 64000);
         let builder = match syn_ack_mss {

@@ -1,15 +1,33 @@
 //! What the engine reads from a diverted packet: its 5-tuple, the same key
-//! the classifier builds in the kernel.
+//! the classifier builds in the kernel. An ICMP echo is keyed by its
+//! identifier (in both ports), so each ping session is a flow of its own;
+//! an ICMP error by the packet it quotes, swapped, so it is a packet of
+//! that packet's flow, in its own direction.
 
 use std::net::IpAddr;
 
-use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey};
-use oasis_io::packet::{Fragment, PacketError, addresses, fragment, layout};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, carries_ports};
+use oasis_io::packet::{Fragment, PacketError, addresses, echo_id, fragment, icmp_error_quote, layout};
 
 /// The 5-tuple of a raw IP packet, as the classifier builds it: a first
 /// fragment has its ports, a later one none (and, for IPv6, the protocol
 /// its fragment header names).
 pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
+    if let Some(quote) = icmp_error_quote(packet) {
+        let quoted = plain_key(&packet[quote..])?;
+        let outer = plain_key(packet)?;
+        return (quoted.family == outer.family).then(|| quoted.reversed());
+    }
+    plain_key(packet)
+}
+
+/// Whether a packet is an ICMP error quoting another (whose flow
+/// [`flow_key`] gives it).
+pub fn is_icmp_error(packet: &[u8]) -> bool {
+    icmp_error_quote(packet).is_some()
+}
+
+fn plain_key(packet: &[u8]) -> Option<FlowKey> {
     let (src, dst) = addresses(packet)?;
     let mut key = FlowKey::default();
     match (src, dst) {
@@ -28,10 +46,13 @@ pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
     match layout(packet) {
         Ok(layout) => {
             key.proto = layout.proto;
-            if matches!(layout.proto, TCP | UDP | SCTP | UDPLITE) {
+            if carries_ports(layout.proto) {
                 let ports = packet.get(layout.l4..layout.l4 + 4)?;
                 key.sport = u16::from_be_bytes([ports[0], ports[1]]);
                 key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            } else if let Some((_, id)) = echo_id(packet) {
+                key.sport = id;
+                key.dport = id;
             }
         }
         Err(PacketError::Fragment) => key.proto = fragment(packet)?.proto,
@@ -39,11 +60,6 @@ pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
     }
     Some(key)
 }
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SCTP: u8 = 132;
-const UDPLITE: u8 = 136;
 
 /// How the later fragments of a datagram are known (see `FragKey`).
 pub fn frag_key(key: &FlowKey, fragment: &Fragment) -> FragKey {

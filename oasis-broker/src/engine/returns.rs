@@ -11,12 +11,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use oasis_common::{FlowKey, FragKey};
-use oasis_io::packet::{End, addresses, clamp_mss, fragment, rewrite_address, rewrite_ip_address};
+use oasis_io::packet::{
+    End, addresses, clamp_mss, fragment, rewrite_address, rewrite_error_about, rewrite_ip_address,
+};
 
 use super::counters::DropReason;
 use super::fragments::FRAGMENT_LIFETIME;
 use super::measure::{FlowProbe, Segment};
-use super::packet::{flow_key, frag_key};
+use super::packet::{flow_key, frag_key, is_icmp_error};
 use super::router::{Engine, ReplyMap};
 use super::routes::Routes;
 use crate::overlay::OverlayId;
@@ -202,6 +204,15 @@ impl ReturnPath {
                         && now.saturating_duration_since(at) < FRAGMENT_LIFETIME
                     {
                         let _ = rewrite_ip_address(inner, End::Source, fake);
+                    }
+                }
+                // An error about a flow (a router's "fragmentation needed")
+                // quotes the packet that left with the real address.
+                _ if is_icmp_error(inner) => {
+                    if let Some(fake) = replies.get(&key).copied()
+                        && let Err(e) = rewrite_error_about(inner, End::Destination, fake)
+                    {
+                        tracing::debug!(%fake, "cannot rewrite an error about a flow: {e}");
                     }
                 }
                 first => {

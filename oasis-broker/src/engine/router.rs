@@ -20,7 +20,7 @@ use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
 use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::nat::NatTable;
-use super::packet::{describe, flow_dst, flow_key, frag_key, routable};
+use super::packet::{describe, flow_dst, flow_key, frag_key, is_icmp_error, routable};
 use super::pins::FlowPins;
 use super::routes::{Routes, Via};
 use crate::control::FlowView;
@@ -464,6 +464,12 @@ impl Router {
         if !routable(&key, packet) {
             return self.drop(DropReason::Unroutable);
         }
+        if is_icmp_error(packet) {
+            // An error about a flow goes where the flow goes; it never
+            // starts one (nothing else of it would follow).
+            let via = self.flows.get(&key).map_or(Via::Underlay, |flow| flow.via);
+            return self.carry(via, &key, packet);
+        }
         let via = match self.flows.lookup(&key, now) {
             Lookup::Live(flow) => match known(flow, packet, now) {
                 Known::Carry(via) => via,
@@ -680,6 +686,9 @@ impl Router {
         packet: &mut [u8],
         reply: &mut Vec<u8>,
     ) -> Outbound {
+        if is_icmp_error(packet) {
+            return self.fake_error(key, packet);
+        }
         // Only what has ports (or an echo identifier) and is whole can be
         // rewritten; nothing else may start a flow and hold an address.
         if oasis_io::packet::ports(packet).is_none() {
@@ -712,6 +721,20 @@ impl Router {
         };
         if let Err(e) = rewrite_address(packet, End::Destination, binding.real) {
             tracing::debug!(fake = %binding.fake, "cannot rewrite a packet to a fake address: {e}");
+            return self.drop(DropReason::Untranslatable);
+        }
+        self.carry(via, key, packet)
+    }
+
+    /// This host's ICMP error about a fake-address flow (a port unreachable
+    /// for a datagram that came over the overlay, say): sent to the fake
+    /// address about a packet from it, it leaves about the real one, the
+    /// way the flow goes. Without the flow there is no real address.
+    fn fake_error(&mut self, key: &FlowKey, packet: &mut [u8]) -> Outbound {
+        let Some((via, binding)) = self.flows.get(key).and_then(|f| Some((f.via, f.fake?))) else {
+            return self.drop(DropReason::Untranslatable);
+        };
+        if oasis_io::packet::rewrite_error_about(packet, End::Source, binding.real).is_err() {
             return self.drop(DropReason::Untranslatable);
         }
         self.carry(via, key, packet)

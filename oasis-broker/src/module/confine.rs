@@ -139,10 +139,10 @@ impl Confinement {
     pub fn may_come_home(&self, packet: &[u8], now: Instant) -> Result<(), Refusal> {
         let key = flow_key(packet).ok_or(Refusal::NotAnAnswer)?;
         if fragment(packet).is_some_and(|p| !p.first) {
-            let answered = self.pairs.contains_key(&pair(&reversed(&key)));
+            let answered = self.pairs.contains_key(&pair(&key.reversed()));
             return answered.then_some(()).ok_or(Refusal::NotAnAnswer);
         }
-        if self.live(&reversed(&key), now) {
+        if self.live(&key.reversed(), now) {
             return Ok(());
         }
         // An ICMP error about a flow (from a router on its way) quotes the
@@ -204,17 +204,6 @@ impl Confinement {
             }
             !expired
         });
-    }
-}
-
-/// The key with its ends swapped: how an answer's key reads its flow.
-fn reversed(key: &FlowKey) -> FlowKey {
-    FlowKey {
-        src: key.dst,
-        dst: key.src,
-        sport: key.dport,
-        dport: key.sport,
-        ..*key
     }
 }
 

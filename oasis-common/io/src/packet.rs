@@ -219,6 +219,31 @@ pub fn rewrite_quoted_source(
     refresh_icmp_checksum(packet)
 }
 
+/// Puts `addr` in at `end` of the packet an ICMP error quotes, and as the
+/// error's own address at the other end when it was the one replaced (an
+/// error sent to the quoted packet's source, or sent by its destination),
+/// and recomputes the checksums: an error about a flow whose address is
+/// translated, translated with it.
+pub fn rewrite_error_about(packet: &mut [u8], end: End, addr: IpAddr) -> Result<(), PacketError> {
+    let quote = icmp_error_quote(packet).ok_or(PacketError::Unsupported(layout(packet)?.proto))?;
+    let (src, dst) = addresses(&packet[quote..]).ok_or(PacketError::Truncated)?;
+    let (old, other) = match end {
+        End::Source => (src, End::Destination),
+        End::Destination => (dst, End::Source),
+    };
+    rewrite_ip_address(&mut packet[quote..], end, addr)?;
+    let (outer_src, outer_dst) = addresses(packet).ok_or(PacketError::Truncated)?;
+    let outer = if other == End::Source {
+        outer_src
+    } else {
+        outer_dst
+    };
+    if outer == old {
+        rewrite_ip_address(packet, other, addr)?;
+    }
+    refresh_icmp_checksum(packet)
+}
+
 /// Recomputes an ICMP or ICMPv6 message's checksum from scratch (errors are
 /// small; their quoted part changed).
 pub fn refresh_icmp_checksum(packet: &mut [u8]) -> Result<(), PacketError> {
@@ -702,6 +727,91 @@ mod tests {
         assert!(reply6.len() <= 1280);
         assert_checksums_valid(&reply6);
         assert!(!unreachable_reply(&[0x45, 0], &mut reply6));
+    }
+
+    #[test]
+    fn an_error_about_a_translated_flow_is_translated_with_it() {
+        let fake: IpAddr = "198.18.0.7".parse().unwrap();
+        let real: IpAddr = "203.0.113.9".parse().unwrap();
+        let host: IpAddr = "10.0.0.2".parse().unwrap();
+        // A router's "fragmentation needed" about a segment that left with
+        // the real address: the application must see the fake one quoted.
+        let segment = build!(
+            PacketBuilder::ipv4([10, 0, 0, 2], [203, 0, 113, 9], 64).tcp(40000, 443, 1, 1000),
+            &[7u8; 1400]
+        );
+        let mut error = Vec::new();
+        assert!(too_big_reply(&segment, 1400, &mut error));
+        // From a router on the way, not from the real host.
+        error[12..16].copy_from_slice(&[192, 0, 2, 254]);
+        refresh_ipv4_header_checksum(&mut error);
+        rewrite_error_about(&mut error, End::Destination, fake).unwrap();
+        assert_checksums_valid(&error);
+        let quote = icmp_error_quote(&error).unwrap();
+        assert_eq!(addresses(&error[quote..]).unwrap(), (host, fake));
+        assert_eq!(
+            addresses(&error).unwrap().0,
+            "192.0.2.254".parse::<IpAddr>().unwrap()
+        );
+        // The quoted header's own checksum is right again.
+        let quoted = &error[quote..quote + 20];
+        assert_eq!(ones_complement(quoted), 0xffff);
+
+        // This host's port unreachable, sent to the fake address about the
+        // datagram that came from it: both become the real address.
+        let datagram = build!(
+            PacketBuilder::ipv4([198, 18, 0, 7], [10, 0, 0, 2], 64).udp(53, 40000),
+            &[7u8; 40]
+        );
+        let mut unreachable = Vec::new();
+        assert!(unreachable_reply(&datagram, &mut unreachable));
+        unreachable[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        unreachable[16..20].copy_from_slice(&[198, 18, 0, 7]);
+        refresh_ipv4_header_checksum(&mut unreachable);
+        rewrite_error_about(&mut unreachable, End::Source, real).unwrap();
+        assert_checksums_valid(&unreachable);
+        assert_eq!(addresses(&unreachable).unwrap(), (host, real));
+        let quote = icmp_error_quote(&unreachable).unwrap();
+        assert_eq!(addresses(&unreachable[quote..]).unwrap(), (real, host));
+
+        // IPv6: the checksum covers the quoted address.
+        let real6: IpAddr = "2001:db8::9".parse().unwrap();
+        let fake6: IpAddr = "fd4f:4153:4953::7".parse().unwrap();
+        let segment6 = build!(
+            PacketBuilder::ipv6([0xfd; 16], real6_octets(real6), 64).tcp(40000, 443, 1, 1000),
+            &[7u8; 1400]
+        );
+        let mut error6 = Vec::new();
+        assert!(too_big_reply(&segment6, 1280, &mut error6));
+        rewrite_error_about(&mut error6, End::Destination, fake6).unwrap();
+        assert_checksums_valid(&error6);
+        // It came from the real host itself: its source is translated too.
+        assert_eq!(addresses(&error6).unwrap().0, fake6);
+        assert!(rewrite_error_about(&mut segment6.clone(), End::Destination, fake6).is_err());
+    }
+
+    fn real6_octets(addr: IpAddr) -> [u8; 16] {
+        match addr {
+            IpAddr::V6(v6) => v6.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        }
+    }
+
+    fn ones_complement(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|p| u32::from(u16::from_be_bytes([p[0], *p.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    fn refresh_ipv4_header_checksum(packet: &mut [u8]) {
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let sum = !ones_complement(&packet[..20]);
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
     }
 
     #[test]

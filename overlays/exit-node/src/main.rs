@@ -79,6 +79,24 @@ struct Args {
     /// read at start), so clients' connections survive a restart.
     #[arg(long, default_value = "/var/lib/oasis-exit/nat.json")]
     state_file: PathBuf,
+    /// A directory on a BPF file system where the steering of replies is
+    /// pinned, so that it outlives the process: replies arriving while no
+    /// exit runs (a restart, a crash) are dropped, not reset by this host's
+    /// stack, and clients' connections survive. Mounted when it is an
+    /// empty directory without one.
+    #[arg(long, default_value = "/sys/fs/bpf/oasis-exit")]
+    pin_dir: PathBuf,
+    /// Remove the pinned steering of --uplink (an exit retired for good)
+    /// and exit.
+    #[arg(long)]
+    unpin: bool,
+}
+
+/// Set by SIGTERM or SIGINT: the exit saves its NAT state and stops.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -162,6 +180,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     use oasis_io::linux::tun::{Tun, uplink_mtu};
     use steer::ExitSteering;
 
+    if args.unpin {
+        let removed = ExitSteering::unpin(&args.pin_dir, &args.uplink)?;
+        println!(
+            "{}",
+            if removed {
+                "the pinned steering is removed"
+            } else {
+                "there was no pinned steering for this uplink"
+            }
+        );
+        return Ok(());
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+    }
+
     let public_v4 = args.public.iter().find_map(|a| match a {
         IpAddr::V4(v4) => Some(*v4),
         _ => None,
@@ -199,8 +235,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         port_last: *args.nat_ports.end(),
         tun_ifindex: tun.ifindex,
     };
-    let steering = ExitSteering::attach(&args.uplink, settings)
+    let steering = ExitSteering::attach(&args.uplink, settings, Some(&args.pin_dir))
         .with_context(|| format!("steering replies on {}", args.uplink))?;
+    if let Some(path) = &steering.pinned {
+        tracing::info!(path = %path.display(), "steering pinned: it outlives this process (`oasis-exit --unpin` removes it)");
+    }
     let raw = Arc::new(RawSockets::open(0).context("opening raw sockets (run as root)")?);
 
     let mut nat_config = NatConfig::new(public_v4, public_v6, args.nat_ports.clone());
@@ -265,8 +304,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
 
     let mut last_log = Instant::now();
+    let mut last_upkeep = Instant::now() - Duration::from_secs(1);
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(50));
+        let stopping = STOP.load(std::sync::atomic::Ordering::Relaxed);
+        if !stopping && last_upkeep.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        last_upkeep = Instant::now();
         let (stats, state) = {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -275,7 +320,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             core.stats.program = steering.stats();
             // Copied under the lock, written outside it.
             let changes = core.nat.changes();
-            let state = (changes != saved_changes).then(|| {
+            let state = (changes != saved_changes || stopping).then(|| {
                 saved_changes = changes;
                 core.nat.state(now)
             });
@@ -300,6 +345,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 stats.classes
             );
             last_log = Instant::now();
+        }
+        if stopping {
+            // The steering stays pinned: replies wait for the next exit.
+            tracing::info!(flows = stats.nat_flows, "stopping: the NAT state is saved");
+            return Ok(());
         }
         if threads.iter().any(|t| t.is_finished()) {
             bail!("a packet thread stopped; see the log above");
