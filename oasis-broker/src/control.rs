@@ -519,6 +519,14 @@ pub struct BrokerCounters {
     /// fragmented: answered with ICMP fragmentation needed / too big.
     #[serde(default)]
     pub too_big: u64,
+    /// Packets returned from a fake address's real one for no socket of
+    /// this host (a flow that ended while the daemon was down), dropped.
+    #[serde(default)]
+    pub returned_for_no_flow: u64,
+    /// Live flows of fake addresses the return path took up again after
+    /// a restart of the daemon.
+    #[serde(default)]
+    pub flows_adopted: u64,
     /// Flows the broker tracks now.
     pub flows: u64,
     /// Flows started since the daemon started.

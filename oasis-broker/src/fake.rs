@@ -60,6 +60,10 @@ pub struct FakeTable {
     entries: HashMap<IpAddr, FakeEntry>,
     #[serde(skip)]
     by_name: HashMap<(String, bool), IpAddr>,
+    /// Real address → the fake addresses standing for it (several names
+    /// may share a real address).
+    #[serde(skip)]
+    by_real: HashMap<IpAddr, Vec<IpAddr>>,
     /// (last_used, address) of entries without live flows: eviction order.
     #[serde(skip)]
     idle: BTreeSet<(u64, IpAddr)>,
@@ -93,6 +97,7 @@ impl FakeTable {
             capacity,
             entries: HashMap::new(),
             by_name: HashMap::new(),
+            by_real: HashMap::new(),
             idle: BTreeSet::new(),
             counts: [0, 0],
             next_v4: 1,
@@ -133,12 +138,16 @@ impl FakeTable {
     /// Rebuilds the indexes after deserialising.
     pub fn reindex(&mut self) {
         self.by_name.clear();
+        self.by_real.clear();
         self.idle.clear();
         self.counts = [0, 0];
         for entry in self.entries.values() {
             self.counts[usize::from(entry.fake.is_ipv6())] += 1;
             self.by_name
                 .insert((entry.name.clone(), entry.fake.is_ipv6()), entry.fake);
+            for real in &entry.real {
+                self.by_real.entry(*real).or_default().push(entry.fake);
+            }
             if entry.live_flows == 0 {
                 self.idle.insert((entry.last_used, entry.fake));
             }
@@ -155,6 +164,24 @@ impl FakeTable {
 
     pub fn get(&self, fake: IpAddr) -> Option<&FakeEntry> {
         self.entries.get(&fake)
+    }
+
+    /// The fake addresses standing for `real`.
+    pub fn fakes_of(&self, real: IpAddr) -> &[IpAddr] {
+        self.by_real.get(&real).map_or(&[], Vec::as_slice)
+    }
+
+    fn index_reals(&mut self, fake: IpAddr, reals: &[IpAddr], add: bool) {
+        for real in reals {
+            if add {
+                self.by_real.entry(*real).or_default().push(fake);
+            } else if let Some(fakes) = self.by_real.get_mut(real) {
+                fakes.retain(|f| *f != fake);
+                if fakes.is_empty() {
+                    self.by_real.remove(real);
+                }
+            }
+        }
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &FakeEntry> {
@@ -257,10 +284,14 @@ impl FakeTable {
             self.touch(fake, now);
             let entry = self.entries.get_mut(&fake).expect("indexed");
             if entry.real != real || entry.carrier != carrier || entry.claimed != claimed {
-                entry.real = real;
+                let old = std::mem::replace(&mut entry.real, real.clone());
                 entry.carrier = carrier.to_string();
                 entry.claimed = claimed;
                 self.changes += 1;
+                if old != real {
+                    self.index_reals(fake, &old, false);
+                    self.index_reals(fake, &real, true);
+                }
             }
             return Ok(fake);
         }
@@ -268,6 +299,7 @@ impl FakeTable {
             Some(fake) => fake,
             None => self.evict(v6)?,
         };
+        self.index_reals(fake, &real, true);
         let entry = FakeEntry {
             fake,
             name: name.to_string(),
@@ -351,6 +383,7 @@ impl FakeTable {
         };
         self.idle.remove(&(last_used, fake));
         if let Some(old) = self.entries.remove(&fake) {
+            self.index_reals(fake, &old.real, false);
             self.by_name.remove(&(old.name, v6));
             self.counts[usize::from(v6)] -= 1;
         }
@@ -399,6 +432,28 @@ mod tests {
             .assign("a.example", true, real("2001:db8::1"), "detour", 4)
             .unwrap();
         assert!(v6.is_ipv6() && v6.to_string().starts_with("fd00:a51:5::"));
+    }
+
+    #[test]
+    fn real_addresses_lead_back_to_their_fake_ones() {
+        let mut t = table(2);
+        let a = t.assign("a", false, real("192.0.2.1"), "x", 1).unwrap();
+        let b = t.assign("b", false, real("192.0.2.1"), "x", 2).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(t.fakes_of(ip("192.0.2.1")), [a, b]);
+        // The resolver moves a to another address.
+        t.assign("a", false, real("192.0.2.7"), "x", 3).unwrap();
+        assert_eq!(t.fakes_of(ip("192.0.2.1")), [b]);
+        assert_eq!(t.fakes_of(ip("192.0.2.7")), [a]);
+        // b's address goes to c: b no longer stands for anything.
+        let c = t.assign("c", false, real("192.0.2.9"), "x", 4).unwrap();
+        assert_eq!(c, b);
+        assert!(t.fakes_of(ip("192.0.2.1")).is_empty());
+        assert_eq!(t.fakes_of(ip("192.0.2.9")), [c]);
+        // Read back from disk, the index is made again.
+        let mut read: FakeTable = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        read.reindex();
+        assert_eq!(read.fakes_of(ip("192.0.2.7")), [a]);
     }
 
     #[test]

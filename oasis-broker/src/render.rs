@@ -183,8 +183,15 @@ pub fn status(s: &StatusView) -> String {
     let _ = writeln!(
         out,
         "overlays    {} joined, standard port {}: {} packets returned to this host; \
-         dropped {} from unknown senders, {} not for this host",
-        s.overlays, s.overlay_port, b.overlay_received, b.rejected_sender, b.rejected_destination
+         dropped {} from unknown senders, {} not for this host, {} for no live flow; \
+         {} live flows taken up again after a restart",
+        s.overlays,
+        s.overlay_port,
+        b.overlay_received,
+        b.rejected_sender,
+        b.rejected_destination,
+        b.returned_for_no_flow,
+        b.flows_adopted
     );
     let _ = writeln!(
         out,

@@ -601,6 +601,58 @@ impl Topology {
         Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
     }
 
+    /// An HTTP/1.0 download of `path` from `host:port` in the client, read
+    /// by the application at `rate` bytes a second (as a video player or a
+    /// rate-limited `curl` does, so the server always has packets in
+    /// flight); its progress is in the process log as `got N` lines.
+    pub fn start_paced_download(&mut self, name: &str, host: &str, port: u16, path: &str, rate: u64) {
+        let script = format!(
+            "import socket,time\n\
+             s=socket.create_connection(('{host}',{port}),timeout=60)\n\
+             s.sendall(b'GET /{path} HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n')\n\
+             got=0;start=time.monotonic();last=0\n\
+             while True:\n \
+             d=s.recv(65536)\n \
+             if not d: break\n \
+             got+=len(d)\n \
+             ahead=got/{rate}-(time.monotonic()-start)\n \
+             if ahead>0: time.sleep(ahead)\n \
+             if time.monotonic()-last>0.1: print('got',got,flush=True);last=time.monotonic()\n\
+             print('end',got,flush=True)\n"
+        );
+        let client = self.client.clone();
+        self.spawn(&client, name, &["python3", "-u", "-c", &script]);
+    }
+
+    /// Bytes the paced download `name` has read so far; panics when it
+    /// ended (finished, reset or failed).
+    pub fn paced_progress(&mut self, name: &str) -> u64 {
+        let log = self.process(name).log();
+        assert!(
+            !log.contains("end") && !log.contains("Error"),
+            "the download ended: {log}"
+        );
+        log.lines()
+            .filter_map(|l| l.strip_prefix("got ")?.parse().ok())
+            .next_back()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the paced download `name` reads `more` bytes further,
+    /// within a deadline; panics naming `what` when it stalls.
+    pub fn paced_download_goes_on(&mut self, name: &str, more: u64, what: &str) {
+        let from = self.paced_progress(name);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.paced_progress(name) < from + more {
+            assert!(
+                Instant::now() < deadline,
+                "the download stalled {what} at {} bytes",
+                self.paced_progress(name)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// A TCP echo service on the server.
     pub fn start_echo_server(&mut self, port: u16) {
         let script = format!(

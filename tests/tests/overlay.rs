@@ -1016,46 +1016,8 @@ fn a_paced_download_survives_restarts_of_the_exit() {
         &net,
         &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "exit"],
     );
-    // Reads at 4 MB/s and says how far it got every 100 ms.
-    let script = format!(
-        "import socket,time\n\
-         s=socket.create_connection(('{SERVER_V4}',80),timeout=60)\n\
-         s.sendall(b'GET /huge.bin HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n')\n\
-         got=0;start=time.monotonic();last=0\n\
-         while True:\n \
-         d=s.recv(65536)\n \
-         if not d: break\n \
-         got+=len(d)\n \
-         ahead=got/4e6-(time.monotonic()-start)\n \
-         if ahead>0: time.sleep(ahead)\n \
-         if time.monotonic()-last>0.1: print('got',got,flush=True);last=time.monotonic()\n\
-         print('end',got,flush=True)\n"
-    );
-    let client = net.client.clone();
-    net.spawn(&client, "paced", &["python3", "-u", "-c", &script]);
-    let progress = |net: &mut Topology| -> u64 {
-        let log = net.process("paced").log();
-        assert!(
-            !log.contains("end") && !log.contains("Error"),
-            "the download ended: {log}"
-        );
-        log.lines()
-            .filter_map(|l| l.strip_prefix("got ")?.parse().ok())
-            .next_back()
-            .unwrap_or(0)
-    };
-    let goes_on = |net: &mut Topology, what: &str| {
-        let from = progress(net);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while progress(net) < from + (8 << 20) {
-            assert!(
-                Instant::now() < deadline,
-                "the download stalled {what} at {} bytes",
-                progress(net)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    net.start_paced_download("paced", SERVER_V4, 80, "huge.bin", 4_000_000);
+    let goes_on = |net: &mut Topology, what: &str| net.paced_download_goes_on("paced", 8 << 20, what);
     goes_on(&mut net, "before any restart");
     // The state is written within a second of a change.
     std::thread::sleep(Duration::from_millis(1500));

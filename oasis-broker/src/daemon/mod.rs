@@ -12,6 +12,7 @@
 mod dns;
 mod edit;
 mod heartbeat;
+mod inherit;
 mod monitor;
 mod persist;
 mod serve;

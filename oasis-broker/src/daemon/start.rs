@@ -190,7 +190,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         }
         let name = format!("oasis-overlay-rx-{family}");
         let (path, delivery, sockets, platform) = (
-            ReturnPath::new(&engine),
+            ReturnPath::new(&engine).with_sockets(platform.sockets()),
             divert.delivery.clone(),
             overlay_sockets.clone(),
             platform.clone(),
@@ -308,6 +308,15 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
 
     let listener = ControlListener::bind(&control_socket)?;
     daemon.publish_overlays();
+    // Flows of fake addresses the last daemon died under: those of
+    // overlays go on, those the kernel rewrote are ended at once.
+    {
+        let (engine, sockets) = (daemon.engine.clone(), platform.sockets());
+        tokio::task::spawn_blocking(move || {
+            let fakes = engine.fakes().lock().unwrap_or_else(|e| e.into_inner()).clone();
+            super::inherit::sweep(sockets.as_ref(), &fakes, &engine.routes());
+        });
+    }
     // Only a daemon that started writes a default config file.
     if !config_path.exists() {
         daemon.settings.save(config_path)?;

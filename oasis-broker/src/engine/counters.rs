@@ -29,6 +29,9 @@ pub enum DropReason {
     /// A later fragment of a datagram whose first fragment was not seen
     /// (or is 30 s old): there is no knowing where it belongs.
     OrphanFragment,
+    /// Returned from a fake address's real one, for no socket of this
+    /// host (a flow that ended while the daemon was down).
+    NoFlow,
 }
 
 impl DropReason {
@@ -42,6 +45,7 @@ impl DropReason {
             DropReason::NotForThisHost => "not addressed to this host",
             DropReason::NotFromModule => "sender is no module of this broker",
             DropReason::OrphanFragment => "fragment without its first",
+            DropReason::NoFlow => "returned for no live flow",
         }
     }
 }
@@ -128,6 +132,9 @@ pub struct EngineCounters {
     /// Metric rules' flows moved to another carrier because their
     /// handshake went unanswered.
     pub rescued: AtomicU64,
+    /// Live flows of fake addresses taken up again by the return path (a
+    /// daemon restarted under them).
+    pub adopted: AtomicU64,
     /// How long the decision on a metric rule's new flow took: the
     /// Monitor's choice, and leaving the flow to the kernel.
     pub decisions: Durations,
@@ -139,6 +146,7 @@ pub struct EngineCounters {
     not_for_this_host: AtomicU64,
     not_from_module: AtomicU64,
     orphan_fragments: AtomicU64,
+    no_flow: AtomicU64,
 }
 
 impl EngineCounters {
@@ -156,6 +164,7 @@ impl EngineCounters {
             DropReason::NotForThisHost => &self.not_for_this_host,
             DropReason::NotFromModule => &self.not_from_module,
             DropReason::OrphanFragment => &self.orphan_fragments,
+            DropReason::NoFlow => &self.no_flow,
         }
     }
 
@@ -186,6 +195,8 @@ impl EngineCounters {
             rejected_destination: load(&self.not_for_this_host),
             rejected_module_sender: load(&self.not_from_module),
             orphan_fragments: load(&self.orphan_fragments),
+            returned_for_no_flow: load(&self.no_flow),
+            flows_adopted: load(&self.adopted),
             too_big: load(&self.too_big),
         }
     }

@@ -768,6 +768,81 @@ mod tests {
         );
     }
 
+    /// The host's sockets, as a test says they are.
+    struct Sockets(Vec<(SocketAddr, SocketAddr)>);
+
+    impl crate::platform::SocketLookup for Sockets {
+        fn connected(&self, proto: u8, local: SocketAddr, peer: SocketAddr) -> bool {
+            proto == 6 && self.0.contains(&(local, peer))
+        }
+        fn tcp_peers(&self, _: &dyn Fn(IpAddr) -> bool) -> std::io::Result<Vec<(SocketAddr, SocketAddr)>> {
+            Ok(self.0.clone())
+        }
+        fn end_tcp(&self, _: SocketAddr, _: SocketAddr) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_restarted_daemon_takes_up_a_live_flow_of_a_fake_address() {
+        // Two names on one real address: the socket tells which one the
+        // flow is of.
+        let world = world(&[name("detour", "example.org")]);
+        let one = answer(&world, "one.example.org", "192.0.2.10");
+        let two = answer(&world, "two.example.org", "192.0.2.10");
+        let socket = |port: u16, fake: IpAddr| {
+            (
+                SocketAddr::new(IpAddr::from(CLIENT), port),
+                SocketAddr::new(fake, 443),
+            )
+        };
+        let mut returns = ReturnPath::new(&world.engine)
+            .with_sockets(Arc::new(Sockets(vec![socket(40000, two), socket(40001, one)])));
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        // No flow in any router: the daemon was restarted. The server
+        // speaks first.
+        assert!(world.engine.replies().is_none());
+        let returned = |port: u16| {
+            let mut datagram = vec![0u8; 4];
+            datagram.extend(tcp4_from([192, 0, 2, 10], CLIENT, 443, port, None));
+            datagram
+        };
+        let mut out = Vec::new();
+        for (port, fake) in [(40000, two), (40001, one), (40000, two)] {
+            let accepted = returns.accept(
+                Some(entry()),
+                &returned(port),
+                &local,
+                None,
+                0,
+                &mut out,
+                Instant::now(),
+            );
+            assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+            assert_eq!(addresses(&out).unwrap(), (fake, IpAddr::from(CLIENT)));
+        }
+        assert_eq!(world.engine.counters.snapshot().flows_adopted, 2);
+        // A flow whose socket is gone: dropped, counted, never delivered
+        // from an address no socket knows.
+        let accepted = returns.accept(
+            Some(entry()),
+            &returned(40002),
+            &local,
+            None,
+            0,
+            &mut out,
+            Instant::now(),
+        );
+        assert_eq!(accepted, Err(DropReason::NoFlow));
+        assert_eq!(world.engine.counters.drops_of(DropReason::NoFlow), 1);
+        // A source no fake address stands for: a header rule's flow, as it is.
+        let mut plain = vec![0u8; 4];
+        plain.extend(tcp4_from(SERVER, CLIENT, 80, 40003, None));
+        let accepted = returns.accept(Some(entry()), &plain, &local, None, 0, &mut out, Instant::now());
+        assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+        assert_eq!(addresses(&out).unwrap().0, IpAddr::from(SERVER));
+    }
+
     fn fix_ipv4_checksum(packet: &mut [u8]) {
         packet[10..12].copy_from_slice(&[0, 0]);
         let mut sum: u32 = packet[..20]

@@ -18,10 +18,11 @@ use oasis_io::packet::{
 use super::counters::DropReason;
 use super::fragments::FRAGMENT_LIFETIME;
 use super::measure::{FlowProbe, Segment};
-use super::packet::{flow_key, frag_key, is_icmp_error};
+use super::packet::{describe, flow_dst, flow_key, flow_src, frag_key, is_icmp_error};
 use super::router::{Engine, ReplyMap};
 use super::routes::Routes;
 use crate::overlay::OverlayId;
+use crate::platform::SocketLookup;
 
 /// How often a return path forgets the measurements of flows that ended.
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
@@ -41,6 +42,15 @@ pub type LocalAddresses = HashSet<IpAddr>;
 
 /// The checks of the return path, for one receiving thread.
 pub struct ReturnPath {
+    /// This host's sockets, to find which fake address a live flow's
+    /// socket talks to when there is no mapping (a daemon restarted under
+    /// the flow).
+    sockets: Option<Arc<dyn SocketLookup>>,
+    /// Flows taken up again that way: a returned packet's key, and the
+    /// fake address it gets.
+    adopted: HashMap<FlowKey, IpAddr>,
+    /// Sources found to stand for no fake address.
+    strangers: HashSet<IpAddr>,
     engine: Arc<Engine>,
     routes: Arc<Routes>,
     /// The measured flows this thread has seen answers of: a packet of one
@@ -54,16 +64,30 @@ pub struct ReturnPath {
 
 /// Fragmented replies followed at once.
 const MAX_FRAGMENTED: usize = 1024;
+/// Flows taken up again, and sources known to stand for no fake address,
+/// remembered at once (each set is forgotten whole when full).
+const MAX_ADOPTED: usize = 4096;
+const MAX_STRANGERS: usize = 16_384;
 
 impl ReturnPath {
     pub fn new(engine: &Arc<Engine>) -> ReturnPath {
         ReturnPath {
+            sockets: None,
+            adopted: HashMap::new(),
+            strangers: HashSet::new(),
             engine: engine.clone(),
             routes: engine.routes(),
             measured: HashMap::new(),
             pruned: Instant::now(),
             fragments: HashMap::new(),
         }
+    }
+
+    /// Finds this host's sockets through `sockets`, to take up flows of
+    /// fake addresses this daemon has no mapping for.
+    pub fn with_sockets(mut self, sockets: Arc<dyn SocketLookup>) -> ReturnPath {
+        self.sockets = Some(sockets);
+        self
     }
 
     /// Picks up the latest routes; called once per batch.
@@ -194,9 +218,8 @@ impl ReturnPath {
         out.resize(headroom, 0);
         out.extend_from_slice(packet);
         let inner = &mut out[headroom..];
-        if let Some(replies) = replies
-            && let Some(key) = flow_key(inner)
-        {
+        if let Some(key) = flow_key(inner) {
+            let mapped = replies.and_then(|r| r.get(&key).copied());
             match fragment(inner) {
                 Some(later) if !later.first => {
                     let datagram = frag_key(&key, &later);
@@ -209,14 +232,22 @@ impl ReturnPath {
                 // An error about a flow (a router's "fragmentation needed")
                 // quotes the packet that left with the real address.
                 _ if is_icmp_error(inner) => {
-                    if let Some(fake) = replies.get(&key).copied()
+                    let fake = match mapped {
+                        Some(fake) => Some(fake),
+                        None => self.orphan(&key)?,
+                    };
+                    if let Some(fake) = fake
                         && let Err(e) = rewrite_error_about(inner, End::Destination, fake)
                     {
                         tracing::debug!(%fake, "cannot rewrite an error about a flow: {e}");
                     }
                 }
                 first => {
-                    if let Some(fake) = replies.get(&key).copied() {
+                    let fake = match mapped {
+                        Some(fake) => Some(fake),
+                        None => self.orphan(&key)?,
+                    };
+                    if let Some(fake) = fake {
                         if let Err(e) = rewrite_address(inner, End::Source, fake) {
                             tracing::debug!(%fake, "cannot rewrite a reply: {e}");
                         } else if let Some(first) = first {
@@ -235,6 +266,59 @@ impl ReturnPath {
         }
         clamp_mss(inner, max_mss);
         Ok(Returned::Deliver(id))
+    }
+}
+
+impl ReturnPath {
+    /// A returned packet with no mapping: one of a fake-address flow this
+    /// daemon does not know (it was restarted under the flow, whose
+    /// mappings at the fake-address table's and the overlay's ends both
+    /// survived), or of a flow that is no fake address's at all. When its
+    /// source stands for fake addresses, the application's socket tells
+    /// which one the flow is of (a real address may stand for several
+    /// names), and the flow is taken up again: the packet gets that fake
+    /// address as its source, and so do the flow's next ones until the
+    /// flow's own next packet out starts it in the router. A flow whose
+    /// socket is gone, or that cannot be told apart, is dropped, counted.
+    fn orphan(&mut self, key: &FlowKey) -> Result<Option<IpAddr>, DropReason> {
+        if let Some(fake) = self.adopted.get(key) {
+            return Ok(Some(*fake));
+        }
+        let real = flow_src(key);
+        if self.strangers.contains(&real) {
+            return Ok(None);
+        }
+        let candidates: Vec<IpAddr> = {
+            let fakes = self.engine.fakes().lock().unwrap_or_else(|e| e.into_inner());
+            fakes.fakes_of(real).to_vec()
+        };
+        if candidates.is_empty() {
+            if self.strangers.len() >= MAX_STRANGERS {
+                self.strangers.clear();
+            }
+            self.strangers.insert(real);
+            return Ok(None);
+        }
+        let local = SocketAddr::new(flow_dst(key), key.dport);
+        let found = match (&self.sockets, key.proto) {
+            (Some(sockets), 6 | 17) => candidates
+                .iter()
+                .copied()
+                .find(|fake| sockets.connected(key.proto, local, SocketAddr::new(*fake, key.sport))),
+            _ if candidates.len() == 1 => Some(candidates[0]),
+            _ => None,
+        };
+        let Some(fake) = found else {
+            tracing::debug!(flow = %describe(key), ?candidates, "a returned packet of no live flow of this host");
+            return Err(DropReason::NoFlow);
+        };
+        if self.adopted.len() >= MAX_ADOPTED {
+            self.adopted.clear();
+        }
+        self.adopted.insert(*key, fake);
+        self.engine.counters.adopted.fetch_add(1, Relaxed);
+        tracing::info!(flow = %describe(key), %fake, "a live flow of a fake address taken up again");
+        Ok(Some(fake))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod monitor_events;
 pub mod nat;
 pub mod pins;
 pub mod probe;
+pub mod sock_diag;
 pub mod socket;
 pub mod tun;
 pub mod underlay;
@@ -165,5 +166,9 @@ impl Platform for LinuxPlatform {
     fn probe_sockets(&self, ports: usize) -> Result<Box<dyn crate::platform::ProbeSockets>, PlatformError> {
         let sockets = probe::LinuxProbeSockets::open(ports).map_err(LinuxError::Probes)?;
         Ok(Box::new(sockets))
+    }
+
+    fn sockets(&self) -> std::sync::Arc<dyn crate::platform::SocketLookup> {
+        std::sync::Arc::new(sock_diag::SockDiag::default())
     }
 }

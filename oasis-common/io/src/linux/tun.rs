@@ -5,6 +5,9 @@ use std::io;
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
+/// How long a new TUN waits for the old one of the same name to go.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Tun {
     pub name: String,
     pub ifindex: u32,
@@ -19,17 +22,40 @@ impl Tun {
         if std::path::Path::new("/sys/class/net").join(name).exists() {
             tracing::warn!(%name, "a device with the TUN's name exists already (left by a crashed run?); taking it over");
         }
-        let first = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .offload(true)
-            .multi_queue(queues > 1)
-            // Linux drops packets arriving on an interface without any IPv4
-            // address whenever reverse-path filtering is on, loose mode
-            // included; returned packets need the TUN to have one.
-            .ipv4(address, 32, None)
-            .enable(false)
-            .build_sync()?;
+        let build = || {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .offload(true)
+                .multi_queue(queues > 1)
+                // Linux drops packets arriving on an interface without any
+                // IPv4 address whenever reverse-path filtering is on, loose
+                // mode included; returned packets need the TUN to have one.
+                .ipv4(address, 32, None)
+                .enable(false)
+                .build_sync()
+        };
+        // A daemon killed a moment ago: the kernel tears its TUN down after
+        // the process is gone, and until then the name is busy. A
+        // supervisor's immediate restart waits for it rather than failing.
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
+        let mut told = false;
+        let first = loop {
+            match build() {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                    if !told {
+                        tracing::info!(
+                            %name,
+                            "the TUN of a daemon that stopped is still being torn down; waiting for it (at most {} s)",
+                            BUSY_WAIT.as_secs()
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                result => break result?,
+            }
+        };
         // Before it goes up: IPv6 stays on, so packets returned by overlays
         // can be delivered through the TUN, but without any address, so the
         // host sends nothing of its own into it (no link-local address means
