@@ -9,14 +9,14 @@
 //! TCP queries a real TCP peer and costs nothing per packet.
 //!
 //! Nothing is redirected when the broker or its DNS service is stuck (the
-//! DNS heartbeat is stale), for
-//! the broker's own upstream queries, for sockets of another network
-//! namespace, where the broker's loopback listener does not exist, or for
-//! queries to a loopback address: a caching stub on this host (dnsmasq,
-//! unbound, systemd-resolved) gets its queries untouched, and its own
-//! queries to its upstream servers are the ones the broker takes. Were
-//! they redirected, the broker's upstream (that stub) would send them back
-//! to it, round and round.
+//! DNS heartbeat is stale), for the broker's own upstream queries, or for
+//! sockets of another network namespace, where the broker's loopback
+//! listener does not exist. Queries to a caching stub on this host
+//! (dnsmasq, unbound, systemd-resolved on a loopback address) are taken
+//! too: a stub running outside the redirected cgroup would otherwise hand
+//! the cgroup's processes the real addresses of claimed names. The broker
+//! asks the stub in their place (its own sockets are left alone), so the
+//! stub's own names keep resolving.
 
 use aya_ebpf::{
     EbpfContext,
@@ -147,9 +147,6 @@ fn redirect_v4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the run; the verifier checks field access.
     let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
-    if ip[0] == 127 {
-        return;
-    }
     let mut saved = DnsOriginal {
         port: DNS_PORT,
         family: FAMILY_V4,
@@ -157,7 +154,14 @@ fn redirect_v4(ctx: &SockAddrContext) {
     };
     saved.addr[..4].copy_from_slice(&ip);
     remember(ctx, &saved);
-    let port = port_for(settings, &saved.addr);
+    // A stub on this host is asked by the broker in the application's
+    // place (its own names, its own upstreams), as a server of the
+    // application's choosing.
+    let port = if ip[0] == 127 {
+        settings.explicit_port
+    } else {
+        port_for(settings, &saved.addr)
+    };
     // SAFETY: connect4/sendmsg4 may write the destination.
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK_V4);
@@ -174,9 +178,6 @@ fn redirect_v6(ctx: &SockAddrContext) {
     // A dual-stack socket reaching an IPv4 server uses a v4-mapped
     // address; the broker's IPv4 listener is v4-mapped loopback.
     let mapped = addr[..12] == MAPPED_LOOPBACK[..12];
-    if addr == LOOPBACK_V6 || (mapped && addr[12] == 127) {
-        return;
-    }
     if !mapped && settings.has_v6 == 0 {
         return;
     }
@@ -197,7 +198,16 @@ fn redirect_v6(ctx: &SockAddrContext) {
         server[2] = addr[14];
         server[3] = addr[15];
     }
-    let port = port_for(settings, &server);
+    let loopback = if mapped {
+        server[0] == 127
+    } else {
+        addr == LOOPBACK_V6
+    };
+    let port = if loopback {
+        settings.explicit_port
+    } else {
+        port_for(settings, &server)
+    };
     write_v6(ctx, if mapped { &MAPPED_LOOPBACK } else { &LOOPBACK_V6 });
     // SAFETY: connect6/sendmsg6 may write the port.
     unsafe { (*ctx.sock_addr).user_port = port.to_be() as u32 };

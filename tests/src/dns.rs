@@ -88,6 +88,21 @@ pub fn write_resolv_conf(ns: &Netns, server: &str) {
     .expect("resolv.conf");
 }
 
+/// The namespace's own /etc/nsswitch.conf (what `ip netns exec` shows its
+/// processes), with this hosts line.
+pub fn write_nsswitch(ns: &Netns, hosts: &str) {
+    let dir = Path::new("/etc/netns").join(&ns.name);
+    std::fs::create_dir_all(&dir).expect("/etc/netns");
+    std::fs::write(
+        dir.join("nsswitch.conf"),
+        format!(
+            "hosts: {hosts}
+"
+        ),
+    )
+    .expect("nsswitch.conf");
+}
+
 pub(crate) fn remove_resolv_conf(ns: &Netns) {
     let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns.name));
 }

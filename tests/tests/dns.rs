@@ -1165,3 +1165,131 @@ fn a_live_underlay_flow_of_a_claimed_name_goes_on_or_ends_across_a_daemon_restar
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A caching stub on the host that runs outside the redirected cgroup
+/// (dnsmasq on 127.0.0.53, named in resolv.conf, as systemd-resolved's stub
+/// is), with names of its own: processes in the cgroup still never get a
+/// claimed name's real address, the stub's own names still resolve, and
+/// processes outside the cgroup get the stub's answers as they are.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_stub_outside_the_cgroup_hands_out_no_claimed_real_address() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    oasis_tests::dns::write_resolv_conf(&net.client, "127.0.0.53");
+    // Outside the cgroup: not started through client_in_cgroup.
+    let client = net.client.clone();
+    net.spawn(
+        &client,
+        "stub",
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.53",
+            "--user=root",
+            "--pid-file",
+            "--log-facility=-",
+            "--log-queries",
+            &format!("--server={SERVER_V4}"),
+            "--address=/intranet.lan/10.9.9.9",
+        ],
+    );
+    oasis_tests::wait_for_udp_listener(&net.client, 53);
+    let daemon = claiming_detour(&mut net);
+    // The stub learns the real address first, from outside the cgroup.
+    let outside = net.dig(false, &["www.detour.test", "A"]);
+    assert_eq!(outside.answers, [SERVER_V4], "{}", outside.text);
+    // Inside: the claimed name is faked, through the stub the
+    // application asked.
+    let claimed = net.dig(true, &["www.detour.test", "A"]);
+    assert!(in_pool(&claimed.answers[0]), "{}", claimed.text);
+    assert!(claimed.text.contains("SERVER: 127.0.0.53#53"), "{}", claimed.text);
+    // The stub's own names, and the rest, as the stub says.
+    let own = net.dig(true, &["intranet.lan", "A"]);
+    assert_eq!(own.answers, ["10.9.9.9"], "{}", own.text);
+    let plain = net.dig(true, &["plain.test", "A"]);
+    assert_eq!(plain.answers, [SERVER_V4], "{}", plain.text);
+    // A flow to the claimed name goes through the overlay: the server
+    // sees the exit, never the client.
+    net.start_web_server(80);
+    let body = net.client_in_cgroup(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://www.detour.test/hello.txt",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&body.stdout), "hello from the server\n");
+    let log = net.process("web-80").log();
+    assert!(
+        log.contains(oasis_tests::OVERLAY_V4) || log.contains(oasis_tests::OVERLAY_V6),
+        "{log}"
+    );
+    assert!(!log.contains(CLIENT_V4) && !log.contains("fd77:1::2"), "{log}");
+    let _ = daemon;
+}
+
+/// A resolver daemon that answers applications without port 53
+/// (systemd-resolved through nsswitch's `resolve`) and runs outside the
+/// redirected cgroup: name rules could leak there, so they are refused,
+/// at `rule add` and at start, saying what to change.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn name_rules_are_refused_where_a_resolver_outside_the_cgroup_answers_without_port_53() {
+    let mut net = Topology::new();
+    start_zone(&mut net);
+    // Written before the daemon starts, so `ip netns exec` shows it the
+    // file (edited in place later, it sees the edits).
+    oasis_tests::dns::write_nsswitch(&net.client, "files resolve [!UNAVAIL=return] dns");
+    let daemon = with_exit(&mut net, "");
+    // A process the host would take for systemd-resolved, outside the
+    // cgroup, in the client's namespace.
+    let resolved = net.dir.join("systemd-resolve");
+    std::fs::copy("/bin/sleep", &resolved).unwrap();
+    let client = net.client.clone();
+    net.spawn(&client, "resolved", &[resolved.to_str().unwrap(), "600"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = daemon.cli(
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("systemd-resolve") && stderr.contains("take `resolve` off the hosts line"),
+        "{stderr}"
+    );
+    // Header rules are not affected.
+    daemon.ok(
+        &net,
+        &[
+            "rule", "add", "--proto", "udp", "--dport", "9999", "--via", "underlay",
+        ],
+    );
+    // Without `resolve` on the hosts line, its stub is what applications
+    // ask, on port 53: covered.
+    oasis_tests::dns::write_nsswitch(&net.client, "files dns");
+    daemon.ok(
+        &net,
+        &["rule", "add", "--name-suffix", "detour.test", "--via", "exit"],
+    );
+    // A daemon started with name rules in such a setup refuses to start.
+    oasis_tests::dns::write_nsswitch(&net.client, "files resolve dns");
+    net.process("oasis").kill_hard();
+    let config = net.dir.join("config.yaml");
+    let output = net
+        .client
+        .command(&oasis_tests::oasis_bin().to_string_lossy())
+        .args(["--config", &config.to_string_lossy(), "run"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("name rules cannot be kept on this host"),
+        "{stderr}"
+    );
+}

@@ -189,6 +189,7 @@ pub(super) async fn start(
         ),
         in_flight: Mutex::new(std::collections::HashSet::new()),
         names,
+        pools: (dns.fake_v4.trunc(), dns.fake_v6.trunc()),
         fakes,
         counters,
         fake_ttl: dns.fake_ttl_secs,
@@ -246,10 +247,45 @@ pub(super) async fn start(
         }
         Err(e) => return Err(DaemonError::Platform(e)),
     }
+    if !runtime.names.read().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        let uncovered = runtime.uncovered();
+        if !uncovered.is_empty() {
+            return Err(DaemonError::Dns(format!(
+                "the config's name rules cannot be kept on this host: {}",
+                uncovered.join("; ")
+            )));
+        }
+    }
     Ok(runtime)
 }
 
 impl DnsRuntime {
+    /// Why name rules could not be kept here: resolver daemons that answer
+    /// the redirected processes without port 53 from outside their cgroup
+    /// (`dns/guard.rs`). Empty when nothing stands in the way.
+    pub fn uncovered(&self) -> Vec<String> {
+        let Some(scope) = self
+            .interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|i| i.scope())
+        else {
+            return Vec::new();
+        };
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let Some(relative) = crate::dns::guard::cgroup_of(&scope, &mountinfo) else {
+            return Vec::new();
+        };
+        let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+        crate::dns::guard::uncovered(
+            &nsswitch,
+            &relative,
+            &scope.display().to_string(),
+            &crate::dns::guard::running_resolvers(),
+        )
+    }
+
     /// The name rules new queries are answered by.
     pub fn publish_names(&self, names: Arc<NameRules>) {
         *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;

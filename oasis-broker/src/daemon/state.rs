@@ -49,6 +49,8 @@ pub(super) enum RequestError {
     Internal(String),
     #[error("{0} (no rule was added)")]
     Keep(#[from] super::sets::KeepError),
+    #[error("name rules cannot be kept on this host: {0} (no rule was added)")]
+    Uncovered(String),
 }
 
 /// Reports how far a request has come; the connection handler sends it on.
@@ -356,6 +358,12 @@ impl Daemon {
             Ok((next, added, names_changed))
         })
         .await??;
+        if names_changed {
+            let uncovered = self.dns.uncovered();
+            if !uncovered.is_empty() {
+                return Err(RequestError::Uncovered(uncovered.join("; ")));
+            }
+        }
         let checked = started.elapsed();
         let saved = self.commit(next, names_changed, reporter).await?;
         let committed = started.elapsed();

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod explicit;
+pub mod guard;
 pub mod journal;
 pub mod policy;
 pub mod server;

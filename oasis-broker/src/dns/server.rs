@@ -45,6 +45,8 @@ pub struct DnsService {
     pub in_flight: Mutex<std::collections::HashSet<(String, RecordType)>>,
     pub names: Shared<NameRules>,
     pub fakes: Arc<Mutex<FakeTable>>,
+    /// The table's pools, for a look at answers without its lock.
+    pub pools: (ipnet::Ipv4Net, ipnet::Ipv6Net),
     pub counters: Arc<DnsCounters>,
     pub fake_ttl: u32,
     pub underlay: UnderlayAnswers,
@@ -80,8 +82,13 @@ impl Answer {
 
 impl DnsService {
     /// Where a query from `client` to our listener `listener` is answered.
+    /// A stub on this host (a loopback server) is always asked itself, so
+    /// its own names resolve, even when resolv.conf names it.
     pub(super) fn route(&self, tcp: bool, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddr> {
         let server = self.origins.get()?.original_server(tcp, client, listener)?;
+        if server.ip().to_canonical().is_loopback() {
+            return Some(server);
+        }
         let system = self.system.read().unwrap_or_else(|e| e.into_inner()).clone();
         (!system.contains(&server.ip())).then_some(server)
     }
@@ -277,6 +284,10 @@ impl DnsService {
         plan: Plan,
         upstream: Upstream,
     ) -> Answer {
+        let upstream = match upstream {
+            Upstream::Records(records) => Upstream::Records(self.unfake(records)),
+            other => other,
+        };
         match (plan, upstream) {
             (Plan::Fake { rule, carrier }, Upstream::Records(records))
                 if self.underlay_chosen(rule, &carrier, &records, qtype) =>
@@ -312,6 +323,44 @@ impl DnsService {
             }
             (_, upstream) => self.relay(key, qtype, names, upstream),
         }
+    }
+
+    /// An upstream's answer with this daemon's own fake addresses in it
+    /// given their real ones back: a local stub the daemon asked, which
+    /// runs in the redirected cgroup, asked its own server through the
+    /// daemon, and got (and cached) the fake answer. The real addresses are
+    /// the table's, from when the daemon answered the stub.
+    fn unfake(&self, records: Vec<Record>) -> Vec<Record> {
+        let (v4, v6) = self.pools;
+        let in_pools = |record: &Record| match record.data() {
+            RData::A(a) => v4.contains(&a.0),
+            RData::AAAA(aaaa) => v6.contains(&aaaa.0),
+            _ => false,
+        };
+        if !records.iter().any(in_pools) {
+            return records;
+        }
+        let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            if !in_pools(&record) {
+                out.push(record);
+                continue;
+            }
+            let fake = match record.data() {
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                _ => continue,
+            };
+            for real in table.get(fake).map(|e| e.real.as_slice()).unwrap_or_default() {
+                let data = match real {
+                    IpAddr::V4(v4) => RData::A(A(*v4)),
+                    IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+                };
+                out.push(Record::from_rdata(record.name().clone(), record.ttl(), data));
+            }
+        }
+        out
     }
 
     /// A metric rule's name whose every real address the Monitor, on
