@@ -165,7 +165,7 @@ mod tests {
             nsswitch,
             "/user.slice",
             "/sys/fs/cgroup/user.slice",
-            &[service.clone()],
+            std::slice::from_ref(&service),
         );
         assert_eq!(found.len(), 1);
         assert!(found[0].contains("systemd-resolve (pid 311"), "{}", found[0]);
@@ -183,7 +183,13 @@ mod tests {
             cgroup: "/system.slice/nscd.service".into(),
         };
         assert_eq!(
-            uncovered("hosts: files dns\n", "/user.slice", "x", &[nscd.clone()]).len(),
+            uncovered(
+                "hosts: files dns\n",
+                "/user.slice",
+                "x",
+                std::slice::from_ref(&nscd)
+            )
+            .len(),
             1
         );
         assert!(uncovered("hosts: files dns\n", "/system.slice", "x", &[nscd]).is_empty());
