@@ -144,6 +144,8 @@ pub enum Part {
     PrefixSet,
     /// Overlay code modules: start from the cache, a 1 MB module's compile.
     Modules,
+    /// The classifier's cost per check (BPF_PROG_TEST_RUN, no network).
+    Classifier,
 }
 
 /// Turns the kernel's per-program run statistics on for the benchmark and
@@ -210,6 +212,10 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     crate::setup::ensure()?;
     if !crate::is_root() {
         bail!("the benchmark creates network namespaces and needs root: `sudo -E cargo xtask bench`");
+    }
+    if only == Some(Part::Classifier) {
+        let figures = crate::bench_classifier::run(repeat)?;
+        return write_figures(&figures);
     }
     let oasis = crate::build_oasis(true)?;
     // SAFETY: xtask is single-threaded at this point.
@@ -285,11 +291,19 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
     if wanted(Part::PrefixSet) {
         figures.extend(crate::bench_scale::prefix_set(&mut net, seconds, repeat)?);
     }
-    print_table(&figures);
+    if wanted(Part::Classifier) {
+        figures.extend(crate::bench_classifier::run(repeat)?);
+    }
+    write_figures(&figures)
+}
+
+/// Prints the table and writes target/bench/results.json.
+fn write_figures(figures: &[Figure]) -> anyhow::Result<()> {
+    print_table(figures);
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+    std::fs::write(&path, serde_json::to_string_pretty(figures)?)?;
     println!("\nwrote {}", path.display());
     Ok(())
 }

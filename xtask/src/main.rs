@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | run | test | demo | bench`.
 
 mod bench;
+mod bench_classifier;
 mod bench_dns;
 mod bench_scale;
 mod demo;
@@ -316,19 +317,26 @@ fn run_tests(
 }
 
 /// The test targets cargo lists at the end of a `--no-fail-fast` run as
-/// failed (`error: 2 targets failed:` and one line each).
+/// failed (`error: 2 targets failed:` and one line each), and those that
+/// did not build (`error: could not compile ...`).
 fn crashed_binaries(stderr: &[String]) -> Vec<String> {
-    let Some(start) = stderr
+    let mut failed: Vec<String> = stderr
+        .iter()
+        .filter_map(|l| l.strip_prefix("error: could not compile "))
+        .map(|l| format!("did not build: {l}"))
+        .collect();
+    if let Some(start) = stderr
         .iter()
         .position(|l| l.starts_with("error: ") && l.contains(" failed:"))
-    else {
-        return Vec::new();
-    };
-    stderr[start + 1..]
-        .iter()
-        .map_while(|l| l.strip_prefix("    "))
-        .map(|l| l.trim().trim_matches('`').to_string())
-        .collect()
+    {
+        failed.extend(
+            stderr[start + 1..]
+                .iter()
+                .map_while(|l| l.strip_prefix("    "))
+                .map(|l| l.trim().trim_matches('`').to_string()),
+        );
+    }
+    failed
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -420,6 +428,7 @@ mod tests {
         }
         let stderr: Vec<String> = [
             "     Running tests/dns.rs (target/debug/deps/dns-1234)",
+            "error: could not compile `xtask` (bin \"xtask\" test) due to 2 previous errors",
             "error: 2 targets failed:",
             "    `-p oasis-broker --lib`",
             "    `-p oasis-tests --test allocations`",
@@ -433,6 +442,7 @@ mod tests {
             [
                 "engine::tests::b",
                 "no_packet_allocates_in_steady_state",
+                "test binary: did not build: `xtask` (bin \"xtask\" test) due to 2 previous errors",
                 "test binary: -p oasis-broker --lib",
                 "test binary: -p oasis-tests --test allocations",
             ]
