@@ -37,6 +37,12 @@ pub(crate) fn bump(index: u32) {
     }
 }
 
+/// The checks run in the order that lets a packet no rule claims leave
+/// first: it needs neither the heartbeat (a packet that passes passes
+/// whatever the broker's state) nor the link checks (what belongs to the
+/// link never reaches the flow cache or this CPU's recent flow, so a flow
+/// found there is none of it). Anything that would divert, rewrite or
+/// measure a packet meets them all.
 #[inline(always)]
 fn classify(ctx: &TcContext) -> i32 {
     let Some(settings) = SETTINGS.get(0) else {
@@ -48,21 +54,19 @@ fn classify(ctx: &TcContext) -> i32 {
         bump(stat::BYPASSED);
         return TC_ACT_OK as i32;
     }
-    let now = coarse_ns();
-    let heartbeat = HEARTBEAT.get(HEARTBEAT_PACKETS).copied().unwrap_or(0);
-    if now.saturating_sub(heartbeat) > settings.heartbeat_timeout_ns {
-        bump(stat::FAIL_OPEN);
-        return TC_ACT_OK as i32;
-    }
     let mut slot = core::mem::MaybeUninit::uninit();
     let parsed = Parsed::zero_in(&mut slot);
     if !parse_into(ctx, parsed) {
         bump(stat::UNPARSED);
         return TC_ACT_OK as i32;
     }
+    let now = coarse_ns();
     // Fake addresses come before every rule: they exist only because a
     // name rule claimed the name, and mean nothing on the wire.
     if settings.is_fake(&parsed.key) {
+        if !alive(now, settings) {
+            return TC_ACT_OK as i32;
+        }
         if nat::egress(ctx, &mut *parsed) {
             return TC_ACT_OK as i32;
         }
@@ -74,8 +78,16 @@ fn classify(ctx: &TcContext) -> i32 {
     if PROTO_SEEN.get(key.proto as u32).is_none_or(|seen| *seen == 0) {
         return TC_ACT_OK as i32;
     }
+    // The common case: a packet of the flow this CPU saw last, which no
+    // rule claims.
+    if !parsed.new_connection && !parsed.icmp_error && recent_pass(key, now, settings) {
+        return TC_ACT_OK as i32;
+    }
     // Whatever the rules say: nothing carries what belongs to the link.
     if key.link_scoped() || link_frame(ctx, key) {
+        return TC_ACT_OK as i32;
+    }
+    if !alive(now, settings) {
         return TC_ACT_OK as i32;
     }
     let entry = if parsed.icmp_error {
@@ -121,6 +133,48 @@ fn classify(ctx: &TcContext) -> i32 {
             TC_ACT_OK as i32
         }
     }
+}
+
+/// Whether the broker's heartbeat is fresh; a stale one lets everything
+/// pass (fail open), counted.
+#[inline(always)]
+fn alive(now: u64, settings: &Settings) -> bool {
+    let heartbeat = HEARTBEAT.get(HEARTBEAT_PACKETS).copied().unwrap_or(0);
+    if now.saturating_sub(heartbeat) > settings.heartbeat_timeout_ns {
+        bump(stat::FAIL_OPEN);
+        return false;
+    }
+    true
+}
+
+/// Whether the packet is of this CPU's most recent flow, which passes,
+/// and that flow is not idle past its lifetime: the hit is counted in the
+/// slot itself (one cache line for all of it).
+#[inline(always)]
+fn recent_pass(key: &FlowKey, now: u64, settings: &Settings) -> bool {
+    let Some(recent) = RECENT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    let recent = unsafe { &mut *recent };
+    if recent.entry.verdict != Verdict::Pass as u8
+        || recent.entry.last_seen_ns == 0
+        || !recent.key.same_as(key)
+    {
+        return false;
+    }
+    let idle_ns = if key.proto == IPPROTO_TCP {
+        settings.tcp_idle_ns
+    } else {
+        settings.flow_idle_ns
+    };
+    let age = now.saturating_sub(recent.entry.last_seen_ns);
+    if age >= idle_ns || age > LAST_SEEN_GRANULARITY_NS {
+        // Idle too long, or the flow cache's clock is due: the full path.
+        return false;
+    }
+    recent.hits += 1;
+    true
 }
 
 /// The flow's verdict: from this CPU's most recent flow, else the verdict

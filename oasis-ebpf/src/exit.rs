@@ -7,12 +7,13 @@ use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::generated::bpf_redirect, macros::classifier, programs::TcContext,
 };
 
-use crate::maps::{EXIT_FRAGMENTS, EXIT_SETTINGS};
+use oasis_common::proto::{ICMP, ICMPV6, IPV6_FRAGMENT, TCP, UDP};
 use oasis_common::{ExitSettings, FAMILY_V4, FAMILY_V6, FragKey};
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
+use crate::maps::{EXIT_FRAGMENTS, EXIT_SETTINGS};
+
 const ICMP_ECHO_REPLY: u8 = 0;
-const IPPROTO_FRAGMENT: u8 = 44;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 
 #[classifier]
@@ -45,7 +46,7 @@ fn quoted_port(ctx: &TcContext, settings: &ExitSettings, v4: bool, at: usize) ->
     };
     let head: [u8; 6] = ctx.load(l4).ok()?;
     match proto {
-        6 | 17 => Some(u16::from_be_bytes([head[0], head[1]])),
+        TCP | UDP => Some(u16::from_be_bytes([head[0], head[1]])),
         // An echo request the exit sent: its identifier.
         1 if head[0] == 8 => Some(u16::from_be_bytes([head[4], head[5]])),
         58 if head[0] == 128 => Some(u16::from_be_bytes([head[4], head[5]])),
@@ -97,7 +98,7 @@ fn steer(ctx: &TcContext) -> Option<u32> {
             datagram.dst.copy_from_slice(&head[24..40]);
             datagram.family = FAMILY_V6;
             datagram.proto = head[6];
-            if head[6] == IPPROTO_FRAGMENT {
+            if head[6] == IPV6_FRAGMENT {
                 let frag: [u8; 8] = read(ctx, ETH_HLEN + 40)?;
                 let field = u16::from_be_bytes([frag[2], frag[3]]);
                 datagram.proto = frag[0];
@@ -120,25 +121,25 @@ fn steer(ctx: &TcContext) -> Option<u32> {
     }
     let proto = datagram.proto;
     let port = match proto {
-        6 | 17 => {
+        TCP | UDP => {
             let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
             u16::from_be_bytes([ports[2], ports[3]])
         }
-        1 | 58 => {
+        ICMP | ICMPV6 => {
             // type, code, checksum, identifier
             let head: [u8; 6] = ctx.load(l4_offset).ok()?;
-            let reply = if proto == 1 {
+            let reply = if proto == ICMP {
                 ICMP_ECHO_REPLY
             } else {
                 ICMPV6_ECHO_REPLY
             };
-            let error = if proto == 1 {
+            let error = if proto == ICMP {
                 matches!(head[0], 3 | 11 | 12)
             } else {
                 matches!(head[0], 1..=4)
             };
             if error {
-                quoted_port(ctx, settings, proto == 1, l4_offset + 8)?
+                quoted_port(ctx, settings, proto == ICMP, l4_offset + 8)?
             } else if head[0] == reply {
                 u16::from_be_bytes([head[4], head[5]])
             } else {

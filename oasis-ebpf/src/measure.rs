@@ -22,12 +22,10 @@ use oasis_common::{FAMILY_V4, FlowKey, Measure, MonitorEvent, measure_flag, moni
 use crate::classifier::bump;
 use crate::headers::{ETH_HLEN, read};
 use crate::maps::{MONITOR_EVENTS, MONITORED};
-use crate::parse::{IPPROTO_TCP, Parsed};
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use crate::parse::{
+    IPPROTO_TCP, Parsed, TCP_FLAG_ACK as TCP_ACK, TCP_FLAG_FIN as TCP_FIN, TCP_FLAG_RST as TCP_RST,
+    TCP_FLAG_SYN as TCP_SYN,
+};
 /// One round-trip sample per flow this often at most.
 const SAMPLE_EVERY_NS: u64 = 100_000_000;
 /// A timestamp sample unanswered this long is given up.

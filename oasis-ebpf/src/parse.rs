@@ -6,17 +6,14 @@ use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, icmp_echo, icmp_error
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_UDPLITE: u8 = 136;
+pub use oasis_common::proto::{
+    ICMP as IPPROTO_ICMP, ICMPV6 as IPPROTO_ICMPV6, IPV6_FRAGMENT as IPPROTO_FRAGMENT, SCTP as IPPROTO_SCTP,
+    TCP as IPPROTO_TCP, UDP as IPPROTO_UDP, UDPLITE as IPPROTO_UDPLITE,
+};
 pub const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// CLOCK_MONOTONIC at the kernel's tick (a few ms): all the heartbeat and
 /// the flow timeouts need, at a fraction of the precise clock's cost.

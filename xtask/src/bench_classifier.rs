@@ -17,11 +17,26 @@ const SERVER: [u8; 4] = [203, 0, 113, 9];
 /// Each kind of packet, and what it says of the path it takes.
 const KINDS: &[(&str, &str)] = &[
     ("not-ip", "an ARP frame: the prologue and the first parse"),
-    ("proto-unseen", "UDP while the rules name TCP only: parse, the fake pools, the seen-protocol check"),
-    ("recent-hit", "a packet of an unclaimed TCP flow, the flow this CPU saw last: the common case"),
-    ("claimed-cached", "a packet of a diverted flow: its verdict from the claimed-flow cache, then the redirect"),
-    ("new-connection", "an unclaimed TCP SYN: the rules matched afresh (every SYN is)"),
-    ("ingress-idle", "the ingress program while the NAT holds no flow and nothing is measured"),
+    (
+        "proto-unseen",
+        "UDP while the rules name TCP only: parse, the fake pools, the seen-protocol check",
+    ),
+    (
+        "recent-hit",
+        "a packet of an unclaimed TCP flow, the flow this CPU saw last: the common case",
+    ),
+    (
+        "claimed-cached",
+        "a packet of a diverted flow: its verdict from the claimed-flow cache, then the redirect",
+    ),
+    (
+        "new-connection",
+        "an unclaimed TCP SYN: the rules matched afresh (every SYN is)",
+    ),
+    (
+        "ingress-idle",
+        "the ingress program while the NAT holds no flow and nothing is measured",
+    ),
 ];
 
 #[cfg(target_os = "linux")]
@@ -60,7 +75,6 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<Figure>> {
     kernel
         .set_fake_pools("198.18.0.0/15".parse()?, "fd4f:4153:4953::/48".parse()?)
         .map_err(|e| anyhow::anyhow!("the fake pools: {e}"))?;
-    kernel.heartbeat_map().set(oasis_broker::platform::linux::kernel::monotonic_ns())?;
 
     let ctx: Vec<u8> = [0u32, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut figures = Vec::new();
@@ -73,9 +87,14 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<Figure>> {
             "new-connection" => (EGRESS_PROGRAM, tcp(40002, 443, true)),
             _ => (INGRESS_PROGRAM, tcp(40000, 443, false)),
         };
-        let classifier = kernel.program(program)?;
         let mut samples = Vec::new();
         for _ in 0..repeat.max(1) {
+            // A fresh heartbeat for each million runs (a stale one would
+            // let everything pass early).
+            kernel
+                .heartbeat_map()
+                .set(oasis_broker::platform::linux::kernel::monotonic_ns())?;
+            let classifier = kernel.program(program)?;
             let result = classifier
                 .test_run(TestRunOptions {
                     data_in: Some(&packet),
@@ -109,7 +128,9 @@ pub fn run(_repeat: u32) -> anyhow::Result<Vec<Figure>> {
     bail!("the classifier runs on Linux")
 }
 
-fn frame(build: impl FnOnce(etherparse::PacketBuilderStep<etherparse::Ethernet2Header>) -> Vec<u8>) -> Vec<u8> {
+fn frame(
+    build: impl FnOnce(etherparse::PacketBuilderStep<etherparse::Ethernet2Header>) -> Vec<u8>,
+) -> Vec<u8> {
     build(etherparse::PacketBuilder::ethernet2([2; 6], [4; 6]))
 }
 

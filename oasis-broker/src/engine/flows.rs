@@ -59,7 +59,7 @@ impl Lifetimes {
     }
 }
 
-const TCP: u8 = 6;
+use oasis_common::proto::TCP;
 
 /// What the kernel knows of a flow it carries: when it last saw a packet,
 /// and whether a FIN or RST went by.

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, carries_ports};
+use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, carries_ports, proto};
 use oasis_io::packet::{Fragment, PacketError, addresses, echo_id, fragment, icmp_error_quote, layout};
 
 /// The 5-tuple of a raw IP packet, as the classifier builds it: a first
@@ -96,7 +96,7 @@ pub fn flow_src(key: &FlowKey) -> IpAddr {
 /// test) only makes sense on that link, which no carrier can reach.
 pub fn routable(key: &FlowKey, packet: &[u8]) -> bool {
     let ndp = key.family == FAMILY_V6
-        && key.proto == 58
+        && key.proto == proto::ICMPV6
         && packet
             .get(40)
             .is_some_and(|t| oasis_common::icmpv6_link_message(*t));
@@ -106,10 +106,10 @@ pub fn routable(key: &FlowKey, packet: &[u8]) -> bool {
 /// `tcp 10.0.0.2:40000 -> 192.0.2.1:80`, for logs and `oasis flows`.
 pub fn describe(key: &FlowKey) -> String {
     let proto = match key.proto {
-        6 => "tcp".to_string(),
-        17 => "udp".to_string(),
-        1 => "icmp".to_string(),
-        58 => "icmpv6".to_string(),
+        proto::TCP => "tcp".to_string(),
+        proto::UDP => "udp".to_string(),
+        proto::ICMP => "icmp".to_string(),
+        proto::ICMPV6 => "icmpv6".to_string(),
         n => format!("proto {n}"),
     };
     let end = |addr: IpAddr, port: u16| match (addr, port) {

@@ -20,9 +20,7 @@ use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
 use super::routes::Via;
 use crate::monitor::{ProbeKind, ProbeRequest};
 
-const TCP: u8 = 6;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
+use oasis_common::proto::{ICMP, ICMPV6, TCP};
 /// Probes unanswered this long are forgotten here (the Monitor counts them
 /// lost by then).
 const FORGET_AFTER: Duration = Duration::from_secs(5);

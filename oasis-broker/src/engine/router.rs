@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
+use oasis_common::proto::TCP;
 use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{End, clamp_mss, rewrite_address, tcp_closing, unreachable_reply};
 
@@ -382,11 +383,11 @@ impl Router {
         if oasis_io::packet::addresses(packet).is_some_and(|(_, dst)| dst != destination) {
             let _ = rewrite_address(packet, End::Destination, destination);
         }
-        let tcp_reset = key.proto == 6 && oasis_io::packet::reset_reply(packet, reply);
+        let tcp_reset = key.proto == TCP && oasis_io::packet::reset_reply(packet, reply);
         if tcp_reset {
             self.flows.closing(key);
         }
-        if tcp_reset || (key.proto != 6 && oasis_io::packet::prohibited_reply(packet, reply)) {
+        if tcp_reset || (key.proto != TCP && oasis_io::packet::prohibited_reply(packet, reply)) {
             self.engine.counters.replies.fetch_add(1, Relaxed);
             return Outbound::Reply;
         }
@@ -422,7 +423,7 @@ impl Router {
         if packet.len() <= usize::from(limit)
             || !oasis_io::packet::must_not_fragment(packet)
             || (v6 && limit < 1280)
-            || (key.proto != 6 && fits_uplink)
+            || (key.proto != TCP && fits_uplink)
         {
             return carried;
         }
@@ -491,7 +492,7 @@ impl Router {
             }
             Lookup::Absent => self.start(&key, packet, now, None),
         };
-        if key.proto == 6 && tcp_closing(packet) {
+        if key.proto == TCP && tcp_closing(packet) {
             self.flows.closing(&key);
         }
         self.carry(via, &key, packet)

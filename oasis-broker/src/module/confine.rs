@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use oasis_common::proto::TCP;
 use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{fragment, icmp_error_quote, tcp_closing};
 use serde::{Deserialize, Serialize};
@@ -105,7 +106,7 @@ impl Confinement {
                 return;
             }
         }
-        let closing = key.proto == 6 && tcp_closing(packet);
+        let closing = key.proto == TCP && tcp_closing(packet);
         if let Some(flow) = self.flows.get_mut(&key) {
             flow.last = now;
             flow.closing |= closing;

@@ -28,7 +28,7 @@ pub struct ProbeTarget {
 impl ProbeTarget {
     /// A flow's destination as a probe target.
     pub fn of_flow(dst: IpAddr, proto: u8, dport: u16) -> ProbeTarget {
-        let kind = if proto == 6 && dport != 0 {
+        let kind = if proto == oasis_common::proto::TCP && dport != 0 {
             ProbeKind::TcpSyn { dport }
         } else {
             ProbeKind::Echo

@@ -7,10 +7,7 @@
 
 use std::net::IpAddr;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
+use oasis_common::proto::{ICMP, ICMPV6, TCP, UDP};
 const IPV6_FRAGMENT: u8 = 44;
 
 /// One fragment of a datagram, as its fragments are told apart: by

@@ -304,7 +304,7 @@ impl Nat {
                 // A TCP segment other than a SYN starts no connection: a
                 // mapping made now would carry it to a server that knows
                 // nothing of it (the exit restarted and lost the mapping).
-                if layout.proto == 6 && !tcp_opening(packet, layout.l4) {
+                if layout.proto == oasis_common::proto::TCP && !tcp_opening(packet, layout.l4) {
                     return Err(NatError::NoConnection);
                 }
                 if self.by_inside.len() >= self.config.max_flows {

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use oasis_common::{Counters, FlowEntry, FlowKey, MAX_RULES, PortBytes, RuleAction, RuleSet, maps, stat};
+use oasis_common::{
+    Counters, FlowEntry, FlowKey, MAX_RULES, PortBytes, RecentFlow, RuleAction, RuleSet, maps, stat,
+};
 
 use super::kernel::{KernelError, take_map};
 use crate::compile::{MapImage, Prefix};
@@ -29,6 +31,8 @@ pub struct ClassifierMaps {
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     claimed: HashMap<MapData, FlowKey, FlowEntry>,
     stats: PerCpuArray<MapData, u64>,
+    /// Each CPU's recent flow, which counts its own hits.
+    recent: PerCpuArray<MapData, RecentFlow>,
     /// What the rule maps hold now, so updates write only the difference.
     image: Option<MapImage>,
     cpus: usize,
@@ -55,6 +59,7 @@ impl ClassifierMaps {
             flows: take_map!(ebpf, maps::FLOWS, HashMap<MapData, FlowKey, FlowEntry>),
             claimed: take_map!(ebpf, maps::CLAIMED, HashMap<MapData, FlowKey, FlowEntry>),
             stats: take_map!(ebpf, maps::STATS, PerCpuArray<MapData, u64>),
+            recent: take_map!(ebpf, maps::RECENT, PerCpuArray<MapData, RecentFlow>),
             image: None,
             cpus: aya::util::nr_cpus().map_err(|(_, e)| KernelError::Map {
                 map: maps::COUNTERS.name,
@@ -145,12 +150,20 @@ impl ClassifierMaps {
             .unwrap_or_default()
     }
 
+    /// Packets the CPUs' recent-flow slots passed by themselves.
+    fn recent_hits(&self) -> u64 {
+        self.recent
+            .get(&0, 0)
+            .map(|slots| slots.iter().map(|slot| slot.hits).sum())
+            .unwrap_or(0)
+    }
+
     pub fn counters(&self) -> ClassifierCounters {
         let sum = |index: u32| -> u64 { self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         ClassifierCounters {
             bypassed: sum(stat::BYPASSED),
             fail_open: sum(stat::FAIL_OPEN),
-            cache_hits: sum(stat::CACHE_HIT),
+            cache_hits: sum(stat::CACHE_HIT) + self.recent_hits(),
             classified: sum(stat::CLASSIFIED),
             diverted: sum(stat::DIVERTED),
             unparsed: sum(stat::UNPARSED),

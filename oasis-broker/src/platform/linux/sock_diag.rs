@@ -56,8 +56,8 @@ impl SockDiag {
 impl SocketLookup for SockDiag {
     fn connected(&self, proto: u8, local: SocketAddr, peer: SocketAddr) -> bool {
         match proto {
-            6 => self.cookie(true, local, peer).is_some(),
-            17 => self.cookie(false, local, peer).is_some(),
+            oasis_common::proto::TCP => self.cookie(true, local, peer).is_some(),
+            oasis_common::proto::UDP => self.cookie(false, local, peer).is_some(),
             _ => false,
         }
     }

@@ -18,7 +18,7 @@ use tun_rs::{
 };
 
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const TCP: u8 = 6;
+use oasis_common::proto::TCP;
 const FLAG_PSH: u8 = 0x08;
 const FLAG_ACK: u8 = 0x10;
 /// The largest packet a merge may make (the IP total length field).
