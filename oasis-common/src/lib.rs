@@ -310,7 +310,10 @@ pub mod measure_flag {
     pub const CLOSING: u32 = 8;
 }
 
-/// One measurement, from the kernel to the broker through the ring buffer.
+/// One measurement, from the kernel to the broker through the ring buffer:
+/// a round trip (or a failure) of a flow, or its counts over a while. Made
+/// by [`MonitorEvent::round_trip`] and [`MonitorEvent::counts`], read by
+/// the accessors named for what each kind carries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MonitorEvent {
@@ -319,28 +322,72 @@ pub struct MonitorEvent {
     /// `monitor_event`'s kinds.
     pub kind: u32,
     pub _pad: u32,
-    /// Per kind: a round trip in ns; segments sent; ...
-    pub a: u64,
-    /// ... segments sent again; ...
-    pub b: u64,
-    /// ... bytes moved, over `d` ns.
-    pub c: u64,
-    pub d: u64,
+    /// The kind's figures, in the order its accessors name them.
+    figures: [u64; 4],
+}
+
+impl MonitorEvent {
+    /// A flow's round trip (`SYN_ACK`, `TS_RTT`), or a failure (`RESET`
+    /// with the round trip when the SYN was on its way, else 0;
+    /// `UNREACHABLE` with 0).
+    #[inline(always)]
+    pub const fn round_trip(key: FlowKey, kind: u32, rtt_ns: u64) -> MonitorEvent {
+        MonitorEvent {
+            key,
+            kind,
+            _pad: 0,
+            figures: [rtt_ns, 0, 0, 0],
+        }
+    }
+
+    /// A flow's counts (`COUNTS`): data segments sent, of them sent again,
+    /// bytes moved (acknowledged by the peer or received from it), over
+    /// `over_ns`.
+    #[inline(always)]
+    pub const fn counts(key: FlowKey, segments: u64, resent: u64, bytes: u64, over_ns: u64) -> MonitorEvent {
+        MonitorEvent {
+            key,
+            kind: monitor_event::COUNTS,
+            _pad: 0,
+            figures: [segments, resent, bytes, over_ns],
+        }
+    }
+
+    /// The round trip, ns (0 when unknown).
+    pub const fn rtt_ns(&self) -> u64 {
+        self.figures[0]
+    }
+
+    pub const fn segments(&self) -> u64 {
+        self.figures[0]
+    }
+
+    pub const fn resent(&self) -> u64 {
+        self.figures[1]
+    }
+
+    pub const fn bytes(&self) -> u64 {
+        self.figures[2]
+    }
+
+    pub const fn over_ns(&self) -> u64 {
+        self.figures[3]
+    }
 }
 
 /// Kinds of [`MonitorEvent`].
 pub mod monitor_event {
-    /// The handshake (or a probe) was answered by SYN-ACK: `a` = round trip ns.
+    /// The handshake (or a probe) was answered by SYN-ACK, after the round
+    /// trip.
     pub const SYN_ACK: u32 = 1;
-    /// A timestamp echo: `a` = round trip ns.
+    /// A timestamp echo, after the round trip.
     pub const TS_RTT: u32 = 2;
-    /// The peer reset the flow (a probe's answer, for a closed port):
-    /// `a` = round trip ns when the flow's SYN was on its way, else 0.
+    /// The peer reset the flow (a probe's answer, for a closed port), with
+    /// the round trip when the flow's SYN was on its way.
     pub const RESET: u32 = 3;
     /// An ICMP error said the destination is unreachable.
     pub const UNREACHABLE: u32 = 4;
-    /// `a` data segments sent, `b` of them again, `c` bytes moved (acknowledged
-    /// by the peer, or received from it), over the last `d` ns.
+    /// Counts over a while: segments sent and sent again, bytes moved.
     pub const COUNTS: u32 = 5;
 }
 

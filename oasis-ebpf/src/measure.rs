@@ -106,18 +106,10 @@ fn ip_payload_len(ctx: &TcContext, key: &FlowKey, l4_offset: usize) -> Option<us
 }
 
 #[inline(always)]
-fn emit(key: &FlowKey, kind: u32, a: u64, b: u64, c: u64, d: u64) {
+fn emit(event: MonitorEvent) {
     match MONITOR_EVENTS.reserve::<MonitorEvent>(0) {
         Some(mut entry) => {
-            entry.write(MonitorEvent {
-                key: *key,
-                kind,
-                _pad: 0,
-                a,
-                b,
-                c,
-                d,
-            });
+            entry.write(event);
             entry.submit(0);
         }
         None => bump(stat::EVENTS_LOST),
@@ -135,14 +127,13 @@ fn report(key: &FlowKey, m: &mut Measure, now: u64) {
     if over < REPORT_EVERY_NS || (m.segments == 0 && m.moved_bytes == 0) {
         return;
     }
-    emit(
-        key,
-        monitor_event::COUNTS,
+    emit(MonitorEvent::counts(
+        *key,
         m.segments as u64,
         m.retransmits as u64,
         m.moved_bytes,
         over,
-    );
+    ));
     m.segments = 0;
     m.retransmits = 0;
     m.moved_bytes = 0;
@@ -253,7 +244,7 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
             0
         };
         m.syn_ns = 0;
-        emit(&flow, monitor_event::RESET, rtt, 0, 0, 0);
+        emit(MonitorEvent::round_trip(flow, monitor_event::RESET, rtt));
         return;
     }
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
@@ -261,7 +252,7 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
         // An answer after a second may be the peer's SYN-ACK sent again
         // (its first was lost): which SYN it answers is unknown.
         if m.syn_ns != 0 && rtt < MAX_HANDSHAKE_NS {
-            emit(&flow, monitor_event::SYN_ACK, rtt, 0, 0, 0);
+            emit(MonitorEvent::round_trip(flow, monitor_event::SYN_ACK, rtt));
             m.sampled_ns = now;
         }
         m.syn_ns = 0;
@@ -287,14 +278,11 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed) {
         && let Some((_, echo)) = timestamps(ctx, parsed.l4_offset, &tcp)
         && echo == m.ts_val
     {
-        emit(
-            &flow,
+        emit(MonitorEvent::round_trip(
+            flow,
             monitor_event::TS_RTT,
             now.saturating_sub(m.ts_sent_ns),
-            0,
-            0,
-            0,
-        );
+        ));
         m.ts_sent_ns = 0;
         m.sampled_ns = now;
     }
@@ -315,6 +303,6 @@ fn unreachable(parsed: &Parsed) {
     reversed(&parsed.key, &mut flow);
     if MONITORED.get_ptr_mut(&flow).is_some() {
         bump(stat::MEASURED_INGRESS);
-        emit(&flow, monitor_event::UNREACHABLE, 0, 0, 0, 0);
+        emit(MonitorEvent::round_trip(flow, monitor_event::UNREACHABLE, 0));
     }
 }

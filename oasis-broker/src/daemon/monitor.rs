@@ -287,12 +287,12 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
 fn kernel_event(engine: &Engine, event: &MonitorEvent, now: Instant) {
     let link = &engine.monitor;
     let key = event.key;
-    let rtt = Duration::from_nanos(event.a);
+    let rtt = Duration::from_nanos(event.rtt_ns());
     if matches!(event.kind, monitor_event::SYN_ACK | monitor_event::RESET)
         && let Some(sent) = link.probes.answered(&key)
     {
         engine.with_pins(|pins| pins.forget(&key));
-        let rtt = (event.a > 0).then_some(rtt);
+        let rtt = (event.rtt_ns() > 0).then_some(rtt);
         link.report(
             now,
             Event::ProbeAnswered {
@@ -314,23 +314,23 @@ pub fn translate(event: &MonitorEvent, out: &mut impl FnMut(Event)) {
         monitor_event::SYN_ACK | monitor_event::TS_RTT => out(Event::Rtt {
             via,
             dst,
-            rtt: Duration::from_nanos(event.a),
+            rtt: Duration::from_nanos(event.rtt_ns()),
         }),
         monitor_event::RESET | monitor_event::UNREACHABLE => out(Event::Failed { via, dst }),
         monitor_event::COUNTS => {
-            if event.a > 0 {
+            if event.segments() > 0 {
                 out(Event::Outcomes {
                     via,
                     dst,
-                    sent: event.a,
-                    lost: event.b,
+                    sent: event.segments(),
+                    lost: event.resent(),
                 });
             }
-            if event.c >= GOODPUT_MIN_BYTES && event.d > 0 {
+            if event.bytes() >= GOODPUT_MIN_BYTES && event.over_ns() > 0 {
                 out(Event::Goodput {
                     via,
                     dst,
-                    bps: event.c as f64 * 8.0 / Duration::from_nanos(event.d).as_secs_f64(),
+                    bps: event.bytes() as f64 * 8.0 / Duration::from_nanos(event.over_ns()).as_secs_f64(),
                 });
             }
         }
@@ -346,14 +346,9 @@ mod tests {
     #[test]
     fn kernel_measurements_become_monitor_events() {
         let key = FlowKey::v4([10, 0, 0, 2], [203, 0, 113, 9], 6, 40000, 443);
-        let event = |kind, a, b, c, d| MonitorEvent {
-            key,
-            kind,
-            a,
-            b,
-            c,
-            d,
-            ..MonitorEvent::default()
+        let event = |kind, a, b, c, d| match kind {
+            monitor_event::COUNTS => MonitorEvent::counts(key, a, b, c, d),
+            kind => MonitorEvent::round_trip(key, kind, a),
         };
         let dst: IpAddr = "203.0.113.9".parse().unwrap();
         let all = |e: MonitorEvent| {

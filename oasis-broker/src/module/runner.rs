@@ -34,6 +34,7 @@ use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
 use crate::engine::Lifetimes;
 use crate::engine::packet::flow_key;
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
+use crate::shared::{Shared, snapshot};
 
 const TICK: Duration = Duration::from_millis(100);
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
@@ -93,23 +94,32 @@ struct Counts {
     over_rate: AtomicU64,
 }
 
-/// The joined overlays as the overlay manager last published them; a
-/// monitor module's runner looks at them every tick.
-pub type Published = Arc<Mutex<Arc<OverlayTable>>>;
-
 /// Whom a module talks to beyond this host.
 pub enum Reach {
-    /// An overlay module: its overlay's entry nodes.
+    /// An overlay module: its overlay's entry nodes (as the module's
+    /// dual-stack socket writes their addresses).
     Entries(Vec<SocketAddr>),
     /// A monitor module: the joined overlays that carry.
-    Overlays(Published),
+    Overlays(Carriers),
+}
+
+impl Reach {
+    /// An overlay module's entry nodes.
+    pub fn entries(entries: &[SocketAddr]) -> Reach {
+        Reach::Entries(entries.iter().map(|e| mapped(*e)).collect())
+    }
+
+    /// A monitor module's view of the joined overlays the overlay manager
+    /// publishes (it looks at them every tick).
+    pub fn overlays(published: Shared<OverlayTable>) -> Reach {
+        Reach::Overlays(Carriers::new(published))
+    }
 }
 
 /// Everything a module's thread needs.
 pub struct ModuleSetup {
     pub overlay: String,
     pub module: Module,
-    pub reach: Reach,
     pub shim_len: usize,
     pub limits: ModuleLimits,
     /// The broker's standard port (returns) and underlay port, on loopback.
@@ -135,8 +145,9 @@ pub struct ModuleRunner {
 }
 
 impl ModuleRunner {
-    /// Opens the module's sockets and starts its thread.
-    pub fn start(sandbox: Arc<Sandbox>, setup: ModuleSetup) -> std::io::Result<ModuleRunner> {
+    /// Opens the module's sockets and starts its thread, talking to
+    /// `peers` beyond this host.
+    pub fn start(sandbox: Arc<Sandbox>, setup: ModuleSetup, peers: Reach) -> std::io::Result<ModuleRunner> {
         let local = local_socket()?;
         let port = local.local_addr()?.port();
         let outside = outside_socket(setup.bypass_mark)?;
@@ -171,12 +182,6 @@ impl ModuleRunner {
                                 tracing::error!(overlay = %setup.overlay, "module sockets: {e}");
                                 return;
                             }
-                        };
-                        let peers = match &setup.reach {
-                            Reach::Entries(entries) => {
-                                Far::Entries(entries.iter().map(|e| mapped(*e)).collect())
-                            }
-                            Reach::Overlays(published) => Far::Overlays(Carriers::new(published.clone())),
                         };
                         Host {
                             sandbox,
@@ -298,18 +303,11 @@ fn mapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The far side, as the module's thread sees it.
-enum Far {
-    /// Entry nodes, as the dual-stack socket writes their addresses.
-    Entries(Vec<SocketAddr>),
-    Overlays(Carriers),
-}
-
 /// A monitor module's view of the joined overlays. An overlay keeps its
 /// index for the module's life, and a left one's index is never reused,
 /// so a module can hold on to indices it looked up by name.
-struct Carriers {
-    published: Published,
+pub struct Carriers {
+    published: Shared<OverlayTable>,
     seen: Option<Arc<OverlayTable>>,
     ids: Vec<OverlayId>,
     carriers: Vec<Option<Arc<JoinedOverlay>>>,
@@ -317,7 +315,7 @@ struct Carriers {
 }
 
 impl Carriers {
-    fn new(published: Published) -> Carriers {
+    fn new(published: Shared<OverlayTable>) -> Carriers {
         Carriers {
             published,
             seen: None,
@@ -329,7 +327,7 @@ impl Carriers {
 
     /// Takes in what the manager published last; whether it changed.
     fn refresh(&mut self) -> bool {
-        let latest = self.published.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let latest = snapshot(&self.published);
         if self.seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &latest)) {
             return false;
         }
@@ -373,7 +371,7 @@ fn carries(overlay: &JoinedOverlay) -> bool {
 
 struct Host {
     sandbox: Arc<Sandbox>,
-    peers: Far,
+    peers: Reach,
     /// What the module's packets may be.
     confine: Confinement,
     setup: ModuleSetup,
@@ -399,7 +397,7 @@ impl Host {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let broker_port = self.setup.overlay_port;
-        if let Far::Overlays(carriers) = &mut self.peers {
+        if let Reach::Overlays(carriers) = &mut self.peers {
             carriers.refresh();
         }
         loop {
@@ -443,10 +441,10 @@ impl Host {
                         // Which entry node, or which overlay (and the
                         // length of its shim) it came from.
                         let source = match &self.peers {
-                            Far::Entries(entries) => {
+                            Reach::Entries(entries) => {
                                 entries.iter().position(|e| *e == mapped(from)).map(|e| (e, None))
                             }
-                            Far::Overlays(carriers) => {
+                            Reach::Overlays(carriers) => {
                                 carriers.index_of(from).map(|(i, o)| (i, Some(o.shim.len())))
                             }
                         };
@@ -476,7 +474,7 @@ impl Host {
                         self.up.store(false, Relaxed);
                         return;
                     }
-                    if let Far::Overlays(carriers) = &mut self.peers
+                    if let Reach::Overlays(carriers) = &mut self.peers
                         && carriers.refresh()
                         && let Some(running) = self.running.as_mut()
                     {
@@ -508,8 +506,8 @@ impl Host {
         let setup = &self.setup;
         let started = Instant::now();
         let peers = match &self.peers {
-            Far::Entries(entries) => Peers::Entries(entries.len()),
-            Far::Overlays(carriers) => Peers::Overlays(&carriers.names),
+            Reach::Entries(entries) => Peers::Entries(entries.len()),
+            Reach::Overlays(carriers) => Peers::Overlays(&carriers.names),
         };
         match self.sandbox.instantiate(
             &setup.module,
@@ -578,12 +576,12 @@ impl Host {
         self.destinations.clear();
         for action in &self.actions.list {
             let decided = match (action, &self.peers) {
-                (Action::Send { entry, at }, Far::Entries(entries)) => entries
+                (Action::Send { entry, at }, Reach::Entries(entries)) => entries
                     .get(*entry)
                     .copied()
                     .ok_or(Refusal::NotItsFlow)
                     .and_then(|to| self.confine.may_send(at.len(), now).map(|()| to)),
-                (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
+                (Action::Via { overlay, at }, Reach::Overlays(carriers)) => {
                     // The overlay may have been left since the module asked.
                     match carriers.carriers.get(*overlay).and_then(|c| c.as_deref()) {
                         None => Err(Refusal::NotItsFlow),
@@ -641,7 +639,7 @@ impl Host {
                 let to = (*to)?;
                 match (action, peers) {
                     (Action::Send { at, .. }, _) => Some((&[][..], actions.bytes(at), to)),
-                    (Action::Via { overlay, at }, Far::Overlays(carriers)) => {
+                    (Action::Via { overlay, at }, Reach::Overlays(carriers)) => {
                         let carrier = carriers.carriers.get(*overlay)?.as_deref()?;
                         Some((carrier.shim.as_slice(), actions.bytes(at), to))
                     }
@@ -802,9 +800,9 @@ mod tests {
         let a = test_overlay(1, "a", &["192.0.2.1:7400"], 4);
         let b = test_overlay(2, "b", &["192.0.2.2:7400", "[2001:db8::2]:7400"], 4);
         let c = test_overlay(5, "c", &["192.0.2.5:7400"], 4);
-        let published = Published::default();
+        let published = Shared::<OverlayTable>::default();
         let publish = |list: Vec<Arc<JoinedOverlay>>| {
-            *published.lock().unwrap() = Arc::new(OverlayTable::new(list));
+            *published.write().unwrap() = Arc::new(OverlayTable::new(list));
         };
         publish(vec![
             b.clone(),

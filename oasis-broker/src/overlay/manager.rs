@@ -106,7 +106,7 @@ impl OverlayManager {
     /// The table the packet path reads, also shown to monitor modules.
     fn set_table(&mut self, table: Arc<OverlayTable>) {
         if let Some(modules) = &self.modules {
-            *modules.published.lock().unwrap_or_else(|e| e.into_inner()) = table.clone();
+            *modules.published.write().unwrap_or_else(|e| e.into_inner()) = table.clone();
         }
         self.table = table;
     }
@@ -120,8 +120,8 @@ impl OverlayManager {
         };
         let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
         let peers = match module.kind {
-            ModuleKind::Overlay => Reach::Entries(stored.spec.resolve_entries(own)?),
-            ModuleKind::Monitor => Reach::Overlays(context.published.clone()),
+            ModuleKind::Overlay => Reach::entries(&stored.spec.resolve_entries(own)?),
+            ModuleKind::Monitor => Reach::overlays(context.published.clone()),
         };
         let prepared = context.load(module)?;
         let runner = context.start(&stored.name, &prepared, peers, stored.spec.shim_len)?;
@@ -218,8 +218,8 @@ impl OverlayManager {
                     .await
                     .map_err(|e| ModuleFailure::Start(std::io::Error::other(e.to_string())))??;
                 let peers = match module.kind {
-                    ModuleKind::Overlay => Reach::Entries(entries),
-                    ModuleKind::Monitor => Reach::Overlays(context.published.clone()),
+                    ModuleKind::Overlay => Reach::entries(&entries),
+                    ModuleKind::Monitor => Reach::overlays(context.published.clone()),
                 };
                 stage("starting the module");
                 let started = context.start(&name, &prepared, peers, spec.shim_len)?;

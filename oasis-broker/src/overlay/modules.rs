@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use super::fetch::{FetchError, fetch_bytes};
 use super::spec::{ModuleKind, ModuleSpec};
+use super::table::OverlayTable;
 use crate::module::compiler::Compiler;
-use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Published, Reach};
+use crate::module::runner::{ModuleRunner, ModuleSetup, ModuleStatus, Reach};
 use crate::module::{MAX_MODULE_BYTES, ModuleError, ModuleLimits, Role, Sandbox, digest};
+use crate::shared::Shared;
 
 /// The contract a module of this kind keeps.
 fn role(kind: ModuleKind) -> Role {
@@ -76,7 +78,7 @@ pub struct ModuleContext {
     pub lifetimes: crate::engine::Lifetimes,
     /// The joined overlays, for monitor modules; the manager keeps it
     /// current.
-    pub published: Published,
+    pub published: Shared<OverlayTable>,
 }
 
 impl ModuleContext {
@@ -230,7 +232,6 @@ impl ModuleContext {
             ModuleSetup {
                 overlay: overlay.to_string(),
                 module: prepared.module.clone(),
-                reach,
                 shim_len,
                 limits: self.limits.clone(),
                 overlay_port: self.overlay_port,
@@ -244,6 +245,7 @@ impl ModuleContext {
                     ..ModuleStatus::default()
                 },
             },
+            reach,
         )
         .map_err(ModuleFailure::Start)
     }
