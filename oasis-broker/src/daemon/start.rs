@@ -40,19 +40,235 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let rules = config.rule_set(config_path)?;
     ControlListener::claim(&config.control_socket).await?;
 
+    let (mtu, divert, underlay, mut kernel) = datapath(&mut platform, &config, &rules)?;
+
+    let names = Arc::new(
+        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?,
+    );
+    let (probe_sockets, link, monitor_events) = monitor_link(&platform, &config);
+    // The DNS service's threads tick here; the DNS hooks fail open when
+    // they stop.
+    let dns_liveness = Arc::new(Liveness::new());
+    let dns = dns::start(
+        &config,
+        kernel.as_mut(),
+        names.clone(),
+        link.clone(),
+        &dns_liveness,
+    )
+    .await?;
+    let tables = kernel_tables(kernel.as_mut())?;
+    let platform = Arc::new(platform);
+    let overlays = load_overlays(platform.as_ref(), &config, config_path, mtu).await?;
+    let engine = Engine::new(
+        engine_settings(&config, mtu),
+        Routes::with_names(
+            rules.rules(),
+            rules.names(),
+            names.clone(),
+            overlays.table().clone(),
+        ),
+        dns.fakes.clone(),
+        tables,
+        Box::new(MonitorChooser::new(link.clone())),
+        link,
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let liveness = Arc::new(Liveness::new());
+    let overlay_sockets = Arc::new(open_overlay_sockets(
+        platform.as_ref(),
+        config.overlay_port,
+        config.bypass_mark,
+    )?);
+    let tun_view = TunView {
+        name: divert.name.clone(),
+        ifindex: divert.index,
+        queues: divert.queues.len(),
+        ..Default::default()
+    };
+    let loops = PacketLoops {
+        engine: &engine,
+        underlay: &underlay,
+        overlay: &overlay_sockets,
+        liveness: &liveness,
+        stop: &stop,
+    };
+    let mut threads = loops.spawn(&platform, divert, config.underlay_port, config.bypass_mark)?;
+
+    // The Monitor: not a packet thread; the heartbeat does not wait for it.
+    let monitor_view: Shared<MonitorView> = Arc::default();
+    let parts = MonitorParts {
+        settings: config.monitor.settings(),
+        engine: engine.clone(),
+        events: monitor_events,
+        underlay: underlay.clone(),
+        overlay: overlay_sockets.clone(),
+        sockets: probe_sockets,
+        kernel_events: kernel.take_monitor_events(),
+        view: monitor_view.clone(),
+    };
+    threads.extend(monitor::spawn(parts, stop.clone()).map_err(io("starting the Monitor's threads"))?);
+    let watched = heartbeat::Watched {
+        packets: liveness.clone(),
+        dns: dns_liveness,
+    };
+    threads.push(spawn_heartbeat(kernel.as_mut(), &config, watched, &stop)?);
+    let status_heartbeat = kernel.heartbeat().map_err(DaemonError::Platform)?;
+    let persister =
+        persist::Persister::start(config_path.to_path_buf()).map_err(io("starting the config writer"))?;
+
+    let control_socket = config.control_socket.clone();
+    let (diverted, own_addresses, path_mtu) = platform_views(&platform);
+    let daemon = Arc::new(state::Daemon::new(state::Parts {
+        config_path: config_path.to_path_buf(),
+        settings: Arc::new(config),
+        rules,
+        names,
+        overlays,
+        kernel,
+        heartbeat: status_heartbeat,
+        engine,
+        dns,
+        monitor: monitor_view,
+        persister,
+        tun: tun_view,
+        diverted,
+        own_addresses,
+        path_mtu,
+    }));
+
+    let listener = ControlListener::bind(&control_socket)?;
+    daemon.publish_overlays();
+    inherit_flows(&daemon, platform.sockets());
+    // Only a daemon that started writes a default config file.
+    if !config_path.exists() {
+        daemon.settings.save(config_path)?;
+        tracing::info!(path = %config_path.display(), "wrote a default config file");
+    }
+    tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+    let outcome = serve_until_stopped(&daemon, &listener, &threads).await;
+
+    tracing::info!("shutting down: detaching the classifier");
+    stop.store(true, Relaxed);
+    daemon.shutdown();
+    listener.remove();
+    outcome
+}
+
+/// The Monitor's probes (ports held for TCP probes, sockets for echo
+/// replies: without them the Monitor decides on what flows measure) and
+/// its link to the packet threads.
+#[allow(clippy::type_complexity)]
+fn monitor_link<P: Platform>(
+    platform: &P,
+    config: &Config,
+) -> (
+    Arc<dyn ProbeSockets>,
+    Arc<MonitorLink>,
+    std::sync::mpsc::Receiver<(std::time::Instant, crate::monitor::Event)>,
+) {
+    let probe_sockets: Arc<dyn ProbeSockets> = match platform.probe_sockets(config.monitor.probe_ports) {
+        Ok(sockets) => Arc::from(sockets),
+        Err(e) => {
+            tracing::warn!("the Monitor sends no probes: {e}");
+            Arc::new(NoProbes)
+        }
+    };
+    let echo_id = (std::process::id() as u16) ^ 0x4f53;
+    let (link, events) =
+        MonitorLink::with_probes(EVENT_QUEUE, ProbeTable::new(probe_sockets.ports(), echo_id));
+    (probe_sockets, link, events)
+}
+
+/// An I/O error of the start, saying what was being done.
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+fn engine_settings(config: &Config, mtu: u16) -> EngineSettings {
+    EngineSettings {
+        lifetimes: config.lifetimes(),
+        flow_capacity: FLOW_CAPACITY,
+        uplink_mtu: mtu,
+        fake_v4: config.dns.fake_v4,
+        fake_v6: config.dns.fake_v6,
+    }
+}
+
+/// What the control plane reads from the platform now and then: the
+/// diverted counts, this host's addresses, path MTUs.
+#[allow(clippy::type_complexity)]
+fn platform_views<P: Platform + Sync>(
+    platform: &Arc<P>,
+) -> (
+    Box<dyn Fn(&str) -> (u64, u64) + Send + Sync>,
+    Box<dyn Fn(&mut LocalAddresses) + Send + Sync>,
+    Box<dyn Fn(std::net::SocketAddr) -> Option<u16> + Send + Sync>,
+) {
+    let (a, b, c) = (platform.clone(), platform.clone(), platform.clone());
+    (
+        Box::new(move |device| a.diverted(device)),
+        Box::new(move |into| b.local_addresses(into)),
+        Box::new(move |to| c.path_mtu(to)),
+    )
+}
+
+/// The kernel's tables the engine writes: the NAT of fake-address flows,
+/// the pins of flows left to the kernel.
+fn kernel_tables(kernel: &mut dyn crate::platform::Kernel) -> Result<KernelTables, DaemonError> {
+    let nat = kernel
+        .take_nat()
+        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
+    let pins = kernel
+        .take_pins()
+        .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
+    Ok(KernelTables { nat, pins })
+}
+
+/// The data path: the uplinks' MTU, the divert device, the underlay's
+/// sockets, and the kernel side attached.
+#[allow(clippy::type_complexity)]
+fn datapath<P: Platform>(
+    platform: &mut P,
+    config: &Config,
+    rules: &crate::rules::RuleSet,
+) -> Result<
+    (
+        u16,
+        crate::platform::Divert<P::Queue, P::Delivery>,
+        Arc<P::Underlay>,
+        Box<dyn crate::platform::Kernel>,
+    ),
+    DaemonError,
+> {
     let uplinks = platform.uplinks(&config.uplinks).map_err(DaemonError::Platform)?;
     let mtu = platform.uplink_mtu(&uplinks);
     let divert = platform.divert(&config.tun, mtu).map_err(DaemonError::Platform)?;
-    let underlay = Arc::new(
-        platform
-            .underlay(config.bypass_mark)
-            .map_err(DaemonError::Platform)?,
-    );
+    let underlay = platform
+        .underlay(config.bypass_mark)
+        .map_err(DaemonError::Platform)?;
+    let kernel = classifier(platform, config, rules, &uplinks, divert.index)?;
+    Ok((mtu, divert, Arc::new(underlay), kernel))
+}
+
+/// The kernel side: loaded with the settings, the rules applied, the
+/// classifier attached to every uplink.
+fn classifier<P: Platform>(
+    platform: &mut P,
+    config: &Config,
+    rules: &crate::rules::RuleSet,
+    uplinks: &[String],
+    tun_ifindex: u32,
+) -> Result<Box<dyn crate::platform::Kernel>, DaemonError> {
     let mut settings = Settings {
         heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
         flow_idle_ns: config.flow_idle_timeout_secs * 1_000_000_000,
         tcp_idle_ns: config.tcp_idle_timeout_secs * 1_000_000_000,
-        tun_ifindex: divert.index,
+        tun_ifindex,
         bypass_mark: config.bypass_mark,
         ..Settings::default()
     };
@@ -65,48 +281,23 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     kernel
         .apply(&crate::compile::compile(rules.rules()))
         .map_err(DaemonError::Platform)?;
-    for uplink in &uplinks {
+    for uplink in uplinks {
         kernel.attach(uplink).map_err(DaemonError::Platform)?;
         tracing::info!(%uplink, "classifier attached");
     }
+    Ok(kernel)
+}
 
-    let names = Arc::new(
-        NameRules::compile(rules.names()).map_err(|e| DaemonError::Dns(format!("name rules: {e}")))?,
-    );
-    // The Monitor's probes: ports held for TCP probes, sockets for echo
-    // replies. Without them the Monitor decides on what flows measure.
-    let probe_sockets: Arc<dyn ProbeSockets> = match platform.probe_sockets(config.monitor.probe_ports) {
-        Ok(sockets) => Arc::from(sockets),
-        Err(e) => {
-            tracing::warn!("the Monitor sends no probes: {e}");
-            Arc::new(NoProbes)
-        }
-    };
-    let echo_id = (std::process::id() as u16) ^ 0x4f53;
-    let (link, monitor_events) =
-        MonitorLink::with_probes(EVENT_QUEUE, ProbeTable::new(probe_sockets.ports(), echo_id));
-    // The DNS service's threads tick here; the DNS hooks fail open when
-    // they stop.
-    let dns_liveness = Arc::new(Liveness::new());
-    let dns = dns::start(
-        &config,
-        kernel.as_mut(),
-        names.clone(),
-        link.clone(),
-        &dns_liveness,
-    )
-    .await?;
-    let nat = kernel
-        .take_nat()
-        .ok_or_else(|| DaemonError::Dns("the NAT table was taken twice".into()))?;
-    let pins = kernel
-        .take_pins()
-        .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
-
-    let platform = Arc::new(platform);
-    // Overlays' code modules run in this sandbox; without one (wasmtime
-    // could not set up), overlays that carry code cannot be used, and
-    // everything else works.
+/// The joined overlays of the config, their entry nodes resolved and their
+/// code modules started. Overlays' code modules run in a sandbox; without
+/// one (wasmtime could not set up), overlays that carry code cannot be
+/// used, and everything else works.
+async fn load_overlays<P: Platform>(
+    platform: &P,
+    config: &Config,
+    config_path: &Path,
+    mtu: u16,
+) -> Result<OverlayManager, DaemonError> {
     let modules = match crate::module::Sandbox::new() {
         Ok(sandbox) => Some(crate::overlay::ModuleContext {
             sandbox,
@@ -125,211 +316,143 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             None
         }
     };
-    let overlays = {
-        let stored = config.overlays.clone();
-        let mut own = LocalAddresses::default();
-        platform.local_addresses(&mut own);
-        tokio::task::spawn_blocking(move || OverlayManager::load(stored, &own, modules))
-            .await
-            .map_err(|e| DaemonError::Io {
-                what: "resolving the overlays' entry nodes".into(),
-                source: std::io::Error::other(e),
-            })?
-    };
-    let engine = Engine::new(
-        EngineSettings {
-            lifetimes: config.lifetimes(),
-            flow_capacity: FLOW_CAPACITY,
-            uplink_mtu: mtu,
-            fake_v4: config.dns.fake_v4,
-            fake_v6: config.dns.fake_v6,
-        },
-        Routes::with_names(
-            rules.rules(),
-            rules.names(),
-            names.clone(),
-            overlays.table().clone(),
-        ),
-        dns.fakes.clone(),
-        KernelTables { nat, pins },
-        Box::new(MonitorChooser::new(link.clone())),
-        link,
-    );
+    let stored = config.overlays.clone();
+    let mut own = LocalAddresses::default();
+    platform.local_addresses(&mut own);
+    tokio::task::spawn_blocking(move || OverlayManager::load(stored, &own, modules))
+        .await
+        .map_err(|e| DaemonError::Io {
+            what: "resolving the overlays' entry nodes".into(),
+            source: std::io::Error::other(e),
+        })
+}
 
-    // The packet loops.
-    let stop = Arc::new(AtomicBool::new(false));
-    let liveness = Arc::new(Liveness::new());
-    let overlay_sockets = Arc::new(open_overlay_sockets(
-        platform.as_ref(),
-        config.overlay_port,
-        config.bypass_mark,
-    )?);
-    let tun_view = TunView {
-        name: divert.name.clone(),
-        ifindex: divert.index,
-        queues: divert.queues.len(),
-        ..Default::default()
-    };
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    for (index, queue) in divert.queues.into_iter().enumerate() {
-        let name = format!("oasis-queue-{index}");
-        let (router, delivery, underlay, sockets) = (
-            engine.router(),
-            divert.delivery.clone(),
-            underlay.clone(),
-            overlay_sockets.clone(),
-        );
-        let (tick, stop) = (liveness.register(&name), stop.clone());
-        threads.push(spawn_thread(name, move || {
-            run_queue(router, queue, delivery, underlay.as_ref(), &sockets, tick, &stop)
-        })?);
-    }
-    for (family, socket) in [("v4", true), ("v6", false)] {
-        if !socket && overlay_sockets.v6.is_none() {
-            continue;
+/// What the packet loops share.
+struct PacketLoops<'a, P: Platform> {
+    engine: &'a Arc<Engine>,
+    underlay: &'a Arc<P::Underlay>,
+    overlay: &'a Arc<OverlaySockets<P::Socket>>,
+    liveness: &'a Arc<Liveness>,
+    stop: &'a Arc<AtomicBool>,
+}
+
+impl<P: Platform + Sync> PacketLoops<'_, P> {
+    /// A thread per diverted queue, per standard-port socket (returned
+    /// packets) and per underlay-port socket (modules' packets).
+    fn spawn(
+        &self,
+        platform: &Arc<P>,
+        divert: crate::platform::Divert<P::Queue, P::Delivery>,
+        underlay_port: u16,
+        bypass_mark: u32,
+    ) -> Result<Vec<JoinHandle<()>>, DaemonError> {
+        let mut threads = Vec::new();
+        for (index, queue) in divert.queues.into_iter().enumerate() {
+            let name = format!("oasis-queue-{index}");
+            let (router, delivery, underlay, sockets) = (
+                self.engine.router(),
+                divert.delivery.clone(),
+                self.underlay.clone(),
+                self.overlay.clone(),
+            );
+            let (tick, stop) = (self.liveness.register(&name), self.stop.clone());
+            threads.push(spawn_thread(name, move || {
+                run_queue(router, queue, delivery, underlay.as_ref(), &sockets, tick, &stop)
+            })?);
         }
-        let name = format!("oasis-overlay-rx-{family}");
-        let (path, delivery, sockets, platform) = (
-            ReturnPath::new(&engine).with_sockets(platform.sockets()),
-            divert.delivery.clone(),
-            overlay_sockets.clone(),
-            platform.clone(),
-        );
-        let (tick, stop) = (liveness.register(&name), stop.clone());
-        threads.push(spawn_thread(name, move || {
-            let socket = if socket {
-                &sockets.v4
-            } else {
-                sockets.v6.as_ref().expect("checked")
-            };
-            run_returns(
-                path,
-                socket,
-                delivery,
-                |into| platform.local_addresses(into),
-                tick,
-                &stop,
-            )
-        })?);
-    }
-    for (family, loopback) in [
-        ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
-        ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
-    ] {
-        let what = format!("UDP port {} (underlay_port) on {loopback}", config.underlay_port);
-        let socket = match platform.socket((loopback, config.underlay_port).into(), config.bypass_mark, false)
-        {
-            Ok(socket) => socket,
-            Err(e) if loopback.is_ipv6() => {
-                tracing::warn!("no IPv6 for the {what} ({e}); IPv4 only");
+        for (family, v4) in [("v4", true), ("v6", false)] {
+            if !v4 && self.overlay.v6.is_none() {
                 continue;
             }
-            Err(source) => return Err(DaemonError::Io { what, source }),
-        };
-        let name = format!("oasis-underlay-port-{family}");
-        let (engine, underlay) = (engine.clone(), underlay.clone());
-        let (tick, stop) = (liveness.register(&name), stop.clone());
-        threads.push(spawn_thread(name, move || {
-            run_underlay_port(engine, &socket, underlay.as_ref(), tick, &stop)
-        })?);
+            let name = format!("oasis-overlay-rx-{family}");
+            let (path, delivery, sockets, platform) = (
+                ReturnPath::new(self.engine).with_sockets(platform.sockets()),
+                divert.delivery.clone(),
+                self.overlay.clone(),
+                platform.clone(),
+            );
+            let (tick, stop) = (self.liveness.register(&name), self.stop.clone());
+            threads.push(spawn_thread(name, move || {
+                let socket = if v4 {
+                    &sockets.v4
+                } else {
+                    sockets.v6.as_ref().expect("checked")
+                };
+                run_returns(
+                    path,
+                    socket,
+                    delivery,
+                    |into| platform.local_addresses(into),
+                    tick,
+                    &stop,
+                )
+            })?);
+        }
+        for (family, loopback) in [
+            ("v4", std::net::IpAddr::from([127, 0, 0, 1])),
+            ("v6", std::net::Ipv6Addr::LOCALHOST.into()),
+        ] {
+            let what = format!("UDP port {underlay_port} (underlay_port) on {loopback}");
+            let socket = match platform.socket((loopback, underlay_port).into(), bypass_mark, false) {
+                Ok(socket) => socket,
+                Err(e) if loopback.is_ipv6() => {
+                    tracing::warn!("no IPv6 for the {what} ({e}); IPv4 only");
+                    continue;
+                }
+                Err(source) => return Err(DaemonError::Io { what, source }),
+            };
+            let name = format!("oasis-underlay-port-{family}");
+            let (engine, underlay) = (self.engine.clone(), self.underlay.clone());
+            let (tick, stop) = (self.liveness.register(&name), self.stop.clone());
+            threads.push(spawn_thread(name, move || {
+                run_underlay_port(engine, &socket, underlay.as_ref(), tick, &stop)
+            })?);
+        }
+        Ok(threads)
     }
+}
 
-    // The Monitor: not a packet thread; the heartbeat does not wait for it.
-    let monitor_view: Shared<MonitorView> = Arc::default();
-    threads.extend(
-        monitor::spawn(
-            MonitorParts {
-                settings: config.monitor.settings(),
-                engine: engine.clone(),
-                events: monitor_events,
-                underlay: underlay.clone(),
-                overlay: overlay_sockets.clone(),
-                sockets: probe_sockets,
-                kernel_events: kernel.take_monitor_events(),
-                view: monitor_view.clone(),
-            },
-            stop.clone(),
-        )
-        .map_err(|source| DaemonError::Io {
-            what: "starting the Monitor's threads".into(),
-            source,
-        })?,
-    );
-
-    // The heartbeat, on a thread and map handle of its own. A thread that
-    // has not ticked for half the timeout is stuck: no more beats.
-    let heartbeat_every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
+/// The heartbeat, on a thread and map handle of its own.
+fn spawn_heartbeat(
+    kernel: &mut dyn crate::platform::Kernel,
+    config: &Config,
+    watched: heartbeat::Watched,
+    stop: &Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let every = Duration::from_millis((config.heartbeat_timeout_ms / 4).clamp(100, 1000));
+    // Logged as stuck past half the timeout (the beats themselves carry
+    // how long ago the quietest thread made progress).
     let stall_limit = Duration::from_millis(config.heartbeat_timeout_ms / 2).max(TICK_EVERY * 4);
     let beat = kernel.heartbeat().map_err(DaemonError::Platform)?;
-    threads.push(
-        heartbeat::spawn(
-            beat,
-            heartbeat::Watched {
-                packets: liveness.clone(),
-                dns: dns_liveness,
-            },
-            heartbeat_every,
-            stall_limit,
-            stop.clone(),
-        )
-        .map_err(|source| DaemonError::Io {
-            what: "starting the heartbeat thread".into(),
-            source,
-        })?,
-    );
-    let status_heartbeat = kernel.heartbeat().map_err(DaemonError::Platform)?;
-    let persister =
-        persist::Persister::start(config_path.to_path_buf()).map_err(|source| DaemonError::Io {
-            what: "starting the config writer".into(),
-            source,
-        })?;
+    heartbeat::spawn(beat, watched, every, stall_limit, stop.clone())
+        .map_err(io("starting the heartbeat thread"))
+}
 
-    let control_socket = config.control_socket.clone();
-    let platform_for_status = platform.clone();
-    let platform_for_overlays = platform.clone();
-    let platform_for_mtu = platform.clone();
-    let daemon = Arc::new(state::Daemon::new(state::Parts {
-        config_path: config_path.to_path_buf(),
-        settings: Arc::new(config),
-        rules,
-        names,
-        overlays,
-        kernel,
-        heartbeat: status_heartbeat,
-        engine,
-        dns,
-        monitor: monitor_view,
-        persister,
-        tun: tun_view,
-        diverted: Box::new(move |device| platform_for_status.diverted(device)),
-        own_addresses: Box::new(move |into| platform_for_overlays.local_addresses(into)),
-        path_mtu: Box::new(move |to| platform_for_mtu.path_mtu(to)),
-    }));
+/// Flows of fake addresses the last daemon died under: those of overlays
+/// go on, those the kernel rewrote are ended at once (`inherit.rs`).
+fn inherit_flows(daemon: &Arc<state::Daemon>, sockets: Arc<dyn crate::platform::SocketLookup>) {
+    let engine = daemon.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let fakes = engine.fakes().lock().unwrap_or_else(|e| e.into_inner()).clone();
+        super::inherit::sweep(sockets.as_ref(), &fakes, &engine.routes());
+    });
+}
 
-    let listener = ControlListener::bind(&control_socket)?;
-    daemon.publish_overlays();
-    // Flows of fake addresses the last daemon died under: those of
-    // overlays go on, those the kernel rewrote are ended at once.
-    {
-        let (engine, sockets) = (daemon.engine.clone(), platform.sockets());
-        tokio::task::spawn_blocking(move || {
-            let fakes = engine.fakes().lock().unwrap_or_else(|e| e.into_inner()).clone();
-            super::inherit::sweep(sockets.as_ref(), &fakes, &engine.routes());
-        });
-    }
-    // Only a daemon that started writes a default config file.
-    if !config_path.exists() {
-        daemon.settings.save(config_path)?;
-        tracing::info!(path = %config_path.display(), "wrote a default config file");
-    }
-    tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+/// Serves the control socket and the daemon's upkeep until a signal to
+/// stop, or until a packet thread dies (diverted traffic would have
+/// nowhere to go: the kernel must pass everything again).
+async fn serve_until_stopped(
+    daemon: &Arc<state::Daemon>,
+    listener: &ControlListener,
+    threads: &[JoinHandle<()>],
+) -> Result<(), DaemonError> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut watch = tokio::time::interval(TICK_EVERY);
     let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
-    let outcome = loop {
+    loop {
         tokio::select! {
-            signal = &mut shutdown => break signal,
+            signal = &mut shutdown => return signal,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let daemon = daemon.clone();
@@ -341,11 +464,9 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
                 Err(e) => tracing::warn!("control socket accept: {e}"),
             },
             _ = watch.tick() => {
-                // A dead packet thread means diverted traffic has nowhere to
-                // go: stop and let the kernel pass everything again.
                 if let Some(thread) = threads.iter().find(|t| t.is_finished()) {
                     let name = thread.thread().name().unwrap_or("?").to_string();
-                    break Err(DaemonError::PacketThread(name, "it exited; see the log above".into()));
+                    return Err(DaemonError::PacketThread(name, "it exited; see the log above".into()));
                 }
             }
             _ = upkeep.tick() => {
@@ -353,13 +474,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
                 tokio::task::spawn_blocking(move || daemon.upkeep());
             }
         }
-    };
-
-    tracing::info!("shutting down: detaching the classifier");
-    stop.store(true, Relaxed);
-    daemon.shutdown();
-    listener.remove();
-    outcome
+    }
 }
 
 /// UDP sockets on the standard port; IPv6 only where the host has it.
