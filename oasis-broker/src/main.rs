@@ -438,96 +438,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => run_daemon(&cli.config),
         Command::CompileModule { .. } => unreachable!("handled before"),
-        Command::Rule(RuleCommand::Add(args)) => {
-            let upload = args.dst_set.as_deref().map(read_set).transpose()?;
-            let spec = RuleSpec {
-                proto: args.proto,
-                dst: args.dst,
-                dst_set: upload.as_ref().map(|(upload, _)| upload.name.clone()),
-                dport: args.dport,
-                sport: args.sport,
-                name: args.name,
-                name_exact: args.name_exact,
-                name_suffix: args.name_suffix,
-                name_keyword: args.name_keyword,
-                via: args.via.unwrap_or_default(),
-                metric: args.metric,
-                among: args.among,
-                monitor: args.monitor,
-            };
-            // Check locally first so a typo is reported even with no daemon.
-            let (upload, set) = upload.unzip();
-            spec.parse_with(set)?;
-            let request = Request::AddRule {
-                spec: Box::new(spec),
-                dst_set: upload,
-            };
-            match call(&socket, &request)? {
-                Response::Rule { rule } if args.json => {
-                    println!("{}", serde_json::to_string_pretty(&rule)?)
-                }
-                Response::Rule { rule } => {
-                    println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via)
-                }
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Rule(RuleCommand::Import {
-            kind,
-            via,
-            metric,
-            among,
-            file,
-        }) => {
-            let template = RuleSpec {
-                via: via.unwrap_or_default(),
-                metric,
-                among,
-                ..RuleSpec::default()
-            };
-            if kind == ImportKind::Cidr {
-                return import_set(&socket, template, &file);
-            }
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
-            };
-            let mut specs = Vec::new();
-            for (number, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let spec = kind.spec(line.to_string(), &template)?;
-                spec.parse()
-                    .with_context(|| format!("{} line {}", file.display(), number + 1))?;
-                specs.push(spec);
-            }
-            if specs.is_empty() {
-                bail!("{} holds no patterns", file.display());
-            }
-            eprintln!("importing {} rules ...", specs.len());
-            match call(&socket, &Request::ImportRules { specs })? {
-                Response::Imported { count, first, last } => match (first, last) {
-                    (Some(first), Some(last)) => println!("imported {count} rules, ids {first} to {last}"),
-                    _ => println!("imported no rules"),
-                },
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Monitor { json } => {
-            match call(&socket, &Request::Monitor)? {
-                Response::Monitor { monitor } if json => {
-                    println!("{}", serde_json::to_string_pretty(&monitor)?)
-                }
-                Response::Monitor { monitor } => print!("{}", render::monitor(&monitor)),
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
+        Command::Rule(command) => rule(&socket, command),
+        Command::Overlay(command) => overlay(&socket, command),
+        Command::Monitor { json } => match call(&socket, &Request::Monitor)? {
+            Response::Monitor { monitor } => show(json, &*monitor, render::monitor),
+            other => bail!("unexpected reply: {other:?}"),
+        },
         Command::Fault { name } => match call(&socket, &Request::Fault { name })? {
             Response::Done { message } => {
                 println!("{message}");
@@ -535,69 +451,147 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             other => bail!("unexpected reply: {other:?}"),
         },
-        Command::Flows { json } => {
-            match call(&socket, &Request::Flows)? {
-                Response::Flows { flows } if json => println!("{}", serde_json::to_string_pretty(&flows)?),
-                Response::Flows { flows } => print!("{}", render::flows(&flows)),
-                other => bail!("unexpected reply: {other:?}"),
+        Command::Flows { json } => match call(&socket, &Request::Flows)? {
+            Response::Flows { flows } => show(json, &flows, |f| render::flows(f)),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        Command::Dns { json } => match call(&socket, &Request::Dns)? {
+            Response::Dns { dns } => show(json, &*dns, render::dns_table),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        Command::Status { json } => match call(&socket, &Request::Status)? {
+            Response::Status { status } => show(json, &*status, render::status),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+    }
+}
+
+/// Prints what the daemon answered: JSON for scripts, else as `render`
+/// lays it out for people.
+fn show<T: serde::Serialize>(json: bool, value: &T, render: impl Fn(&T) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}
+
+fn rule(socket: &std::path::Path, command: RuleCommand) -> anyhow::Result<()> {
+    match command {
+        RuleCommand::Add(args) => add_rule(socket, *args),
+        RuleCommand::Import {
+            kind,
+            via,
+            metric,
+            among,
+            file,
+        } => {
+            let template = RuleSpec {
+                via: via.unwrap_or_default(),
+                metric,
+                among,
+                ..RuleSpec::default()
+            };
+            if kind == ImportKind::Cidr {
+                return import_set(socket, template, &file);
             }
-            Ok(())
+            import_patterns(socket, kind, &template, &file)
         }
-        Command::Dns { json } => {
-            match call(&socket, &Request::Dns)? {
-                Response::Dns { dns } if json => println!("{}", serde_json::to_string_pretty(&dns)?),
-                Response::Dns { dns } => print!("{}", render::dns_table(&dns)),
-                other => bail!("unexpected reply: {other:?}"),
+        RuleCommand::List { json } => match call(socket, &Request::ListRules)? {
+            Response::Rules { rules } => show(json, &rules, |r| render::rule_table(r)),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        RuleCommand::Del { id } => match call(socket, &Request::DelRule { id })? {
+            Response::Rule { rule } => {
+                println!("deleted rule {}: {} via {}", rule.id, rule.subset, rule.via);
+                Ok(())
             }
-            Ok(())
+            other => bail!("unexpected reply: {other:?}"),
+        },
+    }
+}
+
+fn add_rule(socket: &std::path::Path, args: RuleAddArgs) -> anyhow::Result<()> {
+    let upload = args.dst_set.as_deref().map(read_set).transpose()?;
+    let spec = RuleSpec {
+        proto: args.proto,
+        dst: args.dst,
+        dst_set: upload.as_ref().map(|(upload, _)| upload.name.clone()),
+        dport: args.dport,
+        sport: args.sport,
+        name: args.name,
+        name_exact: args.name_exact,
+        name_suffix: args.name_suffix,
+        name_keyword: args.name_keyword,
+        via: args.via.unwrap_or_default(),
+        metric: args.metric,
+        among: args.among,
+        monitor: args.monitor,
+    };
+    // Check locally first so a typo is reported even with no daemon.
+    let (upload, set) = upload.unzip();
+    spec.parse_with(set)?;
+    let request = Request::AddRule {
+        spec: Box::new(spec),
+        dst_set: upload,
+    };
+    match call(socket, &request)? {
+        Response::Rule { rule } if args.json => println!("{}", serde_json::to_string_pretty(&rule)?),
+        Response::Rule { rule } => println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+/// `rule import` of names, one pattern a line: all or none.
+fn import_patterns(
+    socket: &std::path::Path,
+    kind: ImportKind,
+    template: &RuleSpec,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let mut specs = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
         }
-        Command::Rule(RuleCommand::List { json }) => {
-            match call(&socket, &Request::ListRules)? {
-                Response::Rules { rules } if json => {
-                    println!("{}", serde_json::to_string_pretty(&rules)?)
-                }
-                Response::Rules { rules } => print!("{}", render::rule_table(&rules)),
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Rule(RuleCommand::Del { id }) => {
-            match call(&socket, &Request::DelRule { id })? {
-                Response::Rule { rule } => {
-                    println!("deleted rule {}: {} via {}", rule.id, rule.subset, rule.via)
-                }
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Overlay(OverlayCommand::Add {
+        let spec = kind.spec(line.to_string(), template)?;
+        spec.parse()
+            .with_context(|| format!("{} line {}", file.display(), number + 1))?;
+        specs.push(spec);
+    }
+    if specs.is_empty() {
+        bail!("{} holds no patterns", file.display());
+    }
+    eprintln!("importing {} rules ...", specs.len());
+    match call(socket, &Request::ImportRules { specs })? {
+        Response::Imported { count, first, last } => match (first, last) {
+            (Some(first), Some(last)) => println!("imported {count} rules, ids {first} to {last}"),
+            _ => println!("imported no rules"),
+        },
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+fn overlay(socket: &std::path::Path, command: OverlayCommand) -> anyhow::Result<()> {
+    match command {
+        OverlayCommand::Add {
             name,
             url,
             token,
             module_file,
             pin,
             json,
-        }) => {
-            let module_file = match module_file {
-                Some(path) => {
-                    let bytes =
-                        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                    eprintln!(
-                        "sending {} ({} bytes, sha256 {}) ...",
-                        path.display(),
-                        bytes.len(),
-                        oasis_broker::module::digest(&bytes)
-                    );
-                    Some(control::ModuleUpload {
-                        name: path
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                        hex: hex::encode(bytes),
-                    })
-                }
-                None => None,
-            };
+        } => {
+            let module_file = module_file.as_deref().map(module_upload).transpose()?;
             let request = Request::OverlayAdd {
                 name,
                 url,
@@ -605,7 +599,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 module_file,
                 pinned: pin,
             };
-            match call(&socket, &request)? {
+            match call(socket, &request)? {
                 Response::Overlay { overlay } if json => {
                     println!("{}", serde_json::to_string_pretty(&overlay)?)
                 }
@@ -617,28 +611,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Overlay(OverlayCommand::List { json }) => {
-            match call(&socket, &Request::OverlayList)? {
-                Response::Overlays { overlays } if json => {
-                    println!("{}", serde_json::to_string_pretty(&overlays)?)
-                }
-                Response::Overlays { overlays } => print!("{}", render::overlay_table(&overlays)),
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Overlay(OverlayCommand::Show { name, json }) => {
-            match call(&socket, &Request::OverlayShow { name })? {
-                Response::Overlay { overlay } if json => {
-                    println!("{}", serde_json::to_string_pretty(&overlay)?)
-                }
-                Response::Overlay { overlay } => print!("{}", render::overlay(&overlay)),
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
-        Command::Overlay(OverlayCommand::Del { name }) => {
-            match call(&socket, &Request::OverlayDel { name })? {
+        OverlayCommand::List { json } => match call(socket, &Request::OverlayList)? {
+            Response::Overlays { overlays } => show(json, &overlays, |o| render::overlay_table(o)),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        OverlayCommand::Show { name, json } => match call(socket, &Request::OverlayShow { name })? {
+            Response::Overlay { overlay } => show(json, &*overlay, render::overlay),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        OverlayCommand::Del { name } => {
+            match call(socket, &Request::OverlayDel { name })? {
                 Response::Overlay { overlay } if overlay.live_flows > 0 => println!(
                     "left overlay {}; its {} live flows end: each gets a TCP reset or an ICMP unreachable on its next packet",
                     overlay.name, overlay.live_flows
@@ -648,17 +630,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => {
-            match call(&socket, &Request::Status)? {
-                Response::Status { status } if json => {
-                    println!("{}", serde_json::to_string_pretty(&status)?)
-                }
-                Response::Status { status } => print!("{}", render::status(&status)),
-                other => bail!("unexpected reply: {other:?}"),
-            }
-            Ok(())
-        }
     }
+}
+
+/// A module author's build, sent whole (the daemon may not see the file).
+fn module_upload(path: &std::path::Path) -> anyhow::Result<control::ModuleUpload> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    eprintln!(
+        "sending {} ({} bytes, sha256 {}) ...",
+        path.display(),
+        bytes.len(),
+        oasis_broker::module::digest(&bytes)
+    );
+    Ok(control::ModuleUpload {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hex: hex::encode(bytes),
+    })
 }
 
 fn control_socket(cli: &Cli) -> PathBuf {
