@@ -198,6 +198,29 @@ pub fn status(s: &StatusView) -> String {
         "            underlay port {} (modules only): dropped {} from other senders",
         s.underlay_port, b.rejected_module_sender
     );
+    status_dns(&mut out, s);
+    status_monitor(&mut out, s);
+    let costs: Vec<String> = s
+        .programs
+        .iter()
+        .filter(|p| p.run_count > 0)
+        .map(|p| format!("{} ({}) {} ns", p.name, p.hook, p.run_time_ns / p.run_count))
+        .collect();
+    if !costs.is_empty() {
+        let _ = writeln!(out, "programs    per run: {}", costs.join(", "));
+    }
+    let maps: Vec<String> = s
+        .program
+        .maps
+        .iter()
+        .map(|m| format!("{} ({} {})", m.name, m.kind, m.max_entries))
+        .collect();
+    let _ = writeln!(out, "maps        {}", maps.join(", "));
+    out
+}
+
+/// The DNS lines of `oasis status`.
+fn status_dns(out: &mut String, s: &StatusView) {
     match &s.dns {
         None => {
             let _ = writeln!(out, "dns         off: name rules have no effect");
@@ -242,6 +265,11 @@ pub fn status(s: &StatusView) -> String {
             );
         }
     }
+}
+
+/// The Monitor's lines of `oasis status`.
+fn status_monitor(out: &mut String, s: &StatusView) {
+    let b = &s.broker;
     if let Some(m) = &s.monitor {
         let _ = writeln!(
             out,
@@ -290,23 +318,6 @@ pub fn status(s: &StatusView) -> String {
             );
         }
     }
-    let costs: Vec<String> = s
-        .programs
-        .iter()
-        .filter(|p| p.run_count > 0)
-        .map(|p| format!("{} ({}) {} ns", p.name, p.hook, p.run_time_ns / p.run_count))
-        .collect();
-    if !costs.is_empty() {
-        let _ = writeln!(out, "programs    per run: {}", costs.join(", "));
-    }
-    let maps: Vec<String> = s
-        .program
-        .maps
-        .iter()
-        .map(|m| format!("{} ({} {})", m.name, m.kind, m.max_entries))
-        .collect();
-    let _ = writeln!(out, "maps        {}", maps.join(", "));
-    out
 }
 
 pub fn overlay_table(overlays: &[OverlayView]) -> String {
