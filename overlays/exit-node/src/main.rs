@@ -181,43 +181,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     use steer::ExitSteering;
 
     if args.unpin {
-        let removed = ExitSteering::unpin(&args.pin_dir, &args.uplink)?;
-        println!(
-            "{}",
-            if removed {
-                "the pinned steering is removed"
-            } else {
-                "there was no pinned steering for this uplink"
-            }
-        );
-        return Ok(());
+        return unpin(&args);
     }
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
     }
-
-    let public_v4 = args.public.iter().find_map(|a| match a {
-        IpAddr::V4(v4) => Some(*v4),
-        _ => None,
-    });
-    let public_v6 = args.public.iter().find_map(|a| match a {
-        IpAddr::V6(v6) => Some(*v6),
-        _ => None,
-    });
-    if let Some((first, last)) = ephemeral_ports()
-        && first <= *args.nat_ports.end()
-        && *args.nat_ports.start() <= last
-    {
-        bail!(
-            "--nat-ports {}-{} overlaps this host's ephemeral ports {first}-{last} \
-             (net.ipv4.ip_local_port_range): replies to the host's own connections \
-             would be taken for NAT replies. Pick a range outside it, or narrow the sysctl.",
-            args.nat_ports.start(),
-            args.nat_ports.end()
-        );
-    }
+    let (public_v4, public_v6) = publics(&args.public);
+    check_ports(&args)?;
     if args.shim_len > oasis_common::MAX_SHIM_LEN {
         bail!("--shim-len must be at most {}", oasis_common::MAX_SHIM_LEN);
     }
@@ -246,43 +218,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     nat_config.max_flows = args.max_flows;
     nat_config.tcp_idle = std::time::Duration::from_secs(args.tcp_idle_secs);
     nat_config.udp_idle = std::time::Duration::from_secs(args.udp_idle_secs);
-    let mut nat = Nat::new(nat_config);
-    match std::fs::read(&args.state_file) {
-        Ok(bytes) => match serde_json::from_slice::<nat::NatState>(&bytes) {
-            Ok(state) => {
-                let saved = state.len();
-                let restored = nat.restore(state, Instant::now());
-                tracing::info!(restored, saved, path = %args.state_file.display(), "NAT mappings restored");
-            }
-            Err(e) => {
-                tracing::warn!(path = %args.state_file.display(), "the NAT state file is not valid ({e}); starting empty")
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %args.state_file.display(), "cannot read the NAT state ({e}); starting empty")
-        }
-    }
-    let mut saved_changes = nat.changes();
+    let nat = restored_nat(nat_config, &args.state_file);
+    let saved_changes = nat.changes();
     let core = Arc::new(Mutex::new(Core {
         nat,
         stats: ExitStats::default(),
     }));
     let clients = Arc::new(args.clients.clone());
-
-    let mut sockets = Vec::new();
-    for listen in &args.listen {
-        let socket = socket2::Socket::new(socket2::Domain::for_address(*listen), socket2::Type::DGRAM, None)?;
-        if listen.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_recv_buffer_size(8 << 20)?;
-        socket.set_send_buffer_size(8 << 20)?;
-        socket
-            .bind(&(*listen).into())
-            .with_context(|| format!("binding {listen}"))?;
-        sockets.push(Arc::new(socket));
-    }
+    let sockets = client_sockets(&args.listen)?;
 
     let mut threads = Vec::new();
     for socket in &sockets {
@@ -302,7 +245,104 @@ fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
+    upkeep(&args, &core, &steering, &threads, saved_changes)
+}
 
+/// `--unpin`: removes the steering a retired exit left pinned.
+fn unpin(args: &Args) -> anyhow::Result<()> {
+    let removed = steer::ExitSteering::unpin(&args.pin_dir, &args.uplink)?;
+    println!(
+        "{}",
+        if removed {
+            "the pinned steering is removed"
+        } else {
+            "there was no pinned steering for this uplink"
+        }
+    );
+    Ok(())
+}
+
+/// The public IPv4 and IPv6 address, each if given.
+fn publics(public: &[IpAddr]) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let v4 = public.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        _ => None,
+    });
+    let v6 = public.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(*v6),
+        _ => None,
+    });
+    (v4, v6)
+}
+
+/// Refuses NAT ports the host's own connections could be given.
+fn check_ports(args: &Args) -> anyhow::Result<()> {
+    if let Some((first, last)) = ephemeral_ports()
+        && first <= *args.nat_ports.end()
+        && *args.nat_ports.start() <= last
+    {
+        bail!(
+            "--nat-ports {}-{} overlaps this host's ephemeral ports {first}-{last} \
+             (net.ipv4.ip_local_port_range): replies to the host's own connections \
+             would be taken for NAT replies. Pick a range outside it, or narrow the sysctl.",
+            args.nat_ports.start(),
+            args.nat_ports.end()
+        );
+    }
+    Ok(())
+}
+
+/// A NAT holding the mappings the last exit saved; an unreadable file
+/// costs the old flows, never the start.
+fn restored_nat(config: NatConfig, state_file: &std::path::Path) -> Nat {
+    let mut nat = Nat::new(config);
+    match std::fs::read(state_file) {
+        Ok(bytes) => match serde_json::from_slice::<nat::NatState>(&bytes) {
+            Ok(state) => {
+                let saved = state.len();
+                let restored = nat.restore(state, Instant::now());
+                tracing::info!(restored, saved, path = %state_file.display(), "NAT mappings restored");
+            }
+            Err(e) => {
+                tracing::warn!(path = %state_file.display(), "the NAT state file is not valid ({e}); starting empty")
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %state_file.display(), "cannot read the NAT state ({e}); starting empty")
+        }
+    }
+    nat
+}
+
+/// One UDP socket per --listen address, with buffers for bursts.
+fn client_sockets(listen: &[SocketAddr]) -> anyhow::Result<Vec<Arc<socket2::Socket>>> {
+    let mut sockets = Vec::new();
+    for listen in listen {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(*listen), socket2::Type::DGRAM, None)?;
+        if listen.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_recv_buffer_size(8 << 20)?;
+        socket.set_send_buffer_size(8 << 20)?;
+        socket
+            .bind(&(*listen).into())
+            .with_context(|| format!("binding {listen}"))?;
+        sockets.push(Arc::new(socket));
+    }
+    Ok(sockets)
+}
+
+/// Once a second (and on SIGTERM at once): expire mappings, save the NAT
+/// state when it changed, write the counters; stops when asked to or when a
+/// packet thread died.
+fn upkeep(
+    args: &Args,
+    core: &Mutex<Core>,
+    steering: &steer::ExitSteering,
+    threads: &[std::thread::JoinHandle<()>],
+    mut saved_changes: u64,
+) -> anyhow::Result<()> {
     let mut last_log = Instant::now();
     let mut last_upkeep = Instant::now() - Duration::from_secs(1);
     loop {
