@@ -317,6 +317,20 @@ impl FakeTable {
         Ok(fake)
     }
 
+    /// The name's address given again in a kept answer: true, its use
+    /// noted, while `fake` still stands for `name`.
+    pub fn answered_again(&mut self, fake: IpAddr, name: &str, now: u64) -> bool {
+        match self.entries.get(&fake) {
+            Some(entry) if entry.name == name => {
+                if entry.last_used != now {
+                    self.touch(fake, now);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A flow to `fake` started: its address is pinned until it ends.
     pub fn flow_started(&mut self, fake: IpAddr, now: u64) -> Option<&FakeEntry> {
         let entry = self.entries.get_mut(&fake)?;

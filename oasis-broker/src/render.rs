@@ -239,6 +239,13 @@ fn status_dns(out: &mut String, s: &StatusView) {
                 "            {} queries: {} fake, {} passed, {} withheld, {} negative, {} servfail, {} truncated, {} refused",
                 q.queries, q.faked, q.passed, q.empty, q.negative, q.servfail, q.truncated, q.refused
             );
+            if q.reused > 0 || q.explicit > 0 {
+                let _ = writeln!(
+                    out,
+                    "            {} answered again from kept answers; {} sent to servers of the application's choosing",
+                    q.reused, q.explicit
+                );
+            }
             if q.monitor_real > 0 {
                 let _ = writeln!(
                     out,

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, SERVER_V6, Topology};
+use oasis_tests::{CLIENT_V4, Daemon, DnsAnswer, SERVER_V4, SERVER_V6, Topology};
 use serde_json::Value;
 
 const EXIT_SPEC: &str = r#"<?xml version="1.0"?>
@@ -507,6 +507,81 @@ fn an_exhausted_pool_reuses_idle_addresses_and_never_those_in_use() {
     assert!(s["dns"]["counters"]["exhausted"].as_u64().unwrap() >= 1, "{s}");
     // The held names still answer as before.
     assert_eq!(fake_of(&net, "b.pool.test"), b);
+}
+
+/// Asks `name` (type A) `times` times, each from a new port (so both DNS
+/// threads get to answer it); returns the answers.
+fn ask_often(net: &Topology, name: &str, times: usize) -> Vec<DnsAnswer> {
+    (0..times).map(|_| net.dig(true, &[name, "A"])).collect()
+}
+
+fn reused(daemon: &Daemon, net: &Topology) -> u64 {
+    status(daemon, net)["dns"]["counters"]["reused"]
+        .as_u64()
+        .expect("dns.counters.reused in status")
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_question_asked_again_is_answered_from_what_was_kept_while_it_holds() {
+    let mut net = Topology::new();
+    let daemon = small_pool(&mut net);
+    // Kept: the same fake address every time, most of them given again
+    // without a full answer (the first on each DNS thread is a full one).
+    let answers = ask_often(&net, "a.pool.test", 6);
+    let a = answers[0].answers.clone();
+    assert!(answers.iter().all(|x| x.answers == a), "{answers:?}");
+    assert!(reused(&daemon, &net) >= 4, "{}", status(&daemon, &net));
+    // The upstream's records count down in a kept answer as in a full one.
+    let first = net.dig(true, &["+noall", "+answer", "plain.test", "A"]).text;
+    std::thread::sleep(Duration::from_millis(2100));
+    let ttl = |text: &str| -> u32 {
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
+    };
+    for again in (0..4).map(|_| net.dig(true, &["+noall", "+answer", "plain.test", "A"]).text) {
+        assert!(
+            ttl(&again) + 2 <= ttl(&first) && ttl(&again) > 0,
+            "{first} then {again}"
+        );
+    }
+
+    // The pool gives a's address to another name: a kept answer must not
+    // hand it out for a any more. (a may get it back, d's in turn, when d
+    // is the least recently used: what counts is what the table says.)
+    for name in ["b.pool.test", "c.pool.test"] {
+        fake_of(&net, name);
+    }
+    let d = fake_of(&net, "d.pool.test");
+    assert_eq!(vec![d.clone()], a, "d takes a's address, the least recently used");
+    let again = ask_often(&net, "a.pool.test", 4);
+    let table = dns_table(&daemon, &net);
+    let now_a = table
+        .iter()
+        .find(|e| e["name"] == "a.pool.test")
+        .and_then(|e| e["fake"].as_str())
+        .unwrap_or_else(|| panic!("a is in the table again: {table:?}"));
+    for answer in &again {
+        assert_eq!(
+            answer.answers,
+            vec![now_a.to_string()],
+            "{}\n{table:?}",
+            answer.text
+        );
+    }
+
+    // Rules change: no kept answer outlives them.
+    let rules = daemon.json(&net, &["rule", "list", "--json"]);
+    let id = rules["rules"][0]["id"]
+        .as_u64()
+        .or_else(|| rules[0]["id"].as_u64())
+        .expect("rule id");
+    daemon.ok(&net, &["rule", "del", &id.to_string()]);
+    for again in ask_often(&net, "a.pool.test", 4) {
+        assert_eq!(again.answers, vec![SERVER_V4.to_string()], "{}", again.text);
+    }
 }
 
 /// `oasis rule import --kind KIND --via underlay` of `lines`, from a file.

@@ -107,13 +107,29 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
     }
 
     // One lookup's cost: names nobody asked before (no cache anywhere),
-    // straight to the authoritative server, then through the broker.
-    let cold = write_cold_queries(net, "direct")?;
-    let direct = dnsperf(net, Target::Authoritative, &cold, &["-n", "1", "-Q", "500", "-v"])?;
-    let cold = write_cold_queries(net, "oasis")?;
-    let through = dnsperf(net, Target::Broker, &cold, &["-n", "1", "-Q", "500", "-v"])?;
-    let (direct_p50, _) = percentiles(direct.latencies_us);
-    let (through_p50, _) = percentiles(through.latencies_us);
+    // straight to the authoritative server, through the broker, and
+    // through dnsmasq forwarding to the same server (what any forwarder
+    // adds on this machine: a hop and two wake-ups), in rounds.
+    let (mut direct, mut through, mut forwarder) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..repeat {
+        let cold = |target: Target, name: &str| -> anyhow::Result<f64> {
+            let queries = write_cold_queries(net, &format!("{name}{round}x"))?;
+            let run = dnsperf(net, target, &queries, &["-n", "1", "-Q", "500", "-v"])?;
+            Ok(percentiles(run.latencies_us).0)
+        };
+        direct.push(cold(Target::Authoritative, "direct")?);
+        through.push(cold(Target::Broker, "oasis")?);
+        forwarder.push(cold(Target::Dnsmasq, "dnsmasq")?);
+        eprintln!(
+            "bench: dns round {}/{repeat}: an uncached lookup: direct {:.0} us, through oasis {:.0} us, through dnsmasq {:.0} us",
+            round + 1,
+            direct[direct.len() - 1],
+            through[through.len() - 1],
+            forwarder[forwarder.len() - 1]
+        );
+    }
+    let (direct_p50, through_p50, forwarder_p50) =
+        (median(&mut direct), median(&mut through), median(&mut forwarder));
 
     let status = daemon.json(net, &["status", "--json"]);
     let faked = status["dns"]["counters"]["faked"].as_u64().unwrap_or(0);
@@ -186,6 +202,20 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
         "dns-lookup-via-oasis",
         "dns_lookup_added",
         through_p50 - direct_p50,
+        "us",
+        None,
+    );
+    push(
+        "dns-lookup-via-dnsmasq",
+        "dns_lookup_uncached_p50",
+        forwarder_p50,
+        "us",
+        Some(("dns-lookup-direct", direct_p50)),
+    );
+    push(
+        "dns-lookup-via-dnsmasq",
+        "dns_lookup_added",
+        forwarder_p50 - direct_p50,
         "us",
         None,
     );

@@ -16,6 +16,10 @@ pub const TARGETS: &[(&str, &str)] = &[
         "dns",
         "upstream answers: alias chains, sections, claimed addresses",
     ),
+    (
+        "dns_wire",
+        "the DNS threads' reading of queries and answers, against hickory's",
+    ),
     ("spec", "overlay specifications"),
     ("config", "the config file"),
     ("control", "the control protocol"),

@@ -13,7 +13,8 @@ use crate::control::{DnsStatusView, DnsTableView, FakeView};
 use crate::dns::DnsCounters;
 use crate::dns::cache::AnswerCache;
 use crate::dns::journal::Journal;
-use crate::dns::server::{DnsService, listen};
+use crate::dns::listen::listen;
+use crate::dns::server::DnsService;
 use crate::dns::upstream::{
     parse_upstream, read_resolv_conf, resolv_conf_servers, resolver, system_upstreams,
 };
@@ -198,6 +199,7 @@ pub(super) async fn start(
         cache: Mutex::new(AnswerCache::new(CACHE_ENTRIES)),
         monitor: Some(monitor),
         journal,
+        epoch: AtomicU64::new(0),
     };
     let service = Arc::new(service);
     runtime.service = Some(service.clone());
@@ -289,6 +291,9 @@ impl DnsRuntime {
     /// The name rules new queries are answered by.
     pub fn publish_names(&self, names: Arc<NameRules>) {
         *self.names.write().unwrap_or_else(|e| e.into_inner()) = names;
+        if let Some(service) = &self.service {
+            service.answers_changed();
+        }
     }
 
     /// Saves the table when answers changed since the last save. The table

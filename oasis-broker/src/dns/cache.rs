@@ -93,16 +93,23 @@ impl AnswerCache {
         self.len == 0
     }
 
-    /// The cached answer, TTLs aged, if still valid at `now`.
-    pub fn get(&self, name: &str, qtype: RecordType, now: Instant) -> Option<Upstream> {
+    /// The cached answer, TTLs aged, if still valid at `now`, and when it
+    /// expires.
+    pub fn get(&self, name: &str, qtype: RecordType, now: Instant) -> Option<(Upstream, Instant)> {
         let (_, entry) = self.entries.get(name)?.iter().find(|(t, _)| *t == qtype)?;
-        (now < entry.expires).then(|| entry.upstream.aged(now - entry.stored))
+        (now < entry.expires).then(|| (entry.upstream.aged(now - entry.stored), entry.expires))
     }
 
-    pub fn put(&mut self, name: &str, qtype: RecordType, upstream: &Upstream, now: Instant) {
-        let Some(lifetime) = upstream.lifetime() else {
-            return;
-        };
+    /// Keeps `upstream` for as long as it says; returns until when, or
+    /// None for an answer that is not kept.
+    pub fn put(
+        &mut self,
+        name: &str,
+        qtype: RecordType,
+        upstream: &Upstream,
+        now: Instant,
+    ) -> Option<Instant> {
+        let lifetime = upstream.lifetime()?;
         if self.len >= self.capacity {
             self.retain_names(|types| types.retain(|(_, e)| e.expires > now));
         }
@@ -126,6 +133,7 @@ impl AnswerCache {
             Some(types) => types,
             None => self.entries.entry(name.into()).or_default(),
         };
+        let expires = entry.expires;
         match types.iter_mut().find(|(t, _)| *t == qtype) {
             Some((_, old)) => *old = entry,
             None => {
@@ -133,6 +141,7 @@ impl AnswerCache {
                 self.len += 1;
             }
         }
+        Some(expires)
     }
 
     /// Lets `edit` trim each name's entries, forgets names left with none,
@@ -169,9 +178,10 @@ mod tests {
         let mut cache = AnswerCache::new(10);
         let answer = Upstream::Records(vec![a(300), a(60)]);
         cache.put("www.example", RecordType::A, &answer, start);
-        let later = cache
+        let (later, expires) = cache
             .get("www.example", RecordType::A, start + Duration::from_secs(20))
             .unwrap();
+        assert_eq!(expires, start + Duration::from_secs(60));
         let Upstream::Records(records) = later else {
             panic!("records")
         };
@@ -196,7 +206,7 @@ mod tests {
             soa: None,
         };
         cache.put("c", RecordType::A, &nx, now);
-        assert_eq!(cache.get("c", RecordType::A, now), Some(nx));
+        assert_eq!(cache.get("c", RecordType::A, now).map(|(u, _)| u), Some(nx));
     }
 
     #[test]
@@ -229,11 +239,14 @@ mod tests {
         // A newer answer replaces the old one of its type only.
         cache.put("www.example", RecordType::A, &Upstream::Records(vec![a(30)]), now);
         assert_eq!(cache.len(), 2);
-        let Some(Upstream::Records(records)) = cache.get("www.example", RecordType::A, now) else {
+        let Some((Upstream::Records(records), _)) = cache.get("www.example", RecordType::A, now) else {
             panic!("records")
         };
         assert_eq!(records[0].ttl(), 30);
-        assert_eq!(cache.get("www.example", RecordType::AAAA, now), Some(nx));
+        assert_eq!(
+            cache.get("www.example", RecordType::AAAA, now).map(|(u, _)| u),
+            Some(nx)
+        );
         // Expired answers are what a full cache drops first.
         let later = now + Duration::from_secs(31);
         for i in 0..7 {

@@ -87,7 +87,8 @@ impl DnsService {
             return Reply::Raw(bytes);
         }
         let names = snapshot(&self.names);
-        Reply::Answer(self.finish(&qname, &key, qtype, &names, plan, upstream))
+        let until = super::reuse::lifetime(&bytes).map(|lifetime| std::time::Instant::now() + lifetime);
+        Reply::Answer(self.finish(&qname, &key, qtype, &names, plan, upstream, until))
     }
 }
 
@@ -114,6 +115,7 @@ impl DnsService {
                     answers: response.take_answers(),
                     authority: response.take_name_servers(),
                     additional: response.take_additionals(),
+                    keep: None,
                 },
                 Err(_) => Answer::code(ResponseCode::ServFail),
             },

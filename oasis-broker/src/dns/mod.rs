@@ -2,14 +2,19 @@
 //! send (the kernel's socket hooks bring them here), with fake addresses
 //! for names a rule claims and the upstream's true answer for the rest.
 
+pub mod batch;
 pub mod cache;
 pub mod explicit;
 pub mod guard;
 pub mod journal;
+pub mod listen;
+pub mod message;
 pub mod policy;
+pub mod reuse;
 pub mod server;
 pub mod udp;
 pub mod upstream;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,6 +37,7 @@ pub struct DnsCounters {
     pub monitor_real: AtomicU64,
     pub explicit: AtomicU64,
     pub loops: AtomicU64,
+    pub reused: AtomicU64,
     /// Fake answers per name rule id.
     by_rule: Mutex<HashMap<u32, u64>>,
 }
@@ -67,6 +73,10 @@ pub struct DnsCountersView {
     /// local stub), answered SERVFAIL to break it.
     #[serde(default)]
     pub loops: u64,
+    /// Answered from the bytes a DNS thread kept of the same question's
+    /// answer (counted under their kind as well).
+    #[serde(default)]
+    pub reused: u64,
 }
 
 impl DnsCounters {
@@ -102,6 +112,7 @@ impl DnsCounters {
             monitor_real: self.monitor_real.load(Relaxed),
             explicit: self.explicit.load(Relaxed),
             loops: self.loops.load(Relaxed),
+            reused: self.reused.load(Relaxed),
         }
     }
 }

@@ -1,31 +1,26 @@
-//! The DNS listener: hickory-server on loopback (UDP and TCP), answering by
-//! the policy in `policy.rs`, with fake addresses from the fake table and
-//! everything else from the upstream resolver.
+//! The DNS service: answers a question by the policy in `policy.rs`, with
+//! fake addresses from the fake table and everything else from the
+//! upstream resolver, through its answer cache. The listeners (listen.rs)
+//! and the UDP threads (udp.rs) bring it the questions.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::ProtoErrorKind;
-use hickory_proto::op::{Edns, Header, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
-use hickory_server::ServerFuture;
-use hickory_server::authority::MessageResponseBuilder;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 
 use super::DnsCounters;
 use super::cache::{AnswerCache, Upstream};
 use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl, sections};
-use super::udp::{EDNS_UDP_LIMIT, refusal};
+use super::reuse::{Keep, Outcome};
 use crate::fake::{FakeError, FakeTable, unix_now};
 use crate::names::NameRules;
 use crate::rules::Carrier;
 use crate::shared::{Shared, snapshot};
-
-/// How long a TCP client may stay idle.
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct DnsService {
     /// Our own resolver (the configured upstreams, or resolv.conf's,
@@ -59,6 +54,10 @@ pub struct DnsService {
     /// Where answers that changed the fake table are written before they
     /// leave (see `journal.rs`).
     pub journal: Option<Arc<super::journal::Journal>>,
+    /// Bumped when what answers depend on changes (the name rules, the
+    /// upstreams): the answers the DNS threads kept (reuse.rs) are
+    /// forgotten.
+    pub epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The parts of a response.
@@ -67,6 +66,8 @@ pub(super) struct Answer {
     pub answers: Vec<Record>,
     pub authority: Vec<Record>,
     pub additional: Vec<Record>,
+    /// Whether, and on what terms, the answer may be given again as it is.
+    pub keep: Option<Keep>,
 }
 
 impl Answer {
@@ -76,7 +77,13 @@ impl Answer {
             answers: Vec::new(),
             authority: Vec::new(),
             additional: Vec::new(),
+            keep: None,
         }
+    }
+
+    fn kept(mut self, keep: Option<Keep>) -> Answer {
+        self.keep = keep;
+        self
     }
 }
 
@@ -103,6 +110,56 @@ impl DnsService {
         }
         *self.system.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(system);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.answers_changed();
+    }
+
+    /// What answers depend on changed: no kept answer is given again.
+    pub fn answers_changed(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether a kept answer still holds beyond its terms: a fake address
+    /// must still stand for its name (the table may have given it to
+    /// another since), and its use is noted as a full answer notes it.
+    /// `unix`: the time, in Unix seconds.
+    pub(super) fn still_holds(&self, outcome: &Outcome, unix: u64) -> bool {
+        match outcome {
+            Outcome::Faked { fake, name, .. } => self
+                .fakes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answered_again(*fake, name, unix),
+            _ => true,
+        }
+    }
+
+    /// Counts a kept answer given again as the full answer counted it.
+    pub(super) fn count_again(&self, outcome: &Outcome, explicit: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = &self.counters;
+        counters.reused.fetch_add(1, Relaxed);
+        if explicit {
+            counters.explicit.fetch_add(1, Relaxed);
+        }
+        match outcome {
+            Outcome::Faked { rule, .. } => {
+                counters.faked.fetch_add(1, Relaxed);
+                counters.answered_for(*rule);
+            }
+            Outcome::Passed => {
+                counters.passed.fetch_add(1, Relaxed);
+            }
+            Outcome::Negative => {
+                counters.negative.fetch_add(1, Relaxed);
+            }
+            Outcome::Empty => {
+                counters.empty.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     async fn ask(&self, name: &Name, qtype: RecordType) -> Upstream {
@@ -151,17 +208,18 @@ impl DnsService {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn cached(&self, name: &str, qtype: RecordType) -> Option<Upstream> {
+    fn cached(&self, name: &str, qtype: RecordType) -> Option<(Upstream, Instant)> {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name, qtype, Instant::now())
     }
 
-    /// The upstream's answer: from the cache, else asked (and cached).
-    async fn fetch(&self, qname: &Name, key: &str, qtype: RecordType) -> Upstream {
-        if let Some(hit) = self.cached(key, qtype) {
-            return hit;
+    /// The upstream's answer: from the cache, else asked (and cached);
+    /// and until when it holds, when it is cached.
+    async fn fetch(&self, qname: &Name, key: &str, qtype: RecordType) -> (Upstream, Option<Instant>) {
+        if let Some((hit, until)) = self.cached(key, qtype) {
+            return (hit, Some(until));
         }
         // A question we are asking already, through a loopback upstream,
         // has come back to us: a local stub forwarding to us. Break it.
@@ -173,7 +231,7 @@ impl DnsService {
                     .loops
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(name = %key, ?qtype, "a query came back from our own upstream (a loop through a local stub): answered SERVFAIL");
-                return Upstream::Failed;
+                return (Upstream::Failed, None);
             }
         }
         let upstream = self.ask(qname, qtype).await;
@@ -183,11 +241,12 @@ impl DnsService {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&(key.to_string(), qtype));
         }
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(key, qtype, &upstream, Instant::now());
-        upstream
+        let until =
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(key, qtype, &upstream, Instant::now());
+        (upstream, until)
     }
 
     /// The answer if it needs nothing that is not cached (no await).
@@ -240,6 +299,7 @@ impl DnsService {
             )],
             authority: Vec::new(),
             additional: Vec::new(),
+            keep: None,
         })
     }
 
@@ -251,8 +311,8 @@ impl DnsService {
         if let Plan::NoData { rule } = plan {
             return Some(self.withheld(&key, qtype, rule));
         }
-        let upstream = self.cached(&key, qtype)?;
-        Some(self.finish(qname, &key, qtype, &names, plan, upstream))
+        let (upstream, until) = self.cached(&key, qtype)?;
+        Some(self.finish(qname, &key, qtype, &names, plan, upstream, Some(until)))
     }
 
     pub(super) async fn answer(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Answer {
@@ -263,8 +323,8 @@ impl DnsService {
         if let Plan::NoData { rule } = plan {
             return self.withheld(&key, qtype, rule);
         }
-        let upstream = self.fetch(qname, &key, qtype).await;
-        self.finish(qname, &key, qtype, &names, plan, upstream)
+        let (upstream, until) = self.fetch(qname, &key, qtype).await;
+        self.finish(qname, &key, qtype, &names, plan, upstream, until)
     }
 
     pub(super) fn withheld(&self, name: &str, qtype: RecordType, rule: u32) -> Answer {
@@ -272,9 +332,17 @@ impl DnsService {
         self.counters
             .empty
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Answer::code(ResponseCode::NoError)
+        // It follows from the rules alone, which the epoch stands for.
+        Answer::code(ResponseCode::NoError).kept(Some(Keep {
+            outcome: Outcome::Empty,
+            until: Instant::now() + Duration::from_secs(u64::from(self.fake_ttl)),
+            ages: false,
+        }))
     }
 
+    /// The answer by `plan` from what the upstream said, which holds
+    /// `until` (when known: the answer may then be kept as long).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn finish(
         &self,
         qname: &Name,
@@ -283,11 +351,26 @@ impl DnsService {
         names: &NameRules,
         plan: Plan,
         upstream: Upstream,
+        until: Option<Instant>,
     ) -> Answer {
-        let upstream = match upstream {
-            Upstream::Records(records) => Upstream::Records(self.unfake(records)),
-            other => other,
+        let (upstream, until) = match upstream {
+            Upstream::Records(records) => {
+                let (records, unfaked) = self.unfake(records);
+                // Our own fake addresses came back: the table's word, now.
+                (Upstream::Records(records), until.filter(|_| !unfaked))
+            }
+            other => (other, until),
         };
+        // A metric rule's answer may turn real when the Monitor settles.
+        let until = until.filter(|_| {
+            !matches!(
+                plan,
+                Plan::Fake {
+                    carrier: Carrier::Monitor(_),
+                    ..
+                }
+            )
+        });
         match (plan, upstream) {
             (Plan::Fake { rule, carrier }, Upstream::Records(records))
                 if self.underlay_chosen(rule, &carrier, &records, qtype) =>
@@ -295,11 +378,18 @@ impl DnsService {
                 self.counters
                     .monitor_real
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.relay(key, qtype, names, Upstream::Records(records))
+                self.relay(key, qtype, names, Upstream::Records(records), None)
             }
-            (Plan::Fake { rule, carrier }, Upstream::Records(records)) => {
-                self.fake(qname, key, None, qtype, &records, rule, &carrier.to_string())
-            }
+            (Plan::Fake { rule, carrier }, Upstream::Records(records)) => self.fake(
+                qname,
+                key,
+                None,
+                qtype,
+                &records,
+                rule,
+                &carrier.to_string(),
+                until,
+            ),
             // The name may be an alias of one a rule claims.
             (Plan::PassThrough, Upstream::Records(records))
                 if matches!(qtype, RecordType::A | RecordType::AAAA) =>
@@ -308,6 +398,8 @@ impl DnsService {
                     Some((rule, carrier, claimed))
                         if matches!(plan_for(qtype, rule, carrier, self.underlay), Plan::Fake { .. }) =>
                     {
+                        // A metric rule's alias: as the name itself.
+                        let until = until.filter(|_| !matches!(carrier, Carrier::Monitor(_)));
                         self.fake(
                             qname,
                             key,
@@ -316,12 +408,13 @@ impl DnsService {
                             &records,
                             rule,
                             &carrier.to_string(),
+                            until,
                         )
                     }
-                    _ => self.relay(key, qtype, names, Upstream::Records(records)),
+                    _ => self.relay(key, qtype, names, Upstream::Records(records), until),
                 }
             }
-            (_, upstream) => self.relay(key, qtype, names, upstream),
+            (_, upstream) => self.relay(key, qtype, names, upstream, until),
         }
     }
 
@@ -330,7 +423,8 @@ impl DnsService {
     /// runs in the redirected cgroup, asked its own server through the
     /// daemon, and got (and cached) the fake answer. The real addresses are
     /// the table's, from when the daemon answered the stub.
-    fn unfake(&self, records: Vec<Record>) -> Vec<Record> {
+    /// Also says whether any was found.
+    fn unfake(&self, records: Vec<Record>) -> (Vec<Record>, bool) {
         let (v4, v6) = self.pools;
         let in_pools = |record: &Record| match record.data() {
             RData::A(a) => v4.contains(&a.0),
@@ -338,7 +432,7 @@ impl DnsService {
             _ => false,
         };
         if !records.iter().any(in_pools) {
-            return records;
+            return (records, false);
         }
         let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(records.len());
@@ -360,7 +454,7 @@ impl DnsService {
                 out.push(Record::from_rdata(record.name().clone(), record.ttl(), data));
             }
         }
-        out
+        (out, true)
     }
 
     /// A metric rule's name whose every real address the Monitor, on
@@ -379,9 +473,23 @@ impl DnsService {
     }
 
     /// What the upstream said, its records in their sections, and no
-    /// claimed name's real address in any of them.
-    fn relay(&self, qname: &str, qtype: RecordType, names: &NameRules, upstream: Upstream) -> Answer {
+    /// claimed name's real address in any of them; kept `until`.
+    fn relay(
+        &self,
+        qname: &str,
+        qtype: RecordType,
+        names: &NameRules,
+        upstream: Upstream,
+        until: Option<Instant>,
+    ) -> Answer {
         use std::sync::atomic::Ordering::Relaxed;
+        let keep = |outcome| {
+            until.map(|until| Keep {
+                outcome,
+                until,
+                ages: true,
+            })
+        };
         match upstream {
             Upstream::Records(records) => {
                 self.counters.passed.fetch_add(1, Relaxed);
@@ -394,6 +502,7 @@ impl DnsService {
                     answers,
                     authority: Vec::new(),
                     additional,
+                    keep: keep(Outcome::Passed),
                 }
             }
             Upstream::Negative { code, soa } => {
@@ -403,6 +512,7 @@ impl DnsService {
                     answers: Vec::new(),
                     authority: soa.into_iter().map(|soa| *soa).collect(),
                     additional: Vec::new(),
+                    keep: keep(Outcome::Negative),
                 }
             }
             Upstream::Failed => {
@@ -424,6 +534,7 @@ impl DnsService {
         records: &[Record],
         rule: u32,
         carrier: &str,
+        until: Option<Instant>,
     ) -> Answer {
         use std::sync::atomic::Ordering::Relaxed;
         let real = addresses(records, qtype);
@@ -435,6 +546,7 @@ impl DnsService {
                 qtype,
                 &snapshot(&self.names),
                 Upstream::Records(records.to_vec()),
+                until,
             );
         }
         let assigned = self
@@ -481,6 +593,15 @@ impl DnsService {
             answers: vec![Record::from_rdata(qname.clone(), self.fake_ttl, rdata)],
             authority: Vec::new(),
             additional: Vec::new(),
+            keep: until.map(|until| Keep {
+                outcome: Outcome::Faked {
+                    rule,
+                    fake,
+                    name: name.into(),
+                },
+                until,
+                ages: false,
+            }),
         }
     }
 }
@@ -492,176 +613,4 @@ fn plan_for(
     underlay: UnderlayAnswers,
 ) -> Plan {
     plan(qtype, Some((rule, carrier)), underlay)
-}
-
-/// The service as hickory-server's handler, for TCP, on the listener at
-/// `port`; `explicit`: the one for queries to servers other than the
-/// host's own.
-pub struct TcpHandler {
-    pub service: Arc<DnsService>,
-    pub port: u16,
-    pub explicit: bool,
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler>(&self, request: &Request, mut response: R) -> ResponseInfo {
-        use std::sync::atomic::Ordering::Relaxed;
-        let service = &self.service;
-        service.counters.queries.fetch_add(1, Relaxed);
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        let mut header = Header::response_from_request(request.header());
-        header.set_recursion_available(true);
-        if let Some(edns) = request.edns() {
-            let mut ours = Edns::new();
-            ours.set_max_payload(EDNS_UDP_LIMIT);
-            ours.set_version(0);
-            // RFC 3225: the DO bit is echoed.
-            ours.set_dnssec_ok(edns.flags().dnssec_ok);
-            builder.edns(ours);
-        }
-        let queries = request.queries();
-        let answer = match refusal(request.message_type(), request.op_code(), queries.len()) {
-            Some(code) => {
-                service.counters.refused.fetch_add(1, Relaxed);
-                Answer::code(code)
-            }
-            None => {
-                let client = request.src();
-                let listener = SocketAddr::new(
-                    if client.is_ipv4() {
-                        IpAddr::from([127, 0, 0, 1])
-                    } else {
-                        IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
-                    },
-                    self.port,
-                );
-                let server = if self.explicit {
-                    service.route(true, client, listener)
-                } else {
-                    None
-                };
-                match server {
-                    Some(server) => service.answer_over_tcp_from(server, request).await,
-                    None => {
-                        let name: Name = queries[0].name().into();
-                        service
-                            .answer(&name, queries[0].query_class(), queries[0].query_type())
-                            .await
-                    }
-                }
-            }
-        };
-        header.set_response_code(answer.code);
-        let sent = response
-            .send_response(builder.build(
-                header,
-                &answer.answers,
-                &answer.authority,
-                &[],
-                &answer.additional,
-            ))
-            .await;
-        match sent {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::debug!("sending a DNS answer over TCP: {e}");
-                let mut failed = Header::new();
-                failed.set_response_code(ResponseCode::ServFail);
-                failed.into()
-            }
-        }
-    }
-}
-
-/// UDP sockets per address: threads that can run on different cores. They
-/// share the port through SO_REUSEPORT, which Unix has.
-const UDP_SOCKETS: usize = if cfg!(unix) { 2 } else { 1 };
-
-fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    #[cfg(unix)]
-    socket.set_reuse_port(true)?;
-    socket.set_recv_buffer_size(4 << 20)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
-/// The port queries to servers other than the host's own come to: the
-/// DNS port's next one (the redirect tells the two kinds apart, so the
-/// common kind never pays for finding out which server was asked).
-pub fn explicit_port(port: u16) -> u16 {
-    port.wrapping_add(1)
-}
-
-/// Binds the listeners on 127.0.0.1 and, when `v6`, on ::1, at `port`
-/// (queries to the host's own servers) and [`explicit_port`] (queries to
-/// any other): UDP served by our own threads (udp.rs), TCP by
-/// hickory-server. Returns the TCP servers (they run on the current tokio
-/// runtime) and whether IPv6 is served.
-pub async fn listen(
-    service: Arc<DnsService>,
-    port: u16,
-    v6: bool,
-    liveness: &crate::liveness::Liveness,
-) -> std::io::Result<(Vec<ServerFuture<TcpHandler>>, bool)> {
-    let mut servers = Vec::new();
-    let mut served_v6 = false;
-    for (port, explicit) in [(port, false), (explicit_port(port), true)] {
-        let mut server = ServerFuture::new(TcpHandler {
-            service: service.clone(),
-            port,
-            explicit,
-        });
-        let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
-        if v6 && (!explicit || served_v6) {
-            addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-        }
-        // Explicit servers are the rarer kind: one socket a family does.
-        let per_address = if explicit { 1 } else { UDP_SOCKETS };
-        for addr in addrs {
-            let mut sockets = Vec::new();
-            for _ in 0..per_address {
-                match reuseport_udp(addr) {
-                    Ok(socket) => sockets.push(socket),
-                    Err(e) if addr.is_ipv6() => {
-                        tracing::warn!(
-                            "DNS on [::1]:{port} unavailable ({e}); IPv6 queries go out untouched"
-                        );
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if sockets.len() < per_address {
-                continue;
-            }
-            let tcp = tokio::net::TcpListener::bind(addr).await?;
-            let family = if addr.is_ipv6() { "v6" } else { "v4" };
-            let kind = if explicit { "x" } else { "" };
-            for (index, socket) in sockets.into_iter().enumerate() {
-                let name = format!("oasis-dns{kind}-{family}-{index}");
-                let tick = liveness.register(&name);
-                super::udp::spawn_thread(
-                    name,
-                    socket,
-                    service.clone(),
-                    tokio::runtime::Handle::current(),
-                    explicit,
-                    tick,
-                )?;
-            }
-            server.register_listener(tcp, TCP_TIMEOUT);
-            if !explicit {
-                served_v6 |= addr.is_ipv6();
-            }
-        }
-        servers.push(server);
-    }
-    Ok((servers, served_v6))
 }

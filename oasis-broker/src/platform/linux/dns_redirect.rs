@@ -56,7 +56,7 @@ impl DnsRedirect {
             netns_cookie: netns_cookie().map_err(CgroupError::Netns)?,
             broker_tgid: std::process::id(),
             port: intercept.port,
-            explicit_port: crate::dns::server::explicit_port(intercept.port),
+            explicit_port: crate::dns::listen::explicit_port(intercept.port),
             has_v6: u8::from(intercept.v6),
             _pad: [0; 7],
         };
