@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dns::policy::UnderlayAnswers;
 
-use crate::overlay::{JoinError, OverlaySpec, check_name, shim_bytes};
+use crate::overlay::{JoinError, StoredOverlay, check_name, shim_bytes};
 use crate::prefix_set::{PrefixSet, PrefixSetError};
 use crate::rules::{AnyRule, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
 
@@ -61,21 +61,6 @@ pub struct Config {
     /// Joined overlays; `oasis overlay add|del` keeps this list.
     pub overlays: Vec<StoredOverlay>,
     pub rules: Vec<StoredRule>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoredOverlay {
-    pub name: String,
-    pub url: String,
-    /// Hex bytes carried in the shim, for exit nodes that check a token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// Flows of this overlay never fall back to the underlay, not even
-    /// while its code module restarts.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pinned: bool,
-    pub spec: OverlaySpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ pub mod forward;
 pub mod liveness;
 pub mod module;
 pub mod monitor;
+pub mod name_pattern;
 pub mod names;
 pub mod overlay;
 pub mod platform;

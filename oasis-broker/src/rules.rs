@@ -8,9 +8,8 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::engine::packet::flow_dst;
 use crate::monitor::{Goal, Metric, MetricError};
-use crate::names::{NameError, NamePattern};
+use crate::name_pattern::{NameError, NamePattern};
 use crate::prefix_set::{MAX_PREFIXES, PrefixSet, PrefixSetError};
 use ipnet::IpNet;
 use oasis_common::{FlowKey, MAX_RULES};
@@ -250,12 +249,12 @@ impl HeaderSubset {
             return false;
         }
         if let Some(net) = self.dst
-            && !net.contains(&flow_dst(key))
+            && !net.contains(&key.dst_ip())
         {
             return false;
         }
         if let Some(set) = &self.dst_set
-            && !set.contains(flow_dst(key))
+            && !set.contains(key.dst_ip())
         {
             return false;
         }

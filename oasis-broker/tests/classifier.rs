@@ -8,7 +8,7 @@ use etherparse::PacketBuilder;
 use oasis_broker::compile::compile;
 use oasis_broker::platform::Kernel;
 use oasis_broker::platform::linux::LinuxKernel;
-use oasis_broker::platform::linux::kernel::monotonic_ns;
+use oasis_broker::platform::linux::sys::monotonic_ns;
 use oasis_broker::rules::{Rule, RuleSet, RuleSpec};
 use oasis_common::{EGRESS_PROGRAM, FlowKey, INGRESS_PROGRAM, Settings, Verdict};
 

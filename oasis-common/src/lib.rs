@@ -492,6 +492,24 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The destination address.
+    pub fn dst_ip(&self) -> core::net::IpAddr {
+        if self.family == FAMILY_V4 {
+            core::net::IpAddr::from([self.dst[0], self.dst[1], self.dst[2], self.dst[3]])
+        } else {
+            core::net::IpAddr::from(self.dst)
+        }
+    }
+
+    /// The source address.
+    pub fn src_ip(&self) -> core::net::IpAddr {
+        if self.family == FAMILY_V4 {
+            core::net::IpAddr::from([self.src[0], self.src[1], self.src[2], self.src[3]])
+        } else {
+            core::net::IpAddr::from(self.src)
+        }
+    }
+
     /// An IPv4 flow's key.
     pub fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> FlowKey {
         let mut key = FlowKey {

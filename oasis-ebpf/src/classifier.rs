@@ -1,7 +1,7 @@
 use crate::headers::{ETH_HLEN, read};
 use crate::maps::{
     ACTIONS, CLAIMED, COUNTERS, DPORT, DST_V4, DST_V6, FLOWS, FRAGMENTS, HEARTBEAT, PORTLESS, PROTO,
-    PROTO_SEEN, RECENT, SETTINGS, SPORT, STATS,
+    PROTO_SEEN, RECENT, SETTINGS, SPORT, bump,
 };
 use crate::measure;
 use crate::nat;
@@ -27,14 +27,6 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 #[classifier]
 pub fn oasis_egress(ctx: TcContext) -> i32 {
     classify(&ctx)
-}
-
-#[inline(always)]
-pub(crate) fn bump(index: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
-        unsafe { *counter += 1 };
-    }
 }
 
 /// The checks run in the order that lets a packet no rule claims leave

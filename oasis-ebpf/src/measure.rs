@@ -19,8 +19,8 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::TcContext};
 use oasis_common::{FAMILY_V4, FlowKey, Measure, MonitorEvent, measure_flag, monitor_event, stat};
 
-use crate::classifier::bump;
 use crate::headers::{ETH_HLEN, read};
+use crate::maps::bump;
 use crate::maps::{MONITOR_EVENTS, MONITORED};
 use crate::parse::{
     IPPROTO_TCP, Parsed, TCP_FLAG_ACK as TCP_ACK, TCP_FLAG_FIN as TCP_FIN, TCP_FLAG_RST as TCP_RST,

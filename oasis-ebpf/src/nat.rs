@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use oasis_common::{FAMILY_V4, NAT_CLOSING, NAT_MEASURE, NatEntry, stat};
 
-use crate::classifier::bump;
 use crate::headers::ETH_HLEN;
+use crate::maps::bump;
 use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT};
 use crate::measure;
 use crate::parse::coarse_ns;

@@ -32,24 +32,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
-use serde::Serialize;
-use serde_json::Value;
 
-const IPERF_PORT: u16 = 5201;
+use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, median, program_stats, write_figures};
+
 const SOCKPERF_PORT: u16 = 11111;
 const WG_PORT: u16 = 7600;
-
-#[derive(Serialize, Clone, Debug)]
-pub struct Figure {
-    pub scenario: String,
-    pub metric: String,
-    pub value: f64,
-    pub unit: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ratio: Option<f64>,
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Scenario {
@@ -174,40 +161,6 @@ impl Drop for BpfStats {
     }
 }
 
-/// (program, run count, run time ns) of the daemon's programs and, for the
-/// overlay, the exit node's.
-pub(crate) fn program_stats(daemon: &Daemon, net: &Topology, exit: bool) -> Vec<(String, u64, u64)> {
-    let status = daemon.json(net, &["status", "--json"]);
-    let mut out: Vec<(String, u64, u64)> = status["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            (
-                format!(
-                    "{} ({})",
-                    p["name"].as_str().unwrap_or("?"),
-                    p["hook"].as_str().unwrap_or("?")
-                ),
-                p["run_count"].as_u64().unwrap_or(0),
-                p["run_time_ns"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    if exit
-        && let Ok(text) = std::fs::read_to_string(net.dir.join("exit-stats.json"))
-        && let Ok(stats) = serde_json::from_str::<Value>(&text)
-    {
-        let p = &stats["program"];
-        out.push((
-            format!("{} (exit node)", p["name"].as_str().unwrap_or("?")),
-            p["run_count"].as_u64().unwrap_or(0),
-            p["run_time_ns"].as_u64().unwrap_or(0),
-        ));
-    }
-    out
-}
-
 pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> {
     crate::setup::ensure()?;
     if !crate::is_root() {
@@ -295,17 +248,6 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
         figures.extend(crate::bench_classifier::run(repeat)?);
     }
     write_figures(&figures)
-}
-
-/// Prints the table and writes target/bench/results.json.
-fn write_figures(figures: &[Figure]) -> anyhow::Result<()> {
-    print_table(figures);
-    let dir = crate::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(figures)?)?;
-    println!("\nwrote {}", path.display());
-    Ok(())
 }
 
 /// A wireguard-go tunnel client (10.88.0.1) <-> overlay host (10.88.0.2);
@@ -594,38 +536,6 @@ fn measure(
     Ok(())
 }
 
-/// `oasis ARGS` in the client; its standard output, or its error.
-pub(crate) fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Result<String> {
-    let output = daemon.cli(net, args);
-    if !output.status.success() {
-        bail!(
-            "oasis {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// One iperf3 TCP transfer (client to server, or back with `reverse`);
-/// bits per second received.
-pub(crate) fn iperf(net: &Topology, target: &str, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
-    let port = IPERF_PORT.to_string();
-    let time = seconds.to_string();
-    let mut args = vec!["iperf3", "-c", target, "-p", &port, "-t", &time, "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let output = net.client.output(&args);
-    let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON")?;
-    if let Some(error) = report["error"].as_str() {
-        bail!("iperf3: {error}");
-    }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no bits_per_second")
-}
-
 /// sockperf UDP ping-pong; full round-trip p50 and p99 in microseconds.
 fn sockperf_rtt(net: &Topology, target: &str, seconds: u32) -> anyhow::Result<(f64, f64)> {
     let output = net.client.output(&[
@@ -742,35 +652,12 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
     out
 }
 
-pub(crate) fn print_table(figures: &[Figure]) {
-    println!(
-        "\n{:<20} {:<44} {:>10} {:<26} {:>8}  to",
-        "scenario", "metric", "value", "unit", "ratio"
-    );
-    for f in figures {
-        let ratio = f.ratio.map(|r| format!("{r:.3}")).unwrap_or_default();
-        let to = f.baseline.as_deref().unwrap_or("");
-        println!(
-            "{:<20} {:<44} {:>10.3} {:<26} {:>8}  {to}",
-            f.scenario, f.metric, f.value, f.unit, ratio
-        );
-    }
-}
-
 fn spread(values: &[f64]) -> (f64, f64) {
     values
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(*v), hi.max(*v))
         })
-}
-
-pub(crate) fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
 }
 
 /// utime + stime of a process, in clock ticks.

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, bail};
 
-use crate::bench::Figure;
+use crate::bench_common::Figure;
 
 const REPEAT: u32 = 1_000_000;
 const CLIENT: [u8; 4] = [10, 0, 0, 2];
@@ -93,7 +93,7 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<Figure>> {
             // let everything pass early).
             kernel
                 .heartbeat_map()
-                .set(oasis_broker::platform::linux::kernel::monotonic_ns())?;
+                .set(oasis_broker::platform::linux::sys::monotonic_ns())?;
             let classifier = kernel.program(program)?;
             let result = classifier
                 .test_run(TestRunOptions {

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, bail};
 use oasis_tests::{Daemon, SERVER_V4, Topology};
 
-use crate::bench::{Figure, median};
+use crate::bench_common::{Figure, median};
 
 const NAMES: usize = 1_000;
 /// 9,900 suffix rules, 50 keyword and 50 regex rules that match no

@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use oasis_tests::{CLIENT_V4, Daemon, SERVER_V4, Topology, monotonic_ns};
 use serde_json::Value;
 
-use crate::bench::{Figure, cli, median};
+use crate::bench_common::{Figure, cli, median};
 
 /// The ports the generator spreads flows over, claimed by the rule.
 const FLOW_PORTS: &str = "30000-30015";
@@ -311,7 +311,7 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
             }
             std::thread::sleep(Duration::from_millis(500));
             let egress = |daemon: &Daemon| -> (u64, u64) {
-                crate::bench::program_stats(daemon, net, false)
+                crate::bench_common::program_stats(daemon, net, false)
                     .into_iter()
                     .filter(|(name, _, _)| name.starts_with("oasis_egress"))
                     .fold((0, 0), |(c, t), (_, count, ns)| (c + count, t + ns))
@@ -324,7 +324,7 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
             let after = egress(&daemon);
             new_flow_ns[slot].push(per_run(before, after));
             let before = egress(&daemon);
-            upload[slot].push(crate::bench::iperf(net, SERVER_V4, seconds, false)? / 1e9);
+            upload[slot].push(crate::bench_common::iperf(net, SERVER_V4, seconds, false)? / 1e9);
             let after = egress(&daemon);
             cached_ns[slot].push(per_run(before, after));
             eprintln!(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_classifier;
+mod bench_common;
 mod bench_dns;
 mod bench_scale;
 mod demo;

@@ -23,7 +23,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::edit;
-use crate::config::{Config, StoredOverlay, StoredRule};
+use crate::config::{Config, StoredRule};
+use crate::overlay::StoredOverlay;
 use crate::rules::RuleSet;
 
 /// How long after a failed write the writer tries again.

@@ -18,13 +18,14 @@ use tokio::sync::watch;
 use super::dns::DnsRuntime;
 use super::persist::{Persister, Snapshot};
 use crate::compile::compile;
-use crate::config::{Config, StoredOverlay};
+use crate::config::Config;
 use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
     RuleView, SetUpload, StatusView, TunView,
 };
 use crate::engine::{Engine, LocalAddresses, Routes};
 use crate::names::NameRules;
+use crate::overlay::StoredOverlay;
 use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
 use crate::prefix_set::PrefixSet;

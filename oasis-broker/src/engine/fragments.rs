@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use oasis_common::FragKey;
 
-use super::router::Outbound;
+use super::outbound::Outbound;
 
 /// As long as Linux keeps fragments for reassembly (ipfrag_time).
 pub const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);

@@ -19,6 +19,7 @@ pub mod flows;
 pub mod fragments;
 pub mod measure;
 pub mod nat;
+pub mod outbound;
 pub mod packet;
 pub mod pins;
 pub mod probes;

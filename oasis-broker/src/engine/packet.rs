@@ -75,20 +75,12 @@ pub fn frag_key(key: &FlowKey, fragment: &Fragment) -> FragKey {
 
 /// The destination address of a flow key.
 pub fn flow_dst(key: &FlowKey) -> IpAddr {
-    if key.family == FAMILY_V4 {
-        IpAddr::from([key.dst[0], key.dst[1], key.dst[2], key.dst[3]])
-    } else {
-        IpAddr::from(key.dst)
-    }
+    key.dst_ip()
 }
 
 /// The source address of a flow key.
 pub fn flow_src(key: &FlowKey) -> IpAddr {
-    if key.family == FAMILY_V4 {
-        IpAddr::from([key.src[0], key.src[1], key.src[2], key.src[3]])
-    } else {
-        IpAddr::from(key.src)
-    }
+    key.src_ip()
 }
 
 /// Whether the broker can carry this packet at all: what belongs to one

@@ -37,8 +37,7 @@ pub enum Returned {
     ProbeAnswer { overlay: OverlayId, reset: bool },
 }
 
-/// This host's own addresses, as the platform last read them.
-pub type LocalAddresses = HashSet<IpAddr>;
+pub use crate::overlay::LocalAddresses;
 
 /// The checks of the return path, for one receiving thread.
 pub struct ReturnPath {

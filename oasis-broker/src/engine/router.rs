@@ -21,6 +21,7 @@ use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
 use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::nat::NatTable;
+pub use super::outbound::Outbound;
 use super::packet::{describe, flow_dst, flow_key, frag_key, is_icmp_error, routable};
 use super::pins::FlowPins;
 use super::routes::{Routes, Via};
@@ -261,29 +262,6 @@ impl Engine {
                 .collect()
         })
     }
-}
-
-/// What to do with one diverted packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outbound {
-    /// Send it (possibly rewritten) on the underlay.
-    Underlay,
-    /// Send `[shim][packet]` to the overlay's next hop `to`.
-    Overlay {
-        overlay: OverlayId,
-        to: std::net::SocketAddr,
-    },
-    /// Send `[rule's metric][packet]` to the monitor module `to`
-    /// (the overlay `overlay`), which picks the carrier.
-    Module {
-        overlay: OverlayId,
-        to: std::net::SocketAddr,
-        rule: u32,
-    },
-    /// Write the reply the router left in the caller's buffer back to the
-    /// application (an ICMP error).
-    Reply,
-    Drop(DropReason),
 }
 
 /// What a packet of a known flow asks of the router.

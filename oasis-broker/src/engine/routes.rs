@@ -14,15 +14,7 @@ use crate::names::NameRules;
 use crate::overlay::{OverlayId, OverlayTable};
 use crate::rules::{Carrier, HeaderSubset, NameRule, Rule};
 
-/// A carrier as the packet path holds it: by id, never by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Via {
-    Underlay,
-    Overlay(OverlayId),
-    /// The rule names an overlay that is joined but not usable now (its
-    /// entry nodes did not resolve when the daemon started).
-    Unavailable,
-}
+pub use crate::overlay::Via;
 
 /// A rule's carrier as the packet path holds it: fixed, or the Monitor's
 /// choice for each new flow.

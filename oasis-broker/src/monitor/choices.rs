@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use super::decide::Why;
 use super::path::Prefix;
-use crate::engine::{MonitorRoute, Via};
+use crate::engine::MonitorRoute;
+use crate::overlay::Via;
 
 /// One metric rule's decision for one prefix.
 #[derive(Clone, Debug, PartialEq)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::goal::Metric;
 use super::path::Figures;
-use crate::engine::Via;
+use crate::overlay::Via;
 
 /// The margins and times of the decisions (`monitor:` in the config file).
 #[derive(Clone, Debug, PartialEq)]

@@ -69,7 +69,7 @@ impl MonitorLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Via;
+    use crate::overlay::Via;
 
     #[test]
     fn a_full_queue_loses_events_without_waiting() {

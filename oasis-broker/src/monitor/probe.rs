@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::path::Prefix;
-use crate::engine::Via;
+use crate::overlay::Via;
 
 /// How a probe asks for an answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

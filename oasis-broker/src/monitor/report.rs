@@ -7,7 +7,8 @@ use super::path::Figures;
 use super::state::Monitor;
 use super::{Metric, MonitorLink};
 use crate::control::{CarrierView, DecisionView, MonitorView, PathView, SwitchView};
-use crate::engine::{Routes, Via};
+use crate::engine::Routes;
+use crate::overlay::Via;
 
 /// A carrier's name, as users know it.
 pub fn carrier_name(routes: &Routes, via: Via) -> String {

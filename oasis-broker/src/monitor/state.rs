@@ -15,7 +15,8 @@ use super::goal::Metric;
 use super::health::{Change, Health};
 use super::path::{PathFigures, Prefix};
 use super::probe::{Outstanding, ProbeKind, ProbeRequest, ProbeTarget, jittered, timeout};
-use crate::engine::{MonitorRoute, Routes, Via};
+use crate::engine::{MonitorRoute, Routes};
+use crate::overlay::Via;
 
 /// Everything about the Monitor a user may set (`monitor:` in the config).
 #[derive(Clone, Debug, PartialEq)]

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::LocalAddresses;
+use super::StoredOverlay;
 use super::modules::{ModuleContext, ModuleFailure};
 use super::table::{
     EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable,
 };
 use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use super::{ModuleKind, ModuleSpec};
-use crate::config::StoredOverlay;
-use crate::engine::LocalAddresses;
 use crate::module::runner::{ModuleRunner, ModuleStatus, Reach};
 
 pub struct OverlayManager {

@@ -14,9 +14,14 @@ pub use modules::{ModuleContext, ModuleFailure};
 pub use spec::{MAX_ENTRIES, MAX_SPEC_BYTES, ModuleKind, ModuleSpec, OverlaySpec, SpecError};
 #[cfg(test)]
 pub(crate) use table::test_overlay;
-pub use table::{EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable};
+pub use table::{
+    EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable, Via,
+};
 
-use crate::config::StoredOverlay;
+/// This host's own addresses, as the platform last read them: no entry
+/// node may be one of them, and returned packets must be for one.
+pub type LocalAddresses = std::collections::HashSet<std::net::IpAddr>;
+
 use crate::rules::{Carrier, RuleError};
 
 /// Why joining or leaving an overlay was refused.
@@ -55,6 +60,22 @@ pub fn check_name(name: &str) -> Result<(), JoinError> {
         Ok(crate::rules::Carrier::Overlay(_)) => Ok(()),
         _ => Err(JoinError::BadName(name.into())),
     }
+}
+
+/// A joined overlay as the config file keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredOverlay {
+    pub name: String,
+    pub url: String,
+    /// Hex bytes carried in the shim, for exit nodes that check a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Flows of this overlay never fall back to the underlay, not even
+    /// while its code module restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    pub spec: OverlaySpec,
 }
 
 /// Checks that the overlays a rule's carrier names are joined and fit

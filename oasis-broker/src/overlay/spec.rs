@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
-use crate::engine::LocalAddresses;
+use super::LocalAddresses;
 
 use oasis_common::MAX_SHIM_LEN;
 use serde::{Deserialize, Serialize};

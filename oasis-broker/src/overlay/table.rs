@@ -18,6 +18,16 @@ use oasis_common::FlowKey;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OverlayId(pub u32);
 
+/// A carrier as the packet path holds it: by id, never by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Via {
+    Underlay,
+    Overlay(OverlayId),
+    /// The rule names an overlay that is joined but not usable now (its
+    /// entry nodes did not resolve when the daemon started).
+    Unavailable,
+}
+
 impl fmt::Display for OverlayId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)

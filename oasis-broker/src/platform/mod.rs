@@ -1,7 +1,7 @@
 //! What the broker needs from an operating system. The routing engine and
 //! the packet loops (`crate::forward`) use only these traits; each OS
-//! implements them once: `linux` here (eBPF classifier, TUN, raw sockets),
-//! the WinDivert backend of `windows-driver/` next.
+//! implements them once: `linux` here (eBPF classifier, TUN, raw sockets);
+//! a WinDivert backend for Windows is planned and does not exist yet.
 //!
 //! - packet I/O in batches: [`DivertedQueue`] (diverted packets in),
 //!   [`Delivery`] (packets out to the host's applications),

@@ -11,7 +11,7 @@ use oasis_common::{
     Counters, FlowEntry, FlowKey, MAX_RULES, PortBytes, RecentFlow, RuleAction, RuleSet, maps, stat,
 };
 
-use super::kernel::{KernelError, take_map};
+use super::sys::{KernelError, take_map};
 use crate::compile::{MapImage, Prefix};
 use crate::control::ClassifierCounters;
 

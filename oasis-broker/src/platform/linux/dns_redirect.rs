@@ -14,25 +14,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use oasis_common::{DNS_PROGRAMS, DnsOriginal, DnsSettings, maps};
 
 use super::dns_origins::LinuxOrigins;
-use super::kernel::{KernelError, take_map};
+use super::sys::{CgroupError, KernelError, take_map};
 use crate::platform::{DnsInterception, InterceptSettings, QueryOrigins};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); set dns.cgroup")]
-    NoHierarchy,
-    #[error("opening cgroup {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    #[error("reading the network namespace cookie: {0}")]
-    Netns(std::io::Error),
-    #[error("attaching kernel program {program} to cgroup {path} ({hook}): {source}")]
-    Attach {
-        program: &'static str,
-        hook: &'static str,
-        path: PathBuf,
-        source: Box<aya::programs::ProgramError>,
-    },
-}
 
 /// The DNS redirect, attached. Dropping it does not detach (the programs
 /// own their links); `disable` stops redirecting at once.

@@ -11,7 +11,7 @@ use aya::Ebpf;
 use aya::maps::{Array, IterableMap, MapData};
 use oasis_common::{HEARTBEAT_DNS, HEARTBEAT_PACKETS, maps};
 
-use super::kernel::{KernelError, age_of, monotonic_ns, second_handle, take_map};
+use super::sys::{KernelError, age_of, monotonic_ns, second_handle, take_map};
 use crate::platform::{Heartbeat, PlatformError};
 
 pub struct KernelHeartbeat {

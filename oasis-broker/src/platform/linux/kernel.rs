@@ -7,83 +7,25 @@
 //! and traffic flows as if Oasis were not installed. The heartbeat covers
 //! the remaining case, a broker that is alive but stuck.
 
-use std::time::Duration;
-
 use aya::Ebpf;
-use aya::maps::{Array, MapData, MapError};
+use aya::maps::{Array, MapData};
+use aya::programs::ProgramInfo;
 use aya::programs::tc::{SchedClassifier, SchedClassifierLinkId, TcAttachType};
-use aya::programs::{ProgramError, ProgramInfo};
 use ipnet::{Ipv4Net, Ipv6Net};
 use oasis_common::{Counters, DNS_PROGRAMS, EGRESS_PROGRAM, INGRESS_PROGRAM, Settings, maps};
 
 use super::classifier::ClassifierMaps;
-use super::dns_redirect::{CgroupError, DnsRedirect};
+use super::dns_redirect::DnsRedirect;
 use super::heartbeat::KernelHeartbeat;
 use super::monitor_events::KernelEvents;
 use super::nat::KernelNat;
 use super::pins::KernelPins;
+pub use super::sys::KernelError;
+use super::sys::{ifindex, monotonic_ns, take_map};
 use crate::compile::MapImage;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
 use crate::engine::{FlowPins, NatTable};
 use crate::platform::{DnsInterception, Heartbeat, InterceptSettings, Kernel, MonitorEvents, PlatformError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum KernelError {
-    #[error(
-        "loading the kernel programs failed: {0}\n(Oasis needs a kernel with BPF and BTF and must run as root; \
-         `RUST_LOG=debug` shows the verifier log)"
-    )]
-    Load(#[source] aya::EbpfError),
-    #[error("the kernel object has no {0}: the broker and its kernel programs were built apart")]
-    Missing(&'static str),
-    #[error("kernel program {program}: {source}")]
-    Program {
-        program: &'static str,
-        source: Box<ProgramError>,
-    },
-    #[error("attaching kernel program {program} to {iface} {hook}: {source}")]
-    Attach {
-        program: &'static str,
-        hook: &'static str,
-        iface: String,
-        source: Box<ProgramError>,
-    },
-    #[error("kernel map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: Box<MapError>,
-    },
-    #[error("no interface named {0}")]
-    NoInterface(String),
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-}
-
-impl KernelError {
-    pub(super) fn map(map: &'static str) -> impl Fn(MapError) -> KernelError {
-        move |source| KernelError::Map {
-            map,
-            source: Box::new(source),
-        }
-    }
-
-    pub(super) fn program(program: &'static str) -> impl Fn(ProgramError) -> KernelError {
-        move |source| KernelError::Program {
-            program,
-            source: Box::new(source),
-        }
-    }
-}
-
-/// Takes a map out of the object, typed.
-macro_rules! take_map {
-    ($ebpf:expr, $def:expr, $ty:ty) => {{
-        let def: oasis_common::maps::MapDef = $def;
-        let map = $ebpf.take_map(def.name).ok_or(KernelError::Missing(def.name))?;
-        <$ty>::try_from(map).map_err(KernelError::map(def.name))?
-    }};
-}
-pub(super) use take_map;
 
 /// One uplink with the programs attached to it.
 struct Uplink {
@@ -350,41 +292,4 @@ impl Drop for LinuxKernel {
     fn drop(&mut self) {
         self.detach_all();
     }
-}
-
-/// A second handle (file descriptor) on a map another part holds.
-pub(super) fn second_handle(data: &MapData, name: &'static str) -> Result<MapData, KernelError> {
-    use std::os::fd::AsFd;
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| KernelError::Map {
-            map: name,
-            source: Box::new(aya::maps::MapError::IoError(e)),
-        })?;
-    MapData::from_fd(fd).map_err(KernelError::map(name))
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// How long ago a CLOCK_MONOTONIC time was.
-pub fn age_of(ns: u64) -> Duration {
-    Duration::from_nanos(monotonic_ns().saturating_sub(ns))
-}
-
-pub fn ifindex(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
 }

@@ -14,6 +14,7 @@ pub mod pins;
 pub mod probe;
 pub mod sock_diag;
 pub mod socket;
+pub mod sys;
 pub mod tun;
 pub mod underlay;
 pub mod uplink;

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use oasis_common::{MonitorEvent, maps};
 
-use super::kernel::{KernelError, take_map};
+use super::sys::{KernelError, take_map};
 use crate::platform::MonitorEvents;
 
 pub struct KernelEvents {

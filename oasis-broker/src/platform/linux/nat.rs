@@ -10,7 +10,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData};
 use oasis_common::{FlowKey, NAT_MEASURE, NatEntry, maps};
 
-use super::kernel::{KernelError, monotonic_ns, take_map};
+use super::sys::{KernelError, monotonic_ns, take_map};
 use crate::engine::fake::reply_key;
 use crate::engine::flows::KernelSeen;
 use crate::engine::{NatTable, TableError};
