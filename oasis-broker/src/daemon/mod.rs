@@ -14,6 +14,7 @@ mod edit;
 mod heartbeat;
 mod inherit;
 mod monitor;
+mod monitor_report;
 mod persist;
 mod serve;
 mod sets;
@@ -22,6 +23,7 @@ mod start;
 mod state;
 #[cfg(unix)]
 mod transport;
+mod views;
 
 use std::path::PathBuf;
 

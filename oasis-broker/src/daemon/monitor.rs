@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use oasis_common::{FlowKey, MonitorEvent, monitor_event};
 
+use super::monitor_report::render;
 use crate::control::MonitorView;
 use crate::engine::measure::GOODPUT_MIN_BYTES;
 use crate::engine::packet::flow_dst;
 use crate::engine::{Engine, Via};
 use crate::forward::OverlaySockets;
-use crate::monitor::report::render;
 use crate::monitor::{Event, Monitor, MonitorLink, MonitorSettings, ProbeKind, ProbeRequest};
 use crate::platform::{DatagramSocket, MonitorEvents, ProbeSockets, UnderlaySender};
 use crate::shared::Shared;

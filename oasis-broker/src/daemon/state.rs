@@ -240,7 +240,12 @@ impl Daemon {
         let generation = self.engine.ask_flows();
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            if let Some(mut flows) = self.engine.flow_dump(generation) {
+            if let Some(records) = self.engine.flow_dump(generation) {
+                let overlays = lock(&self.control).overlays.table().clone();
+                let mut flows: Vec<FlowView> = records
+                    .iter()
+                    .map(|record| super::views::flow_view(record, &overlays))
+                    .collect();
                 flows.sort_by(|a, b| a.flow.cmp(&b.flow));
                 return Ok(flows);
             }
@@ -664,7 +669,7 @@ impl Daemon {
                 map_id,
             },
             classifier,
-            broker: self.engine.counters.snapshot(),
+            broker: super::views::broker_counters(&self.engine.counters),
             rules,
             overlays,
             overlay_port: self.settings.overlay_port,

@@ -3,8 +3,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::control::BrokerCounters;
-
 /// Why the engine dropped a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
@@ -170,35 +168,6 @@ impl EngineCounters {
 
     pub fn drops_of(&self, reason: DropReason) -> u64 {
         self.drops(reason).load(Relaxed)
-    }
-
-    pub fn snapshot(&self) -> BrokerCounters {
-        let load = |c: &AtomicU64| c.load(Relaxed);
-        BrokerCounters {
-            received: load(&self.received),
-            sent_underlay: load(&self.sent_underlay),
-            sent_overlay: load(&self.sent_overlay),
-            send_errors: load(&self.send_errors),
-            malformed: load(&self.malformed),
-            unroutable: load(&self.unroutable),
-            no_carrier: load(&self.no_carrier),
-            untranslatable: load(&self.untranslatable),
-            flows: load(&self.flows),
-            flows_started: load(&self.flows_started),
-            flows_evicted: load(&self.flows_evicted),
-            rescued: load(&self.rescued),
-            monitor_decisions: self.decisions.count(),
-            decision_p50_us: self.decisions.percentile(50.0).map(|ns| ns as f64 / 1000.0),
-            decision_p99_us: self.decisions.percentile(99.0).map(|ns| ns as f64 / 1000.0),
-            overlay_received: load(&self.overlay_received),
-            rejected_sender: load(&self.not_from_overlay),
-            rejected_destination: load(&self.not_for_this_host),
-            rejected_module_sender: load(&self.not_from_module),
-            orphan_fragments: load(&self.orphan_fragments),
-            returned_for_no_flow: load(&self.no_flow),
-            flows_adopted: load(&self.adopted),
-            too_big: load(&self.too_big),
-        }
     }
 }
 

@@ -25,7 +25,6 @@ pub use super::outbound::Outbound;
 use super::packet::{describe, flow_dst, flow_key, frag_key, is_icmp_error, routable};
 use super::pins::FlowPins;
 use super::routes::{Routes, Via};
-use crate::control::FlowView;
 use crate::fake::{FakeTable, unix_now};
 use crate::monitor::{Event, MonitorLink};
 use crate::overlay::{JoinedOverlay, OverlayId};
@@ -104,7 +103,7 @@ pub struct Engine {
     /// for: the generation asked, and each router's answer.
     routers: AtomicUsize,
     dump_wanted: AtomicU64,
-    dumps: Mutex<HashMap<usize, (u64, Vec<FlowView>)>>,
+    dumps: Mutex<HashMap<usize, (u64, Vec<FlowRecord>)>>,
 }
 
 impl Engine {
@@ -251,7 +250,7 @@ impl Engine {
     }
 
     /// The flows of every router, once all have answered `generation`.
-    pub fn flow_dump(&self, generation: u64) -> Option<Vec<FlowView>> {
+    pub fn flow_dump(&self, generation: u64) -> Option<Vec<FlowRecord>> {
         let dumps = self.dumps.lock().unwrap_or_else(|e| e.into_inner());
         let routers = self.routers.load(Relaxed);
         let answered = dumps.values().filter(|(g, _)| *g >= generation).count();
@@ -262,6 +261,25 @@ impl Engine {
                 .collect()
         })
     }
+}
+
+/// One flow as a packet thread holds it, for `oasis flows` (the control
+/// plane makes the view of it).
+#[derive(Clone, Debug)]
+pub struct FlowRecord {
+    /// The flow as the host's stack sees it (a fake address's flow by its
+    /// real destination).
+    pub key: FlowKey,
+    pub rule: Option<u32>,
+    pub via: Via,
+    /// For a metric rule's flow: why the Monitor chose the carrier.
+    pub why: Option<crate::monitor::Why>,
+    /// The fake address the application talks to, for a name rule's flow.
+    pub fake: Option<IpAddr>,
+    pub in_kernel: bool,
+    pub age: Duration,
+    pub idle: Duration,
+    pub packets: u64,
 }
 
 /// What a packet of a known flow asks of the router.
@@ -839,32 +857,23 @@ impl Router {
 
     /// Hands the engine this table's flows, for `oasis flows`.
     fn dump(&mut self, generation: u64, now: Instant) {
-        let name = |via: Via| match via {
-            Via::Underlay => "underlay".to_string(),
-            Via::Overlay(id) => self
-                .routes
-                .overlays
-                .get(id)
-                .map_or_else(|| format!("overlay {id} (left)"), |o| o.name.clone()),
-            Via::Unavailable => "unavailable".to_string(),
-        };
         let flows = self
             .flows
             .iter()
             .map(|(key, flow)| {
                 let (shown, fake) = match flow.fake {
-                    Some(binding) => (real_key(key, binding.real), Some(binding.fake.to_string())),
+                    Some(binding) => (real_key(key, binding.real), Some(binding.fake)),
                     None => (*key, None),
                 };
-                FlowView {
-                    flow: describe(&shown),
+                FlowRecord {
+                    key: shown,
                     rule: flow.rule,
-                    carrier: name(flow.via),
-                    why: flow.why.map(|why| why.to_string()),
+                    via: flow.via,
+                    why: flow.why,
                     fake,
                     in_kernel: flow.in_kernel(),
-                    age_secs: now.saturating_duration_since(flow.started).as_secs_f64(),
-                    idle_secs: now.saturating_duration_since(flow.last_seen).as_secs_f64(),
+                    age: now.saturating_duration_since(flow.started),
+                    idle: now.saturating_duration_since(flow.last_seen),
                     packets: flow.packets,
                 }
             })

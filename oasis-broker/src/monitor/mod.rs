@@ -18,7 +18,6 @@ pub mod health;
 pub mod link;
 pub mod path;
 pub mod probe;
-pub mod report;
 pub mod state;
 
 pub use choices::{Choices, Chosen};

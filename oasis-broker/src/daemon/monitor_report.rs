@@ -1,26 +1,16 @@
 //! The Monitor's state in words and figures, for `oasis monitor` and
-//! `oasis status`.
+//! `oasis status`: made by the control plane from what the Monitor
+//! publishes and its state, so the Monitor knows nothing of views.
 
 use std::time::Instant;
 
-use super::path::Figures;
-use super::state::Monitor;
-use super::{Metric, MonitorLink};
+use super::views::carrier_name;
 use crate::control::{CarrierView, DecisionView, MonitorView, PathView, SwitchView};
 use crate::engine::Routes;
+use crate::monitor::path::Figures;
+use crate::monitor::state::Monitor;
+use crate::monitor::{Metric, MonitorLink};
 use crate::overlay::Via;
-
-/// A carrier's name, as users know it.
-pub fn carrier_name(routes: &Routes, via: Via) -> String {
-    match via {
-        Via::Underlay => "underlay".into(),
-        Via::Overlay(id) => routes
-            .overlays
-            .get(id)
-            .map_or_else(|| format!("overlay {id} (left)"), |o| o.name.clone()),
-        Via::Unavailable => "unavailable".into(),
-    }
-}
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -45,7 +35,7 @@ pub fn comparison(metric: &Metric, candidates: &[(String, Figures)]) -> String {
 }
 
 pub fn render(monitor: &Monitor, routes: &Routes, link: &MonitorLink, now: Instant) -> MonitorView {
-    let name = |via: Via| carrier_name(routes, via);
+    let name = |via: Via| carrier_name(&routes.overlays, via);
     let mut carriers: Vec<Via> = vec![Via::Underlay];
     carriers.extend(
         routes
@@ -59,7 +49,7 @@ pub fn render(monitor: &Monitor, routes: &Routes, link: &MonitorLink, now: Insta
         Via::Overlay(id) => u64::from(id.0) + 1,
         Via::Unavailable => u64::MAX,
     });
-    let health: std::collections::HashMap<Via, &super::health::Health> =
+    let health: std::collections::HashMap<Via, &crate::monitor::health::Health> =
         monitor.health_of().map(|(v, h)| (*v, h)).collect();
     let carrier_views = carriers
         .iter()
