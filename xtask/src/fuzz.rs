@@ -79,6 +79,14 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
 }
 
 fn cargo_fuzz(dir: &Path, target: &str, corpora: &[&str], options: &[&str]) -> anyhow::Result<()> {
+    let artifacts = dir.join("artifacts").join(target);
+    let found = || -> std::collections::BTreeSet<std::path::PathBuf> {
+        artifacts
+            .read_dir()
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let before = found();
     let status = Command::new("cargo")
         .current_dir(dir)
         .env("OASIS_NO_KERNEL_OBJECT", "1")
@@ -88,12 +96,19 @@ fn cargo_fuzz(dir: &Path, target: &str, corpora: &[&str], options: &[&str]) -> a
         .args(options)
         .status()
         .context("running cargo fuzz")?;
-    if !status.success() {
-        bail!(
-            "fuzz target {target} failed: the input that crashed it is in fuzz/artifacts/{target}/ \
-             (`cargo +nightly fuzz fmt {target} <file>` shows it). Fix the bug, copy the input into \
-             fuzz/regressions/{target}/ so it is replayed from now on, and add a unit test."
-        );
+    if status.success() {
+        return Ok(());
     }
-    Ok(())
+    let new: Vec<_> = found().difference(&before).cloned().collect();
+    match new.first() {
+        Some(input) => bail!(
+            "fuzz target {target} failed on {}: `cargo +nightly fuzz fmt {target} <file>` shows the \
+             input. Fix the bug, copy the input into fuzz/regressions/{target}/ so it is replayed from \
+             now on, and add a unit test.",
+            input.display()
+        ),
+        // No input was saved: the target did not build or run (see cargo's
+        // messages above), which is no finding of the fuzzer.
+        None => bail!("fuzz target {target} did not build or run; cargo's messages above say why"),
+    }
 }
