@@ -18,6 +18,8 @@ const SERVER_ROOM: usize = 1 + 16 + 2;
 /// Server, name, type, class, EDNS (marker, UDP size, DO).
 const MAX_KEY: usize = SERVER_ROOM + MAX_NAME + 2 + 2 + 4;
 const OPT: u16 = 41;
+/// The EDNS option of RFC 7871.
+const CLIENT_SUBNET: u16 = 8;
 
 /// Header bits of byte 2 and 3.
 const QR: u8 = 0x80;
@@ -126,6 +128,11 @@ pub fn read_query(bytes: &[u8]) -> Option<QueryView> {
         while at < end {
             // Code, length, data: each option whole, inside the record.
             let head = bytes.get(at..at + 4)?;
+            // Client Subnet is the one option hickory reads (and refuses
+            // when malformed); a query with it is left to hickory.
+            if u16::from_be_bytes([head[0], head[1]]) == CLIENT_SUBNET {
+                return None;
+            }
             at += 4 + usize::from(u16::from_be_bytes([head[2], head[3]]));
         }
         if at != end {
@@ -276,6 +283,17 @@ mod tests {
         let mut pointer = query("a.test.", RecordType::A, None);
         pointer[HEADER] = 0xc0;
         assert!(read_query(&pointer).is_none());
+        // A Client Subnet option (even a malformed one, which hickory
+        // answers with FORMERR); a cookie is fine.
+        let mut with_option = good.clone();
+        let opt = with_option.len() - 11;
+        with_option[opt + 10] = 4;
+        let mut subnet = with_option.clone();
+        subnet.extend_from_slice(&[0, 8, 0, 0]);
+        assert!(read_query(&subnet).is_none());
+        let mut cookie = with_option;
+        cookie.extend_from_slice(&[0, 10, 0, 0]);
+        assert!(read_query(&cookie).is_some());
         // EDNS version 1.
         let mut version = good.clone();
         let opt = version.len() - 11;
