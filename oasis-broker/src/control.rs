@@ -230,6 +230,45 @@ pub struct FlowView {
     pub packets: u64,
 }
 
+/// The DNS service's query counters, for `oasis status` and `oasis rule
+/// list`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsCountersView {
+    pub queries: u64,
+    /// Answered with a fake address.
+    pub faked: u64,
+    /// Answered with the upstream's records.
+    pub passed: u64,
+    /// Claimed names asked for types that would leak the real address.
+    pub empty: u64,
+    /// NXDOMAIN or no data, as the upstream said.
+    pub negative: u64,
+    /// Upstream failed or timed out.
+    pub servfail: u64,
+    /// Too big for the client's UDP size: sent with TC so it retries on TCP.
+    pub truncated: u64,
+    /// Not a standard query (opcode, several questions).
+    pub refused: u64,
+    /// No fake address free: every one is held by a live flow.
+    pub exhausted: u64,
+    /// Names of metric rules answered truly: the Monitor gives their
+    /// flows the underlay (of those counted as passed).
+    #[serde(default)]
+    pub monitor_real: u64,
+    /// Queries sent to a server other than the host's own, answered by
+    /// that server (or faked, for claimed names).
+    #[serde(default)]
+    pub explicit: u64,
+    /// Queries that came back from our own upstream (a loop through a
+    /// local stub), answered SERVFAIL to break it.
+    #[serde(default)]
+    pub loops: u64,
+    /// Answered from the bytes a DNS thread kept of the same question's
+    /// answer (counted under their kind as well).
+    #[serde(default)]
+    pub reused: u64,
+}
+
 /// How far a long request has come.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
@@ -389,7 +428,7 @@ pub struct DnsStatusView {
     pub kernel_nat_flows: usize,
     /// Packets to fake addresses nobody was given: answered with ICMP unreachable.
     pub unknown_fake_packets: u64,
-    pub counters: crate::dns::DnsCountersView,
+    pub counters: DnsCountersView,
 }
 
 /// One fake address, as `oasis dns` shows it.

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use serde::{Deserialize, Serialize};
+pub use crate::control::DnsCountersView;
 
 /// Query counters, for `oasis status` and `oasis rule list`.
 #[derive(Default)]
@@ -40,43 +40,6 @@ pub struct DnsCounters {
     pub reused: AtomicU64,
     /// Fake answers per name rule id.
     by_rule: Mutex<HashMap<u32, u64>>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DnsCountersView {
-    pub queries: u64,
-    /// Answered with a fake address.
-    pub faked: u64,
-    /// Answered with the upstream's records.
-    pub passed: u64,
-    /// Claimed names asked for types that would leak the real address.
-    pub empty: u64,
-    /// NXDOMAIN or no data, as the upstream said.
-    pub negative: u64,
-    /// Upstream failed or timed out.
-    pub servfail: u64,
-    /// Too big for the client's UDP size: sent with TC so it retries on TCP.
-    pub truncated: u64,
-    /// Not a standard query (opcode, several questions).
-    pub refused: u64,
-    /// No fake address free: every one is held by a live flow.
-    pub exhausted: u64,
-    /// Names of metric rules answered truly: the Monitor gives their
-    /// flows the underlay (of those counted as passed).
-    #[serde(default)]
-    pub monitor_real: u64,
-    /// Queries sent to a server other than the host's own, answered by
-    /// that server (or faked, for claimed names).
-    #[serde(default)]
-    pub explicit: u64,
-    /// Queries that came back from our own upstream (a loop through a
-    /// local stub), answered SERVFAIL to break it.
-    #[serde(default)]
-    pub loops: u64,
-    /// Answered from the bytes a DNS thread kept of the same question's
-    /// answer (counted under their kind as well).
-    #[serde(default)]
-    pub reused: u64,
 }
 
 impl DnsCounters {
