@@ -509,6 +509,59 @@ fn an_exhausted_pool_reuses_idle_addresses_and_never_those_in_use() {
     assert_eq!(fake_of(&net, "b.pool.test"), b);
 }
 
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_header_rules_flow_to_the_real_address_of_a_claimed_name_comes_back_as_it_is() {
+    // A claimed name's real address is also reached by its own address,
+    // over a header rule: its answers come back from that address, on the
+    // daemon that gave the fake address and on one started afresh with the
+    // table it saved.
+    let mut net = Topology::new();
+    net.start_web_server(8080);
+    let daemon = claiming_detour(&mut net);
+    let answer = net.dig(true, &["www.detour.test", "A"]);
+    assert!(
+        answer.answers.first().is_some_and(|a| in_pool(a)),
+        "{}",
+        answer.text
+    );
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "8080", "--via", "exit",
+        ],
+    );
+    for attempt in 0..3 {
+        let got = net.http_get(SERVER_V4, 8080);
+        assert!(
+            got.as_deref()
+                .is_some_and(|t| t.contains("hello from the server")),
+            "attempt {attempt}: {got:?}; {}",
+            status(&daemon, &net)["broker"]
+        );
+    }
+    // The table is saved within 2 s of a change.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        net.process("oasis").terminate(Duration::from_secs(5)),
+        "the daemon did not stop"
+    );
+    let daemon = Daemon::start(&mut net, "");
+    let got = net.http_get(SERVER_V4, 8080);
+    assert!(
+        got.as_deref()
+            .is_some_and(|t| t.contains("hello from the server")),
+        "after a restart: {got:?}; {}",
+        status(&daemon, &net)["broker"]
+    );
+    let log = net.process("web-8080").log();
+    assert!(
+        !log.contains(CLIENT_V4),
+        "the request went around the exit: {log}"
+    );
+}
+
 /// Asks `name` (type A) `times` times, each from a new port (so both DNS
 /// threads get to answer it); returns the answers.
 fn ask_often(net: &Topology, name: &str, times: usize) -> Vec<DnsAnswer> {

@@ -848,6 +848,56 @@ mod tests {
         assert_eq!(addresses(&out).unwrap().0, IpAddr::from(SERVER));
     }
 
+    #[test]
+    fn a_header_rules_flow_to_an_address_a_name_also_stands_for_goes_as_it_is() {
+        // The real address of a claimed name is also reached by its own
+        // address, over a header rule: its answers must come back from
+        // that address, not from the fake one, on this daemon and on one
+        // started afresh with the table of the last.
+        let world = world(&[name("detour", "example.org")]);
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let local_end = SocketAddr::new(IpAddr::from(CLIENT), 40010);
+        let real_end = SocketAddr::new("192.0.2.10".parse().unwrap(), 443);
+        let mut returns =
+            ReturnPath::new(&world.engine).with_sockets(Arc::new(Sockets(vec![(local_end, real_end)])));
+        let local: LocalAddresses = [IpAddr::from(CLIENT)].into();
+        let mut datagram = vec![0u8; 4];
+        datagram.extend(tcp4_from([192, 0, 2, 10], CLIENT, 443, 40010, None));
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let accepted = returns.accept(
+                Some(entry()),
+                &datagram,
+                &local,
+                None,
+                0,
+                &mut out,
+                Instant::now(),
+            );
+            assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+            assert_eq!(
+                addresses(&out).unwrap().0,
+                real_end.ip(),
+                "not rewritten to {fake}"
+            );
+        }
+        assert_eq!(world.engine.counters.adopted.load(Relaxed), 0);
+        // A datagram no connected socket claims may be for an unconnected
+        // one: delivered as it is too.
+        let mut udp = vec![0u8; 4];
+        udp.extend(udp4_from([192, 0, 2, 10], CLIENT, 53, 40011));
+        let accepted = returns.accept(Some(entry()), &udp, &local, None, 0, &mut out, Instant::now());
+        assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+        assert_eq!(addresses(&out).unwrap().0, real_end.ip());
+        // Without a way to ask the sockets, nothing is taken up.
+        let mut blind = ReturnPath::new(&world.engine);
+        let mut to_fake = vec![0u8; 4];
+        to_fake.extend(tcp4_from([192, 0, 2, 10], CLIENT, 443, 40012, None));
+        let accepted = blind.accept(Some(entry()), &to_fake, &local, None, 0, &mut out, Instant::now());
+        assert_eq!(accepted, Ok(Returned::Deliver(OverlayId(1))));
+        assert_eq!(addresses(&out).unwrap().0, real_end.ip());
+    }
+
     fn fix_ipv4_checksum(packet: &mut [u8]) {
         packet[10..12].copy_from_slice(&[0, 0]);
         let mut sum: u32 = packet[..20]
@@ -858,6 +908,15 @@ mod tests {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+
+    fn udp4_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut out, b"answer")
+            .unwrap();
+        out
     }
 
     fn tcp4_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn_ack_mss: Option<u16>) -> Vec<u8> {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use oasis_common::proto::{TCP, UDP};
 use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{
     End, addresses, clamp_mss, fragment, rewrite_address, rewrite_error_about, rewrite_ip_address,
@@ -50,6 +51,10 @@ pub struct ReturnPath {
     adopted: HashMap<FlowKey, IpAddr>,
     /// Sources found to stand for no fake address.
     strangers: HashSet<IpAddr>,
+    /// Flows from a source that stands for fake addresses, found to be of
+    /// none of them (a header rule's flow to the real address): delivered
+    /// as they are.
+    plain: HashSet<FlowKey>,
     engine: Arc<Engine>,
     routes: Arc<Routes>,
     /// The measured flows this thread has seen answers of: a packet of one
@@ -74,6 +79,7 @@ impl ReturnPath {
             sockets: None,
             adopted: HashMap::new(),
             strangers: HashSet::new(),
+            plain: HashSet::new(),
             engine: engine.clone(),
             routes: engine.routes(),
             measured: HashMap::new(),
@@ -278,13 +284,17 @@ impl ReturnPath {
     /// names), and the flow is taken up again: the packet gets that fake
     /// address as its source, and so do the flow's next ones until the
     /// flow's own next packet out starts it in the router. A flow whose
-    /// socket is gone, or that cannot be told apart, is dropped, counted.
+    /// socket talks to the real address itself (a header rule's flow) goes
+    /// as it is. A TCP flow with no socket at all is dropped, counted; a
+    /// datagram that no connected socket claims is delivered as it is (an
+    /// unconnected socket may take it). Without a way to ask the sockets,
+    /// nothing is taken up: a guess could break a header rule's flow.
     fn orphan(&mut self, key: &FlowKey) -> Result<Option<IpAddr>, DropReason> {
         if let Some(fake) = self.adopted.get(key) {
             return Ok(Some(*fake));
         }
         let real = flow_src(key);
-        if self.strangers.contains(&real) {
+        if self.strangers.contains(&real) || self.plain.contains(key) {
             return Ok(None);
         }
         let candidates: Vec<IpAddr> = {
@@ -299,15 +309,18 @@ impl ReturnPath {
             return Ok(None);
         }
         let local = SocketAddr::new(flow_dst(key), key.dport);
-        let found = match (&self.sockets, key.proto) {
-            (Some(sockets), 6 | 17) => candidates
-                .iter()
-                .copied()
-                .find(|fake| sockets.connected(key.proto, local, SocketAddr::new(*fake, key.sport))),
-            _ if candidates.len() == 1 => Some(candidates[0]),
-            _ => None,
+        let Some(sockets) = self.sockets.as_ref().filter(|_| matches!(key.proto, TCP | UDP)) else {
+            return Ok(None);
         };
-        let Some(fake) = found else {
+        let connected = |peer: IpAddr| sockets.connected(key.proto, local, SocketAddr::new(peer, key.sport));
+        let Some(fake) = candidates.iter().copied().find(|fake| connected(*fake)) else {
+            if key.proto == UDP || connected(real) {
+                if self.plain.len() >= MAX_ADOPTED {
+                    self.plain.clear();
+                }
+                self.plain.insert(*key);
+                return Ok(None);
+            }
             tracing::debug!(flow = %describe(key), ?candidates, "a returned packet of no live flow of this host");
             return Err(DropReason::NoFlow);
         };
