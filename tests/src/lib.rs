@@ -309,6 +309,11 @@ impl Topology {
         self.processes.last_mut().expect("just pushed")
     }
 
+    /// The latest process started under `name`, if any.
+    pub fn find_process(&self, name: &str) -> Option<&Process> {
+        self.processes.iter().rev().find(|p| p.name == name)
+    }
+
     pub fn process(&mut self, name: &str) -> &mut Process {
         self.processes
             .iter_mut()

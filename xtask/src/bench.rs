@@ -30,7 +30,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 
 use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, median, program_stats, write_figures};
@@ -215,8 +215,21 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
                 round + 1,
                 scenario.name()
             );
-            measure(&mut net, scenario, &spec_url, seconds, &mut samples[index])
-                .with_context(|| format!("scenario {}", scenario.name()))?;
+            if let Err(e) = measure(&mut net, scenario, &spec_url, seconds, &mut samples[index]) {
+                // What the carriers said last is what explains a failure.
+                for name in ["oasis", "oasis-exit"] {
+                    let Some(process) = net.find_process(name) else {
+                        continue;
+                    };
+                    let log = process.log();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("bench: the last lines of {name}'s log:");
+                    for line in tail.iter().rev() {
+                        eprintln!("  {line}");
+                    }
+                }
+                return Err(e.context(format!("scenario {}", scenario.name())));
+            }
         }
     }
     let mut figures = if traffic_rounds > 0 {
