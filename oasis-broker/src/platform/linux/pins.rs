@@ -11,7 +11,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, IterableMap, MapData};
 use oasis_common::{FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
-use super::kernel::{KernelError, monotonic_ns, second_handle, take_map};
+use super::sys::{KernelError, monotonic_ns, second_handle, take_map};
 use crate::engine::flows::KernelSeen;
 use crate::engine::{FlowPins, TableError};
 
