@@ -5,21 +5,21 @@
 
 use anyhow::{Context, bail};
 use oasis_tests::{Daemon, Topology};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The port iperf3 servers of the benchmark listen on.
 pub const IPERF_PORT: u16 = 5201;
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Figure {
     pub scenario: String,
     pub metric: String,
     pub value: f64,
     pub unit: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
 }
 
