@@ -64,9 +64,20 @@ impl KernelPins {
         }
     }
 
-    fn publish_count(&mut self) {
-        let _ = self.active.set(0, self.count, 0);
+    /// The ingress program only asks whether any flow is measured: the
+    /// count goes to the kernel when that changes, not with every flow.
+    fn count_changed(&mut self, before: u32) {
+        if (before == 0) != (self.count == 0) {
+            let _ = self.active.set(0, self.count, 0);
+        }
     }
+}
+
+/// BPF_NOEXIST: an update that only creates.
+const CREATE_ONLY: u64 = 1;
+
+fn already_there(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(call) if call.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
 impl FlowPins for KernelPins {
@@ -83,22 +94,28 @@ impl FlowPins for KernelPins {
     }
 
     fn measure(&mut self, flow: &FlowKey, syn_sent: Option<Instant>, probe: bool) -> Result<(), TableError> {
-        let fresh = self.monitored.get(flow, 0).is_err();
         let entry = Measure {
             syn_ns: syn_sent.map_or(0, monotonic_of),
             flags: if probe { measure_flag::PROBE } else { 0 },
             ..Measure::default()
         };
-        self.monitored
-            .insert(flow, entry, 0)
-            .map_err(Self::refused(maps::MONITORED.name))?;
-        if fresh {
-            // Counted after the entry exists: the ingress program never
-            // skips an answer whose entry is there.
-            self.count += 1;
-            self.publish_count();
+        // One system call for a new flow (the common case), two for one
+        // measured again.
+        match self.monitored.insert(flow, entry, CREATE_ONLY) {
+            Ok(()) => {
+                // Counted after the entry exists: the ingress program never
+                // skips an answer whose entry is there.
+                let before = self.count;
+                self.count += 1;
+                self.count_changed(before);
+                Ok(())
+            }
+            Err(e) if already_there(&e) => self
+                .monitored
+                .insert(flow, entry, 0)
+                .map_err(Self::refused(maps::MONITORED.name)),
+            Err(e) => Err(Self::refused(maps::MONITORED.name)(e)),
         }
-        Ok(())
     }
 
     fn forget(&mut self, flow: &FlowKey) {
@@ -110,8 +127,9 @@ impl FlowPins for KernelPins {
             let _ = self.flows.remove(flow);
         }
         if self.monitored.remove(flow).is_ok() {
+            let before = self.count;
             self.count = self.count.saturating_sub(1);
-            self.publish_count();
+            self.count_changed(before);
         }
     }
 
