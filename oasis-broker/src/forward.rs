@@ -16,7 +16,9 @@ use crate::engine::{
     DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Returned, Router, module_admitted,
 };
 use crate::liveness::{TICK_EVERY, Tick};
-use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
+use crate::platform::{
+    DatagramSocket, Delivery, DivertedQueue, PacketBatch, Received, UnderlaySender, datagrams,
+};
 
 /// The largest datagram a receive buffer of the overlay and underlay ports
 /// holds (a coalesced run of datagrams, or one of any size).
@@ -59,9 +61,7 @@ where
     let mut decisions: Vec<Outbound> = Vec::with_capacity(batch.capacity());
     let mut reply = Vec::with_capacity(1500);
     let mut replies: Vec<Vec<u8>> = Vec::new();
-    let mut underlay_scratch = U::Scratch::default();
-    let mut v4_scratch = S::Scratch::default();
-    let mut v6_scratch = S::Scratch::default();
+    let mut scratch = SendScratch::<U, S>::default();
     let headroom = delivery.headroom();
     let mut errors = 0;
     loop {
@@ -118,47 +118,77 @@ where
         }
 
         // ... then send them, one system call per carrier and family.
-        let counters = &router.engine().counters;
-        let underlay_packets = decisions
-            .iter()
-            .zip(batch.packets())
-            .filter(|(d, _)| **d == Outbound::Underlay)
-            .map(|(_, p)| p);
-        let (sent, failed) = underlay.send(&mut underlay_scratch, underlay_packets);
-        counters.sent_underlay.fetch_add(sent as u64, Relaxed);
-        counters.send_errors.fetch_add(failed as u64, Relaxed);
-        for (v4, socket, scratch) in [
-            (true, Some(&overlay.v4), &mut v4_scratch),
-            (false, overlay.v6.as_ref(), &mut v6_scratch),
-        ] {
-            let datagrams = decisions
-                .iter()
-                .zip(batch.packets())
-                .filter_map(|(d, packet)| match *d {
-                    Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
-                        let overlay = router.overlay(overlay)?;
-                        overlay.sent.fetch_add(1, Relaxed);
-                        Some((overlay.shim.as_slice(), packet, to))
-                    }
-                    Outbound::Module { overlay, to, rule } if to.is_ipv4() == v4 => {
-                        router.overlay(overlay)?.sent.fetch_add(1, Relaxed);
-                        Some((router.module_shim(rule)?, packet, to))
-                    }
-                    _ => None,
-                });
-            let (sent, failed) = match socket {
-                Some(socket) => socket.send(scratch, datagrams),
-                // No IPv6 on this host: an IPv6 next hop is unreachable.
-                None => (0, datagrams.count()),
-            };
-            counters.sent_overlay.fetch_add(sent as u64, Relaxed);
-            counters.send_errors.fetch_add(failed as u64, Relaxed);
-        }
+        send_decided(&router, &decisions, &batch, underlay, overlay, &mut scratch);
         if reply_count > 0
             && let Err(e) = delivery.deliver(&mut replies[..reply_count])
         {
             tracing::debug!("writing replies to the applications: {e}");
         }
+    }
+}
+
+/// What the sends of one queue reuse from batch to batch.
+struct SendScratch<U: UnderlaySender, S: DatagramSocket> {
+    underlay: U::Scratch,
+    v4: S::Scratch,
+    v6: S::Scratch,
+}
+
+impl<U: UnderlaySender, S: DatagramSocket> Default for SendScratch<U, S> {
+    fn default() -> Self {
+        Self {
+            underlay: U::Scratch::default(),
+            v4: S::Scratch::default(),
+            v6: S::Scratch::default(),
+        }
+    }
+}
+
+/// Sends a decided batch: the underlay's packets in one call, each
+/// family's overlay datagrams in another.
+fn send_decided<U: UnderlaySender, S: DatagramSocket>(
+    router: &Router,
+    decisions: &[Outbound],
+    batch: &PacketBatch,
+    underlay: &U,
+    overlay: &OverlaySockets<S>,
+    scratch: &mut SendScratch<U, S>,
+) {
+    let counters = &router.engine().counters;
+    let underlay_packets = decisions
+        .iter()
+        .zip(batch.packets())
+        .filter(|(d, _)| **d == Outbound::Underlay)
+        .map(|(_, p)| p);
+    let (sent, failed) = underlay.send(&mut scratch.underlay, underlay_packets);
+    counters.sent_underlay.fetch_add(sent as u64, Relaxed);
+    counters.send_errors.fetch_add(failed as u64, Relaxed);
+    for (v4, socket, scratch) in [
+        (true, Some(&overlay.v4), &mut scratch.v4),
+        (false, overlay.v6.as_ref(), &mut scratch.v6),
+    ] {
+        let datagrams = decisions
+            .iter()
+            .zip(batch.packets())
+            .filter_map(|(d, packet)| match *d {
+                Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
+                    let overlay = router.overlay(overlay)?;
+                    overlay.sent.fetch_add(1, Relaxed);
+                    Some((overlay.shim.as_slice(), packet, to))
+                }
+                Outbound::Module { overlay, to, rule } if to.is_ipv4() == v4 => {
+                    router.overlay(overlay)?.sent.fetch_add(1, Relaxed);
+                    Some((router.module_shim(rule)?, packet, to))
+                }
+                _ => None,
+            });
+        let (sent, failed) = match socket {
+            Some(socket) => socket.send(scratch, datagrams),
+            // No IPv6 on this host: an IPv6 next hop is unreachable.
+            None => (0, datagrams.count()),
+        };
+        counters.sent_overlay.fetch_add(sent as u64, Relaxed);
+        counters.send_errors.fetch_add(failed as u64, Relaxed);
     }
 }
 

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use hickory_resolver::config::NameServerConfig;
+
 use super::DaemonError;
 use crate::config::{Config, DnsConfig};
 use crate::control::{DnsStatusView, DnsTableView, FakeView};
@@ -162,15 +164,7 @@ pub(super) async fn start(
         return Ok(runtime);
     }
 
-    let servers = if dns.upstreams.is_empty() {
-        system_upstreams(dns.port).map_err(|e| DaemonError::Dns(e.to_string()))?
-    } else {
-        let mut servers = Vec::new();
-        for text in &dns.upstreams {
-            servers.extend(parse_upstream(text).map_err(|e| DaemonError::Dns(e.to_string()))?);
-        }
-        servers
-    };
+    let servers = upstream_servers(dns)?;
     *runtime.upstreams.get_mut().unwrap_or_else(|e| e.into_inner()) =
         servers.iter().map(ToString::to_string).collect();
     let configured: Vec<IpAddr> = servers.iter().map(|s| s.socket_addr.ip()).collect();
@@ -203,12 +197,46 @@ pub(super) async fn start(
     };
     let service = Arc::new(service);
     runtime.service = Some(service.clone());
-    let (servers, v6) = listen(service.clone(), dns.port, true, liveness)
+    let v6 = serve(&service, &mut runtime, dns.port, liveness).await?;
+    intercept(kernel, dns, v6, &service, &mut runtime)?;
+    if !runtime.names.read().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        let uncovered = runtime.uncovered();
+        if !uncovered.is_empty() {
+            return Err(DaemonError::Dns(format!(
+                "the config's name rules cannot be kept on this host: {}",
+                uncovered.join("; ")
+            )));
+        }
+    }
+    Ok(runtime)
+}
+
+/// The servers the DNS service asks: the configured ones, or the host's.
+fn upstream_servers(dns: &DnsConfig) -> Result<Vec<NameServerConfig>, DaemonError> {
+    if dns.upstreams.is_empty() {
+        return system_upstreams(dns.port).map_err(|e| DaemonError::Dns(e.to_string()));
+    }
+    let mut servers = Vec::new();
+    for text in &dns.upstreams {
+        servers.extend(parse_upstream(text).map_err(|e| DaemonError::Dns(e.to_string()))?);
+    }
+    Ok(servers)
+}
+
+/// Listens on the loopback (and `[::1]` where the host has it, which it
+/// returns), and ticks the runtime's liveness.
+async fn serve(
+    service: &Arc<DnsService>,
+    runtime: &mut DnsRuntime,
+    port: u16,
+    liveness: &Liveness,
+) -> Result<bool, DaemonError> {
+    let (servers, v6) = listen(service.clone(), port, true, liveness)
         .await
-        .map_err(|e| DaemonError::Dns(format!("listening on 127.0.0.1:{} (dns.port): {e}", dns.port)))?;
-    runtime.listen.push(format!("127.0.0.1:{}", dns.port));
+        .map_err(|e| DaemonError::Dns(format!("listening on 127.0.0.1:{port} (dns.port): {e}")))?;
+    runtime.listen.push(format!("127.0.0.1:{port}"));
     if v6 {
-        runtime.listen.push(format!("[::1]:{}", dns.port));
+        runtime.listen.push(format!("[::1]:{port}"));
     }
     for mut server in servers {
         tokio::spawn(async move {
@@ -226,39 +254,40 @@ pub(super) async fn start(
             tokio::time::sleep(TICK_EVERY).await;
         }
     });
+    Ok(v6)
+}
 
+/// Sends the queries of `dns.cgroup` to the listener.
+fn intercept(
+    kernel: &mut dyn Kernel,
+    dns: &DnsConfig,
+    v6: bool,
+    service: &DnsService,
+    runtime: &mut DnsRuntime,
+) -> Result<(), DaemonError> {
     let settings = InterceptSettings {
         scope: dns.cgroup.clone(),
         port: dns.port,
         v6,
     };
     match kernel.intercept_dns(&settings) {
-        Ok(interception) => {
+        Ok(mut interception) => {
             tracing::info!(scope = %interception.scope().display(), listen = ?runtime.listen, upstreams = ?runtime.upstreams.lock().unwrap_or_else(|e| e.into_inner()), "DNS interception on");
             if let Some(origins) = interception.origins() {
                 let _ = service.origins.set(origins);
             }
-            let mut interception = interception;
             interception.set_system_servers(&service.system.read().unwrap_or_else(|e| e.into_inner()));
             runtime.interception = Mutex::new(Some(interception));
+            Ok(())
         }
         // A host without cgroup v2 can still use header rules: run without
         // interception rather than not at all.
         Err(e) if settings.scope.is_none() => {
             tracing::error!("DNS interception is off: {e}; name rules have no effect");
+            Ok(())
         }
-        Err(e) => return Err(DaemonError::Platform(e)),
+        Err(e) => Err(DaemonError::Platform(e)),
     }
-    if !runtime.names.read().unwrap_or_else(|e| e.into_inner()).is_empty() {
-        let uncovered = runtime.uncovered();
-        if !uncovered.is_empty() {
-            return Err(DaemonError::Dns(format!(
-                "the config's name rules cannot be kept on this host: {}",
-                uncovered.join("; ")
-            )));
-        }
-    }
-    Ok(runtime)
 }
 
 impl DnsRuntime {

@@ -263,121 +263,150 @@ fn target(
     let under = underlay(candidates)?;
     let current = candidates.iter().find(|c| c.via == choice.via)?;
     match metric {
-        Metric::Latency => {
-            let srtt = |c: &Candidate| c.figures.srtt;
-            let best = overlays(candidates)
-                .filter_map(|c| Some((c, srtt(c)?)))
-                .min_by_key(|(_, rtt)| *rtt);
-            if choice.via == Via::Underlay {
-                let u = srtt(under)?;
-                let (best, b) = best?;
-                (u.saturating_sub(b) >= settings.latency_margin(u)).then_some((
-                    best.via,
-                    Why::Faster {
-                        chosen_ms: ms(b),
-                        underlay_ms: ms(u),
-                    },
-                ))
-            } else {
-                let Some(o) = srtt(current) else {
-                    return Some((Via::Underlay, Why::NoLongerFaster));
-                };
-                if let Some((best, b)) = best
-                    && best.via != current.via
-                    && o.saturating_sub(b) >= settings.latency_margin(o)
-                {
-                    return Some((
-                        best.via,
-                        Why::Faster {
-                            chosen_ms: ms(b),
-                            underlay_ms: srtt(under).map_or(0.0, ms),
-                        },
-                    ));
-                }
-                let u = srtt(under)?;
-                (u.saturating_sub(o) < settings.latency_margin(u) / 2)
-                    .then_some((Via::Underlay, Why::NoLongerFaster))
-            }
-        }
-        Metric::Loss { max } => {
-            let limit = max.fraction();
-            let (u_loss, u_n) = under.figures.loss?;
-            if choice.via == Via::Underlay {
-                if u_n < settings.loss_min_samples || u_loss < limit {
-                    return None;
-                }
-                let rtt = |c: &Candidate| c.figures.srtt.unwrap_or(Duration::MAX);
-                let (best, b_loss) = overlays(candidates)
-                    .filter_map(|c| Some((c, c.figures.loss?.0)))
-                    .min_by(|(a, la), (b, lb)| la.total_cmp(lb).then_with(|| rtt(a).cmp(&rtt(b))))?;
-                (b_loss < u_loss).then_some((
-                    best.via,
-                    Why::LessLoss {
-                        chosen: b_loss as f32,
-                        underlay: u_loss as f32,
-                    },
-                ))
-            } else {
-                if u_loss < limit / 2.0 {
-                    let since = *choice.recovering_since.get_or_insert(now);
-                    if now.saturating_duration_since(since) >= settings.loss_recovery {
-                        return Some((Via::Underlay, Why::LossRecovered));
-                    }
-                } else {
-                    choice.recovering_since = None;
-                }
-                None
-            }
-        }
-        Metric::Throughput => {
-            // Like with like: measured goodput when both have it, else the
-            // estimate for both.
-            let score = |c: &Candidate| -> Option<(f64, bool)> {
-                match (c.figures.throughput(true), under.figures.throughput(true)) {
-                    (Some(g), Some(_)) => Some((g, false)),
-                    _ => Some((c.figures.throughput(false)?, true)),
-                }
-            };
-            let u_score = |c: &Candidate| -> Option<f64> {
-                match (c.figures.throughput(true), under.figures.throughput(true)) {
-                    (Some(_), Some(u)) => Some(u),
-                    _ => under.figures.throughput(false),
-                }
-            };
-            let best = overlays(candidates)
-                .filter_map(|c| Some((c, score(c)?, u_score(c)?)))
-                .max_by(|a, b| (a.1.0 / a.2).total_cmp(&(b.1.0 / b.2)));
-            if choice.via == Via::Underlay {
-                let (best, (s, estimated), u) = best?;
-                (s >= settings.throughput_factor * u).then_some((
-                    best.via,
-                    Why::MoreThroughput {
-                        factor: (s / u) as f32,
-                        estimated,
-                    },
-                ))
-            } else {
-                let Some(((o, _), u)) = score(current).zip(u_score(current)) else {
-                    return Some((Via::Underlay, Why::NoMoreThroughput));
-                };
-                if let Some((best, (s, estimated), bu)) = best
-                    && best.via != current.via
-                    && s / bu >= settings.throughput_factor * (o / u)
-                {
-                    return Some((
-                        best.via,
-                        Why::MoreThroughput {
-                            factor: (s / bu) as f32,
-                            estimated,
-                        },
-                    ));
-                }
-                // Halfway (in ratio) back to even: return.
-                (o < settings.throughput_factor.sqrt() * u).then_some((Via::Underlay, Why::NoMoreThroughput))
-            }
-        }
+        Metric::Latency => by_latency(choice, under, current, candidates, settings),
+        Metric::Loss { max } => by_loss(choice, max.fraction(), under, candidates, settings, now),
+        Metric::Throughput => by_throughput(choice, under, current, candidates, settings),
         // An external module decides; nothing to evaluate here.
         Metric::Other(_) => None,
+    }
+}
+
+/// Lower smoothed RTT by the margin; back to the underlay once the lead is
+/// under half of it.
+fn by_latency(
+    choice: &Choice,
+    under: &Candidate,
+    current: &Candidate,
+    candidates: &[Candidate],
+    settings: &DecisionSettings,
+) -> Option<(Via, Why)> {
+    let srtt = |c: &Candidate| c.figures.srtt;
+    let best = overlays(candidates)
+        .filter_map(|c| Some((c, srtt(c)?)))
+        .min_by_key(|(_, rtt)| *rtt);
+    if choice.via == Via::Underlay {
+        let u = srtt(under)?;
+        let (best, b) = best?;
+        (u.saturating_sub(b) >= settings.latency_margin(u)).then_some((
+            best.via,
+            Why::Faster {
+                chosen_ms: ms(b),
+                underlay_ms: ms(u),
+            },
+        ))
+    } else {
+        let Some(o) = srtt(current) else {
+            return Some((Via::Underlay, Why::NoLongerFaster));
+        };
+        if let Some((best, b)) = best
+            && best.via != current.via
+            && o.saturating_sub(b) >= settings.latency_margin(o)
+        {
+            return Some((
+                best.via,
+                Why::Faster {
+                    chosen_ms: ms(b),
+                    underlay_ms: srtt(under).map_or(0.0, ms),
+                },
+            ));
+        }
+        let u = srtt(under)?;
+        (u.saturating_sub(o) < settings.latency_margin(u) / 2).then_some((Via::Underlay, Why::NoLongerFaster))
+    }
+}
+
+/// Off an underlay that loses past the limit, to the overlay that loses
+/// least; back once the underlay has stayed under half the limit.
+fn by_loss(
+    choice: &mut Choice,
+    limit: f64,
+    under: &Candidate,
+    candidates: &[Candidate],
+    settings: &DecisionSettings,
+    now: Instant,
+) -> Option<(Via, Why)> {
+    let (u_loss, u_n) = under.figures.loss?;
+    if choice.via == Via::Underlay {
+        if u_n < settings.loss_min_samples || u_loss < limit {
+            return None;
+        }
+        let rtt = |c: &Candidate| c.figures.srtt.unwrap_or(Duration::MAX);
+        let (best, b_loss) = overlays(candidates)
+            .filter_map(|c| Some((c, c.figures.loss?.0)))
+            .min_by(|(a, la), (b, lb)| la.total_cmp(lb).then_with(|| rtt(a).cmp(&rtt(b))))?;
+        (b_loss < u_loss).then_some((
+            best.via,
+            Why::LessLoss {
+                chosen: b_loss as f32,
+                underlay: u_loss as f32,
+            },
+        ))
+    } else {
+        if u_loss < limit / 2.0 {
+            let since = *choice.recovering_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= settings.loss_recovery {
+                return Some((Via::Underlay, Why::LossRecovered));
+            }
+        } else {
+            choice.recovering_since = None;
+        }
+        None
+    }
+}
+
+/// Throughput by the factor, measured against measured or estimate
+/// against estimate.
+fn by_throughput(
+    choice: &Choice,
+    under: &Candidate,
+    current: &Candidate,
+    candidates: &[Candidate],
+    settings: &DecisionSettings,
+) -> Option<(Via, Why)> {
+    // Like with like: measured goodput when both have it, else the
+    // estimate for both.
+    let score = |c: &Candidate| -> Option<(f64, bool)> {
+        match (c.figures.throughput(true), under.figures.throughput(true)) {
+            (Some(g), Some(_)) => Some((g, false)),
+            _ => Some((c.figures.throughput(false)?, true)),
+        }
+    };
+    let u_score = |c: &Candidate| -> Option<f64> {
+        match (c.figures.throughput(true), under.figures.throughput(true)) {
+            (Some(_), Some(u)) => Some(u),
+            _ => under.figures.throughput(false),
+        }
+    };
+    let best = overlays(candidates)
+        .filter_map(|c| Some((c, score(c)?, u_score(c)?)))
+        .max_by(|a, b| (a.1.0 / a.2).total_cmp(&(b.1.0 / b.2)));
+    if choice.via == Via::Underlay {
+        let (best, (s, estimated), u) = best?;
+        (s >= settings.throughput_factor * u).then_some((
+            best.via,
+            Why::MoreThroughput {
+                factor: (s / u) as f32,
+                estimated,
+            },
+        ))
+    } else {
+        let Some(((o, _), u)) = score(current).zip(u_score(current)) else {
+            return Some((Via::Underlay, Why::NoMoreThroughput));
+        };
+        if let Some((best, (s, estimated), bu)) = best
+            && best.via != current.via
+            && s / bu >= settings.throughput_factor * (o / u)
+        {
+            return Some((
+                best.via,
+                Why::MoreThroughput {
+                    factor: (s / bu) as f32,
+                    estimated,
+                },
+            ));
+        }
+        // Halfway (in ratio) back to even: return.
+        (o < settings.throughput_factor.sqrt() * u).then_some((Via::Underlay, Why::NoMoreThroughput))
     }
 }
 

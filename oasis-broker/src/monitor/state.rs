@@ -110,6 +110,16 @@ struct Interest {
     rules: HashSet<u32>,
 }
 
+/// A probe `poll_probes` found due, before the budget has its say.
+struct Due {
+    /// Lowest first: 0 liveness of a busy carrier, 1 a path without
+    /// figures, 2 liveness of an idle carrier, 3 a refresh.
+    priority: u8,
+    via: Via,
+    prefix: Prefix,
+    liveness: bool,
+}
+
 /// Whether `figures` hold what the metric compares.
 fn measured_for(metric: &Metric, figures: &super::path::Figures) -> bool {
     match metric {
@@ -487,8 +497,6 @@ impl Monitor {
     /// liveness of busy carriers, paths without figures, liveness of idle
     /// carriers, then refreshes.
     pub fn poll_probes(&mut self, now: Instant, out: &mut Vec<ProbeRequest>) {
-        // (priority, via, prefix, liveness), lowest priority value first.
-        let mut due: Vec<(u8, Via, Prefix, bool)> = Vec::new();
         // Paths with a probe on its way, and carriers with a liveness probe
         // on its way.
         let mut pending: HashSet<(Via, Prefix)> = HashSet::new();
@@ -499,7 +507,38 @@ impl Monitor {
                 alive_pending.insert(probe.via);
             }
         }
-        // Liveness: per carrier, towards its most recently used prefix.
+        let mut due = Vec::new();
+        self.liveness_due(now, &alive_pending, &mut due);
+        self.quality_probes_due(now, &pending, &mut due);
+        due.sort_by_key(|d| d.priority);
+        for d in due {
+            let Some(target) = self.interest.get(&d.prefix).map(|i| i.target) else {
+                continue;
+            };
+            let bytes = target.packet_bytes() + self.overhead.get(&d.via).copied().unwrap_or(0);
+            if !self.budget.take(bytes, now) {
+                break;
+            }
+            out.push(self.sent_probe(d, target, bytes, now));
+        }
+    }
+
+    fn busy(&self, via: Via, now: Instant) -> bool {
+        self.busy
+            .get(&via)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= BUSY_FOR)
+    }
+
+    fn liveness_interval(&self, via: Via, now: Instant, round: u64) -> Duration {
+        if self.busy(via, now) {
+            LIVENESS_BUSY
+        } else {
+            jittered(LIVENESS_IDLE, via, round)
+        }
+    }
+
+    /// Liveness: per carrier, towards its most recently used prefix.
+    fn liveness_due(&mut self, now: Instant, alive_pending: &HashSet<Via>, due: &mut Vec<Due>) {
         let mut latest: HashMap<Via, (Instant, Prefix)> = HashMap::new();
         for (prefix, interest) in &self.interest {
             for via in self.candidates_of(*prefix) {
@@ -509,36 +548,36 @@ impl Monitor {
                 }
             }
         }
-        for (via, (_, prefix)) in &latest {
-            let busy = self
-                .busy
-                .get(via)
-                .is_some_and(|at| now.saturating_duration_since(*at) <= BUSY_FOR);
-            let (next, round) = *self.next_liveness.entry(*via).or_insert((now, 0));
-            if next > now || alive_pending.contains(via) {
+        for (via, (_, prefix)) in latest {
+            let (next, round) = *self.next_liveness.entry(via).or_insert((now, 0));
+            if next > now || alive_pending.contains(&via) {
                 continue;
             }
-            let interval = if busy {
-                LIVENESS_BUSY
-            } else {
-                jittered(LIVENESS_IDLE, *via, round)
-            };
+            let interval = self.liveness_interval(via, now, round);
             // An answer within the interval shows it alive: no probe.
             let answered = self
                 .health
-                .get(via)
+                .get(&via)
                 .and_then(Health::last_answer)
                 .is_some_and(|at| now.saturating_duration_since(at) < interval);
-            if answered && self.health.get(via).is_none_or(Health::is_up) {
-                self.next_liveness.insert(*via, (now + interval, round + 1));
+            if answered && self.health.get(&via).is_none_or(Health::is_up) {
+                self.next_liveness.insert(via, (now + interval, round + 1));
                 continue;
             }
-            due.push((if busy { 0 } else { 2 }, *via, *prefix, true));
+            due.push(Due {
+                priority: if self.busy(via, now) { 0 } else { 2 },
+                via,
+                prefix,
+                liveness: true,
+            });
         }
-        // Quality: every candidate path of every prefix with flows lately.
-        // The schedule paces them; a path without figures yet has one probe
-        // on its way at a time (its interval is shorter than a probe's
-        // timeout, and more would tell nothing new).
+    }
+
+    /// Quality: every candidate path of every prefix with flows lately.
+    /// The schedule paces them; a path without figures yet has one probe
+    /// on its way at a time (its interval is shorter than a probe's
+    /// timeout, and more would tell nothing new).
+    fn quality_probes_due(&self, now: Instant, pending: &HashSet<(Via, Prefix)>, due: &mut Vec<Due>) {
         for prefix in self.interest.keys() {
             for via in self.candidates_of(*prefix) {
                 let known = self
@@ -546,70 +585,68 @@ impl Monitor {
                     .get(&(via, *prefix))
                     .is_some_and(|p| p.figures(now, self.settings.stale_after).srtt.is_some());
                 if (!known && pending.contains(&(via, *prefix)))
-                    || due.iter().any(|d| d.1 == via && d.2 == *prefix)
+                    || due.iter().any(|d| d.via == via && d.prefix == *prefix)
                 {
                     continue;
                 }
                 let next = self.quality_due(via, *prefix, known).unwrap_or(now);
                 if next <= now {
-                    due.push((if known { 3 } else { 1 }, via, *prefix, false));
+                    due.push(Due {
+                        priority: if known { 3 } else { 1 },
+                        via,
+                        prefix: *prefix,
+                        liveness: false,
+                    });
                 }
             }
         }
-        due.sort_by_key(|d| d.0);
-        for (_, via, prefix, liveness) in due {
-            let Some(target) = self.interest.get(&prefix).map(|i| i.target) else {
-                continue;
-            };
-            let bytes = target.packet_bytes() + self.overhead.get(&via).copied().unwrap_or(0);
-            if !self.budget.take(bytes, now) {
-                break;
-            }
-            let id = self.next_probe_id;
-            self.next_probe_id += 1;
-            let srtt = self
-                .paths
-                .get(&(via, prefix))
-                .and_then(|p| p.figures(now, self.settings.stale_after).srtt);
-            self.outstanding.insert(
-                id,
-                Outstanding {
-                    via,
-                    prefix,
-                    sent: now,
-                    deadline: now + timeout(srtt),
-                    liveness,
-                },
-            );
-            self.last_quality.insert((via, prefix), now);
-            if liveness {
-                let busy = self
-                    .busy
-                    .get(&via)
-                    .is_some_and(|at| now.saturating_duration_since(*at) <= BUSY_FOR);
-                let round = self.next_liveness.get(&via).map_or(0, |(_, r)| *r) + 1;
-                let every = if busy {
-                    LIVENESS_BUSY
-                } else {
-                    jittered(LIVENESS_IDLE, via, round)
-                };
-                self.next_liveness.insert(via, (now + every, round));
-            }
-            self.paths.entry((via, prefix)).or_default().probe_bytes += u64::from(bytes);
-            let window = self.probe_bytes.entry(via).or_default();
-            window.push_back((now, bytes));
-            while window
-                .front()
-                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > BUSY_FOR)
-            {
-                window.pop_front();
-            }
-            out.push(ProbeRequest {
-                id,
+    }
+
+    /// Books a probe the budget allowed: outstanding, its schedule, its
+    /// bytes.
+    fn sent_probe(&mut self, d: Due, target: ProbeTarget, bytes: u32, now: Instant) -> ProbeRequest {
+        let Due {
+            via,
+            prefix,
+            liveness,
+            ..
+        } = d;
+        let id = self.next_probe_id;
+        self.next_probe_id += 1;
+        let srtt = self
+            .paths
+            .get(&(via, prefix))
+            .and_then(|p| p.figures(now, self.settings.stale_after).srtt);
+        self.outstanding.insert(
+            id,
+            Outstanding {
                 via,
-                target,
-                bytes,
-            });
+                prefix,
+                sent: now,
+                deadline: now + timeout(srtt),
+                liveness,
+            },
+        );
+        self.last_quality.insert((via, prefix), now);
+        if liveness {
+            let round = self.next_liveness.get(&via).map_or(0, |(_, r)| *r) + 1;
+            let every = self.liveness_interval(via, now, round);
+            self.next_liveness.insert(via, (now + every, round));
+        }
+        self.paths.entry((via, prefix)).or_default().probe_bytes += u64::from(bytes);
+        let window = self.probe_bytes.entry(via).or_default();
+        window.push_back((now, bytes));
+        while window
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > BUSY_FOR)
+        {
+            window.pop_front();
+        }
+        ProbeRequest {
+            id,
+            via,
+            target,
+            bytes,
         }
     }
 
