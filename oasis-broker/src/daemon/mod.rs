@@ -9,6 +9,7 @@
 // that OS to start them its own way.
 #![cfg_attr(not(unix), allow(dead_code))]
 
+mod changes;
 mod dns;
 mod edit;
 mod heartbeat;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::changes::{Checked, check_rules, rules_using, set_in_use};
 use super::dns::DnsRuntime;
 use super::persist::{Persister, Snapshot};
 use crate::compile::compile;
@@ -26,10 +27,10 @@ use crate::control::{
 use crate::engine::{Engine, LocalAddresses, Routes};
 use crate::names::NameRules;
 use crate::overlay::StoredOverlay;
-use crate::overlay::{JoinError, OverlayError, OverlayManager, check_carrier};
+use crate::overlay::{JoinError, OverlayError, OverlayManager};
 use crate::platform::{Heartbeat, Kernel, PlatformError};
 use crate::prefix_set::PrefixSet;
-use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec, Subset};
+use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec};
 use crate::shared::{Shared, snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -336,32 +337,15 @@ impl Daemon {
             let joined = control.overlays.stored().to_vec();
             (control.rules.clone(), joined)
         };
-        let total = specs.len() as u64;
         let progress = reporter.clone();
-        let (next, added, names_changed) = blocking(move || -> Result<_, RequestError> {
-            let mut next = (*rules).clone();
-            let mut added = Vec::with_capacity(specs.len());
-            let mut names_changed = false;
-            for (index, (spec, set)) in specs.into_iter().enumerate() {
-                let at = |source| {
-                    if import {
-                        RequestError::Import {
-                            line: index + 1,
-                            source,
-                        }
-                    } else {
-                        RequestError::Rule(source)
-                    }
-                };
-                let (subset, via) = spec.parse_with(set).map_err(at)?;
-                check_carrier(&via, &joined).map_err(at)?;
-                names_changed |= matches!(subset, Subset::Name(_));
-                added.push(next.add_any(subset, via).map_err(at)?);
-                if index % 50_000 == 49_999 {
-                    progress.report("checking rules", index as u64 + 1, total);
-                }
-            }
-            Ok((next, added, names_changed))
+        let Checked {
+            next,
+            added,
+            names_changed,
+        } = blocking(move || {
+            check_rules(&rules, specs, &joined, import, |done, total| {
+                progress.report("checking rules", done, total)
+            })
         })
         .await??;
         if names_changed {
@@ -412,12 +396,7 @@ impl Daemon {
             ..
         }) = &rule
         {
-            let still_used = lock(&self.control)
-                .rules
-                .rules()
-                .iter()
-                .any(|r| r.subset.dst_set.as_ref().is_some_and(|s| s.file() == set.file()));
-            if !still_used {
+            if !set_in_use(&lock(&self.control).rules, set.file()) {
                 super::sets::forget(&self.config_path, set.file());
             }
         }
@@ -720,16 +699,6 @@ fn fault(name: &str) -> Result<String, RequestError> {
             "no fault called {other}; there is dns-hang"
         ))),
     }
-}
-
-fn rules_using(rules: &RuleSet, overlay: &str) -> Vec<u32> {
-    let mut ids: Vec<u32> = rules
-        .carriers()
-        .filter(|(_, via)| via.overlays().contains(&overlay))
-        .map(|(id, _)| id)
-        .collect();
-    ids.sort_unstable();
-    ids
 }
 
 fn overlay_view(
