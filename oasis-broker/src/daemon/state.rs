@@ -396,7 +396,8 @@ impl Daemon {
             ..
         }) = &rule
         {
-            if !set_in_use(&lock(&self.control).rules, set.file()) {
+            let rules = lock(&self.control).rules.clone();
+            if !set_in_use(&rules, set.file()) {
                 super::sets::forget(&self.config_path, set.file());
             }
         }
