@@ -376,45 +376,7 @@ fn measure(
     seconds: u32,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
-    let daemon = match scenario.rules() {
-        None => None,
-        Some(rules) => {
-            let _ = std::fs::remove_file(net.dir.join("config.yaml"));
-            let extra = if scenario == Scenario::FakeUnderlay {
-                net.dns_config("underlay_answers: fake")
-            } else {
-                String::new()
-            };
-            let daemon = Daemon::start(net, &extra);
-            if matches!(scenario, Scenario::OverlayExit | Scenario::MetricUnderlay) {
-                cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
-            }
-            if scenario == Scenario::OverlayModule {
-                let module = crate::workspace_root()
-                    .join("target/modules/wasm32-unknown-unknown/release/pass_through.wasm");
-                cli(
-                    &daemon,
-                    net,
-                    &[
-                        "overlay",
-                        "add",
-                        "exit",
-                        spec_url,
-                        "--module-file",
-                        &module.to_string_lossy(),
-                    ],
-                )?;
-            }
-            for rule in rules {
-                let mut args = vec!["rule", "add"];
-                args.extend_from_slice(rule);
-                cli(&daemon, net, &args)?;
-            }
-            // Let the program load's after-effects (JIT, RCU work) pass.
-            std::thread::sleep(Duration::from_secs(1));
-            Some(daemon)
-        }
-    };
+    let daemon = start_daemon(net, scenario, spec_url)?;
     if scenario == Scenario::WireguardGo {
         net.client.run(&[
             "ip",
@@ -479,72 +441,133 @@ fn measure(
         ]);
     }
     if let Some(daemon) = &daemon {
-        for (name, count, ns) in program_stats(daemon, net, overlay) {
-            let Some((_, count_before, ns_before)) = programs_before.iter().find(|(n, _, _)| *n == name)
-            else {
-                continue;
-            };
-            let runs = count.saturating_sub(*count_before);
-            if runs > 0 {
-                let per_run = ns.saturating_sub(*ns_before) as f64 / runs as f64;
-                eprintln!("bench:   kernel: {name}: {per_run:.0} ns per run over {runs} runs");
-                samples.kernel_ns.entry(name).or_default().push(per_run);
-            }
-        }
-        let status = daemon.json(net, &["status", "--json"]);
-        let diverted = status["tun"]["diverted_packets"].as_u64().unwrap_or(0);
-        match scenario {
-            Scenario::AttachedNoMatch if diverted != 0 => {
-                bail!("the no-match scenario diverted {diverted} packets")
-            }
-            Scenario::DivertedUnderlay | Scenario::OverlayExit | Scenario::OverlayModule if diverted == 0 => {
-                bail!("nothing was diverted; the measurement would be meaningless")
-            }
-            Scenario::OverlayExit | Scenario::OverlayModule
-                if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 =>
-            {
-                bail!("nothing came back through the overlay")
-            }
-            Scenario::OverlayModule => {
-                let module = &daemon.json(net, &["overlay", "show", "exit", "--json"])["module_status"];
-                if module["to_entries"].as_u64().unwrap_or(0) == 0 {
-                    bail!("the module carried nothing: {module}");
-                }
-            }
-            Scenario::MetricUnderlay => {
-                let measured = status["classifier"]["measured_egress"].as_u64().unwrap_or(0);
-                if measured == 0 || diverted > 100 {
-                    bail!(
-                        "the Monitor's flows did not stay in the kernel: {diverted} packets reached the broker, \
-                         {measured} were measured in the kernel"
-                    );
-                }
-                let view = daemon.json(net, &["monitor", "--json"]);
-                for carrier in view["carriers"].as_array().into_iter().flatten() {
-                    let name = carrier["name"].as_str().unwrap_or("?").to_string();
-                    let rate = carrier["probe_bytes_per_second"].as_f64().unwrap_or(0.0);
-                    samples.probe_bytes.entry(name).or_default().push(rate);
-                }
-                eprintln!(
-                    "bench:   {diverted} packets reached the broker, {measured} were measured in the kernel; \
-                     probes {:.0} B/s",
-                    view["probe_bytes_per_second"].as_f64().unwrap_or(0.0)
-                );
-            }
-            Scenario::FakeUnderlay => {
-                let rewritten = status["classifier"]["nat_egress"].as_u64().unwrap_or(0);
-                if rewritten == 0 {
-                    bail!("the kernel rewrote nothing: the flows did not take the in-kernel NAT");
-                }
-                eprintln!(
-                    "bench:   {diverted} packets reached the broker, {rewritten} were rewritten in the kernel"
-                );
-            }
-            _ => {}
-        }
+        kernel_costs(&programs_before, &program_stats(daemon, net, overlay), samples);
+        check_scenario(net, daemon, scenario, samples)?;
         if !net.process("oasis").terminate(Duration::from_secs(10)) {
             bail!("the daemon did not stop cleanly");
         }
+    }
+    Ok(())
+}
+
+/// The daemon of a scenario with its overlay and rules, or none.
+fn start_daemon(net: &mut Topology, scenario: Scenario, spec_url: &str) -> anyhow::Result<Option<Daemon>> {
+    Ok(match scenario.rules() {
+        None => None,
+        Some(rules) => {
+            let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+            let extra = if scenario == Scenario::FakeUnderlay {
+                net.dns_config("underlay_answers: fake")
+            } else {
+                String::new()
+            };
+            let daemon = Daemon::start(net, &extra);
+            if matches!(scenario, Scenario::OverlayExit | Scenario::MetricUnderlay) {
+                cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
+            }
+            if scenario == Scenario::OverlayModule {
+                let module = crate::workspace_root()
+                    .join("target/modules/wasm32-unknown-unknown/release/pass_through.wasm");
+                cli(
+                    &daemon,
+                    net,
+                    &[
+                        "overlay",
+                        "add",
+                        "exit",
+                        spec_url,
+                        "--module-file",
+                        &module.to_string_lossy(),
+                    ],
+                )?;
+            }
+            for rule in rules {
+                let mut args = vec!["rule", "add"];
+                args.extend_from_slice(rule);
+                cli(&daemon, net, &args)?;
+            }
+            // Let the program load's after-effects (JIT, RCU work) pass.
+            std::thread::sleep(Duration::from_secs(1));
+            Some(daemon)
+        }
+    })
+}
+
+/// Each program's cost per run over the measurement, from the kernel's
+/// run counts before and after.
+fn kernel_costs(before: &[(String, u64, u64)], after: &[(String, u64, u64)], samples: &mut Samples) {
+    for (name, count, ns) in after {
+        let Some((_, count_before, ns_before)) = before.iter().find(|(n, _, _)| n == name) else {
+            continue;
+        };
+        let runs = count.saturating_sub(*count_before);
+        if runs > 0 {
+            let per_run = ns.saturating_sub(*ns_before) as f64 / runs as f64;
+            eprintln!("bench:   kernel: {name}: {per_run:.0} ns per run over {runs} runs");
+            samples.kernel_ns.entry(name.clone()).or_default().push(per_run);
+        }
+    }
+}
+
+/// What must hold after a scenario's run for its figures to mean
+/// anything (traffic diverted, or not; carried by the overlay or the
+/// module; left in the kernel), and the scenario's own figures.
+fn check_scenario(
+    net: &Topology,
+    daemon: &Daemon,
+    scenario: Scenario,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let status = daemon.json(net, &["status", "--json"]);
+    let diverted = status["tun"]["diverted_packets"].as_u64().unwrap_or(0);
+    match scenario {
+        Scenario::AttachedNoMatch if diverted != 0 => {
+            bail!("the no-match scenario diverted {diverted} packets")
+        }
+        Scenario::DivertedUnderlay | Scenario::OverlayExit | Scenario::OverlayModule if diverted == 0 => {
+            bail!("nothing was diverted; the measurement would be meaningless")
+        }
+        Scenario::OverlayExit | Scenario::OverlayModule
+            if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 =>
+        {
+            bail!("nothing came back through the overlay")
+        }
+        Scenario::OverlayModule => {
+            let module = &daemon.json(net, &["overlay", "show", "exit", "--json"])["module_status"];
+            if module["to_entries"].as_u64().unwrap_or(0) == 0 {
+                bail!("the module carried nothing: {module}");
+            }
+        }
+        Scenario::MetricUnderlay => {
+            let measured = status["classifier"]["measured_egress"].as_u64().unwrap_or(0);
+            if measured == 0 || diverted > 100 {
+                bail!(
+                    "the Monitor's flows did not stay in the kernel: {diverted} packets reached the broker, \
+                     {measured} were measured in the kernel"
+                );
+            }
+            let view = daemon.json(net, &["monitor", "--json"]);
+            for carrier in view["carriers"].as_array().into_iter().flatten() {
+                let name = carrier["name"].as_str().unwrap_or("?").to_string();
+                let rate = carrier["probe_bytes_per_second"].as_f64().unwrap_or(0.0);
+                samples.probe_bytes.entry(name).or_default().push(rate);
+            }
+            eprintln!(
+                "bench:   {diverted} packets reached the broker, {measured} were measured in the kernel; \
+                 probes {:.0} B/s",
+                view["probe_bytes_per_second"].as_f64().unwrap_or(0.0)
+            );
+        }
+        Scenario::FakeUnderlay => {
+            let rewritten = status["classifier"]["nat_egress"].as_u64().unwrap_or(0);
+            if rewritten == 0 {
+                bail!("the kernel rewrote nothing: the flows did not take the in-kernel NAT");
+            }
+            eprintln!(
+                "bench:   {diverted} packets reached the broker, {rewritten} were rewritten in the kernel"
+            );
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -77,6 +77,27 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
         dnsperf(net, target, &queries, &["-n", "1"])?;
     }
 
+    let (mut dnsmasq, mut broker) = loaded_rounds(net, &queries, seconds, repeat)?;
+    let uncached = uncached_lookups(net, repeat)?;
+    let status = daemon.json(net, &["status", "--json"]);
+    let faked = status["dns"]["counters"]["faked"].as_u64().unwrap_or(0);
+    if faked == 0 {
+        bail!("the broker gave no fake answers: the claimed names were not claimed");
+    }
+    if !net.process("oasis").terminate(std::time::Duration::from_secs(10)) {
+        bail!("the daemon did not stop cleanly");
+    }
+
+    Ok(figures(&mut dnsmasq, &mut broker, uncached))
+}
+
+/// Rounds of load and of timed queries, alternating which goes first.
+fn loaded_rounds(
+    net: &Topology,
+    queries: &std::path::Path,
+    seconds: u32,
+    repeat: u32,
+) -> anyhow::Result<(Samples, Samples)> {
     let mut dnsmasq = Samples::default();
     let mut broker = Samples::default();
     for round in 0..repeat as usize {
@@ -91,8 +112,8 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
                 _ => &mut broker,
             };
             let time = seconds.to_string();
-            let load = dnsperf(net, target, &queries, &["-l", &time, "-c", "8", "-q", "200"])?;
-            let timed = dnsperf(net, target, &queries, &["-l", &time, "-Q", LATENCY_QPS, "-v"])?;
+            let load = dnsperf(net, target, queries, &["-l", &time, "-c", "8", "-q", "200"])?;
+            let timed = dnsperf(net, target, queries, &["-l", &time, "-Q", LATENCY_QPS, "-v"])?;
             let (p50, p99) = percentiles(timed.latencies_us);
             eprintln!(
                 "bench: dns round {}/{repeat}: {}: {:.0} queries/s, p50 {p50:.0} us, p99 {p99:.0} us",
@@ -106,6 +127,12 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
         }
     }
 
+    Ok((dnsmasq, broker))
+}
+
+/// The median time of an uncached lookup: (direct, through Oasis,
+/// through dnsmasq forwarding).
+fn uncached_lookups(net: &Topology, repeat: u32) -> anyhow::Result<(f64, f64, f64)> {
     // One lookup's cost: names nobody asked before (no cache anywhere),
     // straight to the authoritative server, through the broker, and
     // through dnsmasq forwarding to the same server (what any forwarder
@@ -128,20 +155,13 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
             forwarder[forwarder.len() - 1]
         );
     }
-    let (direct_p50, through_p50, forwarder_p50) =
-        (median(&mut direct), median(&mut through), median(&mut forwarder));
+    Ok((median(&mut direct), median(&mut through), median(&mut forwarder)))
+}
 
-    let status = daemon.json(net, &["status", "--json"]);
-    let faked = status["dns"]["counters"]["faked"].as_u64().unwrap_or(0);
-    if faked == 0 {
-        bail!("the broker gave no fake answers: the claimed names were not claimed");
-    }
-    if !net.process("oasis").terminate(std::time::Duration::from_secs(10)) {
-        bail!("the daemon did not stop cleanly");
-    }
-
-    let peer = summarise(&mut dnsmasq);
-    let ours = summarise(&mut broker);
+fn figures(dnsmasq: &mut Samples, broker: &mut Samples, uncached: (f64, f64, f64)) -> Vec<Figure> {
+    let (direct_p50, through_p50, forwarder_p50) = uncached;
+    let peer = summarise(dnsmasq);
+    let ours = summarise(broker);
     let mut figures = Vec::new();
     let mut push = |scenario: &str, metric: &str, value: f64, unit: &str, against: Option<(&str, f64)>| {
         figures.push(Figure {
@@ -219,7 +239,7 @@ pub fn run(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Result<Vec<
         "us",
         None,
     );
-    Ok(figures)
+    figures
 }
 
 fn summarise(samples: &mut Samples) -> [f64; 3] {

@@ -44,7 +44,35 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
         std::env::set_var("OASIS_DAEMON_LOG", "info");
     }
     let mut net = Topology::new();
-    crate::bench_dns::start_zone(&mut net)?;
+    let (daemon, spec) = prepare(&mut net)?;
+    let stop = net.dir.join("soak-stop");
+    start_load(&mut net, &stop);
+    let mut series = all_series();
+    let started = Instant::now();
+    let end = started + Duration::from_secs(u64::from(minutes) * 60);
+    let mut churn = Churn::new(daemon, spec, started);
+    eprintln!(
+        "soak: {minutes} min of mixed load; sampling every {} s",
+        SAMPLE_EVERY.as_secs()
+    );
+    while Instant::now() < end {
+        let now = Instant::now();
+        churn.step(&mut net, now)?;
+        if now >= churn.next_sample {
+            churn.next_sample += SAMPLE_EVERY;
+            churn.sample(&mut net, &mut series, started)?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(&stop, b"")?;
+    let load = net.process("load").log();
+    report(minutes, &series, &churn, load.lines().last())
+}
+
+/// The topology's servers and exit, and a daemon with the soak's rules
+/// and overlay; the overlay's specification URL.
+fn prepare(net: &mut Topology) -> anyhow::Result<(Daemon, String)> {
+    crate::bench_dns::start_zone(net)?;
     net.start_echo_server(9090);
     let server = net.server.clone();
     net.spawn(
@@ -64,22 +92,22 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
     );
     let spec = format!("{}/exit.xml", net.start_spec_server());
     let config = net.dns_config("underlay_answers: fake");
-    let mut daemon = Daemon::start(&mut net, &config);
-    daemon.ok(&net, &["overlay", "add", "exit", &spec]);
+    let daemon = Daemon::start(net, &config);
+    daemon.ok(net, &["overlay", "add", "exit", &spec]);
     daemon.ok(
-        &net,
+        net,
         &[
             "rule", "add", "--proto", "tcp", "--dport", "9090", "--via", "exit",
         ],
     );
     daemon.ok(
-        &net,
+        net,
         &[
             "rule", "add", "--proto", "udp", "--dport", "5000", "--via", "underlay",
         ],
     );
     daemon.ok(
-        &net,
+        net,
         &[
             "rule",
             "add",
@@ -92,77 +120,72 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
     // The server by a claimed name: its flows go to a fake address, then
     // through the in-kernel NAT.
     daemon.ok(
-        &net,
+        net,
         &["rule", "add", "--name-exact", "server.test", "--via", "underlay"],
     );
+    Ok((daemon, spec))
+}
 
-    let stop = net.dir.join("soak-stop");
-    start_load(&mut net, &stop);
-    let mut series = vec![
-        Series {
-            name: "daemon RSS",
-            unit: "MB",
-            slack: 8.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "daemon open files",
-            unit: "",
-            slack: 8.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "exit RSS",
-            unit: "MB",
-            slack: 4.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "exit open files",
-            unit: "",
-            slack: 4.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "broker flows",
-            unit: "",
-            slack: 500.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "fake-address entries",
-            unit: "",
-            slack: 50.0,
-            values: Vec::new(),
-        },
-        Series {
-            name: "in-kernel NAT flows",
-            unit: "",
-            slack: 50.0,
-            values: Vec::new(),
-        },
-    ];
-    let mut cached_max = 0u64;
-    let (mut churned, mut overlays, mut exits, mut daemons) = (0u64, 0u64, 0u64, 0u64);
-    let started = Instant::now();
-    let end = started + Duration::from_secs(u64::from(minutes) * 60);
-    let (mut next_rule, mut next_overlay, mut next_exit, mut next_daemon, mut next_sample) = (
-        started + RULE_CHURN_EVERY,
-        started + OVERLAY_CHURN_EVERY,
-        started + EXIT_RESTART_EVERY,
-        started + DAEMON_RESTART_EVERY,
-        started,
-    );
-    eprintln!(
-        "soak: {minutes} min of mixed load; sampling every {} s",
-        SAMPLE_EVERY.as_secs()
-    );
-    while Instant::now() < end {
-        let now = Instant::now();
-        if now >= next_rule {
-            next_rule += RULE_CHURN_EVERY;
-            let added = daemon.json(
-                &net,
+fn all_series() -> Vec<Series> {
+    [
+        ("daemon RSS", "MB", 8.0),
+        ("daemon open files", "", 8.0),
+        ("exit RSS", "MB", 4.0),
+        ("exit open files", "", 4.0),
+        ("broker flows", "", 500.0),
+        ("fake-address entries", "", 50.0),
+        ("in-kernel NAT flows", "", 50.0),
+    ]
+    .into_iter()
+    .map(|(name, unit, slack)| Series {
+        name,
+        unit,
+        slack,
+        values: Vec::new(),
+    })
+    .collect()
+}
+
+/// The changes the soak makes on a schedule, and how many it made.
+struct Churn {
+    daemon: Daemon,
+    spec: String,
+    next_rule: Instant,
+    next_overlay: Instant,
+    next_exit: Instant,
+    next_daemon: Instant,
+    next_sample: Instant,
+    rule_changes: u64,
+    overlay_churns: u64,
+    exit_restarts: u64,
+    daemon_restarts: u64,
+    cached_max: u64,
+}
+
+impl Churn {
+    fn new(daemon: Daemon, spec: String, started: Instant) -> Churn {
+        Churn {
+            daemon,
+            spec,
+            next_rule: started + RULE_CHURN_EVERY,
+            next_overlay: started + OVERLAY_CHURN_EVERY,
+            next_exit: started + EXIT_RESTART_EVERY,
+            next_daemon: started + DAEMON_RESTART_EVERY,
+            next_sample: started,
+            rule_changes: 0,
+            overlay_churns: 0,
+            exit_restarts: 0,
+            daemon_restarts: 0,
+            cached_max: 0,
+        }
+    }
+
+    /// Makes the changes that are due.
+    fn step(&mut self, net: &mut Topology, now: Instant) -> anyhow::Result<()> {
+        if now >= self.next_rule {
+            self.next_rule += RULE_CHURN_EVERY;
+            let added = self.daemon.json(
+                net,
                 &[
                     "rule",
                     "add",
@@ -176,71 +199,77 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
                 ],
             );
             let id = added["id"].as_u64().context("rule id")?.to_string();
-            daemon.ok(&net, &["rule", "del", &id]);
-            churned += 2;
+            self.daemon.ok(net, &["rule", "del", &id]);
+            self.rule_changes += 2;
         }
-        if now >= next_overlay {
-            next_overlay += OVERLAY_CHURN_EVERY;
-            daemon.ok(&net, &["overlay", "add", "churn", &spec]);
-            daemon.ok(&net, &["overlay", "del", "churn"]);
-            overlays += 1;
+        if now >= self.next_overlay {
+            self.next_overlay += OVERLAY_CHURN_EVERY;
+            self.daemon.ok(net, &["overlay", "add", "churn", &self.spec]);
+            self.daemon.ok(net, &["overlay", "del", "churn"]);
+            self.overlay_churns += 1;
         }
-        if now >= next_exit {
-            next_exit += EXIT_RESTART_EVERY;
+        if now >= self.next_exit {
+            self.next_exit += EXIT_RESTART_EVERY;
             net.process("oasis-exit").terminate(Duration::from_secs(5));
             net.start_exit(&["--client", CLIENT_V4]);
-            exits += 1;
+            self.exit_restarts += 1;
         }
-        if now >= next_daemon {
-            next_daemon += DAEMON_RESTART_EVERY;
+        if now >= self.next_daemon {
+            self.next_daemon += DAEMON_RESTART_EVERY;
             if !net.process("oasis").terminate(Duration::from_secs(10)) {
                 bail!("the daemon did not stop cleanly: {}", net.process("oasis").log());
             }
-            daemon = Daemon::start(&mut net, "");
-            daemons += 1;
+            self.daemon = Daemon::start(net, "");
+            self.daemon_restarts += 1;
         }
-        if now >= next_sample {
-            next_sample += SAMPLE_EVERY;
-            let status = daemon.json(&net, &["status", "--json"]);
-            let pid = status["pid"].as_u64().context("daemon pid")? as u32;
-            let exit_pid = net.process("oasis-exit").pid();
-            let values = [
-                rss_mb(pid),
-                open_files(pid),
-                rss_mb(exit_pid),
-                open_files(exit_pid),
-                status["broker"]["flows"].as_f64().unwrap_or(0.0),
-                status["dns"]["fake_entries"].as_f64().unwrap_or(0.0),
-                status["dns"]["kernel_nat_flows"].as_f64().unwrap_or(0.0),
-            ];
-            for (series, value) in series.iter_mut().zip(values) {
-                series.values.push(value);
-            }
-            cached_max = cached_max.max(status["classifier"]["cached_flows"].as_u64().unwrap_or(0));
-            let elapsed = started.elapsed().as_secs();
-            if elapsed % 60 < SAMPLE_EVERY.as_secs() {
-                eprintln!(
-                    "soak: {} min: daemon {:.1} MB, {} files; broker flows {}; {} rule changes, {} overlay joins, {} exit and {} daemon restarts",
-                    elapsed / 60,
-                    values[0],
-                    values[1],
-                    values[4],
-                    churned,
-                    overlays,
-                    exits,
-                    daemons
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
     }
-    std::fs::write(&stop, b"")?;
-    let load = net.process("load").log();
 
+    /// Reads each series once (in `all_series`' order); a line a minute.
+    fn sample(&mut self, net: &mut Topology, series: &mut [Series], started: Instant) -> anyhow::Result<()> {
+        let status = self.daemon.json(net, &["status", "--json"]);
+        let pid = status["pid"].as_u64().context("daemon pid")? as u32;
+        let exit_pid = net.process("oasis-exit").pid();
+        let values = [
+            rss_mb(pid),
+            open_files(pid),
+            rss_mb(exit_pid),
+            open_files(exit_pid),
+            status["broker"]["flows"].as_f64().unwrap_or(0.0),
+            status["dns"]["fake_entries"].as_f64().unwrap_or(0.0),
+            status["dns"]["kernel_nat_flows"].as_f64().unwrap_or(0.0),
+        ];
+        for (series, value) in series.iter_mut().zip(values) {
+            series.values.push(value);
+        }
+        self.cached_max = self
+            .cached_max
+            .max(status["classifier"]["cached_flows"].as_u64().unwrap_or(0));
+        let elapsed = started.elapsed().as_secs();
+        if elapsed % 60 < SAMPLE_EVERY.as_secs() {
+            eprintln!(
+                "soak: {} min: daemon {:.1} MB, {} files; broker flows {}; {} rule changes, {} overlay joins, {} exit and {} daemon restarts",
+                elapsed / 60,
+                values[0],
+                values[1],
+                values[4],
+                self.rule_changes,
+                self.overlay_churns,
+                self.exit_restarts,
+                self.daemon_restarts
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Compares each series' halves, prints the table, writes
+/// target/soak/report.json; fails when one grew or a cache overflowed.
+fn report(minutes: u32, series: &[Series], churn: &Churn, load: Option<&str>) -> anyhow::Result<()> {
     let mut report = String::new();
     let mut grown = Vec::new();
     let mut rows = Vec::new();
-    for series in &series {
+    for series in series {
         let (before, after) = halves(&series.values);
         let limit = before * 1.25 + series.slack;
         let grew = after > limit;
@@ -259,6 +288,7 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
         );
         rows.push(json!({"series": series.name, "unit": series.unit, "earlier": before, "later": after, "limit": limit, "grew": grew}));
     }
+    let cached_max = churn.cached_max;
     let capacity = u64::from(oasis_common::FLOW_CACHE_ENTRIES + oasis_common::CLAIMED_ENTRIES);
     let _ = writeln!(
         report,
@@ -267,14 +297,19 @@ pub fn run(minutes: u32) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
-        "{churned} rule changes, {overlays} overlay joins and leaves, {exits} exit restarts, {daemons} daemon restarts; load: {}",
-        load.lines().last().unwrap_or("no report")
+        "{} rule changes, {} overlay joins and leaves, {} exit restarts, {} daemon restarts; load: {}",
+        churn.rule_changes,
+        churn.overlay_churns,
+        churn.exit_restarts,
+        churn.daemon_restarts,
+        load.unwrap_or("no report")
     );
     print!("{report}");
     let dir = std::path::Path::new("target/soak");
     std::fs::create_dir_all(dir)?;
-    let json = json!({"minutes": minutes, "series": rows, "cached_verdicts_max": cached_max, "rule_changes": churned,
-        "overlay_churns": overlays, "exit_restarts": exits, "daemon_restarts": daemons, "load": load.lines().last()});
+    let json = json!({"minutes": minutes, "series": rows, "cached_verdicts_max": cached_max,
+        "rule_changes": churn.rule_changes, "overlay_churns": churn.overlay_churns,
+        "exit_restarts": churn.exit_restarts, "daemon_restarts": churn.daemon_restarts, "load": load});
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_vec_pretty::<Value>(&json)?,
