@@ -768,7 +768,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowEntry>(), 8 + 4 + 1 + 3);
         assert_eq!(size_of::<FragKey>(), 16 + 16 + 4 + 1 + 1 + 2);
-        assert_eq!(size_of::<RecentFlow>(), 40 + 16);
+        assert_eq!(size_of::<RecentFlow>(), 40 + 16 + 8);
         assert_eq!(size_of::<RuleAction>(), 8);
         assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
