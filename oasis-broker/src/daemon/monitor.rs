@@ -9,7 +9,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,12 @@ const WAKE_EVERY: Duration = Duration::from_millis(50);
 /// Events handled per wake-up at most, so probes and evaluations never
 /// wait behind a flood.
 const EVENTS_PER_ROUND: usize = 10_000;
+/// After a round that had events, the thread naps this long before it
+/// looks again rather than waiting on the queue: a waiting receiver costs
+/// every sender a wake-up (a system call and a switch, on the packet
+/// thread, per new flow of a metric rule), a napping one costs nothing,
+/// and what arrives meanwhile is taken in one go.
+const NAP_AFTER_EVENTS: Duration = Duration::from_millis(2);
 
 /// Probes without sockets (the platform could not give any): every probe
 /// goes unsent, and the Monitor decides on what flows measure alone.
@@ -155,6 +161,8 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
     let mut received: HashMap<Via, u64> = HashMap::new();
     let mut probes: Vec<ProbeRequest> = Vec::new();
     let mut expired: Vec<FlowKey> = Vec::new();
+    // Events came in the last round: nap rather than wait on the queue.
+    let mut busy = false;
     while !stop.load(Relaxed) {
         let now = Instant::now();
         let wait = monitor
@@ -162,14 +170,24 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
             .saturating_duration_since(now)
             .clamp(Duration::from_millis(5), WAKE_EVERY);
         let mut urgent = false;
-        match events.recv_timeout(wait) {
+        let first = if busy {
+            std::thread::sleep(NAP_AFTER_EVENTS.min(wait));
+            events.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => RecvTimeoutError::Timeout,
+                TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            events.recv_timeout(wait)
+        };
+        match first {
             Ok((at, event)) => {
+                busy = true;
                 urgent |= monitor.handle(event, at);
                 for (at, event) in events.try_iter().take(EVENTS_PER_ROUND) {
                     urgent |= monitor.handle(event, at);
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => busy = false,
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
