@@ -209,14 +209,22 @@ impl FlowTable {
     ) {
         let lifetimes = self.lifetimes;
         let gone = self.flows.extract_if(|key, flow| {
-            let (mut seen, mut closing) = (flow.last_seen, flow.closing);
+            let limit = |closing| lifetimes.of(key, closing) / divisor;
+            // Within even the shortest lifetime it could have: what the
+            // kernel knows could only make it younger, so it is not asked
+            // (a system call or two per flow, each sweep).
+            if now.saturating_duration_since(flow.last_seen) <= limit(true) {
+                return false;
+            }
             if flow.in_kernel()
                 && let Some(kernel) = kernel_seen(key, flow)
             {
-                seen = seen.max(kernel.at);
-                closing |= kernel.closing;
+                // Kept, so that later sweeps ask again only once this is
+                // stale too.
+                flow.last_seen = flow.last_seen.max(kernel.at);
+                flow.closing |= kernel.closing;
             }
-            now.saturating_duration_since(seen) > lifetimes.of(key, closing) / divisor
+            now.saturating_duration_since(flow.last_seen) > limit(flow.closing)
         });
         ended.extend(gone);
     }
@@ -446,5 +454,54 @@ mod tests {
             &mut ended,
         );
         assert_eq!(ended.iter().map(|(k, _)| k.dport).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn the_kernel_is_asked_only_about_flows_that_could_be_idle() {
+        // TCP: 100 s, 10 s once closing (the shortest it could have).
+        let mut table = FlowTable::new(
+            Lifetimes {
+                tcp: Duration::from_secs(100),
+                tcp_closing: Duration::from_secs(10),
+                ..Lifetimes::new(Duration::from_secs(100))
+            },
+            100,
+        );
+        let t0 = Instant::now();
+        let pinned = || {
+            let mut flow = Flow::new(Some(1), Via::Underlay, None, t0);
+            flow.pinned = true;
+            flow
+        };
+        table.insert(key(1), pinned());
+        table.insert(key(2), pinned());
+        table.insert(key(3), Flow::new(Some(1), Via::Underlay, None, t0));
+        let asked = std::cell::Cell::new(0);
+        let mut sweep = |at: Instant, kernel_at: Instant| {
+            let mut ended = Vec::new();
+            table.expire(
+                at,
+                |_, _| {
+                    asked.set(asked.get() + 1);
+                    Some(KernelSeen {
+                        at: kernel_at,
+                        closing: false,
+                    })
+                },
+                &mut ended,
+            );
+            ended.len()
+        };
+        let secs = |s| t0 + Duration::from_secs(s);
+        assert_eq!(sweep(secs(5), secs(5)), 0);
+        assert_eq!(asked.get(), 0, "young flows: nothing to ask");
+        assert_eq!(sweep(secs(20), secs(19)), 0);
+        assert_eq!(asked.get(), 2, "the two in-kernel flows, not the other");
+        assert_eq!(sweep(secs(25), secs(24)), 0);
+        assert_eq!(asked.get(), 2, "what the kernel said at 19 s still holds");
+        assert_eq!(sweep(secs(30), secs(30)), 0);
+        assert_eq!(asked.get(), 4);
+        // Idle past the whole lifetime by the kernel's clock too: ended.
+        assert_eq!(sweep(secs(200), secs(30)), 3);
     }
 }
