@@ -64,7 +64,10 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
         // New inputs go to a scratch directory; the repo's corpus is read.
         let scratch = root.join("target").join("fuzz-corpus").join(target);
         std::fs::create_dir_all(&scratch)?;
+        // A target without a kept corpus starts from nothing rather than
+        // failing on a missing directory.
         let corpus = fuzz.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
         cargo_fuzz(
             &fuzz,
             target,
