@@ -64,8 +64,10 @@ enum Task {
     /// join and leave, exit and daemon restarts) for a long while and fail
     /// if memory, open files or tables keep growing. Needs root; not in CI.
     Soak {
-        /// How long.
-        #[arg(long, default_value_t = 10)]
+        /// How long: 5 minutes at least, since the flow tables fill for
+        /// their idle lifetime (120 s for UDP) before they level off, and
+        /// a shorter soak cannot tell that filling from growth.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(5..))]
         minutes: u32,
     },
     /// Run every fuzz target (cargo-fuzz on the nightly) for a bounded time
