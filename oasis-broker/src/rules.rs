@@ -143,7 +143,8 @@ impl fmt::Display for PortRange {
 /// Where a rule's traffic goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Carrier {
-    /// The plain Internet, through the broker's raw socket (OC0).
+    /// The plain Internet (OC0): a flow's first packet through the
+    /// broker's raw socket, the rest passed by the kernel.
     Underlay,
     /// A joined overlay, by name.
     Overlay(String),

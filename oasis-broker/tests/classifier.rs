@@ -836,7 +836,7 @@ fn flows_left_to_the_kernel_pass_and_are_measured() {
     let mut pins = dp.take_pins().expect("pins");
     let mut events = dp.take_monitor_events().expect("ring buffer");
     let key = v4_key([203, 0, 113, 9], 6, 40000, 443);
-    pins.pin(&key, 1).unwrap();
+    pins.pin(&key, 1, true).unwrap();
     pins.measure(&key, Some(Instant::now() - Duration::from_millis(30)), false)
         .unwrap();
     assert_eq!(pins.measured(), 1);
@@ -965,11 +965,51 @@ fn a_diverted_flow_the_broker_pins_passes_from_its_next_packet() {
     // The first packet goes to the broker, which leaves the flow to the
     // kernel; nothing this CPU remembers of the first verdict may shadow it.
     assert_eq!(run(&dp, &syn), TC_ACT_REDIRECT);
-    pins.pin(&v4_key([203, 0, 113, 9], 6, 40000, 443), 1).unwrap();
+    let key = v4_key([203, 0, 113, 9], 6, 40000, 443);
+    pins.pin(&key, 1, false).unwrap();
     for _ in 0..3 {
         assert_eq!(run(&dp, &data), TC_ACT_OK);
     }
+    // Every packet is its rule's, also those this CPU's recent flow
+    // would pass by itself.
+    assert_eq!(dp.rule_counters(1).packets, 4);
+    assert_eq!(dp.counters().measured_egress, 0, "nothing measured");
+    assert!(pins.last_seen(&key).is_some_and(|seen| !seen.closing));
+    // Its FIN, in the kernel: the broker learns the flow is closing.
+    let fin = {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4(CLIENT, [203, 0, 113, 9], 64)
+            .tcp(40000, 443, 1, 64000)
+            .ack(1)
+            .fin()
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    };
+    assert_eq!(run(&dp, &fin), TC_ACT_OK);
+    assert!(pins.last_seen(&key).is_some_and(|seen| seen.closing));
+    // A server's reset, arriving, which this host never answers: the same.
+    let other = v4_key([203, 0, 113, 9], 6, 40001, 443);
+    pins.pin(&other, 1, false).unwrap();
+    let reset = {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([4; 6], [2; 6])
+            .ipv4([203, 0, 113, 9], CLIENT, 64)
+            .tcp(443, 40001, 1, 64000)
+            .rst()
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    };
+    assert!(pins.last_seen(&other).is_some_and(|seen| !seen.closing));
+    run_out(dp.program(INGRESS_PROGRAM).unwrap(), &reset);
+    assert!(pins.last_seen(&other).is_some_and(|seen| seen.closing));
+    // Forgotten, the flow is the rules' again.
+    pins.forget(&key);
+    assert_eq!(run(&dp, &data), TC_ACT_REDIRECT);
     // A SYN again is always matched afresh: the broker sees it.
+    pins.pin(&key, 1, false).unwrap();
     assert_eq!(run(&dp, &syn), TC_ACT_REDIRECT);
 }
 

@@ -645,8 +645,15 @@ pub struct FlowEntry {
     /// Id of the rule that matched; 0 when none did.
     pub rule_id: u32,
     pub verdict: u8,
-    pub _pad: [u8; 3],
+    /// `FLOW_CLOSING`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
+
+/// [`FlowEntry::flags`]: a FIN or RST of a flow the broker left to the
+/// kernel went by, so the broker may forget the flow soon after it goes
+/// quiet rather than after TCP's long idle lifetime.
+pub const FLOW_CLOSING: u8 = 1;
 
 /// A CPU's most recent flow and its verdict: consecutive packets on a CPU
 /// mostly belong to one flow (a bulk transfer's GSO bursts), which then

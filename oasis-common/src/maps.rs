@@ -127,6 +127,11 @@ macro_rules! kernel_maps {
             /// Index 0: how many entries `MONITORED` holds. While none, the
             /// uplinks' ingress program measures nothing.
             MONITOR_ACTIVE, "OASIS_MONITOR_ACTIVE", Array<u32>, 1;
+            /// Index 0: how many claimed flows the broker left to the
+            /// kernel (at least; the kernel may have evicted some). While
+            /// none, the uplinks' ingress program looks for none of their
+            /// FINs and RSTs.
+            PINNED_ACTIVE, "OASIS_PINNED_ACTIVE", Array<u32>, 1;
         }
     };
 }

@@ -6,7 +6,7 @@ use crate::maps::{
 use crate::measure;
 use crate::nat;
 use crate::parse::coarse_ns;
-use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP};
+use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, TCP_FLAG_FIN, TCP_FLAG_RST};
 use crate::parse::{Parsed, parse_into};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, HEARTBEAT_PACKETS, RuleAction, Settings, Verdict,
+    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FlowEntry, FlowKey, HEARTBEAT_PACKETS, RuleAction, Settings, Verdict,
     icmpv6_link_message, stat,
 };
 
@@ -114,6 +114,13 @@ fn classify(ctx: &TcContext) -> i32 {
         }
     }
 
+    if entry.rule_id != 0
+        && entry.verdict != Verdict::Divert as u8
+        && parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+    {
+        closing(key);
+    }
+
     match Verdict::from_u8(entry.verdict) {
         Verdict::Pass => TC_ACT_OK as i32,
         Verdict::Divert => {
@@ -139,9 +146,10 @@ fn alive(now: u64, settings: &Settings) -> bool {
     true
 }
 
-/// Whether the packet is of this CPU's most recent flow, which passes,
-/// and that flow is not idle past its lifetime: the hit is counted in the
-/// slot itself (one cache line for all of it).
+/// Whether the packet is of this CPU's most recent flow (the slot holds only
+/// flows no rule claims, which pass), and that flow is not idle past its
+/// lifetime: the hit is counted in the slot itself (one cache line for all
+/// of it).
 #[inline(always)]
 fn recent_pass(key: &FlowKey, now: u64, settings: &Settings) -> bool {
     let Some(recent) = RECENT.get_ptr_mut(0) else {
@@ -213,13 +221,15 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, settings: &Settings) -
                         last_seen_ns: now,
                         rule_id: action.rule_id,
                         verdict: action.verdict,
-                        _pad: [0; 3],
+                        flags: 0,
+                        _pad: [0; 2],
                     },
                     None => FlowEntry {
                         last_seen_ns: now,
                         rule_id: 0,
                         verdict: Verdict::Pass as u8,
-                        _pad: [0; 3],
+                        flags: 0,
+                        _pad: [0; 2],
                     },
                 };
                 // The verdict lives in one cache only: the other's stale
@@ -241,10 +251,11 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, settings: &Settings) -
     if let Some(recent) = recent {
         // SAFETY: this CPU's slot, as above.
         unsafe {
-            if entry.verdict == Verdict::Divert as u8 {
-                // Diverted flows always ask the verdict cache: the broker may
-                // change their verdict there (a metric rule's flow it
-                // leaves to the kernel), and this slot must not shadow it.
+            if entry.verdict != Verdict::Pass as u8 || entry.rule_id != 0 {
+                // Claimed flows always ask the verdict cache: the broker
+                // changes their verdict there (a flow it leaves to the
+                // kernel, or takes back), which this slot must not shadow;
+                // and their rule counts every packet.
                 if (*recent).key.same_as(key) {
                     (*recent).entry.last_seen_ns = 0;
                 }
@@ -323,6 +334,21 @@ fn claimed_verdict(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowE
     // SAFETY: plain integers.
     let entry = unsafe { CLAIMED.get(key) }.copied()?;
     (now.saturating_sub(entry.last_seen_ns) < idle_ns).then_some(entry)
+}
+
+/// A FIN or RST of a claimed flow the broker left to the kernel (`key`:
+/// the flow as it leaves this host), either way: noted in its verdict,
+/// which the broker reads when it sweeps its flows.
+#[inline(never)]
+pub(crate) fn closing(key: &FlowKey) {
+    if let Some(entry) = CLAIMED.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; plain bytes.
+        unsafe {
+            if (*entry).verdict != Verdict::Divert as u8 {
+                (*entry).flags |= FLOW_CLOSING;
+            }
+        }
+    }
 }
 
 /// A claimed datagram's first fragment: its verdict, for the rest.

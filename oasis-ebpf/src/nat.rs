@@ -17,7 +17,7 @@ use oasis_common::{FAMILY_V4, NAT_CLOSING, NAT_MEASURE, NatEntry, stat};
 
 use crate::headers::ETH_HLEN;
 use crate::maps::bump;
-use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT};
+use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT, PINNED_ACTIVE};
 use crate::measure;
 use crate::parse::coarse_ns;
 use crate::parse::{
@@ -66,20 +66,25 @@ pub fn egress(ctx: &TcContext, parsed: &mut Parsed) -> bool {
 }
 
 /// Replies of in-kernel NAT flows: the real source becomes the fake one;
-/// and answers to flows measured for the Monitor. Every packet the uplinks
-/// receive passes here: while the NAT holds no flow and nothing is
-/// measured, it costs two array reads.
+/// answers to flows measured for the Monitor; and the FINs and RSTs of
+/// claimed flows left to the kernel (a server may end a connection with a
+/// reset this host never answers). Every packet the uplinks receive passes
+/// here: while there is none of these, it costs three array reads.
 #[classifier]
 pub fn oasis_ingress(ctx: TcContext) -> i32 {
     let nat = NAT_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
     let monitor = MONITOR_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
-    if !nat && !monitor {
+    let pinned = PINNED_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
+    if !nat && !monitor && !pinned {
         return TC_ACT_OK as i32;
     }
     let mut slot = core::mem::MaybeUninit::uninit();
     let parsed = Parsed::zero_in(&mut slot);
     if !parse_into(&ctx, parsed) {
         return TC_ACT_OK as i32;
+    }
+    if pinned && parsed.key.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+        crate::classifier::closing(&parsed.key.reversed());
     }
     // Measured before the NAT rewrites the source: measured flows are
     // keyed by real addresses.

@@ -4,8 +4,9 @@
 //! Scenarios, all client -> router -> server unless said otherwise:
 //!   no-oasis           no daemon, no programs: the baseline
 //!   attached-no-match  the classifier attached, no rule matching the traffic
-//!   diverted-underlay  a rule diverts the traffic to the broker, which sends
-//!                      it on the underlay through its raw sockets
+//!   diverted-underlay  header rules claim the traffic for the underlay: the
+//!                      broker sees each flow's first packet, the kernel
+//!                      passes the rest
 //!   overlay-exit       a rule carries the traffic over an overlay: client ->
 //!                      exit node (overlay host) -> server, and back
 //!   wireguard-go       the same detour through a wireguard-go tunnel from

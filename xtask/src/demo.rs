@@ -35,7 +35,9 @@ pub fn run() -> anyhow::Result<()> {
         &["rule", "add", "--dst", "203.0.113.0/24", "--via", "underlay"],
     );
 
-    println!("\n== curl http://{SERVER_V4}:8080/hello.txt  (claimed by rule 1: through the broker)");
+    println!(
+        "\n== curl http://{SERVER_V4}:8080/hello.txt  (claimed by rule 1: its first packet through the broker, the rest in the kernel)"
+    );
     for _ in 0..3 {
         match net.http_get(SERVER_V4, 8080) {
             Some(body) => print!("   {body}"),

@@ -251,7 +251,7 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
                     // The kernel times the answer, and passes the host's
                     // own reset to it rather than diverting it.
                     let pinned = self.engine.with_pins(|pins| {
-                        pins.pin(&key, 0)
+                        pins.pin(&key, 0, true)
                             .and_then(|()| pins.measure(&key, Some(now), true))
                             .is_ok()
                     });

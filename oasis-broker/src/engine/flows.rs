@@ -95,9 +95,9 @@ pub struct Flow {
     /// Its carrier was the Monitor's choice: the flow may be rescued when
     /// its handshake goes unanswered.
     pub monitored: bool,
-    /// The flow passes in the kernel after its first packet (a metric
-    /// rule's flow on the underlay); its packets reach the engine only when
-    /// the kernel lost its cached verdict, or its SYN went again.
+    /// The flow passes in the kernel after its first packet (a header or
+    /// metric rule's flow on the underlay); its packets reach the engine
+    /// only when the kernel lost its cached verdict, or its SYN went again.
     pub pinned: bool,
     /// The kernel measures it for the Monitor (pinned, or a fake-address
     /// flow translated in the kernel): keyed by its real destination.

@@ -87,8 +87,8 @@ mod tests {
     struct SharedPins(Arc<Mutex<MemoryPins>>);
 
     impl FlowPins for SharedPins {
-        fn pin(&mut self, flow: &oasis_common::FlowKey, rule: u32) -> Result<(), TableError> {
-            self.0.lock().unwrap().pin(flow, rule)
+        fn pin(&mut self, flow: &oasis_common::FlowKey, rule: u32, measured: bool) -> Result<(), TableError> {
+            self.0.lock().unwrap().pin(flow, rule, measured)
         }
         fn measure(
             &mut self,
@@ -277,6 +277,51 @@ mod tests {
         assert_eq!(
             (counters.flows.load(Relaxed), counters.flows_started.load(Relaxed)),
             (3, 3)
+        );
+    }
+
+    #[test]
+    fn a_header_rules_underlay_flow_passes_in_the_kernel_after_its_first_packet() {
+        let world = world(&[header("underlay", "tcp", "8080")]);
+        let mut router = world.engine.router();
+        let start = Instant::now();
+        let mut syn = tcp(SERVER, 40000, 8080, Some(1460));
+        router.begin_batch();
+        assert_eq!(
+            router.outbound(start, &mut syn, &mut Vec::new()),
+            Outbound::Underlay
+        );
+        let key = key_of(&syn);
+        let pin = world.pins.0.lock().unwrap().flows[&key];
+        assert_eq!(pin.rule, Some(1), "counted by its rule in the kernel");
+        assert!(!pin.measured_pin && !pin.measured, "nothing to measure: {pin:?}");
+        assert!(router.flows().get(&key).is_some_and(|f| f.in_kernel()));
+        // Packets sent before the pin existed reach the broker: carried,
+        // the pin left alone. Later, one means the kernel lost the verdict:
+        // pinned again.
+        world.pins.0.lock().unwrap().flows.get_mut(&key).unwrap().rule = None;
+        let mut data = tcp(SERVER, 40000, 8080, None);
+        let carried = router.outbound(start + Duration::from_millis(10), &mut data, &mut Vec::new());
+        assert_eq!(carried, Outbound::Underlay);
+        assert_eq!(world.pins.0.lock().unwrap().flows[&key].rule, None);
+        let carried = router.outbound(start + Duration::from_secs(1), &mut data, &mut Vec::new());
+        assert_eq!(carried, Outbound::Underlay);
+        assert_eq!(world.pins.0.lock().unwrap().flows[&key].rule, Some(1));
+        // A FIN went by in the kernel: the flow ends soon after it goes
+        // quiet, not after TCP's idle lifetime.
+        {
+            let mut pins = world.pins.0.lock().unwrap();
+            let pin = pins.flows.get_mut(&key).unwrap();
+            pin.last_seen = Some(start + Duration::from_secs(5));
+            pin.closing = true;
+        }
+        router.handle_timeout(start + Duration::from_secs(10));
+        assert_eq!(router.flows().len(), 1, "closing, but not quiet for long enough");
+        router.handle_timeout(start + Duration::from_secs(5) + Lifetimes::DEFAULT_TCP_CLOSING * 2);
+        assert_eq!(router.flows().len(), 0);
+        assert!(
+            world.pins.0.lock().unwrap().flows.is_empty(),
+            "the pin went with the flow"
         );
     }
 
@@ -1185,6 +1230,11 @@ mod tests {
         assert_eq!(counters.flows_started.load(Relaxed), 100);
         assert_eq!(flows, router.flows().len() as u64);
         assert_eq!(counters.flows_evicted.load(Relaxed), 100 - flows);
+        assert_eq!(
+            world.pins.0.lock().unwrap().flows.len(),
+            router.flows().len(),
+            "the kernel carries exactly the flows the table holds"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Flows the engine leaves to the kernel after their first packet: flows of
-//! metric rules that the Monitor gave the underlay (they pass in the
-//! kernel, as if Oasis were not there), measured there for the Monitor;
-//! and the Monitor's own probes, measured the same way. On Linux the
+//! Flows the engine leaves to the kernel after their first packet: flows
+//! that header rules send on the underlay, and flows of metric rules that
+//! the Monitor gave the underlay (both pass in the kernel, as if Oasis were
+//! not there, counted by their rule), the latter measured there for the
+//! Monitor; and the Monitor's own probes, measured the same way. On Linux the
 //! classifier's verdict cache and the `MONITORED` map; in tests and on
 //! other platforms [`MemoryPins`].
 
@@ -15,8 +16,9 @@ use super::nat::TableError;
 
 pub trait FlowPins: Send {
     /// From its next packet on, the flow passes in the kernel (counted
-    /// under `rule`) instead of coming to the broker.
-    fn pin(&mut self, flow: &FlowKey, rule: u32) -> Result<(), TableError>;
+    /// under `rule`) instead of coming to the broker; `measured`: its
+    /// packets are looked at for [`FlowPins::measure`].
+    fn pin(&mut self, flow: &FlowKey, rule: u32, measured: bool) -> Result<(), TableError>;
     /// The kernel measures the flow (keyed as it leaves the host, by its
     /// real destination) and reports to the Monitor. `syn_sent`: when its
     /// SYN left, to time the handshake; `probe`: a probe of the Monitor's.
@@ -35,6 +37,8 @@ pub trait FlowPins: Send {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPin {
     pub rule: Option<u32>,
+    /// Pinned with its packets looked at for the measurement.
+    pub measured_pin: bool,
     pub measured: bool,
     pub probe: bool,
     pub syn_sent: Option<Instant>,
@@ -50,8 +54,10 @@ pub struct MemoryPins {
 }
 
 impl FlowPins for MemoryPins {
-    fn pin(&mut self, flow: &FlowKey, rule: u32) -> Result<(), TableError> {
-        self.flows.entry(*flow).or_default().rule = Some(rule);
+    fn pin(&mut self, flow: &FlowKey, rule: u32, measured: bool) -> Result<(), TableError> {
+        let pin = self.flows.entry(*flow).or_default();
+        pin.rule = Some(rule);
+        pin.measured_pin = measured;
         Ok(())
     }
 

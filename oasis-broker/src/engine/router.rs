@@ -33,6 +33,10 @@ use crate::shared::{Shared, snapshot};
 /// Fragmented datagrams a packet thread follows at once.
 const FRAGMENTED_DATAGRAMS: usize = 4096;
 
+/// A pinned flow's packets that reach the broker this soon after its
+/// first were on their way before the pin: no sign the kernel lost it.
+const PINNED_IN_FLIGHT: Duration = Duration::from_millis(50);
+
 /// How often a router ends idle flows and reports what it measured.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -532,6 +536,17 @@ impl Router {
             self.measure(key, key, &mut new, packet, now);
             let took = decided.elapsed();
             self.engine.counters.decisions.record(took.as_nanos() as u64);
+        } else if let (Via::Underlay, Some(rule)) = (via, rule) {
+            // The underlay needs nothing of the broker: the flow's later
+            // packets pass in the kernel, counted by its rule, as if Oasis
+            // were not there.
+            match self.engine.kernel().pins.pin(key, rule, false) {
+                Ok(()) => {
+                    new.pinned = true;
+                    self.engine.kernel_flows.fetch_add(1, Relaxed);
+                }
+                Err(e) => tracing::debug!(flow = %describe(key), "the kernel cannot carry the flow: {e}"),
+            }
         }
         self.insert(*key, new);
         via
@@ -548,7 +563,7 @@ impl Router {
             Via::Underlay => {
                 let mut kernel = self.engine.kernel();
                 let in_nat = flow.fake.is_some_and(|f| f.in_kernel);
-                let pinned = in_nat || kernel.pins.pin(key, flow.rule.unwrap_or(0)).is_ok();
+                let pinned = in_nat || kernel.pins.pin(key, flow.rule.unwrap_or(0), true).is_ok();
                 let measured = kernel.pins.measure(real, syn, false);
                 drop(kernel);
                 if let Err(e) = &measured {
@@ -580,8 +595,8 @@ impl Router {
         let Some(flow) = self.flows.get(key).filter(|f| f.pinned) else {
             return;
         };
-        let rule = flow.rule.unwrap_or(0);
-        if let Err(e) = self.engine.kernel().pins.pin(key, rule) {
+        let (rule, measured) = (flow.rule.unwrap_or(0), flow.monitored());
+        if let Err(e) = self.engine.kernel().pins.pin(key, rule, measured) {
             tracing::debug!(flow = %describe(key), "pinning the flow again: {e}");
         }
     }
@@ -1006,7 +1021,11 @@ impl Router {
 /// measured here (overlay flows), and watched for a SYN sent again.
 fn known(flow: &mut Flow, packet: &[u8], now: Instant) -> Known {
     if !flow.monitored() {
-        return if flow.pinned {
+        // What the application sent while the first packet was being
+        // decided was diverted before the pin existed: carried, not pinned
+        // again one system call each.
+        let in_flight = now.saturating_duration_since(flow.started) < PINNED_IN_FLIGHT;
+        return if flow.pinned && !in_flight {
             Known::Repin(flow.via)
         } else {
             Known::Carry(flow.via)

@@ -1,15 +1,16 @@
-//! Flows left to the kernel for the Monitor (oasis-ebpf/src/measure.rs):
-//! a metric rule's flow on the underlay gets the cached verdict `Measure`
-//! (it passes, and is measured) among the claimed flows' verdicts, and an
-//! entry in `MONITORED` that the programs fill; the Monitor's TCP probes get
-//! the entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
+//! Flows left to the kernel: a header rule's flow on the underlay gets the
+//! cached verdict `Pass` under its rule among the claimed flows' verdicts
+//! (it passes, counted by the rule); a metric rule's flow on the underlay
+//! gets `Measure` (it passes, and is measured for the Monitor,
+//! oasis-ebpf/src/measure.rs) and an entry in `MONITORED` that the programs
+//! fill; the Monitor's TCP probes get that entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
 //! whether there is anything to look for.
 
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, IterableMap, MapData};
-use oasis_common::{FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
+use oasis_common::{FLOW_CLOSING, FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
 use super::sys::{KernelError, monotonic_ns, second_handle, take_map};
 use crate::engine::flows::KernelSeen;
@@ -20,6 +21,10 @@ pub struct KernelPins {
     monitored: HashMap<MapData, FlowKey, Measure>,
     active: Array<MapData, u32>,
     count: u32,
+    /// `PINNED_ACTIVE`, and the flows pinned (an upper bound: the kernel
+    /// may have evicted some, and a pin made again counts again).
+    pinned_active: Array<MapData, u32>,
+    pinned: u32,
 }
 
 /// A CLOCK_MONOTONIC time from an `Instant`.
@@ -50,10 +55,15 @@ impl KernelPins {
             monitored: take_map!(ebpf, maps::MONITORED, HashMap<MapData, FlowKey, Measure>),
             active: take_map!(ebpf, maps::MONITOR_ACTIVE, Array<MapData, u32>),
             count: 0,
+            pinned_active: take_map!(ebpf, maps::PINNED_ACTIVE, Array<MapData, u32>),
+            pinned: 0,
         };
         pins.active
             .set(0, 0, 0)
             .map_err(KernelError::map(maps::MONITOR_ACTIVE.name))?;
+        pins.pinned_active
+            .set(0, 0, 0)
+            .map_err(KernelError::map(maps::PINNED_ACTIVE.name))?;
         Ok(pins)
     }
 
@@ -71,6 +81,13 @@ impl KernelPins {
             let _ = self.active.set(0, self.count, 0);
         }
     }
+
+    /// As `count_changed`, for the pinned flows.
+    fn pinned_changed(&mut self, before: u32) {
+        if (before == 0) != (self.pinned == 0) {
+            let _ = self.pinned_active.set(0, self.pinned, 0);
+        }
+    }
 }
 
 /// BPF_NOEXIST: an update that only creates.
@@ -81,13 +98,21 @@ fn already_there(e: &aya::maps::MapError) -> bool {
 }
 
 impl FlowPins for KernelPins {
-    fn pin(&mut self, flow: &FlowKey, rule: u32) -> Result<(), TableError> {
+    fn pin(&mut self, flow: &FlowKey, rule: u32, measured: bool) -> Result<(), TableError> {
+        let verdict = if measured { Verdict::Measure } else { Verdict::Pass };
         let entry = FlowEntry {
             last_seen_ns: monotonic_ns(),
             rule_id: rule,
-            verdict: Verdict::Measure as u8,
-            _pad: [0; 3],
+            verdict: verdict as u8,
+            flags: 0,
+            _pad: [0; 2],
         };
+        // Counted before the entry exists, so the ingress program never
+        // skips a pinned flow's FIN. A pin made again (the kernel lost the
+        // verdict) counts twice: the count only says whether to look.
+        let before = self.pinned;
+        self.pinned = self.pinned.saturating_add(1);
+        self.pinned_changed(before);
         self.flows
             .insert(flow, entry, 0)
             .map_err(Self::refused(maps::CLAIMED.name))
@@ -122,9 +147,12 @@ impl FlowPins for KernelPins {
         if self
             .flows
             .get(flow, 0)
-            .is_ok_and(|e| e.verdict == Verdict::Measure as u8)
+            .is_ok_and(|e| e.verdict != Verdict::Divert as u8)
+            && self.flows.remove(flow).is_ok()
         {
-            let _ = self.flows.remove(flow);
+            let before = self.pinned;
+            self.pinned = self.pinned.saturating_sub(1);
+            self.pinned_changed(before);
         }
         if self.monitored.remove(flow).is_ok() {
             let before = self.count;
@@ -134,11 +162,13 @@ impl FlowPins for KernelPins {
     }
 
     fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
-        let seen = self.flows.get(flow, 0).ok()?.last_seen_ns;
-        let closing = self
-            .monitored
-            .get(flow, 0)
-            .is_ok_and(|m| m.flags & measure_flag::CLOSING != 0);
+        let entry = self.flows.get(flow, 0).ok()?;
+        let seen = entry.last_seen_ns;
+        let closing = entry.flags & FLOW_CLOSING != 0
+            || self
+                .monitored
+                .get(flow, 0)
+                .is_ok_and(|m| m.flags & measure_flag::CLOSING != 0);
         let at = Instant::now().checked_sub(Duration::from_nanos(monotonic_ns().saturating_sub(seen)))?;
         Some(KernelSeen { at, closing })
     }
