@@ -235,10 +235,10 @@ where
         if count == 0 {
             continue;
         }
-        path.begin_batch();
+        let now = Instant::now();
+        path.begin_batch(now);
         let engine: Arc<Engine> = path.engine().clone();
         let replies = engine.replies();
-        let now = Instant::now();
         let mut accepted = 0;
         for (buf, got) in bufs.iter().zip(&received).take(count) {
             for range in datagrams(got.len, got.segment) {

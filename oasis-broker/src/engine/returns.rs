@@ -83,7 +83,7 @@ impl ReturnPath {
             engine: engine.clone(),
             routes: engine.routes(),
             measured: HashMap::new(),
-            pruned: Instant::now(),
+            pruned: engine.epoch(),
             fragments: HashMap::new(),
         }
     }
@@ -96,16 +96,16 @@ impl ReturnPath {
     }
 
     /// Picks up the latest routes; called once per batch.
-    pub fn begin_batch(&mut self) {
+    pub fn begin_batch(&mut self, now: Instant) {
         let latest = self.engine.routes();
         if !Arc::ptr_eq(&latest, &self.routes) {
             self.routes = latest;
         }
-        if self.pruned.elapsed() >= PRUNE_EVERY {
+        if now.saturating_duration_since(self.pruned) >= PRUNE_EVERY {
             // A measurement only this thread still holds is of a flow that
             // ended.
             self.measured.retain(|_, probe| Arc::strong_count(probe) > 1);
-            self.pruned = Instant::now();
+            self.pruned = now;
         }
     }
 

@@ -149,7 +149,7 @@ impl Engine {
             routes: self.routes(),
             flows: FlowTable::new(self.settings.lifetimes, self.settings.flow_capacity),
             fragments: Fragments::new(FRAGMENTED_DATAGRAMS),
-            next_sweep: Instant::now() + SWEEP_EVERY,
+            next_sweep: self.epoch + SWEEP_EVERY,
             ended: Vec::new(),
             measuring: 0,
         }
@@ -487,7 +487,7 @@ impl Router {
                     .map_or(Via::Underlay, |(via, _)| via),
             },
             Lookup::Stale(old) => {
-                self.end_one(key, old);
+                self.end_one(key, old, now);
                 self.start(&key, packet, now, None)
             }
             Lookup::Absent => self.start(&key, packet, now, None),
@@ -615,7 +615,7 @@ impl Router {
         self.engine.counters.rescued.fetch_add(1, Relaxed);
         tracing::info!(flow = %describe(key), ?from, "handshake unanswered: the flow moves to another carrier");
         let fake = old.fake.is_some();
-        self.end_one(*key, old);
+        self.end_one(*key, old, now);
         if fake {
             self.start_fake(key, packet, now, Some(from))
                 .map(|(via, binding)| (via, Some(binding)))
@@ -630,7 +630,7 @@ impl Router {
             let ended = std::mem::take(&mut self.ended);
             let mut ended = self.collect_idle(now, ended, true);
             let freed = ended.len();
-            self.end_all(&mut ended);
+            self.end_all(&mut ended, now);
             self.ended = ended;
             self.engine
                 .counters
@@ -709,7 +709,7 @@ impl Router {
         let found = match self.flows.lookup(key, now) {
             Lookup::Live(flow) => flow.fake.map(|binding| (known(flow, packet, now), binding)),
             Lookup::Stale(old) => {
-                self.end_one(*key, old);
+                self.end_one(*key, old, now);
                 None
             }
             Lookup::Absent => None,
@@ -866,7 +866,7 @@ impl Router {
         if !ended.is_empty() {
             tracing::debug!(count = ended.len(), "idle flows ended");
         }
-        self.end_all(&mut ended);
+        self.end_all(&mut ended, now);
         self.ended = ended;
     }
 
@@ -929,17 +929,17 @@ impl Router {
         ended
     }
 
-    fn end_one(&mut self, key: FlowKey, flow: Flow) {
+    fn end_one(&mut self, key: FlowKey, flow: Flow, now: Instant) {
         let mut ended = std::mem::take(&mut self.ended);
         ended.clear();
         ended.push((key, flow));
-        self.end_all(&mut ended);
+        self.end_all(&mut ended, now);
         self.ended = ended;
     }
 
     /// Undoes what starting the flows did: NAT entries, pins, reply
     /// mappings, measurements, the fake table's count of live flows.
-    fn end_all(&mut self, ended: &mut Vec<(FlowKey, Flow)>) {
+    fn end_all(&mut self, ended: &mut Vec<(FlowKey, Flow)>, now: Instant) {
         if ended.is_empty() {
             return;
         }
@@ -953,7 +953,6 @@ impl Router {
                     .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
             }
         }
-        let now = Instant::now();
         let monitor = &self.engine.monitor;
         let mut measured_here = 0;
         for (_, flow) in ended.iter_mut() {
