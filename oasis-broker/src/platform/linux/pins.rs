@@ -3,8 +3,10 @@
 //! (it passes, counted by the rule); a metric rule's flow on the underlay
 //! gets `Measure` (it passes, and is measured for the Monitor,
 //! oasis-ebpf/src/measure.rs) and an entry in `MONITORED` that the programs
-//! fill; the Monitor's TCP probes get that entry too. `MONITOR_ACTIVE` tells the uplinks' ingress program
-//! whether there is anything to look for.
+//! fill; the Monitor's TCP probes get that entry too. `MONITOR_ACTIVE` and
+//! `PINNED_ACTIVE` tell the uplinks' ingress program whether there is
+//! anything to look for (answers to measure; FINs and RSTs of pinned
+//! flows).
 
 use std::time::{Duration, Instant};
 
