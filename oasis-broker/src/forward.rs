@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::{
-    DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Returned, Router, module_admitted,
+    DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Returned, Router, SharedTables, module_admitted,
 };
 use crate::liveness::{TICK_EVERY, Tick};
 use crate::platform::{
@@ -42,8 +42,10 @@ pub struct OverlaySockets<S> {
 
 /// Reads diverted packets from one queue, decides each, sends them in
 /// batches. Returns when `stop` is set or the queue fails for good.
+#[allow(clippy::too_many_arguments)]
 pub fn run_queue<Q, D, U, S>(
     mut router: Router,
+    tables: &SharedTables,
     mut queue: Q,
     mut delivery: D,
     underlay: &U,
@@ -64,6 +66,7 @@ where
     let mut scratch = SendScratch::<U, S>::default();
     let headroom = delivery.headroom();
     let mut errors = 0;
+    let engine = router.engine().clone();
     loop {
         tick.tick();
         if stop.load(Relaxed) {
@@ -71,6 +74,7 @@ where
         }
         let now = Instant::now();
         router.handle_timeout(now);
+        carry_out(&mut router, tables, now, &mut [], &mut reply);
         let wait = router
             .next_timeout()
             .saturating_duration_since(now)
@@ -95,7 +99,7 @@ where
             continue;
         }
         let now = Instant::now();
-        let counters = &router.engine().counters;
+        let counters = &engine.counters;
         counters.received.fetch_add(batch.len() as u64, Relaxed);
 
         // Decide every packet (the engine may rewrite them in place) ...
@@ -103,7 +107,19 @@ where
         decisions.clear();
         let mut reply_count = 0;
         for index in 0..batch.len() {
-            let decision = router.outbound(now, batch.packet_mut(index), &mut reply);
+            let packet = batch.packet_mut(index);
+            let timed = router
+                .decisions_to_time()
+                .then(|| (Instant::now(), router.started_monitored()));
+            let mut decision = router.outbound(now, packet, &mut reply);
+            if let Some(changed) = carry_out(&mut router, tables, now, packet, &mut reply) {
+                decision = changed;
+            }
+            if let Some((began, before)) = timed
+                && router.started_monitored() != before
+            {
+                counters.decisions.record(began.elapsed().as_nanos() as u64);
+            }
             if decision == Outbound::Reply {
                 if replies.len() == reply_count {
                     replies.push(Vec::with_capacity(headroom + 1500));
@@ -125,6 +141,30 @@ where
             tracing::debug!("writing replies to the applications: {e}");
         }
     }
+}
+
+/// Carries out the changes to the kernel's tables the router decided with
+/// `packet` (empty after a sweep), before the packet is sent, and tells the
+/// router what the kernel refused: the packet's outcome when that changed
+/// it. The tables are locked for one operation at a time, never while the
+/// router decides.
+pub fn carry_out(
+    router: &mut Router,
+    tables: &SharedTables,
+    now: Instant,
+    packet: &mut [u8],
+    reply: &mut Vec<u8>,
+) -> Option<Outbound> {
+    let mut changed = None;
+    while let Some(op) = router.next_work() {
+        let done = tables.lock().carry_out(&op);
+        if let Err(error) = done
+            && let Some(outcome) = router.kernel_refused(&op, &error, now, packet, reply)
+        {
+            changed = Some(outcome);
+        }
+    }
+    changed
 }
 
 /// What the sends of one queue reuse from batch to batch.

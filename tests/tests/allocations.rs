@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use oasis_broker::config::TunConfig;
 use oasis_broker::engine::{
-    Engine, EngineSettings, KernelTables, MemoryNat, MemoryPins, MonitorChooser, ReturnPath, Routes, Via,
+    Engine, EngineSettings, KernelTables, MemoryNat, MemoryPins, MonitorChooser, ReturnPath, Routes,
+    SharedTables, Via,
 };
 use oasis_broker::fake::FakeTable;
 use oasis_broker::forward::{OverlaySockets, run_queue, run_returns};
@@ -196,12 +197,9 @@ fn no_packet_allocates_in_steady_state() {
         settings,
         Routes::new(rules.rules(), Arc::new(NameRules::default()), overlays.clone()),
         Arc::new(Mutex::new(fakes)),
-        KernelTables {
-            nat: Box::new(MemoryNat::default()),
-            pins: Box::new(MemoryPins::default()),
-        },
         Box::new(MonitorChooser::new(link.clone())),
         link.clone(),
+        Instant::now(),
     );
     // The Monitor chose the overlay for the metric rule's flows.
     let chosen = Chosen {
@@ -215,14 +213,19 @@ fn no_packet_allocates_in_steady_state() {
         Vec::new(),
     )));
 
+    let tables = SharedTables::new(KernelTables {
+        nat: Box::new(MemoryNat::default()),
+        pins: Box::new(MemoryPins::default()),
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let liveness = Liveness::new();
     let overlay = Arc::new(overlay);
     let queue = divert.queues.into_iter().next().unwrap();
     let mut threads = Vec::new();
     {
+        let tables = tables.clone();
         let (router, delivery, overlay, stop) = (
-            engine.router(),
+            engine.router(Arc::new(tables.clone())),
             divert.delivery.clone(),
             overlay.clone(),
             stop.clone(),
@@ -230,7 +233,7 @@ fn no_packet_allocates_in_steady_state() {
         let tick = liveness.register("queue");
         threads.push(std::thread::spawn(move || {
             TRACKED.with(|t| t.set(true));
-            run_queue(router, queue, delivery, &underlay, &overlay, tick, &stop).unwrap();
+            run_queue(router, &tables, queue, delivery, &underlay, &overlay, tick, &stop).unwrap();
         }));
     }
     {

@@ -418,7 +418,8 @@ impl DnsRuntime {
             .map(|i| i.scope())
     }
 
-    pub fn status(&self, engine: &Engine) -> Option<DnsStatusView> {
+    /// `translated`: the flows the kernel's NAT rewrites now.
+    pub fn status(&self, engine: &Engine, translated: usize) -> Option<DnsStatusView> {
         let cgroup = self.enabled()?;
         let (v4, v6, entries, capacity) = {
             let table = self.fakes.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,7 +435,7 @@ impl DnsRuntime {
             fake_entries: entries,
             fake_capacity: capacity,
             fake_flows: engine.fake_flows.load(Relaxed) as usize,
-            kernel_nat_flows: engine.nat_flows(),
+            kernel_nat_flows: translated,
             unknown_fake_packets: engine.counters.fake_unknown.load(Relaxed),
             counters: self.counters.view(),
         })

@@ -19,7 +19,7 @@ use super::monitor_report::render;
 use crate::control::MonitorView;
 use crate::engine::measure::GOODPUT_MIN_BYTES;
 use crate::engine::packet::flow_dst;
-use crate::engine::{Engine, Via};
+use crate::engine::{Engine, SharedTables, Via};
 use crate::forward::OverlaySockets;
 use crate::monitor::{Event, Monitor, MonitorLink, MonitorSettings, ProbeKind, ProbeRequest};
 use crate::platform::{DatagramSocket, MonitorEvents, ProbeSockets, UnderlaySender};
@@ -63,6 +63,8 @@ impl ProbeSockets for NoProbes {
 pub struct MonitorParts<U, S> {
     pub settings: MonitorSettings,
     pub engine: Arc<Engine>,
+    /// The kernel's tables: probes on the underlay are timed there.
+    pub tables: SharedTables,
     pub events: Receiver<(Instant, Event)>,
     pub underlay: Arc<U>,
     pub overlay: Arc<OverlaySockets<S>>,
@@ -80,7 +82,7 @@ where
     let mut threads = Vec::new();
     let link = parts.engine.monitor.clone();
     if let Some(mut kernel_events) = parts.kernel_events {
-        let (engine, stop) = (parts.engine.clone(), stop.clone());
+        let (engine, tables, stop) = (parts.engine.clone(), parts.tables.clone(), stop.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("oasis-monitor-kernel".into())
@@ -94,7 +96,7 @@ where
                         }
                         let now = Instant::now();
                         for event in &batch {
-                            kernel_event(&engine, event, now);
+                            kernel_event(&engine, &tables, event, now);
                         }
                     }
                 })?,
@@ -131,6 +133,7 @@ where
     }
     let mut prober = Prober {
         engine: parts.engine.clone(),
+        tables: parts.tables.clone(),
         underlay: parts.underlay,
         overlay: parts.overlay,
         sockets: parts.sockets,
@@ -218,7 +221,8 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
         expired.clear();
         link.probes.expire(now, &mut expired);
         if !expired.is_empty() {
-            engine.with_pins(|pins| expired.iter().for_each(|key| pins.forget(key)));
+            let mut tables = prober.tables.lock();
+            expired.iter().for_each(|key| tables.pins.forget(key));
         }
     }
 }
@@ -227,6 +231,7 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
 /// overlay by its socket.
 struct Prober<U: UnderlaySender, S: DatagramSocket> {
     engine: Arc<Engine>,
+    tables: SharedTables,
     underlay: Arc<U>,
     overlay: Arc<OverlaySockets<S>>,
     sockets: Arc<dyn ProbeSockets>,
@@ -250,11 +255,13 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
                 if matches!(probe.target.kind, ProbeKind::TcpSyn { .. }) {
                     // The kernel times the answer, and passes the host's
                     // own reset to it rather than diverting it.
-                    let pinned = self.engine.with_pins(|pins| {
+                    let pinned = {
+                        let mut tables = self.tables.lock();
+                        let pins = &mut tables.pins;
                         pins.pin(&key, 0, true)
                             .and_then(|()| pins.measure(&key, Some(now), true))
                             .is_ok()
-                    });
+                    };
                     if !pinned {
                         link.probes.unsent(&key);
                         return false;
@@ -294,7 +301,7 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
         };
         if !sent {
             link.probes.unsent(&key);
-            self.engine.with_pins(|pins| pins.forget(&key));
+            self.tables.lock().pins.forget(&key);
         }
         sent
     }
@@ -302,14 +309,14 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
 
 /// What a kernel measurement tells the Monitor: an answer to one of its
 /// probes, or figures of a flow on the underlay.
-fn kernel_event(engine: &Engine, event: &MonitorEvent, now: Instant) {
+fn kernel_event(engine: &Engine, tables: &SharedTables, event: &MonitorEvent, now: Instant) {
     let link = &engine.monitor;
     let key = event.key;
     let rtt = Duration::from_nanos(event.rtt_ns());
     if matches!(event.kind, monitor_event::SYN_ACK | monitor_event::RESET)
         && let Some(sent) = link.probes.answered(&key)
     {
-        engine.with_pins(|pins| pins.forget(&key));
+        tables.lock().pins.forget(&key);
         let rtt = (event.rtt_ns() > 0).then_some(rtt);
         link.report(
             now,

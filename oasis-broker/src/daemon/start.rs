@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use oasis_common::Settings;
 
@@ -17,7 +17,7 @@ use crate::control::MonitorView;
 use crate::control::TunView;
 use crate::engine::probes::ProbeTable;
 use crate::engine::{
-    Engine, EngineSettings, KernelTables, LocalAddresses, MonitorChooser, ReturnPath, Routes,
+    Engine, EngineSettings, KernelTables, LocalAddresses, MonitorChooser, ReturnPath, Routes, SharedTables,
 };
 use crate::forward::{OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
@@ -57,7 +57,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         &dns_liveness,
     )
     .await?;
-    let tables = kernel_tables(kernel.as_mut())?;
+    let tables = SharedTables::new(kernel_tables(kernel.as_mut())?);
     let platform = Arc::new(platform);
     let overlays = load_overlays(platform.as_ref(), &config, config_path, mtu).await?;
     let engine = Engine::new(
@@ -69,9 +69,9 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             overlays.table().clone(),
         ),
         dns.fakes.clone(),
-        tables,
         Box::new(MonitorChooser::new(link.clone())),
         link,
+        Instant::now(),
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -89,6 +89,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     };
     let loops = PacketLoops {
         engine: &engine,
+        tables: &tables,
         underlay: &underlay,
         overlay: &overlay_sockets,
         liveness: &liveness,
@@ -101,6 +102,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let parts = MonitorParts {
         settings: config.monitor.settings(),
         engine: engine.clone(),
+        tables: tables.clone(),
         events: monitor_events,
         underlay: underlay.clone(),
         overlay: overlay_sockets.clone(),
@@ -129,6 +131,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         kernel,
         heartbeat: status_heartbeat,
         engine,
+        tables,
         dns,
         monitor: monitor_view,
         persister,
@@ -217,7 +220,7 @@ fn platform_views<P: Platform + Sync>(
     )
 }
 
-/// The kernel's tables the engine writes: the NAT of fake-address flows,
+/// The kernel's tables the engine's work goes to: the NAT of fake-address flows,
 /// the pins of flows left to the kernel.
 fn kernel_tables(kernel: &mut dyn crate::platform::Kernel) -> Result<KernelTables, DaemonError> {
     let nat = kernel
@@ -330,6 +333,7 @@ async fn load_overlays<P: Platform>(
 /// What the packet loops share.
 struct PacketLoops<'a, P: Platform> {
     engine: &'a Arc<Engine>,
+    tables: &'a SharedTables,
     underlay: &'a Arc<P::Underlay>,
     overlay: &'a Arc<OverlaySockets<P::Socket>>,
     liveness: &'a Arc<Liveness>,
@@ -349,15 +353,25 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
         let mut threads = Vec::new();
         for (index, queue) in divert.queues.into_iter().enumerate() {
             let name = format!("oasis-queue-{index}");
+            let tables = self.tables.clone();
             let (router, delivery, underlay, sockets) = (
-                self.engine.router(),
+                self.engine.router(Arc::new(tables.clone())),
                 divert.delivery.clone(),
                 self.underlay.clone(),
                 self.overlay.clone(),
             );
             let (tick, stop) = (self.liveness.register(&name), self.stop.clone());
             threads.push(spawn_thread(name, move || {
-                run_queue(router, queue, delivery, underlay.as_ref(), &sockets, tick, &stop)
+                run_queue(
+                    router,
+                    &tables,
+                    queue,
+                    delivery,
+                    underlay.as_ref(),
+                    &sockets,
+                    tick,
+                    &stop,
+                )
             })?);
         }
         for (family, v4) in [("v4", true), ("v6", false)] {

@@ -24,7 +24,7 @@ use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
     RuleView, SetUpload, StatusView, TunView,
 };
-use crate::engine::{Engine, LocalAddresses, Routes};
+use crate::engine::{Engine, LocalAddresses, Routes, SharedTables};
 use crate::names::NameRules;
 use crate::overlay::StoredOverlay;
 use crate::overlay::{JoinError, OverlayError, OverlayManager};
@@ -85,6 +85,8 @@ pub(super) struct Daemon {
     kernel: Mutex<Box<dyn Kernel>>,
     heartbeat: Mutex<Box<dyn Heartbeat>>,
     pub engine: Arc<Engine>,
+    /// The kernel's tables the engine's work goes to.
+    tables: SharedTables,
     pub dns: DnsRuntime,
     /// What the Monitor thread last rendered of its state.
     monitor: Shared<MonitorView>,
@@ -106,6 +108,7 @@ pub(super) struct Parts {
     pub kernel: Box<dyn Kernel>,
     pub heartbeat: Box<dyn Heartbeat>,
     pub engine: Arc<Engine>,
+    pub tables: SharedTables,
     pub dns: DnsRuntime,
     pub monitor: Shared<MonitorView>,
     pub persister: Persister,
@@ -149,6 +152,7 @@ impl Daemon {
             kernel: Mutex::new(parts.kernel),
             heartbeat: Mutex::new(parts.heartbeat),
             engine: parts.engine,
+            tables: parts.tables,
             dns: parts.dns,
             monitor: parts.monitor,
             persister: parts.persister,
@@ -657,10 +661,10 @@ impl Daemon {
             programs,
             config_saved,
             config_error,
-            dns: self.dns.status(&self.engine),
+            dns: self.dns.status(&self.engine, self.tables.translated()),
             monitor: {
                 let view = snapshot(&self.monitor);
-                (view.rules > 0).then(|| view.summary(self.engine.measured_in_kernel()))
+                (view.rules > 0).then(|| view.summary(self.tables.measured()))
             },
         }
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use oasis_common::FlowKey;
 
-use super::measure::OutboundMeasure;
+use super::offload::Offload;
 use super::routes::Via;
 use crate::monitor::Why;
 
@@ -74,9 +74,6 @@ pub struct KernelSeen {
 pub struct FakeBinding {
     pub fake: IpAddr,
     pub real: IpAddr,
-    /// Rewritten by the NAT table after the first packet (underlay flows);
-    /// its packets no longer reach the engine.
-    pub in_kernel: bool,
 }
 
 #[derive(Debug)]
@@ -95,15 +92,10 @@ pub struct Flow {
     /// Its carrier was the Monitor's choice: the flow may be rescued when
     /// its handshake goes unanswered.
     pub monitored: bool,
-    /// The flow passes in the kernel after its first packet (a header or
-    /// metric rule's flow on the underlay); its packets reach the engine
-    /// only when the kernel lost its cached verdict, or its SYN went again.
-    pub pinned: bool,
-    /// The kernel measures it for the Monitor (pinned, or a fake-address
-    /// flow translated in the kernel): keyed by its real destination.
-    pub measured_in_kernel: bool,
-    /// Measured here for the Monitor (a metric rule's flow on an overlay).
-    pub measure: Option<Box<OutboundMeasure>>,
+    /// Where its packets after the first are handled. An in-kernel flow's
+    /// packets reach the engine only when the kernel lost its cached
+    /// verdict, or its SYN went again.
+    pub offload: Offload,
 }
 
 impl Flow {
@@ -118,15 +110,13 @@ impl Flow {
             closing: false,
             why: None,
             monitored: false,
-            pinned: false,
-            measured_in_kernel: false,
-            measure: None,
+            offload: Offload::Broker,
         }
     }
 
     /// Whether the kernel carries the flow's packets after its first.
     pub fn in_kernel(&self) -> bool {
-        self.pinned || self.fake.is_some_and(|f| f.in_kernel)
+        self.offload.in_kernel()
     }
 
     /// Whether the Monitor chose its carrier.
@@ -185,6 +175,10 @@ impl FlowTable {
 
     pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
         self.flows.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Flow> {
+        self.flows.get_mut(key)
     }
 
     pub fn is_full(&self) -> bool {
@@ -332,6 +326,13 @@ mod tests {
         assert!(table.is_empty());
     }
 
+    /// A fake address's flow the kernel's NAT rewrites.
+    fn translated(fake: FakeBinding, at: Instant) -> Flow {
+        let mut flow = Flow::new(Some(1), Via::Underlay, Some(fake), at);
+        flow.offload = Offload::Translated { measured: false };
+        flow
+    }
+
     #[test]
     fn in_kernel_flows_are_aged_by_the_kernels_clock() {
         let mut table = FlowTable::new(
@@ -345,10 +346,9 @@ mod tests {
         let fake = FakeBinding {
             fake: "198.18.0.1".parse().unwrap(),
             real: "192.0.2.1".parse().unwrap(),
-            in_kernel: true,
         };
-        table.insert(key(1), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
-        table.insert(key(2), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        table.insert(key(1), translated(fake, t0));
+        table.insert(key(2), translated(fake, t0));
         table.insert(key(3), Flow::new(Some(1), Via::Underlay, None, t0));
         // Long after its first packet the kernel still sees flow 1.
         let later = t0 + Duration::from_secs(60);
@@ -437,10 +437,9 @@ mod tests {
         let fake = FakeBinding {
             fake: "198.18.0.1".parse().unwrap(),
             real: "192.0.2.1".parse().unwrap(),
-            in_kernel: true,
         };
-        table.insert(key(1), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
-        table.insert(key(2), Flow::new(Some(1), Via::Underlay, Some(fake), t0));
+        table.insert(key(1), translated(fake, t0));
+        table.insert(key(2), translated(fake, t0));
         let later = t0 + Duration::from_secs(30);
         let mut ended = Vec::new();
         table.expire(
@@ -470,7 +469,7 @@ mod tests {
         let t0 = Instant::now();
         let pinned = || {
             let mut flow = Flow::new(Some(1), Via::Underlay, None, t0);
-            flow.pinned = true;
+            flow.offload = Offload::Pinned { measured: false };
             flow
         };
         table.insert(key(1), pinned());

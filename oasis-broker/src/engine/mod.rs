@@ -19,6 +19,7 @@ pub mod flows;
 pub mod fragments;
 pub mod measure;
 pub mod nat;
+pub mod offload;
 pub mod outbound;
 pub mod packet;
 pub mod pins;
@@ -31,9 +32,10 @@ pub use carrier::{CarrierChooser, Claim, Decision, MonitorChooser, NewFlow, Rule
 pub use counters::{DropReason, EngineCounters};
 pub use flows::{FakeBinding, Flow, FlowTable, KernelSeen, Lifetimes};
 pub use nat::{MemoryNat, NatTable, TableError};
+pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
 pub use pins::{FlowPins, MemoryPins};
 pub use returns::{LocalAddresses, ReturnPath, Returned, module_admitted};
-pub use router::{Engine, EngineSettings, KernelTables, Outbound, ReplyMap, Router};
+pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 
 #[cfg(test)]
@@ -139,6 +141,7 @@ mod tests {
 
     struct World {
         engine: Arc<Engine>,
+        tables: SharedTables,
         nat: SharedNat,
         pins: SharedPins,
         link: Arc<crate::monitor::MonitorLink>,
@@ -201,15 +204,17 @@ mod tests {
             settings,
             routes(&rules, &overlays),
             Arc::new(Mutex::new(fakes)),
-            KernelTables {
-                nat,
-                pins: Box::new(pins.clone()),
-            },
             Box::new(MonitorChooser::new(link.clone())),
             link.clone(),
+            Instant::now(),
         );
+        let tables = SharedTables::new(KernelTables {
+            nat,
+            pins: Box::new(pins.clone()),
+        });
         World {
             engine,
+            tables,
             nat: shared,
             pins,
             link,
@@ -244,7 +249,50 @@ mod tests {
         })
     }
 
-    fn decide(router: &mut Router, packet: &mut [u8]) -> Outbound {
+    impl World {
+        /// A router whose kernel work the test carries out as a packet
+        /// loop would.
+        fn router(&self) -> TestRouter {
+            TestRouter {
+                router: self.engine.router(Arc::new(self.tables.clone())),
+                tables: self.tables.clone(),
+            }
+        }
+    }
+
+    /// A router and the shell's part: the kernel work it queues is carried
+    /// out before its caller sees the outcome.
+    struct TestRouter {
+        router: Router,
+        tables: SharedTables,
+    }
+
+    impl std::ops::Deref for TestRouter {
+        type Target = Router;
+        fn deref(&self) -> &Router {
+            &self.router
+        }
+    }
+
+    impl std::ops::DerefMut for TestRouter {
+        fn deref_mut(&mut self) -> &mut Router {
+            &mut self.router
+        }
+    }
+
+    impl TestRouter {
+        fn outbound(&mut self, now: Instant, packet: &mut [u8], reply: &mut Vec<u8>) -> Outbound {
+            let decided = self.router.outbound(now, packet, reply);
+            crate::forward::carry_out(&mut self.router, &self.tables, now, packet, reply).unwrap_or(decided)
+        }
+
+        fn handle_timeout(&mut self, now: Instant) {
+            self.router.handle_timeout(now);
+            crate::forward::carry_out(&mut self.router, &self.tables, now, &mut [], &mut Vec::new());
+        }
+    }
+
+    fn decide(router: &mut TestRouter, packet: &mut [u8]) -> Outbound {
         router.begin_batch();
         router.outbound(Instant::now(), packet, &mut Vec::new())
     }
@@ -256,7 +304,7 @@ mod tests {
     #[test]
     fn header_rules_send_by_their_carrier() {
         let world = world(&[header("underlay", "tcp", "8080"), header("detour", "tcp", "80")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         assert_eq!(
             decide(&mut router, &mut tcp(SERVER, 40000, 8080, None)),
             Outbound::Underlay
@@ -283,7 +331,7 @@ mod tests {
     #[test]
     fn a_header_rules_underlay_flow_passes_in_the_kernel_after_its_first_packet() {
         let world = world(&[header("underlay", "tcp", "8080")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let start = Instant::now();
         let mut syn = tcp(SERVER, 40000, 8080, Some(1460));
         router.begin_batch();
@@ -352,7 +400,7 @@ mod tests {
     #[test]
     fn the_later_fragments_of_a_datagram_go_where_its_first_went() {
         let world = world(&[header("detour", "udp", "9000")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let overlay = Outbound::Overlay {
             overlay: OverlayId(1),
             to: entry(),
@@ -380,7 +428,7 @@ mod tests {
     #[test]
     fn overlay_syns_are_clamped_to_fit_the_encapsulation() {
         let world = world(&[header("detour", "tcp", "80"), header("underlay", "tcp", "8080")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 80, Some(1460));
         decide(&mut router, &mut syn);
         // 1500 - inner IPv4 20 - TCP 20 - outer IPv4 20 - UDP 8 - shim 4.
@@ -393,7 +441,7 @@ mod tests {
     #[test]
     fn a_segment_too_big_for_the_overlay_tells_its_sender_the_mtu() {
         let world = world(&[header("detour", "tcp", "443")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let datagram = |len: usize, df: bool| {
             let mut out = Vec::new();
             PacketBuilder::ipv4(CLIENT, SERVER, 64)
@@ -451,7 +499,7 @@ mod tests {
             ..RuleSpec::default()
         };
         let world = world(&[header("detour", "udp", "443"), icmp]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let overlay = Outbound::Overlay {
             overlay: OverlayId(1),
             to: entry(),
@@ -483,7 +531,7 @@ mod tests {
     #[test]
     fn a_flow_keeps_its_carrier_when_rules_change() {
         let world = world(&[header("detour", "tcp", "80")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let overlay = Outbound::Overlay {
             overlay: OverlayId(1),
             to: entry(),
@@ -512,7 +560,7 @@ mod tests {
             header("detour", "tcp", "80"),
             header("underlay", "udp", "1-65535"),
         ]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         assert!(matches!(
             decide(&mut router, &mut tcp(SERVER, 40000, 80, None)),
             Outbound::Overlay { .. }
@@ -611,7 +659,7 @@ mod tests {
             )
             .unwrap()
             .0;
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
         let decided = decide(&mut router, &mut syn);
         assert!(matches!(decided, Outbound::Overlay { .. }), "{decided:?}");
@@ -621,7 +669,7 @@ mod tests {
     fn fake_flows_through_an_overlay_are_rewritten_both_ways() {
         let world = world(&[name("detour", "example.org")]);
         let fake = answer(&world, "www.example.org", "192.0.2.10");
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
         assert_eq!(
             decide(&mut router, &mut syn),
@@ -693,7 +741,7 @@ mod tests {
             ..RuleSpec::default()
         };
         let mut world = world(&[icmp("detour")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let overlay = Outbound::Overlay {
             overlay: OverlayId(1),
             to: entry(),
@@ -722,7 +770,7 @@ mod tests {
     #[test]
     fn an_icmp_error_follows_the_flow_it_quotes() {
         let world = world(&[header("detour", "udp", "53"), name("detour", "example.org")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let overlay = Outbound::Overlay {
             overlay: OverlayId(1),
             to: entry(),
@@ -983,7 +1031,7 @@ mod tests {
     fn fake_flows_on_the_underlay_go_to_the_nat_table() {
         let world = world(&[name("underlay", "example.org")]);
         let fake = answer(&world, "www.example.org", "192.0.2.10");
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut first = tcp(v4(fake), 40000, 443, None);
         assert_eq!(decide(&mut router, &mut first), Outbound::Underlay);
         assert_eq!(
@@ -1020,7 +1068,7 @@ mod tests {
     #[test]
     fn an_unknown_fake_address_draws_host_unreachable() {
         let world = world(&[name("detour", "example.org")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut packet = tcp([198, 19, 255, 254], 40000, 80, Some(1460));
         let mut reply = Vec::new();
         router.begin_batch();
@@ -1080,7 +1128,7 @@ mod tests {
         dropped
             .engine
             .publish(routes(&RuleSet::default(), &dropped.overlays));
-        let mut router = dropped.engine.router();
+        let mut router = dropped.router();
         assert_eq!(
             decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
             Outbound::Underlay
@@ -1091,7 +1139,7 @@ mod tests {
         unusable
             .engine
             .publish(routes(&unusable.rules, &Arc::new(OverlayTable::default())));
-        let mut router = unusable.engine.router();
+        let mut router = unusable.router();
         assert_eq!(
             decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
             Outbound::Underlay
@@ -1106,7 +1154,7 @@ mod tests {
             settings(),
         );
         let fake = answer(&world, "www.example.org", "192.0.2.10");
-        let mut router = world.engine.router();
+        let mut router = world.router();
         assert_eq!(
             decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
             Outbound::Reply
@@ -1209,7 +1257,7 @@ mod tests {
         let mut small = settings();
         small.flow_capacity = 16;
         let world = world_with(&[header("underlay", "udp", "1-65535")], None, small);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let start = Instant::now();
         for port in 1..=100u16 {
             let mut packet = Vec::new();
@@ -1285,7 +1333,7 @@ mod tests {
     #[test]
     fn a_metric_flow_on_the_underlay_is_left_to_the_kernel() {
         let world = world(&[metric("latency")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 443, Some(1460));
         // Nothing decided yet: the incumbent, the underlay.
         assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
@@ -1317,7 +1365,7 @@ mod tests {
     fn a_metric_flow_takes_the_monitors_choice_and_is_measured_here() {
         let world = world(&[metric("latency")]);
         choose(&world, Via::Overlay(OverlayId(1)), vec![]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 443, Some(1460));
         let start = Instant::now();
         router.begin_batch();
@@ -1357,7 +1405,7 @@ mod tests {
     fn a_handshake_unanswered_moves_the_flow_to_the_next_carrier() {
         let world = world(&[metric("latency")]);
         choose(&world, Via::Overlay(OverlayId(1)), vec![]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 443, Some(1460));
         let decided = decide(&mut router, &mut syn);
         assert!(matches!(decided, Outbound::Overlay { .. }), "{decided:?}");
@@ -1394,7 +1442,7 @@ mod tests {
     #[test]
     fn a_syn_sent_again_after_the_kernel_saw_an_answer_is_no_failure() {
         let world = world(&[metric("latency")]);
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40001, 443, Some(1460));
         assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
         let key = key_of(&syn);
@@ -1416,7 +1464,7 @@ mod tests {
             Via::Overlay(OverlayId(1)),
             vec![Via::Overlay(OverlayId(1))],
         );
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 443, Some(1460));
         assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
         let key = key_of(&syn);
@@ -1432,7 +1480,7 @@ mod tests {
         spec.metric = Some("latency".into());
         let world = world(&[spec]);
         let fake = answer(&world, "www.example.org", "192.0.2.10");
-        let mut router = world.engine.router();
+        let mut router = world.router();
         let mut syn = tcp(v4(fake), 40000, 443, Some(1460));
         assert_eq!(decide(&mut router, &mut syn), Outbound::Underlay);
         assert_eq!(world.nat.len(), 1);

@@ -2,7 +2,7 @@
 //! with it: send it on the underlay, send it to an overlay's next hop, write
 //! a reply to the application, or drop it for a named reason.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -20,15 +20,19 @@ use super::fake::{choose_real, real_key, reply_key};
 use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
 use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
-use super::nat::NatTable;
+use super::nat::TableError;
+use super::offload::{KernelOp, KernelView, Offload};
 pub use super::outbound::Outbound;
 use super::packet::{describe, flow_dst, flow_key, frag_key, is_icmp_error, routable};
-use super::pins::FlowPins;
 use super::routes::{Routes, Via};
 use crate::fake::{FakeTable, unix_now};
 use crate::monitor::{Event, MonitorLink};
 use crate::overlay::{JoinedOverlay, OverlayId};
 use crate::shared::{Shared, snapshot};
+
+/// Kernel operations a router queues before it must allocate: one packet
+/// queues at most four; a sweep, four per ended flow.
+const KERNEL_WORK: usize = 256;
 
 /// Fragmented datagrams a packet thread follows at once.
 const FRAGMENTED_DATAGRAMS: usize = 4096;
@@ -72,20 +76,12 @@ pub type ReplyMap = HashMap<FlowKey, IpAddr>;
 /// overlay, which the return path feeds with the answers.
 pub type MeasuredMap = HashMap<FlowKey, Arc<FlowProbe>>;
 
-/// The kernel's parts of the engine: the NAT of fake-address flows and
-/// the pins of flows left to it.
-pub struct KernelTables {
-    pub nat: Box<dyn NatTable>,
-    pub pins: Box<dyn FlowPins>,
-}
-
 /// What every packet thread shares. Locks here are taken when a flow
 /// starts or ends, never per packet of a known flow.
 pub struct Engine {
     pub settings: EngineSettings,
     routes: Shared<Routes>,
     fakes: Arc<Mutex<FakeTable>>,
-    kernel: Mutex<KernelTables>,
     replies: RwLock<ReplyMap>,
     /// Whether `replies` holds anything, so the return path takes no lock
     /// at all while no overlay carries a fake-address flow.
@@ -101,7 +97,8 @@ pub struct Engine {
     epoch: Instant,
     /// Fake-address flows the packet threads' tables hold, summed.
     pub fake_flows: AtomicU64,
-    /// Flows the kernel carries or measures for the engine, summed.
+    /// Flows the kernel carries (pinned or translated), summed: while
+    /// none, sweeps ask the kernel nothing.
     kernel_flows: AtomicU64,
     /// Routers made, and the dumps of their flow tables `oasis flows` asked
     /// for: the generation asked, and each router's answer.
@@ -115,15 +112,14 @@ impl Engine {
         settings: EngineSettings,
         routes: Routes,
         fakes: Arc<Mutex<FakeTable>>,
-        kernel: KernelTables,
         chooser: Box<dyn CarrierChooser>,
         monitor: Arc<MonitorLink>,
+        now: Instant,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             settings,
             routes: Arc::new(RwLock::new(Arc::new(routes))),
             fakes,
-            kernel: Mutex::new(kernel),
             replies: RwLock::new(HashMap::new()),
             has_replies: AtomicBool::new(false),
             measured: RwLock::new(HashMap::new()),
@@ -131,7 +127,7 @@ impl Engine {
             counters: EngineCounters::default(),
             chooser,
             monitor,
-            epoch: Instant::now(),
+            epoch: now,
             fake_flows: AtomicU64::new(0),
             kernel_flows: AtomicU64::new(0),
             routers: AtomicUsize::new(0),
@@ -140,18 +136,25 @@ impl Engine {
         })
     }
 
-    /// A router for one packet thread.
-    pub fn router(self: &Arc<Self>) -> Router {
+    /// A router for one packet thread, reading the kernel's tables through
+    /// `kernel` (it never writes them: see [`Router::next_work`]).
+    pub fn router(self: &Arc<Self>, kernel: Arc<dyn KernelView + Send + Sync>) -> Router {
+        let routes = self.routes();
+        let metric_rules = routes.monitored_rules().next().is_some();
         Router {
+            metric_rules,
+            kernel,
+            work: VecDeque::with_capacity(KERNEL_WORK),
             index: self.routers.fetch_add(1, Relaxed),
             dumped: 0,
             engine: self.clone(),
-            routes: self.routes(),
+            routes,
             flows: FlowTable::new(self.settings.lifetimes, self.settings.flow_capacity),
             fragments: Fragments::new(FRAGMENTED_DATAGRAMS),
             next_sweep: self.epoch + SWEEP_EVERY,
             ended: Vec::new(),
             measuring: 0,
+            started_monitored: 0,
         }
     }
 
@@ -166,25 +169,6 @@ impl Engine {
 
     pub fn fakes(&self) -> &Arc<Mutex<FakeTable>> {
         &self.fakes
-    }
-
-    fn kernel(&self) -> std::sync::MutexGuard<'_, KernelTables> {
-        self.kernel.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Flows the NAT table translates now.
-    pub fn nat_flows(&self) -> usize {
-        self.kernel().nat.len()
-    }
-
-    /// Flows the kernel measures for the Monitor now.
-    pub fn measured_in_kernel(&self) -> usize {
-        self.kernel().pins.measured()
-    }
-
-    /// Runs `f` on the kernel's pins (the Monitor's probes use them).
-    pub fn with_pins<T>(&self, f: impl FnOnce(&mut dyn FlowPins) -> T) -> T {
-        f(self.kernel().pins.as_mut())
     }
 
     /// The reply map, when any overlay carries a fake-address flow; held
@@ -304,6 +288,11 @@ enum Known {
 pub struct Router {
     /// Which router of the engine's it is, and the last dump it answered.
     index: usize,
+    /// What it reads of the kernel's tables.
+    kernel: Arc<dyn KernelView + Send + Sync>,
+    /// Changes to the kernel's tables decided and not yet taken by the
+    /// caller, oldest first.
+    work: VecDeque<KernelOp>,
     dumped: u64,
     engine: Arc<Engine>,
     routes: Arc<Routes>,
@@ -315,6 +304,10 @@ pub struct Router {
     ended: Vec<(FlowKey, Flow)>,
     /// Flows of this table measured here: while none, sweeps report nothing.
     measuring: usize,
+    /// Flows the Monitor chose a carrier for, and whether any rule of the
+    /// batch's routes asks it to (the caller then times the decisions).
+    started_monitored: u64,
+    metric_rules: bool,
 }
 
 impl Router {
@@ -322,8 +315,21 @@ impl Router {
     pub fn begin_batch(&mut self) {
         let latest = self.engine.routes();
         if !Arc::ptr_eq(&latest, &self.routes) {
+            self.metric_rules = latest.monitored_rules().next().is_some();
             self.routes = latest;
         }
+    }
+
+    /// Whether a packet of this batch may start a flow the Monitor decides:
+    /// the caller times such decisions (with their kernel work) for
+    /// `oasis status`, and reads no clock per packet otherwise.
+    pub fn decisions_to_time(&self) -> bool {
+        self.metric_rules
+    }
+
+    /// Flows started whose carrier the Monitor chose, so far.
+    pub fn started_monitored(&self) -> u64 {
+        self.started_monitored
     }
 
     /// The overlay an [`Outbound::Overlay`] of this batch names.
@@ -343,6 +349,72 @@ impl Router {
 
     pub fn flows(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// The next change to the kernel's tables this router decided, oldest
+    /// first. The caller carries out each before it sends the packet just
+    /// decided (a flow's NAT entry must exist before its first reply can
+    /// arrive), and reports a refusal with [`Router::kernel_refused`].
+    pub fn next_work(&mut self) -> Option<KernelOp> {
+        self.work.pop_front()
+    }
+
+    /// The kernel refused `op`, queued while deciding `packet` (or while
+    /// sweeping: then `packet` is empty). The flow goes on without the
+    /// kernel's help where it can; a fake address's flow the kernel cannot
+    /// translate cannot go on at all. Returns the packet's new outcome when
+    /// it changes.
+    pub fn kernel_refused(
+        &mut self,
+        op: &KernelOp,
+        error: &TableError,
+        now: Instant,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+    ) -> Option<Outbound> {
+        match *op {
+            KernelOp::Translate { flow, fake, real, .. } => {
+                let counters = &self.engine.counters;
+                counters.nat_errors.fetch_add(1, Relaxed);
+                let _ = counters
+                    .fake_flows_underlay
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+                tracing::warn!(%fake, %real, "installing a NAT entry: {error}");
+                // Its replies would reach the application from an address
+                // it never talked to.
+                let old = self.flows.remove(&flow)?;
+                self.end_one(flow, old, now);
+                self.engine.counters.fake_unknown.fetch_add(1, Relaxed);
+                if packet.is_empty() {
+                    return None;
+                }
+                // The packet was given the real destination: the answer
+                // must be about the address the application knows.
+                let _ = rewrite_address(packet, End::Destination, fake);
+                Some(if unreachable_reply(packet, reply) {
+                    self.engine.counters.replies.fetch_add(1, Relaxed);
+                    Outbound::Reply
+                } else {
+                    self.drop(DropReason::Malformed)
+                })
+            }
+            KernelOp::Pin { flow, .. } => {
+                tracing::debug!(flow = %describe(&flow), "the kernel cannot carry the flow: {error}");
+                let held = self.flows.get_mut(&flow).filter(|f| f.offload.pinned())?;
+                let measured = held.offload.measured_in_kernel();
+                held.offload = Offload::Broker;
+                self.engine.kernel_flows.fetch_sub(1, Relaxed);
+                if measured {
+                    self.work.push_back(KernelOp::Forget { flow });
+                }
+                None
+            }
+            KernelOp::Measure { flow, .. } => {
+                tracing::debug!(flow = %describe(&flow), "the kernel cannot measure the flow: {error}");
+                None
+            }
+            KernelOp::Untranslate { .. } | KernelOp::Forget { .. } => None,
+        }
     }
 
     /// Decides one packet. The packet may be rewritten in place (a fake
@@ -505,12 +577,11 @@ impl Router {
             .get(key)
             .and_then(|f| f.fake)
             .map_or(*key, |f| real_key(key, f.real));
-        self.engine.kernel().pins.answered(&real)
+        self.kernel.answered(&real)
     }
 
     /// A new flow claimed by a header rule.
     fn start(&mut self, key: &FlowKey, packet: &[u8], now: Instant, exclude: Option<Via>) -> Via {
-        let decided = Instant::now();
         let flow = NewFlow {
             key,
             dst: flow_dst(key),
@@ -534,19 +605,17 @@ impl Router {
         if decision.monitored {
             new.monitored = true;
             self.measure(key, key, &mut new, packet, now);
-            let took = decided.elapsed();
-            self.engine.counters.decisions.record(took.as_nanos() as u64);
+            self.started_monitored += 1;
         } else if let (Via::Underlay, Some(rule)) = (via, rule) {
             // The underlay needs nothing of the broker: the flow's later
             // packets pass in the kernel, counted by its rule, as if Oasis
             // were not there.
-            match self.engine.kernel().pins.pin(key, rule, false) {
-                Ok(()) => {
-                    new.pinned = true;
-                    self.engine.kernel_flows.fetch_add(1, Relaxed);
-                }
-                Err(e) => tracing::debug!(flow = %describe(key), "the kernel cannot carry the flow: {e}"),
-            }
+            self.work.push_back(KernelOp::Pin {
+                flow: *key,
+                rule,
+                measured: false,
+            });
+            new.offload = Offload::Pinned { measured: false };
         }
         self.insert(*key, new);
         via
@@ -561,19 +630,25 @@ impl Router {
         let syn = segment.filter(|s| s.syn && !s.ack_flag).map(|_| now);
         match flow.via {
             Via::Underlay => {
-                let mut kernel = self.engine.kernel();
-                let in_nat = flow.fake.is_some_and(|f| f.in_kernel);
-                let pinned = in_nat || kernel.pins.pin(key, flow.rule.unwrap_or(0), true).is_ok();
-                let measured = kernel.pins.measure(real, syn, false);
-                drop(kernel);
-                if let Err(e) = &measured {
-                    tracing::debug!(flow = %describe(key), "the kernel cannot measure the flow: {e}");
+                // A translated flow already passes in the kernel.
+                let translated = matches!(flow.offload, Offload::Translated { .. });
+                if !translated {
+                    self.work.push_back(KernelOp::Pin {
+                        flow: *key,
+                        rule: flow.rule.unwrap_or(0),
+                        measured: true,
+                    });
                 }
-                flow.pinned = pinned && !in_nat;
-                flow.measured_in_kernel = measured.is_ok();
-                if flow.pinned || flow.measured_in_kernel {
-                    self.engine.kernel_flows.fetch_add(1, Relaxed);
-                }
+                self.work.push_back(KernelOp::Measure {
+                    flow: *real,
+                    syn_sent: syn,
+                    probe: false,
+                });
+                flow.offload = if translated {
+                    Offload::Translated { measured: true }
+                } else {
+                    Offload::Pinned { measured: true }
+                };
             }
             Via::Overlay(_) => {
                 let probe = Arc::new(FlowProbe::new(flow.via, flow_dst(real), self.engine.epoch));
@@ -582,7 +657,7 @@ impl Router {
                     measure.outbound(segment, now);
                 }
                 self.engine.add_measured(reply_key(real, flow_dst(real)), probe);
-                flow.measure = Some(Box::new(measure));
+                flow.offload = Offload::Measured(Box::new(measure));
                 self.measuring += 1;
             }
             Via::Unavailable => {}
@@ -592,13 +667,14 @@ impl Router {
     /// A pinned flow's packet came back: the kernel lost its verdict (its
     /// cache is bounded); pin it again.
     fn repin(&mut self, key: &FlowKey) {
-        let Some(flow) = self.flows.get(key).filter(|f| f.pinned) else {
+        let Some(flow) = self.flows.get(key).filter(|f| f.offload.pinned()) else {
             return;
         };
-        let (rule, measured) = (flow.rule.unwrap_or(0), flow.monitored());
-        if let Err(e) = self.engine.kernel().pins.pin(key, rule, measured) {
-            tracing::debug!(flow = %describe(key), "pinning the flow again: {e}");
-        }
+        self.work.push_back(KernelOp::Pin {
+            flow: *key,
+            rule: flow.rule.unwrap_or(0),
+            measured: flow.monitored(),
+        });
     }
 
     /// A metric rule's flow whose SYN went again unanswered: the carrier
@@ -642,6 +718,9 @@ impl Router {
             && let Some(overlay) = self.routes.overlays.get(id)
         {
             overlay.flows.fetch_add(1, Relaxed);
+        }
+        if flow.in_kernel() {
+            self.engine.kernel_flows.fetch_add(1, Relaxed);
         }
         self.flows.insert(key, flow);
         let counters = &self.engine.counters;
@@ -795,39 +874,31 @@ impl Router {
         let counters = &self.engine.counters;
         if in_kernel {
             // Replies of an underlay flow reach the application straight
-            // from the uplink: without the reverse entry they would come
-            // from an address it never talked to.
-            let installed = self
-                .engine
-                .kernel()
-                .nat
-                .install(key, fake, real, decision.monitored);
-            if let Err(e) = installed {
-                counters.nat_errors.fetch_add(1, Relaxed);
-                tracing::warn!(%fake, %real, "installing a NAT entry: {e}");
-                self.engine
-                    .fakes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .flow_ended(fake, unix_now());
-                return None;
-            }
+            // from the uplink: the caller installs the reverse entry before
+            // it sends this packet, or they would come from an address the
+            // application never talked to.
+            self.work.push_back(KernelOp::Translate {
+                flow: *key,
+                fake,
+                real,
+                measure: decision.monitored,
+            });
             counters.fake_flows_underlay.fetch_add(1, Relaxed);
         } else {
             self.engine.add_reply(reply_key(key, real), fake);
             counters.fake_flows_overlay.fetch_add(1, Relaxed);
         }
         tracing::debug!(%name, %fake, %real, ?via, in_kernel, why = ?decision.why, "new fake-address flow");
-        let binding = FakeBinding {
-            fake,
-            real,
-            in_kernel,
-        };
+        let binding = FakeBinding { fake, real };
         let mut new = Flow::new(rule, via, Some(binding), now);
+        if in_kernel {
+            new.offload = Offload::Translated { measured: false };
+        }
         new.why = decision.why;
         if decision.monitored {
             new.monitored = true;
             self.measure(key, &real_key(key, real), &mut new, packet, now);
+            self.started_monitored += 1;
         }
         self.insert(*key, new);
         self.engine.fake_flows.fetch_add(1, Relaxed);
@@ -856,7 +927,7 @@ impl Router {
         if self.measuring > 0 {
             let monitor = &self.engine.monitor;
             for (_, flow) in self.flows.iter_mut() {
-                if let Some(measure) = flow.measure.as_mut() {
+                if let Offload::Measured(measure) = &mut flow.offload {
                     measure.report(now, &mut |event| monitor.report(now, event));
                 }
             }
@@ -909,17 +980,18 @@ impl Router {
         make_room: bool,
     ) -> Vec<(FlowKey, Flow)> {
         ended.clear();
-        let kernel_flows =
-            self.engine.fake_flows.load(Relaxed) > 0 || self.engine.kernel_flows.load(Relaxed) > 0;
-        // The kernel is asked only about in-kernel flows, under one lock
-        // for the whole sweep.
-        let kernel = kernel_flows.then(|| self.engine.kernel());
+        // The kernel is asked only about in-kernel flows.
+        let kernel_flows = self.engine.kernel_flows.load(Relaxed) > 0;
+        let kernel = &self.kernel;
         let kernel_seen = |key: &FlowKey, flow: &Flow| {
-            let kernel = kernel.as_ref()?;
-            if flow.pinned {
-                return kernel.pins.last_seen(key);
+            if !kernel_flows {
+                return None;
             }
-            kernel.nat.last_seen(key, flow.fake?.real)
+            match flow.offload {
+                Offload::Pinned { .. } => kernel.pinned_seen(key),
+                Offload::Translated { .. } => kernel.translated_seen(key, flow.fake?.real),
+                Offload::Broker | Offload::Measured(_) => None,
+            }
         };
         if make_room {
             self.flows.make_room(now, kernel_seen, &mut ended);
@@ -956,50 +1028,56 @@ impl Router {
         let monitor = &self.engine.monitor;
         let mut measured_here = 0;
         for (_, flow) in ended.iter_mut() {
-            if let Some(measure) = flow.measure.as_mut() {
+            if let Offload::Measured(measure) = &mut flow.offload {
                 measure.report(now, &mut |event| monitor.report(now, event));
                 measured_here += 1;
             }
         }
         if measured_here > 0 {
             self.measuring = self.measuring.saturating_sub(measured_here);
-            self.engine
-                .remove_measured(
-                    ended
-                        .iter()
-                        .filter(|(_, f)| f.measure.is_some())
-                        .map(|(key, flow)| {
-                            let real = flow.fake.map_or_else(|| flow_dst(key), |f| f.real);
-                            reply_key(key, real)
-                        }),
-                );
+            self.engine.remove_measured(
+                ended
+                    .iter()
+                    .filter(|(_, f)| matches!(f.offload, Offload::Measured(_)))
+                    .map(|(key, flow)| {
+                        let real = flow.fake.map_or_else(|| flow_dst(key), |f| f.real);
+                        reply_key(key, real)
+                    }),
+            );
         }
-        let special = |flow: &Flow| flow.fake.is_some() || flow.pinned || flow.measured_in_kernel;
+        let special = |flow: &Flow| flow.fake.is_some() || flow.in_kernel();
         if !ended.iter().any(|(_, f)| special(f)) {
             ended.clear();
             return;
         }
-        {
-            let mut kernel = self.engine.kernel();
-            for (key, flow) in ended.iter() {
-                if let Some(binding) = flow.fake.filter(|b| b.in_kernel) {
-                    kernel.nat.remove(key, binding.real);
-                }
-                if flow.pinned || flow.measured_in_kernel {
-                    let real = flow.fake.map_or(*key, |f| real_key(key, f.real));
-                    kernel.pins.forget(key);
-                    if real != *key {
-                        kernel.pins.forget(&real);
-                    }
-                    self.engine.kernel_flows.fetch_sub(1, Relaxed);
+        for (key, flow) in ended.iter() {
+            if let (Offload::Translated { .. }, Some(binding)) = (&flow.offload, flow.fake) {
+                self.work.push_back(KernelOp::Untranslate {
+                    flow: *key,
+                    real: binding.real,
+                });
+            }
+            if flow.offload.pinned() || flow.offload.measured_in_kernel() {
+                let real = flow.fake.map_or(*key, |f| real_key(key, f.real));
+                self.work.push_back(KernelOp::Forget { flow: *key });
+                if real != *key {
+                    self.work.push_back(KernelOp::Forget { flow: real });
                 }
             }
+            if flow.in_kernel() {
+                self.engine.kernel_flows.fetch_sub(1, Relaxed);
+            }
         }
-        let overlay_replies = ended.iter().filter_map(|(key, flow)| {
-            let binding = flow.fake.filter(|b| !b.in_kernel)?;
-            Some(reply_key(key, binding.real))
-        });
-        if ended.iter().any(|(_, f)| f.fake.is_some_and(|b| !b.in_kernel)) {
+        let on_overlay =
+            |flow: &Flow| flow.fake.is_some() && !matches!(flow.offload, Offload::Translated { .. });
+        let overlay_replies = ended
+            .iter()
+            .filter(|(_, f)| on_overlay(f))
+            .filter_map(|(key, flow)| {
+                let binding = flow.fake?;
+                Some(reply_key(key, binding.real))
+            });
+        if ended.iter().any(|(_, f)| on_overlay(f)) {
             self.engine.remove_replies(overlay_replies);
         }
         {
@@ -1024,14 +1102,14 @@ fn known(flow: &mut Flow, packet: &[u8], now: Instant) -> Known {
         // decided was diverted before the pin existed: carried, not pinned
         // again one system call each.
         let in_flight = now.saturating_duration_since(flow.started) < PINNED_IN_FLIGHT;
-        return if flow.pinned && !in_flight {
+        return if flow.offload.pinned() && !in_flight {
             Known::Repin(flow.via)
         } else {
             Known::Carry(flow.via)
         };
     }
     let segment = Segment::of(packet);
-    if let Some(measure) = flow.measure.as_mut() {
+    if let Offload::Measured(measure) = &mut flow.offload {
         return match segment.map(|s| measure.outbound(&s, now)) {
             Some(Seen::SynUnanswered) => Known::Rescue,
             _ => Known::Carry(flow.via),
@@ -1044,7 +1122,7 @@ fn known(flow: &mut Flow, packet: &[u8], now: Instant) -> Known {
     if syn && flow.packets > 1 && flow.in_kernel() {
         return Known::SynAgain(flow.via);
     }
-    if flow.pinned {
+    if flow.offload.pinned() {
         Known::Repin(flow.via)
     } else {
         Known::Carry(flow.via)
