@@ -13,12 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::{
-    DropReason, Engine, LocalAddresses, Outbound, ReturnPath, Returned, Router, SharedTables, module_admitted,
+    DropReason, Engine, EngineCounters, LocalAddresses, Outbound, ReturnPath, Returned, Router, Routes,
+    SharedTables, module_admitted,
 };
 use crate::liveness::{TICK_EVERY, Tick};
-use crate::platform::{
-    DatagramSocket, Delivery, DivertedQueue, PacketBatch, Received, UnderlaySender, datagrams,
-};
+use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
 
 /// The largest datagram a receive buffer of the overlay and underlay ports
 /// holds (a coalesced run of datagrams, or one of any size).
@@ -134,7 +133,8 @@ where
         }
 
         // ... then send them, one system call per carrier and family.
-        send_decided(&router, &decisions, &batch, underlay, overlay, &mut scratch);
+        let decided = decisions.iter().copied().zip(batch.packets());
+        send_decided(router.routes(), decided, underlay, overlay, &mut scratch).count(counters);
         if reply_count > 0
             && let Err(e) = delivery.deliver(&mut replies[..reply_count])
         {
@@ -167,8 +167,8 @@ pub fn carry_out(
     changed
 }
 
-/// What the sends of one queue reuse from batch to batch.
-struct SendScratch<U: UnderlaySender, S: DatagramSocket> {
+/// What the sends of one loop reuse from batch to batch.
+pub struct SendScratch<U: UnderlaySender, S: DatagramSocket> {
     underlay: U::Scratch,
     v4: S::Scratch,
     v6: S::Scratch,
@@ -184,51 +184,69 @@ impl<U: UnderlaySender, S: DatagramSocket> Default for SendScratch<U, S> {
     }
 }
 
-/// Sends a decided batch: the underlay's packets in one call, each
-/// family's overlay datagrams in another.
-fn send_decided<U: UnderlaySender, S: DatagramSocket>(
-    router: &Router,
-    decisions: &[Outbound],
-    batch: &PacketBatch,
+/// What one [`send_decided`] sent and failed to send.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub underlay: usize,
+    pub overlay: usize,
+    pub failed: usize,
+}
+
+impl Sent {
+    /// Adds it to the broker's counters (the Monitor's probes are not the
+    /// broker's traffic).
+    fn count(&self, counters: &EngineCounters) {
+        counters.sent_underlay.fetch_add(self.underlay as u64, Relaxed);
+        counters.sent_overlay.fetch_add(self.overlay as u64, Relaxed);
+        counters.send_errors.fetch_add(self.failed as u64, Relaxed);
+    }
+}
+
+/// Carries out what the engine decided for packets (by the `routes` they
+/// were decided with): the underlay's packets in one call, each family's
+/// overlay datagrams in another. Every sender of decided packets (the
+/// packet loops, the Monitor's prober) sends through here.
+pub fn send_decided<'p, U: UnderlaySender, S: DatagramSocket>(
+    routes: &Routes,
+    decided: impl Iterator<Item = (Outbound, &'p [u8])> + Clone,
     underlay: &U,
     overlay: &OverlaySockets<S>,
     scratch: &mut SendScratch<U, S>,
-) {
-    let counters = &router.engine().counters;
-    let underlay_packets = decisions
-        .iter()
-        .zip(batch.packets())
-        .filter(|(d, _)| **d == Outbound::Underlay)
+) -> Sent {
+    let underlay_packets = decided
+        .clone()
+        .filter(|(d, _)| *d == Outbound::Underlay)
         .map(|(_, p)| p);
-    let (sent, failed) = underlay.send(&mut scratch.underlay, underlay_packets);
-    counters.sent_underlay.fetch_add(sent as u64, Relaxed);
-    counters.send_errors.fetch_add(failed as u64, Relaxed);
+    let (underlay_sent, mut failed_all) = underlay.send(&mut scratch.underlay, underlay_packets);
+    let mut overlay_sent = 0;
     for (v4, socket, scratch) in [
         (true, Some(&overlay.v4), &mut scratch.v4),
         (false, overlay.v6.as_ref(), &mut scratch.v6),
     ] {
-        let datagrams = decisions
-            .iter()
-            .zip(batch.packets())
-            .filter_map(|(d, packet)| match *d {
-                Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
-                    let overlay = router.overlay(overlay)?;
-                    overlay.sent.fetch_add(1, Relaxed);
-                    Some((overlay.shim.as_slice(), packet, to))
-                }
-                Outbound::Module { overlay, to, rule } if to.is_ipv4() == v4 => {
-                    router.overlay(overlay)?.sent.fetch_add(1, Relaxed);
-                    Some((router.module_shim(rule)?, packet, to))
-                }
-                _ => None,
-            });
+        let datagrams = decided.clone().filter_map(|(d, packet)| match d {
+            Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
+                let overlay = routes.overlays.get(overlay)?;
+                overlay.sent.fetch_add(1, Relaxed);
+                Some((overlay.shim.as_slice(), packet, to))
+            }
+            Outbound::Module { overlay, to, rule } if to.is_ipv4() == v4 => {
+                routes.overlays.get(overlay)?.sent.fetch_add(1, Relaxed);
+                Some((routes.monitored(rule)?.module_shim.as_slice(), packet, to))
+            }
+            _ => None,
+        });
         let (sent, failed) = match socket {
             Some(socket) => socket.send(scratch, datagrams),
             // No IPv6 on this host: an IPv6 next hop is unreachable.
             None => (0, datagrams.count()),
         };
-        counters.sent_overlay.fetch_add(sent as u64, Relaxed);
-        counters.send_errors.fetch_add(failed as u64, Relaxed);
+        overlay_sent += sent;
+        failed_all += failed;
+    }
+    Sent {
+        underlay: underlay_sent,
+        overlay: overlay_sent,
+        failed: failed_all,
     }
 }
 

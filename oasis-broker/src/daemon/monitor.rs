@@ -19,9 +19,9 @@ use super::monitor_report::render;
 use crate::control::MonitorView;
 use crate::engine::measure::GOODPUT_MIN_BYTES;
 use crate::engine::packet::flow_dst;
-use crate::engine::{Engine, SharedTables, Via};
-use crate::forward::OverlaySockets;
-use crate::monitor::{Event, Monitor, MonitorLink, MonitorSettings, ProbeKind, ProbeRequest};
+use crate::engine::{Engine, KernelOp, Outbound, SharedTables, Via};
+use crate::forward::{OverlaySockets, SendScratch, send_decided};
+use crate::monitor::{Event, Monitor, MonitorLink, MonitorSettings, ProbeRequest};
 use crate::platform::{DatagramSocket, MonitorEvents, ProbeSockets, UnderlaySender};
 use crate::shared::Shared;
 
@@ -138,8 +138,8 @@ where
         overlay: parts.overlay,
         sockets: parts.sockets,
         packet: Vec::with_capacity(128),
-        underlay_scratch: U::Scratch::default(),
-        overlay_scratch: S::Scratch::default(),
+        work: Vec::with_capacity(2),
+        scratch: SendScratch::default(),
     };
     let (engine, events, view, settings) = (parts.engine, parts.events, parts.view, parts.settings);
     threads.push(
@@ -236,12 +236,15 @@ struct Prober<U: UnderlaySender, S: DatagramSocket> {
     overlay: Arc<OverlaySockets<S>>,
     sockets: Arc<dyn ProbeSockets>,
     packet: Vec<u8>,
-    underlay_scratch: U::Scratch,
-    overlay_scratch: S::Scratch,
+    /// The kernel work of the probe at hand.
+    work: Vec<KernelOp>,
+    scratch: SendScratch<U, S>,
 }
 
 impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
-    /// False when the probe could not be sent.
+    /// False when the probe could not be sent. The engine says where it
+    /// goes and what the kernel must do first; this carries both out as
+    /// the packet loops do.
     fn send(&mut self, probe: &ProbeRequest, link: &MonitorLink, now: Instant) -> bool {
         let Some(src) = self.sockets.source_for(probe.target.dst) else {
             tracing::debug!(dst = %probe.target.dst, "no route for a probe");
@@ -250,58 +253,34 @@ impl<U: UnderlaySender, S: DatagramSocket> Prober<U, S> {
         let Some(key) = link.probes.build(probe, src, now, &mut self.packet) else {
             return false;
         };
-        let sent = match probe.via {
-            Via::Underlay => {
-                if matches!(probe.target.kind, ProbeKind::TcpSyn { .. }) {
-                    // The kernel times the answer, and passes the host's
-                    // own reset to it rather than diverting it.
-                    let pinned = {
-                        let mut tables = self.tables.lock();
-                        let pins = &mut tables.pins;
-                        pins.pin(&key, 0, true)
-                            .and_then(|()| pins.measure(&key, Some(now), true))
-                            .is_ok()
-                    };
-                    if !pinned {
-                        link.probes.unsent(&key);
-                        return false;
-                    }
-                }
-                let (sent, _) = self.underlay.send(
-                    &mut self.underlay_scratch,
-                    std::iter::once(self.packet.as_slice()),
-                );
-                sent == 1
-            }
-            Via::Overlay(id) => {
-                let routes = self.engine.routes();
-                let Some(overlay) = routes.overlays.get(id) else {
-                    link.probes.unsent(&key);
-                    return false;
-                };
-                let to = overlay.path.next_hop(&key);
-                let socket = if to.is_ipv4() {
-                    Some(&self.overlay.v4)
-                } else {
-                    self.overlay.v6.as_ref()
-                };
-                let sent = socket.is_some_and(|socket| {
-                    let datagram = (overlay.shim.as_slice(), self.packet.as_slice(), to);
-                    socket
-                        .send(&mut self.overlay_scratch, std::iter::once(datagram))
-                        .0
-                        == 1
-                });
-                if sent {
-                    overlay.sent.fetch_add(1, Relaxed);
-                }
-                sent
-            }
-            Via::Unavailable => false,
+        let routes = self.engine.routes();
+        self.work.clear();
+        let outbound = self
+            .engine
+            .probe(&routes, probe.via, &key, &mut self.packet, now, &mut self.work);
+        let refused = self
+            .work
+            .iter()
+            .find_map(|op| self.tables.lock().carry_out(op).err());
+        if let Some(e) = &refused {
+            tracing::debug!(dst = %probe.target.dst, "the kernel cannot time a probe: {e}");
+        }
+        let sent = refused.is_none() && !matches!(outbound, Outbound::Drop(_)) && {
+            let once = std::iter::once((outbound, self.packet.as_slice()));
+            let sent = send_decided(
+                &routes,
+                once,
+                self.underlay.as_ref(),
+                &self.overlay,
+                &mut self.scratch,
+            );
+            sent.underlay + sent.overlay == 1
         };
         if !sent {
             link.probes.unsent(&key);
-            self.tables.lock().pins.forget(&key);
+            if !self.work.is_empty() {
+                self.tables.lock().pins.forget(&key);
+            }
         }
         sent
     }

@@ -35,7 +35,7 @@ pub use nat::{MemoryNat, NatTable, TableError};
 pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
 pub use pins::{FlowPins, MemoryPins};
 pub use returns::{LocalAddresses, ReturnPath, Returned, module_admitted};
-pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router};
+pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router, toward_overlay};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 
 #[cfg(test)]
@@ -1144,6 +1144,127 @@ mod tests {
             decide(&mut router, &mut tcp(v4(fake), 40000, 443, None)),
             Outbound::Underlay
         );
+    }
+
+    #[test]
+    fn a_routers_kernel_work_waits_for_its_caller() {
+        let world = world(&[header("underlay", "tcp", "8080"), name("underlay", "example.org")]);
+        let fake = answer(&world, "www.example.org", "192.0.2.10");
+        let real: IpAddr = "192.0.2.10".parse().unwrap();
+        // A bare router: nothing carries its work out unless the test does.
+        let mut router = world.engine.router(Arc::new(world.tables.clone()));
+        let t0 = Instant::now();
+        router.begin_batch();
+        let mut syn = tcp(SERVER, 40000, 8080, Some(1460));
+        let key = key_of(&syn);
+        assert_eq!(router.outbound(t0, &mut syn, &mut Vec::new()), Outbound::Underlay);
+        assert!(
+            world.pins.0.lock().unwrap().flows.is_empty(),
+            "the engine wrote no table"
+        );
+        let pin = KernelOp::Pin {
+            flow: key,
+            rule: 1,
+            measured: false,
+        };
+        assert_eq!(router.next_work(), Some(pin));
+        assert_eq!(router.next_work(), None);
+
+        let fake_key = key_of(&tcp(v4(fake), 40001, 443, None));
+        let mut first = tcp(v4(fake), 40001, 443, None);
+        assert_eq!(
+            router.outbound(t0, &mut first, &mut Vec::new()),
+            Outbound::Underlay
+        );
+        assert_eq!(world.nat.len(), 0);
+        assert_eq!(
+            router.next_work(),
+            Some(KernelOp::Translate {
+                flow: fake_key,
+                fake,
+                real,
+                measure: false
+            })
+        );
+
+        // The kernel refused the pin: the flow stays with the broker, and
+        // its later packets are carried without asking the kernel again.
+        let full = TableError {
+            table: "test",
+            reason: "full".into(),
+        };
+        let changed = router.kernel_refused(&pin, &full, t0, &mut [], &mut Vec::new());
+        assert_eq!(changed, None, "the packet goes as decided");
+        assert!(!router.flows().get(&key).unwrap().in_kernel());
+        let mut data = tcp(SERVER, 40000, 8080, None);
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            router.outbound(later, &mut data, &mut Vec::new()),
+            Outbound::Underlay
+        );
+        assert_eq!(router.next_work(), None, "no pin per packet");
+
+        // Ending flows is work too: the translated flow's entry goes, the
+        // flow the kernel never carried leaves nothing to undo.
+        router.handle_timeout(t0 + Lifetimes::DEFAULT_TCP + Duration::from_secs(60));
+        let ended: Vec<KernelOp> = std::iter::from_fn(|| router.next_work()).collect();
+        assert_eq!(ended, [KernelOp::Untranslate { flow: fake_key, real }]);
+        assert!(router.flows().is_empty());
+    }
+
+    #[test]
+    fn probes_go_as_their_carriers_packets_do() {
+        let world = world(&[]);
+        let (engine, routes) = (&world.engine, world.engine.routes());
+        let now = Instant::now();
+        let mut work = Vec::new();
+
+        // A SYN on the underlay is timed by the kernel.
+        let mut syn = tcp(SERVER, 40000, 443, Some(1460));
+        let key = key_of(&syn);
+        let outbound = engine.probe(&routes, Via::Underlay, &key, &mut syn, now, &mut work);
+        assert_eq!(outbound, Outbound::Underlay);
+        assert_eq!(
+            work,
+            [
+                KernelOp::Pin {
+                    flow: key,
+                    rule: 0,
+                    measured: true
+                },
+                KernelOp::Measure {
+                    flow: key,
+                    syn_sent: Some(now),
+                    probe: true
+                }
+            ]
+        );
+
+        // Through an overlay: its entry node, the MSS clamped as for any
+        // flow it carries, nothing for the kernel.
+        work.clear();
+        let via = Via::Overlay(OverlayId(1));
+        let outbound = engine.probe(&routes, via, &key, &mut syn, now, &mut work);
+        assert_eq!(
+            outbound,
+            Outbound::Overlay {
+                overlay: OverlayId(1),
+                to: entry()
+            }
+        );
+        assert!(work.is_empty());
+        assert!(mss(&syn).is_some_and(|m| m < 1460), "{:?}", mss(&syn));
+
+        // An echo request is timed by its reply; an overlay since left
+        // carries nothing.
+        let mut echo = ping(SERVER, 7);
+        let echo_key = key_of(&echo);
+        let outbound = engine.probe(&routes, Via::Underlay, &echo_key, &mut echo, now, &mut work);
+        assert_eq!(outbound, Outbound::Underlay);
+        assert!(work.is_empty());
+        let gone = Via::Overlay(OverlayId(9));
+        let outbound = engine.probe(&routes, gone, &echo_key, &mut echo, now, &mut work);
+        assert_eq!(outbound, Outbound::Drop(DropReason::NoCarrier));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! a reply to the application, or drop it for a named reason.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -231,6 +231,36 @@ impl Engine {
         self.epoch
     }
 
+    /// Where a probe of the Monitor's goes (`key`: its flow, `packet`: the
+    /// probe, built by the caller), by `routes` as any packet by `via`
+    /// would; in `work`, what the kernel must do before it is sent. A TCP
+    /// SYN on the underlay is timed by the kernel, which also passes the
+    /// host's own reset to the answer rather than diverting it.
+    pub fn probe(
+        &self,
+        routes: &Routes,
+        via: Via,
+        key: &FlowKey,
+        packet: &mut [u8],
+        now: Instant,
+        work: &mut Vec<KernelOp>,
+    ) -> Outbound {
+        let syn = Segment::of(packet).is_some_and(|s| s.syn && !s.ack_flag);
+        if via == Via::Underlay && syn {
+            work.push(KernelOp::Pin {
+                flow: *key,
+                rule: 0,
+                measured: true,
+            });
+            work.push(KernelOp::Measure {
+                flow: *key,
+                syn_sent: Some(now),
+                probe: true,
+            });
+        }
+        carry(routes, &self.settings, via, key, None, packet).unwrap_or_else(Outbound::Drop)
+    }
+
     /// Asks every router for its flows; they answer at their next tick.
     /// The generation to wait for with [`Engine::flow_dump`].
     pub fn ask_flows(&self) -> u64 {
@@ -345,6 +375,11 @@ impl Router {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The routes of the batch at hand.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     pub fn flows(&self) -> &FlowTable {
@@ -730,36 +765,10 @@ impl Router {
 
     /// Where a flow's packets go.
     fn carry(&self, via: Via, key: &FlowKey, packet: &mut [u8]) -> Outbound {
-        match via {
-            Via::Underlay => Outbound::Underlay,
-            Via::Overlay(id) => match self.routes.overlays.get(id) {
-                Some(overlay) if overlay.monitor => {
-                    // The module forwards the packet on over a carrier of its
-                    // choosing; its MSS is the module's business.
-                    let rule = self.flows.get(key).and_then(|f| f.rule);
-                    match rule.filter(|r| self.routes.monitored(*r).is_some()) {
-                        Some(rule) => Outbound::Module {
-                            overlay: id,
-                            to: overlay.path.next_hop(key),
-                            rule,
-                        },
-                        None => self.drop(DropReason::NoCarrier),
-                    }
-                }
-                Some(overlay) => {
-                    let to = overlay.path.next_hop(key);
-                    let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-                    clamp_mss(
-                        packet,
-                        overlay.max_mss(self.engine.settings.uplink_mtu, inner_v6, to.is_ipv6()),
-                    );
-                    Outbound::Overlay { overlay: id, to }
-                }
-                // Its overlay is gone: the flow cannot continue where it
-                // started, and moving it would change its source address.
-                None => self.drop(DropReason::NoCarrier),
-            },
-            Via::Unavailable => self.drop(DropReason::NoCarrier),
+        let rule = self.flows.get(key).and_then(|f| f.rule);
+        match carry(&self.routes, &self.engine.settings, via, key, rule, packet) {
+            Ok(outbound) => outbound,
+            Err(reason) => self.drop(reason),
         }
     }
 
@@ -1092,6 +1101,60 @@ impl Router {
         }
         ended.clear();
     }
+}
+
+/// Where a packet goes by `via`, the one place that knows: the underlay,
+/// an overlay's next hop for the flow (its MSS clamped to fit the
+/// encapsulation), or the monitor module of the flow's metric `rule`.
+fn carry(
+    routes: &Routes,
+    settings: &EngineSettings,
+    via: Via,
+    key: &FlowKey,
+    rule: Option<u32>,
+    packet: &mut [u8],
+) -> Result<Outbound, DropReason> {
+    match via {
+        Via::Underlay => Ok(Outbound::Underlay),
+        Via::Overlay(id) => match routes.overlays.get(id) {
+            Some(overlay) if overlay.monitor => {
+                // The module forwards the packet on over a carrier of its
+                // choosing; its MSS is the module's business.
+                match rule.filter(|r| routes.monitored(*r).is_some()) {
+                    Some(rule) => Ok(Outbound::Module {
+                        overlay: id,
+                        to: overlay.path.next_hop(key),
+                        rule,
+                    }),
+                    None => Err(DropReason::NoCarrier),
+                }
+            }
+            Some(overlay) => Ok(Outbound::Overlay {
+                overlay: id,
+                to: toward_overlay(overlay, settings.uplink_mtu, key, packet),
+            }),
+            // Its overlay is gone: the flow cannot continue where it
+            // started, and moving it would change its source address.
+            None => Err(DropReason::NoCarrier),
+        },
+        Via::Unavailable => Err(DropReason::NoCarrier),
+    }
+}
+
+/// The entry node of `overlay` that carries the flow `key`, with the
+/// packet's MSS clamped to fit the overlay's encapsulation on an uplink of
+/// `uplink_mtu`: for the flows the broker carries, and for the packets a
+/// monitor module sends over an overlay of its choosing.
+pub fn toward_overlay(
+    overlay: &JoinedOverlay,
+    uplink_mtu: u16,
+    key: &FlowKey,
+    packet: &mut [u8],
+) -> SocketAddr {
+    let to = overlay.path.next_hop(key);
+    let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+    clamp_mss(packet, overlay.max_mss(uplink_mtu, inner_v6, to.is_ipv6()));
+    to
 }
 
 /// What a packet of a known flow asks for. Metric rules' flows are

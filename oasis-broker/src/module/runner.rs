@@ -27,12 +27,11 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Module;
 
 use oasis_io::datagram::datagrams;
-use oasis_io::packet::clamp_mss;
 
 use super::confine::{Confinement, FlowRefusals, Refusal};
 use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
-use crate::engine::Lifetimes;
 use crate::engine::packet::flow_key;
+use crate::engine::{Lifetimes, toward_overlay};
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 use crate::shared::{Shared, snapshot};
 
@@ -591,17 +590,11 @@ impl Host {
                                 .may_leave(packet, now)
                                 .and_then(|()| self.confine.may_send(carrier.shim.len() + packet.len(), now))
                                 .map(|()| {
-                                    let to = carrier.path.next_hop(&flow_key(packet).unwrap_or_default());
                                     // A monitor's connections go over overlays it
-                                    // chose: their segments must fit with that
-                                    // overlay's encapsulation, as the broker sees to
-                                    // for the flows it carries itself.
-                                    let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-                                    clamp_mss(
-                                        packet,
-                                        carrier.max_mss(self.setup.uplink_mtu, inner_v6, to.is_ipv6()),
-                                    );
-                                    mapped(to)
+                                    // chose: the entry node and the MSS that fits
+                                    // are decided as for the broker's own flows.
+                                    let key = flow_key(packet).unwrap_or_default();
+                                    mapped(toward_overlay(carrier, self.setup.uplink_mtu, &key, packet))
                                 })
                         }
                     }

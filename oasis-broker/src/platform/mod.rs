@@ -85,7 +85,7 @@ impl PacketBatch {
         &mut self.bufs[index][..self.lens[index]]
     }
 
-    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> + Clone {
         self.bufs
             .iter()
             .zip(&self.lens)
