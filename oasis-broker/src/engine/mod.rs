@@ -6,10 +6,12 @@
 //! (`crate::forward`) do the I/O around it.
 //!
 //! - [`Engine`]: what all packet threads share: the published [`Routes`],
-//!   the fake-address table, the [`NatTable`], the counters, and the
-//!   [`CarrierChooser`] a new flow's carrier comes from.
+//!   the fake-address table, the counters, and the [`CarrierChooser`] a new
+//!   flow's carrier comes from.
 //! - [`Router`]: one per packet thread: its flow table (header-rule and
-//!   fake-address flows alike) and the outbound decisions.
+//!   fake-address flows alike) and the outbound decisions, with the
+//!   [`KernelOp`]s they ask of the kernel's tables, which its caller
+//!   carries out (`offload.rs`).
 //! - [`ReturnPath`]: the checks on packets coming back from overlays.
 
 pub mod carrier;

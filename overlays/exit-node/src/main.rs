@@ -7,7 +7,6 @@
 #[cfg(target_os = "linux")]
 mod steer;
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::fd::AsRawFd;
@@ -19,8 +18,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
 
-use oasis_exit::clients::{Client, authorised, lookup};
-use oasis_exit::nat::{self, Nat, NatConfig, NatError};
+use oasis_exit::clients::Client;
+use oasis_exit::core::{Exit, ExitStats, ToClient, ToInternet};
+use oasis_exit::nat::{self, Nat, NatConfig};
 use oasis_exit::sched::PriorityQueues;
 
 /// An Oasis overlay exit node.
@@ -118,49 +118,13 @@ fn ephemeral_ports() -> Option<(u16, u16)> {
     Some((parts.next()??, parts.next()??))
 }
 
-#[derive(Serialize, Default, Debug, Clone)]
-struct Traffic {
-    packets: u64,
-    bytes: u64,
-}
-
-impl Traffic {
-    fn add(&mut self, bytes: usize) {
-        self.packets += 1;
-        self.bytes += bytes as u64;
-    }
-}
-
-#[derive(Serialize, Default, Debug, Clone)]
-struct ClientStats {
-    class: u8,
-    to_internet: Traffic,
-    to_client: Traffic,
-    /// Dropped because the client's class queue was full.
-    dropped: u64,
-}
-
-#[derive(Serialize, Default, Debug, Clone)]
-struct ExitStats {
-    clients: BTreeMap<SocketAddr, ClientStats>,
-    classes: BTreeMap<u8, ClientStats>,
-    /// Datagrams from senders not on the client list.
-    refused_unknown_sender: u64,
-    /// Datagrams whose shim did not carry the client's token.
-    refused_token: u64,
-    /// Packets the NAT refused, by reason.
-    nat_refused: BTreeMap<String, u64>,
-    /// Replies that matched no mapping (dropped; the host's own stack never
-    /// sees them, so it sends no resets).
-    unknown_replies: u64,
-    nat_flows: usize,
-    /// The steering program's own cost.
-    program: Option<steer::ProgramStats>,
-}
-
-struct Core {
-    nat: Nat,
+/// What the stats file holds: the core's counters and the steering
+/// program's own cost.
+#[derive(Serialize)]
+struct StatsFile {
+    #[serde(flatten)]
     stats: ExitStats,
+    program: Option<steer::ProgramStats>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -218,12 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     nat_config.max_flows = args.max_flows;
     nat_config.tcp_idle = std::time::Duration::from_secs(args.tcp_idle_secs);
     nat_config.udp_idle = std::time::Duration::from_secs(args.udp_idle_secs);
-    let nat = restored_nat(nat_config, &args.state_file);
-    let saved_changes = nat.changes();
-    let core = Arc::new(Mutex::new(Core {
-        nat,
-        stats: ExitStats::default(),
-    }));
+    let core = Arc::new(Mutex::new(Exit::new(restored_nat(nat_config, &args.state_file))));
     let clients = Arc::new(args.clients.clone());
     let sockets = client_sockets(&args.listen)?;
 
@@ -245,7 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
-    upkeep(&args, &core, &steering, &threads, saved_changes)
+    upkeep(&args, &core, &steering, &threads)
 }
 
 /// `--unpin`: removes the steering a retired exit left pinned.
@@ -338,10 +297,9 @@ fn client_sockets(listen: &[SocketAddr]) -> anyhow::Result<Vec<Arc<socket2::Sock
 /// packet thread died.
 fn upkeep(
     args: &Args,
-    core: &Mutex<Core>,
+    core: &Mutex<Exit>,
     steering: &steer::ExitSteering,
     threads: &[std::thread::JoinHandle<()>],
-    mut saved_changes: u64,
 ) -> anyhow::Result<()> {
     let mut last_log = Instant::now();
     let mut last_upkeep = Instant::now() - Duration::from_secs(1);
@@ -352,20 +310,11 @@ fn upkeep(
             continue;
         }
         last_upkeep = Instant::now();
-        let (stats, state) = {
-            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            core.nat.expire(now);
-            core.stats.nat_flows = core.nat.len();
-            core.stats.program = steering.stats();
-            // Copied under the lock, written outside it.
-            let changes = core.nat.changes();
-            let state = (changes != saved_changes || stopping).then(|| {
-                saved_changes = changes;
-                core.nat.state(now)
-            });
-            (core.stats.clone(), state)
-        };
+        // Copied under the lock, written outside it.
+        let (stats, state) = core
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upkeep(Instant::now(), stopping);
         if let Some(state) = state
             && let Err(e) = save_state(&args.state_file, &state)
         {
@@ -373,7 +322,11 @@ fn upkeep(
         }
         if let Some(path) = &args.stats_file {
             let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, serde_json::to_vec_pretty(&stats)?).is_ok() {
+            let file = StatsFile {
+                stats: stats.clone(),
+                program: steering.stats(),
+            };
+            if std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
             }
         }
@@ -425,7 +378,7 @@ struct Queued {
 /// Clients -> Internet: authorise, queue by class, NAT, send.
 fn to_internet(
     socket: &socket2::Socket,
-    core: &Mutex<Core>,
+    core: &Mutex<Exit>,
     clients: &[Client],
     raw: &oasis_io::linux::raw::RawSockets,
     shim_len: usize,
@@ -474,22 +427,15 @@ fn to_internet(
         let core = &mut *core_guard;
         for (buf, got) in bufs.iter().zip(&received).take(count) {
             let Some(sender) = got.from else { continue };
-            let Some(client) = lookup(clients, sender.ip()) else {
-                core.stats.refused_unknown_sender += 1;
-                continue;
-            };
             for range in datagrams(got.len, got.segment) {
-                let datagram = &buf[range];
-                if datagram.len() <= shim_len || !authorised(client, &datagram[..shim_len]) {
-                    core.stats.refused_token += 1;
+                let Some((class, inner)) = core.admit(clients, shim_len, sender, &buf[range]) else {
                     continue;
-                }
+                };
                 let mut packet = pool.pop().unwrap_or_default();
                 packet.clear();
-                packet.extend_from_slice(&datagram[shim_len..]);
-                if let Err(queued) = queues.push(client.class, Queued { sender, packet }) {
-                    core.stats.clients.entry(sender).or_default().dropped += 1;
-                    core.stats.classes.entry(client.class).or_default().dropped += 1;
+                packet.extend_from_slice(inner);
+                if let Err(queued) = queues.push(class, Queued { sender, packet }) {
+                    core.queue_full(sender, class);
                     pool.push(queued.packet);
                 }
             }
@@ -500,33 +446,18 @@ fn to_internet(
             let Some((class, mut queued)) = queues.pop() else {
                 break;
             };
-            match core.nat.outbound(queued.sender, class, &mut queued.packet, now) {
-                Ok(()) => {
-                    let size = queued.packet.len();
-                    let entry = core.stats.clients.entry(queued.sender).or_default();
-                    entry.class = class;
-                    entry.to_internet.add(size);
-                    core.stats.classes.entry(class).or_default().to_internet.add(size);
-                    out.push(queued.packet);
-                }
-                Err(e) => {
-                    *core.stats.nat_refused.entry(nat_reason(e)).or_default() += 1;
-                    // The application learns at once that its connection
-                    // is gone, instead of retransmitting into nothing.
-                    if e == NatError::NoConnection {
-                        if used == resets.len() {
-                            resets.push((queued.sender, Vec::new()));
-                        }
-                        let (to, back) = &mut resets[used];
-                        if oasis_io::packet::reset_reply(&queued.packet, back) {
-                            // The shim in front, zeros as on every reply.
-                            back.splice(0..0, std::iter::repeat_n(0u8, shim_len));
-                            *to = queued.sender;
-                            used += 1;
-                        }
-                    }
+            if used == resets.len() {
+                resets.push((queued.sender, Vec::new()));
+            }
+            let (to, back) = &mut resets[used];
+            match core.to_internet(queued.sender, class, &mut queued.packet, now, shim_len, back) {
+                ToInternet::Send => out.push(queued.packet),
+                ToInternet::Reset => {
+                    *to = queued.sender;
+                    used += 1;
                     pool.push(queued.packet);
                 }
+                ToInternet::Refused => pool.push(queued.packet),
             }
         }
         drop(core_guard);
@@ -538,24 +469,10 @@ fn to_internet(
     }
 }
 
-fn nat_reason(e: NatError) -> String {
-    match e {
-        NatError::Packet(_) => "malformed",
-        NatError::Unsupported => "unsupported protocol",
-        NatError::NoPublicAddress => "no public address of that family",
-        NatError::ForbiddenDestination => "forbidden destination",
-        NatError::Full => "table full",
-        NatError::NoPort => "no free port",
-        NatError::UnknownMapping => "unknown mapping",
-        NatError::NoConnection => "no such connection (reset sent back)",
-    }
-    .into()
-}
-
 /// Internet -> clients: replies steered to the TUN, mapped back, returned.
 fn to_clients(
     device: &tun_rs::SyncDevice,
-    core: &Mutex<Core>,
+    core: &Mutex<Exit>,
     sockets: &[Arc<socket2::Socket>],
     shim: &[u8],
     raw_sockets: &oasis_io::linux::raw::RawSockets,
@@ -594,34 +511,16 @@ fn to_clients(
         {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             for (segment, &size) in segments.iter_mut().zip(&sizes).take(count) {
-                match core.nat.inbound(&mut segment[..size], now) {
-                    Ok(back) => {
-                        core.stats
-                            .clients
-                            .entry(back.client)
-                            .or_default()
-                            .to_client
-                            .add(size);
-                        core.stats
-                            .classes
-                            .entry(back.class)
-                            .or_default()
-                            .to_client
-                            .add(size);
-                        targets.push(Some(back.client));
-                    }
-                    Err(_) => {
-                        core.stats.unknown_replies += 1;
-                        // A TCP server still sending to a mapping the exit
-                        // lost (a restart without its state) hears at once.
-                        if used == resets.len() {
-                            resets.push(Vec::new());
-                        }
-                        if oasis_io::packet::reset_reply(&segment[..size], &mut resets[used]) {
-                            used += 1;
-                        }
+                if used == resets.len() {
+                    resets.push(Vec::new());
+                }
+                match core.to_client(&mut segment[..size], now, &mut resets[used]) {
+                    ToClient::Client(client) => targets.push(Some(client)),
+                    ToClient::Reset => {
+                        used += 1;
                         targets.push(None);
                     }
+                    ToClient::Dropped => targets.push(None),
                 }
             }
         }
