@@ -196,7 +196,7 @@ fn run<U: UnderlaySender, S: DatagramSocket>(
         let now = Instant::now();
         if urgent || now.saturating_duration_since(evaluated) >= EVALUATE_EVERY {
             let routes = engine.routes();
-            monitor.update_routes(&routes);
+            monitor.update_routes(routes.monitored_rules(), &routes.overlays);
             // Packets returned through an overlay show it alive.
             for overlay in routes.overlays.iter() {
                 let count = overlay.received.load(Relaxed);

@@ -15,14 +15,13 @@ use super::{DaemonError, dns, heartbeat, persist, serve, state};
 use crate::config::Config;
 use crate::control::MonitorView;
 use crate::control::TunView;
-use crate::engine::probes::ProbeTable;
 use crate::engine::{
     Engine, EngineSettings, KernelTables, LocalAddresses, MonitorChooser, ReturnPath, Routes, SharedTables,
 };
 use crate::forward::{OverlaySockets, run_queue, run_returns, run_underlay_port};
 use crate::liveness::{Liveness, TICK_EVERY};
-use crate::monitor::MonitorLink;
 use crate::monitor::link::EVENT_QUEUE;
+use crate::monitor::{MonitorLink, ProbeTable};
 use crate::names::NameRules;
 use crate::overlay::OverlayManager;
 use crate::platform::Platform;

@@ -25,7 +25,6 @@ pub mod offload;
 pub mod outbound;
 pub mod packet;
 pub mod pins;
-pub mod probes;
 pub mod returns;
 pub mod router;
 pub mod routes;

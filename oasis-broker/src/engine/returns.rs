@@ -215,7 +215,7 @@ impl ReturnPath {
                 },
             );
             out.clear();
-            let reset = answer.reset && super::probes::reset_for(packet, out).is_some();
+            let reset = answer.reset && crate::monitor::probe_table::reset_for(packet, out).is_some();
             return Ok(Returned::ProbeAnswer { overlay: id, reset });
         }
         self.measure(packet, now);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use oasis_common::FlowKey;
 
-use crate::monitor::Goal;
+pub use crate::monitor::MonitorRoute;
 use crate::names::NameRules;
 use crate::overlay::{OverlayId, OverlayTable};
 use crate::rules::{Carrier, HeaderSubset, NameRule, Rule};
@@ -23,22 +23,6 @@ pub enum RuleVia {
     Fixed(Via),
     /// A metric rule: see [`Routes::monitored`].
     Monitor,
-}
-
-/// A metric rule, ready for the Monitor: its goal and the carriers it may
-/// choose from, by id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MonitorRoute {
-    pub rule: u32,
-    pub goal: Goal,
-    /// The overlays it may choose besides the underlay (the `among` list,
-    /// or every joined overlay), those that are usable now.
-    pub candidates: Vec<OverlayId>,
-    /// The monitor module's overlay, when one decides.
-    pub module: Option<Via>,
-    /// What goes in front of each packet sent to the module: the metric's
-    /// text, padded with zeros to the module's shim length.
-    pub module_shim: Vec<u8>,
 }
 
 /// A header rule, ready for the packet path.

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use super::decide::Why;
 use super::path::Prefix;
-use crate::engine::MonitorRoute;
+use super::route::MonitorRoute;
 use crate::overlay::Via;
 
 /// One metric rule's decision for one prefix.

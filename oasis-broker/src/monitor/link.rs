@@ -9,8 +9,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Instant;
 
 use super::choices::Choices;
+use super::probe_table::ProbeTable;
 use super::state::Event;
-use crate::engine::probes::ProbeTable;
 use crate::shared::{Shared, snapshot};
 
 /// Events the queue holds before it drops new ones.

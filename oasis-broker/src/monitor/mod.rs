@@ -6,8 +6,10 @@
 //! goodput), `path` (figures per carrier and destination prefix), `health`
 //! (carriers up and down), `decide` (the decision for one rule and prefix,
 //! with margins and hold times), `budget` and `probe` (active probes),
-//! `state` (the Monitor tying them together), `choices` (what the packet
-//! threads read). The daemon feeds it events and the time.
+//! `probe_table` (the probes in flight, and their packets), `route` (a
+//! metric rule as the Monitor sees it), `state` (the Monitor tying them
+//! together), `choices` (what the packet threads read). The daemon feeds it
+//! events and the time; it imports nothing of the engine.
 
 pub mod budget;
 pub mod choices;
@@ -18,6 +20,8 @@ pub mod health;
 pub mod link;
 pub mod path;
 pub mod probe;
+pub mod probe_table;
+pub mod route;
 pub mod state;
 
 pub use choices::{Choices, Chosen};
@@ -26,4 +30,6 @@ pub use goal::{Goal, LossLimit, Metric, MetricError};
 pub use link::MonitorLink;
 pub use path::{Figures, Prefix};
 pub use probe::{ProbeKind, ProbeRequest, ProbeTarget};
+pub use probe_table::ProbeTable;
+pub use route::MonitorRoute;
 pub use state::{Event, Monitor, MonitorSettings, Switch};

@@ -15,7 +15,8 @@ use super::goal::Metric;
 use super::health::{Change, Health};
 use super::path::{PathFigures, Prefix};
 use super::probe::{Outstanding, ProbeKind, ProbeRequest, ProbeTarget, jittered, timeout};
-use crate::engine::{MonitorRoute, Routes};
+use super::route::MonitorRoute;
+use crate::overlay::OverlayTable;
 use crate::overlay::Via;
 
 /// Everything about the Monitor a user may set (`monitor:` in the config).
@@ -330,11 +331,15 @@ impl Monitor {
 }
 
 impl Monitor {
-    /// Takes the metric rules and overlays of `routes`: decisions of rules
-    /// that are gone are forgotten, and each overlay's probe overhead noted.
-    pub fn update_routes(&mut self, routes: &Routes) {
-        self.rules = routes
-            .monitored_rules()
+    /// Takes the metric rules and the joined overlays the packet path is
+    /// routed by now: decisions of rules that are gone are forgotten, and
+    /// each overlay's probe overhead noted.
+    pub fn update_routes<'r>(
+        &mut self,
+        rules: impl Iterator<Item = &'r Arc<MonitorRoute>>,
+        overlays: &OverlayTable,
+    ) {
+        self.rules = rules
             .filter(|r| r.module.is_none())
             .map(|r| (r.rule, r.clone()))
             .collect();
@@ -344,7 +349,7 @@ impl Monitor {
         }
         // Carriers of overlays that were left are forgotten.
         let joined = |via: &Via| match via {
-            Via::Overlay(id) => routes.overlays.get(*id).is_some(),
+            Via::Overlay(id) => overlays.get(*id).is_some(),
             _ => true,
         };
         self.health.retain(|via, _| joined(via));
@@ -353,8 +358,7 @@ impl Monitor {
         self.probe_bytes.retain(|via, _| joined(via));
         self.paths.retain(|(via, _), _| joined(via));
         self.last_quality.retain(|(via, _), _| joined(via));
-        self.overhead = routes
-            .overlays
+        self.overhead = overlays
             .iter()
             .map(|o| {
                 let outer_v6 = o.path.peers().first().is_some_and(|p| p.is_ipv6());
@@ -737,34 +741,27 @@ impl Monitor {
 mod tests {
     use super::*;
     use crate::monitor::goal::Goal;
-    use crate::names::NameRules;
-    use crate::overlay::{OverlayId, OverlayTable, test_overlay};
-    use crate::rules::{Carrier, HeaderSubset, Rule};
+    use crate::overlay::{OverlayId, test_overlay};
 
     const O1: Via = Via::Overlay(OverlayId(1));
     const DST: &str = "203.0.113.10";
 
-    /// Routes with one metric rule (id 1, `metric`) over overlay 1.
-    fn routes(metric: Metric) -> Routes {
-        let overlays = Arc::new(OverlayTable::new([test_overlay(
-            1,
-            "detour",
-            &["192.0.2.1:7400"],
-            0,
-        )]));
-        let rule = Rule {
-            id: 1,
-            subset: HeaderSubset {
-                proto: Some(crate::rules::Protocol::Tcp),
-                ..HeaderSubset::default()
-            },
-            via: Carrier::Monitor(Goal {
+    /// One metric rule (id 1, `metric`) over overlay 1, as the routes give
+    /// it to the Monitor.
+    fn update(monitor: &mut Monitor, metric: Metric) {
+        let overlays = OverlayTable::new([test_overlay(1, "detour", &["192.0.2.1:7400"], 0)]);
+        let rule = Arc::new(MonitorRoute {
+            rule: 1,
+            goal: Goal {
                 metric,
                 among: None,
                 module: None,
-            }),
-        };
-        Routes::new(&[rule], Arc::new(NameRules::default()), overlays)
+            },
+            candidates: vec![OverlayId(1)],
+            module: None,
+            module_shim: Vec::new(),
+        });
+        monitor.update_routes([&rule].into_iter(), &overlays);
     }
 
     /// A simulated network: each carrier's round trip (None: it answers
@@ -780,7 +777,7 @@ mod tests {
         fn new(metric: Metric) -> Sim {
             let start = Instant::now();
             let mut monitor = Monitor::new(MonitorSettings::default(), start);
-            monitor.update_routes(&routes(metric));
+            update(&mut monitor, metric);
             Sim {
                 monitor,
                 start,
@@ -928,9 +925,12 @@ mod tests {
     fn probes_stay_within_the_budget() {
         let start = Instant::now();
         let mut monitor = Monitor::new(MonitorSettings::default(), start);
-        monitor.update_routes(&routes(Metric::Loss {
-            max: crate::monitor::LossLimit(100),
-        }));
+        update(
+            &mut monitor,
+            Metric::Loss {
+                max: crate::monitor::LossLimit(100),
+            },
+        );
         // Many prefixes with flows: far more probes due than allowed.
         for i in 0..200u32 {
             let dst = IpAddr::from([10, (i / 256) as u8, (i % 256) as u8, 1]);
@@ -1034,12 +1034,8 @@ mod tests {
         sim.flow(Duration::ZERO);
         sim.run(Duration::ZERO, Duration::from_secs(5), |_, _| Some(ms(10)));
         assert!(sim.monitor.paths().any(|((via, _), _)| *via == O1));
-        let no_overlays = Routes::new(
-            &[],
-            Arc::new(NameRules::default()),
-            Arc::new(OverlayTable::default()),
-        );
-        sim.monitor.update_routes(&no_overlays);
+        sim.monitor
+            .update_routes(std::iter::empty(), &OverlayTable::default());
         assert!(sim.monitor.paths().all(|((via, _), _)| *via == Via::Underlay));
         assert!(sim.monitor.decisions().next().is_none(), "its rule went too");
     }

@@ -17,8 +17,8 @@ use etherparse::{
 };
 use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey};
 
-use super::routes::Via;
-use crate::monitor::{ProbeKind, ProbeRequest};
+use super::{ProbeKind, ProbeRequest};
+use crate::overlay::Via;
 
 use oasis_common::proto::{ICMP, ICMPV6, TCP};
 /// Probes unanswered this long are forgotten here (the Monitor counts them
