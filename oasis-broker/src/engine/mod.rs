@@ -35,7 +35,7 @@ pub use flows::{FakeBinding, Flow, FlowTable, KernelSeen, Lifetimes};
 pub use nat::{MemoryNat, NatTable, TableError};
 pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
 pub use pins::{FlowPins, MemoryPins};
-pub use returns::{LocalAddresses, ReturnPath, Returned, module_admitted};
+pub use returns::{LocalAddresses, ReturnPath, Returned, SocketLookup, module_admitted};
 pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router, toward_overlay};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 
@@ -870,7 +870,7 @@ mod tests {
     /// The host's sockets, as a test says they are.
     struct Sockets(Vec<(SocketAddr, SocketAddr)>);
 
-    impl crate::platform::SocketLookup for Sockets {
+    impl SocketLookup for Sockets {
         fn connected(&self, proto: u8, local: SocketAddr, peer: SocketAddr) -> bool {
             proto == 6 && self.0.contains(&(local, peer))
         }

@@ -23,7 +23,6 @@ use super::packet::{describe, flow_dst, flow_key, flow_src, frag_key, is_icmp_er
 use super::router::{Engine, ReplyMap};
 use super::routes::Routes;
 use crate::overlay::OverlayId;
-use crate::platform::SocketLookup;
 
 /// How often a return path forgets the measurements of flows that ended.
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
@@ -39,6 +38,24 @@ pub enum Returned {
 }
 
 pub use crate::overlay::LocalAddresses;
+
+/// Whether this host has a socket of a flow: the return path asks, of a
+/// packet of a fake-address flow it has no mapping for (a daemon restarted
+/// under a live flow), which fake address the application's socket talks
+/// to.
+pub trait SocketLookup: Send + Sync {
+    /// Whether a socket of protocol `proto` (TCP or UDP) has its own end
+    /// at `local` and its peer at `peer`.
+    fn connected(&self, proto: u8, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> bool;
+    /// The connected TCP sockets whose peer address is `wanted`, as (own
+    /// end, peer).
+    fn tcp_peers(
+        &self,
+        wanted: &dyn Fn(std::net::IpAddr) -> bool,
+    ) -> std::io::Result<Vec<(std::net::SocketAddr, std::net::SocketAddr)>>;
+    /// Ends a TCP socket: its application hears of it at once.
+    fn end_tcp(&self, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> std::io::Result<()>;
+}
 
 /// The checks of the return path, for one receiving thread.
 pub struct ReturnPath {

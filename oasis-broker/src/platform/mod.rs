@@ -304,20 +304,6 @@ pub trait Platform: Send + 'static {
     fn sockets(&self) -> std::sync::Arc<dyn SocketLookup>;
 }
 
-/// Whether this host has a socket of a flow: the return path asks, of a
-/// packet of a fake-address flow it has no mapping for (a daemon restarted
-/// under a live flow), which fake address the application's socket talks
-/// to.
-pub trait SocketLookup: Send + Sync {
-    /// Whether a socket of protocol `proto` (TCP or UDP) has its own end
-    /// at `local` and its peer at `peer`.
-    fn connected(&self, proto: u8, local: SocketAddr, peer: SocketAddr) -> bool;
-    /// The connected TCP sockets whose peer address is `wanted`, as (own
-    /// end, peer).
-    fn tcp_peers(
-        &self,
-        wanted: &dyn Fn(std::net::IpAddr) -> bool,
-    ) -> io::Result<Vec<(SocketAddr, SocketAddr)>>;
-    /// Ends a TCP socket: its application hears of it at once.
-    fn end_tcp(&self, local: SocketAddr, peer: SocketAddr) -> io::Result<()>;
-}
+/// What the return path asks of the host's sockets; defined by the engine
+/// that asks, implemented by each platform.
+pub use crate::engine::SocketLookup;
