@@ -25,5 +25,6 @@ pub mod overlay;
 pub mod platform;
 pub mod prefix_set;
 pub mod render;
+pub mod rule_spec;
 pub mod rules;
 pub mod shared;

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use crate::monitor::{Goal, Metric, MetricError};
 use crate::name_pattern::{NameError, NamePattern};
 use crate::prefix_set::{MAX_PREFIXES, PrefixSet, PrefixSetError};
+pub use crate::rule_spec::RuleSpec;
 use ipnet::IpNet;
 use oasis_common::{FlowKey, MAX_RULES};
-use serde::{Deserialize, Serialize};
 
 /// An IP protocol a rule can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -296,56 +296,6 @@ impl fmt::Display for HeaderSubset {
     }
 }
 
-/// A rule as the user wrote it, before it has an id.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proto: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<String>,
-    /// A file of destination prefixes, one per line: the rule claims
-    /// traffic to any of them. Relative to the config file's directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst_set: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "port_text"
-    )]
-    pub dport: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "port_text"
-    )]
-    pub sport: Option<String>,
-    /// Name rules: a regular expression over DNS names (the paper's form),
-    /// or an exact name, a suffix, a keyword. One of them, and no header field.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name_exact: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name_suffix: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name_keyword: Option<String>,
-    /// The carrier, for a rule with a fixed one; empty for a metric rule.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub via: String,
-    /// Metric rules: what the Monitor optimises (latency, loss<X%,
-    /// throughput; any text for a monitor module).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metric: Option<String>,
-    /// Metric rules: the overlays to choose from besides the underlay,
-    /// comma-separated; left out, every joined overlay.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub among: Option<String>,
-    /// Metric rules: the joined overlay whose monitor module decides.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub monitor: Option<String>,
-}
-
 /// What a rule claims: packets by header fields, or flows to names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subset {
@@ -361,20 +311,6 @@ impl Subset {
             Subset::Name(_) => None,
         }
     }
-}
-
-/// Accepts `dport: 8080` as well as `dport: "1000-2000"` in the YAML file.
-fn port_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Text {
-        Number(u64),
-        Text(String),
-    }
-    Ok(Option::<Text>::deserialize(d)?.map(|t| match t {
-        Text::Number(n) => n.to_string(),
-        Text::Text(s) => s,
-    }))
 }
 
 impl RuleSpec {

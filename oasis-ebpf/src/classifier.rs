@@ -8,6 +8,7 @@ use crate::nat;
 use crate::parse::coarse_ns;
 use crate::parse::{IPPROTO_ICMPV6, IPPROTO_TCP, TCP_FLAG_FIN, TCP_FLAG_RST};
 use crate::parse::{Parsed, parse_into};
+use crate::pins::closing;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::bpf_redirect,
@@ -16,7 +17,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use oasis_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FlowEntry, FlowKey, HEARTBEAT_PACKETS, RuleAction, Settings, Verdict,
+    FAMILY_V4, FAMILY_V6, FlowEntry, FlowKey, HEARTBEAT_PACKETS, RuleAction, Settings, Verdict,
     icmpv6_link_message, stat,
 };
 
@@ -334,21 +335,6 @@ fn claimed_verdict(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowE
     // SAFETY: plain integers.
     let entry = unsafe { CLAIMED.get(key) }.copied()?;
     (now.saturating_sub(entry.last_seen_ns) < idle_ns).then_some(entry)
-}
-
-/// A FIN or RST of a claimed flow the broker left to the kernel (`key`:
-/// the flow as it leaves this host), either way: noted in its verdict,
-/// which the broker reads when it sweeps its flows.
-#[inline(never)]
-pub(crate) fn closing(key: &FlowKey) {
-    if let Some(entry) = CLAIMED.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup; plain bytes.
-        unsafe {
-            if (*entry).verdict != Verdict::Divert as u8 {
-                (*entry).flags |= FLOW_CLOSING;
-            }
-        }
-    }
 }
 
 /// A claimed datagram's first fragment: its verdict, for the rest.

@@ -33,6 +33,8 @@ mod measure;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod pins;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

@@ -84,7 +84,7 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     if pinned && parsed.key.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
-        crate::classifier::closing(&parsed.key.reversed());
+        crate::pins::closing(&parsed.key.reversed());
     }
     // Measured before the NAT rewrites the source: measured flows are
     // keyed by real addresses.

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::state::RequestError;
+use super::errors::RequestError;
 use crate::overlay::{StoredOverlay, check_carrier};
 use crate::prefix_set::PrefixSet;
 use crate::rules::{AnyRule, RuleSet, RuleSpec, Subset};

@@ -12,6 +12,7 @@
 mod changes;
 mod dns;
 mod edit;
+mod errors;
 mod heartbeat;
 mod inherit;
 mod monitor;

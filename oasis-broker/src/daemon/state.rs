@@ -27,33 +27,13 @@ use crate::control::{
 use crate::engine::{Engine, LocalAddresses, Routes, SharedTables};
 use crate::names::NameRules;
 use crate::overlay::StoredOverlay;
-use crate::overlay::{JoinError, OverlayError, OverlayManager};
-use crate::platform::{Heartbeat, Kernel, PlatformError};
+use crate::overlay::{JoinError, OverlayManager};
+use crate::platform::{Heartbeat, Kernel};
 use crate::prefix_set::PrefixSet;
 use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec};
 use crate::shared::{Shared, snapshot};
 
-#[derive(Debug, thiserror::Error)]
-pub(super) enum RequestError {
-    #[error(transparent)]
-    Rule(#[from] RuleError),
-    #[error("rule {line} of the import: {source} (no rule was added)")]
-    Import { line: usize, source: RuleError },
-    #[error("{0} (the change was not made; nothing changed)")]
-    Kernel(PlatformError),
-    #[error(transparent)]
-    Join(#[from] JoinError),
-    #[error(transparent)]
-    Overlay(#[from] OverlayError),
-    #[error("the change is in effect, but the config file could not be written: {0}")]
-    NotSaved(String),
-    #[error("the daemon failed while doing this: {0}")]
-    Internal(String),
-    #[error("{0} (no rule was added)")]
-    Keep(#[from] super::sets::KeepError),
-    #[error("name rules cannot be kept on this host: {0} (no rule was added)")]
-    Uncovered(String),
-}
+pub(super) use super::errors::RequestError;
 
 /// Reports how far a request has come; the connection handler sends it on.
 #[derive(Clone)]

@@ -21,6 +21,7 @@ use oasis_common::FlowKey;
 
 use super::offload::Offload;
 use super::routes::Via;
+use super::tables::KernelSeen;
 use crate::monitor::Why;
 
 /// How long a flow lives without a packet, by transport.
@@ -60,14 +61,6 @@ impl Lifetimes {
 }
 
 use oasis_common::proto::TCP;
-
-/// What the kernel knows of a flow it carries: when it last saw a packet,
-/// and whether a FIN or RST went by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelSeen {
-    pub at: Instant,
-    pub closing: bool,
-}
 
 /// A flow to a fake address: which real address stands behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

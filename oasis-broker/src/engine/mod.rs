@@ -28,16 +28,18 @@ pub mod pins;
 pub mod returns;
 pub mod router;
 pub mod routes;
+pub mod tables;
 
 pub use carrier::{CarrierChooser, Claim, Decision, MonitorChooser, NewFlow, RuleCarrier};
 pub use counters::{DropReason, EngineCounters};
-pub use flows::{FakeBinding, Flow, FlowTable, KernelSeen, Lifetimes};
+pub use flows::{FakeBinding, Flow, FlowTable, Lifetimes};
 pub use nat::{MemoryNat, NatTable, TableError};
 pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
 pub use pins::{FlowPins, MemoryPins};
 pub use returns::{LocalAddresses, ReturnPath, Returned, SocketLookup, module_admitted};
 pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router, toward_overlay};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
+pub use tables::KernelSeen;
 
 #[cfg(test)]
 mod tests {
@@ -77,7 +79,7 @@ mod tests {
         fn remove(&mut self, flow: &oasis_common::FlowKey, real: IpAddr) {
             self.0.lock().unwrap().remove(flow, real)
         }
-        fn last_seen(&self, flow: &oasis_common::FlowKey, real: IpAddr) -> Option<flows::KernelSeen> {
+        fn last_seen(&self, flow: &oasis_common::FlowKey, real: IpAddr) -> Option<KernelSeen> {
             self.0.lock().unwrap().last_seen(flow, real)
         }
         fn len(&self) -> usize {
@@ -104,7 +106,7 @@ mod tests {
         fn forget(&mut self, flow: &oasis_common::FlowKey) {
             self.0.lock().unwrap().forget(flow)
         }
-        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<flows::KernelSeen> {
+        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<KernelSeen> {
             self.0.lock().unwrap().last_seen(flow)
         }
         fn answered(&self, flow: &oasis_common::FlowKey) -> bool {
@@ -132,7 +134,7 @@ mod tests {
             })
         }
         fn remove(&mut self, _: &oasis_common::FlowKey, _: IpAddr) {}
-        fn last_seen(&self, _: &oasis_common::FlowKey, _: IpAddr) -> Option<flows::KernelSeen> {
+        fn last_seen(&self, _: &oasis_common::FlowKey, _: IpAddr) -> Option<KernelSeen> {
             None
         }
         fn len(&self) -> usize {

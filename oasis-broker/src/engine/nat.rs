@@ -12,17 +12,8 @@ use oasis_common::FlowKey;
 use oasis_io::packet::{End, rewrite_address, tcp_closing};
 
 use super::fake::reply_key;
-use super::flows::KernelSeen;
 use super::packet::{flow_dst, flow_key};
-
-/// A kernel table (NAT, flow pins) refused an entry.
-#[derive(Debug, thiserror::Error)]
-#[error("{table}: {reason}")]
-pub struct TableError {
-    /// Which table refused (e.g. the kernel map's name).
-    pub table: &'static str,
-    pub reason: String,
-}
+pub use super::tables::{KernelSeen, TableError};
 
 pub trait NatTable: Send {
     /// Translates the flow `flow` (as the application sends it, to the

@@ -15,10 +15,10 @@ use std::time::Instant;
 
 use oasis_common::FlowKey;
 
-use super::flows::KernelSeen;
 use super::measure::OutboundMeasure;
-use super::nat::{NatTable, TableError};
+use super::nat::NatTable;
 use super::pins::FlowPins;
+use super::tables::{KernelSeen, TableError};
 
 /// Where a flow's packets after its first are handled.
 #[derive(Debug)]

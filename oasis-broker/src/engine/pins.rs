@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use oasis_common::FlowKey;
 
-use super::flows::KernelSeen;
-use super::nat::TableError;
+use super::tables::{KernelSeen, TableError};
 
 pub trait FlowPins: Send {
     /// From its next packet on, the flow passes in the kernel (counted

@@ -11,8 +11,8 @@ use aya::maps::{Array, HashMap, MapData};
 use oasis_common::{FlowKey, NAT_MEASURE, NatEntry, maps};
 
 use super::sys::{KernelError, monotonic_ns, take_map};
+use crate::engine::KernelSeen;
 use crate::engine::fake::reply_key;
-use crate::engine::flows::KernelSeen;
 use crate::engine::{NatTable, TableError};
 
 fn addr_bytes(addr: IpAddr) -> [u8; 16] {

@@ -15,7 +15,7 @@ use aya::maps::{Array, HashMap, IterableMap, MapData};
 use oasis_common::{FLOW_CLOSING, FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
 use super::sys::{KernelError, monotonic_ns, second_handle, take_map};
-use crate::engine::flows::KernelSeen;
+use crate::engine::KernelSeen;
 use crate::engine::{FlowPins, TableError};
 
 pub struct KernelPins {
