@@ -59,19 +59,13 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
     let tables = SharedTables::new(kernel_tables(kernel.as_mut())?);
     let platform = Arc::new(platform);
     let overlays = load_overlays(platform.as_ref(), &config, config_path, mtu).await?;
-    let engine = Engine::new(
-        engine_settings(&config, mtu),
-        Routes::with_names(
-            rules.rules(),
-            rules.names(),
-            names.clone(),
-            overlays.table().clone(),
-        ),
-        dns.fakes.clone(),
-        Box::new(MonitorChooser::new(link.clone())),
-        link,
-        Instant::now(),
+    let routes = Routes::with_names(
+        rules.rules(),
+        rules.names(),
+        names.clone(),
+        overlays.table().clone(),
     );
+    let engine = engine(&config, mtu, routes, dns.fakes.clone(), link);
 
     let stop = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(Liveness::new());
@@ -189,6 +183,25 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
         what: what.into(),
         source,
     }
+}
+
+/// The routing engine, its carriers chosen by the Monitor through `link`.
+fn engine(
+    config: &Config,
+    mtu: u16,
+    routes: Routes,
+    fakes: Arc<std::sync::Mutex<crate::fake::FakeTable>>,
+    link: Arc<MonitorLink>,
+) -> Arc<Engine> {
+    let chooser = Box::new(MonitorChooser::new(link.clone()));
+    Engine::new(
+        engine_settings(config, mtu),
+        routes,
+        fakes,
+        chooser,
+        link,
+        Instant::now(),
+    )
 }
 
 fn engine_settings(config: &Config, mtu: u16) -> EngineSettings {
