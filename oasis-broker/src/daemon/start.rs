@@ -204,7 +204,7 @@ fn engine(
     )
 }
 
-fn engine_settings(config: &Config, mtu: u16) -> EngineSettings {
+pub(super) fn engine_settings(config: &Config, mtu: u16) -> EngineSettings {
     EngineSettings {
         lifetimes: config.lifetimes(),
         flow_capacity: FLOW_CAPACITY,

@@ -723,3 +723,7 @@ fn map_views() -> Vec<MapView> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
