@@ -13,7 +13,12 @@ use oasis_io::packet::{Fragment, PacketError, addresses, echo_id, fragment, icmp
 /// fragment has its ports, a later one none (and, for IPv6, the protocol
 /// its fragment header names).
 pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
-    if let Some(quote) = icmp_error_quote(packet) {
+    key_of(packet, icmp_error_quote(packet))
+}
+
+/// The key of `packet`, an ICMP error quoting a packet at `quote` or not.
+fn key_of(packet: &[u8], quote: Option<usize>) -> Option<FlowKey> {
+    if let Some(quote) = quote {
         let quoted = plain_key(&packet[quote..])?;
         let outer = plain_key(packet)?;
         return (quoted.family == outer.family).then(|| quoted.reversed());
@@ -59,6 +64,55 @@ fn plain_key(packet: &[u8]) -> Option<FlowKey> {
         Err(_) => return None,
     }
     Some(key)
+}
+
+/// What the engine reads of a diverted packet, parsed once on its way in:
+/// its flow, whether it is a fragment or an ICMP error, its TCP flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Headers {
+    /// Its flow (see [`flow_key`]).
+    pub key: FlowKey,
+    pub fragment: Option<Fragment>,
+    /// An ICMP error, about a packet of the flow `key`.
+    pub icmp_error: bool,
+    /// Its TCP flags; 0 for anything else, and for a later fragment.
+    pub tcp_flags: u8,
+    /// It has ports (or an echo identifier) to be translated by: TCP, UDP
+    /// and ICMP echo, whole or a first fragment.
+    pub ported: bool,
+}
+
+impl Headers {
+    pub fn parse(packet: &[u8]) -> Option<Headers> {
+        let quote = icmp_error_quote(packet);
+        let key = key_of(packet, quote)?;
+        let (tcp_flags, ported) = match layout(packet) {
+            Ok(at) if at.proto == proto::TCP => (
+                packet.get(at.l4 + 13).copied().unwrap_or(0),
+                packet.len() >= at.l4 + 4,
+            ),
+            Ok(at) if at.proto == proto::UDP => (0, packet.len() >= at.l4 + 4),
+            Ok(at) if matches!(at.proto, proto::ICMP | proto::ICMPV6) => (0, echo_id(packet).is_some()),
+            _ => (0, false),
+        };
+        Some(Headers {
+            key,
+            fragment: fragment(packet),
+            icmp_error: quote.is_some(),
+            tcp_flags,
+            ported,
+        })
+    }
+
+    /// A TCP SYN (with or without ACK): it carries an MSS.
+    pub fn syn(&self) -> bool {
+        self.tcp_flags & 0x02 != 0
+    }
+
+    /// A TCP FIN or RST: its connection is ending.
+    pub fn closing(&self) -> bool {
+        self.key.proto == proto::TCP && self.tcp_flags & 0x05 != 0
+    }
 }
 
 /// How the later fragments of a datagram are known (see `FragKey`).
@@ -151,6 +205,58 @@ pub(crate) mod tests {
             (FAMILY_V6, 17, 5353, 53, [0xfe; 16])
         );
         assert!(flow_key(b"\x45garbage").is_none());
+    }
+
+    #[test]
+    fn headers_are_read_once_as_the_single_readers_read_them() {
+        let syn = tcp4([10, 0, 0, 1], [203, 0, 113, 9], 40000, 443, true);
+        let headers = Headers::parse(&syn).unwrap();
+        assert_eq!(headers.key, flow_key(&syn).unwrap());
+        assert!(headers.syn() && !headers.closing() && headers.ported && !headers.icmp_error);
+        assert_eq!(headers.fragment, None);
+
+        let mut fin = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 9], 64)
+            .tcp(40000, 443, 9, 100)
+            .fin()
+            .ack(1)
+            .write(&mut fin, b"")
+            .unwrap();
+        let headers = Headers::parse(&fin).unwrap();
+        assert!(headers.closing() && !headers.syn());
+        assert_eq!(headers.closing(), oasis_io::packet::tcp_closing(&fin));
+
+        let mut echo = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 9], 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        let headers = Headers::parse(&echo).unwrap();
+        assert!(headers.ported && headers.tcp_flags == 0);
+        assert_eq!(headers.ported, oasis_io::packet::ports(&echo).is_some());
+
+        // A later fragment: no ports, no flags, the datagram's fragment.
+        let mut later = tcp4([10, 0, 0, 1], [203, 0, 113, 9], 40000, 443, true);
+        later[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
+        let headers = Headers::parse(&later).unwrap();
+        assert!(!headers.ported && !headers.syn());
+        assert_eq!(headers.fragment, oasis_io::packet::fragment(&later));
+        assert!(headers.fragment.is_some_and(|f| !f.first));
+        assert_eq!(headers.key, flow_key(&later).unwrap());
+
+        // An ICMP error is a packet of the flow it quotes, reversed.
+        let mut error = Vec::new();
+        PacketBuilder::ipv4([203, 0, 113, 9], [10, 0, 0, 1], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut error, &syn)
+            .unwrap();
+        let headers = Headers::parse(&error).unwrap();
+        assert!(headers.icmp_error && !headers.ported);
+        assert_eq!(headers.key, flow_key(&error).unwrap());
+        assert_eq!(headers.key, flow_key(&syn).unwrap().reversed());
+        assert!(Headers::parse(b"\x45garbage").is_none());
     }
 
     #[test]

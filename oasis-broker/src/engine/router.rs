@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ipnet::{Ipv4Net, Ipv6Net};
 use oasis_common::proto::TCP;
 use oasis_common::{FlowKey, FragKey};
-use oasis_io::packet::{End, clamp_mss, rewrite_address, tcp_closing, unreachable_reply};
+use oasis_io::packet::{End, clamp_mss, rewrite_address, unreachable_reply};
 
 use super::carrier::{CarrierChooser, Claim, Decision, NewFlow};
 use super::counters::{DropReason, EngineCounters};
@@ -22,7 +22,7 @@ use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::offload::{KernelOp, KernelView, Offload};
 pub use super::outbound::Outbound;
-use super::packet::{describe, flow_dst, flow_key, frag_key, is_icmp_error, routable};
+use super::packet::{Headers, describe, flow_dst, frag_key, routable};
 use super::routes::{Routes, Via};
 use super::tables::TableError;
 use crate::fake::{FakeTable, unix_now};
@@ -258,7 +258,7 @@ impl Engine {
                 probe: true,
             });
         }
-        carry(routes, &self.settings, via, key, None, packet).unwrap_or_else(Outbound::Drop)
+        carry(routes, &self.settings, via, key, None, syn, packet).unwrap_or_else(Outbound::Drop)
     }
 
     /// Asks every router for its flows; they answer at their next tick.
@@ -456,11 +456,12 @@ impl Router {
     /// destination, a clamped MSS); for [`Outbound::Reply`] the reply is
     /// in `reply`.
     pub fn outbound(&mut self, now: Instant, packet: &mut [u8], reply: &mut Vec<u8>) -> Outbound {
-        let Some(key) = flow_key(packet) else {
+        let Some(headers) = Headers::parse(packet) else {
             return self.drop(DropReason::Malformed);
         };
-        let Some(fragment) = oasis_io::packet::fragment(packet) else {
-            return match self.outbound_packet(now, key, packet, reply) {
+        let key = headers.key;
+        let Some(fragment) = headers.fragment else {
+            return match self.outbound_packet(now, &headers, packet, reply) {
                 Outbound::Drop(DropReason::NoCarrier) => self.end_without_carrier(&key, packet, reply),
                 Outbound::Overlay { overlay, to } => self.fit_overlay(&key, overlay, to, packet, reply),
                 outbound => outbound,
@@ -471,7 +472,7 @@ impl Router {
             return self.later_fragment(now, &datagram, packet);
         }
         let destination = flow_dst(&key);
-        let outbound = self.outbound_packet(now, key, packet, reply);
+        let outbound = self.outbound_packet(now, &headers, packet, reply);
         let rewritten = oasis_io::packet::addresses(packet)
             .map(|(_, dst)| dst)
             .filter(|dst| *dst != destination);
@@ -562,21 +563,22 @@ impl Router {
     fn outbound_packet(
         &mut self,
         now: Instant,
-        key: FlowKey,
+        headers: &Headers,
         packet: &mut [u8],
         reply: &mut Vec<u8>,
     ) -> Outbound {
+        let key = headers.key;
         if self.engine.settings.is_fake(flow_dst(&key)) {
-            return self.fake_outbound(now, &key, packet, reply);
+            return self.fake_outbound(now, headers, packet, reply);
         }
         if !routable(&key, packet) {
             return self.drop(DropReason::Unroutable);
         }
-        if is_icmp_error(packet) {
+        if headers.icmp_error {
             // An error about a flow goes where the flow goes; it never
             // starts one (nothing else of it would follow).
             let via = self.flows.get(&key).map_or(Via::Underlay, |flow| flow.via);
-            return self.carry(via, &key, packet);
+            return self.carry(via, &key, false, packet);
         }
         let via = match self.flows.lookup(&key, now) {
             Lookup::Live(flow) => match known(flow, packet, now) {
@@ -599,10 +601,10 @@ impl Router {
             }
             Lookup::Absent => self.start(&key, packet, now, None),
         };
-        if key.proto == TCP && tcp_closing(packet) {
+        if headers.closing() {
             self.flows.closing(&key);
         }
-        self.carry(via, &key, packet)
+        self.carry(via, &key, headers.syn(), packet)
     }
 
     /// Whether the kernel saw a flow's handshake answered.
@@ -764,9 +766,9 @@ impl Router {
     }
 
     /// Where a flow's packets go.
-    fn carry(&self, via: Via, key: &FlowKey, packet: &mut [u8]) -> Outbound {
+    fn carry(&self, via: Via, key: &FlowKey, syn: bool, packet: &mut [u8]) -> Outbound {
         let rule = self.flows.get(key).and_then(|f| f.rule);
-        match carry(&self.routes, &self.engine.settings, via, key, rule, packet) {
+        match carry(&self.routes, &self.engine.settings, via, key, rule, syn, packet) {
             Ok(outbound) => outbound,
             Err(reason) => self.drop(reason),
         }
@@ -782,16 +784,17 @@ impl Router {
     fn fake_outbound(
         &mut self,
         now: Instant,
-        key: &FlowKey,
+        headers: &Headers,
         packet: &mut [u8],
         reply: &mut Vec<u8>,
     ) -> Outbound {
-        if is_icmp_error(packet) {
+        let key = &headers.key;
+        if headers.icmp_error {
             return self.fake_error(key, packet);
         }
         // Only what has ports (or an echo identifier) and is whole can be
         // rewritten; nothing else may start a flow and hold an address.
-        if oasis_io::packet::ports(packet).is_none() {
+        if !headers.ported {
             return self.drop(DropReason::Untranslatable);
         }
         let found = match self.flows.lookup(key, now) {
@@ -823,7 +826,7 @@ impl Router {
             tracing::debug!(fake = %binding.fake, "cannot rewrite a packet to a fake address: {e}");
             return self.drop(DropReason::Untranslatable);
         }
-        self.carry(via, key, packet)
+        self.carry(via, key, headers.syn(), packet)
     }
 
     /// This host's ICMP error about a fake-address flow (a port unreachable
@@ -837,7 +840,7 @@ impl Router {
         if oasis_io::packet::rewrite_error_about(packet, End::Source, binding.real).is_err() {
             return self.drop(DropReason::Untranslatable);
         }
-        self.carry(via, key, packet)
+        self.carry(via, key, false, packet)
     }
 
     /// A new flow to a fake address; None when the address stands for
@@ -1112,6 +1115,7 @@ fn carry(
     via: Via,
     key: &FlowKey,
     rule: Option<u32>,
+    syn: bool,
     packet: &mut [u8],
 ) -> Result<Outbound, DropReason> {
     match via {
@@ -1131,7 +1135,7 @@ fn carry(
             }
             Some(overlay) => Ok(Outbound::Overlay {
                 overlay: id,
-                to: toward_overlay(overlay, settings.uplink_mtu, key, packet),
+                to: toward_overlay(overlay, settings.uplink_mtu, key, syn, packet),
             }),
             // Its overlay is gone: the flow cannot continue where it
             // started, and moving it would change its source address.
@@ -1141,19 +1145,23 @@ fn carry(
     }
 }
 
-/// The entry node of `overlay` that carries the flow `key`, with the
-/// packet's MSS clamped to fit the overlay's encapsulation on an uplink of
-/// `uplink_mtu`: for the flows the broker carries, and for the packets a
-/// monitor module sends over an overlay of its choosing.
+/// The entry node of `overlay` that carries the flow `key`, with the MSS
+/// of a TCP SYN (`syn`: the packet is one) clamped to fit the overlay's
+/// encapsulation on an uplink of `uplink_mtu`: for the flows the broker
+/// carries, and for the packets a monitor module sends over an overlay of
+/// its choosing.
 pub fn toward_overlay(
     overlay: &JoinedOverlay,
     uplink_mtu: u16,
     key: &FlowKey,
+    syn: bool,
     packet: &mut [u8],
 ) -> SocketAddr {
     let to = overlay.path.next_hop(key);
-    let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-    clamp_mss(packet, overlay.max_mss(uplink_mtu, inner_v6, to.is_ipv6()));
+    if syn {
+        let inner_v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+        clamp_mss(packet, overlay.max_mss(uplink_mtu, inner_v6, to.is_ipv6()));
+    }
     to
 }
 

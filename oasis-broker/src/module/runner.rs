@@ -30,7 +30,7 @@ use oasis_io::datagram::datagrams;
 
 use super::confine::{Confinement, FlowRefusals, Refusal};
 use super::{Action, Actions, ModuleLimits, Peers, Refusals, Running, Sandbox};
-use crate::engine::packet::flow_key;
+use crate::engine::packet::Headers;
 use crate::engine::{Lifetimes, toward_overlay};
 use crate::overlay::{JoinedOverlay, OverlayId, OverlayTable};
 use crate::shared::{Shared, snapshot};
@@ -593,8 +593,9 @@ impl Host {
                                     // A monitor's connections go over overlays it
                                     // chose: the entry node and the MSS that fits
                                     // are decided as for the broker's own flows.
-                                    let key = flow_key(packet).unwrap_or_default();
-                                    mapped(toward_overlay(carrier, self.setup.uplink_mtu, &key, packet))
+                                    let (key, syn) = Headers::parse(packet)
+                                        .map_or((Default::default(), false), |h| (h.key, h.syn()));
+                                    mapped(toward_overlay(carrier, self.setup.uplink_mtu, &key, syn, packet))
                                 })
                         }
                     }
