@@ -467,6 +467,10 @@ pub struct TunView {
     /// Packets the kernel handed to the broker through the TUN.
     pub diverted_packets: u64,
     pub diverted_bytes: u64,
+    /// Packets the broker read from each queue of the TUN (the kernel
+    /// spreads flows over them by a hash of their addresses and ports).
+    #[serde(default)]
+    pub read_per_queue: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::engine::{
@@ -45,6 +45,7 @@ pub struct OverlaySockets<S> {
 pub fn run_queue<Q, D, U, S>(
     mut router: Router,
     tables: &SharedTables,
+    read: &AtomicU64,
     mut queue: Q,
     mut delivery: D,
     underlay: &U,
@@ -100,6 +101,7 @@ where
         let now = Instant::now();
         let counters = &engine.counters;
         counters.received.fetch_add(batch.len() as u64, Relaxed);
+        read.fetch_add(batch.len() as u64, Relaxed);
 
         // Decide every packet (the engine may rewrite them in place) ...
         router.begin_batch();

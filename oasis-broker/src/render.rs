@@ -156,6 +156,10 @@ pub fn status(s: &StatusView) -> String {
         s.tun.diverted_packets,
         bytes(s.tun.diverted_bytes)
     );
+    if s.tun.read_per_queue.len() > 1 {
+        let reads: Vec<String> = s.tun.read_per_queue.iter().map(u64::to_string).collect();
+        let _ = writeln!(out, "            read per queue: {} packets", reads.join(", "));
+    }
     let _ = writeln!(out, "rules       {} (see `oasis rule list`)", s.rules);
     let c = &s.classifier;
     let _ = writeln!(

@@ -233,7 +233,11 @@ fn no_packet_allocates_in_steady_state() {
         let tick = liveness.register("queue");
         threads.push(std::thread::spawn(move || {
             TRACKED.with(|t| t.set(true));
-            run_queue(router, &tables, queue, delivery, &underlay, &overlay, tick, &stop).unwrap();
+            let read = AtomicU64::new(0);
+            run_queue(
+                router, &tables, &read, queue, delivery, &underlay, &overlay, tick, &stop,
+            )
+            .unwrap();
         }));
     }
     {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -80,9 +80,11 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         queues: divert.queues.len(),
         ..Default::default()
     };
+    let queue_reads: Arc<[AtomicU64]> = divert.queues.iter().map(|_| AtomicU64::new(0)).collect();
     let loops = PacketLoops {
         engine: &engine,
         tables: &tables,
+        queue_reads: &queue_reads,
         underlay: &underlay,
         overlay: &overlay_sockets,
         liveness: &liveness,
@@ -129,6 +131,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         monitor: monitor_view,
         persister,
         tun: tun_view,
+        queue_reads,
         diverted,
         own_addresses,
         path_mtu,
@@ -346,6 +349,8 @@ async fn load_overlays<P: Platform>(
 struct PacketLoops<'a, P: Platform> {
     engine: &'a Arc<Engine>,
     tables: &'a SharedTables,
+    /// Packets each diverted queue's thread read.
+    queue_reads: &'a Arc<[AtomicU64]>,
     underlay: &'a Arc<P::Underlay>,
     overlay: &'a Arc<OverlaySockets<P::Socket>>,
     liveness: &'a Arc<Liveness>,
@@ -365,7 +370,7 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
         let mut threads = Vec::new();
         for (index, queue) in divert.queues.into_iter().enumerate() {
             let name = format!("oasis-queue-{index}");
-            let tables = self.tables.clone();
+            let (tables, reads) = (self.tables.clone(), self.queue_reads.clone());
             let (router, delivery, underlay, sockets) = (
                 self.engine.router(Arc::new(tables.clone())),
                 divert.delivery.clone(),
@@ -377,6 +382,7 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
                 run_queue(
                     router,
                     &tables,
+                    &reads[index],
                     queue,
                     delivery,
                     underlay.as_ref(),

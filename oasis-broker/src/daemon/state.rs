@@ -72,6 +72,8 @@ pub(super) struct Daemon {
     monitor: Shared<MonitorView>,
     persister: Persister,
     pub tun: TunView,
+    /// Packets each TUN queue's thread read.
+    queue_reads: Arc<[std::sync::atomic::AtomicU64]>,
     diverted: DivertedCounts,
     own_addresses: OwnAddresses,
     path_mtu: PathMtu,
@@ -93,6 +95,7 @@ pub(super) struct Parts {
     pub monitor: Shared<MonitorView>,
     pub persister: Persister,
     pub tun: TunView,
+    pub queue_reads: Arc<[std::sync::atomic::AtomicU64]>,
     pub diverted: DivertedCounts,
     pub own_addresses: OwnAddresses,
     pub path_mtu: PathMtu,
@@ -137,6 +140,7 @@ impl Daemon {
             monitor: parts.monitor,
             persister: parts.persister,
             tun: parts.tun,
+            queue_reads: parts.queue_reads,
             diverted: parts.diverted,
             own_addresses: parts.own_addresses,
             path_mtu: parts.path_mtu,
@@ -620,6 +624,7 @@ impl Daemon {
             tun: TunView {
                 diverted_packets,
                 diverted_bytes,
+                read_per_queue: self.queue_reads.iter().map(|n| n.load(Relaxed)).collect(),
                 ..self.tun.clone()
             },
             program: ProgramView {

@@ -178,6 +178,7 @@ async fn daemon(name: &str) -> Test {
         monitor: Arc::default(),
         persister: super::super::persist::Persister::start(config_path.clone()).unwrap(),
         tun: TunView::default(),
+        queue_reads: Arc::from([]),
         diverted: Box::new(|_| (0, 0)),
         own_addresses: Box::new(|_| {}),
         path_mtu: Box::new(|_| None),
