@@ -171,7 +171,11 @@ fn l4_fields(proto: u8, packet_len: usize, l4: usize) -> Result<(usize, usize, u
 /// (destination unreachable, packet too big, time exceeded, parameter
 /// problem): routers and hosts on the way send these about a flow.
 pub fn icmp_error_quote(packet: &[u8]) -> Option<usize> {
-    let layout = layout(packet).ok()?;
+    icmp_error_quote_in(packet, &layout(packet).ok()?)
+}
+
+/// As [`icmp_error_quote`], for a packet whose layout is known.
+pub fn icmp_error_quote_in(packet: &[u8], layout: &Layout) -> Option<usize> {
     let kind = *packet.get(layout.l4)?;
     let error = match layout.proto {
         ICMP => matches!(kind, 3 | 11 | 12),

@@ -7,23 +7,29 @@
 use std::net::IpAddr;
 
 use oasis_common::{FAMILY_V4, FAMILY_V6, FlowKey, FragKey, carries_ports, proto};
-use oasis_io::packet::{Fragment, PacketError, addresses, echo_id, fragment, icmp_error_quote, layout};
+use oasis_io::packet::{
+    Fragment, Layout, PacketError, addresses, echo_id, fragment, icmp_error_quote, icmp_error_quote_in,
+    layout,
+};
 
 /// The 5-tuple of a raw IP packet, as the classifier builds it: a first
 /// fragment has its ports, a later one none (and, for IPv6, the protocol
 /// its fragment header names).
 pub fn flow_key(packet: &[u8]) -> Option<FlowKey> {
-    key_of(packet, icmp_error_quote(packet))
+    let at = layout(packet);
+    let quote = at.as_ref().ok().and_then(|at| icmp_error_quote_in(packet, at));
+    key_of(packet, &at, quote)
 }
 
-/// The key of `packet`, an ICMP error quoting a packet at `quote` or not.
-fn key_of(packet: &[u8], quote: Option<usize>) -> Option<FlowKey> {
+/// The key of `packet` (laid out as `at`), an ICMP error quoting a packet
+/// at `quote` or not.
+fn key_of(packet: &[u8], at: &Result<Layout, PacketError>, quote: Option<usize>) -> Option<FlowKey> {
     if let Some(quote) = quote {
         let quoted = plain_key(&packet[quote..])?;
-        let outer = plain_key(packet)?;
+        let outer = plain_key_in(packet, at)?;
         return (quoted.family == outer.family).then(|| quoted.reversed());
     }
-    plain_key(packet)
+    plain_key_in(packet, at)
 }
 
 /// Whether a packet is an ICMP error quoting another (whose flow
@@ -33,6 +39,10 @@ pub fn is_icmp_error(packet: &[u8]) -> bool {
 }
 
 fn plain_key(packet: &[u8]) -> Option<FlowKey> {
+    plain_key_in(packet, &layout(packet))
+}
+
+fn plain_key_in(packet: &[u8], at: &Result<Layout, PacketError>) -> Option<FlowKey> {
     let (src, dst) = addresses(packet)?;
     let mut key = FlowKey::default();
     match (src, dst) {
@@ -48,7 +58,7 @@ fn plain_key(packet: &[u8]) -> Option<FlowKey> {
         }
         _ => return None,
     }
-    match layout(packet) {
+    match *at {
         Ok(layout) => {
             key.proto = layout.proto;
             if carries_ports(layout.proto) {
@@ -84,9 +94,10 @@ pub struct Headers {
 
 impl Headers {
     pub fn parse(packet: &[u8]) -> Option<Headers> {
-        let quote = icmp_error_quote(packet);
-        let key = key_of(packet, quote)?;
-        let (tcp_flags, ported) = match layout(packet) {
+        let at = layout(packet);
+        let quote = at.as_ref().ok().and_then(|at| icmp_error_quote_in(packet, at));
+        let key = key_of(packet, &at, quote)?;
+        let (tcp_flags, ported) = match at {
             Ok(at) if at.proto == proto::TCP => (
                 packet.get(at.l4 + 13).copied().unwrap_or(0),
                 packet.len() >= at.l4 + 4,

@@ -21,12 +21,40 @@ use crate::engine::{FlowPins, TableError};
 pub struct KernelPins {
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     monitored: HashMap<MapData, FlowKey, Measure>,
-    active: Array<MapData, u32>,
+    /// `MONITOR_ACTIVE`: the flows measured.
+    measured: ActiveCount,
+    /// `PINNED_ACTIVE`: the flows pinned (an upper bound: the kernel may
+    /// have evicted some, and a pin made again counts again).
+    pinned: ActiveCount,
+}
+
+/// A count the uplinks' ingress program reads only as "is there anything
+/// to look for": it goes to the kernel when it changes between zero and
+/// not zero, not with every flow.
+struct ActiveCount {
+    map: Array<MapData, u32>,
     count: u32,
-    /// `PINNED_ACTIVE`, and the flows pinned (an upper bound: the kernel
-    /// may have evicted some, and a pin made again counts again).
-    pinned_active: Array<MapData, u32>,
-    pinned: u32,
+}
+
+impl ActiveCount {
+    fn new(mut map: Array<MapData, u32>, name: &'static str) -> Result<ActiveCount, KernelError> {
+        map.set(0, 0, 0).map_err(KernelError::map(name))?;
+        Ok(ActiveCount { map, count: 0 })
+    }
+
+    fn add(&mut self) {
+        self.count = self.count.saturating_add(1);
+        if self.count == 1 {
+            let _ = self.map.set(0, self.count, 0);
+        }
+    }
+
+    fn sub(&mut self) {
+        if self.count == 1 {
+            let _ = self.map.set(0, 0, 0);
+        }
+        self.count = self.count.saturating_sub(1);
+    }
 }
 
 /// A CLOCK_MONOTONIC time from an `Instant`.
@@ -51,43 +79,21 @@ impl KernelPins {
             IterableMap::<FlowKey, FlowEntry>::map(claimed),
             maps::CLAIMED.name,
         )?;
-        let mut pins = KernelPins {
+        let measured = take_map!(ebpf, maps::MONITOR_ACTIVE, Array<MapData, u32>);
+        let pinned = take_map!(ebpf, maps::PINNED_ACTIVE, Array<MapData, u32>);
+        Ok(KernelPins {
             flows: HashMap::try_from(aya::maps::Map::LruHashMap(data))
                 .map_err(KernelError::map(maps::CLAIMED.name))?,
             monitored: take_map!(ebpf, maps::MONITORED, HashMap<MapData, FlowKey, Measure>),
-            active: take_map!(ebpf, maps::MONITOR_ACTIVE, Array<MapData, u32>),
-            count: 0,
-            pinned_active: take_map!(ebpf, maps::PINNED_ACTIVE, Array<MapData, u32>),
-            pinned: 0,
-        };
-        pins.active
-            .set(0, 0, 0)
-            .map_err(KernelError::map(maps::MONITOR_ACTIVE.name))?;
-        pins.pinned_active
-            .set(0, 0, 0)
-            .map_err(KernelError::map(maps::PINNED_ACTIVE.name))?;
-        Ok(pins)
+            measured: ActiveCount::new(measured, maps::MONITOR_ACTIVE.name)?,
+            pinned: ActiveCount::new(pinned, maps::PINNED_ACTIVE.name)?,
+        })
     }
 
     fn refused(map: &'static str) -> impl Fn(aya::maps::MapError) -> TableError {
         move |e| TableError {
             table: map,
             reason: e.to_string(),
-        }
-    }
-
-    /// The ingress program only asks whether any flow is measured: the
-    /// count goes to the kernel when that changes, not with every flow.
-    fn count_changed(&mut self, before: u32) {
-        if (before == 0) != (self.count == 0) {
-            let _ = self.active.set(0, self.count, 0);
-        }
-    }
-
-    /// As `count_changed`, for the pinned flows.
-    fn pinned_changed(&mut self, before: u32) {
-        if (before == 0) != (self.pinned == 0) {
-            let _ = self.pinned_active.set(0, self.pinned, 0);
         }
     }
 }
@@ -112,9 +118,7 @@ impl FlowPins for KernelPins {
         // Counted before the entry exists, so the ingress program never
         // skips a pinned flow's FIN. A pin made again (the kernel lost the
         // verdict) counts twice: the count only says whether to look.
-        let before = self.pinned;
-        self.pinned = self.pinned.saturating_add(1);
-        self.pinned_changed(before);
+        self.pinned.add();
         self.flows
             .insert(flow, entry, 0)
             .map_err(Self::refused(maps::CLAIMED.name))
@@ -132,9 +136,7 @@ impl FlowPins for KernelPins {
             Ok(()) => {
                 // Counted after the entry exists: the ingress program never
                 // skips an answer whose entry is there.
-                let before = self.count;
-                self.count += 1;
-                self.count_changed(before);
+                self.measured.add();
                 Ok(())
             }
             Err(e) if already_there(&e) => self
@@ -152,14 +154,10 @@ impl FlowPins for KernelPins {
             .is_ok_and(|e| e.verdict != Verdict::Divert as u8)
             && self.flows.remove(flow).is_ok()
         {
-            let before = self.pinned;
-            self.pinned = self.pinned.saturating_sub(1);
-            self.pinned_changed(before);
+            self.pinned.sub();
         }
         if self.monitored.remove(flow).is_ok() {
-            let before = self.count;
-            self.count = self.count.saturating_sub(1);
-            self.count_changed(before);
+            self.measured.sub();
         }
     }
 
@@ -182,6 +180,6 @@ impl FlowPins for KernelPins {
     }
 
     fn measured(&self) -> usize {
-        self.count as usize
+        self.measured.count as usize
     }
 }
