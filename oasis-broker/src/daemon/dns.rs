@@ -18,7 +18,7 @@ use crate::dns::journal::Journal;
 use crate::dns::listen::listen;
 use crate::dns::server::DnsService;
 use crate::dns::upstream::{
-    parse_upstream, read_resolv_conf, resolv_conf_servers, resolver, system_upstreams,
+    Resolving, parse_upstream, read_resolv_conf, resolv_conf_servers, system_upstreams,
 };
 use crate::engine::{Engine, Routes, RuleVia, Via};
 use crate::fake::{FakeTable, unix_now};
@@ -171,17 +171,12 @@ pub(super) async fn start(
     let system = host_servers(&configured);
     *runtime.configured.get_mut().unwrap_or_else(|e| e.into_inner()) = configured;
     let service = DnsService {
-        resolver: RwLock::new(resolver(servers, Duration::from_millis(dns.upstream_timeout_ms))),
+        resolving: RwLock::new(Resolving::new(
+            servers,
+            Duration::from_millis(dns.upstream_timeout_ms),
+        )),
         system: RwLock::new(Arc::new(system)),
         origins: std::sync::OnceLock::new(),
-        resolver_on_loopback: std::sync::atomic::AtomicBool::new(
-            runtime
-                .configured
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(IpAddr::is_loopback),
-        ),
         in_flight: Mutex::new(std::collections::HashSet::new()),
         names,
         pools: (dns.fake_v4.trunc(), dns.fake_v6.trunc()),
@@ -376,8 +371,7 @@ impl DnsRuntime {
                     tracing::info!(servers = ?*configured, "resolv.conf changed: resolving with its servers");
                     *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
                         servers.iter().map(ToString::to_string).collect();
-                    let on_loopback = configured.iter().any(IpAddr::is_loopback);
-                    resolver_now = Some((resolver(servers, self.timeout), on_loopback));
+                    resolver_now = Some(Resolving::new(servers, self.timeout));
                 }
                 Err(e) => tracing::warn!("resolv.conf changed, but {e}; keeping the servers in use"),
             }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Record, RecordType};
 
 /// Negative answers without an SOA to say otherwise are kept this long.
@@ -25,6 +25,25 @@ pub enum Upstream {
 }
 
 impl Upstream {
+    /// What a server's response says: its records (answers, and the
+    /// additional section where an address may hide), or why there are
+    /// none, with the SOA that says how long that holds.
+    pub fn from_response(response: &Message) -> Upstream {
+        if response.response_code() == ResponseCode::NoError && !response.answers().is_empty() {
+            let mut records = response.answers().to_vec();
+            records.extend(response.additionals().iter().cloned());
+            return Upstream::Records(records);
+        }
+        Upstream::Negative {
+            code: response.response_code(),
+            soa: response
+                .name_servers()
+                .iter()
+                .find(|r| r.record_type() == RecordType::SOA)
+                .map(|soa| Box::new(soa.clone())),
+        }
+    }
+
     /// How long the answer may be reused; None for what must not be.
     fn lifetime(&self) -> Option<Duration> {
         let secs = match self {

@@ -55,21 +55,7 @@ impl DnsService {
         if qclass != DNSClass::IN {
             return Reply::Raw(bytes);
         }
-        let mut records = response.answers().to_vec();
-        records.extend(response.additionals().iter().cloned());
-        let upstream = if response.response_code() == ResponseCode::NoError && !response.answers().is_empty()
-        {
-            Upstream::Records(records)
-        } else {
-            Upstream::Negative {
-                code: response.response_code(),
-                soa: response
-                    .name_servers()
-                    .iter()
-                    .find(|r| r.record_type() == RecordType::SOA)
-                    .map(|soa| Box::new(soa.clone())),
-            }
-        };
+        let upstream = Upstream::from_response(&response);
         // Unchanged unless a rule has a say: the name, an alias target, or
         // an address anywhere in the answer.
         if plan == Plan::PassThrough

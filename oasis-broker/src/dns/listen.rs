@@ -70,7 +70,12 @@ impl RequestHandler for TcpHandler {
                     None => {
                         let name: Name = queries[0].name().into();
                         service
-                            .answer(&name, queries[0].query_class(), queries[0].query_type())
+                            .answer(
+                                &name,
+                                queries[0].query_class(),
+                                queries[0].query_type(),
+                                service.timeout,
+                            )
                             .await
                     }
                 }

@@ -11,12 +11,12 @@ use hickory_proto::ProtoErrorKind;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_resolver::TokioResolver;
 
 use super::DnsCounters;
 use super::cache::{AnswerCache, Upstream};
 use super::policy::{Plan, UnderlayAnswers, addresses, claim_in_chain, plan, remaining_ttl, sections};
 use super::reuse::{Keep, Outcome};
+use super::upstream::Resolving;
 use crate::fake::{FakeError, FakeTable, unix_now};
 use crate::names::NameRules;
 use crate::rules::Carrier;
@@ -25,7 +25,7 @@ use crate::shared::{Shared, snapshot};
 pub struct DnsService {
     /// Our own resolver (the configured upstreams, or resolv.conf's,
     /// followed when the file changes).
-    pub resolver: RwLock<TokioResolver>,
+    pub resolving: RwLock<Resolving>,
     /// The host's own servers (resolv.conf's, and the configured
     /// upstreams): queries sent to them, or whose server is unknown, are
     /// ours to resolve; any other server answers its own.
@@ -33,8 +33,6 @@ pub struct DnsService {
     /// Which server a redirected query was sent to (set once the
     /// interception is attached).
     pub origins: std::sync::OnceLock<Arc<dyn crate::platform::QueryOrigins>>,
-    /// Whether our resolver asks a server on loopback (a local stub).
-    pub resolver_on_loopback: std::sync::atomic::AtomicBool,
     /// Questions our resolver is asking a loopback upstream right now: the
     /// same question coming back is a loop through a local stub.
     pub in_flight: Mutex<std::collections::HashSet<(String, RecordType)>>,
@@ -100,13 +98,10 @@ impl DnsService {
         (!system.contains(&server.ip())).then_some(server)
     }
 
-    /// Our resolver (and whether it asks a loopback server) and the
-    /// host's own servers, after resolv.conf changed.
-    pub fn set_upstreams(&self, resolver: Option<(TokioResolver, bool)>, system: Vec<IpAddr>) {
-        if let Some((resolver, on_loopback)) = resolver {
-            *self.resolver.write().unwrap_or_else(|e| e.into_inner()) = resolver;
-            self.resolver_on_loopback
-                .store(on_loopback, std::sync::atomic::Ordering::Relaxed);
+    /// How we resolve, and the host's own servers, after resolv.conf changed.
+    pub fn set_upstreams(&self, resolving: Option<Resolving>, system: Vec<IpAddr>) {
+        if let Some(resolving) = resolving {
+            *self.resolving.write().unwrap_or_else(|e| e.into_inner()) = resolving;
         }
         *self.system.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(system);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -137,34 +132,15 @@ impl DnsService {
         }
     }
 
-    /// Counts a kept answer given again as the full answer counted it.
-    pub(super) fn count_again(&self, outcome: &Outcome, explicit: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let counters = &self.counters;
-        counters.reused.fetch_add(1, Relaxed);
-        if explicit {
-            counters.explicit.fetch_add(1, Relaxed);
-        }
-        match outcome {
-            Outcome::Faked { rule, .. } => {
-                counters.faked.fetch_add(1, Relaxed);
-                counters.answered_for(*rule);
-            }
-            Outcome::Passed => {
-                counters.passed.fetch_add(1, Relaxed);
-            }
-            Outcome::Negative => {
-                counters.negative.fetch_add(1, Relaxed);
-            }
-            Outcome::Empty => {
-                counters.empty.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
-    async fn ask(&self, name: &Name, qtype: RecordType) -> Upstream {
-        let resolver = self.resolver.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let lookup = match tokio::time::timeout(self.timeout, resolver.lookup(name.clone(), qtype)).await {
+    /// Asks the resolver, waiting at most `budget`.
+    async fn ask(&self, name: &Name, qtype: RecordType, budget: Duration) -> Upstream {
+        let resolver = self
+            .resolving
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .resolver
+            .clone();
+        let lookup = match tokio::time::timeout(budget, resolver.lookup(name.clone(), qtype)).await {
             Err(_) => {
                 tracing::debug!(%name, ?qtype, "upstream timed out");
                 return Upstream::Failed;
@@ -204,8 +180,10 @@ impl DnsService {
     }
 
     fn loopback_upstream(&self) -> bool {
-        self.resolver_on_loopback
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.resolving
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_loopback
     }
 
     fn cached(&self, name: &str, qtype: RecordType) -> Option<(Upstream, Instant)> {
@@ -217,7 +195,13 @@ impl DnsService {
 
     /// The upstream's answer: from the cache, else asked (and cached);
     /// and until when it holds, when it is cached.
-    async fn fetch(&self, qname: &Name, key: &str, qtype: RecordType) -> (Upstream, Option<Instant>) {
+    async fn fetch(
+        &self,
+        qname: &Name,
+        key: &str,
+        qtype: RecordType,
+        budget: Duration,
+    ) -> (Upstream, Option<Instant>) {
         if let Some((hit, until)) = self.cached(key, qtype) {
             return (hit, Some(until));
         }
@@ -234,7 +218,7 @@ impl DnsService {
                 return (Upstream::Failed, None);
             }
         }
-        let upstream = self.ask(qname, qtype).await;
+        let upstream = self.ask(qname, qtype, budget).await;
         if looping {
             self.in_flight
                 .lock()
@@ -315,7 +299,35 @@ impl DnsService {
         Some(self.finish(qname, &key, qtype, &names, plan, upstream, Some(until)))
     }
 
-    pub(super) async fn answer(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Answer {
+    /// The server a DNS thread may ask itself, if any.
+    pub(super) fn direct(&self) -> Option<SocketAddr> {
+        self.resolving.read().unwrap_or_else(|e| e.into_inner()).direct
+    }
+
+    /// The answer from what the server a DNS thread asked itself said
+    /// (`upstream`), kept in the answer cache as the resolver's answers are.
+    pub(super) fn answer_asked(&self, qname: &Name, qtype: RecordType, upstream: Upstream) -> Answer {
+        let (key, names, plan) = self.prepare(qname, qtype);
+        if let Plan::NoData { rule } = plan {
+            return self.withheld(&key, qtype, rule);
+        }
+        let until =
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(&key, qtype, &upstream, Instant::now());
+        self.finish(qname, &key, qtype, &names, plan, upstream, until)
+    }
+
+    /// The answer, asking the upstream when nothing cached gives it, for
+    /// at most `budget`.
+    pub(super) async fn answer(
+        &self,
+        qname: &Name,
+        qclass: DNSClass,
+        qtype: RecordType,
+        budget: Duration,
+    ) -> Answer {
         if let Some(answer) = self.local(qname, qclass, qtype) {
             return answer;
         }
@@ -323,7 +335,7 @@ impl DnsService {
         if let Plan::NoData { rule } = plan {
             return self.withheld(&key, qtype, rule);
         }
-        let (upstream, until) = self.fetch(qname, &key, qtype).await;
+        let (upstream, until) = self.fetch(qname, &key, qtype, budget).await;
         self.finish(qname, &key, qtype, &names, plan, upstream, until)
     }
 

@@ -3,10 +3,11 @@
 //! queries waiting in one receive and sending their answers in one send
 //! (batch.rs). A query asked before is answered from the bytes the thread
 //! kept (reuse.rs); one whose answer needs nothing uncached is answered
-//! inline; one that must go upstream becomes a task on the daemon's main
-//! runtime, which answers through a clone of the socket and hands the
-//! answer back to be kept. TCP is left to hickory-server (server.rs): it is
-//! rare and needs framing.
+//! inline; one that must go upstream is asked by the thread itself when
+//! it can (ask.rs), else becomes a task on the daemon's main runtime,
+//! which answers through a clone of the socket and hands the answer back
+//! to be kept. TCP is left to hickory-server (server.rs): it is rare and
+//! needs framing.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use std::time::Instant;
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::Name;
 
+use super::Tally;
+use super::ask::{Asking, Query, Settled};
 use super::batch::{Incoming, Outgoing};
 use super::explicit::Reply;
 use super::message::{encode, format_error, refusal};
@@ -54,6 +57,8 @@ pub fn spawn_thread(
         to_keep,
         kept,
         clock: Clock::new(),
+        asking: Asking::default(),
+        tally: Tally::default(),
     };
     std::thread::Builder::new()
         .name(name)
@@ -80,6 +85,8 @@ struct Thread {
     to_keep: mpsc::Sender<ToKeep>,
     kept: mpsc::Receiver<ToKeep>,
     clock: Clock,
+    asking: Asking,
+    tally: Tally,
 }
 
 /// An answer made on the main runtime, for the thread that took its query.
@@ -116,6 +123,7 @@ impl Thread {
     fn serve(mut self, tick: &Tick) {
         let mut incoming = Incoming::default();
         let mut outgoing = Outgoing::default();
+        let mut settled = Vec::new();
         loop {
             tick.tick();
             if HANG.load(Relaxed) {
@@ -124,17 +132,29 @@ impl Thread {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 }
             }
-            let n = match incoming.recv(&self.socket) {
-                Ok(n) => n,
-                Err(e) => {
-                    if !matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) {
-                        tracing::debug!("DNS socket: {e}");
-                    }
-                    continue;
+            // Nothing asked: the receive itself waits, one system call.
+            let queries_waiting = match self.asking.next_deadline() {
+                None => true,
+                Some(deadline) => {
+                    let longest = deadline.saturating_duration_since(Instant::now()).min(TICK_EVERY);
+                    self.asking.wait(&self.socket, longest)
                 }
+            };
+            let n = if queries_waiting {
+                match incoming.recv(&self.socket) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if !matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) {
+                            tracing::debug!("DNS socket: {e}");
+                        }
+                        0
+                    }
+                }
+            } else {
+                0
             };
             self.service.counters.queries.fetch_add(n as u64, Relaxed);
             let now = Instant::now();
@@ -143,6 +163,12 @@ impl Thread {
                 self.answers
                     .keep(&made.view, &made.bytes, made.keep, made.epoch, made.made);
             }
+            if !self.asking.is_empty() {
+                self.asking.settle(now, &mut settled);
+                for done in settled.drain(..) {
+                    self.settled(done, now, &mut outgoing);
+                }
+            }
             let epoch = self.service.epoch();
             for i in 0..n {
                 if let Some((raw, from)) = incoming.query(i) {
@@ -150,7 +176,34 @@ impl Thread {
                 }
             }
             outgoing.send(&self.socket);
+            self.service.counters.add(&mut self.tally);
         }
+    }
+
+    /// Answers a query whose question the thread asked, or hands it to the
+    /// main runtime.
+    fn settled(&mut self, done: Settled, now: Instant, outgoing: &mut Outgoing) {
+        let (query, upstream) = match done {
+            Settled::Answered(asked, upstream) => (asked.query, upstream),
+            Settled::HandOver(asked) => {
+                return self.answer_later(asked.query, None);
+            }
+        };
+        let question = &query.request.queries()[0];
+        let answer = self
+            .service
+            .answer_asked(question.name(), question.query_type(), upstream);
+        let keep = answer.keep.clone();
+        let (bytes, truncated) = encode(&query.request, answer);
+        if truncated {
+            self.service.counters.truncated.fetch_add(1, Relaxed);
+        }
+        let Some(bytes) = bytes else { return };
+        if let (Some(view), Some(keep), false) = (&query.view, keep, truncated) {
+            self.answers.keep(view, &bytes, keep, query.epoch, now);
+        }
+        *outgoing.slot() = bytes;
+        outgoing.push(query.from);
     }
 
     /// Answers one query into `outgoing`, or hands it to the main runtime
@@ -172,7 +225,7 @@ impl Thread {
             let unix = self.clock.unix(now);
             let holds = |outcome: &_| service.still_holds(outcome, unix);
             if let Some(outcome) = self.answers.answer(raw, view, epoch, now, holds, outgoing.slot()) {
-                service.count_again(outcome, server.is_some());
+                self.tally.again(outcome, server.is_some());
                 outgoing.push(from);
                 return;
             }
@@ -220,20 +273,38 @@ impl Thread {
             }
             return;
         }
-        self.answer_later(request, raw.to_vec(), from, server, view, epoch);
+        let query = Query {
+            request,
+            raw: raw.to_vec(),
+            from,
+            view,
+            epoch,
+            came: now,
+        };
+        if server.is_none()
+            && let Some(direct) = self.service.direct()
+            && self.asking.open(now)
+        {
+            if let Some(query) = self.asking.ask(direct, query, service.timeout, now) {
+                self.answer_later(query, None);
+            }
+            return;
+        }
+        self.answer_later(query, server);
     }
 
     /// The answer waits for the network: made on the main runtime, sent
     /// from there, and handed back to this thread to be kept.
-    fn answer_later(
-        &self,
-        request: Message,
-        raw: Vec<u8>,
-        from: SocketAddr,
-        server: Option<SocketAddr>,
-        view: Option<QueryView>,
-        epoch: u64,
-    ) {
+    fn answer_later(&self, query: Query, server: Option<SocketAddr>) {
+        let Query {
+            request,
+            raw,
+            from,
+            view,
+            epoch,
+            came,
+        } = query;
+        let budget = self.service.timeout.saturating_sub(came.elapsed());
         let (socket, service, to_keep) = (
             self.for_misses.clone(),
             self.service.clone(),
@@ -255,7 +326,7 @@ impl Thread {
                     let query = &request.queries()[0];
                     let name: Name = query.name().clone();
                     let answer = service
-                        .answer(&name, query.query_class(), query.query_type())
+                        .answer(&name, query.query_class(), query.query_type(), budget)
                         .await;
                     let keep = answer.keep.clone();
                     let (bytes, truncated) = encode(&request, answer);

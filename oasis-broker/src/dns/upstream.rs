@@ -142,11 +142,38 @@ fn read_servers(path: &std::path::Path) -> Result<Vec<NameServerConfig>, Upstrea
     Ok(servers)
 }
 
+/// How the broker resolves what it does not fake, from one set of servers.
+pub struct Resolving {
+    pub resolver: TokioResolver,
+    /// Whether a server is on loopback (a local stub, which may forward
+    /// back to us).
+    pub on_loopback: bool,
+    /// The server a DNS thread asks itself (ask.rs): the first one, when
+    /// it speaks plain UDP and is not on loopback. Loops through a local
+    /// stub are only noticed on the resolver's path.
+    pub direct: Option<SocketAddr>,
+}
+
+impl Resolving {
+    pub fn new(servers: Vec<NameServerConfig>, timeout: Duration) -> Resolving {
+        let on_loopback = servers.iter().any(|s| s.socket_addr.ip().is_loopback());
+        let direct = servers
+            .first()
+            .filter(|s| s.protocol == Protocol::Udp && !on_loopback)
+            .map(|s| s.socket_addr);
+        Resolving {
+            resolver: resolver(servers, timeout),
+            on_loopback,
+            direct,
+        }
+    }
+}
+
 /// The resolver the broker forwards to: no cache of its own (the broker's
 /// answer cache keeps what it returns, and keeping it twice only doubled the
 /// memory), no hosts file (the application's own resolver already read it),
 /// answers as given.
-pub fn resolver(servers: Vec<NameServerConfig>, timeout: Duration) -> TokioResolver {
+fn resolver(servers: Vec<NameServerConfig>, timeout: Duration) -> TokioResolver {
     let mut config = ResolverConfig::new();
     for server in servers {
         config.add_name_server(server);
@@ -167,6 +194,28 @@ pub fn resolver(servers: Vec<NameServerConfig>, timeout: Duration) -> TokioResol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_plain_udp_server_off_loopback_is_asked_directly() {
+        let timeout = Duration::from_secs(1);
+        let servers = |texts: &[&str]| {
+            texts
+                .iter()
+                .flat_map(|t| parse_upstream(t).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let plain = Resolving::new(servers(&["192.0.2.53", "tls://1.1.1.1#one.one.one.one"]), timeout);
+        assert_eq!(plain.direct, Some("192.0.2.53:53".parse().unwrap()));
+        assert!(!plain.on_loopback);
+        let encrypted_first =
+            Resolving::new(servers(&["tls://1.1.1.1#one.one.one.one", "192.0.2.53"]), timeout);
+        assert_eq!(encrypted_first.direct, None);
+        let tcp = Resolving::new(servers(&["tcp://192.0.2.53"]), timeout);
+        assert_eq!(tcp.direct, None);
+        let stub = Resolving::new(servers(&["192.0.2.53", "127.0.0.53"]), timeout);
+        assert!(stub.on_loopback);
+        assert_eq!(stub.direct, None, "a loop through the stub must stay visible");
+    }
 
     #[test]
     fn bare_addresses_use_udp_and_tcp_on_port_53() {
