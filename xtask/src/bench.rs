@@ -162,7 +162,16 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> {
+pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) -> anyhow::Result<()> {
+    for name in scenarios {
+        if !SCENARIOS.iter().any(|s| s.name() == name) {
+            let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name()).collect();
+            bail!("no traffic scenario {name:?}: the scenarios are {}", known.join(", "));
+        }
+    }
+    let chosen = |scenario: Scenario| {
+        scenarios.is_empty() || scenario == Scenario::NoOasis || scenarios.iter().any(|n| n == scenario.name())
+    };
     crate::setup::ensure()?;
     if !crate::is_root() {
         bail!("the benchmark creates network namespaces and needs root: `sudo -E cargo xtask bench`");
@@ -211,6 +220,9 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>) -> anyhow::Result<()> 
         for offset in 0..SCENARIOS.len() {
             let index = (round + offset) % SCENARIOS.len();
             let scenario = SCENARIOS[index];
+            if !chosen(scenario) {
+                continue;
+            }
             eprintln!(
                 "bench: round {}/{repeat}: {} ({seconds} s per measurement)",
                 round + 1,
@@ -617,7 +629,12 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
     let base = medians[index(Scenario::NoOasis)];
     let wireguard = medians[index(Scenario::WireguardGo)];
     let mut out = Vec::new();
+    let was_measured: Vec<bool> = samples.iter().map(|s| !s.upload_bps.is_empty()).collect();
+    let measured = |s: Scenario| was_measured[index(s)];
     for (i, scenario) in SCENARIOS.iter().enumerate() {
+        if !measured(*scenario) {
+            continue;
+        }
         let [upload, download, cpu, p50, p99] = medians[i];
         let (lo, hi) = spread(&samples[i].upload_bps);
         let mut push = |metric: &str, value: f64, unit: &str, against: Option<(Scenario, f64)>| {
@@ -667,14 +684,14 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 None,
             );
         }
-        if *scenario == Scenario::OverlayModule {
+        if *scenario == Scenario::OverlayModule && measured(Scenario::OverlayExit) {
             let plain = medians[index(Scenario::OverlayExit)];
             let vs_plain = |v: f64| Some((Scenario::OverlayExit, v));
             push("tcp_upload_throughput", upload, "Gbit/s", vs_plain(plain[0]));
             push("tcp_download_throughput", download, "Gbit/s", vs_plain(plain[1]));
             push("udp_rtt_p50_added_by_module", p50 - plain[3], "us", None);
         }
-        if *scenario == Scenario::OverlayExit {
+        if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
             let vs_wg = |v: f64| Some((Scenario::WireguardGo, v));
             push("tcp_upload_throughput", upload, "Gbit/s", vs_wg(wireguard[0]));
             push("tcp_download_throughput", download, "Gbit/s", vs_wg(wireguard[1]));

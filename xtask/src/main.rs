@@ -59,6 +59,11 @@ enum Task {
         /// Run one part only.
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
+        /// Measure only these traffic scenarios (repeatable), beside
+        /// no-oasis, the baseline every ratio needs: for a quick A/B of one
+        /// path, e.g. `--only traffic --scenario overlay-exit`.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
     },
     /// Run Oasis under a steady mixed load (flows, DNS, rule churn, overlay
     /// join and leave, exit and daemon restarts) for a long while and fail
@@ -94,7 +99,8 @@ fn main() {
             seconds,
             repeat,
             only,
-        } => bench::run(seconds, repeat, only),
+            scenarios,
+        } => bench::run(seconds, repeat, only, &scenarios),
         Task::Soak { minutes } => soak::run(minutes),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Flowgen(args) => flowgen::run(args),
