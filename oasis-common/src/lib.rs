@@ -32,7 +32,10 @@ pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 /// apart from the flows that pass.
 pub const CLAIMED_ENTRIES: u32 = 65_536;
 
+pub mod encap;
 pub mod maps;
+
+pub use encap::{ENCAP_ENTRIES, ENCAP_PEERS, EncapEntry, EncapPeer, MAX_FAST_SHIM};
 
 /// The overlay wire format: every datagram between a host and an overlay is
 /// `[shim][IP packet]`, with a shim of the length the overlay's
@@ -262,7 +265,21 @@ pub mod stat {
     pub const MEASURED_INGRESS: u32 = 10;
     /// Measurements lost because the ring buffer to the broker was full.
     pub const EVENTS_LOST: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Packets (and their bytes) of overlay flows the kernel wrapped on
+    /// their way out and opened on their way in (the fast path).
+    pub const ENCAP_PACKETS: u32 = 12;
+    pub const ENCAP_BYTES: u32 = 13;
+    pub const DECAP_PACKETS: u32 = 14;
+    pub const DECAP_BYTES: u32 = 15;
+    /// Packets of fast-path flows left to the broker, by why: too big for
+    /// the path once wrapped; no route or neighbour to the entry node yet;
+    /// the kernel refused to make room; a received aggregate of several
+    /// datagrams (GRO), which the kernel cannot open one by one.
+    pub const FAST_TOO_BIG: u32 = 16;
+    pub const FAST_NO_ROUTE: u32 = 17;
+    pub const FAST_NO_ROOM: u32 = 18;
+    pub const FAST_AGGREGATE: u32 = 19;
+    pub const COUNT: u32 = 20;
 }
 
 /// What the kernel keeps of a flow (or probe) it measures for the Monitor,
@@ -414,7 +431,10 @@ pub struct Settings {
     pub fake_pools: u32,
     pub fake_v4: [u8; 4],
     pub fake_v4_mask: [u8; 4],
-    pub _pad: [u8; 4],
+    /// The broker's overlay port (host byte order): datagrams to it from an
+    /// entry node may carry a fast-path flow's packets (`encap.rs`).
+    pub overlay_port: u16,
+    pub _pad: [u8; 2],
     pub fake_v6: [u8; 16],
     pub fake_v6_mask: [u8; 16],
 }
@@ -763,6 +783,8 @@ mod pod {
     unsafe impl aya::Pod for DnsOriginal {}
     unsafe impl aya::Pod for Measure {}
     unsafe impl aya::Pod for MonitorEvent {}
+    unsafe impl aya::Pod for EncapEntry {}
+    unsafe impl aya::Pod for EncapPeer {}
 }
 
 #[cfg(test)]
@@ -785,6 +807,11 @@ mod tests {
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<Measure>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);
+        assert_eq!(
+            size_of::<EncapEntry>(),
+            8 + 16 + 4 + 2 + 2 + 1 + 1 + 6 + MAX_FAST_SHIM
+        );
+        assert_eq!(size_of::<EncapPeer>(), 16 + 2 + 1 + 1);
     }
 
     #[test]

@@ -132,6 +132,15 @@ macro_rules! kernel_maps {
             /// none, the uplinks' ingress program looks for none of their
             /// FINs and RSTs.
             PINNED_ACTIVE, "OASIS_PINNED_ACTIVE", Array<u32>, 1;
+            /// Overlay flows the kernel wraps itself: the flow as it leaves
+            /// the host → its entry node and shim (`encap.rs`).
+            ENCAP, "OASIS_ENCAP", HashMap<$crate::FlowKey, $crate::EncapEntry>, $crate::ENCAP_ENTRIES;
+            /// The entry nodes of those flows → their overlay's shim length:
+            /// only their datagrams are opened in the kernel.
+            ENCAP_PEERS, "OASIS_ENCAP_PEERS", HashMap<$crate::EncapPeer, u32>, $crate::ENCAP_PEERS;
+            /// Index 0: how many flows `ENCAP` holds. While none, the
+            /// uplinks' ingress program opens no datagram.
+            ENCAP_ACTIVE, "OASIS_ENCAP_ACTIVE", Array<u32>, 1;
         }
     };
 }

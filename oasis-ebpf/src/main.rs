@@ -5,9 +5,11 @@
 //!   the verdict is cached per 5-tuple, so later packets cost one lookup. It
 //!   passes a packet, redirects it to the broker's TUN, or rewrites a fake
 //!   destination in place (the in-kernel NAT, `nat.rs`); it also measures
-//!   flows the Monitor left to the kernel (`measure.rs`).
+//!   flows the Monitor left to the kernel (`measure.rs`), and wraps the
+//!   packets of overlay flows the broker left to it (`encap.rs`).
 //! - `oasis_ingress` (TC ingress of each uplink): replies of in-kernel NAT
-//!   flows get their fake source back; answers of measured flows are timed.
+//!   flows get their fake source back; answers of measured flows are timed;
+//!   overlay flows' datagrams from their entry nodes are opened.
 //! - eight cgroup socket hooks (`dns.rs`): DNS queries to the broker.
 //! - `oasis_exit_ingress` (the exit node's uplink): replies for the exit's
 //!   clients to its TUN (`exit.rs`).
@@ -21,6 +23,8 @@
 mod classifier;
 #[cfg(target_arch = "bpf")]
 mod dns;
+#[cfg(target_arch = "bpf")]
+mod encap;
 #[cfg(target_arch = "bpf")]
 mod exit;
 #[cfg(target_arch = "bpf")]

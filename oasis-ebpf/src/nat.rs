@@ -9,15 +9,18 @@
 //! also keep offloaded (partial) checksums right.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use oasis_common::{FAMILY_V4, NAT_CLOSING, NAT_MEASURE, NatEntry, stat};
 
+use crate::encap::{self, Fast};
 use crate::headers::ETH_HLEN;
 use crate::maps::bump;
-use crate::maps::{MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT, PINNED_ACTIVE};
+use crate::maps::{
+    ENCAP_ACTIVE, MONITOR_ACTIVE, NAT_ACTIVE, NAT_FRAGMENTS, NAT_IN, NAT_OUT, PINNED_ACTIVE, SETTINGS,
+};
 use crate::measure;
 use crate::parse::coarse_ns;
 use crate::parse::{
@@ -75,13 +78,21 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
     let nat = NAT_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
     let monitor = MONITOR_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
     let pinned = PINNED_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
-    if !nat && !monitor && !pinned {
+    let encap = ENCAP_ACTIVE.get(0).is_some_and(|flows| *flows != 0);
+    if !nat && !monitor && !pinned && !encap {
         return TC_ACT_OK as i32;
     }
     let mut slot = core::mem::MaybeUninit::uninit();
     let parsed = Parsed::zero_in(&mut slot);
     if !parse_into(&ctx, parsed) {
         return TC_ACT_OK as i32;
+    }
+    if encap && let Some(settings) = SETTINGS.get(0) {
+        match encap::ingress(&ctx, parsed, settings.overlay_port) {
+            Fast::Done => return TC_ACT_OK as i32,
+            Fast::Broken => return TC_ACT_SHOT as i32,
+            Fast::Broker => {}
+        }
     }
     if pinned && parsed.key.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
         crate::pins::closing(&parsed.key.reversed());

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use oasis_broker::config::TunConfig;
 use oasis_broker::engine::{
-    Engine, EngineSettings, KernelTables, MemoryNat, MemoryPins, MonitorChooser, ReturnPath, Routes,
-    SharedTables, Via,
+    Engine, EngineSettings, KernelTables, MemoryEncap, MemoryNat, MemoryPins, MonitorChooser, ReturnPath,
+    Routes, SharedTables, Via,
 };
 use oasis_broker::fake::FakeTable;
 use oasis_broker::forward::{OverlaySockets, run_queue, run_returns};
@@ -190,6 +190,7 @@ fn no_packet_allocates_in_steady_state() {
         uplink_mtu: 1500,
         fake_v4: "198.18.0.0/15".parse().unwrap(),
         fake_v6: "fd4f:4153:4953::/48".parse().unwrap(),
+        fast_path: false,
     };
     let fakes = FakeTable::new(settings.fake_v4, settings.fake_v6, 16);
     let (link, _events) = MonitorLink::new(1024);
@@ -216,6 +217,7 @@ fn no_packet_allocates_in_steady_state() {
     let tables = SharedTables::new(KernelTables {
         nat: Box::new(MemoryNat::default()),
         pins: Box::new(MemoryPins::default()),
+        encap: Box::new(MemoryEncap::default()),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let liveness = Liveness::new();

@@ -166,11 +166,16 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) 
     for name in scenarios {
         if !SCENARIOS.iter().any(|s| s.name() == name) {
             let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name()).collect();
-            bail!("no traffic scenario {name:?}: the scenarios are {}", known.join(", "));
+            bail!(
+                "no traffic scenario {name:?}: the scenarios are {}",
+                known.join(", ")
+            );
         }
     }
     let chosen = |scenario: Scenario| {
-        scenarios.is_empty() || scenario == Scenario::NoOasis || scenarios.iter().any(|n| n == scenario.name())
+        scenarios.is_empty()
+            || scenario == Scenario::NoOasis
+            || scenarios.iter().any(|n| n == scenario.name())
     };
     crate::setup::ensure()?;
     if !crate::is_root() {

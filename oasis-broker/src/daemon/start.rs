@@ -214,6 +214,7 @@ pub(super) fn engine_settings(config: &Config, mtu: u16) -> EngineSettings {
         uplink_mtu: mtu,
         fake_v4: config.dns.fake_v4,
         fake_v6: config.dns.fake_v6,
+        fast_path: config.overlay_fast_path,
     }
 }
 
@@ -244,7 +245,10 @@ fn kernel_tables(kernel: &mut dyn crate::platform::Kernel) -> Result<KernelTable
     let pins = kernel
         .take_pins()
         .ok_or_else(|| DaemonError::Platform("the flow pins were taken twice".into()))?;
-    Ok(KernelTables { nat, pins })
+    let encap = kernel
+        .take_encap()
+        .ok_or_else(|| DaemonError::Platform("the encapsulation table was taken twice".into()))?;
+    Ok(KernelTables { nat, pins, encap })
 }
 
 /// The data path: the uplinks' MTU, the divert device, the underlay's
@@ -288,6 +292,7 @@ fn classifier<P: Platform>(
         tcp_idle_ns: config.tcp_idle_timeout_secs * 1_000_000_000,
         tun_ifindex,
         bypass_mark: config.bypass_mark,
+        overlay_port: config.overlay_port,
         ..Settings::default()
     };
     let (v4, v6) = (config.dns.fake_v4, config.dns.fake_v6);

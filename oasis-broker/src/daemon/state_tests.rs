@@ -16,7 +16,8 @@ use crate::compile::MapImage;
 use crate::config::Config;
 use crate::control::{ClassifierCounters, ProgramStatsView, Request, Response, TunView, UplinkView};
 use crate::engine::{
-    Engine, FlowPins, KernelTables, MemoryNat, MemoryPins, MonitorChooser, NatTable, Routes, SharedTables,
+    EncapTable, Engine, FlowPins, KernelTables, MemoryEncap, MemoryNat, MemoryPins, MonitorChooser, NatTable,
+    Routes, SharedTables,
 };
 use crate::liveness::Liveness;
 use crate::monitor::MonitorLink;
@@ -70,6 +71,9 @@ impl Kernel for MemoryKernel {
     }
     fn take_pins(&mut self) -> Option<Box<dyn FlowPins>> {
         Some(Box::new(MemoryPins::default()))
+    }
+    fn take_encap(&mut self) -> Option<Box<dyn EncapTable>> {
+        Some(Box::new(MemoryEncap::default()))
     }
     fn take_monitor_events(&mut self) -> Option<Box<dyn MonitorEvents>> {
         None
@@ -148,6 +152,7 @@ async fn daemon(name: &str) -> Test {
     let tables = SharedTables::new(KernelTables {
         nat: kernel.take_nat().unwrap(),
         pins: kernel.take_pins().unwrap(),
+        encap: kernel.take_encap().unwrap(),
     });
     let overlays = OverlayManager::load(Vec::new(), &LocalAddresses::default(), None);
     let routes = Routes::with_names(

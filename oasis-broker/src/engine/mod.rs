@@ -16,6 +16,7 @@
 
 pub mod carrier;
 pub mod counters;
+pub mod encap;
 pub mod fake;
 pub mod flows;
 pub mod fragments;
@@ -32,6 +33,7 @@ pub mod tables;
 
 pub use carrier::{CarrierChooser, Claim, Decision, MonitorChooser, NewFlow, RuleCarrier};
 pub use counters::{DropReason, EngineCounters};
+pub use encap::{EncapTable, Encapsulation, MemoryEncap};
 pub use flows::{FakeBinding, Flow, FlowTable, Lifetimes};
 pub use nat::{MemoryNat, NatTable, TableError};
 pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
@@ -117,6 +119,24 @@ mod tests {
         }
     }
 
+    #[derive(Clone, Default)]
+    struct SharedEncap(Arc<Mutex<MemoryEncap>>);
+
+    impl EncapTable for SharedEncap {
+        fn install(&mut self, flow: &oasis_common::FlowKey, how: &Encapsulation) -> Result<(), TableError> {
+            self.0.lock().unwrap().install(flow, how)
+        }
+        fn remove(&mut self, flow: &oasis_common::FlowKey) {
+            self.0.lock().unwrap().remove(flow)
+        }
+        fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<KernelSeen> {
+            self.0.lock().unwrap().last_seen(flow)
+        }
+        fn len(&self) -> usize {
+            self.0.lock().unwrap().len()
+        }
+    }
+
     /// A NAT table that refuses everything, as a full kernel map would.
     struct FullNat;
 
@@ -147,6 +167,7 @@ mod tests {
         tables: SharedTables,
         nat: SharedNat,
         pins: SharedPins,
+        encap: SharedEncap,
         link: Arc<crate::monitor::MonitorLink>,
         events: std::sync::mpsc::Receiver<(Instant, crate::monitor::Event)>,
         rules: RuleSet,
@@ -160,6 +181,7 @@ mod tests {
             uplink_mtu: MTU,
             fake_v4: "198.18.0.0/15".parse().unwrap(),
             fake_v6: "fd4f:4153:4953::/48".parse().unwrap(),
+            fast_path: true,
         }
     }
 
@@ -202,6 +224,7 @@ mod tests {
         let shared = SharedNat::default();
         let nat = nat.unwrap_or_else(|| Box::new(shared.clone()));
         let pins = SharedPins::default();
+        let encap = SharedEncap::default();
         let (link, events) = crate::monitor::MonitorLink::new(1024);
         let engine = Engine::new(
             settings,
@@ -214,12 +237,14 @@ mod tests {
         let tables = SharedTables::new(KernelTables {
             nat,
             pins: Box::new(pins.clone()),
+            encap: Box::new(encap.clone()),
         });
         World {
             engine,
             tables,
             nat: shared,
             pins,
+            encap,
             link,
             events,
             rules,
@@ -374,6 +399,86 @@ mod tests {
             world.pins.0.lock().unwrap().flows.is_empty(),
             "the pin went with the flow"
         );
+    }
+
+    #[test]
+    fn a_header_rules_overlay_flow_is_wrapped_in_the_kernel_after_its_first_packet() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        let mut router = world.router();
+        let start = Instant::now();
+        let mut syn = tcp(SERVER, 40000, 80, Some(1460));
+        router.begin_batch();
+        let sent = router.outbound(start, &mut syn, &mut Vec::new());
+        assert_eq!(
+            sent,
+            Outbound::Overlay {
+                overlay: OverlayId(1),
+                to: entry()
+            },
+            "the handshake goes through the broker (its MSS clamped)"
+        );
+        let key = key_of(&syn);
+        let (how, _) = world.encap.0.lock().unwrap().flows[&key];
+        assert_eq!((how.to, how.rule, how.shim()), (entry(), 1, &[0u8; 4][..]));
+        assert!(router.flows().get(&key).is_some_and(|f| f.in_kernel()));
+        assert_eq!(world.engine.kernel_flows.load(Relaxed), 1);
+        // What the kernel leaves to the broker (a FIN, a packet too big) is
+        // carried as before, and wraps nothing again.
+        let mut data = tcp(SERVER, 40000, 80, None);
+        let carried = router.outbound(start + Duration::from_secs(1), &mut data, &mut Vec::new());
+        assert!(matches!(carried, Outbound::Overlay { .. }), "{carried:?}");
+        assert_eq!(world.encap.0.lock().unwrap().flows.len(), 1);
+        // Alive while the kernel wraps its packets; gone, with its entry,
+        // once they stop.
+        world.encap.0.lock().unwrap().flows.get_mut(&key).unwrap().1 = Some(start + Duration::from_secs(100));
+        router.handle_timeout(start + Duration::from_secs(120));
+        assert_eq!(router.flows().len(), 1, "the kernel saw it 20 s ago");
+        router.handle_timeout(start + Duration::from_secs(100) + Lifetimes::DEFAULT_TCP * 2);
+        assert_eq!(router.flows().len(), 0);
+        assert!(
+            world.encap.0.lock().unwrap().flows.is_empty(),
+            "the entry went with the flow"
+        );
+        assert_eq!(world.engine.kernel_flows.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_wrapped_flow_whose_overlay_is_left_comes_back_to_the_broker() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        let mut router = world.router();
+        let mut syn = tcp(SERVER, 40000, 80, Some(1460));
+        decide(&mut router, &mut syn);
+        let key = key_of(&syn);
+        assert_eq!(world.encap.0.lock().unwrap().flows.len(), 1);
+        let none = Arc::new(OverlayTable::new([]));
+        world.engine.publish(routes(&world.rules, &none));
+        let mut data = tcp(SERVER, 40000, 80, None);
+        let outcome = decide(&mut router, &mut data);
+        assert!(
+            !matches!(outcome, Outbound::Overlay { .. }),
+            "its overlay is gone, and the kernel no longer sends it there: {outcome:?}"
+        );
+        assert!(world.encap.0.lock().unwrap().flows.is_empty());
+        assert!(router.flows().get(&key).is_some_and(|f| !f.in_kernel()));
+        assert_eq!(world.engine.kernel_flows.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_flow_the_kernel_cannot_wrap_stays_with_the_broker() {
+        let world = world(&[header("detour", "tcp", "80")]);
+        world.encap.0.lock().unwrap().full = true;
+        let mut router = world.router();
+        let mut syn = tcp(SERVER, 40000, 80, Some(1460));
+        assert!(matches!(decide(&mut router, &mut syn), Outbound::Overlay { .. }));
+        assert!(router.flows().get(&key_of(&syn)).is_some_and(|f| !f.in_kernel()));
+        assert_eq!(world.engine.kernel_flows.load(Relaxed), 0);
+        // With the fast path off, nothing is asked of the kernel at all.
+        let mut off = settings();
+        off.fast_path = false;
+        let world = world_with(&[header("detour", "tcp", "80")], None, off);
+        let mut router = world.router();
+        decide(&mut router, &mut tcp(SERVER, 40000, 80, Some(1460)));
+        assert!(world.encap.0.lock().unwrap().flows.is_empty());
     }
 
     /// A UDP datagram of 3,000 bytes from CLIENT to SERVER:`dport`, in two

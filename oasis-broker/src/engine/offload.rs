@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use oasis_common::FlowKey;
 
+use super::encap::{EncapTable, Encapsulation};
 use super::measure::OutboundMeasure;
 use super::nat::NatTable;
 use super::pins::FlowPins;
@@ -34,12 +35,19 @@ pub enum Offload {
     /// The kernel's NAT rewrites it both ways (a fake address's flow on the
     /// underlay); `measured`: the kernel measures it.
     Translated { measured: bool },
+    /// The kernel wraps it for its entry node and opens the node's
+    /// datagrams of it (a header rule's flow on a plain overlay); what the
+    /// kernel leaves to the broker (SYN, FIN, too big) still comes here.
+    Encapsulated,
 }
 
 impl Offload {
     /// Whether the kernel carries the flow's packets after its first.
     pub fn in_kernel(&self) -> bool {
-        matches!(self, Offload::Pinned { .. } | Offload::Translated { .. })
+        matches!(
+            self,
+            Offload::Pinned { .. } | Offload::Translated { .. } | Offload::Encapsulated
+        )
     }
 
     /// Whether the kernel measures the flow for the Monitor.
@@ -81,6 +89,10 @@ pub enum KernelOp {
     },
     /// Undo `Pin` and `Measure`.
     Forget { flow: FlowKey },
+    /// Wrap the flow's packets for its entry node in the kernel.
+    Encapsulate { flow: FlowKey, how: Encapsulation },
+    /// Undo `Encapsulate`.
+    Unencapsulate { flow: FlowKey },
 }
 
 /// What the engine reads of the kernel's tables.
@@ -91,12 +103,15 @@ pub trait KernelView {
     fn translated_seen(&self, flow: &FlowKey, real: IpAddr) -> Option<KernelSeen>;
     /// Whether the flow's handshake was answered.
     fn answered(&self, flow: &FlowKey) -> bool;
+    /// When the kernel last wrapped a packet of the flow.
+    fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen>;
 }
 
 /// The kernel's tables, as the shell holds them.
 pub struct KernelTables {
     pub nat: Box<dyn NatTable>,
     pub pins: Box<dyn FlowPins>,
+    pub encap: Box<dyn EncapTable>,
 }
 
 impl KernelTables {
@@ -123,6 +138,11 @@ impl KernelTables {
                 self.pins.forget(&flow);
                 Ok(())
             }
+            KernelOp::Encapsulate { flow, how } => self.encap.install(&flow, &how),
+            KernelOp::Unencapsulate { flow } => {
+                self.encap.remove(&flow);
+                Ok(())
+            }
         }
     }
 }
@@ -136,6 +156,9 @@ impl KernelView for KernelTables {
     }
     fn answered(&self, flow: &FlowKey) -> bool {
         self.pins.answered(flow)
+    }
+    fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
+        self.encap.last_seen(flow)
     }
 }
 
@@ -159,6 +182,11 @@ impl SharedTables {
         self.lock().nat.len()
     }
 
+    /// Overlay flows the kernel wraps now.
+    pub fn encapsulated(&self) -> usize {
+        self.lock().encap.len()
+    }
+
     /// Flows the kernel measures for the Monitor now.
     pub fn measured(&self) -> usize {
         self.lock().pins.measured()
@@ -174,5 +202,8 @@ impl KernelView for SharedTables {
     }
     fn answered(&self, flow: &FlowKey) -> bool {
         self.lock().answered(flow)
+    }
+    fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
+        self.lock().encapsulated_seen(flow)
     }
 }

@@ -16,6 +16,7 @@ use oasis_io::packet::{End, clamp_mss, rewrite_address, unreachable_reply};
 
 use super::carrier::{CarrierChooser, Claim, Decision, NewFlow};
 use super::counters::{DropReason, EngineCounters};
+use super::encap::Encapsulation;
 use super::fake::{choose_real, real_key, reply_key};
 use super::flows::{FakeBinding, Flow, FlowTable, Lifetimes, Lookup};
 use super::fragments::Fragments;
@@ -56,6 +57,9 @@ pub struct EngineSettings {
     /// The fake pools of name rules.
     pub fake_v4: Ipv4Net,
     pub fake_v6: Ipv6Net,
+    /// Whether the kernel may wrap plain overlay flows itself after their
+    /// first packet (the fast path).
+    pub fast_path: bool,
 }
 
 impl EngineSettings {
@@ -97,9 +101,9 @@ pub struct Engine {
     epoch: Instant,
     /// Fake-address flows the packet threads' tables hold, summed.
     pub fake_flows: AtomicU64,
-    /// Flows the kernel carries (pinned or translated), summed: while
-    /// none, sweeps ask the kernel nothing.
-    kernel_flows: AtomicU64,
+    /// Flows the kernel carries (pinned, translated or wrapped), summed:
+    /// while none, sweeps ask the kernel nothing.
+    pub(crate) kernel_flows: AtomicU64,
     /// Routers made, and the dumps of their flow tables `oasis flows` asked
     /// for: the generation asked, and each router's answer.
     routers: AtomicUsize,
@@ -347,6 +351,24 @@ impl Router {
         if !Arc::ptr_eq(&latest, &self.routes) {
             self.metric_rules = latest.monitored_rules().next().is_some();
             self.routes = latest;
+            self.unwrap_orphans();
+        }
+    }
+
+    /// The kernel stops wrapping flows whose overlay is gone: their next
+    /// packets come to the broker, which has no carrier for them, instead
+    /// of going on to an entry node the host left.
+    fn unwrap_orphans(&mut self) {
+        if self.engine.kernel_flows.load(Relaxed) == 0 {
+            return;
+        }
+        for (key, flow) in self.flows.iter_mut() {
+            let Via::Overlay(id) = flow.via else { continue };
+            if matches!(flow.offload, Offload::Encapsulated) && self.routes.overlays.get(id).is_none() {
+                flow.offload = Offload::Broker;
+                self.engine.kernel_flows.fetch_sub(1, Relaxed);
+                self.work.push_back(KernelOp::Unencapsulate { flow: *key });
+            }
         }
     }
 
@@ -448,7 +470,17 @@ impl Router {
                 tracing::debug!(flow = %describe(&flow), "the kernel cannot measure the flow: {error}");
                 None
             }
-            KernelOp::Untranslate { .. } | KernelOp::Forget { .. } => None,
+            KernelOp::Encapsulate { flow, .. } => {
+                tracing::debug!(flow = %describe(&flow), "the kernel cannot wrap the flow: {error}");
+                let held = self
+                    .flows
+                    .get_mut(&flow)
+                    .filter(|f| matches!(f.offload, Offload::Encapsulated))?;
+                held.offload = Offload::Broker;
+                self.engine.kernel_flows.fetch_sub(1, Relaxed);
+                None
+            }
+            KernelOp::Untranslate { .. } | KernelOp::Forget { .. } | KernelOp::Unencapsulate { .. } => None,
         }
     }
 
@@ -653,9 +685,26 @@ impl Router {
                 measured: false,
             });
             new.offload = Offload::Pinned { measured: false };
+        } else if let (Via::Overlay(id), Some(rule)) = (via, rule)
+            && let Some(how) = self.encapsulation(id, key, rule)
+        {
+            // A plain overlay needs the broker only for what the kernel
+            // leaves it (the handshake, the end, what is too big).
+            self.work.push_back(KernelOp::Encapsulate { flow: *key, how });
+            new.offload = Offload::Encapsulated;
         }
         self.insert(*key, new);
         via
+    }
+
+    /// How the kernel may carry a flow of overlay `id` itself, when the
+    /// fast path is on and the overlay allows it.
+    fn encapsulation(&self, id: OverlayId, key: &FlowKey, rule: u32) -> Option<Encapsulation> {
+        if !self.engine.settings.fast_path {
+            return None;
+        }
+        let overlay = self.routes.overlays.get(id)?;
+        Encapsulation::of(overlay, overlay.path.next_hop(key), rule)
     }
 
     /// Sets up the measurement of a metric rule's new flow (`real`: the
@@ -1002,6 +1051,7 @@ impl Router {
             match flow.offload {
                 Offload::Pinned { .. } => kernel.pinned_seen(key),
                 Offload::Translated { .. } => kernel.translated_seen(key, flow.fake?.real),
+                Offload::Encapsulated => kernel.encapsulated_seen(key),
                 Offload::Broker | Offload::Measured(_) => None,
             }
         };
@@ -1075,6 +1125,9 @@ impl Router {
                 if real != *key {
                     self.work.push_back(KernelOp::Forget { flow: real });
                 }
+            }
+            if matches!(flow.offload, Offload::Encapsulated) {
+                self.work.push_back(KernelOp::Unencapsulate { flow: *key });
             }
             if flow.in_kernel() {
                 self.engine.kernel_flows.fetch_sub(1, Relaxed);

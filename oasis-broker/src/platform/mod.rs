@@ -27,7 +27,7 @@ pub use oasis_io::datagram::{Received, datagrams};
 use crate::compile::MapImage;
 use crate::config::TunConfig;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
-use crate::engine::{FlowPins, LocalAddresses, NatTable};
+use crate::engine::{EncapTable, FlowPins, LocalAddresses, NatTable};
 
 /// An operating system's error, with the context its implementation gave
 /// it (which program, map, hook or interface).
@@ -250,6 +250,8 @@ pub trait Kernel: Send {
     fn take_nat(&mut self) -> Option<Box<dyn NatTable>>;
     /// The pins of flows left to the kernel, measured there (once).
     fn take_pins(&mut self) -> Option<Box<dyn FlowPins>>;
+    /// The kernel's wrapping of overlay flows, the fast path (once).
+    fn take_encap(&mut self) -> Option<Box<dyn EncapTable>>;
     /// What the kernel measured for the Monitor (once).
     fn take_monitor_events(&mut self) -> Option<Box<dyn MonitorEvents>>;
     /// A heartbeat handle for the heartbeat thread.

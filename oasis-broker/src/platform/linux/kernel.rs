@@ -16,6 +16,7 @@ use oasis_common::{Counters, DNS_PROGRAMS, EGRESS_PROGRAM, INGRESS_PROGRAM, Sett
 
 use super::classifier::ClassifierMaps;
 use super::dns_redirect::DnsRedirect;
+use super::encap::KernelEncap;
 use super::heartbeat::KernelHeartbeat;
 use super::monitor_events::KernelEvents;
 use super::nat::KernelNat;
@@ -24,7 +25,7 @@ pub use super::sys::KernelError;
 use super::sys::{ifindex, monotonic_ns, take_map};
 use crate::compile::MapImage;
 use crate::control::{ClassifierCounters, ProgramStatsView, UplinkView};
-use crate::engine::{FlowPins, NatTable};
+use crate::engine::{EncapTable, FlowPins, NatTable};
 use crate::platform::{DnsInterception, Heartbeat, InterceptSettings, Kernel, MonitorEvents, PlatformError};
 
 /// One uplink with the programs attached to it.
@@ -43,6 +44,7 @@ pub struct LinuxKernel {
     classifier: ClassifierMaps,
     nat: Option<KernelNat>,
     pins: Option<KernelPins>,
+    encap: Option<KernelEncap>,
     events: Option<KernelEvents>,
     uplinks: Vec<Uplink>,
     dns_attached: bool,
@@ -70,6 +72,7 @@ impl LinuxKernel {
             classifier,
             nat: Some(KernelNat::take(&mut ebpf)?),
             pins: Some(pins),
+            encap: Some(KernelEncap::take(&mut ebpf, settings.overlay_port)?),
             events: Some(KernelEvents::take(&mut ebpf)?),
             settings: settings_map,
             heartbeat,
@@ -266,6 +269,12 @@ impl Kernel for LinuxKernel {
 
     fn take_pins(&mut self) -> Option<Box<dyn FlowPins>> {
         self.pins.take().map(|pins| Box::new(pins) as Box<dyn FlowPins>)
+    }
+
+    fn take_encap(&mut self) -> Option<Box<dyn EncapTable>> {
+        self.encap
+            .take()
+            .map(|encap| Box::new(encap) as Box<dyn EncapTable>)
     }
 
     fn take_monitor_events(&mut self) -> Option<Box<dyn MonitorEvents>> {

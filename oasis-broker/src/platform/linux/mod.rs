@@ -5,6 +5,7 @@
 pub mod classifier;
 pub mod dns_origins;
 pub mod dns_redirect;
+pub mod encap;
 pub mod heartbeat;
 pub mod kernel;
 pub mod local_addrs;

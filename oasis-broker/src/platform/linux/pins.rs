@@ -14,7 +14,7 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, IterableMap, MapData};
 use oasis_common::{FLOW_CLOSING, FlowEntry, FlowKey, Measure, Verdict, maps, measure_flag};
 
-use super::sys::{KernelError, monotonic_ns, second_handle, take_map};
+use super::sys::{ActiveCount, KernelError, monotonic_ns, second_handle, take_map};
 use crate::engine::KernelSeen;
 use crate::engine::{FlowPins, TableError};
 
@@ -26,35 +26,6 @@ pub struct KernelPins {
     /// `PINNED_ACTIVE`: the flows pinned (an upper bound: the kernel may
     /// have evicted some, and a pin made again counts again).
     pinned: ActiveCount,
-}
-
-/// A count the uplinks' ingress program reads only as "is there anything
-/// to look for": it goes to the kernel when it changes between zero and
-/// not zero, not with every flow.
-struct ActiveCount {
-    map: Array<MapData, u32>,
-    count: u32,
-}
-
-impl ActiveCount {
-    fn new(mut map: Array<MapData, u32>, name: &'static str) -> Result<ActiveCount, KernelError> {
-        map.set(0, 0, 0).map_err(KernelError::map(name))?;
-        Ok(ActiveCount { map, count: 0 })
-    }
-
-    fn add(&mut self) {
-        self.count = self.count.saturating_add(1);
-        if self.count == 1 {
-            let _ = self.map.set(0, self.count, 0);
-        }
-    }
-
-    fn sub(&mut self) {
-        if self.count == 1 {
-            let _ = self.map.set(0, 0, 0);
-        }
-        self.count = self.count.saturating_sub(1);
-    }
 }
 
 /// A CLOCK_MONOTONIC time from an `Instant`.
@@ -180,6 +151,6 @@ impl FlowPins for KernelPins {
     }
 
     fn measured(&self) -> usize {
-        self.measured.count as usize
+        self.measured.count() as usize
     }
 }

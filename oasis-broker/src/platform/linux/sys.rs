@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aya::maps::{MapData, MapError};
+use aya::maps::{Array, MapData, MapError};
 use aya::programs::ProgramError;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,4 +119,37 @@ pub fn ifindex(name: &str) -> Option<u32> {
     // SAFETY: NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     (index != 0).then_some(index)
+}
+
+/// A count the uplinks' ingress program reads only as "is there anything
+/// to look for": it goes to the kernel when it changes between zero and
+/// not zero, not with every flow.
+pub(super) struct ActiveCount {
+    map: Array<MapData, u32>,
+    count: u32,
+}
+
+impl ActiveCount {
+    pub(super) fn new(mut map: Array<MapData, u32>, name: &'static str) -> Result<ActiveCount, KernelError> {
+        map.set(0, 0, 0).map_err(KernelError::map(name))?;
+        Ok(ActiveCount { map, count: 0 })
+    }
+
+    pub(super) fn add(&mut self) {
+        self.count = self.count.saturating_add(1);
+        if self.count == 1 {
+            let _ = self.map.set(0, self.count, 0);
+        }
+    }
+
+    pub(super) fn sub(&mut self) {
+        if self.count == 1 {
+            let _ = self.map.set(0, 0, 0);
+        }
+        self.count = self.count.saturating_sub(1);
+    }
+
+    pub(super) fn count(&self) -> u32 {
+        self.count
+    }
 }
