@@ -352,6 +352,9 @@ pub struct StatusView {
     pub overlays: usize,
     pub overlay_port: u16,
     pub underlay_port: u16,
+    /// Overlay flows the kernel wraps now (the fast path).
+    #[serde(default)]
+    pub fast_path_flows: usize,
     /// Each kernel program's own cost (kernel.bpf_stats_enabled on).
     #[serde(default)]
     pub programs: Vec<ProgramStatsView>,
@@ -535,6 +538,27 @@ pub struct ClassifierCounters {
     /// Measurements lost because the ring buffer to the broker was full.
     #[serde(default)]
     pub events_lost: u64,
+    /// The overlay fast path: packets (and their bytes) the kernel wrapped
+    /// for entry nodes, and opened from them.
+    #[serde(default)]
+    pub encap_packets: u64,
+    #[serde(default)]
+    pub encap_bytes: u64,
+    #[serde(default)]
+    pub decap_packets: u64,
+    #[serde(default)]
+    pub decap_bytes: u64,
+    /// Packets of fast-path flows the kernel left to the broker, by why:
+    /// too big for the path once wrapped, no route or neighbour to the
+    /// entry node (yet), no room to wrap or open them, received aggregates.
+    #[serde(default)]
+    pub fast_too_big: u64,
+    #[serde(default)]
+    pub fast_no_route: u64,
+    #[serde(default)]
+    pub fast_no_room: u64,
+    #[serde(default)]
+    pub fast_aggregate: u64,
 }
 
 /// What the broker did with diverted packets.

@@ -199,6 +199,20 @@ pub fn status(s: &StatusView) -> String {
     );
     let _ = writeln!(
         out,
+        "            fast path: {} flows wrapped in the kernel; {} packets ({}) out, {} packets ({}) in; \
+         left to the broker: {} too big, {} without route or neighbour yet, {} without room, {} aggregates",
+        s.fast_path_flows,
+        c.encap_packets,
+        bytes(c.encap_bytes),
+        c.decap_packets,
+        bytes(c.decap_bytes),
+        c.fast_too_big,
+        c.fast_no_route,
+        c.fast_no_room,
+        c.fast_aggregate
+    );
+    let _ = writeln!(
+        out,
         "            underlay port {} (modules only): dropped {} from other senders",
         s.underlay_port, b.rejected_module_sender
     );

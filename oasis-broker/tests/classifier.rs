@@ -17,6 +17,7 @@ const TC_ACT_REDIRECT: u32 = 7;
 const BYPASS_MARK: u32 = 0x4f41_5349;
 const CLIENT: [u8; 4] = [10, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 
 fn spec(proto: Option<&str>, dst: Option<&str>, dport: Option<&str>, sport: Option<&str>) -> RuleSpec {
     RuleSpec {
@@ -688,6 +689,163 @@ fn fake_addresses_go_to_the_broker_until_nat_rewrites_them_in_the_kernel() {
     let counters = dp.counters();
     assert_eq!((counters.nat_egress, counters.nat_ingress), (1, 1));
     assert_eq!(counters.fake_diverted, 2);
+}
+
+/// A datapath whose overlay port is 7400, as the broker's default.
+fn datapath_with_overlay_port(rule_list: &[Rule]) -> LinuxKernel {
+    let settings = Settings {
+        heartbeat_timeout_ns: 3_000_000_000,
+        flow_idle_ns: 120_000_000_000,
+        tcp_idle_ns: 7_440_000_000_000,
+        tun_ifindex: 1,
+        bypass_mark: BYPASS_MARK,
+        overlay_port: 7400,
+        ..Settings::default()
+    };
+    let mut datapath =
+        LinuxKernel::load(oasis_ebpf_object::OBJECT, settings).expect("load the classifier (as root)");
+    datapath.apply(&compile(rule_list)).unwrap();
+    datapath
+}
+
+/// The entry node of the fast-path tests: loopback, so that finding this
+/// host's address toward it asks no real route.
+const ENTRY: [u8; 4] = [127, 0, 0, 1];
+const SERVER: [u8; 4] = [203, 0, 113, 7];
+
+/// The fast path's egress and ingress, run by the kernel on crafted
+/// packets: the bytes it puts around a flow's packet, with every checksum
+/// checked, and the packet it takes back out of the entry node's
+/// datagram.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn an_overlay_flow_the_broker_leaves_to_the_kernel_is_wrapped_and_opened_there() {
+    use oasis_broker::engine::Encapsulation;
+    let set = rules(&[spec(Some("tcp"), None, Some("80"), None)]);
+    let mut dp = datapath_with_overlay_port(set.rules());
+    let mut encap = dp.take_encap().expect("the encapsulation table");
+    let shim: Vec<u8> = (1..=16).collect();
+    let to = std::net::SocketAddr::from((ENTRY, 7400));
+    let how = Encapsulation::new(to, 1, 1500, &shim).unwrap();
+    let flow = v4_key(SERVER, 6, 40000, 80);
+    encap.install(&flow, &how).unwrap();
+
+    // A packet of the flow leaves wrapped, for the kernel to route.
+    let packet = tcp4(SERVER, 40000, 80, false);
+    let (verdict, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &packet);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent on by bpf_redirect_neigh");
+    assert_eq!(out.len(), packet.len() + 20 + 8 + 16);
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&out[14..])
+        .unwrap()
+        .to_header();
+    assert_eq!(
+        outer.header_checksum,
+        outer.calc_header_checksum(),
+        "outer IPv4 checksum"
+    );
+    assert_eq!((outer.source, outer.destination), (ENTRY, ENTRY));
+    assert_eq!(outer.protocol, etherparse::IpNumber::UDP);
+    assert!(
+        !outer.dont_fragment,
+        "fragmentable on a narrower path, as the broker's datagrams are"
+    );
+    assert_eq!(usize::from(outer.total_len), out.len() - 14);
+    let udp = etherparse::UdpHeaderSlice::from_slice(&out[34..]).unwrap();
+    assert_eq!((udp.source_port(), udp.destination_port()), (7400, 7400));
+    assert_eq!(usize::from(udp.length()), out.len() - 34);
+    assert_eq!(udp.checksum(), 0, "no outer UDP checksum over IPv4");
+    assert_eq!(&out[42..58], &shim[..]);
+    assert_eq!(&out[58..], &packet[14..], "the packet itself untouched");
+    let counters = dp.counters();
+    assert_eq!((counters.encap_packets, counters.diverted), (1, 0));
+    assert_eq!(dp.rule_counters(1).packets, 1, "counted by its rule");
+
+    // What the broker must see stays the broker's: a SYN, and a packet
+    // too big once wrapped.
+    let (verdict, out) = run_out(
+        dp.program(EGRESS_PROGRAM).unwrap(),
+        &tcp4(SERVER, 40000, 80, true),
+    );
+    assert_eq!(
+        (verdict, out.len()),
+        (TC_ACT_REDIRECT, packet.len()),
+        "diverted as it was"
+    );
+    let narrow = Encapsulation::new(to, 1, 80, &shim).unwrap();
+    encap.install(&flow, &narrow).unwrap();
+    let (_, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &packet);
+    assert_eq!(out, packet, "too big for the path: to the broker as it was");
+    assert_eq!(dp.counters().fast_too_big, 1);
+    encap.install(&flow, &how).unwrap();
+
+    // The entry node's datagram of the flow is opened on the way in.
+    let mut inner = Vec::new();
+    PacketBuilder::ipv4(SERVER, CLIENT, 64)
+        .tcp(80, 40000, 7, 64000)
+        .ack(2)
+        .write(&mut inner, b"response body")
+        .unwrap();
+    let datagram = |from_port: u16, inner: &[u8]| {
+        let mut payload = shim.clone();
+        payload.extend_from_slice(inner);
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([4; 6], [2; 6])
+            .ipv4(ENTRY, CLIENT, 64)
+            .udp(from_port, 7400)
+            .write(&mut out, &payload)
+            .unwrap();
+        out
+    };
+    let (verdict, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(7400, &inner));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[14..], &inner[..], "the packet, as the server sent it");
+    assert_eq!(checked(&out), (SERVER.into(), CLIENT.into(), 80, 40000));
+    assert_eq!(dp.counters().decap_packets, 1);
+    // Not from the flow's entry node (another port), or not of a wrapped
+    // flow: left for the broker's socket, which checks its senders.
+    let stranger = datagram(7401, &inner);
+    assert_eq!(
+        run_out(dp.program(INGRESS_PROGRAM).unwrap(), &stranger).1,
+        stranger
+    );
+    let mut other = Vec::new();
+    PacketBuilder::ipv4(SERVER, CLIENT, 64)
+        .tcp(80, 40001, 7, 64000)
+        .ack(2)
+        .write(&mut other, b"x")
+        .unwrap();
+    let unknown = datagram(7400, &other);
+    assert_eq!(run_out(dp.program(INGRESS_PROGRAM).unwrap(), &unknown).1, unknown);
+    // An IPv6 packet inside an IPv4 datagram comes out as IPv6.
+    let flow6 = FlowKey {
+        src: CLIENT6,
+        dst: SERVER6,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        family: oasis_common::FAMILY_V6,
+        _pad: [0; 2],
+    };
+    encap.install(&flow6, &how).unwrap();
+    let mut inner6 = Vec::new();
+    PacketBuilder::ipv6(SERVER6, CLIENT6, 64)
+        .tcp(80, 40000, 7, 64000)
+        .ack(2)
+        .write(&mut inner6, b"v6")
+        .unwrap();
+    let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(7400, &inner6));
+    assert_eq!(&out[12..14], &[0x86, 0xdd], "the link header says IPv6");
+    assert_eq!(&out[14..], &inner6[..]);
+
+    // Gone from the table, the flow's packets are the broker's again.
+    encap.remove(&flow);
+    encap.remove(&flow6);
+    let (_, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &packet);
+    assert_eq!(out, packet);
+    let opened = dp.counters().decap_packets;
+    let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(7400, &inner));
+    assert_eq!(out.len(), inner.len() + 14 + 28 + 16, "left closed");
+    assert_eq!(dp.counters().decap_packets, opened);
 }
 
 /// The object's maps are the table in oasis-common, name, kind and size,

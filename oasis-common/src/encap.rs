@@ -9,9 +9,8 @@
 pub const ENCAP_ENTRIES: u32 = 65_536;
 /// Entry nodes whose datagrams the kernel opens at once.
 pub const ENCAP_PEERS: u32 = 1_024;
-/// The longest shim the kernel writes; an overlay with a longer one keeps
-/// every packet in the broker.
-pub const MAX_FAST_SHIM: usize = 64;
+/// The longest shim the kernel writes: every shim an overlay may have.
+pub const MAX_FAST_SHIM: usize = crate::MAX_SHIM_LEN;
 
 /// How the kernel wraps one flow's packets, keyed by the flow as it leaves
 /// the host.
@@ -23,16 +22,23 @@ pub struct EncapEntry {
     pub last_seen_ns: u64,
     /// The entry node (IPv4 in the first 4 bytes).
     pub peer: [u8; 16],
+    /// This host's address toward it, as the broker's own socket would
+    /// send from.
+    pub source: [u8; 16],
     /// The rule that claimed the flow, whose counters count its packets.
     pub rule_id: u32,
     /// Host byte order.
     pub peer_port: u16,
     /// The broker's overlay port, which the entry node answers to.
     pub our_port: u16,
+    /// The largest outer packet the path to the entry node takes; a packet
+    /// (or a GSO packet's segment) larger goes to the broker, which tells
+    /// the sender the MTU.
+    pub mtu: u16,
     /// [`crate::FAMILY_V4`] or [`crate::FAMILY_V6`] of the outer header.
     pub peer_family: u8,
     pub shim_len: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
     pub shim: [u8; MAX_FAST_SHIM],
 }
 
@@ -41,12 +47,14 @@ impl Default for EncapEntry {
         EncapEntry {
             last_seen_ns: 0,
             peer: [0; 16],
+            source: [0; 16],
             rule_id: 0,
             peer_port: 0,
             our_port: 0,
+            mtu: 0,
             peer_family: 0,
             shim_len: 0,
-            _pad: [0; 6],
+            _pad: [0; 4],
             shim: [0; MAX_FAST_SHIM],
         }
     }

@@ -82,6 +82,7 @@ fn classify(ctx: &TcContext) -> i32 {
     // rest would check the broker checked before it made the entry.
     if ENCAP_ACTIVE.get(0).is_some_and(|flows| *flows != 0) {
         match encap::egress(ctx, parsed, now, settings) {
+            Fast::Redirect(action) => return action,
             Fast::Done => return TC_ACT_OK as i32,
             Fast::Broken => return TC_ACT_SHOT as i32,
             Fast::Broker => {}

@@ -23,22 +23,20 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SRC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_skb_store_bytes},
+    helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use oasis_common::{EncapPeer, FAMILY_V4, FAMILY_V6, FlowKey, MAX_FAST_SHIM, Settings, stat};
 
 use crate::classifier::alive;
-use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
+use crate::headers::{ETH_HLEN, ETH_P_IPV6};
 use crate::maps::{COUNTERS, ENCAP, ENCAP_PEERS, bump};
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Parsed, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
 const OUTER_V4: usize = 20;
 const UDP_HLEN: usize = 8;
-const AF_INET: u8 = 2;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the shim counts as the tunnel's own
 /// header, copied onto every segment.
 const ENCAP_L2_SHIFT: u64 = 56;
@@ -59,8 +57,10 @@ fn add(index: u32, n: u64) {
 pub enum Fast {
     /// Untouched: the broker's to carry.
     Broker,
-    /// Wrapped (or opened): it goes on as it is now.
+    /// Opened: it goes on up the stack as it is now.
     Done,
+    /// Wrapped: the verdict that sends it on its way to the entry node.
+    Redirect(i32),
     /// Changed half-way when the kernel refused the rest: it means nothing
     /// to anyone now and is dropped (its sender sends it again).
     Broken,
@@ -111,38 +111,8 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
             None => return Fast::Broker,
         }
     };
-
-    // SAFETY: bpf_fib_lookup is plain data; zero is a valid request.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = entry.our_port.to_be();
-    fib.dport = entry.peer_port.to_be();
-    fib.__bindgen_anon_1.tot_len = on_wire as u16;
-    // SAFETY: the context pointer is valid for the whole run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_4.ipv4_dst =
-        u32::from_ne_bytes([entry.peer[0], entry.peer[1], entry.peer[2], entry.peer[3]]);
-    // SAFETY: `fib` is a live request of the size passed.
-    let found = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC,
-        )
-    };
-    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        bump(if found == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-            stat::FAST_TOO_BIG
-        } else {
-            stat::FAST_NO_ROUTE
-        });
-        return Fast::Broker;
-    }
-    // SAFETY: as above.
-    if fib.ifindex != unsafe { (*ctx.skb.skb).ifindex } {
-        bump(stat::FAST_NO_ROUTE);
+    if on_wire > entry.mtu as usize {
+        bump(stat::FAST_TOO_BIG);
         return Fast::Broker;
     }
 
@@ -154,31 +124,33 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
         bump(stat::FAST_NO_ROOM);
         return Fast::Broker;
     }
-    // SAFETY: the union holds the source the lookup wrote.
-    let source = unsafe { fib.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-    let mut outer = [0u8; OUTER_V4 + UDP_HLEN + ETH_HLEN];
-    outer[..6].copy_from_slice(&fib.dmac);
-    outer[6..12].copy_from_slice(&fib.smac);
-    outer[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let ip = &mut outer[ETH_HLEN..ETH_HLEN + OUTER_V4];
+    // The link header is the kernel's to write (below); only the outer IP
+    // and UDP headers are ours.
+    let mut outer = [0u8; OUTER_V4 + UDP_HLEN];
+    let ip = &mut outer[..OUTER_V4];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    // Don't fragment: a packet too big is the broker's to answer.
-    ip[6] = 0x40;
+    // May be fragmented on the way, as the broker's own datagrams and
+    // tunnels may: a path narrower than the host knows costs fragments,
+    // not a stall (what the host knows is too big goes to the broker
+    // above). Fragmentable, the datagram needs an ID of its own.
+    // SAFETY: plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
     ip[8] = 64;
     ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&source);
+    ip[12..16].copy_from_slice(&entry.source[..4]);
     ip[16..20].copy_from_slice(&entry.peer[..4]);
     let checksum = ipv4_checksum(ip);
     ip[10..12].copy_from_slice(&checksum.to_be_bytes());
-    let udp = &mut outer[ETH_HLEN + OUTER_V4..];
+    let udp = &mut outer[OUTER_V4..];
     udp[..2].copy_from_slice(&entry.our_port.to_be_bytes());
     udp[2..4].copy_from_slice(&entry.peer_port.to_be_bytes());
     udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
     // The UDP checksum stays zero (RFC 768 for IPv4; the inner packet has
     // its own).
-    let stored =
-        ctx.store(0, &outer, 0).is_ok() && (shim_len == 0 || store_shim(ctx, entry.shim.as_ptr(), shim_len));
+    let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
+        && (shim_len == 0 || store_shim(ctx, entry.shim.as_ptr(), shim_len));
     if !stored {
         bump(stat::FAST_NO_ROOM);
         return Fast::Broken;
@@ -192,7 +164,17 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
             (*counters).bytes += inner_len as u64 + ETH_HLEN as u64;
         }
     }
-    Fast::Done
+    // The outer packet is the broker's own traffic now: the classifier
+    // passes it when it comes by again, and policy routing sees it as it
+    // sees the broker's socket.
+    ctx.set_mark(settings.bypass_mark);
+    // The route and the neighbour to the entry node are the kernel's: it
+    // writes the link header (resolving the neighbour if it must) and
+    // sends the packet out of this uplink's egress again. (The FIB lookup
+    // helper would need forwarding on, which a host seldom has.)
+    // SAFETY: plain helper call; no next-hop parameters given.
+    let action = unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, core::ptr::null_mut(), 0, 0) };
+    Fast::Redirect(action as i32)
 }
 
 /// Writes the shim after the outer headers; `len` 1..=64.

@@ -89,7 +89,7 @@ pub fn oasis_ingress(ctx: TcContext) -> i32 {
     }
     if encap && let Some(settings) = SETTINGS.get(0) {
         match encap::ingress(&ctx, parsed, settings.overlay_port) {
-            Fast::Done => return TC_ACT_OK as i32,
+            Fast::Done | Fast::Redirect(_) => return TC_ACT_OK as i32,
             Fast::Broken => return TC_ACT_SHOT as i32,
             Fast::Broker => {}
         }

@@ -277,6 +277,13 @@ impl Topology {
             ns.run(&["sysctl", "-qw", &format!("net.ipv6.conf.{iface}.accept_dad=0")]);
             ns.run(&["ip", "link", "set", iface, "up"]);
         }
+        // The link toward the overlay host finishes checksums as a NIC
+        // would. Across veth the kernel leaves a packet's checksum to be
+        // done "by the hardware" all the way to a socket: an overlay flow
+        // the client's kernel wraps (the fast path) would otherwise reach
+        // the exit node's user space with its inner checksum unfinished,
+        // which no real link delivers.
+        r.run(&["ethtool", "-K", "r2", "tx", "off"]);
         r.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         r.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         c.run(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE_V4]);

@@ -46,6 +46,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("dnsperf", "dnsperf"),
     // Packet counters and drops in the Monitor's tests.
     ("nft", "nftables"),
+    // The test network's router finishes checksums toward the overlay
+    // host, as a NIC would (see `Topology::build`).
+    ("ethtool", "ethtool"),
     // The C cross compiler the Windows type-check needs.
     ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
     // libFuzzer, which the fuzz targets link, is C++.
@@ -120,7 +123,7 @@ fn steps() -> Vec<Step> {
             hint: "install it with `rustup target add wasm32-unknown-unknown`",
         },
         Step {
-            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, nftables, mingw-w64)",
+            what: "test and benchmark tools (iproute2, curl, iputils-ping, python3, iperf3, sockperf, wireguard-go, dnsmasq, dig, dnsperf, nftables, ethtool, mingw-w64)",
             done: || missing_tools().is_empty(),
             install: install_debian_packages,
             hint: "install the Debian packages iproute2 curl iputils-ping python3 iperf3 sockperf wireguard-go wireguard-tools \

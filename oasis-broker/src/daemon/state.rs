@@ -543,12 +543,27 @@ impl Daemon {
             .overlay_views(Some(name))
             .pop()
             .ok_or_else(|| JoinError::Unknown(name.into()))?;
-        {
+        let peers = {
             let mut control = lock(&self.control);
             let rules = rules_using(&control.rules, name);
+            let peers = control
+                .overlays
+                .table()
+                .by_name(name)
+                .map(|o| o.path.peers().to_vec())
+                .unwrap_or_default();
             control.overlays.leave(name, rules)?;
-        }
+            peers
+        };
         self.publish_overlays();
+        // Its flows the kernel wraps come back to the broker, which ends
+        // them, from their next packet on.
+        {
+            let mut tables = self.tables.lock();
+            for peer in peers {
+                tables.encap.forget_peer(peer);
+            }
+        }
         let saved = self.save();
         drop(change);
         self.wait_saved(saved, reporter).await?;
@@ -576,6 +591,12 @@ impl Daemon {
             let before = overlay.path_mtu.swap(smallest, Relaxed);
             if before != smallest && smallest != 0 {
                 tracing::info!(overlay = %overlay.name, path_mtu = smallest, "path MTU toward the entry nodes; new flows are clamped to it");
+                // Live flows the kernel wraps send what no longer fits to
+                // the broker, which tells their senders the MTU.
+                let mut tables = self.tables.lock();
+                for peer in overlay.path.peers() {
+                    tables.encap.narrow(*peer, smallest);
+                }
             }
         }
     }
@@ -643,6 +664,7 @@ impl Daemon {
             overlays,
             overlay_port: self.settings.overlay_port,
             underlay_port: self.settings.underlay_port,
+            fast_path_flows: self.tables.encapsulated(),
             programs,
             config_saved,
             config_error,

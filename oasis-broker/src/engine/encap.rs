@@ -20,6 +20,9 @@ pub struct Encapsulation {
     pub to: SocketAddr,
     /// The rule that claimed the flow: its counters count the packets.
     pub rule: u32,
+    /// The largest outer packet the path takes: larger ones go to the
+    /// broker, which tells the sender the MTU.
+    pub mtu: u16,
     shim: [u8; MAX_FAST_SHIM],
     shim_len: u8,
 }
@@ -29,20 +32,24 @@ impl Encapsulation {
     /// straight to an entry node over IPv4 (the kernel writes no outer IPv6
     /// header yet), with a shim it can write. An overlay whose code module
     /// or monitor module carries its flows keeps them in user space.
-    pub fn of(overlay: &JoinedOverlay, to: SocketAddr, rule: u32) -> Option<Encapsulation> {
+    /// `uplink_mtu`: the uplinks' MTU.
+    pub fn of(overlay: &JoinedOverlay, to: SocketAddr, rule: u32, uplink_mtu: u16) -> Option<Encapsulation> {
         if overlay.monitor || overlay.module.is_some() || !to.is_ipv4() || to.ip().is_loopback() {
             return None;
         }
-        if overlay.shim.len() > MAX_FAST_SHIM {
-            return None;
-        }
-        let mut shim = [0; MAX_FAST_SHIM];
-        shim[..overlay.shim.len()].copy_from_slice(&overlay.shim);
+        Encapsulation::new(to, rule, overlay.outer_mtu(uplink_mtu), &overlay.shim)
+    }
+
+    /// None for a shim longer than the kernel writes.
+    pub fn new(to: SocketAddr, rule: u32, mtu: u16, shim: &[u8]) -> Option<Encapsulation> {
+        let mut bytes = [0; MAX_FAST_SHIM];
+        bytes.get_mut(..shim.len())?.copy_from_slice(shim);
         Some(Encapsulation {
             to,
             rule,
-            shim,
-            shim_len: overlay.shim.len() as u8,
+            mtu,
+            shim: bytes,
+            shim_len: shim.len() as u8,
         })
     }
 
@@ -56,6 +63,12 @@ pub trait EncapTable: Send {
     /// and opens its entry node's datagrams of it.
     fn install(&mut self, flow: &FlowKey, how: &Encapsulation) -> Result<(), TableError>;
     fn remove(&mut self, flow: &FlowKey);
+    /// Stops wrapping every flow toward `peer` (its overlay was left): the
+    /// flows' next packets come to the broker, which ends them.
+    fn forget_peer(&mut self, peer: SocketAddr);
+    /// The path toward `peer` takes packets of `mtu` at most now: larger
+    /// ones of its flows go to the broker, which tells their senders.
+    fn narrow(&mut self, peer: SocketAddr, mtu: u16);
     /// When the kernel last wrapped a packet of the flow; None when it
     /// does not hold the flow.
     fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen>;
@@ -87,6 +100,16 @@ impl EncapTable for MemoryEncap {
 
     fn remove(&mut self, flow: &FlowKey) {
         self.flows.remove(flow);
+    }
+
+    fn forget_peer(&mut self, peer: SocketAddr) {
+        self.flows.retain(|_, (how, _)| how.to != peer);
+    }
+
+    fn narrow(&mut self, peer: SocketAddr, mtu: u16) {
+        for (how, _) in self.flows.values_mut().filter(|(how, _)| how.to == peer) {
+            how.mtu = how.mtu.min(mtu);
+        }
     }
 
     fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {

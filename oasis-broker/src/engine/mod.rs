@@ -129,6 +129,12 @@ mod tests {
         fn remove(&mut self, flow: &oasis_common::FlowKey) {
             self.0.lock().unwrap().remove(flow)
         }
+        fn forget_peer(&mut self, peer: SocketAddr) {
+            self.0.lock().unwrap().forget_peer(peer)
+        }
+        fn narrow(&mut self, peer: SocketAddr, mtu: u16) {
+            self.0.lock().unwrap().narrow(peer, mtu)
+        }
         fn last_seen(&self, flow: &oasis_common::FlowKey) -> Option<KernelSeen> {
             self.0.lock().unwrap().last_seen(flow)
         }

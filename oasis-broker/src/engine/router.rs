@@ -704,7 +704,12 @@ impl Router {
             return None;
         }
         let overlay = self.routes.overlays.get(id)?;
-        Encapsulation::of(overlay, overlay.path.next_hop(key), rule)
+        Encapsulation::of(
+            overlay,
+            overlay.path.next_hop(key),
+            rule,
+            self.engine.settings.uplink_mtu,
+        )
     }
 
     /// Sets up the measurement of a metric rule's new flow (`real`: the

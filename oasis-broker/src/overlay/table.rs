@@ -162,12 +162,18 @@ impl JoinedOverlay {
             .clamp(536, 65_495)
     }
 
+    /// The largest encapsulated packet toward the entry nodes: the narrower
+    /// of an uplink MTU of `mtu` and the path, as the OS last knew it.
+    pub fn outer_mtu(&self, mtu: u16) -> u16 {
+        let path = self.path_mtu.load(std::sync::atomic::Ordering::Relaxed);
+        if path == 0 { mtu } else { mtu.min(path) }
+    }
+
     /// The largest packet that, encapsulated for this overlay, fits the
     /// narrower of an uplink MTU of `mtu` and the path toward the entry
     /// nodes: what needs no fragmenting on the way.
     pub fn max_packet(&self, mtu: u16, outer_v6: bool) -> u16 {
-        let path = self.path_mtu.load(std::sync::atomic::Ordering::Relaxed);
-        let mtu = if path == 0 { mtu } else { mtu.min(path) };
+        let mtu = self.outer_mtu(mtu);
         let overhead = if outer_v6 { 40 } else { 20 } + 8 + self.shim.len();
         usize::from(mtu).saturating_sub(overhead) as u16
     }

@@ -173,6 +173,14 @@ impl ClassifierMaps {
             measured_egress: sum(stat::MEASURED_EGRESS),
             measured_ingress: sum(stat::MEASURED_INGRESS),
             events_lost: sum(stat::EVENTS_LOST),
+            encap_packets: sum(stat::ENCAP_PACKETS),
+            encap_bytes: sum(stat::ENCAP_BYTES),
+            decap_packets: sum(stat::DECAP_PACKETS),
+            decap_bytes: sum(stat::DECAP_BYTES),
+            fast_too_big: sum(stat::FAST_TOO_BIG),
+            fast_no_route: sum(stat::FAST_NO_ROUTE),
+            fast_no_room: sum(stat::FAST_NO_ROOM),
+            fast_aggregate: sum(stat::FAST_AGGREGATE),
             cached_flows: (self.flows.keys().filter(Result::is_ok).count()
                 + self.claimed.keys().filter(Result::is_ok).count()) as u64,
         }

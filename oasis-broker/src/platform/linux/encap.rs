@@ -6,7 +6,7 @@
 //! look at all.
 
 use std::collections::HashMap as StdHashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use aya::Ebpf;
@@ -25,10 +25,18 @@ pub struct KernelEncap {
     flows_of: StdHashMap<EncapPeer, usize>,
     /// The broker's overlay port, which entry nodes answer to.
     our_port: u16,
+    /// The broker's socket mark, which policy routing may look at.
+    bypass_mark: u32,
+    /// This host's address toward each entry node, and when it was found.
+    sources: StdHashMap<SocketAddr, (IpAddr, Instant)>,
 }
 
+/// How long an entry node's source address is taken as known: a host's
+/// addresses change seldom, and a new flow costs no system calls for it.
+const SOURCE_KEPT: Duration = Duration::from_secs(10);
+
 impl KernelEncap {
-    pub(super) fn take(ebpf: &mut Ebpf, our_port: u16) -> Result<KernelEncap, KernelError> {
+    pub(super) fn take(ebpf: &mut Ebpf, our_port: u16, bypass_mark: u32) -> Result<KernelEncap, KernelError> {
         let active = take_map!(ebpf, maps::ENCAP_ACTIVE, Array<MapData, u32>);
         Ok(KernelEncap {
             flows: take_map!(ebpf, maps::ENCAP, HashMap<MapData, FlowKey, EncapEntry>),
@@ -37,6 +45,8 @@ impl KernelEncap {
             peer_of: StdHashMap::new(),
             flows_of: StdHashMap::new(),
             our_port,
+            bypass_mark,
+            sources: StdHashMap::new(),
         })
     }
 
@@ -45,6 +55,40 @@ impl KernelEncap {
             table: map,
             reason: e.to_string(),
         }
+    }
+
+    /// This host's address toward `to`: the one a socket of the broker's
+    /// (its mark set) connected to it would send from.
+    fn source_toward(&mut self, to: SocketAddr) -> Result<IpAddr, TableError> {
+        let now = Instant::now();
+        if let Some((source, found)) = self.sources.get(&to)
+            && now.duration_since(*found) < SOURCE_KEPT
+        {
+            return Ok(*source);
+        }
+        let no_route = |e: std::io::Error| TableError {
+            table: maps::ENCAP.name,
+            reason: format!("no source address toward the entry node {to}: {e}"),
+        };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .map_err(no_route)?;
+        socket.set_mark(self.bypass_mark).map_err(no_route)?;
+        socket.connect(&to.into()).map_err(no_route)?;
+        let source = socket
+            .local_addr()
+            .map_err(no_route)?
+            .as_socket()
+            .map(|a| a.ip())
+            .ok_or_else(|| no_route(std::io::Error::other("not an IP socket")))?;
+        if self.sources.len() > 4096 {
+            self.sources.clear();
+        }
+        self.sources.insert(to, (source, now));
+        Ok(source)
     }
 
     /// One flow of `peer` fewer; the node's datagrams stay closed to the
@@ -62,8 +106,12 @@ impl KernelEncap {
 }
 
 fn peer_of(how: &Encapsulation) -> EncapPeer {
+    peer_of_addr(how.to)
+}
+
+fn peer_of_addr(to: SocketAddr) -> EncapPeer {
     let mut addr = [0; 16];
-    let family = match how.to.ip() {
+    let family = match to.ip() {
         IpAddr::V4(v4) => {
             addr[..4].copy_from_slice(&v4.octets());
             FAMILY_V4
@@ -75,7 +123,7 @@ fn peer_of(how: &Encapsulation) -> EncapPeer {
     };
     EncapPeer {
         addr,
-        port: how.to.port(),
+        port: to.port(),
         family,
         _pad: 0,
     }
@@ -84,12 +132,22 @@ fn peer_of(how: &Encapsulation) -> EncapPeer {
 impl EncapTable for KernelEncap {
     fn install(&mut self, flow: &FlowKey, how: &Encapsulation) -> Result<(), TableError> {
         let peer = peer_of(how);
+        let source = match self.source_toward(how.to)? {
+            IpAddr::V4(v4) => {
+                let mut bytes = [0; 16];
+                bytes[..4].copy_from_slice(&v4.octets());
+                bytes
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        };
         let mut entry = EncapEntry {
             last_seen_ns: monotonic_ns(),
             peer: peer.addr,
+            source,
             rule_id: how.rule,
             peer_port: peer.port,
             our_port: self.our_port,
+            mtu: how.mtu,
             peer_family: peer.family,
             shim_len: how.shim().len() as u8,
             ..EncapEntry::default()
@@ -125,6 +183,38 @@ impl EncapTable for KernelEncap {
         let _ = self.flows.remove(flow);
         self.release(&peer);
         self.active.sub();
+    }
+
+    fn forget_peer(&mut self, to: SocketAddr) {
+        let peer = peer_of_addr(to);
+        let flows: Vec<FlowKey> = self
+            .peer_of
+            .iter()
+            .filter(|(_, p)| **p == peer)
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in flows {
+            self.remove(&flow);
+        }
+    }
+
+    fn narrow(&mut self, to: SocketAddr, mtu: u16) {
+        let peer = peer_of_addr(to);
+        let flows: Vec<FlowKey> = self
+            .peer_of
+            .iter()
+            .filter(|(_, p)| **p == peer)
+            .map(|(flow, _)| *flow)
+            .collect();
+        for flow in flows {
+            if let Ok(mut entry) = self.flows.get(&flow, 0)
+                && entry.mtu > mtu
+            {
+                entry.mtu = mtu;
+                // BPF_EXIST: a flow removed meanwhile stays removed.
+                let _ = self.flows.insert(flow, entry, 2);
+            }
+        }
     }
 
     fn last_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {

@@ -72,7 +72,11 @@ impl LinuxKernel {
             classifier,
             nat: Some(KernelNat::take(&mut ebpf)?),
             pins: Some(pins),
-            encap: Some(KernelEncap::take(&mut ebpf, settings.overlay_port)?),
+            encap: Some(KernelEncap::take(
+                &mut ebpf,
+                settings.overlay_port,
+                settings.bypass_mark,
+            )?),
             events: Some(KernelEvents::take(&mut ebpf)?),
             settings: settings_map,
             heartbeat,
