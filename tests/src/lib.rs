@@ -277,13 +277,6 @@ impl Topology {
             ns.run(&["sysctl", "-qw", &format!("net.ipv6.conf.{iface}.accept_dad=0")]);
             ns.run(&["ip", "link", "set", iface, "up"]);
         }
-        // The link toward the overlay host finishes checksums as a NIC
-        // would. Across veth the kernel leaves a packet's checksum to be
-        // done "by the hardware" all the way to a socket: an overlay flow
-        // the client's kernel wraps (the fast path) would otherwise reach
-        // the exit node's user space with its inner checksum unfinished,
-        // which no real link delivers.
-        r.run(&["ethtool", "-K", "r2", "tx", "off"]);
         r.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         r.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         c.run(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE_V4]);
@@ -292,6 +285,21 @@ impl Topology {
         s.run(&["ip", "-6", "route", "add", "default", "via", "fd77:2::1"]);
         o.run(&["ip", "route", "add", "default", "via", "10.77.3.1"]);
         o.run(&["ip", "-6", "route", "add", "default", "via", "fd77:3::1"]);
+    }
+
+    /// Makes the links toward and from the overlay host behave as NICs
+    /// do, which the client's fast path relies on (`overlay_fast_path`).
+    /// Across veth the kernel leaves a packet's checksum "to the hardware"
+    /// all the way to a socket, so a packet the client's kernel wraps would
+    /// reach the exit node's user space with its inner checksum unfinished:
+    /// the router finishes checksums on its port toward the overlay host.
+    /// And a run of datagrams the exit node sends at once (UDP GSO) would
+    /// arrive whole, where a wire delivers datagrams: the overlay host's
+    /// link cuts runs. `on`: false undoes it.
+    pub fn links_like_nics(&self, on: bool) {
+        let state = if on { "off" } else { "on" };
+        self.router.run(&["ethtool", "-K", "r2", "tx", state]);
+        self.overlay.run(&["ethtool", "-K", "o0", "tx", state]);
     }
 
     fn namespaces(&self) -> [&Netns; 4] {

@@ -9,6 +9,9 @@
 //!                      passes the rest
 //!   overlay-exit       a rule carries the traffic over an overlay: client ->
 //!                      exit node (overlay host) -> server, and back
+//!   overlay-fast       the same with the client's fast path on (the kernel
+//!                      wraps and opens the flow's packets), over links that
+//!                      finish checksums and cut datagram runs as NICs do
 //!   wireguard-go       the same detour through a wireguard-go tunnel from
 //!                      the client to the overlay host: a peer that also does
 //!                      TUN and UDP in user space
@@ -45,17 +48,19 @@ enum Scenario {
     AttachedNoMatch,
     DivertedUnderlay,
     OverlayExit,
+    OverlayFast,
     OverlayModule,
     WireguardGo,
     FakeUnderlay,
     MetricUnderlay,
 }
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
     Scenario::OverlayExit,
+    Scenario::OverlayFast,
     Scenario::OverlayModule,
     Scenario::WireguardGo,
     Scenario::FakeUnderlay,
@@ -72,6 +77,7 @@ impl Scenario {
             Scenario::AttachedNoMatch => "attached-no-match",
             Scenario::DivertedUnderlay => "diverted-underlay",
             Scenario::OverlayExit => "overlay-exit",
+            Scenario::OverlayFast => "overlay-fast",
             Scenario::OverlayModule => "overlay-module",
             Scenario::WireguardGo => "wireguard-go",
             Scenario::FakeUnderlay => "fake-underlay",
@@ -88,7 +94,7 @@ impl Scenario {
                 &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
                 &["--proto", "udp", "--dport", "11111", "--via", "underlay"],
             ]),
-            Scenario::OverlayExit | Scenario::OverlayModule => Some(&[
+            Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule => Some(&[
                 &["--proto", "tcp", "--dport", "5201", "--via", "exit"],
                 &["--proto", "udp", "--dport", "11111", "--via", "exit"],
             ]),
@@ -394,6 +400,9 @@ fn measure(
     seconds: u32,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
+    // The fast path over links that behave as NICs do (see
+    // `Topology::links_like_nics`); every other scenario over plain veth.
+    net.links_like_nics(scenario == Scenario::OverlayFast);
     let daemon = start_daemon(net, scenario, spec_url)?;
     if scenario == Scenario::WireguardGo {
         net.client.run(&[
@@ -419,13 +428,16 @@ fn measure(
     let carrier_pids: Vec<u32> = match scenario {
         Scenario::NoOasis => vec![],
         Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
-        Scenario::OverlayExit | Scenario::OverlayModule => {
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule => {
             vec![net.process("oasis").pid(), net.process("oasis-exit").pid()]
         }
         _ => vec![net.process("oasis").pid()],
     };
 
-    let overlay = matches!(scenario, Scenario::OverlayExit | Scenario::OverlayModule);
+    let overlay = matches!(
+        scenario,
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule
+    );
     let programs_before = daemon
         .as_ref()
         .map(|d| program_stats(d, net, overlay))
@@ -474,13 +486,16 @@ fn start_daemon(net: &mut Topology, scenario: Scenario, spec_url: &str) -> anyho
         None => None,
         Some(rules) => {
             let _ = std::fs::remove_file(net.dir.join("config.yaml"));
-            let extra = if scenario == Scenario::FakeUnderlay {
-                net.dns_config("underlay_answers: fake")
-            } else {
-                String::new()
+            let extra = match scenario {
+                Scenario::FakeUnderlay => net.dns_config("underlay_answers: fake"),
+                Scenario::OverlayFast => "overlay_fast_path: true\n".to_string(),
+                _ => String::new(),
             };
             let daemon = Daemon::start(net, &extra);
-            if matches!(scenario, Scenario::OverlayExit | Scenario::MetricUnderlay) {
+            if matches!(
+                scenario,
+                Scenario::OverlayExit | Scenario::OverlayFast | Scenario::MetricUnderlay
+            ) {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
             if scenario == Scenario::OverlayModule {
@@ -542,13 +557,21 @@ fn check_scenario(
         Scenario::AttachedNoMatch if diverted != 0 => {
             bail!("the no-match scenario diverted {diverted} packets")
         }
-        Scenario::DivertedUnderlay | Scenario::OverlayExit | Scenario::OverlayModule if diverted == 0 => {
+        Scenario::DivertedUnderlay
+        | Scenario::OverlayExit
+        | Scenario::OverlayFast
+        | Scenario::OverlayModule
+            if diverted == 0 =>
+        {
             bail!("nothing was diverted; the measurement would be meaningless")
         }
         Scenario::OverlayExit | Scenario::OverlayModule
             if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 =>
         {
             bail!("nothing came back through the overlay")
+        }
+        Scenario::OverlayFast if status["classifier"]["encap_packets"].as_u64().unwrap_or(0) == 0 => {
+            bail!("the kernel wrapped nothing: {}", status["classifier"])
         }
         Scenario::OverlayModule => {
             let module = &daemon.json(net, &["overlay", "show", "exit", "--json"])["module_status"];
@@ -687,6 +710,18 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 median(values),
                 "B/s",
                 None,
+            );
+        }
+        if *scenario == Scenario::OverlayFast && measured(Scenario::OverlayExit) {
+            let slow = medians[index(Scenario::OverlayExit)];
+            let vs_slow = |v: f64| Some((Scenario::OverlayExit, v));
+            push("tcp_upload_throughput", upload, "Gbit/s", vs_slow(slow[0]));
+            push("tcp_download_throughput", download, "Gbit/s", vs_slow(slow[1]));
+            push(
+                "udp_rtt_p50_added",
+                p50 - base[3],
+                "us",
+                vs_slow(slow[3] - base[3]),
             );
         }
         if *scenario == Scenario::OverlayModule && measured(Scenario::OverlayExit) {

@@ -73,6 +73,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         platform.as_ref(),
         config.overlay_port,
         config.bypass_mark,
+        config.overlay_fast_path,
     )?);
     let tun_view = TunView {
         name: divert.name.clone(),
@@ -515,14 +516,19 @@ async fn serve_until_stopped(
 }
 
 /// UDP sockets on the standard port; IPv6 only where the host has it.
+/// With the fast path, the IPv4 socket asks for no UDP GRO: the NIC would
+/// then merge an entry node's datagrams into aggregates the kernel cannot
+/// open, which would reach the application through the broker after the
+/// single datagrams the kernel opened, out of order.
 fn open_overlay_sockets<P: Platform>(
     platform: &P,
     port: u16,
     bypass_mark: u32,
+    fast_path: bool,
 ) -> Result<OverlaySockets<P::Socket>, DaemonError> {
     let what = format!("UDP port {port} (overlay_port)");
     let v4 = platform
-        .socket(([0, 0, 0, 0], port).into(), bypass_mark, true)
+        .socket(([0, 0, 0, 0], port).into(), bypass_mark, !fast_path)
         .map_err(|source| DaemonError::Io {
             what: what.clone(),
             source,
