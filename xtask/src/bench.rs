@@ -655,7 +655,6 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         .collect();
     let index = |s: Scenario| SCENARIOS.iter().position(|x| *x == s).expect("listed");
     let base = medians[index(Scenario::NoOasis)];
-    let wireguard = medians[index(Scenario::WireguardGo)];
     let mut out = Vec::new();
     let was_measured: Vec<bool> = samples.iter().map(|s| !s.upload_bps.is_empty()).collect();
     let measured = |s: Scenario| was_measured[index(s)];
@@ -712,17 +711,19 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 None,
             );
         }
+        // Throughput and the round trip added, against another carrier.
+        let mut against = |other: Scenario| {
+            let theirs = medians[index(other)];
+            let vs = |v: f64| Some((other, v));
+            push("tcp_upload_throughput", upload, "Gbit/s", vs(theirs[0]));
+            push("tcp_download_throughput", download, "Gbit/s", vs(theirs[1]));
+            push("udp_rtt_p50_added", p50 - base[3], "us", vs(theirs[3] - base[3]));
+        };
         if *scenario == Scenario::OverlayFast && measured(Scenario::OverlayExit) {
-            let slow = medians[index(Scenario::OverlayExit)];
-            let vs_slow = |v: f64| Some((Scenario::OverlayExit, v));
-            push("tcp_upload_throughput", upload, "Gbit/s", vs_slow(slow[0]));
-            push("tcp_download_throughput", download, "Gbit/s", vs_slow(slow[1]));
-            push(
-                "udp_rtt_p50_added",
-                p50 - base[3],
-                "us",
-                vs_slow(slow[3] - base[3]),
-            );
+            against(Scenario::OverlayExit);
+        }
+        if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
+            against(Scenario::WireguardGo);
         }
         if *scenario == Scenario::OverlayModule && measured(Scenario::OverlayExit) {
             let plain = medians[index(Scenario::OverlayExit)];
@@ -730,17 +731,6 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
             push("tcp_upload_throughput", upload, "Gbit/s", vs_plain(plain[0]));
             push("tcp_download_throughput", download, "Gbit/s", vs_plain(plain[1]));
             push("udp_rtt_p50_added_by_module", p50 - plain[3], "us", None);
-        }
-        if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
-            let vs_wg = |v: f64| Some((Scenario::WireguardGo, v));
-            push("tcp_upload_throughput", upload, "Gbit/s", vs_wg(wireguard[0]));
-            push("tcp_download_throughput", download, "Gbit/s", vs_wg(wireguard[1]));
-            push(
-                "udp_rtt_p50_added",
-                p50 - base[3],
-                "us",
-                vs_wg(wireguard[3] - base[3]),
-            );
         }
     }
     out

@@ -91,6 +91,16 @@ impl KernelEncap {
         Ok(source)
     }
 
+    /// The flows wrapped for the entry node `to`.
+    fn flows_toward(&self, to: SocketAddr) -> Vec<FlowKey> {
+        let peer = peer_of_addr(to);
+        self.peer_of
+            .iter()
+            .filter(|(_, p)| **p == peer)
+            .map(|(flow, _)| *flow)
+            .collect()
+    }
+
     /// One flow of `peer` fewer; the node's datagrams stay closed to the
     /// kernel once it has none.
     fn release(&mut self, peer: &EncapPeer) {
@@ -186,27 +196,13 @@ impl EncapTable for KernelEncap {
     }
 
     fn forget_peer(&mut self, to: SocketAddr) {
-        let peer = peer_of_addr(to);
-        let flows: Vec<FlowKey> = self
-            .peer_of
-            .iter()
-            .filter(|(_, p)| **p == peer)
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in flows {
+        for flow in self.flows_toward(to) {
             self.remove(&flow);
         }
     }
 
     fn narrow(&mut self, to: SocketAddr, mtu: u16) {
-        let peer = peer_of_addr(to);
-        let flows: Vec<FlowKey> = self
-            .peer_of
-            .iter()
-            .filter(|(_, p)| **p == peer)
-            .map(|(flow, _)| *flow)
-            .collect();
-        for flow in flows {
+        for flow in self.flows_toward(to) {
             if let Ok(mut entry) = self.flows.get(&flow, 0)
                 && entry.mtu > mtu
             {
