@@ -694,4 +694,21 @@ mod tests {
         status.config_error = Some("cannot write config file: disk full".into());
         assert!(self::status(&status).contains("NOT SAVED: cannot write config file: disk full"));
     }
+
+    #[test]
+    fn status_shows_the_fast_path() {
+        let mut status = StatusView {
+            fast_path_flows: 3,
+            ..StatusView::default()
+        };
+        status.classifier.encap_packets = 4500;
+        status.classifier.encap_bytes = 16 << 20;
+        status.classifier.decap_packets = 13_000;
+        status.classifier.fast_aggregate = 7;
+        let text = self::status(&status);
+        let line = text.lines().find(|l| l.contains("fast path:")).expect("a fast path line");
+        assert!(line.contains("3 flows wrapped in the kernel"), "{line}");
+        assert!(line.contains("4500 packets (16.8 MB) out, 13000 packets"), "{line}");
+        assert!(line.contains("7 aggregates"), "{line}");
+    }
 }
