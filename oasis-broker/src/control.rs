@@ -549,12 +549,10 @@ pub struct ClassifierCounters {
     #[serde(default)]
     pub decap_bytes: u64,
     /// Packets of fast-path flows the kernel left to the broker, by why:
-    /// too big for the path once wrapped, no route or neighbour to the
-    /// entry node (yet), no room to wrap or open them, received aggregates.
+    /// too big for the path once wrapped, no room to wrap or open them,
+    /// received aggregates.
     #[serde(default)]
     pub fast_too_big: u64,
-    #[serde(default)]
-    pub fast_no_route: u64,
     #[serde(default)]
     pub fast_no_room: u64,
     #[serde(default)]

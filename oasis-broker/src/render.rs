@@ -200,14 +200,13 @@ pub fn status(s: &StatusView) -> String {
     let _ = writeln!(
         out,
         "            fast path: {} flows wrapped in the kernel; {} packets ({}) out, {} packets ({}) in; \
-         left to the broker: {} too big, {} without route or neighbour yet, {} without room, {} aggregates",
+         left to the broker: {} too big, {} without room, {} aggregates",
         s.fast_path_flows,
         c.encap_packets,
         bytes(c.encap_bytes),
         c.decap_packets,
         bytes(c.decap_bytes),
         c.fast_too_big,
-        c.fast_no_route,
         c.fast_no_room,
         c.fast_aggregate
     );
@@ -706,9 +705,15 @@ mod tests {
         status.classifier.decap_packets = 13_000;
         status.classifier.fast_aggregate = 7;
         let text = self::status(&status);
-        let line = text.lines().find(|l| l.contains("fast path:")).expect("a fast path line");
+        let line = text
+            .lines()
+            .find(|l| l.contains("fast path:"))
+            .expect("a fast path line");
         assert!(line.contains("3 flows wrapped in the kernel"), "{line}");
-        assert!(line.contains("4500 packets (16.8 MB) out, 13000 packets"), "{line}");
+        assert!(
+            line.contains("4500 packets (16.8 MB) out, 13000 packets"),
+            "{line}"
+        );
         assert!(line.contains("7 aggregates"), "{line}");
     }
 }

@@ -272,14 +272,13 @@ pub mod stat {
     pub const DECAP_PACKETS: u32 = 14;
     pub const DECAP_BYTES: u32 = 15;
     /// Packets of fast-path flows left to the broker, by why: too big for
-    /// the path once wrapped; no route or neighbour to the entry node yet;
-    /// the kernel refused to make room; a received aggregate of several
-    /// datagrams (GRO), which the kernel cannot open one by one.
+    /// the path once wrapped; the kernel refused to make room; a received
+    /// aggregate of several datagrams (GRO), which the kernel cannot open
+    /// one by one.
     pub const FAST_TOO_BIG: u32 = 16;
-    pub const FAST_NO_ROUTE: u32 = 17;
-    pub const FAST_NO_ROOM: u32 = 18;
-    pub const FAST_AGGREGATE: u32 = 19;
-    pub const COUNT: u32 = 20;
+    pub const FAST_NO_ROOM: u32 = 17;
+    pub const FAST_AGGREGATE: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// What the kernel keeps of a flow (or probe) it measures for the Monitor,
@@ -809,7 +808,7 @@ mod tests {
         assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);
         assert_eq!(
             size_of::<EncapEntry>(),
-            8 + 16 + 4 + 2 + 2 + 1 + 1 + 6 + MAX_FAST_SHIM
+            8 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4 + MAX_FAST_SHIM
         );
         assert_eq!(size_of::<EncapPeer>(), 16 + 2 + 1 + 1);
     }

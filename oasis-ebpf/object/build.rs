@@ -19,6 +19,13 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest_dir.join("..").canonicalize()?;
     // The object is named after the programs' binary target there.
     println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.toml").display());
+    // The programs' maps, layouts and constants live in oasis-common: a
+    // change there alone must rebuild the object too (a map's size in the
+    // object and in the broker's table would differ otherwise).
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("../oasis-common/src").display()
+    );
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;

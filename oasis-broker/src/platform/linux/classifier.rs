@@ -178,7 +178,6 @@ impl ClassifierMaps {
             decap_packets: sum(stat::DECAP_PACKETS),
             decap_bytes: sum(stat::DECAP_BYTES),
             fast_too_big: sum(stat::FAST_TOO_BIG),
-            fast_no_route: sum(stat::FAST_NO_ROUTE),
             fast_no_room: sum(stat::FAST_NO_ROOM),
             fast_aggregate: sum(stat::FAST_AGGREGATE),
             cached_flows: (self.flows.keys().filter(Result::is_ok).count()
