@@ -352,7 +352,10 @@ pub struct StatusView {
     pub overlays: usize,
     pub overlay_port: u16,
     pub underlay_port: u16,
-    /// Overlay flows the kernel wraps now (the fast path).
+    /// Whether the fast path is on (`overlay_fast_path`), and the overlay
+    /// flows the kernel wraps now.
+    #[serde(default)]
+    pub fast_path: bool,
     #[serde(default)]
     pub fast_path_flows: usize,
     /// Each kernel program's own cost (kernel.bpf_stats_enabled on).

@@ -197,19 +197,26 @@ pub fn status(s: &StatusView) -> String {
         b.returned_for_no_flow,
         b.flows_adopted
     );
-    let _ = writeln!(
-        out,
-        "            fast path: {} flows wrapped in the kernel; {} packets ({}) out, {} packets ({}) in; \
-         left to the broker: {} too big, {} without room, {} aggregates",
-        s.fast_path_flows,
-        c.encap_packets,
-        bytes(c.encap_bytes),
-        c.decap_packets,
-        bytes(c.decap_bytes),
-        c.fast_too_big,
-        c.fast_no_room,
-        c.fast_aggregate
-    );
+    if s.fast_path {
+        let _ = writeln!(
+            out,
+            "            fast path: {} flows wrapped in the kernel; {} packets ({}) out, {} packets ({}) in; \
+             left to the broker: {} too big, {} without room, {} aggregates",
+            s.fast_path_flows,
+            c.encap_packets,
+            bytes(c.encap_bytes),
+            c.decap_packets,
+            bytes(c.decap_bytes),
+            c.fast_too_big,
+            c.fast_no_room,
+            c.fast_aggregate
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "            fast path: off (overlay_fast_path: false): every packet of an overlay flow crosses the broker"
+        );
+    }
     let _ = writeln!(
         out,
         "            underlay port {} (modules only): dropped {} from other senders",
@@ -696,7 +703,10 @@ mod tests {
 
     #[test]
     fn status_shows_the_fast_path() {
+        let off = self::status(&StatusView::default());
+        assert!(off.contains("fast path: off (overlay_fast_path: false)"), "{off}");
         let mut status = StatusView {
+            fast_path: true,
             fast_path_flows: 3,
             ..StatusView::default()
         };

@@ -664,6 +664,7 @@ impl Daemon {
             overlays,
             overlay_port: self.settings.overlay_port,
             underlay_port: self.settings.underlay_port,
+            fast_path: self.engine.settings.fast_path,
             fast_path_flows: self.tables.encapsulated(),
             programs,
             config_saved,
