@@ -1122,5 +1122,34 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
             count("decap_packets"),
             count("fast_aggregate")
         );
+        if shim == 0 {
+            // kill -9 while the kernel wraps a live connection: nothing of
+            // the daemon stays behind to black-hole traffic; a new
+            // connection goes on the underlay as if Oasis were not there.
+            let client = net.client.clone();
+            let held = format!(
+                "import socket,time\n\
+                 c=socket.create_connection(('{SERVER_V4}',7200),timeout=5)\n\
+                 c.sendall(b'x'*100000);print('live',flush=True);time.sleep(30)\n"
+            );
+            net.spawn(&client, "held", &["python3", "-u", "-c", &held]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !net.process("held").log().contains("live") {
+                assert!(Instant::now() < deadline, "{}", net.process("held").log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let now = json(&daemon, &net, &["status", "--json"]);
+            assert!(
+                now["classifier"]["encap_packets"].as_u64().unwrap() > count("encap_packets"),
+                "the held connection is wrapped in the kernel: {}",
+                now["classifier"]
+            );
+            net.process("oasis").kill_hard();
+            assert_eq!(
+                net.echo(SERVER_V4, 7200, "after").as_deref(),
+                Some("after"),
+                "a new connection after kill -9"
+            );
+        }
     }
 }
