@@ -133,6 +133,20 @@ fn run_with_mark(datapath: &LinuxKernel, packet: &[u8], mark: u32) -> u32 {
         .return_value
 }
 
+/// Pins the calling thread to the CPU it runs on, so that per-CPU state a
+/// test builds up is what its next run sees.
+fn stay_on_this_cpu() {
+    // SAFETY: plain system calls on this thread, with a set on the stack.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let done = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(done, 0, "sched_setaffinity");
+    }
+}
+
 fn v4_key(dst: [u8; 4], proto: u8, sport: u16, dport: u16) -> FlowKey {
     FlowKey::v4(CLIENT, dst, proto, sport, dport)
 }
@@ -399,6 +413,51 @@ fn second_packet_hits_the_flow_cache() {
         .expect("cached");
     assert_eq!((entry.rule_id, entry.verdict), (1, Verdict::Divert as u8));
     assert_eq!(dp.rule_counters(1).packets, 3);
+}
+
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn only_the_very_flow_rides_this_cpus_last_unclaimed_flow() {
+    // The slot is checked before the packet is parsed: a packet that
+    // differs from its flow in any field a rule can name must still meet
+    // the rules. The slot is per CPU: the test stays on one.
+    stay_on_this_cpu();
+    let mut set = rules(&[
+        spec(Some("tcp"), None, Some("8080"), None),
+        spec(None, Some("203.0.113.0/24"), None, None),
+        spec(Some("udp"), None, Some("9090"), None),
+        spec(Some("tcp"), None, None, Some("41000")),
+    ]);
+    let mut dp = datapath(set.rules());
+    let server = [192, 0, 2, 1];
+    let unclaimed = tcp4(server, 40000, 9090, false);
+    let neighbours = [
+        ("another port", tcp4(server, 40000, 8080, false)),
+        ("another destination", tcp4([203, 0, 113, 1], 40000, 9090, false)),
+        ("another protocol", udp4(server, 40000, 9090)),
+        ("another source port", tcp4(server, 41000, 9090, false)),
+    ];
+    let before = dp.counters().cache_hits;
+    for _ in 0..50 {
+        for (what, packet) in &neighbours {
+            assert_eq!(run(&dp, &unclaimed), TC_ACT_OK);
+            assert_eq!(run(&dp, &unclaimed), TC_ACT_OK);
+            assert_eq!(run(&dp, packet), TC_ACT_REDIRECT, "{what}");
+        }
+    }
+    assert!(dp.counters().cache_hits - before >= 200, "the slot and the cache served the flow");
+    // Claimed later: the live flow keeps passing; a new connection on the
+    // same ports meets the new rule, and its packets follow it.
+    let (subset, via) = spec(Some("tcp"), None, Some("9090"), None).parse_header().unwrap();
+    set.add(subset, via).unwrap();
+    dp.apply(&compile(set.rules())).unwrap();
+    for _ in 0..50 {
+        assert_eq!(run(&dp, &unclaimed), TC_ACT_OK);
+    }
+    assert_eq!(run(&dp, &tcp4(server, 40000, 9090, true)), TC_ACT_REDIRECT);
+    for _ in 0..50 {
+        assert_eq!(run(&dp, &unclaimed), TC_ACT_REDIRECT);
+    }
 }
 
 #[test]
