@@ -445,10 +445,15 @@ fn only_the_very_flow_rides_this_cpus_last_unclaimed_flow() {
             assert_eq!(run(&dp, packet), TC_ACT_REDIRECT, "{what}");
         }
     }
-    assert!(dp.counters().cache_hits - before >= 200, "the slot and the cache served the flow");
+    assert!(
+        dp.counters().cache_hits - before >= 200,
+        "the slot and the cache served the flow"
+    );
     // Claimed later: the live flow keeps passing; a new connection on the
     // same ports meets the new rule, and its packets follow it.
-    let (subset, via) = spec(Some("tcp"), None, Some("9090"), None).parse_header().unwrap();
+    let (subset, via) = spec(Some("tcp"), None, Some("9090"), None)
+        .parse_header()
+        .unwrap();
     set.add(subset, via).unwrap();
     dp.apply(&compile(set.rules())).unwrap();
     for _ in 0..50 {

@@ -33,9 +33,14 @@ pub const FLOW_CACHE_ENTRIES: u32 = 65_536;
 pub const CLAIMED_ENTRIES: u32 = 65_536;
 
 pub mod encap;
+pub mod exit_fast;
 pub mod maps;
 
 pub use encap::{ENCAP_ENTRIES, ENCAP_PEERS, EncapEntry, EncapPeer, MAX_FAST_SHIM};
+pub use exit_fast::{
+    EXIT_FAST_CLASSES, EXIT_FAST_FLOWS, ExitBack, ExitFastCounts, ExitFlowKey, ExitOut, MAX_EXIT_TOKEN,
+    exit_miss,
+};
 
 /// The overlay wire format: every datagram between a host and an overlay is
 /// `[shim][IP packet]`, with a shim of the length the overlay's
@@ -97,6 +102,20 @@ pub struct ExitSettings {
     pub port_first: u16,
     pub port_last: u16,
     pub tun_ifindex: u32,
+    /// The fast path (`exit_fast`): the IPv4 port clients send to, 0 while
+    /// it is off.
+    pub fast_port: u16,
+    /// The overlay's shim length, both ways.
+    pub shim_len: u8,
+    /// 1: packets the kernel carries get their client's class as their
+    /// priority (`TC_H_MAKE(1, class + 1)`), for an htb qdisc on the uplink.
+    pub prioritise: u8,
+    /// The uplink, where the kernel sends what it carries.
+    pub uplink_ifindex: u32,
+    /// The largest packet the uplink sends: a reply that would be larger
+    /// once wrapped keeps the user-space path.
+    pub mtu: u16,
+    pub _pad2: [u8; 6],
 }
 
 /// A set of rules, one bit per rule rank.
@@ -784,6 +803,10 @@ mod pod {
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for EncapEntry {}
     unsafe impl aya::Pod for EncapPeer {}
+    unsafe impl aya::Pod for ExitFlowKey {}
+    unsafe impl aya::Pod for ExitOut {}
+    unsafe impl aya::Pod for ExitBack {}
+    unsafe impl aya::Pod for ExitFastCounts {}
 }
 
 #[cfg(test)]
@@ -800,7 +823,14 @@ mod tests {
         assert_eq!(size_of::<RuleAction>(), 8);
         assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4 + 16 + 16);
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
-        assert_eq!(size_of::<ExitSettings>(), 4 + 16 + 1 + 1 + 2 + 2 + 2 + 4);
+        assert_eq!(
+            size_of::<ExitSettings>(),
+            4 + 16 + 1 + 1 + 2 + 2 + 2 + 4 + 2 + 1 + 1 + 4 + 2 + 6
+        );
+        assert_eq!(size_of::<ExitFlowKey>(), 4 + 2 + 2 + 40);
+        assert_eq!(size_of::<ExitOut>(), 8 + 4 + 2 + 1 + 1 + 1 + 7 + MAX_EXIT_TOKEN);
+        assert_eq!(size_of::<ExitBack>(), 8 + 4 + 4 + 4 + 2 + 2 + 2 + 1 + 5);
+        assert_eq!(size_of::<ExitFastCounts>(), 4 * 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);
         assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 2 + 1 + 7);
         assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);

@@ -120,6 +120,16 @@ macro_rules! kernel_maps {
             EXIT_FRAGMENTS, "OASIS_EXIT_FRAGMENTS", LruHashMap<$crate::FragKey, u8>, $crate::FRAGMENTS_ENTRIES;
             /// What the exit node's ingress program steers.
             EXIT_SETTINGS, "OASIS_EXIT_SETTINGS", Array<$crate::ExitSettings>, 1;
+            /// The exit's fast path (`exit_fast`): a client's flow as its
+            /// datagrams arrive → the NAT source it leaves from.
+            EXIT_OUT, "OASIS_EXIT_OUT", HashMap<$crate::ExitFlowKey, $crate::ExitOut>, $crate::EXIT_FAST_FLOWS;
+            /// A reply as it arrives → the client it goes back to.
+            EXIT_BACK, "OASIS_EXIT_BACK", HashMap<$crate::FlowKey, $crate::ExitBack>, $crate::EXIT_FAST_FLOWS;
+            /// Packets and bytes the kernel carried, per class and way.
+            EXIT_FAST_COUNTS, "OASIS_EXIT_FAST_COUNTS", PerCpuArray<$crate::ExitFastCounts>, $crate::EXIT_FAST_CLASSES;
+            /// Packets of carried flows left to user space, by reason
+            /// (`exit_miss`).
+            EXIT_FAST_MISSES, "OASIS_EXIT_FAST_MISSES", PerCpuArray<u64>, $crate::exit_miss::COUNT;
             /// Flows and probes measured for the Monitor.
             MONITORED, "OASIS_MONITORED", LruHashMap<$crate::FlowKey, $crate::Measure>, $crate::MONITORED_ENTRIES;
             /// Measurements on their way to the broker (`MonitorEvent`s).

@@ -35,11 +35,11 @@ use crate::headers::{ETH_HLEN, ETH_P_IPV6};
 use crate::maps::{COUNTERS, ENCAP, ENCAP_PEERS, bump};
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Parsed, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
-const OUTER_V4: usize = 20;
-const UDP_HLEN: usize = 8;
+pub(crate) const OUTER_V4: usize = 20;
+pub(crate) const UDP_HLEN: usize = 8;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the shim counts as the tunnel's own
 /// header, copied onto every segment.
-const ENCAP_L2_SHIFT: u64 = 56;
+pub(crate) const ENCAP_L2_SHIFT: u64 = 56;
 /// Refresh an entry's timestamp at most this often.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
@@ -179,7 +179,7 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
 
 /// Writes the shim after the outer headers; `len` 1..=64.
 #[inline(always)]
-fn store_shim(ctx: &TcContext, shim: *const u8, len: usize) -> bool {
+pub(crate) fn store_shim(ctx: &TcContext, shim: *const u8, len: usize) -> bool {
     if len == 0 || len > MAX_FAST_SHIM {
         return false;
     }
@@ -211,7 +211,7 @@ fn segment_headers(ctx: &TcContext, parsed: &Parsed) -> Option<usize> {
     }
 }
 
-fn ipv4_checksum(header: &[u8]) -> u16 {
+pub(crate) fn ipv4_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i + 1 < OUTER_V4 {

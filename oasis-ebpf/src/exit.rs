@@ -1,7 +1,9 @@
 //! The exit node's TC ingress program. Replies to flows the exit node has
 //! NATed arrive addressed to the exit host itself; left to the host's stack
 //! they would meet no socket and draw TCP resets. This program hands them to
-//! the exit node's TUN instead, and passes everything else untouched.
+//! the exit node's TUN instead, and passes everything else untouched. The
+//! flows the exit leaves to the kernel it carries both ways first
+//! (`exit_fast.rs`).
 
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::generated::bpf_redirect, macros::classifier, programs::TcContext,
@@ -18,6 +20,12 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 
 #[classifier]
 pub fn oasis_exit_ingress(ctx: TcContext) -> i32 {
+    if let Some(settings) = EXIT_SETTINGS.get(0)
+        && settings.fast_port != 0
+        && let Some(action) = crate::exit_fast::ingress(&ctx, settings)
+    {
+        return action;
+    }
     match steer(&ctx) {
         Some(ifindex) => {
             // SAFETY: plain helper call.

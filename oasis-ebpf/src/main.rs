@@ -12,7 +12,8 @@
 //!   overlay flows' datagrams from their entry nodes are opened.
 //! - eight cgroup socket hooks (`dns.rs`): DNS queries to the broker.
 //! - `oasis_exit_ingress` (the exit node's uplink): replies for the exit's
-//!   clients to its TUN (`exit.rs`).
+//!   clients to its TUN (`exit.rs`), and the flows the exit leaves to the
+//!   kernel carried both ways (`exit_fast.rs`).
 //!
 //! Anything unexpected passes: Oasis must never be the reason a packet is
 //! lost.
@@ -27,6 +28,8 @@ mod dns;
 mod encap;
 #[cfg(target_arch = "bpf")]
 mod exit;
+#[cfg(target_arch = "bpf")]
+mod exit_fast;
 #[cfg(target_arch = "bpf")]
 mod headers;
 #[cfg(target_arch = "bpf")]

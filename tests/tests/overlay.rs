@@ -1153,3 +1153,173 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
         }
     }
 }
+
+/// A bulk TCP echo through the exit: `MB` each way, every byte hashed.
+fn echo_bulk(net: &Topology, mb: usize) {
+    let script = format!(
+        "import socket,threading,hashlib,random\n\
+         data=random.Random(7).randbytes({mb}<<20)\n\
+         c=socket.create_connection(('{SERVER_V4}',7200),timeout=20)\n\
+         threading.Thread(target=lambda:(c.sendall(data),c.shutdown(socket.SHUT_WR)),daemon=True).start()\n\
+         h=hashlib.sha256();got=0\n\
+         while (d:=c.recv(1<<16)): h.update(d);got+=len(d)\n\
+         print(got, h.hexdigest()==hashlib.sha256(data).hexdigest())\n"
+    );
+    let output = net.client.output(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("{} True", mb << 20),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
+    const MB: usize = 32;
+    // With the client's fast path (no shim, then a 16-byte shim starting
+    // with the client's token), and without it (the broker wraps).
+    for (client_fast, shim, token) in [
+        (true, 0usize, None),
+        (true, 16, Some("a1b2c3d4")),
+        (false, 0, None),
+    ] {
+        let what = format!("client fast path {client_fast}, shim {shim}, token {token:?}");
+        let mut net = Topology::new();
+        net.start_echo_server(7200);
+        let client = match token {
+            Some(token) => format!("{CLIENT_V4},class=2,token={token}"),
+            None => format!("{CLIENT_V4},class=2"),
+        };
+        net.start_exit(&["--client", &client, "--shim-len", &shim.to_string()]);
+        net.publish(
+            "x.xml",
+            &format!(
+                r#"<overlay name="x"><shim length="{shim}"/><entry host="10.77.3.2" port="7400"/></overlay>"#
+            ),
+        );
+        net.links_like_nics(true);
+        let base = net.start_spec_server();
+        let daemon = Daemon::start(&mut net, &format!("overlay_fast_path: {client_fast}\n"));
+        let url = format!("{base}/x.xml");
+        let mut add = vec!["overlay", "add", "x", &url];
+        let padded = token.map(|t| format!("{t:0<width$}", width = shim * 2));
+        if let Some(padded) = &padded {
+            add.extend(["--token", padded]);
+        }
+        cli_ok(&daemon, &net, &add);
+        cli_ok(
+            &daemon,
+            &net,
+            &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
+        );
+        echo_bulk(&net, MB);
+        let stats = exit_stats(&net);
+        let fast = &stats["fast_path"];
+        let user_space = &stats["clients"][format!("{CLIENT_V4}:7400")];
+        let carried = |way: &str| fast[way]["bytes"].as_u64().unwrap_or(0);
+        assert!(
+            carried("to_internet") >= (MB as u64) << 20 && carried("to_client") >= (MB as u64) << 20,
+            "{what}: the kernel did not carry the echo: {stats}"
+        );
+        // The exit's process saw the connection open and close, no more.
+        let seen = |way: &str| user_space[way]["packets"].as_u64().unwrap_or(0);
+        assert!(
+            seen("to_internet") < 20 && seen("to_client") < 20,
+            "{what}: packets crossed the exit's user space: {stats}"
+        );
+        assert!(
+            fast["classes"]["2"]["to_client"]["packets"].as_u64().unwrap_or(0) > 0,
+            "{what}: counted in the client's class: {fast}"
+        );
+        if client_fast {
+            let status = json(&daemon, &net, &["status", "--json"]);
+            let tun_packets = status["tun"]["diverted_packets"].as_u64().unwrap();
+            assert!(
+                tun_packets < 100,
+                "{what}: {tun_packets} packets crossed the client's broker"
+            );
+        }
+        println!("{what}: {fast}");
+    }
+}
+
+/// Two clients of the exit in different classes send more than the
+/// exit's uplink takes, through the kernel's fast path: the higher class
+/// gets the uplink, the lower what is left (the htb qdisc of
+/// `--uplink-rate`, fed by the priority the kernel gives each packet).
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_higher_class_gets_a_contended_uplink_through_the_fast_path() {
+    let mut net = Topology::new();
+    net.client
+        .run(&["ip", "addr", "add", "10.77.1.3/24", "dev", "c0"]);
+    net.start_exit(&[
+        "--client",
+        "10.77.1.2,class=0",
+        "--client",
+        "10.77.1.3,class=3",
+        "--uplink-rate",
+        "8mbit",
+    ]);
+    net.links_like_nics(true);
+    let counts = net.dir.join("sink.json");
+    let sink = format!(
+        "import socket,select,time,json,os\n\
+         socks={{}}\n\
+         for p in (9001,9002):\n  \
+           s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{SERVER_V4}',p));s.setblocking(False);socks[s]=p\n\
+         counts={{9001:0,9002:0}}\n\
+         while True:\n  \
+           r,_,_=select.select(list(socks),[],[],0.2)\n  \
+           for s in r:\n    \
+             while True:\n      \
+               try: counts[socks[s]]+=len(s.recv(2048))\n      \
+               except BlockingIOError: break\n  \
+           open('{path}.tmp','w').write(json.dumps(counts));os.rename('{path}.tmp','{path}')\n",
+        path = counts.display()
+    );
+    let server = net.server.clone();
+    net.spawn(&server, "sink", &["python3", "-c", &sink]);
+    // Each client wraps its own UDP packets (no shim) and sends them as
+    // fast as it can for 4 s: far more than 8 Mbit/s each.
+    let senders = format!(
+        "import socket,struct,threading,time\n\
+         def packet(src,sport,dport):\n  \
+           body=b'p'*1000;udp=struct.pack('!HHHH',sport,dport,8+len(body),0)+body\n  \
+           h=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(udp),0,0,64,17,0,socket.inet_aton(src),socket.inet_aton('{SERVER_V4}'))\n  \
+           s=sum(struct.unpack('!10H',h));s=(s&0xffff)+(s>>16);s=(s&0xffff)+(s>>16)\n  \
+           return h[:10]+struct.pack('!H',~s&0xffff)+h[12:]+udp\n\
+         def send(src,dport):\n  \
+           s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind((src,0))\n  \
+           p=packet(src,40000,dport);end=time.time()+4\n  \
+           while time.time()<end: s.sendto(p,('{OVERLAY_V4}',7400))\n\
+         t=[threading.Thread(target=send,args=a) for a in (('10.77.1.2',9001),('10.77.1.3',9002))]\n\
+         [x.start() for x in t];[x.join() for x in t];print('sent')\n"
+    );
+    let output = net.client.output(&["python3", "-c", &senders]);
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("sent"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // What arrived while both sent. (Each class's queue still holds a
+    // backlog, which drains afterwards in class order: not counted.)
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Value =
+        serde_json::from_str(&std::fs::read_to_string(&counts).expect("sink counts")).expect("JSON");
+    let (high, low) = (got["9001"].as_u64().unwrap(), got["9002"].as_u64().unwrap());
+    let stats = exit_stats(&net);
+    let classes = &stats["fast_path"]["classes"];
+    assert!(
+        classes["0"]["to_internet"]["packets"].as_u64().unwrap_or(0) > 0
+            && classes["3"]["to_internet"]["packets"].as_u64().unwrap_or(0) > 0,
+        "both classes through the kernel: {stats}"
+    );
+    assert!(
+        high > 0 && high >= 4 * low,
+        "class 0 got {high} bytes through, class 3 {low}: {stats}"
+    );
+    println!("class 0: {high} bytes, class 3: {low} bytes");
+}

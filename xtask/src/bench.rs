@@ -400,9 +400,13 @@ fn measure(
     seconds: u32,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
-    // The fast path over links that behave as NICs do (see
-    // `Topology::links_like_nics`); every other scenario over plain veth.
-    net.links_like_nics(scenario == Scenario::OverlayFast);
+    // The overlays over links that behave as NICs do (see
+    // `Topology::links_like_nics`): the fast paths leave checksums to the
+    // device. Every other scenario over plain veth.
+    net.links_like_nics(matches!(
+        scenario,
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule
+    ));
     let daemon = start_daemon(net, scenario, spec_url)?;
     if scenario == Scenario::WireguardGo {
         net.client.run(&[

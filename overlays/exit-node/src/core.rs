@@ -13,7 +13,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::clients::{Client, authorised, lookup};
-use crate::nat::{Nat, NatError, NatState};
+use crate::fast::{FastEntry, FastPath, FastWork};
+use crate::nat::{Inside, Mapped, Nat, NatError, NatState};
 
 #[derive(Serialize, Default, Debug, Clone, PartialEq, Eq)]
 pub struct Traffic {
@@ -51,6 +52,9 @@ pub struct ExitStats {
     /// sees them, so it sends no resets).
     pub unknown_replies: u64,
     pub nat_flows: usize,
+    /// Flows the kernel carries (the fast path); their packets are not in
+    /// the counts above.
+    pub fast_flows: usize,
 }
 
 /// What becomes of a client's packet whose turn came.
@@ -85,6 +89,12 @@ pub struct Exit {
     pub stats: ExitStats,
     /// The NAT's change count when its state was last handed out to save.
     saved_changes: u64,
+    /// The kernel's fast path, when the exit has one.
+    fast: Option<FastPath>,
+    /// Mappings made or gone, between the NAT and the fast path.
+    mapped: Vec<Mapped>,
+    /// Kernel work for the binary to carry out, in order.
+    work: Vec<FastWork>,
 }
 
 impl Exit {
@@ -96,7 +106,54 @@ impl Exit {
             nat,
             stats: ExitStats::default(),
             saved_changes,
+            fast: None,
+            mapped: Vec::new(),
+            work: Vec::new(),
         }
+    }
+
+    /// From now on the kernel carries what it can of each mapping (those
+    /// already made too): `take_fast_work` hands out what to write.
+    pub fn with_fast_path(mut self, fast: FastPath) -> Exit {
+        self.nat.follow();
+        self.fast = Some(fast);
+        self.follow_mappings();
+        self
+    }
+
+    /// Mappings made and gone since the last call, as kernel work.
+    fn follow_mappings(&mut self) {
+        let Some(fast) = &mut self.fast else {
+            return;
+        };
+        self.nat.take_news(&mut self.mapped);
+        for mapped in self.mapped.drain(..) {
+            fast.made(&mapped, &mut self.work);
+        }
+        self.nat.take_gone(&mut self.mapped);
+        for mapped in self.mapped.drain(..) {
+            fast.ended(&mapped, &mut self.work);
+        }
+    }
+
+    /// The kernel work asked for since the last call, in order.
+    pub fn take_fast_work(&mut self, into: &mut Vec<FastWork>) {
+        into.append(&mut self.work);
+    }
+
+    /// The kernel's flows whose mappings would expire at `now` by what
+    /// the user-space path saw: the caller asks the kernel when each last
+    /// carried a packet (`fast_seen`) before `upkeep` ages them.
+    pub fn fast_due(&self, now: Instant, into: &mut Vec<(Inside, FastEntry)>) {
+        if let Some(fast) = &self.fast {
+            let due = fast.all().filter(|inside| self.nat.due(inside, now));
+            into.extend(fast.held(due));
+        }
+    }
+
+    /// The kernel carried a packet of the flow at `at`.
+    pub fn fast_seen(&mut self, inside: &Inside, at: Instant) {
+        self.nat.seen(inside, at);
     }
 
     /// A datagram from `sender`: its packet (after the shim) and the
@@ -120,10 +177,17 @@ impl Exit {
         Some((client.class, &datagram[shim_len..]))
     }
 
+    /// A class's counters, which say which class they are.
+    fn class_stats(&mut self, class: u8) -> &mut ClientStats {
+        let stats = self.stats.classes.entry(class).or_default();
+        stats.class = class;
+        stats
+    }
+
     /// An admitted packet found its class's queue full.
     pub fn queue_full(&mut self, sender: SocketAddr, class: u8) {
         self.stats.clients.entry(sender).or_default().dropped += 1;
-        self.stats.classes.entry(class).or_default().dropped += 1;
+        self.class_stats(class).dropped += 1;
     }
 
     /// A client's packet whose turn came: NATed in place toward its
@@ -140,11 +204,12 @@ impl Exit {
     ) -> ToInternet {
         match self.nat.outbound(sender, class, packet, now) {
             Ok(()) => {
+                self.follow_mappings();
                 let size = packet.len();
                 let client = self.stats.clients.entry(sender).or_default();
                 client.class = class;
                 client.to_internet.add(size);
-                self.stats.classes.entry(class).or_default().to_internet.add(size);
+                self.class_stats(class).to_internet.add(size);
                 ToInternet::Send
             }
             Err(e) => {
@@ -172,12 +237,7 @@ impl Exit {
                     .or_default()
                     .to_client
                     .add(size);
-                self.stats
-                    .classes
-                    .entry(back.class)
-                    .or_default()
-                    .to_client
-                    .add(size);
+                self.class_stats(back.class).to_client.add(size);
                 ToClient::Client(back.client)
             }
             Err(_) => {
@@ -196,7 +256,9 @@ impl Exit {
     /// handed out (or `always`, when the exit stops) for the caller to save.
     pub fn upkeep(&mut self, now: Instant, always: bool) -> (ExitStats, Option<NatState>) {
         self.nat.expire(now);
+        self.follow_mappings();
         self.stats.nat_flows = self.nat.len();
+        self.stats.fast_flows = self.fast.as_ref().map_or(0, FastPath::flows);
         let changes = self.nat.changes();
         let state = (changes != self.saved_changes || always).then(|| {
             self.saved_changes = changes;
@@ -377,5 +439,49 @@ mod tests {
         // Past the UDP lifetime the mapping goes, and the change is saved.
         let (stats, state) = exit.upkeep(t0 + Duration::from_secs(200), false);
         assert_eq!((stats.nat_flows, state.map(|s| s.len())), (0, Some(0)));
+    }
+
+    #[test]
+    fn the_kernel_gets_each_new_mapping_and_keeps_it_alive_until_it_is_idle_there_too() {
+        let clients = clients();
+        let fast = FastPath::new(EXIT, 7400, SHIM, clients.clone());
+        let mut exit = exit().with_fast_path(fast);
+        let t0 = Instant::now();
+        let mut work = Vec::new();
+        let mut query = udp([10, 0, 1, 5], SERVER, 5000, 53);
+        let client = sender(1, 5);
+        let out = exit.to_internet(client, 0, &mut query, t0, SHIM, &mut Vec::new());
+        assert_eq!(out, ToInternet::Send);
+        exit.take_fast_work(&mut work);
+        let [FastWork::Install(entry)] = work[..] else {
+            panic!("one install: {work:?}");
+        };
+        let nat_port = oasis_io::packet::ports(&query).unwrap().0;
+        assert_eq!(entry.out.nat_port, nat_port, "the port the NAT gave");
+        // A second packet of the flow makes no new work.
+        let mut again = udp([10, 0, 1, 5], SERVER, 5000, 53);
+        exit.to_internet(client, 0, &mut again, t0, SHIM, &mut Vec::new());
+        work.clear();
+        exit.take_fast_work(&mut work);
+        assert!(work.is_empty());
+
+        // Past the UDP lifetime by the user-space clock: due, unless the
+        // kernel saw it; it did, so upkeep keeps it.
+        let later = t0 + std::time::Duration::from_secs(150);
+        let mut due = Vec::new();
+        exit.fast_due(later, &mut due);
+        assert_eq!(due.len(), 1);
+        let (inside, _) = due[0];
+        exit.fast_seen(&inside, later - std::time::Duration::from_secs(5));
+        let (stats, _) = exit.upkeep(later, false);
+        assert_eq!((stats.nat_flows, stats.fast_flows), (1, 1));
+        exit.take_fast_work(&mut work);
+        assert!(work.is_empty(), "nothing removed: {work:?}");
+        // Idle in the kernel too: the mapping and its entries go.
+        let much_later = later + std::time::Duration::from_secs(150);
+        let (stats, _) = exit.upkeep(much_later, false);
+        assert_eq!((stats.nat_flows, stats.fast_flows), (0, 0));
+        exit.take_fast_work(&mut work);
+        assert_eq!(work, [FastWork::Remove(entry)]);
     }
 }

@@ -5,6 +5,10 @@
 //! relay: only the listed client prefixes (and tokens) are served.
 
 #[cfg(target_os = "linux")]
+mod fast_maps;
+#[cfg(target_os = "linux")]
+mod qdisc;
+#[cfg(target_os = "linux")]
 mod steer;
 
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +24,7 @@ use serde::Serialize;
 
 use oasis_exit::clients::Client;
 use oasis_exit::core::{Exit, ExitStats, ToClient, ToInternet};
+use oasis_exit::fast::{FastPath, FastWork};
 use oasis_exit::nat::{self, Nat, NatConfig};
 use oasis_exit::sched::PriorityQueues;
 
@@ -90,6 +95,22 @@ struct Args {
     /// and exit.
     #[arg(long)]
     unpin: bool,
+    /// Carry every packet in user space. By default, once a flow of an
+    /// IPv4 client has a mapping, the uplink's kernel program carries its
+    /// TCP and UDP packets both ways (decapsulation, NAT, the reply's
+    /// encapsulation), and this process sees only their SYNs, FINs and
+    /// RSTs; the counters of those packets are under "fast_path" in the
+    /// stats file, not per client.
+    #[arg(long)]
+    no_fast_path: bool,
+    /// The uplink's real rate (100mbit, 1gbit): with it, the priority
+    /// classes hold for the packets the kernel carries too. The exit puts
+    /// an htb qdisc on the uplink, shaped to this rate, with one class per
+    /// priority class: each is guaranteed 1% and takes what is left in
+    /// class order (class 0 first). Packets of the user-space path and the
+    /// host's own go in class 0. Removed when the exit stops.
+    #[arg(long, value_parser = qdisc::parse_rate)]
+    uplink_rate: Option<u64>,
 }
 
 /// Set by SIGTERM or SIGINT: the exit saves its NAT state and stops.
@@ -125,6 +146,27 @@ struct StatsFile {
     #[serde(flatten)]
     stats: ExitStats,
     program: Option<steer::ProgramStats>,
+    /// What the kernel carried (absent with --no-fast-path).
+    fast_path: Option<fast_maps::FastStats>,
+}
+
+/// The fast path's maps, shared by the packet threads (which install) and
+/// the upkeep (which ages and removes); the kernel itself needs no lock.
+struct Fast {
+    maps: Mutex<fast_maps::FastMaps>,
+    install_failures: std::sync::atomic::AtomicU64,
+}
+
+impl Fast {
+    fn apply(&self, work: &mut Vec<FastWork>) {
+        if work.is_empty() {
+            return;
+        }
+        let failed = self.maps.lock().unwrap_or_else(|e| e.into_inner()).apply(work);
+        self.install_failures
+            .fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
+        work.clear();
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,6 +201,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mtu = uplink_mtu(std::slice::from_ref(&args.uplink));
+    // The fast path serves IPv4 clients on the first IPv4 --listen port.
+    let fast_port = match (args.no_fast_path, public_v4) {
+        (false, Some(_)) => args.listen.iter().find(|a| a.is_ipv4()).map_or(0, |a| a.port()),
+        _ => 0,
+    };
+    let uplink_ifindex = {
+        let name = std::ffi::CString::new(args.uplink.as_str()).context("--uplink")?;
+        // SAFETY: a valid C string.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    };
     let tun = Tun::create(&args.tun, 1, mtu, std::net::Ipv4Addr::new(192, 0, 0, 8))
         .with_context(|| format!("creating TUN {} (run as root)", args.tun))?;
     let settings = oasis_common::ExitSettings {
@@ -170,9 +222,33 @@ fn run(args: Args) -> anyhow::Result<()> {
         port_first: *args.nat_ports.start(),
         port_last: *args.nat_ports.end(),
         tun_ifindex: tun.ifindex,
+        fast_port,
+        shim_len: args.shim_len as u8,
+        prioritise: u8::from(args.uplink_rate.is_some()),
+        uplink_ifindex,
+        mtu,
+        _pad2: [0; 6],
     };
-    let steering = ExitSteering::attach(&args.uplink, settings, Some(&args.pin_dir))
+    if let Some(rate) = args.uplink_rate {
+        qdisc::install(&args.uplink, rate, args.classes)
+            .map_err(|e| anyhow::anyhow!("the priority classes on {}: {e}", args.uplink))?;
+        tracing::info!(
+            rate,
+            classes = args.classes.min(8),
+            "priority classes: htb on the uplink"
+        );
+    }
+    let mut steering = ExitSteering::attach(&args.uplink, settings, Some(&args.pin_dir))
         .with_context(|| format!("steering replies on {}", args.uplink))?;
+    let fast = if fast_port != 0 {
+        let maps = fast_maps::FastMaps::take(steering.ebpf_mut())?;
+        Some(Arc::new(Fast {
+            maps: Mutex::new(maps),
+            install_failures: Default::default(),
+        }))
+    } else {
+        None
+    };
     if let Some(path) = &steering.pinned {
         tracing::info!(path = %path.display(), "steering pinned: it outlives this process (`oasis-exit --unpin` removes it)");
     }
@@ -182,7 +258,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     nat_config.max_flows = args.max_flows;
     nat_config.tcp_idle = std::time::Duration::from_secs(args.tcp_idle_secs);
     nat_config.udp_idle = std::time::Duration::from_secs(args.udp_idle_secs);
-    let core = Arc::new(Mutex::new(Exit::new(restored_nat(nat_config, &args.state_file))));
+    let mut exit = Exit::new(restored_nat(nat_config, &args.state_file));
+    if let (Some(fast), Some(public)) = (&fast, public_v4) {
+        exit = exit.with_fast_path(FastPath::new(
+            public,
+            fast_port,
+            args.shim_len,
+            args.clients.clone(),
+        ));
+        // The restored mappings, at once.
+        let mut work = Vec::new();
+        exit.take_fast_work(&mut work);
+        fast.apply(&mut work);
+        tracing::info!(
+            port = fast_port,
+            "fast path on: the kernel carries IPv4 clients' TCP and UDP flows"
+        );
+    }
+    let core = Arc::new(Mutex::new(exit));
     let clients = Arc::new(args.clients.clone());
     let sockets = client_sockets(&args.listen)?;
 
@@ -190,8 +283,28 @@ fn run(args: Args) -> anyhow::Result<()> {
     for socket in &sockets {
         let (socket, core, clients, raw) = (socket.clone(), core.clone(), clients.clone(), raw.clone());
         let (shim_len, classes, queue) = (args.shim_len, args.classes, args.queue);
+        let fast = fast.clone();
+        // The kernel opens only single datagrams: a socket that asks for
+        // merged ones (GRO) would have the uplink merge the fast path's
+        // datagrams before the program sees them.
+        let gro = fast.is_none()
+            || !socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a.is_ipv4() && a.port() == fast_port);
         threads.push(std::thread::spawn(move || {
-            to_internet(&socket, &core, &clients, &raw, shim_len, classes, queue)
+            to_internet(
+                &socket,
+                &core,
+                &clients,
+                &raw,
+                shim_len,
+                classes,
+                queue,
+                gro,
+                fast.as_deref(),
+            )
         }));
     }
     {
@@ -204,7 +317,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
-    upkeep(&args, &core, &steering, &threads)
+    upkeep(&args, &core, &steering, fast.as_deref(), &threads)
 }
 
 /// `--unpin`: removes the steering a retired exit left pinned.
@@ -299,10 +412,13 @@ fn upkeep(
     args: &Args,
     core: &Mutex<Exit>,
     steering: &steer::ExitSteering,
+    fast: Option<&Fast>,
     threads: &[std::thread::JoinHandle<()>],
 ) -> anyhow::Result<()> {
     let mut last_log = Instant::now();
     let mut last_upkeep = Instant::now() - Duration::from_secs(1);
+    let mut due = Vec::new();
+    let mut work = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let stopping = STOP.load(std::sync::atomic::Ordering::Relaxed);
@@ -310,11 +426,37 @@ fn upkeep(
             continue;
         }
         last_upkeep = Instant::now();
+        let now = Instant::now();
+        // Flows the kernel carries age by the kernel's clock too: asked
+        // outside the lock, for the few the user-space path alone would
+        // expire now.
+        if let Some(fast) = fast {
+            core.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fast_due(now, &mut due);
+            if !due.is_empty() {
+                let seen: Vec<_> = {
+                    let maps = fast.maps.lock().unwrap_or_else(|e| e.into_inner());
+                    due.drain(..)
+                        .filter_map(|(inside, entry)| maps.last_seen(&entry, now).map(|at| (inside, at)))
+                        .collect()
+                };
+                let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+                for (inside, at) in &seen {
+                    core.fast_seen(inside, *at);
+                }
+            }
+        }
         // Copied under the lock, written outside it.
-        let (stats, state) = core
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .upkeep(Instant::now(), stopping);
+        let (stats, state) = {
+            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+            let done = core.upkeep(now, stopping);
+            core.take_fast_work(&mut work);
+            done
+        };
+        if let Some(fast) = fast {
+            fast.apply(&mut work);
+        }
         if let Some(state) = state
             && let Err(e) = save_state(&args.state_file, &state)
         {
@@ -325,6 +467,13 @@ fn upkeep(
             let file = StatsFile {
                 stats: stats.clone(),
                 program: steering.stats(),
+                fast_path: fast.map(|fast| {
+                    let failures = fast.install_failures.load(std::sync::atomic::Ordering::Relaxed);
+                    fast.maps
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .stats(failures)
+                }),
             };
             if std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
@@ -340,6 +489,9 @@ fn upkeep(
             last_log = Instant::now();
         }
         if stopping {
+            if args.uplink_rate.is_some() {
+                qdisc::remove(&args.uplink);
+            }
             // The steering stays pinned: replies wait for the next exit.
             tracing::info!(flows = stats.nat_flows, "stopping: the NAT state is saved");
             return Ok(());
@@ -375,7 +527,9 @@ struct Queued {
     packet: Vec<u8>,
 }
 
-/// Clients -> Internet: authorise, queue by class, NAT, send.
+/// Clients -> Internet: authorise, queue by class, NAT, send; the flows
+/// the kernel can carry from then on are handed to it.
+#[allow(clippy::too_many_arguments)]
 fn to_internet(
     socket: &socket2::Socket,
     core: &Mutex<Exit>,
@@ -384,6 +538,8 @@ fn to_internet(
     shim_len: usize,
     classes: usize,
     queue: usize,
+    gro: bool,
+    fast: Option<&Fast>,
 ) {
     use oasis_io::linux::mmsg::{Received, Receiver, datagrams, enable_udp_gro};
     use oasis_io::linux::raw::RawBatches;
@@ -399,7 +555,8 @@ fn to_internet(
     // sent once the NAT's lock is let go.
     let mut resets: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     let mut nonblocking = false;
-    if let Err(e) = enable_udp_gro(socket) {
+    let mut work: Vec<FastWork> = Vec::new();
+    if gro && let Err(e) = enable_udp_gro(socket) {
         tracing::warn!("no UDP GRO on the client socket ({e}); datagrams arrive one by one");
     }
     loop {
@@ -460,7 +617,11 @@ fn to_internet(
                 ToInternet::Refused => pool.push(queued.packet),
             }
         }
+        core.take_fast_work(&mut work);
         drop(core_guard);
+        if let Some(fast) = fast {
+            fast.apply(&mut work);
+        }
         for (to, back) in &resets[..used] {
             let _ = socket.send_to(back, &(*to).into());
         }

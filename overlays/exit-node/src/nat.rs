@@ -72,15 +72,25 @@ pub enum NatError {
     NoConnection,
 }
 
-/// A flow as the client sent it.
+/// A flow as the client sent it: who sent it (the datagram's source) and
+/// the packet's own protocol, addresses and ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-struct Inside {
-    client: SocketAddr,
-    proto: u8,
-    src: IpAddr,
-    src_port: u16,
-    dst: IpAddr,
-    dst_port: u16,
+pub struct Inside {
+    pub client: SocketAddr,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub src_port: u16,
+    pub dst: IpAddr,
+    pub dst_port: u16,
+}
+
+/// A mapping as someone outside the NAT needs it (the kernel's fast path):
+/// the flow, the NAT port it leaves from, its client's class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub inside: Inside,
+    pub nat_port: u16,
+    pub class: u8,
 }
 
 /// The same flow as the remote end sees it, from the reply's point of view.
@@ -149,6 +159,11 @@ pub struct Nat {
     /// so two clients' datagrams never share one at the far end.
     next_id: u32,
     changes: u64,
+    /// Mappings made since `take_news` last ran, and mappings gone since
+    /// `take_gone` did: only while someone follows them (`follow`).
+    followed: bool,
+    news: Vec<Mapped>,
+    gone: Vec<Mapped>,
 }
 
 /// Fragmented datagrams followed at once, each way.
@@ -182,6 +197,47 @@ impl Nat {
             frags_in: HashMap::new(),
             next_id: 1,
             changes: 0,
+            followed: false,
+            news: Vec::new(),
+            gone: Vec::new(),
+        }
+    }
+
+    /// From now on, keeps the mappings made and gone for `take_news` and
+    /// `take_gone`; those made so far count as made now.
+    pub fn follow(&mut self) {
+        self.followed = true;
+        self.news.extend(self.by_inside.iter().map(|(inside, m)| Mapped {
+            inside: *inside,
+            nat_port: m.outside.nat_port,
+            class: m.class,
+        }));
+    }
+
+    /// The mappings made since the last call.
+    pub fn take_news(&mut self, into: &mut Vec<Mapped>) {
+        into.append(&mut self.news);
+    }
+
+    /// The mappings gone since the last call.
+    pub fn take_gone(&mut self, into: &mut Vec<Mapped>) {
+        into.append(&mut self.gone);
+    }
+
+    /// Whether the flow's mapping would expire at `now` unless it saw a
+    /// packet somewhere the NAT does not (in the kernel).
+    pub fn due(&self, inside: &Inside, now: Instant) -> bool {
+        self.by_inside
+            .get(inside)
+            .is_some_and(|m| now.saturating_duration_since(m.last_seen) > idle_time(&self.config, inside, m))
+    }
+
+    /// The flow had a packet at `at` (in the kernel).
+    pub fn seen(&mut self, inside: &Inside, at: Instant) {
+        if let Some(mapping) = self.by_inside.get_mut(inside)
+            && at > mapping.last_seen
+        {
+            mapping.last_seen = at;
         }
     }
 
@@ -222,6 +278,13 @@ impl Nat {
                 continue;
             };
             self.by_outside.insert(saved.outside, saved.inside);
+            if self.followed {
+                self.news.push(Mapped {
+                    inside: saved.inside,
+                    nat_port: saved.outside.nat_port,
+                    class: saved.class,
+                });
+            }
             self.by_inside.insert(
                 saved.inside,
                 Mapping {
@@ -315,6 +378,13 @@ impl Nat {
                 }
                 let outside = self.allocate(inside.proto, dst, dst_port)?;
                 self.changes += 1;
+                if self.followed {
+                    self.news.push(Mapped {
+                        inside,
+                        nat_port: outside.nat_port,
+                        class,
+                    });
+                }
                 self.by_outside.insert(outside, inside);
                 self.by_inside.insert(
                     inside,
@@ -456,16 +526,18 @@ impl Nat {
         let config = &self.config;
         let before = self.by_inside.len();
         let by_outside = &mut self.by_outside;
+        let (followed, gone) = (self.followed, &mut self.gone);
         self.by_inside.retain(|inside, mapping| {
-            let idle = match inside.proto {
-                6 if mapping.closing => config.tcp_closing,
-                6 => config.tcp_idle,
-                17 => config.udp_idle,
-                _ => config.icmp_idle,
-            };
-            let keep = now.duration_since(mapping.last_seen) <= idle;
+            let keep = now.saturating_duration_since(mapping.last_seen) <= idle_time(config, inside, mapping);
             if !keep {
                 by_outside.remove(&mapping.outside);
+                if followed {
+                    gone.push(Mapped {
+                        inside: *inside,
+                        nat_port: mapping.outside.nat_port,
+                        class: mapping.class,
+                    });
+                }
             }
             keep
         });
@@ -498,6 +570,16 @@ impl Nat {
             }
         }
         Err(NatError::NoPort)
+    }
+}
+
+/// How long a mapping may stay idle.
+fn idle_time(config: &NatConfig, inside: &Inside, mapping: &Mapping) -> Duration {
+    match inside.proto {
+        6 if mapping.closing => config.tcp_closing,
+        6 => config.tcp_idle,
+        17 => config.udp_idle,
+        _ => config.icmp_idle,
     }
 }
 

@@ -267,6 +267,11 @@ impl ExitSteering {
         }
     }
 
+    /// The loaded object, for the maps other parts of the exit use.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     pub fn stats(&self) -> Option<ProgramStats> {
         let info = self.ebpf.program(EXIT_INGRESS_PROGRAM)?.info().ok()?;
         Some(ProgramStats {

@@ -1,0 +1,409 @@
+//! The exit node's fast path (`oasis_common::exit_fast`), in its uplink's
+//! ingress program.
+//!
+//! In from a client: a datagram to the exit's fast port carrying a packet
+//! of a flow the exit gave a mapping to, from that very client (address,
+//! port and token), is opened; its packet gets the mapping's public source
+//! and NAT port and is sent out of the uplink toward its destination.
+//!
+//! In from the Internet: a reply to a mapping's public address and port
+//! gets the client's own addresses back, is wrapped (outer IPv4 and UDP,
+//! a zero shim, as the exit's own replies have) and sent to the client.
+//!
+//! SYN, FIN and RST segments keep the user-space path both ways, so the
+//! exit's NAT sees every connection open and close; so do what the kernel
+//! cannot carry as it is: fragments, IPv4 options, aggregates of received
+//! datagrams (GRO), replies too big once wrapped, and everything else than
+//! IPv4 TCP and UDP.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::{bpf_check_mtu, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use oasis_common::{
+    EXIT_FAST_CLASSES, ExitFlowKey, ExitSettings, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM, exit_miss,
+    proto::{TCP, UDP},
+};
+
+use crate::encap::{ENCAP_L2_SHIFT, OUTER_V4, UDP_HLEN, ipv4_checksum, store_shim};
+use crate::headers::{ETH_HLEN, ETH_P_IP, read};
+use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
+
+const TCP_SYN_FIN_RST: u8 = 0x07;
+/// Refresh an entry's timestamp at most this often.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// Where the transport header starts in a packet without IPv4 options.
+const L4: usize = ETH_HLEN + OUTER_V4;
+
+/// Carries the packet when it is the fast path's: the program's verdict
+/// then. None leaves it to the rest of the program (the steering of
+/// replies to the exit's TUN) and to the exit's socket.
+#[inline(never)]
+pub fn ingress(ctx: &TcContext, settings: &ExitSettings) -> Option<i32> {
+    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
+        return None;
+    }
+    let ip: [u8; OUTER_V4] = read(ctx, ETH_HLEN)?;
+    // No options, no fragment.
+    if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 {
+        return None;
+    }
+    // Ports, and a UDP header's length and checksum.
+    let ports: [u8; 8] = read(ctx, L4)?;
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    if ip[9] == UDP && dport == settings.fast_port {
+        if unfinished(&ip, UDP, [ports[4], ports[5]], [ports[6], ports[7]]) {
+            miss(exit_miss::UNFINISHED);
+            return None;
+        }
+        return from_client(ctx, settings, &ip, u16::from_be_bytes([ports[0], ports[1]]));
+    }
+    if ip[16..20] == settings.v4
+        && (ip[9] == TCP || ip[9] == UDP)
+        && settings.port_first <= dport
+        && dport <= settings.port_last
+    {
+        return from_internet(ctx, settings, &ip);
+    }
+    None
+}
+
+/// A client's datagram: opened and sent on from the exit when it carries a
+/// packet of one of the client's mapped flows.
+#[inline(always)]
+fn from_client(
+    ctx: &TcContext,
+    settings: &ExitSettings,
+    outer: &[u8; OUTER_V4],
+    client_port: u16,
+) -> Option<i32> {
+    let shim_len = settings.shim_len as usize;
+    if shim_len > MAX_FAST_SHIM {
+        return None;
+    }
+    let inner = L4 + UDP_HLEN + shim_len;
+    let ip: [u8; OUTER_V4] = ctx.load(inner).ok()?;
+    let proto = ip[9];
+    if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 || !(proto == TCP || proto == UDP) {
+        return None;
+    }
+    // Ports, and TCP's flags 13 bytes in (a UDP header is 8 bytes: its
+    // datagram may end before).
+    let (sport, dport) = if proto == TCP {
+        let tcp: [u8; 14] = ctx.load(inner + OUTER_V4).ok()?;
+        if tcp[13] & TCP_SYN_FIN_RST != 0 {
+            return None;
+        }
+        (
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+        )
+    } else {
+        let udp: [u8; 4] = ctx.load(inner + OUTER_V4).ok()?;
+        (
+            u16::from_be_bytes([udp[0], udp[1]]),
+            u16::from_be_bytes([udp[2], udp[3]]),
+        )
+    };
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    let client = [outer[12], outer[13], outer[14], outer[15]];
+    let key = ExitFlowKey::v4(client, client_port, FlowKey::v4(src, dst, proto, sport, dport));
+    let entry = EXIT_OUT.get_ptr_mut(&key)?;
+    // SAFETY: pointer from a successful lookup; plain integers and bytes.
+    let entry = unsafe { &mut *entry };
+    // SAFETY: the context pointer is valid for the whole run.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        miss(exit_miss::AGGREGATE);
+        return None;
+    }
+    if entry.token_len != 0 && !token_matches(ctx, entry.token_len as usize, &entry.token) {
+        miss(exit_miss::TOKEN);
+        return None;
+    }
+    // Replies come from where the client sends to: the reply's entry
+    // learns it from the first datagram carried here.
+    if entry.learned == 0 {
+        let reply = FlowKey::v4(dst, entry.public, proto, dport, entry.nat_port);
+        if let Some(back) = EXIT_BACK.get_ptr_mut(&reply) {
+            // SAFETY: pointer from a successful lookup.
+            unsafe { (*back).local = [outer[16], outer[17], outer[18], outer[19]] };
+            entry.learned = 1;
+        }
+    }
+    let overhead = (OUTER_V4 + UDP_HLEN + shim_len) as i32;
+    if ctx.adjust_room(-overhead, BPF_ADJ_ROOM_MAC, 0).is_err() {
+        miss(exit_miss::NO_ROOM);
+        return None;
+    }
+    // Now the client's packet is all there is: its source becomes the
+    // mapping's.
+    let csum = if proto == TCP { L4 + 16 } else { L4 + 6 };
+    let mangled_zero = if proto == UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let (old_addr, new_addr) = (
+        u32::from_ne_bytes(src) as u64,
+        u32::from_ne_bytes(entry.public) as u64,
+    );
+    let (old_port, new_port) = (u16::to_be(sport) as u64, u16::to_be(entry.nat_port) as u64);
+    let rewritten = ctx
+        .l4_csum_replace(
+            csum,
+            old_addr,
+            new_addr,
+            BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
+        )
+        .is_ok()
+        && ctx
+            .l4_csum_replace(csum, old_port, new_port, mangled_zero | 2)
+            .is_ok()
+        && ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4).is_ok()
+        && ctx.store(ETH_HLEN + 12, &entry.public, 0).is_ok()
+        && ctx.store(L4, &entry.nat_port.to_be_bytes(), 0).is_ok();
+    if !rewritten {
+        // Opened but not rewritten: nobody can use it now; the client's
+        // stack sends it again.
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+    }
+    touch(&mut entry.last_seen_ns);
+    let class = entry.class;
+    count(class, true, ctx.len());
+    send(ctx, settings, class)
+}
+
+/// A reply to a mapping: back to its client, wrapped, once the kernel has
+/// carried a datagram of the client's (and so knows where to answer from).
+#[inline(always)]
+fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) -> Option<i32> {
+    let proto = ip[9];
+    // Ports, TCP's flags at 13 and its checksum at 16; UDP's at 6.
+    let head: [u8; 18] = if proto == TCP {
+        read(ctx, L4)?
+    } else {
+        let udp: [u8; 8] = read(ctx, L4)?;
+        [
+            udp[0], udp[1], udp[2], udp[3], 0, 0, udp[6], udp[7], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]
+    };
+    if proto == TCP && head[13] & TCP_SYN_FIN_RST != 0 {
+        return None;
+    }
+    // SAFETY: the context pointer is valid for the whole run.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    let check = if proto == TCP {
+        [head[16], head[17]]
+    } else {
+        [head[6], head[7]]
+    };
+    let l4_len = u16::from_be_bytes([ip[2], ip[3]]).saturating_sub(OUTER_V4 as u16);
+    if gso_size == 0 && unfinished(ip, proto, l4_len.to_be_bytes(), check) {
+        miss(exit_miss::UNFINISHED);
+        return None;
+    }
+    let remote = [ip[12], ip[13], ip[14], ip[15]];
+    let remote_port = u16::from_be_bytes([head[0], head[1]]);
+    let nat_port = u16::from_be_bytes([head[2], head[3]]);
+    let key = FlowKey::v4(remote, settings.v4, proto, remote_port, nat_port);
+    let entry = EXIT_BACK.get_ptr_mut(&key)?;
+    // SAFETY: pointer from a successful lookup; plain integers and bytes.
+    let entry = unsafe { &mut *entry };
+    if entry.local == [0; 4] {
+        miss(exit_miss::NOT_LEARNED);
+        return None;
+    }
+    let shim_len = settings.shim_len as usize;
+    if shim_len > MAX_FAST_SHIM {
+        return None;
+    }
+    let overhead = OUTER_V4 + UDP_HLEN + shim_len;
+    let inner_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    let total = inner_len + overhead;
+    // What must fit the uplink: the packet, or each segment of an
+    // aggregate the uplink's GRO made (cut again on the way out).
+    let on_wire = if gso_size == 0 {
+        total
+    } else if proto == TCP {
+        OUTER_V4 + ((head[12] >> 4) as usize) * 4 + gso_size + overhead
+    } else {
+        OUTER_V4 + UDP_HLEN + gso_size + overhead
+    };
+    if total > 0xffff || on_wire > uplink_mtu(ctx, settings) {
+        miss(exit_miss::TOO_BIG);
+        return None;
+    }
+    // The client's own addresses back, as for the user-space path.
+    let csum = if proto == TCP { L4 + 16 } else { L4 + 6 };
+    let mangled_zero = if proto == UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let (old_addr, new_addr) = (
+        u32::from_ne_bytes(settings.v4) as u64,
+        u32::from_ne_bytes(entry.inside) as u64,
+    );
+    let (old_port, new_port) = (u16::to_be(nat_port) as u64, u16::to_be(entry.inside_port) as u64);
+    let rewritten = ctx
+        .l4_csum_replace(
+            csum,
+            old_addr,
+            new_addr,
+            BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
+        )
+        .is_ok()
+        && ctx
+            .l4_csum_replace(csum, old_port, new_port, mangled_zero | 2)
+            .is_ok()
+        && ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4).is_ok()
+        && ctx.store(ETH_HLEN + 16, &entry.inside, 0).is_ok()
+        && ctx.store(L4 + 2, &entry.inside_port.to_be_bytes(), 0).is_ok();
+    if !rewritten {
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+    }
+    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+        | BPF_F_ADJ_ROOM_FIXED_GSO as u64
+        | ((shim_len as u64) << ENCAP_L2_SHIFT);
+    if ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        // Rewritten for the client but not wrapped: useless to anyone.
+        miss(exit_miss::NO_ROOM);
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+    }
+    let mut outer = [0u8; OUTER_V4 + UDP_HLEN];
+    let out = &mut outer[..OUTER_V4];
+    out[0] = 0x45;
+    out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    // SAFETY: plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    out[4..6].copy_from_slice(&id.to_be_bytes());
+    out[8] = 64;
+    out[9] = UDP;
+    out[12..16].copy_from_slice(&entry.local);
+    out[16..20].copy_from_slice(&entry.client);
+    let checksum = ipv4_checksum(out);
+    out[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let udp = &mut outer[OUTER_V4..];
+    udp[..2].copy_from_slice(&entry.listen_port.to_be_bytes());
+    udp[2..4].copy_from_slice(&entry.client_port.to_be_bytes());
+    udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
+    // A reply's shim is zeros, as the exit's user-space path sends it.
+    let zeros = [0u8; MAX_FAST_SHIM];
+    let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
+        && (shim_len == 0 || store_shim(ctx, zeros.as_ptr(), shim_len));
+    if !stored {
+        miss(exit_miss::NO_ROOM);
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+    }
+    touch(&mut entry.last_seen_ns);
+    let class = entry.class;
+    count(class, false, ctx.len());
+    send(ctx, settings, class)
+}
+
+/// Whether a transport checksum holds only its pseudo-header's sum, as a
+/// packet from this same host carries it through veth ("the device will
+/// finish it", CHECKSUM_PARTIAL). Such a packet keeps the user-space path:
+/// the kernel's checksum offsets would point into the headers taken off
+/// or put on here. A finished checksum looks so one time in 65,536 (that
+/// packet, too, goes through user space); a zero UDP checksum never does.
+#[inline(always)]
+fn unfinished(ip: &[u8; OUTER_V4], proto: u8, l4_len: [u8; 2], check: [u8; 2]) -> bool {
+    let check = u16::from_be_bytes(check);
+    if check == 0 {
+        return false;
+    }
+    let word = |i: usize| u32::from(u16::from_be_bytes([ip[i], ip[i + 1]]));
+    let mut sum =
+        word(12) + word(14) + word(16) + word(18) + u32::from(proto) + u32::from(u16::from_be_bytes(l4_len));
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16 == check
+}
+
+/// The uplink's MTU now (it may have changed since the exit started).
+#[inline(always)]
+fn uplink_mtu(ctx: &TcContext, settings: &ExitSettings) -> usize {
+    let mut mtu: u32 = 0;
+    // SAFETY: a valid context and out-parameter; with no length to check
+    // and no flags the helper only reports the device's MTU.
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), settings.uplink_ifindex, &mut mtu, 0, 0) };
+    if mtu == 0 {
+        settings.mtu as usize
+    } else {
+        mtu as usize
+    }
+}
+
+/// Whether the datagram's shim starts with the client's token.
+#[inline(always)]
+fn token_matches(ctx: &TcContext, len: usize, token: &[u8; MAX_EXIT_TOKEN]) -> bool {
+    if len > MAX_EXIT_TOKEN || len > MAX_FAST_SHIM {
+        return false;
+    }
+    let Ok(shim) = ctx.load::<[u8; MAX_EXIT_TOKEN]>(L4 + UDP_HLEN) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < MAX_EXIT_TOKEN {
+        if i < len && shim[i] != token[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Out of the uplink, to the next hop the kernel's routes and neighbours
+/// say, in the client's priority class when the exit asked for them.
+#[inline(always)]
+fn send(ctx: &TcContext, settings: &ExitSettings, class: u8) -> Option<i32> {
+    if settings.prioritise != 0 {
+        // TC_H_MAKE(1, class + 1): the class of the exit's htb qdisc.
+        // SAFETY: the context pointer is valid; priority is writable here.
+        unsafe { (*ctx.skb.skb).priority = (1 << 16) | (u32::from(class) + 1) };
+    }
+    // SAFETY: plain helper call without next-hop parameters.
+    let action = unsafe { bpf_redirect_neigh(settings.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    Some(action as i32)
+}
+
+#[inline(always)]
+fn touch(last_seen_ns: &mut u64) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.saturating_sub(*last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        *last_seen_ns = now;
+    }
+}
+
+#[inline(always)]
+fn count(class: u8, to_internet: bool, len: u32) {
+    let index = u32::from(class).min(EXIT_FAST_CLASSES - 1);
+    if let Some(counts) = EXIT_FAST_COUNTS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe {
+            if to_internet {
+                (*counts).to_internet_packets += 1;
+                (*counts).to_internet_bytes += u64::from(len);
+            } else {
+                (*counts).to_client_packets += 1;
+                (*counts).to_client_bytes += u64::from(len);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn miss(reason: u32) {
+    if let Some(counter) = EXIT_FAST_MISSES.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { *counter += 1 };
+    }
+}
