@@ -8,13 +8,20 @@
 //!                      broker sees each flow's first packet, the kernel
 //!                      passes the rest
 //!   overlay-exit       a rule carries the traffic over an overlay: client ->
-//!                      exit node (overlay host) -> server, and back
-//!   overlay-fast       the same with the client's fast path on (the kernel
-//!                      wraps and opens the flow's packets), over links that
-//!                      finish checksums and cut datagram runs as NICs do
+//!                      exit node (overlay host) -> server, and back; the
+//!                      exit node's kernel carries the flow (its fast path),
+//!                      the client's broker wraps and opens every packet;
+//!                      over links that finish checksums and cut datagram
+//!                      runs as NICs do
+//!   overlay-fast       the same with the client's fast path on too (the
+//!                      kernel wraps and opens the flow's packets)
 //!   wireguard-go       the same detour through a wireguard-go tunnel from
 //!                      the client to the overlay host: a peer that also does
 //!                      TUN and UDP in user space
+//!   kernel-vxlan       the same detour through the kernel's own VXLAN
+//!                      tunnel, the overlay host masquerading (nftables)
+//!                      what it forwards: the anchor of the overlay rows,
+//!                      over the same NIC-like links
 //!   fake-underlay      a name rule claims the server's name with the
 //!                      underlay as carrier and fake answers: the tools talk
 //!                      to a fake address, the broker sees each flow's first
@@ -51,11 +58,12 @@ enum Scenario {
     OverlayFast,
     OverlayModule,
     WireguardGo,
+    KernelVxlan,
     FakeUnderlay,
     MetricUnderlay,
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
@@ -63,6 +71,7 @@ const SCENARIOS: [Scenario; 9] = [
     Scenario::OverlayFast,
     Scenario::OverlayModule,
     Scenario::WireguardGo,
+    Scenario::KernelVxlan,
     Scenario::FakeUnderlay,
     Scenario::MetricUnderlay,
 ];
@@ -80,6 +89,7 @@ impl Scenario {
             Scenario::OverlayFast => "overlay-fast",
             Scenario::OverlayModule => "overlay-module",
             Scenario::WireguardGo => "wireguard-go",
+            Scenario::KernelVxlan => "kernel-vxlan",
             Scenario::FakeUnderlay => "fake-underlay",
             Scenario::MetricUnderlay => "metric-underlay",
         }
@@ -88,7 +98,7 @@ impl Scenario {
     /// Rules the daemon holds in this scenario; None: no daemon.
     fn rules(self) -> Option<&'static [&'static [&'static str]]> {
         match self {
-            Scenario::NoOasis | Scenario::WireguardGo => None,
+            Scenario::NoOasis | Scenario::WireguardGo | Scenario::KernelVxlan => None,
             Scenario::AttachedNoMatch => Some(&[&["--proto", "tcp", "--dport", "1", "--via", "underlay"]]),
             Scenario::DivertedUnderlay => Some(&[
                 &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
@@ -222,6 +232,7 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) 
     );
     let spec_url = format!("{}/exit.xml", net.start_spec_server());
     start_wireguard(&mut net)?;
+    start_vxlan(&net);
     std::thread::sleep(Duration::from_millis(300));
 
     let mut samples: Vec<Samples> = SCENARIOS.iter().map(|_| Samples::default()).collect();
@@ -386,6 +397,34 @@ fn start_wireguard(net: &mut Topology) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel's own tunnel over the same detour, the anchor of the overlay
+/// rows: VXLAN client (10.89.0.1) <-> overlay host (10.89.0.2), which
+/// masquerades what it forwards toward the server (nftables), as the exit
+/// node does. Traffic takes it only while the kernel-vxlan scenario
+/// routes the server's address into it.
+fn start_vxlan(net: &Topology) {
+    for (ns, local, remote, address) in [
+        (&net.client, CLIENT_V4, OVERLAY_V4, "10.89.0.1/24"),
+        (&net.overlay, OVERLAY_V4, CLIENT_V4, "10.89.0.2/24"),
+    ] {
+        ns.run(&[
+            "ip", "link", "add", VXLAN_IF, "type", "vxlan", "id", "42", "local", local, "remote", remote,
+            "dstport", "4789",
+        ]);
+        ns.run(&["ip", "addr", "add", address, "dev", VXLAN_IF]);
+        ns.run(&["ip", "link", "set", VXLAN_IF, "up"]);
+    }
+    net.overlay.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    net.overlay.run(&[
+        "nft",
+        "add table ip oasis_bench; \
+         add chain ip oasis_bench post { type nat hook postrouting priority 100; }; \
+         add rule ip oasis_bench post ip saddr 10.89.0.0/24 oifname o0 masquerade",
+    ]);
+}
+
+const VXLAN_IF: &str = "vxbench";
+
 /// Interface names for the client's and the overlay host's wireguard-go.
 fn wireguard_interfaces() -> (String, String) {
     let id = std::process::id() % 100_000;
@@ -405,9 +444,21 @@ fn measure(
     // device. Every other scenario over plain veth.
     net.links_like_nics(matches!(
         scenario,
-        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule | Scenario::KernelVxlan
     ));
     let daemon = start_daemon(net, scenario, spec_url)?;
+    if scenario == Scenario::KernelVxlan {
+        net.client.run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{SERVER_V4}/32"),
+            "via",
+            "10.89.0.2",
+            "dev",
+            VXLAN_IF,
+        ]);
+    }
     if scenario == Scenario::WireguardGo {
         net.client.run(&[
             "ip",
@@ -464,6 +515,10 @@ fn measure(
     samples.rtt_p50_us.push(p50);
     samples.rtt_p99_us.push(p99);
 
+    if scenario == Scenario::KernelVxlan {
+        net.client
+            .run(&["ip", "route", "del", &format!("{SERVER_V4}/32"), "dev", VXLAN_IF]);
+    }
     if scenario == Scenario::WireguardGo {
         net.client.run(&[
             "ip",
@@ -725,6 +780,9 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         };
         if *scenario == Scenario::OverlayFast && measured(Scenario::OverlayExit) {
             against(Scenario::OverlayExit);
+        }
+        if matches!(scenario, Scenario::OverlayFast | Scenario::OverlayExit) && measured(Scenario::KernelVxlan) {
+            against(Scenario::KernelVxlan);
         }
         if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
             against(Scenario::WireguardGo);
