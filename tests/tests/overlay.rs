@@ -1032,10 +1032,19 @@ fn each_ping_session_takes_the_carrier_of_its_time() {
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_paced_download_survives_restarts_of_the_exit() {
+    // Through the exit's process, then with both kernels carrying the
+    // download (the exit's program outlives the process, and the next
+    // exit takes over with the mappings it restores).
+    for fast in [false, true] {
+        paced_download_through_restarts(fast);
+    }
+}
+
+fn paced_download_through_restarts(fast: bool) {
     let mut net = Topology::new();
     net.start_web_server(80);
     net.web_file("huge.bin", 200 << 20);
-    let daemon = joined(&mut net, &[CLIENT_V4]);
+    let daemon = joined_with(&mut net, &[CLIENT_V4], fast);
     cli_ok(
         &daemon,
         &net,
@@ -1044,6 +1053,13 @@ fn a_paced_download_survives_restarts_of_the_exit() {
     net.start_paced_download("paced", SERVER_V4, 80, "huge.bin", 4_000_000);
     let goes_on = |net: &mut Topology, what: &str| net.paced_download_goes_on("paced", 8 << 20, what);
     goes_on(&mut net, "before any restart");
+    if fast {
+        let stats = exit_stats(&net);
+        assert!(
+            stats["fast_path"]["to_client"]["bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "the exit's kernel carries the download: {stats}"
+        );
+    }
     // The state is written within a second of a change.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(

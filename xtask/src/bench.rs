@@ -781,7 +781,9 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         if *scenario == Scenario::OverlayFast && measured(Scenario::OverlayExit) {
             against(Scenario::OverlayExit);
         }
-        if matches!(scenario, Scenario::OverlayFast | Scenario::OverlayExit) && measured(Scenario::KernelVxlan) {
+        if matches!(scenario, Scenario::OverlayFast | Scenario::OverlayExit)
+            && measured(Scenario::KernelVxlan)
+        {
             against(Scenario::KernelVxlan);
         }
         if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
