@@ -126,29 +126,9 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
     }
     // The link header is the kernel's to write (below); only the outer IP
     // and UDP headers are ours.
-    let mut outer = [0u8; OUTER_V4 + UDP_HLEN];
-    let ip = &mut outer[..OUTER_V4];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    // May be fragmented on the way, as the broker's own datagrams and
-    // tunnels may: a path narrower than the host knows costs fragments,
-    // not a stall (what the host knows is too big goes to the broker
-    // above). Fragmentable, the datagram needs an ID of its own.
-    // SAFETY: plain helper call.
-    let id = unsafe { bpf_get_prandom_u32() } as u16;
-    ip[4..6].copy_from_slice(&id.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&entry.source[..4]);
-    ip[16..20].copy_from_slice(&entry.peer[..4]);
-    let checksum = ipv4_checksum(ip);
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
-    let udp = &mut outer[OUTER_V4..];
-    udp[..2].copy_from_slice(&entry.our_port.to_be_bytes());
-    udp[2..4].copy_from_slice(&entry.peer_port.to_be_bytes());
-    udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
-    // The UDP checksum stays zero (RFC 768 for IPv4; the inner packet has
-    // its own).
+    let source = [entry.source[0], entry.source[1], entry.source[2], entry.source[3]];
+    let peer = [entry.peer[0], entry.peer[1], entry.peer[2], entry.peer[3]];
+    let outer = outer_v4((source, entry.our_port), (peer, entry.peer_port), total);
     let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
         && (shim_len == 0 || store_shim(ctx, entry.shim.as_ptr(), shim_len));
     if !stored {
@@ -175,6 +155,35 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
     // SAFETY: plain helper call; no next-hop parameters given.
     let action = unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, core::ptr::null_mut(), 0, 0) };
     Fast::Redirect(action as i32)
+}
+
+/// The outer IPv4 and UDP headers of a datagram of `total` bytes (outer
+/// IPv4 header included) from `from` to `to`. It may be fragmented on the
+/// way, as the broker's and the exit's own datagrams and tunnels may: a
+/// path narrower than the host knows costs fragments, not a stall (what
+/// the host knows is too big never gets here). Fragmentable, the datagram
+/// needs an ID of its own. The UDP checksum stays zero (RFC 768 for IPv4;
+/// the inner packet has its own).
+#[inline(always)]
+pub(crate) fn outer_v4(from: ([u8; 4], u16), to: ([u8; 4], u16), total: usize) -> [u8; OUTER_V4 + UDP_HLEN] {
+    let mut outer = [0u8; OUTER_V4 + UDP_HLEN];
+    let ip = &mut outer[..OUTER_V4];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    // SAFETY: plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_UDP;
+    ip[12..16].copy_from_slice(&from.0);
+    ip[16..20].copy_from_slice(&to.0);
+    let checksum = ipv4_checksum(ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let udp = &mut outer[OUTER_V4..];
+    udp[..2].copy_from_slice(&from.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&to.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
+    outer
 }
 
 /// Writes the shim after the outer headers; `len` 1..=64.
@@ -211,7 +220,7 @@ fn segment_headers(ctx: &TcContext, parsed: &Parsed) -> Option<usize> {
     }
 }
 
-pub(crate) fn ipv4_checksum(header: &[u8]) -> u16 {
+fn ipv4_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i + 1 < OUTER_V4 {

@@ -21,7 +21,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::generated::{bpf_check_mtu, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
+    helpers::generated::{bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
 use oasis_common::{
@@ -29,7 +29,7 @@ use oasis_common::{
     proto::{TCP, UDP},
 };
 
-use crate::encap::{ENCAP_L2_SHIFT, OUTER_V4, UDP_HLEN, ipv4_checksum, store_shim};
+use crate::encap::{ENCAP_L2_SHIFT, OUTER_V4, UDP_HLEN, outer_v4, store_shim};
 use crate::headers::{ETH_HLEN, ETH_P_IP, read};
 use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
 
@@ -142,31 +142,13 @@ fn from_client(
     }
     // Now the client's packet is all there is: its source becomes the
     // mapping's.
-    let csum = if proto == TCP { L4 + 16 } else { L4 + 6 };
-    let mangled_zero = if proto == UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    let (old_addr, new_addr) = (
-        u32::from_ne_bytes(src) as u64,
-        u32::from_ne_bytes(entry.public) as u64,
+    let rewritten = rewrite(
+        ctx,
+        proto,
+        Field::Source,
+        (src, sport),
+        (entry.public, entry.nat_port),
     );
-    let (old_port, new_port) = (u16::to_be(sport) as u64, u16::to_be(entry.nat_port) as u64);
-    let rewritten = ctx
-        .l4_csum_replace(
-            csum,
-            old_addr,
-            new_addr,
-            BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
-        )
-        .is_ok()
-        && ctx
-            .l4_csum_replace(csum, old_port, new_port, mangled_zero | 2)
-            .is_ok()
-        && ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4).is_ok()
-        && ctx.store(ETH_HLEN + 12, &entry.public, 0).is_ok()
-        && ctx.store(L4, &entry.nat_port.to_be_bytes(), 0).is_ok();
     if !rewritten {
         // Opened but not rewritten: nobody can use it now; the client's
         // stack sends it again.
@@ -239,31 +221,13 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
         return None;
     }
     // The client's own addresses back, as for the user-space path.
-    let csum = if proto == TCP { L4 + 16 } else { L4 + 6 };
-    let mangled_zero = if proto == UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    let (old_addr, new_addr) = (
-        u32::from_ne_bytes(settings.v4) as u64,
-        u32::from_ne_bytes(entry.inside) as u64,
+    let rewritten = rewrite(
+        ctx,
+        proto,
+        Field::Destination,
+        (settings.v4, nat_port),
+        (entry.inside, entry.inside_port),
     );
-    let (old_port, new_port) = (u16::to_be(nat_port) as u64, u16::to_be(entry.inside_port) as u64);
-    let rewritten = ctx
-        .l4_csum_replace(
-            csum,
-            old_addr,
-            new_addr,
-            BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
-        )
-        .is_ok()
-        && ctx
-            .l4_csum_replace(csum, old_port, new_port, mangled_zero | 2)
-            .is_ok()
-        && ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4).is_ok()
-        && ctx.store(ETH_HLEN + 16, &entry.inside, 0).is_ok()
-        && ctx.store(L4 + 2, &entry.inside_port.to_be_bytes(), 0).is_ok();
     if !rewritten {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
@@ -276,23 +240,11 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    let mut outer = [0u8; OUTER_V4 + UDP_HLEN];
-    let out = &mut outer[..OUTER_V4];
-    out[0] = 0x45;
-    out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    // SAFETY: plain helper call.
-    let id = unsafe { bpf_get_prandom_u32() } as u16;
-    out[4..6].copy_from_slice(&id.to_be_bytes());
-    out[8] = 64;
-    out[9] = UDP;
-    out[12..16].copy_from_slice(&entry.local);
-    out[16..20].copy_from_slice(&entry.client);
-    let checksum = ipv4_checksum(out);
-    out[10..12].copy_from_slice(&checksum.to_be_bytes());
-    let udp = &mut outer[OUTER_V4..];
-    udp[..2].copy_from_slice(&entry.listen_port.to_be_bytes());
-    udp[2..4].copy_from_slice(&entry.client_port.to_be_bytes());
-    udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
+    let outer = outer_v4(
+        (entry.local, entry.listen_port),
+        (entry.client, entry.client_port),
+        total,
+    );
     // A reply's shim is zeros, as the exit's user-space path sends it.
     let zeros = [0u8; MAX_FAST_SHIM];
     let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
@@ -305,6 +257,46 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     let class = entry.class;
     count(class, false, ctx.len());
     send(ctx, settings, class)
+}
+
+/// Which address and port of the packet a rewrite replaces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Source,
+    Destination,
+}
+
+/// Replaces an IPv4 TCP or UDP packet's source or destination address and
+/// port (the packet right after the link header, without options), fixing
+/// both checksums; false when the kernel refused a step.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, proto: u8, field: Field, old: ([u8; 4], u16), new: ([u8; 4], u16)) -> bool {
+    let csum = if proto == TCP { L4 + 16 } else { L4 + 6 };
+    // A UDP checksum of 0 means "none" and must stay 0.
+    let mangled_zero = if proto == UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let (old_addr, new_addr) = (u32::from_ne_bytes(old.0) as u64, u32::from_ne_bytes(new.0) as u64);
+    let (old_port, new_port) = (u16::to_be(old.1) as u64, u16::to_be(new.1) as u64);
+    let (addr_at, port_at) = match field {
+        Field::Source => (ETH_HLEN + 12, L4),
+        Field::Destination => (ETH_HLEN + 16, L4 + 2),
+    };
+    ctx.l4_csum_replace(
+        csum,
+        old_addr,
+        new_addr,
+        BPF_F_PSEUDO_HDR as u64 | mangled_zero | 4,
+    )
+    .is_ok()
+        && ctx
+            .l4_csum_replace(csum, old_port, new_port, mangled_zero | 2)
+            .is_ok()
+        && ctx.l3_csum_replace(ETH_HLEN + 10, old_addr, new_addr, 4).is_ok()
+        && ctx.store(addr_at, &new.0, 0).is_ok()
+        && ctx.store(port_at, &new.1.to_be_bytes(), 0).is_ok()
 }
 
 /// Whether a transport checksum holds only its pseudo-header's sum, as a

@@ -1103,22 +1103,7 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
             &net,
             &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
         );
-        let script = format!(
-            "import socket,threading,hashlib,random\n\
-             data=random.Random(7).randbytes({MB}<<20)\n\
-             c=socket.create_connection(('{SERVER_V4}',7200),timeout=20)\n\
-             threading.Thread(target=lambda:(c.sendall(data),c.shutdown(socket.SHUT_WR)),daemon=True).start()\n\
-             h=hashlib.sha256();got=0\n\
-             while (d:=c.recv(1<<16)): h.update(d);got+=len(d)\n\
-             print(got, h.hexdigest()==hashlib.sha256(data).hexdigest())\n"
-        );
-        let output = net.client.output(&["python3", "-c", &script]);
-        assert_eq!(
-            String::from_utf8_lossy(&output.stdout).trim(),
-            format!("{} True", MB << 20),
-            "shim {shim}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        echo_bulk(&net, MB, &format!("shim {shim}"));
         let status = json(&daemon, &net, &["status", "--json"]);
         let classifier = &status["classifier"];
         let count = |field: &str| classifier[field].as_u64().unwrap();
@@ -1170,8 +1155,8 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
     }
 }
 
-/// A bulk TCP echo through the exit: `MB` each way, every byte hashed.
-fn echo_bulk(net: &Topology, mb: usize) {
+/// A bulk TCP echo through the exit: `mb` MB each way, every byte hashed.
+fn echo_bulk(net: &Topology, mb: usize, what: &str) {
     let script = format!(
         "import socket,threading,hashlib,random\n\
          data=random.Random(7).randbytes({mb}<<20)\n\
@@ -1185,7 +1170,7 @@ fn echo_bulk(net: &Topology, mb: usize) {
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         format!("{} True", mb << 20),
-        "{}",
+        "{what}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -1230,7 +1215,7 @@ fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
             &net,
             &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
         );
-        echo_bulk(&net, MB);
+        echo_bulk(&net, MB, &what);
         let stats = exit_stats(&net);
         let fast = &stats["fast_path"];
         let user_space = &stats["clients"][format!("{CLIENT_V4}:7400")];

@@ -142,11 +142,12 @@ impl Exit {
     }
 
     /// The kernel's flows whose mappings would expire at `now` by what
-    /// the user-space path saw: the caller asks the kernel when each last
+    /// the user-space path saw (`all`: every one, as before the state is
+    /// saved for the last time): the caller asks the kernel when each last
     /// carried a packet (`fast_seen`) before `upkeep` ages them.
-    pub fn fast_due(&self, now: Instant, into: &mut Vec<(Inside, FastEntry)>) {
+    pub fn fast_due(&self, now: Instant, all: bool, into: &mut Vec<(Inside, FastEntry)>) {
         if let Some(fast) = &self.fast {
-            let due = fast.all().filter(|inside| self.nat.due(inside, now));
+            let due = fast.all().filter(|inside| all || self.nat.due(inside, now));
             into.extend(fast.held(due));
         }
     }
@@ -469,7 +470,7 @@ mod tests {
         // kernel saw it; it did, so upkeep keeps it.
         let later = t0 + std::time::Duration::from_secs(150);
         let mut due = Vec::new();
-        exit.fast_due(later, &mut due);
+        exit.fast_due(later, false, &mut due);
         assert_eq!(due.len(), 1);
         let (inside, _) = due[0];
         exit.fast_seen(&inside, later - std::time::Duration::from_secs(5));

@@ -108,7 +108,7 @@ impl FastPath {
             .token
             .clone()
             .unwrap_or_default();
-        if token.len() > MAX_EXIT_TOKEN || token.len() > self.shim_len && !token.is_empty() {
+        if token.len() > MAX_EXIT_TOKEN || token.len() > self.shim_len {
             return None;
         }
         let public = self.public_v4.octets();

@@ -429,11 +429,12 @@ fn upkeep(
         let now = Instant::now();
         // Flows the kernel carries age by the kernel's clock too: asked
         // outside the lock, for the few the user-space path alone would
-        // expire now.
+        // expire now (for all of them before the last save, so the state
+        // file holds how long each was really idle).
         if let Some(fast) = fast {
             core.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .fast_due(now, &mut due);
+                .fast_due(now, stopping, &mut due);
             if !due.is_empty() {
                 let seen: Vec<_> = {
                     let maps = fast.maps.lock().unwrap_or_else(|e| e.into_inner());
