@@ -229,6 +229,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu,
         _pad2: [0; 6],
     };
+    // Removed when run returns, whether the exit stops or fails to start.
+    let _shaper = match args.uplink_rate {
+        Some(_) => Some(qdisc::Shaper::new(&args.uplink)),
+        None => None,
+    };
     if let Some(rate) = args.uplink_rate {
         qdisc::install(&args.uplink, rate, args.classes)
             .map_err(|e| anyhow::anyhow!("the priority classes on {}: {e}", args.uplink))?;
@@ -490,9 +495,6 @@ fn upkeep(
             last_log = Instant::now();
         }
         if stopping {
-            if args.uplink_rate.is_some() {
-                qdisc::remove(&args.uplink);
-            }
             // The steering stays pinned: replies wait for the next exit.
             tracing::info!(flows = stats.nat_flows, "stopping: the NAT state is saved");
             return Ok(());

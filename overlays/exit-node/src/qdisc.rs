@@ -97,11 +97,25 @@ pub fn install(uplink: &str, rate: u64, classes: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes it (the uplink's default qdisc comes back).
-pub fn remove(uplink: &str) {
-    let _ = Command::new("tc")
-        .args(["qdisc", "del", "dev", uplink, "root", "handle", "1:", "htb"])
-        .output();
+/// Removes the qdisc when dropped (the uplink's default qdisc comes back).
+pub struct Shaper {
+    uplink: String,
+}
+
+impl Shaper {
+    pub fn new(uplink: &str) -> Shaper {
+        Shaper {
+            uplink: uplink.to_string(),
+        }
+    }
+}
+
+impl Drop for Shaper {
+    fn drop(&mut self) {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", &self.uplink, "root", "handle", "1:", "htb"])
+            .output();
+    }
 }
 
 #[cfg(test)]
