@@ -125,6 +125,10 @@ struct Samples {
     /// CPU of the carrier's own processes (broker and exit node, or the two
     /// wireguard-go), percent of one core, during the upload.
     carrier_cpu: Vec<f64>,
+    /// The whole host's busy CPU (every process, interrupts and softirqs,
+    /// from /proc/stat), percent of one core, during the upload: what a
+    /// carrier in the kernel costs shows only here.
+    host_cpu: Vec<f64>,
     rtt_p50_us: Vec<f64>,
     rtt_p99_us: Vec<f64>,
     /// Nanoseconds per run of each kernel program, as the kernel counts.
@@ -498,11 +502,16 @@ fn measure(
         .map(|d| program_stats(d, net, overlay))
         .unwrap_or_default();
     let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+    let host_before = host_busy_ticks();
     let upload = iperf(net, &target, seconds, false)?;
+    let host_ticks = host_busy_ticks().saturating_sub(host_before);
     let ticks: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
     samples
         .carrier_cpu
         .push(100.0 * ticks as f64 / (ticks_per_second() * f64::from(seconds)));
+    samples
+        .host_cpu
+        .push(100.0 * host_ticks as f64 / (ticks_per_second() * f64::from(seconds)));
     let download = iperf(net, &target, seconds, true)?;
     let (p50, p99) = sockperf_rtt(net, &target, seconds)?;
     eprintln!(
@@ -700,7 +709,7 @@ fn sockperf_rtt(net: &Topology, target: &str, seconds: u32) -> anyhow::Result<(f
 }
 
 fn figures(samples: &mut [Samples]) -> Vec<Figure> {
-    let medians: Vec<[f64; 5]> = samples
+    let medians: Vec<[f64; 6]> = samples
         .iter_mut()
         .map(|s| {
             [
@@ -709,6 +718,7 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 median(&mut s.carrier_cpu),
                 median(&mut s.rtt_p50_us),
                 median(&mut s.rtt_p99_us),
+                median(&mut s.host_cpu),
             ]
         })
         .collect();
@@ -721,7 +731,7 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         if !measured(*scenario) {
             continue;
         }
-        let [upload, download, cpu, p50, p99] = medians[i];
+        let [upload, download, cpu, p50, p99, host] = medians[i];
         let (lo, hi) = spread(&samples[i].upload_bps);
         let mut push = |metric: &str, value: f64, unit: &str, against: Option<(Scenario, f64)>| {
             out.push(Figure {
@@ -749,6 +759,12 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 None,
             );
         }
+        push(
+            "host_cpu_per_gbit",
+            host / upload,
+            "% of one core per Gbit/s",
+            vs_base(base[5] / base[0]),
+        );
         push("udp_rtt_p50", p50, "us", vs_base(base[3]));
         push("udp_rtt_p99", p99, "us", vs_base(base[4]));
         if compared {
@@ -777,6 +793,12 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
             push("tcp_upload_throughput", upload, "Gbit/s", vs(theirs[0]));
             push("tcp_download_throughput", download, "Gbit/s", vs(theirs[1]));
             push("udp_rtt_p50_added", p50 - base[3], "us", vs(theirs[3] - base[3]));
+            push(
+                "host_cpu_per_gbit",
+                host / upload,
+                "% of one core per Gbit/s",
+                vs(theirs[5] / theirs[0]),
+            );
         };
         if *scenario == Scenario::OverlayFast && measured(Scenario::OverlayExit) {
             against(Scenario::OverlayExit);
@@ -806,6 +828,28 @@ fn spread(values: &[f64]) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(*v), hi.max(*v))
         })
+}
+
+/// The host's busy time over all CPUs, in clock ticks: every field of
+/// /proc/stat's `cpu` line but idle and iowait.
+fn host_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user)
+    fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// utime + stime of a process, in clock ticks.
