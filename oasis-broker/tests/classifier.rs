@@ -937,8 +937,22 @@ fn the_object_matches_the_shared_table() {
             Map::RingBuf(d) => (MapKind::RingBuf, d),
             other => panic!("map {name} has an unexpected type: {other:?}"),
         };
-        assert_eq!(kind, def.kind, "{name}");
-        assert_eq!(data.info().unwrap().max_entries(), def.max_entries, "{name}");
+        let info = data.info().unwrap();
+        let sparse = info.map_flags() & 1 != 0; // BPF_F_NO_PREALLOC
+        let declared = match def.kind {
+            MapKind::SparseHashMap => MapKind::HashMap,
+            other => other,
+        };
+        assert_eq!(kind, declared, "{name}");
+        // (LPM tries are never preallocated; only hash maps choose.)
+        if declared == MapKind::HashMap {
+            assert_eq!(
+                sparse,
+                def.kind == MapKind::SparseHashMap,
+                "{name}: allocated as added"
+            );
+        }
+        assert_eq!(info.max_entries(), def.max_entries, "{name}");
         found += 1;
     }
     assert_eq!(found, ALL.len(), "every map of the table is in the object");

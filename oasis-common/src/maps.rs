@@ -10,6 +10,11 @@
 pub enum MapKind {
     Array,
     HashMap,
+    /// A hash map whose entries are allocated as they are added
+    /// (`BPF_F_NO_PREALLOC`): for tables only some users of the object
+    /// fill (the exit node's), which would otherwise cost every loader
+    /// their full size in kernel memory.
+    SparseHashMap,
     LruHashMap,
     LpmTrie,
     PerCpuArray,
@@ -23,7 +28,7 @@ impl MapKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             MapKind::Array => "array",
-            MapKind::HashMap => "hash",
+            MapKind::HashMap | MapKind::SparseHashMap => "hash",
             MapKind::LruHashMap => "lru_hash",
             MapKind::LpmTrie => "lpm_trie",
             MapKind::PerCpuArray => "percpu_array",
@@ -122,9 +127,9 @@ macro_rules! kernel_maps {
             EXIT_SETTINGS, "OASIS_EXIT_SETTINGS", Array<$crate::ExitSettings>, 1;
             /// The exit's fast path (`exit_fast`): a client's flow as its
             /// datagrams arrive → the NAT source it leaves from.
-            EXIT_OUT, "OASIS_EXIT_OUT", HashMap<$crate::ExitFlowKey, $crate::ExitOut>, $crate::EXIT_FAST_FLOWS;
+            EXIT_OUT, "OASIS_EXIT_OUT", SparseHashMap<$crate::ExitFlowKey, $crate::ExitOut>, $crate::EXIT_FAST_FLOWS;
             /// A reply as it arrives → the client it goes back to.
-            EXIT_BACK, "OASIS_EXIT_BACK", HashMap<$crate::FlowKey, $crate::ExitBack>, $crate::EXIT_FAST_FLOWS;
+            EXIT_BACK, "OASIS_EXIT_BACK", SparseHashMap<$crate::FlowKey, $crate::ExitBack>, $crate::EXIT_FAST_FLOWS;
             /// Packets and bytes the kernel carried, per class and way.
             EXIT_FAST_COUNTS, "OASIS_EXIT_FAST_COUNTS", PerCpuArray<$crate::ExitFastCounts>, $crate::EXIT_FAST_CLASSES;
             /// Packets of carried flows left to user space, by reason

@@ -18,6 +18,12 @@ macro_rules! declare_one {
         #[map(name = $name)]
         pub(crate) static $id: RingBuf = RingBuf::with_byte_size($size, 0);
     };
+    ($(#[$doc:meta])* $id:ident, $name:tt, SparseHashMap<$key:ty, $value:ty>, $size:expr) => {
+        $(#[$doc])*
+        #[map(name = $name)]
+        pub(crate) static $id: HashMap<$key, $value> =
+            HashMap::with_max_entries($size, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    };
     ($(#[$doc:meta])* $id:ident, $name:tt, $kind:ident<$($arg:ty),+>, $size:expr) => {
         $(#[$doc])*
         #[map(name = $name)]
