@@ -39,7 +39,7 @@ pub(crate) const OUTER_V4: usize = 20;
 pub(crate) const UDP_HLEN: usize = 8;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the shim counts as the tunnel's own
 /// header, copied onto every segment.
-pub(crate) const ENCAP_L2_SHIFT: u64 = 56;
+const ENCAP_L2_SHIFT: u64 = 56;
 /// Refresh an entry's timestamp at most this often.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
@@ -116,11 +116,7 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
         return Fast::Broker;
     }
 
-    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
-        | BPF_F_ADJ_ROOM_FIXED_GSO as u64
-        | ((shim_len as u64) << ENCAP_L2_SHIFT);
-    if ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if !wrap_room(ctx, shim_len) {
         bump(stat::FAST_NO_ROOM);
         return Fast::Broker;
     }
@@ -155,6 +151,20 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
     // SAFETY: plain helper call; no next-hop parameters given.
     let action = unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, core::ptr::null_mut(), 0, 0) };
     Fast::Redirect(action as i32)
+}
+
+/// Makes room after the link header for the outer IPv4 and UDP headers
+/// and a shim of `shim_len`, marked as a UDP tunnel's (the shim as its own
+/// header) so that each segment of a GSO packet gets them, with the MSS
+/// kept (FIXED_GSO).
+#[inline(always)]
+pub(crate) fn wrap_room(ctx: &TcContext, shim_len: usize) -> bool {
+    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+        | BPF_F_ADJ_ROOM_FIXED_GSO as u64
+        | ((shim_len as u64) << ENCAP_L2_SHIFT);
+    let overhead = (OUTER_V4 + UDP_HLEN + shim_len) as i32;
+    ctx.adjust_room(overhead, BPF_ADJ_ROOM_MAC, flags).is_ok()
 }
 
 /// The outer IPv4 and UDP headers of a datagram of `total` bytes (outer

@@ -17,10 +17,7 @@
 //! IPv4 TCP and UDP.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::generated::{bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -29,7 +26,7 @@ use oasis_common::{
     proto::{TCP, UDP},
 };
 
-use crate::encap::{ENCAP_L2_SHIFT, OUTER_V4, UDP_HLEN, outer_v4, store_shim};
+use crate::encap::{OUTER_V4, UDP_HLEN, outer_v4, store_shim, wrap_room};
 use crate::headers::{ETH_HLEN, ETH_P_IP, read};
 use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
 
@@ -231,11 +228,7 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     if !rewritten {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
-        | BPF_F_ADJ_ROOM_FIXED_GSO as u64
-        | ((shim_len as u64) << ENCAP_L2_SHIFT);
-    if ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if !wrap_room(ctx, shim_len) {
         // Rewritten for the client but not wrapped: useless to anyone.
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);

@@ -1087,17 +1087,7 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
     for shim in [0usize, 16, 64] {
         let mut net = Topology::new();
         net.start_echo_server(7200);
-        net.start_exit(&["--client", CLIENT_V4, "--shim-len", &shim.to_string()]);
-        net.publish(
-            "x.xml",
-            &format!(
-                r#"<overlay name="x"><shim length="{shim}"/><entry host="10.77.3.2" port="7400"/></overlay>"#
-            ),
-        );
-        net.links_like_nics(true);
-        let base = net.start_spec_server();
-        let daemon = Daemon::start(&mut net, "overlay_fast_path: true\n");
-        cli_ok(&daemon, &net, &["overlay", "add", "x", &format!("{base}/x.xml")]);
+        let daemon = fast_overlay(&mut net, CLIENT_V4, shim, true, None);
         cli_ok(
             &daemon,
             &net,
@@ -1155,6 +1145,37 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
     }
 }
 
+/// An exit node serving the client (`--client CLIENT`) with a shim of
+/// `shim` bytes, its overlay `x` joined by a daemon with the client's fast
+/// path `client_fast`, over links that behave as NICs do; `token`: the
+/// shim the daemon sends starts with it (zeros after).
+fn fast_overlay(
+    net: &mut Topology,
+    client: &str,
+    shim: usize,
+    client_fast: bool,
+    token: Option<&str>,
+) -> Daemon {
+    net.start_exit(&["--client", client, "--shim-len", &shim.to_string()]);
+    net.publish(
+        "x.xml",
+        &format!(
+            r#"<overlay name="x"><shim length="{shim}"/><entry host="10.77.3.2" port="7400"/></overlay>"#
+        ),
+    );
+    net.links_like_nics(true);
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(net, &format!("overlay_fast_path: {client_fast}\n"));
+    let url = format!("{base}/x.xml");
+    let mut add = vec!["overlay", "add", "x", &url];
+    let padded = token.map(|t| format!("{t:0<width$}", width = shim * 2));
+    if let Some(padded) = &padded {
+        add.extend(["--token", padded]);
+    }
+    cli_ok(&daemon, net, &add);
+    daemon
+}
+
 /// A bulk TCP echo through the exit: `mb` MB each way, every byte hashed.
 fn echo_bulk(net: &Topology, mb: usize, what: &str) {
     let script = format!(
@@ -1203,23 +1224,7 @@ fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
             Some(token) => format!("{CLIENT_V4},class=2,token={token}"),
             None => format!("{CLIENT_V4},class=2"),
         };
-        net.start_exit(&["--client", &client, "--shim-len", &shim.to_string()]);
-        net.publish(
-            "x.xml",
-            &format!(
-                r#"<overlay name="x"><shim length="{shim}"/><entry host="10.77.3.2" port="7400"/></overlay>"#
-            ),
-        );
-        net.links_like_nics(true);
-        let base = net.start_spec_server();
-        let daemon = Daemon::start(&mut net, &format!("overlay_fast_path: {client_fast}\n"));
-        let url = format!("{base}/x.xml");
-        let mut add = vec!["overlay", "add", "x", &url];
-        let padded = token.map(|t| format!("{t:0<width$}", width = shim * 2));
-        if let Some(padded) = &padded {
-            add.extend(["--token", padded]);
-        }
-        cli_ok(&daemon, &net, &add);
+        let daemon = fast_overlay(&mut net, &client, shim, client_fast, token);
         cli_ok(
             &daemon,
             &net,
