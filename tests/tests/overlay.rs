@@ -1339,3 +1339,91 @@ fn the_higher_class_gets_a_contended_uplink_through_the_fast_path() {
     );
     println!("class 0: {high} bytes, class 3: {low} bytes");
 }
+
+/// RFC 6935/6936 let tunnels send IPv6 UDP with a zero checksum, and IPv6
+/// sockets drop such datagrams unless told otherwise. The broker's overlay
+/// sockets are told; a plain socket beside them shows what would happen.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn ipv6_overlay_sockets_take_datagrams_with_a_zero_udp_checksum() {
+    use oasis_broker::platform::DatagramSocket;
+    use oasis_broker::platform::linux::socket::UdpSocket as OverlaySocket;
+    use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+
+    let lone = oasis_tests::LoneNetns::new("csum0");
+    let net = lone.ns.name.clone();
+    std::thread::spawn(move || {
+        lone.enter();
+        let overlay = OverlaySocket::open(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), 0, false).unwrap();
+        let overlay_port = overlay.local_addr().unwrap().port();
+        let plain = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
+        plain.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let plain_port = plain.local_addr().unwrap().port();
+
+        // SAFETY: plain socket calls on a descriptor this thread owns.
+        let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_UDP) };
+        assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let send_zero_checksum = |port: u16, payload: &[u8]| {
+            let mut datagram = Vec::new();
+            datagram.extend_from_slice(&4242u16.to_be_bytes());
+            datagram.extend_from_slice(&port.to_be_bytes());
+            datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            datagram.extend_from_slice(&[0, 0]);
+            datagram.extend_from_slice(payload);
+            // SAFETY: a zeroed sockaddr_in6 filled in below.
+            let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            to.sin6_family = libc::AF_INET6 as u16;
+            to.sin6_addr.s6_addr = Ipv6Addr::LOCALHOST.octets();
+            // SAFETY: the buffer and address live across the call.
+            let sent = unsafe {
+                libc::sendto(
+                    raw,
+                    datagram.as_ptr().cast(),
+                    datagram.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                datagram.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        };
+
+        send_zero_checksum(plain_port, b"zero to plain");
+        send_zero_checksum(overlay_port, b"zero to overlay");
+        // A checksummed datagram after the zero one: the plain socket's first
+        // datagram is this one if, and only if, the kernel dropped the other.
+        UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))
+            .unwrap()
+            .send_to(b"checksummed", (Ipv6Addr::LOCALHOST, plain_port))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = plain.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"checksummed",
+            "a plain IPv6 socket took a zero checksum"
+        );
+
+        let mut scratch = Default::default();
+        let mut bufs = vec![vec![0u8; 2048]];
+        let mut out = vec![Default::default()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = 0;
+        while got == 0 && Instant::now() < deadline {
+            got = overlay
+                .recv(&mut scratch, &mut bufs, &mut out, Duration::from_millis(200))
+                .unwrap();
+        }
+        assert_eq!(got, 1, "the overlay socket dropped a zero-checksum datagram");
+        assert_eq!(&bufs[0][..out[0].len], b"zero to overlay");
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(raw) };
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("in {net}"));
+}

@@ -262,6 +262,8 @@ fn outside_socket(mark: u32) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_only_v6(false)?;
     #[cfg(target_os = "linux")]
+    oasis_io::linux::mmsg::accept_zero_udp_checksum_v6(&socket)?;
+    #[cfg(target_os = "linux")]
     if mark != 0 {
         socket.set_mark(mark)?;
     }

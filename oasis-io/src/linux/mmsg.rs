@@ -22,6 +22,7 @@ pub use crate::datagram::{Received, datagrams};
 /// buffer of equal-size datagrams in one call, and receive coalesced ones.
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
+const UDP_NO_CHECK6_RX: libc::c_int = 102;
 /// Most datagrams one UDP_SEGMENT send may carry (UDP_MAX_SEGMENTS).
 const MAX_SEGMENTS: usize = 64;
 /// Most payload one UDP_SEGMENT send may carry.
@@ -345,17 +346,22 @@ impl Drop for GsoBatch<'_, '_> {
     }
 }
 
-/// Asks the kernel to hand this socket coalesced datagrams: a buffer of
-/// equal-size datagrams from one sender, with their size in a control
-/// message ([`Receiver::recv`] reports it).
-pub fn enable_udp_gro(socket: &Socket) -> io::Result<()> {
+/// Lets an IPv6 UDP socket take datagrams whose UDP checksum is zero.
+/// RFC 6935/6936 allow it for tunnels, where the inner packet carries its
+/// own checksums; peers and kernel encapsulators send them, and IPv6
+/// sockets drop them otherwise.
+pub fn accept_zero_udp_checksum_v6(socket: &Socket) -> io::Result<()> {
+    set_udp_option(socket, UDP_NO_CHECK6_RX)
+}
+
+fn set_udp_option(socket: &Socket, option: libc::c_int) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: a plain setsockopt with an int.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_UDP,
-            UDP_GRO,
+            option,
             &on as *const _ as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as u32,
         )
@@ -365,6 +371,13 @@ pub fn enable_udp_gro(socket: &Socket) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Asks the kernel to hand this socket coalesced datagrams: a buffer of
+/// equal-size datagrams from one sender, with their size in a control
+/// message ([`Receiver::recv`] reports it).
+pub fn enable_udp_gro(socket: &Socket) -> io::Result<()> {
+    set_udp_option(socket, UDP_GRO)
 }
 
 /// Reusable vectors for `recvmmsg`.

@@ -399,6 +399,7 @@ fn client_sockets(listen: &[SocketAddr]) -> anyhow::Result<Vec<Arc<socket2::Sock
         let socket = socket2::Socket::new(socket2::Domain::for_address(*listen), socket2::Type::DGRAM, None)?;
         if listen.is_ipv6() {
             socket.set_only_v6(true)?;
+            oasis_io::linux::mmsg::accept_zero_udp_checksum_v6(&socket)?;
         }
         socket.set_recv_buffer_size(8 << 20)?;
         socket.set_send_buffer_size(8 << 20)?;

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use oasis_io::linux::mmsg::{GsoDatagrams, Receiver, enable_udp_gro};
+use oasis_io::linux::mmsg::{GsoDatagrams, Receiver, accept_zero_udp_checksum_v6, enable_udp_gro};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::platform::{DatagramSocket, Received};
@@ -28,6 +28,7 @@ impl UdpSocket {
         let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if domain == Domain::IPV6 {
             socket.set_only_v6(true)?;
+            accept_zero_udp_checksum_v6(&socket)?;
         }
         socket.set_mark(bypass_mark)?;
         socket.set_recv_buffer_size(8 << 20)?;
