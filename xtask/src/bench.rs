@@ -45,6 +45,7 @@ use anyhow::bail;
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 
 use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, median, program_stats, write_figures};
+use crate::bench_paths::{Carried, Profile, paced_upload, wait_for_exit_stats};
 
 const SOCKPERF_PORT: u16 = 11111;
 const WG_PORT: u16 = 7600;
@@ -133,6 +134,12 @@ struct Samples {
     rtt_p99_us: Vec<f64>,
     /// Nanoseconds per run of each kernel program, as the kernel counts.
     kernel_ns: std::collections::BTreeMap<String, Vec<f64>>,
+    /// The share (percent) of each carrier's packets its kernel carried,
+    /// over the whole measurement (see `bench_paths::Carried`).
+    kernel_share: std::collections::BTreeMap<&'static str, Vec<f64>>,
+    /// The carrier's processes' CPU during an upload paced to 10 Mbit/s,
+    /// percent of one core.
+    carrier_cpu_10mbit: Vec<f64>,
     /// The Monitor's probe bytes per second, per carrier, in steady state.
     probe_bytes: std::collections::BTreeMap<String, Vec<f64>>,
 }
@@ -182,7 +189,13 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) -> anyhow::Result<()> {
+pub fn run(
+    seconds: u32,
+    repeat: u32,
+    only: Option<Part>,
+    scenarios: &[String],
+    profile: bool,
+) -> anyhow::Result<()> {
     for name in scenarios {
         if !SCENARIOS.iter().any(|s| s.name() == name) {
             let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name()).collect();
@@ -204,6 +217,9 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) 
     if only == Some(Part::Classifier) {
         let figures = crate::bench_classifier::run(repeat)?;
         return write_figures(&figures);
+    }
+    if profile {
+        crate::setup::ensure_optional("perf", "linux-perf")?;
     }
     let oasis = crate::build_oasis(true)?;
     // SAFETY: xtask is single-threaded at this point.
@@ -254,7 +270,15 @@ pub fn run(seconds: u32, repeat: u32, only: Option<Part>, scenarios: &[String]) 
                 round + 1,
                 scenario.name()
             );
-            if let Err(e) = measure(&mut net, scenario, &spec_url, seconds, &mut samples[index]) {
+            let profile = profile && round == 0;
+            if let Err(e) = measure(
+                &mut net,
+                scenario,
+                &spec_url,
+                seconds,
+                profile,
+                &mut samples[index],
+            ) {
                 // What the carriers said last is what explains a failure.
                 for name in ["oasis", "oasis-exit"] {
                     let Some(process) = net.find_process(name) else {
@@ -441,6 +465,7 @@ fn measure(
     scenario: Scenario,
     spec_url: &str,
     seconds: u32,
+    profile: bool,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
     // The overlays over links that behave as NICs do (see
@@ -501,6 +526,7 @@ fn measure(
         .as_ref()
         .map(|d| program_stats(d, net, overlay))
         .unwrap_or_default();
+    let carried_before = daemon.as_ref().filter(|_| overlay).map(|d| Carried::read(net, d));
     let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
     let host_before = host_busy_ticks();
     let upload = iperf(net, &target, seconds, false)?;
@@ -523,6 +549,32 @@ fn measure(
     samples.download_bps.push(download);
     samples.rtt_p50_us.push(p50);
     samples.rtt_p99_us.push(p99);
+    if let (Some(before), Some(daemon)) = (carried_before, &daemon) {
+        wait_for_exit_stats(net);
+        for (name, share) in Carried::read(net, daemon).shares_since(before) {
+            samples.kernel_share.entry(name).or_default().push(share);
+        }
+    }
+    if !carrier_pids.is_empty() {
+        // The paper's figure: a carrier's CPU at a rate an ordinary user
+        // uploads at, long enough for the 10 ms ticks to mean something.
+        let paced = seconds.max(5);
+        let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
+        paced_upload(net, &target, paced, "10M")?;
+        let ticks = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
+        samples
+            .carrier_cpu_10mbit
+            .push(100.0 * ticks as f64 / (ticks_per_second() * f64::from(paced)));
+    }
+    if profile {
+        // Extra runs, not measured: perf costs CPU of its own.
+        for reverse in [false, true] {
+            let name = format!("{}-{}", scenario.name(), if reverse { "down" } else { "up" });
+            let recording = Profile::start(&crate::workspace_root().join("target/bench"), &name, seconds)?;
+            iperf(net, &target, seconds, reverse)?;
+            eprintln!("bench:   profile: {}", recording.finish()?.display());
+        }
+    }
 
     if scenario == Scenario::KernelVxlan {
         net.client
@@ -775,6 +827,17 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
                 &format!("kernel_ns_per_run {program}"),
                 median(values),
                 "ns",
+                None,
+            );
+        }
+        for (name, values) in samples[i].kernel_share.iter_mut() {
+            push(name, median(values), "% of the carrier's traffic", None);
+        }
+        if !samples[i].carrier_cpu_10mbit.is_empty() {
+            push(
+                "carrier_cpu_at_10mbit",
+                median(&mut samples[i].carrier_cpu_10mbit),
+                "% of one core",
                 None,
             );
         }

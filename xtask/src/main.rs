@@ -4,6 +4,7 @@ mod bench;
 mod bench_classifier;
 mod bench_common;
 mod bench_dns;
+mod bench_paths;
 mod bench_scale;
 mod demo;
 mod flowgen;
@@ -64,6 +65,11 @@ enum Task {
         /// path, e.g. `--only traffic --scenario overlay-exit`.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
+        /// Also profile each traffic scenario's upload and download once
+        /// (extra runs, not measured) with `perf record -a`: the symbols
+        /// that cost most go to target/bench/profile-SCENARIO-DIR.txt.
+        #[arg(long)]
+        profile: bool,
     },
     /// Run Oasis under a steady mixed load (flows, DNS, rule churn, overlay
     /// join and leave, exit and daemon restarts) for a long while and fail
@@ -100,7 +106,8 @@ fn main() {
             repeat,
             only,
             scenarios,
-        } => bench::run(seconds, repeat, only, &scenarios),
+            profile,
+        } => bench::run(seconds, repeat, only, &scenarios, profile),
         Task::Soak { minutes } => soak::run(minutes),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Flowgen(args) => flowgen::run(args),

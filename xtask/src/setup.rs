@@ -194,7 +194,21 @@ fn missing_tools() -> Vec<&'static str> {
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {
-    let packages = missing_tools();
+    apt_install(&missing_tools())
+}
+
+/// A tool only some tasks need (`perf` for `bench --profile`): installed
+/// the first time one asks for it, not by every setup.
+pub fn ensure_optional(tool: &str, package: &str) -> anyhow::Result<()> {
+    if on_path(tool) {
+        return Ok(());
+    }
+    println!("setup: missing  {tool} ({package}): installing");
+    apt_install(&[package])
+        .with_context(|| format!("{tool} is needed here; install the Debian package {package}"))
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     if !on_path("apt-get") {
         bail!(
             "no apt-get on this machine; install these packages yourself: {}",
@@ -206,7 +220,7 @@ fn install_debian_packages() -> anyhow::Result<()> {
     }
     run_loud("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(&packages);
+    args.extend(packages);
     let status = Command::new("apt-get")
         .args(&args)
         .env("DEBIAN_FRONTEND", "noninteractive")
