@@ -912,6 +912,94 @@ fn an_overlay_flow_the_broker_leaves_to_the_kernel_is_wrapped_and_opened_there()
     assert_eq!(dp.counters().decap_packets, opened);
 }
 
+/// The same with an entry node on IPv6: outer IPv6 and UDP (checksum
+/// zero, which our overlay sockets accept), and datagrams from it opened
+/// whichever family the packet inside has.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn a_flow_to_an_ipv6_entry_node_is_wrapped_and_opened_in_ipv6() {
+    use oasis_broker::engine::Encapsulation;
+    use std::net::Ipv6Addr;
+    let set = rules(&[spec(Some("tcp"), None, Some("80"), None)]);
+    let mut dp = datapath_with_overlay_port(set.rules());
+    let mut encap = dp.take_encap().expect("the encapsulation table");
+    let entry6 = Ipv6Addr::LOCALHOST;
+    let how = Encapsulation::new((entry6, 7400).into(), 1, 1500, &[9; 8]).unwrap();
+    encap.install(&v4_key(SERVER, 6, 40000, 80), &how).unwrap();
+
+    let packet = tcp4(SERVER, 40000, 80, false);
+    let (verdict, out) = run_out(dp.program(EGRESS_PROGRAM).unwrap(), &packet);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), packet.len() + 40 + 8 + 8);
+    let outer = etherparse::Ipv6HeaderSlice::from_slice(&out[14..])
+        .unwrap()
+        .to_header();
+    assert_eq!(
+        (outer.source, outer.destination),
+        (entry6.octets(), entry6.octets())
+    );
+    assert_eq!(outer.next_header, etherparse::IpNumber::UDP);
+    assert_eq!(usize::from(outer.payload_length), out.len() - 14 - 40);
+    let udp = etherparse::UdpHeaderSlice::from_slice(&out[54..]).unwrap();
+    assert_eq!((udp.source_port(), udp.destination_port()), (7400, 7400));
+    assert_eq!(usize::from(udp.length()), out.len() - 54);
+    assert_eq!(udp.checksum(), 0, "zero, as RFC 6935 allows tunnels");
+    assert_eq!(&out[62..70], &[9; 8], "the shim");
+    assert_eq!(&out[70..], &packet[14..], "the packet itself untouched");
+
+    // Back: an IPv4 packet in an IPv6 datagram comes out as IPv4, with the
+    // link header saying so.
+    let datagram = |inner: &[u8]| {
+        let mut payload = vec![9u8; 8];
+        payload.extend_from_slice(inner);
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([4; 6], [2; 6])
+            .ipv6(entry6.octets(), CLIENT6, 64)
+            .udp(7400, 7400)
+            .write(&mut out, &payload)
+            .unwrap();
+        out
+    };
+    let mut inner = Vec::new();
+    PacketBuilder::ipv4(SERVER, CLIENT, 64)
+        .tcp(80, 40000, 7, 64000)
+        .ack(2)
+        .write(&mut inner, b"response body")
+        .unwrap();
+    let (verdict, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(&inner));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[12..14], &[0x08, 0x00], "the link header says IPv4");
+    assert_eq!(&out[14..], &inner[..]);
+    assert_eq!(checked(&out), (SERVER.into(), CLIENT.into(), 80, 40000));
+
+    // IPv6 in IPv6: the family stays.
+    let flow6 = FlowKey {
+        src: CLIENT6,
+        dst: SERVER6,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        family: oasis_common::FAMILY_V6,
+        _pad: [0; 2],
+    };
+    encap.install(&flow6, &how).unwrap();
+    let mut inner6 = Vec::new();
+    PacketBuilder::ipv6(SERVER6, CLIENT6, 64)
+        .tcp(80, 40000, 7, 64000)
+        .ack(2)
+        .write(&mut inner6, b"v6")
+        .unwrap();
+    let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(&inner6));
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!(&out[14..], &inner6[..]);
+    assert_eq!(dp.counters().decap_packets, 2);
+
+    // With the flow gone, its datagrams stay closed.
+    encap.remove(&flow6);
+    let closed = datagram(&inner6);
+    assert_eq!(run_out(dp.program(INGRESS_PROGRAM).unwrap(), &closed).1, closed);
+}
+
 /// The object's maps are the table in oasis-common, name, kind and size,
 /// and its programs are the ones the broker loads by name.
 #[test]

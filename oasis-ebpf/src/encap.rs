@@ -1,7 +1,8 @@
 //! The client's fast path for overlay flows (`oasis_common::encap`).
 //!
 //! Out: a packet of a flow the broker gave an `ENCAP` entry gets the outer
-//! IPv4 and UDP headers and the overlay's shim put before it, with
+//! IP (v4 or v6, as the entry node's address) and UDP headers and the
+//! overlay's shim put before it, with
 //! `bpf_skb_adjust_room`'s UDP-encapsulation flags: a GSO packet stays one
 //! (FIXED_GSO keeps the MSS the broker clamped the flow's SYN to) and each
 //! segment the stack or the device cuts from it carries the outer headers
@@ -17,13 +18,19 @@
 //! MSS clamp both ways), FINs and RSTs (the end of the flow), fragments,
 //! ICMP errors, packets too big for the path once wrapped (the broker
 //! answers "fragmentation needed"), and received aggregates (GRO), which
-//! cannot be opened one datagram at a time here. Outer IPv6 is left to the
-//! broker too, for now.
+//! cannot be opened one datagram at a time here; with outer IPv6, also
+//! datagrams with extension headers.
+//!
+//! The outer UDP checksum is zero for both families (RFC 6935/6936 allow
+//! it for IPv6 tunnels): the segments the kernel cuts from a GSO packet
+//! cannot get one computed here, and the inner packet has its own. Entry
+//! nodes on IPv6 must accept such datagrams (`UDP_NO_CHECK6_RX`; ours do).
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::generated::{bpf_get_prandom_u32, bpf_redirect_neigh, bpf_skb_store_bytes},
     programs::TcContext,
@@ -31,11 +38,12 @@ use aya_ebpf::{
 use oasis_common::{EncapPeer, FAMILY_V4, FAMILY_V6, FlowKey, MAX_FAST_SHIM, Settings, stat};
 
 use crate::classifier::alive;
-use crate::headers::{ETH_HLEN, ETH_P_IPV6};
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use crate::maps::{COUNTERS, ENCAP, ENCAP_PEERS, bump};
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Parsed, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
 pub(crate) const OUTER_V4: usize = 20;
+pub(crate) const OUTER_V6: usize = 40;
 pub(crate) const UDP_HLEN: usize = 8;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the shim counts as the tunnel's own
 /// header, copied onto every segment.
@@ -91,10 +99,12 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
         entry.last_seen_ns = now;
     }
     let shim_len = entry.shim_len as usize;
-    if entry.peer_family != FAMILY_V4 || shim_len > MAX_FAST_SHIM {
+    let v6 = entry.peer_family == FAMILY_V6;
+    if !(v6 || entry.peer_family == FAMILY_V4) || shim_len > MAX_FAST_SHIM {
         return Fast::Broker;
     }
-    let overhead = OUTER_V4 + UDP_HLEN + shim_len;
+    let outer_ip = if v6 { OUTER_V6 } else { OUTER_V4 };
+    let overhead = outer_ip + UDP_HLEN + shim_len;
     let inner_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
     let total = inner_len + overhead;
     if total > 0xffff {
@@ -116,17 +126,27 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
         return Fast::Broker;
     }
 
-    if !wrap_room(ctx, shim_len) {
+    if !wrap_room(ctx, shim_len, v6) {
         bump(stat::FAST_NO_ROOM);
         return Fast::Broker;
     }
     // The link header is the kernel's to write (below); only the outer IP
     // and UDP headers are ours.
-    let source = [entry.source[0], entry.source[1], entry.source[2], entry.source[3]];
-    let peer = [entry.peer[0], entry.peer[1], entry.peer[2], entry.peer[3]];
-    let outer = outer_v4((source, entry.our_port), (peer, entry.peer_port), total);
-    let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
-        && (shim_len == 0 || store_shim(ctx, entry.shim.as_ptr(), shim_len));
+    let headers = if v6 {
+        let outer = outer_v6(
+            (&entry.source, entry.our_port),
+            (&entry.peer, entry.peer_port),
+            total,
+        );
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    } else {
+        let source = [entry.source[0], entry.source[1], entry.source[2], entry.source[3]];
+        let peer = [entry.peer[0], entry.peer[1], entry.peer[2], entry.peer[3]];
+        let outer = outer_v4((source, entry.our_port), (peer, entry.peer_port), total);
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    };
+    let stored = headers
+        && (shim_len == 0 || store_shim(ctx, ETH_HLEN + outer_ip + UDP_HLEN, entry.shim.as_ptr(), shim_len));
     if !stored {
         bump(stat::FAST_NO_ROOM);
         return Fast::Broken;
@@ -153,17 +173,23 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
     Fast::Redirect(action as i32)
 }
 
-/// Makes room after the link header for the outer IPv4 and UDP headers
-/// and a shim of `shim_len`, marked as a UDP tunnel's (the shim as its own
-/// header) so that each segment of a GSO packet gets them, with the MSS
-/// kept (FIXED_GSO).
+/// Makes room after the link header for the outer IP (`v6` or v4) and UDP
+/// headers and a shim of `shim_len`, marked as a UDP tunnel's (the shim as
+/// its own header) so that each segment of a GSO packet gets them, with
+/// the MSS kept (FIXED_GSO). The kernel sets the packet's protocol to the
+/// outer family, which the neighbour output then writes.
 #[inline(always)]
-pub(crate) fn wrap_room(ctx: &TcContext, shim_len: usize) -> bool {
-    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+pub(crate) fn wrap_room(ctx: &TcContext, shim_len: usize, v6: bool) -> bool {
+    let (family, outer_ip) = if v6 {
+        (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 as u64, OUTER_V6)
+    } else {
+        (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64, OUTER_V4)
+    };
+    let flags = family
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
         | BPF_F_ADJ_ROOM_FIXED_GSO as u64
         | ((shim_len as u64) << ENCAP_L2_SHIFT);
-    let overhead = (OUTER_V4 + UDP_HLEN + shim_len) as i32;
+    let overhead = (outer_ip + UDP_HLEN + shim_len) as i32;
     ctx.adjust_room(overhead, BPF_ADJ_ROOM_MAC, flags).is_ok()
 }
 
@@ -196,23 +222,40 @@ pub(crate) fn outer_v4(from: ([u8; 4], u16), to: ([u8; 4], u16), total: usize) -
     outer
 }
 
-/// Writes the shim after the outer headers; `len` 1..=64.
+/// The outer IPv6 and UDP headers of a datagram of `total` bytes (outer
+/// IPv6 header included) from `from` to `to`, the UDP checksum zero (see
+/// the module's notes).
 #[inline(always)]
-pub(crate) fn store_shim(ctx: &TcContext, shim: *const u8, len: usize) -> bool {
+pub(crate) fn outer_v6(
+    from: (&[u8; 16], u16),
+    to: (&[u8; 16], u16),
+    total: usize,
+) -> [u8; OUTER_V6 + UDP_HLEN] {
+    let mut outer = [0u8; OUTER_V6 + UDP_HLEN];
+    let payload = ((total - OUTER_V6) as u16).to_be_bytes();
+    let ip = &mut outer[..OUTER_V6];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&payload);
+    ip[6] = IPPROTO_UDP;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(from.0);
+    ip[24..40].copy_from_slice(to.0);
+    let udp = &mut outer[OUTER_V6..];
+    udp[..2].copy_from_slice(&from.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&to.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&payload);
+    outer
+}
+
+/// Writes the shim at `at` (after the outer headers); `len` 1..=64.
+#[inline(always)]
+pub(crate) fn store_shim(ctx: &TcContext, at: usize, shim: *const u8, len: usize) -> bool {
     if len == 0 || len > MAX_FAST_SHIM {
         return false;
     }
     // SAFETY: `shim` points into a map value at least `MAX_FAST_SHIM`
     // bytes long, and `len` is within 1..=MAX_FAST_SHIM.
-    unsafe {
-        bpf_skb_store_bytes(
-            ctx.skb.skb,
-            (ETH_HLEN + OUTER_V4 + UDP_HLEN) as u32,
-            shim.cast(),
-            len as u32,
-            0,
-        ) == 0
-    }
+    unsafe { bpf_skb_store_bytes(ctx.skb.skb, at as u32, shim.cast(), len as u32, 0) == 0 }
 }
 
 /// The inner headers of each segment of a GSO packet (IP, and TCP with
@@ -251,12 +294,14 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
 #[inline(never)]
 pub fn ingress(ctx: &TcContext, parsed: &Parsed, overlay_port: u16) -> Fast {
     let key = &parsed.key;
+    let outer_v6 = key.family == FAMILY_V6;
+    // Without options or extension headers.
+    let outer_ip = if outer_v6 { OUTER_V6 } else { OUTER_V4 };
     if key.proto != IPPROTO_UDP
         || key.dport != overlay_port
-        || key.family != FAMILY_V4
         || parsed.fragment
         || parsed.first_fragment
-        || parsed.l4_offset != ETH_HLEN + OUTER_V4
+        || parsed.l4_offset != ETH_HLEN + outer_ip
     {
         return Fast::Broker;
     }
@@ -278,7 +323,7 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed, overlay_port: u16) -> Fast {
         bump(stat::FAST_AGGREGATE);
         return Fast::Broker;
     }
-    let inner = ETH_HLEN + OUTER_V4 + UDP_HLEN + shim_len;
+    let inner = ETH_HLEN + outer_ip + UDP_HLEN + shim_len;
     let Some((reply, flags, inner_v6)) = inner_flow(ctx, inner) else {
         return Fast::Broker;
     };
@@ -292,17 +337,21 @@ pub fn ingress(ctx: &TcContext, parsed: &Parsed, overlay_port: u16) -> Fast {
     if !entry.from_peer(&peer) {
         return Fast::Broker;
     }
-    let flags = if inner_v6 {
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
-    } else {
-        0
+    // A change of family is the kernel's to know (the packet's protocol)
+    // and ours to write (the link header's type).
+    let (flags, ethertype) = match (outer_v6, inner_v6) {
+        (false, true) => (BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64, Some(ETH_P_IPV6)),
+        (true, false) => (BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64, Some(ETH_P_IP)),
+        _ => (0, None),
     };
-    let outer = (OUTER_V4 + UDP_HLEN + shim_len) as i32;
+    let outer = (outer_ip + UDP_HLEN + shim_len) as i32;
     if ctx.adjust_room(-outer, BPF_ADJ_ROOM_MAC, flags).is_err() {
         bump(stat::FAST_NO_ROOM);
         return Fast::Broker;
     }
-    if inner_v6 && ctx.store(12, &ETH_P_IPV6.to_be_bytes(), 0).is_err() {
+    if let Some(ethertype) = ethertype
+        && ctx.store(12, &ethertype.to_be_bytes(), 0).is_err()
+    {
         return Fast::Broken;
     }
     bump(stat::DECAP_PACKETS);

@@ -228,7 +228,7 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     if !rewritten {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    if !wrap_room(ctx, shim_len) {
+    if !wrap_room(ctx, shim_len, false) {
         // Rewritten for the client but not wrapped: useless to anyone.
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
@@ -241,7 +241,7 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     // A reply's shim is zeros, as the exit's user-space path sends it.
     let zeros = [0u8; MAX_FAST_SHIM];
     let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
-        && (shim_len == 0 || store_shim(ctx, zeros.as_ptr(), shim_len));
+        && (shim_len == 0 || store_shim(ctx, L4 + UDP_HLEN, zeros.as_ptr(), shim_len));
     if !stored {
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);

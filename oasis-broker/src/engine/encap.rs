@@ -29,12 +29,12 @@ pub struct Encapsulation {
 
 impl Encapsulation {
     /// How the kernel may carry a flow of `overlay` to `to`, if it can:
-    /// straight to an entry node over IPv4 (the kernel writes no outer IPv6
-    /// header yet), with a shim it can write. An overlay whose code module
-    /// or monitor module carries its flows keeps them in user space.
+    /// straight to an entry node (over IPv4 or IPv6), with a shim it can
+    /// write. An overlay whose code module or monitor module carries its
+    /// flows keeps them in user space.
     /// `uplink_mtu`: the uplinks' MTU.
     pub fn of(overlay: &JoinedOverlay, to: SocketAddr, rule: u32, uplink_mtu: u16) -> Option<Encapsulation> {
-        if overlay.monitor || overlay.module.is_some() || !to.is_ipv4() || to.ip().is_loopback() {
+        if overlay.monitor || overlay.module.is_some() || to.ip().is_loopback() {
             return None;
         }
         Encapsulation::new(to, rule, overlay.outer_mtu(uplink_mtu), &overlay.shim)

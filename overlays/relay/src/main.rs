@@ -108,11 +108,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn relay(args: Args, next_hop: SocketAddr) -> anyhow::Result<()> {
-    let listen = Arc::new(
-        UdpSocket::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?,
-    );
+    let listen = UdpSocket::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    // A client's kernel wraps in IPv6 with a zero UDP checksum (RFC 6935).
+    #[cfg(target_os = "linux")]
+    if args.listen.is_ipv6() {
+        oasis_io::linux::mmsg::accept_zero_udp_checksum_v6(&socket2::SockRef::from(&listen))
+            .context("accepting zero UDP checksums")?;
+    }
+    let listen = Arc::new(listen);
     let counters = Arc::new(Counters::default());
     let delay = Duration::from_millis(args.delay_ms);
     let line = delay_line(listen.clone());
