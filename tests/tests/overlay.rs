@@ -1258,25 +1258,68 @@ fn echo_bulk(net: &Topology, mb: usize, what: &str) {
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
-    const MB: usize = 32;
-    // With the client's fast path (no shim, then a 16-byte shim starting
-    // with the client's token), and without it (the broker wraps).
-    // Last, with segmentation offloads off on the client and the server,
-    // so every packet is the size of the wire.
-    for (client_fast, shim, token, offloads) in [
-        (true, 0usize, None, true),
-        (true, 16, Some("a1b2c3d4"), true),
-        (false, 0, None, true),
-        (true, 0, None, false),
+    // With both fast paths a gigabyte each way: with shims of 0, 16 (its
+    // start the client's token) and 64 bytes; with segmentation offloads
+    // off on the client and the server, so every packet is the size of
+    // the wire; and over a path of MTU 1280 between the client and the
+    // router. Then, smaller, with the client's fast path off (the broker
+    // wraps).
+    const GB: usize = 1024;
+    struct Variant {
+        client_fast: bool,
+        shim: usize,
+        token: Option<&'static str>,
+        offloads: bool,
+        mtu: Option<u32>,
+        mb: usize,
+    }
+    let both = |shim, token| Variant {
+        client_fast: true,
+        shim,
+        token,
+        offloads: true,
+        mtu: None,
+        mb: GB,
+    };
+    for Variant {
+        client_fast,
+        shim,
+        token,
+        offloads,
+        mtu,
+        mb,
+    } in [
+        both(0, None),
+        both(16, Some("a1b2c3d4")),
+        both(64, None),
+        Variant {
+            offloads: false,
+            ..both(0, None)
+        },
+        Variant {
+            mtu: Some(1280),
+            ..both(16, None)
+        },
+        Variant {
+            client_fast: false,
+            mb: 32,
+            ..both(0, None)
+        },
     ] {
-        let what =
-            format!("client fast path {client_fast}, shim {shim}, token {token:?}, offloads {offloads}");
+        let what = format!(
+            "client fast path {client_fast}, shim {shim}, token {token:?}, offloads {offloads}, mtu {mtu:?}"
+        );
         let mut net = Topology::new();
         if !offloads {
             net.client
                 .run(&["ethtool", "-K", "c0", "tso", "off", "gso", "off"]);
             net.server
                 .run(&["ethtool", "-K", "s0", "tso", "off", "gso", "off"]);
+        }
+        if let Some(mtu) = mtu {
+            let mtu = mtu.to_string();
+            net.client.run(&["ip", "link", "set", "c0", "mtu", &mtu]);
+            net.router.run(&["ip", "link", "set", "r0", "mtu", &mtu]);
         }
         net.start_echo_server(7200);
         let client = match token {
@@ -1289,13 +1332,15 @@ fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
             &net,
             &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
         );
-        echo_bulk(&net, MB, &what);
+        let started = Instant::now();
+        echo_bulk(&net, mb, &what);
+        println!("{what}: {mb} MB each way in {:.1?}", started.elapsed());
         let stats = exit_stats(&net);
         let fast = &stats["fast_path"];
         let user_space = &stats["clients"][format!("{CLIENT_V4}:7400")];
         let carried = |way: &str| fast[way]["bytes"].as_u64().unwrap_or(0);
         assert!(
-            carried("to_internet") >= (MB as u64) << 20 && carried("to_client") >= (MB as u64) << 20,
+            carried("to_internet") >= (mb as u64) << 20 && carried("to_client") >= (mb as u64) << 20,
             "{what}: the kernel did not carry the echo: {stats}"
         );
         // The exit's process saw the connection open and close, no more.
