@@ -777,6 +777,36 @@ fn datapath_with_overlay_port(rule_list: &[Rule]) -> LinuxKernel {
 const ENTRY: [u8; 4] = [127, 0, 0, 1];
 const SERVER: [u8; 4] = [203, 0, 113, 7];
 
+/// The client's IPv6 flow to the server's port 80, as it leaves.
+fn client6_flow() -> FlowKey {
+    FlowKey {
+        src: CLIENT6,
+        dst: SERVER6,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        family: oasis_common::FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
+/// The server's TCP segment from port 80 to the client's `port` (IPv6 or
+/// IPv4), without a link header: what an entry node's datagram carries.
+fn server_reply(v6: bool, port: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = if v6 {
+        PacketBuilder::ipv6(SERVER6, CLIENT6, 64)
+    } else {
+        PacketBuilder::ipv4(SERVER, CLIENT, 64)
+    };
+    let mut packet = Vec::new();
+    builder
+        .tcp(80, port, 7, 64000)
+        .ack(2)
+        .write(&mut packet, payload)
+        .unwrap();
+    packet
+}
+
 /// The fast path's egress and ingress, run by the kernel on crafted
 /// packets: the bytes it puts around a flow's packet, with every checksum
 /// checked, and the packet it takes back out of the entry node's
@@ -843,12 +873,7 @@ fn an_overlay_flow_the_broker_leaves_to_the_kernel_is_wrapped_and_opened_there()
     encap.install(&flow, &how).unwrap();
 
     // The entry node's datagram of the flow is opened on the way in.
-    let mut inner = Vec::new();
-    PacketBuilder::ipv4(SERVER, CLIENT, 64)
-        .tcp(80, 40000, 7, 64000)
-        .ack(2)
-        .write(&mut inner, b"response body")
-        .unwrap();
+    let inner = server_reply(false, 40000, b"response body");
     let datagram = |from_port: u16, inner: &[u8]| {
         let mut payload = shim.clone();
         payload.extend_from_slice(inner);
@@ -872,31 +897,13 @@ fn an_overlay_flow_the_broker_leaves_to_the_kernel_is_wrapped_and_opened_there()
         run_out(dp.program(INGRESS_PROGRAM).unwrap(), &stranger).1,
         stranger
     );
-    let mut other = Vec::new();
-    PacketBuilder::ipv4(SERVER, CLIENT, 64)
-        .tcp(80, 40001, 7, 64000)
-        .ack(2)
-        .write(&mut other, b"x")
-        .unwrap();
+    let other = server_reply(false, 40001, b"x");
     let unknown = datagram(7400, &other);
     assert_eq!(run_out(dp.program(INGRESS_PROGRAM).unwrap(), &unknown).1, unknown);
     // An IPv6 packet inside an IPv4 datagram comes out as IPv6.
-    let flow6 = FlowKey {
-        src: CLIENT6,
-        dst: SERVER6,
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        family: oasis_common::FAMILY_V6,
-        _pad: [0; 2],
-    };
+    let flow6 = client6_flow();
     encap.install(&flow6, &how).unwrap();
-    let mut inner6 = Vec::new();
-    PacketBuilder::ipv6(SERVER6, CLIENT6, 64)
-        .tcp(80, 40000, 7, 64000)
-        .ack(2)
-        .write(&mut inner6, b"v6")
-        .unwrap();
+    let inner6 = server_reply(true, 40000, b"v6");
     let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(7400, &inner6));
     assert_eq!(&out[12..14], &[0x86, 0xdd], "the link header says IPv6");
     assert_eq!(&out[14..], &inner6[..]);
@@ -960,12 +967,7 @@ fn a_flow_to_an_ipv6_entry_node_is_wrapped_and_opened_in_ipv6() {
             .unwrap();
         out
     };
-    let mut inner = Vec::new();
-    PacketBuilder::ipv4(SERVER, CLIENT, 64)
-        .tcp(80, 40000, 7, 64000)
-        .ack(2)
-        .write(&mut inner, b"response body")
-        .unwrap();
+    let inner = server_reply(false, 40000, b"response body");
     let (verdict, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(&inner));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(&out[12..14], &[0x08, 0x00], "the link header says IPv4");
@@ -973,22 +975,9 @@ fn a_flow_to_an_ipv6_entry_node_is_wrapped_and_opened_in_ipv6() {
     assert_eq!(checked(&out), (SERVER.into(), CLIENT.into(), 80, 40000));
 
     // IPv6 in IPv6: the family stays.
-    let flow6 = FlowKey {
-        src: CLIENT6,
-        dst: SERVER6,
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        family: oasis_common::FAMILY_V6,
-        _pad: [0; 2],
-    };
+    let flow6 = client6_flow();
     encap.install(&flow6, &how).unwrap();
-    let mut inner6 = Vec::new();
-    PacketBuilder::ipv6(SERVER6, CLIENT6, 64)
-        .tcp(80, 40000, 7, 64000)
-        .ack(2)
-        .write(&mut inner6, b"v6")
-        .unwrap();
+    let inner6 = server_reply(true, 40000, b"v6");
     let (_, out) = run_out(dp.program(INGRESS_PROGRAM).unwrap(), &datagram(&inner6));
     assert_eq!(&out[12..14], &[0x86, 0xdd]);
     assert_eq!(&out[14..], &inner6[..]);

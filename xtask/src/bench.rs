@@ -44,8 +44,8 @@ use std::time::Duration;
 use anyhow::bail;
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 
-use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, median, program_stats, write_figures};
-use crate::bench_paths::{Carried, Profile, paced_upload, wait_for_exit_stats};
+use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, iperf_at, median, program_stats, write_figures};
+use crate::bench_paths::{Carried, Profile, wait_for_exit_stats};
 
 const SOCKPERF_PORT: u16 = 11111;
 const WG_PORT: u16 = 7600;
@@ -560,7 +560,7 @@ fn measure(
         // uploads at, long enough for the 10 ms ticks to mean something.
         let paced = seconds.max(5);
         let before: u64 = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum();
-        paced_upload(net, &target, paced, "10M")?;
+        iperf_at(net, &target, paced, false, Some("10M"))?;
         let ticks = carrier_pids.iter().map(|pid| cpu_ticks(*pid)).sum::<u64>() - before;
         samples
             .carrier_cpu_10mbit

@@ -84,11 +84,25 @@ pub(crate) fn cli(daemon: &Daemon, net: &Topology, args: &[&str]) -> anyhow::Res
 /// One iperf3 TCP transfer (client to server, or back with `reverse`);
 /// bits per second received.
 pub(crate) fn iperf(net: &Topology, target: &str, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+    iperf_at(net, target, seconds, reverse, None)
+}
+
+/// As [`iperf`], paced to `rate` (iperf3's `-b`, e.g. "10M") when given.
+pub(crate) fn iperf_at(
+    net: &Topology,
+    target: &str,
+    seconds: u32,
+    reverse: bool,
+    rate: Option<&str>,
+) -> anyhow::Result<f64> {
     let port = IPERF_PORT.to_string();
     let time = seconds.to_string();
     let mut args = vec!["iperf3", "-c", target, "-p", &port, "-t", &time, "-J"];
     if reverse {
         args.push("-R");
+    }
+    if let Some(rate) = rate {
+        args.extend(["-b", rate]);
     }
     let output = net.client.output(&args);
     let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON")?;

@@ -1,7 +1,6 @@
 //! What the traffic benchmark learns about where an overlay flow's packets
 //! go and what they cost: the share each carrier's kernel carried (the
-//! fast paths' hit ratio), the carriers' CPU at a paced 10 Mbit/s (the
-//! paper's figure), and a system-wide `perf` profile of each path.
+//! fast paths' hit ratio) and a system-wide `perf` profile of each path.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,8 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use oasis_tests::{Daemon, Topology};
 use serde_json::Value;
-
-use crate::bench_common::IPERF_PORT;
 
 /// What a carrier's kernel and its user space carried, in one unit.
 #[derive(Clone, Copy, Default, Debug)]
@@ -108,22 +105,6 @@ pub fn wait_for_exit_stats(net: &Topology) {
     while std::time::Instant::now() < deadline && modified() == Some(start) {
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// An upload paced to `rate` (iperf3's `-b`, e.g. "10M") for `seconds`.
-pub fn paced_upload(net: &Topology, target: &str, seconds: u32, rate: &str) -> anyhow::Result<f64> {
-    let port = IPERF_PORT.to_string();
-    let time = seconds.to_string();
-    let output = net
-        .client
-        .output(&["iperf3", "-c", target, "-p", &port, "-t", &time, "-b", rate, "-J"]);
-    let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON")?;
-    if let Some(error) = report["error"].as_str() {
-        bail!("iperf3: {error}");
-    }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no bits_per_second")
 }
 
 /// A system-wide profile taken while `work` runs: `perf record` on every
