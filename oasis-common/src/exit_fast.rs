@@ -6,9 +6,10 @@
 //! client. User space keeps the mappings (ports, expiry, the state file)
 //! and writes each one here. What both sides need is defined once, here.
 //!
-//! IPv4 only for now (outer and inner), TCP and UDP; the rest (ICMP, IPv6,
-//! fragments, SYN/FIN/RST, packets too big once wrapped, received
-//! aggregates) stays on the exit's user-space path.
+//! Clients over IPv4 or IPv6 (the outer header), flows of IPv4 TCP and UDP
+//! inside (the exit's NAT has one public IPv4 address for them); the rest
+//! (ICMP, IPv6 inside, fragments, SYN/FIN/RST, packets too big once
+//! wrapped, received aggregates) stays on the exit's user-space path.
 
 use crate::FlowKey;
 
@@ -25,10 +26,14 @@ pub const EXIT_FAST_CLASSES: u32 = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ExitFlowKey {
-    pub client: [u8; 4],
+    /// IPv4 in the first 4 bytes.
+    pub client: [u8; 16],
     /// Host byte order.
     pub client_port: u16,
-    pub _pad: [u8; 2],
+    /// [`crate::FAMILY_V4`] or [`crate::FAMILY_V6`]: the client's.
+    pub family: u8,
+    /// Up to the flow key's 8-byte alignment.
+    pub _pad: [u8; 5],
     pub inner: FlowKey,
 }
 
@@ -59,12 +64,13 @@ pub struct ExitOut {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExitBack {
     pub last_seen_ns: u64,
-    /// The client's address and port: the outer destination.
-    pub client: [u8; 4],
-    /// The exit's address the client sends to, the outer source; all zero
-    /// until the kernel has seen a client's datagram of the flow (replies
-    /// keep the user-space path until then).
-    pub local: [u8; 4],
+    /// The client's address and port: the outer destination (IPv4 in the
+    /// first 4 bytes).
+    pub client: [u8; 16],
+    /// The exit's address the client sends to, the outer source, of the
+    /// client's family; all zero until the kernel has seen a client's
+    /// datagram of the flow (replies keep the user-space path until then).
+    pub local: [u8; 16],
     /// The packet's destination as the client knows it (its own inner
     /// source).
     pub inside: [u8; 4],
@@ -73,7 +79,9 @@ pub struct ExitBack {
     pub listen_port: u16,
     pub inside_port: u16,
     pub class: u8,
-    pub _pad: [u8; 5],
+    /// The client's family: the outer header's.
+    pub family: u8,
+    pub _pad: [u8; 4],
 }
 
 /// A class's packets carried by the kernel, each way.
@@ -117,10 +125,24 @@ pub mod exit_miss {
 impl ExitFlowKey {
     /// The key of an IPv4 client's flow.
     pub fn v4(client: [u8; 4], client_port: u16, inner: FlowKey) -> ExitFlowKey {
+        let mut key = ExitFlowKey {
+            client: [0; 16],
+            client_port,
+            family: crate::FAMILY_V4,
+            _pad: [0; 5],
+            inner,
+        };
+        key.client[..4].copy_from_slice(&client);
+        key
+    }
+
+    /// The key of an IPv6 client's flow.
+    pub fn v6(client: [u8; 16], client_port: u16, inner: FlowKey) -> ExitFlowKey {
         ExitFlowKey {
             client,
             client_port,
-            _pad: [0; 2],
+            family: crate::FAMILY_V6,
+            _pad: [0; 5],
             inner,
         }
     }

@@ -115,7 +115,10 @@ pub struct ExitSettings {
     /// The largest packet the uplink sends: a reply that would be larger
     /// once wrapped keeps the user-space path.
     pub mtu: u16,
-    pub _pad2: [u8; 6],
+    /// The IPv6 port clients send to, 0 when the fast path serves no
+    /// IPv6 clients.
+    pub fast_port_v6: u16,
+    pub _pad2: [u8; 4],
 }
 
 /// A set of rules, one bit per rule rank.
@@ -825,11 +828,11 @@ mod tests {
         assert_eq!(size_of::<RuleSet>(), MAX_RULES / 8);
         assert_eq!(
             size_of::<ExitSettings>(),
-            4 + 16 + 1 + 1 + 2 + 2 + 2 + 4 + 2 + 1 + 1 + 4 + 2 + 6
+            4 + 16 + 1 + 1 + 2 + 2 + 2 + 4 + 2 + 1 + 1 + 4 + 2 + 2 + 4
         );
-        assert_eq!(size_of::<ExitFlowKey>(), 4 + 2 + 2 + 40);
+        assert_eq!(size_of::<ExitFlowKey>(), 16 + 2 + 1 + 5 + 40);
         assert_eq!(size_of::<ExitOut>(), 8 + 4 + 2 + 1 + 1 + 1 + 7 + MAX_EXIT_TOKEN);
-        assert_eq!(size_of::<ExitBack>(), 8 + 4 + 4 + 4 + 2 + 2 + 2 + 1 + 5);
+        assert_eq!(size_of::<ExitBack>(), 8 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ExitFastCounts>(), 4 * 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);
         assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 2 + 1 + 7);

@@ -62,6 +62,29 @@ fn quoted_port(ctx: &TcContext, settings: &ExitSettings, v4: bool, at: usize) ->
     }
 }
 
+/// An IPv4 address at `at` of `head`, in the first 4 of 16 bytes.
+#[inline(always)]
+fn v4_in_16(head: &[u8; 20], at: usize) -> [u8; 16] {
+    [
+        head[at],
+        head[at + 1],
+        head[at + 2],
+        head[at + 3],
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+}
+
 /// Where a reply's fragment stands.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Piece {
@@ -71,13 +94,16 @@ enum Piece {
 }
 
 /// The TUN's ifindex when the packet is a reply to a NATed flow, or a
-/// later fragment of one whose first fragment was.
-#[inline(always)]
+/// later fragment of one whose first fragment was. A function of its own:
+/// its stack is not in the fast path's call chain (the verifier allows
+/// 512 bytes for a chain).
+#[inline(never)]
 fn steer(ctx: &TcContext) -> Option<u32> {
     let settings = EXIT_SETTINGS.get(0)?;
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let mut datagram = FragKey::default();
-    let (piece, l4_offset) = match ethertype {
+    // Built whole in each arm: zeroing a key first would be a memset,
+    // which this function may not call (it would return a stack pointer).
+    let (piece, l4_offset, datagram) = match ethertype {
         ETH_P_IP if settings.has_v4 != 0 => {
             let head: [u8; 20] = read(ctx, ETH_HLEN)?;
             let ihl = ((head[0] & 0x0f) as usize) * 4;
@@ -85,27 +111,35 @@ fn steer(ctx: &TcContext) -> Option<u32> {
                 return None;
             }
             let field = u16::from_be_bytes([head[6], head[7]]);
-            datagram.src[..4].copy_from_slice(&head[12..16]);
-            datagram.dst[..4].copy_from_slice(&head[16..20]);
-            datagram.id = u32::from(u16::from_be_bytes([head[4], head[5]]));
-            datagram.proto = head[9];
-            datagram.family = FAMILY_V4;
+            let datagram = FragKey {
+                src: v4_in_16(&head, 12),
+                dst: v4_in_16(&head, 16),
+                id: u32::from(u16::from_be_bytes([head[4], head[5]])),
+                proto: head[9],
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
             let piece = match (field & 0x1fff != 0, field & 0x2000 != 0) {
                 (true, _) => Piece::Later,
                 (false, true) => Piece::First,
                 (false, false) => Piece::Whole,
             };
-            (piece, ETH_HLEN + ihl)
+            (piece, ETH_HLEN + ihl, datagram)
         }
         ETH_P_IPV6 if settings.has_v6 != 0 => {
             let head: [u8; 40] = read(ctx, ETH_HLEN)?;
             if head[24..40] != settings.v6 {
                 return None;
             }
-            datagram.src.copy_from_slice(&head[8..24]);
-            datagram.dst.copy_from_slice(&head[24..40]);
-            datagram.family = FAMILY_V6;
-            datagram.proto = head[6];
+            let src: [u8; 16] = read(ctx, ETH_HLEN + 8)?;
+            let mut datagram = FragKey {
+                src,
+                dst: settings.v6,
+                id: 0,
+                proto: head[6],
+                family: FAMILY_V6,
+                _pad: [0; 2],
+            };
             if head[6] == IPV6_FRAGMENT {
                 let frag: [u8; 8] = read(ctx, ETH_HLEN + 40)?;
                 let field = u16::from_be_bytes([frag[2], frag[3]]);
@@ -116,9 +150,9 @@ fn steer(ctx: &TcContext) -> Option<u32> {
                 } else {
                     Piece::First
                 };
-                (piece, ETH_HLEN + 48)
+                (piece, ETH_HLEN + 48, datagram)
             } else {
-                (Piece::Whole, ETH_HLEN + 40)
+                (Piece::Whole, ETH_HLEN + 40, datagram)
             }
         }
         _ => return None,

@@ -1,33 +1,39 @@
 //! The exit node's fast path (`oasis_common::exit_fast`), in its uplink's
 //! ingress program.
 //!
-//! In from a client: a datagram to the exit's fast port carrying a packet
-//! of a flow the exit gave a mapping to, from that very client (address,
-//! port and token), is opened; its packet gets the mapping's public source
-//! and NAT port and is sent out of the uplink toward its destination.
+//! In from a client: a datagram to the exit's fast port (over IPv4 or
+//! IPv6) carrying a packet of a flow the exit gave a mapping to, from that
+//! very client (address, port and token), is opened; its packet gets the
+//! mapping's public source and NAT port and is sent out of the uplink
+//! toward its destination.
 //!
 //! In from the Internet: a reply to a mapping's public address and port
-//! gets the client's own addresses back, is wrapped (outer IPv4 and UDP,
-//! a zero shim, as the exit's own replies have) and sent to the client.
+//! gets the client's own addresses back, is wrapped (outer IP of the
+//! client's family and UDP, a zero shim, as the exit's own replies have)
+//! and sent to the client.
 //!
 //! SYN, FIN and RST segments keep the user-space path both ways, so the
 //! exit's NAT sees every connection open and close; so do what the kernel
-//! cannot carry as it is: fragments, IPv4 options, aggregates of received
-//! datagrams (GRO), replies too big once wrapped, and everything else than
-//! IPv4 TCP and UDP.
+//! cannot carry as it is: fragments, IPv4 options, IPv6 extension headers,
+//! aggregates of received datagrams (GRO), replies too big once wrapped,
+//! and everything else than IPv4 TCP and UDP inside.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     helpers::generated::{bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
 use oasis_common::{
-    EXIT_FAST_CLASSES, ExitFlowKey, ExitSettings, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM, exit_miss,
+    EXIT_FAST_CLASSES, ExitFlowKey, ExitSettings, FAMILY_V4, FAMILY_V6, FlowKey, MAX_EXIT_TOKEN,
+    MAX_FAST_SHIM, exit_miss,
     proto::{TCP, UDP},
 };
 
-use crate::encap::{OUTER_V4, UDP_HLEN, outer_v4, store_shim, wrap_room};
-use crate::headers::{ETH_HLEN, ETH_P_IP, read};
+use crate::encap::{OUTER_V4, OUTER_V6, UDP_HLEN, outer_v4, outer_v6, store_shim, wrap_room};
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
 
 const TCP_SYN_FIN_RST: u8 = 0x07;
@@ -39,13 +45,39 @@ const L4: usize = ETH_HLEN + OUTER_V4;
 /// Carries the packet when it is the fast path's: the program's verdict
 /// then. None leaves it to the rest of the program (the steering of
 /// replies to the exit's TUN) and to the exit's socket.
+///
+/// The verifier allows 512 bytes of stack along a chain of calls: the
+/// headers are read here, and the work on a client's datagram and on a
+/// reply are functions of their own, each called from here alone.
 #[inline(never)]
 pub fn ingress(ctx: &TcContext, settings: &ExitSettings) -> Option<i32> {
-    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
-        return None;
-    }
+    let from = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => match ipv4(ctx, settings)? {
+            V4::Client(from) => from,
+            V4::Reply => return from_internet(ctx, settings),
+        },
+        ETH_P_IPV6 if settings.fast_port_v6 != 0 => ipv6_client(ctx, settings)?,
+        _ => return None,
+    };
+    let udp = if from.family == FAMILY_V6 {
+        ETH_HLEN + OUTER_V6
+    } else {
+        L4
+    };
+    from_client(ctx, settings, udp, &from)
+}
+
+/// What an IPv4 packet may be to the fast path.
+enum V4 {
+    Client(Sender),
+    Reply,
+}
+
+/// An IPv4 packet without options or fragments: a client's datagram to
+/// the fast port, or a reply to one of the NAT's ports.
+#[inline(always)]
+fn ipv4(ctx: &TcContext, settings: &ExitSettings) -> Option<V4> {
     let ip: [u8; OUTER_V4] = read(ctx, ETH_HLEN)?;
-    // No options, no fragment.
     if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 {
         return None;
     }
@@ -57,32 +89,69 @@ pub fn ingress(ctx: &TcContext, settings: &ExitSettings) -> Option<i32> {
             miss(exit_miss::UNFINISHED);
             return None;
         }
-        return from_client(ctx, settings, &ip, u16::from_be_bytes([ports[0], ports[1]]));
+        return Some(V4::Client(Sender {
+            family: FAMILY_V4,
+            client: v4_in_16([ip[12], ip[13], ip[14], ip[15]]),
+            port: u16::from_be_bytes([ports[0], ports[1]]),
+            local: v4_in_16([ip[16], ip[17], ip[18], ip[19]]),
+        }));
     }
-    if ip[16..20] == settings.v4
+    let reply = ip[16..20] == settings.v4
         && (ip[9] == TCP || ip[9] == UDP)
         && settings.port_first <= dport
-        && dport <= settings.port_last
-    {
-        return from_internet(ctx, settings, &ip);
-    }
-    None
+        && dport <= settings.port_last;
+    reply.then_some(V4::Reply)
 }
 
-/// A client's datagram: opened and sent on from the exit when it carries a
-/// packet of one of the client's mapped flows.
+/// An IPv6 client's datagram to the fast port, without extension headers.
 #[inline(always)]
-fn from_client(
-    ctx: &TcContext,
-    settings: &ExitSettings,
-    outer: &[u8; OUTER_V4],
-    client_port: u16,
-) -> Option<i32> {
+fn ipv6_client(ctx: &TcContext, settings: &ExitSettings) -> Option<Sender> {
+    let ip: [u8; OUTER_V6] = read(ctx, ETH_HLEN)?;
+    if ip[6] != UDP {
+        return None;
+    }
+    let udp: [u8; UDP_HLEN] = read(ctx, ETH_HLEN + OUTER_V6)?;
+    if u16::from_be_bytes([udp[2], udp[3]]) != settings.fast_port_v6 {
+        return None;
+    }
+    if unfinished_v6(&ip, [udp[4], udp[5]], [udp[6], udp[7]]) {
+        miss(exit_miss::UNFINISHED);
+        return None;
+    }
+    Some(Sender {
+        family: FAMILY_V6,
+        client: read(ctx, ETH_HLEN + 8)?,
+        port: u16::from_be_bytes([udp[0], udp[1]]),
+        local: read(ctx, ETH_HLEN + 24)?,
+    })
+}
+
+/// An IPv4 address in the first 4 of 16 bytes (built whole: zeroing an
+/// array first may become a call to memset, which a BPF function cannot
+/// make).
+#[inline(always)]
+fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Who sent a client's datagram, and to which of the exit's addresses.
+struct Sender {
+    family: u8,
+    /// IPv4 in the first 4 bytes, as `local`.
+    client: [u8; 16],
+    port: u16,
+    local: [u8; 16],
+}
+
+/// A client's datagram (its UDP header at `udp`): opened and sent on from
+/// the exit when it carries a packet of one of the client's mapped flows.
+#[inline(never)]
+fn from_client(ctx: &TcContext, settings: &ExitSettings, udp: usize, from: &Sender) -> Option<i32> {
     let shim_len = settings.shim_len as usize;
     if shim_len > MAX_FAST_SHIM {
         return None;
     }
-    let inner = L4 + UDP_HLEN + shim_len;
+    let inner = udp + UDP_HLEN + shim_len;
     let ip: [u8; OUTER_V4] = ctx.load(inner).ok()?;
     let proto = ip[9];
     if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 || !(proto == TCP || proto == UDP) {
@@ -108,8 +177,13 @@ fn from_client(
     };
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let dst = [ip[16], ip[17], ip[18], ip[19]];
-    let client = [outer[12], outer[13], outer[14], outer[15]];
-    let key = ExitFlowKey::v4(client, client_port, FlowKey::v4(src, dst, proto, sport, dport));
+    let key = ExitFlowKey {
+        client: from.client,
+        client_port: from.port,
+        family: from.family,
+        _pad: [0; 5],
+        inner: FlowKey::v4(src, dst, proto, sport, dport),
+    };
     let entry = EXIT_OUT.get_ptr_mut(&key)?;
     // SAFETY: pointer from a successful lookup; plain integers and bytes.
     let entry = unsafe { &mut *entry };
@@ -118,7 +192,7 @@ fn from_client(
         miss(exit_miss::AGGREGATE);
         return None;
     }
-    if entry.token_len != 0 && !token_matches(ctx, entry.token_len as usize, &entry.token) {
+    if entry.token_len != 0 && !token_matches(ctx, udp + UDP_HLEN, entry.token_len as usize, &entry.token) {
         miss(exit_miss::TOKEN);
         return None;
     }
@@ -128,14 +202,25 @@ fn from_client(
         let reply = FlowKey::v4(dst, entry.public, proto, dport, entry.nat_port);
         if let Some(back) = EXIT_BACK.get_ptr_mut(&reply) {
             // SAFETY: pointer from a successful lookup.
-            unsafe { (*back).local = [outer[16], outer[17], outer[18], outer[19]] };
+            unsafe { (*back).local = from.local };
             entry.learned = 1;
         }
     }
-    let overhead = (OUTER_V4 + UDP_HLEN + shim_len) as i32;
-    if ctx.adjust_room(-overhead, BPF_ADJ_ROOM_MAC, 0).is_err() {
+    // Out of IPv6, the packet is IPv4: the kernel must know (the packet's
+    // protocol) and the link header say so.
+    let v6 = from.family == FAMILY_V6;
+    let flags = if v6 {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64
+    } else {
+        0
+    };
+    let overhead = (inner - ETH_HLEN) as i32;
+    if ctx.adjust_room(-overhead, BPF_ADJ_ROOM_MAC, flags).is_err() {
         miss(exit_miss::NO_ROOM);
         return None;
+    }
+    if v6 && ctx.store(12, &ETH_P_IP.to_be_bytes(), 0).is_err() {
+        return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
     // Now the client's packet is all there is: its source becomes the
     // mapping's.
@@ -159,8 +244,9 @@ fn from_client(
 
 /// A reply to a mapping: back to its client, wrapped, once the kernel has
 /// carried a datagram of the client's (and so knows where to answer from).
-#[inline(always)]
-fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) -> Option<i32> {
+#[inline(never)]
+fn from_internet(ctx: &TcContext, settings: &ExitSettings) -> Option<i32> {
+    let ip: [u8; OUTER_V4] = read(ctx, ETH_HLEN)?;
     let proto = ip[9];
     // Ports, TCP's flags at 13 and its checksum at 16; UDP's at 6.
     let head: [u8; 18] = if proto == TCP {
@@ -182,7 +268,7 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
         [head[6], head[7]]
     };
     let l4_len = u16::from_be_bytes([ip[2], ip[3]]).saturating_sub(OUTER_V4 as u16);
-    if gso_size == 0 && unfinished(ip, proto, l4_len.to_be_bytes(), check) {
+    if gso_size == 0 && unfinished(&ip, proto, l4_len.to_be_bytes(), check) {
         miss(exit_miss::UNFINISHED);
         return None;
     }
@@ -193,7 +279,7 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     let entry = EXIT_BACK.get_ptr_mut(&key)?;
     // SAFETY: pointer from a successful lookup; plain integers and bytes.
     let entry = unsafe { &mut *entry };
-    if entry.local == [0; 4] {
+    if entry.local == [0; 16] {
         miss(exit_miss::NOT_LEARNED);
         return None;
     }
@@ -201,7 +287,9 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     if shim_len > MAX_FAST_SHIM {
         return None;
     }
-    let overhead = OUTER_V4 + UDP_HLEN + shim_len;
+    let v6 = entry.family == FAMILY_V6;
+    let outer_ip = if v6 { OUTER_V6 } else { OUTER_V4 };
+    let overhead = outer_ip + UDP_HLEN + shim_len;
     let inner_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
     let total = inner_len + overhead;
     // What must fit the uplink: the packet, or each segment of an
@@ -228,20 +316,28 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings, ip: &[u8; OUTER_V4]) 
     if !rewritten {
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    if !wrap_room(ctx, shim_len, false) {
+    if !wrap_room(ctx, shim_len, v6) {
         // Rewritten for the client but not wrapped: useless to anyone.
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    let outer = outer_v4(
-        (entry.local, entry.listen_port),
-        (entry.client, entry.client_port),
-        total,
-    );
+    let headers = if v6 {
+        let outer = outer_v6(
+            (&entry.local, entry.listen_port),
+            (&entry.client, entry.client_port),
+            total,
+        );
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    } else {
+        let local = [entry.local[0], entry.local[1], entry.local[2], entry.local[3]];
+        let client = [entry.client[0], entry.client[1], entry.client[2], entry.client[3]];
+        let outer = outer_v4((local, entry.listen_port), (client, entry.client_port), total);
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    };
     // A reply's shim is zeros, as the exit's user-space path sends it.
     let zeros = [0u8; MAX_FAST_SHIM];
-    let stored = ctx.store(ETH_HLEN, &outer, 0).is_ok()
-        && (shim_len == 0 || store_shim(ctx, L4 + UDP_HLEN, zeros.as_ptr(), shim_len));
+    let stored = headers
+        && (shim_len == 0 || store_shim(ctx, ETH_HLEN + outer_ip + UDP_HLEN, zeros.as_ptr(), shim_len));
     if !stored {
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
@@ -312,6 +408,26 @@ fn unfinished(ip: &[u8; OUTER_V4], proto: u8, l4_len: [u8; 2], check: [u8; 2]) -
     sum as u16 == check
 }
 
+/// As [`unfinished`], for a UDP datagram over IPv6 (its pseudo-header: the
+/// two addresses, the length, the protocol).
+#[inline(always)]
+fn unfinished_v6(ip: &[u8; OUTER_V6], udp_len: [u8; 2], check: [u8; 2]) -> bool {
+    let check = u16::from_be_bytes(check);
+    if check == 0 {
+        return false;
+    }
+    let mut sum = u32::from(UDP) + u32::from(u16::from_be_bytes(udp_len));
+    let mut i = 8;
+    while i < OUTER_V6 {
+        sum += u32::from(u16::from_be_bytes([ip[i], ip[i + 1]]));
+        i += 2;
+    }
+    // Sixteen words and two more sum to less than 2^21: two folds end it.
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16 == check
+}
+
 /// The uplink's MTU now (it may have changed since the exit started).
 #[inline(always)]
 fn uplink_mtu(ctx: &TcContext, settings: &ExitSettings) -> usize {
@@ -326,13 +442,13 @@ fn uplink_mtu(ctx: &TcContext, settings: &ExitSettings) -> usize {
     }
 }
 
-/// Whether the datagram's shim starts with the client's token.
+/// Whether the datagram's shim (at `at`) starts with the client's token.
 #[inline(always)]
-fn token_matches(ctx: &TcContext, len: usize, token: &[u8; MAX_EXIT_TOKEN]) -> bool {
+fn token_matches(ctx: &TcContext, at: usize, len: usize, token: &[u8; MAX_EXIT_TOKEN]) -> bool {
     if len > MAX_EXIT_TOKEN || len > MAX_FAST_SHIM {
         return false;
     }
-    let Ok(shim) = ctx.load::<[u8; MAX_EXIT_TOKEN]>(L4 + UDP_HLEN) else {
+    let Ok(shim) = ctx.load::<[u8; MAX_EXIT_TOKEN]>(at) else {
         return false;
     };
     let mut i = 0;

@@ -1146,10 +1146,12 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
 }
 
 /// An entry node on IPv6: the client's kernel wraps in IPv6 (UDP checksum
-/// zero) and opens the entry node's IPv6 datagrams, with IPv4 inside.
+/// zero) and opens the entry node's IPv6 datagrams, with IPv4 inside; the
+/// exit's kernel opens the client's IPv6 datagrams and wraps the replies in
+/// IPv6.
 #[test]
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
-fn bulk_overlay_tcp_to_an_ipv6_entry_node_takes_the_clients_fast_path() {
+fn bulk_overlay_tcp_to_an_ipv6_entry_node_takes_both_fast_paths() {
     const MB: usize = 64;
     let mut net = Topology::new();
     net.start_echo_server(7200);
@@ -1186,12 +1188,20 @@ fn bulk_overlay_tcp_to_an_ipv6_entry_node_takes_the_clients_fast_path() {
         tun_packets < 100,
         "{tun_packets} packets crossed the broker: {status}"
     );
-    // The exit saw the client's IPv6 address: the datagrams were IPv6.
+    // The exit's kernel carried it both ways, its process saw the IPv6
+    // client open and close the connection, no more.
     let stats = exit_stats(&net);
-    let client = stats["clients"]
-        .as_object()
-        .and_then(|c| c.keys().find(|k| k.contains(CLIENT_V6)).cloned());
-    assert!(client.is_some(), "the exit saw no IPv6 client: {stats}");
+    let carried = |way: &str| stats["fast_path"][way]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        carried("to_internet") >= (MB as u64) << 20 && carried("to_client") >= (MB as u64) << 20,
+        "the exit's kernel did not carry the echo: {stats}"
+    );
+    let user_space = &stats["clients"][format!("[{CLIENT_V6}]:7400")];
+    let seen = |way: &str| user_space[way]["packets"].as_u64().unwrap_or(0);
+    assert!(
+        seen("to_internet") > 0 && seen("to_internet") < 20 && seen("to_client") < 20,
+        "the exit's process saw more than the IPv6 client's handshake: {stats}"
+    );
 }
 
 /// An exit node serving the client (`--client CLIENT`) with a shim of
@@ -1343,10 +1353,14 @@ fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
             carried("to_internet") >= (mb as u64) << 20 && carried("to_client") >= (mb as u64) << 20,
             "{what}: the kernel did not carry the echo: {stats}"
         );
-        // The exit's process saw the connection open and close, no more.
+        // The exit's process saw the connection open and close, and the
+        // packets whose finished checksum happens to look unfinished (one
+        // in 65,536 by chance, so about a dozen of a gigabyte's: allowed
+        // four times that), no more.
         let seen = |way: &str| user_space[way]["packets"].as_u64().unwrap_or(0);
+        let by_chance = 4 * fast["to_client"]["packets"].as_u64().unwrap_or(0) / 65_536;
         assert!(
-            seen("to_internet") < 20 && seen("to_client") < 20,
+            seen("to_internet") < 20 + by_chance && seen("to_client") < 20 + by_chance,
             "{what}: packets crossed the exit's user space: {stats}"
         );
         assert!(

@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn the_kernel_gets_each_new_mapping_and_keeps_it_alive_until_it_is_idle_there_too() {
         let clients = clients();
-        let fast = FastPath::new(EXIT, 7400, SHIM, clients.clone());
+        let fast = FastPath::new(EXIT, (7400, 0), SHIM, clients.clone());
         let mut exit = exit().with_fast_path(fast);
         let t0 = Instant::now();
         let mut work = Vec::new();

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use oasis_common::{ExitBack, ExitFlowKey, ExitOut, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM};
+use oasis_common::{
+    ExitBack, ExitFlowKey, ExitOut, FAMILY_V4, FAMILY_V6, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM,
+};
 
 use crate::clients::{Client, lookup};
 use crate::nat::{Inside, Mapped};
@@ -33,18 +35,26 @@ pub enum FastWork {
 /// The fast path's side of the exit's state.
 pub struct FastPath {
     public_v4: Ipv4Addr,
-    /// The port clients send to over IPv4: the replies' outer source port.
+    /// The ports clients send to over IPv4 and over IPv6 (0: none): the
+    /// replies' outer source port.
     listen_port: u16,
+    listen_port_v6: u16,
     shim_len: usize,
     clients: Vec<Client>,
     installed: HashMap<Inside, FastEntry>,
 }
 
 impl FastPath {
-    pub fn new(public_v4: Ipv4Addr, listen_port: u16, shim_len: usize, clients: Vec<Client>) -> FastPath {
+    pub fn new(
+        public_v4: Ipv4Addr,
+        (listen_port, listen_port_v6): (u16, u16),
+        shim_len: usize,
+        clients: Vec<Client>,
+    ) -> FastPath {
         FastPath {
             public_v4,
             listen_port,
+            listen_port_v6,
             shim_len,
             clients,
             installed: HashMap::new(),
@@ -56,9 +66,9 @@ impl FastPath {
         self.installed.len()
     }
 
-    /// A new mapping: installed when the kernel can carry it (IPv4 both
-    /// inside and out, TCP or UDP, a token and shim it can compare and
-    /// write).
+    /// A new mapping: installed when the kernel can carry it (IPv4 inside,
+    /// a client on a family the fast path serves, TCP or UDP, a token and
+    /// shim it can compare and write).
     pub fn made(&mut self, mapped: &Mapped, work: &mut Vec<FastWork>) {
         let Some(entry) = self.entry(mapped) else {
             return;
@@ -93,14 +103,21 @@ impl FastPath {
 
     fn entry(&self, mapped: &Mapped) -> Option<FastEntry> {
         let inside = &mapped.inside;
-        let (SocketAddr::V4(client), IpAddr::V4(src), IpAddr::V4(dst)) =
-            (inside.client, inside.src, inside.dst)
-        else {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (inside.src, inside.dst) else {
             return None;
+        };
+        let client = inside.client;
+        let (family, client_ip, listen_port) = match client {
+            SocketAddr::V4(c) => {
+                let mut ip = [0; 16];
+                ip[..4].copy_from_slice(&c.ip().octets());
+                (FAMILY_V4, ip, self.listen_port)
+            }
+            SocketAddr::V6(c) => (FAMILY_V6, c.ip().octets(), self.listen_port_v6),
         };
         if !matches!(inside.proto, oasis_common::proto::TCP | oasis_common::proto::UDP)
             || self.shim_len > MAX_FAST_SHIM
-            || self.listen_port == 0
+            || listen_port == 0
         {
             return None;
         }
@@ -120,17 +137,19 @@ impl FastPath {
             ..ExitOut::default()
         };
         out.token[..token.len()].copy_from_slice(&token);
-        let key = ExitFlowKey::v4(
-            client.ip().octets(),
-            client.port(),
-            FlowKey::v4(
+        let key = ExitFlowKey {
+            client: client_ip,
+            client_port: client.port(),
+            family,
+            _pad: [0; 5],
+            inner: FlowKey::v4(
                 src.octets(),
                 dst.octets(),
                 inside.proto,
                 inside.src_port,
                 inside.dst_port,
             ),
-        );
+        };
         let reply = FlowKey::v4(
             dst.octets(),
             public,
@@ -139,12 +158,13 @@ impl FastPath {
             mapped.nat_port,
         );
         let back = ExitBack {
-            client: client.ip().octets(),
+            client: client_ip,
             client_port: client.port(),
-            listen_port: self.listen_port,
+            listen_port,
             inside: src.octets(),
             inside_port: inside.src_port,
             class: mapped.class,
+            family,
             ..ExitBack::default()
         };
         Some(FastEntry {
@@ -176,7 +196,7 @@ mod tests {
             .iter()
             .map(|c| c.parse().unwrap())
             .collect();
-        FastPath::new(Ipv4Addr::new(198, 51, 100, 2), 7400, shim_len, clients)
+        FastPath::new(Ipv4Addr::new(198, 51, 100, 2), (7400, 7401), shim_len, clients)
     }
 
     #[test]
@@ -211,11 +231,16 @@ mod tests {
             FlowKey::v4([203, 0, 113, 80], [198, 51, 100, 2], 6, 80, 61000)
         );
         assert_eq!(
-            (entry.back.client, entry.back.client_port, entry.back.listen_port),
-            ([10, 0, 0, 5], 7400, 7400)
+            (
+                &entry.back.client[..4],
+                entry.back.client_port,
+                entry.back.listen_port
+            ),
+            (&[10, 0, 0, 5][..], 7400, 7400)
         );
+        assert_eq!(entry.back.family, FAMILY_V4);
         assert_eq!((entry.back.inside, entry.back.inside_port), ([10, 0, 0, 5], 5000));
-        assert_eq!(entry.back.local, [0; 4], "learned by the kernel");
+        assert_eq!(entry.back.local, [0; 16], "learned by the kernel");
         assert_eq!(fast.flows(), 1);
 
         work.clear();
@@ -228,6 +253,33 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_client_gets_entries_of_its_family_and_port() {
+        let mut fast = fast(0);
+        let mapped = Mapped {
+            inside: inside("[fd00::9]:40000", 17, "203.0.113.80"),
+            nat_port: 61001,
+            class: 0,
+        };
+        let mut work = Vec::new();
+        fast.made(&mapped, &mut work);
+        let [FastWork::Install(entry)] = work[..] else {
+            panic!("one install: {work:?}");
+        };
+        let client: std::net::Ipv6Addr = "fd00::9".parse().unwrap();
+        assert_eq!((entry.key.client, entry.key.family), (client.octets(), FAMILY_V6));
+        assert_eq!(entry.key.client_port, 40000);
+        assert_eq!(
+            (entry.back.client, entry.back.family, entry.back.listen_port),
+            (client.octets(), FAMILY_V6, 7401),
+            "replies go back over IPv6 from the IPv6 port"
+        );
+        assert_eq!(
+            entry.reply,
+            FlowKey::v4([203, 0, 113, 80], [198, 51, 100, 2], 17, 80, 61001)
+        );
+    }
+
+    #[test]
     fn what_the_kernel_cannot_carry_stays_with_user_space() {
         let mut work = Vec::new();
         let mapped = |inside| Mapped {
@@ -235,10 +287,17 @@ mod tests {
             nat_port: 61000,
             class: 0,
         };
-        // ICMP echo, an IPv6 client, an IPv6 destination.
+        // ICMP echo, an IPv6 destination, an IPv6 client when no IPv6
+        // port is served.
         let mut fast4 = fast(4);
         fast4.made(&mapped(inside("10.0.1.9:7400", 1, "203.0.113.80")), &mut work);
-        fast4.made(&mapped(inside("[fd00::9]:7400", 6, "203.0.113.80")), &mut work);
+        let mut no_v6_port = FastPath::new(
+            Ipv4Addr::new(198, 51, 100, 2),
+            (7400, 0),
+            4,
+            fast4.clients.clone(),
+        );
+        no_v6_port.made(&mapped(inside("[fd00::9]:7400", 6, "203.0.113.80")), &mut work);
         let mut v6 = inside("10.0.1.9:7400", 6, "203.0.113.80");
         v6.dst = "2001:db8::80".parse().unwrap();
         fast4.made(&mapped(v6), &mut work);

@@ -95,9 +95,10 @@ struct Args {
     /// and exit.
     #[arg(long)]
     unpin: bool,
-    /// Carry every packet in user space. By default, once a flow of an
-    /// IPv4 client has a mapping, the uplink's kernel program carries its
-    /// TCP and UDP packets both ways (decapsulation, NAT, the reply's
+    /// Carry every packet in user space. By default, once a client's flow
+    /// (the client over IPv4 or IPv6, sending to the first --listen port of
+    /// its family) has a mapping, the uplink's kernel program carries its
+    /// IPv4 TCP and UDP packets both ways (decapsulation, NAT, the reply's
     /// encapsulation), and this process sees only their SYNs, FINs and
     /// RSTs; the counters of those packets are under "fast_path" in the
     /// stats file, not per client.
@@ -201,11 +202,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mtu = uplink_mtu(std::slice::from_ref(&args.uplink));
-    // The fast path serves IPv4 clients on the first IPv4 --listen port.
-    let fast_port = match (args.no_fast_path, public_v4) {
-        (false, Some(_)) => args.listen.iter().find(|a| a.is_ipv4()).map_or(0, |a| a.port()),
+    // The fast path serves clients on the first --listen port of each
+    // family; what it carries inside is IPv4, NATed to the public IPv4.
+    let fast_port_of = |v4: bool| match (args.no_fast_path, public_v4) {
+        (false, Some(_)) => args
+            .listen
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .map_or(0, |a| a.port()),
         _ => 0,
     };
+    let (fast_port, fast_port_v6) = (fast_port_of(true), fast_port_of(false));
     let uplink_ifindex = {
         let name = std::ffi::CString::new(args.uplink.as_str()).context("--uplink")?;
         // SAFETY: a valid C string.
@@ -227,7 +234,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         prioritise: u8::from(args.uplink_rate.is_some()),
         uplink_ifindex,
         mtu,
-        _pad2: [0; 6],
+        fast_port_v6,
+        _pad2: [0; 4],
     };
     // Removed when run returns, whether the exit stops or fails to start.
     let _shaper = match args.uplink_rate {
@@ -245,7 +253,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut steering = ExitSteering::attach(&args.uplink, settings, Some(&args.pin_dir))
         .with_context(|| format!("steering replies on {}", args.uplink))?;
-    let fast = if fast_port != 0 {
+    let fast = if fast_port != 0 || fast_port_v6 != 0 {
         let maps = fast_maps::FastMaps::take(steering.ebpf_mut())?;
         Some(Arc::new(Fast {
             maps: Mutex::new(maps),
@@ -267,7 +275,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let (Some(fast), Some(public)) = (&fast, public_v4) {
         exit = exit.with_fast_path(FastPath::new(
             public,
-            fast_port,
+            (fast_port, fast_port_v6),
             args.shim_len,
             args.clients.clone(),
         ));
@@ -277,7 +285,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         fast.apply(&mut work);
         tracing::info!(
             port = fast_port,
-            "fast path on: the kernel carries IPv4 clients' TCP and UDP flows"
+            port_v6 = fast_port_v6,
+            "fast path on: the kernel carries clients' IPv4 TCP and UDP flows"
         );
     }
     let core = Arc::new(Mutex::new(exit));
@@ -297,7 +306,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_socket())
-                .is_some_and(|a| a.is_ipv4() && a.port() == fast_port);
+                .is_some_and(|a| a.port() == if a.is_ipv4() { fast_port } else { fast_port_v6 });
         threads.push(std::thread::spawn(move || {
             to_internet(
                 &socket,
