@@ -301,12 +301,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         // The kernel opens only single datagrams: a socket that asks for
         // merged ones (GRO) would have the uplink merge the fast path's
         // datagrams before the program sees them.
-        let gro = fast.is_none()
-            || !socket
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .is_some_and(|a| a.port() == if a.is_ipv4() { fast_port } else { fast_port_v6 });
+        let fast_socket = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a.port() == if a.is_ipv4() { fast_port } else { fast_port_v6 });
+        let gro = fast.is_none() || !fast_socket;
         threads.push(std::thread::spawn(move || {
             to_internet(
                 &socket,
