@@ -11,9 +11,11 @@ pub enum MapKind {
     Array,
     HashMap,
     /// A hash map whose entries are allocated as they are added
-    /// (`BPF_F_NO_PREALLOC`): for tables only some users of the object
-    /// fill (the exit node's), which would otherwise cost every loader
-    /// their full size in kernel memory.
+    /// (`BPF_F_NO_PREALLOC`): for tables only user space fills and that
+    /// most hosts leave empty or nearly (the exit node's, the client's
+    /// NAT and fast-path tables), which would otherwise cost every loader
+    /// their full size in kernel memory. The programs only look entries
+    /// up and change them in place, so their cost does not change.
     SparseHashMap,
     LruHashMap,
     LpmTrie,
@@ -102,9 +104,9 @@ macro_rules! kernel_maps {
             STATS, "OASIS_STATS", PerCpuArray<u64>, $crate::stat::COUNT;
             /// In-kernel NAT of fake-address flows carried by the underlay:
             /// the flow as the application sends it → the real destination.
-            NAT_OUT, "OASIS_NAT_OUT", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            NAT_OUT, "OASIS_NAT_OUT", SparseHashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
             /// The reply as it arrives → the fake source to put in its place.
-            NAT_IN, "OASIS_NAT_IN", HashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
+            NAT_IN, "OASIS_NAT_IN", SparseHashMap<$crate::FlowKey, $crate::NatEntry>, $crate::NAT_ENTRIES;
             /// Replies of in-kernel NAT flows that came fragmented: the
             /// fake source their first fragment got, for the later ones
             /// (no ports to look them up by).
@@ -149,7 +151,7 @@ macro_rules! kernel_maps {
             PINNED_ACTIVE, "OASIS_PINNED_ACTIVE", Array<u32>, 1;
             /// Overlay flows the kernel wraps itself: the flow as it leaves
             /// the host → its entry node and shim (`encap.rs`).
-            ENCAP, "OASIS_ENCAP", HashMap<$crate::FlowKey, $crate::EncapEntry>, $crate::ENCAP_ENTRIES;
+            ENCAP, "OASIS_ENCAP", SparseHashMap<$crate::FlowKey, $crate::EncapEntry>, $crate::ENCAP_ENTRIES;
             /// The entry nodes of those flows → their overlay's shim length:
             /// only their datagrams are opened in the kernel.
             ENCAP_PEERS, "OASIS_ENCAP_PEERS", HashMap<$crate::EncapPeer, u32>, $crate::ENCAP_PEERS;
