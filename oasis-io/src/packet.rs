@@ -254,26 +254,85 @@ pub fn refresh_icmp_checksum(packet: &mut [u8]) -> Result<(), PacketError> {
         return Err(PacketError::Truncated);
     }
     packet[at..at + 2].copy_from_slice(&[0, 0]);
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
+    let mut sum = if layout.version == 6 {
+        pseudo_header_sum(packet, ICMPV6, layout.l4)
+    } else {
+        0
     };
-    if layout.version == 6 {
-        // The pseudo-header: addresses, length, next header.
-        let length = (packet.len() - layout.l4) as u32;
-        add(&packet[8..40]);
-        add(&length.to_be_bytes());
-        add(&[0, 0, 0, ICMPV6]);
+    sum = ones_sum(sum, &packet[layout.l4..]);
+    let checksum = !fold(sum);
+    packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}
+
+/// Finishes a TCP or UDP checksum that holds only its pseudo-header's sum:
+/// a packet whose sender's kernel left the checksum to the device
+/// (CHECKSUM_PARTIAL) and that crossed a veth unfinished, as a client's
+/// kernel-wrapped packets do toward an exit node on the same host.
+/// Recomputing is right even when the match is a coincidence (one finished
+/// checksum in 65,536 looks so): such a checksum recomputes to itself.
+/// True when it recomputed.
+pub fn finish_checksum(packet: &mut [u8]) -> bool {
+    let Ok(layout) = layout(packet) else {
+        return false;
+    };
+    let at = match layout.proto {
+        TCP => layout.l4 + 16,
+        UDP => layout.l4 + 6,
+        _ => return false,
+    };
+    let Some(field) = packet.get(at..at + 2) else {
+        return false;
+    };
+    let field = u16::from_be_bytes([field[0], field[1]]);
+    // Zero: an IPv4 UDP datagram without a checksum.
+    if field == 0 || field != fold(pseudo_header_sum(packet, layout.proto, layout.l4)) {
+        return false;
     }
-    add(&packet[layout.l4..]);
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let sum = ones_sum(
+        pseudo_header_sum(packet, layout.proto, layout.l4),
+        &packet[layout.l4..],
+    );
+    let mut checksum = !fold(sum);
+    if layout.proto == UDP && checksum == 0 {
+        checksum = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    true
+}
+
+/// The transport pseudo-header's one's-complement sum, unfolded: the
+/// addresses, the protocol and the transport length (from `l4` to the
+/// packet's end).
+fn pseudo_header_sum(packet: &[u8], proto: u8, l4: usize) -> u32 {
+    let length = (packet.len() - l4) as u32;
+    let addresses = if packet[0] >> 4 == 6 {
+        &packet[8..40]
+    } else {
+        &packet[12..20]
+    };
+    ones_sum(ones_sum(0, addresses), &length.to_be_bytes()) + u32::from(proto)
+}
+
+/// Adds `bytes` as big-endian 16-bit words (an odd last byte padded with
+/// zero) to `sum`, without folding.
+fn ones_sum(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut pairs = bytes.chunks_exact(2);
+    for pair in &mut pairs {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    let checksum = !(sum as u16);
-    packet[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
-    Ok(())
+    sum as u16
 }
 
 /// The ICMP echo identifier, when the packet is an echo request or reply.
@@ -609,6 +668,50 @@ fn build_unreachable(dead: &[u8], out: &mut Vec<u8>, prohibited: bool) -> Option
 mod tests {
     use super::*;
     use etherparse::{PacketBuilder, SlicedPacket, TcpOptionElement, TransportSlice};
+
+    /// A packet as a kernel leaves it for the device: the transport
+    /// checksum holding the pseudo-header's sum alone.
+    fn unfinished(mut packet: Vec<u8>) -> Vec<u8> {
+        let layout = layout(&packet).unwrap();
+        let at = layout.l4 + if layout.proto == TCP { 16 } else { 6 };
+        let pseudo = fold(pseudo_header_sum(&packet, layout.proto, layout.l4));
+        packet[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+        packet
+    }
+
+    #[test]
+    fn an_unfinished_checksum_is_finished_and_a_finished_one_left_alone() {
+        let mut tcp4 = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 7], 64)
+            .tcp(40000, 80, 1, 64000)
+            .write(&mut tcp4, b"an odd-length payload")
+            .unwrap();
+        let mut udp6 = Vec::new();
+        PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+            .udp(5353, 53)
+            .write(&mut udp6, b"question")
+            .unwrap();
+        for finished in [tcp4, udp6] {
+            let mut packet = unfinished(finished.clone());
+            assert_ne!(packet, finished);
+            assert!(finish_checksum(&mut packet));
+            assert_eq!(packet, finished, "finished as the sender's device would");
+            assert_checksums_valid(&packet);
+            let mut again = finished.clone();
+            assert!(!finish_checksum(&mut again), "a finished checksum is left alone");
+            assert_eq!(again, finished);
+        }
+        // An IPv4 datagram without a checksum keeps none.
+        let mut bare = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 7], 64)
+            .udp(1, 2)
+            .write(&mut bare, b"x")
+            .unwrap();
+        bare[26..28].copy_from_slice(&[0, 0]);
+        let before = bare.clone();
+        assert!(!finish_checksum(&mut bare));
+        assert_eq!(bare, before);
+    }
 
     /// Every checksum of the packet, recomputed from scratch, must equal
     /// what the packet carries.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use oasis_common::proto::{TCP, UDP};
 use oasis_common::{FlowKey, FragKey};
 use oasis_io::packet::{
-    End, addresses, clamp_mss, fragment, rewrite_address, rewrite_error_about, rewrite_ip_address,
+    End, addresses, clamp_mss, finish_checksum, fragment, rewrite_address, rewrite_error_about,
+    rewrite_ip_address,
 };
 
 use super::counters::DropReason;
@@ -240,6 +241,10 @@ impl ReturnPath {
         out.resize(headroom, 0);
         out.extend_from_slice(packet);
         let inner = &mut out[headroom..];
+        // An exit node on this same host behind a veth hands over what its
+        // kernel wrapped with the checksum still the device's to finish;
+        // nothing between here and the application would.
+        finish_checksum(inner);
         if let Some(key) = flow_key(inner) {
             let mapped = replies.and_then(|r| r.get(&key).copied());
             match fragment(inner) {

@@ -2,4 +2,5 @@
 pub mod gro;
 pub mod mmsg;
 pub mod raw;
+pub mod segment;
 pub mod tun;

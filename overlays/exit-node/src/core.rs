@@ -203,6 +203,10 @@ impl Exit {
         shim_len: usize,
         reset: &mut Vec<u8>,
     ) -> ToInternet {
+        // A client on this same host behind a veth (its kernel wrapped the
+        // packet) hands over a checksum its device was to finish: nothing
+        // after this would.
+        oasis_io::packet::finish_checksum(packet);
         match self.nat.outbound(sender, class, packet, now) {
             Ok(()) => {
                 self.follow_mappings();

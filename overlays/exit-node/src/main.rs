@@ -318,6 +318,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 queue,
                 gro,
                 fast.as_deref(),
+                usize::from(mtu),
             )
         }));
     }
@@ -553,9 +554,11 @@ fn to_internet(
     queue: usize,
     gro: bool,
     fast: Option<&Fast>,
+    mtu: usize,
 ) {
     use oasis_io::linux::mmsg::{Received, Receiver, datagrams, enable_udp_gro};
     use oasis_io::linux::raw::RawBatches;
+    use oasis_io::linux::segment::cut_tcp;
     let mut bufs = vec![vec![0u8; CLIENT_BUFFER]; BATCH];
     let mut received = [Received::default(); BATCH];
     let mut receiver = Receiver::default();
@@ -621,6 +624,12 @@ fn to_internet(
             }
             let (to, back) = &mut resets[used];
             match core.to_internet(queued.sender, class, &mut queued.packet, now, shim_len, back) {
+                // Larger than the uplink takes: a client's GSO packet that
+                // nothing cut on its way (see `oasis_io::linux::segment`).
+                ToInternet::Send if queued.packet.len() > mtu => {
+                    cut_tcp(&mut queued.packet, mtu, &mut pool, &mut out);
+                    pool.push(queued.packet);
+                }
                 ToInternet::Send => out.push(queued.packet),
                 ToInternet::Reset => {
                     *to = queued.sender;
