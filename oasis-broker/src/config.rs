@@ -49,8 +49,8 @@ pub struct Config {
     pub overlay_port: u16,
     /// After a plain overlay flow's first packet, the uplink's kernel
     /// program wraps its packets for the entry node and opens its returning
-    /// datagrams itself (the fast path); off (the default for now), every
-    /// packet of it crosses the broker.
+    /// datagrams itself (the fast path, the default); off, every packet of
+    /// it crosses the broker.
     pub overlay_fast_path: bool,
     /// UDP port on loopback where the overlays' local code modules hand
     /// packets to be sent on the underlay. Only the broker's own module
@@ -343,7 +343,7 @@ impl Default for Config {
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             next_rule_id: None,
             overlay_port: 7400,
-            overlay_fast_path: false,
+            overlay_fast_path: true,
             underlay_port: 7401,
             dns: DnsConfig::default(),
             monitor: MonitorConfig::default(),

@@ -609,6 +609,10 @@ fn start_daemon(net: &mut Topology, scenario: Scenario, spec_url: &str) -> anyho
             let extra = match scenario {
                 Scenario::FakeUnderlay => net.dns_config("underlay_answers: fake"),
                 Scenario::OverlayFast => "overlay_fast_path: true\n".to_string(),
+                // The client's broker wraps every packet (the exit's kernel
+                // still carries the flow), against which the fast path is
+                // measured.
+                Scenario::OverlayExit => "overlay_fast_path: false\n".to_string(),
                 _ => String::new(),
             };
             let daemon = Daemon::start(net, &extra);
