@@ -408,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn a_header_rules_overlay_flow_is_wrapped_in_the_kernel_after_its_first_packet() {
+    fn a_header_rules_overlay_flow_is_wrapped_in_the_kernel_from_its_second_packet() {
         let world = world(&[header("detour", "tcp", "80")]);
         let mut router = world.router();
         let start = Instant::now();
@@ -424,6 +424,16 @@ mod tests {
             "the handshake goes through the broker (its MSS clamped)"
         );
         let key = key_of(&syn);
+        assert!(
+            router.next_work().is_none(),
+            "a flow of one packet costs no kernel entry"
+        );
+        assert!(router.flows().get(&key).is_some_and(|f| !f.in_kernel()));
+        assert_eq!(world.engine.kernel_flows.load(Relaxed), 0);
+        // Its second packet (the handshake's ACK) hands it to the kernel.
+        let mut ack = tcp(SERVER, 40000, 80, None);
+        let sent = decide(&mut router, &mut ack);
+        assert!(matches!(sent, Outbound::Overlay { .. }), "{sent:?}");
         let (how, _) = world.encap.0.lock().unwrap().flows[&key];
         assert_eq!((how.to, how.rule, how.shim()), (entry(), 1, &[0u8; 4][..]));
         assert!(router.flows().get(&key).is_some_and(|f| f.in_kernel()));
@@ -454,6 +464,7 @@ mod tests {
         let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 80, Some(1460));
         decide(&mut router, &mut syn);
+        decide(&mut router, &mut tcp(SERVER, 40000, 80, None));
         let key = key_of(&syn);
         assert_eq!(world.encap.0.lock().unwrap().flows.len(), 1);
         let none = Arc::new(OverlayTable::new([]));
@@ -476,14 +487,21 @@ mod tests {
         let mut router = world.router();
         let mut syn = tcp(SERVER, 40000, 80, Some(1460));
         assert!(matches!(decide(&mut router, &mut syn), Outbound::Overlay { .. }));
+        let mut ack = tcp(SERVER, 40000, 80, None);
+        assert!(matches!(decide(&mut router, &mut ack), Outbound::Overlay { .. }));
         assert!(router.flows().get(&key_of(&syn)).is_some_and(|f| !f.in_kernel()));
         assert_eq!(world.engine.kernel_flows.load(Relaxed), 0);
+        // Refused once, it is not asked again per packet.
+        world.encap.0.lock().unwrap().full = false;
+        decide(&mut router, &mut tcp(SERVER, 40000, 80, None));
+        assert!(world.encap.0.lock().unwrap().flows.is_empty());
         // With the fast path off, nothing is asked of the kernel at all.
         let mut off = settings();
         off.fast_path = false;
         let world = world_with(&[header("detour", "tcp", "80")], None, off);
         let mut router = world.router();
         decide(&mut router, &mut tcp(SERVER, 40000, 80, Some(1460)));
+        decide(&mut router, &mut tcp(SERVER, 40000, 80, None));
         assert!(world.encap.0.lock().unwrap().flows.is_empty());
     }
 

@@ -39,6 +39,10 @@ pub enum Offload {
     /// datagrams of it (a header rule's flow on a plain overlay); what the
     /// kernel leaves to the broker (SYN, FIN, too big) still comes here.
     Encapsulated,
+    /// A header rule's flow on a plain overlay, its first packet carried
+    /// here: the kernel takes it over at its second (`Encapsulated`), so a
+    /// flow of one packet (a DNS query, a probe) costs no kernel entry.
+    WrapNext,
 }
 
 impl Offload {

@@ -614,7 +614,10 @@ impl Router {
         }
         let via = match self.flows.lookup(&key, now) {
             Lookup::Live(flow) => match known(flow, packet, now) {
-                Known::Carry(via) => via,
+                Known::Carry(via) => {
+                    self.wrap_if_next(&key);
+                    via
+                }
                 Known::Repin(via) => {
                     self.repin(&key);
                     via
@@ -686,15 +689,36 @@ impl Router {
             });
             new.offload = Offload::Pinned { measured: false };
         } else if let (Via::Overlay(id), Some(rule)) = (via, rule)
-            && let Some(how) = self.encapsulation(id, key, rule)
+            && self.encapsulation(id, key, rule).is_some()
         {
             // A plain overlay needs the broker only for what the kernel
-            // leaves it (the handshake, the end, what is too big).
-            self.work.push_back(KernelOp::Encapsulate { flow: *key, how });
-            new.offload = Offload::Encapsulated;
+            // leaves it (the handshake, the end, what is too big), once the
+            // flow has a second packet.
+            new.offload = Offload::WrapNext;
         }
         self.insert(*key, new);
         via
+    }
+
+    /// A flow left to wrap at its next packet (this one): the kernel takes
+    /// it from here, when it still may (its overlay, the fast path).
+    fn wrap_if_next(&mut self, key: &FlowKey) {
+        let Some(flow) = self.flows.get(key) else { return };
+        let (Offload::WrapNext, Via::Overlay(id), Some(rule)) = (&flow.offload, flow.via, flow.rule) else {
+            return;
+        };
+        let how = self.encapsulation(id, key, rule);
+        let Some(flow) = self.flows.get_mut(key) else {
+            return;
+        };
+        match how {
+            Some(how) => {
+                self.work.push_back(KernelOp::Encapsulate { flow: *key, how });
+                flow.offload = Offload::Encapsulated;
+                self.engine.kernel_flows.fetch_add(1, Relaxed);
+            }
+            None => flow.offload = Offload::Broker,
+        }
     }
 
     /// How the kernel may carry a flow of overlay `id` itself, when the
@@ -1057,7 +1081,7 @@ impl Router {
                 Offload::Pinned { .. } => kernel.pinned_seen(key),
                 Offload::Translated { .. } => kernel.translated_seen(key, flow.fake?.real),
                 Offload::Encapsulated => kernel.encapsulated_seen(key),
-                Offload::Broker | Offload::Measured(_) => None,
+                Offload::Broker | Offload::Measured(_) | Offload::WrapNext => None,
             }
         };
         if make_room {
