@@ -132,19 +132,13 @@ pub fn egress(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -
     }
     // The link header is the kernel's to write (below); only the outer IP
     // and UDP headers are ours.
-    let headers = if v6 {
-        let outer = outer_v6(
-            (&entry.source, entry.our_port),
-            (&entry.peer, entry.peer_port),
-            total,
-        );
-        ctx.store(ETH_HLEN, &outer, 0).is_ok()
-    } else {
-        let source = [entry.source[0], entry.source[1], entry.source[2], entry.source[3]];
-        let peer = [entry.peer[0], entry.peer[1], entry.peer[2], entry.peer[3]];
-        let outer = outer_v4((source, entry.our_port), (peer, entry.peer_port), total);
-        ctx.store(ETH_HLEN, &outer, 0).is_ok()
-    };
+    let headers = store_outer(
+        ctx,
+        v6,
+        (&entry.source, entry.our_port),
+        (&entry.peer, entry.peer_port),
+        total,
+    );
     let stored = headers
         && (shim_len == 0 || store_shim(ctx, ETH_HLEN + outer_ip + UDP_HLEN, entry.shim.as_ptr(), shim_len));
     if !stored {
@@ -220,6 +214,28 @@ pub(crate) fn outer_v4(from: ([u8; 4], u16), to: ([u8; 4], u16), total: usize) -
     udp[2..4].copy_from_slice(&to.1.to_be_bytes());
     udp[4..6].copy_from_slice(&((total - OUTER_V4) as u16).to_be_bytes());
     outer
+}
+
+/// Writes the outer IP (`v6`, or v4 from the first 4 bytes of each
+/// address) and UDP headers after the link header, for a datagram of
+/// `total` bytes from `from` to `to`.
+#[inline(always)]
+pub(crate) fn store_outer(
+    ctx: &TcContext,
+    v6: bool,
+    from: (&[u8; 16], u16),
+    to: (&[u8; 16], u16),
+    total: usize,
+) -> bool {
+    if v6 {
+        let outer = outer_v6(from, to, total);
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    } else {
+        let source = [from.0[0], from.0[1], from.0[2], from.0[3]];
+        let peer = [to.0[0], to.0[1], to.0[2], to.0[3]];
+        let outer = outer_v4((source, from.1), (peer, to.1), total);
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    }
 }
 
 /// The outer IPv6 and UDP headers of a datagram of `total` bytes (outer

@@ -613,23 +613,28 @@ impl Router {
             return self.carry(via, &key, false, packet);
         }
         let via = match self.flows.lookup(&key, now) {
-            Lookup::Live(flow) => match known(flow, packet, now) {
-                Known::Carry(via) => {
-                    self.wrap_if_next(&key);
-                    via
+            Lookup::Live(flow) => {
+                let wrap_next = matches!(flow.offload, Offload::WrapNext);
+                match known(flow, packet, now) {
+                    Known::Carry(via) => {
+                        if wrap_next {
+                            self.wrap_next(&key);
+                        }
+                        via
+                    }
+                    Known::Repin(via) => {
+                        self.repin(&key);
+                        via
+                    }
+                    Known::SynAgain(via) if self.answered(&key) => {
+                        self.repin(&key);
+                        via
+                    }
+                    Known::SynAgain(_) | Known::Rescue => self
+                        .rescue(&key, packet, now)
+                        .map_or(Via::Underlay, |(via, _)| via),
                 }
-                Known::Repin(via) => {
-                    self.repin(&key);
-                    via
-                }
-                Known::SynAgain(via) if self.answered(&key) => {
-                    self.repin(&key);
-                    via
-                }
-                Known::SynAgain(_) | Known::Rescue => self
-                    .rescue(&key, packet, now)
-                    .map_or(Via::Underlay, |(via, _)| via),
-            },
+            }
             Lookup::Stale(old) => {
                 self.end_one(key, old, now);
                 self.start(&key, packet, now, None)
@@ -700,9 +705,10 @@ impl Router {
         via
     }
 
-    /// A flow left to wrap at its next packet (this one): the kernel takes
-    /// it from here, when it still may (its overlay, the fast path).
-    fn wrap_if_next(&mut self, key: &FlowKey) {
+    /// The second packet of a flow left to wrap (`Offload::WrapNext`): the
+    /// kernel takes it from here, when it still may (its overlay, the fast
+    /// path).
+    fn wrap_next(&mut self, key: &FlowKey) {
         let Some(flow) = self.flows.get(key) else { return };
         let (Offload::WrapNext, Via::Overlay(id), Some(rule)) = (&flow.offload, flow.via, flow.rule) else {
             return;

@@ -19,7 +19,8 @@ const MAX_SEGMENTS: usize = 64;
 /// Cuts `packet` (IPv4 or IPv6 TCP, longer than `max_len`) into segments of
 /// at most `max_len` bytes, appended to `out` (buffers taken from `spare`
 /// first). False, with nothing appended, for a packet that is not such a
-/// TCP packet or cannot be cut.
+/// TCP packet or cannot be cut. It allocates the list of its buffers: it
+/// runs only for the rare packet a same-host veth delivered whole.
 pub fn cut_tcp(packet: &mut [u8], max_len: usize, spare: &mut Vec<Vec<u8>>, out: &mut Vec<Vec<u8>>) -> bool {
     let Ok(layout) = crate::packet::layout(packet) else {
         return false;
@@ -59,11 +60,14 @@ pub fn cut_tcp(packet: &mut [u8], max_len: usize, spare: &mut Vec<Vec<u8>>, out:
     let mut sizes = [0usize; MAX_SEGMENTS];
     match gso_split(packet, hdr, &mut buffers, &mut sizes, 0, layout.version == 6) {
         Ok(made) => {
-            for (mut buffer, size) in buffers.drain(..).zip(sizes).take(made) {
-                buffer.truncate(size);
-                out.push(buffer);
+            for (i, mut buffer) in buffers.into_iter().enumerate() {
+                if i < made {
+                    buffer.truncate(sizes[i]);
+                    out.push(buffer);
+                } else {
+                    spare.push(buffer);
+                }
             }
-            spare.append(&mut buffers);
             true
         }
         Err(_) => {

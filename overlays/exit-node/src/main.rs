@@ -624,13 +624,16 @@ fn to_internet(
             }
             let (to, back) = &mut resets[used];
             match core.to_internet(queued.sender, class, &mut queued.packet, now, shim_len, back) {
-                // Larger than the uplink takes: a client's GSO packet that
-                // nothing cut on its way (see `oasis_io::linux::segment`).
-                ToInternet::Send if queued.packet.len() > mtu => {
-                    cut_tcp(&mut queued.packet, mtu, &mut pool, &mut out);
-                    pool.push(queued.packet);
+                ToInternet::Send => {
+                    // Larger than the uplink takes: a client's GSO packet
+                    // nothing cut on its way (`oasis_io::linux::segment`).
+                    // What is not TCP goes as it is, as before.
+                    if queued.packet.len() > mtu && cut_tcp(&mut queued.packet, mtu, &mut pool, &mut out) {
+                        pool.push(queued.packet);
+                    } else {
+                        out.push(queued.packet);
+                    }
                 }
-                ToInternet::Send => out.push(queued.packet),
                 ToInternet::Reset => {
                     *to = queued.sender;
                     used += 1;
