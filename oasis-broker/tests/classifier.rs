@@ -1045,6 +1045,24 @@ fn the_object_matches_the_shared_table() {
     .collect();
     expected.sort_unstable();
     assert_eq!(programs, expected);
+    // The kernel's verifier accepts each TC program: the exit's runs close
+    // to the 512 bytes of stack a call chain may use, and a change that
+    // passes them shows here, not as an exit node that never starts.
+    let mut ebpf = ebpf;
+    for name in [
+        EGRESS_PROGRAM,
+        INGRESS_PROGRAM,
+        oasis_common::EXIT_INGRESS_PROGRAM,
+    ] {
+        let program: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("{name}"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("the verifier refused {name}: {e:#}"));
+    }
 }
 
 /// A protocol no rule has named passes without touching the flow cache

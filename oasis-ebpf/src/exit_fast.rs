@@ -32,7 +32,7 @@ use oasis_common::{
     proto::{TCP, UDP},
 };
 
-use crate::encap::{OUTER_V4, OUTER_V6, UDP_HLEN, store_outer, store_shim, wrap_room};
+use crate::encap::{OUTER_V4, OUTER_V6, UDP_HLEN, outer_v4, outer_v6, store_shim, wrap_room};
 use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
 use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
 
@@ -321,13 +321,21 @@ fn from_internet(ctx: &TcContext, settings: &ExitSettings) -> Option<i32> {
         miss(exit_miss::NO_ROOM);
         return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
     }
-    let headers = store_outer(
-        ctx,
-        v6,
-        (&entry.local, entry.listen_port),
-        (&entry.client, entry.client_port),
-        total,
-    );
+    // Written here, not through `encap::store_outer`: shared, the
+    // function's stack grew past the verifier's 512 bytes per call chain.
+    let headers = if v6 {
+        let outer = outer_v6(
+            (&entry.local, entry.listen_port),
+            (&entry.client, entry.client_port),
+            total,
+        );
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    } else {
+        let local = [entry.local[0], entry.local[1], entry.local[2], entry.local[3]];
+        let client = [entry.client[0], entry.client[1], entry.client[2], entry.client[3]];
+        let outer = outer_v4((local, entry.listen_port), (client, entry.client_port), total);
+        ctx.store(ETH_HLEN, &outer, 0).is_ok()
+    };
     // A reply's shim is zeros, as the exit's user-space path sends it.
     let zeros = [0u8; MAX_FAST_SHIM];
     let stored = headers
