@@ -220,7 +220,7 @@ pub(crate) fn outer_v4(from: ([u8; 4], u16), to: ([u8; 4], u16), total: usize) -
 /// address) and UDP headers after the link header, for a datagram of
 /// `total` bytes from `from` to `to`.
 #[inline(always)]
-pub(crate) fn store_outer(
+fn store_outer(
     ctx: &TcContext,
     v6: bool,
     from: (&[u8; 16], u16),

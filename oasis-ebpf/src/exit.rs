@@ -12,7 +12,7 @@ use aya_ebpf::{
 use oasis_common::proto::{ICMP, ICMPV6, IPV6_FRAGMENT, TCP, UDP};
 use oasis_common::{ExitSettings, FAMILY_V4, FAMILY_V6, FragKey};
 
-use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read, v4_in_16};
 use crate::maps::{EXIT_FRAGMENTS, EXIT_SETTINGS};
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -62,29 +62,6 @@ fn quoted_port(ctx: &TcContext, settings: &ExitSettings, v4: bool, at: usize) ->
     }
 }
 
-/// An IPv4 address at `at` of `head`, in the first 4 of 16 bytes.
-#[inline(always)]
-fn v4_in_16(head: &[u8; 20], at: usize) -> [u8; 16] {
-    [
-        head[at],
-        head[at + 1],
-        head[at + 2],
-        head[at + 3],
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
-}
-
 /// Where a reply's fragment stands.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Piece {
@@ -112,8 +89,8 @@ fn steer(ctx: &TcContext) -> Option<u32> {
             }
             let field = u16::from_be_bytes([head[6], head[7]]);
             let datagram = FragKey {
-                src: v4_in_16(&head, 12),
-                dst: v4_in_16(&head, 16),
+                src: v4_in_16([head[12], head[13], head[14], head[15]]),
+                dst: v4_in_16([head[16], head[17], head[18], head[19]]),
                 id: u32::from(u16::from_be_bytes([head[4], head[5]])),
                 proto: head[9],
                 family: FAMILY_V4,

@@ -33,7 +33,7 @@ use oasis_common::{
 };
 
 use crate::encap::{OUTER_V4, OUTER_V6, UDP_HLEN, outer_v4, outer_v6, store_shim, wrap_room};
-use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read};
+use crate::headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, read, v4_in_16};
 use crate::maps::{EXIT_BACK, EXIT_FAST_COUNTS, EXIT_FAST_MISSES, EXIT_OUT};
 
 const TCP_SYN_FIN_RST: u8 = 0x07;
@@ -124,14 +124,6 @@ fn ipv6_client(ctx: &TcContext, settings: &ExitSettings) -> Option<Sender> {
         port: u16::from_be_bytes([udp[0], udp[1]]),
         local: read(ctx, ETH_HLEN + 24)?,
     })
-}
-
-/// An IPv4 address in the first 4 of 16 bytes (built whole: zeroing an
-/// array first may become a call to memset, which a BPF function cannot
-/// make).
-#[inline(always)]
-fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
-    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 }
 
 /// Who sent a client's datagram, and to which of the exit's addresses.

@@ -22,3 +22,11 @@ pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         ctx.load::<T>(offset).ok()
     }
 }
+
+/// An IPv4 address in the first 4 of 16 bytes, as keys hold it. Built
+/// whole: zeroing an array first may compile to a memset call, which a BPF
+/// function cannot make (it would return a stack pointer).
+#[inline(always)]
+pub fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}

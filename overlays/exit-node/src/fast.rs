@@ -8,9 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use oasis_common::{
-    ExitBack, ExitFlowKey, ExitOut, FAMILY_V4, FAMILY_V6, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM,
-};
+use oasis_common::{ExitBack, ExitFlowKey, ExitOut, FlowKey, MAX_EXIT_TOKEN, MAX_FAST_SHIM};
 
 use crate::clients::{Client, lookup};
 use crate::nat::{Inside, Mapped};
@@ -106,14 +104,23 @@ impl FastPath {
         let (IpAddr::V4(src), IpAddr::V4(dst)) = (inside.src, inside.dst) else {
             return None;
         };
-        let client = inside.client;
-        let (family, client_ip, listen_port) = match client {
-            SocketAddr::V4(c) => {
-                let mut ip = [0; 16];
-                ip[..4].copy_from_slice(&c.ip().octets());
-                (FAMILY_V4, ip, self.listen_port)
-            }
-            SocketAddr::V6(c) => (FAMILY_V6, c.ip().octets(), self.listen_port_v6),
+        let inner = FlowKey::v4(
+            src.octets(),
+            dst.octets(),
+            inside.proto,
+            inside.src_port,
+            inside.dst_port,
+        );
+        // The replies go back over the client's family, from its port.
+        let (key, listen_port) = match inside.client {
+            SocketAddr::V4(c) => (
+                ExitFlowKey::v4(c.ip().octets(), c.port(), inner),
+                self.listen_port,
+            ),
+            SocketAddr::V6(c) => (
+                ExitFlowKey::v6(c.ip().octets(), c.port(), inner),
+                self.listen_port_v6,
+            ),
         };
         if !matches!(inside.proto, oasis_common::proto::TCP | oasis_common::proto::UDP)
             || self.shim_len > MAX_FAST_SHIM
@@ -137,19 +144,6 @@ impl FastPath {
             ..ExitOut::default()
         };
         out.token[..token.len()].copy_from_slice(&token);
-        let key = ExitFlowKey {
-            client: client_ip,
-            client_port: client.port(),
-            family,
-            _pad: [0; 5],
-            inner: FlowKey::v4(
-                src.octets(),
-                dst.octets(),
-                inside.proto,
-                inside.src_port,
-                inside.dst_port,
-            ),
-        };
         let reply = FlowKey::v4(
             dst.octets(),
             public,
@@ -158,13 +152,13 @@ impl FastPath {
             mapped.nat_port,
         );
         let back = ExitBack {
-            client: client_ip,
-            client_port: client.port(),
+            client: key.client,
+            client_port: key.client_port,
             listen_port,
             inside: src.octets(),
             inside_port: inside.src_port,
             class: mapped.class,
-            family,
+            family: key.family,
             ..ExitBack::default()
         };
         Some(FastEntry {
@@ -179,6 +173,7 @@ impl FastPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oasis_common::{FAMILY_V4, FAMILY_V6};
 
     fn inside(client: &str, proto: u8, dst: &str) -> Inside {
         Inside {
