@@ -1,0 +1,142 @@
+//! WireGuard keys as users write them: 32 bytes in base64 (44 characters).
+//! A private key never prints: its `Debug` says it is hidden, and no error
+//! quotes a value that could be one.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use boringtun::x25519;
+
+/// Why a key was refused. The value is never quoted: it may be a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not a WireGuard key: give 32 bytes in base64 (44 characters ending in `=`, as `wg genkey` prints)")]
+    NotAKey,
+}
+
+fn decode(text: &str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim();
+    if text.len() != 44 {
+        return Err(KeyError::NotAKey);
+    }
+    let bytes = STANDARD.decode(text).map_err(|_| KeyError::NotAKey)?;
+    bytes.try_into().map_err(|_| KeyError::NotAKey)
+}
+
+/// A peer's public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    pub fn parse(text: &str) -> Result<PublicKey, KeyError> {
+        decode(text).map(PublicKey)
+    }
+
+    pub(crate) fn x25519(&self) -> x25519::PublicKey {
+        x25519::PublicKey::from(self.0)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+/// This host's private key (x25519 clamps it; dalek zeroes it when
+/// dropped).
+#[derive(Clone)]
+pub struct PrivateKey(x25519::StaticSecret);
+
+impl PrivateKey {
+    pub fn parse(text: &str) -> Result<PrivateKey, KeyError> {
+        decode(text).map(|bytes| PrivateKey(x25519::StaticSecret::from(bytes)))
+    }
+
+    /// A new key from the operating system's random source.
+    pub fn generate() -> PrivateKey {
+        let bytes: [u8; 32] = rand::random();
+        PrivateKey(x25519::StaticSecret::from(bytes))
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(x25519::PublicKey::from(&self.0).to_bytes())
+    }
+
+    /// The key as a wg-quick file writes it: only for the file of mode
+    /// 0600 that keeps it.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0.to_bytes())
+    }
+
+    pub(crate) fn x25519(&self) -> x25519::StaticSecret {
+        self.0.clone()
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(hidden; public {})", self.public())
+    }
+}
+
+/// A pre-shared key: as secret as a private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey(pub(crate) [u8; 32]);
+
+impl PresharedKey {
+    pub fn parse(text: &str) -> Result<PresharedKey, KeyError> {
+        decode(text).map(PresharedKey)
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(hidden)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_secrets_never_print() {
+        let private = PrivateKey::generate();
+        let again = PrivateKey::parse(&private.to_base64()).unwrap();
+        assert_eq!(private.public(), again.public());
+        let shown = format!("{private:?}");
+        assert!(!shown.contains(&private.to_base64()), "{shown}");
+        assert!(shown.contains(&private.public().to_string()));
+        let psk = PresharedKey([7; 32]);
+        assert!(!format!("{psk:?}").contains(&psk.to_base64()));
+        let public = private.public();
+        assert_eq!(PublicKey::parse(&public.to_string()).unwrap(), public);
+    }
+
+    #[test]
+    fn a_key_is_44_characters_of_base64() {
+        // A known pair (RFC 7748 section 6.1's Alice).
+        let private = PrivateKey::parse("dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=").unwrap();
+        assert_eq!(
+            private.public().to_string(),
+            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+        );
+        for bad in ["", "abc", "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LC==", &"A".repeat(44)] {
+            assert_eq!(PrivateKey::parse(bad).err(), Some(KeyError::NotAKey), "{bad:?}");
+        }
+        // Whitespace around a key is no part of it.
+        assert!(PublicKey::parse(" hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo= ").is_ok());
+    }
+}
