@@ -44,6 +44,9 @@ pub enum Request {
         /// overlay's code module restarts.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         pinned: bool,
+        /// A WireGuard overlay: its wg-quick file (`url` is then unused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wireguard: Option<WireGuardUpload>,
     },
     OverlayList,
     OverlayShow {
@@ -69,6 +72,21 @@ pub struct ModuleUpload {
     pub name: String,
     /// The bytes, in hex.
     pub hex: String,
+}
+
+/// A wg-quick file, sent whole over the control socket (root's alone):
+/// the daemon keeps it in its key store. It holds a private key, so its
+/// `Debug` shows the name alone.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireGuardUpload {
+    pub name: String,
+    pub text: String,
+}
+
+impl std::fmt::Debug for WireGuardUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WireGuardUpload({:?}, {} bytes)", self.name, self.text.len())
+    }
 }
 
 /// A prefix set's file, sent whole: the daemon may not see the user's
@@ -335,6 +353,44 @@ pub struct OverlayView {
     /// Its code module, when one runs: state, restarts, traffic, refusals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_status: Option<crate::module::runner::ModuleStatus>,
+    /// A WireGuard overlay's keys (public only) and peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireGuardView>,
+}
+
+/// A WireGuard overlay: never a private or pre-shared key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGuardView {
+    /// This host's public key, for the peer's operator to register.
+    pub public_key: String,
+    /// This host's addresses inside the tunnel.
+    pub tunnel_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// The key store file holding the private key.
+    pub key_file: String,
+    pub peers: Vec<WireGuardPeerView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGuardPeerView {
+    pub public_key: String,
+    pub endpoint: String,
+    pub allowed_ips: Vec<String>,
+    /// Whether new flows may take it.
+    pub up: bool,
+    /// Its state in words, with why when it is down.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake_secs: Option<u64>,
+    pub handshakes: u64,
+    /// Bytes of packets sent and received through the tunnel.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Datagrams from it that failed to authenticate (forged, replayed).
+    pub rejected: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

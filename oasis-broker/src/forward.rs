@@ -12,10 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use oasis_wireguard::Opened;
+
 use crate::engine::{
-    DropReason, Engine, EngineCounters, LocalAddresses, Outbound, ReturnPath, Returned, Router, Routes,
-    SharedTables, module_admitted,
+    DropReason, Engine, EngineCounters, LocalAddresses, Outbound, ReplyMap, ReturnPath, Returned, Router,
+    Routes, SharedTables, TunnelMap, module_admitted,
 };
+use crate::overlay::JoinedOverlay;
+use crate::overlay::wireguard::SealScratch;
 use crate::liveness::{TICK_EVERY, Tick};
 use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
 
@@ -174,6 +180,8 @@ pub struct SendScratch<U: UnderlaySender, S: DatagramSocket> {
     underlay: U::Scratch,
     v4: S::Scratch,
     v6: S::Scratch,
+    /// Datagrams sealed for WireGuard overlays' peers.
+    sealed: SealScratch,
 }
 
 impl<U: UnderlaySender, S: DatagramSocket> Default for SendScratch<U, S> {
@@ -182,6 +190,7 @@ impl<U: UnderlaySender, S: DatagramSocket> Default for SendScratch<U, S> {
             underlay: U::Scratch::default(),
             v4: S::Scratch::default(),
             v6: S::Scratch::default(),
+            sealed: SealScratch::default(),
         }
     }
 }
@@ -219,15 +228,39 @@ pub fn send_decided<'p, U: UnderlaySender, S: DatagramSocket>(
         .clone()
         .filter(|(d, _)| *d == Outbound::Underlay)
         .map(|(_, p)| p);
-    let (underlay_sent, mut failed_all) = underlay.send(&mut scratch.underlay, underlay_packets);
+    let SendScratch {
+        underlay: underlay_scratch,
+        v4: v4_scratch,
+        v6: v6_scratch,
+        sealed,
+    } = scratch;
+    let (underlay_sent, mut failed_all) = underlay.send(underlay_scratch, underlay_packets);
+    // WireGuard overlays' packets are sealed first, each peer's tunnel
+    // locked once per run of packets to it.
+    let wireguard = routes.overlays.has_wireguard();
+    if wireguard {
+        let to_seal = decided.clone().filter_map(|(d, packet)| match d {
+            Outbound::Overlay { overlay, to } => {
+                let overlay = routes.overlays.get(overlay)?;
+                let link = overlay.wireguard.as_deref()?;
+                overlay.sent.fetch_add(1, Relaxed);
+                Some((link, packet, to))
+            }
+            _ => None,
+        });
+        sealed.seal_all(to_seal, Instant::now());
+    }
     let mut overlay_sent = 0;
     for (v4, socket, scratch) in [
-        (true, Some(&overlay.v4), &mut scratch.v4),
-        (false, overlay.v6.as_ref(), &mut scratch.v6),
+        (true, Some(&overlay.v4), v4_scratch),
+        (false, overlay.v6.as_ref(), v6_scratch),
     ] {
         let datagrams = decided.clone().filter_map(|(d, packet)| match d {
             Outbound::Overlay { overlay, to } if to.is_ipv4() == v4 => {
                 let overlay = routes.overlays.get(overlay)?;
+                if overlay.wireguard.is_some() {
+                    return None;
+                }
                 overlay.sent.fetch_add(1, Relaxed);
                 Some((overlay.shim.as_slice(), packet, to))
             }
@@ -237,6 +270,11 @@ pub fn send_decided<'p, U: UnderlaySender, S: DatagramSocket>(
             }
             _ => None,
         });
+        let sealed = sealed
+            .datagrams()
+            .filter(move |(_, to)| wireguard && to.is_ipv4() == v4)
+            .map(|(datagram, to)| (&[][..], datagram, to));
+        let datagrams = datagrams.chain(sealed);
         let (sent, failed) = match socket {
             Some(socket) => socket.send(scratch, datagrams),
             // No IPv6 on this host: an IPv6 next hop is unreachable.
@@ -254,9 +292,11 @@ pub fn send_decided<'p, U: UnderlaySender, S: DatagramSocket>(
 
 /// Receives datagrams on one overlay socket and hands the packets the
 /// return path accepts to the applications.
+#[allow(clippy::too_many_arguments)]
 pub fn run_returns<S, D>(
     mut path: ReturnPath,
     socket: &S,
+    v4: bool,
     mut delivery: D,
     local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
@@ -278,11 +318,14 @@ where
     let mut local = LocalAddresses::with_capacity(64);
     local_addresses(&mut local);
     let mut local_read = Instant::now();
+    let mut unseal = Unseal::new();
     loop {
         tick.tick();
         if stop.load(Relaxed) {
             return Ok(());
         }
+        unseal.timers(path.engine(), v4, Instant::now());
+        unseal.send(socket, &mut scratch);
         let count = match socket.recv(&mut scratch, &mut bufs, &mut received, TICK_EVERY) {
             Ok(count) => count,
             Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted) => 0,
@@ -299,8 +342,20 @@ where
         path.begin_batch(now);
         let engine: Arc<Engine> = path.engine().clone();
         let replies = engine.replies();
+        let tunnels = engine.tunnels();
+        let routes = path.routes().clone();
         let mut accepted = 0;
         for (buf, got) in bufs.iter().zip(&received).take(count) {
+            let sealed = got.from.and_then(|from| {
+                let overlay = routes.overlays.by_sender(from)?;
+                overlay.wireguard.is_some().then_some((from, overlay))
+            });
+            if let Some((from, overlay)) = sealed {
+                let maps = (replies.as_deref(), tunnels.as_deref());
+                let received = Sealed { from, buf, got };
+                unseal.open(&mut path, overlay, received, &local, maps, headroom, &mut out, &mut accepted, now);
+                continue;
+            }
             for range in datagrams(got.len, got.segment) {
                 if out.len() == accepted {
                     out.push(Vec::with_capacity(headroom + 1500));
@@ -329,11 +384,167 @@ where
             }
         }
         drop(replies);
+        drop(tunnels);
+        unseal.send(socket, &mut scratch);
         if accepted > 0
             && let Err(e) = delivery.deliver(&mut out[..accepted])
         {
             engine.counters.send_errors.fetch_add(1, Relaxed);
             tracing::debug!("writing returned packets to the applications: {e}");
+        }
+    }
+}
+
+/// One received buffer from a WireGuard overlay's peer: one datagram, or
+/// a coalesced run of them.
+struct Sealed<'b> {
+    from: SocketAddr,
+    buf: &'b [u8],
+    got: &'b Received,
+}
+
+/// What a return loop reuses for WireGuard overlays: the buffer packets
+/// are opened into, and protocol messages (handshake responses,
+/// keepalives, timers' retries, packets that waited for a session) to
+/// send once no tunnel is locked.
+struct Unseal {
+    opened: Vec<u8>,
+    queued: Vec<(Vec<u8>, SocketAddr)>,
+    queued_len: usize,
+    last_tick: Option<Instant>,
+}
+
+impl Unseal {
+    fn new() -> Unseal {
+        Unseal {
+            opened: vec![0; PACKET],
+            queued: Vec::new(),
+            queued_len: 0,
+            last_tick: None,
+        }
+    }
+
+    fn queue(&mut self, datagram: &[u8], to: SocketAddr) {
+        if self.queued.len() == self.queued_len {
+            self.queued.push((Vec::with_capacity(datagram.len()), to));
+        }
+        let (buf, dest) = &mut self.queued[self.queued_len];
+        buf.clear();
+        buf.extend_from_slice(datagram);
+        *dest = to;
+        self.queued_len += 1;
+    }
+
+    fn send<S: DatagramSocket>(&mut self, socket: &S, scratch: &mut S::Scratch) {
+        if self.queued_len == 0 {
+            return;
+        }
+        let queued = self.queued[..self.queued_len]
+            .iter()
+            .map(|(datagram, to)| (&[][..], datagram.as_slice(), *to));
+        socket.send(scratch, queued);
+        self.queued_len = 0;
+    }
+
+    /// The protocol's timers of the WireGuard peers this loop's family
+    /// reaches, every quarter second: handshakes to start or retry,
+    /// rekeying, keepalives.
+    fn timers(&mut self, engine: &Engine, v4: bool, now: Instant) {
+        if self.last_tick.is_some_and(|at| now.saturating_duration_since(at) < TICK_EVERY) {
+            return;
+        }
+        self.last_tick = Some(now);
+        let routes = engine.routes();
+        if !routes.overlays.has_wireguard() {
+            return;
+        }
+        for link in routes.overlays.iter().filter_map(|o| o.wireguard.as_ref()) {
+            for peer in link.peers.iter().filter(|p| p.endpoint.is_ipv4() == v4) {
+                let mut sealer = peer.tunnel.lock();
+                let Some(len) = sealer.tick(&mut self.opened, now).map(<[u8]>::len) else {
+                    continue;
+                };
+                drop(sealer);
+                let datagram = std::mem::take(&mut self.opened);
+                self.queue(&datagram[..len], peer.endpoint);
+                self.opened = datagram;
+            }
+        }
+    }
+
+    /// Opens what a WireGuard overlay's peer sent, its tunnel locked once
+    /// for the buffer, and hands each packet to the return path.
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        path: &mut ReturnPath,
+        overlay: &Arc<JoinedOverlay>,
+        received: Sealed<'_>,
+        local: &LocalAddresses,
+        (replies, tunnels): (Option<&ReplyMap>, Option<&TunnelMap>),
+        headroom: usize,
+        out: &mut Vec<Vec<u8>>,
+        accepted: &mut usize,
+        now: Instant,
+    ) {
+        let engine = path.engine().clone();
+        let counters = &engine.counters;
+        let Sealed { from, buf, got } = received;
+        let Some(link) = overlay.wireguard.as_deref() else { return };
+        let Some(peer) = link.peer_at(from) else {
+            counters.dropped(DropReason::NotFromOverlay);
+            return;
+        };
+        let mut sealer = peer.tunnel.lock();
+        for range in datagrams(got.len, got.segment) {
+            let mut opened = std::mem::take(&mut self.opened);
+            match sealer.open(from.ip(), &buf[range], &mut opened, now) {
+                Opened::Packet(packet) => {
+                    // Cryptokey routing: the peer speaks only for its
+                    // AllowedIPs.
+                    let allowed = oasis_io::packet::addresses(packet).is_some_and(|(src, _)| peer.allows(src));
+                    if !allowed {
+                        counters.dropped(DropReason::Unauthenticated);
+                    } else {
+                        if out.len() == *accepted {
+                            out.push(Vec::with_capacity(headroom + 1500));
+                        }
+                        let slot = &mut out[*accepted];
+                        match path.accept_opened(overlay, from, packet, local, replies, tunnels, headroom, slot, now) {
+                            Ok(Returned::Deliver(_)) => *accepted += 1,
+                            // A probe's SYN-ACK: the reset goes back sealed.
+                            Ok(Returned::ProbeAnswer { reset: true, .. }) => {
+                                let v6 = slot.first().is_some_and(|b| b >> 4 == 6);
+                                if let Some(source) = link.tunnel_source(v6)
+                                    && crate::overlay::wireguard::into_tunnel(slot, source)
+                                {
+                                    let mut sealed = vec![0; slot.len() + oasis_wireguard::DATA_OVERHEAD + 148];
+                                    if let Some(datagram) = sealer.seal(slot, &mut sealed, now) {
+                                        let datagram = datagram.to_vec();
+                                        self.queue(&datagram, from);
+                                    }
+                                }
+                            }
+                            Ok(Returned::ProbeAnswer { .. }) | Err(_) => {}
+                        }
+                    }
+                }
+                Opened::Reply(reply) => {
+                    let reply = reply.to_vec();
+                    self.queue(&reply, from);
+                    // The packets that waited for the session go now.
+                    while let Some(len) = sealer.flush(&mut opened).map(<[u8]>::len) {
+                        let datagram = opened[..len].to_vec();
+                        self.queue(&datagram, from);
+                    }
+                }
+                Opened::Nothing => {}
+                Opened::Rejected(error) => {
+                    counters.dropped(DropReason::Unauthenticated);
+                    tracing::debug!(overlay = %overlay.name, %from, ?error, "WireGuard datagram refused");
+                }
+            }
+            self.opened = opened;
         }
     }
 }

@@ -198,9 +198,17 @@ enum OverlayCommand {
     /// carries nothing itself: metric rules that name it (`rule add ...
     /// --metric TEXT --monitor NAME`) let it pick the joined overlay each of
     /// their flows takes.
+    ///
+    /// A WireGuard peer you already use joins from its wg-quick file
+    /// (`--wireguard FILE`, no URL): Oasis runs the tunnel itself, with no
+    /// interface and none of the file's PostUp commands. Its rules' flows
+    /// leave from the file's `Address=`, sealed for the peer whose
+    /// `AllowedIPs` hold their destination. The file is kept in the key
+    /// store beside the config (mode 0600); its private key is never shown.
     #[command(after_help = "\
 Examples:
   oasis overlay add detour https://osp.example/detour.xml
+  oasis overlay add home --wireguard /etc/wireguard/home.conf
   oasis overlay add campus http://10.1.2.3/campus.xml --token 00112233445566778899aabbccddeeff
   oasis overlay add test http://10.1.2.3/test.xml --module-file target/my_module.wasm
   oasis rule add --proto tcp --dport 80 --via detour
@@ -210,7 +218,12 @@ Examples:
         /// The local name for the overlay (letters, digits, - and _).
         name: String,
         /// Where the overlay's specification is published.
-        url: String,
+        #[arg(required_unless_present = "wireguard")]
+        url: Option<String>,
+        /// Join a WireGuard peer from its wg-quick file instead of a
+        /// specification.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["url", "token", "module_file"])]
+        wireguard: Option<PathBuf>,
         /// For overlays whose exit nodes check a token: the shim's bytes,
         /// as many as the specification's shim length, in hex.
         #[arg(long, value_name = "HEX")]
@@ -586,18 +599,21 @@ fn overlay(socket: &std::path::Path, command: OverlayCommand) -> anyhow::Result<
         OverlayCommand::Add {
             name,
             url,
+            wireguard,
             token,
             module_file,
             pin,
             json,
         } => {
             let module_file = module_file.as_deref().map(module_upload).transpose()?;
+            let wireguard = wireguard.as_deref().map(wireguard_upload).transpose()?;
             let request = Request::OverlayAdd {
                 name,
-                url,
+                url: url.unwrap_or_default(),
                 token,
                 module_file,
                 pinned: pin,
+                wireguard,
             };
             match call(socket, &request)? {
                 Response::Overlay { overlay } if json => {
@@ -634,6 +650,27 @@ fn overlay(socket: &std::path::Path, command: OverlayCommand) -> anyhow::Result<
 }
 
 /// A module author's build, sent whole (the daemon may not see the file).
+/// Reads a wg-quick file for the daemon, warning as wg-quick does when
+/// others may read it (it holds a private key).
+fn wireguard_upload(path: &std::path::Path) -> anyhow::Result<control::WireGuardUpload> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.len() > oasis_wireguard::conf::MAX_CONF_BYTES as u64 {
+        bail!("{} is {} bytes: not a wg-quick file", path.display(), meta.len());
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "warning: {} may be read by others than its owner (it holds a private key): chmod 600 it",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(control::WireGuardUpload {
+        name: path.display().to_string(),
+        text,
+    })
+}
+
 fn module_upload(path: &std::path::Path) -> anyhow::Result<control::ModuleUpload> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     eprintln!(

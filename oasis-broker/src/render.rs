@@ -385,6 +385,42 @@ pub fn overlay_table(overlays: &[OverlayView]) -> String {
     out
 }
 
+fn wireguard(out: &mut String, wg: &crate::control::WireGuardView, pinned: bool) {
+    let _ = writeln!(out, "wireguard   our public key {}", wg.public_key);
+    let _ = writeln!(
+        out,
+        "            tunnel address {}{}{}",
+        wg.tunnel_addresses.join(", "),
+        wg.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default(),
+        if wg.dns.is_empty() {
+            String::new()
+        } else {
+            format!(", DNS {}", wg.dns.join(", "))
+        }
+    );
+    let _ = writeln!(out, "            keys kept in {} (mode 0600)", wg.key_file);
+    for peer in &wg.peers {
+        let _ = writeln!(out, "peer        {} at {}", peer.public_key, peer.endpoint);
+        let _ = writeln!(out, "            allowed {}", peer.allowed_ips.join(", "));
+        let handshake = match peer.last_handshake_secs {
+            Some(secs) => format!("last handshake {secs} s ago"),
+            None => "no handshake yet".into(),
+        };
+        let _ = writeln!(out, "            {}; {handshake}", peer.state);
+        let _ = writeln!(
+            out,
+            "            {} sent, {} received; {} handshakes; {} datagrams refused (forged or replayed)",
+            bytes(peer.tx_bytes),
+            bytes(peer.rx_bytes),
+            peer.handshakes,
+            peer.rejected
+        );
+    }
+    if pinned {
+        let _ = writeln!(out, "            pinned: flows wait for the peer rather than take the underlay");
+    }
+}
+
 pub fn overlay(o: &OverlayView) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "name        {}", o.name);
@@ -412,12 +448,16 @@ pub fn overlay(o: &OverlayView) -> String {
     } else {
         let _ = writeln!(out, "entries     {} -> {}", o.entries.join(", "), resolved);
     }
-    let _ = writeln!(
-        out,
-        "shim        {} bytes{}",
-        o.shim_len,
-        if o.token { ", carrying your token" } else { "" }
-    );
+    if let Some(wg) = &o.wireguard {
+        wireguard(&mut out, wg, o.pinned);
+    } else {
+        let _ = writeln!(
+            out,
+            "shim        {} bytes{}",
+            o.shim_len,
+            if o.token { ", carrying your token" } else { "" }
+        );
+    }
     if let Some(module) = &o.module {
         let _ = writeln!(
             out,

@@ -154,6 +154,8 @@ struct Inner {
     /// When a handshake was last tried while down.
     last_forced: Option<Instant>,
     had_session: bool,
+    /// Whether a handshake was ever tried: the first tick tries one.
+    started: bool,
 }
 
 pub struct Tunnel {
@@ -194,6 +196,7 @@ impl Tunnel {
                 rejected_at_attempt: 0,
                 last_forced: None,
                 had_session: false,
+                started: false,
             }),
             peer,
             health: AtomicU8::new(Health::Idle.code()),
@@ -248,6 +251,7 @@ impl Sealer<'_> {
     /// Starts a handshake now (joining does, so the first packet finds a
     /// session and the overlay's health is known within [`DOWN_AFTER`]).
     pub fn start<'b>(&mut self, out: &'b mut [u8], now: Instant) -> Option<&'b [u8]> {
+        self.inner.started = true;
         let sent = match self.inner.tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(datagram) => Some(&*datagram),
             _ => None,
@@ -262,6 +266,7 @@ impl Sealer<'_> {
     /// `out` must hold the packet and [`DATA_OVERHEAD`], and at least
     /// [`MIN_BUFFER`].
     pub fn seal<'b>(&mut self, packet: &[u8], out: &'b mut [u8], now: Instant) -> Option<&'b [u8]> {
+        self.inner.started = true;
         let sent = match self.inner.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => Some(&*datagram),
             _ => None,
@@ -312,9 +317,14 @@ impl Sealer<'_> {
     }
 
     /// The protocol's timers (retries, rekeying, keepalives), to run about
-    /// every quarter second: a datagram to send, if any. While the peer is
-    /// down, a handshake is tried again every [`DOWN_AFTER`].
+    /// every quarter second: a datagram to send, if any. The first tick of
+    /// a tunnel starts its handshake; while the peer is down, a handshake
+    /// is tried again every [`DOWN_AFTER`].
     pub fn tick<'b>(&mut self, out: &'b mut [u8], now: Instant) -> Option<&'b [u8]> {
+        if !self.inner.started {
+            let len = self.start(out, now).map(<[u8]>::len);
+            return len.map(|len| &out[..len]);
+        }
         self.refresh(now);
         let len = match self.inner.tunn.update_timers(out) {
             TunnResult::WriteToNetwork(datagram) => Some(datagram.len()),

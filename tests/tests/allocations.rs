@@ -256,6 +256,7 @@ fn no_packet_allocates_in_steady_state() {
             run_returns(
                 path,
                 &overlay.v4,
+                true,
                 delivery,
                 |into| platform.local_addresses(into),
                 tick,

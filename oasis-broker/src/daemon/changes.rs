@@ -95,6 +95,7 @@ mod tests {
             token: None,
             pinned: false,
             spec: OverlaySpec::parse(r#"<overlay><entry host="192.0.2.1" port="7400"/></overlay>"#).unwrap(),
+            wireguard: None,
         }
     }
 

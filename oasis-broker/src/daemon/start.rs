@@ -419,6 +419,7 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
                 run_returns(
                     path,
                     socket,
+                    v4,
                     delivery,
                     |into| platform.local_addresses(into),
                     tick,

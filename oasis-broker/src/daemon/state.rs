@@ -22,7 +22,7 @@ use crate::compile::compile;
 use crate::config::Config;
 use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
-    RuleView, SetUpload, StatusView, TunView,
+    RuleView, SetUpload, StatusView, TunView, WireGuardPeerView, WireGuardView,
 };
 use crate::engine::{Engine, LocalAddresses, Routes, SharedTables};
 use crate::names::NameRules;
@@ -189,8 +189,9 @@ impl Daemon {
                 token,
                 module_file,
                 pinned,
+                wireguard,
             } => self
-                .join_overlay(name, url, token, module_file, pinned, &reporter)
+                .join_overlay(name, url, token, module_file, pinned, wireguard, &reporter)
                 .await
                 .map(|overlay| Response::Overlay {
                     overlay: Box::new(overlay),
@@ -493,6 +494,7 @@ impl Daemon {
         token: Option<String>,
         module_file: Option<crate::control::ModuleUpload>,
         pinned: bool,
+        wireguard: Option<crate::control::WireGuardUpload>,
         reporter: &Reporter,
     ) -> Result<OverlayView, RequestError> {
         crate::overlay::check_name(&name)?;
@@ -511,10 +513,12 @@ impl Daemon {
         let mut own = LocalAddresses::default();
         (self.own_addresses)(&mut own);
         let modules = lock(&self.control).overlays.modules();
+        let keys = crate::overlay::wireguard::key_dir(&self.config_path);
         let options = crate::overlay::JoinOptions {
             token,
             module_file,
             pinned,
+            wireguard: wireguard.map(|w| (w.name, w.text, keys)),
         };
         let stage = |stage: &str| reporter.report(stage, 0, 0);
         let prepared = OverlayManager::prepare(name.clone(), url, options, own, modules, &stage).await?;
@@ -738,6 +742,47 @@ fn overlay_view(
         path_mtu: joined.map(|j| j.path_mtu.load(Relaxed)).filter(|m| *m != 0),
         pinned: stored.pinned,
         module_status: None,
+        wireguard: joined
+            .and_then(|j| j.wireguard.as_deref())
+            .map(|link| wireguard_view(stored, link)),
+    }
+}
+
+fn wireguard_view(stored: &StoredOverlay, link: &crate::overlay::wireguard::WireGuardLink) -> WireGuardView {
+    let peers = link
+        .peers
+        .iter()
+        .map(|peer| {
+            let status = peer.tunnel.status();
+            WireGuardPeerView {
+                public_key: peer.tunnel.peer().to_string(),
+                endpoint: peer.endpoint.to_string(),
+                allowed_ips: peer.allowed.iter().map(ToString::to_string).collect(),
+                up: status.health.carries(),
+                state: status.health.to_string(),
+                last_handshake_secs: status.last_handshake.map(|d| d.as_secs()),
+                handshakes: status.handshakes,
+                tx_bytes: status.tx_bytes,
+                rx_bytes: status.rx_bytes,
+                rejected: status.rejected,
+            }
+        })
+        .collect();
+    WireGuardView {
+        public_key: link.own_public.to_string(),
+        tunnel_addresses: [link.tunnel_v4.map(std::net::IpAddr::V4), link.tunnel_v6.map(std::net::IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect(),
+        dns: link.dns.iter().map(ToString::to_string).collect(),
+        mtu: link.mtu,
+        key_file: stored
+            .wireguard
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        peers,
     }
 }
 

@@ -156,13 +156,19 @@ impl CarrierChooser for MonitorChooser {
                 None => Decision::fixed(Via::Underlay),
             }
         };
-        // Do no harm: an overlay whose code module is down carries no new
-        // flow, unless the user pinned it.
+        // Do no harm: an overlay whose code module or WireGuard peer is
+        // down carries no new flow, unless the user pinned it.
         match decision.via {
-            Via::Overlay(id) if routes.overlays.get(id).is_some_and(|o| o.falls_back()) => Decision {
-                via: Via::Underlay,
-                why: Some(Why::ModuleDown),
-                monitored: false,
+            Via::Overlay(id) => match routes.overlays.get(id).filter(|o| o.falls_back()) {
+                Some(down) => Decision {
+                    via: Via::Underlay,
+                    why: Some(match down.wireguard {
+                        Some(_) => Why::PeerDown,
+                        None => Why::ModuleDown,
+                    }),
+                    monitored: false,
+                },
+                None => decision,
             },
             _ => decision,
         }

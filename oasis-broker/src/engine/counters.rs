@@ -30,6 +30,10 @@ pub enum DropReason {
     /// Returned from a fake address's real one, for no socket of this
     /// host (a flow that ended while the daemon was down).
     NoFlow,
+    /// A WireGuard datagram its peer's tunnel would not open (forged,
+    /// replayed, for no session of ours), or a packet in one from a
+    /// source outside the peer's AllowedIPs.
+    Unauthenticated,
 }
 
 impl DropReason {
@@ -44,6 +48,7 @@ impl DropReason {
             DropReason::NotFromModule => "sender is no module of this broker",
             DropReason::OrphanFragment => "fragment without its first",
             DropReason::NoFlow => "returned for no live flow",
+            DropReason::Unauthenticated => "WireGuard datagram that failed to authenticate",
         }
     }
 }
@@ -145,6 +150,7 @@ pub struct EngineCounters {
     not_from_module: AtomicU64,
     orphan_fragments: AtomicU64,
     no_flow: AtomicU64,
+    unauthenticated: AtomicU64,
 }
 
 impl EngineCounters {
@@ -163,6 +169,7 @@ impl EngineCounters {
             DropReason::NotFromModule => &self.not_from_module,
             DropReason::OrphanFragment => &self.orphan_fragments,
             DropReason::NoFlow => &self.no_flow,
+            DropReason::Unauthenticated => &self.unauthenticated,
         }
     }
 

@@ -31,10 +31,11 @@ impl Encapsulation {
     /// How the kernel may carry a flow of `overlay` to `to`, if it can:
     /// straight to an entry node (over IPv4 or IPv6), with a shim it can
     /// write. An overlay whose code module or monitor module carries its
-    /// flows keeps them in user space.
+    /// flows keeps them in user space, and so does a WireGuard overlay
+    /// (the kernel does not seal).
     /// `uplink_mtu`: the uplinks' MTU.
     pub fn of(overlay: &JoinedOverlay, to: SocketAddr, rule: u32, uplink_mtu: u16) -> Option<Encapsulation> {
-        if overlay.monitor || overlay.module.is_some() || to.ip().is_loopback() {
+        if overlay.monitor || overlay.module.is_some() || overlay.wireguard.is_some() || to.ip().is_loopback() {
             return None;
         }
         Encapsulation::new(to, rule, overlay.outer_mtu(uplink_mtu), &overlay.shim)

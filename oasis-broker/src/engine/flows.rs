@@ -89,6 +89,8 @@ pub struct Flow {
     /// packets reach the engine only when the kernel lost its cached
     /// verdict, or its SYN went again.
     pub offload: Offload,
+    /// Through a WireGuard overlay: the tunnel address it leaves from.
+    pub tunnel: Option<IpAddr>,
 }
 
 impl Flow {
@@ -104,6 +106,7 @@ impl Flow {
             why: None,
             monitored: false,
             offload: Offload::Broker,
+            tunnel: None,
         }
     }
 

@@ -39,7 +39,7 @@ pub use nat::{MemoryNat, NatTable, TableError};
 pub use offload::{KernelOp, KernelTables, KernelView, Offload, SharedTables};
 pub use pins::{FlowPins, MemoryPins};
 pub use returns::{LocalAddresses, ReturnPath, Returned, SocketLookup, module_admitted};
-pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router, toward_overlay};
+pub use router::{Engine, EngineSettings, Outbound, ReplyMap, Router, TunnelMap, toward_overlay};
 pub use routes::{HeaderRoute, MonitorRoute, Routes, RuleVia, Via};
 pub use tables::KernelSeen;
 

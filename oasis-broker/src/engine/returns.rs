@@ -21,9 +21,9 @@ use super::counters::DropReason;
 use super::fragments::FRAGMENT_LIFETIME;
 use super::measure::{FlowProbe, Segment};
 use super::packet::{describe, flow_dst, flow_key, flow_src, frag_key, is_icmp_error};
-use super::router::{Engine, ReplyMap};
+use super::router::{Engine, ReplyMap, TunnelMap};
 use super::routes::Routes;
-use crate::overlay::OverlayId;
+use crate::overlay::{JoinedOverlay, OverlayId};
 
 /// How often a return path forgets the measurements of flows that ended.
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
@@ -205,10 +205,81 @@ impl ReturnPath {
             tracing::debug!(?from, "datagram from a sender that is no joined overlay's peer");
             return Err(DropReason::NotFromOverlay);
         };
+        if overlay.wireguard.is_some() {
+            // Sealed: only what the peer's tunnel opened may go on.
+            return Err(DropReason::Unauthenticated);
+        }
         let packet = datagram
             .get(overlay.shim.len()..)
             .filter(|p| !p.is_empty())
             .ok_or(DropReason::Malformed)?;
+        let overlay = overlay.clone();
+        self.check_packet(&overlay, from, packet, local, replies, headroom, out, now)
+    }
+
+    /// Checks a packet a WireGuard overlay's peer sent, opened by its
+    /// tunnel (the caller checked its source against the peer's
+    /// AllowedIPs): addressed to the tunnel address, it gets back the
+    /// address of this host its flow left from (`tunnels`), and then the
+    /// checks every returned packet gets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept_opened(
+        &mut self,
+        overlay: &Arc<JoinedOverlay>,
+        from: SocketAddr,
+        packet: &mut [u8],
+        local: &LocalAddresses,
+        replies: Option<&ReplyMap>,
+        tunnels: Option<&TunnelMap>,
+        headroom: usize,
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) -> Result<Returned, DropReason> {
+        let result = self
+            .untunnel(overlay, packet, tunnels)
+            .and_then(|()| self.check_packet(overlay, Some(from), packet, local, replies, headroom, out, now));
+        match result {
+            Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
+            Err(reason) => {
+                self.engine.counters.dropped(reason);
+                0
+            }
+        };
+        result
+    }
+
+    fn untunnel(
+        &self,
+        overlay: &JoinedOverlay,
+        packet: &mut [u8],
+        tunnels: Option<&TunnelMap>,
+    ) -> Result<(), DropReason> {
+        let Some(link) = &overlay.wireguard else {
+            return Ok(());
+        };
+        let (_, dst) = addresses(packet).ok_or(DropReason::Malformed)?;
+        if link.tunnel_source(dst.is_ipv6()) != Some(dst) {
+            tracing::debug!(overlay = %overlay.name, %dst, "opened packet not addressed to the tunnel address");
+            return Err(DropReason::NotForThisHost);
+        }
+        let key = flow_key(packet).ok_or(DropReason::NoFlow)?;
+        let own = tunnels.and_then(|t| t.get(&key)).ok_or(DropReason::NoFlow)?;
+        rewrite_address(packet, End::Destination, *own).map_err(|_| DropReason::Untranslatable)
+    }
+
+    /// The checks every returned packet gets, its shim gone (or opened).
+    #[allow(clippy::too_many_arguments)]
+    fn check_packet(
+        &mut self,
+        overlay: &Arc<JoinedOverlay>,
+        from: Option<SocketAddr>,
+        packet: &[u8],
+        local: &LocalAddresses,
+        replies: Option<&ReplyMap>,
+        headroom: usize,
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) -> Result<Returned, DropReason> {
         let (_, dst) = addresses(packet).ok_or(DropReason::Malformed)?;
         if !local.contains(&dst) {
             tracing::debug!(overlay = %overlay.name, %dst, "returned packet not addressed to this host");
@@ -390,7 +461,6 @@ mod tests {
             );
             overlay.module = module.then(|| ModuleLink {
                 up: Arc::default(),
-                pinned: false,
             });
             Arc::new(overlay)
         };

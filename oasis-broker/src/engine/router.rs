@@ -23,7 +23,7 @@ use super::fragments::Fragments;
 use super::measure::{FlowProbe, OutboundMeasure, Seen, Segment};
 use super::offload::{KernelOp, KernelView, Offload};
 pub use super::outbound::Outbound;
-use super::packet::{Headers, describe, flow_dst, frag_key, routable};
+use super::packet::{Headers, describe, flow_dst, flow_src, frag_key, routable};
 use super::routes::{Routes, Via};
 use super::tables::TableError;
 use crate::fake::{FakeTable, unix_now};
@@ -76,6 +76,10 @@ impl EngineSettings {
 /// the NAT table's business).
 pub type ReplyMap = HashMap<FlowKey, IpAddr>;
 
+/// A WireGuard overlay flow's reply key, as it comes back to the tunnel
+/// address → the address of this host the flow left from.
+pub type TunnelMap = HashMap<FlowKey, IpAddr>;
+
 /// Reply key → the measurement of a metric rule's flow carried by an
 /// overlay, which the return path feeds with the answers.
 pub type MeasuredMap = HashMap<FlowKey, Arc<FlowProbe>>;
@@ -90,6 +94,9 @@ pub struct Engine {
     /// Whether `replies` holds anything, so the return path takes no lock
     /// at all while no overlay carries a fake-address flow.
     has_replies: AtomicBool,
+    tunnels: RwLock<TunnelMap>,
+    /// Whether `tunnels` holds anything.
+    has_tunnels: AtomicBool,
     measured: RwLock<MeasuredMap>,
     /// How many flows `measured` holds: while none, the return path looks
     /// nothing up.
@@ -126,6 +133,8 @@ impl Engine {
             fakes,
             replies: RwLock::new(HashMap::new()),
             has_replies: AtomicBool::new(false),
+            tunnels: RwLock::new(HashMap::new()),
+            has_tunnels: AtomicBool::new(false),
             measured: RwLock::new(HashMap::new()),
             measured_count: AtomicUsize::new(0),
             counters: EngineCounters::default(),
@@ -196,6 +205,29 @@ impl Engine {
             replies.remove(&key);
         }
         self.has_replies.store(!replies.is_empty(), Relaxed);
+    }
+
+    /// The tunnel map, when a WireGuard overlay carries any flow; held for
+    /// one batch of returned packets.
+    pub fn tunnels(&self) -> Option<RwLockReadGuard<'_, TunnelMap>> {
+        if !self.has_tunnels.load(Relaxed) {
+            return None;
+        }
+        Some(self.tunnels.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn add_tunnel(&self, key: FlowKey, own: IpAddr) {
+        let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
+        tunnels.insert(key, own);
+        self.has_tunnels.store(true, Relaxed);
+    }
+
+    fn remove_tunnels(&self, keys: impl Iterator<Item = FlowKey>) {
+        let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            tunnels.remove(&key);
+        }
+        self.has_tunnels.store(!tunnels.is_empty(), Relaxed);
     }
 
     /// The measurement of the flow a returned packet (by its key) answers,
@@ -675,7 +707,7 @@ impl Router {
             // it on the plain path.
             None => (None, Decision::fixed(Via::Underlay)),
         };
-        let via = decision.via;
+        let via = self.carried(decision.via, key);
         tracing::debug!(flow = %describe(key), ?rule, ?via, why = ?decision.why, "new flow");
         let mut new = Flow::new(rule, via, None, now);
         new.why = decision.why;
@@ -703,6 +735,20 @@ impl Router {
         }
         self.insert(*key, new);
         via
+    }
+
+    /// `via`, unless it is an overlay whose path cannot carry the flow
+    /// (`real`: as it leaves the host): no WireGuard peer's AllowedIPs
+    /// hold its destination, or there is no tunnel address of its family.
+    /// Such a flow has no carrier; it never leaks onto another path.
+    fn carried(&self, via: Via, real: &FlowKey) -> Via {
+        match via {
+            Via::Overlay(id) if self.routes.overlays.get(id).is_some_and(|o| !o.path.carries(real)) => {
+                tracing::debug!(flow = %describe(real), "the overlay's path cannot carry the flow");
+                Via::Unavailable
+            }
+            via => via,
+        }
     }
 
     /// The second packet of a flow left to wrap (`Offload::WrapNext`): the
@@ -835,10 +881,19 @@ impl Router {
                 .fetch_add(freed as u64, Relaxed);
             tracing::debug!(freed, "flow table full: forgot the flows idle the longest");
         }
+        let mut flow = flow;
         if let Via::Overlay(id) = flow.via
             && let Some(overlay) = self.routes.overlays.get(id)
         {
             overlay.flows.fetch_add(1, Relaxed);
+            // Through a WireGuard peer the flow leaves from the tunnel
+            // address; its replies come back to it.
+            let real = flow.fake.map_or_else(|| flow_dst(&key), |f| f.real);
+            if let Some(tunnel) = overlay.wireguard.as_ref().and_then(|w| w.tunnel_source(real.is_ipv6())) {
+                flow.tunnel = Some(tunnel);
+                self.engine
+                    .add_tunnel(tunnel_reply_key(&key, real, tunnel), flow_src(&key));
+            }
         }
         if flow.in_kernel() {
             self.engine.kernel_flows.fetch_add(1, Relaxed);
@@ -965,7 +1020,7 @@ impl Router {
             ),
             None => (None, Decision::fixed(Via::Underlay)),
         };
-        let via = decision.via;
+        let via = self.carried(decision.via, &real_key(key, real));
         let in_kernel = via == Via::Underlay;
         let counters = &self.engine.counters;
         if in_kernel {
@@ -1142,6 +1197,12 @@ impl Router {
                     }),
             );
         }
+        if ended.iter().any(|(_, f)| f.tunnel.is_some()) {
+            self.engine.remove_tunnels(ended.iter().filter_map(|(key, flow)| {
+                let real = flow.fake.map_or_else(|| flow_dst(key), |f| f.real);
+                Some(tunnel_reply_key(key, real, flow.tunnel?))
+            }));
+        }
         let special = |flow: &Flow| flow.fake.is_some() || flow.in_kernel();
         if !ended.iter().any(|(_, f)| special(f)) {
             ended.clear();
@@ -1192,6 +1253,18 @@ impl Router {
         }
         ended.clear();
     }
+}
+
+/// The key a reply of the flow `key` (to `real`) has when it comes back
+/// to a WireGuard overlay's tunnel address.
+fn tunnel_reply_key(key: &FlowKey, real: IpAddr, tunnel: IpAddr) -> FlowKey {
+    let mut reply = reply_key(key, real);
+    reply.dst = [0; 16];
+    match tunnel {
+        IpAddr::V4(v4) => reply.dst[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => reply.dst = v6.octets(),
+    }
+    reply
 }
 
 /// Where a packet goes by `via`, the one place that knows: the underlay,

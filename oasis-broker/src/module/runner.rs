@@ -786,7 +786,6 @@ mod tests {
         overlay.monitor = monitor;
         overlay.module = (!monitor).then(|| ModuleLink {
             up: Arc::default(),
-            pinned: false,
         });
         Arc::new(overlay)
     }

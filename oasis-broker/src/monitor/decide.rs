@@ -87,6 +87,9 @@ pub enum Why {
     /// The overlay's code module is down (restarting): the underlay, for
     /// a rule that did not pin the overlay.
     ModuleDown,
+    /// The overlay's WireGuard peers do not answer: the underlay, for a
+    /// rule that did not pin the overlay.
+    PeerDown,
 }
 
 impl std::fmt::Display for Why {
@@ -118,6 +121,7 @@ impl std::fmt::Display for Why {
             Why::Rescued => f.write_str("rescued: its handshake went unanswered on another carrier"),
             Why::Module => f.write_str("decided by the monitor module"),
             Why::ModuleDown => f.write_str("fallback: the overlay's code module is restarting"),
+            Why::PeerDown => f.write_str("fallback: the overlay's WireGuard peer does not answer"),
         }
     }
 }

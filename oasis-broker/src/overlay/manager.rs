@@ -4,6 +4,7 @@
 //! step, which cannot fail for reasons of the network, changes the set.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::LocalAddresses;
@@ -13,6 +14,7 @@ use super::table::{
     EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable,
 };
 use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
+use super::wireguard::{self, WireGuardLink, WireGuardPath};
 use super::{ModuleKind, ModuleSpec};
 use crate::module::runner::{ModuleRunner, ModuleStatus, Reach};
 
@@ -30,9 +32,7 @@ pub struct OverlayManager {
 /// A specification fetched, checked and resolved, ready to join.
 pub struct Prepared {
     stored: StoredOverlay,
-    path: Box<dyn OverlayPath>,
-    shim: Vec<u8>,
-    runner: Option<ModuleRunner>,
+    runtime: Runtime,
 }
 
 /// What `overlay add` asks beyond the name and URL.
@@ -43,11 +43,40 @@ pub struct JoinOptions {
     pub module_file: Option<(String, Vec<u8>)>,
     /// Never let the overlay's flows fall back to the underlay.
     pub pinned: bool,
+    /// A WireGuard overlay: the wg-quick file's name and text, and the key
+    /// store to keep it in.
+    pub wireguard: Option<(String, String, PathBuf)>,
 }
 
-/// What the packet path needs of a stored overlay: its path, its shim and
-/// the module running for it, if it has one.
-type Runtime = (Box<dyn OverlayPath>, Vec<u8>, Option<ModuleRunner>);
+/// What the packet path needs of a stored overlay: its path, its shim, the
+/// module running for it and its WireGuard peers, if it has them.
+pub struct Runtime {
+    path: Box<dyn OverlayPath>,
+    shim: Vec<u8>,
+    runner: Option<ModuleRunner>,
+    wireguard: Option<Arc<WireGuardLink>>,
+}
+
+impl Runtime {
+    fn plain(path: Box<dyn OverlayPath>, shim: Vec<u8>) -> Runtime {
+        Runtime {
+            path,
+            shim,
+            runner: None,
+            wireguard: None,
+        }
+    }
+
+    fn wireguard(link: WireGuardLink) -> Runtime {
+        let link = Arc::new(link);
+        Runtime {
+            path: Box::new(WireGuardPath(link.clone())),
+            shim: Vec::new(),
+            runner: None,
+            wireguard: Some(link),
+        }
+    }
+}
 
 impl OverlayManager {
     /// The overlays of the config file. Each whose entry nodes resolve now
@@ -93,8 +122,9 @@ impl OverlayManager {
         joined: &mut Vec<Arc<JoinedOverlay>>,
     ) {
         match self.runtime(overlay, own) {
-            Ok((path, shim, runner)) => {
-                joined.push(self.joined(overlay, path, shim, runner.as_ref()));
+            Ok(runtime) => {
+                let (overlay_now, runner) = self.joined(overlay, runtime);
+                joined.push(overlay_now);
                 if let Some(runner) = runner {
                     self.runners.insert(overlay.name.clone(), runner);
                 }
@@ -112,11 +142,15 @@ impl OverlayManager {
     }
 
     fn runtime(&self, stored: &StoredOverlay, own: &LocalAddresses) -> Result<Runtime, OverlayError> {
+        if let Some(file) = &stored.wireguard {
+            let (conf, endpoints) = wireguard::load(file, own)?;
+            return Ok(Runtime::wireguard(WireGuardLink::new(&conf, &endpoints)));
+        }
         let shim = shim_bytes(stored.spec.shim_len, stored.token.as_deref())?;
         let Some(module) = &stored.spec.module else {
             let entries = stored.spec.resolve_entries(own)?;
             let nodes = EntryNodes::new(entries).ok_or(super::SpecError::NoEntries)?;
-            return Ok((Box::new(nodes), shim, None));
+            return Ok(Runtime::plain(Box::new(nodes), shim));
         };
         let context = self.modules.as_ref().ok_or(ModuleFailure::NoSandbox)?;
         let peers = match module.kind {
@@ -125,25 +159,26 @@ impl OverlayManager {
         };
         let prepared = context.load(module)?;
         let runner = context.start(&stored.name, &prepared, peers, stored.spec.shim_len)?;
-        Ok((Box::new(LocalModule::new(runner.port())), shim, Some(runner)))
+        let mut runtime = Runtime::plain(Box::new(LocalModule::new(runner.port())), shim);
+        runtime.runner = Some(runner);
+        Ok(runtime)
     }
 
-    fn joined(
-        &mut self,
-        stored: &StoredOverlay,
-        path: Box<dyn OverlayPath>,
-        shim: Vec<u8>,
-        runner: Option<&ModuleRunner>,
-    ) -> Arc<JoinedOverlay> {
+    /// The overlay the packet path reads, and its module's runner to keep.
+    fn joined(&mut self, stored: &StoredOverlay, runtime: Runtime) -> (Arc<JoinedOverlay>, Option<ModuleRunner>) {
         let id = OverlayId(self.next_id);
         self.next_id += 1;
-        let mut overlay = JoinedOverlay::new(id, stored.name.clone(), path, shim);
+        let mut overlay = JoinedOverlay::new(id, stored.name.clone(), runtime.path, runtime.shim);
         overlay.monitor = stored.spec.is_monitor();
-        overlay.module = runner.map(|r| ModuleLink {
-            up: r.up(),
-            pinned: stored.pinned,
-        });
-        Arc::new(overlay)
+        overlay.pinned = stored.pinned;
+        overlay.module = runtime.runner.as_ref().map(|r| ModuleLink { up: r.up() });
+        overlay.wireguard = runtime.wireguard;
+        (Arc::new(overlay), runtime.runner)
+    }
+
+    /// A joined WireGuard overlay's peers, for `overlay show`.
+    pub fn wireguard(&self, name: &str) -> Option<Arc<WireGuardLink>> {
+        self.table.by_name(name)?.wireguard.clone()
     }
 
     /// The state of an overlay's code module, if it has one running.
@@ -183,6 +218,9 @@ impl OverlayManager {
         stage: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Prepared, OverlayError> {
         check_name(&name)?;
+        if let Some((file, text, keys)) = options.wireguard {
+            return Self::prepare_wireguard(name, file, text, keys, options.pinned, own, stage).await;
+        }
         stage("fetching the specification");
         let mut spec = fetch(&url).await?;
         let shim = shim_bytes(spec.shim_len, options.token.as_deref())?;
@@ -236,10 +274,51 @@ impl OverlayManager {
                 token: options.token,
                 pinned: options.pinned,
                 spec,
+                wireguard: None,
             },
-            path,
-            shim,
-            runner,
+            runtime: Runtime {
+                path,
+                shim,
+                runner,
+                wireguard: None,
+            },
+        })
+    }
+
+    /// A wg-quick file checked, its endpoints resolved and the file kept
+    /// in the key store `keys`: nothing is joined yet.
+    async fn prepare_wireguard(
+        name: String,
+        file: String,
+        text: String,
+        keys: PathBuf,
+        pinned: bool,
+        own: LocalAddresses,
+        stage: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Prepared, OverlayError> {
+        stage("checking the WireGuard file and resolving its endpoints");
+        let source = file.clone();
+        let kept_name = name.clone();
+        let (conf, endpoints, kept) = tokio::task::spawn_blocking(move || {
+            let (conf, endpoints) = wireguard::prepare(&source, &text, &own)?;
+            let kept = wireguard::keep(&keys, &kept_name, &conf)?;
+            Ok::<_, wireguard::WireGuardError>((conf, endpoints, kept))
+        })
+        .await
+        .map_err(|e| super::SpecError::Xml(format!("WireGuard task failed: {e}")))??;
+        for ignored in &conf.ignored {
+            tracing::info!(overlay = %name, "{file}: not used: {ignored}");
+        }
+        Ok(Prepared {
+            stored: StoredOverlay {
+                name,
+                url: format!("wireguard:{file}"),
+                token: None,
+                pinned,
+                spec: wireguard::spec_of(&conf),
+                wireguard: Some(kept),
+            },
+            runtime: Runtime::wireguard(WireGuardLink::new(&conf, &endpoints)),
         })
     }
 
@@ -249,13 +328,8 @@ impl OverlayManager {
         if self.find(&prepared.stored.name).is_some() {
             return Err(JoinError::Exists(prepared.stored.name));
         }
-        let overlay = self.joined(
-            &prepared.stored,
-            prepared.path,
-            prepared.shim,
-            prepared.runner.as_ref(),
-        );
-        if let Some(runner) = prepared.runner {
+        let (overlay, runner) = self.joined(&prepared.stored, prepared.runtime);
+        if let Some(runner) = runner {
             self.runners.insert(prepared.stored.name.clone(), runner);
         }
         let list: Vec<Arc<JoinedOverlay>> = self.table.iter().cloned().chain([overlay]).collect();
@@ -305,15 +379,17 @@ mod tests {
                 entry
             ))
             .unwrap(),
+            wireguard: None,
         }
     }
 
     fn prepared(name: &str) -> Prepared {
         Prepared {
             stored: stored(name, "192.0.2.20"),
-            path: Box::new(EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap()),
-            shim: vec![0; 2],
-            runner: None,
+            runtime: Runtime::plain(
+                Box::new(EntryNodes::new(vec!["192.0.2.20:7400".parse().unwrap()]).unwrap()),
+                vec![0; 2],
+            ),
         }
     }
 

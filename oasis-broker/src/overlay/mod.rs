@@ -7,6 +7,7 @@ pub mod manager;
 pub mod modules;
 pub mod spec;
 pub mod table;
+pub mod wireguard;
 
 pub use fetch::{FetchError, fetch};
 pub use manager::{JoinOptions, OverlayManager, Prepared};
@@ -52,6 +53,8 @@ pub enum OverlayError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Module(#[from] ModuleFailure),
+    #[error(transparent)]
+    WireGuard(#[from] wireguard::WireGuardError),
 }
 
 /// Checks a local overlay name as `--via` and `overlay add` take it.
@@ -76,6 +79,10 @@ pub struct StoredOverlay {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
     pub spec: OverlaySpec,
+    /// A WireGuard overlay's wg-quick file in the key store (mode 0600):
+    /// its keys and peers. The private key is never in the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<std::path::PathBuf>,
 }
 
 /// Checks that the overlays a rule's carrier names are joined and fit
@@ -163,6 +170,7 @@ mod tests {
             token: None,
             pinned: false,
             spec: OverlaySpec::parse(&text).unwrap(),
+            wireguard: None,
         }
     }
 

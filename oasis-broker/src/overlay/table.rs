@@ -43,6 +43,12 @@ pub trait OverlayPath: Send + Sync + fmt::Debug {
     fn next_hop(&self, flow: &FlowKey) -> SocketAddr;
     /// Every address the path exchanges datagrams with.
     fn peers(&self) -> &[SocketAddr];
+    /// Whether the path can carry the flow at all (a WireGuard peer's
+    /// AllowedIPs, a tunnel address of the flow's family); a flow it
+    /// cannot carry has no carrier.
+    fn carries(&self, _flow: &FlowKey) -> bool {
+        true
+    }
 }
 
 /// Straight to the overlay's entry nodes over UDP, each flow pinned to one
@@ -118,6 +124,12 @@ pub struct JoinedOverlay {
     pub path_mtu: std::sync::atomic::AtomicU16,
     /// The overlay's code module, when it has one.
     pub module: Option<ModuleLink>,
+    /// A WireGuard overlay's peers and tunnel addresses: its packets are
+    /// sealed for a peer instead of sent behind a shim.
+    pub wireguard: Option<Arc<super::wireguard::WireGuardLink>>,
+    /// The user asked that flows never fall back to the underlay (while a
+    /// code module restarts, or a WireGuard peer is down).
+    pub pinned: bool,
 }
 
 /// How the packet path sees an overlay's code module.
@@ -125,8 +137,6 @@ pub struct JoinedOverlay {
 pub struct ModuleLink {
     /// Whether the module runs now.
     pub up: Arc<std::sync::atomic::AtomicBool>,
-    /// The user asked that flows never fall back to the underlay.
-    pub pinned: bool,
 }
 
 impl JoinedOverlay {
@@ -142,15 +152,35 @@ impl JoinedOverlay {
             flows: AtomicU64::new(0),
             path_mtu: std::sync::atomic::AtomicU16::new(0),
             module: None,
+            wireguard: None,
+            pinned: false,
         }
     }
 
     /// Whether new flows should take the underlay instead: the overlay's
-    /// module is down (restarting) and the user did not pin the overlay.
+    /// module is down (restarting), or its WireGuard peers are, and the
+    /// user did not pin the overlay.
     pub fn falls_back(&self) -> bool {
-        self.module
+        !self.pinned && self.is_down()
+    }
+
+    /// Whether the overlay cannot carry new flows now: its code module is
+    /// restarting, or no WireGuard peer of it answers.
+    pub fn is_down(&self) -> bool {
+        let module_down = self
+            .module
             .as_ref()
-            .is_some_and(|m| !m.pinned && !m.up.load(std::sync::atomic::Ordering::Relaxed))
+            .is_some_and(|m| !m.up.load(std::sync::atomic::Ordering::Relaxed));
+        module_down || self.wireguard.as_ref().is_some_and(|w| !w.carries())
+    }
+
+    /// What the overlay adds to a packet besides the outer IP and UDP
+    /// headers: its shim, or WireGuard's data message header and tag.
+    pub fn overhead(&self) -> usize {
+        match &self.wireguard {
+            Some(_) => oasis_wireguard::DATA_OVERHEAD,
+            None => self.shim.len(),
+        }
     }
 
     /// The largest TCP MSS whose segments, encapsulated for this overlay,
@@ -172,10 +202,15 @@ impl JoinedOverlay {
     /// The largest packet that, encapsulated for this overlay, fits the
     /// narrower of an uplink MTU of `mtu` and the path toward the entry
     /// nodes: what needs no fragmenting on the way.
+    /// A WireGuard overlay's `MTU=` bounds it too.
     pub fn max_packet(&self, mtu: u16, outer_v6: bool) -> u16 {
         let mtu = self.outer_mtu(mtu);
-        let overhead = if outer_v6 { 40 } else { 20 } + 8 + self.shim.len();
-        usize::from(mtu).saturating_sub(overhead) as u16
+        let overhead = if outer_v6 { 40 } else { 20 } + 8 + self.overhead();
+        let fits = usize::from(mtu).saturating_sub(overhead) as u16;
+        match self.wireguard.as_ref().and_then(|w| w.mtu) {
+            Some(inner) => fits.min(inner),
+            None => fits,
+        }
     }
 }
 
@@ -185,6 +220,9 @@ pub struct OverlayTable {
     by_id: HashMap<OverlayId, Arc<JoinedOverlay>>,
     by_name: HashMap<String, OverlayId>,
     by_peer: HashMap<SocketAddr, OverlayId>,
+    /// Whether any overlay is a WireGuard one: senders skip sealing
+    /// entirely while none is.
+    wireguard: bool,
 }
 
 impl OverlayTable {
@@ -195,6 +233,7 @@ impl OverlayTable {
                 table.by_peer.insert(canonical(*peer), overlay.id);
             }
             table.by_name.insert(overlay.name.clone(), overlay.id);
+            table.wireguard |= overlay.wireguard.is_some();
             table.by_id.insert(overlay.id, overlay);
         }
         table
@@ -224,6 +263,10 @@ impl OverlayTable {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    pub fn has_wireguard(&self) -> bool {
+        self.wireguard
     }
 
     pub fn is_empty(&self) -> bool {
