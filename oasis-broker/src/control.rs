@@ -647,6 +647,10 @@ pub struct BrokerCounters {
     /// this host (a flow that ended while the daemon was down), dropped.
     #[serde(default)]
     pub returned_for_no_flow: u64,
+    /// WireGuard datagrams that failed to authenticate (forged, replayed),
+    /// and packets in them from outside their peer's AllowedIPs.
+    #[serde(default)]
+    pub unauthenticated: u64,
     /// Live flows of fake addresses the return path took up again after
     /// a restart of the daemon.
     #[serde(default)]

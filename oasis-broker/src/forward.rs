@@ -20,9 +20,9 @@ use crate::engine::{
     DropReason, Engine, EngineCounters, LocalAddresses, Outbound, ReplyMap, ReturnPath, Returned, Router,
     Routes, SharedTables, TunnelMap, module_admitted,
 };
+use crate::liveness::{TICK_EVERY, Tick};
 use crate::overlay::JoinedOverlay;
 use crate::overlay::wireguard::SealScratch;
-use crate::liveness::{TICK_EVERY, Tick};
 use crate::platform::{DatagramSocket, Delivery, DivertedQueue, Received, UnderlaySender, datagrams};
 
 /// The largest datagram a receive buffer of the overlay and underlay ports
@@ -353,7 +353,17 @@ where
             if let Some((from, overlay)) = sealed {
                 let maps = (replies.as_deref(), tunnels.as_deref());
                 let received = Sealed { from, buf, got };
-                unseal.open(&mut path, overlay, received, &local, maps, headroom, &mut out, &mut accepted, now);
+                unseal.open(
+                    &mut path,
+                    overlay,
+                    received,
+                    &local,
+                    maps,
+                    headroom,
+                    &mut out,
+                    &mut accepted,
+                    now,
+                );
                 continue;
             }
             for range in datagrams(got.len, got.segment) {
@@ -450,7 +460,10 @@ impl Unseal {
     /// reaches, every quarter second: handshakes to start or retry,
     /// rekeying, keepalives.
     fn timers(&mut self, engine: &Engine, v4: bool, now: Instant) {
-        if self.last_tick.is_some_and(|at| now.saturating_duration_since(at) < TICK_EVERY) {
+        if self
+            .last_tick
+            .is_some_and(|at| now.saturating_duration_since(at) < TICK_EVERY)
+        {
             return;
         }
         self.last_tick = Some(now);
@@ -461,10 +474,16 @@ impl Unseal {
         for link in routes.overlays.iter().filter_map(|o| o.wireguard.as_ref()) {
             for peer in link.peers.iter().filter(|p| p.endpoint.is_ipv4() == v4) {
                 let mut sealer = peer.tunnel.lock();
-                let Some(len) = sealer.tick(&mut self.opened, now).map(<[u8]>::len) else {
-                    continue;
-                };
+                let sent = sealer.tick(&mut self.opened, now).map(<[u8]>::len);
                 drop(sealer);
+                let health = peer.tunnel.health();
+                if peer.reported.swap(health.carries(), Relaxed) != health.carries() {
+                    match health.carries() {
+                        true => tracing::info!(endpoint = %peer.endpoint, "WireGuard peer {health}"),
+                        false => tracing::warn!(endpoint = %peer.endpoint, "WireGuard peer {health}"),
+                    }
+                }
+                let Some(len) = sent else { continue };
                 let datagram = std::mem::take(&mut self.opened);
                 self.queue(&datagram[..len], peer.endpoint);
                 self.opened = datagram;
@@ -490,7 +509,9 @@ impl Unseal {
         let engine = path.engine().clone();
         let counters = &engine.counters;
         let Sealed { from, buf, got } = received;
-        let Some(link) = overlay.wireguard.as_deref() else { return };
+        let Some(link) = overlay.wireguard.as_deref() else {
+            return;
+        };
         let Some(peer) = link.peer_at(from) else {
             counters.dropped(DropReason::NotFromOverlay);
             return;
@@ -502,7 +523,8 @@ impl Unseal {
                 Opened::Packet(packet) => {
                     // Cryptokey routing: the peer speaks only for its
                     // AllowedIPs.
-                    let allowed = oasis_io::packet::addresses(packet).is_some_and(|(src, _)| peer.allows(src));
+                    let allowed =
+                        oasis_io::packet::addresses(packet).is_some_and(|(src, _)| peer.allows(src));
                     if !allowed {
                         counters.dropped(DropReason::Unauthenticated);
                     } else {
@@ -510,7 +532,9 @@ impl Unseal {
                             out.push(Vec::with_capacity(headroom + 1500));
                         }
                         let slot = &mut out[*accepted];
-                        match path.accept_opened(overlay, from, packet, local, replies, tunnels, headroom, slot, now) {
+                        match path.accept_opened(
+                            overlay, from, packet, local, replies, tunnels, headroom, slot, now,
+                        ) {
                             Ok(Returned::Deliver(_)) => *accepted += 1,
                             // A probe's SYN-ACK: the reset goes back sealed.
                             Ok(Returned::ProbeAnswer { reset: true, .. }) => {
@@ -518,7 +542,8 @@ impl Unseal {
                                 if let Some(source) = link.tunnel_source(v6)
                                     && crate::overlay::wireguard::into_tunnel(slot, source)
                                 {
-                                    let mut sealed = vec![0; slot.len() + oasis_wireguard::DATA_OVERHEAD + 148];
+                                    let mut sealed =
+                                        vec![0; slot.len() + oasis_wireguard::DATA_OVERHEAD + 148];
                                     if let Some(datagram) = sealer.seal(slot, &mut sealed, now) {
                                         let datagram = datagram.to_vec();
                                         self.queue(&datagram, from);

@@ -731,8 +731,16 @@ fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<Response>
 #[cfg(target_os = "linux")]
 fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // boringtun reports every retried or given-up handshake as a warning
+    // or an error, every five seconds while a peer is away; the daemon
+    // says once when a peer goes down or comes back, and `overlay show`
+    // says why. RUST_LOG=boringtun=debug shows the protocol's own lines.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("boringtun")) {
+        filter = filter.add_directive("boringtun=off".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

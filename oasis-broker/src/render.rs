@@ -187,7 +187,8 @@ pub fn status(s: &StatusView) -> String {
     let _ = writeln!(
         out,
         "overlays    {} joined, standard port {}: {} packets returned to this host; \
-         dropped {} from unknown senders, {} not for this host, {} for no live flow; \
+         dropped {} from unknown senders, {} not for this host, {} for no live flow, \
+         {} WireGuard datagrams that failed to authenticate; \
          {} live flows taken up again after a restart",
         s.overlays,
         s.overlay_port,
@@ -195,6 +196,7 @@ pub fn status(s: &StatusView) -> String {
         b.rejected_sender,
         b.rejected_destination,
         b.returned_for_no_flow,
+        b.unauthenticated,
         b.flows_adopted
     );
     if s.fast_path {
@@ -417,7 +419,10 @@ fn wireguard(out: &mut String, wg: &crate::control::WireGuardView, pinned: bool)
         );
     }
     if pinned {
-        let _ = writeln!(out, "            pinned: flows wait for the peer rather than take the underlay");
+        let _ = writeln!(
+            out,
+            "            pinned: flows wait for the peer rather than take the underlay"
+        );
     }
 }
 

@@ -502,9 +502,12 @@ pub fn ports(packet: &[u8]) -> Option<(u16, u16)> {
 }
 
 /// A TCP reset answering `segment`: from its destination to its source,
-/// with the sequence number the sender expects next (its acknowledgment),
-/// so the sender's stack takes it. Written into `out` (cleared first);
-/// false when `segment` is not TCP, or is itself a reset (never answered).
+/// as RFC 9293 (3.10.7.1) makes one so the sender's stack takes it: with
+/// the sequence number the sender expects next (its acknowledgment), or,
+/// for a segment without ACK (a SYN), sequence zero and an ACK of what the
+/// segment carried, which is what a connecting socket accepts as "refused".
+/// Written into `out` (cleared first); false when `segment` is not TCP, or
+/// is itself a reset (never answered).
 pub fn reset_reply(segment: &[u8], out: &mut Vec<u8>) -> bool {
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
     let Ok(sliced) = SlicedPacket::from_ip(segment) else {
@@ -522,14 +525,19 @@ pub fn reset_reply(segment: &[u8], out: &mut Vec<u8>) -> bool {
         Some(NetSlice::Ipv6(ip)) => PacketBuilder::ipv6(ip.header().destination(), ip.header().source(), 64),
         _ => return false,
     };
+    let (sport, dport) = (tcp.destination_port(), tcp.source_port());
+    if tcp.ack() {
+        return builder
+            .tcp(sport, dport, tcp.acknowledgment_number(), 0)
+            .rst()
+            .write(out, &[])
+            .is_ok();
+    }
+    let carried = tcp.payload().len() as u32 + u32::from(tcp.syn()) + u32::from(tcp.fin());
     builder
-        .tcp(
-            tcp.destination_port(),
-            tcp.source_port(),
-            tcp.acknowledgment_number(),
-            0,
-        )
+        .tcp(sport, dport, 0, 0)
         .rst()
+        .ack(tcp.sequence_number().wrapping_add(carried))
         .write(out, &[])
         .is_ok()
 }
@@ -677,6 +685,41 @@ mod tests {
         let pseudo = fold(pseudo_header_sum(&packet, layout.proto, layout.l4));
         packet[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
         packet
+    }
+
+    #[test]
+    fn a_reset_is_one_the_sender_takes() {
+        let tcp = |packet: &[u8]| match SlicedPacket::from_ip(packet).unwrap().transport {
+            Some(TransportSlice::Tcp(tcp)) => tcp.to_header(),
+            _ => panic!("not TCP"),
+        };
+        // A SYN: sequence zero, acknowledging the SYN (a connect() refused).
+        let mut syn = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 7], 64)
+            .tcp(40000, 80, 1000, 64000)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        let mut out = Vec::new();
+        assert!(reset_reply(&syn, &mut out));
+        let rst = tcp(&out);
+        assert!(rst.rst && rst.ack && !rst.syn);
+        assert_eq!((rst.sequence_number, rst.acknowledgment_number), (0, 1001));
+        assert_eq!((rst.source_port, rst.destination_port), (80, 40000));
+        // A segment of a connection: the sequence its sender expects.
+        let mut data = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [203, 0, 113, 7], 64)
+            .tcp(40000, 80, 1000, 64000)
+            .ack(777)
+            .write(&mut data, b"hello")
+            .unwrap();
+        assert!(reset_reply(&data, &mut out));
+        let rst = tcp(&out);
+        assert!(rst.rst && !rst.ack);
+        assert_eq!(rst.sequence_number, 777);
+        // A reset is never answered.
+        let reset = out.clone();
+        assert!(!reset_reply(&reset, &mut out));
     }
 
     #[test]

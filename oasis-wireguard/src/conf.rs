@@ -68,10 +68,7 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("the file is {0} bytes; a wg-quick file is at most {MAX_CONF_BYTES}")]
     TooLarge(usize),
     #[error("line {line}: {what}")]
@@ -215,7 +212,12 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
                     });
                     Section::Peer
                 }
-                other => return Err(at(line, format!("unknown section [{other}]: use [Interface] or [Peer]"))),
+                other => {
+                    return Err(at(
+                        line,
+                        format!("unknown section [{other}]: use [Interface] or [Peer]"),
+                    ));
+                }
             };
             continue;
         }
@@ -231,7 +233,10 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
                 "address" => {
                     for item in list(value) {
                         addresses.push(net(item).ok_or_else(|| {
-                            at(line, format!("Address: {item:?} is not an address with an optional /prefix"))
+                            at(
+                                line,
+                                format!("Address: {item:?} is not an address with an optional /prefix"),
+                            )
                         })?);
                     }
                 }
@@ -244,17 +249,13 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
                     }
                 }
                 "mtu" => {
-                    mtu = Some(
-                        value
-                            .parse::<u16>()
-                            .ok()
-                            .filter(|m| *m >= 576)
-                            .ok_or_else(|| at(line, format!("MTU: {value:?} is not a number from 576 to 65535")))?,
-                    )
+                    mtu = Some(value.parse::<u16>().ok().filter(|m| *m >= 576).ok_or_else(|| {
+                        at(line, format!("MTU: {value:?} is not a number from 576 to 65535"))
+                    })?)
                 }
-                "listenport" | "fwmark" | "table" | "saveconfig" => {
-                    ignored.push(format!("line {line}: {key} (Oasis sends from its own socket and routes by its rules)"))
-                }
+                "listenport" | "fwmark" | "table" | "saveconfig" => ignored.push(format!(
+                    "line {line}: {key} (Oasis sends from its own socket and routes by its rules)"
+                )),
                 "preup" | "postup" | "predown" | "postdown" => {
                     ignored.push(format!("line {line}: {key} (Oasis never runs a file's commands)"))
                 }
@@ -264,15 +265,27 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
                 let peer = peers.last_mut().expect("a [Peer] section has a draft");
                 match lower.as_str() {
                     "publickey" => peer.public_key = Some(key_at(line, key, PublicKey::parse(value))?),
-                    "presharedkey" => peer.preshared_key = Some(key_at(line, key, PresharedKey::parse(value))?),
-                    "endpoint" => peer.endpoint = Some(endpoint(value).ok_or_else(|| {
-                        at(line, format!("Endpoint: {value:?} is not host:port (an IPv6 address in brackets)"))
-                    })?),
+                    "presharedkey" => {
+                        peer.preshared_key = Some(key_at(line, key, PresharedKey::parse(value))?)
+                    }
+                    "endpoint" => {
+                        peer.endpoint = Some(endpoint(value).ok_or_else(|| {
+                            at(
+                                line,
+                                format!("Endpoint: {value:?} is not host:port (an IPv6 address in brackets)"),
+                            )
+                        })?)
+                    }
                     "allowedips" => {
                         let mut nets = Vec::new();
                         for item in list(value) {
                             nets.push(net(item).ok_or_else(|| {
-                                at(line, format!("AllowedIPs: {item:?} is not an address with an optional /prefix"))
+                                at(
+                                    line,
+                                    format!(
+                                        "AllowedIPs: {item:?} is not an address with an optional /prefix"
+                                    ),
+                                )
                             })?);
                         }
                         peer.allowed_ips.get_or_insert_with(Vec::new).extend(nets);
@@ -281,7 +294,12 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
                         peer.keepalive = match value {
                             "off" | "0" => None,
                             _ => Some(value.parse::<u16>().map_err(|_| {
-                                at(line, format!("PersistentKeepalive: {value:?} is not seconds (1-65535) or `off`"))
+                                at(
+                                    line,
+                                    format!(
+                                        "PersistentKeepalive: {value:?} is not seconds (1-65535) or `off`"
+                                    ),
+                                )
                             })?),
                         }
                     }
@@ -307,7 +325,10 @@ pub fn parse(text: &str) -> Result<WgQuick, ConfError> {
     if peers.len() > MAX_PEERS {
         return Err(ConfError::TooManyPeers(peers.len()));
     }
-    let peers = peers.into_iter().map(PeerDraft::finish).collect::<Result<Vec<_>, _>>()?;
+    let peers = peers
+        .into_iter()
+        .map(PeerDraft::finish)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(WgQuick {
         interface: Interface {
             private_key,
@@ -336,7 +357,11 @@ fn endpoint(text: &str) -> Option<Endpoint> {
     let (host, port) = text.rsplit_once(':')?;
     let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
     let host = match host.strip_prefix('[') {
-        Some(v6) => v6.strip_suffix(']')?.parse::<std::net::Ipv6Addr>().ok()?.to_string(),
+        Some(v6) => v6
+            .strip_suffix(']')?
+            .parse::<std::net::Ipv6Addr>()
+            .ok()?
+            .to_string(),
         // An IPv6 address needs brackets, or its last group reads as the port.
         None if host.contains(':') => return None,
         None => host.to_string(),
@@ -352,7 +377,10 @@ impl WgQuick {
         let mut text = String::from("[Interface]\n");
         text += &format!("PrivateKey = {}\n", i.private_key.to_base64());
         let join = |items: Vec<String>| items.join(", ");
-        text += &format!("Address = {}\n", join(i.addresses.iter().map(|a| a.to_string()).collect()));
+        text += &format!(
+            "Address = {}\n",
+            join(i.addresses.iter().map(|a| a.to_string()).collect())
+        );
         let dns: Vec<String> = i
             .dns
             .iter()
@@ -407,7 +435,10 @@ mod tests {
         assert_eq!(i.private_key.public().to_string(), PUBLIC);
         assert_eq!(
             i.addresses,
-            ["10.66.0.2/32".parse::<IpNet>().unwrap(), "fd66::2/128".parse().unwrap()]
+            [
+                "10.66.0.2/32".parse::<IpNet>().unwrap(),
+                "fd66::2/128".parse().unwrap()
+            ]
         );
         assert_eq!(i.dns, ["10.66.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(i.dns_search, ["home.lan"]);
@@ -438,9 +469,15 @@ mod tests {
             error(&format!("{iface}{peer}")),
             "[Peer] at line 4 has no Endpoint: Oasis starts the tunnel, so it must know where the peer listens (host:port)"
         );
-        let wrong_key = format!("[Interface]\nPrivateKey = {}\nAddress = 10.0.0.2\n", &PRIVATE[..40]);
+        let wrong_key = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.0.0.2\n",
+            &PRIVATE[..40]
+        );
         let shown = error(&wrong_key);
-        assert!(shown.starts_with("line 2: PrivateKey: not a WireGuard key"), "{shown}");
+        assert!(
+            shown.starts_with("line 2: PrivateKey: not a WireGuard key"),
+            "{shown}"
+        );
         assert!(!shown.contains(&PRIVATE[..40]), "an error never quotes a key");
         // A file cut short: the peer's section has no key yet.
         assert_eq!(
@@ -448,10 +485,15 @@ mod tests {
             "line 5: expected `Key = Value`"
         );
         assert_eq!(
-            error(&format!("{iface}[Peer]\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n")),
+            error(&format!(
+                "{iface}[Peer]\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"
+            )),
             "[Peer] at line 4 has no PublicKey"
         );
-        assert_eq!(error(&iface), "no [Peer] section: the file must name the peer to talk to");
+        assert_eq!(
+            error(&iface),
+            "no [Peer] section: the file must name the peer to talk to"
+        );
         assert!(error(&peer).starts_with("no [Interface]"));
         assert_eq!(
             error(&format!("[Interface]\nPrivateKey = {PRIVATE}\n{peer}")),
@@ -462,8 +504,13 @@ mod tests {
             "line 4: unknown [Interface] key Colour"
         );
         for bad in ["192.0.2.1", "2001:db8::1:51820", "host:0", ":51820", "[::1:5"] {
-            let text = format!("{iface}[Peer]\nPublicKey = {PUBLIC}\nEndpoint = {bad}\nAllowedIPs = 0.0.0.0/0\n");
-            assert!(error(&text).starts_with("line 6: Endpoint:"), "{bad}: {}", error(&text));
+            let text =
+                format!("{iface}[Peer]\nPublicKey = {PUBLIC}\nEndpoint = {bad}\nAllowedIPs = 0.0.0.0/0\n");
+            assert!(
+                error(&text).starts_with("line 6: Endpoint:"),
+                "{bad}: {}",
+                error(&text)
+            );
         }
         assert!(error(&"#\n".repeat(MAX_CONF_BYTES)).contains("at most"));
     }

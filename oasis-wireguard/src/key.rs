@@ -11,7 +11,9 @@ use boringtun::x25519;
 /// Why a key was refused. The value is never quoted: it may be a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("not a WireGuard key: give 32 bytes in base64 (44 characters ending in `=`, as `wg genkey` prints)")]
+    #[error(
+        "not a WireGuard key: give 32 bytes in base64 (44 characters ending in `=`, as `wg genkey` prints)"
+    )]
     NotAKey,
 }
 
@@ -133,7 +135,12 @@ mod tests {
             private.public().to_string(),
             "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
         );
-        for bad in ["", "abc", "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LC==", &"A".repeat(44)] {
+        for bad in [
+            "",
+            "abc",
+            "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LC==",
+            &"A".repeat(44),
+        ] {
             assert_eq!(PrivateKey::parse(bad).err(), Some(KeyError::NotAKey), "{bad:?}");
         }
         // Whitespace around a key is no part of it.

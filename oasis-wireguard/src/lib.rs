@@ -9,4 +9,6 @@ pub mod tunnel;
 
 pub use conf::{ConfError, Endpoint, Interface, Peer, WgQuick};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
-pub use tunnel::{DATA_OVERHEAD, DOWN_AFTER, DownWhy, Health, MIN_BUFFER, Opened, Sealer, Tunnel, TunnelStatus};
+pub use tunnel::{
+    DATA_OVERHEAD, DOWN_AFTER, DownWhy, Health, MIN_BUFFER, Opened, Sealer, Tunnel, TunnelStatus,
+};

@@ -434,7 +434,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(client.health(), Health::Up);
-        assert!(matches!(server.lock().open(FROM, &keepalive, &mut back, now), Opened::Nothing));
+        assert!(matches!(
+            server.lock().open(FROM, &keepalive, &mut back, now),
+            Opened::Nothing
+        ));
         // The waiting packet goes now.
         let waited = client.lock().flush(&mut buf).unwrap().to_vec();
         assert!(client.lock().flush(&mut buf).is_none());
@@ -451,10 +454,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A replay is rejected and counted; so is a forgery.
-        assert!(matches!(server.lock().open(FROM, &sealed, &mut back, now), Opened::Rejected(_)));
+        assert!(matches!(
+            server.lock().open(FROM, &sealed, &mut back, now),
+            Opened::Rejected(_)
+        ));
         let mut forged = client.lock().seal(&packet(2), &mut buf, now).unwrap().to_vec();
         forged[20] ^= 1;
-        assert!(matches!(server.lock().open(FROM, &forged, &mut back, now), Opened::Rejected(_)));
+        assert!(matches!(
+            server.lock().open(FROM, &forged, &mut back, now),
+            Opened::Rejected(_)
+        ));
         assert_eq!(server.status().rejected, 2);
         assert_eq!(client.status().handshakes, 1);
         assert_eq!(server.status().opened, 2);
@@ -471,12 +480,25 @@ mod tests {
         assert_eq!(client.health(), Health::Connecting);
         assert!(client.health().carries());
         // Down, it tries again at once, then every five seconds.
-        let retry = client.lock().tick(&mut buf, start + DOWN_AFTER).map(<[u8]>::to_vec);
+        let retry = client
+            .lock()
+            .tick(&mut buf, start + DOWN_AFTER)
+            .map(<[u8]>::to_vec);
         assert_eq!(client.health(), Health::Down(DownWhy::NoAnswer));
         assert!(!client.health().carries());
         assert!(retry.is_some_and(|d| is_initiation(&d)));
-        assert!(client.lock().tick(&mut buf, start + Duration::from_secs(9)).is_none());
-        assert!(client.lock().tick(&mut buf, start + Duration::from_secs(10)).is_some());
+        assert!(
+            client
+                .lock()
+                .tick(&mut buf, start + Duration::from_secs(9))
+                .is_none()
+        );
+        assert!(
+            client
+                .lock()
+                .tick(&mut buf, start + Duration::from_secs(10))
+                .is_some()
+        );
     }
 
     #[test]
@@ -489,7 +511,10 @@ mod tests {
         let now = Instant::now();
         let (mut buf, mut back) = (vec![0u8; 2048], vec![0u8; 2048]);
         let init = client.lock().start(&mut buf, now).unwrap().to_vec();
-        assert!(matches!(server.lock().open(FROM, &init, &mut back, now), Opened::Rejected(_)));
+        assert!(matches!(
+            server.lock().open(FROM, &init, &mut back, now),
+            Opened::Rejected(_)
+        ));
         client.lock().tick(&mut buf, now + DOWN_AFTER);
         assert_eq!(client.health(), Health::Down(DownWhy::NoAnswer));
     }

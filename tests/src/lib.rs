@@ -696,6 +696,93 @@ impl Topology {
         wait_for_listener(&self.server, port);
     }
 
+    /// A bulk TCP echo with the server's echo service on `port`: `mb` MB
+    /// each way, every byte hashed. The data streams from a generator (each
+    /// megabyte a random block with its number in front, so a lost,
+    /// repeated or reordered megabyte shows), hashed as it goes and as it
+    /// comes back: a gigabyte needs no gigabyte of memory.
+    pub fn echo_bulk(&self, port: u16, mb: usize, what: &str) {
+        let script = format!(
+            "import socket,threading,hashlib,random\n\
+             block=bytearray(random.Random(7).randbytes(1<<20))\n\
+             sent=hashlib.sha256()\n\
+             c=socket.create_connection(('{SERVER_V4}',{port}),timeout=20)\n\
+             def send():\n  \
+               for i in range({mb}):\n    \
+                 block[:8]=i.to_bytes(8,'big');sent.update(block);c.sendall(block)\n  \
+               c.shutdown(socket.SHUT_WR)\n\
+             t=threading.Thread(target=send,daemon=True);t.start()\n\
+             h=hashlib.sha256();got=0\n\
+             while (d:=c.recv(1<<18)): h.update(d);got+=len(d)\n\
+             t.join()\n\
+             print(got, h.hexdigest()==sent.hexdigest())\n"
+        );
+        let output = self.client.output(&["python3", "-c", &script]);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            format!("{} True", mb << 20),
+            "{what}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// wireguard-go running as interface `iface` in `ns` (as `process`),
+    /// once the interface exists.
+    pub fn start_wireguard_go(&mut self, ns: &Netns, process: &str, iface: &str) {
+        self.spawn(
+            ns,
+            process,
+            &["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", iface],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ns.output(&["ip", "link", "show", iface]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {iface}: {}",
+                self.process(process).log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A WireGuard peer on the overlay host, as a home router or a VPN
+    /// server is one: wireguard-go listening on `port` with tunnel address
+    /// 10.88.0.2/24, `client_public` its one peer (allowed from
+    /// `client_tunnel`), what it forwards toward the server masqueraded.
+    /// Its public key.
+    pub fn start_wireguard_peer(&mut self, client_public: &str, client_tunnel: &str, port: u16) -> String {
+        let (private, public) = wg_keys(&self.overlay);
+        let iface = wireguard_interface("wgp");
+        let overlay = self.overlay.clone();
+        self.start_wireguard_go(&overlay, "wireguard-go", &iface);
+        let key_file = self.dir.join("peer.key");
+        std::fs::write(&key_file, &private).expect("key file");
+        let o = &self.overlay;
+        o.run(&[
+            "wg",
+            "set",
+            &iface,
+            "private-key",
+            &key_file.to_string_lossy(),
+            "listen-port",
+            &port.to_string(),
+            "peer",
+            client_public,
+            "allowed-ips",
+            client_tunnel,
+        ]);
+        o.run(&["ip", "addr", "add", "10.88.0.2/24", "dev", &iface]);
+        o.run(&["ip", "link", "set", &iface, "up"]);
+        o.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        o.run(&[
+            "nft",
+            "add table ip oasis_wg; \
+             add chain ip oasis_wg post { type nat hook postrouting priority 100; }; \
+             add rule ip oasis_wg post ip saddr 10.88.0.0/24 oifname o0 masquerade",
+        ]);
+        public
+    }
+
     pub fn start_iperf_server(&mut self, port: u16) {
         let port_text = port.to_string();
         let server = self.server.clone();
@@ -895,6 +982,26 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         }
     }
     panic!("no {name} binary: build the workspace (cargo build) or set OASIS_BIN")
+}
+
+/// A WireGuard key pair made by `wg` in `ns`: (private, public).
+pub fn wg_keys(ns: &Netns) -> (String, String) {
+    let private = ns.run(&["wg", "genkey"]).trim().to_string();
+    let public = ns.output(&["sh", "-c", &format!("echo {private} | wg pubkey")]);
+    (
+        private,
+        String::from_utf8_lossy(&public.stdout).trim().to_string(),
+    )
+}
+
+/// A name for a wireguard-go interface no other test or run uses now: its
+/// control socket in /var/run/wireguard is shared by every namespace.
+pub fn wireguard_interface(prefix: &str) -> String {
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed) % 100
+    )
 }
 
 /// The daemon running in the client namespace, with its own config and

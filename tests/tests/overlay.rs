@@ -1098,7 +1098,7 @@ fn bulk_overlay_tcp_takes_the_kernels_fast_path_on_the_client() {
             &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
         );
         let what = format!("shim {shim}, links like NICs {like_nics}");
-        echo_bulk(&net, MB, &what);
+        net.echo_bulk(7200, MB, &what);
         let status = json(&daemon, &net, &["status", "--json"]);
         let classifier = &status["classifier"];
         let count = |field: &str| classifier[field].as_u64().unwrap();
@@ -1176,7 +1176,7 @@ fn bulk_overlay_tcp_to_an_ipv6_entry_node_takes_both_fast_paths() {
         &net,
         &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
     );
-    echo_bulk(&net, MB, "over an IPv6 entry node");
+    net.echo_bulk(7200, MB, "over an IPv6 entry node");
     let status = json(&daemon, &net, &["status", "--json"]);
     let classifier = &status["classifier"];
     let count = |field: &str| classifier[field].as_u64().unwrap();
@@ -1238,36 +1238,6 @@ fn fast_overlay(
     }
     cli_ok(&daemon, net, &add);
     daemon
-}
-
-/// A bulk TCP echo through the exit: `mb` MB each way, every byte hashed.
-/// The data streams from a generator (each megabyte a random block with
-/// its number in front, so a lost, repeated or reordered megabyte shows),
-/// hashed as it goes and as it comes back: a gigabyte needs no gigabyte
-/// of memory.
-fn echo_bulk(net: &Topology, mb: usize, what: &str) {
-    let script = format!(
-        "import socket,threading,hashlib,random\n\
-         block=bytearray(random.Random(7).randbytes(1<<20))\n\
-         sent=hashlib.sha256()\n\
-         c=socket.create_connection(('{SERVER_V4}',7200),timeout=20)\n\
-         def send():\n  \
-           for i in range({mb}):\n    \
-             block[:8]=i.to_bytes(8,'big');sent.update(block);c.sendall(block)\n  \
-           c.shutdown(socket.SHUT_WR)\n\
-         t=threading.Thread(target=send,daemon=True);t.start()\n\
-         h=hashlib.sha256();got=0\n\
-         while (d:=c.recv(1<<18)): h.update(d);got+=len(d)\n\
-         t.join()\n\
-         print(got, h.hexdigest()==sent.hexdigest())\n"
-    );
-    let output = net.client.output(&["python3", "-c", &script]);
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        format!("{} True", mb << 20),
-        "{what}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[test]
@@ -1348,7 +1318,7 @@ fn bulk_overlay_tcp_takes_the_exits_fast_path_both_ways() {
             &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "x"],
         );
         let started = Instant::now();
-        echo_bulk(&net, mb, &what);
+        net.echo_bulk(7200, mb, &what);
         println!("{what}: {mb} MB each way in {:.1?}", started.elapsed());
         let stats = exit_stats(&net);
         let fast = &stats["fast_path"];

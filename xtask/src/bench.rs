@@ -331,45 +331,14 @@ pub fn run(
 /// Traffic takes the tunnel only while the wireguard-go scenario routes the
 /// server's address into it.
 fn start_wireguard(net: &mut Topology) -> anyhow::Result<()> {
-    let key = |ns: &oasis_tests::Netns| -> (String, String) {
-        let private = ns.run(&["wg", "genkey"]).trim().to_string();
-        let public = ns.output(&["sh", "-c", &format!("echo {private} | wg pubkey")]);
-        (
-            private,
-            String::from_utf8_lossy(&public.stdout).trim().to_string(),
-        )
-    };
-    let (client_key, client_pub) = key(&net.client);
-    let (overlay_key, overlay_pub) = key(&net.overlay);
-    // wireguard-go's control socket is named after the interface in
-    // /var/run/wireguard, which all namespaces share: unique names.
+    let (client_key, client_pub) = oasis_tests::wg_keys(&net.client);
+    let (overlay_key, overlay_pub) = oasis_tests::wg_keys(&net.overlay);
     let (client_if, overlay_if) = wireguard_interfaces();
     for (ns, process, iface) in [
         (net.client.clone(), "wg-client", &client_if),
         (net.overlay.clone(), "wg-overlay", &overlay_if),
     ] {
-        net.spawn(
-            &ns,
-            process,
-            &["env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", iface],
-        );
-    }
-    let wait = std::time::Instant::now();
-    while !(net
-        .client
-        .output(&["ip", "link", "show", &client_if])
-        .status
-        .success()
-        && net
-            .overlay
-            .output(&["ip", "link", "show", &overlay_if])
-            .status
-            .success())
-    {
-        if wait.elapsed() > Duration::from_secs(10) {
-            bail!("wireguard-go did not create its interfaces");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        net.start_wireguard_go(&ns, process, iface);
     }
     let configure = |ns: &oasis_tests::Netns,
                      iface: &str,

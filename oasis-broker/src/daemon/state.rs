@@ -191,7 +191,7 @@ impl Daemon {
                 pinned,
                 wireguard,
             } => self
-                .join_overlay(name, url, token, module_file, pinned, wireguard, &reporter)
+                .join_overlay(name, url, (token, pinned), (module_file, wireguard), &reporter)
                 .await
                 .map(|overlay| Response::Overlay {
                     overlay: Box::new(overlay),
@@ -491,10 +491,11 @@ impl Daemon {
         self: &Arc<Self>,
         name: String,
         url: String,
-        token: Option<String>,
-        module_file: Option<crate::control::ModuleUpload>,
-        pinned: bool,
-        wireguard: Option<crate::control::WireGuardUpload>,
+        (token, pinned): (Option<String>, bool),
+        (module_file, wireguard): (
+            Option<crate::control::ModuleUpload>,
+            Option<crate::control::WireGuardUpload>,
+        ),
         reporter: &Reporter,
     ) -> Result<OverlayView, RequestError> {
         crate::overlay::check_name(&name)?;
@@ -770,11 +771,14 @@ fn wireguard_view(stored: &StoredOverlay, link: &crate::overlay::wireguard::Wire
         .collect();
     WireGuardView {
         public_key: link.own_public.to_string(),
-        tunnel_addresses: [link.tunnel_v4.map(std::net::IpAddr::V4), link.tunnel_v6.map(std::net::IpAddr::V6)]
-            .into_iter()
-            .flatten()
-            .map(|a| a.to_string())
-            .collect(),
+        tunnel_addresses: [
+            link.tunnel_v4.map(std::net::IpAddr::V4),
+            link.tunnel_v6.map(std::net::IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|a| a.to_string())
+        .collect(),
         dns: link.dns.iter().map(ToString::to_string).collect(),
         mtu: link.mtu,
         key_file: stored

@@ -36,6 +36,7 @@ pub(super) fn broker_counters(counters: &EngineCounters) -> BrokerCounters {
         rejected_module_sender: drops(DropReason::NotFromModule),
         orphan_fragments: drops(DropReason::OrphanFragment),
         returned_for_no_flow: drops(DropReason::NoFlow),
+        unauthenticated: drops(DropReason::Unauthenticated),
         flows_adopted: load(&counters.adopted),
         too_big: load(&counters.too_big),
     }
@@ -111,6 +112,7 @@ mod tests {
             DropReason::NotFromModule,
             DropReason::OrphanFragment,
             DropReason::NoFlow,
+            DropReason::Unauthenticated,
         ]
         .into_iter()
         .enumerate()
@@ -131,8 +133,9 @@ mod tests {
                 shown.rejected_module_sender,
                 shown.orphan_fragments,
                 shown.returned_for_no_flow,
+                shown.unauthenticated,
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         );
     }
 }

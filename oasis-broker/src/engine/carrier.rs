@@ -157,18 +157,25 @@ impl CarrierChooser for MonitorChooser {
             }
         };
         // Do no harm: an overlay whose code module or WireGuard peer is
-        // down carries no new flow, unless the user pinned it.
-        match decision.via {
-            Via::Overlay(id) => match routes.overlays.get(id).filter(|o| o.falls_back()) {
-                Some(down) => Decision {
-                    via: Via::Underlay,
-                    why: Some(match down.wireguard {
-                        Some(_) => Why::PeerDown,
-                        None => Why::ModuleDown,
-                    }),
-                    monitored: false,
-                },
-                None => decision,
+        // down carries no new flow, unless the user pinned it. A pinned
+        // overlay's flow waits for a restarting module; a peer that does
+        // not answer refuses it at once, where it would wait for nothing.
+        let Via::Overlay(id) = decision.via else {
+            return decision;
+        };
+        match routes.overlays.get(id) {
+            Some(down) if down.falls_back() => Decision {
+                via: Via::Underlay,
+                why: Some(match down.wireguard {
+                    Some(_) => Why::PeerDown,
+                    None => Why::ModuleDown,
+                }),
+                monitored: false,
+            },
+            Some(down) if down.wireguard.is_some() && down.is_down() => Decision {
+                via: Via::Unavailable,
+                why: Some(Why::PeerDown),
+                monitored: false,
             },
             _ => decision,
         }

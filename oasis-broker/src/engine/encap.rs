@@ -35,7 +35,8 @@ impl Encapsulation {
     /// (the kernel does not seal).
     /// `uplink_mtu`: the uplinks' MTU.
     pub fn of(overlay: &JoinedOverlay, to: SocketAddr, rule: u32, uplink_mtu: u16) -> Option<Encapsulation> {
-        if overlay.monitor || overlay.module.is_some() || overlay.wireguard.is_some() || to.ip().is_loopback() {
+        if overlay.monitor || overlay.module.is_some() || overlay.wireguard.is_some() || to.ip().is_loopback()
+        {
             return None;
         }
         Encapsulation::new(to, rule, overlay.outer_mtu(uplink_mtu), &overlay.shim)

@@ -235,9 +235,9 @@ impl ReturnPath {
         out: &mut Vec<u8>,
         now: Instant,
     ) -> Result<Returned, DropReason> {
-        let result = self
-            .untunnel(overlay, packet, tunnels)
-            .and_then(|()| self.check_packet(overlay, Some(from), packet, local, replies, headroom, out, now));
+        let result = self.untunnel(overlay, packet, tunnels).and_then(|()| {
+            self.check_packet(overlay, Some(from), packet, local, replies, headroom, out, now)
+        });
         match result {
             Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
             Err(reason) => {
@@ -459,9 +459,7 @@ mod tests {
                 Box::new(LocalModule::new(port)),
                 vec![0; 16],
             );
-            overlay.module = module.then(|| ModuleLink {
-                up: Arc::default(),
-            });
+            overlay.module = module.then(|| ModuleLink { up: Arc::default() });
             Arc::new(overlay)
         };
         // 40123 is a module's socket; 40124 a path on loopback that no

@@ -743,7 +743,13 @@ impl Router {
     /// Such a flow has no carrier; it never leaks onto another path.
     fn carried(&self, via: Via, real: &FlowKey) -> Via {
         match via {
-            Via::Overlay(id) if self.routes.overlays.get(id).is_some_and(|o| !o.path.carries(real)) => {
+            Via::Overlay(id)
+                if self
+                    .routes
+                    .overlays
+                    .get(id)
+                    .is_some_and(|o| !o.path.carries(real)) =>
+            {
                 tracing::debug!(flow = %describe(real), "the overlay's path cannot carry the flow");
                 Via::Unavailable
             }
@@ -889,7 +895,11 @@ impl Router {
             // Through a WireGuard peer the flow leaves from the tunnel
             // address; its replies come back to it.
             let real = flow.fake.map_or_else(|| flow_dst(&key), |f| f.real);
-            if let Some(tunnel) = overlay.wireguard.as_ref().and_then(|w| w.tunnel_source(real.is_ipv6())) {
+            if let Some(tunnel) = overlay
+                .wireguard
+                .as_ref()
+                .and_then(|w| w.tunnel_source(real.is_ipv6()))
+            {
                 flow.tunnel = Some(tunnel);
                 self.engine
                     .add_tunnel(tunnel_reply_key(&key, real, tunnel), flow_src(&key));

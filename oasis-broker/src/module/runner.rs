@@ -784,9 +784,7 @@ mod tests {
         let nodes = EntryNodes::new(vec![format!("192.0.2.{id}:7400").parse().unwrap()]).unwrap();
         let mut overlay = JoinedOverlay::new(OverlayId(id), name.into(), Box::new(nodes), vec![]);
         overlay.monitor = monitor;
-        overlay.module = (!monitor).then(|| ModuleLink {
-            up: Arc::default(),
-        });
+        overlay.module = (!monitor).then(|| ModuleLink { up: Arc::default() });
         Arc::new(overlay)
     }
 

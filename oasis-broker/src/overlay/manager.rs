@@ -13,8 +13,8 @@ use super::modules::{ModuleContext, ModuleFailure};
 use super::table::{
     EntryNodes, JoinedOverlay, LocalModule, ModuleLink, OverlayId, OverlayPath, OverlayTable,
 };
-use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use super::wireguard::{self, WireGuardLink, WireGuardPath};
+use super::{JoinError, OverlayError, check_name, fetch, shim_bytes};
 use super::{ModuleKind, ModuleSpec};
 use crate::module::runner::{ModuleRunner, ModuleStatus, Reach};
 
@@ -165,7 +165,11 @@ impl OverlayManager {
     }
 
     /// The overlay the packet path reads, and its module's runner to keep.
-    fn joined(&mut self, stored: &StoredOverlay, runtime: Runtime) -> (Arc<JoinedOverlay>, Option<ModuleRunner>) {
+    fn joined(
+        &mut self,
+        stored: &StoredOverlay,
+        runtime: Runtime,
+    ) -> (Arc<JoinedOverlay>, Option<ModuleRunner>) {
         let id = OverlayId(self.next_id);
         self.next_id += 1;
         let mut overlay = JoinedOverlay::new(id, stored.name.clone(), runtime.path, runtime.shim);

@@ -20,7 +20,7 @@ use oasis_io::packet::{End, rewrite_address, rewrite_ip_address};
 use oasis_wireguard::{ConfError, MIN_BUFFER, PublicKey, Sealer, Tunnel, WgQuick};
 
 use super::spec::unfit_entry;
-use super::{LocalAddresses, OverlaySpec, OverlayPath};
+use super::{LocalAddresses, OverlayPath, OverlaySpec};
 
 /// Why a WireGuard overlay cannot be joined or used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,8 @@ pub struct WgPeer {
     pub tunnel: Tunnel,
     pub endpoint: SocketAddr,
     pub allowed: Vec<IpNet>,
+    /// Whether the log last said it carries (it says so on each change).
+    pub reported: std::sync::atomic::AtomicBool,
 }
 
 impl WgPeer {
@@ -97,6 +99,7 @@ impl WireGuardLink {
                 ),
                 endpoint: *endpoint,
                 allowed: peer.allowed_ips.iter().map(IpNet::trunc).collect(),
+                reported: std::sync::atomic::AtomicBool::new(true),
             })
             .collect();
         let addresses = &conf.interface.addresses;
@@ -127,7 +130,12 @@ impl WireGuardLink {
         self.peers
             .iter()
             .filter_map(|peer| {
-                let best = peer.allowed.iter().filter(|n| n.contains(&dst)).map(IpNet::prefix_len).max()?;
+                let best = peer
+                    .allowed
+                    .iter()
+                    .filter(|n| n.contains(&dst))
+                    .map(IpNet::prefix_len)
+                    .max()?;
                 Some((best, peer))
             })
             .max_by_key(|(len, _)| *len)
@@ -187,7 +195,11 @@ pub fn into_tunnel(packet: &mut [u8], source: IpAddr) -> bool {
 
 /// Reads and checks a wg-quick file's text and resolves its peers'
 /// endpoints (blocking: may ask the resolver). `file` names it in errors.
-pub fn prepare(file: &str, text: &str, own: &LocalAddresses) -> Result<(WgQuick, Vec<SocketAddr>), WireGuardError> {
+pub fn prepare(
+    file: &str,
+    text: &str,
+    own: &LocalAddresses,
+) -> Result<(WgQuick, Vec<SocketAddr>), WireGuardError> {
     let conf = oasis_wireguard::conf::parse(text).map_err(|source| WireGuardError::Conf {
         file: file.into(),
         source,
@@ -233,7 +245,10 @@ pub fn load(path: &Path, own: &LocalAddresses) -> Result<(WgQuick, Vec<SocketAdd
         source,
     })?;
     if warnings.readable_by_others {
-        tracing::warn!(file, "the WireGuard key file may be read by others than its owner: chmod 600 it");
+        tracing::warn!(
+            file,
+            "the WireGuard key file may be read by others than its owner: chmod 600 it"
+        );
     }
     let endpoints = resolve(&file, &conf, own)?;
     Ok((conf, endpoints))
@@ -315,7 +330,9 @@ impl SealScratch {
         for (link, packet, to) in packets {
             let Some(peer) = link.peer_at(to) else { continue };
             let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
-            let Some(source) = link.tunnel_source(v6) else { continue };
+            let Some(source) = link.tunnel_source(v6) else {
+                continue;
+            };
             self.plain.clear();
             self.plain.extend_from_slice(packet);
             if !into_tunnel(&mut self.plain, source) {
@@ -329,7 +346,10 @@ impl SealScratch {
                 self.sealed.push((Vec::with_capacity(2048), to));
             }
             let (buf, dest) = &mut self.sealed[self.used];
-            buf.resize((self.plain.len() + oasis_wireguard::DATA_OVERHEAD).max(MIN_BUFFER), 0);
+            buf.resize(
+                (self.plain.len() + oasis_wireguard::DATA_OVERHEAD).max(MIN_BUFFER),
+                0,
+            );
             if let Some(len) = sealer.seal(&self.plain, buf, now).map(<[u8]>::len) {
                 buf.truncate(len);
                 *dest = to;
@@ -364,8 +384,14 @@ mod tests {
 
     #[test]
     fn flows_go_to_the_peer_whose_allowed_ips_hold_them_most_narrowly() {
-        let conf = conf(&[("192.0.2.1:51820", "0.0.0.0/0"), ("192.0.2.2:51820", "198.51.100.0/24")]);
-        let endpoints: Vec<SocketAddr> = vec!["192.0.2.1:51820".parse().unwrap(), "192.0.2.2:51820".parse().unwrap()];
+        let conf = conf(&[
+            ("192.0.2.1:51820", "0.0.0.0/0"),
+            ("192.0.2.2:51820", "198.51.100.0/24"),
+        ]);
+        let endpoints: Vec<SocketAddr> = vec![
+            "192.0.2.1:51820".parse().unwrap(),
+            "192.0.2.2:51820".parse().unwrap(),
+        ];
         let link = Arc::new(WireGuardLink::new(&conf, &endpoints));
         let path = WireGuardPath(link.clone());
         let to = |dst: [u8; 4]| path.next_hop(&FlowKey::v4([10, 0, 0, 1], dst, 6, 1000, 443));
@@ -378,7 +404,10 @@ mod tests {
         v6.dst = [0x20; 16];
         assert!(!path.carries(&v6));
         assert_eq!(link.tunnel_source(false), Some(IpAddr::from([10, 66, 0, 2])));
-        assert!(link.peer_at("[::ffff:192.0.2.2]:51820".parse().unwrap()).is_some());
+        assert!(
+            link.peer_at("[::ffff:192.0.2.2]:51820".parse().unwrap())
+                .is_some()
+        );
         assert!(link.peer_at("192.0.2.2:51821".parse().unwrap()).is_none());
     }
 
@@ -390,8 +419,14 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-            assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            assert_eq!(
+                std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
         }
         let (again, endpoints) = load(&path, &LocalAddresses::default()).unwrap();
         assert_eq!(again.render(), conf.render());
@@ -399,7 +434,10 @@ mod tests {
         // An endpoint that is this host is refused, with its line.
         let own: LocalAddresses = ["192.0.2.1".parse().unwrap()].into_iter().collect();
         let error = load(&path, &own).unwrap_err().to_string();
-        assert!(error.contains("[Peer] at line 5") && error.contains("this host's own"), "{error}");
+        assert!(
+            error.contains("[Peer] at line 5") && error.contains("this host's own"),
+            "{error}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -412,14 +450,20 @@ mod tests {
             .unwrap();
         assert!(into_tunnel(&mut packet, IpAddr::from([10, 66, 0, 2])));
         let parsed = etherparse::SlicedPacket::from_ip(&packet).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else { panic!() };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+            panic!()
+        };
         assert_eq!(ip.header().source(), [10, 66, 0, 2]);
         let header = ip.header().to_header();
         assert_eq!(header.header_checksum, header.calc_header_checksum());
-        let Some(etherparse::TransportSlice::Udp(udp)) = parsed.transport else { panic!() };
+        let Some(etherparse::TransportSlice::Udp(udp)) = parsed.transport else {
+            panic!()
+        };
         assert_eq!(
             udp.checksum(),
-            udp.to_header().calc_checksum_ipv4(&header, udp.payload()).unwrap()
+            udp.to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap()
         );
     }
 }

@@ -1,0 +1,298 @@
+//! WireGuard overlays against a WireGuard we did not write: wireguard-go
+//! (configured with wireguard-tools) on the overlay host, which forwards
+//! what comes out of its tunnel to the server, masqueraded, as a home
+//! router or a VPN provider's server does.
+
+use std::time::{Duration, Instant};
+
+use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology, wg_keys};
+
+const WG_PORT: u16 = 51820;
+/// The client's address inside the tunnel.
+const TUNNEL: &str = "10.88.0.1";
+
+fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
+    daemon.ok(net, args)
+}
+
+/// A wg-quick file for the client, as a user has one, mode 0600.
+fn wg_quick(net: &Topology, private: &str, peer_public: &str) -> std::path::PathBuf {
+    let path = net.dir.join("home.conf");
+    let text = format!(
+        "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n\
+         PostUp = echo never run\n\n[Peer]\nPublicKey = {peer_public}\n\
+         Endpoint = {OVERLAY_V4}:{WG_PORT}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
+    );
+    std::fs::write(&path, text).expect("wg-quick file");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// The daemon with the peer joined as overlay `home` (`pin`: never the
+/// underlay); `peer_public` as the file names it.
+fn joined(net: &mut Topology, client_private: &str, peer_public: &str, pin: bool) -> Daemon {
+    let file = wg_quick(net, client_private, peer_public);
+    let daemon = Daemon::start(net, "");
+    let file = file.to_string_lossy().into_owned();
+    let mut args = vec!["overlay", "add", "home", "--wireguard", &file];
+    if pin {
+        args.push("--pin");
+    }
+    let shown = cli_ok(&daemon, net, &args);
+    assert!(shown.contains("our public key"), "{shown}");
+    assert!(
+        !shown.contains(client_private),
+        "the private key is never shown: {shown}"
+    );
+    daemon
+}
+
+fn peer(daemon: &Daemon, net: &Topology) -> serde_json::Value {
+    let view = daemon.json(net, &["overlay", "show", "home", "--json"]);
+    view["wireguard"]["peers"][0].clone()
+}
+
+/// Waits until the peer's state starts with `state`; how long it took.
+fn wait_state(daemon: &Daemon, net: &Topology, state: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let peer = peer(daemon, net);
+        if peer["state"].as_str().is_some_and(|s| s.starts_with(state)) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "the peer is not {state} after {within:?}: {peer}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Replays one WireGuard data datagram the peer sent the client, and sends
+/// a forged copy of another (one ciphertext byte flipped), from the router
+/// onto the client's link.
+fn replay_and_forge(net: &Topology) {
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(3))\n\
+         s.bind(('r0',0));s.settimeout(10)\n\
+         done=0\n\
+         while done<2:\n  \
+           f,a=s.recvfrom(65535)\n  \
+           if a[2]!=4 or len(f)<120 or f[23]!=17 or f[34:36]!=({WG_PORT}).to_bytes(2,'big') or f[42]!=4: continue\n  \
+           f=bytearray(f);f[40:42]=b'\\0\\0'\n  \
+           if done==1: f[80]^=1\n  \
+           s.send(bytes(f));done+=1\n\
+         print('sent',done)\n"
+    );
+    let output = net.router.output(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "sent 2",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_wireguard_go_peer_carries_tcp_udp_and_ping_and_nothing_goes_in_the_clear() {
+    let mut net = Topology::new();
+    let (client_private, client_public) = wg_keys(&net.client);
+    let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
+    net.start_echo_server(7200);
+    net.start_web_server(80);
+    net.web_file("marked", 4 << 20);
+    // Every data packet of a plain copy of the file would carry its bytes
+    // (`x`) at byte 100 of its UDP datagram: none may cross the router.
+    net.router
+        .watch("clear", "meta l4proto udp @th,800,64 0x7878787878787878");
+    // What reaches the server comes from the overlay host.
+    net.server
+        .watch("from_overlay", &format!("ip saddr {OVERLAY_V4} tcp dport 7200"));
+    net.server
+        .watch("from_client", &format!("ip saddr {CLIENT_V4} tcp dport 7200"));
+
+    let mut daemon = joined(&mut net, &client_private, &peer_public, false);
+    let took = wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    println!("handshake done {took:?} after the join");
+    for rule in [
+        ["--proto", "tcp", "--dport", "7200"],
+        ["--proto", "tcp", "--dport", "80"],
+        ["--proto", "udp", "--dport", "5300"],
+    ] {
+        let mut args = vec!["rule", "add"];
+        args.extend(rule);
+        args.extend(["--via", "home"]);
+        cli_ok(&daemon, &net, &args);
+    }
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "icmp", "--dst", SERVER_V4, "--via", "home",
+        ],
+    );
+
+    net.echo_bulk(7200, 100, "through wireguard-go");
+    assert!(net.server.watched("from_overlay") > 1000);
+    assert_eq!(
+        net.server.watched("from_client"),
+        0,
+        "nothing leaked onto the underlay"
+    );
+
+    let (bytes, _) = net.download(SERVER_V4, 80, "marked").expect("the download");
+    assert_eq!(bytes, 4 << 20);
+    assert_eq!(net.router.watched("clear"), 0, "plain payload crossed the router");
+
+    let ping = net
+        .client
+        .output(&["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_V4]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let server = net.server.clone();
+    net.spawn(
+        &server,
+        "udp-echo",
+        &["python3", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5300))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(d,a)\n"],
+    );
+    oasis_tests::wait_for_udp_listener(&net.server, 5300);
+    let reply = net.client.output(&[
+        "python3",
+        "-c",
+        &format!("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b'sealed',('{SERVER_V4}',5300))\nprint(s.recvfrom(2048)[0].decode())"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&reply.stdout).trim(), "sealed");
+
+    // A replayed and a forged datagram from the peer's address are
+    // refused and counted; the tunnel goes on.
+    let before = peer(&daemon, &net)["rejected"].as_u64().unwrap();
+    let client = net.client.clone();
+    let held = format!(
+        "import socket,time\n\
+         c=socket.create_connection(('{SERVER_V4}',7200),timeout=5)\n\
+         while True: c.sendall(b'y'*1000);c.recv(65536);time.sleep(0.01)\n"
+    );
+    net.spawn(&client, "chatter", &["python3", "-c", &held]);
+    replay_and_forge(&net);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peer(&daemon, &net)["rejected"].as_u64().unwrap() < before + 2 {
+        assert!(Instant::now() < deadline, "{}", peer(&daemon, &net));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    net.process("chatter").kill_hard();
+    let status = daemon.json(&net, &["status", "--json"]);
+    println!("peer: {}\nbroker: {}", peer(&daemon, &net), status["broker"]);
+    assert_eq!(
+        net.echo(SERVER_V4, 7200, "still sealed").as_deref(),
+        Some("still sealed")
+    );
+    // The key store holds the file, readable by root alone; the config
+    // names it and holds no key.
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    assert!(!config.contains(&client_private), "{config}");
+    let kept = net.dir.join("wireguard/home.conf");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(config.contains("wireguard/home.conf"), "{config}");
+
+    // After a restart the overlay is back from the key store.
+    net.process("oasis").terminate(Duration::from_secs(5));
+    daemon = Daemon::start(&mut net, "");
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    assert_eq!(net.echo(SERVER_V4, 7200, "again").as_deref(), Some("again"));
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_peer_that_does_not_know_us_is_down_within_five_seconds() {
+    for pin in [false, true] {
+        let mut net = Topology::new();
+        // The peer knows some other client.
+        let (_, stranger) = wg_keys(&net.client);
+        let (client_private, _) = wg_keys(&net.client);
+        let peer_public = net.start_wireguard_peer(&stranger, &format!("{TUNNEL}/32"), WG_PORT);
+        net.start_echo_server(7200);
+        net.server
+            .watch("from_overlay", &format!("ip saddr {OVERLAY_V4} tcp dport 7200"));
+        let daemon = joined(&mut net, &client_private, &peer_public, pin);
+        let took = wait_state(&daemon, &net, "down", Duration::from_secs(8));
+        println!("pinned {pin}: down {took:?} after the join");
+        let shown = cli_ok(&daemon, &net, &["overlay", "show", "home"]);
+        assert!(shown.contains("does not answer the handshake"), "{shown}");
+        cli_ok(
+            &daemon,
+            &net,
+            &[
+                "rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "home",
+            ],
+        );
+        if pin {
+            // Refused at once (a reset), not left to time out.
+            let script = format!(
+                "import socket\n\
+                 try:\n  socket.create_connection(('{SERVER_V4}',7200),timeout=3);print('connected')\n\
+                 except Exception as e: print(type(e).__name__)\n"
+            );
+            let output = net.client.output(&["python3", "-c", &script]);
+            assert_eq!(
+                String::from_utf8_lossy(&output.stdout).trim(),
+                "ConnectionRefusedError",
+                "a pinned overlay's flow is refused: {}",
+                net.process("oasis").log()
+            );
+        } else {
+            let echoed = net.echo(SERVER_V4, 7200, "hello");
+            assert_eq!(echoed.as_deref(), Some("hello"), "the underlay carries it");
+            let flows = cli_ok(&daemon, &net, &["flows"]);
+            assert!(flows.contains("WireGuard peer does not answer"), "{flows}");
+        }
+        assert_eq!(net.server.watched("from_overlay"), 0);
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_bad_wireguard_file_is_refused_with_its_line_and_nothing_joined() {
+    let mut net = Topology::new();
+    let (client_private, _) = wg_keys(&net.client);
+    let daemon = Daemon::start(&mut net, "");
+    let file = net.dir.join("bad.conf");
+    for (text, expected) in [
+        (
+            format!(
+                "[Interface]\nPrivateKey = {client_private}\nAddress = {TUNNEL}/32\n[Peer]\nPublicKey = abc\n"
+            ),
+            "line 5: PublicKey: not a WireGuard key",
+        ),
+        (
+            format!(
+                "[Interface]\nPrivateKey = {client_private}\nAddress = {TUNNEL}/32\n[Peer]\nPublicKey = {}\nAllowedIPs = 0.0.0.0/0\n",
+                wg_keys(&net.client).1
+            ),
+            "[Peer] at line 4 has no Endpoint",
+        ),
+        (
+            format!("[Interface]\nPrivateKey = {client_private}\nAddr"),
+            "line 3: expected `Key = Value`",
+        ),
+    ] {
+        std::fs::write(&file, &text).unwrap();
+        let output = daemon.cli(
+            &net,
+            &["overlay", "add", "bad", "--wireguard", &file.to_string_lossy()],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("may be read by others"), "{stderr}");
+        assert!(!stderr.contains(&client_private), "{stderr}");
+    }
+    let list = cli_ok(&daemon, &net, &["overlay", "list"]);
+    assert!(list.contains("No overlays joined"), "{list}");
+    assert!(!net.dir.join("wireguard/bad.conf").exists());
+}
