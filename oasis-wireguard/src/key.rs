@@ -81,6 +81,38 @@ impl PrivateKey {
     pub(crate) fn x25519(&self) -> x25519::StaticSecret {
         self.0.clone()
     }
+
+    /// Reads a key file as `wg genkey` writes one. Whether others than its
+    /// owner may read it comes back too, for a warning.
+    pub fn read(path: &std::path::Path) -> Result<(PrivateKey, bool), KeyFileError> {
+        let failed = |source| KeyFileError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(failed)?;
+        if meta.len() > 1024 {
+            return Err(KeyFileError::NotAKey(path.display().to_string()));
+        }
+        let text = std::fs::read_to_string(path).map_err(failed)?;
+        let key = PrivateKey::parse(&text).map_err(|_| KeyFileError::NotAKey(path.display().to_string()))?;
+        #[cfg(unix)]
+        let open = {
+            use std::os::unix::fs::PermissionsExt;
+            meta.permissions().mode() & 0o077 != 0
+        };
+        #[cfg(not(unix))]
+        let open = false;
+        Ok((key, open))
+    }
+}
+
+/// Why a key file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{0} holds no WireGuard private key: it should hold one line as `wg genkey` prints it")]
+    NotAKey(String),
 }
 
 impl fmt::Debug for PrivateKey {

@@ -5,10 +5,12 @@
 
 pub mod conf;
 pub mod key;
+pub mod responder;
 pub mod tunnel;
 
 pub use conf::{ConfError, Endpoint, Interface, Peer, WgQuick};
-pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
+pub use key::{KeyError, KeyFileError, PresharedKey, PrivateKey, PublicKey};
+pub use responder::{Responder, Sender};
 pub use tunnel::{
     DATA_OVERHEAD, DOWN_AFTER, DownWhy, Health, MIN_BUFFER, Opened, Sealer, Tunnel, TunnelStatus,
 };

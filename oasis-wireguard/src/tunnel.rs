@@ -161,6 +161,13 @@ struct Inner {
 pub struct Tunnel {
     inner: Mutex<Inner>,
     peer: PublicKey,
+    /// The top 24 bits of this tunnel's session ids: a peer's messages
+    /// after the handshake name it.
+    index: u32,
+    /// This side starts handshakes (a client's tunnel): it starts one on
+    /// its first tick and retries while the peer is down. A responder's
+    /// tunnel waits for its peer.
+    initiator: bool,
     health: AtomicU8,
     pub counters: TunnelCounters,
 }
@@ -181,13 +188,28 @@ impl Tunnel {
         preshared: Option<&PresharedKey>,
         keepalive: Option<u16>,
     ) -> Tunnel {
+        let mut tunnel = Tunnel::with_limiter(own, peer, preshared, keepalive, None);
+        tunnel.initiator = true;
+        tunnel
+    }
+
+    /// A tunnel whose handshakes count against `limiter`, which a
+    /// responder shares among its peers (and resets every second).
+    pub(crate) fn with_limiter(
+        own: &PrivateKey,
+        peer: PublicKey,
+        preshared: Option<&PresharedKey>,
+        keepalive: Option<u16>,
+        limiter: Option<std::sync::Arc<boringtun::noise::rate_limiter::RateLimiter>>,
+    ) -> Tunnel {
+        let index = next_index();
         let tunn = Tunn::new(
             own.x25519(),
             peer.x25519(),
             preshared.map(|k| k.0),
             keepalive,
-            next_index(),
-            None,
+            index,
+            limiter,
         );
         Tunnel {
             inner: Mutex::new(Inner {
@@ -199,6 +221,8 @@ impl Tunnel {
                 started: false,
             }),
             peer,
+            index,
+            initiator: false,
             health: AtomicU8::new(Health::Idle.code()),
             counters: TunnelCounters::default(),
         }
@@ -206,6 +230,10 @@ impl Tunnel {
 
     pub fn peer(&self) -> PublicKey {
         self.peer
+    }
+
+    pub(crate) fn index(&self) -> u32 {
+        self.index
     }
 
     pub fn health(&self) -> Health {
@@ -318,10 +346,10 @@ impl Sealer<'_> {
 
     /// The protocol's timers (retries, rekeying, keepalives), to run about
     /// every quarter second: a datagram to send, if any. The first tick of
-    /// a tunnel starts its handshake; while the peer is down, a handshake
-    /// is tried again every [`DOWN_AFTER`].
+    /// an initiator's tunnel starts its handshake; while its peer is down,
+    /// a handshake is tried again every [`DOWN_AFTER`].
     pub fn tick<'b>(&mut self, out: &'b mut [u8], now: Instant) -> Option<&'b [u8]> {
-        if !self.inner.started {
+        if !self.inner.started && self.tunnel.initiator {
             let len = self.start(out, now).map(<[u8]>::len);
             return len.map(|len| &out[..len]);
         }
@@ -332,7 +360,8 @@ impl Sealer<'_> {
             // is tried again below while it is down.
             _ => None,
         };
-        let forced_due = matches!(self.tunnel.health(), Health::Down(_))
+        let forced_due = self.tunnel.initiator
+            && matches!(self.tunnel.health(), Health::Down(_))
             && self
                 .inner
                 .last_forced

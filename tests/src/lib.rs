@@ -408,7 +408,9 @@ impl Topology {
         self.overlay.run(&["ethtool", "-K", "o0", "tx", "off"]);
         let overlay = self.overlay.clone();
         self.spawn(&overlay, "oasis-exit", &args);
-        wait_for_udp_listener(&self.overlay, 7400);
+        // An exit for WireGuard clients alone serves no plain port.
+        let plain = !extra.contains(&"--wireguard-key") || extra.contains(&"--client");
+        wait_for_udp_listener(&self.overlay, if plain { 7400 } else { 51820 });
         stats
     }
 

@@ -296,3 +296,94 @@ fn a_bad_wireguard_file_is_refused_with_its_line_and_nothing_joined() {
     assert!(list.contains("No overlays joined"), "{list}");
     assert!(!net.dir.join("wireguard/bad.conf").exists());
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
+    let mut net = Topology::new();
+    net.start_echo_server(7200);
+    let (exit_private, exit_public) = wg_keys(&net.overlay);
+    let key_file = net.dir.join("exit.key");
+    std::fs::write(&key_file, &exit_private).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (client_private, client_public) = wg_keys(&net.client);
+    let key_text = key_file.to_string_lossy().into_owned();
+    let peer = format!("{client_public},class=1");
+    let stats = net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer]);
+    net.server
+        .watch("from_exit", &format!("ip saddr {OVERLAY_V4} tcp dport 7200"));
+    net.server
+        .watch("from_client", &format!("ip saddr {CLIENT_V4} tcp dport 7200"));
+
+    let daemon = joined(&mut net, &client_private, &exit_public, false);
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "home",
+        ],
+    );
+    net.echo_bulk(7200, 32, "to oasis-exit over WireGuard");
+    assert!(net.server.watched("from_exit") > 100);
+    assert_eq!(net.server.watched("from_client"), 0);
+    // The exit's counters: the client by its key's address, in its class;
+    // the kernel's fast path carries nothing of it (it does not seal).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let exit = loop {
+        let text = std::fs::read_to_string(&stats).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let carried = json["classes"]["1"]["to_internet"]["bytes"].as_u64().unwrap_or(0);
+        if carried >= 32 << 20 {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let peer = &exit["wireguard"]["peers"][0];
+    assert_eq!(peer["public_key"], client_public.as_str(), "{exit}");
+    assert!(peer["handshakes"].as_u64().unwrap() >= 1, "{exit}");
+    assert_eq!(exit["fast_flows"], 0, "{exit}");
+
+    // A key the exit does not know gets nothing: no handshake, no packet
+    // out; the flow is refused (pinned) and counted at the exit.
+    cli_ok(&daemon, &net, &["rule", "del", "1"]);
+    cli_ok(&daemon, &net, &["overlay", "del", "home"]);
+    let (stranger, _) = wg_keys(&net.client);
+    let before = net.server.watched("from_exit");
+    let file = wg_quick(&net, &stranger, &exit_public);
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "overlay",
+            "add",
+            "stranger",
+            "--wireguard",
+            &file.to_string_lossy(),
+            "--pin",
+        ],
+    );
+    let start = Instant::now();
+    loop {
+        let view = daemon.json(&net, &["overlay", "show", "stranger", "--json"]);
+        if view["wireguard"]["peers"][0]["up"] == false {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(8), "{view}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "stranger",
+        ],
+    );
+    assert_eq!(net.echo(SERVER_V4, 7200, "let me in"), None);
+    assert_eq!(net.server.watched("from_exit"), before);
+    let text = std::fs::read_to_string(&stats).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(json["refused_wireguard"].as_u64().unwrap() >= 1, "{text}");
+}

@@ -46,6 +46,9 @@ pub struct ExitStats {
     pub refused_unknown_sender: u64,
     /// Datagrams whose shim did not carry the client's token.
     pub refused_token: u64,
+    /// Datagrams on a WireGuard port of no peer of this exit, or that
+    /// failed to authenticate (forged, replayed).
+    pub refused_wireguard: u64,
     /// Packets the NAT refused, by reason.
     pub nat_refused: BTreeMap<String, u64>,
     /// Replies that matched no mapping (dropped; the host's own stack never
@@ -183,6 +186,11 @@ impl Exit {
         let stats = self.stats.classes.entry(class).or_default();
         stats.class = class;
         stats
+    }
+
+    /// WireGuard datagrams refused before the core saw them.
+    pub fn refused_wireguard(&mut self, count: u64) {
+        self.stats.refused_wireguard += count;
     }
 
     /// An admitted packet found its class's queue full.

@@ -101,6 +101,10 @@ impl FastPath {
 
     fn entry(&self, mapped: &Mapped) -> Option<FastEntry> {
         let inside = &mapped.inside;
+        // The kernel does not seal: a WireGuard client's flows stay here.
+        if crate::wg::is_peer_address(inside.client) {
+            return None;
+        }
         let (IpAddr::V4(src), IpAddr::V4(dst)) = (inside.src, inside.dst) else {
             return None;
         };

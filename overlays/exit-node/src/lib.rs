@@ -1,7 +1,8 @@
 //! The exit node's decisions, apart from its sockets and its kernel
 //! program: what becomes of each datagram and packet (`core`), who may use
-//! it (`clients`), the NAT (`nat`), the priority queues (`sched`) and what the kernel's
-//! fast path carries (`fast`). The
+//! it (`clients`, and `wg` for clients that speak WireGuard), the NAT
+//! (`nat`), the priority queues (`sched`) and what the kernel's fast path
+//! carries (`fast`). The
 //! `oasis-exit` binary is the I/O around them; the fuzz targets drive them
 //! directly.
 
@@ -10,3 +11,4 @@ pub mod core;
 pub mod fast;
 pub mod nat;
 pub mod sched;
+pub mod wg;

@@ -27,10 +27,14 @@ use oasis_exit::core::{Exit, ExitStats, ToClient, ToInternet};
 use oasis_exit::fast::{FastPath, FastWork};
 use oasis_exit::nat::{self, Nat, NatConfig};
 use oasis_exit::sched::PriorityQueues;
+use oasis_exit::wg::{WgClients, WgPeer, is_peer_address};
+use oasis_wireguard::{Opened, Sender};
 
 /// An Oasis overlay exit node.
 ///
 /// Example: oasis-exit --uplink eth0 --public 198.51.100.2 --client 10.1.0.0/16 --client 192.0.2.7,class=1
+///
+/// With WireGuard: oasis-exit --uplink eth0 --public 198.51.100.2 --wireguard-key /etc/oasis-exit/key --peer hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=,class=1
 #[derive(Parser, Debug)]
 #[command(name = "oasis-exit", version)]
 struct Args {
@@ -45,10 +49,25 @@ struct Args {
     /// packets leave from it.
     #[arg(long, required = true)]
     public: Vec<IpAddr>,
-    /// Who may use the exit: PREFIX[,class=N][,token=HEX]. Class 0 is
-    /// served first; a token must match the start of the client's shim.
-    #[arg(long = "client", required = true, value_parser = clap::value_parser!(Client))]
+    /// Who may use the exit in the plain format: PREFIX[,class=N][,token=HEX].
+    /// Class 0 is served first; a token must match the start of the
+    /// client's shim. The plain format is the paper's: neither private nor
+    /// authenticated beyond the sender's address (and a token in the
+    /// clear). Prefer --wireguard-key.
+    #[arg(long = "client", required_unless_present = "wireguard_key", value_parser = clap::value_parser!(Client))]
     clients: Vec<Client>,
+    /// Serve clients that speak WireGuard, known by their keys (no address
+    /// list needed; everything they send is sealed): this exit's private
+    /// key, a file of one line as `wg genkey` prints it, mode 0600.
+    #[arg(long, value_name = "FILE", requires = "peers")]
+    wireguard_key: Option<PathBuf>,
+    /// A WireGuard client of this exit: its public key, and its priority
+    /// class (repeat for each).
+    #[arg(long = "peer", value_name = "PUBKEY[,class=N]", value_parser = clap::value_parser!(WgPeer))]
+    peers: Vec<WgPeer>,
+    /// UDP address WireGuard clients send to (repeat for IPv4 and IPv6).
+    #[arg(long, default_value = "0.0.0.0:51820")]
+    wireguard_listen: Vec<SocketAddr>,
     /// Ports (and ICMP echo identifiers) the NAT gives out. Packets to
     /// these ports of the public address belong to the NAT: the range must
     /// not hold the host's own services nor overlap its ephemeral ports
@@ -149,6 +168,111 @@ struct StatsFile {
     program: Option<steer::ProgramStats>,
     /// What the kernel carried (absent with --no-fast-path).
     fast_path: Option<fast_maps::FastStats>,
+    /// The WireGuard clients (absent without --wireguard-key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wireguard: Option<WgStats>,
+}
+
+#[derive(Serialize)]
+struct WgStats {
+    public_key: String,
+    peers: Vec<WgPeerStats>,
+}
+
+#[derive(Serialize)]
+struct WgPeerStats {
+    public_key: String,
+    /// The address the NAT and the per-client counters know it by.
+    client: SocketAddr,
+    endpoint: Option<SocketAddr>,
+    last_handshake_secs: Option<u64>,
+    handshakes: u64,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    rejected: u64,
+}
+
+fn wg_stats(wg: &WgClients) -> WgStats {
+    WgStats {
+        public_key: wg.responder.public().to_string(),
+        peers: wg
+            .responder
+            .peers()
+            .iter()
+            .enumerate()
+            .map(|(i, tunnel)| {
+                let status = tunnel.status();
+                WgPeerStats {
+                    public_key: tunnel.peer().to_string(),
+                    client: wg.client(i).0,
+                    endpoint: wg.endpoint(i),
+                    last_handshake_secs: status.last_handshake.map(|d| d.as_secs()),
+                    handshakes: status.handshakes,
+                    tx_bytes: status.tx_bytes,
+                    rx_bytes: status.rx_bytes,
+                    rejected: status.rejected,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The WireGuard side: the clients, and the sockets they send to.
+struct WireGuard {
+    clients: WgClients,
+    sockets: Vec<Arc<socket2::Socket>>,
+}
+
+impl WireGuard {
+    /// The socket that reaches `to`.
+    fn socket_for(&self, to: SocketAddr) -> Option<&socket2::Socket> {
+        self.sockets
+            .iter()
+            .find(|s| {
+                s.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some_and(|a| a.is_ipv4() == to.is_ipv4())
+            })
+            .map(Arc::as_ref)
+    }
+
+    /// Seals `packet` for the peer the NAT knows by `client` and sends it
+    /// to where the peer last was (one datagram: resets, timers).
+    fn seal_and_send(&self, client: SocketAddr, packet: &[u8], now: Instant) {
+        let Some(i) = self.clients.peer_of(client) else {
+            return;
+        };
+        let Some(to) = self.clients.endpoint(i) else {
+            return;
+        };
+        let mut sealed =
+            vec![0u8; packet.len() + oasis_wireguard::DATA_OVERHEAD + oasis_wireguard::MIN_BUFFER];
+        let datagram = self.clients.responder.peers()[i]
+            .lock()
+            .seal(packet, &mut sealed, now)
+            .map(<[u8]>::to_vec);
+        if let (Some(datagram), Some(socket)) = (datagram, self.socket_for(to)) {
+            let _ = socket.send_to(&datagram, &to.into());
+        }
+    }
+
+    /// The protocol's timers, about every quarter second (keepalives,
+    /// expiring sessions), and the handshake budget once a second.
+    fn tick(&self, buf: &mut [u8], now: Instant, second: bool) {
+        if second {
+            self.clients.responder.tick();
+        }
+        for (i, tunnel) in self.clients.responder.peers().iter().enumerate() {
+            let Some(to) = self.clients.endpoint(i) else {
+                continue;
+            };
+            let datagram = tunnel.lock().tick(buf, now).map(<[u8]>::to_vec);
+            if let (Some(datagram), Some(socket)) = (datagram, self.socket_for(to)) {
+                let _ = socket.send_to(&datagram, &to.into());
+            }
+        }
+    }
 }
 
 /// The fast path's maps, shared by the packet threads (which install) and
@@ -291,12 +415,51 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let core = Arc::new(Mutex::new(exit));
     let clients = Arc::new(args.clients.clone());
-    let sockets = client_sockets(&args.listen)?;
+    // The plain format only for the clients listed for it.
+    let sockets = match args.clients.is_empty() {
+        true => Vec::new(),
+        false => client_sockets(&args.listen)?,
+    };
+    let wireguard = match &args.wireguard_key {
+        Some(path) => {
+            let (key, readable) = oasis_wireguard::PrivateKey::read(path)?;
+            if readable {
+                tracing::warn!(path = %path.display(), "the private key file may be read by others than its owner: chmod 600 it");
+            }
+            let wg_sockets = client_sockets(&args.wireguard_listen)?;
+            tracing::info!(
+                public_key = %key.public(),
+                listen = ?args.wireguard_listen,
+                peers = args.peers.len(),
+                "serving WireGuard clients"
+            );
+            Some(Arc::new(WireGuard {
+                clients: WgClients::new(key, &args.peers),
+                sockets: wg_sockets,
+            }))
+        }
+        None => None,
+    };
 
     let mut threads = Vec::new();
-    for socket in &sockets {
-        let (socket, core, clients, raw) = (socket.clone(), core.clone(), clients.clone(), raw.clone());
-        let (shim_len, classes, queue) = (args.shim_len, args.classes, args.queue);
+    let intakes = sockets
+        .iter()
+        .map(|socket| {
+            let intake = Intake::Plain {
+                clients: clients.clone(),
+                shim_len: args.shim_len,
+            };
+            (socket.clone(), intake)
+        })
+        .chain(wireguard.iter().flat_map(|wg| {
+            wg.sockets
+                .iter()
+                .map(|socket| (socket.clone(), Intake::WireGuard(wg.clone())))
+        }))
+        .collect::<Vec<_>>();
+    for (socket, intake) in intakes {
+        let (core, raw) = (core.clone(), raw.clone());
+        let (classes, queue) = (args.classes, args.queue);
         let fast = fast.clone();
         // The kernel opens only single datagrams: a socket that asks for
         // merged ones (GRO) would have the uplink merge the fast path's
@@ -306,14 +469,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             .ok()
             .and_then(|a| a.as_socket())
             .is_some_and(|a| a.port() == if a.is_ipv4() { fast_port } else { fast_port_v6 });
-        let gro = fast.is_none() || !fast_socket;
+        let gro = fast.is_none() || !fast_socket || matches!(intake, Intake::WireGuard(_));
         threads.push(std::thread::spawn(move || {
             to_internet(
                 &socket,
                 &core,
-                &clients,
+                &intake,
                 &raw,
-                shim_len,
                 classes,
                 queue,
                 gro,
@@ -327,12 +489,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         let (core, device) = (core.clone(), tun.queues.into_iter().next().context("TUN queue")?);
         let sockets = sockets.clone();
         let shim = vec![0u8; args.shim_len];
+        let wireguard = wireguard.clone();
         threads.push(std::thread::spawn(move || {
-            to_clients(&device, &core, &sockets, &shim, &raw)
+            to_clients(&device, &core, &sockets, &shim, &raw, wireguard.as_deref())
         }));
     }
     tracing::info!(listen = ?args.listen, public = ?args.public, clients = args.clients.len(), "oasis-exit ready");
-    upkeep(&args, &core, &steering, fast.as_deref(), &threads)
+    upkeep(
+        &args,
+        &core,
+        &steering,
+        fast.as_deref(),
+        wireguard.as_deref(),
+        &threads,
+    )
+}
+
+/// How a client socket's datagrams are admitted: the plain format by the
+/// sender's address (and token), or WireGuard by key.
+enum Intake {
+    Plain {
+        clients: Arc<Vec<Client>>,
+        shim_len: usize,
+    },
+    WireGuard(Arc<WireGuard>),
 }
 
 /// `--unpin`: removes the steering a retired exit left pinned.
@@ -429,14 +609,24 @@ fn upkeep(
     core: &Mutex<Exit>,
     steering: &steer::ExitSteering,
     fast: Option<&Fast>,
+    wireguard: Option<&WireGuard>,
     threads: &[std::thread::JoinHandle<()>],
 ) -> anyhow::Result<()> {
     let mut last_log = Instant::now();
     let mut last_upkeep = Instant::now() - Duration::from_secs(1);
+    let mut last_wg_tick = Instant::now();
+    let mut wg_buf = vec![0u8; DATAGRAM];
     let mut due = Vec::new();
     let mut work = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        if let Some(wg) = wireguard
+            && last_wg_tick.elapsed() >= Duration::from_millis(250)
+        {
+            let second = last_upkeep.elapsed() >= Duration::from_secs(1);
+            last_wg_tick = Instant::now();
+            wg.tick(&mut wg_buf, last_wg_tick, second);
+        }
         let stopping = STOP.load(std::sync::atomic::Ordering::Relaxed);
         if !stopping && last_upkeep.elapsed() < Duration::from_secs(1) {
             continue;
@@ -491,6 +681,7 @@ fn upkeep(
                         .unwrap_or_else(|e| e.into_inner())
                         .stats(failures)
                 }),
+                wireguard: wireguard.map(|wg| wg_stats(&wg.clients)),
             };
             if std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
@@ -547,9 +738,8 @@ struct Queued {
 fn to_internet(
     socket: &socket2::Socket,
     core: &Mutex<Exit>,
-    clients: &[Client],
+    intake: &Intake,
     raw: &oasis_io::linux::raw::RawSockets,
-    shim_len: usize,
     classes: usize,
     queue: usize,
     gro: bool,
@@ -572,6 +762,16 @@ fn to_internet(
     let mut resets: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     let mut nonblocking = false;
     let mut work: Vec<FastWork> = Vec::new();
+    // WireGuard: packets opened before the core's lock is taken, and the
+    // protocol's answers (handshake responses, cookies, what waited for a
+    // session) sent after.
+    let mut opened: Vec<(SocketAddr, u8, Vec<u8>)> = Vec::new();
+    let mut answers: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut scratch = vec![0u8; DATAGRAM];
+    let shim_len = match intake {
+        Intake::Plain { shim_len, .. } => *shim_len,
+        Intake::WireGuard(_) => 0,
+    };
     if gro && let Err(e) = enable_udp_gro(socket) {
         tracing::warn!("no UDP GRO on the client socket ({e}); datagrams arrive one by one");
     }
@@ -596,24 +796,46 @@ fn to_internet(
                 return;
             }
         };
+        let now = Instant::now();
+        let mut refused = 0;
+        if let Intake::WireGuard(wg) = intake {
+            let received = bufs.iter().zip(&received).take(count);
+            refused = open_sealed(
+                &wg.clients,
+                received,
+                &mut scratch,
+                &mut pool,
+                &mut opened,
+                &mut answers,
+                now,
+            );
+        }
         let mut core_guard = core.lock().unwrap_or_else(|e| e.into_inner());
         let core = &mut *core_guard;
-        for (buf, got) in bufs.iter().zip(&received).take(count) {
-            let Some(sender) = got.from else { continue };
-            for range in datagrams(got.len, got.segment) {
-                let Some((class, inner)) = core.admit(clients, shim_len, sender, &buf[range]) else {
-                    continue;
-                };
-                let mut packet = pool.pop().unwrap_or_default();
-                packet.clear();
-                packet.extend_from_slice(inner);
-                if let Err(queued) = queues.push(class, Queued { sender, packet }) {
-                    core.queue_full(sender, class);
-                    pool.push(queued.packet);
+        core.refused_wireguard(refused);
+        for (sender, class, packet) in opened.drain(..) {
+            if let Err(queued) = queues.push(class, Queued { sender, packet }) {
+                core.queue_full(sender, class);
+                pool.push(queued.packet);
+            }
+        }
+        if let Intake::Plain { clients, shim_len } = intake {
+            for (buf, got) in bufs.iter().zip(&received).take(count) {
+                let Some(sender) = got.from else { continue };
+                for range in datagrams(got.len, got.segment) {
+                    let Some((class, inner)) = core.admit(clients, *shim_len, sender, &buf[range]) else {
+                        continue;
+                    };
+                    let mut packet = pool.pop().unwrap_or_default();
+                    packet.clear();
+                    packet.extend_from_slice(inner);
+                    if let Err(queued) = queues.push(class, Queued { sender, packet }) {
+                        core.queue_full(sender, class);
+                        pool.push(queued.packet);
+                    }
                 }
             }
         }
-        let now = Instant::now();
         let mut used = 0;
         while out.len() < BUDGET {
             let Some((class, mut queued)) = queues.pop() else {
@@ -648,11 +870,73 @@ fn to_internet(
             fast.apply(&mut work);
         }
         for (to, back) in &resets[..used] {
-            let _ = socket.send_to(back, &(*to).into());
+            match intake {
+                Intake::WireGuard(wg) if is_peer_address(*to) => wg.seal_and_send(*to, back, now),
+                _ => {
+                    let _ = socket.send_to(back, &(*to).into());
+                }
+            }
+        }
+        for (to, answer) in answers.drain(..) {
+            let _ = socket.send_to(&answer, &to.into());
         }
         raw.send(&mut raw_batches, out.iter().map(Vec::as_slice));
         pool.append(&mut out);
     }
+}
+
+/// Opens what WireGuard clients sent: each packet, with the address the
+/// NAT knows its peer by and the peer's class, into `opened` (buffers from
+/// `pool`); the protocol's answers into `answers`. The datagrams refused
+/// (no peer of this exit, forged, replayed), counted.
+fn open_sealed<'b>(
+    wg: &WgClients,
+    received: impl Iterator<Item = (&'b Vec<u8>, &'b oasis_io::linux::mmsg::Received)>,
+    scratch: &mut [u8],
+    pool: &mut Vec<Vec<u8>>,
+    opened: &mut Vec<(SocketAddr, u8, Vec<u8>)>,
+    answers: &mut Vec<(SocketAddr, Vec<u8>)>,
+    now: Instant,
+) -> u64 {
+    let mut refused = 0;
+    for (buf, got) in received {
+        let Some(from) = got.from else { continue };
+        for range in oasis_io::linux::mmsg::datagrams(got.len, got.segment) {
+            let datagram = &buf[range];
+            let peer = match wg.responder.sender(from.ip(), datagram, scratch) {
+                Sender::Peer(peer) => peer,
+                Sender::Cookie(cookie) => {
+                    answers.push((from, cookie.to_vec()));
+                    continue;
+                }
+                Sender::Unknown => {
+                    refused += 1;
+                    continue;
+                }
+            };
+            let mut sealer = wg.responder.peers()[peer].lock();
+            match sealer.open(from.ip(), datagram, scratch, now) {
+                Opened::Packet(packet) => {
+                    wg.seen_at(peer, from);
+                    let (client, class) = wg.client(peer);
+                    let mut buffer = pool.pop().unwrap_or_default();
+                    buffer.clear();
+                    buffer.extend_from_slice(packet);
+                    opened.push((client, class, buffer));
+                }
+                Opened::Reply(reply) => {
+                    wg.seen_at(peer, from);
+                    answers.push((from, reply.to_vec()));
+                    while let Some(waited) = sealer.flush(scratch) {
+                        answers.push((from, waited.to_vec()));
+                    }
+                }
+                Opened::Nothing => wg.seen_at(peer, from),
+                Opened::Rejected(_) => refused += 1,
+            }
+        }
+    }
+    refused
 }
 
 /// Internet -> clients: replies steered to the TUN, mapped back, returned.
@@ -662,6 +946,7 @@ fn to_clients(
     sockets: &[Arc<socket2::Socket>],
     shim: &[u8],
     raw_sockets: &oasis_io::linux::raw::RawSockets,
+    wireguard: Option<&WireGuard>,
 ) {
     let mut raw_batches = oasis_io::linux::raw::RawBatches::default();
     // Resets for servers sending to lost mappings: buffers reused.
@@ -673,6 +958,13 @@ fn to_clients(
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut targets: Vec<Option<SocketAddr>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let mut stores: Vec<GsoDatagrams> = sockets.iter().map(|_| GsoDatagrams::default()).collect();
+    // Replies to WireGuard clients, sealed (buffers reused), and where each goes.
+    let mut sealed: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+    let mut wg_stores: Vec<GsoDatagrams> = wireguard
+        .map_or(&[][..], |wg| &wg.sockets)
+        .iter()
+        .map(|_| GsoDatagrams::default())
+        .collect();
     let socket_is_v4: Vec<bool> = sockets
         .iter()
         .map(|s| {
@@ -715,14 +1007,73 @@ fn to_clients(
             for ((segment, &size), target) in segments.iter().zip(&sizes).zip(&targets) {
                 if let Some(client) = target
                     && client.is_ipv4() == *socket_v4
+                    && !is_peer_address(*client)
                 {
                     batch.push(shim, &segment[..size], *client);
                 }
             }
             batch.send(socket.as_raw_fd());
         }
+        if let Some(wg) = wireguard {
+            let sent = seal_replies(wg, &segments, &sizes, &targets, &mut sealed, now);
+            for (store, socket) in wg_stores.iter_mut().zip(&wg.sockets) {
+                let v4 = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some_and(|a| a.is_ipv4());
+                let mut batch = store.batch();
+                for (datagram, to) in sealed[..sent].iter().filter(|(_, to)| to.is_ipv4() == v4) {
+                    batch.push(&[], datagram, *to);
+                }
+                batch.send(socket.as_raw_fd());
+            }
+        }
         if used > 0 {
             raw_sockets.send(&mut raw_batches, resets[..used].iter().map(Vec::as_slice));
         }
     }
+}
+
+/// Seals the replies for WireGuard clients into `sealed` (buffers reused),
+/// each peer's tunnel locked once per run of replies to it; how many.
+fn seal_replies(
+    wg: &WireGuard,
+    segments: &[Vec<u8>],
+    sizes: &[usize],
+    targets: &[Option<SocketAddr>],
+    sealed: &mut Vec<(Vec<u8>, SocketAddr)>,
+    now: Instant,
+) -> usize {
+    let mut used = 0;
+    let mut held: Option<(usize, oasis_wireguard::Sealer<'_>)> = None;
+    for ((segment, &size), target) in segments.iter().zip(sizes).zip(targets) {
+        let Some(client) = target.filter(|c| is_peer_address(*c)) else {
+            continue;
+        };
+        let Some(peer) = wg.clients.peer_of(client) else {
+            continue;
+        };
+        let Some(to) = wg.clients.endpoint(peer) else {
+            continue;
+        };
+        if held.as_ref().is_none_or(|(p, _)| *p != peer) {
+            held = Some((peer, wg.clients.responder.peers()[peer].lock()));
+        }
+        let (_, sealer) = held.as_mut().expect("just held");
+        if sealed.len() == used {
+            sealed.push((Vec::with_capacity(2048), to));
+        }
+        let (buf, dest) = &mut sealed[used];
+        buf.resize(
+            (size + oasis_wireguard::DATA_OVERHEAD).max(oasis_wireguard::MIN_BUFFER),
+            0,
+        );
+        if let Some(len) = sealer.seal(&segment[..size], buf, now).map(<[u8]>::len) {
+            buf.truncate(len);
+            *dest = to;
+            used += 1;
+        }
+    }
+    used
 }

@@ -1,0 +1,142 @@
+//! Clients that speak WireGuard (`--wireguard-key FILE --peer KEY`): they
+//! are known by their public key, not their address, so no address
+//! allow-list is needed and a client that roams keeps its flows. The NAT
+//! knows each peer by an address made from its key (in fd57:6700::/32,
+//! port 0), which stays the same across roaming and restarts; replies go
+//! to wherever the peer last sent an authenticated datagram from.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use oasis_wireguard::{PrivateKey, PublicKey, Responder};
+
+/// A peer as the command line names it: `PUBKEY[,class=N]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgPeer {
+    pub key: PublicKey,
+    pub class: u8,
+}
+
+impl FromStr for WgPeer {
+    type Err = String;
+    fn from_str(text: &str) -> Result<WgPeer, String> {
+        let mut parts = text.split(',');
+        let key = PublicKey::parse(parts.next().unwrap_or("")).map_err(|e| format!("{e}"))?;
+        let mut peer = WgPeer { key, class: 0 };
+        for part in parts {
+            match part.trim().split_once('=') {
+                Some(("class", n)) => {
+                    peer.class = n
+                        .parse()
+                        .map_err(|_| format!("class {n:?} is not a number 0-255"))?
+                }
+                _ => return Err(format!("{part:?}: expected class=N")),
+            }
+        }
+        Ok(peer)
+    }
+}
+
+/// The prefix of the addresses the NAT knows WireGuard peers by.
+const PEER_PREFIX: [u8; 4] = [0xfd, 0x57, 0x67, 0x00];
+
+/// Whether `addr` is a WireGuard peer's address for the NAT.
+pub fn is_peer_address(addr: SocketAddr) -> bool {
+    matches!(addr.ip(), IpAddr::V6(v6) if v6.octets()[..4] == PEER_PREFIX && addr.port() == 0)
+}
+
+fn peer_address(key: &PublicKey) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    octets[..4].copy_from_slice(&PEER_PREFIX);
+    octets[4..].copy_from_slice(&key.0[..12]);
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), 0)
+}
+
+pub struct WgClients {
+    pub responder: Responder,
+    classes: Vec<u8>,
+    addresses: Vec<SocketAddr>,
+    by_address: HashMap<SocketAddr, usize>,
+    /// Where each peer last sent an authenticated datagram from.
+    endpoints: Vec<Mutex<Option<SocketAddr>>>,
+}
+
+impl WgClients {
+    pub fn new(own: PrivateKey, peers: &[WgPeer]) -> WgClients {
+        let keys: Vec<_> = peers.iter().map(|p| (p.key, None)).collect();
+        let addresses: Vec<SocketAddr> = peers.iter().map(|p| peer_address(&p.key)).collect();
+        WgClients {
+            responder: Responder::new(own, &keys),
+            classes: peers.iter().map(|p| p.class).collect(),
+            by_address: addresses.iter().enumerate().map(|(i, a)| (*a, i)).collect(),
+            addresses,
+            endpoints: peers.iter().map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Peer `i`'s address for the NAT, and its priority class.
+    pub fn client(&self, i: usize) -> (SocketAddr, u8) {
+        (self.addresses[i], self.classes[i])
+    }
+
+    /// The peer the NAT knows by `addr`.
+    pub fn peer_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.by_address.get(&addr).copied()
+    }
+
+    /// Peer `i` sent an authenticated datagram from `from`: replies go
+    /// there from now on.
+    pub fn seen_at(&self, i: usize, from: SocketAddr) {
+        let mut endpoint = self.endpoints[i].lock().unwrap_or_else(|e| e.into_inner());
+        if *endpoint != Some(from) {
+            if endpoint.is_some() {
+                tracing::info!(peer = %self.responder.peers()[i].peer(), %from, "WireGuard client roamed");
+            }
+            *endpoint = Some(from);
+        }
+    }
+
+    pub fn endpoint(&self, i: usize) -> Option<SocketAddr> {
+        *self.endpoints[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.addresses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_get_stable_addresses_of_their_own() {
+        let key = PrivateKey::generate().public();
+        let peer: WgPeer = format!("{key},class=2").parse().unwrap();
+        assert_eq!((peer.key, peer.class), (key, 2));
+        assert!("nonsense".parse::<WgPeer>().is_err());
+        assert!(format!("{key},colour=red").parse::<WgPeer>().is_err());
+        let other: WgPeer = PrivateKey::generate().public().to_string().parse().unwrap();
+        let clients = WgClients::new(PrivateKey::generate(), &[peer.clone(), other]);
+        let (addr, class) = clients.client(0);
+        assert!(is_peer_address(addr));
+        assert_eq!(class, 2);
+        assert_ne!(clients.client(1).0, addr);
+        assert_eq!(clients.peer_of(addr), Some(0));
+        assert_eq!(
+            WgClients::new(PrivateKey::generate(), &[peer]).client(0).0,
+            addr,
+            "the same key, the same address"
+        );
+        assert!(!is_peer_address("[fd57:6700::1]:7400".parse().unwrap()));
+        assert!(!is_peer_address("10.0.0.1:0".parse().unwrap()));
+        clients.seen_at(0, "192.0.2.1:5000".parse().unwrap());
+        assert_eq!(clients.endpoint(0), Some("192.0.2.1:5000".parse().unwrap()));
+    }
+}
