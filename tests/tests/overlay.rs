@@ -1520,3 +1520,22 @@ fn ipv6_overlay_sockets_take_datagrams_with_a_zero_udp_checksum() {
     .join()
     .unwrap_or_else(|_| panic!("in {net}"));
 }
+
+/// The paper's plain format is neither private nor authenticated beyond
+/// addresses: every byte a flow carries crosses the path in the clear.
+/// This is the case the WireGuard tests' "nothing in the clear" check must
+/// be able to catch (tests/tests/wireguard.rs uses the same match).
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_plain_format_carries_payloads_in_the_clear() {
+    let mut net = Topology::new();
+    let _daemon = web_via_exit(&mut net);
+    net.web_file("marked", 4 << 20);
+    net.router
+        .watch("clear", "meta l4proto udp @th,800,64 0x7878787878787878");
+    let (bytes, _) = net.download(SERVER_V4, 80, "marked").expect("the download");
+    assert_eq!(bytes, 4 << 20);
+    let clear = net.router.watched("clear");
+    println!("{clear} datagrams on the router showed the file's bytes");
+    assert!(clear > 0, "the plain format's payload was not seen");
+}
