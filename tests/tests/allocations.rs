@@ -13,7 +13,11 @@
 //!   returned packet for the sender, which the broker delivers into the TUN;
 //! - port 9002 is claimed by a metric rule whose flows the Monitor (its
 //!   choices published by the test) gives the same overlay: they are
-//!   measured on the way out and back.
+//!   measured on the way out and back;
+//! - port 9003 is claimed for a WireGuard overlay whose peer is a tunnel of
+//!   this test on 127.0.0.1:7998, which answers every packet it opens with
+//!   a sealed reply to the tunnel address: sealed, opened and mapped back
+//!   by the broker.
 //!
 //! After a warm-up, every path runs thousands of packets: the count of
 //! allocations on the packet threads must not move.
@@ -81,6 +85,9 @@ const MARK: u32 = 0x4f41_5349;
 const SENDER: &str = "192.0.0.8:40000";
 const TARGET: [u8; 4] = [10, 99, 0, 5];
 const ENTRY: &str = "127.0.0.1:7999";
+const WG_ENTRY: &str = "127.0.0.1:7998";
+/// The broker's address inside the WireGuard tunnel.
+const TUNNEL: [u8; 4] = [10, 99, 1, 2];
 const OVERLAY_PORT: u16 = 7400;
 const SHIM: usize = 4;
 
@@ -115,6 +122,57 @@ fn entry_node(socket: UdpSocket, stop: Arc<AtomicBool>) {
             .unwrap();
         let _ = socket.send_to(&reply, from);
     }
+}
+
+/// The WireGuard peer: opens each datagram and answers the packet in it
+/// (from the tunnel address) with the payload back, sealed.
+fn wireguard_peer(socket: UdpSocket, tunnel: oasis_wireguard::Tunnel, stop: Arc<AtomicBool>) {
+    use oasis_wireguard::Opened;
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (mut buf, mut opened, mut sealed) = (vec![0u8; 65_536], vec![0u8; 65_536], vec![0u8; 65_536]);
+    while !stop.load(Relaxed) {
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut sealer = tunnel.lock();
+        let reply = match sealer.open(from.ip(), &buf[..len], &mut opened, Instant::now()) {
+            Opened::Packet(packet) => {
+                let port = u16::from_be_bytes([packet[22], packet[23]]);
+                let sport = u16::from_be_bytes([packet[20], packet[21]]);
+                let mut reply = Vec::new();
+                etherparse::PacketBuilder::ipv4(TARGET, TUNNEL, 64)
+                    .udp(port, sport)
+                    .write(&mut reply, &packet[28..])
+                    .unwrap();
+                sealer.seal(&reply, &mut sealed, Instant::now()).map(<[u8]>::to_vec)
+            }
+            Opened::Reply(answer) => Some(answer.to_vec()),
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            let _ = socket.send_to(&reply, from);
+        }
+        while let Some(waited) = sealer.flush(&mut sealed) {
+            let _ = socket.send_to(waited, from);
+        }
+    }
+}
+
+/// A WireGuard overlay `wg` (id 2) whose one peer listens at `WG_ENTRY`,
+/// and that peer's tunnel.
+fn wireguard_overlay() -> (Arc<JoinedOverlay>, oasis_wireguard::Tunnel) {
+    use oasis_broker::overlay::wireguard::{WireGuardLink, WireGuardPath};
+    let (ours, theirs) = (oasis_wireguard::PrivateKey::generate(), oasis_wireguard::PrivateKey::generate());
+    let text = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = 10.99.1.2/32\n[Peer]\nPublicKey = {}\nEndpoint = {WG_ENTRY}\nAllowedIPs = 10.99.0.0/24\n",
+        ours.to_base64(),
+        theirs.public()
+    );
+    let conf = oasis_wireguard::conf::parse(&text).unwrap();
+    let link = Arc::new(WireGuardLink::new(&conf, &[WG_ENTRY.parse().unwrap()]));
+    let mut overlay = JoinedOverlay::new(OverlayId(2), "wg".into(), Box::new(WireGuardPath(link.clone())), Vec::new());
+    overlay.wireguard = Some(link);
+    (Arc::new(overlay), oasis_wireguard::Tunnel::new(&theirs, ours.public(), None, None))
 }
 
 #[test]
@@ -174,16 +232,20 @@ fn no_packet_allocates_in_steady_state() {
     let mut rules = RuleSet::default();
     let mut metric = rule("9002", "");
     metric.metric = Some("latency".into());
-    for spec in [rule("9000", "underlay"), rule("9001", "detour"), metric] {
+    for spec in [rule("9000", "underlay"), rule("9001", "detour"), metric, rule("9003", "wg")] {
         let (subset, via) = spec.parse().unwrap();
         rules.add_any(subset, via).unwrap();
     }
-    let overlays = Arc::new(OverlayTable::new([Arc::new(JoinedOverlay::new(
-        OverlayId(1),
-        "detour".into(),
-        Box::new(EntryNodes::new(vec![ENTRY.parse().unwrap()]).unwrap()),
-        vec![0; SHIM],
-    ))]));
+    let (wireguard, peer_tunnel) = wireguard_overlay();
+    let overlays = Arc::new(OverlayTable::new([
+        Arc::new(JoinedOverlay::new(
+            OverlayId(1),
+            "detour".into(),
+            Box::new(EntryNodes::new(vec![ENTRY.parse().unwrap()]).unwrap()),
+            vec![0; SHIM],
+        )),
+        wireguard,
+    ]));
     let settings = EngineSettings {
         lifetimes: oasis_broker::engine::Lifetimes::new(Duration::from_secs(120)),
         flow_capacity: 1024,
@@ -270,12 +332,17 @@ fn no_packet_allocates_in_steady_state() {
         let stop = stop.clone();
         threads.push(std::thread::spawn(move || entry_node(socket, stop)));
     }
+    {
+        let socket = UdpSocket::bind(WG_ENTRY).unwrap();
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || wireguard_peer(socket, peer_tunnel, stop)));
+    }
 
     let sender = UdpSocket::bind(SENDER).unwrap();
     sender.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
     let mut traffic = Traffic {
         sender,
-        targets: [9000, 9001, 9002].map(|port| SocketAddr::from((TARGET, port))),
+        targets: [9000, 9001, 9002, 9003].map(|port| SocketAddr::from((TARGET, port))),
         engine: engine.clone(),
         in_flight: 0,
         lost: 0,
@@ -294,22 +361,35 @@ fn no_packet_allocates_in_steady_state() {
         engine.counters
     );
     assert!(engine.measuring(), "the metric rule's flow is measured");
+    let wg = overlays.by_name("wg").and_then(|o| o.wireguard.clone()).unwrap();
+    let wg_counts = || {
+        let c = &wg.peers[0].tunnel.counters;
+        (c.sealed.load(Relaxed), c.opened.load(Relaxed))
+    };
+    let wg_warm = wg_counts();
+    assert!(
+        wg_warm.0 >= 300 && wg_warm.1 >= 300,
+        "the WireGuard overlay carries traffic both ways after the warm-up: {wg_warm:?}"
+    );
 
     let allocations = ALLOCATIONS.load(Relaxed);
     let steady = traffic.drive(45_000, 30_000);
     let allocated = ALLOCATIONS.load(Relaxed) - allocations;
     let after = sent(&engine.counters);
+    let wg_after = wg_counts();
     stop.store(true, Relaxed);
     for thread in threads {
         thread.join().unwrap();
     }
     println!(
         "steady state: {} diverted packets ({} underlay, {} overlay), {} returned through the overlay, \
-         {} given up as lost: {allocated} allocations on the packet threads",
+         ({} sealed and {} opened for WireGuard), {} given up as lost: {allocated} allocations on the packet threads",
         steady.diverted,
         after.0 - underlay,
         after.1 - overlay,
         steady.returned,
+        wg_after.0 - wg_warm.0,
+        wg_after.1 - wg_warm.1,
         traffic.lost,
     );
     assert_eq!(allocated, 0, "the packet path allocated in steady state");
@@ -324,13 +404,13 @@ struct Driven {
     returned: u64,
 }
 
-/// The sender's side of the test: datagrams to the three claimed ports,
+/// The sender's side of the test: datagrams to the four claimed ports,
 /// paced by what the broker has taken in, so that however slow or busy the
 /// machine, no queue on the way overflows and the counts are of packets
 /// that went through.
 struct Traffic {
     sender: UdpSocket,
-    targets: [SocketAddr; 3],
+    targets: [SocketAddr; 4],
     engine: Arc<Engine>,
     /// Sent, and not yet read by the broker.
     in_flight: u64,
@@ -357,11 +437,11 @@ impl Traffic {
         let mut buf = [0u8; 2048];
         let mut i = 0u32;
         while seen - start < diverted || got < returned {
-            if self.in_flight + 3 <= Self::WINDOW {
+            if self.in_flight + 4 <= Self::WINDOW {
                 for target in self.targets {
                     self.sender.send_to(&i.to_be_bytes(), target).unwrap();
                 }
-                self.in_flight += 3;
+                self.in_flight += 4;
                 i = i.wrapping_add(1);
                 continue;
             }
