@@ -15,6 +15,10 @@
 //!                      runs as NICs do
 //!   overlay-fast       the same with the client's fast path on too (the
 //!                      kernel wraps and opens the flow's packets)
+//!   overlay-wireguard  the overlay-exit detour over WireGuard: the client's
+//!                      broker seals for oasis-exit --wireguard-key, which
+//!                      opens, NATs and seals the replies in user space
+//!                      (the kernel's fast paths do not seal)
 //!   wireguard-go       the same detour through a wireguard-go tunnel from
 //!                      the client to the overlay host: a peer that also does
 //!                      TUN and UDP in user space
@@ -48,6 +52,16 @@ use crate::bench_common::{Figure, IPERF_PORT, cli, iperf, iperf_at, median, prog
 use crate::bench_paths::{Carried, Profile, wait_for_exit_stats};
 
 const SOCKPERF_PORT: u16 = 11111;
+/// The client's wg-quick file for the exit, in the topology's directory.
+const WG_CONF: &str = "exit-wireguard.conf";
+
+/// A file only its owner may read (keys).
+fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
 const WG_PORT: u16 = 7600;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,19 +72,21 @@ enum Scenario {
     OverlayExit,
     OverlayFast,
     OverlayModule,
+    OverlayWireguard,
     WireguardGo,
     KernelVxlan,
     FakeUnderlay,
     MetricUnderlay,
 }
 
-const SCENARIOS: [Scenario; 10] = [
+const SCENARIOS: [Scenario; 11] = [
     Scenario::NoOasis,
     Scenario::AttachedNoMatch,
     Scenario::DivertedUnderlay,
     Scenario::OverlayExit,
     Scenario::OverlayFast,
     Scenario::OverlayModule,
+    Scenario::OverlayWireguard,
     Scenario::WireguardGo,
     Scenario::KernelVxlan,
     Scenario::FakeUnderlay,
@@ -89,6 +105,7 @@ impl Scenario {
             Scenario::OverlayExit => "overlay-exit",
             Scenario::OverlayFast => "overlay-fast",
             Scenario::OverlayModule => "overlay-module",
+            Scenario::OverlayWireguard => "overlay-wireguard",
             Scenario::WireguardGo => "wireguard-go",
             Scenario::KernelVxlan => "kernel-vxlan",
             Scenario::FakeUnderlay => "fake-underlay",
@@ -105,7 +122,10 @@ impl Scenario {
                 &["--proto", "tcp", "--dport", "5201", "--via", "underlay"],
                 &["--proto", "udp", "--dport", "11111", "--via", "underlay"],
             ]),
-            Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule => Some(&[
+            Scenario::OverlayExit
+            | Scenario::OverlayFast
+            | Scenario::OverlayModule
+            | Scenario::OverlayWireguard => Some(&[
                 &["--proto", "tcp", "--dport", "5201", "--via", "exit"],
                 &["--proto", "udp", "--dport", "11111", "--via", "exit"],
             ]),
@@ -245,7 +265,28 @@ pub fn run(
             &SOCKPERF_PORT.to_string(),
         ],
     );
-    net.start_exit(&["--client", CLIENT_V4]);
+    // The exit serves the client both ways: the plain format by address,
+    // WireGuard by key (overlay-wireguard).
+    let (exit_private, exit_public) = oasis_tests::wg_keys(&net.overlay);
+    let (client_private, client_public) = oasis_tests::wg_keys(&net.client);
+    let exit_key = net.dir.join("exit.key");
+    write_secret(&exit_key, &exit_private)?;
+    let exit_key = exit_key.to_string_lossy().into_owned();
+    net.start_exit(&[
+        "--client",
+        CLIENT_V4,
+        "--wireguard-key",
+        &exit_key,
+        "--peer",
+        &client_public,
+    ]);
+    write_secret(
+        &net.dir.join(WG_CONF),
+        &format!(
+            "[Interface]\nPrivateKey = {client_private}\nAddress = 10.87.0.1/32\n\
+             [Peer]\nPublicKey = {exit_public}\nEndpoint = {OVERLAY_V4}:51820\nAllowedIPs = 0.0.0.0/0\n"
+        ),
+    )?;
     net.publish(
         "exit.xml",
         r#"<overlay name="bench"><entry host="10.77.3.2" port="7400"/></overlay>"#,
@@ -481,7 +522,7 @@ fn measure(
     let carrier_pids: Vec<u32> = match scenario {
         Scenario::NoOasis => vec![],
         Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
-        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule => {
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule | Scenario::OverlayWireguard => {
             vec![net.process("oasis").pid(), net.process("oasis-exit").pid()]
         }
         _ => vec![net.process("oasis").pid()],
@@ -489,7 +530,7 @@ fn measure(
 
     let overlay = matches!(
         scenario,
-        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule
+        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule | Scenario::OverlayWireguard
     );
     let programs_before = daemon
         .as_ref()
@@ -591,6 +632,10 @@ fn start_daemon(net: &mut Topology, scenario: Scenario, spec_url: &str) -> anyho
             ) {
                 cli(&daemon, net, &["overlay", "add", "exit", spec_url])?;
             }
+            if scenario == Scenario::OverlayWireguard {
+                let file = net.dir.join(WG_CONF).to_string_lossy().into_owned();
+                cli(&daemon, net, &["overlay", "add", "exit", "--wireguard", &file])?;
+            }
             if scenario == Scenario::OverlayModule {
                 let module = crate::workspace_root()
                     .join("target/modules/wasm32-unknown-unknown/release/pass_through.wasm");
@@ -654,11 +699,12 @@ fn check_scenario(
         | Scenario::OverlayExit
         | Scenario::OverlayFast
         | Scenario::OverlayModule
+        | Scenario::OverlayWireguard
             if diverted == 0 =>
         {
             bail!("nothing was diverted; the measurement would be meaningless")
         }
-        Scenario::OverlayExit | Scenario::OverlayModule
+        Scenario::OverlayExit | Scenario::OverlayModule | Scenario::OverlayWireguard
             if status["broker"]["overlay_received"].as_u64().unwrap_or(0) == 0 =>
         {
             bail!("nothing came back through the overlay")
@@ -830,6 +876,12 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
             push("tcp_download_throughput", download, "Gbit/s", vs(theirs[1]));
             push("udp_rtt_p50_added", p50 - base[3], "us", vs(theirs[3] - base[3]));
             push(
+                "carrier_cpu_per_gbit",
+                cpu / upload,
+                "% of one core per Gbit/s",
+                vs(theirs[2] / theirs[0]),
+            );
+            push(
                 "host_cpu_per_gbit",
                 host / upload,
                 "% of one core per Gbit/s",
@@ -844,7 +896,7 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         {
             against(Scenario::KernelVxlan);
         }
-        if *scenario == Scenario::OverlayExit && measured(Scenario::WireguardGo) {
+        if matches!(scenario, Scenario::OverlayExit | Scenario::OverlayWireguard) && measured(Scenario::WireguardGo) {
             against(Scenario::WireguardGo);
         }
         if *scenario == Scenario::OverlayModule && measured(Scenario::OverlayExit) {
