@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology, wg_keys};
+use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, OVERLAY_V6, SERVER_V4, Topology, wg_keys};
 
 const WG_PORT: u16 = 51820;
 /// The client's address inside the tunnel.
@@ -17,11 +17,15 @@ fn cli_ok(daemon: &Daemon, net: &Topology, args: &[&str]) -> String {
 
 /// A wg-quick file for the client, as a user has one, mode 0600.
 fn wg_quick(net: &Topology, private: &str, peer_public: &str) -> std::path::PathBuf {
+    wg_quick_to(net, private, peer_public, &format!("{OVERLAY_V4}:{WG_PORT}"))
+}
+
+fn wg_quick_to(net: &Topology, private: &str, peer_public: &str, endpoint: &str) -> std::path::PathBuf {
     let path = net.dir.join("home.conf");
     let text = format!(
         "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n\
          PostUp = echo never run\n\n[Peer]\nPublicKey = {peer_public}\n\
-         Endpoint = {OVERLAY_V4}:{WG_PORT}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
+         Endpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
     );
     std::fs::write(&path, text).expect("wg-quick file");
     use std::os::unix::fs::PermissionsExt;
@@ -386,4 +390,28 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
     let text = std::fs::read_to_string(&stats).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(json["refused_wireguard"].as_u64().unwrap() >= 1, "{text}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_peer_at_an_ipv6_endpoint_carries_ipv4_flows() {
+    let mut net = Topology::new();
+    let (client_private, client_public) = wg_keys(&net.client);
+    let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
+    net.start_echo_server(7200);
+    let file = wg_quick_to(&net, &client_private, &peer_public, &format!("[{OVERLAY_V6}]:{WG_PORT}"));
+    let daemon = Daemon::start(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
+    );
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    assert_eq!(peer(&daemon, &net)["endpoint"], format!("[{OVERLAY_V6}]:{WG_PORT}").as_str());
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "home"],
+    );
+    net.echo_bulk(7200, 16, "through an IPv6 endpoint");
 }
