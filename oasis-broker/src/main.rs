@@ -622,6 +622,17 @@ fn overlay(socket: &std::path::Path, command: OverlayCommand) -> anyhow::Result<
                 Response::Overlay { overlay } => {
                     println!("joined overlay {}", overlay.name);
                     print!("{}", render::overlay(&overlay));
+                    // A key pair made for a specification's WireGuard
+                    // transport: the operator must learn its public half.
+                    if let Some(wg) = &overlay.wireguard
+                        && !overlay.url.starts_with("wireguard:")
+                    {
+                        println!(
+                            "\nThis host's WireGuard key pair was made for this overlay: give its operator \
+                             the public key\n    {}\nThe overlay carries flows once the operator has added it.",
+                            wg.public_key
+                        );
+                    }
                 }
                 other => bail!("unexpected reply: {other:?}"),
             }

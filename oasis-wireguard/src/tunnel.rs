@@ -311,8 +311,12 @@ impl Sealer<'_> {
 
     /// Opens one datagram from the peer at `from`.
     pub fn open<'b>(&mut self, from: IpAddr, datagram: &[u8], out: &'b mut [u8], now: Instant) -> Opened<'b> {
-        let had = self.inner.tunn.time_since_last_handshake().is_some();
+        self.inner.started = true;
         let counters = &self.tunnel.counters;
+        // A handshake message answered (an initiation with a response, a
+        // response with the keepalive that confirms it) is a session made:
+        // the first, and each rekey's.
+        let handshake = matches!(datagram.first(), Some(1 | 2));
         let opened = match self.inner.tunn.decapsulate(Some(from), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
                 counters.opened.fetch_add(1, Relaxed);
@@ -325,7 +329,7 @@ impl Sealer<'_> {
                 Opened::Rejected(error)
             }
         };
-        if !had && self.inner.tunn.time_since_last_handshake().is_some() {
+        if handshake && matches!(opened, Opened::Reply(_)) {
             counters.handshakes.fetch_add(1, Relaxed);
         }
         self.refresh(now);

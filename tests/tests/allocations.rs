@@ -144,7 +144,9 @@ fn wireguard_peer(socket: UdpSocket, tunnel: oasis_wireguard::Tunnel, stop: Arc<
                     .udp(port, sport)
                     .write(&mut reply, &packet[28..])
                     .unwrap();
-                sealer.seal(&reply, &mut sealed, Instant::now()).map(<[u8]>::to_vec)
+                sealer
+                    .seal(&reply, &mut sealed, Instant::now())
+                    .map(<[u8]>::to_vec)
             }
             Opened::Reply(answer) => Some(answer.to_vec()),
             _ => None,
@@ -162,7 +164,10 @@ fn wireguard_peer(socket: UdpSocket, tunnel: oasis_wireguard::Tunnel, stop: Arc<
 /// and that peer's tunnel.
 fn wireguard_overlay() -> (Arc<JoinedOverlay>, oasis_wireguard::Tunnel) {
     use oasis_broker::overlay::wireguard::{WireGuardLink, WireGuardPath};
-    let (ours, theirs) = (oasis_wireguard::PrivateKey::generate(), oasis_wireguard::PrivateKey::generate());
+    let (ours, theirs) = (
+        oasis_wireguard::PrivateKey::generate(),
+        oasis_wireguard::PrivateKey::generate(),
+    );
     let text = format!(
         "[Interface]\nPrivateKey = {}\nAddress = 10.99.1.2/32\n[Peer]\nPublicKey = {}\nEndpoint = {WG_ENTRY}\nAllowedIPs = 10.99.0.0/24\n",
         ours.to_base64(),
@@ -170,9 +175,17 @@ fn wireguard_overlay() -> (Arc<JoinedOverlay>, oasis_wireguard::Tunnel) {
     );
     let conf = oasis_wireguard::conf::parse(&text).unwrap();
     let link = Arc::new(WireGuardLink::new(&conf, &[WG_ENTRY.parse().unwrap()]));
-    let mut overlay = JoinedOverlay::new(OverlayId(2), "wg".into(), Box::new(WireGuardPath(link.clone())), Vec::new());
+    let mut overlay = JoinedOverlay::new(
+        OverlayId(2),
+        "wg".into(),
+        Box::new(WireGuardPath(link.clone())),
+        Vec::new(),
+    );
     overlay.wireguard = Some(link);
-    (Arc::new(overlay), oasis_wireguard::Tunnel::new(&theirs, ours.public(), None, None))
+    (
+        Arc::new(overlay),
+        oasis_wireguard::Tunnel::new(&theirs, ours.public(), None, None),
+    )
 }
 
 #[test]
@@ -232,7 +245,12 @@ fn no_packet_allocates_in_steady_state() {
     let mut rules = RuleSet::default();
     let mut metric = rule("9002", "");
     metric.metric = Some("latency".into());
-    for spec in [rule("9000", "underlay"), rule("9001", "detour"), metric, rule("9003", "wg")] {
+    for spec in [
+        rule("9000", "underlay"),
+        rule("9001", "detour"),
+        metric,
+        rule("9003", "wg"),
+    ] {
         let (subset, via) = spec.parse().unwrap();
         rules.add_any(subset, via).unwrap();
     }
@@ -335,7 +353,9 @@ fn no_packet_allocates_in_steady_state() {
     {
         let socket = UdpSocket::bind(WG_ENTRY).unwrap();
         let stop = stop.clone();
-        threads.push(std::thread::spawn(move || wireguard_peer(socket, peer_tunnel, stop)));
+        threads.push(std::thread::spawn(move || {
+            wireguard_peer(socket, peer_tunnel, stop)
+        }));
     }
 
     let sender = UdpSocket::bind(SENDER).unwrap();

@@ -53,15 +53,23 @@ fn joined(net: &mut Topology, client_private: &str, peer_public: &str, pin: bool
 }
 
 fn peer(daemon: &Daemon, net: &Topology) -> serde_json::Value {
-    let view = daemon.json(net, &["overlay", "show", "home", "--json"]);
+    peer_of(daemon, net, "home")
+}
+
+fn peer_of(daemon: &Daemon, net: &Topology, overlay: &str) -> serde_json::Value {
+    let view = daemon.json(net, &["overlay", "show", overlay, "--json"]);
     view["wireguard"]["peers"][0].clone()
 }
 
 /// Waits until the peer's state starts with `state`; how long it took.
 fn wait_state(daemon: &Daemon, net: &Topology, state: &str, within: Duration) -> Duration {
+    wait_state_of(daemon, net, "home", state, within)
+}
+
+fn wait_state_of(daemon: &Daemon, net: &Topology, overlay: &str, state: &str, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        let peer = peer(daemon, net);
+        let peer = peer_of(daemon, net, overlay);
         if peer["state"].as_str().is_some_and(|s| s.starts_with(state)) {
             return start.elapsed();
         }
@@ -399,7 +407,12 @@ fn a_peer_at_an_ipv6_endpoint_carries_ipv4_flows() {
     let (client_private, client_public) = wg_keys(&net.client);
     let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
     net.start_echo_server(7200);
-    let file = wg_quick_to(&net, &client_private, &peer_public, &format!("[{OVERLAY_V6}]:{WG_PORT}"));
+    let file = wg_quick_to(
+        &net,
+        &client_private,
+        &peer_public,
+        &format!("[{OVERLAY_V6}]:{WG_PORT}"),
+    );
     let daemon = Daemon::start(&mut net, "");
     cli_ok(
         &daemon,
@@ -407,11 +420,116 @@ fn a_peer_at_an_ipv6_endpoint_carries_ipv4_flows() {
         &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
     );
     wait_state(&daemon, &net, "up", Duration::from_secs(5));
-    assert_eq!(peer(&daemon, &net)["endpoint"], format!("[{OVERLAY_V6}]:{WG_PORT}").as_str());
+    assert_eq!(
+        peer(&daemon, &net)["endpoint"],
+        format!("[{OVERLAY_V6}]:{WG_PORT}").as_str()
+    );
     cli_ok(
         &daemon,
         &net,
-        &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "home"],
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "home",
+        ],
     );
     net.echo_bulk(7200, 16, "through an IPv6 endpoint");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_specification_with_a_wireguard_transport_makes_a_key_pair_to_register() {
+    let mut net = Topology::new();
+    net.start_echo_server(7200);
+    let (exit_private, exit_public) = wg_keys(&net.overlay);
+    let key_file = net.dir.join("exit.key");
+    std::fs::write(&key_file, &exit_private).unwrap();
+    net.publish(
+        "wg.xml",
+        &format!(
+            r#"<overlay name="osp"><entry host="{OVERLAY_V4}" port="51820"/><wireguard public-key="{exit_public}" keepalive="25"/></overlay>"#
+        ),
+    );
+    let base = net.start_spec_server();
+    let daemon = Daemon::start(&mut net, "");
+    let shown = cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "osp", &format!("{base}/wg.xml")],
+    );
+    assert!(shown.contains("give its operator the public key"), "{shown}");
+    let view = daemon.json(&net, &["overlay", "show", "osp", "--json"]);
+    let ours = view["wireguard"]["public_key"].as_str().unwrap().to_string();
+    assert!(shown.contains(&ours), "{shown}");
+    // The operator registers it.
+    let key_text = key_file.to_string_lossy().into_owned();
+    let peer = format!("{ours},class=0");
+    net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer]);
+    wait_state_of(&daemon, &net, "osp", "up", Duration::from_secs(12));
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "7200", "--via", "osp"],
+    );
+    assert_eq!(
+        net.echo(SERVER_V4, 7200, "registered").as_deref(),
+        Some("registered")
+    );
+    // Kept across a restart: the same key, from the key store.
+    net.process("oasis").terminate(Duration::from_secs(5));
+    let daemon = Daemon::start(&mut net, "");
+    let again = daemon.json(&net, &["overlay", "show", "osp", "--json"]);
+    assert_eq!(again["wireguard"]["public_key"], ours.as_str());
+    wait_state_of(&daemon, &net, "osp", "up", Duration::from_secs(5));
+}
+
+/// The protocol rekeys a session two minutes in (REKEY_AFTER_TIME, 120 s,
+/// which boringtun does not let a test shorten): a paced download that
+/// runs past it sees a second handshake and never stops for long.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_transfer_past_two_minutes_goes_on_through_the_rekey() {
+    const RATE: u64 = 256 * 1024;
+    let mut net = Topology::new();
+    let (client_private, client_public) = wg_keys(&net.client);
+    let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
+    net.start_web_server(80);
+    net.web_file("long", (RATE * 160) as usize);
+    let daemon = joined(&mut net, &client_private, &peer_public, false);
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "home"],
+    );
+    net.start_paced_download("long", SERVER_V4, 80, "long", RATE);
+    let start = Instant::now();
+    let (mut last, mut moved) = (0, Instant::now());
+    let mut longest = Duration::ZERO;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let got = net.paced_progress("long");
+        if got > last {
+            longest = longest.max(moved.elapsed());
+            (last, moved) = (got, Instant::now());
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(10),
+            "the download stopped at {got} bytes, {:?} in: {}",
+            start.elapsed(),
+            peer(&daemon, &net)
+        );
+        let handshakes = peer(&daemon, &net)["handshakes"].as_u64().unwrap();
+        if handshakes >= 2 && start.elapsed() > Duration::from_secs(125) {
+            println!(
+                "{handshakes} handshakes, {got} bytes in {:?}; longest wait for data {longest:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(150),
+            "no second handshake after {:?}: {}",
+            start.elapsed(),
+            peer(&daemon, &net)
+        );
+    }
 }

@@ -522,7 +522,10 @@ fn measure(
     let carrier_pids: Vec<u32> = match scenario {
         Scenario::NoOasis => vec![],
         Scenario::WireguardGo => vec![net.process("wg-client").pid(), net.process("wg-overlay").pid()],
-        Scenario::OverlayExit | Scenario::OverlayFast | Scenario::OverlayModule | Scenario::OverlayWireguard => {
+        Scenario::OverlayExit
+        | Scenario::OverlayFast
+        | Scenario::OverlayModule
+        | Scenario::OverlayWireguard => {
             vec![net.process("oasis").pid(), net.process("oasis-exit").pid()]
         }
         _ => vec![net.process("oasis").pid()],
@@ -896,7 +899,9 @@ fn figures(samples: &mut [Samples]) -> Vec<Figure> {
         {
             against(Scenario::KernelVxlan);
         }
-        if matches!(scenario, Scenario::OverlayExit | Scenario::OverlayWireguard) && measured(Scenario::WireguardGo) {
+        if matches!(scenario, Scenario::OverlayExit | Scenario::OverlayWireguard)
+            && measured(Scenario::WireguardGo)
+        {
             against(Scenario::WireguardGo);
         }
         if *scenario == Scenario::OverlayModule && measured(Scenario::OverlayExit) {

@@ -519,7 +519,8 @@ impl Daemon {
             token,
             module_file,
             pinned,
-            wireguard: wireguard.map(|w| (w.name, w.text, keys)),
+            wireguard: wireguard.map(|w| (w.name, w.text, keys.clone())),
+            keys,
         };
         let stage = |stage: &str| reporter.report(stage, 0, 0);
         let prepared = OverlayManager::prepare(name.clone(), url, options, own, modules, &stage).await?;

@@ -46,6 +46,17 @@ pub struct JoinOptions {
     /// A WireGuard overlay: the wg-quick file's name and text, and the key
     /// store to keep it in.
     pub wireguard: Option<(String, String, PathBuf)>,
+    /// The key store, for a specification with a WireGuard transport.
+    pub keys: PathBuf,
+}
+
+/// Where a WireGuard overlay's file came from: a user's wg-quick file, or
+/// made at the join for a specification with a WireGuard transport.
+struct WireGuardSource {
+    /// What errors name.
+    file: String,
+    url: String,
+    spec: Option<super::OverlaySpec>,
 }
 
 /// What the packet path needs of a stored overlay: its path, its shim, the
@@ -223,10 +234,28 @@ impl OverlayManager {
     ) -> Result<Prepared, OverlayError> {
         check_name(&name)?;
         if let Some((file, text, keys)) = options.wireguard {
-            return Self::prepare_wireguard(name, file, text, keys, options.pinned, own, stage).await;
+            let source = WireGuardSource {
+                file: file.clone(),
+                url: format!("wireguard:{file}"),
+                spec: None,
+            };
+            return Self::prepare_wireguard(name, source, text, keys, options.pinned, own, stage).await;
         }
         stage("fetching the specification");
         let mut spec = fetch(&url).await?;
+        if spec.wireguard.is_some() {
+            // A key pair of this host's own, made now; its public half is
+            // for the operator to register.
+            let private = oasis_wireguard::PrivateKey::generate();
+            let text = super::spec::wg_quick_for(&spec, &private).expect("a WireGuard transport");
+            let keys = options.keys.clone();
+            let source = WireGuardSource {
+                file: url.clone(),
+                url,
+                spec: Some(spec),
+            };
+            return Self::prepare_wireguard(name, source, text, keys, options.pinned, own, stage).await;
+        }
         let shim = shim_bytes(spec.shim_len, options.token.as_deref())?;
         let given = options.module_file.map(|(file, bytes)| {
             // A module author's build: it takes the place of whatever
@@ -293,7 +322,7 @@ impl OverlayManager {
     /// in the key store `keys`: nothing is joined yet.
     async fn prepare_wireguard(
         name: String,
-        file: String,
+        from: WireGuardSource,
         text: String,
         keys: PathBuf,
         pinned: bool,
@@ -301,6 +330,7 @@ impl OverlayManager {
         stage: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Prepared, OverlayError> {
         stage("checking the WireGuard file and resolving its endpoints");
+        let WireGuardSource { file, url, spec } = from;
         let source = file.clone();
         let kept_name = name.clone();
         let (conf, endpoints, kept) = tokio::task::spawn_blocking(move || {
@@ -316,10 +346,10 @@ impl OverlayManager {
         Ok(Prepared {
             stored: StoredOverlay {
                 name,
-                url: format!("wireguard:{file}"),
+                url,
                 token: None,
                 pinned,
-                spec: wireguard::spec_of(&conf),
+                spec: spec.unwrap_or_else(|| wireguard::spec_of(&conf)),
                 wireguard: Some(kept),
             },
             runtime: Runtime::wireguard(WireGuardLink::new(&conf, &endpoints)),

@@ -32,7 +32,27 @@ pub struct OverlaySpec {
     pub shim_len: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<ModuleSpec>,
+    /// The overlay's entry nodes speak WireGuard (`<wireguard>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireGuardSpec>,
 }
+
+/// A WireGuard transport: each entry node's public key, and the address a
+/// client uses inside the tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireGuardSpec {
+    /// Each entry's public key, in the entries' order.
+    pub keys: Vec<String>,
+    /// This host's address inside the tunnel (an exit that NATs takes
+    /// any; a peer that routes by it assigns one).
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
+}
+
+/// The tunnel address a client uses when the specification names none.
+pub const DEFAULT_TUNNEL_ADDRESS: &str = "10.87.0.1/32";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +123,20 @@ pub enum SpecError {
     BadModuleHash(String),
     #[error("<module kind={0:?}>: the kind is `overlay` or `monitor`")]
     BadModuleKind(String),
+    #[error(
+        "<entry> {index}: no WireGuard public key: give public-key=\"BASE64\" on the entry or on <wireguard>"
+    )]
+    NoWireGuardKey { index: usize },
+    #[error("<entry> {index}: public-key is not a WireGuard key (32 bytes in base64, 44 characters)")]
+    BadWireGuardKey { index: usize },
+    #[error("<wireguard address={0:?}>: give this host's tunnel address, e.g. 10.87.0.1/32")]
+    BadWireGuardAddress(String),
+    #[error("<wireguard keepalive={0:?}>: give seconds, 1-65535")]
+    BadWireGuardKeepalive(String),
+    #[error(
+        "<wireguard> with {0}: a WireGuard overlay seals packets itself, with no shim and no code module"
+    )]
+    WireGuardWith(&'static str),
 }
 
 /// The document as written; checked into an [`OverlaySpec`].
@@ -119,6 +153,8 @@ struct SpecXml {
     shim: Option<ShimXml>,
     #[serde(default)]
     module: Option<ModuleXml>,
+    #[serde(default)]
+    wireguard: Option<WireGuardXml>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +163,18 @@ struct EntryXml {
     host: String,
     #[serde(rename = "@port")]
     port: String,
+    #[serde(rename = "@public-key", default)]
+    public_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireGuardXml {
+    #[serde(rename = "@public-key", default)]
+    public_key: Option<String>,
+    #[serde(rename = "@address", default)]
+    address: Option<String>,
+    #[serde(rename = "@keepalive", default)]
+    keepalive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +251,20 @@ impl OverlaySpec {
                 .filter(|n| *n <= MAX_SHIM_LEN)
                 .ok_or_else(|| SpecError::BadShim(shim.length.clone()))?,
         };
+        let wireguard = match &xml.wireguard {
+            None => None,
+            Some(wg) => {
+                if module.is_some() {
+                    return Err(SpecError::WireGuardWith("a <module>"));
+                }
+                if shim_len != 0 {
+                    return Err(SpecError::WireGuardWith("a <shim>"));
+                }
+                Some(check_wireguard(wg, &xml.entries)?)
+            }
+        };
         Ok(OverlaySpec {
+            wireguard,
             name: xml.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
             description: xml
                 .description
@@ -269,6 +330,66 @@ pub fn unfit_entry(ip: IpAddr, own: &LocalAddresses) -> Option<&'static str> {
     }
 }
 
+fn check_wireguard(wg: &WireGuardXml, entries: &[EntryXml]) -> Result<WireGuardSpec, SpecError> {
+    let mut keys = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let index = i + 1;
+        let key = entry
+            .public_key
+            .as_deref()
+            .or(wg.public_key.as_deref())
+            .ok_or(SpecError::NoWireGuardKey { index })?;
+        let key = oasis_wireguard::PublicKey::parse(key).map_err(|_| SpecError::BadWireGuardKey { index })?;
+        keys.push(key.to_string());
+    }
+    let address = wg
+        .address
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or(DEFAULT_TUNNEL_ADDRESS)
+        .to_string();
+    let parsed = address
+        .parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| address.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
+    if parsed.is_none() {
+        return Err(SpecError::BadWireGuardAddress(address));
+    }
+    let keepalive = match wg.keepalive.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u16>()
+                .ok()
+                .filter(|k| *k > 0)
+                .ok_or_else(|| SpecError::BadWireGuardKeepalive(text.into()))?,
+        ),
+    };
+    Ok(WireGuardSpec {
+        keys,
+        address,
+        keepalive,
+    })
+}
+
+/// The wg-quick file a join makes for a specification with a WireGuard
+/// transport: a new key pair, the specification's tunnel address, each
+/// entry node a peer for everything.
+pub fn wg_quick_for(spec: &OverlaySpec, private: &oasis_wireguard::PrivateKey) -> Option<String> {
+    let wg = spec.wireguard.as_ref()?;
+    let mut text = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = {}\n",
+        private.to_base64(),
+        wg.address
+    );
+    for (entry, key) in spec.entries.iter().zip(&wg.keys) {
+        text += &format!("\n[Peer]\nPublicKey = {key}\nEndpoint = {entry}\nAllowedIPs = 0.0.0.0/0, ::/0\n");
+        if let Some(keepalive) = wg.keepalive {
+            text += &format!("PersistentKeepalive = {keepalive}\n");
+        }
+    }
+    Some(text)
+}
+
 fn check_module(module: ModuleXml) -> Result<ModuleSpec, SpecError> {
     let url = module.url.trim().to_string();
     if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -332,6 +453,55 @@ mod tests {
         );
         assert_eq!(spec.shim_len, 16);
         assert_eq!(spec.module.as_ref().unwrap().kind, ModuleKind::Overlay);
+    }
+
+    #[test]
+    fn a_wireguard_transport_gives_each_entry_a_key() {
+        let key = oasis_wireguard::PrivateKey::generate().public().to_string();
+        let other = oasis_wireguard::PrivateKey::generate().public().to_string();
+        let text = format!(
+            r#"<overlay><entry host="192.0.2.1" port="51820"/><entry host="192.0.2.2" port="51820" public-key="{other}"/>
+               <wireguard public-key="{key}" keepalive="25"/></overlay>"#
+        );
+        let spec = OverlaySpec::parse(&text).unwrap();
+        let wg = spec.wireguard.as_ref().unwrap();
+        assert_eq!(wg.keys, [key.clone(), other.clone()]);
+        assert_eq!(
+            (wg.address.as_str(), wg.keepalive),
+            (DEFAULT_TUNNEL_ADDRESS, Some(25))
+        );
+        let private = oasis_wireguard::PrivateKey::generate();
+        let conf = oasis_wireguard::conf::parse(&wg_quick_for(&spec, &private).unwrap()).unwrap();
+        assert_eq!(conf.peers.len(), 2);
+        assert_eq!(conf.peers[1].public_key.to_string(), other);
+        assert_eq!(conf.peers[0].endpoint.to_string(), "192.0.2.1:51820");
+        assert_eq!(conf.interface.private_key.public(), private.public());
+        for (bad, expected) in [
+            (
+                r#"<overlay><entry host="192.0.2.1" port="1"/><wireguard/></overlay>"#.to_string(),
+                "<entry> 1: no WireGuard public key",
+            ),
+            (
+                r#"<overlay><entry host="192.0.2.1" port="1" public-key="abc"/><wireguard/></overlay>"#
+                    .to_string(),
+                "<entry> 1: public-key is not",
+            ),
+            (
+                format!(
+                    r#"<overlay><entry host="192.0.2.1" port="1"/><wireguard public-key="{key}" address="here"/></overlay>"#
+                ),
+                "<wireguard address=\"here\">",
+            ),
+            (
+                format!(
+                    r#"<overlay><entry host="192.0.2.1" port="1"/><shim length="4"/><wireguard public-key="{key}"/></overlay>"#
+                ),
+                "with a <shim>",
+            ),
+        ] {
+            let error = OverlaySpec::parse(&bad).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
     }
 
     #[test]

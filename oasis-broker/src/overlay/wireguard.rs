@@ -9,6 +9,7 @@
 //! mode 0600 in a directory of mode 0700): the config names the file and
 //! never holds the private key.
 
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,21 +126,21 @@ impl WireGuardLink {
         self.peers.iter().any(|p| p.tunnel.health().carries())
     }
 
-    /// The peer whose AllowedIPs hold `dst` most narrowly.
-    pub fn peer_for(&self, dst: IpAddr) -> Option<&WgPeer> {
-        self.peers
-            .iter()
-            .filter_map(|peer| {
-                let best = peer
-                    .allowed
-                    .iter()
-                    .filter(|n| n.contains(&dst))
-                    .map(IpNet::prefix_len)
-                    .max()?;
-                Some((best, peer))
-            })
-            .max_by_key(|(len, _)| *len)
-            .map(|(_, peer)| peer)
+    /// The peer whose AllowedIPs hold `dst` most narrowly; among peers
+    /// that hold it equally (a specification's entry nodes each allow
+    /// everything), the one `spread` picks, so flows spread over them.
+    pub fn peer_for(&self, dst: IpAddr, spread: u64) -> Option<&WgPeer> {
+        let narrowest = |peer: &WgPeer| {
+            peer.allowed
+                .iter()
+                .filter(|n| n.contains(&dst))
+                .map(IpNet::prefix_len)
+                .max()
+        };
+        let best = self.peers.iter().filter_map(narrowest).max()?;
+        let tied = || self.peers.iter().filter(move |p| narrowest(p) == Some(best));
+        let count = tied().count() as u64;
+        tied().nth((spread % count) as usize)
     }
 
     /// The peer that listens at `from`.
@@ -164,8 +165,12 @@ pub struct WireGuardPath(pub Arc<WireGuardLink>);
 
 impl OverlayPath for WireGuardPath {
     fn next_hop(&self, flow: &FlowKey) -> SocketAddr {
+        // A fixed-key hash, as for plain entry nodes: the same flow meets
+        // the same peer after a restart too.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        flow.hash(&mut hasher);
         let link = &self.0;
-        link.peer_for(flow_dst(flow))
+        link.peer_for(flow_dst(flow), hasher.finish())
             .map_or(link.endpoints[0], |peer| peer.endpoint)
     }
 
@@ -175,7 +180,7 @@ impl OverlayPath for WireGuardPath {
 
     fn carries(&self, flow: &FlowKey) -> bool {
         let dst = flow_dst(flow);
-        self.0.peer_for(dst).is_some() && self.0.tunnel_source(dst.is_ipv6()).is_some()
+        self.0.peer_for(dst, 0).is_some() && self.0.tunnel_source(dst.is_ipv6()).is_some()
     }
 }
 
@@ -305,6 +310,7 @@ pub fn spec_of(conf: &WgQuick) -> OverlaySpec {
         entries: conf.peers.iter().map(|p| p.endpoint.to_string()).collect(),
         shim_len: 0,
         module: None,
+        wireguard: None,
     }
 }
 
@@ -384,7 +390,7 @@ mod tests {
 
     #[test]
     fn flows_go_to_the_peer_whose_allowed_ips_hold_them_most_narrowly() {
-        let conf = conf(&[
+        let file = conf(&[
             ("192.0.2.1:51820", "0.0.0.0/0"),
             ("192.0.2.2:51820", "198.51.100.0/24"),
         ]);
@@ -392,7 +398,7 @@ mod tests {
             "192.0.2.1:51820".parse().unwrap(),
             "192.0.2.2:51820".parse().unwrap(),
         ];
-        let link = Arc::new(WireGuardLink::new(&conf, &endpoints));
+        let link = Arc::new(WireGuardLink::new(&file, &endpoints));
         let path = WireGuardPath(link.clone());
         let to = |dst: [u8; 4]| path.next_hop(&FlowKey::v4([10, 0, 0, 1], dst, 6, 1000, 443));
         assert_eq!(to([198, 51, 100, 7]), endpoints[1]);
@@ -408,6 +414,13 @@ mod tests {
             link.peer_at("[::ffff:192.0.2.2]:51820".parse().unwrap())
                 .is_some()
         );
+        // Peers that allow alike share the flows.
+        let both = conf(&[("192.0.2.1:51820", "0.0.0.0/0"), ("192.0.2.2:51820", "0.0.0.0/0")]);
+        let path = WireGuardPath(Arc::new(WireGuardLink::new(&both, &endpoints)));
+        let used: std::collections::HashSet<SocketAddr> = (1000..1100)
+            .map(|port| path.next_hop(&FlowKey::v4([10, 0, 0, 1], [203, 0, 113, 7], 6, port, 443)))
+            .collect();
+        assert_eq!(used.len(), 2);
         assert!(link.peer_at("192.0.2.2:51821".parse().unwrap()).is_none());
     }
 
