@@ -113,6 +113,11 @@ pub struct DnsConfig {
     pub upstreams: Vec<String>,
     /// An upstream that has not answered in this time gets SERVFAIL.
     pub upstream_timeout_ms: u64,
+    /// Names claimed by a WireGuard overlay whose file gives `DNS=` are
+    /// resolved by that server, through the tunnel: the local network and
+    /// its resolver never see them. `false`: by the upstreams, as every
+    /// other name.
+    pub through_wireguard: bool,
     /// Where the fake-address table is kept across restarts, so answers
     /// that applications cached keep working.
     pub state_file: PathBuf,
@@ -131,6 +136,7 @@ impl Default for DnsConfig {
             underlay_answers: UnderlayAnswers::Real,
             upstreams: Vec::new(),
             upstream_timeout_ms: 2_000,
+            through_wireguard: true,
             state_file: PathBuf::from("/var/lib/oasis/fake-addresses.json"),
         }
     }

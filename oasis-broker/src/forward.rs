@@ -527,6 +527,9 @@ impl Unseal {
                         oasis_io::packet::addresses(packet).is_some_and(|(src, _)| peer.allows(src));
                     if !allowed {
                         counters.dropped(DropReason::Unauthenticated);
+                    } else if link.answers_query(packet) {
+                        // This host's own DNS question through the tunnel
+                        // (overlay/tunnel_dns.rs), answered.
                     } else {
                         if out.len() == *accepted {
                             out.push(Vec::with_capacity(headroom + 1500));

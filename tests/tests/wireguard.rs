@@ -21,9 +21,14 @@ fn wg_quick(net: &Topology, private: &str, peer_public: &str) -> std::path::Path
 }
 
 fn wg_quick_to(net: &Topology, private: &str, peer_public: &str, endpoint: &str) -> std::path::PathBuf {
+    wg_quick_with(net, private, peer_public, endpoint, "")
+}
+
+/// `extra`: more `[Interface]` lines.
+fn wg_quick_with(net: &Topology, private: &str, peer_public: &str, endpoint: &str, extra: &str) -> std::path::PathBuf {
     let path = net.dir.join("home.conf");
     let text = format!(
-        "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n\
+        "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n{extra}\
          PostUp = echo never run\n\n[Peer]\nPublicKey = {peer_public}\n\
          Endpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
     );
@@ -532,4 +537,94 @@ fn a_transfer_past_two_minutes_goes_on_through_the_rekey() {
             peer(&daemon, &net)
         );
     }
+}
+
+/// A name the WireGuard overlay claims is resolved by the peer network's
+/// own DNS server (`DNS=`), through the tunnel: the host's resolver never
+/// sees it, and the far network's answer is the one used.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() {
+    let mut net = Topology::new();
+    let (client_private, client_public) = wg_keys(&net.client);
+    let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
+    net.start_echo_server(7200);
+    // The peer network's resolver: it alone knows the name.
+    let overlay = net.overlay.clone();
+    net.spawn(
+        &overlay,
+        "far-dns",
+        &[
+            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            "--listen-address=10.88.0.2", "--address=/secret.test/10.77.2.2", "--log-queries",
+            "--log-facility=-", "--pid-file=",
+        ],
+    );
+    oasis_tests::wait_for_udp_listener(&net.overlay, 53);
+    // The host's own resolver (the server, as resolv.conf says) must not
+    // hear of it.
+    let server = net.server.clone();
+    net.spawn(
+        &server,
+        "near-dns",
+        &[
+            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            "--listen-address=10.77.2.2", "--address=/secret.test/10.77.2.99", "--log-queries",
+            "--log-facility=-", "--pid-file=",
+        ],
+    );
+    oasis_tests::wait_for_udp_listener(&net.server, 53);
+    net.server.watch("asked_here", "udp dport 53");
+    let file = wg_quick_with(
+        &net,
+        &client_private,
+        &peer_public,
+        &format!("{OVERLAY_V4}:{WG_PORT}"),
+        "DNS = 10.88.0.2\n",
+    );
+    let daemon = Daemon::start(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
+    );
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-exact", "secret.test", "--via", "home"],
+    );
+    // (The daemon may ask its upstreams of its own at start: counted from
+    // here.)
+    let asked_before = net.server.watched("asked_here");
+    let answer = net.dig(true, &["secret.test", "A"]);
+    assert_eq!(answer.status, "NOERROR", "{}", answer.text);
+    let fake = answer.answers.first().cloned().unwrap_or_default();
+    assert!(fake.starts_with("198.1"), "a fake address: {}", answer.text);
+    assert!(
+        net.process("far-dns").log().contains("query[A] secret.test from 10.88.0.1"),
+        "the peer network's server was asked, from the tunnel address: {}\n{}\n{}",
+        net.process("far-dns").log(),
+        net.process("near-dns").log(),
+        net.process("oasis").log()
+    );
+    assert_eq!(
+        net.server.watched("asked_here"),
+        asked_before,
+        "the host's resolver heard of the name: {}",
+        net.process("near-dns").log()
+    );
+    // The flow to it goes through the tunnel, to the address the far
+    // network gave.
+    assert_eq!(net.echo(&fake, 7200, "far").as_deref(), Some("far"));
+    // A name the far server does not know: its NXDOMAIN, not the
+    // upstreams' answer.
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--name-exact", "nothing.test", "--via", "home"],
+    );
+    let none = net.dig(true, &["nothing.test", "A"]);
+    assert_eq!(none.status, "REFUSED", "{}", none.text);
+    assert_eq!(net.server.watched("asked_here"), asked_before);
 }

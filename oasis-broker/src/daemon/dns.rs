@@ -41,8 +41,9 @@ pub(super) struct DnsRuntime {
     state_file: PathBuf,
     saved_changes: AtomicU64,
     journal: Option<Arc<Journal>>,
-    /// The service, to follow resolv.conf.
-    service: Option<Arc<DnsService>>,
+    /// The service, to follow resolv.conf (and to hand it the carriers
+    /// that resolve their own names).
+    pub(super) service: Option<Arc<DnsService>>,
     /// resolv.conf as last read.
     resolv_conf: Mutex<Vec<u8>>,
     /// Whether our resolver follows resolv.conf (`dns.upstreams` empty).
@@ -189,6 +190,7 @@ pub(super) async fn start(
         monitor: Some(monitor),
         journal,
         epoch: AtomicU64::new(0),
+        carriers: std::sync::OnceLock::new(),
     };
     let service = Arc::new(service);
     runtime.service = Some(service.clone());

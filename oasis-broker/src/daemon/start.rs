@@ -75,6 +75,17 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         config.bypass_mark,
         config.overlay_fast_path,
     )?);
+    // Names claimed by WireGuard overlays with a DNS server of their own
+    // are resolved by it, through the tunnel.
+    if config.dns.through_wireguard
+        && let Some(service) = &dns.service
+    {
+        let carriers = crate::overlay::tunnel_dns::TunnelDns {
+            engine: engine.clone(),
+            sockets: overlay_sockets.clone(),
+        };
+        let _ = service.carriers.set(Arc::new(carriers));
+    }
     let tun_view = TunView {
         name: divert.name.clone(),
         ifindex: divert.index,

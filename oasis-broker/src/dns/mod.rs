@@ -5,6 +5,7 @@
 pub mod ask;
 pub mod batch;
 pub mod cache;
+pub mod carrier;
 pub mod explicit;
 pub mod guard;
 pub mod journal;

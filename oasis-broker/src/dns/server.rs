@@ -56,6 +56,10 @@ pub struct DnsService {
     /// upstreams): the answers the DNS threads kept (reuse.rs) are
     /// forgotten.
     pub epoch: std::sync::atomic::AtomicU64,
+    /// Carriers that resolve the names they claim themselves (WireGuard
+    /// overlays with `DNS=`, over the tunnel; see carrier.rs): set once the
+    /// packet path runs, unless `dns.through_wireguard` is off.
+    pub carriers: std::sync::OnceLock<Arc<dyn super::carrier::CarrierDns>>,
 }
 
 /// The parts of a response.
@@ -186,7 +190,7 @@ impl DnsService {
             .on_loopback
     }
 
-    fn cached(&self, name: &str, qtype: RecordType) -> Option<(Upstream, Instant)> {
+    pub(super) fn cached(&self, name: &str, qtype: RecordType) -> Option<(Upstream, Instant)> {
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -295,7 +299,10 @@ impl DnsService {
         if let Plan::NoData { rule } = plan {
             return Some(self.withheld(&key, qtype, rule));
         }
-        let (upstream, until) = self.cached(&key, qtype)?;
+        let (upstream, until) = match self.through_carrier(&plan) {
+            Some((_, overlay)) => self.cached(&Self::carrier_key(overlay, &key), qtype)?,
+            None => self.cached(&key, qtype)?,
+        };
         Some(self.finish(qname, &key, qtype, &names, plan, upstream, Some(until)))
     }
 
@@ -335,7 +342,14 @@ impl DnsService {
         if let Plan::NoData { rule } = plan {
             return self.withheld(&key, qtype, rule);
         }
-        let (upstream, until) = self.fetch(qname, &key, qtype, budget).await;
+        let (upstream, until) = match self.through_carrier(&plan) {
+            Some((carrier, overlay)) => {
+                let carrier = carrier.clone();
+                self.fetch_through(&carrier, overlay, qname, &key, qtype, budget)
+                    .await
+            }
+            None => self.fetch(qname, &key, qtype, budget).await,
+        };
         self.finish(qname, &key, qtype, &names, plan, upstream, until)
     }
 

@@ -281,9 +281,12 @@ impl Thread {
             epoch,
             came: now,
         };
+        // Asked of the upstream by this thread: not a name whose carrier
+        // resolves it (a WireGuard overlay's own server, through the tunnel).
         if server.is_none()
             && let Some(direct) = self.service.direct()
             && self.asking.open(now)
+            && !self.service.resolved_by_carrier(&name, qtype)
         {
             if let Some(query) = self.asking.ask(direct, query, service.timeout, now) {
                 self.answer_later(query, None);

@@ -7,6 +7,7 @@ pub mod manager;
 pub mod modules;
 pub mod spec;
 pub mod table;
+pub mod tunnel_dns;
 pub mod wireguard;
 
 pub use fetch::{FetchError, fetch};

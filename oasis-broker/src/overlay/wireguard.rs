@@ -80,6 +80,12 @@ pub struct WireGuardLink {
     /// The peer network's DNS servers (`DNS=`).
     pub dns: Vec<IpAddr>,
     endpoints: Vec<SocketAddr>,
+    /// DNS queries this host sent through the tunnel (for the names the
+    /// overlay claims), by their source port: the return path hands their
+    /// answers here instead of to the applications.
+    queries: std::sync::Mutex<std::collections::HashMap<u16, std::sync::mpsc::SyncSender<Vec<u8>>>>,
+    /// Whether any query waits: while none, the return path looks for none.
+    querying: std::sync::atomic::AtomicUsize,
 }
 
 impl WireGuardLink {
@@ -118,7 +124,55 @@ impl WireGuardLink {
             own_public: own.public(),
             dns: conf.interface.dns.clone(),
             endpoints: endpoints.to_vec(),
+            queries: Default::default(),
+            querying: Default::default(),
         }
+    }
+
+    /// Waits for the answer to a DNS query sent from the tunnel address's
+    /// UDP `port`; None when the port is taken by another query.
+    pub fn expect_answer(&self, port: u16) -> Option<std::sync::mpsc::Receiver<Vec<u8>>> {
+        let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+        if queries.contains_key(&port) {
+            return None;
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        queries.insert(port, sender);
+        self.querying.store(queries.len(), std::sync::atomic::Ordering::Relaxed);
+        Some(receiver)
+    }
+
+    /// The query from `port` is answered or given up.
+    pub fn forget_query(&self, port: u16) {
+        let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+        queries.remove(&port);
+        self.querying.store(queries.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `packet`, opened from a peer, answers one of this host's own
+    /// DNS queries through the tunnel: then its payload went to the query.
+    pub fn answers_query(&self, packet: &[u8]) -> bool {
+        if self.querying.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let Some(key) = crate::engine::packet::flow_key(packet) else {
+            return false;
+        };
+        let from_dns = key.proto == oasis_common::proto::UDP && key.sport == 53;
+        let to_us = self.tunnel_source(key.family == oasis_common::FAMILY_V6)
+            == Some(crate::engine::packet::flow_dst(&key));
+        if !from_dns || !to_us {
+            return false;
+        }
+        let queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = queries.get(&key.dport) else {
+            return false;
+        };
+        let Ok(layout) = oasis_io::packet::layout(packet) else {
+            return false;
+        };
+        let _ = waiting.try_send(packet.get(layout.l4 + 8..).unwrap_or_default().to_vec());
+        true
     }
 
     /// Whether any peer may take new flows.
