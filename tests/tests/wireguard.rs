@@ -25,7 +25,13 @@ fn wg_quick_to(net: &Topology, private: &str, peer_public: &str, endpoint: &str)
 }
 
 /// `extra`: more `[Interface]` lines.
-fn wg_quick_with(net: &Topology, private: &str, peer_public: &str, endpoint: &str, extra: &str) -> std::path::PathBuf {
+fn wg_quick_with(
+    net: &Topology,
+    private: &str,
+    peer_public: &str,
+    endpoint: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = net.dir.join("home.conf");
     let text = format!(
         "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n{extra}\
@@ -539,6 +545,32 @@ fn a_transfer_past_two_minutes_goes_on_through_the_rekey() {
     }
 }
 
+/// A DNS server in `ns` on `listen` that knows `secret.test` as `address`
+/// alone, logging every query.
+fn dnsmasq(net: &mut Topology, ns: &oasis_tests::Netns, name: &str, listen: &str, address: &str) {
+    let (listen, address) = (
+        format!("--listen-address={listen}"),
+        format!("--address=/secret.test/{address}"),
+    );
+    net.spawn(
+        ns,
+        name,
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &listen,
+            &address,
+            "--log-queries",
+            "--log-facility=-",
+            "--pid-file=",
+        ],
+    );
+    oasis_tests::wait_for_udp_listener(ns, 53);
+}
+
 /// A name the WireGuard overlay claims is resolved by the peer network's
 /// own DNS server (`DNS=`), through the tunnel: the host's resolver never
 /// sees it, and the far network's answer is the one used.
@@ -551,29 +583,11 @@ fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() 
     net.start_echo_server(7200);
     // The peer network's resolver: it alone knows the name.
     let overlay = net.overlay.clone();
-    net.spawn(
-        &overlay,
-        "far-dns",
-        &[
-            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            "--listen-address=10.88.0.2", "--address=/secret.test/10.77.2.2", "--log-queries",
-            "--log-facility=-", "--pid-file=",
-        ],
-    );
-    oasis_tests::wait_for_udp_listener(&net.overlay, 53);
+    dnsmasq(&mut net, &overlay, "far-dns", "10.88.0.2", "10.77.2.2");
     // The host's own resolver (the server, as resolv.conf says) must not
     // hear of it.
     let server = net.server.clone();
-    net.spawn(
-        &server,
-        "near-dns",
-        &[
-            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            "--listen-address=10.77.2.2", "--address=/secret.test/10.77.2.99", "--log-queries",
-            "--log-facility=-", "--pid-file=",
-        ],
-    );
-    oasis_tests::wait_for_udp_listener(&net.server, 53);
+    dnsmasq(&mut net, &server, "near-dns", SERVER_V4, "10.77.2.99");
     net.server.watch("asked_here", "udp dport 53");
     let file = wg_quick_with(
         &net,
@@ -602,7 +616,9 @@ fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() 
     let fake = answer.answers.first().cloned().unwrap_or_default();
     assert!(fake.starts_with("198.1"), "a fake address: {}", answer.text);
     assert!(
-        net.process("far-dns").log().contains("query[A] secret.test from 10.88.0.1"),
+        net.process("far-dns")
+            .log()
+            .contains("query[A] secret.test from 10.88.0.1"),
         "the peer network's server was asked, from the tunnel address: {}\n{}\n{}",
         net.process("far-dns").log(),
         net.process("near-dns").log(),

@@ -225,6 +225,12 @@ impl Asking {
 /// desired, EDNS with our size), not the client's bytes, whose flags and
 /// options would shape an answer that the cache then gives to everyone.
 fn question(request: &Message, id: u16) -> Option<Vec<u8>> {
+    question_of(request.queries().first()?.clone(), id)
+}
+
+/// Our question about `query`, with `id` (also for a carrier's own server,
+/// dns/carrier.rs).
+pub(super) fn question_of(query: hickory_proto::op::Query, id: u16) -> Option<Vec<u8>> {
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_UDP_LIMIT);
     edns.set_version(0);
@@ -234,7 +240,7 @@ fn question(request: &Message, id: u16) -> Option<Vec<u8>> {
         .set_message_type(MessageType::Query)
         .set_op_code(OpCode::Query)
         .set_recursion_desired(true)
-        .add_query(request.queries().first()?.clone())
+        .add_query(query)
         .set_edns(edns);
     message.to_vec().ok()
 }

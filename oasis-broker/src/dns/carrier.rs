@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 
 use super::cache::Upstream;
@@ -76,15 +76,9 @@ impl DnsService {
             return (hit, Some(until));
         }
         let id: u16 = rand::random();
-        let mut message = Message::new();
-        message
-            .set_id(id)
-            .set_message_type(MessageType::Query)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(true)
-            .add_query(Query::query(qname.clone(), qtype));
-        let upstream = match message.to_vec() {
-            Ok(query) => match carrier.exchange(overlay, query, budget).await {
+        let question = super::ask::question_of(Query::query(qname.clone(), qtype), id);
+        let upstream = match question {
+            Some(question) => match carrier.exchange(overlay, question, budget).await {
                 Some(bytes) => match Message::from_vec(&bytes) {
                     Ok(response) if response.id() == id => Upstream::from_response(&response),
                     _ => Upstream::Failed,
@@ -94,13 +88,14 @@ impl DnsService {
                     Upstream::Failed
                 }
             },
-            Err(_) => Upstream::Failed,
+            None => Upstream::Failed,
         };
-        let until = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(&cache_key, qtype, &upstream, Instant::now());
+        let until = self.cache.lock().unwrap_or_else(|e| e.into_inner()).put(
+            &cache_key,
+            qtype,
+            &upstream,
+            Instant::now(),
+        );
         (upstream, until)
     }
 }

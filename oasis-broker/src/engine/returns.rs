@@ -180,6 +180,11 @@ impl ReturnPath {
         now: Instant,
     ) -> Result<Returned, DropReason> {
         let result = self.check(from, datagram, local, replies, headroom, out, now);
+        self.counted(result)
+    }
+
+    /// `result`, counted: as returned, or as dropped and why.
+    fn counted(&self, result: Result<Returned, DropReason>) -> Result<Returned, DropReason> {
         match result {
             Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
             Err(reason) => {
@@ -238,14 +243,7 @@ impl ReturnPath {
         let result = self.untunnel(overlay, packet, tunnels).and_then(|()| {
             self.check_packet(overlay, Some(from), packet, local, replies, headroom, out, now)
         });
-        match result {
-            Ok(_) => self.engine.counters.overlay_received.fetch_add(1, Relaxed),
-            Err(reason) => {
-                self.engine.counters.dropped(reason);
-                0
-            }
-        };
-        result
+        self.counted(result)
     }
 
     fn untunnel(

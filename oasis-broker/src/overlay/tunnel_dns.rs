@@ -40,7 +40,13 @@ impl<S: DatagramSocket + 'static> CarrierDns for TunnelDns<S> {
     }
 
     async fn exchange(&self, overlay: &str, query: Vec<u8>, budget: Duration) -> Option<Vec<u8>> {
-        let link = self.engine.routes().overlays.by_name(overlay)?.wireguard.clone()?;
+        let link = self
+            .engine
+            .routes()
+            .overlays
+            .by_name(overlay)?
+            .wireguard
+            .clone()?;
         let each = budget / link.dns.len().max(1) as u32;
         for server in link.dns.clone() {
             let (link, sockets, query) = (link.clone(), self.sockets.clone(), query.clone());
@@ -88,14 +94,21 @@ fn ask<S: DatagramSocket>(
     let mut sealed = vec![0u8; packet.len() + oasis_wireguard::DATA_OVERHEAD + oasis_wireguard::MIN_BUFFER];
     // None: the query waits for the handshake under way, and goes with
     // the session (the return loop sends what waited).
-    let datagram = peer.tunnel.lock().seal(&packet, &mut sealed, Instant::now()).map(<[u8]>::to_vec);
+    let datagram = peer
+        .tunnel
+        .lock()
+        .seal(&packet, &mut sealed, Instant::now())
+        .map(<[u8]>::to_vec);
     let socket = match peer.endpoint.is_ipv4() {
         true => Some(&sockets.v4),
         false => sockets.v6.as_ref(),
     };
     if let (Some(datagram), Some(socket)) = (datagram, socket) {
         let mut scratch = S::Scratch::default();
-        socket.send(&mut scratch, std::iter::once((&[][..], datagram.as_slice(), peer.endpoint)));
+        socket.send(
+            &mut scratch,
+            std::iter::once((&[][..], datagram.as_slice(), peer.endpoint)),
+        );
     }
     let got = answer.recv_timeout(wait).ok();
     link.forget_query(port);

@@ -138,7 +138,8 @@ impl WireGuardLink {
         }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         queries.insert(port, sender);
-        self.querying.store(queries.len(), std::sync::atomic::Ordering::Relaxed);
+        self.querying
+            .store(queries.len(), std::sync::atomic::Ordering::Relaxed);
         Some(receiver)
     }
 
@@ -146,7 +147,8 @@ impl WireGuardLink {
     pub fn forget_query(&self, port: u16) {
         let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
         queries.remove(&port);
-        self.querying.store(queries.len(), std::sync::atomic::Ordering::Relaxed);
+        self.querying
+            .store(queries.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether `packet`, opened from a peer, answers one of this host's own
