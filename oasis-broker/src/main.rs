@@ -205,6 +205,11 @@ enum OverlayCommand {
     /// leave from the file's `Address=`, sealed for the peer whose
     /// `AllowedIPs` hold their destination. The file is kept in the key
     /// store beside the config (mode 0600); its private key is never shown.
+    ///
+    /// A specification whose entry nodes speak WireGuard
+    /// (`<wireguard public-key=...>`) joins by URL as any other: the daemon
+    /// makes this host a key pair and prints the public key, for the
+    /// operator to register.
     #[command(after_help = "\
 Examples:
   oasis overlay add detour https://osp.example/detour.xml
@@ -233,8 +238,9 @@ Examples:
         /// same role: overlay or monitor).
         #[arg(long, value_name = "PATH")]
         module_file: Option<PathBuf>,
-        /// Never let the overlay's flows take the underlay, not even while
-        /// its code module restarts (they wait, or fail, instead).
+        /// Never let the overlay's flows take the underlay: not while its
+        /// code module restarts (they wait), nor while its WireGuard peer
+        /// does not answer (they are refused at once).
         #[arg(long)]
         pin: bool,
         /// Print the joined overlay as JSON.

@@ -373,6 +373,10 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
     // out; the flow is refused (pinned) and counted at the exit.
     cli_ok(&daemon, &net, &["rule", "del", "1"]);
     cli_ok(&daemon, &net, &["overlay", "del", "home"]);
+    assert!(
+        !net.dir.join("wireguard/home.conf").exists(),
+        "a left overlay's keys are removed"
+    );
     let (stranger, _) = wg_keys(&net.client);
     let before = net.server.watched("from_exit");
     let file = wg_quick(&net, &stranger, &exit_public);

@@ -549,7 +549,7 @@ impl Daemon {
             .overlay_views(Some(name))
             .pop()
             .ok_or_else(|| JoinError::Unknown(name.into()))?;
-        let peers = {
+        let (peers, left) = {
             let mut control = lock(&self.control);
             let rules = rules_using(&control.rules, name);
             let peers = control
@@ -558,8 +558,8 @@ impl Daemon {
                 .by_name(name)
                 .map(|o| o.path.peers().to_vec())
                 .unwrap_or_default();
-            control.overlays.leave(name, rules)?;
-            peers
+            let left = control.overlays.leave(name, rules)?;
+            (peers, left)
         };
         self.publish_overlays();
         // Its flows the kernel wraps come back to the broker, which ends
@@ -573,6 +573,14 @@ impl Daemon {
         let saved = self.save();
         drop(change);
         self.wait_saved(saved, reporter).await?;
+        // A WireGuard overlay's keys go with it, once the config no longer
+        // names them.
+        if let Some(keys) = &left.wireguard
+            && keys.starts_with(crate::overlay::wireguard::key_dir(&self.config_path))
+            && let Err(e) = std::fs::remove_file(keys)
+        {
+            tracing::warn!(path = %keys.display(), "removing the left overlay's WireGuard keys: {e}");
+        }
         if view.live_flows > 0 {
             tracing::info!(%name, live_flows = view.live_flows, "overlay left; its live flows get a reset (TCP) or an ICMP unreachable on their next packet");
         } else {
