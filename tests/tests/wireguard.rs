@@ -648,3 +648,51 @@ fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() 
     assert_eq!(none.status, "REFUSED", "{}", none.text);
     assert_eq!(net.server.watched("asked_here"), asked_before);
 }
+
+/// A metric rule may choose a WireGuard overlay as any other: the
+/// Monitor's probes go through the tunnel and their answers come back
+/// mapped as the flows' do.
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn the_monitor_measures_a_wireguard_overlay_and_chooses_it_when_faster() {
+    let mut net = Topology::new();
+    // The underlay 30 ms each way; the peer straight on the overlay host.
+    net.underlay_line(30);
+    net.start_web_server(8080);
+    let (client_private, client_public) = wg_keys(&net.client);
+    let peer_public = net.start_wireguard_peer(&client_public, &format!("{TUNNEL}/32"), WG_PORT);
+    let daemon = joined(&mut net, &client_private, &peer_public, false);
+    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    cli_ok(
+        &daemon,
+        &net,
+        &[
+            "rule", "add", "--proto", "tcp", "--dport", "8080", "--metric", "latency",
+        ],
+    );
+    let start = Instant::now();
+    loop {
+        assert!(net.http_get(SERVER_V4, 8080).is_some());
+        let log = net.process("web-8080").log();
+        let last = log.lines().rev().find(|l| l.contains("GET /")).unwrap_or("");
+        if last.trim_start_matches("::ffff:").starts_with(OVERLAY_V4) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "new flows never took the faster WireGuard overlay: {:#}",
+            daemon.json(&net, &["monitor", "--json"])
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!("new flows took the WireGuard overlay after {:?}", start.elapsed());
+    let view = daemon.json(&net, &["monitor", "--json"]);
+    let decision = view["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["rule"] == 1)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(decision["carrier"], "home", "{view:#}");
+}

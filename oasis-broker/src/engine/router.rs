@@ -294,6 +294,22 @@ impl Engine {
                 probe: true,
             });
         }
+        // Through a WireGuard peer the probe leaves from the tunnel
+        // address, as a flow would; its answer is mapped back the same way.
+        // Probes use the prober's few ports toward the Monitor's few
+        // destinations: these entries stay bounded without an end.
+        if let Via::Overlay(id) = via
+            && let Some(link) = routes.overlays.get(id).and_then(|o| o.wireguard.as_ref())
+            && let Some(tunnel) = link.tunnel_source(flow_dst(key).is_ipv6())
+        {
+            let reply = tunnel_reply_key(key, flow_dst(key), tunnel);
+            let known = self
+                .tunnels()
+                .is_some_and(|t| t.get(&reply) == Some(&flow_src(key)));
+            if !known {
+                self.add_tunnel(reply, flow_src(key));
+            }
+        }
         carry(routes, &self.settings, via, key, None, syn, packet).unwrap_or_else(Outbound::Drop)
     }
 
