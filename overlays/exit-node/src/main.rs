@@ -899,6 +899,8 @@ fn open_sealed<'b>(
     now: Instant,
 ) -> u64 {
     let mut refused = 0;
+    // Each peer's tunnel locked once per run of datagrams from it.
+    let mut held: Option<(usize, oasis_wireguard::Sealer<'_>)> = None;
     for (buf, got) in received {
         let Some(from) = got.from else { continue };
         for range in oasis_io::linux::mmsg::datagrams(got.len, got.segment) {
@@ -914,7 +916,10 @@ fn open_sealed<'b>(
                     continue;
                 }
             };
-            let mut sealer = wg.responder.peers()[peer].lock();
+            if held.as_ref().is_none_or(|(p, _)| *p != peer) {
+                held = Some((peer, wg.responder.peers()[peer].lock()));
+            }
+            let (_, sealer) = held.as_mut().expect("just held");
             match sealer.open(from.ip(), datagram, scratch, now) {
                 Opened::Packet(packet) => {
                     wg.seen_at(peer, from);
