@@ -332,8 +332,8 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (client_private, client_public) = wg_keys(&net.client);
     let key_text = key_file.to_string_lossy().into_owned();
-    let peer = format!("{client_public},class=1");
-    let stats = net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer]);
+    let peer_arg = format!("{client_public},class=1");
+    let stats = net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer_arg]);
     net.server
         .watch("from_exit", &format!("ip saddr {OVERLAY_V4} tcp dport 7200"));
     net.server
@@ -368,6 +368,34 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
     assert_eq!(peer["public_key"], client_public.as_str(), "{exit}");
     assert!(peer["handshakes"].as_u64().unwrap() >= 1, "{exit}");
     assert_eq!(exit["fast_flows"], 0, "{exit}");
+
+    // A live download goes on across a restart of the exit: the NAT's
+    // state file keeps the client's mapping under its key's address, and
+    // the client's next handshake (WireGuard starts one after 15 s
+    // without an answer) carries the flow on.
+    net.start_web_server(80);
+    net.web_file("long", 64 << 20);
+    cli_ok(
+        &daemon,
+        &net,
+        &["rule", "add", "--proto", "tcp", "--dport", "80", "--via", "home"],
+    );
+    net.start_paced_download("paced", SERVER_V4, 80, "long", 1 << 20);
+    net.paced_download_goes_on("paced", 2 << 20, "before the exit's restart");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(net.process("oasis-exit").terminate(Duration::from_secs(10)));
+    net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer_arg]);
+    let from = net.paced_progress("paced");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while net.paced_progress("paced") < from + (2 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "the download did not go on after the exit's restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    net.process("paced").kill_hard();
+    cli_ok(&daemon, &net, &["rule", "del", "2"]);
 
     // A key the exit does not know gets nothing: no handshake, no packet
     // out; the flow is refused (pinned) and counted at the exit.

@@ -433,8 +433,21 @@ fn run(args: Args) -> anyhow::Result<()> {
                 peers = args.peers.len(),
                 "serving WireGuard clients"
             );
+            let clients = WgClients::new(key, &args.peers);
+            let saved = endpoints_file(&args.state_file);
+            if let Ok(bytes) = std::fs::read(&saved) {
+                match serde_json::from_slice(&bytes) {
+                    Ok(endpoints) => {
+                        let restored = clients.restore(&endpoints);
+                        tracing::info!(restored, path = %saved.display(), "WireGuard clients' endpoints restored");
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %saved.display(), "the saved endpoints are not valid ({e})")
+                    }
+                }
+            }
             Some(Arc::new(WireGuard {
-                clients: WgClients::new(key, &args.peers),
+                clients,
                 sockets: wg_sockets,
             }))
         }
@@ -513,6 +526,11 @@ enum Intake {
         shim_len: usize,
     },
     WireGuard(Arc<WireGuard>),
+}
+
+/// Where the WireGuard clients' endpoints are kept, beside the NAT state.
+fn endpoints_file(state_file: &std::path::Path) -> PathBuf {
+    state_file.with_extension("wireguard.json")
 }
 
 /// `--unpin`: removes the steering a retired exit left pinned.
@@ -668,6 +686,17 @@ fn upkeep(
             && let Err(e) = save_state(&args.state_file, &state)
         {
             tracing::warn!(path = %args.state_file.display(), "saving the NAT state: {e}");
+        }
+        if let Some(endpoints) = wireguard.and_then(|wg| wg.clients.take_moved()) {
+            let path = endpoints_file(&args.state_file);
+            let tmp = path.with_extension("tmp");
+            let written = serde_json::to_vec_pretty(&endpoints)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&tmp, bytes))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), "saving the WireGuard clients' endpoints: {e}");
+            }
         }
         if let Some(path) = &args.stats_file {
             let tmp = path.with_extension("tmp");

@@ -61,7 +61,15 @@ pub struct WgClients {
     by_address: HashMap<SocketAddr, usize>,
     /// Where each peer last sent an authenticated datagram from.
     endpoints: Vec<Mutex<Option<SocketAddr>>>,
+    /// Whether an endpoint changed since they were last saved.
+    moved: std::sync::atomic::AtomicBool,
 }
+
+/// The peers' endpoints as the exit keeps them across restarts: a restarted
+/// exit with a reply to send starts the handshake itself, where the peer is,
+/// rather than wait for the peer to send again (a download's client may
+/// send nothing until it hears something).
+pub type SavedEndpoints = std::collections::BTreeMap<String, SocketAddr>;
 
 impl WgClients {
     pub fn new(own: PrivateKey, peers: &[WgPeer]) -> WgClients {
@@ -73,7 +81,33 @@ impl WgClients {
             by_address: addresses.iter().enumerate().map(|(i, a)| (*a, i)).collect(),
             addresses,
             endpoints: peers.iter().map(|_| Mutex::new(None)).collect(),
+            moved: Default::default(),
         }
+    }
+
+    /// The endpoints to save, when one changed since the last call.
+    pub fn take_moved(&self) -> Option<SavedEndpoints> {
+        if !self.moved.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let tunnels = self.responder.peers();
+        Some(
+            (0..self.len())
+                .filter_map(|i| Some((tunnels[i].peer().to_string(), self.endpoint(i)?)))
+                .collect(),
+        )
+    }
+
+    /// Endpoints a previous exit saved, for the peers this one serves.
+    pub fn restore(&self, saved: &SavedEndpoints) -> usize {
+        let mut restored = 0;
+        for (i, tunnel) in self.responder.peers().iter().enumerate() {
+            if let Some(endpoint) = saved.get(&tunnel.peer().to_string()) {
+                *self.endpoints[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(*endpoint);
+                restored += 1;
+            }
+        }
+        restored
     }
 
     /// Peer `i`'s address for the NAT, and its priority class.
@@ -95,6 +129,7 @@ impl WgClients {
                 tracing::info!(peer = %self.responder.peers()[i].peer(), %from, "WireGuard client roamed");
             }
             *endpoint = Some(from);
+            self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -130,7 +165,7 @@ mod tests {
         assert_ne!(clients.client(1).0, addr);
         assert_eq!(clients.peer_of(addr), Some(0));
         assert_eq!(
-            WgClients::new(PrivateKey::generate(), &[peer]).client(0).0,
+            WgClients::new(PrivateKey::generate(), &[peer.clone()]).client(0).0,
             addr,
             "the same key, the same address"
         );
@@ -138,5 +173,11 @@ mod tests {
         assert!(!is_peer_address("10.0.0.1:0".parse().unwrap()));
         clients.seen_at(0, "192.0.2.1:5000".parse().unwrap());
         assert_eq!(clients.endpoint(0), Some("192.0.2.1:5000".parse().unwrap()));
+        // Saved once per change, and restored by the next exit's peers.
+        let saved = clients.take_moved().unwrap();
+        assert!(clients.take_moved().is_none());
+        let next = WgClients::new(PrivateKey::generate(), &[peer]);
+        assert_eq!(next.restore(&saved), 1);
+        assert_eq!(next.endpoint(0), Some("192.0.2.1:5000".parse().unwrap()));
     }
 }
