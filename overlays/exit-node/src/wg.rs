@@ -165,7 +165,9 @@ mod tests {
         assert_ne!(clients.client(1).0, addr);
         assert_eq!(clients.peer_of(addr), Some(0));
         assert_eq!(
-            WgClients::new(PrivateKey::generate(), &[peer.clone()]).client(0).0,
+            WgClients::new(PrivateKey::generate(), std::slice::from_ref(&peer))
+                .client(0)
+                .0,
             addr,
             "the same key, the same address"
         );
