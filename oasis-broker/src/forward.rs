@@ -290,13 +290,23 @@ pub fn send_decided<'p, U: UnderlaySender, S: DatagramSocket>(
     }
 }
 
+/// Which WireGuard peers a return loop runs the protocol's timers for, by
+/// their endpoint's family: its socket's, and on a host without IPv6 the
+/// IPv4 loop takes the IPv6 peers too (their handshakes fail, and the
+/// overlay is down, rather than waiting for nothing).
+#[derive(Clone, Copy, Debug)]
+pub struct TimersFor {
+    pub v4: bool,
+    pub v6: bool,
+}
+
 /// Receives datagrams on one overlay socket and hands the packets the
 /// return path accepts to the applications.
 #[allow(clippy::too_many_arguments)]
 pub fn run_returns<S, D>(
     mut path: ReturnPath,
     socket: &S,
-    v4: bool,
+    timers: TimersFor,
     mut delivery: D,
     local_addresses: impl Fn(&mut LocalAddresses),
     tick: Tick,
@@ -324,7 +334,7 @@ where
         if stop.load(Relaxed) {
             return Ok(());
         }
-        unseal.timers(path.engine(), v4, Instant::now());
+        unseal.timers(path.engine(), timers, Instant::now());
         unseal.send(socket, &mut scratch);
         let count = match socket.recv(&mut scratch, &mut bufs, &mut received, TICK_EVERY) {
             Ok(count) => count,
@@ -459,7 +469,7 @@ impl Unseal {
     /// The protocol's timers of the WireGuard peers this loop's family
     /// reaches, every quarter second: handshakes to start or retry,
     /// rekeying, keepalives.
-    fn timers(&mut self, engine: &Engine, v4: bool, now: Instant) {
+    fn timers(&mut self, engine: &Engine, families: TimersFor, now: Instant) {
         if self
             .last_tick
             .is_some_and(|at| now.saturating_duration_since(at) < TICK_EVERY)
@@ -472,7 +482,11 @@ impl Unseal {
             return;
         }
         for link in routes.overlays.iter().filter_map(|o| o.wireguard.as_ref()) {
-            for peer in link.peers.iter().filter(|p| p.endpoint.is_ipv4() == v4) {
+            let ours = |p: &&crate::overlay::wireguard::WgPeer| match p.endpoint.is_ipv4() {
+                true => families.v4,
+                false => families.v6,
+            };
+            for peer in link.peers.iter().filter(ours) {
                 let mut sealer = peer.tunnel.lock();
                 let sent = sealer.tick(&mut self.opened, now).map(<[u8]>::len);
                 drop(sealer);

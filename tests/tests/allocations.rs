@@ -336,7 +336,7 @@ fn no_packet_allocates_in_steady_state() {
             run_returns(
                 path,
                 &overlay.v4,
-                true,
+                oasis_broker::forward::TimersFor { v4: true, v6: true },
                 delivery,
                 |into| platform.local_addresses(into),
                 tick,

@@ -414,6 +414,10 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
                 continue;
             }
             let name = format!("oasis-overlay-rx-{family}");
+            let timers = crate::forward::TimersFor {
+                v4,
+                v6: !v4 || self.overlay.v6.is_none(),
+            };
             let (path, delivery, sockets, platform) = (
                 ReturnPath::new(self.engine).with_sockets(platform.sockets()),
                 divert.delivery.clone(),
@@ -430,7 +434,7 @@ impl<P: Platform + Sync> PacketLoops<'_, P> {
                 run_returns(
                     path,
                     socket,
-                    v4,
+                    timers,
                     delivery,
                     |into| platform.local_addresses(into),
                     tick,
