@@ -153,7 +153,6 @@ struct Inner {
     rejected_at_attempt: u64,
     /// When a handshake was last tried while down.
     last_forced: Option<Instant>,
-    had_session: bool,
     /// Whether a handshake was ever tried: the first tick tries one.
     started: bool,
 }
@@ -217,7 +216,6 @@ impl Tunnel {
                 attempt_since: None,
                 rejected_at_attempt: 0,
                 last_forced: None,
-                had_session: false,
                 started: false,
             }),
             peer,
@@ -404,7 +402,6 @@ impl Sealer<'_> {
         if live {
             inner.attempt_since = None;
             inner.last_forced = None;
-            inner.had_session = true;
         }
         let health = match inner.attempt_since {
             _ if live => Health::Up,
