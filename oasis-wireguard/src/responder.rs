@@ -109,6 +109,35 @@ impl Responder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_preshared_key_must_match() {
+        let exit = PrivateKey::generate();
+        let alice = PrivateKey::generate();
+        let psk = PresharedKey([9; 32]);
+        let responder = Responder::new(exit.clone(), &[(alice.public(), Some(psk.clone()))]);
+        let now = Instant::now();
+        let (mut buf, mut out, mut back) = (vec![0u8; 2048], vec![0u8; 2048], vec![0u8; 2048]);
+        for (theirs, answered) in [
+            (Some(&psk), true),
+            (Some(&PresharedKey([1; 32])), false),
+            (None, false),
+        ] {
+            let client = Tunnel::new(&alice, exit.public(), theirs, None);
+            let init = client.lock().start(&mut buf, now).unwrap().to_vec();
+            let Sender::Peer(i) = responder.sender(FROM, &init, &mut out) else {
+                panic!("the key is known whatever the pre-shared key");
+            };
+            let response = match responder.peers()[i].lock().open(FROM, &init, &mut back, now) {
+                Opened::Reply(r) => r.to_vec(),
+                other => panic!("{other:?}"),
+            };
+            // The response is sealed with the pre-shared key too: a client
+            // with another one cannot open it.
+            let opened = client.lock().open(FROM, &response, &mut back, now);
+            assert_eq!(matches!(opened, Opened::Reply(_)), answered, "{opened:?}");
+        }
+    }
+
     use super::*;
     use crate::tunnel::Opened;
     use std::time::Instant;

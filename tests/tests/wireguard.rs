@@ -21,21 +21,21 @@ fn wg_quick(net: &Topology, private: &str, peer_public: &str) -> std::path::Path
 }
 
 fn wg_quick_to(net: &Topology, private: &str, peer_public: &str, endpoint: &str) -> std::path::PathBuf {
-    wg_quick_with(net, private, peer_public, endpoint, "")
+    wg_quick_with(net, private, peer_public, endpoint, ("", ""))
 }
 
-/// `extra`: more `[Interface]` lines.
+/// `extra`: more lines for `[Interface]` and for `[Peer]`.
 fn wg_quick_with(
     net: &Topology,
     private: &str,
     peer_public: &str,
     endpoint: &str,
-    extra: &str,
+    (interface, peer): (&str, &str),
 ) -> std::path::PathBuf {
     let path = net.dir.join("home.conf");
     let text = format!(
-        "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n{extra}\
-         PostUp = echo never run\n\n[Peer]\nPublicKey = {peer_public}\n\
+        "# from the router's web page\n[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL}/32\n{interface}\
+         PostUp = echo never run\n\n[Peer]\nPublicKey = {peer_public}\n{peer}\
          Endpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
     );
     std::fs::write(&path, text).expect("wg-quick file");
@@ -332,14 +332,32 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (client_private, client_public) = wg_keys(&net.client);
     let key_text = key_file.to_string_lossy().into_owned();
-    let peer_arg = format!("{client_public},class=1");
+    // With a pre-shared key, as `wg genpsk` makes one: the exit reads it
+    // from a file.
+    let psk = net.overlay.run(&["wg", "genpsk"]).trim().to_string();
+    let psk_file = net.dir.join("client.psk");
+    std::fs::write(&psk_file, &psk).unwrap();
+    std::fs::set_permissions(&psk_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let peer_arg = format!("{client_public},class=1,psk={}", psk_file.display());
     let stats = net.start_exit(&["--wireguard-key", &key_text, "--peer", &peer_arg]);
     net.server
         .watch("from_exit", &format!("ip saddr {OVERLAY_V4} tcp dport 7200"));
     net.server
         .watch("from_client", &format!("ip saddr {CLIENT_V4} tcp dport 7200"));
 
-    let daemon = joined(&mut net, &client_private, &exit_public, false);
+    let file = wg_quick_with(
+        &net,
+        &client_private,
+        &exit_public,
+        &format!("{OVERLAY_V4}:{WG_PORT}"),
+        ("", &format!("PresharedKey = {psk}\n")),
+    );
+    let daemon = Daemon::start(&mut net, "");
+    cli_ok(
+        &daemon,
+        &net,
+        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
+    );
     wait_state(&daemon, &net, "up", Duration::from_secs(5));
     cli_ok(
         &daemon,
@@ -626,7 +644,7 @@ fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() 
         &client_private,
         &peer_public,
         &format!("{OVERLAY_V4}:{WG_PORT}"),
-        "DNS = 10.88.0.2\n",
+        ("DNS = 10.88.0.2\n", ""),
     );
     let daemon = Daemon::start(&mut net, "");
     cli_ok(

@@ -61,9 +61,10 @@ struct Args {
     /// key, a file of one line as `wg genkey` prints it, mode 0600.
     #[arg(long, value_name = "FILE", requires = "peers")]
     wireguard_key: Option<PathBuf>,
-    /// A WireGuard client of this exit: its public key, and its priority
-    /// class (repeat for each).
-    #[arg(long = "peer", value_name = "PUBKEY[,class=N]", value_parser = clap::value_parser!(WgPeer))]
+    /// A WireGuard client of this exit: its public key, its priority class,
+    /// and a file holding the pre-shared key it uses, if any (repeat for
+    /// each client).
+    #[arg(long = "peer", value_name = "PUBKEY[,class=N][,psk=FILE]", value_parser = clap::value_parser!(WgPeer))]
     peers: Vec<WgPeer>,
     /// UDP address WireGuard clients send to (repeat for IPv4 and IPv6).
     #[arg(long, default_value = "0.0.0.0:51820")]
@@ -433,7 +434,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 peers = args.peers.len(),
                 "serving WireGuard clients"
             );
-            let clients = WgClients::new(key, &args.peers);
+            let (psks, open) = oasis_exit::wg::preshared_keys(&args.peers).map_err(anyhow::Error::msg)?;
+            for file in open {
+                tracing::warn!(
+                    file,
+                    "the pre-shared key file may be read by others than its owner: chmod 600 it"
+                );
+            }
+            let clients = WgClients::new(key, &args.peers, &psks);
             let saved = endpoints_file(&args.state_file);
             if let Ok(bytes) = std::fs::read(&saved) {
                 match serde_json::from_slice(&bytes) {

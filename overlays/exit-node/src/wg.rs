@@ -10,13 +10,16 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use oasis_wireguard::{PrivateKey, PublicKey, Responder};
+use oasis_wireguard::{PresharedKey, PrivateKey, PublicKey, Responder};
 
-/// A peer as the command line names it: `PUBKEY[,class=N]`.
+/// A peer as the command line names it: `PUBKEY[,class=N][,psk=FILE]`.
+/// A pre-shared key is secret, so it is named by its file (as `wg
+/// genpsk` writes one), never given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WgPeer {
     pub key: PublicKey,
     pub class: u8,
+    pub psk: Option<std::path::PathBuf>,
 }
 
 impl FromStr for WgPeer {
@@ -24,7 +27,11 @@ impl FromStr for WgPeer {
     fn from_str(text: &str) -> Result<WgPeer, String> {
         let mut parts = text.split(',');
         let key = PublicKey::parse(parts.next().unwrap_or("")).map_err(|e| format!("{e}"))?;
-        let mut peer = WgPeer { key, class: 0 };
+        let mut peer = WgPeer {
+            key,
+            class: 0,
+            psk: None,
+        };
         for part in parts {
             match part.trim().split_once('=') {
                 Some(("class", n)) => {
@@ -32,11 +39,39 @@ impl FromStr for WgPeer {
                         .parse()
                         .map_err(|_| format!("class {n:?} is not a number 0-255"))?
                 }
-                _ => return Err(format!("{part:?}: expected class=N")),
+                Some(("psk", file)) if !file.is_empty() => peer.psk = Some(file.into()),
+                _ => return Err(format!("{part:?}: expected class=N or psk=FILE")),
             }
         }
         Ok(peer)
     }
+}
+
+/// Reads each peer's pre-shared key file, if it names one: the keys, and
+/// the files others than their owner may read (for a warning).
+pub fn preshared_keys(peers: &[WgPeer]) -> Result<(Vec<Option<PresharedKey>>, Vec<String>), String> {
+    let mut keys = Vec::with_capacity(peers.len());
+    let mut open = Vec::new();
+    for peer in peers {
+        let Some(path) = &peer.psk else {
+            keys.push(None);
+            continue;
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {shown}: {e}"))?;
+        let key = PresharedKey::parse(&text).map_err(|_| {
+            format!("{shown} holds no pre-shared key: it should hold one line as `wg genpsk` prints it")
+        })?;
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                open.push(shown);
+            }
+        }
+        keys.push(Some(key));
+    }
+    Ok((keys, open))
 }
 
 /// The prefix of the addresses the NAT knows WireGuard peers by.
@@ -72,8 +107,14 @@ pub struct WgClients {
 pub type SavedEndpoints = std::collections::BTreeMap<String, SocketAddr>;
 
 impl WgClients {
-    pub fn new(own: PrivateKey, peers: &[WgPeer]) -> WgClients {
-        let keys: Vec<_> = peers.iter().map(|p| (p.key, None)).collect();
+    /// `psks`: each peer's pre-shared key (see [`preshared_keys`]), or
+    /// none for all.
+    pub fn new(own: PrivateKey, peers: &[WgPeer], psks: &[Option<PresharedKey>]) -> WgClients {
+        let keys: Vec<_> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.key, psks.get(i).cloned().flatten()))
+            .collect();
         let addresses: Vec<SocketAddr> = peers.iter().map(|p| peer_address(&p.key)).collect();
         WgClients {
             responder: Responder::new(own, &keys),
@@ -156,16 +197,26 @@ mod tests {
         let peer: WgPeer = format!("{key},class=2").parse().unwrap();
         assert_eq!((peer.key, peer.class), (key, 2));
         assert!("nonsense".parse::<WgPeer>().is_err());
+        let with_psk: WgPeer = format!("{key},psk=/etc/oasis-exit/alice.psk").parse().unwrap();
+        assert_eq!(
+            with_psk.psk.as_deref(),
+            Some(std::path::Path::new("/etc/oasis-exit/alice.psk"))
+        );
+        let missing = preshared_keys(&[with_psk]).unwrap_err();
+        assert!(
+            missing.starts_with("reading /etc/oasis-exit/alice.psk"),
+            "{missing}"
+        );
         assert!(format!("{key},colour=red").parse::<WgPeer>().is_err());
         let other: WgPeer = PrivateKey::generate().public().to_string().parse().unwrap();
-        let clients = WgClients::new(PrivateKey::generate(), &[peer.clone(), other]);
+        let clients = WgClients::new(PrivateKey::generate(), &[peer.clone(), other], &[]);
         let (addr, class) = clients.client(0);
         assert!(is_peer_address(addr));
         assert_eq!(class, 2);
         assert_ne!(clients.client(1).0, addr);
         assert_eq!(clients.peer_of(addr), Some(0));
         assert_eq!(
-            WgClients::new(PrivateKey::generate(), std::slice::from_ref(&peer))
+            WgClients::new(PrivateKey::generate(), std::slice::from_ref(&peer), &[])
                 .client(0)
                 .0,
             addr,
@@ -178,7 +229,7 @@ mod tests {
         // Saved once per change, and restored by the next exit's peers.
         let saved = clients.take_moved().unwrap();
         assert!(clients.take_moved().is_none());
-        let next = WgClients::new(PrivateKey::generate(), &[peer]);
+        let next = WgClients::new(PrivateKey::generate(), &[peer], &[]);
         assert_eq!(next.restore(&saved), 1);
         assert_eq!(next.endpoint(0), Some("192.0.2.1:5000".parse().unwrap()));
     }
