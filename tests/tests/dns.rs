@@ -1248,8 +1248,16 @@ fn a_live_overlay_flow_of_a_claimed_name_survives_a_daemon_restart() {
         let _daemon = Daemon::start(&mut net, "");
     }
     net.paced_download_goes_on("paced", 8 << 20, "after quick restarts");
+    // The last daemon holds the flow by its fake address: taken up from
+    // the server's reply (adopted) or started again from the client's
+    // next segment, whichever came first, which the test cannot choose
+    // (a paced reader sends window updates while the daemon is down).
     let status = status(&_daemon, &net);
-    assert!(status["broker"]["flows_adopted"].as_u64() >= Some(1), "{status}");
+    assert!(status["dns"]["fake_flows"].as_u64() >= Some(1), "{status}");
+    println!(
+        "after the last restart: {} adopted, {} started",
+        status["broker"]["flows_adopted"], status["broker"]["flows_started"]
+    );
 }
 
 /// The same across a daemon restart for a claimed name's flow on the
