@@ -85,25 +85,42 @@ impl PrivateKey {
     /// Reads a key file as `wg genkey` writes one. Whether others than its
     /// owner may read it comes back too, for a warning.
     pub fn read(path: &std::path::Path) -> Result<(PrivateKey, bool), KeyFileError> {
-        let failed = |source| KeyFileError::Read {
+        let (text, open) = read_key_file(path)?;
+        let key = PrivateKey::parse(&text).map_err(|_| KeyFileError::NotAKey {
             path: path.display().to_string(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(failed)?;
-        if meta.len() > 1024 {
-            return Err(KeyFileError::NotAKey(path.display().to_string()));
-        }
-        let text = std::fs::read_to_string(path).map_err(failed)?;
-        let key = PrivateKey::parse(&text).map_err(|_| KeyFileError::NotAKey(path.display().to_string()))?;
-        #[cfg(unix)]
-        let open = {
-            use std::os::unix::fs::PermissionsExt;
-            meta.permissions().mode() & 0o077 != 0
-        };
-        #[cfg(not(unix))]
-        let open = false;
+            what: "private key",
+            tool: "wg genkey",
+        })?;
         Ok((key, open))
     }
+}
+
+/// The most a key file may hold: a key is 44 characters.
+pub const MAX_KEY_FILE: u64 = 1024;
+
+/// A key file's text, bounded, and whether others than its owner may read
+/// it.
+fn read_key_file(path: &std::path::Path) -> Result<(String, bool), KeyFileError> {
+    let failed = |source| KeyFileError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(failed)?;
+    if meta.len() > MAX_KEY_FILE {
+        return Err(KeyFileError::TooLarge {
+            path: path.display().to_string(),
+            size: meta.len(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(failed)?;
+    #[cfg(unix)]
+    let open = {
+        use std::os::unix::fs::PermissionsExt;
+        meta.permissions().mode() & 0o077 != 0
+    };
+    #[cfg(not(unix))]
+    let open = false;
+    Ok((text, open))
 }
 
 /// Why a key file was refused.
@@ -111,8 +128,16 @@ impl PrivateKey {
 pub enum KeyFileError {
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{0} holds no WireGuard private key: it should hold one line as `wg genkey` prints it")]
-    NotAKey(String),
+    #[error(
+        "{path} is {size} bytes; a key file holds one line of 44 characters (at most {MAX_KEY_FILE} bytes are read)"
+    )]
+    TooLarge { path: String, size: u64 },
+    #[error("{path} holds no WireGuard {what}: it should hold one line as `{tool}` prints it")]
+    NotAKey {
+        path: String,
+        what: &'static str,
+        tool: &'static str,
+    },
 }
 
 impl fmt::Debug for PrivateKey {
@@ -132,6 +157,17 @@ impl PresharedKey {
 
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
+    }
+
+    /// Reads a file as `wg genpsk` writes one, as [`PrivateKey::read`].
+    pub fn read(path: &std::path::Path) -> Result<(PresharedKey, bool), KeyFileError> {
+        let (text, open) = read_key_file(path)?;
+        let key = PresharedKey::parse(&text).map_err(|_| KeyFileError::NotAKey {
+            path: path.display().to_string(),
+            what: "pre-shared key",
+            tool: "wg genpsk",
+        })?;
+        Ok((key, open))
     }
 }
 
@@ -157,6 +193,31 @@ mod tests {
         assert!(!format!("{psk:?}").contains(&psk.to_base64()));
         let public = private.public();
         assert_eq!(PublicKey::parse(&public.to_string()).unwrap(), public);
+    }
+
+    #[test]
+    fn key_files_are_read_within_a_bound() {
+        let dir = std::env::temp_dir().join(format!("oasis-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, big) = (dir.join("good"), dir.join("big"));
+        let private = PrivateKey::generate();
+        std::fs::write(&good, format!("{}\n", private.to_base64())).unwrap();
+        std::fs::write(&big, vec![b'A'; 4096]).unwrap();
+        assert_eq!(PrivateKey::read(&good).unwrap().0.public(), private.public());
+        let refused = PrivateKey::read(&big).unwrap_err().to_string();
+        assert!(
+            refused.contains("4096 bytes") && refused.contains("at most 1024"),
+            "{refused}"
+        );
+        let wrong = PresharedKey::read(&good).map(|_| ()).err();
+        assert!(wrong.is_none(), "any 32 bytes are a pre-shared key");
+        std::fs::write(&good, "not a key").unwrap();
+        let refused = PresharedKey::read(&good).unwrap_err().to_string();
+        assert!(
+            refused.contains("no WireGuard pre-shared key") && refused.contains("wg genpsk"),
+            "{refused}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -57,17 +57,9 @@ pub fn preshared_keys(peers: &[WgPeer]) -> Result<(Vec<Option<PresharedKey>>, Ve
             keys.push(None);
             continue;
         };
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {shown}: {e}"))?;
-        let key = PresharedKey::parse(&text).map_err(|_| {
-            format!("{shown} holds no pre-shared key: it should hold one line as `wg genpsk` prints it")
-        })?;
-        #[cfg(unix)]
-        if let Ok(meta) = std::fs::metadata(path) {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
-                open.push(shown);
-            }
+        let (key, readable) = PresharedKey::read(path).map_err(|e| e.to_string())?;
+        if readable {
+            open.push(path.display().to_string());
         }
         keys.push(Some(key));
     }
