@@ -356,10 +356,15 @@ where
         let routes = path.routes().clone();
         let mut accepted = 0;
         for (buf, got) in bufs.iter().zip(&received).take(count) {
-            let sealed = got.from.and_then(|from| {
-                let overlay = routes.overlays.by_sender(from)?;
-                overlay.wireguard.is_some().then_some((from, overlay))
-            });
+            // Plain datagrams find their overlay in `accept`: the sender is
+            // looked up here only while a WireGuard overlay is joined.
+            let sealed = got
+                .from
+                .filter(|_| routes.overlays.has_wireguard())
+                .and_then(|from| {
+                    let overlay = routes.overlays.by_sender(from)?;
+                    overlay.wireguard.is_some().then_some((from, overlay))
+                });
             if let Some((from, overlay)) = sealed {
                 let maps = (replies.as_deref(), tunnels.as_deref());
                 let received = Sealed { from, buf, got };

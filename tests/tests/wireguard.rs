@@ -63,6 +63,18 @@ fn joined(net: &mut Topology, client_private: &str, peer_public: &str, pin: bool
     daemon
 }
 
+/// The daemon with `file` joined as overlay `home`, its peer up.
+fn joined_file(net: &mut Topology, file: &std::path::Path) -> Daemon {
+    let daemon = Daemon::start(net, "");
+    cli_ok(
+        &daemon,
+        net,
+        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
+    );
+    wait_state(&daemon, net, "up", Duration::from_secs(5));
+    daemon
+}
+
 fn peer(daemon: &Daemon, net: &Topology) -> serde_json::Value {
     peer_of(daemon, net, "home")
 }
@@ -352,13 +364,7 @@ fn an_oasis_client_and_oasis_exit_speak_wireguard_and_strangers_get_nothing() {
         &format!("{OVERLAY_V4}:{WG_PORT}"),
         ("", &format!("PresharedKey = {psk}\n")),
     );
-    let daemon = Daemon::start(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
-    );
-    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    let daemon = joined_file(&mut net, &file);
     cli_ok(
         &daemon,
         &net,
@@ -474,13 +480,7 @@ fn a_peer_at_an_ipv6_endpoint_carries_ipv4_flows() {
         &peer_public,
         &format!("[{OVERLAY_V6}]:{WG_PORT}"),
     );
-    let daemon = Daemon::start(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
-    );
-    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    let daemon = joined_file(&mut net, &file);
     assert_eq!(
         peer(&daemon, &net)["endpoint"],
         format!("[{OVERLAY_V6}]:{WG_PORT}").as_str()
@@ -646,13 +646,7 @@ fn names_the_overlay_claims_are_resolved_by_its_dns_server_through_the_tunnel() 
         &format!("{OVERLAY_V4}:{WG_PORT}"),
         ("DNS = 10.88.0.2\n", ""),
     );
-    let daemon = Daemon::start(&mut net, "");
-    cli_ok(
-        &daemon,
-        &net,
-        &["overlay", "add", "home", "--wireguard", &file.to_string_lossy()],
-    );
-    wait_state(&daemon, &net, "up", Duration::from_secs(5));
+    let daemon = joined_file(&mut net, &file);
     cli_ok(
         &daemon,
         &net,
