@@ -11,9 +11,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
-use oasis_common::{FAMILY_V4, FlowKey, RuleAction, RuleSet, Verdict};
+use oasis_common::{
+    AppName, CGROUP_DEPTHS, FAMILY_V4, FlowKey, OwnerMatch, RuleAction, RuleSet, Verdict, owner,
+};
 
 use crate::rules::{PortRange, Rule};
+use crate::sender::{CgroupPath, Sender};
 
 /// A longest-prefix-match key: prefix length in bits and the address bytes
 /// with host bits cleared.
@@ -32,11 +35,26 @@ pub struct MapImage {
     pub portless: RuleSet,
     /// Indexed by rank.
     pub actions: Vec<RuleAction>,
+    /// Which sender fields the rules use, and the rules naming none.
+    pub owner: OwnerMatch,
+    /// The rules naming each uid, cgroup id and application.
+    pub by_uid: BTreeMap<u32, RuleSet>,
+    pub by_cgroup: BTreeMap<u64, RuleSet>,
+    pub by_app: BTreeMap<AppName, RuleSet>,
 }
+
+/// The ids the rules' cgroups have now; one missing (a unit not started)
+/// gives its rules nothing to match.
+pub type CgroupIds = BTreeMap<CgroupPath, u64>;
 
 /// Builds the map contents. Every rule diverts to the broker, which then
 /// carries the flow by the rule's carrier.
 pub fn compile(rules: &[Rule]) -> MapImage {
+    compile_for(rules, &CgroupIds::new())
+}
+
+/// As [`compile`], with the ids of the cgroups the rules name.
+pub fn compile_for(rules: &[Rule], cgroup_ids: &CgroupIds) -> MapImage {
     let mut proto = vec![RuleSet::EMPTY; 256];
     let mut portless = RuleSet::EMPTY;
     for (rank, rule) in rules.iter().enumerate() {
@@ -86,6 +104,7 @@ pub fn compile(rules: &[Rule]) -> MapImage {
             _pad: [0; 3],
         })
         .collect();
+    let (owner, by_uid, by_cgroup, by_app) = senders(rules, cgroup_ids);
     MapImage {
         proto,
         dst_v4,
@@ -94,7 +113,66 @@ pub fn compile(rules: &[Rule]) -> MapImage {
         sport,
         portless,
         actions,
+        owner,
+        by_uid,
+        by_cgroup,
+        by_app,
     }
+}
+
+type SenderTables = (
+    OwnerMatch,
+    BTreeMap<u32, RuleSet>,
+    BTreeMap<u64, RuleSet>,
+    BTreeMap<AppName, RuleSet>,
+);
+
+/// The sender maps: a rule is in the `any` set of each field it leaves
+/// out, and in the named value's set of each field it gives.
+fn senders(rules: &[Rule], cgroup_ids: &CgroupIds) -> SenderTables {
+    let mut owner = OwnerMatch::default();
+    let (mut by_uid, mut by_cgroup, mut by_app) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let mut levels: Vec<u8> = Vec::new();
+    for (rank, rule) in rules.iter().enumerate() {
+        let sender = &rule.subset.sender;
+        match sender.uid {
+            None => owner.any_uid.insert(rank),
+            Some(uid) => {
+                owner.fields |= owner::UID;
+                by_uid.entry(uid).or_insert(RuleSet::EMPTY).insert(rank);
+            }
+        }
+        match &sender.cgroup {
+            None => owner.any_cgroup.insert(rank),
+            Some(path) => {
+                owner.fields |= owner::CGROUP;
+                let level = path.level() as u8;
+                if !levels.contains(&level) {
+                    levels.push(level);
+                }
+                if let Some(&id) = cgroup_ids.get(path) {
+                    by_cgroup.entry(id).or_insert(RuleSet::EMPTY).insert(rank);
+                }
+            }
+        }
+        match &sender.app {
+            None => owner.any_app.insert(rank),
+            Some(app) => {
+                owner.fields |= owner::APP;
+                by_app.entry(app.key()).or_insert(RuleSet::EMPTY).insert(rank);
+            }
+        }
+    }
+    // The rule list refuses a fifth depth (`RuleSet::add`).
+    levels.sort_unstable();
+    for (slot, level) in owner
+        .cgroup_levels
+        .iter_mut()
+        .zip(levels.iter().take(CGROUP_DEPTHS))
+    {
+        *slot = *level;
+    }
+    (owner, by_uid, by_cgroup, by_app)
 }
 
 /// For each rule, `prefixes_of` hands `add` the prefixes it covers (none:
@@ -180,9 +258,15 @@ impl Default for MapImage {
 }
 
 impl MapImage {
-    /// What the classifier will answer for a flow, computed the way the
-    /// kernel does it (longest-prefix lookups, intersection, lowest rank).
+    /// What the classifier will answer for a flow with no local socket.
     pub fn lookup(&self, key: &FlowKey) -> Option<RuleAction> {
+        self.lookup_from(key, None)
+    }
+
+    /// What the classifier will answer for a flow sent from `sender`,
+    /// computed the way the kernel does it (longest-prefix lookups,
+    /// intersection, the sender's sets, lowest rank).
+    pub fn lookup_from(&self, key: &FlowKey, sender: Option<&Sender>) -> Option<RuleAction> {
         let mut set = self.proto[key.proto as usize];
         let by_dst = if key.family == FAMILY_V4 {
             longest_match(&self.dst_v4, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]], 32)?
@@ -196,7 +280,50 @@ impl MapImage {
             set.intersect_with(&longest_match(&self.dport, key.dport.to_be_bytes(), 16)?);
             set.intersect_with(&longest_match(&self.sport, key.sport.to_be_bytes(), 16)?);
         }
+        if self.owner.fields != 0 {
+            self.restrict(&mut set, sender);
+        }
         self.actions.get(set.lowest_rank()? as usize).copied()
+    }
+}
+
+impl MapImage {
+    /// oasis-ebpf/src/owner.rs, step by step.
+    fn restrict(&self, set: &mut RuleSet, sender: Option<&Sender>) {
+        let owner = &self.owner;
+        let Some(sender) = sender else {
+            set.intersect_with(&owner.any_uid);
+            set.intersect_with(&owner.any_cgroup);
+            set.intersect_with(&owner.any_app);
+            return;
+        };
+        let keep = |set: &mut RuleSet, any: &RuleSet, named: Option<&RuleSet>| {
+            let mut allowed = *any;
+            if let Some(named) = named {
+                allowed.union_with(named);
+            }
+            set.intersect_with(&allowed);
+        };
+        if owner.fields & owner::UID != 0 {
+            keep(set, &owner.any_uid, self.by_uid.get(&sender.uid));
+        }
+        if owner.fields & owner::CGROUP != 0 {
+            let mut allowed = owner.any_cgroup;
+            for &level in owner.cgroup_levels.iter().take_while(|&&l| l != 0) {
+                let id = sender.cgroups.get(usize::from(level)).copied().unwrap_or(0);
+                if let Some(named) = self.by_cgroup.get(&id) {
+                    allowed.union_with(named);
+                }
+            }
+            set.intersect_with(&allowed);
+        }
+        if owner.fields & owner::APP != 0 {
+            keep(
+                set,
+                &owner.any_app,
+                sender.app.and_then(|app| self.by_app.get(&app)),
+            );
+        }
     }
 }
 
@@ -215,6 +342,7 @@ mod tests {
     use super::*;
     use crate::prefix_set::PrefixSet;
     use crate::rules::{Carrier, HeaderSubset, PortRange, Protocol};
+    use crate::sender::{App, SenderMatch};
     use oasis_common::FAMILY_V6;
     use std::sync::Arc;
 
@@ -349,12 +477,21 @@ mod tests {
                 }
                 Arc::new(PrefixSet::parse("set.txt", &text).unwrap())
             });
+            let sender = SenderMatch {
+                uid: (rng.below(4) == 0).then(|| [0, 1000, 1001][rng.below(3) as usize]),
+                cgroup: (rng.below(4) == 0)
+                    .then(|| CgroupPath::parse(CGROUPS[rng.below(CGROUPS.len() as u64) as usize].0).unwrap()),
+                app: (rng.below(4) == 0).then(|| {
+                    App::parse(["curl", "firefox", "/usr/bin/wget"][rng.below(3) as usize]).unwrap()
+                }),
+            };
             let subset = HeaderSubset {
                 proto,
                 dst,
                 dst_set,
                 dport,
                 sport,
+                sender,
             };
             rules.push(Rule {
                 id,
@@ -363,6 +500,75 @@ mod tests {
             });
         }
         rules
+    }
+
+    /// A cgroup tree: paths and their ids (0: not there now).
+    const CGROUPS: [(&str, u64); 6] = [
+        ("a", 10),
+        ("a/b", 11),
+        ("a/b/c", 12),
+        ("d", 20),
+        ("d/e", 21),
+        ("x/y", 0),
+    ];
+
+    fn cgroup_ids() -> CgroupIds {
+        CGROUPS
+            .iter()
+            .filter(|(_, id)| *id != 0)
+            .map(|(path, id)| (CgroupPath::parse(path).unwrap(), *id))
+            .collect()
+    }
+
+    /// A packet's socket, or none (forwarded): its cgroup and ancestors
+    /// from the tree, or a cgroup no rule names.
+    fn random_sender(rng: &mut XorShift) -> Option<Sender> {
+        if rng.below(4) == 0 {
+            return None;
+        }
+        let chains: [&[u64]; 6] = [
+            &[1],
+            &[1, 10],
+            &[1, 10, 11],
+            &[1, 10, 11, 12],
+            &[1, 20, 21],
+            &[1, 30, 31],
+        ];
+        let apps = [None, Some("curl"), Some("firefox"), Some("wget"), Some("ssh")];
+        Some(Sender {
+            uid: [0, 1000, 1001, 1002][rng.below(4) as usize],
+            cgroups: chains[rng.below(6) as usize].to_vec(),
+            app: apps[rng.below(5) as usize].map(|a| App::parse(a).unwrap().key()),
+        })
+    }
+
+    /// The maps must answer for sender rules as first match does, for
+    /// packets of any socket and of none.
+    #[test]
+    fn sender_rules_agree_with_first_match() {
+        let mut rng = XorShift(0x5eed_0a51_5000_0007);
+        let ids = cgroup_ids();
+        for round in 0..200 {
+            let count = 1 + rng.below(40) as usize;
+            let rules = random_rules(&mut rng, count);
+            let image = compile_for(&rules, &ids);
+            for _ in 0..300 {
+                let key = random_key(&mut rng);
+                let sender = random_sender(&mut rng);
+                let expected = rules
+                    .iter()
+                    .find(|r| {
+                        r.subset
+                            .matches_from(&key, sender.as_ref(), |p| ids.get(p).copied())
+                    })
+                    .map(|r| r.id);
+                let got = image.lookup_from(&key, sender.as_ref()).map(|a| a.rule_id);
+                assert_eq!(
+                    got, expected,
+                    "round {round}, key {key:?}, sender {sender:?}, rules {rules:#?}"
+                );
+            }
+        }
     }
 
     fn random_key(rng: &mut XorShift) -> FlowKey {
@@ -422,6 +628,7 @@ mod tests {
             dst_set: set,
             dport: dport.map(|p| PortRange { first: p, last: p }),
             sport: None,
+            sender: SenderMatch::default(),
         };
         let rules = vec![
             Rule {

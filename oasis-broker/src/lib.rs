@@ -27,4 +27,5 @@ pub mod prefix_set;
 pub mod render;
 pub mod rule_spec;
 pub mod rules;
+pub mod sender;
 pub mod shared;

@@ -130,6 +130,9 @@ Examples:
   oasis rule add --dst 203.0.113.0/24 --via underlay
   oasis rule add --dst 2001:db8::/32 --proto icmp --via underlay
   oasis rule add --dst-set country-nl.txt --proto tcp --dport 443 --via exit
+  oasis rule add --app firefox --via detour           (by application)
+  oasis rule add --cgroup system.slice/backup.service --via underlay
+  oasis rule add --uid alice --proto tcp --dport 443 --via exit
   oasis rule add --name '.*\\.edu$' --via detour      (regex, the paper's syntax)
   oasis rule add --name-suffix example.org --via detour   (example.org and below)
   oasis rule add --name-exact www.example.com --via underlay
@@ -366,6 +369,20 @@ struct RuleAddArgs {
     /// Source port or inclusive range.
     #[arg(long, value_name = "PORTS")]
     sport: Option<String>,
+    /// Sent by this user's sockets (a name or a uid). Only this host's
+    /// own traffic has a sender; forwarded traffic never matches.
+    #[arg(long, value_name = "USER", help_heading = "Who sent it")]
+    uid: Option<String>,
+    /// Sent from this cgroup v2 or any cgroup below it: a systemd unit,
+    /// slice or scope (system.slice/backup.service,
+    /// user.slice/user-1000.slice), below the cgroup v2 mount.
+    #[arg(long, value_name = "PATH", help_heading = "Who sent it")]
+    cgroup: Option<String>,
+    /// Sent by sockets a process of this name connected (or sent on
+    /// first): the executable's file name as `ps -o comm` shows it, at
+    /// most 15 bytes (a path is taken for its file name).
+    #[arg(long, value_name = "NAME", help_heading = "Who sent it")]
+    app: Option<String>,
     /// Where matching traffic goes: `underlay` (the plain Internet, through
     /// the broker) or the name of a joined overlay.
     #[arg(long, value_name = "CARRIER", required_unless_present = "metric")]
@@ -539,6 +556,9 @@ fn add_rule(socket: &std::path::Path, args: RuleAddArgs) -> anyhow::Result<()> {
         dst_set: upload.as_ref().map(|(upload, _)| upload.name.clone()),
         dport: args.dport,
         sport: args.sport,
+        uid: args.uid,
+        cgroup: args.cgroup,
+        app: args.app,
         name: args.name,
         name_exact: args.name_exact,
         name_suffix: args.name_suffix,

@@ -29,6 +29,20 @@ pub struct RuleSpec {
         deserialize_with = "port_text"
     )]
     pub sport: Option<String>,
+    /// Who sent it: the user owning the sending socket (a name or uid).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "uid_text"
+    )]
+    pub uid: Option<String>,
+    /// Who sent it: a cgroup v2 path (a systemd unit, slice or scope), with
+    /// everything below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Who sent it: the executable's name (or a path, for its file name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     /// Name rules: a regular expression over DNS names (the paper's form),
     /// or an exact name, a suffix, a keyword. One of them, and no header field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +67,11 @@ pub struct RuleSpec {
     /// Metric rules: the joined overlay whose monitor module decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor: Option<String>,
+}
+
+/// Accepts `uid: 1000` as well as `uid: alice` in the YAML file.
+fn uid_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    port_text(d)
 }
 
 /// Accepts `dport: 8080` as well as `dport: "1000-2000"` in the YAML file.

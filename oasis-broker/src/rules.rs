@@ -12,6 +12,7 @@ use crate::monitor::{Goal, Metric, MetricError};
 use crate::name_pattern::{NameError, NamePattern};
 use crate::prefix_set::{MAX_PREFIXES, PrefixSet, PrefixSetError};
 pub use crate::rule_spec::RuleSpec;
+use crate::sender::{App, CgroupPath, Sender, SenderError, SenderMatch, parse_uid};
 use ipnet::IpNet;
 use oasis_common::{FlowKey, MAX_RULES};
 
@@ -203,6 +204,8 @@ pub struct HeaderSubset {
     pub dst_set: Option<Arc<PrefixSet>>,
     pub dport: Option<PortRange>,
     pub sport: Option<PortRange>,
+    /// Who sent it (uid, cgroup, application).
+    pub sender: SenderMatch,
 }
 
 impl HeaderSubset {
@@ -214,6 +217,7 @@ impl HeaderSubset {
             && self.dst_set.is_none()
             && self.dport.is_none()
             && self.sport.is_none()
+            && self.sender.is_any()
         {
             return Err(RuleError::EmptySubset);
         }
@@ -242,8 +246,26 @@ impl HeaderSubset {
         }
     }
 
-    /// The reference semantics the classifier maps must reproduce.
+    /// Whether a packet with no local socket to tell who sent it matches:
+    /// a rule naming a sender never does.
     pub fn matches(&self, key: &FlowKey) -> bool {
+        self.matches_from(key, None, |_| None)
+    }
+
+    /// The reference semantics the classifier maps must reproduce, for a
+    /// packet sent from `sender` (`None`: no local socket), with the ids
+    /// the named cgroups have now.
+    pub fn matches_from(
+        &self,
+        key: &FlowKey,
+        sender: Option<&Sender>,
+        cgroup_id: impl Fn(&CgroupPath) -> Option<u64>,
+    ) -> bool {
+        self.matches_headers(key) && self.sender.matches(sender, cgroup_id)
+    }
+
+    /// Whether the headers alone match, whoever sent the packet.
+    pub fn matches_headers(&self, key: &FlowKey) -> bool {
         if let Some(proto) = self.proto
             && !proto.numbers().contains(&key.proto)
         {
@@ -292,6 +314,9 @@ impl fmt::Display for HeaderSubset {
         if let Some(p) = self.sport {
             parts.push(format!("sport {p}"));
         }
+        if !self.sender.is_any() {
+            parts.push(self.sender.to_string());
+        }
         f.write_str(&parts.join(" "))
     }
 }
@@ -332,6 +357,9 @@ impl RuleSpec {
         .flatten()
         .collect();
         let header_given = self.proto.is_some()
+            || self.uid.is_some()
+            || self.cgroup.is_some()
+            || self.app.is_some()
             || self.dst.is_some()
             || self.dst_set.is_some()
             || self.dport.is_some()
@@ -361,9 +389,30 @@ impl RuleSpec {
             dst_set,
             dport,
             sport,
+            sender: self.sender()?,
         }
         .validated()?;
         Ok((Subset::Header(subset), self.carrier()?))
+    }
+
+    /// The sender fields. A user name is looked up in /etc/passwd.
+    fn sender(&self) -> Result<SenderMatch, RuleError> {
+        let uid = match self.uid.as_deref() {
+            None => None,
+            Some(text) => {
+                let passwd = if text.trim().bytes().all(|b| b.is_ascii_digit()) {
+                    String::new()
+                } else {
+                    std::fs::read_to_string("/etc/passwd").unwrap_or_default()
+                };
+                Some(parse_uid(text, &passwd)?)
+            }
+        };
+        Ok(SenderMatch {
+            uid,
+            cgroup: self.cgroup.as_deref().map(CgroupPath::parse).transpose()?,
+            app: self.app.as_deref().map(App::parse).transpose()?,
+        })
     }
 
     /// The carrier: `via`, or the Monitor for a metric rule.
@@ -423,6 +472,9 @@ impl RuleSpec {
             dst_set: subset.dst_set.as_ref().map(|s| s.file().to_string()),
             dport: subset.dport.map(|p| p.to_string()),
             sport: subset.sport.map(|p| p.to_string()),
+            uid: subset.sender.uid.map(|u| u.to_string()),
+            cgroup: subset.sender.cgroup.as_ref().map(|c| c.to_string()),
+            app: subset.sender.app.as_ref().map(|a| a.to_string()),
             ..RuleSpec::default()
         };
         spec.set_carrier(via);
@@ -606,6 +658,15 @@ pub enum RuleError {
     Duplicate { existing: u32, subset: String },
     #[error("no overlay named {0:?} has been joined; join it with `oasis overlay add {0} URL` first")]
     UnknownOverlay(String),
+    #[error(transparent)]
+    Sender(#[from] SenderError),
+    #[error(
+        "the rules may name cgroups at {max} different depths at most ({levels}): \
+         name an ancestor at a depth already used instead"
+    )]
+    TooManyCgroupDepths { max: usize, levels: String },
+    #[error("the rules may name {max} different {field}s at most; delete some first")]
+    TooManySenders { field: &'static str, max: u32 },
     #[error("the classifier holds at most {MAX_RULES} header rules; delete one first")]
     TooMany,
     #[error("no rule with id {0}; `oasis rule list` shows the ids")]
@@ -796,6 +857,7 @@ impl RuleSet {
         if self.rules.len() >= MAX_RULES {
             return Err(RuleError::TooMany);
         }
+        self.check_senders(subset)?;
         // An upper bound of the classifier's entries: equal prefixes of
         // different rules share one.
         for family in [4u8, 6] {
@@ -811,6 +873,45 @@ impl RuleSet {
             }
         }
         Ok(())
+    }
+
+    /// What the classifier's sender maps can hold: a few cgroup depths,
+    /// and so many distinct uids, cgroups and applications.
+    fn check_senders(&self, subset: &HeaderSubset) -> Result<(), RuleError> {
+        if subset.sender.is_any() {
+            return Ok(());
+        }
+        let senders = || {
+            self.rules
+                .iter()
+                .map(|r| &r.subset.sender)
+                .chain([&subset.sender])
+        };
+        let levels: std::collections::BTreeSet<u32> = senders()
+            .filter_map(|s| s.cgroup.as_ref().map(CgroupPath::level))
+            .collect();
+        if levels.len() > oasis_common::CGROUP_DEPTHS {
+            return Err(RuleError::TooManyCgroupDepths {
+                max: oasis_common::CGROUP_DEPTHS,
+                levels: levels.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let max = oasis_common::OWNER_ENTRIES;
+        let distinct = |count: usize, field| {
+            if count > max as usize {
+                Err(RuleError::TooManySenders { field, max })
+            } else {
+                Ok(())
+            }
+        };
+        let uids: std::collections::HashSet<u32> = senders().filter_map(|s| s.uid).collect();
+        distinct(uids.len(), "uid")?;
+        let cgroups: std::collections::HashSet<&CgroupPath> =
+            senders().filter_map(|s| s.cgroup.as_ref()).collect();
+        distinct(cgroups.len(), "cgroup")?;
+        let apps: std::collections::HashSet<oasis_common::AppName> =
+            senders().filter_map(|s| s.app.as_ref().map(App::key)).collect();
+        distinct(apps.len(), "application")
     }
 
     /// Appends a rule and returns it with its new id. Nothing changes on error.

@@ -1478,3 +1478,109 @@ fn an_icmp_error_about_a_nat_flow_quotes_the_fake_address() {
         assert_eq!(quoted.header_checksum, quoted.calc_header_checksum());
     }
 }
+
+/// This process in a cgroup of its own (two levels below the root, so
+/// an ancestor can be named too) while it lives; back in the one it came
+/// from afterwards, the cgroups removed, also when the test fails.
+struct OwnCgroup {
+    came_from: std::path::PathBuf,
+    top: std::path::PathBuf,
+    path: String,
+}
+
+impl OwnCgroup {
+    fn enter() -> OwnCgroup {
+        use oasis_broker::sender::cgroup_root;
+        let root = cgroup_root(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+            .expect("a cgroup v2 hierarchy");
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let came_from = root.join(own.trim_start_matches('/'));
+        let name = format!("oasis-t-{}-sender", std::process::id());
+        let top = root.join(&name);
+        let inner = top.join("app.scope");
+        std::fs::create_dir_all(&inner).unwrap_or_else(|e| panic!("creating {}: {e}", inner.display()));
+        let cgroup = OwnCgroup {
+            came_from,
+            top,
+            path: format!("{name}/app.scope"),
+        };
+        std::fs::write(inner.join("cgroup.procs"), std::process::id().to_string())
+            .expect("joining the cgroup");
+        cgroup
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.came_from.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(self.top.join("app.scope"));
+        let _ = std::fs::remove_dir(&self.top);
+    }
+}
+
+/// Sender rules, with the socket BPF_PROG_TEST_RUN gives each packet: made
+/// in this process's cgroup, owned by root. A uid, a cgroup or an
+/// ancestor of it must match; another uid, another cgroup, one that does
+/// not exist now, or an application that never connected must not.
+#[test]
+#[ignore = "needs root and BPF: run with `cargo xtask test`"]
+fn sender_rules_match_the_packets_socket() {
+    use oasis_broker::compile::compile_for;
+    use oasis_broker::sender::{CgroupPath, cgroup_ids, host_cgroup_id};
+    let cgroup = OwnCgroup::enter();
+    let own = cgroup.path.clone();
+    let top = own.trim_start_matches('/').split('/').next().unwrap().to_string();
+    let sender = |port: &str, uid: Option<&str>, cgroup: Option<&str>, app: Option<&str>| RuleSpec {
+        proto: Some("tcp".into()),
+        dport: Some(port.into()),
+        uid: uid.map(Into::into),
+        cgroup: cgroup.map(Into::into),
+        app: app.map(Into::into),
+        via: "underlay".into(),
+        ..RuleSpec::default()
+    };
+    let set = rules(&[
+        sender("80", Some("0"), None, None),
+        sender("81", Some("4242"), None, None),
+        sender("82", None, Some(&own), None),
+        sender("83", None, Some(&top), None),
+        sender("84", None, Some("oasis-no-such-cgroup/below"), None),
+        sender("85", Some("0"), Some(&own), Some("no-such-app")),
+        sender("86", Some("4242"), Some(&own), None),
+    ]);
+    let ids = cgroup_ids(set.rules(), host_cgroup_id);
+    assert!(ids.contains_key(&CgroupPath::parse(&own).unwrap()), "{ids:?}");
+    let datapath = datapath(set.rules());
+    let mut datapath = datapath;
+    datapath.apply(&compile_for(set.rules(), &ids)).unwrap();
+    for (port, diverted) in [
+        (80, true),
+        (81, false),
+        (82, true),
+        (83, true),
+        (84, false),
+        (85, false),
+        (86, false),
+    ] {
+        let verdict = run(&datapath, &tcp4([203, 0, 113, 9], 40_000 + port, port, true));
+        assert_eq!(
+            verdict == TC_ACT_REDIRECT,
+            diverted,
+            "dport {port}: verdict {verdict}"
+        );
+    }
+    // The same rules compiled without the cgroups' ids: none of them can
+    // match (a unit not started yet has no sockets either).
+    datapath.apply(&compile(set.rules())).unwrap();
+    let verdict = run(&datapath, &tcp4([203, 0, 113, 9], 41_082, 82, true));
+    assert_eq!(verdict, TC_ACT_OK);
+}

@@ -8,7 +8,7 @@
 /// Most header rules the classifier holds. A rule is one bit in [`RuleSet`],
 /// and the lowest set bit after intersecting the per-field sets wins, so the
 /// bit index is the rule's rank in the rule list.
-pub const MAX_RULES: usize = 256;
+pub const MAX_RULES: usize = 1024;
 
 /// The heartbeat of the broker's packet path, in `OASIS_HEARTBEAT`: the
 /// classifier passes everything once it is stale.
@@ -772,6 +772,57 @@ pub struct DnsSettings {
     pub _pad: [u8; 7],
 }
 
+/// Which sending socket a rule asks for (`OwnerMatch::fields`): its
+/// owner's uid, its cgroup (or an ancestor), the process that opened it.
+pub mod owner {
+    pub const UID: u32 = 1;
+    pub const CGROUP: u32 = 2;
+    pub const APP: u32 = 4;
+}
+
+/// Deepest cgroup level a rule can name (`user.slice` is level 1).
+pub const MAX_CGROUP_LEVEL: u32 = 63;
+
+/// How many distinct cgroup levels the rules may name together: the
+/// classifier looks the socket's ancestor up at each (a loop the verifier
+/// walks for every path into it, so it is kept short).
+pub const CGROUP_DEPTHS: usize = 4;
+
+/// Distinct uids, cgroups and application names the rules may name, each.
+pub const OWNER_ENTRIES: u32 = 4096;
+
+/// Sockets whose process name the socket hooks remember for `--app` rules.
+pub const SOCKET_APPS: u32 = 65_536;
+
+/// The length of a process name as the kernel keeps it (`TASK_COMM_LEN`),
+/// with its terminating zero.
+pub const APP_NAME_LEN: usize = 16;
+
+/// A process name (`comm`), zero-padded: a map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppName {
+    pub bytes: [u8; APP_NAME_LEN],
+}
+
+/// How the rules use the sending socket, in `OASIS_OWNER`. A rule that
+/// names none of these fields is in every `any_*` set; a rule that names
+/// one is in the named value's set in `OASIS_RULE_UID` (and the others)
+/// instead. The classifier keeps, of the rules the headers admit, those in
+/// `any ∪ named` for each field the rules use (`fields`), and only looks
+/// the socket up at all when some rule needs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerMatch {
+    /// `owner::*` bits: which fields any rule names.
+    pub fields: u32,
+    /// The levels of the cgroups the rules name, 0 for none.
+    pub cgroup_levels: [u8; CGROUP_DEPTHS],
+    pub any_uid: RuleSet,
+    pub any_cgroup: RuleSet,
+    pub any_app: RuleSet,
+}
+
 /// The DNS server a redirected socket asked for, so replies and
 /// `getpeername` show it instead of the broker.
 #[repr(C)]
@@ -802,6 +853,8 @@ mod pod {
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for DnsSettings {}
     unsafe impl aya::Pod for DnsOriginal {}
+    unsafe impl aya::Pod for AppName {}
+    unsafe impl aya::Pod for OwnerMatch {}
     unsafe impl aya::Pod for Measure {}
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for EncapEntry {}

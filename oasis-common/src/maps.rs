@@ -82,6 +82,22 @@ macro_rules! kernel_maps {
             PORTLESS, "OASIS_PORTLESS", Array<$crate::RuleSet>, 1;
             /// What each rule rank does.
             ACTIONS, "OASIS_ACTIONS", Array<$crate::RuleAction>, $crate::MAX_RULES as u32;
+            /// How the rules use the sending socket (index 0).
+            OWNER, "OASIS_OWNER", Array<$crate::OwnerMatch>, 1;
+            /// Rules by the uid owning the sending socket.
+            RULE_UID, "OASIS_RULE_UID", HashMap<u32, $crate::RuleSet>, $crate::OWNER_ENTRIES;
+            /// Rules by cgroup id: a socket in the cgroup or below it.
+            RULE_CGROUP, "OASIS_RULE_CGROUP", HashMap<u64, $crate::RuleSet>, $crate::OWNER_ENTRIES;
+            /// Rules by the name of the process that opened the socket.
+            RULE_APP, "OASIS_RULE_APP", HashMap<$crate::AppName, $crate::RuleSet>, $crate::OWNER_ENTRIES;
+            /// Each CPU's room for the rule sets a match builds (the rules
+            /// a packet's headers admit; the union of its socket's cgroup
+            /// levels): too big for the programs' 512-byte stack.
+            RULE_SCRATCH, "OASIS_RULE_SCRATCH", PerCpuArray<$crate::RuleSet>, 2;
+            /// Socket cookie → the name of the process that connected it
+            /// (or sent on it), recorded by the socket hooks: at TC egress
+            /// the sending process is no longer known.
+            SOCKET_APP, "OASIS_SOCKET_APP", LruHashMap<u64, $crate::AppName>, $crate::SOCKET_APPS;
             /// Packets and bytes per rule id; the broker creates an entry per rule.
             COUNTERS, "OASIS_COUNTERS", PerCpuHashMap<u32, $crate::Counters>, $crate::MAX_RULES as u32;
             /// The verdict cache of flows that pass: a flow's verdict,

@@ -2,10 +2,11 @@ use crate::encap::{self, Fast};
 use crate::headers::{ETH_HLEN, ETH_P_IP, read};
 use crate::maps::{
     ACTIONS, CLAIMED, COUNTERS, DPORT, DST_V4, DST_V6, ENCAP_ACTIVE, FLOWS, FRAGMENTS, HEARTBEAT, PORTLESS,
-    PROTO, PROTO_SEEN, RECENT, SETTINGS, SPORT, bump,
+    PROTO, PROTO_SEEN, RECENT, RULE_SCRATCH, SETTINGS, SPORT, bump,
 };
 use crate::measure;
 use crate::nat;
+use crate::owner;
 use crate::parse::coarse_ns;
 use crate::parse::{
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
@@ -112,10 +113,10 @@ fn classify(ctx: &TcContext) -> i32 {
         // A later fragment (no ports) goes where its first went.
         match fragment_verdict(parsed) {
             Some(entry) => entry,
-            None => verdict(key, false, now, settings),
+            None => verdict(ctx, parsed, now, settings),
         }
     } else {
-        let entry = verdict(key, parsed.new_connection, now, settings);
+        let entry = verdict(ctx, parsed, now, settings);
         if parsed.first_fragment && entry.verdict != Verdict::Pass as u8 {
             remember_fragments(parsed, &entry);
         }
@@ -271,7 +272,9 @@ fn recent_v4_pass(ctx: &TcContext) -> bool {
 /// connection always meets the rules). Cached verdicts last until the flow
 /// is idle for `flow_idle_ns` (`tcp_idle_ns` for TCP).
 #[inline(never)]
-fn verdict(key: &FlowKey, new_connection: bool, now: u64, settings: &Settings) -> FlowEntry {
+fn verdict(ctx: &TcContext, parsed: &Parsed, now: u64, settings: &Settings) -> FlowEntry {
+    // A later fragment has no transport header: never a new connection.
+    let (key, new_connection) = (&parsed.key, parsed.new_connection && !parsed.fragment);
     let idle_ns = if key.proto == IPPROTO_TCP {
         settings.tcp_idle_ns
     } else {
@@ -305,7 +308,7 @@ fn verdict(key: &FlowKey, new_connection: bool, now: u64, settings: &Settings) -
             Cached::Live(entry) => entry,
             claimed => {
                 bump(stat::CLASSIFIED);
-                let entry = match match_rules(key) {
+                let entry = match match_rules(ctx, key) {
                     Some(action) => FlowEntry {
                         last_seen_ns: now,
                         rule_id: action.rule_id,
@@ -469,8 +472,11 @@ fn divert(settings: &Settings) -> i32 {
 /// function: its rule sets and the NAT path's buffers then never share one
 /// stack frame, which must stay within 512 bytes for the whole call chain.
 #[inline(never)]
-fn match_rules(key: &FlowKey) -> Option<RuleAction> {
-    let mut set = *PROTO.get(key.proto as u32)?;
+fn match_rules(ctx: &TcContext, key: &FlowKey) -> Option<RuleAction> {
+    let set = RULE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    let set = unsafe { &mut *set };
+    *set = *PROTO.get(key.proto as u32)?;
     let by_dst = if key.family == FAMILY_V4 {
         DST_V4.get(Key::new(32, [key.dst[0], key.dst[1], key.dst[2], key.dst[3]]))?
     } else {
@@ -483,5 +489,9 @@ fn match_rules(key: &FlowKey) -> Option<RuleAction> {
         set.intersect_with(DPORT.get(Key::new(16, key.dport.to_be_bytes()))?);
         set.intersect_with(SPORT.get(Key::new(16, key.sport.to_be_bytes()))?);
     }
+    if set.is_empty() {
+        return None;
+    }
+    owner::restrict(ctx, set);
     ACTIONS.get(set.lowest_rank()?).copied()
 }

@@ -40,24 +40,28 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn oasis_dns_connect4(ctx: SockAddrContext) -> i32 {
+    crate::owner::remember_app(&ctx);
     redirect_v4(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn oasis_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    crate::owner::remember_app(&ctx);
     redirect_v4(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn oasis_dns_connect6(ctx: SockAddrContext) -> i32 {
+    crate::owner::remember_app(&ctx);
     redirect_v6(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn oasis_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    crate::owner::remember_app(&ctx);
     redirect_v6(&ctx);
     ALLOW
 }

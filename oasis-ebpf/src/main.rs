@@ -10,7 +10,9 @@
 //! - `oasis_ingress` (TC ingress of each uplink): replies of in-kernel NAT
 //!   flows get their fake source back; answers of measured flows are timed;
 //!   overlay flows' datagrams from their entry nodes are opened.
-//! - eight cgroup socket hooks (`dns.rs`): DNS queries to the broker.
+//! - eight cgroup socket hooks (`dns.rs`): DNS queries to the broker;
+//!   `connect` and `sendmsg` also record which process a socket is
+//!   for the rules by application (`owner.rs`).
 //! - `oasis_exit_ingress` (the exit node's uplink): replies for the exit's
 //!   clients to its TUN (`exit.rs`), and the flows the exit leaves to the
 //!   kernel carried both ways (`exit_fast.rs`).
@@ -38,6 +40,8 @@ mod maps;
 mod measure;
 #[cfg(target_arch = "bpf")]
 mod nat;
+#[cfg(target_arch = "bpf")]
+mod owner;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]

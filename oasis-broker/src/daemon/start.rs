@@ -158,13 +158,36 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         tracing::info!(path = %config_path.display(), "wrote a default config file");
     }
     tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+    let cgroups = tokio::spawn(follow_cgroups(daemon.clone()));
     let outcome = serve_until_stopped(&daemon, &listener, &threads).await;
 
     tracing::info!("shutting down: detaching the classifier");
+    cgroups.abort();
     stop.store(true, Relaxed);
     daemon.shutdown();
     listener.remove();
     outcome
+}
+
+/// How often the ids of the cgroups rules name are checked: a unit that
+/// restarts gets a new cgroup (a new id), which its rules must follow.
+const CGROUP_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn follow_cgroups(daemon: Arc<state::Daemon>) {
+    let mut every = tokio::time::interval(CGROUP_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        every.tick().await;
+        match daemon.refresh_cgroups().await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                tracing::warn!("cannot bring the classifier to the rules' cgroups' new ids: {e}");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The Monitor's probes (ports held for TCP probes, sockets for echo
@@ -314,7 +337,10 @@ fn classifier<P: Platform>(
     );
     let mut kernel = platform.kernel(settings).map_err(DaemonError::Platform)?;
     kernel
-        .apply(&crate::compile::compile(rules.rules()))
+        .apply(&crate::compile::compile_for(
+            rules.rules(),
+            &crate::sender::cgroup_ids(rules.rules(), crate::sender::host_cgroup_id),
+        ))
         .map_err(DaemonError::Platform)?;
     for uplink in uplinks {
         kernel.attach(uplink).map_err(DaemonError::Platform)?;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::changes::{Checked, check_rules, rules_using, set_in_use};
 use super::dns::DnsRuntime;
 use super::persist::{Persister, Snapshot};
-use crate::compile::compile;
+use crate::compile::{CgroupIds, compile_for};
 use crate::config::Config;
 use crate::control::{
     FlowView, HeartbeatView, MapView, MonitorView, OverlayView, ProgramView, Progress, Request, Response,
@@ -31,6 +31,7 @@ use crate::overlay::{JoinError, OverlayManager};
 use crate::platform::{Heartbeat, Kernel};
 use crate::prefix_set::PrefixSet;
 use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec};
+use crate::sender::{cgroup_ids, host_cgroup_id};
 use crate::shared::{Shared, snapshot};
 
 pub(super) use super::errors::RequestError;
@@ -77,6 +78,8 @@ pub(super) struct Daemon {
     diverted: DivertedCounts,
     own_addresses: OwnAddresses,
     path_mtu: PathMtu,
+    /// The ids of the rules' cgroups the kernel's maps hold.
+    cgroup_ids: Mutex<CgroupIds>,
     started: Instant,
 }
 
@@ -123,6 +126,8 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 impl Daemon {
     pub fn new(parts: Parts) -> Daemon {
+        // As `start` compiled them for the kernel a moment ago.
+        let ids = cgroup_ids(parts.rules.rules(), host_cgroup_id);
         Daemon {
             config_path: parts.config_path,
             settings: parts.settings,
@@ -144,6 +149,7 @@ impl Daemon {
             diverted: parts.diverted,
             own_addresses: parts.own_addresses,
             path_mtu: parts.path_mtu,
+            cgroup_ids: Mutex::new(ids),
             started: Instant::now(),
         }
     }
@@ -422,13 +428,17 @@ impl Daemon {
         let daemon = self.clone();
         let rules = next.clone();
         blocking(move || {
-            let image = compile(rules.rules());
+            let ids = cgroup_ids(rules.rules(), host_cgroup_id);
+            let image = compile_for(rules.rules(), &ids);
             let mut kernel = lock(&daemon.kernel);
+            let mut applied = lock(&daemon.cgroup_ids);
             kernel.apply(&image).map_err(|e| {
-                let before = compile(lock(&daemon.control).rules.rules());
+                let before = compile_for(lock(&daemon.control).rules.rules(), &applied);
                 let _ = kernel.apply(&before);
                 RequestError::Kernel(e)
-            })
+            })?;
+            *applied = ids;
+            Ok::<_, RequestError>(())
         })
         .await??;
         let overlays = {
@@ -447,6 +457,35 @@ impl Daemon {
             self.dns.publish_names(names);
         }
         Ok(self.save())
+    }
+
+    /// Brings the kernel's maps to the ids the rules' cgroups have now: a
+    /// unit restarted (its cgroup made anew, with a new id), a scope that
+    /// appeared. Cheap while nothing changed (a stat per named cgroup).
+    pub async fn refresh_cgroups(self: &Arc<Self>) -> Result<(), RequestError> {
+        let changed = |daemon: &Daemon| {
+            let rules = lock(&daemon.control).rules.clone();
+            let ids = cgroup_ids(rules.rules(), host_cgroup_id);
+            (ids != *lock(&daemon.cgroup_ids)).then_some((rules, ids))
+        };
+        if changed(self).is_none() {
+            return Ok(());
+        }
+        // Under the change lock, so a rule change cannot come between.
+        let _change = self.change.lock().await;
+        let Some((rules, ids)) = changed(self) else {
+            return Ok(());
+        };
+        let daemon = self.clone();
+        blocking(move || {
+            let image = compile_for(rules.rules(), &ids);
+            let mut kernel = lock(&daemon.kernel);
+            kernel.apply(&image).map_err(RequestError::Kernel)?;
+            tracing::info!(cgroups = ?ids, "the rules' cgroups have new ids; the classifier follows");
+            *lock(&daemon.cgroup_ids) = ids;
+            Ok::<_, RequestError>(())
+        })
+        .await?
     }
 
     /// Hands the current rules and overlays to the config writer; the

@@ -117,6 +117,9 @@ mod tests {
         fn measured(&self) -> usize {
             self.0.lock().unwrap().measured()
         }
+        fn claimed_by(&self, flow: &oasis_common::FlowKey) -> Option<u32> {
+            self.0.lock().unwrap().claimed_by(flow)
+        }
     }
 
     #[derive(Clone, Default)]

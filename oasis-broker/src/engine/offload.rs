@@ -109,6 +109,9 @@ pub trait KernelView {
     fn answered(&self, flow: &FlowKey) -> bool;
     /// When the kernel last wrapped a packet of the flow.
     fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen>;
+    /// The rule the kernel's classifier claimed the flow by: the one
+    /// answer for rules naming a sender, which only the kernel sees.
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32>;
 }
 
 /// The kernel's tables, as the shell holds them.
@@ -164,6 +167,9 @@ impl KernelView for KernelTables {
     fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
         self.encap.last_seen(flow)
     }
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32> {
+        self.pins.claimed_by(flow)
+    }
 }
 
 /// The tables every packet thread, the prober and the Monitor's thread
@@ -209,5 +215,8 @@ impl KernelView for SharedTables {
     }
     fn encapsulated_seen(&self, flow: &FlowKey) -> Option<KernelSeen> {
         self.lock().encapsulated_seen(flow)
+    }
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32> {
+        self.lock().claimed_by(flow)
     }
 }

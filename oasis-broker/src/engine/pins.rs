@@ -31,6 +31,8 @@ pub trait FlowPins: Send {
     fn answered(&self, flow: &FlowKey) -> bool;
     /// How many flows are measured.
     fn measured(&self) -> usize;
+    /// The rule whose match diverted the flow, as the classifier cached it.
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32>;
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct MemoryPin {
 #[derive(Debug, Default)]
 pub struct MemoryPins {
     pub flows: HashMap<FlowKey, MemoryPin>,
+    /// What a classifier would have claimed flows by.
+    pub claimed: HashMap<FlowKey, u32>,
 }
 
 impl FlowPins for MemoryPins {
@@ -86,5 +90,9 @@ impl FlowPins for MemoryPins {
 
     fn measured(&self) -> usize {
         self.flows.values().filter(|p| p.measured).count()
+    }
+
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32> {
+        self.claimed.get(flow).copied()
     }
 }

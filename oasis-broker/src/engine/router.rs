@@ -712,7 +712,8 @@ impl Router {
             dst: flow_dst(key),
             exclude,
         };
-        let (rule, decision) = match self.routes.first_header(key) {
+        let kernel = &self.kernel;
+        let (rule, decision) = match self.routes.first_header(key, || kernel.claimed_by(key)) {
             Some(route) => (
                 Some(route.id),
                 self.engine

@@ -150,8 +150,20 @@ impl Routes {
     }
 
     /// The header rule that decides a flow: the first that matches, as
-    /// the classifier's maps answer.
-    pub fn first_header(&self, key: &FlowKey) -> Option<&HeaderRoute> {
+    /// the classifier's maps answer. A rule naming a sender (uid, cgroup,
+    /// application) matches only by what the kernel saw of the packet's
+    /// socket, so while one exists the rule the kernel claimed the flow by
+    /// (`claimed`) is asked first.
+    pub fn first_header(&self, key: &FlowKey, claimed: impl FnOnce() -> Option<u32>) -> Option<&HeaderRoute> {
+        if self.header.iter().any(|r| !r.subset.sender.is_any())
+            && let Some(id) = claimed()
+            && let Some(route) = self
+                .header
+                .iter()
+                .find(|r| r.id == id && r.subset.matches_headers(key))
+        {
+            return Some(route);
+        }
         self.header.iter().find(|r| r.subset.matches(key))
     }
 

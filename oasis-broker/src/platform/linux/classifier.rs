@@ -8,7 +8,8 @@ use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use oasis_common::{
-    Counters, FlowEntry, FlowKey, MAX_RULES, PortBytes, RecentFlow, RuleAction, RuleSet, maps, stat,
+    AppName, Counters, FlowEntry, FlowKey, MAX_RULES, OwnerMatch, PortBytes, RecentFlow, RuleAction, RuleSet,
+    maps, stat,
 };
 
 use super::sys::{KernelError, take_map};
@@ -27,6 +28,10 @@ pub struct ClassifierMaps {
     sport: LpmTrie<MapData, PortBytes, RuleSet>,
     portless: Array<MapData, RuleSet>,
     actions: Array<MapData, RuleAction>,
+    owner: Array<MapData, OwnerMatch>,
+    by_uid: HashMap<MapData, u32, RuleSet>,
+    by_cgroup: HashMap<MapData, u64, RuleSet>,
+    by_app: HashMap<MapData, AppName, RuleSet>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     claimed: HashMap<MapData, FlowKey, FlowEntry>,
@@ -55,6 +60,10 @@ impl ClassifierMaps {
             sport: take_map!(ebpf, maps::SPORT, LpmTrie<MapData, PortBytes, RuleSet>),
             portless: take_map!(ebpf, maps::PORTLESS, Array<MapData, RuleSet>),
             actions: take_map!(ebpf, maps::ACTIONS, Array<MapData, RuleAction>),
+            owner: take_map!(ebpf, maps::OWNER, Array<MapData, OwnerMatch>),
+            by_uid: take_map!(ebpf, maps::RULE_UID, HashMap<MapData, u32, RuleSet>),
+            by_cgroup: take_map!(ebpf, maps::RULE_CGROUP, HashMap<MapData, u64, RuleSet>),
+            by_app: take_map!(ebpf, maps::RULE_APP, HashMap<MapData, AppName, RuleSet>),
             counters: take_map!(ebpf, maps::COUNTERS, PerCpuHashMap<MapData, u32, Counters>),
             flows: take_map!(ebpf, maps::FLOWS, HashMap<MapData, FlowKey, FlowEntry>),
             claimed: take_map!(ebpf, maps::CLAIMED, HashMap<MapData, FlowKey, FlowEntry>),
@@ -130,6 +139,19 @@ impl ClassifierMaps {
             .map_err(KernelError::map(maps::DPORT.name))?;
         sync_trie(&mut self.sport, &before.sport, &image.sport)
             .map_err(KernelError::map(maps::SPORT.name))?;
+        // The named senders' sets before the fields that make the
+        // classifier read them, and stale ones after.
+        sync_hash(&mut self.by_uid, &before.by_uid, &image.by_uid)
+            .map_err(KernelError::map(maps::RULE_UID.name))?;
+        sync_hash(&mut self.by_cgroup, &before.by_cgroup, &image.by_cgroup)
+            .map_err(KernelError::map(maps::RULE_CGROUP.name))?;
+        sync_hash(&mut self.by_app, &before.by_app, &image.by_app)
+            .map_err(KernelError::map(maps::RULE_APP.name))?;
+        if old.is_none() || before.owner != image.owner {
+            self.owner
+                .set(0, image.owner, 0)
+                .map_err(KernelError::map(maps::OWNER.name))?;
+        }
         for id in old_ids.difference(&new_ids) {
             let _ = self.counters.remove(id);
         }
@@ -203,6 +225,22 @@ fn sync_trie<const N: usize>(
     }
     for &(len, bytes) in old.keys().filter(|k| !new.contains_key(k)) {
         trie.remove(&Key::new(len, bytes))?;
+    }
+    Ok(())
+}
+
+fn sync_hash<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, RuleSet>,
+    old: &BTreeMap<K, RuleSet>,
+    new: &BTreeMap<K, RuleSet>,
+) -> Result<(), MapError> {
+    for (key, set) in new {
+        if old.get(key) != Some(set) {
+            map.insert(key, set, 0)?;
+        }
+    }
+    for key in old.keys().filter(|k| !new.contains_key(k)) {
+        map.remove(key)?;
     }
     Ok(())
 }

@@ -130,20 +130,9 @@ impl DnsInterception for DnsRedirect {
     }
 }
 
-/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo text.
-pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mountpoint options... - fstype source superoptions
-        let (before, after) = line.split_once(" - ")?;
-        let fstype = after.split_whitespace().next()?;
-        let mount_point = before.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
 pub fn default_cgroup() -> Result<PathBuf, CgroupError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoHierarchy)?;
-    cgroup2_mount(&text).ok_or(CgroupError::NoHierarchy)
+    crate::sender::cgroup_root(&text).ok_or(CgroupError::NoHierarchy)
 }
 
 /// The kernel's cookie for this process's network namespace.
@@ -166,23 +155,4 @@ pub fn netns_cookie() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_unified_hierarchy_in_a_hybrid_layout() {
-        let text = "\
-25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw
-27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
-";
-        assert_eq!(cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(
-            cgroup2_mount("27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"),
-            None
-        );
-    }
 }

@@ -153,4 +153,12 @@ impl FlowPins for KernelPins {
     fn measured(&self) -> usize {
         self.measured.count() as usize
     }
+
+    fn claimed_by(&self, flow: &FlowKey) -> Option<u32> {
+        self.flows
+            .get(flow, 0)
+            .ok()
+            .filter(|e| e.verdict == Verdict::Divert as u8 && e.rule_id != 0)
+            .map(|e| e.rule_id)
+    }
 }
