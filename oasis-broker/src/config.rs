@@ -12,6 +12,7 @@ use crate::dns::policy::UnderlayAnswers;
 
 use crate::overlay::{JoinError, StoredOverlay, check_name, shim_bytes};
 use crate::prefix_set::{PrefixSet, PrefixSetError};
+use crate::rule_list::{ListContent, ListKind, ListSource, NameList};
 use crate::rules::{AnyRule, NameRule, Rule, RuleError, RuleSet, RuleSpec, Subset};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/oasis/config.yaml";
@@ -409,6 +410,46 @@ fn read_set(config_path: &Path, file: &str) -> Result<PrefixSet, PrefixSetError>
     Ok(PrefixSet::parse(&path.display().to_string(), &text)?.kept_in(file.to_string()))
 }
 
+/// The directory the daemon keeps lists fetched by URL in, beside the
+/// config file.
+pub const LISTS_DIR: &str = "lists";
+
+/// A list rule's last good copy, as the daemon kept it. A list never
+/// fetched (a rule written into the file by hand, a copy deleted) starts
+/// empty, claiming nothing, until the daemon has fetched it.
+pub fn read_list(config_path: &Path, spec: &RuleSpec, source: ListSource) -> Result<ListContent, RuleError> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let file = spec
+        .list_file
+        .clone()
+        .unwrap_or_else(|| format!("{LISTS_DIR}/{}", source.file_name()));
+    let text = match std::fs::read_to_string(base.join(&file)) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(RuleError::Set(Box::new(PrefixSetError::Read {
+                file: base.join(&file).display().to_string(),
+                reason: e.to_string(),
+            })));
+        }
+    };
+    list_content(source, file, text.as_deref())
+}
+
+/// A list's entries from its text (`None`: not fetched yet).
+pub fn list_content(source: ListSource, file: String, text: Option<&str>) -> Result<ListContent, RuleError> {
+    Ok(match (source.kind, text) {
+        (ListKind::Cidr, Some(text)) => ListContent::Prefixes(Arc::new(
+            PrefixSet::parse(&source.url, text)?
+                .kept_in(file)
+                .from_source(source),
+        )),
+        (ListKind::Cidr, None) => ListContent::Prefixes(Arc::new(PrefixSet::empty(file).from_source(source))),
+        (_, Some(text)) => ListContent::Names(Arc::new(NameList::parse(source, file, text)?)),
+        (_, None) => ListContent::Names(Arc::new(NameList::unfetched(source, file))),
+    })
+}
+
 const HEADER: &str = "\
 # Oasis configuration. Keys: see docs/configuration.md. Edit it as you like:
 # the daemon writes only next_rule_id, overlays and rules (as `oasis rule`
@@ -540,11 +581,17 @@ impl Config {
                 id: stored.id,
                 source,
             };
-            let set = match &stored.spec.dst_set {
-                Some(file) => Some(Arc::new(read_set(path, file).map_err(|e| rule_error(e.into()))?)),
-                None => None,
+            let content = match (
+                &stored.spec.dst_set,
+                stored.spec.list_source().map_err(rule_error)?,
+            ) {
+                (_, Some(source)) => Some(read_list(path, &stored.spec, source).map_err(rule_error)?),
+                (Some(file), None) => Some(ListContent::Prefixes(Arc::new(
+                    read_set(path, file).map_err(|e| rule_error(e.into()))?,
+                ))),
+                (None, None) => None,
             };
-            let (subset, via) = stored.spec.parse_with(set).map_err(rule_error)?;
+            let (subset, via) = stored.spec.parse_content(content).map_err(rule_error)?;
             rules.push(match subset {
                 Subset::Header(subset) => AnyRule::Header(Rule {
                     id: stored.id,

@@ -27,6 +27,11 @@ pub enum Request {
         specs: Vec<RuleSpec>,
     },
     ListRules,
+    /// Fetches list rules' lists now: one, or every one.
+    RefreshLists {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
+    },
     Status,
     /// The fake-address table.
     Dns,
@@ -318,6 +323,30 @@ pub struct RuleView {
     /// Name rules: DNS answers given with a fake address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answers: Option<u64>,
+    /// List rules: where the list comes from and how current it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<Box<ListView>>,
+}
+
+/// A list rule's list, as `oasis rule list` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListView {
+    pub url: String,
+    pub kind: String,
+    pub every: String,
+    /// The last good copy, beside the config file.
+    pub file: String,
+    /// Entries (prefixes or names) in effect.
+    pub entries: usize,
+    /// Since the copy in effect was downloaded or confirmed current;
+    /// none: never fetched (the rule claims nothing yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_secs_ago: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_secs_ago: Option<u64>,
+    /// Why the last refresh failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A joined overlay as `oasis overlay list|show` shows it.

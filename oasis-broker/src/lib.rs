@@ -25,6 +25,7 @@ pub mod overlay;
 pub mod platform;
 pub mod prefix_set;
 pub mod render;
+pub mod rule_list;
 pub mod rule_spec;
 pub mod rules;
 pub mod sender;

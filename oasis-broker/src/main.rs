@@ -149,11 +149,20 @@ Examples:
     /// Names (suffix, exact, keyword, regex) make a name rule each;
     /// prefixes (cidr) make one rule claiming traffic to any of them, the
     /// same as `rule add --dst-set FILE`.
+    ///
+    /// With --url, the list is one rule that keeps itself current: the
+    /// daemon downloads it now (nothing changes if that fails or a line is
+    /// bad), keeps the copy beside its config file, and downloads it again
+    /// every --every (asking the server whether it changed). A refresh
+    /// that fails leaves the last good copy in effect; `oasis rule list`
+    /// shows each list's age and last error. Formats: docs/rule-lists.md.
     #[command(after_help = "\
 Examples:
   oasis rule import --kind suffix --via detour domains.txt
   oasis rule import --kind regex --via underlay patterns.txt
-  oasis rule import --kind cidr --via exit country-nl.txt")]
+  oasis rule import --kind cidr --via exit country-nl.txt
+  oasis rule import --url https://lists.example/ads.txt --kind suffix --via underlay
+  oasis rule import --url https://lists.example/nl.cidr --kind cidr --via exit --every 12h")]
     Import {
         /// What each line is: a name suffix, exact name, keyword or regex,
         /// or a destination prefix (cidr).
@@ -168,11 +177,32 @@ Examples:
         /// With --metric: the overlays to choose from besides the underlay.
         #[arg(long, value_name = "OVERLAYS", requires = "metric")]
         among: Option<String>,
+        /// Fetch the list from this http(s) URL, and again every --every.
+        #[arg(long, value_name = "URL", conflicts_with = "file")]
+        url: Option<String>,
+        /// With --url: how often to fetch it again (30m, 24h, 7d).
+        #[arg(long, value_name = "INTERVAL", requires = "url", default_value = "24h")]
+        every: String,
+        /// With --url: accept only a download with this SHA-256.
+        #[arg(long, value_name = "HEX", requires = "url")]
+        sha256: Option<String>,
         /// The file ('-' for standard input).
-        file: PathBuf,
+        #[arg(required_unless_present = "url")]
+        file: Option<PathBuf>,
     },
     /// List the rules with the traffic each has matched.
     List {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch list rules' lists now instead of at their interval: one rule's
+    /// by id, or every list's. A list that did not change costs nothing;
+    /// one that fails to download or read leaves its last good copy in
+    /// effect, and the error shows here and in `oasis rule list`.
+    Refresh {
+        /// The list rule's id; every list rule's when left out.
+        id: Option<u32>,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -279,6 +309,16 @@ enum ImportKind {
 }
 
 impl ImportKind {
+    fn name(self) -> &'static str {
+        match self {
+            ImportKind::Suffix => "suffix",
+            ImportKind::Exact => "exact",
+            ImportKind::Keyword => "keyword",
+            ImportKind::Regex => "regex",
+            ImportKind::Cidr => "cidr",
+        }
+    }
+
     /// A name rule for `pattern` with the carrier of `template`.
     fn spec(self, pattern: String, template: &RuleSpec) -> anyhow::Result<RuleSpec> {
         let mut spec = template.clone();
@@ -521,6 +561,9 @@ fn rule(socket: &std::path::Path, command: RuleCommand) -> anyhow::Result<()> {
             via,
             metric,
             among,
+            url,
+            every,
+            sha256,
             file,
         } => {
             let template = RuleSpec {
@@ -529,12 +572,34 @@ fn rule(socket: &std::path::Path, command: RuleCommand) -> anyhow::Result<()> {
                 among,
                 ..RuleSpec::default()
             };
+            let Some(file) = file else {
+                let spec = RuleSpec {
+                    list: url,
+                    list_kind: Some(kind.name().into()),
+                    every: Some(every),
+                    sha256,
+                    ..template
+                };
+                // A typo in the URL, interval or digest is told here.
+                spec.list_source()?;
+                return add_spec(socket, spec, None, false);
+            };
             if kind == ImportKind::Cidr {
                 return import_set(socket, template, &file);
             }
             import_patterns(socket, kind, &template, &file)
         }
         RuleCommand::List { json } => match call(socket, &Request::ListRules)? {
+            Response::Rules { rules } => show(json, &rules, |r| render::rule_table(r)),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        RuleCommand::Refresh { id, json } => match call(socket, &Request::RefreshLists { id })? {
+            Response::Rules { rules } if rules.is_empty() => {
+                println!(
+                    "no list rules; add one with `oasis rule import --url URL --kind KIND --via CARRIER`"
+                );
+                Ok(())
+            }
             Response::Rules { rules } => show(json, &rules, |r| render::rule_table(r)),
             other => bail!("unexpected reply: {other:?}"),
         },
@@ -567,16 +632,26 @@ fn add_rule(socket: &std::path::Path, args: RuleAddArgs) -> anyhow::Result<()> {
         metric: args.metric,
         among: args.among,
         monitor: args.monitor,
+        ..RuleSpec::default()
     };
     // Check locally first so a typo is reported even with no daemon.
     let (upload, set) = upload.unzip();
     spec.parse_with(set)?;
+    add_spec(socket, spec, upload, args.json)
+}
+
+fn add_spec(
+    socket: &std::path::Path,
+    spec: RuleSpec,
+    dst_set: Option<SetUpload>,
+    json: bool,
+) -> anyhow::Result<()> {
     let request = Request::AddRule {
         spec: Box::new(spec),
-        dst_set: upload,
+        dst_set,
     };
     match call(socket, &request)? {
-        Response::Rule { rule } if args.json => println!("{}", serde_json::to_string_pretty(&rule)?),
+        Response::Rule { rule } if json => println!("{}", serde_json::to_string_pretty(&rule)?),
         Response::Rule { rule } => println!("added rule {}: {} via {}", rule.id, rule.subset, rule.via),
         other => bail!("unexpected reply: {other:?}"),
     }

@@ -16,6 +16,9 @@ pub enum NamePattern {
     /// Names a regular expression matches (case-insensitive; a pattern
     /// matches anywhere unless anchored with `^`/`$`).
     Regex(String),
+    /// Names any pattern of a list fetched by URL matches (checked when
+    /// the list was read).
+    List(std::sync::Arc<crate::rule_list::NameList>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +81,7 @@ impl NamePattern {
                     })?;
                 NamePattern::Regex(pattern)
             }
+            NamePattern::List(list) => NamePattern::List(list),
         })
     }
 
@@ -88,6 +92,7 @@ impl NamePattern {
             | NamePattern::Suffix(t)
             | NamePattern::Keyword(t)
             | NamePattern::Regex(t) => t,
+            NamePattern::List(list) => &list.source.url,
         }
     }
 
@@ -108,6 +113,7 @@ impl NamePattern {
                 .case_insensitive(true)
                 .build()
                 .is_ok_and(|re| re.is_match(&name)),
+            NamePattern::List(list) => list.patterns().iter().any(|p| p.matches(&name)),
         }
     }
 }
@@ -119,6 +125,7 @@ impl std::fmt::Display for NamePattern {
             NamePattern::Suffix(name) => write!(f, "name-suffix {name}"),
             NamePattern::Keyword(text) => write!(f, "name-keyword {text}"),
             NamePattern::Regex(pattern) => write!(f, "name ~ {pattern}"),
+            NamePattern::List(list) => list.fmt(f),
         }
     }
 }

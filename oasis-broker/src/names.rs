@@ -71,7 +71,7 @@ impl NameMatcher {
         let (mut keyword_texts, mut keyword_ranks) = (Vec::new(), Vec::new());
         let (mut regex_texts, mut regex_ranks) = (Vec::new(), Vec::new());
         for (rank, pattern) in patterns.iter().enumerate() {
-            match pattern {
+            let mut add = |pattern: &NamePattern| match pattern {
                 // An earlier rule with the same text keeps precedence.
                 NamePattern::Exact(name) => {
                     exact.entry(name.clone()).or_insert(rank);
@@ -87,6 +87,13 @@ impl NameMatcher {
                     regex_texts.push(format!("(?i:{pattern})"));
                     regex_ranks.push(rank);
                 }
+                // Lists hold no lists.
+                NamePattern::List(_) => {}
+            };
+            match pattern {
+                // Every entry of a list at the list rule's one rank.
+                NamePattern::List(list) => list.patterns().iter().for_each(&mut add),
+                single => add(single),
             }
         }
         let keywords = if keyword_texts.is_empty() {

@@ -22,6 +22,8 @@ pub struct PrefixSet {
     /// Where the set is kept: in the config file's `dst_set`, a path
     /// relative to the config file's directory (or absolute).
     file: String,
+    /// The URL it is fetched from again, for a list rule.
+    source: Option<std::sync::Arc<crate::rule_list::ListSource>>,
     /// Prefixes the text listed, before aggregation.
     listed: usize,
     v4: Vec<Ipv4Net>,
@@ -109,10 +111,22 @@ impl PrefixSet {
         }
         Ok(PrefixSet {
             file: file.to_string(),
+            source: None,
             listed,
             v4,
             v6,
         })
+    }
+
+    /// A set with no prefix yet: a list rule's before its first download.
+    pub fn empty(file: String) -> PrefixSet {
+        PrefixSet {
+            file,
+            source: None,
+            listed: 0,
+            v4: Vec::new(),
+            v6: Vec::new(),
+        }
     }
 
     /// Whether any prefix of the set holds `addr`.
@@ -141,6 +155,17 @@ impl PrefixSet {
         self
     }
 
+    /// The same set, fetched from `source` and kept current.
+    pub fn from_source(mut self, source: crate::rule_list::ListSource) -> PrefixSet {
+        self.source = Some(std::sync::Arc::new(source));
+        self
+    }
+
+    /// Where a list rule's set is fetched from.
+    pub fn source(&self) -> Option<&crate::rule_list::ListSource> {
+        self.source.as_deref()
+    }
+
     /// The prefixes as listed, before merging.
     pub fn listed(&self) -> usize {
         self.listed
@@ -160,7 +185,10 @@ impl PrefixSet {
 /// wherever they are kept.
 impl PartialEq for PrefixSet {
     fn eq(&self, other: &Self) -> bool {
-        self.v4 == other.v4 && self.v6 == other.v6
+        // Two lists are two subsets even while they hold the same.
+        self.v4 == other.v4
+            && self.v6 == other.v6
+            && self.source.as_ref().map(|s| &s.url) == other.source.as_ref().map(|s| &s.url)
     }
 }
 
@@ -181,7 +209,10 @@ impl fmt::Display for PrefixSet {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| self.file.clone());
-        write!(f, "{name} ({} prefixes)", self.listed)
+        match &self.source {
+            Some(source) => write!(f, "list {} ({} prefixes)", source.url, self.listed),
+            None => write!(f, "{name} ({} prefixes)", self.listed),
+        }
     }
 }
 

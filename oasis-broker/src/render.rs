@@ -28,6 +28,35 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
+/// A list rule's list in a line: its entries, age, interval, last error.
+fn list_line(list: &crate::control::ListView) -> String {
+    let ago = |secs: u64| match secs {
+        0..60 => format!("{secs} s ago"),
+        60..7200 => format!("{} min ago", secs / 60),
+        7200..172_800 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    };
+    let mut line = match list.fetched_secs_ago {
+        Some(secs) => format!(
+            "{} {}: {} entries, current {}, fetched every {}",
+            list.kind,
+            list.url,
+            list.entries,
+            ago(secs),
+            list.every
+        ),
+        None => format!("{} {}: never fetched, claims nothing yet", list.kind, list.url),
+    };
+    if let Some(error) = &list.error {
+        let when = list.checked_secs_ago.map(ago).unwrap_or_default();
+        let _ = write!(
+            line,
+            "; last refresh failed {when} (the last good copy stays in effect): {error}"
+        );
+    }
+    line
+}
+
 pub fn rule_table(rules: &[RuleView]) -> String {
     if rules.is_empty() {
         return "No rules. Add one with `oasis rule add`, e.g.\n  oasis rule add --proto tcp --dport 8080 --via underlay\n  oasis rule add --name-suffix example.org --via underlay\n".into();
@@ -68,6 +97,9 @@ pub fn rule_table(rules: &[RuleView]) -> String {
             let _ = write!(out, "  {answers:>8}");
         }
         out.push('\n');
+        if let Some(list) = &rule.list {
+            let _ = writeln!(out, "      {}", list_line(list));
+        }
     }
     out
 }
@@ -708,6 +740,7 @@ mod tests {
                 packets: 10,
                 bytes: 15_000,
                 answers: None,
+                list: None,
             },
             RuleView {
                 id: 12,
@@ -716,6 +749,7 @@ mod tests {
                 packets: 0,
                 bytes: 0,
                 answers: None,
+                list: None,
             },
         ];
         let table = rule_table(&rules);

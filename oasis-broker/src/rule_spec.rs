@@ -53,6 +53,23 @@ pub struct RuleSpec {
     pub name_suffix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_keyword: Option<String>,
+    /// A list fetched from this URL (http or https) and fetched again
+    /// every so often: its prefixes or names are the rule's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
+    /// What each line of `list` is: cidr, suffix, exact, keyword, regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_kind: Option<String>,
+    /// How often `list` is fetched again (30m, 24h, 7d); a day if left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// Pins `list` to one download, by its SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Where the daemon keeps the last good copy of `list` (it writes
+    /// this), relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_file: Option<String>,
     /// The carrier, for a rule with a fixed one; empty for a metric rule.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub via: String,

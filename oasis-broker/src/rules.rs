@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::monitor::{Goal, Metric, MetricError};
 use crate::name_pattern::{NameError, NamePattern};
 use crate::prefix_set::{MAX_PREFIXES, PrefixSet, PrefixSetError};
+use crate::rule_list::{ListContent, ListError, ListKind, ListSource, every_text};
 pub use crate::rule_spec::RuleSpec;
 use crate::sender::{App, CgroupPath, Sender, SenderError, SenderMatch, parse_uid};
 use ipnet::IpNet;
@@ -347,6 +348,74 @@ impl RuleSpec {
 
     /// As [`parse`](Self::parse), with the prefix set `dst_set` names, read.
     pub fn parse_with(&self, set: Option<Arc<PrefixSet>>) -> Result<(Subset, Carrier), RuleError> {
+        self.parse_content(set.map(ListContent::Prefixes))
+    }
+
+    /// The list a list rule names, checked (`None` for other rules).
+    pub fn list_source(&self) -> Result<Option<ListSource>, RuleError> {
+        let Some(url) = &self.list else {
+            if self.list_kind.is_some() || self.every.is_some() || self.sha256.is_some() {
+                return Err(RuleError::ListFieldsWithoutUrl);
+            }
+            return Ok(None);
+        };
+        let kind = self.list_kind.as_deref().ok_or(RuleError::ListWithoutKind)?;
+        Ok(Some(ListSource::parse(
+            url,
+            kind,
+            self.every.as_deref(),
+            self.sha256.as_deref(),
+        )?))
+    }
+
+    /// As [`parse`](Self::parse), with what the rule's file holds: the
+    /// prefix set `dst_set` names, or a list rule's last good copy.
+    pub fn parse_content(&self, content: Option<ListContent>) -> Result<(Subset, Carrier), RuleError> {
+        let Some(source) = self.list_source()? else {
+            return match content {
+                Some(ListContent::Names(_)) => Err(RuleError::ListFieldsWithoutUrl),
+                Some(ListContent::Prefixes(set)) => self.parse_fields(Some(set), false),
+                None => self.parse_fields(None, false),
+            };
+        };
+        let names_given = self.name.is_some()
+            || self.name_exact.is_some()
+            || self.name_suffix.is_some()
+            || self.name_keyword.is_some();
+        if self.dst.is_some() || self.dst_set.is_some() || names_given {
+            return Err(RuleError::ListWithOthers);
+        }
+        match (source.kind, content) {
+            (_, None) => Err(RuleError::ListNotRead(source.url)),
+            (ListKind::Cidr, Some(ListContent::Prefixes(set))) => self.parse_fields(Some(set), true),
+            (kind, Some(ListContent::Names(list))) if kind != ListKind::Cidr => {
+                if self.header_given() {
+                    return Err(RuleError::NameWithHeader);
+                }
+                Ok((Subset::Name(NamePattern::List(list)), self.carrier()?))
+            }
+            (kind, Some(_)) => Err(RuleError::ListKindMismatch(kind)),
+        }
+    }
+
+    fn header_given(&self) -> bool {
+        self.proto.is_some()
+            || self.uid.is_some()
+            || self.cgroup.is_some()
+            || self.app.is_some()
+            || self.dst.is_some()
+            || self.dst_set.is_some()
+            || self.dport.is_some()
+            || self.sport.is_some()
+    }
+
+    /// The fields of a header or name rule; `set` is the destination set,
+    /// from `dst_set` or (`listed`) a prefix list.
+    fn parse_fields(
+        &self,
+        set: Option<Arc<PrefixSet>>,
+        listed: bool,
+    ) -> Result<(Subset, Carrier), RuleError> {
         let names: Vec<NamePattern> = [
             self.name.clone().map(NamePattern::Regex),
             self.name_exact.clone().map(NamePattern::Exact),
@@ -356,14 +425,7 @@ impl RuleSpec {
         .into_iter()
         .flatten()
         .collect();
-        let header_given = self.proto.is_some()
-            || self.uid.is_some()
-            || self.cgroup.is_some()
-            || self.app.is_some()
-            || self.dst.is_some()
-            || self.dst_set.is_some()
-            || self.dport.is_some()
-            || self.sport.is_some();
+        let header_given = self.header_given() || listed;
         match names.len() {
             0 => {}
             1 if header_given => return Err(RuleError::NameWithHeader),
@@ -376,6 +438,7 @@ impl RuleSpec {
         let proto = self.proto.as_deref().map(str::parse).transpose()?;
         let dst = self.dst.as_deref().map(parse_prefix).transpose()?;
         let dst_set = match (&self.dst_set, set) {
+            (None, Some(set)) if listed => Some(set),
             (None, None) => None,
             (Some(_), Some(set)) => Some(set),
             (Some(file), None) => return Err(RuleError::SetNotRead(file.clone())),
@@ -466,10 +529,18 @@ impl RuleSpec {
     }
 
     fn header(subset: &HeaderSubset, via: &Carrier) -> RuleSpec {
+        let listed = subset
+            .dst_set
+            .as_ref()
+            .and_then(|s| s.source().map(|source| (s.file(), source)));
         let mut spec = RuleSpec {
             proto: subset.proto.map(|p| p.to_string()),
             dst: subset.dst.map(|d| d.to_string()),
-            dst_set: subset.dst_set.as_ref().map(|s| s.file().to_string()),
+            dst_set: subset
+                .dst_set
+                .as_ref()
+                .filter(|s| s.source().is_none())
+                .map(|s| s.file().to_string()),
             dport: subset.dport.map(|p| p.to_string()),
             sport: subset.sport.map(|p| p.to_string()),
             uid: subset.sender.uid.map(|u| u.to_string()),
@@ -477,8 +548,20 @@ impl RuleSpec {
             app: subset.sender.app.as_ref().map(|a| a.to_string()),
             ..RuleSpec::default()
         };
+        if let Some((file, source)) = listed {
+            spec.set_list(source, file);
+        }
         spec.set_carrier(via);
         spec
+    }
+
+    /// Writes a list rule's source into the spec.
+    fn set_list(&mut self, source: &ListSource, file: &str) {
+        self.list = Some(source.url.clone());
+        self.list_kind = Some(source.kind.to_string());
+        self.every = Some(every_text(source.every));
+        self.sha256 = source.sha256.clone();
+        self.list_file = Some(file.to_string());
     }
 
     /// Writes `via` into the spec's carrier fields.
@@ -556,6 +639,7 @@ impl NameRule {
             NamePattern::Exact(_) => spec.name_exact = text,
             NamePattern::Suffix(_) => spec.name_suffix = text,
             NamePattern::Keyword(_) => spec.name_keyword = text,
+            NamePattern::List(ref list) => spec.set_list(&list.source, &list.file),
         }
         spec
     }
@@ -595,6 +679,22 @@ impl AnyRule {
         match self {
             AnyRule::Header(rule) => rule.spec(),
             AnyRule::Name(rule) => rule.spec(),
+        }
+    }
+
+    /// A list rule's list: where it comes from, where its copy is kept,
+    /// how many entries are in effect.
+    pub fn list(&self) -> Option<(&ListSource, &str, usize)> {
+        match self {
+            AnyRule::Header(rule) => {
+                let set = rule.subset.dst_set.as_ref()?;
+                Some((set.source()?, set.file(), set.listed()))
+            }
+            AnyRule::Name(NameRule {
+                pattern: NamePattern::List(list),
+                ..
+            }) => Some((&list.source, &list.file, list.patterns().len())),
+            AnyRule::Name(_) => None,
         }
     }
 }
@@ -660,6 +760,27 @@ pub enum RuleError {
     UnknownOverlay(String),
     #[error(transparent)]
     Sender(#[from] SenderError),
+    #[error(transparent)]
+    List(#[from] ListError),
+    #[error("list_kind, every and sha256 belong to a list rule: give its URL (--url, `list:`) too")]
+    ListFieldsWithoutUrl,
+    #[error("a list rule needs its kind: cidr, suffix, exact, keyword or regex")]
+    ListWithoutKind,
+    #[error("the list {0} has not been fetched")]
+    ListNotRead(String),
+    #[error(
+        "a list rule takes its prefixes or names from the list: no --dst, --dst-set or --name* beside it"
+    )]
+    ListWithOthers,
+    #[error("rule {0} is not a list rule; `oasis rule list` shows which rules are")]
+    NotAList(u32),
+    #[error("the list's entries are not of its kind ({0})")]
+    ListKindMismatch(ListKind),
+    #[error(
+        "rules by application need the socket hooks that DNS interception attaches, and it is \
+         off here (dns.enabled: false, or no cgroup v2): name a --cgroup or --uid instead"
+    )]
+    AppWithoutHooks,
     #[error(
         "the rules may name cgroups at {max} different depths at most ({levels}): \
          name an ancestor at a depth already used instead"
@@ -925,6 +1046,59 @@ impl RuleSet {
         self.next_id = rule.id + 1;
         self.rules.push(rule.clone());
         Ok(rule)
+    }
+
+    /// Gives list rule `id` the list's new entries, in its place in the
+    /// order; the list must be the rule's (same URL and kind).
+    pub fn replace_list(&mut self, id: u32, content: ListContent) -> Result<(), RuleError> {
+        let same =
+            |source: &ListSource, other: &ListSource| source.url == other.url && source.kind == other.kind;
+        if let Some(rule) = self.rules.iter_mut().find(|r| r.id == id) {
+            let ListContent::Prefixes(set) = content else {
+                return Err(RuleError::NoSuchRule(id));
+            };
+            let matches = rule
+                .subset
+                .dst_set
+                .as_ref()
+                .and_then(|s| s.source())
+                .zip(set.source());
+            if !matches.is_some_and(|(a, b)| same(a, b)) {
+                return Err(RuleError::NoSuchRule(id));
+            }
+            let mut subset = rule.subset.clone();
+            subset.dst_set = Some(set);
+            let others = self.rules.iter().filter(|r| r.id != id).map(|r| &r.subset);
+            for family in [4u8, 6] {
+                let count: usize = others
+                    .clone()
+                    .chain([&subset])
+                    .map(|s| s.dst_prefixes(family))
+                    .sum();
+                if count > MAX_PREFIXES {
+                    return Err(RuleError::TooManyPrefixes { family, count });
+                }
+            }
+            self.rules
+                .iter_mut()
+                .find(|r| r.id == id)
+                .expect("found above")
+                .subset = subset;
+            return Ok(());
+        }
+        let ListContent::Names(list) = content else {
+            return Err(RuleError::NoSuchRule(id));
+        };
+        let names = Arc::make_mut(&mut self.names);
+        let rule = names
+            .iter_mut()
+            .find(|r| {
+                r.id == id && matches!(&r.pattern, NamePattern::List(old) if same(&old.source, &list.source))
+            })
+            .ok_or(RuleError::NoSuchRule(id))?;
+        // The same list (by URL), so the index of patterns keeps its key.
+        rule.pattern = NamePattern::List(list);
+        Ok(())
     }
 
     pub fn remove(&mut self, id: u32) -> Result<AnyRule, RuleError> {

@@ -4,11 +4,9 @@
 //! overlay's rules are found by name, a prefix set is kept while a rule
 //! still names it.
 
-use std::sync::Arc;
-
 use super::errors::RequestError;
 use crate::overlay::{StoredOverlay, check_carrier};
-use crate::prefix_set::PrefixSet;
+use crate::rule_list::ListContent;
 use crate::rules::{AnyRule, RuleSet, RuleSpec, Subset};
 
 /// Rules checked against the current ones, not yet in effect.
@@ -26,7 +24,7 @@ pub(super) struct Checked {
 /// `progress(done, total)` is told every 50,000 rules.
 pub(super) fn check_rules(
     current: &RuleSet,
-    specs: Vec<(RuleSpec, Option<Arc<PrefixSet>>)>,
+    specs: Vec<(RuleSpec, Option<ListContent>)>,
     joined: &[StoredOverlay],
     import: bool,
     progress: impl Fn(u64, u64),
@@ -46,7 +44,7 @@ pub(super) fn check_rules(
                 RequestError::Rule(source)
             }
         };
-        let (subset, via) = spec.parse_with(set).map_err(at)?;
+        let (subset, via) = spec.parse_content(set).map_err(at)?;
         check_carrier(&via, joined).map_err(at)?;
         names_changed |= matches!(subset, Subset::Name(_));
         added.push(next.add_any(subset, via).map_err(at)?);
@@ -86,6 +84,7 @@ pub(super) fn set_in_use(rules: &RuleSet, file: &str) -> bool {
 mod tests {
     use super::*;
     use crate::overlay::OverlaySpec;
+    use crate::prefix_set::PrefixSet;
     use crate::rules::RuleError;
 
     fn overlay(name: &str) -> StoredOverlay {
@@ -99,7 +98,7 @@ mod tests {
         }
     }
 
-    fn header(dport: &str, via: &str) -> (RuleSpec, Option<Arc<PrefixSet>>) {
+    fn header(dport: &str, via: &str) -> (RuleSpec, Option<ListContent>) {
         let spec = RuleSpec {
             proto: Some("tcp".into()),
             dport: Some(dport.into()),
@@ -109,7 +108,7 @@ mod tests {
         (spec, None)
     }
 
-    fn name(suffix: &str, via: &str) -> (RuleSpec, Option<Arc<PrefixSet>>) {
+    fn name(suffix: &str, via: &str) -> (RuleSpec, Option<ListContent>) {
         let spec = RuleSpec {
             name_suffix: Some(suffix.into()),
             via: via.into(),
@@ -118,7 +117,7 @@ mod tests {
         (spec, None)
     }
 
-    fn add(rules: &mut RuleSet, specs: Vec<(RuleSpec, Option<Arc<PrefixSet>>)>, joined: &[StoredOverlay]) {
+    fn add(rules: &mut RuleSet, specs: Vec<(RuleSpec, Option<ListContent>)>, joined: &[StoredOverlay]) {
         *rules = check_rules(rules, specs, joined, false, |_, _| {}).unwrap().next;
     }
 
@@ -221,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_set_is_in_use_while_a_rule_names_it() {
-        let set = Arc::new(PrefixSet::parse("office-1.txt", "192.0.2.0/24\n").unwrap());
+        let set = std::sync::Arc::new(PrefixSet::parse("office-1.txt", "192.0.2.0/24\n").unwrap());
         let with_set = RuleSpec {
             dst_set: Some("office-1.txt".into()),
             via: "underlay".into(),
@@ -230,7 +229,10 @@ mod tests {
         let mut rules = RuleSet::default();
         add(
             &mut rules,
-            vec![(with_set, Some(set)), header("80", "underlay")],
+            vec![
+                (with_set, Some(ListContent::Prefixes(set))),
+                header("80", "underlay"),
+            ],
             &[],
         );
         assert!(set_in_use(&rules, "office-1.txt"));

@@ -288,6 +288,15 @@ fn intercept(
 }
 
 impl DnsRuntime {
+    /// Whether the socket hooks are attached (they also record which
+    /// process opened a socket, for rules by application).
+    pub fn intercepting(&self) -> bool {
+        self.interception
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Why name rules could not be kept here: resolver daemons that answer
     /// the redirected processes without port 53 from outside their cgroup
     /// (`dns/guard.rs`). Empty when nothing stands in the way.

@@ -24,6 +24,8 @@ pub(super) enum RequestError {
     Internal(String),
     #[error("{0} (no rule was added)")]
     Keep(#[from] super::sets::KeepError),
+    #[error("{0} (no rule was added)")]
+    List(String),
     #[error("name rules cannot be kept on this host: {0} (no rule was added)")]
     Uncovered(String),
 }

@@ -15,6 +15,7 @@ mod edit;
 mod errors;
 mod heartbeat;
 mod inherit;
+mod lists;
 mod monitor;
 mod monitor_report;
 mod persist;

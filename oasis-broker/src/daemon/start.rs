@@ -157,12 +157,30 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         daemon.settings.save(config_path)?;
         tracing::info!(path = %config_path.display(), "wrote a default config file");
     }
+    if !daemon.dns.intercepting() {
+        let apps: Vec<u32> = daemon
+            .rules()
+            .rules()
+            .iter()
+            .filter(|r| r.subset.sender.app.is_some())
+            .map(|r| r.id)
+            .collect();
+        if !apps.is_empty() {
+            tracing::warn!(
+                rules = ?apps,
+                "these rules name an application, which only the socket hooks of DNS interception see; \
+                 with interception off they match nothing"
+            );
+        }
+    }
     tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
     let cgroups = tokio::spawn(follow_cgroups(daemon.clone()));
+    let lists = tokio::spawn(follow_lists(daemon.clone()));
     let outcome = serve_until_stopped(&daemon, &listener, &threads).await;
 
     tracing::info!("shutting down: detaching the classifier");
     cgroups.abort();
+    lists.abort();
     stop.store(true, Relaxed);
     daemon.shutdown();
     listener.remove();
@@ -187,6 +205,19 @@ async fn follow_cgroups(daemon: Arc<state::Daemon>) {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// How often list rules are looked at for one that is due (each has its
+/// own interval, a minute at least).
+const LIST_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn follow_lists(daemon: Arc<state::Daemon>) {
+    let mut every = tokio::time::interval(LIST_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        daemon.refresh_due_lists().await;
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::changes::{Checked, check_rules, rules_using, set_in_use};
 use super::dns::DnsRuntime;
+use super::lists::{self, ListStatuses};
 use super::persist::{Persister, Snapshot};
 use crate::compile::{CgroupIds, compile_for};
 use crate::config::Config;
@@ -30,6 +31,7 @@ use crate::overlay::StoredOverlay;
 use crate::overlay::{JoinError, OverlayManager};
 use crate::platform::{Heartbeat, Kernel};
 use crate::prefix_set::PrefixSet;
+use crate::rule_list::{ListContent, ListSource};
 use crate::rules::{AnyRule, HeaderSubset, Rule, RuleError, RuleSet, RuleSpec};
 use crate::sender::{cgroup_ids, host_cgroup_id};
 use crate::shared::{Shared, snapshot};
@@ -80,6 +82,8 @@ pub(super) struct Daemon {
     path_mtu: PathMtu,
     /// The ids of the rules' cgroups the kernel's maps hold.
     cgroup_ids: Mutex<CgroupIds>,
+    /// How current each list rule's list is.
+    lists: Mutex<ListStatuses>,
     started: Instant,
 }
 
@@ -128,6 +132,18 @@ impl Daemon {
     pub fn new(parts: Parts) -> Daemon {
         // As `start` compiled them for the kernel a moment ago.
         let ids = cgroup_ids(parts.rules.rules(), host_cgroup_id);
+        let lists = parts
+            .rules
+            .all()
+            .iter()
+            .filter_map(|rule| {
+                let (source, file, _) = rule.list()?;
+                Some((
+                    rule.id(),
+                    super::lists::kept_status(&parts.config_path, source, file),
+                ))
+            })
+            .collect();
         Daemon {
             config_path: parts.config_path,
             settings: parts.settings,
@@ -150,8 +166,14 @@ impl Daemon {
             own_addresses: parts.own_addresses,
             path_mtu: parts.path_mtu,
             cgroup_ids: Mutex::new(ids),
+            lists: Mutex::new(lists),
             started: Instant::now(),
         }
+    }
+
+    /// The rules in effect.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        lock(&self.control).rules.clone()
     }
 
     pub async fn handle(self: Arc<Self>, request: Request, reporter: Reporter) -> Response {
@@ -182,6 +204,18 @@ impl Daemon {
                 .map(|rule| Response::Rule { rule }),
             Request::ListRules => Ok(Response::Rules {
                 rules: self.rule_views(),
+            }),
+            Request::RefreshLists { id } => self.refresh_lists(id, &reporter).await.map(|ids| {
+                let kernel = lock(&self.kernel);
+                let rules = lock(&self.control).rules.clone();
+                Response::Rules {
+                    rules: rules
+                        .all()
+                        .iter()
+                        .filter(|r| ids.contains(&r.id()))
+                        .map(|r| self.rule_view(kernel.as_ref(), r))
+                        .collect(),
+                }
             }),
             Request::Status => Ok(Response::Status {
                 status: Box::new(self.status()),
@@ -270,6 +304,10 @@ impl Daemon {
             AnyRule::Header(rule) => (kernel.rule_counters(rule.id), None),
             AnyRule::Name(rule) => (Default::default(), Some(self.dns.counters.answers_for(rule.id))),
         };
+        let list = rule.list().map(|(source, file, entries)| {
+            let status = lock(&self.lists).get(&rule.id()).cloned().unwrap_or_default();
+            Box::new(status.view(source, file, entries, std::time::SystemTime::now()))
+        });
         RuleView {
             id: rule.id(),
             subset: rule.subset_text(),
@@ -277,6 +315,7 @@ impl Daemon {
             packets: counters.packets,
             bytes: counters.bytes,
             answers,
+            list,
         }
     }
 
@@ -298,6 +337,9 @@ impl Daemon {
         upload: Option<SetUpload>,
         reporter: &Reporter,
     ) -> Result<Vec<AnyRule>, RequestError> {
+        if let Some(source) = spec.list_source().map_err(RequestError::Rule)? {
+            return self.add_list_rule(spec, source, reporter).await;
+        }
         let Some(upload) = upload else {
             return self.add_rules(vec![(spec, None)], false, reporter).await;
         };
@@ -310,18 +352,204 @@ impl Daemon {
         .await??;
         spec.dst_set = Some(set.file().to_string());
         let file = set.file().to_string();
-        let added = self.add_rules(vec![(spec, Some(set))], false, reporter).await;
+        let added = self
+            .add_rules(vec![(spec, Some(ListContent::Prefixes(set)))], false, reporter)
+            .await;
         if added.is_err() {
             super::sets::forget(&self.config_path, &file);
         }
         added
     }
 
+    /// Adds a list rule: the list is downloaded and checked first (no lock
+    /// held meanwhile); when that fails, nothing changes.
+    async fn add_list_rule(
+        self: &Arc<Self>,
+        mut spec: RuleSpec,
+        source: ListSource,
+        reporter: &Reporter,
+    ) -> Result<Vec<AnyRule>, RequestError> {
+        // Known before the download, so a typo costs no download.
+        spec.parse_content(Some(placeholder(&source)))
+            .map_err(RequestError::Rule)?;
+        let file = lists::file_for(&source);
+        if lock(&self.control)
+            .rules
+            .all()
+            .iter()
+            .any(|r| r.list().is_some_and(|(_, f, _)| f == file))
+        {
+            return Err(RequestError::Rule(RuleError::Duplicate {
+                existing: 0,
+                subset: format!("list {}", source.url),
+            }));
+        }
+        reporter.report(&format!("downloading {}", source.url), 0, 0);
+        let (refreshed, validators) = lists::download(&source, &file, &Default::default())
+            .await
+            .map_err(|e| RequestError::List(e.to_string()))?;
+        let lists::Refreshed::Changed { content, text } = refreshed else {
+            return Err(RequestError::List(format!(
+                "{}: the server answered 304 to a first download",
+                source.url
+            )));
+        };
+        let now = std::time::SystemTime::now();
+        lists::keep(
+            &self.config_path,
+            &file,
+            Some(&text),
+            &source.url,
+            &validators,
+            now,
+        )
+        .map_err(|e| RequestError::List(format!("keeping {file}: {e}")))?;
+        spec.list_file = Some(file.clone());
+        let added = self.add_rules(vec![(spec, Some(content))], false, reporter).await;
+        match &added {
+            Ok(rules) => {
+                let status = lists::ListStatus {
+                    fetched: Some(now),
+                    checked: Some(now),
+                    validators,
+                    error: None,
+                };
+                lock(&self.lists).insert(rules[0].id(), status);
+            }
+            Err(_) => lists::forget(&self.config_path, &file),
+        }
+        added
+    }
+
+    /// Fetches the lists of list rule `id` (or of every list rule) now,
+    /// whether due or not; their ids.
+    async fn refresh_lists(
+        self: &Arc<Self>,
+        id: Option<u32>,
+        reporter: &Reporter,
+    ) -> Result<Vec<u32>, RequestError> {
+        let rules = lock(&self.control).rules.clone();
+        let ids: Vec<u32> = rules
+            .all()
+            .iter()
+            .filter(|r| r.list().is_some() && id.is_none_or(|id| id == r.id()))
+            .map(AnyRule::id)
+            .collect();
+        if let Some(id) = id
+            && ids.is_empty()
+        {
+            return Err(RequestError::Rule(RuleError::NotAList(id)));
+        }
+        for (done, &id) in ids.iter().enumerate() {
+            reporter.report("fetching lists", done as u64, ids.len() as u64);
+            self.refresh_list(id).await;
+        }
+        Ok(ids)
+    }
+
+    /// Fetches every list that is due.
+    pub async fn refresh_due_lists(self: &Arc<Self>) {
+        let now = std::time::SystemTime::now();
+        let due: Vec<u32> = {
+            let rules = lock(&self.control).rules.clone();
+            let statuses = lock(&self.lists);
+            rules
+                .all()
+                .iter()
+                .filter_map(|r| {
+                    let (source, _, _) = r.list()?;
+                    let status = statuses.get(&r.id()).cloned().unwrap_or_default();
+                    status.due(source.every, now).then_some(r.id())
+                })
+                .collect()
+        };
+        for id in due {
+            self.refresh_list(id).await;
+        }
+    }
+
+    /// One list's refresh: unchanged (a 304) costs nothing more; a new
+    /// copy is checked, kept, and swapped into the rule in one commit; a
+    /// failure leaves the last good copy in effect and says why.
+    async fn refresh_list(self: &Arc<Self>, id: u32) {
+        let Some((source, file)) = lock(&self.control)
+            .rules
+            .all()
+            .iter()
+            .find(|r| r.id() == id)
+            .and_then(|r| {
+                r.list()
+                    .map(|(source, file, _)| (source.clone(), file.to_string()))
+            })
+        else {
+            return;
+        };
+        let since = lock(&self.lists)
+            .get(&id)
+            .map(|s| s.validators.clone())
+            .unwrap_or_default();
+        let outcome = match lists::download(&source, &file, &since).await {
+            Ok((lists::Refreshed::Unchanged, validators)) => Ok((None, validators)),
+            Ok((lists::Refreshed::Changed { content, text }, validators)) => self
+                .swap_list(id, content)
+                .await
+                .map(|()| (Some(text), validators)),
+            Err(e) => Err(e.to_string()),
+        };
+        let now = std::time::SystemTime::now();
+        let outcome = outcome.and_then(|(text, validators)| {
+            lists::keep(
+                &self.config_path,
+                &file,
+                text.as_deref(),
+                &source.url,
+                &validators,
+                now,
+            )
+            .map_err(|e| format!("keeping {file}: {e}"))
+            .map(|()| (text.is_some(), validators))
+        });
+        let mut statuses = lock(&self.lists);
+        let status = statuses.entry(id).or_default();
+        status.checked = Some(now);
+        match outcome {
+            Ok((changed, validators)) => {
+                tracing::info!(id, url = %source.url, changed, "list refreshed");
+                status.fetched = Some(now);
+                status.validators = validators;
+                status.error = None;
+            }
+            Err(error) => {
+                tracing::warn!(id, url = %source.url, "list refresh failed; the last good copy stays in effect: {error}");
+                status.error = Some(error);
+            }
+        }
+    }
+
+    /// Puts a list's new entries into its rule, under the change lock.
+    async fn swap_list(self: &Arc<Self>, id: u32, content: ListContent) -> Result<(), String> {
+        let names = matches!(content, ListContent::Names(_));
+        let _change = self.change.lock().await;
+        let rules = lock(&self.control).rules.clone();
+        let next = blocking(move || {
+            let mut next = (*rules).clone();
+            next.replace_list(id, content).map(|()| next)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let reporter = Reporter(tokio::sync::watch::channel(None).0);
+        self.commit(next, names, &reporter)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Adds rules in one step (one compile, one file write): all of them,
     /// or none when any is bad.
     async fn add_rules(
         self: &Arc<Self>,
-        specs: Vec<(RuleSpec, Option<Arc<PrefixSet>>)>,
+        specs: Vec<(RuleSpec, Option<ListContent>)>,
         import: bool,
         reporter: &Reporter,
     ) -> Result<Vec<AnyRule>, RequestError> {
@@ -343,6 +571,11 @@ impl Daemon {
             })
         })
         .await??;
+        let names_an_app =
+            |rule: &AnyRule| matches!(rule, AnyRule::Header(r) if r.subset.sender.app.is_some());
+        if added.iter().any(names_an_app) && !self.dns.intercepting() {
+            return Err(RequestError::Rule(RuleError::AppWithoutHooks));
+        }
         if names_changed {
             let uncovered = self.dns.uncovered();
             if !uncovered.is_empty() {
@@ -395,6 +628,10 @@ impl Daemon {
             if !set_in_use(&rules, set.file()) {
                 super::sets::forget(&self.config_path, set.file());
             }
+        }
+        if let Some((_, file, _)) = rule.list() {
+            lock(&self.lists).remove(&id);
+            super::lists::forget(&self.config_path, file);
         }
         Ok(view)
     }
@@ -852,3 +1089,9 @@ fn map_views() -> Vec<MapView> {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+/// Empty entries of a list's kind: what a rule's fields are checked with
+/// before its list is downloaded.
+fn placeholder(source: &ListSource) -> ListContent {
+    crate::config::list_content(source.clone(), String::new(), None).expect("an empty list is always read")
+}

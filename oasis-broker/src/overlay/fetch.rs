@@ -42,6 +42,44 @@ pub async fn fetch_bytes(
     limit: usize,
     timeout: std::time::Duration,
 ) -> Result<Vec<u8>, FetchError> {
+    match fetch_if_changed(url, limit, timeout, &Validators::default()).await? {
+        Fetched::Changed { body, .. } => Ok(body),
+        // Asked unconditionally, a server has no business answering this.
+        Fetched::NotModified => Err(FetchError::Status {
+            url: url.into(),
+            status: 304,
+        }),
+    }
+}
+
+/// What the server said of the copy last fetched, to ask whether it
+/// changed since (HTTP conditional requests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Validators {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Fetched {
+    /// The server's copy is the one we have (304).
+    NotModified,
+    Changed {
+        body: Vec<u8>,
+        validators: Validators,
+    },
+}
+
+/// As [`fetch_bytes`], asking the server for the document only if it
+/// changed since the copy `since` describes.
+pub async fn fetch_if_changed(
+    url: &str,
+    limit: usize,
+    timeout: std::time::Duration,
+    since: &Validators,
+) -> Result<Fetched, FetchError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(FetchError::BadUrl(url.into()));
     }
@@ -61,7 +99,17 @@ pub async fn fetch_bytes(
         .redirect(reqwest::redirect::Policy::limited(3))
         .build()
         .map_err(http)?;
-    let mut response = client.get(url).send().await.map_err(http)?;
+    let mut request = client.get(url);
+    if let Some(etag) = &since.etag {
+        request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+    }
+    if let Some(date) = &since.last_modified {
+        request = request.header(reqwest::header::IF_MODIFIED_SINCE, date);
+    }
+    let mut response = request.send().await.map_err(http)?;
+    if response.status() == reqwest::StatusCode::NOT_MODIFIED && since != &Validators::default() {
+        return Ok(Fetched::NotModified);
+    }
     if response.status().is_redirection() {
         // A redirect reqwest would not follow (to file:, ftp:, ...).
         let location = response
@@ -87,6 +135,18 @@ pub async fn fetch_bytes(
             limit,
         });
     }
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 256)
+            .map(str::to_string)
+    };
+    let validators = Validators {
+        etag: header(reqwest::header::ETAG),
+        last_modified: header(reqwest::header::LAST_MODIFIED),
+    };
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(http)? {
         body.extend_from_slice(&chunk);
@@ -97,7 +157,7 @@ pub async fn fetch_bytes(
             });
         }
     }
-    Ok(body)
+    Ok(Fetched::Changed { body, validators })
 }
 
 /// What went wrong, in words a user can act on: reqwest's own text names
