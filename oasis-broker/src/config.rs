@@ -598,10 +598,11 @@ impl Config {
                     subset,
                     via,
                 }),
-                Subset::Name(pattern) => AnyRule::Name(NameRule {
+                Subset::Name(pattern, sender) => AnyRule::Name(NameRule {
                     id: stored.id,
                     pattern,
                     via,
+                    sender,
                 }),
             });
         }

@@ -15,6 +15,7 @@ use regex::RegexSet;
 
 pub use crate::name_pattern::{NameError, NamePattern, normalise};
 use crate::rules::{Carrier, NameRule};
+use crate::sender::{Asker, SenderMatch};
 
 /// The name rules compiled for lookup: which rule claims a name, and the
 /// carrier it asks for.
@@ -22,6 +23,9 @@ use crate::rules::{Carrier, NameRule};
 pub struct NameRules {
     matcher: NameMatcher,
     rules: Vec<(u32, Carrier)>,
+    /// By rank: the processes a rule claims names for, when it names any.
+    senders: Vec<Option<SenderMatch>>,
+    any_sender: bool,
 }
 
 impl Default for NameRules {
@@ -33,10 +37,58 @@ impl Default for NameRules {
 impl NameRules {
     pub fn compile(rules: &[NameRule]) -> Result<NameRules, NameError> {
         let patterns: Vec<NamePattern> = rules.iter().map(|r| r.pattern.clone()).collect();
+        let senders: Vec<Option<SenderMatch>> = rules
+            .iter()
+            .map(|r| (!r.sender.is_any()).then(|| r.sender.clone()))
+            .collect();
         Ok(NameRules {
             matcher: NameMatcher::new(&patterns)?,
             rules: rules.iter().map(|r| (r.id, r.via.clone())).collect(),
+            any_sender: senders.iter().any(Option::is_some),
+            senders,
         })
+    }
+
+    /// The id and carrier of the first rule that claims `name` for the
+    /// process that asked (`asker`, looked up only when a rule naming a
+    /// sender could claim the name first); and whether the answer depends
+    /// on who asked (then it must not be given again to another).
+    pub fn first_match_for(
+        &self,
+        name: &str,
+        asker: impl FnOnce() -> Option<Asker>,
+    ) -> (Option<(u32, &Carrier)>, bool) {
+        if !self.any_sender {
+            return (self.first_match(name), false);
+        }
+        let general = self
+            .matcher
+            .first_match_where(name, |rank| self.senders[rank].is_none());
+        let personal = self
+            .matcher
+            .first_match_where(name, |rank| self.senders[rank].is_some())
+            .is_some_and(|rank| general.is_none_or(|general| rank < general));
+        let rank = if personal {
+            let asker = asker();
+            self.matcher
+                .first_match_where(name, |rank| match (&self.senders[rank], &asker) {
+                    (None, _) => true,
+                    (Some(sender), Some(asker)) => sender.matches_asker(asker),
+                    (Some(_), None) => false,
+                })
+        } else {
+            general
+        };
+        (
+            rank.and_then(|rank| self.rules.get(rank))
+                .map(|(id, via)| (*id, via)),
+            personal,
+        )
+    }
+
+    /// Whether some rule claims names for some processes only.
+    pub fn by_sender(&self) -> bool {
+        self.any_sender
     }
 
     pub fn is_empty(&self) -> bool {
@@ -44,8 +96,25 @@ impl NameRules {
     }
 
     /// The id and carrier of the first rule that claims `name` (normalised:
-    /// lower case, no final dot; see [`normalise`]).
+    /// lower case, no final dot; see [`normalise`]) for whoever asks: a
+    /// rule that claims names for some processes only is passed over.
     pub fn first_match(&self, name: &str) -> Option<(u32, &Carrier)> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        let rank = if self.any_sender {
+            self.matcher
+                .first_match_where(name, |rank| self.senders[rank].is_none())?
+        } else {
+            self.matcher.first_match_normalised(name)?
+        };
+        self.rules.get(rank).map(|(id, via)| (*id, via))
+    }
+
+    /// As `first_match`, with rules for some processes only counted in:
+    /// for a flow to a fake address, which only processes a rule claimed
+    /// the name for were given.
+    pub fn first_match_any_sender(&self, name: &str) -> Option<(u32, &Carrier)> {
         if self.rules.is_empty() {
             return None;
         }
@@ -59,6 +128,10 @@ impl NameRules {
 pub struct NameMatcher {
     exact: HashMap<String, usize>,
     suffix: HashMap<String, usize>,
+    /// Later ranks of texts already in `exact` or `suffix` (rules for
+    /// different senders): rarely any.
+    exact_more: HashMap<String, Vec<usize>>,
+    suffix_more: HashMap<String, Vec<usize>>,
     keywords: Option<(AhoCorasick, Vec<usize>)>,
     regexes: Option<(RegexSet, Vec<usize>)>,
 }
@@ -68,16 +141,22 @@ impl NameMatcher {
     pub fn new(patterns: &[NamePattern]) -> Result<NameMatcher, NameError> {
         let mut exact = HashMap::new();
         let mut suffix = HashMap::new();
+        let mut exact_more: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut suffix_more: HashMap<String, Vec<usize>> = HashMap::new();
         let (mut keyword_texts, mut keyword_ranks) = (Vec::new(), Vec::new());
         let (mut regex_texts, mut regex_ranks) = (Vec::new(), Vec::new());
         for (rank, pattern) in patterns.iter().enumerate() {
             let mut add = |pattern: &NamePattern| match pattern {
                 // An earlier rule with the same text keeps precedence.
                 NamePattern::Exact(name) => {
-                    exact.entry(name.clone()).or_insert(rank);
+                    if *exact.entry(name.clone()).or_insert(rank) != rank {
+                        exact_more.entry(name.clone()).or_default().push(rank);
+                    }
                 }
                 NamePattern::Suffix(name) => {
-                    suffix.entry(name.clone()).or_insert(rank);
+                    if *suffix.entry(name.clone()).or_insert(rank) != rank {
+                        suffix_more.entry(name.clone()).or_default().push(rank);
+                    }
                 }
                 NamePattern::Keyword(text) => {
                     keyword_texts.push(text.clone());
@@ -117,6 +196,8 @@ impl NameMatcher {
         Ok(NameMatcher {
             exact,
             suffix,
+            exact_more,
+            suffix_more,
             keywords,
             regexes,
         })
@@ -125,6 +206,45 @@ impl NameMatcher {
     /// The rank of the first pattern that matches `name`.
     pub fn first_match(&self, name: &str) -> Option<usize> {
         self.first_match_normalised(&normalise(name))
+    }
+
+    /// As `first_match_normalised`, among the ranks `allowed` admits.
+    pub fn first_match_where(&self, name: &str, allowed: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let mut consider = |rank: usize| {
+            if allowed(rank) {
+                best = Some(best.map_or(rank, |b| b.min(rank)));
+            }
+        };
+        let mut from = |map: &HashMap<String, usize>, more: &HashMap<String, Vec<usize>>, key: &str| {
+            if let Some(&rank) = map.get(key) {
+                consider(rank);
+                more.get(key)
+                    .into_iter()
+                    .flatten()
+                    .for_each(|&rank| consider(rank));
+            }
+        };
+        from(&self.exact, &self.exact_more, name);
+        let mut rest = name;
+        loop {
+            from(&self.suffix, &self.suffix_more, rest);
+            match rest.split_once('.') {
+                Some((_, tail)) => rest = tail,
+                None => break,
+            }
+        }
+        if let Some((automaton, ranks)) = &self.keywords {
+            for found in automaton.find_overlapping_iter(name) {
+                consider(ranks[found.pattern().as_usize()]);
+            }
+        }
+        if let Some((set, ranks)) = &self.regexes {
+            for index in set.matches(name).iter() {
+                consider(ranks[index]);
+            }
+        }
+        best
     }
 
     /// As `first_match`, for a name already normalised.
@@ -169,6 +289,77 @@ mod tests {
         }
         .validated()
         .unwrap()
+    }
+
+    #[test]
+    fn rules_for_some_processes_claim_their_names_for_them_only() {
+        use crate::sender::{App, CgroupPath, SenderMatch};
+        let rule = |id, pattern, via: &str, sender: SenderMatch| NameRule {
+            id,
+            pattern,
+            via: via.parse().unwrap(),
+            sender,
+        };
+        let browser = SenderMatch {
+            cgroup: Some(CgroupPath::parse("user.slice/browser.scope").unwrap()),
+            ..SenderMatch::default()
+        };
+        let curl = SenderMatch {
+            app: Some(App::parse("curl").unwrap()),
+            ..SenderMatch::default()
+        };
+        let rules = NameRules::compile(&[
+            rule(1, p("suffix", "example.org"), "detour", browser),
+            rule(2, p("suffix", "example.org"), "exit", curl),
+            rule(
+                3,
+                p("exact", "www.example.org"),
+                "underlay",
+                SenderMatch::default(),
+            ),
+            rule(4, p("suffix", "example.net"), "exit", SenderMatch::default()),
+        ])
+        .unwrap();
+        let asker = |cgroup: &str, app: &str| Asker {
+            uid: 1000,
+            cgroup: Some(cgroup.into()),
+            app: App::parse(app).unwrap().key(),
+        };
+        let claim = |name: &str, who: Option<Asker>| {
+            let (claim, personal) = rules.first_match_for(name, || who);
+            (claim.map(|(id, _)| id), personal)
+        };
+        assert_eq!(
+            claim(
+                "www.example.org",
+                Some(asker("user.slice/browser.scope", "firefox"))
+            ),
+            (Some(1), true)
+        );
+        assert_eq!(
+            claim("www.example.org", Some(asker("user.slice/other.scope", "curl"))),
+            (Some(2), true)
+        );
+        assert_eq!(
+            claim("www.example.org", Some(asker("user.slice/other.scope", "wget"))),
+            (Some(3), true)
+        );
+        assert_eq!(claim("mail.example.org", Some(asker("/", "wget"))), (None, true));
+        assert_eq!(
+            claim("mail.example.org", None),
+            (None, true),
+            "an asker not known is no one's"
+        );
+        // A name no rule for some processes claims first: not looked up.
+        let (claim, personal) = rules.first_match_for("www.example.net", || panic!("asked who asked"));
+        assert_eq!((claim.map(|(id, _)| id), personal), (Some(4), false));
+        // Whoever asks: rules for some processes only are passed over; a
+        // flow to a fake address counts them in.
+        assert_eq!(rules.first_match("www.example.org").map(|(id, _)| id), Some(3));
+        assert_eq!(
+            rules.first_match_any_sender("www.example.org").map(|(id, _)| id),
+            Some(1)
+        );
     }
 
     #[test]

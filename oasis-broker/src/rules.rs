@@ -326,7 +326,9 @@ impl fmt::Display for HeaderSubset {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subset {
     Header(HeaderSubset),
-    Name(NamePattern),
+    /// Names, asked by any process, or by the processes the sender fields
+    /// name (the others are answered truly).
+    Name(NamePattern, SenderMatch),
 }
 
 impl Subset {
@@ -334,7 +336,7 @@ impl Subset {
     pub fn header(self) -> Option<HeaderSubset> {
         match self {
             Subset::Header(subset) => Some(subset),
-            Subset::Name(_) => None,
+            Subset::Name(..) => None,
         }
     }
 }
@@ -389,20 +391,22 @@ impl RuleSpec {
             (_, None) => Err(RuleError::ListNotRead(source.url)),
             (ListKind::Cidr, Some(ListContent::Prefixes(set))) => self.parse_fields(Some(set), true),
             (kind, Some(ListContent::Names(list))) if kind != ListKind::Cidr => {
-                if self.header_given() {
+                if self.packet_fields_given() {
                     return Err(RuleError::NameWithHeader);
                 }
-                Ok((Subset::Name(NamePattern::List(list)), self.carrier()?))
+                Ok((
+                    Subset::Name(NamePattern::List(list), self.sender()?),
+                    self.carrier()?,
+                ))
             }
             (kind, Some(_)) => Err(RuleError::ListKindMismatch(kind)),
         }
     }
 
-    fn header_given(&self) -> bool {
+    /// Fields of the packet itself, which a name rule cannot have (who
+    /// sent it, it can).
+    fn packet_fields_given(&self) -> bool {
         self.proto.is_some()
-            || self.uid.is_some()
-            || self.cgroup.is_some()
-            || self.app.is_some()
             || self.dst.is_some()
             || self.dst_set.is_some()
             || self.dport.is_some()
@@ -425,13 +429,13 @@ impl RuleSpec {
         .into_iter()
         .flatten()
         .collect();
-        let header_given = self.header_given() || listed;
+        let header_given = self.packet_fields_given() || listed;
         match names.len() {
             0 => {}
             1 if header_given => return Err(RuleError::NameWithHeader),
             1 => {
                 let pattern = names.into_iter().next().expect("one").validated()?;
-                return Ok((Subset::Name(pattern), self.carrier()?));
+                return Ok((Subset::Name(pattern, self.sender()?), self.carrier()?));
             }
             _ => return Err(RuleError::TwoNames),
         }
@@ -524,7 +528,7 @@ impl RuleSpec {
     pub fn parse_header(&self) -> Result<(HeaderSubset, Carrier), RuleError> {
         match self.parse()? {
             (Subset::Header(subset), via) => Ok((subset, via)),
-            (Subset::Name(_), _) => Err(RuleError::NameWithHeader),
+            (Subset::Name(..), _) => Err(RuleError::NameWithHeader),
         }
     }
 
@@ -627,12 +631,19 @@ pub struct NameRule {
     pub id: u32,
     pub pattern: NamePattern,
     pub via: Carrier,
+    /// Only these processes' queries are claimed.
+    pub sender: SenderMatch,
 }
 
 impl NameRule {
     pub fn spec(&self) -> RuleSpec {
         let text = Some(self.pattern.text().to_string());
-        let mut spec = RuleSpec::default();
+        let mut spec = RuleSpec {
+            uid: self.sender.uid.map(|u| u.to_string()),
+            cgroup: self.sender.cgroup.as_ref().map(|c| c.to_string()),
+            app: self.sender.app.as_ref().map(|a| a.to_string()),
+            ..RuleSpec::default()
+        };
         spec.set_carrier(&self.via);
         match self.pattern {
             NamePattern::Regex(_) => spec.name = text,
@@ -671,7 +682,8 @@ impl AnyRule {
     pub fn subset_text(&self) -> String {
         match self {
             AnyRule::Header(rule) => rule.subset.to_string(),
-            AnyRule::Name(rule) => rule.pattern.to_string(),
+            AnyRule::Name(rule) if rule.sender.is_any() => rule.pattern.to_string(),
+            AnyRule::Name(rule) => format!("{} {}", rule.pattern, rule.sender),
         }
     }
 
@@ -835,7 +847,7 @@ impl From<PrefixSetError> for RuleError {
 pub struct RuleSet {
     rules: Vec<Rule>,
     names: Arc<Vec<NameRule>>,
-    name_ids: Arc<HashMap<NamePattern, u32>>,
+    name_ids: Arc<HashMap<(NamePattern, SenderMatch), u32>>,
     next_id: u32,
 }
 
@@ -865,7 +877,7 @@ impl RuleSet {
                     set.rules.push(rule);
                 }
                 AnyRule::Name(rule) => {
-                    set.check_new_name(&rule.pattern)?;
+                    set.check_new_name(&rule.pattern, &rule.sender)?;
                     set.push_name(rule);
                 }
             }
@@ -919,8 +931,8 @@ impl RuleSet {
         all
     }
 
-    fn check_new_name(&self, pattern: &NamePattern) -> Result<(), RuleError> {
-        if let Some(&existing) = self.name_ids.get(pattern) {
+    fn check_new_name(&self, pattern: &NamePattern, sender: &SenderMatch) -> Result<(), RuleError> {
+        if let Some(&existing) = self.name_ids.get(&(pattern.clone(), sender.clone())) {
             return Err(RuleError::Duplicate {
                 existing,
                 subset: pattern.to_string(),
@@ -933,12 +945,18 @@ impl RuleSet {
     }
 
     /// Appends a name rule and returns it with its new id.
-    pub fn add_name(&mut self, pattern: NamePattern, via: Carrier) -> Result<NameRule, RuleError> {
-        self.check_new_name(&pattern)?;
+    pub fn add_name(
+        &mut self,
+        pattern: NamePattern,
+        sender: SenderMatch,
+        via: Carrier,
+    ) -> Result<NameRule, RuleError> {
+        self.check_new_name(&pattern, &sender)?;
         let rule = NameRule {
             id: self.next_id.max(1),
             pattern,
             via,
+            sender,
         };
         self.next_id = rule.id + 1;
         self.push_name(rule.clone());
@@ -946,7 +964,7 @@ impl RuleSet {
     }
 
     fn push_name(&mut self, rule: NameRule) {
-        Arc::make_mut(&mut self.name_ids).insert(rule.pattern.clone(), rule.id);
+        Arc::make_mut(&mut self.name_ids).insert((rule.pattern.clone(), rule.sender.clone()), rule.id);
         Arc::make_mut(&mut self.names).push(rule);
     }
 
@@ -954,7 +972,7 @@ impl RuleSet {
     pub fn add_any(&mut self, subset: Subset, via: Carrier) -> Result<AnyRule, RuleError> {
         Ok(match subset {
             Subset::Header(subset) => AnyRule::Header(self.add(subset, via)?),
-            Subset::Name(pattern) => AnyRule::Name(self.add_name(pattern, via)?),
+            Subset::Name(pattern, sender) => AnyRule::Name(self.add_name(pattern, sender, via)?),
         })
     }
 
@@ -1111,7 +1129,7 @@ impl RuleSet {
             .position(|r| r.id == id)
             .ok_or(RuleError::NoSuchRule(id))?;
         let rule = Arc::make_mut(&mut self.names).remove(index);
-        Arc::make_mut(&mut self.name_ids).remove(&rule.pattern);
+        Arc::make_mut(&mut self.name_ids).remove(&(rule.pattern.clone(), rule.sender.clone()));
         Ok(AnyRule::Name(rule))
     }
 
@@ -1513,10 +1531,16 @@ mod tests {
         let (subset, via) = name_spec(|s| s.name_suffix = Some("*.Example.ORG.".into()))
             .parse()
             .unwrap();
-        assert_eq!(subset, Subset::Name(NamePattern::Suffix("example.org".into())));
+        assert_eq!(
+            subset,
+            Subset::Name(NamePattern::Suffix("example.org".into()), SenderMatch::default())
+        );
         assert_eq!(via, Carrier::Overlay("detour".into()));
         let (regex, _) = name_spec(|s| s.name = Some(r".*\.edu$".into())).parse().unwrap();
-        assert_eq!(regex, Subset::Name(NamePattern::Regex(r".*\.edu$".into())));
+        assert_eq!(
+            regex,
+            Subset::Name(NamePattern::Regex(r".*\.edu$".into()), SenderMatch::default())
+        );
         let with_port = name_spec(|s| {
             s.name_exact = Some("a.example".into());
             s.dport = Some("443".into());

@@ -56,6 +56,53 @@ impl SenderMatch {
     }
 }
 
+impl SenderMatch {
+    /// Whether the process that asked a DNS query meets every field
+    /// given; a cgroup by its path (the asker's cgroup or one below it).
+    pub fn matches_asker(&self, asker: &Asker) -> bool {
+        if let Some(uid) = self.uid
+            && asker.uid != uid
+        {
+            return false;
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let Some(path) = &asker.cgroup else {
+                return false;
+            };
+            let path = path.trim_matches('/');
+            let within = path
+                .strip_prefix(cgroup.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if !within {
+                return false;
+            }
+        }
+        if let Some(app) = &self.app
+            && asker.app != app.key()
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The process that asked a DNS query, as the socket hooks saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Asker {
+    pub uid: u32,
+    /// Its cgroup v2 path below the root; None when it is gone.
+    pub cgroup: Option<String>,
+    pub app: AppName,
+}
+
+/// A process's cgroup v2 path, from its /proc/PID/cgroup text.
+pub fn cgroup_of(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| path.trim().trim_start_matches('/').to_string())
+}
+
 impl fmt::Display for SenderMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts = Vec::new();
@@ -348,6 +395,34 @@ mod tests {
         assert_eq!(app_text(&long.key()), "chromium-browse");
         assert!(App::parse("").is_err());
         assert!(App::parse("/usr/bin/").is_err());
+    }
+
+    #[test]
+    fn askers_match_by_cgroup_path_uid_and_name() {
+        let rule = SenderMatch {
+            cgroup: Some(CgroupPath::parse("user.slice/app-firefox.scope").unwrap()),
+            ..SenderMatch::default()
+        };
+        let asker = |path: &str| Asker {
+            uid: 1000,
+            cgroup: cgroup_of(&format!("12:pids:/x\n0::{path}\n")),
+            app: App::parse("dig").unwrap().key(),
+        };
+        assert!(rule.matches_asker(&asker("/user.slice/app-firefox.scope")));
+        assert!(rule.matches_asker(&asker("/user.slice/app-firefox.scope/sub")));
+        assert!(!rule.matches_asker(&asker("/user.slice/app-firefox.scopex")));
+        assert!(!rule.matches_asker(&asker("/user.slice")));
+        assert!(!rule.matches_asker(&Asker {
+            cgroup: None,
+            ..asker("/")
+        }));
+        let by_app = SenderMatch {
+            uid: Some(1000),
+            app: Some(App::parse("/usr/bin/dig").unwrap()),
+            ..SenderMatch::default()
+        };
+        assert!(by_app.matches_asker(&asker("/")));
+        assert!(!by_app.matches_asker(&Asker { uid: 0, ..asker("/") }));
     }
 
     #[test]

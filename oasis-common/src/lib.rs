@@ -834,6 +834,11 @@ pub struct DnsOriginal {
     pub port: u16,
     pub family: u8,
     pub _pad: [u8; 5],
+    /// Who asked, for name rules by sender: the process (its thread
+    /// group), its uid and its name.
+    pub tgid: u32,
+    pub uid: u32,
+    pub comm: [u8; APP_NAME_LEN],
 }
 
 #[cfg(all(feature = "user", target_os = "linux"))]
@@ -889,7 +894,7 @@ mod tests {
         assert_eq!(size_of::<ExitFastCounts>(), 4 * 8);
         assert_eq!(size_of::<NatEntry>(), 16 + 8 + 4 + 4);
         assert_eq!(size_of::<DnsSettings>(), 8 + 4 + 2 + 2 + 1 + 7);
-        assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<DnsOriginal>(), 16 + 2 + 1 + 5 + 4 + 4 + APP_NAME_LEN);
         assert_eq!(size_of::<Measure>(), 5 * 8 + 6 * 4);
         assert_eq!(size_of::<MonitorEvent>(), 40 + 4 + 4 + 4 * 8);
         assert_eq!(

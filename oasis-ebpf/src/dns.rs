@@ -21,7 +21,7 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,
@@ -128,9 +128,18 @@ fn dns_query(ctx: &SockAddrContext) -> Option<&'static DnsSettings> {
 }
 
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, original: &DnsOriginal) {
-    // SAFETY: helper on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+fn remember(ctx: &SockAddrContext, original: &mut DnsOriginal) {
+    // SAFETY: helpers on the program's own context.
+    let (cookie, tgid, uid) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_get_current_uid_gid() as u32,
+        )
+    };
+    original.tgid = tgid;
+    original.uid = uid;
+    original.comm = bpf_get_current_comm().unwrap_or_default();
     let _ = DNS_ORIGINAL.insert(&cookie, original, 0);
 }
 
@@ -157,7 +166,7 @@ fn redirect_v4(ctx: &SockAddrContext) {
         ..DnsOriginal::default()
     };
     saved.addr[..4].copy_from_slice(&ip);
-    remember(ctx, &saved);
+    remember(ctx, &mut saved);
     // A stub on this host is asked by the broker in the application's
     // place (its own names, its own upstreams), as a server of the
     // application's choosing.
@@ -187,11 +196,11 @@ fn redirect_v6(ctx: &SockAddrContext) {
     }
     remember(
         ctx,
-        &DnsOriginal {
+        &mut DnsOriginal {
             addr,
             port: DNS_PORT,
             family: FAMILY_V6,
-            _pad: [0; 5],
+            ..DnsOriginal::default()
         },
     );
     let mut server = addr;

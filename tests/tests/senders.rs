@@ -206,3 +206,75 @@ fn one_user_and_one_application_over_the_exit_others_on_the_underlay() {
         "another program stays on the underlay"
     );
 }
+
+/// `dig` of `name` from the client, in `cgroup`: the answer's addresses.
+fn dig_in(net: &Topology, cgroup: &Path, name: &str) -> Vec<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec dig +time=3 +tries=1 +short @{SERVER_V4} {name} A",
+        cgroup.display()
+    );
+    let output = net.client.output(&["sh", "-c", &script]);
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
+fn a_name_claimed_for_one_cgroup_is_faked_there_and_true_elsewhere() {
+    let mut net = Topology::new();
+    let daemon = joined(&mut net);
+    net.start_authoritative_dns(&[&format!("--host-record=www.app.test,{SERVER_V4}")]);
+    let mut cgroups = SubCgroups(Vec::new());
+    let browser = cgroups.make(&net, "browser.scope");
+    let other = cgroups.make(&net, "other.scope");
+    publish_files(&net, &["n1.txt", "n2.txt"]);
+    daemon.ok(
+        &net,
+        &[
+            "rule",
+            "add",
+            "--name-suffix",
+            "app.test",
+            "--cgroup",
+            &rule_path(&browser),
+            "--via",
+            "exit",
+        ],
+    );
+    for round in 0..2 {
+        let faked = dig_in(&net, &browser, "www.app.test");
+        assert_eq!(faked.len(), 1, "round {round}: {faked:?}");
+        assert!(
+            faked[0].starts_with("198.1"),
+            "round {round}: a fake address for the browser: {faked:?}"
+        );
+        // Asked right after by another cgroup: the truth, never the
+        // browser's answer given again.
+        assert_eq!(
+            dig_in(&net, &other, "www.app.test"),
+            vec![SERVER_V4.to_string()],
+            "round {round}"
+        );
+    }
+    // And the flows follow: the browser's over the exit, the other's direct.
+    let url = |path: &str| format!("http://www.app.test/{path}");
+    for (cgroup, path) in [(&browser, "n1.txt"), (&other, "n2.txt")] {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 5 -o /dev/null {}",
+            cgroup.display(),
+            url(path)
+        );
+        let output = net.client.output(&["sh", "-c", &script]);
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert_eq!(sources(&mut net, "n1.txt"), vec![OVERLAY_V4]);
+    assert_eq!(sources(&mut net, "n2.txt"), vec![CLIENT_V4]);
+    let listed = daemon.ok(&net, &["rule", "list"]);
+    assert!(
+        listed.contains("name-suffix app.test cgroup oasis-t-"),
+        "{listed}"
+    );
+}

@@ -46,7 +46,7 @@ pub(super) fn check_rules(
         };
         let (subset, via) = spec.parse_content(set).map_err(at)?;
         check_carrier(&via, joined).map_err(at)?;
-        names_changed |= matches!(subset, Subset::Name(_));
+        names_changed |= matches!(subset, Subset::Name(..));
         added.push(next.add_any(subset, via).map_err(at)?);
         if index % 50_000 == 49_999 {
             progress(index as u64 + 1, total);

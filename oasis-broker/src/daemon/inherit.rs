@@ -40,7 +40,11 @@ pub fn fates(peers: &[(SocketAddr, SocketAddr)], fakes: &FakeTable, routes: &Rou
                 return Fate::Ended;
             };
             let name = entry.claimed.as_deref().unwrap_or(&entry.name);
-            match routes.names.first_match(name).map(|(_, carrier)| carrier) {
+            match routes
+                .names
+                .first_match_any_sender(name)
+                .map(|(_, carrier)| carrier)
+            {
                 Some(Carrier::Overlay(overlay)) if routes.overlays.by_name(overlay).is_some() => Fate::GoesOn,
                 Some(Carrier::Monitor(_)) => Fate::Unknown,
                 // The underlay, or an overlay that is no longer joined

@@ -50,7 +50,7 @@ impl DnsService {
         if !self.carriers.get().is_some_and(|c| c.any()) {
             return false;
         }
-        let (_, _, plan) = self.prepare(qname, qtype);
+        let (_, _, plan, _) = self.prepare(qname, qtype, None);
         self.through_carrier(&plan).is_some()
     }
 

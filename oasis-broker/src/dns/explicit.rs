@@ -14,20 +14,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cache::Upstream;
 use super::policy::{Plan, claim_in_chain, sections};
-use super::server::{Answer, DnsService};
+use super::server::{Answer, DnsService, Who};
 use crate::shared::snapshot;
 
 /// What goes back to the client.
 pub(super) enum Reply {
-    /// The server's own response, untouched (its ID is the client's).
-    Raw(Vec<u8>),
+    /// The server's own response, untouched (its ID is the client's);
+    /// `personal`: given for this asker only, never kept.
+    Raw {
+        bytes: Vec<u8>,
+        personal: bool,
+    },
     Answer(Answer),
 }
 
 impl DnsService {
     /// Answers `query` (its wire form `raw`) that the application sent to
     /// `server`.
-    pub(super) async fn answer_from(&self, server: SocketAddr, query: &Message, raw: &[u8]) -> Reply {
+    pub(super) async fn answer_from(
+        &self,
+        server: SocketAddr,
+        query: &Message,
+        raw: &[u8],
+        who: Option<Who>,
+    ) -> Reply {
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.explicit.fetch_add(1, Relaxed);
         let question = &query.queries()[0];
@@ -41,19 +51,19 @@ impl DnsService {
         {
             return Reply::Answer(answer);
         }
-        let (key, names, plan) = self.prepare(&qname, qtype);
+        let (key, names, plan, personal) = self.prepare(&qname, qtype, who);
         if let Plan::NoData { rule } = plan {
-            return Reply::Answer(self.withheld(&key, qtype, rule));
+            return Reply::Answer(self.withheld(&key, qtype, rule).personal(personal));
         }
         let Some(bytes) = forward(server, raw, self.timeout).await else {
             self.counters.servfail.fetch_add(1, Relaxed);
             return Reply::Answer(Answer::code(ResponseCode::ServFail));
         };
         let Ok(response) = Message::from_vec(&bytes) else {
-            return Reply::Raw(bytes);
+            return Reply::Raw { bytes, personal };
         };
         if qclass != DNSClass::IN {
-            return Reply::Raw(bytes);
+            return Reply::Raw { bytes, personal };
         }
         let upstream = Upstream::from_response(&response);
         // Unchanged unless a rule has a say: the name, an alias target, or
@@ -66,22 +76,30 @@ impl DnsService {
             let (_, _, withheld) = sections(&key, qtype, records.clone(), &names);
             if !claimed_alias && withheld == 0 {
                 self.counters.passed.fetch_add(1, Relaxed);
-                return Reply::Raw(bytes);
+                return Reply::Raw { bytes, personal };
             }
         } else if plan == Plan::PassThrough {
             self.counters.negative.fetch_add(1, Relaxed);
-            return Reply::Raw(bytes);
+            return Reply::Raw { bytes, personal };
         }
         let names = snapshot(&self.names);
         let until = super::reuse::lifetime(&bytes).map(|lifetime| std::time::Instant::now() + lifetime);
-        Reply::Answer(self.finish(&qname, &key, qtype, &names, plan, upstream, until))
+        Reply::Answer(
+            self.finish(&qname, &key, qtype, &names, plan, upstream, until)
+                .personal(personal),
+        )
     }
 }
 
 impl DnsService {
     /// As [`answer_from`](Self::answer_from), for a query that came over
     /// TCP (hickory-server hands it parsed): asked again in wire form.
-    pub(super) async fn answer_over_tcp_from(&self, server: SocketAddr, request: &Request) -> Answer {
+    pub(super) async fn answer_over_tcp_from(
+        &self,
+        server: SocketAddr,
+        request: &Request,
+        who: Option<Who>,
+    ) -> Answer {
         let mut query = Message::new();
         query
             .set_id(request.id())
@@ -93,9 +111,9 @@ impl DnsService {
         let Ok(raw) = query.to_vec() else {
             return Answer::code(ResponseCode::FormErr);
         };
-        match self.answer_from(server, &query, &raw).await {
+        match self.answer_from(server, &query, &raw, who).await {
             Reply::Answer(answer) => answer,
-            Reply::Raw(bytes) => match Message::from_vec(&bytes) {
+            Reply::Raw { bytes, .. } => match Message::from_vec(&bytes) {
                 Ok(mut response) => Answer {
                     code: response.response_code(),
                     answers: response.take_answers(),

@@ -65,8 +65,13 @@ impl RequestHandler for TcpHandler {
                 } else {
                     None
                 };
+                let who = Some(super::server::Who {
+                    tcp: true,
+                    client,
+                    listener,
+                });
                 match server {
-                    Some(server) => service.answer_over_tcp_from(server, request).await,
+                    Some(server) => service.answer_over_tcp_from(server, request, who).await,
                     None => {
                         let name: Name = queries[0].name().into();
                         service
@@ -75,6 +80,7 @@ impl RequestHandler for TcpHandler {
                                 queries[0].query_class(),
                                 queries[0].query_type(),
                                 service.timeout,
+                                who,
                             )
                             .await
                     }

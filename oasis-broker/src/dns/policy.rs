@@ -209,6 +209,7 @@ mod tests {
             id: 4,
             pattern: NamePattern::Suffix("cdn.net".into()),
             via: overlay(),
+            sender: Default::default(),
         }])
         .unwrap();
         let www = Name::from_str("www.example.com.").unwrap();
@@ -247,6 +248,7 @@ mod tests {
             id: 4,
             pattern: NamePattern::Suffix("detour.test".into()),
             via: overlay(),
+            sender: Default::default(),
         }])
         .unwrap();
         let srv_name = Name::from_str("_sip._udp.example.test.").unwrap();

@@ -87,6 +87,23 @@ impl Answer {
         self.keep = keep;
         self
     }
+
+    /// An answer for one asker (`personal`) is never given to another.
+    pub(super) fn personal(mut self, personal: bool) -> Answer {
+        if personal {
+            self.keep = None;
+        }
+        self
+    }
+}
+
+/// Who sent a query, to be looked up should a rule for some processes
+/// only claim its name: the query's two ends, as the listener saw them.
+#[derive(Clone, Copy, Debug)]
+pub struct Who {
+    pub tcp: bool,
+    pub client: SocketAddr,
+    pub listener: SocketAddr,
 }
 
 impl DnsService {
@@ -237,13 +254,24 @@ impl DnsService {
         (upstream, until)
     }
 
-    /// The answer if it needs nothing that is not cached (no await).
-    /// The name as rules see it, the rules, and what to do.
-    pub(super) fn prepare(&self, qname: &Name, qtype: RecordType) -> (String, Arc<NameRules>, Plan) {
+    /// The name as rules see it, the rules, what to do, and whether that
+    /// depends on who asked (`who`, looked up only when a rule for some
+    /// processes could claim the name): such an answer is never kept.
+    pub(super) fn prepare(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        who: Option<Who>,
+    ) -> (String, Arc<NameRules>, Plan, bool) {
         let key = crate::names::normalise(&qname.to_utf8());
         let names = snapshot(&self.names);
-        let plan = plan(qtype, names.first_match(&key), self.underlay);
-        (key, names, plan)
+        let asker = || {
+            let who = who?;
+            self.origins.get()?.asker(who.tcp, who.client, who.listener)
+        };
+        let (claim, personal) = names.first_match_for(&key, asker);
+        let plan = plan(qtype, claim, self.underlay);
+        (key, names, plan, personal)
     }
 
     /// What the broker answers itself, whatever the rules: classes other
@@ -291,19 +319,28 @@ impl DnsService {
         })
     }
 
-    pub(super) fn answer_now(&self, qname: &Name, qclass: DNSClass, qtype: RecordType) -> Option<Answer> {
+    pub(super) fn answer_now(
+        &self,
+        qname: &Name,
+        qclass: DNSClass,
+        qtype: RecordType,
+        who: Option<Who>,
+    ) -> Option<Answer> {
         if let Some(answer) = self.local(qname, qclass, qtype) {
             return Some(answer);
         }
-        let (key, names, plan) = self.prepare(qname, qtype);
+        let (key, names, plan, personal) = self.prepare(qname, qtype, who);
         if let Plan::NoData { rule } = plan {
-            return Some(self.withheld(&key, qtype, rule));
+            return Some(self.withheld(&key, qtype, rule).personal(personal));
         }
         let (upstream, until) = match self.through_carrier(&plan) {
             Some((_, overlay)) => self.cached(&Self::carrier_key(overlay, &key), qtype)?,
             None => self.cached(&key, qtype)?,
         };
-        Some(self.finish(qname, &key, qtype, &names, plan, upstream, Some(until)))
+        Some(
+            self.finish(qname, &key, qtype, &names, plan, upstream, Some(until))
+                .personal(personal),
+        )
     }
 
     /// The server a DNS thread may ask itself, if any.
@@ -313,10 +350,16 @@ impl DnsService {
 
     /// The answer from what the server a DNS thread asked itself said
     /// (`upstream`), kept in the answer cache as the resolver's answers are.
-    pub(super) fn answer_asked(&self, qname: &Name, qtype: RecordType, upstream: Upstream) -> Answer {
-        let (key, names, plan) = self.prepare(qname, qtype);
+    pub(super) fn answer_asked(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        upstream: Upstream,
+        who: Option<Who>,
+    ) -> Answer {
+        let (key, names, plan, personal) = self.prepare(qname, qtype, who);
         if let Plan::NoData { rule } = plan {
-            return self.withheld(&key, qtype, rule);
+            return self.withheld(&key, qtype, rule).personal(personal);
         }
         let until =
             self.cache
@@ -324,6 +367,7 @@ impl DnsService {
                 .unwrap_or_else(|e| e.into_inner())
                 .put(&key, qtype, &upstream, Instant::now());
         self.finish(qname, &key, qtype, &names, plan, upstream, until)
+            .personal(personal)
     }
 
     /// The answer, asking the upstream when nothing cached gives it, for
@@ -334,13 +378,14 @@ impl DnsService {
         qclass: DNSClass,
         qtype: RecordType,
         budget: Duration,
+        who: Option<Who>,
     ) -> Answer {
         if let Some(answer) = self.local(qname, qclass, qtype) {
             return answer;
         }
-        let (key, names, plan) = self.prepare(qname, qtype);
+        let (key, names, plan, personal) = self.prepare(qname, qtype, who);
         if let Plan::NoData { rule } = plan {
-            return self.withheld(&key, qtype, rule);
+            return self.withheld(&key, qtype, rule).personal(personal);
         }
         let (upstream, until) = match self.through_carrier(&plan) {
             Some((carrier, overlay)) => {
@@ -351,6 +396,7 @@ impl DnsService {
             None => self.fetch(qname, &key, qtype, budget).await,
         };
         self.finish(qname, &key, qtype, &names, plan, upstream, until)
+            .personal(personal)
     }
 
     pub(super) fn withheld(&self, name: &str, qtype: RecordType, rule: u32) -> Answer {

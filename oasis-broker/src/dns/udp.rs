@@ -24,7 +24,7 @@ use super::batch::{Incoming, Outgoing};
 use super::explicit::Reply;
 use super::message::{encode, format_error, refusal};
 use super::reuse::{Answers, Keep};
-use super::server::{Answer, DnsService};
+use super::server::{Answer, DnsService, Who};
 use super::wire::{self, QueryView};
 use crate::fake::unix_now;
 use crate::liveness::{TICK_EVERY, Tick};
@@ -190,9 +190,10 @@ impl Thread {
             }
         };
         let question = &query.request.queries()[0];
+        let who = self.who(query.from);
         let answer = self
             .service
-            .answer_asked(question.name(), question.query_type(), upstream);
+            .answer_asked(question.name(), question.query_type(), upstream, Some(who));
         let keep = answer.keep.clone();
         let (bytes, truncated) = encode(&query.request, answer);
         if truncated {
@@ -257,7 +258,7 @@ impl Thread {
         let (name, qclass, qtype): (Name, _, _) =
             (query.name().clone(), query.query_class(), query.query_type());
         if server.is_none()
-            && let Some(answer) = service.answer_now(&name, qclass, qtype)
+            && let Some(answer) = service.answer_now(&name, qclass, qtype, Some(self.who(from)))
         {
             let keep = answer.keep.clone();
             let (bytes, truncated) = encode(&request, answer);
@@ -296,6 +297,14 @@ impl Thread {
         self.answer_later(query, server);
     }
 
+    fn who(&self, client: SocketAddr) -> Who {
+        Who {
+            tcp: false,
+            client,
+            listener: self.listener,
+        }
+    }
+
     /// The answer waits for the network: made on the main runtime, sent
     /// from there, and handed back to this thread to be kept.
     fn answer_later(&self, query: Query, server: Option<SocketAddr>) {
@@ -308,6 +317,7 @@ impl Thread {
             came,
         } = query;
         let budget = self.service.timeout.saturating_sub(came.elapsed());
+        let who = Some(self.who(from));
         let (socket, service, to_keep) = (
             self.for_misses.clone(),
             self.service.clone(),
@@ -315,9 +325,9 @@ impl Thread {
         );
         self.main.spawn(async move {
             let (bytes, keep) = match server {
-                Some(server) => match service.answer_from(server, &request, &raw).await {
-                    Reply::Raw(bytes) => {
-                        let keep = super::reuse::raw_keep(&bytes, Instant::now());
+                Some(server) => match service.answer_from(server, &request, &raw, who).await {
+                    Reply::Raw { bytes, personal } => {
+                        let keep = super::reuse::raw_keep(&bytes, Instant::now()).filter(|_| !personal);
                         (Some(bytes), keep)
                     }
                     Reply::Answer(answer) => {
@@ -329,7 +339,7 @@ impl Thread {
                     let query = &request.queries()[0];
                     let name: Name = query.name().clone();
                     let answer = service
-                        .answer(&name, query.query_class(), query.query_type(), budget)
+                        .answer(&name, query.query_class(), query.query_type(), budget, who)
                         .await;
                     let keep = answer.keep.clone();
                     let (bytes, truncated) = encode(&request, answer);

@@ -1038,7 +1038,7 @@ impl Router {
             dst: real,
             exclude,
         };
-        let (rule, decision) = match self.routes.names.first_match(&name) {
+        let (rule, decision) = match self.routes.names.first_match_any_sender(&name) {
             Some((rule, carrier)) => (
                 Some(rule),
                 self.engine

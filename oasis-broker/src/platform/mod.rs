@@ -216,6 +216,15 @@ pub trait QueryOrigins: Send + Sync {
         client: std::net::SocketAddr,
         listener: std::net::SocketAddr,
     ) -> Option<std::net::SocketAddr>;
+
+    /// For the same query: the process that asked it (its uid, cgroup and
+    /// name); None when unknown.
+    fn asker(
+        &self,
+        tcp: bool,
+        client: std::net::SocketAddr,
+        listener: std::net::SocketAddr,
+    ) -> Option<crate::sender::Asker>;
 }
 
 /// What the DNS interception needs to know.

@@ -7,10 +7,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap, MapData};
-use oasis_common::{DnsOriginal, FAMILY_V4};
+use oasis_common::{AppName, DnsOriginal, FAMILY_V4};
 
 use super::sock_diag::SockDiag;
 use crate::platform::QueryOrigins;
+use crate::sender::{Asker, cgroup_of};
 
 pub struct LinuxOrigins {
     original: HashMap<MapData, u64, DnsOriginal>,
@@ -31,6 +32,20 @@ impl LinuxOrigins {
 }
 
 impl QueryOrigins for LinuxOrigins {
+    fn asker(&self, tcp: bool, client: SocketAddr, listener: SocketAddr) -> Option<Asker> {
+        let cookie = self.cookie(tcp, client, listener)?;
+        let original = self.original.get(&cookie, 0).ok()?;
+        // The process is waiting for its answer: its cgroup is there to read.
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", original.tgid))
+            .ok()
+            .and_then(|text| cgroup_of(&text));
+        Some(Asker {
+            uid: original.uid,
+            cgroup,
+            app: AppName { bytes: original.comm },
+        })
+    }
+
     fn original_server(&self, tcp: bool, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddr> {
         let cookie = self.cookie(tcp, client, listener)?;
         let original = self.original.get(&cookie, 0).ok()?;
