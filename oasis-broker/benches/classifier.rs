@@ -127,7 +127,108 @@ fn run(repeat: u32) -> anyhow::Result<()> {
     if measured == 0 {
         bail!("nothing measured");
     }
+
+    // A thousand rules a new connection's headers all admit, without and
+    // with sender fields: the difference is what rules by application
+    // cost a packet that meets the rules. The first rule matches in both
+    // (by uid 0 in the second: BPF_PROG_TEST_RUN's socket is root's), so
+    // both divert; the others name applications, cgroups at four depths
+    // (which do not exist: the ancestor lookups still run) and uids.
+    let mut per_set = Vec::new();
+    for senders in [false, true] {
+        let rules = thousand_rules(senders)?;
+        kernel
+            .apply(&compile(rules.rules()))
+            .map_err(|e| anyhow::anyhow!("the rules: {e}"))?;
+        let packet = tcp(40_100, 443, true);
+        let mut samples = Vec::new();
+        for _ in 0..repeat.max(1) {
+            kernel
+                .heartbeat_map()
+                .set(oasis_broker::platform::linux::sys::monotonic_ns())?;
+            let result = kernel
+                .program(EGRESS_PROGRAM)?
+                .test_run(TestRunOptions {
+                    data_in: Some(&packet),
+                    ctx_in: Some(&ctx),
+                    repeat: REPEAT,
+                    ..TestRunOptions::default()
+                })
+                .context("BPF_PROG_TEST_RUN of a thousand rules")?;
+            if result.return_value != 7 {
+                bail!(
+                    "the first of a thousand rules did not divert (verdict {})",
+                    result.return_value
+                );
+            }
+            samples.push(result.duration.as_nanos() as f64);
+        }
+        samples.sort_by(f64::total_cmp);
+        let median = samples[samples.len() / 2];
+        let kind = if senders {
+            "1000-sender-rules"
+        } else {
+            "1000-rules"
+        };
+        eprintln!("bench: classifier new connection, {kind}: {median:.1} ns per run");
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": "classifier",
+                "metric": format!("test_run_ns new-connection {kind}"),
+                "value": median,
+                "unit": "ns",
+            })
+        );
+        per_set.push(median);
+    }
+    let added = per_set[1] - per_set[0];
+    eprintln!(
+        "bench: classifier: sender fields on a thousand rules add {added:.1} ns to a new connection (target <= 20)"
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "classifier",
+            "metric": "sender_rules_added_ns new-connection",
+            "value": added,
+            "unit": "ns",
+        })
+    );
     Ok(())
+}
+
+/// Rule `i` admits TCP to port 443 (a range from 443 up, so no two are
+/// alike); with `senders`, each also names who sent it.
+#[cfg(target_os = "linux")]
+fn thousand_rules(senders: bool) -> anyhow::Result<oasis_broker::rules::RuleSet> {
+    use oasis_broker::rules::{RuleSet, RuleSpec};
+    let mut rules = RuleSet::default();
+    for i in 0..1000u32 {
+        let mut spec = RuleSpec {
+            proto: Some("tcp".into()),
+            dport: Some(format!("443-{}", 443 + i)),
+            via: "underlay".into(),
+            ..RuleSpec::default()
+        };
+        if senders {
+            match i % 3 {
+                _ if i == 0 => spec.uid = Some("0".into()),
+                0 => spec.uid = Some((10_000 + i).to_string()),
+                1 => spec.app = Some(format!("app-{i}")),
+                _ => {
+                    let depth = 1 + (i / 3) % 4;
+                    let path: Vec<String> = (0..depth)
+                        .map(|level| format!("oasis-bench-{level}-{i}"))
+                        .collect();
+                    spec.cgroup = Some(path.join("/"));
+                }
+            }
+        }
+        let (subset, via) = spec.parse()?;
+        rules.add_any(subset, via)?;
+    }
+    Ok(rules)
 }
 
 /// `kernel.bpf_stats_enabled` off while it lives, as it was afterwards.

@@ -251,6 +251,22 @@ pub struct FlowView {
     pub idle_secs: f64,
     /// Packets the broker saw of it.
     pub packets: u64,
+    /// Who sent it, as far as the OS tells (this host's own flows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<SenderView>,
+}
+
+/// The process behind a flow: its socket's owner, cgroup and name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderView {
+    pub uid: u32,
+    /// Its cgroup v2 path, `/system.slice/backup.service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The process name the socket hooks recorded (while a rule by
+    /// application is there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 /// The DNS service's query counters, for `oasis status` and `oasis rule

@@ -155,7 +155,7 @@ Examples:
     /// bad), keeps the copy beside its config file, and downloads it again
     /// every --every (asking the server whether it changed). A refresh
     /// that fails leaves the last good copy in effect; `oasis rule list`
-    /// shows each list's age and last error. Formats: docs/rule-lists.md.
+    /// shows each list's age and last error. Formats: docs/rules.md.
     #[command(after_help = "\
 Examples:
   oasis rule import --kind suffix --via detour domains.txt

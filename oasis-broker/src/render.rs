@@ -715,8 +715,23 @@ pub fn flows(flows: &[FlowView]) -> String {
             f.packets,
             why
         );
+        if let Some(sender) = &f.sender {
+            let _ = writeln!(out, "    from {}", sender_text(sender));
+        }
     }
     out
+}
+
+/// Who sent a flow: `uid 1000, cgroup /user.slice/..., app curl`.
+fn sender_text(sender: &crate::control::SenderView) -> String {
+    let mut parts = vec![format!("uid {}", sender.uid)];
+    if let Some(cgroup) = &sender.cgroup {
+        parts.push(format!("cgroup {cgroup}"));
+    }
+    if let Some(app) = &sender.app {
+        parts.push(format!("app {app}"));
+    }
+    parts.join(", ")
 }
 
 #[cfg(test)]

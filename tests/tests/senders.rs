@@ -205,6 +205,39 @@ fn one_user_and_one_application_over_the_exit_others_on_the_underlay() {
         vec![CLIENT_V4],
         "another program stays on the underlay"
     );
+
+    // A live flow shows who sent it.
+    net.web_file("big.bin", 20_000_000);
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec setpriv --reuid=4321 --regid=4321 --clear-groups {} -sS --limit-rate 200k -o /dev/null http://{SERVER_V4}/big.bin",
+        cgroup.display(),
+        net.dir.join("fetcher").display(),
+    );
+    let client = net.client.clone();
+    net.spawn(&client, "slow-fetch", &["sh", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sender = loop {
+        let flows = daemon.json(&net, &["flows", "--json"]);
+        let found = flows.as_array().into_iter().flatten().find_map(|f| {
+            (f["flow"].as_str()?.ends_with(":80") && f["sender"]["uid"] == 4321).then(|| f["sender"].clone())
+        });
+        if let Some(sender) = found {
+            break sender;
+        }
+        assert!(Instant::now() < deadline, "no flow shows its sender: {flows}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sender["app"], "fetcher", "{sender}");
+    let cgroup_name = cgroup.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        sender["cgroup"].as_str().unwrap().ends_with(&cgroup_name),
+        "{sender}"
+    );
+    let table = daemon.ok(&net, &["flows"]);
+    assert!(
+        table.contains("from uid 4321, cgroup /") && table.contains("app fetcher"),
+        "{table}"
+    );
 }
 
 /// `dig` of `name` from the client, in `cgroup`: the answer's addresses.

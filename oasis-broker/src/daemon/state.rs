@@ -272,9 +272,12 @@ impl Daemon {
         loop {
             if let Some(records) = self.engine.flow_dump(generation) {
                 let overlays = lock(&self.control).overlays.table().clone();
+                let sockets: Vec<_> = records.iter().map(super::views::flow_socket).collect();
+                let senders = lock(&self.kernel).senders(&sockets);
                 let mut flows: Vec<FlowView> = records
                     .iter()
-                    .map(|record| super::views::flow_view(record, &overlays))
+                    .zip(senders)
+                    .map(|(record, sender)| super::views::flow_view(record, &overlays, sender))
                     .collect();
                 flows.sort_by(|a, b| a.flow.cmp(&b.flow));
                 return Ok(flows);

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::control::{BrokerCounters, FlowView};
+use crate::control::{BrokerCounters, FlowView, SenderView};
 use crate::engine::counters::{DropReason, EngineCounters};
 use crate::engine::packet::describe;
 use crate::engine::router::FlowRecord;
@@ -54,7 +54,7 @@ pub(super) fn carrier_name(overlays: &OverlayTable, via: Via) -> String {
 }
 
 /// A flow as `oasis flows` shows it.
-pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable) -> FlowView {
+pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable, sender: Option<SenderView>) -> FlowView {
     FlowView {
         flow: describe(&flow.key),
         rule: flow.rule,
@@ -65,7 +65,20 @@ pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable) -> FlowView 
         age_secs: flow.age.as_secs_f64(),
         idle_secs: flow.idle.as_secs_f64(),
         packets: flow.packets,
+        sender,
     }
+}
+
+/// A flow's socket as the application holds it: a fake-address flow's
+/// peer is the fake address.
+pub(super) fn flow_socket(flow: &FlowRecord) -> (u8, std::net::SocketAddr, std::net::SocketAddr) {
+    let key = &flow.key;
+    let peer = flow.fake.unwrap_or_else(|| key.dst_ip());
+    (
+        key.proto,
+        std::net::SocketAddr::new(key.src_ip(), key.sport),
+        std::net::SocketAddr::new(peer, key.dport),
+    )
 }
 
 #[cfg(test)]
@@ -87,7 +100,16 @@ mod tests {
             idle: Duration::from_millis(250),
             packets: 12,
         };
-        let view = flow_view(&record, &OverlayTable::default());
+        // The application's socket talks to the fake address.
+        assert_eq!(
+            flow_socket(&record),
+            (
+                6,
+                "10.0.0.2:40000".parse().unwrap(),
+                "198.18.0.5:443".parse().unwrap()
+            )
+        );
+        let view = flow_view(&record, &OverlayTable::default(), None);
         assert_eq!(view.flow, "tcp 10.0.0.2:40000 -> 203.0.113.9:443");
         assert_eq!(view.carrier, "overlay #7 (left)");
         assert_eq!(view.fake.as_deref(), Some("198.18.0.5"));
@@ -96,7 +118,10 @@ mod tests {
             via: Via::Underlay,
             ..record
         };
-        assert_eq!(flow_view(&underlay, &OverlayTable::default()).carrier, "underlay");
+        assert_eq!(
+            flow_view(&underlay, &OverlayTable::default(), None).carrier,
+            "underlay"
+        );
     }
 
     #[test]

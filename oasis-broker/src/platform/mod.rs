@@ -253,6 +253,14 @@ pub trait Kernel: Send {
     fn counters(&self) -> ClassifierCounters;
     /// Each program's own cost, as the kernel counts it.
     fn programs(&self) -> Vec<ProgramStatsView>;
+    /// Who sent each flow, where the OS can tell: by the flow's protocol
+    /// and its socket's two ends (own, peer) as the application sees them.
+    fn senders(
+        &self,
+        sockets: &[(u8, std::net::SocketAddr, std::net::SocketAddr)],
+    ) -> Vec<Option<crate::control::SenderView>> {
+        vec![None; sockets.len()]
+    }
     /// Makes packets to the fake pools the broker's.
     fn set_fake_pools(&mut self, v4: Ipv4Net, v6: Ipv6Net) -> Result<(), PlatformError>;
     /// The NAT table of fake-address flows (once).

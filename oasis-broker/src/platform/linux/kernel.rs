@@ -48,6 +48,7 @@ pub struct LinuxKernel {
     events: Option<KernelEvents>,
     uplinks: Vec<Uplink>,
     dns_attached: bool,
+    senders: super::senders::Senders,
 }
 
 impl LinuxKernel {
@@ -68,7 +69,9 @@ impl LinuxKernel {
         heartbeat.set(monotonic_ns())?;
         let classifier = ClassifierMaps::take(&mut ebpf)?;
         let pins = KernelPins::take(&mut ebpf, classifier.claimed_map())?;
+        let apps = take_map!(ebpf, maps::SOCKET_APP, aya::maps::HashMap<MapData, u64, oasis_common::AppName>);
         Ok(LinuxKernel {
+            senders: super::senders::Senders::new(apps),
             classifier,
             nat: Some(KernelNat::take(&mut ebpf)?),
             pins: Some(pins),
@@ -227,6 +230,13 @@ impl Kernel for LinuxKernel {
 
     fn counters(&self) -> ClassifierCounters {
         self.classifier.counters()
+    }
+
+    fn senders(
+        &self,
+        sockets: &[(u8, std::net::SocketAddr, std::net::SocketAddr)],
+    ) -> Vec<Option<crate::control::SenderView>> {
+        self.senders.of(sockets)
     }
 
     fn programs(&self) -> Vec<ProgramStatsView> {

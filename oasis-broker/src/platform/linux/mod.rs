@@ -13,6 +13,7 @@ pub mod monitor_events;
 pub mod nat;
 pub mod pins;
 pub mod probe;
+mod senders;
 pub mod sock_diag;
 pub mod socket;
 pub mod sys;

@@ -36,15 +36,20 @@ impl SockDiag {
     /// The cookie of the socket whose own end is `local` and whose peer
     /// is `peer`.
     pub fn cookie(&self, tcp: bool, local: SocketAddr, peer: SocketAddr) -> Option<u64> {
+        self.owner(tcp, local, peer).map(|owner| owner.cookie)
+    }
+
+    /// The socket whose own end is `local` and whose peer is `peer`: its
+    /// cookie, its owner's uid and its cgroup's id.
+    pub fn owner(&self, tcp: bool, local: SocketAddr, peer: SocketAddr) -> Option<SocketOwner> {
         let socket = self.socket()?;
         // The kernel's exact UDP lookup takes the socket's peer as the
         // source (swapped, for historical reasons); TCP's takes its own
         // end. Ask as the kernel reads it; the answer names the socket's
         // own port, which must be the client's.
         let (source, destination) = if tcp { (local, peer) } else { (peer, local) };
-        let found = exchange(&socket, tcp, source, destination)
-            .filter(|(port, _)| *port == local.port())
-            .map(|(_, cookie)| cookie);
+        let found = exchange(&socket, tcp, source, destination).filter(|(port, _)| *port == local.port());
+        let found = found.map(|(_, owner)| owner);
         self.sockets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -184,7 +189,31 @@ fn destroy_tcp(local: SocketAddr, peer: SocketAddr) -> std::io::Result<()> {
 }
 
 /// One exact sock_diag request; the socket's own port and cookie.
-fn exchange(socket: &Socket, tcp: bool, source: SocketAddr, destination: SocketAddr) -> Option<(u16, u64)> {
+/// What sock_diag tells of a socket's owner.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOwner {
+    pub cookie: u64,
+    pub uid: u32,
+    /// Its cgroup's id, where the kernel says (5.7 and later).
+    pub cgroup: Option<u64>,
+    /// A full socket, with an owner: not one in TIME_WAIT or a
+    /// half-open connection's request, which the kernel reports as root's.
+    pub full: bool,
+}
+
+/// TCP states of sockets without an owner of their own.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// The kernel's attribute for a socket's cgroup id (`INET_DIAG_CGROUP_ID`).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+fn exchange(
+    socket: &Socket,
+    tcp: bool,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Option<(u16, SocketOwner)> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
     let mut id = if source.is_ipv4() {
@@ -218,8 +247,28 @@ fn exchange(socket: &Socket, tcp: bool, source: SocketAddr, destination: SocketA
     let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..len]).ok()?;
     match reply.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            use netlink_packet_core::Nla as _;
             let id = &response.header.socket_id;
-            Some((id.source_port, u64::from_ne_bytes(id.cookie)))
+            let cgroup = response.nlas.iter().find_map(|nla| match nla {
+                netlink_packet_sock_diag::inet::nlas::Nla::Other(other)
+                    if other.kind() == INET_DIAG_CGROUP_ID =>
+                {
+                    let mut value = [0u8; 8];
+                    (other.value_len() == 8).then(|| {
+                        other.emit_value(&mut value);
+                        u64::from_ne_bytes(value)
+                    })
+                }
+                _ => None,
+            });
+            let state = response.header.state;
+            let owner = SocketOwner {
+                cookie: u64::from_ne_bytes(id.cookie),
+                uid: response.header.uid,
+                cgroup,
+                full: !tcp || (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV),
+            };
+            Some((id.source_port, owner))
         }
         _ => None,
     }
