@@ -423,6 +423,7 @@ pub fn read_list(config_path: &Path, spec: &RuleSpec, source: ListSource) -> Res
         .list_file
         .clone()
         .unwrap_or_else(|| format!("{LISTS_DIR}/{}", source.file_name()));
+    crate::rule_list::check_file(&file)?;
     let text = match std::fs::read_to_string(base.join(&file)) {
         Ok(text) => Some(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -438,6 +439,9 @@ pub fn read_list(config_path: &Path, spec: &RuleSpec, source: ListSource) -> Res
 
 /// A list's entries from its text (`None`: not fetched yet).
 pub fn list_content(source: ListSource, file: String, text: Option<&str>) -> Result<ListContent, RuleError> {
+    if let Some(text) = text {
+        crate::rule_list::check_lines(&source.url, text)?;
+    }
     Ok(match (source.kind, text) {
         (ListKind::Cidr, Some(text)) => ListContent::Prefixes(Arc::new(
             PrefixSet::parse(&source.url, text)?
@@ -710,6 +714,7 @@ fn write_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::name_pattern::NamePattern;
     use crate::rules::Carrier;
 
     #[test]
@@ -766,6 +771,71 @@ mod tests {
         assert_eq!(loaded.rule_set(&path).unwrap().rules(), rules.rules());
         assert_eq!(loaded.rule_set(&path).unwrap().names(), rules.names());
         assert!(text.contains("name_suffix: example.org"), "{text}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sender_and_list_rules_round_trip_through_the_file() {
+        let dir = std::env::temp_dir().join(format!("oasis-config-lists-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("lists")).unwrap();
+        let path = dir.join("config.yaml");
+        std::fs::write(dir.join("lists/nl.cidr"), "192.0.2.0/24\n").unwrap();
+        let text = "\
+rules:
+  - id: 1
+    uid: 1000
+    cgroup: /system.slice/backup.service
+    app: /usr/bin/restic
+    proto: tcp
+    via: underlay
+  - id: 2
+    list: https://lists.example/nl.cidr
+    list_kind: cidr
+    every: 12h
+    list_file: lists/nl.cidr
+    dport: 443
+    via: underlay
+  - id: 3
+    list: https://lists.example/ads.txt
+    list_kind: suffix
+    via: underlay
+  - id: 4
+    name_suffix: example.org
+    uid: 1000
+    via: underlay
+";
+        let config = Config::parse(&path, text).unwrap();
+        let rules = config.rule_set(&path).unwrap();
+        let header = rules.rules();
+        assert_eq!(header[0].subset.sender.uid, Some(1000));
+        assert_eq!(
+            header[0].subset.sender.cgroup.as_ref().unwrap().as_str(),
+            "system.slice/backup.service"
+        );
+        let set = header[1].subset.dst_set.as_ref().unwrap();
+        assert!(set.contains("192.0.2.9".parse().unwrap()));
+        assert_eq!(
+            set.source().unwrap().every,
+            std::time::Duration::from_secs(12 * 3600)
+        );
+        // Never fetched: claims nothing until the daemon has it.
+        let names = rules.names();
+        assert!(matches!(&names[0].pattern, NamePattern::List(list) if list.patterns().is_empty()));
+        assert_eq!(names[1].sender.uid, Some(1000));
+        let saved = config.with_rules(&rules);
+        let specs: Vec<&RuleSpec> = saved.rules.iter().map(|r| &r.spec).collect();
+        assert_eq!(specs[0].app.as_deref(), Some("/usr/bin/restic"));
+        assert_eq!(specs[1].list.as_deref(), Some("https://lists.example/nl.cidr"));
+        assert_eq!(specs[1].list_file.as_deref(), Some("lists/nl.cidr"));
+        assert_eq!(specs[1].every.as_deref(), Some("12h"));
+        assert!(
+            specs[1].dst_set.is_none(),
+            "a list is not written as a prefix set"
+        );
+        // A list's kept copy is the daemon's to name: nothing outside lists/.
+        let stray = text.replace("list_file: lists/nl.cidr", "list_file: /etc/shadow");
+        let err = Config::parse(&path, &stray).unwrap_err().to_string();
+        assert!(err.contains("rule 2") && err.contains("lists/NAME"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -363,6 +363,10 @@ pub struct ListView {
     /// Why the last refresh failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How long the last new copy took from downloaded to in effect
+    /// (checked, compiled, in the kernel's maps), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change_ms: Option<u64>,
 }
 
 /// A joined overlay as `oasis overlay list|show` shows it.
@@ -474,6 +478,9 @@ pub struct StatusView {
     /// None while no metric rule exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor: Option<MonitorStatusView>,
+    /// Each list rule's list, by rule id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lists: Vec<(u32, ListView)>,
 }
 
 /// The Monitor in `oasis status`.

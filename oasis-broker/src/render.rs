@@ -154,6 +154,9 @@ pub fn status(s: &StatusView) -> String {
         (None, false) => "being written".into(),
     };
     let _ = writeln!(out, "config      {} ({saved})", s.config_path.display());
+    for (id, list) in &s.lists {
+        let _ = writeln!(out, "list        rule {id}: {}", list_line(list));
+    }
     let health = if s.heartbeat.alive {
         "alive"
     } else {

@@ -30,6 +30,37 @@ pub const MAX_LIST_BYTES: usize = 32 * 1024 * 1024;
 /// The most entries one name list may hold.
 pub const MAX_LIST_NAMES: usize = 1_000_000;
 
+/// The longest line a list may have (a name is at most 253 bytes, a
+/// regular expression rarely a hundred): a longer one is not a list.
+pub const MAX_LINE: usize = 4096;
+
+/// Refuses text with a line longer than [`MAX_LINE`] before anything
+/// reads its lines (or quotes one in an error).
+pub fn check_lines(url: &str, text: &str) -> Result<(), ListError> {
+    match text.lines().position(|line| line.len() > MAX_LINE) {
+        Some(index) => Err(ListError::LongLine {
+            url: url.to_string(),
+            line: index + 1,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a kept copy's path as a config file gives it: `lists/NAME`.
+pub fn check_file(file: &str) -> Result<(), ListError> {
+    let name = file.strip_prefix("lists/").unwrap_or("");
+    let safe = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if safe {
+        Ok(())
+    } else {
+        Err(ListError::BadFile(file.to_string()))
+    }
+}
+
 /// How often lists are fetched again unless the rule says: once a day.
 pub const DEFAULT_EVERY: Duration = Duration::from_secs(24 * 3600);
 
@@ -116,6 +147,12 @@ pub enum ListError {
         line: usize,
         source: NameError,
     },
+    #[error("{url} line {line} is longer than {MAX_LINE} bytes: not a list of the kind the rule says")]
+    LongLine { url: String, line: usize },
+    #[error(
+        "list_file {0:?}: the daemon keeps lists as lists/NAME beside the config file; leave list_file out and it chooses one"
+    )]
+    BadFile(String),
     #[error("{url} lists no entries")]
     Empty { url: String },
     #[error("{url} lists more than {MAX_LIST_NAMES} names")]
@@ -444,6 +481,30 @@ domain:v2ray.example
             NameList::parse(source("regex"), "f".into(), "(unclosed\n"),
             Err(ListError::BadLine { line: 1, .. })
         ));
+    }
+
+    #[test]
+    fn long_lines_and_stray_files_are_refused() {
+        let long = format!("example.org\n{}\n", "a".repeat(MAX_LINE + 1));
+        assert_eq!(
+            check_lines("https://a/b", &long),
+            Err(ListError::LongLine {
+                url: "https://a/b".into(),
+                line: 2
+            })
+        );
+        assert_eq!(check_lines("u", "example.org\n"), Ok(()));
+        for bad in [
+            "/etc/shadow",
+            "lists/../config.yaml",
+            "lists/a/b",
+            "lists/",
+            "lists/.x",
+            "sets/x.txt",
+        ] {
+            assert!(check_file(bad).is_err(), "{bad}");
+        }
+        assert_eq!(check_file("lists/ads.txt-1a2b3c4d.txt"), Ok(()));
     }
 
     #[test]

@@ -175,6 +175,11 @@ fn a_prefix_list_stays_current_and_its_last_good_copy_outlives_failures() {
     let list = the_list(&daemon, &net);
     assert!(list["error"].as_str().unwrap().contains("line 1"), "{list}");
     assert_eq!(list["entries"], 2, "{list}");
+    let status = daemon.ok(&net, &["status"]);
+    assert!(
+        status.contains("list        rule 1: cidr") && status.contains("last refresh failed"),
+        "{status}"
+    );
     assert!(net.http_get(SERVER_V4, 80).is_some());
     assert_eq!(
         last_source(&mut net),

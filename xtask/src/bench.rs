@@ -177,6 +177,9 @@ pub enum Part {
     Import,
     /// A rule with 100,000 destination prefixes: load time, classifier cost.
     PrefixSet,
+    /// A list of 100,000 prefixes by URL: a changed copy's refresh, from
+    /// downloaded to in effect, and that nothing failed open meanwhile.
+    ListRefresh,
     /// Overlay code modules: start from the cache, a 1 MB module's compile.
     Modules,
     /// The classifier's cost per check (BPF_PROG_TEST_RUN, no network).
@@ -360,6 +363,10 @@ pub fn run(
     }
     if wanted(Part::PrefixSet) {
         figures.extend(crate::bench_scale::prefix_set(&mut net, seconds, repeat)?);
+    }
+    if wanted(Part::ListRefresh) {
+        let base = spec_url.trim_end_matches("/exit.xml").to_string();
+        figures.extend(crate::bench_scale::list_refresh(&mut net, &base, repeat)?);
     }
     if wanted(Part::Classifier) {
         figures.extend(crate::bench_classifier::run(repeat)?);

@@ -372,6 +372,77 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
     Ok(figures)
 }
 
+/// A list of [`SET_PREFIXES`] prefixes served by URL, imported, then
+/// changed and refreshed `repeat` times: how long each new copy took from
+/// downloaded to in effect (checked, compiled, in the kernel's maps), as
+/// the daemon measures it, and whether the classifier failed open (its
+/// heartbeat stale) meanwhile.
+pub fn list_refresh(net: &mut Topology, base: &str, repeat: u32) -> anyhow::Result<Vec<Figure>> {
+    let publish = |net: &Topology, version: u32| -> anyhow::Result<()> {
+        let extra = format!("198.51.{}.0/24", version % 250);
+        net.publish("world.cidr", &oasis_tests::prefix_list(SET_PREFIXES, &[&extra]));
+        // The server answers "not modified" by time, to the second.
+        std::fs::File::options()
+            .write(true)
+            .open(net.dir.join("specs/world.cidr"))?
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(10 * u64::from(version)))?;
+        Ok(())
+    };
+    let _ = std::fs::remove_file(net.dir.join("config.yaml"));
+    let daemon = Daemon::start(net, "");
+    publish(net, 0)?;
+    let url = format!("{base}/world.cidr");
+    let started = Instant::now();
+    cli(
+        &daemon,
+        net,
+        &[
+            "rule", "import", "--url", &url, "--kind", "cidr", "--via", "underlay",
+        ],
+    )?;
+    eprintln!(
+        "bench: a list of {SET_PREFIXES} prefixes by URL imported in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let fail_open = |daemon: &Daemon| {
+        status(daemon, net)["classifier"]["fail_open"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let mut in_effect = Vec::new();
+    for round in 1..=repeat.max(1) {
+        publish(net, round)?;
+        let before = fail_open(&daemon);
+        let out = cli(&daemon, net, &["rule", "refresh", "--json"])?;
+        let rules: Value = serde_json::from_str(&out).context("rule refresh --json")?;
+        let list = &rules[0]["list"];
+        if let Some(error) = list["error"].as_str() {
+            bail!("the list's refresh failed: {error}");
+        }
+        let ms = list["last_change_ms"]
+            .as_u64()
+            .with_context(|| format!("no new copy was taken: {list}"))?;
+        if fail_open(&daemon) != before {
+            bail!("the classifier failed open while a list was refreshed");
+        }
+        eprintln!(
+            "bench: list refresh {round}: a changed copy of {SET_PREFIXES} prefixes in effect {ms} ms after its download"
+        );
+        in_effect.push(ms as f64 / 1000.0);
+    }
+    if !net.process("oasis").terminate(Duration::from_secs(10)) {
+        bail!("the daemon did not stop cleanly");
+    }
+    Ok(vec![Figure {
+        scenario: "list-refresh-100k".into(),
+        metric: "in_effect_after_download_seconds".into(),
+        value: median(&mut in_effect),
+        unit: "s".into(),
+        baseline: None,
+        ratio: None,
+    }])
+}
+
 /// A module of about a megabyte of code: many small functions, as a
 /// compiled-from-Rust overlay protocol would have, keeping the contract.
 fn megabyte_module() -> anyhow::Result<Vec<u8>> {

@@ -34,6 +34,8 @@ pub(super) struct ListStatus {
     /// Why the last refresh failed; the last good copy stays in effect.
     pub error: Option<String>,
     pub validators: Validators,
+    /// How long the last new copy took from downloaded to in effect.
+    pub last_change_ms: Option<u64>,
 }
 
 impl ListStatus {
@@ -58,6 +60,7 @@ impl ListStatus {
             fetched_secs_ago: age(self.fetched),
             checked_secs_ago: age(self.checked),
             error: self.error.clone(),
+            last_change_ms: self.last_change_ms,
         }
     }
 }
@@ -98,7 +101,12 @@ pub(super) fn kept_status(config_path: &Path, source: &ListSource, file: &str) -
 /// What a refresh found.
 pub(super) enum Refreshed {
     Unchanged,
-    Changed { content: ListContent, text: String },
+    Changed {
+        content: ListContent,
+        text: String,
+        /// When the download was complete (its check and parse follow).
+        received: std::time::Instant,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +131,7 @@ pub(super) async fn download(
         Fetched::NotModified => return Ok((Refreshed::Unchanged, since.clone())),
         Fetched::Changed { body, validators } => (body, validators),
     };
+    let received = std::time::Instant::now();
     source.check_digest(&body)?;
     let text = String::from_utf8(body).map_err(|_| crate::rule_list::ListError::NotText {
         url: source.url.clone(),
@@ -135,7 +144,14 @@ pub(super) async fn download(
     .await
     .map_err(|e| crate::rule_list::ListError::NotText { url: e.to_string() })?;
     let (content, text) = parsed?;
-    Ok((Refreshed::Changed { content, text }, validators))
+    Ok((
+        Refreshed::Changed {
+            content,
+            text,
+            received,
+        },
+        validators,
+    ))
 }
 
 /// Where a new list rule keeps its copy.

@@ -391,7 +391,7 @@ impl Daemon {
         let (refreshed, validators) = lists::download(&source, &file, &Default::default())
             .await
             .map_err(|e| RequestError::List(e.to_string()))?;
-        let lists::Refreshed::Changed { content, text } = refreshed else {
+        let lists::Refreshed::Changed { content, text, .. } = refreshed else {
             return Err(RequestError::List(format!(
                 "{}: the server answered 304 to a first download",
                 source.url
@@ -416,6 +416,7 @@ impl Daemon {
                     checked: Some(now),
                     validators,
                     error: None,
+                    last_change_ms: None,
                 };
                 lock(&self.lists).insert(rules[0].id(), status);
             }
@@ -491,12 +492,21 @@ impl Daemon {
             .get(&id)
             .map(|s| s.validators.clone())
             .unwrap_or_default();
+        let mut took = None;
         let outcome = match lists::download(&source, &file, &since).await {
             Ok((lists::Refreshed::Unchanged, validators)) => Ok((None, validators)),
-            Ok((lists::Refreshed::Changed { content, text }, validators)) => self
-                .swap_list(id, content)
-                .await
-                .map(|()| (Some(text), validators)),
+            Ok((
+                lists::Refreshed::Changed {
+                    content,
+                    text,
+                    received,
+                },
+                validators,
+            )) => {
+                let swapped = self.swap_list(id, content).await;
+                took = Some(received.elapsed().as_millis() as u64);
+                swapped.map(|()| (Some(text), validators))
+            }
             Err(e) => Err(e.to_string()),
         };
         let now = std::time::SystemTime::now();
@@ -517,7 +527,10 @@ impl Daemon {
         status.checked = Some(now);
         match outcome {
             Ok((changed, validators)) => {
-                tracing::info!(id, url = %source.url, changed, "list refreshed");
+                tracing::info!(id, url = %source.url, changed, in_effect_ms = ?took, "list refreshed");
+                if took.is_some() {
+                    status.last_change_ms = took;
+                }
                 status.fetched = Some(now);
                 status.validators = validators;
                 status.error = None;
@@ -967,7 +980,24 @@ impl Daemon {
                 let view = snapshot(&self.monitor);
                 (view.rules > 0).then(|| view.summary(self.tables.measured()))
             },
+            lists: self.list_views(),
         }
+    }
+
+    /// Each list rule's list, as `status` shows them.
+    fn list_views(&self) -> Vec<(u32, crate::control::ListView)> {
+        let rules = lock(&self.control).rules.clone();
+        let statuses = lock(&self.lists);
+        let now = std::time::SystemTime::now();
+        rules
+            .all()
+            .iter()
+            .filter_map(|rule| {
+                let (source, file, entries) = rule.list()?;
+                let status = statuses.get(&rule.id()).cloned().unwrap_or_default();
+                Some((rule.id(), status.view(source, file, entries, now)))
+            })
+            .collect()
     }
 
     /// At shutdown: stop redirecting DNS, detach the classifier, let the
