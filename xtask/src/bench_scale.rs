@@ -378,9 +378,19 @@ pub fn prefix_set(net: &mut Topology, seconds: u32, repeat: u32) -> anyhow::Resu
 /// the daemon measures it, and whether the classifier failed open (its
 /// heartbeat stale) meanwhile.
 pub fn list_refresh(net: &mut Topology, base: &str, repeat: u32) -> anyhow::Result<Vec<Figure>> {
+    // Each version a list of its own: every prefix of the old copy leaves
+    // the classifier's trie and every one of the new copy enters it.
     let publish = |net: &Topology, version: u32| -> anyhow::Result<()> {
-        let extra = format!("198.51.{}.0/24", version % 250);
-        net.publish("world.cidr", &oasis_tests::prefix_list(SET_PREFIXES, &[&extra]));
+        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(version + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut text = String::with_capacity(SET_PREFIXES as usize * 16);
+        for _ in 0..SET_PREFIXES {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let block = 0x0b00_0000 + (seed % (0xdf00_0000 - 0x0b00_0000)) as u32;
+            text.push_str(&format!("{}/24\n", std::net::Ipv4Addr::from(block & 0xffff_ff00)));
+        }
+        net.publish("world.cidr", &text);
         // The server answers "not modified" by time, to the second.
         std::fs::File::options()
             .write(true)
