@@ -141,7 +141,11 @@ fn run(repeat: u32) -> anyhow::Result<()> {
         kernel
             .apply(&compile(rules.rules()))
             .map_err(|e| anyhow::anyhow!("the rules: {e}"))?;
-        let kind = if senders { "1000-sender-rules" } else { "1000-rules" };
+        let kind = if senders {
+            "1000-sender-rules"
+        } else {
+            "1000-rules"
+        };
         // The flow's first packet (a SYN always meets the rules), then its
         // later packets (their verdict from the claimed-flow cache).
         for (packet, what, into) in [
@@ -163,7 +167,10 @@ fn run(repeat: u32) -> anyhow::Result<()> {
                     })
                     .context("BPF_PROG_TEST_RUN of a thousand rules")?;
                 if result.return_value != 7 {
-                    bail!("the first of a thousand rules did not divert (verdict {})", result.return_value);
+                    bail!(
+                        "the first of a thousand rules did not divert (verdict {})",
+                        result.return_value
+                    );
                 }
                 samples.push(result.duration.as_nanos() as f64);
             }
@@ -184,7 +191,9 @@ fn run(repeat: u32) -> anyhow::Result<()> {
     }
     for (what, pair) in [("new-connection", &first), ("claimed-cached", &later)] {
         let added = pair[1] - pair[0];
-        eprintln!("bench: classifier: sender fields on a thousand rules add {added:.1} ns to a {what} packet");
+        eprintln!(
+            "bench: classifier: sender fields on a thousand rules add {added:.1} ns to a {what} packet"
+        );
         println!(
             "{}",
             serde_json::json!({

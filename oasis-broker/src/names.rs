@@ -226,6 +226,7 @@ impl NameMatcher {
             }
         };
         from(&self.exact, &self.exact_more, name);
+        // Every label boundary starts a suffix that may be a rule.
         let mut rest = name;
         loop {
             from(&self.suffix, &self.suffix_more, rest);
@@ -249,30 +250,7 @@ impl NameMatcher {
 
     /// As `first_match`, for a name already normalised.
     pub fn first_match_normalised(&self, name: &str) -> Option<usize> {
-        let mut best = self.exact.get(name).copied();
-        let mut consider = |rank: usize| best = Some(best.map_or(rank, |b| b.min(rank)));
-        // Every label boundary starts a suffix that may be a rule.
-        let mut rest = name;
-        loop {
-            if let Some(&rank) = self.suffix.get(rest) {
-                consider(rank);
-            }
-            match rest.split_once('.') {
-                Some((_, tail)) => rest = tail,
-                None => break,
-            }
-        }
-        if let Some((automaton, ranks)) = &self.keywords {
-            for found in automaton.find_overlapping_iter(name) {
-                consider(ranks[found.pattern().as_usize()]);
-            }
-        }
-        if let Some((set, ranks)) = &self.regexes {
-            for index in set.matches(name).iter() {
-                consider(ranks[index]);
-            }
-        }
-        best
+        self.first_match_where(name, |_| true)
     }
 }
 

@@ -1070,6 +1070,23 @@ impl Daemon {
         daemon
     }
 
+    /// The exit node serving the client (`--client` its IPv4 address), a
+    /// web server on the server's port 80, the specification server, and
+    /// a daemon that joined the exit as `exit`; and the specification
+    /// server's base URL, where [`Topology::publish`] puts files.
+    pub fn joined_to_exit(topology: &mut Topology) -> (Daemon, String) {
+        topology.start_exit(&["--client", CLIENT_V4]);
+        topology.publish(
+            "exit.xml",
+            r#"<overlay name="test-exit"><entry host="10.77.3.2" port="7400"/></overlay>"#,
+        );
+        let base = topology.start_spec_server();
+        topology.start_web_server(80);
+        let daemon = Daemon::start(topology, "");
+        daemon.ok(topology, &["overlay", "add", "exit", &format!("{base}/exit.xml")]);
+        (daemon, base)
+    }
+
     /// Runs the CLI in the client namespace against this daemon.
     pub fn cli(&self, topology: &Topology, args: &[&str]) -> Output {
         let mut cmd = topology.client.command(&oasis_bin().to_string_lossy());

@@ -8,24 +8,6 @@ use std::time::{Duration, SystemTime};
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 use serde_json::Value;
 
-const EXIT_SPEC: &str = r#"<?xml version="1.0"?>
-<overlay name="test-exit">
-  <entry host="10.77.3.2" port="7400"/>
-</overlay>"#;
-
-/// The exit node serving the client, a web server on the server, the
-/// specification server (which serves the lists too), and a daemon that
-/// joined the exit; the lists' base URL.
-fn joined(net: &mut Topology) -> (Daemon, String) {
-    net.start_exit(&["--client", CLIENT_V4]);
-    net.publish("exit.xml", EXIT_SPEC);
-    let base = net.start_spec_server();
-    net.start_web_server(80);
-    let daemon = Daemon::start(net, "");
-    daemon.ok(net, &["overlay", "add", "exit", &format!("{base}/exit.xml")]);
-    (daemon, base)
-}
-
 /// Publishes a list with a modification time of its own: the server
 /// answers "not modified" by time, to the second.
 fn publish_list(net: &Topology, name: &str, text: &str, version: u64) {
@@ -81,7 +63,7 @@ fn served(net: &mut Topology, status: &str) -> usize {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_prefix_list_stays_current_and_its_last_good_copy_outlives_failures() {
     let mut net = Topology::new();
-    let (daemon, base) = joined(&mut net);
+    let (daemon, base) = Daemon::joined_to_exit(&mut net);
     let url = format!("{base}/route.cidr");
     let rules_before = daemon.json(&net, &["rule", "list", "--json"]);
 
@@ -216,7 +198,7 @@ fn a_prefix_list_stays_current_and_its_last_good_copy_outlives_failures() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_name_list_claims_its_names_until_it_changes() {
     let mut net = Topology::new();
-    let (daemon, base) = joined(&mut net);
+    let (daemon, base) = Daemon::joined_to_exit(&mut net);
     net.start_authoritative_dns(&[
         &format!("--host-record=www.listed.test,{SERVER_V4}"),
         &format!("--host-record=www.other.test,{SERVER_V4}"),

@@ -9,23 +9,6 @@ use std::time::{Duration, Instant};
 
 use oasis_tests::{CLIENT_V4, Daemon, OVERLAY_V4, SERVER_V4, Topology};
 
-const EXIT_SPEC: &str = r#"<?xml version="1.0"?>
-<overlay name="test-exit">
-  <entry host="10.77.3.2" port="7400"/>
-</overlay>"#;
-
-/// The exit node serving the client, a web server on port 80, and a
-/// daemon that joined the exit as `exit`.
-fn joined(net: &mut Topology) -> Daemon {
-    net.start_exit(&["--client", CLIENT_V4]);
-    net.publish("exit.xml", EXIT_SPEC);
-    let base = net.start_spec_server();
-    net.start_web_server(80);
-    let daemon = Daemon::start(net, "");
-    daemon.ok(net, &["overlay", "add", "exit", &format!("{base}/exit.xml")]);
-    daemon
-}
-
 /// Cgroups made below the test's own, removed (emptied by then) at the end.
 struct SubCgroups(Vec<PathBuf>);
 
@@ -103,7 +86,7 @@ fn publish_files(net: &Topology, names: &[&str]) {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn one_cgroup_over_the_exit_and_another_on_the_underlay_at_once() {
     let mut net = Topology::new();
-    let daemon = joined(&mut net);
+    let (daemon, _) = Daemon::joined_to_exit(&mut net);
     let mut cgroups = SubCgroups(Vec::new());
     let browser = cgroups.make(&net, "browser.scope");
     let backup = cgroups.make(&net, "backup.service");
@@ -171,7 +154,7 @@ fn one_cgroup_over_the_exit_and_another_on_the_underlay_at_once() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn one_user_and_one_application_over_the_exit_others_on_the_underlay() {
     let mut net = Topology::new();
-    let daemon = joined(&mut net);
+    let (daemon, _) = Daemon::joined_to_exit(&mut net);
     let cgroup = net.cgroup.clone();
     publish_files(&net, &["u.txt", "r.txt", "app.txt", "other.txt"]);
     daemon.ok(
@@ -258,7 +241,7 @@ fn dig_in(net: &Topology, cgroup: &Path, name: &str) -> Vec<String> {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn a_name_claimed_for_one_cgroup_is_faked_there_and_true_elsewhere() {
     let mut net = Topology::new();
-    let daemon = joined(&mut net);
+    let (daemon, _) = Daemon::joined_to_exit(&mut net);
     net.start_authoritative_dns(&[&format!("--host-record=www.app.test,{SERVER_V4}")]);
     let mut cgroups = SubCgroups(Vec::new());
     let browser = cgroups.make(&net, "browser.scope");
