@@ -636,7 +636,26 @@ fn add_rule(socket: &std::path::Path, args: RuleAddArgs) -> anyhow::Result<()> {
     };
     // Check locally first so a typo is reported even with no daemon.
     let (upload, set) = upload.unzip();
-    spec.parse_with(set)?;
+    let (subset, _) = spec.parse_with(set)?;
+    let sender = match &subset {
+        oasis_broker::rules::Subset::Header(header) => &header.sender,
+        oasis_broker::rules::Subset::Name(_, sender) => sender,
+    };
+    if let Some(app) = &sender.app {
+        let kept = oasis_broker::sender::app_text(&app.key());
+        if !app.as_str().ends_with(&kept) {
+            eprintln!(
+                "note: the kernel keeps 15 bytes of a process name: the rule matches processes named {kept:?}"
+            );
+        }
+    }
+    if let Some(cgroup) = &sender.cgroup
+        && oasis_broker::sender::host_cgroup_id(cgroup).is_none()
+    {
+        eprintln!(
+            "note: no cgroup {cgroup} exists now; the rule claims nothing until one does (the daemon checks every second)"
+        );
+    }
     add_spec(socket, spec, upload, args.json)
 }
 

@@ -918,6 +918,30 @@ impl RuleSet {
         self.len() == 0
     }
 
+    /// One rule, by id.
+    pub fn get(&self, id: u32) -> Option<AnyRule> {
+        if let Some(rule) = self.rules.iter().find(|r| r.id == id) {
+            return Some(AnyRule::Header(rule.clone()));
+        }
+        self.names.iter().find(|r| r.id == id).cloned().map(AnyRule::Name)
+    }
+
+    /// The list rules' lists, by rule id, with nothing copied (there may
+    /// be a million name rules beside them).
+    pub fn lists(&self) -> impl Iterator<Item = (u32, &ListSource, &str, usize)> {
+        let header = self.rules.iter().filter_map(|rule| {
+            let set = rule.subset.dst_set.as_ref()?;
+            Some((rule.id, set.source()?, set.file(), set.listed()))
+        });
+        let names = self.names.iter().filter_map(|rule| match &rule.pattern {
+            NamePattern::List(list) => {
+                Some((rule.id, &list.source, list.file.as_str(), list.patterns().len()))
+            }
+            _ => None,
+        });
+        header.chain(names)
+    }
+
     /// Every rule, by id.
     pub fn all(&self) -> Vec<AnyRule> {
         let mut all: Vec<AnyRule> = self

@@ -134,15 +134,8 @@ impl Daemon {
         let ids = cgroup_ids(parts.rules.rules(), host_cgroup_id);
         let lists = parts
             .rules
-            .all()
-            .iter()
-            .filter_map(|rule| {
-                let (source, file, _) = rule.list()?;
-                Some((
-                    rule.id(),
-                    super::lists::kept_status(&parts.config_path, source, file),
-                ))
-            })
+            .lists()
+            .map(|(id, source, file, _)| (id, super::lists::kept_status(&parts.config_path, source, file)))
             .collect();
         Daemon {
             config_path: parts.config_path,
@@ -209,11 +202,10 @@ impl Daemon {
                 let kernel = lock(&self.kernel);
                 let rules = lock(&self.control).rules.clone();
                 Response::Rules {
-                    rules: rules
-                        .all()
+                    rules: ids
                         .iter()
-                        .filter(|r| ids.contains(&r.id()))
-                        .map(|r| self.rule_view(kernel.as_ref(), r))
+                        .filter_map(|&id| rules.get(id))
+                        .map(|r| self.rule_view(kernel.as_ref(), &r))
                         .collect(),
                 }
             }),
@@ -376,14 +368,14 @@ impl Daemon {
         spec.parse_content(Some(placeholder(&source)))
             .map_err(RequestError::Rule)?;
         let file = lists::file_for(&source);
-        if lock(&self.control)
+        let existing = lock(&self.control)
             .rules
-            .all()
-            .iter()
-            .any(|r| r.list().is_some_and(|(_, f, _)| f == file))
-        {
+            .lists()
+            .find(|(_, _, kept, _)| *kept == file)
+            .map(|(id, ..)| id);
+        if let Some(existing) = existing {
             return Err(RequestError::Rule(RuleError::Duplicate {
-                existing: 0,
+                existing,
                 subset: format!("list {}", source.url),
             }));
         }
@@ -434,10 +426,9 @@ impl Daemon {
     ) -> Result<Vec<u32>, RequestError> {
         let rules = lock(&self.control).rules.clone();
         let ids: Vec<u32> = rules
-            .all()
-            .iter()
-            .filter(|r| r.list().is_some() && id.is_none_or(|id| id == r.id()))
-            .map(AnyRule::id)
+            .lists()
+            .map(|(list_id, ..)| list_id)
+            .filter(|list_id| id.is_none_or(|id| id == *list_id))
             .collect();
         if let Some(id) = id
             && ids.is_empty()
@@ -458,13 +449,15 @@ impl Daemon {
             let rules = lock(&self.control).rules.clone();
             let statuses = lock(&self.lists);
             rules
-                .all()
-                .iter()
-                .filter_map(|r| {
-                    let (source, _, _) = r.list()?;
-                    let status = statuses.get(&r.id()).cloned().unwrap_or_default();
-                    status.due(source.every, now).then_some(r.id())
+                .lists()
+                .filter(|(id, source, ..)| {
+                    statuses
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_default()
+                        .due(source.every, now)
                 })
+                .map(|(id, ..)| id)
                 .collect()
         };
         for id in due {
@@ -478,13 +471,9 @@ impl Daemon {
     async fn refresh_list(self: &Arc<Self>, id: u32) {
         let Some((source, file)) = lock(&self.control)
             .rules
-            .all()
-            .iter()
-            .find(|r| r.id() == id)
-            .and_then(|r| {
-                r.list()
-                    .map(|(source, file, _)| (source.clone(), file.to_string()))
-            })
+            .lists()
+            .find(|(list_id, ..)| *list_id == id)
+            .map(|(_, source, file, _)| (source.clone(), file.to_string()))
         else {
             return;
         };
@@ -522,6 +511,11 @@ impl Daemon {
             .map_err(|e| format!("keeping {file}: {e}"))
             .map(|()| (text.is_some(), validators))
         });
+        // A rule deleted meanwhile has no status to keep.
+        let rules = lock(&self.control).rules.clone();
+        if !rules.lists().any(|(list_id, ..)| list_id == id) {
+            return;
+        }
         let mut statuses = lock(&self.lists);
         let status = statuses.entry(id).or_default();
         status.checked = Some(now);
@@ -990,12 +984,10 @@ impl Daemon {
         let statuses = lock(&self.lists);
         let now = std::time::SystemTime::now();
         rules
-            .all()
-            .iter()
-            .filter_map(|rule| {
-                let (source, file, entries) = rule.list()?;
-                let status = statuses.get(&rule.id()).cloned().unwrap_or_default();
-                Some((rule.id(), status.view(source, file, entries, now)))
+            .lists()
+            .map(|(id, source, file, entries)| {
+                let status = statuses.get(&id).cloned().unwrap_or_default();
+                (id, status.view(source, file, entries, now))
             })
             .collect()
     }
