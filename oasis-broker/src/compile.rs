@@ -172,6 +172,15 @@ fn senders(rules: &[Rule], cgroup_ids: &CgroupIds) -> SenderTables {
     {
         *slot = *level;
     }
+    // What the kernel remembers per cgroup holds while all of this is the
+    // same: named by its digest, so equal rules give equal generations.
+    let mut digest = std::hash::DefaultHasher::new();
+    let named: Vec<(u64, [u64; oasis_common::RULE_WORDS])> = by_cgroup
+        .iter()
+        .map(|(id, set): (&u64, &RuleSet)| (*id, set.words))
+        .collect();
+    std::hash::Hash::hash(&(owner.cgroup_levels, owner.any_cgroup.words, named), &mut digest);
+    owner.generation = std::hash::Hasher::finish(&digest);
     (owner, by_uid, by_cgroup, by_app)
 }
 

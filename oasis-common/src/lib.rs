@@ -798,6 +798,18 @@ pub const SOCKET_APPS: u32 = 65_536;
 /// with its terminating zero.
 pub const APP_NAME_LEN: usize = 16;
 
+/// Cgroups whose rules the classifier remembers (`CgroupRules`).
+pub const CGROUP_MEMO_ENTRIES: u32 = 4096;
+
+/// The rules a cgroup's sockets may match by cgroup, as the classifier
+/// worked them out from its ancestors, under `OwnerMatch::generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupRules {
+    pub generation: u64,
+    pub rules: RuleSet,
+}
+
 /// A process name (`comm`), zero-padded: a map key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -818,6 +830,9 @@ pub struct OwnerMatch {
     pub fields: u32,
     /// The levels of the cgroups the rules name, 0 for none.
     pub cgroup_levels: [u8; CGROUP_DEPTHS],
+    /// Changes whenever the cgroup rules (or their cgroups' ids) do: a
+    /// cgroup's rules remembered under another generation are stale.
+    pub generation: u64,
     pub any_uid: RuleSet,
     pub any_cgroup: RuleSet,
     pub any_app: RuleSet,
@@ -860,6 +875,7 @@ mod pod {
     unsafe impl aya::Pod for DnsOriginal {}
     unsafe impl aya::Pod for AppName {}
     unsafe impl aya::Pod for OwnerMatch {}
+    unsafe impl aya::Pod for CgroupRules {}
     unsafe impl aya::Pod for Measure {}
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for EncapEntry {}

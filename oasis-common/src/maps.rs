@@ -88,6 +88,11 @@ macro_rules! kernel_maps {
             RULE_UID, "OASIS_RULE_UID", HashMap<u32, $crate::RuleSet>, $crate::OWNER_ENTRIES;
             /// Rules by cgroup id: a socket in the cgroup or below it.
             RULE_CGROUP, "OASIS_RULE_CGROUP", HashMap<u64, $crate::RuleSet>, $crate::OWNER_ENTRIES;
+            /// A cgroup's rules by cgroup, worked out once from its
+            /// ancestors: one lookup for each new flow after the first.
+            CGROUP_MEMO, "OASIS_CGROUP_MEMO", LruHashMap<u64, $crate::CgroupRules>, $crate::CGROUP_MEMO_ENTRIES;
+            /// Each CPU's room for a `CgroupRules` being written.
+            RULE_MEMO_SLOT, "OASIS_RULE_MEMO_SLOT", PerCpuArray<$crate::CgroupRules>, 1;
             /// Rules by the name of the process that opened the socket.
             RULE_APP, "OASIS_RULE_APP", HashMap<$crate::AppName, $crate::RuleSet>, $crate::OWNER_ENTRIES;
             /// Each CPU's room for the rule sets a match builds (the rules

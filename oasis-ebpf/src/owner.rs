@@ -22,7 +22,9 @@ use aya_ebpf::{
 };
 use oasis_common::{AppName, CGROUP_DEPTHS, OwnerMatch, RULE_WORDS, RuleSet, owner};
 
-use crate::maps::{OWNER, RULE_APP, RULE_CGROUP, RULE_SCRATCH, RULE_UID, SOCKET_APP};
+use crate::maps::{
+    CGROUP_MEMO, OWNER, RULE_APP, RULE_CGROUP, RULE_MEMO_SLOT, RULE_SCRATCH, RULE_UID, SOCKET_APP,
+};
 
 /// Keeps, of `set`, the rules whose socket fields the packet's socket
 /// meets. Costs nothing beyond one array lookup while no rule names one.
@@ -64,7 +66,7 @@ fn restrict_by_socket(ctx: &TcContext, set: &mut RuleSet, owner: &OwnerMatch) {
     {
         // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
         let allowed = unsafe { &mut *allowed };
-        cgroup_rules(skb, owner, allowed);
+        cgroup_rules(skb, cgroup, owner, allowed);
         by_cgroup = allowed;
     }
     let mut by_app = &owner.any_app;
@@ -93,8 +95,26 @@ fn names_some(set: &RuleSet, any: &RuleSet) -> bool {
 
 /// The rules the socket's cgroup admits: those naming no cgroup, and
 /// those naming one of its ancestors (or itself) at a level some rule uses.
+/// Remembered per cgroup: a cgroup's next flows cost one lookup.
 #[inline(never)]
-fn cgroup_rules(skb: *mut __sk_buff, owner: &OwnerMatch, allowed: &mut RuleSet) {
+fn cgroup_rules(skb: *mut __sk_buff, cgroup: u64, owner: &OwnerMatch, allowed: &mut RuleSet) {
+    // SAFETY: plain integers.
+    if let Some(known) = unsafe { CGROUP_MEMO.get(&cgroup) }
+        && known.generation == owner.generation
+    {
+        let mut i = 0;
+        while i < RULE_WORDS {
+            allowed.words[i] = known.rules.words[i];
+            i += 1;
+        }
+        return;
+    }
+    walk_ancestors(skb, owner, allowed);
+    remember_cgroup(cgroup, owner.generation, allowed);
+}
+
+#[inline(never)]
+fn walk_ancestors(skb: *mut __sk_buff, owner: &OwnerMatch, allowed: &mut RuleSet) {
     let mut i = 0;
     while i < RULE_WORDS {
         allowed.words[i] = owner.any_cgroup.words[i];
@@ -114,6 +134,23 @@ fn cgroup_rules(skb: *mut __sk_buff, owner: &OwnerMatch, allowed: &mut RuleSet) 
             allowed.union_with(named);
         }
         i += 1;
+    }
+}
+
+/// Keeps a cgroup's rules for its sockets' next flows. A full map only
+/// costs the walk again.
+#[inline(never)]
+fn remember_cgroup(cgroup: u64, generation: u64, rules: &RuleSet) {
+    if let Some(memo) = RULE_MEMO_SLOT.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        let memo = unsafe { &mut *memo };
+        memo.generation = generation;
+        let mut i = 0;
+        while i < RULE_WORDS {
+            memo.rules.words[i] = rules.words[i];
+            i += 1;
+        }
+        let _ = CGROUP_MEMO.insert(&cgroup, memo, 0);
     }
 }
 
