@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         id: 1,
         pattern: NamePattern::Suffix("claimed.test".into()),
         via: oasis_broker::rules::Carrier::Underlay,
+        sender: Default::default(),
     }])
     .unwrap();
     let mut records = message.answers().to_vec();
