@@ -224,12 +224,19 @@ impl CgroupPath {
     /// Its id now: the inode number of its directory on a cgroup v2
     /// mount, which is what the kernel calls its id. `None` while it
     /// does not exist (a unit not started yet).
+    #[cfg(unix)]
     pub fn id_below(&self, root: &Path) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(root.join(&self.0))
             .ok()
             .filter(|m| m.is_dir())
             .map(|m| m.ino())
+    }
+
+    /// No cgroups but on Linux.
+    #[cfg(not(unix))]
+    pub fn id_below(&self, _root: &Path) -> Option<u64> {
+        None
     }
 }
 
