@@ -1,10 +1,12 @@
-//! The classifier's compiler: for any rule list and any flow, the compiled
-//! map image answers exactly as "the first rule that matches".
+//! The classifier's compiler: for any rule list and any flow, sent from
+//! any socket or none, the compiled map image answers exactly as "the
+//! first rule that matches".
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use oasis_broker::compile::compile;
+use oasis_broker::compile::{CgroupIds, compile_for};
+use oasis_broker::sender::{App, CgroupPath, Sender};
 use std::sync::Arc;
 
 use oasis_broker::prefix_set::PrefixSet;
@@ -19,6 +21,8 @@ struct FuzzRule {
     set: Vec<(bool, [u8; 4], u8)>,
     dport: Option<(u16, u8)>,
     sport: Option<(u16, u8)>,
+    /// Who sent it: a uid, a cgroup, an application, by index (0: none).
+    sender: (u8, u8, u8),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -28,6 +32,31 @@ struct FuzzKey {
     dst: [u8; 4],
     sport: u16,
     dport: u16,
+    /// The socket: none (forwarded), or a uid, a cgroup chain, a name.
+    sender: Option<(u8, u8, u8)>,
+}
+
+const UIDS: [u32; 3] = [0, 1000, 1001];
+const APPS: [&str; 3] = ["curl", "firefox", "/usr/bin/wget"];
+/// A cgroup tree: paths and their ids now (0: not there).
+const CGROUPS: [(&str, u64); 6] = [("a", 10), ("a/b", 11), ("a/b/c", 12), ("d", 20), ("d/e", 21), ("x/y", 0)];
+/// Sockets' cgroups with their ancestors, by level from the root.
+const CHAINS: [&[u64]; 6] = [&[1], &[1, 10], &[1, 10, 11], &[1, 10, 11, 12], &[1, 20, 21], &[1, 30, 31]];
+
+fn cgroup_ids() -> CgroupIds {
+    CGROUPS
+        .iter()
+        .filter(|(_, id)| *id != 0)
+        .map(|(path, id)| (CgroupPath::parse(path).unwrap(), *id))
+        .collect()
+}
+
+fn socket((uid, chain, app): (u8, u8, u8)) -> Sender {
+    Sender {
+        uid: UIDS[usize::from(uid) % UIDS.len()] + u32::from(uid / 200),
+        cgroups: CHAINS[usize::from(chain) % CHAINS.len()].to_vec(),
+        app: (app % 4 != 0).then(|| App::parse(APPS[usize::from(app % 4) - 1]).unwrap().key()),
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -70,12 +99,16 @@ fn spec(rule: &FuzzRule) -> RuleSpec {
             format!("{first}-{}", first.saturating_add(u16::from(span % 64)))
         })
     };
+    let (uid, cgroup, app) = rule.sender;
     RuleSpec {
         proto,
         dst,
         dst_set: prefix_set(rule).map(|_| "set.txt".to_string()),
         dport: range(rule.dport),
         sport: range(rule.sport),
+        uid: (uid % 4 != 0).then(|| UIDS[usize::from(uid % 4) - 1].to_string()),
+        cgroup: (cgroup % 7 != 0).then(|| CGROUPS[usize::from(cgroup % 7) - 1].0.to_string()),
+        app: (app % 4 != 0).then(|| APPS[usize::from(app % 4) - 1].to_string()),
         via: "underlay".into(),
         ..RuleSpec::default()
     }
@@ -88,7 +121,8 @@ fuzz_target!(|input: Input| {
             let _ = set.add(subset, via);
         }
     }
-    let image = compile(set.rules());
+    let ids = cgroup_ids();
+    let image = compile_for(set.rules(), &ids);
     for key in input.keys.iter().take(64) {
         let mut flow = FlowKey {
             proto: [6, 17, 1, 58, 47][usize::from(key.proto % 5)],
@@ -107,7 +141,16 @@ fuzz_target!(|input: Input| {
             flow.sport = 1 + key.sport % 270;
             flow.dport = 1 + key.dport % 270;
         }
-        let expected = set.first_match(&flow).map(|r| r.id);
-        assert_eq!(image.lookup(&flow).map(|a| a.rule_id), expected, "{flow:?}");
+        let sender = key.sender.map(socket);
+        let expected = set
+            .rules()
+            .iter()
+            .find(|r| r.subset.matches_from(&flow, sender.as_ref(), |p| ids.get(p).copied()))
+            .map(|r| r.id);
+        assert_eq!(
+            image.lookup_from(&flow, sender.as_ref()).map(|a| a.rule_id),
+            expected,
+            "{flow:?} from {sender:?}"
+        );
     }
 });
