@@ -61,6 +61,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// The Monitor: probe budget and decision margins, for metric rules.
     pub monitor: MonitorConfig,
+    /// The REST API (Clash-compatible) and the web page at `/ui/`;
+    /// docs/api.md.
+    pub api: ApiConfig,
     /// What each overlay's code module may use (memory, CPU per call,
     /// datagrams per event, log lines); docs/modules.md.
     pub modules: crate::module::ModuleLimits,
@@ -139,6 +142,47 @@ impl Default for DnsConfig {
             upstream_timeout_ms: 2_000,
             through_wireguard: true,
             state_file: PathBuf::from("/var/lib/oasis/fake-addresses.json"),
+        }
+    }
+}
+
+/// The REST API and the web page (docs/api.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    /// Where it listens. Anything but a loopback address needs a secret.
+    pub listen: std::net::SocketAddr,
+    /// What clients send as `Authorization: Bearer SECRET` (`?token=`
+    /// for WebSockets). Unset: one is made at the first start and kept in
+    /// `secret_file`; `oasis ui` shows it. `""`: none, on loopback only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub secret_file: PathBuf,
+    /// Host headers accepted besides `localhost`, the loopback addresses
+    /// and `listen` itself, e.g. `oasis.lan:9090`; any other is refused,
+    /// against DNS rebinding.
+    pub hosts: Vec<String>,
+    /// Web origins whose pages may call the API (CORS), e.g.
+    /// `http://127.0.0.1:8080` for a dashboard served elsewhere. Needs a
+    /// secret. Empty: no page of another origin may.
+    pub cors_origins: Vec<String>,
+    /// A dashboard's files (metacubexd, zashboard) served at `/ui/`
+    /// instead of Oasis' own page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ui_dir: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+            secret: None,
+            secret_file: PathBuf::from("/var/lib/oasis/api-secret"),
+            hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            ui_dir: None,
         }
     }
 }
@@ -355,6 +399,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             monitor: MonitorConfig::default(),
             modules: crate::module::ModuleLimits::default(),
+            api: ApiConfig::default(),
             overlays: Vec::new(),
             rules: Vec::new(),
         }
@@ -548,6 +593,9 @@ impl Config {
         }
         if self.dns.upstream_timeout_ms < 100 {
             return Err(invalid("dns.upstream_timeout_ms must be at least 100"));
+        }
+        if let Err(problem) = crate::api::check_settings(&self.api) {
+            return Err(invalid(&problem));
         }
         for upstream in &self.dns.upstreams {
             crate::dns::upstream::parse_upstream(upstream).map_err(|e| invalid(&e.to_string()))?;

@@ -62,6 +62,24 @@ pub enum Request {
     },
     /// What the Monitor measured and decided.
     Monitor,
+    /// Pins metric rule `rule`'s new flows to `carrier` (an overlay's name
+    /// or `underlay`) while it is up; None: the Monitor decides again.
+    Pin {
+        rule: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        carrier: Option<String>,
+    },
+    /// Forgets every fake address, unless live flows hold some.
+    FlushFakes,
+    /// Where the REST API and the web page are, and their secret.
+    Api,
+    /// Ends live flows: their sockets are closed (the application hears
+    /// ECONNABORTED, a TCP peer a reset). By id (`FlowView::id`); none:
+    /// every flow.
+    EndFlows {
+        #[serde(default)]
+        ids: Option<Vec<String>>,
+    },
     /// The live flows of the packet threads.
     Flows,
     /// Injects a fault, for the tests: refused unless the daemon was
@@ -136,6 +154,13 @@ pub enum Response {
     Flows {
         flows: Vec<FlowView>,
     },
+    /// The REST API: where the page is, and the secret it asks for.
+    Api {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
     /// Done, and nothing to show.
     Done {
         message: String,
@@ -167,6 +192,9 @@ pub struct MonitorView {
     pub paths: Vec<PathView>,
     pub decisions: Vec<DecisionView>,
     pub switches: Vec<SwitchView>,
+    /// Metric rules the user pinned to a carrier: (rule, carrier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<(u32, String)>,
 }
 
 /// A carrier's health.
@@ -232,10 +260,21 @@ pub struct SwitchView {
 }
 
 /// A live flow, as `oasis flows` shows it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowView {
+    /// Names the flow while it lives (`oasis flows --end ID`, the API).
+    #[serde(default)]
+    pub id: String,
     /// `tcp 10.0.0.2:40000 -> 203.0.113.9:443`
     pub flow: String,
+    /// The same, in parts: the protocol's number, the source and the
+    /// (real) destination; ports are 0 for protocols without them.
+    #[serde(default)]
+    pub proto: u8,
+    #[serde(default = "unspecified")]
+    pub src: std::net::SocketAddr,
+    #[serde(default = "unspecified")]
+    pub dst: std::net::SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<u32>,
     pub carrier: String,
@@ -254,6 +293,31 @@ pub struct FlowView {
     /// Who sent it, as far as the OS tells (this host's own flows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<SenderView>,
+}
+
+fn unspecified() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+impl Default for FlowView {
+    fn default() -> FlowView {
+        FlowView {
+            id: String::new(),
+            flow: String::new(),
+            proto: 0,
+            src: unspecified(),
+            dst: unspecified(),
+            rule: None,
+            carrier: String::new(),
+            why: None,
+            fake: None,
+            in_kernel: false,
+            age_secs: 0.0,
+            idle_secs: 0.0,
+            packets: 0,
+            sender: None,
+        }
+    }
 }
 
 /// The process behind a flow: its socket's owner, cgroup and name.
@@ -334,6 +398,9 @@ pub struct RuleView {
     /// The subset in words, e.g. `tcp dst 203.0.113.0/24 dport 8080`.
     pub subset: String,
     pub via: String,
+    /// Claims names (DNS answers), not packet headers.
+    #[serde(default)]
+    pub name_rule: bool,
     pub packets: u64,
     pub bytes: u64,
     /// Name rules: DNS answers given with a fake address.
@@ -342,6 +409,10 @@ pub struct RuleView {
     /// List rules: where the list comes from and how current it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub list: Option<Box<ListView>>,
+    /// A metric rule's carriers the Monitor may choose now, the underlay
+    /// first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<String>>,
 }
 
 /// A list rule's list, as `oasis rule list` shows it.

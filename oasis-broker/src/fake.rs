@@ -331,6 +331,26 @@ impl FakeTable {
         }
     }
 
+    /// Forgets every name's address, unless a live flow holds one: then
+    /// nothing changes and the number of addresses held is the error.
+    /// Addresses are not handed out again soon after (the pool goes on
+    /// from where it was), so an answer an application still caches meets
+    /// an unknown address rather than another name's.
+    pub fn flush(&mut self) -> Result<usize, usize> {
+        let held = self.entries.values().filter(|e| e.live_flows > 0).count();
+        if held > 0 {
+            return Err(held);
+        }
+        let forgotten = self.entries.len();
+        self.entries.clear();
+        self.by_name.clear();
+        self.by_real.clear();
+        self.idle.clear();
+        self.counts = [0, 0];
+        self.changes += 1;
+        Ok(forgotten)
+    }
+
     /// A flow to `fake` started: its address is pinned until it ends.
     pub fn flow_started(&mut self, fake: IpAddr, now: u64) -> Option<&FakeEntry> {
         let entry = self.entries.get_mut(&fake)?;
@@ -419,6 +439,28 @@ mod tests {
 
     fn real(addr: &str) -> Vec<IpAddr> {
         vec![addr.parse().unwrap()]
+    }
+
+    #[test]
+    fn a_flush_is_refused_while_a_flow_holds_an_address_and_never_reuses_one_soon() {
+        let mut t = table(10);
+        let a = t
+            .assign("a.example", false, real("192.0.2.1"), "detour", 1)
+            .unwrap();
+        t.assign("b.example", false, real("192.0.2.2"), "detour", 1)
+            .unwrap();
+        t.flow_started(a, 2);
+        assert_eq!(t.flush(), Err(1));
+        assert_eq!(t.len(), 2, "nothing changed");
+        t.flow_ended(a, 3);
+        let before = t.changes();
+        assert_eq!(t.flush(), Ok(2));
+        assert!(t.is_empty() && t.get(a).is_none() && t.fakes_of("192.0.2.1".parse().unwrap()).is_empty());
+        assert!(t.changes() > before, "the table is saved again");
+        let again = t
+            .assign("a.example", false, real("192.0.2.1"), "detour", 4)
+            .unwrap();
+        assert_ne!(again, a);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! metric rules), the overlay manager (`overlay`), DNS policy (`dns`). The
 //! operating system sits behind the traits of `platform`; `forward` runs
 //! the packet loops over them, and `daemon` wires everything together.
+pub mod api;
 pub mod compile;
 pub mod config;
 pub mod control;

@@ -47,6 +47,7 @@ Examples:
   oasis flows                                            live flows, carriers and why
   oasis dns                                              the fake-address table
   oasis status --json
+  oasis ui                                               the web page, and the API dashboards speak
 
 Logs: set RUST_LOG (e.g. RUST_LOG=oasis_broker=debug) for the daemon.";
 
@@ -93,11 +94,34 @@ enum Command {
         json: bool,
     },
     /// Show the live flows the broker knows: each flow's rule, carrier,
-    /// and for metric rules why the Monitor chose it.
+    /// and for metric rules why the Monitor chose it. With --end, end
+    /// flows instead: their sockets are closed (the application sees the
+    /// connection aborted, a TCP peer a reset).
     Flows {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// End the flow with this id (`oasis flows --json` shows ids);
+        /// repeat for more.
+        #[arg(long, value_name = "ID")]
+        end: Vec<String>,
+        /// End every live flow.
+        #[arg(long, conflicts_with = "end")]
+        end_all: bool,
+    },
+    /// Where the web page and the REST API are (Clash dashboards such as
+    /// metacubexd, yacd and zashboard speak it), and a link that fills in
+    /// the API's secret. docs/api.md tells more.
+    Ui {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `oasis completions bash >
+    /// /etc/bash_completion.d/oasis` (`cargo xtask install` does this).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Show what the daemon is doing: uplinks, TUN, heartbeat, counters.
     Status {
@@ -206,6 +230,24 @@ Examples:
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Pin a metric rule's new flows to one carrier while it is up (the
+    /// underlay when it is not), overriding the Monitor; --clear gives
+    /// them back to it. Flows already running keep their carrier. A pin
+    /// lasts until cleared or the daemon restarts.
+    #[command(after_help = "\
+Examples:
+  oasis rule pin 4 detour
+  oasis rule pin 4 underlay
+  oasis rule pin 4 --clear")]
+    Pin {
+        /// The metric rule's id.
+        id: u32,
+        /// An overlay the rule may choose, or `underlay`.
+        #[arg(required_unless_present = "clear")]
+        carrier: Option<String>,
+        #[arg(long, conflicts_with = "carrier")]
+        clear: bool,
     },
     /// Delete a rule by id. Flows it already carries keep their path until
     /// they end; new flows no longer match it.
@@ -527,10 +569,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             other => bail!("unexpected reply: {other:?}"),
         },
-        Command::Flows { json } => match call(&socket, &Request::Flows)? {
+        Command::Flows { end, end_all, .. } if end_all || !end.is_empty() => {
+            let ids = (!end_all).then_some(end);
+            match call(&socket, &Request::EndFlows { ids })? {
+                Response::Done { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+        }
+        Command::Flows { json, .. } => match call(&socket, &Request::Flows)? {
             Response::Flows { flows } => show(json, &flows, |f| render::flows(f)),
             other => bail!("unexpected reply: {other:?}"),
         },
+        Command::Ui { json } => match call(&socket, &Request::Api)? {
+            Response::Api { url, secret } => {
+                if json {
+                    println!("{}", serde_json::json!({ "url": url, "secret": secret }));
+                    return Ok(());
+                }
+                match (url, secret) {
+                    (None, _) => println!(
+                        "the API is off (api.enabled in the config file, or it could not listen: the daemon's log says why)"
+                    ),
+                    (Some(url), Some(secret)) => {
+                        println!("web page:   {url}#secret={secret}");
+                        println!("API:        {}", url.trim_end_matches("ui/"));
+                        println!("secret:     {secret}  (dashboards ask for it)");
+                    }
+                    (Some(url), None) => {
+                        println!("web page:   {url}");
+                        println!("API:        {} (no secret)", url.trim_end_matches("ui/"));
+                    }
+                }
+                Ok(())
+            }
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "oasis", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Dns { json } => match call(&socket, &Request::Dns)? {
             Response::Dns { dns } => show(json, &*dns, render::dns_table),
             other => bail!("unexpected reply: {other:?}"),
@@ -601,6 +682,13 @@ fn rule(socket: &std::path::Path, command: RuleCommand) -> anyhow::Result<()> {
                 Ok(())
             }
             Response::Rules { rules } => show(json, &rules, |r| render::rule_table(r)),
+            other => bail!("unexpected reply: {other:?}"),
+        },
+        RuleCommand::Pin { id, carrier, .. } => match call(socket, &Request::Pin { rule: id, carrier })? {
+            Response::Done { message } => {
+                println!("{message}");
+                Ok(())
+            }
             other => bail!("unexpected reply: {other:?}"),
         },
         RuleCommand::Del { id } => match call(socket, &Request::DelRule { id })? {
@@ -870,10 +958,27 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("boringtun")) {
         filter = filter.add_directive("boringtun=off".parse().expect("a valid directive"));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        // Under systemd (JOURNAL_STREAM set) stderr is the journal, which
+        // stamps each line itself: no time and no colour of ours.
+        let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+        let output = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(!journal);
+        let output = if journal {
+            output.without_time().boxed()
+        } else {
+            output.boxed()
+        };
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(output)
+            .with(oasis_broker::api::LogFeed::global().layer())
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -759,6 +759,8 @@ mod tests {
                 bytes: 15_000,
                 answers: None,
                 list: None,
+                name_rule: false,
+                candidates: None,
             },
             RuleView {
                 id: 12,
@@ -768,6 +770,8 @@ mod tests {
                 bytes: 0,
                 answers: None,
                 list: None,
+                name_rule: false,
+                candidates: None,
             },
         ];
         let table = rule_table(&rules);

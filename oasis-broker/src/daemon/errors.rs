@@ -26,6 +26,8 @@ pub(super) enum RequestError {
     Keep(#[from] super::sets::KeepError),
     #[error("{0} (no rule was added)")]
     List(String),
+    #[error("{0}")]
+    Refused(String),
     #[error("name rules cannot be kept on this host: {0} (no rule was added)")]
     Uncovered(String),
 }

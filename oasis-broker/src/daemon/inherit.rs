@@ -74,7 +74,7 @@ pub fn sweep(sockets: &dyn SocketLookup, fakes: &FakeTable, routes: &Routes) -> 
     for ((local, peer), fate) in peers.iter().zip(fates(&peers, fakes, routes)) {
         counts[fate as usize] += 1;
         if fate == Fate::Ended
-            && let Err(e) = sockets.end_tcp(*local, *peer)
+            && let Err(e) = sockets.end_socket(oasis_common::proto::TCP, *local, *peer)
         {
             tracing::warn!(%local, %peer, "cannot end a flow the last daemon left: {e}");
         }

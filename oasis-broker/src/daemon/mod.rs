@@ -9,6 +9,8 @@
 // that OS to start them its own way.
 #![cfg_attr(not(unix), allow(dead_code))]
 
+mod actions;
+mod api;
 mod changes;
 mod dns;
 mod edit;

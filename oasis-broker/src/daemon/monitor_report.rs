@@ -136,6 +136,12 @@ pub fn render(monitor: &Monitor, routes: &Routes, link: &MonitorLink, now: Insta
             why: s.why.to_string(),
         })
         .collect();
+    let mut pins: Vec<(u32, String)> = monitor
+        .pins()
+        .iter()
+        .map(|(rule, via)| (*rule, name(*via)))
+        .collect();
+    pins.sort();
     let budget = monitor.budget();
     let (probes_limit, bytes_limit) = budget.limits();
     MonitorView {
@@ -150,6 +156,7 @@ pub fn render(monitor: &Monitor, routes: &Routes, link: &MonitorLink, now: Insta
         paths,
         decisions,
         switches,
+        pins,
     }
 }
 

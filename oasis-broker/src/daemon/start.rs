@@ -147,6 +147,7 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
         diverted,
         own_addresses,
         path_mtu,
+        sockets: platform.sockets(),
     }));
 
     let listener = ControlListener::bind(&control_socket)?;
@@ -173,11 +174,21 @@ pub async fn run<P: Platform + Sync>(config_path: &Path, mut platform: P) -> Res
             );
         }
     }
+    let api = super::api::start(&daemon).await;
+    if let Some(api) = &api {
+        let _ = daemon.api.set((api.url.clone(), api.secret.clone()));
+    }
     tracing::info!(socket = %control_socket.display(), "oasis daemon ready");
+    // Under systemd (Type=notify): the unit is started once rules apply.
+    #[cfg(target_os = "linux")]
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let cgroups = tokio::spawn(follow_cgroups(daemon.clone()));
     let lists = tokio::spawn(follow_lists(daemon.clone()));
     let outcome = serve_until_stopped(&daemon, &listener, &threads).await;
 
+    drop(api);
+    #[cfg(target_os = "linux")]
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: detaching the classifier");
     cgroups.abort();
     lists.abort();

@@ -84,6 +84,10 @@ pub(super) struct Daemon {
     cgroup_ids: Mutex<CgroupIds>,
     /// How current each list rule's list is.
     lists: Mutex<ListStatuses>,
+    /// This host's sockets: flows the user ends are closed there.
+    pub sockets: Arc<dyn crate::platform::SocketLookup>,
+    /// The REST API's page and secret, once it is up.
+    pub api: std::sync::OnceLock<(String, Option<String>)>,
     started: Instant,
 }
 
@@ -106,6 +110,7 @@ pub(super) struct Parts {
     pub diverted: DivertedCounts,
     pub own_addresses: OwnAddresses,
     pub path_mtu: PathMtu,
+    pub sockets: Arc<dyn crate::platform::SocketLookup>,
 }
 
 /// Packets and bytes the OS handed to the divert device (by name).
@@ -160,6 +165,8 @@ impl Daemon {
             path_mtu: parts.path_mtu,
             cgroup_ids: Mutex::new(ids),
             lists: Mutex::new(lists),
+            sockets: parts.sockets,
+            api: std::sync::OnceLock::new(),
             started: Instant::now(),
         }
     }
@@ -242,6 +249,24 @@ impl Daemon {
                 monitor: Box::new((*snapshot(&self.monitor)).clone()),
             }),
             Request::Flows => self.flows().await.map(|flows| Response::Flows { flows }),
+            Request::Pin { rule, carrier } => self
+                .pin(rule, carrier)
+                .await
+                .map(|message| Response::Done { message }),
+            Request::Api => Ok(match self.api.get() {
+                Some((url, secret)) => Response::Api {
+                    url: Some(url.clone()),
+                    secret: secret.clone(),
+                },
+                None => Response::Api {
+                    url: None,
+                    secret: None,
+                },
+            }),
+            Request::FlushFakes => self.flush_fakes().map(|message| Response::Done { message }),
+            Request::EndFlows { ids } => self.end_flows(ids).await.map(|ended| Response::Done {
+                message: ended.message(),
+            }),
             Request::Fault { name } => fault(&name).map(|message| Response::Done { message }),
             Request::OverlayDel { name } => {
                 self.leave_overlay(&name, &reporter)
@@ -258,7 +283,7 @@ impl Daemon {
 
     /// Every live flow, as the packet threads hold them: each answers at
     /// its next tick.
-    async fn flows(&self) -> Result<Vec<FlowView>, RequestError> {
+    pub(super) async fn flows(&self) -> Result<Vec<FlowView>, RequestError> {
         let generation = self.engine.ask_flows();
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
@@ -303,14 +328,28 @@ impl Daemon {
             let status = lock(&self.lists).get(&rule.id()).cloned().unwrap_or_default();
             Box::new(status.view(source, file, entries, std::time::SystemTime::now()))
         });
+        // A metric rule's carriers as the Monitor may choose them now.
+        let routes = self.engine.routes();
+        let candidates = routes.monitored(rule.id()).map(|route| {
+            let mut names = vec!["underlay".to_string()];
+            names.extend(
+                route
+                    .candidates
+                    .iter()
+                    .filter_map(|id| routes.overlays.get(*id).map(|o| o.name.clone())),
+            );
+            names
+        });
         RuleView {
             id: rule.id(),
             subset: rule.subset_text(),
             via: rule.via().to_string(),
+            name_rule: matches!(rule, AnyRule::Name(_)),
             packets: counters.packets,
             bytes: counters.bytes,
             answers,
             list,
+            candidates,
         }
     }
 
@@ -919,6 +958,20 @@ impl Daemon {
                 view
             })
             .collect()
+    }
+
+    /// The uplinks the classifier is attached to, by name.
+    pub fn status_uplinks(&self) -> Vec<String> {
+        lock(&self.kernel)
+            .attached()
+            .into_iter()
+            .map(|u| u.name)
+            .collect()
+    }
+
+    /// The DNS service's port, while it intercepts.
+    pub fn dns_port(&self) -> Option<u16> {
+        self.dns.intercepting().then_some(self.settings.dns.port)
     }
 
     pub fn status(&self) -> StatusView {

@@ -187,6 +187,7 @@ async fn daemon(name: &str) -> Test {
         diverted: Box::new(|_| (0, 0)),
         own_addresses: Box::new(|_| {}),
         path_mtu: Box::new(|_| None),
+        sockets: Arc::new(NoSockets),
     }));
     Test {
         daemon,
@@ -356,4 +357,22 @@ async fn status_is_read_without_the_os() {
     };
     let json = serde_json::to_value(&status).unwrap();
     assert_eq!(json["rules"].as_u64(), Some(1), "{json}");
+}
+
+/// A host with no sockets at all.
+struct NoSockets;
+
+impl crate::platform::SocketLookup for NoSockets {
+    fn connected(&self, _: u8, _: std::net::SocketAddr, _: std::net::SocketAddr) -> bool {
+        false
+    }
+    fn tcp_peers(
+        &self,
+        _: &dyn Fn(std::net::IpAddr) -> bool,
+    ) -> std::io::Result<Vec<(std::net::SocketAddr, std::net::SocketAddr)>> {
+        Ok(Vec::new())
+    }
+    fn end_socket(&self, _: u8, _: std::net::SocketAddr, _: std::net::SocketAddr) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::NotFound.into())
+    }
 }

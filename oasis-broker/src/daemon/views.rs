@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::control::{BrokerCounters, FlowView, SenderView};
 use crate::engine::counters::{DropReason, EngineCounters};
-use crate::engine::packet::describe;
+use crate::engine::packet::{describe, flow_dst, flow_src};
 use crate::engine::router::FlowRecord;
 use crate::overlay::{OverlayTable, Via};
 
@@ -56,7 +56,11 @@ pub(super) fn carrier_name(overlays: &OverlayTable, via: Via) -> String {
 /// A flow as `oasis flows` shows it.
 pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable, sender: Option<SenderView>) -> FlowView {
     FlowView {
+        id: flow_id(&flow.key),
         flow: describe(&flow.key),
+        proto: flow.key.proto,
+        src: std::net::SocketAddr::new(flow_src(&flow.key), flow.key.sport),
+        dst: std::net::SocketAddr::new(flow_dst(&flow.key), flow.key.dport),
         rule: flow.rule,
         carrier: carrier_name(overlays, flow.via),
         why: flow.why.map(|why| why.to_string()),
@@ -67,6 +71,27 @@ pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable, sender: Opti
         packets: flow.packets,
         sender,
     }
+}
+
+/// A flow's id: the digest of its addresses, ports and protocol, shaped
+/// as the UUIDs dashboards expect. Unique among live flows.
+pub(super) fn flow_id(key: &oasis_common::FlowKey) -> String {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    digest.update([key.proto]);
+    digest.update(flow_src(key).to_string());
+    digest.update(key.sport.to_be_bytes());
+    digest.update(flow_dst(key).to_string());
+    digest.update(key.dport.to_be_bytes());
+    let hex = hex::encode(&digest.finalize()[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// A flow's socket as the application holds it: a fake-address flow's
@@ -111,6 +136,17 @@ mod tests {
         );
         let view = flow_view(&record, &OverlayTable::default(), None);
         assert_eq!(view.flow, "tcp 10.0.0.2:40000 -> 203.0.113.9:443");
+        assert_eq!(view.id.len(), 36);
+        let other = FlowKey::v4([10, 0, 0, 2], [203, 0, 113, 9], 6, 40001, 443);
+        assert_ne!(view.id, flow_id(&other));
+        assert_eq!(
+            (view.proto, view.src, view.dst),
+            (
+                6,
+                "10.0.0.2:40000".parse().unwrap(),
+                "203.0.113.9:443".parse().unwrap()
+            )
+        );
         assert_eq!(view.carrier, "overlay #7 (left)");
         assert_eq!(view.fake.as_deref(), Some("198.18.0.5"));
         assert_eq!((view.age_secs, view.idle_secs, view.packets), (1.5, 0.25, 12));

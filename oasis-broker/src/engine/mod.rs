@@ -1011,7 +1011,7 @@ mod tests {
         fn tcp_peers(&self, _: &dyn Fn(IpAddr) -> bool) -> std::io::Result<Vec<(SocketAddr, SocketAddr)>> {
             Ok(self.0.clone())
         }
-        fn end_tcp(&self, _: SocketAddr, _: SocketAddr) -> std::io::Result<()> {
+        fn end_socket(&self, _: u8, _: SocketAddr, _: SocketAddr) -> std::io::Result<()> {
             Ok(())
         }
     }

@@ -54,8 +54,14 @@ pub trait SocketLookup: Send + Sync {
         &self,
         wanted: &dyn Fn(std::net::IpAddr) -> bool,
     ) -> std::io::Result<Vec<(std::net::SocketAddr, std::net::SocketAddr)>>;
-    /// Ends a TCP socket: its application hears of it at once.
-    fn end_tcp(&self, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> std::io::Result<()>;
+    /// Ends a TCP or UDP socket (`proto`): its application hears of it at
+    /// once (ECONNABORTED), and a TCP peer gets a reset.
+    fn end_socket(
+        &self,
+        proto: u8,
+        local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+    ) -> std::io::Result<()>;
 }
 
 /// The checks of the return path, for one receiving thread.

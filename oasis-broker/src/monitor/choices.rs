@@ -28,11 +28,27 @@ pub struct Choices {
     chosen: HashMap<(u32, Prefix), Chosen>,
     /// Carriers that are down: no new flow takes one.
     down: Vec<Via>,
+    /// Carriers the user pinned rules to: new flows take them while up.
+    pins: HashMap<u32, Via>,
 }
 
 impl Choices {
     pub fn new(chosen: HashMap<(u32, Prefix), Chosen>, down: Vec<Via>) -> Choices {
-        Choices { chosen, down }
+        Choices {
+            chosen,
+            down,
+            pins: HashMap::new(),
+        }
+    }
+
+    pub fn with_pins(mut self, pins: HashMap<u32, Via>) -> Choices {
+        self.pins = pins;
+        self
+    }
+
+    /// The carrier the user pinned `rule` to.
+    pub fn pin(&self, rule: u32) -> Option<Via> {
+        self.pins.get(&rule).copied()
     }
 
     pub fn is_down(&self, via: Via) -> bool {
@@ -78,6 +94,13 @@ impl Choices {
                 }
         };
         let rescued = |why: Why| if exclude.is_some() { Why::Rescued } else { why };
+        // A pin holds while its carrier is up: the underlay is still
+        // there for when it is not.
+        if let Some(pinned) = self.pin(route.rule)
+            && usable(pinned)
+        {
+            return (pinned, Why::Pinned);
+        }
         if let Some(chosen) = self.get(route.rule, Prefix::of(dst)) {
             if usable(chosen.via) {
                 return (chosen.via, chosen.why);
@@ -123,6 +146,23 @@ mod tests {
             module: None,
             module_shim: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_pin_holds_while_its_carrier_is_up_and_not_excluded() {
+        let dst: IpAddr = "203.0.113.9".parse().unwrap();
+        let pinned = Choices::new(HashMap::new(), vec![]).with_pins(HashMap::from([(7, O2)]));
+        assert_eq!(pinned.choose(&route(), dst, None), (O2, Why::Pinned));
+        // Its handshake failed there: the flow is rescued elsewhere.
+        assert_eq!(
+            pinned.choose(&route(), dst, Some(O2)),
+            (Via::Underlay, Why::Rescued)
+        );
+        let down = Choices::new(HashMap::new(), vec![O2]).with_pins(HashMap::from([(7, O2)]));
+        assert_eq!(down.choose(&route(), dst, None), (Via::Underlay, Why::Incumbent));
+        // Another rule's pin is not this one's.
+        let other = Choices::new(HashMap::new(), vec![]).with_pins(HashMap::from([(8, O2)]));
+        assert_eq!(other.choose(&route(), dst, None), (Via::Underlay, Why::Incumbent));
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub enum Why {
     /// The overlay's WireGuard peers do not answer: the underlay, for a
     /// rule that did not pin the overlay.
     PeerDown,
+    /// The user pinned the rule to the carrier (`oasis rule pin`, the API).
+    Pinned,
 }
 
 impl std::fmt::Display for Why {
@@ -122,6 +124,7 @@ impl std::fmt::Display for Why {
             Why::Module => f.write_str("decided by the monitor module"),
             Why::ModuleDown => f.write_str("fallback: the overlay's code module is restarting"),
             Why::PeerDown => f.write_str("fallback: the overlay's WireGuard peer does not answer"),
+            Why::Pinned => f.write_str("pinned by the user"),
         }
     }
 }

@@ -100,6 +100,9 @@ pub enum Event {
     },
     /// A probe could not be sent at all.
     ProbeUnsent { id: u64 },
+    /// The user pins metric rule `rule`'s new flows to `via` while it is
+    /// up (None: the Monitor decides again).
+    Pin { rule: u32, via: Option<Via> },
 }
 
 /// A prefix that had flows of metric rules.
@@ -165,6 +168,8 @@ pub struct Monitor {
     /// The metric rules as the routes last had them.
     rules: HashMap<u32, Arc<MonitorRoute>>,
     switches: VecDeque<Switch>,
+    /// Carriers the user pinned metric rules to.
+    pins: HashMap<u32, Via>,
 }
 
 impl Monitor {
@@ -186,6 +191,7 @@ impl Monitor {
             overhead: HashMap::new(),
             rules: HashMap::new(),
             switches: VecDeque::new(),
+            pins: HashMap::new(),
         }
     }
 
@@ -264,6 +270,13 @@ impl Monitor {
                 // Not the path's fault: forget it without counting a loss.
                 self.outstanding.remove(&id);
                 false
+            }
+            Event::Pin { rule, via } => {
+                match via {
+                    Some(via) => self.pins.insert(rule, via),
+                    None => self.pins.remove(&rule),
+                };
+                true
             }
         }
     }
@@ -474,7 +487,15 @@ impl Monitor {
             .filter(|(_, h)| !h.is_up())
             .map(|(via, _)| *via)
             .collect();
-        Arc::new(Choices::new(chosen, down))
+        // Pins of rules that are gone go with them.
+        let rules = &self.rules;
+        self.pins.retain(|rule, _| rules.contains_key(rule));
+        Arc::new(Choices::new(chosen, down).with_pins(self.pins.clone()))
+    }
+
+    /// The carriers the user pinned metric rules to.
+    pub fn pins(&self) -> &HashMap<u32, Via> {
+        &self.pins
     }
 
     fn expire_probes(&mut self, now: Instant) {

@@ -82,8 +82,13 @@ impl SocketLookup for SockDiag {
         Ok(found)
     }
 
-    fn end_tcp(&self, local: SocketAddr, peer: SocketAddr) -> std::io::Result<()> {
-        destroy_tcp(local, peer)
+    fn end_socket(&self, proto: u8, local: SocketAddr, peer: SocketAddr) -> std::io::Result<()> {
+        match proto {
+            oasis_common::proto::TCP => destroy(IPPROTO_TCP, local, peer),
+            // The kernel reads a UDP socket's ends swapped, as in `owner`.
+            oasis_common::proto::UDP => destroy(IPPROTO_UDP, peer, local),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+        }
     }
 }
 
@@ -146,9 +151,10 @@ fn dump_tcp(family: u8, each: &mut dyn FnMut(SocketAddr, SocketAddr)) -> std::io
     }
 }
 
-/// Ends a TCP socket as `ss -K` does (SOCK_DESTROY): its application gets
-/// ECONNABORTED at once.
-fn destroy_tcp(local: SocketAddr, peer: SocketAddr) -> std::io::Result<()> {
+/// Ends a socket as `ss -K` does (SOCK_DESTROY): its application gets
+/// ECONNABORTED at once. `source` and `destination` as the kernel's exact
+/// lookup of `protocol` reads them.
+fn destroy(protocol: u8, source: SocketAddr, destination: SocketAddr) -> std::io::Result<()> {
     use netlink_packet_core::{NLM_F_ACK, NetlinkPayload};
     use netlink_packet_sock_diag::message::SockDiagDestroy;
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -156,21 +162,21 @@ fn destroy_tcp(local: SocketAddr, peer: SocketAddr) -> std::io::Result<()> {
     socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    let mut id = if local.is_ipv4() {
+    let mut id = if source.is_ipv4() {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
-    id.source_address = local.ip();
-    id.source_port = local.port();
-    id.destination_address = peer.ip();
-    id.destination_port = peer.port();
+    id.source_address = source.ip();
+    id.source_port = source.port();
+    id.destination_address = destination.ip();
+    id.destination_port = destination.port();
     id.cookie = [0xff; 8];
     let mut packet = NetlinkMessage::new(
         header,
         NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
-            family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
-            protocol: IPPROTO_TCP,
+            family: if source.is_ipv4() { AF_INET } else { AF_INET6 },
+            protocol,
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),
             socket_id: id,
