@@ -1026,9 +1026,15 @@ impl Daemon {
             } else {
                 topology.dns_config("")
             };
+            // And its API's secret.
+            let api = if extra_config.contains("api:") {
+                String::new()
+            } else {
+                format!("api:\n  secret_file: {}\n", topology.dir.join("api-secret").display())
+            };
             std::fs::write(
                 &config,
-                format!("control_socket: {}\n{dns}{extra_config}", socket.display()),
+                format!("control_socket: {}\n{dns}{api}{extra_config}", socket.display()),
             )
             .expect("config");
         }

@@ -37,7 +37,7 @@ pub fn daemon_carrier(name: &str) -> String {
 
 /// A metric rule's group name, e.g. `rule 3 (latency)`.
 pub fn group_name(rule: &RuleView) -> String {
-    format!("rule {} ({})", rule.id, rule.via)
+    format!("rule {} ({})", rule.id, rule.via.trim_start_matches("monitor: "))
 }
 
 /// The rule id a group name stands for.
