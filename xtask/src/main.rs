@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | run | test | demo | bench | install | uninstall`.
 
 mod bench;
 mod bench_classifier;
@@ -9,6 +9,7 @@ mod bench_scale;
 mod demo;
 mod flowgen;
 mod fuzz;
+mod install;
 mod setup;
 mod soak;
 
@@ -89,6 +90,31 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u32,
     },
+    /// Install Oasis as a system service: `oasis`, `oasis-exit` and
+    /// `oasis-relay` (release builds) in PREFIX/bin, a systemd unit
+    /// (oasis.service: restarts on failure, only the capabilities it
+    /// needs, the system read-only but its own directories), and bash, zsh
+    /// and fish completions. Then: `sudo systemctl enable --now oasis`.
+    /// Needs root.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this directory instead of / (to stage a package).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Stop and disable the service and remove every file `install`
+    /// wrote (it keeps a list). The config and state in /etc/oasis and
+    /// /var/lib/oasis stay unless --purge.
+    Uninstall {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Remove /etc/oasis and /var/lib/oasis too.
+        #[arg(long)]
+        purge: bool,
+    },
     /// The benchmark's flow generator (run inside a test namespace).
     #[command(hide = true)]
     Flowgen(flowgen::Args),
@@ -111,6 +137,8 @@ fn main() {
         Task::Soak { minutes } => soak::run(minutes),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Flowgen(args) => flowgen::run(args),
+        Task::Install { prefix, root } => install::install(&root, &prefix),
+        Task::Uninstall { prefix, root, purge } => install::uninstall(&root, &prefix, purge),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -51,6 +51,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     // The C cross compiler the Windows type-check needs.
     ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
+    // The check of the systemd unit `cargo xtask install` writes.
+    ("systemd-analyze", "systemd"),
     // libFuzzer, which the fuzz targets link, is C++.
     ("g++", "g++"),
 ];
