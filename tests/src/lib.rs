@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cdp;
 pub mod dns;
 pub use dns::{CGROUP_PREFIX, CGROUP2_MOUNT, DnsAnswer};
 
@@ -125,7 +126,15 @@ impl LoneNetns {
     /// Moves the calling thread into the namespace: sockets and devices it
     /// creates from now on, and threads it spawns, live there.
     pub fn enter(&self) {
-        let path = format!("/run/netns/{}", self.ns.name);
+        self.ns.enter()
+    }
+}
+
+impl Netns {
+    /// Moves the calling thread into the namespace: sockets it creates
+    /// from now on live there.
+    pub fn enter(&self) {
+        let path = format!("/run/netns/{}", self.name);
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         // SAFETY: a valid namespace file descriptor; affects this thread only.
         let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
@@ -962,6 +971,14 @@ pub fn oasis_bin() -> PathBuf {
     workspace_bin("oasis")
 }
 
+/// The workspace's `target/` directory.
+pub fn workspace_target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("target")
+}
+
 /// A binary of the workspace: from the directory of `OASIS_BIN` when set
 /// (xtask builds them all together), else the newest build in target/.
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -1030,7 +1047,10 @@ impl Daemon {
             let api = if extra_config.contains("api:") {
                 String::new()
             } else {
-                format!("api:\n  secret_file: {}\n", topology.dir.join("api-secret").display())
+                format!(
+                    "api:\n  secret_file: {}\n",
+                    topology.dir.join("api-secret").display()
+                )
             };
             std::fs::write(
                 &config,

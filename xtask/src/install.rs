@@ -90,17 +90,25 @@ pub fn install_files(layout: &Layout, built: &Path) -> anyhow::Result<Vec<PathBu
     };
     for program in PROGRAMS {
         let source = built.join(program);
-        let bytes = std::fs::read(&source).with_context(|| format!("reading the built {}", source.display()))?;
+        let bytes =
+            std::fs::read(&source).with_context(|| format!("reading the built {}", source.display()))?;
         write(layout.bin_dir().join(program), &bytes, 0o755)?;
     }
-    write(PathBuf::from("/").join(UNIT_PATH), unit(&layout.bin_dir()).as_bytes(), 0o644)?;
+    write(
+        PathBuf::from("/").join(UNIT_PATH),
+        unit(&layout.bin_dir()).as_bytes(),
+        0o644,
+    )?;
     for (shell, path) in layout.completions() {
         let script = Command::new(built.join("oasis"))
             .args(["completions", shell])
             .output()
             .with_context(|| format!("running oasis completions {shell}"))?;
         if !script.status.success() {
-            bail!("oasis completions {shell} failed: {}", String::from_utf8_lossy(&script.stderr));
+            bail!(
+                "oasis completions {shell} failed: {}",
+                String::from_utf8_lossy(&script.stderr)
+            );
         }
         write(path, &script.stdout, 0o644)?;
     }
@@ -120,7 +128,13 @@ pub fn install_files(layout: &Layout, built: &Path) -> anyhow::Result<Vec<PathBu
     }
     listed.extend(created.iter().map(|d| format!("{DIR}{}", d.display())));
     listed.extend(written.iter().map(|p| p.display().to_string()));
-    listed.push(layout.prefix.join("share/oasis/installed-files").display().to_string());
+    listed.push(
+        layout
+            .prefix
+            .join("share/oasis/installed-files")
+            .display()
+            .to_string(),
+    );
     listed.dedup();
     if let Some(dir) = manifest.parent() {
         std::fs::create_dir_all(dir)?;
@@ -137,7 +151,10 @@ pub fn uninstall_files(layout: &Layout, purge: bool) -> anyhow::Result<Vec<PathB
     let listed = match std::fs::read_to_string(&manifest) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("nothing to uninstall: no {} (was Oasis installed with `cargo xtask install`?)", manifest.display())
+            bail!(
+                "nothing to uninstall: no {} (was Oasis installed with `cargo xtask install`?)",
+                manifest.display()
+            )
         }
         Err(e) => return Err(e).context(format!("reading {}", manifest.display())),
     };
@@ -155,7 +172,10 @@ pub fn uninstall_files(layout: &Layout, purge: bool) -> anyhow::Result<Vec<PathB
             || layout.completions().iter().any(|(_, c)| *c == path)
             || path == layout.prefix.join("share/oasis/installed-files");
         if !ours {
-            eprintln!("uninstall: skipping {} (not a file Oasis installs)", path.display());
+            eprintln!(
+                "uninstall: skipping {} (not a file Oasis installs)",
+                path.display()
+            );
             continue;
         }
         match std::fs::remove_file(layout.at(&path)) {
@@ -201,7 +221,10 @@ fn systemctl(args: &[&str]) {
 
 pub fn install(root: &Path, prefix: &Path) -> anyhow::Result<()> {
     if root == Path::new("/") && !crate::is_root() {
-        bail!("installing into {} needs root: `sudo -E cargo xtask install`", prefix.display());
+        bail!(
+            "installing into {} needs root: `sudo -E cargo xtask install`",
+            prefix.display()
+        );
     }
     let oasis = crate::build_oasis(true)?;
     let built = oasis.parent().expect("target/release").to_path_buf();
@@ -212,7 +235,9 @@ pub fn install(root: &Path, prefix: &Path) -> anyhow::Result<()> {
     install_files(&layout, &built)?;
     if systemd_running(&layout) {
         systemctl(&["daemon-reload"]);
-        println!("\nOasis is installed. Start it now and at every boot:\n  sudo systemctl enable --now oasis");
+        println!(
+            "\nOasis is installed. Start it now and at every boot:\n  sudo systemctl enable --now oasis"
+        );
         println!("Its log: journalctl -u oasis -f     Its page: sudo oasis ui");
     } else {
         println!("\nOasis is installed (no systemd running here: start `oasis run` yourself).");
@@ -222,7 +247,10 @@ pub fn install(root: &Path, prefix: &Path) -> anyhow::Result<()> {
 
 pub fn uninstall(root: &Path, prefix: &Path, purge: bool) -> anyhow::Result<()> {
     if root == Path::new("/") && !crate::is_root() {
-        bail!("uninstalling from {} needs root: `sudo -E cargo xtask uninstall`", prefix.display());
+        bail!(
+            "uninstalling from {} needs root: `sudo -E cargo xtask uninstall`",
+            prefix.display()
+        );
     }
     let layout = Layout {
         root: root.to_path_buf(),
@@ -294,15 +322,25 @@ mod tests {
         assert_eq!(written.len(), 3 + 1 + 3);
         let unit_text = std::fs::read_to_string(root.join(UNIT_PATH)).unwrap();
         assert!(unit_text.contains("ExecStart=/usr/local/bin/oasis --config /etc/oasis/config.yaml run"));
-        let bash = std::fs::read_to_string(root.join("usr/local/share/bash-completion/completions/oasis")).unwrap();
+        let bash =
+            std::fs::read_to_string(root.join("usr/local/share/bash-completion/completions/oasis")).unwrap();
         assert!(bash.contains("completion for bash"));
         // Installing again (an upgrade) writes the same files.
         install_files(&layout, &built).unwrap();
 
         let removed = uninstall_files(&layout, false).unwrap();
         assert_eq!(removed.len(), written.len() + 1, "the files and the manifest");
-        assert_eq!(files(&root), before, "nothing left behind, the user's config kept");
-        assert!(uninstall_files(&layout, false).unwrap_err().to_string().contains("nothing to uninstall"));
+        assert_eq!(
+            files(&root),
+            before,
+            "nothing left behind, the user's config kept"
+        );
+        assert!(
+            uninstall_files(&layout, false)
+                .unwrap_err()
+                .to_string()
+                .contains("nothing to uninstall")
+        );
 
         install_files(&layout, &built).unwrap();
         uninstall_files(&layout, true).unwrap();

@@ -53,6 +53,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
     // The check of the systemd unit `cargo xtask install` writes.
     ("systemd-analyze", "systemd"),
+    // The web page's tests drive a headless browser.
+    ("chromium", "chromium"),
     // libFuzzer, which the fuzz targets link, is C++.
     ("g++", "g++"),
 ];

@@ -55,9 +55,10 @@ function stream(path, onMessage) {
   state.sockets.push(() => socket);
 }
 
-function cell(text, className) {
+function cell(content, className) {
   const td = document.createElement("td");
-  td.textContent = text == null ? "" : String(text);
+  if (content instanceof Node) td.appendChild(content);
+  else td.textContent = content == null ? "" : String(content);
   if (className) td.className = className;
   return td;
 }
@@ -180,7 +181,8 @@ function drawFlows() {
     const started = (Date.now() - Date.parse(c.start)) / 1000;
     return row([
       cell(`${m.network} ${m.sourceIP}:${m.sourcePort} → ${m.destinationIP}:${m.destinationPort}`, "mono"),
-      m.host, c.chains.join(" ← "), (c.oasis && c.oasis.why) || "", m.process, ago(started), cell(close),
+      m.host, c.chains.join(" ← "), (c.oasis && c.oasis.why) || "",
+      m.process || (m.processPath ? `uid ${m.uid} ${m.processPath}` : ""), ago(started), cell(close),
     ]);
   }));
 }
