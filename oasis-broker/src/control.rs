@@ -80,8 +80,12 @@ pub enum Request {
         #[serde(default)]
         ids: Option<Vec<String>>,
     },
-    /// The live flows of the packet threads.
-    Flows,
+    /// The live flows of the packet threads: asked of them now, or a
+    /// listing at most `max_age_ms` old (the API's readers share one).
+    Flows {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_age_ms: Option<u64>,
+    },
     /// Injects a fault, for the tests: refused unless the daemon was
     /// started with `OASIS_FAULTS=1` in its environment.
     Fault {

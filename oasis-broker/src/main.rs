@@ -579,7 +579,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => bail!("unexpected reply: {other:?}"),
             }
         }
-        Command::Flows { json, .. } => match call(&socket, &Request::Flows)? {
+        Command::Flows { json, .. } => match call(&socket, &Request::Flows { max_age_ms: None })? {
             Response::Flows { flows } => show(json, &flows, |f| render::flows(f)),
             other => bail!("unexpected reply: {other:?}"),
         },

@@ -184,6 +184,9 @@ pub enum Part {
     Modules,
     /// The classifier's cost per check (BPF_PROG_TEST_RUN, no network).
     Classifier,
+    /// The REST API with 10,000 live flows: /connections, WebSocket
+    /// clients' cost, closing a flow.
+    Api,
 }
 
 /// Turns the kernel's per-program run statistics on for the benchmark and
@@ -367,6 +370,9 @@ pub fn run(
     if wanted(Part::ListRefresh) {
         let base = spec_url.trim_end_matches("/exit.xml").to_string();
         figures.extend(crate::bench_scale::list_refresh(&mut net, &base, repeat)?);
+    }
+    if wanted(Part::Api) {
+        figures.extend(crate::bench_api::run(&mut net, repeat)?);
     }
     if wanted(Part::Classifier) {
         figures.extend(crate::bench_classifier::run(repeat)?);

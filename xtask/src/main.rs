@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | run | test | demo | bench | install | uninstall`.
 
 mod bench;
+mod bench_api;
 mod bench_classifier;
 mod bench_common;
 mod bench_dns;

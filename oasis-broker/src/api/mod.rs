@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use axum::Router;
+use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -33,6 +34,25 @@ pub use source::Source;
 use crate::config::ApiConfig;
 use crate::control::{FlowView, MonitorView, OverlayView, Request as Ask, Response as Answer, RuleView};
 
+/// How old a listing of flows, or of connections, may be when read
+/// again: the dashboards refresh each second.
+const SHARED_FOR: std::time::Duration = std::time::Duration::from_millis(900);
+/// How long a rendering of `/connections` of `flows` flows is handed out
+/// before a new one is made: [`SHARED_FOR`], or longer for many flows, so
+/// that listing and rendering them (about 4 µs a flow) costs its readers
+/// at most 1% of a core (10,000 flows: every 4 s).
+fn shared_for(flows: usize) -> std::time::Duration {
+    SHARED_FOR.max(COST_PER_FLOW * flows as u32 * 100)
+}
+
+/// What listing and rendering one flow costs, as `cargo xtask bench
+/// --only api` measured it (docs/benchmarks.md).
+const COST_PER_FLOW: std::time::Duration = std::time::Duration::from_micros(4);
+
+/// How much older than that a rendering may be handed out while a new
+/// one is made.
+const STALE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest a request body may be: the API takes small JSON objects only.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -43,6 +63,10 @@ pub struct Api {
     settings: ApiConfig,
     logs: LogFeed,
     history: Mutex<clash::History>,
+    /// `/connections` as last rendered, and when.
+    rendered: Mutex<Option<(std::time::Instant, Utf8Bytes, usize)>>,
+    rendering: tokio::sync::Mutex<()>,
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl Api {
@@ -58,6 +82,9 @@ impl Api {
             settings,
             logs,
             history: Mutex::new(clash::History::default()),
+            rendered: Mutex::new(None),
+            rendering: tokio::sync::Mutex::new(()),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -76,7 +103,13 @@ impl Api {
     }
 
     async fn flows(&self) -> Result<Vec<FlowView>, ApiError> {
-        match self.ask(Ask::Flows).await? {
+        // Readers a second apart (dashboards, the streams) share a listing.
+        match self
+            .ask(Ask::Flows {
+                max_age_ms: Some(SHARED_FOR.as_millis() as u64),
+            })
+            .await?
+        {
             Answer::Flows { flows } => Ok(flows),
             other => Err(ApiError::unexpected(other)),
         }
@@ -114,16 +147,53 @@ impl Api {
         }
     }
 
-    /// `/connections` as it is now.
-    async fn connections(&self) -> Result<Value, ApiError> {
+    /// `/connections` as JSON text. While dashboards read it (a second
+    /// apart), each reader gets the last rendering and, when that is older
+    /// than [`SHARED_FOR`], a new one is made behind it: the packet threads
+    /// answer a listing at their next tick (a quarter second when idle),
+    /// which no reader should wait for. After [`STALE_AT_MOST`] without a
+    /// reader, the next one waits for a fresh listing.
+    async fn connections(self: &Arc<Self>) -> Result<Utf8Bytes, ApiError> {
+        let cached = self.rendered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match cached {
+            Some((at, text, flows)) if at.elapsed() <= shared_for(flows) => Ok(text),
+            Some((at, text, flows)) if at.elapsed() <= shared_for(flows) + STALE_AT_MOST => {
+                if !self.refreshing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let api = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = api.render().await {
+                            tracing::debug!("listing the connections: {}", e.message);
+                        }
+                        api.refreshing.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
+                Ok(text)
+            }
+            _ => self.render().await,
+        }
+    }
+
+    /// A new rendering of `/connections`, one at a time.
+    async fn render(&self) -> Result<Utf8Bytes, ApiError> {
+        let _one = self.rendering.lock().await;
+        if let Some((at, text, flows)) = self.rendered.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && at.elapsed() <= shared_for(*flows)
+        {
+            return Ok(text.clone());
+        }
         let (flows, rules, hosts) = tokio::join!(self.flows(), self.rules(), self.hosts());
-        Ok(clash::connections(
-            &flows?,
+        let flows = flows?;
+        let count = flows.len();
+        let text = Utf8Bytes::from(clash::connections(
+            &flows,
             &hosts,
             &rules?,
             self.source.memory(),
             SystemTime::now(),
-        ))
+        ));
+        *self.rendered.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), text.clone(), count));
+        Ok(text)
     }
 }
 
@@ -537,7 +607,9 @@ async fn oasis_view(State(api): State<Arc<Api>>, Path(view): Path<String>) -> Re
     let request = match view.as_str() {
         "status" => Ask::Status,
         "rules" => Ask::ListRules,
-        "flows" => Ask::Flows,
+        "flows" => Ask::Flows {
+            max_age_ms: Some(SHARED_FOR.as_millis() as u64),
+        },
         "overlays" => Ask::OverlayList,
         "monitor" => Ask::Monitor,
         "dns" => Ask::Dns,

@@ -26,15 +26,15 @@ const MIN_INTERVAL_MS: u64 = 250;
 async fn tick<F, Fut>(mut socket: WebSocket, every: Duration, mut next: F)
 where
     F: FnMut() -> Fut + Send,
-    Fut: std::future::Future<Output = Option<Value>> + Send,
+    Fut: std::future::Future<Output = Option<Message>> + Send,
 {
     let mut timer = tokio::time::interval(every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = timer.tick() => {
-                let Some(value) = next().await else { continue };
-                if socket.send(Message::text(value.to_string())).await.is_err() {
+                let Some(message) = next().await else { continue };
+                if socket.send(message).await.is_err() {
                     return;
                 }
             }
@@ -52,7 +52,9 @@ pub(super) async fn connections(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let Ok(upgrade) = upgrade else {
-        return Ok(axum::Json(api.connections().await?).into_response());
+        let text = api.connections().await?;
+        let body = axum::body::Bytes::from(text);
+        return Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response());
     };
     let every = query
         .get("interval")
@@ -62,7 +64,8 @@ pub(super) async fn connections(
     Ok(upgrade.on_upgrade(move |socket| async move {
         tick(socket, Duration::from_millis(every), || {
             let api = api.clone();
-            async move { api.connections().await.ok() }
+            // The rendering is shared, not copied, between clients.
+            async move { api.connections().await.ok().map(Message::Text) }
         })
         .await
     }))
@@ -123,12 +126,11 @@ pub(super) async fn traffic(State(api): State<Arc<Api>>, upgrade: Upgrade) -> Re
             let (api, rates) = (api.clone(), rates.clone());
             async move {
                 let rules = api.rules().await.unwrap_or_default();
-                Some(
-                    rates
-                        .lock()
-                        .await
-                        .next(api.source.uplink_bytes(), carrier_bytes(&rules)),
-                )
+                let sample = rates
+                    .lock()
+                    .await
+                    .next(api.source.uplink_bytes(), carrier_bytes(&rules));
+                Some(Message::text(sample.to_string()))
             }
         })
         .await
@@ -143,7 +145,7 @@ pub(super) async fn memory(State(api): State<Arc<Api>>, upgrade: Upgrade) -> Res
     upgrade.on_upgrade(move |socket| async move {
         tick(socket, EVERY_SECOND, || {
             let api = api.clone();
-            async move { Some(sample(&api)) }
+            async move { Some(Message::text(sample(&api).to_string())) }
         })
         .await
     })

@@ -67,7 +67,7 @@ impl Source for Fixed {
         self.asked.lock().unwrap().push(request.clone());
         match request {
             Ask::ListRules => Answer::Rules { rules: rules() },
-            Ask::Flows => Answer::Flows { flows: vec![flow()] },
+            Ask::Flows { .. } => Answer::Flows { flows: vec![flow()] },
             Ask::OverlayList => Answer::Overlays {
                 overlays: vec![OverlayView {
                     name: "detour".into(),

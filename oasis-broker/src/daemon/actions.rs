@@ -9,6 +9,9 @@ use crate::control::FlowView;
 use crate::monitor::Event;
 use crate::overlay::Via;
 
+/// How old a listing of flows may be to find the flows to end in.
+const RECENT: Duration = Duration::from_secs(1);
+
 /// How long a pin may take to reach the choices new flows read.
 const PIN_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -105,7 +108,14 @@ impl Daemon {
     /// sockets on this host. Returns how many were ended, and the flows
     /// that had no socket here (forwarded traffic) or were gone.
     pub(super) async fn end_flows(&self, ids: Option<Vec<String>>) -> Result<Ended, RequestError> {
-        let flows = self.flows().await?;
+        // A listing the API just read names the flows it shows; a flow
+        // newer than it takes a listing of now.
+        let mut flows = self.flows_within(RECENT).await?;
+        if let Some(ids) = &ids
+            && ids.iter().any(|id| !flows.iter().any(|f| f.id == *id))
+        {
+            flows = self.flows_within(Duration::ZERO).await?;
+        }
         let chosen: Vec<&FlowView> = match &ids {
             None => flows.iter().collect(),
             Some(ids) => flows.iter().filter(|f| ids.contains(&f.id)).collect(),

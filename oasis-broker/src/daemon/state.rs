@@ -86,6 +86,8 @@ pub(super) struct Daemon {
     lists: Mutex<ListStatuses>,
     /// This host's sockets: flows the user ends are closed there.
     pub sockets: Arc<dyn crate::platform::SocketLookup>,
+    /// The last listing of flows, and when it was made.
+    recent_flows: tokio::sync::Mutex<Option<(Instant, Arc<Vec<FlowView>>)>>,
     /// The REST API's page and secret, once it is up.
     pub api: std::sync::OnceLock<(String, Option<String>)>,
     started: Instant,
@@ -167,6 +169,7 @@ impl Daemon {
             lists: Mutex::new(lists),
             sockets: parts.sockets,
             api: std::sync::OnceLock::new(),
+            recent_flows: tokio::sync::Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -248,7 +251,12 @@ impl Daemon {
             Request::Monitor => Ok(Response::Monitor {
                 monitor: Box::new((*snapshot(&self.monitor)).clone()),
             }),
-            Request::Flows => self.flows().await.map(|flows| Response::Flows { flows }),
+            Request::Flows { max_age_ms } => {
+                let max_age = Duration::from_millis(max_age_ms.unwrap_or(0));
+                self.flows_within(max_age).await.map(|flows| Response::Flows {
+                    flows: flows.as_ref().clone(),
+                })
+            }
             Request::Pin { rule, carrier } => self
                 .pin(rule, carrier)
                 .await
@@ -306,6 +314,21 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The live flows, from a listing at most `max_age` old: callers at
+    /// the same time share one listing rather than each asking the packet
+    /// threads (who answer at their next tick) and every socket's owner.
+    pub(super) async fn flows_within(&self, max_age: Duration) -> Result<Arc<Vec<FlowView>>, RequestError> {
+        let mut recent = self.recent_flows.lock().await;
+        if let Some((at, flows)) = recent.as_ref()
+            && at.elapsed() <= max_age
+        {
+            return Ok(flows.clone());
+        }
+        let flows = Arc::new(self.flows().await?);
+        *recent = Some((Instant::now(), flows.clone()));
+        Ok(flows)
     }
 
     /// Waits for the change lock, saying so when another change holds it.

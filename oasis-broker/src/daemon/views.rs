@@ -73,24 +73,32 @@ pub(super) fn flow_view(flow: &FlowRecord, overlays: &OverlayTable, sender: Opti
     }
 }
 
-/// A flow's id: the digest of its addresses, ports and protocol, shaped
-/// as the UUIDs dashboards expect. Unique among live flows.
+/// A flow's id: a hash of its addresses, ports and protocol, shaped as
+/// the UUIDs dashboards expect. The same while the flow lives (and the
+/// daemon runs); not a secret, and not meant to be unguessable.
 pub(super) fn flow_id(key: &oasis_common::FlowKey) -> String {
-    use sha2::Digest;
-    let mut digest = sha2::Sha256::new();
-    digest.update([key.proto]);
-    digest.update(flow_src(key).to_string());
-    digest.update(key.sport.to_be_bytes());
-    digest.update(flow_dst(key).to_string());
-    digest.update(key.dport.to_be_bytes());
-    let hex = hex::encode(&digest.finalize()[..16]);
+    use std::hash::{Hash, Hasher};
+    let half = |seed: u8| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (
+            seed,
+            key.proto,
+            flow_src(key),
+            key.sport,
+            flow_dst(key),
+            key.dport,
+        )
+            .hash(&mut hasher);
+        hasher.finish()
+    };
+    let (a, b) = (half(1), half(2));
     format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
     )
 }
 

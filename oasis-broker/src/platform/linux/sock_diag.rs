@@ -95,6 +95,25 @@ impl SocketLookup for SockDiag {
 /// Every TCP socket of a family with a peer (established or on its way
 /// there or out), as (own end, peer).
 fn dump_tcp(family: u8, each: &mut dyn FnMut(SocketAddr, SocketAddr)) -> std::io::Result<()> {
+    // Everything but listening, closed and time-wait sockets.
+    let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE - StateFlags::TIME_WAIT;
+    dump(family, IPPROTO_TCP, states, &mut |response| {
+        let id = &response.header.socket_id;
+        each(
+            SocketAddr::new(id.source_address, id.source_port),
+            SocketAddr::new(id.destination_address, id.destination_port),
+        );
+    })
+}
+
+/// Every socket of a family and protocol in `states`, each as the kernel
+/// describes it (its own end first), with its cgroup id asked for.
+fn dump(
+    family: u8,
+    protocol: u8,
+    states: StateFlags,
+    each: &mut dyn FnMut(&netlink_packet_sock_diag::inet::InetResponse),
+) -> std::io::Result<()> {
     use netlink_packet_core::{NLM_F_DUMP, NetlinkPayload};
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
@@ -110,10 +129,9 @@ fn dump_tcp(family: u8, each: &mut dyn FnMut(SocketAddr, SocketAddr)) -> std::io
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
-            // Everything but listening, closed and time-wait sockets.
-            states: StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE - StateFlags::TIME_WAIT,
+            states,
             socket_id: id,
         })
         .into(),
@@ -134,13 +152,7 @@ fn dump_tcp(family: u8, each: &mut dyn FnMut(SocketAddr, SocketAddr)) -> std::io
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => return Err(std::io::Error::other(format!("sock_diag: {e:?}"))),
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let id = &response.header.socket_id;
-                    each(
-                        SocketAddr::new(id.source_address, id.source_port),
-                        SocketAddr::new(id.destination_address, id.destination_port),
-                    );
-                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => each(&response),
                 _ => {}
             }
             if size == 0 {
@@ -149,6 +161,21 @@ fn dump_tcp(family: u8, each: &mut dyn FnMut(SocketAddr, SocketAddr)) -> std::io
             at += size.next_multiple_of(4);
         }
     }
+}
+
+/// Every TCP or UDP socket of this namespace and its owner, by (own end,
+/// peer): one dump per family instead of a lookup per socket, for when
+/// many are asked about at once.
+pub fn all_owners(tcp: bool) -> std::collections::HashMap<(SocketAddr, SocketAddr), SocketOwner> {
+    let mut owners = std::collections::HashMap::new();
+    let protocol = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
+    for family in [AF_INET, AF_INET6] {
+        let _ = dump(family, protocol, StateFlags::all(), &mut |response| {
+            let (local, peer, owner) = describe_owner(response, tcp);
+            owners.insert((local, peer), owner);
+        });
+    }
+    owners
 }
 
 /// Ends a socket as `ss -K` does (SOCK_DESTROY): its application gets
@@ -253,29 +280,40 @@ fn exchange(
     let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..len]).ok()?;
     match reply.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            use netlink_packet_core::Nla as _;
-            let id = &response.header.socket_id;
-            let cgroup = response.nlas.iter().find_map(|nla| match nla {
-                netlink_packet_sock_diag::inet::nlas::Nla::Other(other)
-                    if other.kind() == INET_DIAG_CGROUP_ID =>
-                {
-                    let mut value = [0u8; 8];
-                    (other.value_len() == 8).then(|| {
-                        other.emit_value(&mut value);
-                        u64::from_ne_bytes(value)
-                    })
-                }
-                _ => None,
-            });
-            let state = response.header.state;
-            let owner = SocketOwner {
-                cookie: u64::from_ne_bytes(id.cookie),
-                uid: response.header.uid,
-                cgroup,
-                full: !tcp || (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV),
-            };
-            Some((id.source_port, owner))
+            let (local, _, owner) = describe_owner(&response, tcp);
+            Some((local.port(), owner))
         }
         _ => None,
     }
+}
+
+/// A socket as sock_diag describes it: its own end, its peer, its owner.
+fn describe_owner(
+    response: &netlink_packet_sock_diag::inet::InetResponse,
+    tcp: bool,
+) -> (SocketAddr, SocketAddr, SocketOwner) {
+    use netlink_packet_core::Nla as _;
+    let id = &response.header.socket_id;
+    let cgroup = response.nlas.iter().find_map(|nla| match nla {
+        netlink_packet_sock_diag::inet::nlas::Nla::Other(other) if other.kind() == INET_DIAG_CGROUP_ID => {
+            let mut value = [0u8; 8];
+            (other.value_len() == 8).then(|| {
+                other.emit_value(&mut value);
+                u64::from_ne_bytes(value)
+            })
+        }
+        _ => None,
+    });
+    let state = response.header.state;
+    let owner = SocketOwner {
+        cookie: u64::from_ne_bytes(id.cookie),
+        uid: response.header.uid,
+        cgroup,
+        full: !tcp || (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV),
+    };
+    (
+        SocketAddr::new(id.source_address, id.source_port),
+        SocketAddr::new(id.destination_address, id.destination_port),
+        owner,
+    )
 }
