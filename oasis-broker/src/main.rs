@@ -962,16 +962,19 @@ fn run_daemon(config: &std::path::Path) -> anyhow::Result<()> {
         use tracing_subscriber::Layer;
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
-        // Under systemd (JOURNAL_STREAM set) stderr is the journal, which
-        // stamps each line itself: no time and no colour of ours.
-        let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-        let output = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(!journal);
-        let output = if journal {
-            output.without_time().boxed()
-        } else {
-            output.boxed()
+        // Under systemd (JOURNAL_STREAM set) each event goes to the
+        // journal with its level and fields (`journalctl -u oasis -p
+        // warning`); elsewhere, or if the journal cannot be reached, to
+        // stderr.
+        let journal = std::env::var_os("JOURNAL_STREAM")
+            .is_some()
+            .then(|| tracing_journald::layer().ok())
+            .flatten();
+        let output = match journal {
+            Some(journal) => journal.boxed(),
+            None => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .boxed(),
         };
         tracing_subscriber::registry()
             .with(filter)

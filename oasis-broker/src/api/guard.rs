@@ -97,12 +97,12 @@ impl Guard {
     /// `Access-Control-Allow-Origin`).
     pub fn cors_allows(&self, origin: &str) -> bool {
         let origin = origin.to_ascii_lowercase();
-        self.origins.iter().any(|o| *o == origin)
+        self.origins.contains(&origin)
     }
 
     pub fn check(&self, asking: &Asking) -> Result<(), Refusal> {
         let host = asking.host.ok_or(Refusal::Host)?.to_ascii_lowercase();
-        if !self.hosts.iter().any(|h| *h == host) {
+        if !self.hosts.contains(&host) {
             return Err(Refusal::Host);
         }
         if let Some(origin) = asking.origin {

@@ -22,7 +22,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -270,7 +270,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/logs", get(streams::logs))
         .route("/dns/query", get(dns_query))
         .route("/cache/fakeip/flush", post(flush_fakes))
-        .route("/cache/dns/flush", post(flush_fakes))
+        .route("/cache/dns/flush", post(no_dns_cache))
+        .route("/rules/disable", axum::routing::patch(rules_unchanged))
+        .route("/providers/proxies/{name}", get(no_provider).put(no_provider))
+        .route("/providers/proxies/{name}/healthcheck", get(no_provider))
+        .route("/providers/rules/{name}", put(no_provider))
         .route("/oasis/{view}", get(oasis_view))
         .route("/ui", get(ui::redirect))
         .route("/ui/", get(ui::index))
@@ -523,6 +527,25 @@ async fn group_delay(State(api): State<Arc<Api>>, Path(name): Path<String>) -> R
         }
     }
     ok(Value::Object(delays))
+}
+
+async fn no_provider() -> Reply {
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "Oasis has no providers: overlays are joined with `oasis overlay add`, rule lists with `oasis rule import --url`",
+    ))
+}
+
+async fn no_dns_cache() -> Reply {
+    Err(ApiError::bad(
+        "Oasis keeps no DNS cache of its own to flush: answers are reused for their TTL (10 s for fake ones)",
+    ))
+}
+
+async fn rules_unchanged() -> Reply {
+    Err(ApiError::bad(
+        "rules are changed with `oasis rule add|del` (the API shows them)",
+    ))
 }
 
 async fn no_providers() -> Reply {
