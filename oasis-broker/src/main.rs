@@ -101,8 +101,8 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
-        /// End the flow with this id (`oasis flows --json` shows ids);
-        /// repeat for more.
+        /// End the flow with this id, or a unique start of it (the ID
+        /// column, 8 characters); repeat for more.
         #[arg(long, value_name = "ID")]
         end: Vec<String>,
         /// End every live flow.

@@ -692,8 +692,8 @@ pub fn flows(flows: &[FlowView]) -> String {
     let width = flows.iter().map(|f| f.flow.len()).max().unwrap_or(0).max(4);
     let carrier_width = flows.iter().map(|f| f.carrier.len()).max().unwrap_or(0).max(7);
     let mut out = format!(
-        "{:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  WHY\n",
-        "FLOW", "RULE", "CARRIER", "AGE", "IDLE", "PACKETS"
+        "{:<8}  {:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  WHY\n",
+        "ID", "FLOW", "RULE", "CARRIER", "AGE", "IDLE", "PACKETS"
     );
     for f in flows {
         let mut why = f.why.clone().unwrap_or_default();
@@ -707,9 +707,11 @@ pub fn flows(flows: &[FlowView]) -> String {
         if let Some(fake) = &f.fake {
             why = format!("{why} (fake {fake})").trim_start().to_string();
         }
+        // The id's start: `oasis flows --end` takes any unique prefix.
         let _ = writeln!(
             out,
-            "{:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  {}",
+            "{:<8}  {:<width$}  {:>4}  {:<carrier_width$}  {:>7}  {:>6}  {:>8}  {}",
+            f.id.get(..8).unwrap_or(&f.id),
             f.flow,
             f.rule.map_or_else(|| "-".into(), |r| r.to_string()),
             f.carrier,

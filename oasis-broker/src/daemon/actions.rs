@@ -112,22 +112,25 @@ impl Daemon {
         // newer than it takes a listing of now.
         let mut flows = self.flows_within(RECENT).await?;
         if let Some(ids) = &ids
-            && ids.iter().any(|id| !flows.iter().any(|f| f.id == *id))
+            && ids.iter().any(|id| matching(&flows, id).len() != 1)
         {
             flows = self.flows_within(Duration::ZERO).await?;
         }
+        let mut ended = Ended::default();
         let chosen: Vec<&FlowView> = match &ids {
             None => flows.iter().collect(),
-            Some(ids) => flows.iter().filter(|f| ids.contains(&f.id)).collect(),
+            Some(ids) => {
+                let mut chosen = Vec::new();
+                for id in ids {
+                    match matching(&flows, id)[..] {
+                        [flow] => chosen.push(flow),
+                        [] => ended.unknown.push(id.clone()),
+                        _ => ended.ambiguous.push(id.clone()),
+                    }
+                }
+                chosen
+            }
         };
-        let mut ended = Ended::default();
-        if let Some(ids) = &ids {
-            ended.unknown = ids
-                .iter()
-                .filter(|id| !flows.iter().any(|f| f.id == **id))
-                .cloned()
-                .collect();
-        }
         for flow in chosen {
             // The socket as the application holds it: a fake-address
             // flow's peer is the fake address.
@@ -148,6 +151,21 @@ impl Daemon {
     }
 }
 
+/// The flows an id names: the one whose id it is, or those whose id
+/// starts with it (`oasis flows` shows the first 8 characters).
+fn matching<'a>(flows: &'a [FlowView], id: &str) -> Vec<&'a FlowView> {
+    if let Some(exact) = flows.iter().find(|f| f.id == id) {
+        return vec![exact];
+    }
+    if id.len() < MIN_PREFIX {
+        return Vec::new();
+    }
+    flows.iter().filter(|f| f.id.starts_with(id)).collect()
+}
+
+/// The shortest id prefix taken: fewer characters name a flow by chance.
+const MIN_PREFIX: usize = 4;
+
 /// What ending flows did.
 #[derive(Debug, Default)]
 pub(super) struct Ended {
@@ -157,6 +175,8 @@ pub(super) struct Ended {
     pub failed: Vec<(String, String)>,
     /// Ids of no live flow.
     pub unknown: Vec<String>,
+    /// Id prefixes of several live flows: none of them was ended.
+    pub ambiguous: Vec<String>,
 }
 
 impl Ended {
@@ -168,6 +188,12 @@ impl Ended {
         if !self.unknown.is_empty() {
             text.push_str(&format!("; no live flow has id {}", self.unknown.join(", ")));
         }
+        if !self.ambiguous.is_empty() {
+            text.push_str(&format!(
+                "; {} name(s) several flows: give more of the id (`oasis flows --json`)",
+                self.ambiguous.join(", ")
+            ));
+        }
         text
     }
 }
@@ -175,5 +201,41 @@ impl Ended {
 impl From<PinError> for RequestError {
     fn from(e: PinError) -> RequestError {
         RequestError::Refused(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_or_a_unique_start_of_it_names_a_flow() {
+        let flow = |id: &str| FlowView {
+            id: id.into(),
+            ..FlowView::default()
+        };
+        let flows = vec![
+            flow("0a1b2c3d-0000"),
+            flow("0a1b9999-0000"),
+            flow("ffee0000-0000"),
+        ];
+        assert_eq!(matching(&flows, "0a1b2c3d-0000")[0].id, "0a1b2c3d-0000");
+        assert_eq!(matching(&flows, "0a1b2c3d").len(), 1);
+        assert_eq!(matching(&flows, "0a1b").len(), 2, "ambiguous");
+        assert!(
+            matching(&flows, "ffe").is_empty(),
+            "too short to name one by chance"
+        );
+        assert!(matching(&flows, "1234").is_empty());
+        let ended = Ended {
+            ambiguous: vec!["0a1b".into()],
+            unknown: vec!["1234".into()],
+            ..Ended::default()
+        };
+        let message = ended.message();
+        assert!(
+            message.starts_with("ended 0 flow(s)") && message.contains("give more of the id"),
+            "{message}"
+        );
     }
 }

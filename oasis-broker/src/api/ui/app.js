@@ -235,7 +235,8 @@ async function overlays() {
   fill("overlay-rows", overlays.map((o) => {
     let stateText = "joined";
     if (o.wireguard) {
-      stateText = o.wireguard.peers.map((p) => p.state).join("; ");
+      stateText = o.wireguard.peers.map((p) => p.state +
+        (p.last_handshake_secs != null ? `, handshake ${ago(p.last_handshake_secs)} ago` : "")).join("; ");
     } else if (o.module_status) {
       stateText = "module: " + JSON.stringify(o.module_status.state || o.module_status);
     }
