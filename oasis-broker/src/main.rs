@@ -246,6 +246,7 @@ Examples:
         /// An overlay the rule may choose, or `underlay`.
         #[arg(required_unless_present = "clear")]
         carrier: Option<String>,
+        /// Give the rule back to the Monitor.
         #[arg(long, conflicts_with = "carrier")]
         clear: bool,
     },
