@@ -581,3 +581,43 @@ async fn a_loopback_api_without_a_secret_answers_only_loopback_hosts() {
         403
     );
 }
+
+#[tokio::test]
+async fn hostile_bodies_and_queries_are_refused_with_a_message() {
+    let (api, source) = api();
+    let huge = format!(r#"{{"mode":"{}"}}"#, "x".repeat(MAX_BODY + 1));
+    let (status, _, _) = send(&api, call("PATCH", "/configs", Some(&huge))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    for body in ["", "[1,2]", "{\"mode\":", "null"] {
+        let (status, _, error) = send(&api, call("PATCH", "/configs", Some(body))).await;
+        assert_eq!(status, 400, "{body:?}");
+        assert!(error["message"].is_string());
+    }
+    let (status, _, _) = send(&api, call("PUT", "/proxies/rule%202%20(latency)", Some("{}"))).await;
+    assert_eq!(status, 400);
+    let long_name = format!("/dns/query?name={}", "a".repeat(300));
+    assert_eq!(send(&api, call("GET", &long_name, None)).await.0, 400);
+    assert_eq!(
+        send(&api, call("GET", "/dns/query?name=x&type=NOPE", None))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(send(&api, call("GET", "/dns/query", None)).await.0, 400);
+    // A WebSocket with the wrong token never upgrades.
+    let ws = HttpRequest::builder()
+        .uri("/logs?token=wrong")
+        .header(header::HOST, "127.0.0.1:9090")
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&api, ws).await.0, StatusCode::UNAUTHORIZED);
+    let asked = source.asked.lock().unwrap().clone();
+    assert!(
+        asked.iter().all(|a| matches!(a, Ask::ListRules)),
+        "only the group lookup reached the daemon: {asked:?}"
+    );
+}
