@@ -105,7 +105,19 @@ pub fn running_resolvers() -> Vec<Resolver> {
             if comm != "systemd-resolve" && comm != "nscd" {
                 return None;
             }
-            if netns(&pid) != own {
+            let theirs = netns(&pid);
+            if theirs.is_none() {
+                // Without CAP_SYS_PTRACE the kernel hides another
+                // process's namespaces: say so rather than pass it by.
+                tracing::warn!(
+                    pid = number,
+                    comm,
+                    "cannot tell whether this resolver daemon shares Oasis' network namespace \
+                     (/proc/PID/ns/net unreadable: the daemon needs CAP_SYS_PTRACE); if it does and runs \
+                     outside the redirected cgroup, claimed names may leak through it"
+                );
+            }
+            if theirs != own {
                 return None;
             }
             let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
