@@ -66,7 +66,9 @@ pub fn install_files(layout: &Layout, built: &Path) -> anyhow::Result<Vec<PathBu
         use std::os::unix::fs::PermissionsExt;
         let target = layout.at(&path);
         let mut missing = path.parent().map(Path::to_path_buf);
-        while let Some(dir) = missing {
+        // The root itself is never Oasis' to remove, even when staging
+        // into a directory that install made.
+        while let Some(dir) = missing.filter(|d| d.parent().is_some()) {
             if layout.at(&dir).exists() {
                 break;
             }
@@ -122,7 +124,7 @@ pub fn install_files(layout: &Layout, built: &Path) -> anyhow::Result<Vec<PathBu
         .collect();
     let manifest_path = layout.prefix.join("share/oasis/installed-files");
     let mut missing = manifest_path.parent().map(Path::to_path_buf);
-    while let Some(dir) = missing.filter(|d| !layout.at(d).exists()) {
+    while let Some(dir) = missing.filter(|d| d.parent().is_some() && !layout.at(d).exists()) {
         created.push(dir.clone());
         missing = dir.parent().map(Path::to_path_buf);
     }
