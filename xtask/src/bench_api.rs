@@ -95,30 +95,8 @@ fn sink() -> String {
 }
 
 /// The daemon's CPU time so far, in seconds (user and system).
-fn cpu_seconds(pid: u64) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime are the 14th and 15th fields (12th and 13th after the name).
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: no arguments.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / per_second)
-}
-
-fn figure(scenario: &str, metric: &str, value: f64, unit: &str) -> Figure {
-    Figure {
-        scenario: scenario.into(),
-        metric: metric.into(),
-        value,
-        unit: unit.into(),
-        baseline: None,
-        ratio: None,
-    }
+fn cpu_seconds(pid: u64) -> f64 {
+    crate::bench::cpu_ticks(pid as u32) as f64 / crate::bench::ticks_per_second()
 }
 
 pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
@@ -190,9 +168,9 @@ pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
     // apart, get the last one while the next is made.
     let cold = ms.first().copied().unwrap_or_default();
     let mut figures = vec![
-        figure("api-10k-flows", "live_flows", flows as f64, "flows"),
-        figure("api-10k-flows", "get_connections_cold_ms", cold, "ms"),
-        figure("api-10k-flows", "get_connections_ms_p50", median(&mut ms), "ms"),
+        Figure::plain("api-10k-flows", "live_flows", flows as f64, "flows"),
+        Figure::plain("api-10k-flows", "get_connections_cold_ms", cold, "ms"),
+        Figure::plain("api-10k-flows", "get_connections_ms_p50", median(&mut ms), "ms"),
     ];
 
     // Three WebSocket clients against none, 10 s each, by CPU time.
@@ -200,9 +178,9 @@ pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
         .as_u64()
         .context("the daemon's pid")?;
     let window = 10.0;
-    let before = cpu_seconds(pid)?;
+    let before = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs_f64(window));
-    let idle = cpu_seconds(pid)? - before;
+    let idle = cpu_seconds(pid) - before;
     let client = net.client.clone();
     for i in 0..3 {
         net.spawn(
@@ -211,9 +189,9 @@ pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
             &["python3", "-c", WS_CLIENT, &window.to_string()],
         );
     }
-    let before = cpu_seconds(pid)?;
+    let before = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs_f64(window));
-    let busy = cpu_seconds(pid)? - before;
+    let busy = cpu_seconds(pid) - before;
     std::thread::sleep(Duration::from_millis(500));
     let received: u64 = (0..3)
         .filter_map(|i| net.find_process(&format!("ws-{i}")).map(|p| p.log()))
@@ -223,7 +201,7 @@ pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
         bail!("the WebSocket clients received nothing");
     }
     eprintln!("bench: api: three WebSocket clients received {received} bytes in {window} s");
-    figures.push(figure(
+    figures.push(Figure::plain(
         "api-10k-flows",
         "three_ws_clients_core_percent",
         ((busy - idle) / window * 100.0).max(0.0),
@@ -290,13 +268,13 @@ pub fn run(net: &mut Topology, repeat: u32) -> anyhow::Result<Vec<Figure>> {
         (aborted - asked) * 1000.0,
         (last_read - asked) * 1000.0
     );
-    figures.push(figure(
+    figures.push(Figure::plain(
         "api-close",
         "application_aborted_after_ms",
         (aborted - asked) * 1000.0,
         "ms",
     ));
-    figures.push(figure(
+    figures.push(Figure::plain(
         "api-close",
         "last_byte_at_server_after_ms",
         ((last_read - asked) * 1000.0).max(0.0),

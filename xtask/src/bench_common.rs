@@ -23,6 +23,20 @@ pub struct Figure {
     pub ratio: Option<f64>,
 }
 
+impl Figure {
+    /// A figure with no baseline to compare with.
+    pub(crate) fn plain(scenario: &str, metric: &str, value: f64, unit: &str) -> Figure {
+        Figure {
+            scenario: scenario.into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            baseline: None,
+            ratio: None,
+        }
+    }
+}
+
 /// (program, run count, run time ns) of the daemon's programs and, for the
 /// overlay, the exit node's.
 pub(crate) fn program_stats(daemon: &Daemon, net: &Topology, exit: bool) -> Vec<(String, u64, u64)> {

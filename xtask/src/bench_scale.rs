@@ -544,14 +544,7 @@ pub fn modules(net: &mut Topology, spec_url: &str) -> anyhow::Result<Vec<Figure>
     }
     let daemon = Daemon::start(net, "");
     let mut figures = Vec::new();
-    let figure = |scenario: &str, metric: &str, value: f64, unit: &str| Figure {
-        scenario: scenario.into(),
-        metric: metric.into(),
-        value,
-        unit: unit.into(),
-        baseline: None,
-        ratio: None,
-    };
+    let figure = Figure::plain;
     for name in ["pass", "big"] {
         let status = running(&daemon, net, name)?;
         let text = status["compile"].as_str().unwrap_or("");
