@@ -156,6 +156,19 @@ fn hold_connection_as(net: &mut Topology, name: &str) {
     net.spawn(&client, name, &["python3", "-u", "-c", &script]);
 }
 
+/// A daemon joined to the exit, an echo server on the server, and rule 1
+/// carrying TCP to it through the exit.
+fn echo_through_exit(net: &mut Topology) -> Daemon {
+    let (daemon, _) = Daemon::joined_to_exit(net);
+    net.start_echo_server(ECHO_PORT);
+    let port = ECHO_PORT.to_string();
+    daemon.ok(
+        net,
+        &["rule", "add", "--proto", "tcp", "--dport", &port, "--via", "exit"],
+    );
+    daemon
+}
+
 fn log_of(net: &Topology, process: &str) -> String {
     net.find_process(process).map(|p| p.log()).unwrap_or_default()
 }
@@ -172,13 +185,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn dashboards_see_live_flows_close_them_and_pin_groups() {
     let mut net = Topology::new();
-    let (daemon, _) = Daemon::joined_to_exit(&mut net);
-    net.start_echo_server(ECHO_PORT);
+    let daemon = echo_through_exit(&mut net);
     let port = ECHO_PORT.to_string();
-    daemon.ok(
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", &port, "--via", "exit"],
-    );
     let metric = daemon.json(
         &net,
         &[
@@ -397,13 +405,8 @@ fn a_live_api_refuses_other_sites_and_config_replacement() {
 #[ignore = "needs root and network namespaces: run with `cargo xtask test`"]
 fn the_page_in_a_browser_shows_flows_and_closes_one_and_other_sites_cannot() {
     let mut net = Topology::new();
-    let (daemon, _) = Daemon::joined_to_exit(&mut net);
-    net.start_echo_server(ECHO_PORT);
+    let daemon = echo_through_exit(&mut net);
     let port = ECHO_PORT.to_string();
-    daemon.ok(
-        &net,
-        &["rule", "add", "--proto", "tcp", "--dport", &port, "--via", "exit"],
-    );
     hold_connection_as(&mut net, "closed-by-page");
     hold_connection_as(&mut net, "kept");
     wait_for("the held connections", || {
